@@ -1,0 +1,5 @@
+//! The ONNX boundary: generated protobuf types, loading, saving, text form.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
+}
