@@ -1,1 +1,5 @@
+//! onnx-compress: make trained ONNX models small and fast without retraining, and prove the
+//! result by running original and output side by side in tract.
+pub mod ir;
 pub mod onnx;
+pub mod passes;

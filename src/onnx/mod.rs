@@ -3,3 +3,5 @@
 pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
+pub mod load;
+pub mod save;

@@ -1,0 +1,8 @@
+//! The intermediate representation passes work on.
+pub mod graph;
+pub mod model;
+pub mod op;
+pub mod tensor;
+
+pub use graph::{Graph, InSlot, Patch, Source};
+pub use model::Model;

@@ -1,0 +1,60 @@
+//! A model: the ModelProto shell (everything but the main graph, verbatim) plus the graph IR.
+
+use crate::ir::graph::Graph;
+use crate::onnx::proto::{ModelProto, OperatorSetIdProto};
+use anyhow::{Context, Result};
+use std::collections::HashSet;
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// The ModelProto with `graph` taken out: opsets, metadata, functions, training info...
+    pub shell: ModelProto,
+    pub graph: Graph,
+}
+
+impl Model {
+    pub fn from_proto(mut proto: ModelProto) -> Result<Model> {
+        let gp = proto
+            .graph
+            .take()
+            .context("the model has no graph (ModelProto.graph is missing)")?;
+        let graph = Graph::from_proto(gp, HashSet::new())?;
+        Ok(Model {
+            shell: proto,
+            graph,
+        })
+    }
+
+    pub fn to_proto(&self) -> Result<ModelProto> {
+        let mut proto = self.shell.clone();
+        proto.graph = Some(self.graph.to_proto()?);
+        Ok(proto)
+    }
+
+    /// The imported version of an operator set domain (`""` = the standard ONNX domain).
+    pub fn opset(&self, domain: &str) -> Option<i64> {
+        let aliases = |d: &str| if d == "ai.onnx" { "" } else { d }.to_string();
+        self.shell
+            .opset_import
+            .iter()
+            .find(|o| aliases(o.domain()) == aliases(domain))
+            .map(|o| o.version())
+    }
+
+    /// Import `domain` at `version`, raising an existing import if it is lower.
+    pub fn require_opset(&mut self, domain: &str, version: i64) {
+        match self
+            .shell
+            .opset_import
+            .iter_mut()
+            .find(|o| o.domain() == domain)
+        {
+            Some(o) if o.version() >= version => {}
+            Some(o) => o.version = Some(version),
+            None => self.shell.opset_import.push(OperatorSetIdProto {
+                domain: Some(domain.to_string()),
+                version: Some(version),
+            }),
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! Reading ONNX files: protobuf decoding with clear errors, and external data inlined from
+//! files that must stay inside the model's directory.
+
+use crate::ir::Model;
+use crate::onnx::proto::{
+    tensor_proto::DataLocation, GraphProto, ModelProto, NodeProto, TensorProto,
+};
+use anyhow::{bail, ensure, Context, Result};
+use bytes::Bytes;
+use prost::Message;
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Component, Path, PathBuf};
+
+/// Load a model file into the IR, external data inlined. Errors name the file.
+pub fn load(path: &Path) -> Result<Model> {
+    let (model, _) = read_model(path)?;
+    Model::from_proto(model).with_context(|| format!("{}: invalid model", path.display()))
+}
+
+/// Whether a model came with external data (callers keep that layout on save by default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadInfo {
+    pub had_external_data: bool,
+    pub file_bytes: u64,
+}
+
+/// Decode a model file and inline its external data, without building the IR.
+pub fn read_model(path: &Path) -> Result<(ModelProto, LoadInfo)> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut model = decode(&bytes).with_context(|| format!("{}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let base = if base.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        base
+    };
+    let had_external_data = inline_external_data(&mut model, base)
+        .with_context(|| format!("{}: external data", path.display()))?;
+    Ok((
+        model,
+        LoadInfo {
+            had_external_data,
+            file_bytes: bytes.len() as u64,
+        },
+    ))
+}
+
+/// Decode ONNX protobuf bytes, with an error that says what the bytes look like.
+pub fn decode(bytes: &[u8]) -> Result<ModelProto> {
+    ensure!(!bytes.is_empty(), "the file is empty, not an ONNX model");
+    let model = ModelProto::decode(bytes).map_err(|e| {
+        let looks_text = bytes
+            .iter()
+            .take(256)
+            .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace());
+        if looks_text {
+            anyhow::anyhow!("not an ONNX model: the file looks like text, not a binary protobuf ({e})")
+        } else {
+            anyhow::anyhow!("not an ONNX model: protobuf decoding failed, the file is truncated or not ONNX ({e})")
+        }
+    })?;
+    ensure!(
+        model.graph.is_some(),
+        "not an ONNX model: no graph (decoded as protobuf, but ModelProto.graph is missing)"
+    );
+    ensure!(
+        model.ir_version.is_some(),
+        "not an ONNX model: ir_version is missing"
+    );
+    Ok(model)
+}
+
+/// Visit every TensorProto in the model: initializers, Constant/attribute tensors, sparse
+/// tensors, subgraphs, functions and training graphs.
+pub fn for_each_tensor_mut(
+    model: &mut ModelProto,
+    f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
+) -> Result<()> {
+    if let Some(g) = model.graph.as_mut() {
+        graph_tensors_mut(g, f)?;
+    }
+    for func in &mut model.functions {
+        nodes_tensors_mut(&mut func.node, f)?;
+    }
+    for ti in &mut model.training_info {
+        for g in ti.initialization.iter_mut().chain(ti.algorithm.iter_mut()) {
+            graph_tensors_mut(g, f)?;
+        }
+    }
+    Ok(())
+}
+
+fn graph_tensors_mut(
+    g: &mut GraphProto,
+    f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
+) -> Result<()> {
+    for t in &mut g.initializer {
+        f(t)?;
+    }
+    for s in &mut g.sparse_initializer {
+        for t in s.values.iter_mut().chain(s.indices.iter_mut()) {
+            f(t)?;
+        }
+    }
+    nodes_tensors_mut(&mut g.node, f)
+}
+
+fn nodes_tensors_mut(
+    nodes: &mut [NodeProto],
+    f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
+) -> Result<()> {
+    for n in nodes {
+        for a in &mut n.attribute {
+            for t in a.t.iter_mut().chain(a.tensors.iter_mut()) {
+                f(t)?;
+            }
+            for s in a
+                .sparse_tensor
+                .iter_mut()
+                .chain(a.sparse_tensors.iter_mut())
+            {
+                for t in s.values.iter_mut().chain(s.indices.iter_mut()) {
+                    f(t)?;
+                }
+            }
+            for g in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                graph_tensors_mut(g, f)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Resolve `location` against the model directory, refusing absolute paths, `..` and links
+/// that lead outside it.
+pub fn external_path(base: &Path, location: &str) -> Result<PathBuf> {
+    let rel = Path::new(location);
+    ensure!(!location.is_empty(), "external data location is empty");
+    for c in rel.components() {
+        match c {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => {
+                bail!("external data location '{location}' escapes the model directory ('..' is not allowed)")
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                bail!("external data location '{location}' is an absolute path; it must be relative to the model directory")
+            }
+        }
+    }
+    let path = base.join(rel);
+    let canon_base = base
+        .canonicalize()
+        .with_context(|| format!("cannot resolve model directory {}", base.display()))?;
+    let canon = path.canonicalize().with_context(|| {
+        format!(
+            "external data file '{location}' not found next to the model ({})",
+            path.display()
+        )
+    })?;
+    ensure!(
+        canon.starts_with(&canon_base),
+        "external data location '{location}' resolves outside the model directory (through a link)"
+    );
+    Ok(canon)
+}
+
+fn inline_external_data(model: &mut ModelProto, base: &Path) -> Result<bool> {
+    let mut files: HashMap<PathBuf, std::fs::File> = HashMap::new();
+    let mut any = false;
+    for_each_tensor_mut(model, &mut |t| {
+        if t.data_location != Some(DataLocation::External as i32) {
+            return Ok(());
+        }
+        any = true;
+        let name = t.name().to_string();
+        let entry = |key: &str| {
+            t.external_data
+                .iter()
+                .find(|e| e.key() == key)
+                .map(|e| e.value().to_string())
+        };
+        let location = entry("location")
+            .with_context(|| format!("tensor '{name}' is external but has no location"))?;
+        let parse = |key: &str| -> Result<Option<u64>> {
+            entry(key)
+                .map(|v| {
+                    v.parse::<u64>().with_context(|| {
+                        format!("tensor '{name}': external data {key} '{v}' is not a number")
+                    })
+                })
+                .transpose()
+        };
+        let offset = parse("offset")?.unwrap_or(0);
+        let length = parse("length")?;
+        let path = external_path(base, &location).with_context(|| format!("tensor '{name}'"))?;
+        let file = match files.entry(path.clone()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(
+                std::fs::File::open(&path)
+                    .with_context(|| format!("tensor '{name}': cannot open {}", path.display()))?,
+            ),
+        };
+        let file_len = file.metadata()?.len();
+        let expected = crate::ir::tensor::payload_bytes(t)? as u64;
+        let length = length.unwrap_or(expected);
+        ensure!(
+            length == expected,
+            "tensor '{name}': external data length {length} does not match its shape ({expected} bytes)"
+        );
+        ensure!(
+            offset.checked_add(length).is_some_and(|end| end <= file_len),
+            "tensor '{name}': external data [{offset}, {offset}+{length}) lies beyond the end of '{location}' ({file_len} bytes)"
+        );
+        let mut buf = vec![0u8; length as usize];
+        file.seek(SeekFrom::Start(offset))?;
+        file.read_exact(&mut buf)
+            .with_context(|| format!("tensor '{name}': reading '{location}'"))?;
+        t.raw_data = Some(Bytes::from(buf));
+        t.data_location = None;
+        t.external_data.clear();
+        Ok(())
+    })?;
+    Ok(any)
+}

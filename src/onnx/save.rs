@@ -1,0 +1,105 @@
+//! Writing ONNX files atomically (temp file + rename, so no partial or clobbered output), with
+//! optional external data for large models (protobuf cannot hold more than 2 GiB).
+
+use crate::ir::Model;
+use crate::onnx::load::for_each_tensor_mut;
+use crate::onnx::proto::{tensor_proto::DataLocation, ModelProto, StringStringEntryProto};
+use anyhow::{bail, Context, Result};
+use prost::Message;
+use std::io::Write;
+use std::path::Path;
+
+/// Protobuf's hard limit for one message.
+pub const PROTOBUF_LIMIT: usize = 2 * 1024 * 1024 * 1024 - 1;
+
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+    /// Store tensors of at least `external_threshold` bytes in `<output file name>.data`.
+    pub external_data: bool,
+    pub external_threshold: usize,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions {
+            external_data: false,
+            external_threshold: 1024,
+        }
+    }
+}
+
+pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<()> {
+    save_proto(model.to_proto()?, path, opts)
+}
+
+/// Encode a model, refusing sizes protobuf cannot represent.
+pub fn encode(model: &ModelProto) -> Result<Vec<u8>> {
+    let len = model.encoded_len();
+    if len > PROTOBUF_LIMIT {
+        bail!(
+            "the model is {:.2} GiB, above protobuf's 2 GiB limit: save it with --external-data",
+            len as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(model.encode_to_vec())
+}
+
+pub fn save_proto(mut model: ModelProto, path: &Path, opts: &SaveOptions) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("output path {} has no file name", path.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let mut data_file = None;
+    if opts.external_data {
+        let location = format!("{file_name}.data");
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+        let mut offset = 0u64;
+        for_each_tensor_mut(&mut model, &mut |t| {
+            let Some(raw) = t.raw_data.as_ref() else {
+                return Ok(());
+            };
+            if raw.len() < opts.external_threshold {
+                return Ok(());
+            }
+            // Align each tensor to 4 KiB so runtimes can memory-map it.
+            let padded = offset.div_ceil(4096) * 4096;
+            tmp.write_all(&vec![0u8; (padded - offset) as usize])?;
+            tmp.write_all(raw)?;
+            let entry = |k: &str, v: String| StringStringEntryProto {
+                key: Some(k.into()),
+                value: Some(v),
+            };
+            t.external_data = vec![
+                entry("location", location.clone()),
+                entry("offset", padded.to_string()),
+                entry("length", raw.len().to_string()),
+            ];
+            t.data_location = Some(DataLocation::External as i32);
+            offset = padded + raw.len() as u64;
+            t.raw_data = None;
+            Ok(())
+        })?;
+        tmp.flush()?;
+        data_file = Some((tmp, dir.join(location)));
+    }
+    let bytes = encode(&model)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    tmp.write_all(&bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.flush()?;
+    if let Some((data_tmp, data_path)) = data_file {
+        data_tmp
+            .persist(&data_path)
+            .with_context(|| format!("cannot write {}", data_path.display()))?;
+    }
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

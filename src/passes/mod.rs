@@ -1,0 +1,117 @@
+//! The pass framework: a small [`Pass`] trait, the one [`pipeline`] list, and a runner that
+//! checks the graph after every pass and names the pass in every error.
+//!
+//! Passes that rewrite locally are written as rules, `fn(&Graph, NodeIndex) ->
+//! Result<Option<Patch>>` (`Ok(None)` = no match), driven to a fixpoint by [`rewrite`].
+
+pub mod rewrite;
+
+use crate::ir::Model;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::time::Instant;
+
+/// What one pass did, for the run summary and the JSON report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PassStats {
+    /// Rewrites applied (patches, folded nodes, inserted pairs...: each pass says in its doc).
+    pub changes: usize,
+    /// Human-readable remarks: what was skipped and why, what was assumed.
+    pub notes: Vec<String>,
+    /// Pass-specific details for the report (tables, per-layer figures).
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    pub details: serde_json::Value,
+}
+
+/// Options and data shared by the passes of one run.
+#[derive(Debug, Clone, Default)]
+pub struct PassContext {
+    /// Stop each rule-driven pass after this many patches (bisection aid).
+    pub max_patches: Option<usize>,
+}
+
+pub trait Pass {
+    /// The user-facing name (`--passes`), stable across releases.
+    fn name(&self) -> &'static str;
+    /// One line for `--help` and listings.
+    fn summary(&self) -> &'static str;
+    /// True when later passes rely on this one for correctness, not just quality.
+    fn required_by_later_passes(&self) -> bool {
+        false
+    }
+    fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats>;
+}
+
+/// Every pass in pipeline order. A run executes the selected ones in this order.
+pub fn pipeline() -> Vec<Box<dyn Pass>> {
+    vec![]
+}
+
+/// The passes a run gets when `--passes` is not given.
+pub fn default_pass_names() -> Vec<&'static str> {
+    pipeline().iter().map(|p| p.name()).collect()
+}
+
+/// Resolve `--passes a,b,c` (or `none`) to pass names in pipeline order.
+pub fn select(spec: &str) -> Result<Vec<&'static str>> {
+    let all = pipeline();
+    let valid: Vec<&'static str> = all.iter().map(|p| p.name()).collect();
+    let spec = spec.trim();
+    if spec == "none" || spec.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut wanted = Vec::new();
+    for name in spec.split(',').map(str::trim) {
+        if !valid.contains(&name) {
+            bail!(
+                "unknown pass '{name}'; valid passes: {} (or 'none' for a plain round trip)",
+                if valid.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    valid.join(", ")
+                }
+            );
+        }
+        wanted.push(name);
+    }
+    Ok(valid.into_iter().filter(|v| wanted.contains(v)).collect())
+}
+
+/// One executed pass, for the run summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct PassRecord {
+    pub name: String,
+    pub changes: usize,
+    pub seconds: f64,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    pub notes: Vec<String>,
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    pub details: serde_json::Value,
+}
+
+/// Run the named passes in pipeline order, checking the graph after each.
+pub fn run_passes(model: &mut Model, names: &[&str], ctx: &PassContext) -> Result<Vec<PassRecord>> {
+    let mut records = Vec::new();
+    for pass in pipeline().into_iter().filter(|p| names.contains(&p.name())) {
+        let nodes_before = model.graph.node_count();
+        let start = Instant::now();
+        let stats = pass
+            .run(model, ctx)
+            .with_context(|| format!("pass {}", pass.name()))?;
+        model
+            .graph
+            .check()
+            .with_context(|| format!("pass {} left an inconsistent graph", pass.name()))?;
+        records.push(PassRecord {
+            name: pass.name().to_string(),
+            changes: stats.changes,
+            seconds: start.elapsed().as_secs_f64(),
+            nodes_before,
+            nodes_after: model.graph.node_count(),
+            notes: stats.notes,
+            details: stats.details,
+        });
+    }
+    Ok(records)
+}
