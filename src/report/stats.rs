@@ -134,27 +134,28 @@ pub fn node_macs(
 ) -> Option<u64> {
     let shape = |i: usize| node.input.get(i).and_then(|n| shapes.get(n));
     let out = node.output.first().and_then(|n| shapes.get(n));
-    let prod = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>();
+    // Saturating: a corrupt shape must not overflow (or panic) a statistic.
+    let prod = |s: &[usize]| s.iter().fold(1u64, |acc, &d| acc.saturating_mul(d as u64));
     match node.op_type() {
         "Conv" => {
             // out elements x (Cin/group x kernel) per output element
             let w = shape(1)?;
-            Some(prod(out?) * prod(&w[1..]))
+            Some(prod(out?).saturating_mul(prod(w.get(1..)?)))
         }
         "ConvTranspose" => {
             // every input element is scattered through Cout/group x kernel weights
             let w = shape(1)?;
-            Some(prod(shape(0)?) * prod(&w[1..]))
+            Some(prod(shape(0)?).saturating_mul(prod(w.get(1..)?)))
         }
         "Gemm" => {
             let a = shape(0)?;
             let trans_a = node.attr_int("transA").ok().flatten().unwrap_or(0) != 0;
             let k = if trans_a { a.first()? } else { a.get(1)? };
-            Some(prod(out?) * *k as u64)
+            Some(prod(out?).saturating_mul(*k as u64))
         }
         "MatMul" => {
             let a = shape(0)?;
-            Some(prod(out?) * *a.last()? as u64)
+            Some(prod(out?).saturating_mul(*a.last()? as u64))
         }
         _ => None,
     }
@@ -175,7 +176,7 @@ pub fn model_stats(model: &Model, shapes: &HashMap<String, Vec<usize>>) -> Model
         *op_histogram.entry(key).or_insert(0) += 1;
         if matches!(n.op_type(), "Conv" | "ConvTranspose" | "Gemm" | "MatMul") {
             match node_macs(n, shapes) {
-                Some(m) => macs += m,
+                Some(m) => macs = macs.saturating_add(m),
                 None => macs_unknown_nodes += 1,
             }
         }
