@@ -3,3 +3,4 @@
 pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
+pub mod text;
