@@ -50,7 +50,8 @@ fn id(s: &str) -> String {
 }
 
 /// A string literal: `\` and `"` are backslash-escaped (as onnx does); bytes that are not
-/// UTF-8 are written `\xHH` (our extension).
+/// UTF-8 and control characters other than newline and tab are written `\xHH` (our
+/// extension; onnx's parser would read `\x` as `x`).
 fn quoted(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() + 2);
     s.push('"');
@@ -59,7 +60,11 @@ fn quoted(bytes: &[u8]) -> String {
             if c == '\\' || c == '"' {
                 s.push('\\');
             }
-            s.push(c);
+            if c.is_ascii_control() && c != '\n' && c != '\t' {
+                let _ = write!(s, "\\x{:02x}", c as u32);
+            } else {
+                s.push(c);
+            }
         }
         for b in chunk.invalid() {
             let _ = write!(s, "\\x{b:02x}");
@@ -333,7 +338,10 @@ fn tensor_type(elem: i32, shape: Option<&proto::TensorShapeProto>) -> String {
     match shape {
         None => format!("{name}[]"),
         Some(s) if s.dim.is_empty() => name.to_string(),
-        Some(s) => format!("{name}[{}]", list(&s.dim, dim)),
+        Some(s) => format!(
+            "{name}[{}]",
+            s.dim.iter().map(dim).collect::<Vec<_>>().join(",")
+        ),
     }
 }
 
@@ -577,7 +585,8 @@ impl Printer<'_> {
     fn tensor(&self, t: &proto::TensorProto, initializer: bool) -> String {
         let mut s = dtype_name(t.data_type()).to_string();
         if !t.dims.is_empty() {
-            let _ = write!(s, "[{}]", list(&t.dims, |d| d.to_string()));
+            let dims: Vec<String> = t.dims.iter().map(|d| d.to_string()).collect();
+            let _ = write!(s, "[{}]", dims.join(","));
         }
         if initializer {
             let _ = write!(s, " {} = ", id(t.name()));
