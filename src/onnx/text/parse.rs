@@ -522,17 +522,15 @@ impl<'a> Parser<'a> {
         f.input = self.function_io(&mut f.value_info, "function inputs")?;
         self.expect_arrow()?;
         f.output = self.function_io(&mut f.value_info, "function outputs")?;
-        if self.eat(b'<') {
-            if !self.eat(b'>') {
-                loop {
-                    let vi = self.value_info()?;
-                    f.value_info.push(vi);
-                    if !self.eat(b',') {
-                        break;
-                    }
+        if self.eat(b'<') && !self.eat(b'>') {
+            loop {
+                let vi = self.value_info()?;
+                f.value_info.push(vi);
+                if !self.eat(b',') {
+                    break;
                 }
-                self.expect(b'>', "to close the function value infos")?;
             }
+            self.expect(b'>', "to close the function value infos")?;
         }
         f.node = self.nodes()?;
         Ok(f)

@@ -555,14 +555,20 @@ impl Printer<'_> {
             AttributeType::Floats => format!("[{}]", list(&a.floats, |v| fmt_f32(*v))),
             AttributeType::Ints => format!("[{}]", list(&a.ints, |v| v.to_string())),
             AttributeType::Strings => format!("[{}]", list(&a.strings, |v| quoted(v))),
-            AttributeType::Tensor => self.tensor(&a.t.clone().unwrap_or_default(), false),
+            AttributeType::Tensor => match &a.t {
+                Some(t) => self.tensor(t, false),
+                None => self.tensor(&proto::TensorProto::default(), false),
+            },
             AttributeType::Tensors => format!("[{}]", list(&a.tensors, |t| self.tensor(t, false))),
-            AttributeType::Graph => self.sub_graph(&a.g.clone().unwrap_or_default(), ind),
+            AttributeType::Graph => match &a.g {
+                Some(g) => self.sub_graph(g, ind),
+                None => self.sub_graph(&proto::GraphProto::default(), ind),
+            },
             AttributeType::Graphs => {
                 let gs: Vec<String> = a.graphs.iter().map(|g| self.sub_graph(g, ind)).collect();
                 format!("[{}]", gs.join(", "))
             }
-            AttributeType::TypeProto => type_proto(&a.tp.clone().unwrap_or_default()),
+            AttributeType::TypeProto => a.tp.as_ref().map(type_proto).unwrap_or_default(),
             AttributeType::TypeProtos => format!("[{}]", list(&a.type_protos, type_proto)),
             AttributeType::SparseTensor
             | AttributeType::SparseTensors
