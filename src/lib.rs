@@ -1,1 +1,2 @@
 pub mod onnx;
+pub mod validate;
