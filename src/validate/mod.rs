@@ -36,7 +36,9 @@ use serde::{Serialize, Serializer};
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::ModelProto;
 
-pub use runner::{infer_value_shapes, resolve_input_shapes, run_model, InputSpec, Runner, ValueShape};
+pub use runner::{
+    infer_value_shapes, resolve_input_shapes, run_model, InputSpec, Runner, ValueShape,
+};
 pub use simulate::simulation_graph;
 pub use support::refusal;
 
@@ -57,7 +59,12 @@ pub struct ValidateOptions {
 
 impl Default for ValidateOptions {
     fn default() -> Self {
-        ValidateOptions { inputs: None, seed: 0, input_shapes: Vec::new(), samples: 4 }
+        ValidateOptions {
+            inputs: None,
+            seed: 0,
+            input_shapes: Vec::new(),
+            samples: 4,
+        }
     }
 }
 
@@ -136,15 +143,32 @@ pub struct ValidationReport {
 /// Compares `candidate` against `original` in tract (see the module docs). `Err` only for bad
 /// options (unknown input names, non-float inputs without user values, wrong shapes) or a model
 /// without a graph; everything tract cannot do is a `not_checked` report.
-pub fn validate(original: &ModelProto, candidate: &ModelProto, opts: &ValidateOptions) -> Result<ValidationReport> {
-    let (sim_o, rw_o) = simulation_graph(original).context("building the original's simulation graph")?;
-    let (sim_c, rw_c) = simulation_graph(candidate).context("building the candidate's simulation graph")?;
+pub fn validate(
+    original: &ModelProto,
+    candidate: &ModelProto,
+    opts: &ValidateOptions,
+) -> Result<ValidationReport> {
+    let (sim_o, rw_o) =
+        simulation_graph(original).context("building the original's simulation graph")?;
+    let (sim_c, rw_c) =
+        simulation_graph(candidate).context("building the candidate's simulation graph")?;
     let mut rewrites: Vec<String> = rw_o.iter().map(|r| format!("original: {r}")).collect();
     rewrites.extend(rw_c.iter().map(|r| format!("candidate: {r}")));
-    let method = if rewrites.is_empty() { Method::Direct } else { Method::Simulation };
-    let input_source = if opts.inputs.is_some() { InputSource::User } else { InputSource::Synthetic };
+    let method = if rewrites.is_empty() {
+        Method::Direct
+    } else {
+        Method::Simulation
+    };
+    let input_source = if opts.inputs.is_some() {
+        InputSource::User
+    } else {
+        InputSource::Synthetic
+    };
     let shapes: Vec<(String, Vec<usize>)> = match &opts.inputs {
-        Some(given) => given.iter().map(|(n, a)| (n.clone(), a.shape().to_vec())).collect(),
+        Some(given) => given
+            .iter()
+            .map(|(n, a)| (n.clone(), a.shape().to_vec()))
+            .collect(),
         None => opts.input_shapes.clone(),
     };
     let (specs, notes) = resolve_input_shapes(original, &shapes)?;
@@ -176,11 +200,19 @@ pub fn validate(original: &ModelProto, candidate: &ModelProto, opts: &ValidateOp
         Err(e) => return not_checked(report, Status::Mismatch, format!("candidate inputs: {e:#}")),
     };
     if cand_specs != specs {
-        let names = |s: &[InputSpec]| s.iter().map(|i| format!("{}{:?}", i.name, i.shape)).collect::<Vec<_>>();
+        let names = |s: &[InputSpec]| {
+            s.iter()
+                .map(|i| format!("{}{:?}", i.name, i.shape))
+                .collect::<Vec<_>>()
+        };
         return not_checked(
             report,
             Status::Mismatch,
-            format!("inputs differ: original {:?}, candidate {:?}", names(&specs), names(&cand_specs)),
+            format!(
+                "inputs differ: original {:?}, candidate {:?}",
+                names(&specs),
+                names(&cand_specs)
+            ),
         );
     }
     let runner_o = match Runner::new(&sim_o, &shapes, &[]) {
@@ -196,7 +228,13 @@ pub fn validate(original: &ModelProto, candidate: &ModelProto, opts: &ValidateOp
     for (i, name) in runner_o.output_names().iter().enumerate() {
         match runner_c.output_names().iter().position(|n| n == name) {
             Some(j) => pairs.push((i, j)),
-            None => return not_checked(report, Status::Mismatch, format!("candidate has no output '{name}'")),
+            None => {
+                return not_checked(
+                    report,
+                    Status::Mismatch,
+                    format!("candidate has no output '{name}'"),
+                )
+            }
         }
     }
     let batches = match &opts.inputs {
@@ -221,7 +259,11 @@ pub fn validate(original: &ModelProto, candidate: &ModelProto, opts: &ValidateOp
                 return not_checked(
                     report,
                     Status::Mismatch,
-                    format!("output '{name}': original shape {:?}, candidate {:?}", r.shape(), c.shape()),
+                    format!(
+                        "output '{name}': original shape {:?}, candidate {:?}",
+                        r.shape(),
+                        c.shape()
+                    ),
                 );
             }
             shapes_out[k] = r.shape().to_vec();
@@ -239,7 +281,10 @@ pub fn validate(original: &ModelProto, candidate: &ModelProto, opts: &ValidateOp
     Ok(report)
 }
 
-fn order_user_inputs(specs: &[InputSpec], given: &[(String, ArrayD<f32>)]) -> Result<Vec<ArrayD<f32>>> {
+fn order_user_inputs(
+    specs: &[InputSpec],
+    given: &[(String, ArrayD<f32>)],
+) -> Result<Vec<ArrayD<f32>>> {
     for (name, _) in given {
         if !specs.iter().any(|s| &s.name == name) {
             bail!("input '{name}' is not an input of the model");
@@ -258,7 +303,11 @@ fn order_user_inputs(specs: &[InputSpec], given: &[(String, ArrayD<f32>)]) -> Re
 }
 
 /// `samples` batches of standard-normal values (Box–Muller over ChaCha8 seeded with `seed`).
-fn synthetic_batches(specs: &[InputSpec], seed: u64, samples: usize) -> Result<Vec<Vec<ArrayD<f32>>>> {
+fn synthetic_batches(
+    specs: &[InputSpec],
+    seed: u64,
+    samples: usize,
+) -> Result<Vec<Vec<ArrayD<f32>>>> {
     for s in specs {
         let float = matches!(
             DataType::try_from(s.elem_type),
@@ -278,18 +327,19 @@ fn synthetic_batches(specs: &[InputSpec], seed: u64, samples: usize) -> Result<V
         let u2: f64 = rng.random::<f64>();
         ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
     };
-    Ok((0..samples.max(1))
+    (0..samples.max(1))
         .map(|_| {
             specs
                 .iter()
                 .map(|s| {
                     let n: usize = s.shape.iter().product();
                     let v: Vec<f32> = (0..n).map(|_| normal()).collect();
-                    ArrayD::from_shape_vec(s.shape.clone(), v).expect("length is the shape's product")
+                    ArrayD::from_shape_vec(s.shape.clone(), v)
+                        .with_context(|| format!("synthetic input '{}'", s.name))
                 })
                 .collect()
         })
-        .collect())
+        .collect()
 }
 
 #[derive(Default)]
@@ -362,7 +412,11 @@ impl Acc {
             name,
             shape,
             max_abs_err: self.max_abs,
-            mean_abs_err: if self.n == 0 { 0.0 } else { self.sum_abs / self.n as f64 },
+            mean_abs_err: if self.n == 0 {
+                0.0
+            } else {
+                self.sum_abs / self.n as f64
+            },
             cosine,
             sqnr_db,
             top1_agreement: (self.rows > 0).then(|| self.agree as f64 / self.rows as f64),

@@ -9,8 +9,8 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use ndarray::ArrayD;
 use prost::Message;
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, IntoTensor, OutletId, TVec,
-    Tensor, TypedRunnableModel,
+    DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable,
+    IntoTensor, OutletId, TVec, Tensor, TypedRunnableModel,
 };
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -40,18 +40,23 @@ pub fn resolve_input_shapes(
     overrides: &[(String, Vec<usize>)],
 ) -> Result<(Vec<InputSpec>, Vec<String>)> {
     let graph = model.graph.as_ref().context("model has no graph")?;
-    let inits: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+    let inits: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|t| t.name()).collect();
     let mut specs = Vec::new();
     let mut notes = Vec::new();
     for (name, _) in overrides {
         ensure!(
-            graph.input.iter().any(|i| i.name() == name && !inits.contains(i.name())),
+            graph
+                .input
+                .iter()
+                .any(|i| i.name() == name && !inits.contains(i.name())),
             "input shape given for '{name}', which is not an input of the model"
         );
     }
     for input in graph.input.iter().filter(|i| !inits.contains(i.name())) {
         let name = input.name();
-        let Some(Value::TensorType(tt)) = input.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+        let Some(Value::TensorType(tt)) = input.r#type.as_ref().and_then(|t| t.value.as_ref())
+        else {
             bail!("input '{name}' is not a tensor");
         };
         let declared: Option<Vec<Option<usize>>> = tt.shape.as_ref().map(|s| {
@@ -73,7 +78,10 @@ pub fn resolve_input_shapes(
                 );
                 for (i, (u, d)) in user.iter().zip(decl).enumerate() {
                     if let Some(d) = d {
-                        ensure!(u == d, "input '{name}': dim {i} is fixed to {d} by the model, got {u}");
+                        ensure!(
+                            u == d,
+                            "input '{name}': dim {i} is fixed to {d} by the model, got {u}"
+                        );
                     }
                 }
                 user.clone()
@@ -81,8 +89,10 @@ pub fn resolve_input_shapes(
             (Some((_, user)), None) => user.clone(),
             (None, Some(decl)) => {
                 if decl.iter().any(Option::is_none) {
-                    let shown: Vec<String> =
-                        decl.iter().map(|d| d.map_or("?".into(), |v| v.to_string())).collect();
+                    let shown: Vec<String> = decl
+                        .iter()
+                        .map(|d| d.map_or("?".into(), |v| v.to_string()))
+                        .collect();
                     notes.push(format!(
                         "input '{name}' has symbolic dims [{}]; ran them at 1 (pass an input shape to choose)",
                         shown.join(", ")
@@ -117,7 +127,10 @@ pub(crate) fn datum_type(code: i32) -> Result<DatumType> {
         Ok(DataType::Int64) => DatumType::I64,
         Ok(DataType::Uint64) => DatumType::U64,
         Ok(DataType::Bool) => DatumType::Bool,
-        _ => bail!("element type {} cannot be fed to tract", super::tensor::dtype_name(code)),
+        _ => bail!(
+            "element type {} cannot be fed to tract",
+            super::tensor::dtype_name(code)
+        ),
     })
 }
 
@@ -143,7 +156,8 @@ fn onnx_code(dt: DatumType) -> Option<DataType> {
 /// Parses `model` with tract (value_info ignored), without pinning anything.
 fn load(model: &ModelProto) -> Result<InferenceModel> {
     let bytes = model.encode_to_vec();
-    let pb = tract_onnx::pb::ModelProto::decode(bytes.as_slice()).context("re-reading the model as tract's protobuf")?;
+    let pb = tract_onnx::pb::ModelProto::decode(bytes.as_slice())
+        .context("re-reading the model as tract's protobuf")?;
     tract_onnx::onnx()
         .with_ignore_value_info(true)
         .model_for_proto_model(&pb)
@@ -161,7 +175,11 @@ fn pin_inputs(im: &mut InferenceModel, specs: &[InputSpec]) -> Result<()> {
     );
     for (ix, (outlet, spec)) in outlets.iter().zip(specs).enumerate() {
         let tract_name = &im.node(outlet.node).name;
-        ensure!(tract_name == &spec.name, "tract input #{ix} is '{tract_name}', expected '{}'", spec.name);
+        ensure!(
+            tract_name == &spec.name,
+            "tract input #{ix} is '{tract_name}', expected '{}'",
+            spec.name
+        );
         let fact = InferenceFact::dt_shape(datum_type(spec.elem_type)?, spec.shape.clone());
         im.set_input_fact(ix, fact).map_err(|e| anyhow!("{e:#}"))?;
     }
@@ -173,7 +191,12 @@ fn pin_inputs(im: &mut InferenceModel, specs: &[InputSpec]) -> Result<()> {
 fn outlets_by_name(im: &InferenceModel, model: &ModelProto) -> HashMap<String, OutletId> {
     let mut map = HashMap::new();
     if let Some(g) = &model.graph {
-        for name in g.input.iter().map(|i| i.name()).chain(g.initializer.iter().map(|t| t.name())) {
+        for name in g
+            .input
+            .iter()
+            .map(|i| i.name())
+            .chain(g.initializer.iter().map(|t| t.name()))
+        {
             if let Ok(id) = im.node_id_by_name(name) {
                 map.insert(name.to_string(), OutletId::new(id, 0));
             }
@@ -207,7 +230,11 @@ impl Runner {
     ///
     /// Refuses models tract 0.23.9 would misread (see `support`); quantized models usually need
     /// [`super::simulation_graph`] first.
-    pub fn new(model: &ModelProto, input_shapes: &[(String, Vec<usize>)], extra_outputs: &[String]) -> Result<Self> {
+    pub fn new(
+        model: &ModelProto,
+        input_shapes: &[(String, Vec<usize>)],
+        extra_outputs: &[String],
+    ) -> Result<Self> {
         if let Some(reason) = refusal(model) {
             bail!("not run in tract: {reason}");
         }
@@ -215,25 +242,38 @@ impl Runner {
         let mut im = load(model)?;
         pin_inputs(&mut im, &inputs)?;
         let graph = model.graph.as_ref().context("model has no graph")?;
-        let mut output_names: Vec<String> = graph.output.iter().map(|o| o.name().to_string()).collect();
+        let mut output_names: Vec<String> =
+            graph.output.iter().map(|o| o.name().to_string()).collect();
         if !extra_outputs.is_empty() {
             let by_name = outlets_by_name(&im, model);
             let mut outlets = im.output_outlets().map_err(|e| anyhow!("{e:#}"))?.to_vec();
             for name in extra_outputs {
-                let o = by_name
-                    .get(name)
-                    .with_context(|| format!("extra output '{name}' is not a tensor of the model"))?;
+                let o = by_name.get(name).with_context(|| {
+                    format!("extra output '{name}' is not a tensor of the model")
+                })?;
                 outlets.push(*o);
                 output_names.push(name.clone());
             }
-            im.select_output_outlets(&outlets).map_err(|e| anyhow!("{e:#}"))?;
+            im.select_output_outlets(&outlets)
+                .map_err(|e| anyhow!("{e:#}"))?;
         }
-        let typed = im
-            .into_optimized()
-            .map_err(|e| anyhow!("{e:#}"))
-            .context("tract 0.23.9 could not analyse/optimize the model")?;
+        let has_if = graph.node.iter().any(|n| n.op_type() == "If");
+        let typed = im.into_optimized().map_err(|e| {
+            let hint = if has_if && format!("{e:#}").contains(" If") {
+                " (tract 0.23.9 needs both branches of an If with a non-constant condition to \
+                 produce the same shapes)"
+            } else {
+                ""
+            };
+            anyhow!("tract 0.23.9 could not analyse/optimize the model: {e:#}{hint}")
+        })?;
         let plan = typed.into_runnable().map_err(|e| anyhow!("{e:#}"))?;
-        Ok(Runner { plan, inputs, output_names, notes })
+        Ok(Runner {
+            plan,
+            inputs,
+            output_names,
+            notes,
+        })
     }
 
     /// Runs one batch; `inputs` in the order of [`Runner::inputs`], as f32 (cast to each input's
@@ -262,7 +302,11 @@ impl Runner {
                 .into_owned();
             tv.push(t.into());
         }
-        let out = self.plan.run(tv).map_err(|e| anyhow!("{e:#}")).context("tract run failed")?;
+        let out = self
+            .plan
+            .run(tv)
+            .map_err(|e| anyhow!("{e:#}"))
+            .context("tract run failed")?;
         out.into_iter()
             .zip(&self.output_names)
             .map(|(v, name)| {
@@ -298,7 +342,10 @@ pub fn run_model(
     inputs: &[(String, ArrayD<f32>)],
     extra_outputs: &[String],
 ) -> Result<Vec<(String, ArrayD<f32>)>> {
-    let shapes: Vec<(String, Vec<usize>)> = inputs.iter().map(|(n, a)| (n.clone(), a.shape().to_vec())).collect();
+    let shapes: Vec<(String, Vec<usize>)> = inputs
+        .iter()
+        .map(|(n, a)| (n.clone(), a.shape().to_vec()))
+        .collect();
     let runner = Runner::new(model, &shapes, extra_outputs)?;
     let ordered = runner
         .inputs()
@@ -314,6 +361,9 @@ pub fn run_model(
     let out = runner.run(&ordered)?;
     Ok(runner.output_names().iter().cloned().zip(out).collect())
 }
+
+/// A shape whose dims may be unknown.
+type Shape = Vec<Option<usize>>;
 
 /// Type and shape tract infers for one ONNX value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,20 +382,33 @@ pub struct ValueShape {
 /// the obstinate inference analysis (partial facts). Values inside subgraphs and initializers are
 /// not listed (initializer shapes are in the proto). Outputs of nodes tract folds into
 /// constants are still reported, from the folded constant.
-pub fn infer_value_shapes(model: &ModelProto, input_shapes: &[(String, Vec<usize>)]) -> Result<Vec<ValueShape>> {
+pub fn infer_value_shapes(
+    model: &ModelProto,
+    input_shapes: &[(String, Vec<usize>)],
+) -> Result<Vec<ValueShape>> {
     let (specs, _) = resolve_input_shapes(model, input_shapes)?;
     let mut im = load(model)?;
     pin_inputs(&mut im, &specs)?;
     let graph = model.graph.as_ref().context("model has no graph")?;
-    let mut known: HashMap<String, (Option<DataType>, Option<Vec<Option<usize>>>)> = HashMap::new();
+    let mut known: HashMap<String, (Option<DataType>, Option<Shape>)> = HashMap::new();
     let typed = im.clone().into_typed();
     match typed {
         Ok(tm) => {
             for node in tm.nodes() {
                 for (ix, out) in node.outputs.iter().enumerate() {
-                    let Some(label) = tm.outlet_label(OutletId::new(node.id, ix)) else { continue };
-                    let shape = out.fact.shape.iter().map(|d| d.to_i64().ok().map(|v| v as usize)).collect();
-                    known.insert(label.to_string(), (onnx_code(out.fact.datum_type), Some(shape)));
+                    let Some(label) = tm.outlet_label(OutletId::new(node.id, ix)) else {
+                        continue;
+                    };
+                    let shape = out
+                        .fact
+                        .shape
+                        .iter()
+                        .map(|d| d.to_i64().ok().map(|v| v as usize))
+                        .collect();
+                    known.insert(
+                        label.to_string(),
+                        (onnx_code(out.fact.datum_type), Some(shape)),
+                    );
                 }
             }
         }
@@ -353,13 +416,19 @@ pub fn infer_value_shapes(model: &ModelProto, input_shapes: &[(String, Vec<usize
             let _ = im.analyse(true);
             for node in im.nodes() {
                 for (ix, out) in node.outputs.iter().enumerate() {
-                    let Some(label) = im.outlet_label(OutletId::new(node.id, ix)) else { continue };
+                    let Some(label) = im.outlet_label(OutletId::new(node.id, ix)) else {
+                        continue;
+                    };
                     let dt = out.fact.datum_type.concretize().and_then(onnx_code);
                     let shape = (!out.fact.shape.is_open()).then(|| {
                         out.fact
                             .shape
                             .dims()
-                            .map(|d| d.concretize().and_then(|d| d.to_i64().ok()).map(|v| v as usize))
+                            .map(|d| {
+                                d.concretize()
+                                    .and_then(|d| d.to_i64().ok())
+                                    .map(|v| v as usize)
+                            })
                             .collect()
                     });
                     known.insert(label.to_string(), (dt, shape));
@@ -378,7 +447,11 @@ pub fn infer_value_shapes(model: &ModelProto, input_shapes: &[(String, Vec<usize
     for node in &graph.node {
         for name in node.output.iter().filter(|o| !o.is_empty()) {
             let (elem_type, shape) = known.get(name).cloned().unwrap_or((None, None));
-            out.push(ValueShape { name: name.clone(), elem_type, shape });
+            out.push(ValueShape {
+                name: name.clone(),
+                elem_type,
+                shape,
+            });
         }
     }
     Ok(out)

@@ -60,7 +60,10 @@ pub fn simulation_graph(model: &ModelProto) -> Result<(ModelProto, Vec<String>)>
     }
     let dropped = drop_unused_constants(graph);
     if dropped > 0 && !notes.is_empty() {
-        notes.push(format!("dropped {dropped} constant{} left unused by the rewrites", plural(dropped)));
+        notes.push(format!(
+            "dropped {dropped} constant{} left unused by the rewrites",
+            plural(dropped)
+        ));
     }
     Ok((model, notes))
 }
@@ -98,15 +101,21 @@ pub(crate) fn node_label(node: &NodeProto) -> String {
 /// Constant tensors visible in the top-level graph: initializers and `Constant` nodes with a
 /// `value` tensor attribute.
 fn constants(graph: &GraphProto) -> HashMap<String, TensorProto> {
-    let mut map: HashMap<String, TensorProto> =
-        graph.initializer.iter().map(|t| (t.name().to_string(), t.clone())).collect();
+    let mut map: HashMap<String, TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name().to_string(), t.clone()))
+        .collect();
     // An initializer that is also a graph input can be overridden by the caller: not a constant.
     for i in &graph.input {
         map.remove(i.name());
     }
     for node in &graph.node {
         if node.op_type() == "Constant" && node.domain().is_empty() {
-            if let (Some(out), Some(t)) = (node.output.first(), attr(node, "value").and_then(|a| a.t.as_ref())) {
+            if let (Some(out), Some(t)) = (
+                node.output.first(),
+                attr(node, "value").and_then(|a| a.t.as_ref()),
+            ) {
                 map.insert(out.clone(), t.clone());
             }
         }
@@ -137,7 +146,12 @@ fn rename_in_graph(graph: &mut GraphProto, map: &HashMap<String, String>) {
             *s = n.clone();
         }
     };
-    for v in graph.input.iter_mut().chain(graph.output.iter_mut()).chain(graph.value_info.iter_mut()) {
+    for v in graph
+        .input
+        .iter_mut()
+        .chain(graph.output.iter_mut())
+        .chain(graph.value_info.iter_mut())
+    {
         if let Some(n) = v.name.as_mut() {
             rn(n);
         }
@@ -163,7 +177,11 @@ fn rename_in_graph(graph: &mut GraphProto, map: &HashMap<String, String>) {
 
 fn scalar_bool(t: &TensorProto) -> Result<bool> {
     let n = numel(t)?;
-    ensure!(n == 1, "condition '{}' has {n} elements, expected 1", t.name());
+    ensure!(
+        n == 1,
+        "condition '{}' has {n} elements, expected 1",
+        t.name()
+    );
     let v = match data_type(t) {
         DataType::Float | DataType::Float16 | DataType::Double | DataType::Bfloat16 => {
             decode_floats(t)?[0] != 0.0
@@ -207,7 +225,11 @@ fn fold_constant_ifs(graph: &mut GraphProto) -> Result<Vec<String>> {
             node.name().to_string()
         };
         let prefix = format!("{base}/{}/", if value { "then" } else { "else" });
-        let mut defined: Vec<String> = branch.initializer.iter().map(|t| t.name().to_string()).collect();
+        let mut defined: Vec<String> = branch
+            .initializer
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect();
         defined.extend(branch.input.iter().map(|v| v.name().to_string()));
         for n in &branch.node {
             defined.extend(n.output.iter().filter(|o| !o.is_empty()).cloned());
@@ -231,7 +253,9 @@ fn fold_constant_ifs(graph: &mut GraphProto) -> Result<Vec<String>> {
         }
         rename_in_graph(&mut branch, &map);
         new_inits.append(&mut branch.initializer);
-        graph.sparse_initializer.append(&mut branch.sparse_initializer);
+        graph
+            .sparse_initializer
+            .append(&mut branch.sparse_initializer);
         new_nodes.append(&mut branch.node);
         for (j, (src, dst)) in branch.output.iter().zip(&node.output).enumerate() {
             if dst.is_empty() {
@@ -245,7 +269,9 @@ fn fold_constant_ifs(graph: &mut GraphProto) -> Result<Vec<String>> {
                 ..Default::default()
             });
         }
-        notes.push(format!("folded If {label} (condition constant {value}): inlined its {which}"));
+        notes.push(format!(
+            "folded If {label} (condition constant {value}): inlined its {which}"
+        ));
     }
     graph.node = new_nodes;
     graph.initializer.extend(new_inits);
@@ -263,7 +289,12 @@ pub(crate) fn dequantize(
     block_size: i64,
 ) -> Result<Vec<f32>> {
     if let Some(zp) = zp {
-        ensure!(zp.len() == scale.len(), "zero point has {} values, scale {}", zp.len(), scale.len());
+        ensure!(
+            zp.len() == scale.len(),
+            "zero point has {} values, scale {}",
+            zp.len(),
+            scale.len()
+        );
     }
     let zp_at = |i: usize| zp.map_or(0, |z| z[i]);
     if scale.len() == 1 && block_size == 0 {
@@ -272,7 +303,10 @@ pub(crate) fn dequantize(
     }
     let rank = dims.len() as i64;
     let ax = if axis < 0 { axis + rank } else { axis };
-    ensure!((0..rank).contains(&ax), "axis {axis} out of range for rank {rank}");
+    ensure!(
+        (0..rank).contains(&ax),
+        "axis {axis} out of range for rank {rank}"
+    );
     let ax = ax as usize;
     let d = dims[ax];
     let inner: usize = dims[ax + 1..].iter().product();
@@ -297,13 +331,21 @@ pub(crate) fn dequantize(
         );
         scale_dims[ax]
     };
-    let bs = if block_size == 0 { 1 } else { block_size as usize };
+    let bs = if block_size == 0 {
+        1
+    } else {
+        block_size as usize
+    };
     let mut out = Vec::with_capacity(q.len());
     for (i, &v) in q.iter().enumerate() {
         let r = i % inner.max(1);
         let a = (i / inner.max(1)) % d;
         let o = i / (inner.max(1) * d);
-        let si = if block_size == 0 { a } else { (o * sd + a / bs) * inner + r };
+        let si = if block_size == 0 {
+            a
+        } else {
+            (o * sd + a / bs) * inner + r
+        };
         out.push((v - zp_at(si)) as f32 * scale[si]);
     }
     Ok(out)
@@ -312,7 +354,10 @@ pub(crate) fn dequantize(
 fn dims_usize(t: &TensorProto) -> Result<Vec<usize>> {
     t.dims
         .iter()
-        .map(|&d| usize::try_from(d).with_context(|| format!("tensor '{}' has negative dim {d}", t.name())))
+        .map(|&d| {
+            usize::try_from(d)
+                .with_context(|| format!("tensor '{}' has negative dim {d}", t.name()))
+        })
         .collect()
 }
 
@@ -348,7 +393,12 @@ fn fold_constant_weights(graph: &mut GraphProto) -> Result<(usize, usize)> {
 }
 
 fn fold_dq(node: &NodeProto, consts: &HashMap<String, TensorProto>) -> Result<Option<TensorProto>> {
-    let get = |i: usize| node.input.get(i).filter(|s| !s.is_empty()).and_then(|s| consts.get(s));
+    let get = |i: usize| {
+        node.input
+            .get(i)
+            .filter(|s| !s.is_empty())
+            .and_then(|s| consts.get(s))
+    };
     let (Some(x), Some(scale)) = (get(0), get(1)) else {
         return Ok(None);
     };
@@ -363,7 +413,10 @@ fn fold_dq(node: &NodeProto, consts: &HashMap<String, TensorProto>) -> Result<Op
     let label = node_label(node);
     let q = decode_ints(x).with_context(|| format!("DequantizeLinear {label}: input"))?;
     let s = decode_floats(scale).with_context(|| format!("DequantizeLinear {label}: scale"))?;
-    let z = zp.map(decode_ints).transpose().with_context(|| format!("DequantizeLinear {label}: zero point"))?;
+    let z = zp
+        .map(decode_ints)
+        .transpose()
+        .with_context(|| format!("DequantizeLinear {label}: zero point"))?;
     if let Some(zp) = zp {
         ensure!(
             zp.data_type() == x.data_type(),
@@ -387,17 +440,26 @@ fn fold_dq(node: &NodeProto, consts: &HashMap<String, TensorProto>) -> Result<Op
         Some(v) => DataType::try_from(v as i32).unwrap_or(DataType::Undefined),
         None => data_type(scale),
     };
-    let t = encode_floats(out_name, &x.dims, &values, out_dt).with_context(|| format!("DequantizeLinear {label}"))?;
+    let t = encode_floats(out_name, &x.dims, &values, out_dt)
+        .with_context(|| format!("DequantizeLinear {label}"))?;
     Ok(Some(t))
 }
 
-fn fold_cast(node: &NodeProto, consts: &HashMap<String, TensorProto>) -> Result<Option<TensorProto>> {
+fn fold_cast(
+    node: &NodeProto,
+    consts: &HashMap<String, TensorProto>,
+) -> Result<Option<TensorProto>> {
     let Some(x) = node.input.first().and_then(|s| consts.get(s)) else {
         return Ok(None);
     };
-    let to = attr(node, "to").filter(|a| a.r#type() == AttributeType::Int).and_then(|a| a.i);
+    let to = attr(node, "to")
+        .filter(|a| a.r#type() == AttributeType::Int)
+        .and_then(|a| a.i);
     if to != Some(DataType::Float as i64)
-        || !matches!(data_type(x), DataType::Float16 | DataType::Bfloat16 | DataType::Double)
+        || !matches!(
+            data_type(x),
+            DataType::Float16 | DataType::Bfloat16 | DataType::Double
+        )
     {
         return Ok(None);
     }
@@ -426,9 +488,13 @@ fn drop_unused_constants(graph: &mut GraphProto) -> usize {
     used_names(graph, &mut used);
     let inputs: HashSet<String> = graph.input.iter().map(|v| v.name().to_string()).collect();
     let before = graph.initializer.len() + graph.node.len();
-    graph.initializer.retain(|t| used.contains(t.name()) || inputs.contains(t.name()));
+    graph
+        .initializer
+        .retain(|t| used.contains(t.name()) || inputs.contains(t.name()));
     graph.node.retain(|n| {
-        !(n.op_type() == "Constant" && n.domain().is_empty() && n.output.iter().all(|o| !used.contains(o)))
+        !(n.op_type() == "Constant"
+            && n.domain().is_empty()
+            && n.output.iter().all(|o| !used.contains(o)))
     });
     before - graph.initializer.len() - graph.node.len()
 }

@@ -30,8 +30,13 @@ use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::type_proto::Value;
 use crate::onnx::proto::{GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 
-const ML_OPS: [&str; 5] =
-    ["LinearRegressor", "LinearClassifier", "TreeEnsembleClassifier", "Normalizer", "CategoryMapper"];
+const ML_OPS: [&str; 5] = [
+    "LinearRegressor",
+    "LinearClassifier",
+    "TreeEnsembleClassifier",
+    "Normalizer",
+    "CategoryMapper",
+];
 
 /// Element types tract 0.23.9 can represent.
 pub(crate) fn tract_can_hold(code: i32) -> bool {
@@ -57,7 +62,10 @@ pub(crate) fn tract_can_hold(code: i32) -> bool {
 pub fn refusal(model: &ModelProto) -> Option<String> {
     let graph = model.graph.as_ref()?;
     let registered: HashSet<String> = tract_onnx::onnx().op_register.0.keys().cloned().collect();
-    let mut scope = Scope { registered: &registered, consts: Vec::new() };
+    let mut scope = Scope {
+        registered: &registered,
+        consts: Vec::new(),
+    };
     scope.graph(graph, "graph")
 }
 
@@ -79,11 +87,17 @@ impl<'a> Scope<'a> {
                 "{what} has sparse initializer '{name}'; tract 0.23.9 ignores sparse initializers"
             ));
         }
-        let mut consts: std::collections::HashMap<String, &'a TensorProto> =
-            g.initializer.iter().map(|t| (t.name().to_string(), t)).collect();
+        let mut consts: std::collections::HashMap<String, &'a TensorProto> = g
+            .initializer
+            .iter()
+            .map(|t| (t.name().to_string(), t))
+            .collect();
         for n in &g.node {
             if n.op_type() == "Constant" {
-                if let (Some(o), Some(t)) = (n.output.first(), attr(n, "value").and_then(|a| a.t.as_ref())) {
+                if let (Some(o), Some(t)) = (
+                    n.output.first(),
+                    attr(n, "value").and_then(|a| a.t.as_ref()),
+                ) {
                     consts.insert(o.clone(), t);
                 }
             }
@@ -104,7 +118,12 @@ impl<'a> Scope<'a> {
                 ));
             }
         }
-        for (v, kind) in g.input.iter().map(|v| (v, "input")).chain(g.output.iter().map(|v| (v, "output"))) {
+        for (v, kind) in g
+            .input
+            .iter()
+            .map(|v| (v, "input"))
+            .chain(g.output.iter().map(|v| (v, "output")))
+        {
             if let Some(code) = elem_type(v) {
                 if !tract_can_hold(code) {
                     return Some(format!(
@@ -151,7 +170,10 @@ impl<'a> Scope<'a> {
             }
         }
         if matches!(op, "Cast" | "CastLike") {
-            if let Some(to) = attr(n, "to").filter(|a| a.r#type() == AttributeType::Int).and_then(|a| a.i) {
+            if let Some(to) = attr(n, "to")
+                .filter(|a| a.r#type() == AttributeType::Int)
+                .and_then(|a| a.i)
+            {
                 if !tract_can_hold(to as i32) {
                     return Some(format!(
                         "node {label} casts to {}; tract 0.23.9 has no such element type",
@@ -217,7 +239,10 @@ impl<'a> Scope<'a> {
                 ));
             };
             let ok = match op {
-                "QuantizeLinear" => matches!(DataType::try_from(zp.data_type()), Ok(DataType::Int8 | DataType::Uint8)),
+                "QuantizeLinear" => matches!(
+                    DataType::try_from(zp.data_type()),
+                    Ok(DataType::Int8 | DataType::Uint8)
+                ),
                 _ => matches!(
                     DataType::try_from(zp.data_type()),
                     Ok(DataType::Int8 | DataType::Uint8 | DataType::Int32)

@@ -17,7 +17,8 @@ pub(crate) fn numel(t: &TensorProto) -> Result<usize> {
     t.dims.iter().try_fold(1usize, |acc, &d| {
         let d = usize::try_from(d)
             .with_context(|| format!("tensor '{}' has negative dim {d}", t.name()))?;
-        acc.checked_mul(d).with_context(|| format!("tensor '{}' is too large", t.name()))
+        acc.checked_mul(d)
+            .with_context(|| format!("tensor '{}' is too large", t.name()))
     })
 }
 
@@ -42,7 +43,12 @@ fn sub_byte_bits(dt: DataType) -> Option<usize> {
     }
 }
 
-fn unpack_sub_byte(bytes: impl Iterator<Item = u8>, bits: usize, signed: bool, n: usize) -> Vec<i64> {
+fn unpack_sub_byte(
+    bytes: impl Iterator<Item = u8>,
+    bits: usize,
+    signed: bool,
+    n: usize,
+) -> Vec<i64> {
     let per_byte = 8 / bits;
     let mask = (1u8 << bits) - 1;
     let mut out = Vec::with_capacity(n);
@@ -93,7 +99,10 @@ pub(crate) fn decode_ints(t: &TensorProto) -> Result<Vec<i64>> {
         DataType::Int16 | DataType::Uint16 => 2,
         DataType::Int32 | DataType::Uint32 => 4,
         DataType::Int64 | DataType::Uint64 => 8,
-        _ => bail!("tensor '{name}' has type {}, expected an integer type", dtype_name(t.data_type())),
+        _ => bail!(
+            "tensor '{name}' has type {}, expected an integer type",
+            dtype_name(t.data_type())
+        ),
     };
     let out: Vec<i64> = match raw {
         Some(r) => {
@@ -121,13 +130,19 @@ pub(crate) fn decode_ints(t: &TensorProto) -> Result<Vec<i64>> {
             DataType::Uint64 => t.uint64_data.iter().map(|&v| v as i64).collect(),
             DataType::Uint32 => t.uint64_data.iter().map(|&v| v as i64).collect(),
             DataType::Int8 => t.int32_data.iter().map(|&v| i64::from(v as i8)).collect(),
-            DataType::Uint8 | DataType::Bool => t.int32_data.iter().map(|&v| i64::from(v as u8)).collect(),
+            DataType::Uint8 | DataType::Bool => {
+                t.int32_data.iter().map(|&v| i64::from(v as u8)).collect()
+            }
             DataType::Int16 => t.int32_data.iter().map(|&v| i64::from(v as i16)).collect(),
             DataType::Uint16 => t.int32_data.iter().map(|&v| i64::from(v as u16)).collect(),
             _ => t.int32_data.iter().map(|&v| i64::from(v)).collect(),
         },
     };
-    ensure!(out.len() == n, "tensor '{name}' holds {} values, dims say {n}", out.len());
+    ensure!(
+        out.len() == n,
+        "tensor '{name}' holds {} values, dims say {n}",
+        out.len()
+    );
     Ok(out)
 }
 
@@ -141,9 +156,10 @@ pub(crate) fn decode_floats(t: &TensorProto) -> Result<Vec<f32>> {
     }
     let raw = t.raw_data.as_deref().filter(|r| !r.is_empty());
     let out: Vec<f32> = match (dt, raw) {
-        (DataType::Float, Some(r)) => {
-            r.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-        }
+        (DataType::Float, Some(r)) => r
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
         (DataType::Float, None) => t.float_data.clone(),
         (DataType::Double, Some(r)) => r
             .chunks_exact(8)
@@ -154,28 +170,50 @@ pub(crate) fn decode_floats(t: &TensorProto) -> Result<Vec<f32>> {
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        (DataType::Float16, None) => {
-            t.int32_data.iter().map(|&v| half::f16::from_bits(v as u16).to_f32()).collect()
-        }
+        (DataType::Float16, None) => t
+            .int32_data
+            .iter()
+            .map(|&v| half::f16::from_bits(v as u16).to_f32())
+            .collect(),
         (DataType::Bfloat16, Some(r)) => r
             .chunks_exact(2)
             .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        (DataType::Bfloat16, None) => {
-            t.int32_data.iter().map(|&v| half::bf16::from_bits(v as u16).to_f32()).collect()
-        }
-        _ => bail!("tensor '{name}' has type {}, expected a float type", dtype_name(t.data_type())),
+        (DataType::Bfloat16, None) => t
+            .int32_data
+            .iter()
+            .map(|&v| half::bf16::from_bits(v as u16).to_f32())
+            .collect(),
+        _ => bail!(
+            "tensor '{name}' has type {}, expected a float type",
+            dtype_name(t.data_type())
+        ),
     };
-    ensure!(out.len() == n, "tensor '{name}' holds {} values, dims say {n}", out.len());
+    ensure!(
+        out.len() == n,
+        "tensor '{name}' holds {} values, dims say {n}",
+        out.len()
+    );
     Ok(out)
 }
 
 /// A float tensor of element type `dt` (f32, f16 or bf16), stored as `raw_data`.
-pub(crate) fn encode_floats(name: &str, dims: &[i64], values: &[f32], dt: DataType) -> Result<TensorProto> {
+pub(crate) fn encode_floats(
+    name: &str,
+    dims: &[i64],
+    values: &[f32],
+    dt: DataType,
+) -> Result<TensorProto> {
     let raw: Vec<u8> = match dt {
         DataType::Float => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DataType::Float16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
-        DataType::Bfloat16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+        DataType::Float16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        DataType::Bfloat16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
         _ => bail!("cannot write tensor '{name}' as {}", dt.as_str_name()),
     };
     Ok(TensorProto {
