@@ -59,9 +59,9 @@ pub fn simulation_graph(model: &ModelProto) -> Result<(ModelProto, Vec<String>)>
         ));
     }
     let dropped = drop_unused_constants(graph);
-    if dropped > 0 && !notes.is_empty() {
+    if dropped > 0 {
         notes.push(format!(
-            "dropped {dropped} constant{} left unused by the rewrites",
+            "dropped {dropped} unused constant{} (initializers / Constant nodes)",
             plural(dropped)
         ));
     }
