@@ -5,3 +5,4 @@ pub mod ir;
 pub mod onnx;
 pub mod passes;
 pub mod report;
+pub mod validate;
