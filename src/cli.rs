@@ -4,6 +4,7 @@ use crate::ir::Model;
 use crate::onnx::{load, save};
 use crate::passes::{self, PassContext, PassRecord};
 use crate::report::stats::{self, ModelStats, ValueSummary};
+use crate::validate::{self, ValidateOptions, ValidationReport};
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
@@ -78,6 +79,15 @@ pub struct CompressArgs {
     /// Allow OUT to be the input file (it is replaced atomically).
     #[arg(long)]
     pub force: bool,
+    /// Skip the side-by-side check in tract.
+    #[arg(long)]
+    pub no_validate: bool,
+    /// Seed of synthetic validation inputs.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub seed: u64,
+    /// Number of synthetic validation batches (when no --eval data is given).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub samples: usize,
     /// Stop each rule-driven pass after N rewrites (to bisect a bad rewrite).
     #[arg(long, value_name = "N", hide_short_help = true)]
     pub max_patches: Option<usize>,
@@ -145,6 +155,9 @@ pub struct RunReport {
     pub input: ModelSide,
     pub output: ModelSide,
     pub passes: Vec<PassRecord>,
+    /// The side-by-side check in tract (absent with --no-validate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation: Option<ValidationReport>,
     pub size_ratio: f64,
     pub seconds_total: f64,
 }
@@ -173,12 +186,14 @@ fn compress(args: &CompressArgs) -> Result<()> {
         Some(spec) => passes::select(spec)?,
         None => passes::default_pass_names(),
     };
-    let (proto, info) = load::read_model(input)?;
-    let mut model =
-        Model::from_proto(proto).with_context(|| format!("{}: invalid model", input.display()))?;
-    let _input_shapes = parse_shapes(&model, &args.input_shapes)?;
-    let shapes_before = stats::known_shapes(&model);
-    let stats_before = stats::model_stats(&model, &shapes_before);
+    let (original, info) = load::read_model(input)?;
+    let mut model = Model::from_proto(original.clone())
+        .with_context(|| format!("{}: invalid model", input.display()))?;
+    let input_shapes = parse_shapes(&model, &args.input_shapes)?;
+    let stats_before = stats::model_stats(
+        &model,
+        &stats::inferred_shapes(&model, &original, &input_shapes),
+    );
 
     let ctx = PassContext {
         max_patches: args.max_patches,
@@ -190,7 +205,18 @@ fn compress(args: &CompressArgs) -> Result<()> {
         external_data: args.external_data || info.had_external_data,
         ..Default::default()
     };
-    save::save_proto(out_proto, output, &save_opts)?;
+    save::save_proto(out_proto.clone(), output, &save_opts)?;
+    let validation = if args.no_validate {
+        None
+    } else {
+        let opts = ValidateOptions {
+            seed: args.seed,
+            samples: args.samples,
+            input_shapes: input_shapes.clone(),
+            ..Default::default()
+        };
+        Some(validate::validate(&original, &out_proto, &opts).context("validation")?)
+    };
     let out_bytes = std::fs::metadata(output)?.len()
         + if save_opts.external_data {
             std::fs::metadata(output.with_file_name(format!(
@@ -202,7 +228,10 @@ fn compress(args: &CompressArgs) -> Result<()> {
         } else {
             0
         };
-    let stats_after = stats::model_stats(&model, &stats::known_shapes(&model));
+    let stats_after = stats::model_stats(
+        &model,
+        &stats::inferred_shapes(&model, &out_proto, &input_shapes),
+    );
     let report = RunReport {
         tool: "onnx-compress".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -218,6 +247,7 @@ fn compress(args: &CompressArgs) -> Result<()> {
             stats: stats_after,
         },
         passes: records,
+        validation,
         seconds_total: start.elapsed().as_secs_f64(),
     };
     if !args.quiet {
@@ -277,7 +307,75 @@ fn print_summary(r: &RunReport) {
             println!("       note: {n}");
         }
     }
+    match &r.validation {
+        None => println!("  validation skipped (--no-validate)"),
+        Some(v) => print_validation(v),
+    }
     println!("  total {:.2}s", r.seconds_total);
+}
+
+fn fmt_db(v: f64) -> String {
+    if v.is_infinite() {
+        "inf (identical)".into()
+    } else {
+        format!("{v:.1} dB")
+    }
+}
+
+fn print_validation(v: &ValidationReport) {
+    use crate::validate::{InputSource, Method, Status};
+    let how = match v.method {
+        Method::Direct => "both models run as they are",
+        Method::Simulation => {
+            "on simulation graphs (quantized constants dequantized ahead of time)"
+        }
+    };
+    let inputs = match v.input_source {
+        InputSource::User => format!("{} batch(es) of given inputs", v.samples),
+        InputSource::Synthetic => format!("{} synthetic batch(es), seed {}", v.samples, v.seed),
+    };
+    match v.status {
+        Status::Checked => println!("  validated in {} ({how}), {inputs}:", v.runtime),
+        Status::NotChecked => println!(
+            "  NOT validated in {}: {}",
+            v.runtime,
+            v.reason.as_deref().unwrap_or("unknown reason")
+        ),
+        Status::Mismatch => println!(
+            "  MISMATCH in {}: {}",
+            v.runtime,
+            v.reason.as_deref().unwrap_or("unknown reason")
+        ),
+    }
+    for o in &v.outputs {
+        let mut line = format!(
+            "    {:<16} max|err| {:.3e}  mean|err| {:.3e}  cos {:.6}  SQNR {}",
+            o.name,
+            o.max_abs_err,
+            o.mean_abs_err,
+            o.cosine,
+            fmt_db(o.sqnr_db)
+        );
+        if let Some(t) = o.top1_agreement {
+            line += &format!("  top-1 agree {:.2}%", 100.0 * t);
+        }
+        println!("{line}");
+        if let (Some(a), Some(b)) = (o.accuracy_original, o.accuracy_candidate) {
+            println!(
+                "    {:<16} accuracy {:.2}% -> {:.2}% ({:+.2} points)",
+                "",
+                100.0 * a,
+                100.0 * b,
+                100.0 * (b - a)
+            );
+        }
+    }
+    for r in &v.rewrites {
+        println!("    simulation: {r}");
+    }
+    for n in &v.notes {
+        println!("    note: {n}");
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -293,10 +391,10 @@ struct Inspection {
 
 fn inspect(args: &InspectArgs) -> Result<()> {
     let (proto, info) = load::read_model(&args.model)?;
-    let model = Model::from_proto(proto)
+    let model = Model::from_proto(proto.clone())
         .with_context(|| format!("{}: invalid model", args.model.display()))?;
-    let _ = parse_shapes(&model, &args.input_shapes)?;
-    let shapes = stats::known_shapes(&model);
+    let input_shapes = parse_shapes(&model, &args.input_shapes)?;
+    let shapes = stats::inferred_shapes(&model, &proto, &input_shapes);
     let insp = Inspection {
         path: args.model.display().to_string(),
         file_bytes: info.file_bytes,

@@ -127,6 +127,27 @@ pub fn known_shapes(model: &Model) -> HashMap<String, Vec<usize>> {
     shapes
 }
 
+/// Declared shapes completed with tract's shape analysis (best effort: a model tract cannot
+/// analyse keeps its declared shapes only).
+pub fn inferred_shapes(
+    model: &Model,
+    proto: &crate::onnx::proto::ModelProto,
+    input_shapes: &[(String, Vec<usize>)],
+) -> HashMap<String, Vec<usize>> {
+    let mut shapes = known_shapes(model);
+    if let Ok(values) = crate::validate::infer_value_shapes(proto, input_shapes) {
+        for v in values {
+            if let Some(dims) = v
+                .shape
+                .and_then(|s| s.into_iter().collect::<Option<Vec<_>>>())
+            {
+                shapes.insert(v.name, dims);
+            }
+        }
+    }
+    shapes
+}
+
 /// MACs of one node given value shapes, when it is a heavy op with known shapes.
 pub fn node_macs(
     node: &crate::onnx::proto::NodeProto,

@@ -55,6 +55,9 @@ pub struct ValidateOptions {
     pub input_shapes: Vec<(String, Vec<usize>)>,
     /// Number of synthetic batches.
     pub samples: usize,
+    /// Class labels of the user inputs' rows: with them, classifier-like outputs (`[N, C]`)
+    /// also report the accuracy of both models.
+    pub labels: Option<Vec<i64>>,
 }
 
 impl Default for ValidateOptions {
@@ -64,6 +67,7 @@ impl Default for ValidateOptions {
             seed: 0,
             input_shapes: Vec::new(),
             samples: 4,
+            labels: None,
         }
     }
 }
@@ -121,6 +125,9 @@ pub struct OutputMetrics {
     pub top1_agreement: Option<f64>,
     /// Elements where either side is NaN/inf and the two differ (excluded from the sums above).
     pub nonfinite_mismatches: usize,
+    /// With labels: fraction of rows whose argmax is the label, for each model.
+    pub accuracy_original: Option<f64>,
+    pub accuracy_candidate: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -164,8 +171,12 @@ pub fn validate(
     } else {
         InputSource::Synthetic
     };
-    let shapes: Vec<(String, Vec<usize>)> = match &opts.inputs {
-        Some(given) => given
+    let user_batches = match &opts.inputs {
+        Some(given) => split_user_inputs(original, given)?,
+        None => Vec::new(),
+    };
+    let shapes: Vec<(String, Vec<usize>)> = match user_batches.first() {
+        Some(first) => first
             .iter()
             .map(|(n, a)| (n.clone(), a.shape().to_vec()))
             .collect(),
@@ -237,10 +248,16 @@ pub fn validate(
             }
         }
     }
-    let batches = match &opts.inputs {
-        Some(given) => vec![order_user_inputs(&specs, given)?],
-        None => synthetic_batches(&specs, opts.seed, opts.samples)?,
+    let batches = if opts.inputs.is_some() {
+        user_batches
+            .iter()
+            .map(|b| order_user_inputs(&specs, b))
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        synthetic_batches(&specs, opts.seed, opts.samples)?
     };
+    let labels = opts.labels.as_deref().filter(|_| opts.inputs.is_some());
+    let mut label_at = 0usize;
     let mut accs: Vec<Acc> = pairs.iter().map(|_| Acc::default()).collect();
     let mut shapes_out: Vec<Vec<usize>> = vec![Vec::new(); pairs.len()];
     for batch in &batches {
@@ -268,7 +285,11 @@ pub fn validate(
             }
             shapes_out[k] = r.shape().to_vec();
             accs[k].add(r, c);
+            if let Some(labels) = labels {
+                accs[k].add_labels(r, c, labels.get(label_at..).unwrap_or(&[]));
+            }
         }
+        label_at += batches_rows(batch);
     }
     report.samples = batches.len();
     report.outputs = pairs
@@ -279,6 +300,60 @@ pub fn validate(
         .collect();
     report.status = Status::Checked;
     Ok(report)
+}
+
+/// Rows in a batch (leading dim of its first input).
+fn batches_rows(batch: &[ArrayD<f32>]) -> usize {
+    batch
+        .first()
+        .and_then(|a| a.shape().first().copied())
+        .unwrap_or(0)
+}
+
+/// User inputs as batches: when the model declares a fixed batch size `b` and the data has a
+/// multiple of `b` rows, the rows are fed `b` at a time; otherwise as one batch.
+fn split_user_inputs(
+    model: &ModelProto,
+    given: &[(String, ArrayD<f32>)],
+) -> Result<Vec<Vec<(String, ArrayD<f32>)>>> {
+    let graph = model.graph.as_ref().context("model has no graph")?;
+    let declared_batch = |name: &str| -> Option<usize> {
+        let vi = graph.input.iter().find(|v| v.name() == name)?;
+        let summary = crate::report::stats::value_summary(vi);
+        match summary.shape?.first()? {
+            crate::report::stats::Dim::Fixed(b) if *b > 0 => Some(*b),
+            _ => None,
+        }
+    };
+    let mut chunk = None;
+    for (name, a) in given {
+        let rows = a.shape().first().copied().unwrap_or(0);
+        match declared_batch(name) {
+            Some(b) if rows > b && rows % b == 0 => match chunk {
+                None => chunk = Some((b, rows)),
+                Some(c) if c == (b, rows) => {}
+                Some(_) => {
+                    bail!("inputs have different numbers of rows; cannot batch them together")
+                }
+            },
+            _ => return Ok(vec![given.to_vec()]),
+        }
+    }
+    let Some((b, rows)) = chunk else {
+        return Ok(vec![given.to_vec()]);
+    };
+    Ok((0..rows / b)
+        .map(|k| {
+            given
+                .iter()
+                .map(|(n, a)| {
+                    let part =
+                        a.slice_axis(ndarray::Axis(0), ndarray::Slice::from(k * b..(k + 1) * b));
+                    (n.clone(), part.to_owned())
+                })
+                .collect()
+        })
+        .collect())
 }
 
 fn order_user_inputs(
@@ -344,6 +419,9 @@ fn synthetic_batches(
 
 #[derive(Default)]
 struct Acc {
+    labelled: usize,
+    correct_o: usize,
+    correct_c: usize,
     n: usize,
     sum_abs: f64,
     max_abs: f64,
@@ -367,6 +445,18 @@ fn argmax(row: impl Iterator<Item = f32>) -> usize {
 }
 
 impl Acc {
+    /// Accuracy against labels for `[N, C]` outputs (rows beyond the labels are ignored).
+    fn add_labels(&mut self, r: &ArrayD<f32>, c: &ArrayD<f32>, labels: &[i64]) {
+        if r.ndim() != 2 || r.shape()[1] < 2 {
+            return;
+        }
+        for ((ra, ca), &label) in r.outer_iter().zip(c.outer_iter()).zip(labels) {
+            self.labelled += 1;
+            self.correct_o += usize::from(argmax(ra.iter().copied()) as i64 == label);
+            self.correct_c += usize::from(argmax(ca.iter().copied()) as i64 == label);
+        }
+    }
+
     fn add(&mut self, r: &ArrayD<f32>, c: &ArrayD<f32>) {
         for (&a, &b) in r.iter().zip(c.iter()) {
             if !(a.is_finite() && b.is_finite()) {
@@ -421,6 +511,10 @@ impl Acc {
             sqnr_db,
             top1_agreement: (self.rows > 0).then(|| self.agree as f64 / self.rows as f64),
             nonfinite_mismatches: self.nonfinite,
+            accuracy_original: (self.labelled > 0)
+                .then(|| self.correct_o as f64 / self.labelled as f64),
+            accuracy_candidate: (self.labelled > 0)
+                .then(|| self.correct_c as f64 / self.labelled as f64),
         }
     }
 }
