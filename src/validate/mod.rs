@@ -147,6 +147,25 @@ pub struct ValidationReport {
     pub outputs: Vec<OutputMetrics>,
 }
 
+impl ValidationReport {
+    /// A report for a validation that could not start (e.g. inputs that cannot be synthesised).
+    pub fn not_checked(reason: String) -> Self {
+        ValidationReport {
+            status: Status::NotChecked,
+            method: Method::Direct,
+            reason: Some(reason),
+            runtime: RUNTIME,
+            rewrites: Vec::new(),
+            notes: Vec::new(),
+            input_source: InputSource::Synthetic,
+            inputs: Vec::new(),
+            samples: 0,
+            seed: 0,
+            outputs: Vec::new(),
+        }
+    }
+}
+
 /// Compares `candidate` against `original` in tract (see the module docs). `Err` only for bad
 /// options (unknown input names, non-float inputs without user values, wrong shapes) or a model
 /// without a graph; everything tract cannot do is a `not_checked` report.

@@ -222,6 +222,38 @@ pub struct Runner {
     notes: Vec<String>,
 }
 
+thread_local! {
+    static IN_TRACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run tract code, turning a panic inside tract (seen on real models, e.g. an index out of
+/// bounds in Gather while typing an If branch) into an error, without printing the panic.
+pub(crate) fn guard_tract<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    static QUIET_HOOK: std::sync::Once = std::sync::Once::new();
+    QUIET_HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_TRACT.with(|t| t.get()) {
+                default(info);
+            }
+        }));
+    });
+    let was = IN_TRACT.with(|t| t.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    IN_TRACT.with(|t| t.set(was));
+    match result {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            bail!("tract 0.23.9 crashed on this model ({msg})")
+        }
+    }
+}
+
 impl Runner {
     /// Loads `model` in tract with every input pinned (see [`resolve_input_shapes`]) and outputs
     /// = the graph outputs followed by `extra_outputs` (ONNX value names, exposed before
@@ -231,6 +263,14 @@ impl Runner {
     /// Refuses models tract 0.23.9 would misread (see `support`); quantized models usually need
     /// [`super::simulation_graph`] first.
     pub fn new(
+        model: &ModelProto,
+        input_shapes: &[(String, Vec<usize>)],
+        extra_outputs: &[String],
+    ) -> Result<Self> {
+        guard_tract(|| Self::new_unguarded(model, input_shapes, extra_outputs))
+    }
+
+    fn new_unguarded(
         model: &ModelProto,
         input_shapes: &[(String, Vec<usize>)],
         extra_outputs: &[String],
@@ -279,6 +319,10 @@ impl Runner {
     /// Runs one batch; `inputs` in the order of [`Runner::inputs`], as f32 (cast to each input's
     /// declared type). Outputs in the order of [`Runner::output_names`], cast to f32.
     pub fn run(&self, inputs: &[ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
+        guard_tract(|| self.run_unguarded(inputs))
+    }
+
+    fn run_unguarded(&self, inputs: &[ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
         ensure!(
             inputs.len() == self.inputs.len(),
             "model takes {} inputs, got {}",
@@ -383,6 +427,13 @@ pub struct ValueShape {
 /// not listed (initializer shapes are in the proto). Outputs of nodes tract folds into
 /// constants are still reported, from the folded constant.
 pub fn infer_value_shapes(
+    model: &ModelProto,
+    input_shapes: &[(String, Vec<usize>)],
+) -> Result<Vec<ValueShape>> {
+    guard_tract(|| infer_value_shapes_unguarded(model, input_shapes))
+}
+
+fn infer_value_shapes_unguarded(
     model: &ModelProto,
     input_shapes: &[(String, Vec<usize>)],
 ) -> Result<Vec<ValueShape>> {
