@@ -6,19 +6,6 @@ use common::*;
 use onnx_compress::onnx::proto::{tensor_proto::DataLocation, StringStringEntryProto};
 use prost::Message;
 use std::path::Path;
-use std::process::Command;
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_onnx-compress"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// Compress `input` into a fresh dir; assert failure mentioning every `needles` and no output.
 fn assert_rejected(input: &Path, needles: &[&str]) {
