@@ -40,6 +40,15 @@ pub struct Cli {
 pub enum Command {
     /// Show a model's inputs, outputs, op histogram, parameters, bytes by type and MACs.
     Inspect(InspectArgs),
+    /// Recipes: print every option of the main command with its default, as TOML.
+    Config(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Print a recipe with every option at its default.
+    #[arg(long, required = true)]
+    pub print_default: bool,
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +103,12 @@ pub struct CompressArgs {
     /// Print nothing but errors.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Read options from a TOML recipe (command-line options win).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Write this run's effective options as a recipe, to repeat it with --config.
+    #[arg(long, value_name = "FILE")]
+    pub save_recipe: Option<PathBuf>,
 }
 
 /// Parse `name:1x3x224x224`.
@@ -162,9 +177,34 @@ pub struct RunReport {
     pub seconds_total: f64,
 }
 
+/// The clap command with recipe support: later options override earlier ones.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command().args_override_self(true)
+}
+
+/// Parse the process arguments (expanding `--config` recipes) and run.
+pub fn main_with_args(args: Vec<std::ffi::OsString>) -> Result<()> {
+    use clap::FromArgMatches;
+    let cmd = command();
+    let args = crate::recipe::expand_config(&cmd, args)?;
+    let matches = cmd.clone().get_matches_from(args);
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let save_recipe = cli.compress.save_recipe.clone();
+    run(cli)?;
+    if let Some(path) = save_recipe {
+        write_text(&path, &crate::recipe::recipe_from_matches(&cmd, &matches))?;
+    }
+    Ok(())
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Inspect(args)) => inspect(&args),
+        Some(Command::Config(_)) => {
+            print!("{}", crate::recipe::default_recipe(&command()));
+            Ok(())
+        }
         None => compress(&cli.compress),
     }
 }
@@ -265,7 +305,11 @@ fn compress(args: &CompressArgs) -> Result<()> {
 
 /// Write JSON atomically.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)?;
+    write_text(path, &serde_json::to_string_pretty(value)?)
+}
+
+/// Write a text file atomically (temp file + rename).
+pub fn write_text(path: &Path, text: &str) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

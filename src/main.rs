@@ -1,6 +1,3 @@
-use clap::Parser;
-use onnx_compress::cli::{run, Cli};
-
 fn main() {
     // Behave like a Unix tool when piped into `head`: end quietly instead of panicking on
     // a closed stdout.
@@ -8,8 +5,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    if let Err(e) = onnx_compress::cli::main_with_args(std::env::args_os().collect()) {
         // One line: the whole cause chain, outermost first.
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -83,3 +83,93 @@ fn help_and_version() {
     assert_eq!(code, 0);
     assert!(stdout.starts_with("onnx-compress "), "{stdout}");
 }
+
+#[test]
+fn a_saved_recipe_repeats_the_run_byte_for_byte() {
+    let d = tempfile::tempdir().unwrap();
+    let m = testdata().join("conv_bn_relu.onnx");
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    let (code, _, err) = run(&[
+        m.to_str().unwrap(),
+        "-o",
+        &p("a.onnx"),
+        "--seed",
+        "5",
+        "--samples",
+        "2",
+        "--save-recipe",
+        &p("recipe.toml"),
+        "-q",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let recipe = std::fs::read_to_string(p("recipe.toml")).unwrap();
+    assert!(
+        recipe.contains("seed = 5") && recipe.contains("samples = 2"),
+        "{recipe}"
+    );
+    let (code, _, err) = run(&[
+        m.to_str().unwrap(),
+        "-o",
+        &p("b.onnx"),
+        "--config",
+        &p("recipe.toml"),
+        "--report",
+        &p("b.json"),
+        "-q",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read(p("a.onnx")).unwrap(),
+        std::fs::read(p("b.onnx")).unwrap()
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("b.json")).unwrap()).unwrap();
+    assert_eq!(
+        report["validation"]["seed"], 5,
+        "recipe options reach the run"
+    );
+    // Command-line options override the recipe.
+    let (code, _, _) = run(&[
+        m.to_str().unwrap(),
+        "-o",
+        &p("c.onnx"),
+        "--config",
+        &p("recipe.toml"),
+        "--seed",
+        "9",
+        "--report",
+        &p("c.json"),
+        "-q",
+    ]);
+    assert_eq!(code, 0);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("c.json")).unwrap()).unwrap();
+    assert_eq!(report["validation"]["seed"], 9);
+}
+
+#[test]
+fn recipes_reject_unknown_keys_and_print_defaults() {
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("bad.toml");
+    std::fs::write(&bad, "sede = 3\n").unwrap();
+    let out = d.path().join("o.onnx");
+    let m = testdata().join("mlp.onnx");
+    let (code, _, err) = run(&[
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--config",
+        bad.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("unknown option 'sede'") && err.contains("bad.toml"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let (code, stdout, _) = run(&["config", "--print-default"]);
+    assert_eq!(code, 0);
+    let table: toml::Table = toml::from_str(&stdout).expect("the default recipe parses");
+    assert_eq!(table["seed"].as_integer(), Some(0));
+    assert_eq!(table["no-validate"].as_bool(), Some(false));
+}

@@ -88,7 +88,10 @@ pub fn check_fixture(path: &Path, ctx: &PassContext) -> String {
     let mut model = Model::from_proto(original.clone()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
     let names = select(&fx.passes).unwrap_or_else(|e| panic!("{name}: {e:#}"));
     run_passes(&mut model, &names, ctx).unwrap_or_else(|e| panic!("{name}: {e:#}"));
-    model.graph.check().unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    model
+        .graph
+        .check()
+        .unwrap_or_else(|e| panic!("{name}: {e:#}"));
     for e in &fx.expects {
         check_expect(&model, e, &name);
     }
@@ -98,10 +101,18 @@ pub fn check_fixture(path: &Path, ctx: &PassContext) -> String {
     assert!(
         again.to_proto().unwrap() == once,
         "{name}: not idempotent: {:?}",
-        records.iter().map(|r| (&r.name, r.changes)).collect::<Vec<_>>()
+        records
+            .iter()
+            .map(|r| (&r.name, r.changes))
+            .collect::<Vec<_>>()
     );
     let report = validate(&original, &once, &ValidateOptions::default()).unwrap();
-    assert_eq!(report.status, Status::Checked, "{name}: {:?}", report.reason);
+    assert_eq!(
+        report.status,
+        Status::Checked,
+        "{name}: {:?}",
+        report.reason
+    );
     for o in &report.outputs {
         // Fixture outputs are O(1) (small weights, standard-normal inputs): an absolute bound.
         assert!(
