@@ -253,7 +253,7 @@ fn fold(graph: &Graph, ix: NodeIndex, out: &str) -> Option<TensorProto> {
             }
             if let Some(i) = infer {
                 let known: usize = shape.iter().product();
-                if known == 0 || total % known != 0 {
+                if known == 0 || !total.is_multiple_of(known) {
                     return None;
                 }
                 shape[i] = total / known;
