@@ -14,12 +14,19 @@ use onnx_compress::passes::PassStats;
 use support::*;
 
 fn run_fixture(case: &str) -> (Model, Model, PassStats) {
-    let path = format!("{}/tests/fixtures/cleanup/{case}.onnxtxt", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/tests/fixtures/cleanup/{case}.onnxtxt",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let text = std::fs::read_to_string(&path).expect("fixture exists");
     let before = Model::from_proto(parse_model(&text).expect("fixture parses")).expect("valid");
     let (after, stats) = check_pass(&Cleanup, &before, 1e-6);
     assert!(stats.changes > 0, "{case}: nothing changed");
-    let header: String = text.lines().take_while(|l| l.starts_with('#')).collect::<Vec<_>>().join("\n");
+    let header: String = text
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
     insta::with_settings!({snapshot_path => "fixtures/cleanup/snapshots", prepend_module_to_snapshot => false, description => header}, {
         insta::assert_snapshot!(case, before_after(&before, &after));
     });
@@ -43,7 +50,10 @@ fn identity() {
     // Output names survive: Sigmoid now produces `y`; `z` still comes from its Identity.
     let gp = after.graph.to_proto().unwrap();
     assert_eq!(gp.node[1].output, ["y"]);
-    assert_eq!((gp.node[2].input[0].as_str(), gp.node[2].output[0].as_str()), ("x", "z"));
+    assert_eq!(
+        (gp.node[2].input[0].as_str(), gp.node[2].output[0].as_str()),
+        ("x", "z")
+    );
 }
 
 #[test]
@@ -71,7 +81,8 @@ fn dropout_in_training_mode_stays() {
     old.node("Dropout", &["x"], &["y"], vec![attr_int("is_test", 0)]);
     for m in [b.model(), old.model()] {
         let mut after = m.clone();
-        let stats = onnx_compress::passes::Pass::run(&Cleanup, &mut after, &Default::default()).unwrap();
+        let stats =
+            onnx_compress::passes::Pass::run(&Cleanup, &mut after, &Default::default()).unwrap();
         assert_eq!(stats.changes, 0);
         assert_eq!(count_op(&after, "Dropout"), 1);
     }
