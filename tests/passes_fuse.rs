@@ -503,3 +503,30 @@ fn digits_cnn_predictions_unchanged() {
     let differ = pa.iter().zip(&pb).filter(|(a, b)| a != b).count();
     assert_eq!(differ, 0, "{differ} of 360 predictions changed");
 }
+
+#[test]
+fn bn_params_from_constant_nodes_fold() {
+    // Exporters without constant folding emit BN statistics as Constant nodes.
+    let mut b = conv_bn(3, 4, 1, &[3, 3], true);
+    let inits = std::mem::take(&mut b.graph.initializer);
+    for t in inits {
+        if t.name().starts_with("bn_") {
+            let name = t.name().to_string();
+            let mut attr = onnx_compress::ir::op::attr_int("value", 0);
+            attr.i = None;
+            attr.r#type =
+                Some(onnx_compress::onnx::proto::attribute_proto::AttributeType::Tensor as i32);
+            attr.t = Some(t);
+            b.graph.node.insert(
+                0,
+                onnx_compress::ir::op::node("Constant", &format!("c_{name}"), &[], &[&name]),
+            );
+            b.graph.node[0].attribute.push(attr);
+        } else {
+            b.graph.initializer.push(t);
+        }
+    }
+    let (after, stats) = check_pass(&Fuse, &b.model(), TOL);
+    assert_folded(&after, &stats);
+    assert_eq!(count_op(&after, "Constant"), 0);
+}

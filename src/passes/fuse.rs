@@ -62,11 +62,17 @@
 //! gives its output range (`[0, 6]` for Clip(0, 6), `[0, inf)` for Relu). Clip keeps its
 //! exact bounds in the emitted model.
 //!
+//! `Constant` nodes feeding a BN parameter or a layer's weight/bias are first turned into
+//! initializers of the same name, and `Identity` nodes of an initializer feeding one are
+//! bypassed (rule `constant-parameter`): exporters that skip constant folding emit BN
+//! statistics and deduplicated weights that way.
+//!
 //! # Invariants
 //!
 //! Running twice equals running once: after a run no inference-mode BN with constant
 //! parameters remains that either rule accepts. Output names, graph inputs and outputs are
-//! unchanged. `changes` counts applied patches (one per folded or converted BN).
+//! unchanged. `changes` counts applied patches (one per folded or converted BN, one per
+//! Constant parameter made an initializer).
 
 use crate::ir::op::{self, Attrs};
 use crate::ir::tensor::{self, from_f16, from_f32, raw_tensor, to_f64};
@@ -94,7 +100,8 @@ impl Pass for Fuse {
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats> {
         let graph = &mut model.graph;
         let before = bn_statistics(graph)?;
-        let rules: [(&'static str, Rule); 2] = [
+        let rules: [(&'static str, Rule); 3] = [
+            ("constant-parameter", rule_constant_parameter),
             ("fold-bn", rule_fold_bn),
             ("bn-to-mul-add", rule_bn_to_mul_add),
         ];
@@ -358,10 +365,10 @@ pub(crate) fn static_rank(graph: &Graph, value: &str) -> Option<usize> {
         match p.op_type() {
             "Flatten" | "Gemm" => return Some(2),
             "Conv" | "ConvTranspose" => return Some(graph.constant(p.input.get(1)?)?.dims.len()),
-            // Unary elementwise ops keep their input's rank.
+            // Unary elementwise ops and Concat keep their (first) input's rank.
             "Relu" | "LeakyRelu" | "Clip" | "Sigmoid" | "Tanh" | "HardSwish" | "HardSigmoid"
             | "Identity" | "Dropout" | "Erf" | "Gelu" | "Elu" | "Selu" | "Softplus" | "Neg"
-            | "Abs" | "Exp" | "Sqrt" => value = p.input.first()?,
+            | "Abs" | "Exp" | "Sqrt" | "Concat" => value = p.input.first()?,
             _ => return None,
         }
     }
@@ -633,6 +640,42 @@ fn gemm_bias(cv: &ArrayD<f64>, beta: f64, a: &BnAffine) -> Option<ArrayD<f64>> {
         }
     }
     ArrayD::from_shape_vec(IxDyn(&out_shape), out).ok()
+}
+
+/// A `Constant` node (or an `Identity` of an initializer) feeding a BN parameter or a layer's
+/// weight/bias is that initializer (exporters emit BN statistics and shared weights this way).
+fn rule_constant_parameter(graph: &Graph, ix: NodeIndex) -> Result<Option<Patch>> {
+    let n = graph.node(ix);
+    let is_const_identity =
+        n.op_type() == "Identity" && n.input.len() == 1 && graph.constant(&n.input[0]).is_some();
+    if !(n.op_type() == "Constant" || is_const_identity)
+        || n.output.len() != 1
+        || !op::is_standard_domain(n.domain())
+        || graph.is_graph_output(&n.output[0])
+    {
+        return Ok(None);
+    }
+    let feeds_parameter = graph.consumers(&n.output[0]).iter().any(|&(c, slot)| {
+        let cn = graph.node(c);
+        matches!(slot, InSlot::Arg(s) if s >= 1)
+            && op::is_standard_domain(cn.domain())
+            && matches!(
+                cn.op_type(),
+                "BatchNormalization" | "Conv" | "ConvTranspose" | "Gemm" | "MatMul"
+            )
+    });
+    if !feeds_parameter {
+        return Ok(None);
+    }
+    if is_const_identity {
+        // Identity(w) = w: readers read the initializer itself.
+        return Ok(Some(Patch {
+            remove: vec![ix],
+            shunts: vec![(n.output[0].clone(), n.input[0].clone())],
+            ..Default::default()
+        }));
+    }
+    crate::passes::constant_fold::rule_constant_fold(graph, ix)
 }
 
 /// bn(x) = W'x + b' with W' = W·s, b' = (b − mean)·s + beta (see the module docs).
