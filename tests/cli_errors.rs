@@ -274,7 +274,7 @@ fn unknown_pass_lists_the_valid_ones() {
         "-o",
         out.to_str().unwrap(),
         "--passes",
-        "nonsense",
+        "fuse,nonsense",
     ]);
     assert_ne!(code, 0);
     assert!(
