@@ -289,9 +289,12 @@ pub fn walk(graph: &Graph, l1: NodeIndex) -> Walk {
             });
         }
         if slot != InSlot::Arg(0) {
-            let reason = blocked.unwrap_or_else(|| {
-                let n = graph.node(next);
-                format!("'{value}' is not input 0 of {} '{}'", n.op_type(), n.name())
+            let reason = blocked.unwrap_or_else(|| match step(graph, next, via.last().copied()) {
+                Step::Stop(r) => r,
+                _ => {
+                    let n = graph.node(next);
+                    format!("'{value}' is not input 0 of {} '{}'", n.op_type(), n.name())
+                }
             });
             return Walk::Excluded { reason, to: None };
         }

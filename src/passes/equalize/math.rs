@@ -322,7 +322,10 @@ mod tests {
         let pc = fake_quant_int8(&w, Some(&m)).unwrap();
         for j in 0..4 {
             let (a, b) = (w[[2, j, 0, 0]], pc[[2, j, 0, 0]]);
-            assert!((a - b).abs() <= 0.5 * small(&w) / 127.0 + 1e-15, "{a} vs {b}");
+            assert!(
+                (a - b).abs() <= 0.5 * small(&w) / 127.0 + 1e-15,
+                "{a} vs {b}"
+            );
         }
         assert!(int8_sqnr_db(&w).is_finite());
     }
