@@ -19,6 +19,9 @@ use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::sync::Arc;
 
+/// One calibration batch: every model input by name.
+type Batch = Vec<(String, ArrayD<f32>)>;
+
 fn rng(seed: u64) -> rand_chacha::ChaCha8Rng {
     rand_chacha::ChaCha8Rng::seed_from_u64(seed)
 }
@@ -81,7 +84,7 @@ fn grouped_l2_ranges_use_the_group_rows() {
     let m2 = ChannelMap::new(LayerKind::Conv { group: 2 }, &[4, 2, 3, 3]).unwrap();
     let w2 = uniform(&[4, 2, 3, 3], &mut r);
     let got = m2.in_ranges(&w2).unwrap();
-    for i in 0..4 {
+    for (i, &got_i) in got.iter().enumerate() {
         let (g, j) = (i / 2, i % 2);
         let mut m = 0.0f64;
         for o in g * 2..g * 2 + 2 {
@@ -89,7 +92,7 @@ fn grouped_l2_ranges_use_the_group_rows() {
                 m = m.max(w2[[o, j, k / 3, k % 3]].abs());
             }
         }
-        assert_eq!(got[i], m, "input channel {i}");
+        assert_eq!(got_i, m, "input channel {i}");
     }
 }
 
@@ -404,7 +407,7 @@ enum Scheme {
 fn fake_quantize(
     proto: &ModelProto,
     scheme: Scheme,
-    calib: Option<&[Vec<(String, ArrayD<f32>)>]>,
+    calib: Option<&[Batch]>,
 ) -> ModelProto {
     let mut model = Model::from_proto(proto.clone()).unwrap();
     let g = &model.graph;
