@@ -404,11 +404,7 @@ enum Scheme {
 
 /// Replace every Conv/Gemm weight by its int8 fake-quantized value; with `bias_correction`,
 /// also shift biases by the empirical correction measured on `calib`.
-fn fake_quantize(
-    proto: &ModelProto,
-    scheme: Scheme,
-    calib: Option<&[Batch]>,
-) -> ModelProto {
+fn fake_quantize(proto: &ModelProto, scheme: Scheme, calib: Option<&[Batch]>) -> ModelProto {
     let mut model = Model::from_proto(proto.clone()).unwrap();
     let g = &model.graph;
     let mut quantized = Vec::new();
@@ -580,4 +576,97 @@ fn digits_int8_weight_accuracy_with_and_without_cle() {
         "bias correction should not hurt: {pt_cle:?} -> {pt_cle_bc:?}"
     );
     assert!(res["per-channel + CLE"].0 >= res["per-channel"].0 - 0.01);
+}
+
+/// High-bias absorption from the fuse record's BN statistics on digits_cnn: the relu pairs report
+/// an absorbed shift from `bn`, and the float function moves only where a pre-activation
+/// falls below `beta - 3 gamma` or near zero padding (approximation stated in the docs).
+#[test]
+fn digits_high_bias_absorption_from_bn_stats() {
+    let (fp32, bn_stats) = folded("digits_cnn.onnx");
+    assert!(!bn_stats.is_empty());
+    let opts = EqualizeOptions {
+        absorb_high_bias: true,
+        bn_stats,
+        ..Default::default()
+    };
+    let (out, stats) = run_equalize(&fp32, &opts);
+    let pairs = stats.details["pairs"].as_array().unwrap();
+    let absorbed: Vec<&serde_json::Value> =
+        pairs.iter().filter_map(|p| p.get("absorbed")).collect();
+    // The statistics are found for every relu pair (keys = folded node names), but this trained
+    // model has no channel with beta > 3 gamma, so nothing moves.
+    for p in pairs.iter().filter(|p| p["via"][0] == "Relu") {
+        assert!(opts.bn_stats.contains_key(p["l1"].as_str().unwrap()), "{p}");
+    }
+    assert!(absorbed.is_empty(), "{absorbed:?}");
+    assert!(
+        !stats
+            .notes
+            .iter()
+            .any(|n| n.contains("high-bias absorption skipped")),
+        "{:?}",
+        stats.notes
+    );
+    let x = digits("digits_test_x.npy");
+    let y: ndarray::Array1<i64> =
+        ndarray_npy::read_npy(common::testdata().join("digits_test_y.npy")).unwrap();
+    let a = run_model(&fp32, &[("input".to_string(), x.clone())], &[]).unwrap();
+    let b = run_model(&out, &[("input".to_string(), x.clone())], &[]).unwrap();
+    let e = rel_err(&a, &b);
+    let (acc, sqnr, _) = accuracy(&out, &x, &y.to_vec(), Some(&a[0].1));
+    eprintln!("digits_cnn with high-bias absorption (bn): relative logits error {e:.2e}, SQNR {sqnr:.1} dB, accuracy {:.2}%", 100.0 * acc);
+    assert!(acc > 0.99, "accuracy {acc}");
+    assert!(
+        sqnr > 30.0,
+        "absorption moved the logits too much: {sqnr} dB"
+    );
+}
+
+/// The BN path of high-bias absorption: `c_i = max(0, beta_i - 3 gamma_i) / S_i` leaves L1's
+/// bias and reappears in L2's bias through W2.
+#[test]
+fn high_bias_absorption_from_bn_stats_moves_the_shift() {
+    let text = std::fs::read_to_string(fixture_dir().join("relu_chain.onnxtxt"))
+        .unwrap()
+        .replace("h = Conv", "[conv1] h = Conv");
+    let orig = parse_model(&text).unwrap();
+    let bn = onnx_compress::passes::fuse::FoldedBn {
+        bn: "bn1".into(),
+        op: "Conv".into(),
+        output: "h".into(),
+        gamma: vec![0.1, 0.1, -0.1, 0.1],
+        beta: vec![1.0, 0.0, 2.0, 0.5],
+    };
+    let opts = EqualizeOptions {
+        absorb_high_bias: true,
+        bn_stats: [("conv1".to_string(), bn)].into_iter().collect(),
+        ..Default::default()
+    };
+    let (cle, _) = run_equalize(&orig, &EqualizeOptions::default());
+    let (out, stats) = run_equalize(&orig, &opts);
+    let a = &stats.details["pairs"][0]["absorbed"];
+    assert_eq!(a["source"], "bn");
+    assert_eq!(a["channels"], 3);
+    let get = |m: &ModelProto, name: &str| -> Vec<f64> {
+        let t = m
+            .graph
+            .as_ref()
+            .unwrap()
+            .initializer
+            .iter()
+            .find(|t| t.name() == name)
+            .unwrap();
+        tensor::to_f64(t).unwrap().iter().copied().collect()
+    };
+    let (b1c, b1a) = (get(&cle, "b1"), get(&out, "b1"));
+    let c: Vec<f64> = b1c.iter().zip(&b1a).map(|(x, y)| x - y).collect();
+    assert!(c[1].abs() < 1e-7 && c.iter().all(|&v| v >= -1e-7), "{c:?}");
+    // b2 gains W2·c.
+    let w2 = get(&out, "w2");
+    let (b2c, b2a) = (get(&cle, "b2"), get(&out, "b2"));
+    for o in 0..3 {
+        let want: f64 = (0..4).map(|i| w2[o * 4 + i] * c[i]).sum();
+        assert!((b2a[o] - b2c[o] - want).abs() < 1e-5, "channel {o}");
+    }
 }
