@@ -670,3 +670,30 @@ fn high_bias_absorption_from_bn_stats_moves_the_shift() {
         assert!((b2a[o] - b2c[o] - want).abs() < 1e-5, "channel {o}");
     }
 }
+
+/// Manual trial on a real model: `EQUALIZE_TRIAL=/path/model.onnx cargo test --test
+/// passes_equalize trial -- --ignored --nocapture` (fuse + cleanup + equalize, tract check).
+#[test]
+#[ignore]
+fn trial() {
+    let Ok(path) = std::env::var("EQUALIZE_TRIAL") else {
+        return;
+    };
+    let (proto, _) = onnx_compress::onnx::load::read_model(Path::new(&path)).unwrap();
+    let mut model = Model::from_proto(proto).unwrap();
+    run_passes(&mut model, &["fuse", "cleanup"], &PassContext::default()).unwrap();
+    let orig = model.to_proto().unwrap();
+    let t = std::time::Instant::now();
+    let (out, stats) = run_equalize(&orig, &EqualizeOptions::default());
+    eprintln!(
+        "equalize: {:.2}s, {} pairs, {} excluded",
+        t.elapsed().as_secs_f64(),
+        stats.details["pairs"].as_array().unwrap().len(),
+        stats.details["excluded"].as_array().unwrap().len()
+    );
+    eprintln!("{}", summary(&stats));
+    let inputs = random_inputs(&orig, 1, None);
+    let a = run_model(&orig, &inputs, &[]).unwrap();
+    let b = run_model(&out, &inputs, &[]).unwrap();
+    eprintln!("relative output error {:.2e}", rel_err(&a, &b));
+}
