@@ -6,6 +6,7 @@
 
 pub mod cleanup;
 pub mod constant_fold;
+pub mod equalize;
 pub mod fuse;
 pub mod rewrite;
 
@@ -31,6 +32,8 @@ pub struct PassStats {
 pub struct PassContext {
     /// Stop each rule-driven pass after this many patches (bisection aid).
     pub max_patches: Option<usize>,
+    /// `equalize` options (and `quantize`'s bias correction).
+    pub equalize: equalize::EqualizeOptions,
 }
 
 pub trait Pass {
@@ -52,6 +55,8 @@ pub fn pipeline() -> Vec<Box<dyn Pass>> {
         Box::new(fuse::Fuse),
         // After fuse: drops what fuse left unused and simplifies shape chains.
         Box::new(cleanup::Cleanup),
+        // After fuse/cleanup (needs BN-folded weights), before quantize (it shapes weight ranges).
+        Box::new(equalize::Equalize),
     ]
 }
 
