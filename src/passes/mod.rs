@@ -4,6 +4,7 @@
 //! Passes that rewrite locally are written as rules, `fn(&Graph, NodeIndex) ->
 //! Result<Option<Patch>>` (`Ok(None)` = no match), driven to a fixpoint by [`rewrite`].
 
+pub mod prune;
 pub mod rewrite;
 
 use crate::ir::Model;
@@ -28,6 +29,8 @@ pub struct PassStats {
 pub struct PassContext {
     /// Stop each rule-driven pass after this many patches (bisection aid).
     pub max_patches: Option<usize>,
+    /// Options of the `prune` pass (default: no pruning).
+    pub prune: prune::PruneOptions,
 }
 
 pub trait Pass {
@@ -44,7 +47,11 @@ pub trait Pass {
 
 /// Every pass in pipeline order. A run executes the selected ones in this order.
 pub fn pipeline() -> Vec<Box<dyn Pass>> {
-    vec![]
+    vec![
+        // After fuse/cleanup, before equalize/quantize: pruning slices float weights and must
+        // compose with the scales and quantization parameters computed later, not invalidate them.
+        Box::new(prune::Prune),
+    ]
 }
 
 /// The passes a run gets when `--passes` is not given.
