@@ -13,6 +13,12 @@
 //!   the RMS output change the consumer sees when the channel is replaced by its mean (what the
 //!   bias compensation does), ignoring correlations between channels. Without compensation
 //!   (`Reconstruct::None`) the second moment `E[a_k^2]` replaces the variance.
+//!
+//! Scale across groups: with calibration data each group's normalized scores are multiplied by
+//! the group's mean *relative* data score, `score_c / E||y||^2` summed over consumers (the
+//! fraction of the consumers' output energy one channel carries). That makes a global ranking
+//! (and the greedy MAC planner) compare how much output a channel moves in absolute terms,
+//! not just its rank inside its own layer. Without data every group has mean 1.
 
 use super::groups::{Group, Member};
 use crate::ir::tensor;
@@ -100,6 +106,7 @@ pub fn group_scores(
     group: &Group,
     criterion: Criterion,
     stats: &HashMap<String, AxisStats>,
+    out_energy: &HashMap<String, f64>,
     compensated: bool,
 ) -> Result<Vec<f64>> {
     let c = group.channels;
@@ -107,6 +114,8 @@ pub fn group_scores(
     let mut norms2 = Vec::new();
     let mut gammas = Vec::new();
     let mut data = Vec::new();
+    let mut rel = vec![0.0f64; c];
+    let mut has_rel = false;
     for m in &group.members {
         match m {
             Member::Producer { weight: w, axis, .. } => {
@@ -135,6 +144,7 @@ pub fn group_scores(
                 gammas.push(g.get(*offset..offset + c).context("BN range")?.to_vec());
             }
             Member::Consumer {
+                node,
                 input,
                 weight: w,
                 axis,
@@ -157,6 +167,19 @@ pub fn group_scores(
                         e += m2 * n * n;
                     }
                     v.push(e.sqrt());
+                }
+                let energy = graph
+                    .node(*node)
+                    .output
+                    .first()
+                    .and_then(|o| out_energy.get(o))
+                    .copied()
+                    .unwrap_or(0.0);
+                if energy > 0.0 {
+                    has_rel = true;
+                    for (r, x) in rel.iter_mut().zip(&v) {
+                        *r += x * x / energy;
+                    }
                 }
                 data.push(v);
             }
@@ -199,7 +222,12 @@ pub fn group_scores(
         return Ok(vec![1.0; c]);
     }
     let k = parts.len() as f64;
+    let scale = if has_rel {
+        rel.iter().sum::<f64>() / c.max(1) as f64
+    } else {
+        1.0
+    };
     Ok((0..c)
-        .map(|i| parts.iter().map(|p| p[i]).sum::<f64>() / k)
+        .map(|i| scale * parts.iter().map(|p| p[i]).sum::<f64>() / k)
         .collect())
 }

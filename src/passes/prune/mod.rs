@@ -622,12 +622,14 @@ pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
     }
     let empty = HashMap::new();
     let moments: &HashMap<String, AxisStats> = calib.as_ref().map(|c| &c.stats).unwrap_or(&empty);
+    let empty_e = HashMap::new();
+    let energy: &HashMap<String, f64> = calib.as_ref().map(|c| &c.out_energy).unwrap_or(&empty_e);
     let compensated = opts.reconstruct != Reconstruct::None;
     let scores: Vec<Vec<f64>> = groups
         .iter()
         .map(|g| {
             if g.prunable() {
-                importance::group_scores(&model.graph, g, opts.criterion, moments, compensated)
+                importance::group_scores(&model.graph, g, opts.criterion, moments, energy, compensated)
                     .with_context(|| format!("importance of group {}", g.id))
             } else {
                 Ok(vec![0.0; g.channels])

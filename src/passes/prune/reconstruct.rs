@@ -42,6 +42,8 @@ pub struct Calibration {
     pub stats: HashMap<String, AxisStats>,
     /// Consumer inputs and outputs, by value name.
     pub acts: HashMap<String, ArrayD<f32>>,
+    /// Mean over positions of `sum_o y_o^2` for every consumer output, by value name.
+    pub out_energy: HashMap<String, f64>,
 }
 
 /// Channel axis of a consumer's input (Conv: 1, Gemm/MatMul: last).
@@ -63,6 +65,7 @@ impl Calibration {
     ) -> Result<Calibration> {
         let mut names = BTreeSet::new();
         let mut consumer_inputs = BTreeMap::new();
+        let mut consumer_outputs = BTreeMap::new();
         for g in groups.iter().filter(|g| g.prunable()) {
             for m in &g.members {
                 if let Member::Consumer { node, input, .. } = m {
@@ -70,6 +73,7 @@ impl Calibration {
                     consumer_inputs.insert(input.clone(), graph.node(*node).op_type().to_string());
                     if let Some(o) = graph.node(*node).output.first() {
                         names.insert(o.clone());
+                        consumer_outputs.insert(o.clone(), graph.node(*node).op_type().to_string());
                     }
                 }
             }
@@ -88,6 +92,16 @@ impl Calibration {
             .filter(|(n, _)| names.contains(n))
             .collect();
         let mut stats = HashMap::new();
+        let mut out_energy = HashMap::new();
+        for (name, op) in &consumer_outputs {
+            if let Some(a) = acts.get(name) {
+                let axis = in_channel_axis(op, a.ndim());
+                let c = a.shape().get(axis).copied().unwrap_or(1).max(1);
+                let positions = (a.len() / c).max(1) as f64;
+                let e: f64 = a.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+                out_energy.insert(name.clone(), e / positions);
+            }
+        }
         for (name, op) in &consumer_inputs {
             if let Some(a) = acts.get(name) {
                 let axis = in_channel_axis(op, a.ndim());
@@ -99,6 +113,7 @@ impl Calibration {
             inputs: inputs.to_vec(),
             stats,
             acts,
+            out_energy,
         })
     }
 }
