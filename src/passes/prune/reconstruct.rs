@@ -313,21 +313,29 @@ pub fn reconstruct(
     opts: &PruneOptions,
     notes: &mut Vec<String>,
 ) -> Result<BTreeMap<NodeIndex, Outcome>> {
-    let pruned = model.to_proto()?;
-    let extra: Vec<String> = applied
-        .consumers
-        .keys()
-        .map(|&ix| model.graph.node(ix).input[0].clone())
-        .filter(|n| !model.graph.is_graph_output(n))
-        .collect::<BTreeSet<_>>()
+    // Sequential, in topological order: each consumer is fit on the inputs the pruned model
+    // produces *after* the upstream consumers were refit (one tract run per consumer).
+    let order: Vec<NodeIndex> = model
+        .graph
+        .topo_order()?
         .into_iter()
+        .filter(|ix| applied.consumers.contains_key(ix))
         .collect();
-    let run = crate::validate::run_model(&pruned, &cal.inputs, &extra)
-        .context("running the pruned model on the calibration data")?;
-    let xp: HashMap<String, ArrayD<f32>> = run.into_iter().collect();
     let mut out = BTreeMap::new();
-    for (&ix, (_, removed_in)) in &applied.consumers {
+    for ix in order {
+        let (_, removed_in) = &applied.consumers[&ix];
         let label = super::groups::label(before, ix);
+        let x_name = model.graph.node(ix).input[0].clone();
+        let pruned = model.to_proto()?;
+        let extra: Vec<String> = if model.graph.is_graph_output(&x_name) {
+            vec![]
+        } else {
+            vec![x_name.clone()]
+        };
+        let run = crate::validate::run_model(&pruned, &cal.inputs, &extra)
+            .context("running the pruned model on the calibration data")?;
+        let xp: HashMap<String, ArrayD<f32>> =
+            run.into_iter().filter(|(n, _)| *n == x_name).collect();
         match refit(before, model, ix, removed_in, applied, cal, &xp, opts) {
             Ok(Some(o)) => {
                 out.insert(ix, o);
