@@ -173,3 +173,123 @@ fn digits_details() {
     let (_, d) = prune_digits(0.3, Reconstruct::LeastSquares);
     eprintln!("{}", serde_json::to_string_pretty(&d).unwrap());
 }
+
+/// MACs (from inferred shapes) and median tract latency of a model at the given input shapes.
+fn macs_and_latency(model: &Model, shapes: &[(String, Vec<usize>)], runs: usize) -> (u64, f64) {
+    let s = value_shapes(model, shapes).unwrap();
+    let macs = onnx_compress::report::stats::model_stats(model, &s).macs;
+    let proto = model.to_proto().unwrap();
+    let runner = validate::Runner::new(&proto, shapes, &[]).unwrap();
+    let inputs: Vec<ArrayD<f32>> = runner
+        .inputs()
+        .iter()
+        .map(|i| ArrayD::from_elem(i.shape.clone(), 0.1f32))
+        .collect();
+    runner.run(&inputs).unwrap();
+    let mut t: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            runner.run(&inputs).unwrap();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    (macs, t[t.len() / 2])
+}
+
+fn gaussian(shape: &[usize], seed: u64) -> ArrayD<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    ArrayD::from_shape_vec(
+        shape.to_vec(),
+        (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect(),
+    )
+    .unwrap()
+}
+
+/// Prune a model file at `flops`, check validity, compare against the original in tract, and
+/// print groups, MACs and latency. Returns the validation cosine of output 0.
+fn trial(path: &Path, input: &str, shape: &[usize], batch: usize, flops: f64, runs: usize) -> f64 {
+    let mut model = load::load(path).unwrap();
+    let original = model.to_proto().unwrap();
+    let shapes = vec![(input.to_string(), shape.to_vec())];
+    let mut cshape = shape.to_vec();
+    cshape[0] = batch;
+    let opts = PruneOptions {
+        flops,
+        calibration: Some(vec![(input.to_string(), gaussian(&cshape, 1))]),
+        input_shapes: shapes.clone(),
+        ..Default::default()
+    };
+    let t0 = std::time::Instant::now();
+    let st = prune::prune(&mut model, &opts).unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    model.graph.check().unwrap();
+    let groups = st.details["groups"].as_array().unwrap();
+    let prunable = groups.iter().filter(|g| g["prunable"] == true).count();
+    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
+    for g in groups.iter().filter(|g| g["prunable"] == false) {
+        let r = g["unprunable_reasons"][0].as_str().unwrap_or("").to_string();
+        let key: String = r.split('\'').next().unwrap_or("").to_string();
+        *reasons.entry(key).or_default() += 1;
+    }
+    let (m0, l0) = macs_and_latency(&Model::from_proto(original.clone()).unwrap(), &shapes, runs);
+    let (m1, l1) = macs_and_latency(&model, &shapes, runs);
+    let report = validate::validate(
+        &original,
+        &model.to_proto().unwrap(),
+        &validate::ValidateOptions {
+            input_shapes: shapes.clone(),
+            samples: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cos = report.outputs.first().map(|o| o.cosine).unwrap_or(f64::NAN);
+    eprintln!(
+        "{}: {} groups, {prunable} prunable; unprunable reasons {reasons:?}\n  MACs {m0} -> {m1} ({:.1}%), params {} -> {}, tract median {l0:.2} ms -> {l1:.2} ms, pass {secs:.1}s, status {:?}, cosine {cos:.4}",
+        path.display(),
+        groups.len(),
+        100.0 * m1 as f64 / m0 as f64,
+        st.details["params_before"],
+        st.details["params_after"],
+        report.status,
+    );
+    let methods: Vec<&str> = st.details["reconstruction"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["method"].as_str())
+        .collect();
+    eprintln!("  reconstruction methods: {methods:?}");
+    cos
+}
+
+#[test]
+fn testdata_models_prune_and_stay_close() {
+    for (name, shape) in [
+        ("residual.onnx", [1usize, 3, 16, 16]),
+        ("mobilenet_like.onnx", [1, 3, 32, 32]),
+        ("conv_bn_relu.onnx", [1, 3, 16, 16]),
+    ] {
+        let cos = trial(&testdata(name), "input", &shape, 16, 0.3, 5);
+        assert!(cos > 0.95, "{name}: cosine {cos}");
+    }
+}
+
+#[test]
+#[ignore = "real models from /work/models (not committed); cargo test -- --ignored --nocapture"]
+fn real_models() {
+    let dir = Path::new("/work/models");
+    for (file, input, shape, batch) in [
+        ("torchvision/resnet18.onnx", "input", vec![1usize, 3, 224, 224], 4usize),
+        ("torchvision/densenet121.onnx", "input", vec![1, 3, 224, 224], 2),
+        ("pip/nudenet/320n.onnx", "images", vec![1, 3, 320, 320], 4),
+    ] {
+        let p = dir.join(file);
+        if p.exists() {
+            trial(&p, input, &shape, batch, 0.3, 5);
+        }
+    }
+}

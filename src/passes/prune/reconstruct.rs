@@ -46,6 +46,54 @@ pub struct Calibration {
     pub out_energy: HashMap<String, f64>,
 }
 
+/// Run `model` on calibration inputs with extra outputs. When the model declares a fixed batch
+/// dimension smaller than the calibration batch (e.g. `[1,3,224,224]`), the batch is run in
+/// chunks of that size and the results concatenated along axis 0.
+pub fn run_batched(
+    model: &ModelProto,
+    inputs: &[(String, ArrayD<f32>)],
+    extra: &[String],
+) -> Result<Vec<(String, ArrayD<f32>)>> {
+    use crate::onnx::proto::{tensor_shape_proto::dimension::Value as D, type_proto::Value};
+    let graph = model.graph.as_ref().context("model has no graph")?;
+    let declared = |name: &str| -> Option<usize> {
+        let vi = graph.input.iter().find(|i| i.name() == name)?;
+        let Some(Value::TensorType(t)) = vi.r#type.as_ref()?.value.as_ref() else {
+            return None;
+        };
+        match t.shape.as_ref()?.dim.first()?.value {
+            Some(D::DimValue(v)) if v > 0 => Some(v as usize),
+            _ => None,
+        }
+    };
+    let total = inputs.first().map(|(_, a)| a.shape().first().copied().unwrap_or(1)).unwrap_or(1);
+    let chunk = inputs
+        .iter()
+        .filter_map(|(n, _)| declared(n))
+        .min()
+        .filter(|&b| b < total && total % b == 0);
+    let Some(chunk) = chunk else {
+        return crate::validate::run_model(model, inputs, extra);
+    };
+    let mut parts: Vec<Vec<(String, ArrayD<f32>)>> = Vec::new();
+    for start in (0..total).step_by(chunk) {
+        let batch: Vec<(String, ArrayD<f32>)> = inputs
+            .iter()
+            .map(|(n, a)| (n.clone(), a.slice_axis(Axis(0), (start..start + chunk).into()).to_owned()))
+            .collect();
+        parts.push(crate::validate::run_model(model, &batch, extra)?);
+    }
+    let first = parts.first().context("empty calibration batch")?;
+    (0..first.len())
+        .map(|i| {
+            let views: Vec<_> = parts.iter().map(|p| p[i].1.view()).collect();
+            let joined = ndarray::concatenate(Axis(0), &views)
+                .with_context(|| format!("joining calibration outputs of '{}'", first[i].0))?;
+            Ok((first[i].0.clone(), joined))
+        })
+        .collect()
+}
+
 /// Channel axis of a consumer's input (Conv: 1, Gemm/MatMul: last).
 fn in_channel_axis(op: &str, rank: usize) -> usize {
     match op {
@@ -85,7 +133,7 @@ impl Calibration {
             .filter(|n| !outputs.contains(n.as_str()))
             .cloned()
             .collect();
-        let run = crate::validate::run_model(original, inputs, &extra)
+        let run = run_batched(original, inputs, &extra)
             .context("running the original model on the calibration data")?;
         let acts: HashMap<String, ArrayD<f32>> = run
             .into_iter()
@@ -332,7 +380,7 @@ pub fn reconstruct(
         } else {
             vec![x_name.clone()]
         };
-        let run = crate::validate::run_model(&pruned, &cal.inputs, &extra)
+        let run = run_batched(&pruned, &cal.inputs, &extra)
             .context("running the pruned model on the calibration data")?;
         let xp: HashMap<String, ArrayD<f32>> =
             run.into_iter().filter(|(n, _)| *n == x_name).collect();
