@@ -17,7 +17,9 @@ fn root() -> PathBuf {
 }
 
 fn fixture(name: &str) -> Model {
-    let path = root().join("tests/fixtures/prune").join(format!("{name}.onnxtxt"));
+    let path = root()
+        .join("tests/fixtures/prune")
+        .join(format!("{name}.onnxtxt"));
     let text = std::fs::read_to_string(&path).unwrap();
     Model::from_proto(parse_model(&text).unwrap()).unwrap()
 }
@@ -52,7 +54,11 @@ fn prune_and_check(name: &str) -> Model {
     };
     prune::prune(&mut model, &opts).unwrap();
     model.graph.check().unwrap();
-    assert_eq!(output_shapes(&model), before, "{name}: output shapes changed");
+    assert_eq!(
+        output_shapes(&model),
+        before,
+        "{name}: output shapes changed"
+    );
     model
 }
 
@@ -147,7 +153,10 @@ fn digits_30_percent_macs_with_reconstruction() {
     eprintln!("digits: base {base:.2}%, 30% MACs: reconstructed {ls:.2}%, plain {plain:.2}%, MACs {before} -> {after}");
     assert!(after <= 0.7 * before + 1.0, "MACs {before} -> {after}");
     assert!(ls >= base - 2.0, "accuracy {base} -> {ls}");
-    assert!(ls > plain, "reconstruction {ls} does not beat plain removal {plain}");
+    assert!(
+        ls > plain,
+        "reconstruction {ls} does not beat plain removal {plain}"
+    );
 }
 
 #[test]
@@ -230,7 +239,10 @@ fn trial(path: &Path, input: &str, shape: &[usize], batch: usize, flops: f64, ru
     let prunable = groups.iter().filter(|g| g["prunable"] == true).count();
     let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
     for g in groups.iter().filter(|g| g["prunable"] == false) {
-        let r = g["unprunable_reasons"][0].as_str().unwrap_or("").to_string();
+        let r = g["unprunable_reasons"][0]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         let key: String = r.split('\'').next().unwrap_or("").to_string();
         *reasons.entry(key).or_default() += 1;
     }
@@ -283,8 +295,18 @@ fn testdata_models_prune_and_stay_close() {
 fn real_models() {
     let dir = Path::new("/work/models");
     for (file, input, shape, batch) in [
-        ("torchvision/resnet18.onnx", "input", vec![1usize, 3, 224, 224], 4usize),
-        ("torchvision/densenet121.onnx", "input", vec![1, 3, 224, 224], 2),
+        (
+            "torchvision/resnet18.onnx",
+            "input",
+            vec![1usize, 3, 224, 224],
+            4usize,
+        ),
+        (
+            "torchvision/densenet121.onnx",
+            "input",
+            vec![1, 3, 224, 224],
+            2,
+        ),
         ("pip/nudenet/320n.onnx", "images", vec![1, 3, 320, 320], 4),
     ] {
         let p = dir.join(file);

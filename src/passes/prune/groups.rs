@@ -303,7 +303,8 @@ impl<'a> Analyzer<'a> {
             }
         }
         if !ok {
-            let reason = format!("{what} ties channels laid out differently (concat/axis mismatch)");
+            let reason =
+                format!("{what} ties channels laid out differently (concat/axis mismatch)");
             for l in layouts {
                 self.block_layout(l, &reason);
             }
@@ -404,8 +405,7 @@ impl<'a> Analyzer<'a> {
                     self.unknown(ix, "channel axis is not axis 1");
                 } else if !params_ok {
                     self.unknown(ix, "parameters are not float constants");
-                } else if node.output.len() > 1 && node.output[1..].iter().any(|o| !o.is_empty())
-                {
+                } else if node.output.len() > 1 && node.output[1..].iter().any(|o| !o.is_empty()) {
                     self.unknown(ix, "training-mode outputs");
                 } else {
                     for (g, offset) in self.group_offsets(&lay0.segs) {
@@ -459,11 +459,10 @@ impl<'a> Analyzer<'a> {
                     .and_then(|t| tensor::to_f32(t).ok());
                 let has_sizes = node.input.get(3).is_some_and(|s| !s.is_empty());
                 let ok = match scales {
-                    Some(s) if !has_sizes && s.len() > lay0.from_end => {
-                        s.as_slice()
-                            .map(|v| v[v.len() - 1 - lay0.from_end] == 1.0)
-                            .unwrap_or(false)
-                    }
+                    Some(s) if !has_sizes && s.len() > lay0.from_end => s
+                        .as_slice()
+                        .map(|v| v[v.len() - 1 - lay0.from_end] == 1.0)
+                        .unwrap_or(false),
                     _ => false,
                 };
                 if ok {
@@ -487,7 +486,10 @@ impl<'a> Analyzer<'a> {
                             },
                         );
                     }
-                    _ => self.unknown(ix, "not a Flatten(axis=1) with known shape after the channel axis"),
+                    _ => self.unknown(
+                        ix,
+                        "not a Flatten(axis=1) with known shape after the channel axis",
+                    ),
                 }
             }
             "Split" | "Slice" | "Softmax" | "LogSoftmax" => self.axis_op(ix, lay0),
@@ -554,7 +556,9 @@ impl<'a> Analyzer<'a> {
             return; // no channel layout involved
         };
         if op == "Concat" {
-            let rank = self.rank(&out0).or_else(|| self.rank(&inputs[layouts[0].0]));
+            let rank = self
+                .rank(&out0)
+                .or_else(|| self.rank(&inputs[layouts[0].0]));
             let axis = node.attr_int("axis").ok().flatten().unwrap_or(0);
             let from_end = rank.and_then(|r| {
                 let a = if axis < 0 { axis + r as i64 } else { axis };
@@ -670,7 +674,10 @@ impl<'a> Analyzer<'a> {
             self.heavy.push((ix, in_segs.clone(), in_segs, true));
             let Some(l) = lay0 else { return };
             if l.from_end != in_from_end || l.block != 1 {
-                self.block_layout(&l, &format!("read by {}: channel axis mismatch", label(graph, ix)));
+                self.block_layout(
+                    &l,
+                    &format!("read by {}: channel axis mismatch", label(graph, ix)),
+                );
                 return;
             }
             if !float_ok {
@@ -688,8 +695,7 @@ impl<'a> Analyzer<'a> {
             return;
         }
         let g = self.new_group(layer.out_channels());
-        self.heavy
-            .push((ix, in_segs, vec![Seg::Group(g)], false));
+        self.heavy.push((ix, in_segs, vec![Seg::Group(g)], false));
         self.raw[g].members.push(Member::Producer {
             node: ix,
             weight: layer.weight.clone(),
@@ -717,7 +723,10 @@ impl<'a> Analyzer<'a> {
                     ),
                 );
             } else if l.from_end != in_from_end || (in_from_end > 0 && l.block != 1) {
-                self.block_layout(&l, &format!("read by {}: channel axis mismatch", label(graph, ix)));
+                self.block_layout(
+                    &l,
+                    &format!("read by {}: channel axis mismatch", label(graph, ix)),
+                );
             } else {
                 if !float_ok {
                     self.block_layout(&l, &format!("{} has non-float weights", label(graph, ix)));
@@ -825,17 +834,25 @@ pub fn describe_groups(graph: &Graph, groups: &[Group]) -> String {
         for m in &g.members {
             match m {
                 Member::Producer {
-                    node, weight, axis, bias,
+                    node,
+                    weight,
+                    axis,
+                    bias,
                 } => {
                     let _ = writeln!(
                         s,
                         "  producer  {} weight '{weight}' axis {axis}{}",
                         label(graph, *node),
-                        bias.as_ref().map(|b| format!(", bias '{b}'")).unwrap_or_default()
+                        bias.as_ref()
+                            .map(|b| format!(", bias '{b}'"))
+                            .unwrap_or_default()
                     );
                 }
                 Member::Depthwise {
-                    node, weight, offset, ..
+                    node,
+                    weight,
+                    offset,
+                    ..
                 } => {
                     let _ = writeln!(
                         s,
@@ -876,13 +893,11 @@ pub fn describe_groups(graph: &Graph, groups: &[Group]) -> String {
                         label(graph, *node)
                     );
                 }
-                Member::Value { name, offset, .. } => {
-                    values.push(if *offset > 0 {
-                        format!("{name}@{offset}")
-                    } else {
-                        name.clone()
-                    })
-                }
+                Member::Value { name, offset, .. } => values.push(if *offset > 0 {
+                    format!("{name}@{offset}")
+                } else {
+                    name.clone()
+                }),
             }
         }
         if !values.is_empty() {

@@ -80,7 +80,10 @@ pub fn slice_norms(w: &ArrayD<f32>, axis: usize, p: u8) -> Vec<f64> {
             if p == 1 {
                 s.iter().map(|v| f64::from(v.abs())).sum()
             } else {
-                s.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt()
+                s.iter()
+                    .map(|&v| f64::from(v) * f64::from(v))
+                    .sum::<f64>()
+                    .sqrt()
             }
         })
         .collect()
@@ -118,7 +121,9 @@ pub fn group_scores(
     let mut has_rel = false;
     for m in &group.members {
         match m {
-            Member::Producer { weight: w, axis, .. } => {
+            Member::Producer {
+                weight: w, axis, ..
+            } => {
                 let w = weight(graph, w)?;
                 norms1.push(slice_norms(&w, *axis, 1));
                 norms2.push(slice_norms(&w, *axis, 2));
@@ -129,8 +134,16 @@ pub fn group_scores(
                 let w = weight(graph, w)?;
                 let n1 = slice_norms(&w, 0, 1);
                 let n2 = slice_norms(&w, 0, 2);
-                norms1.push(n1.get(*offset..offset + c).context("depthwise range")?.to_vec());
-                norms2.push(n2.get(*offset..offset + c).context("depthwise range")?.to_vec());
+                norms1.push(
+                    n1.get(*offset..offset + c)
+                        .context("depthwise range")?
+                        .to_vec(),
+                );
+                norms2.push(
+                    n2.get(*offset..offset + c)
+                        .context("depthwise range")?
+                        .to_vec(),
+                );
             }
             Member::Param {
                 node,
@@ -163,7 +176,11 @@ pub fn group_scores(
                         let (Some(n), Some(_)) = (col.get(i), st.mean.get(i)) else {
                             continue;
                         };
-                        let m2 = if compensated { st.var(i) } else { st.mean_sq[i] };
+                        let m2 = if compensated {
+                            st.var(i)
+                        } else {
+                            st.mean_sq[i]
+                        };
                         e += m2 * n * n;
                     }
                     v.push(e.sqrt());

@@ -138,15 +138,16 @@ impl Pass for Prune {
 pub fn value_shapes(model: &Model, input_shapes: &[(String, Vec<usize>)]) -> Result<Shapes> {
     let proto = model.to_proto()?;
     let mut shapes = Shapes::new();
-    match crate::validate::infer_value_shapes(&proto, input_shapes) {
-        Ok(vs) => {
-            for v in vs {
-                if let Some(s) = v.shape.and_then(|s| s.into_iter().collect::<Option<Vec<_>>>()) {
-                    shapes.insert(v.name, s);
-                }
+    // When tract cannot infer, the declared shapes below are all there is.
+    if let Ok(vs) = crate::validate::infer_value_shapes(&proto, input_shapes) {
+        for v in vs {
+            if let Some(s) = v
+                .shape
+                .and_then(|s| s.into_iter().collect::<Option<Vec<_>>>())
+            {
+                shapes.insert(v.name, s);
             }
         }
-        Err(_) => {} // declared shapes only
     }
     for (k, v) in stats::known_shapes(model) {
         shapes.entry(k).or_insert(v);
@@ -258,7 +259,11 @@ pub fn plan(
     let macs_before = mm.total(&orig, &orig);
     let mut kept = orig.clone();
     let by_flops = opts.flops > 0.0;
-    let prunable_channels: usize = groups.iter().filter(|g| g.prunable()).map(|g| g.channels).sum();
+    let prunable_channels: usize = groups
+        .iter()
+        .filter(|g| g.prunable())
+        .map(|g| g.channels)
+        .sum();
     let target_removed = (opts.ratio.clamp(0.0, 1.0) * prunable_channels as f64).round() as usize;
     let target_macs = (1.0 - opts.flops.clamp(0.0, 1.0)) * macs_before;
     let removed_count = |kept: &[usize]| -> usize {
@@ -278,7 +283,11 @@ pub fn plan(
     match opts.ranking {
         Ranking::Global => {
             while !done(&kept) {
-                let now = if by_flops { mm.total(&kept, &orig) } else { 0.0 };
+                let now = if by_flops {
+                    mm.total(&kept, &orig)
+                } else {
+                    0.0
+                };
                 let mut best: Option<(f64, usize, usize)> = None;
                 for g in groups.iter().filter(|g| g.prunable()) {
                     let Some(next) = next_keep(kept[g.id], g.channels, opts) else {
@@ -393,10 +402,13 @@ pub struct Applied {
     pub producers: BTreeMap<NodeIndex, (usize, Vec<usize>)>,
 }
 
+/// `(node, input slot)` -> `[(axis, removed indices)]`.
+type Cuts = BTreeMap<(NodeIndex, usize), Vec<(usize, Vec<usize>)>>;
+
 /// Apply a plan to the graph (all or nothing).
 pub fn apply(graph: &mut Graph, groups: &[Group], plan: &Plan) -> Result<Applied> {
     // (node, slot) -> [(axis, removed indices)]
-    let mut cuts: BTreeMap<(NodeIndex, usize), Vec<(usize, Vec<usize>)>> = BTreeMap::new();
+    let mut cuts: Cuts = BTreeMap::new();
     let mut value_cuts: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut depthwise = std::collections::BTreeSet::new();
     let mut applied = Applied::default();
@@ -413,11 +425,16 @@ pub fn apply(graph: &mut Graph, groups: &[Group], plan: &Plan) -> Result<Applied
             continue;
         }
         if !g.prunable() {
-            bail!("internal: plan removes channels of unprunable group {}", g.id);
+            bail!(
+                "internal: plan removes channels of unprunable group {}",
+                g.id
+            );
         }
         for m in &g.members {
             match m {
-                Member::Producer { node, axis, bias, .. } => {
+                Member::Producer {
+                    node, axis, bias, ..
+                } => {
                     add((*node, 1), *axis, r.clone());
                     if bias.is_some() {
                         add((*node, 2), 0, r.clone());
@@ -472,7 +489,9 @@ pub fn apply(graph: &mut Graph, groups: &[Group], plan: &Plan) -> Result<Applied
                     block,
                     ..
                 } => {
-                    let e = value_cuts.entry(name.clone()).or_insert((*axis_from_end, 0));
+                    let e = value_cuts
+                        .entry(name.clone())
+                        .or_insert((*axis_from_end, 0));
                     e.1 += r.len() * block;
                 }
             }
@@ -529,13 +548,15 @@ pub fn apply(graph: &mut Graph, groups: &[Group], plan: &Plan) -> Result<Applied
     for node in &depthwise {
         let channels = cuts
             .get(&(*node, 1))
-            .and_then(|_| new_inits.iter().find(|t| {
-                let n = node_edits
-                    .get(node)
-                    .map(|p| p.input[1].clone())
-                    .unwrap_or_else(|| graph.node(*node).input[1].clone());
-                t.name() == n
-            }))
+            .and_then(|_| {
+                new_inits.iter().find(|t| {
+                    let n = node_edits
+                        .get(node)
+                        .map(|p| p.input[1].clone())
+                        .unwrap_or_else(|| graph.node(*node).input[1].clone());
+                    t.name() == n
+                })
+            })
             .and_then(|t| t.dims.first().copied())
             .context("depthwise weight was not sliced")?;
         let edit = node_edits
@@ -552,7 +573,9 @@ pub fn apply(graph: &mut Graph, groups: &[Group], plan: &Plan) -> Result<Applied
         out.replace_node(ix, proto)?;
     }
     for name in replaced_names {
-        if out.consumers(&name).is_empty() && !out.is_graph_output(&name) && !out.is_graph_input(&name)
+        if out.consumers(&name).is_empty()
+            && !out.is_graph_output(&name)
+            && !out.is_graph_input(&name)
         {
             out.initializers.shift_remove(&name);
         }
@@ -599,8 +622,9 @@ pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
     // consumer outputs (reconstruction targets).
     let original = model.to_proto()?;
     let calib = match &opts.calibration {
-        Some(c) if opts.criterion != Criterion::L1 && opts.criterion != Criterion::L2
-            || opts.reconstruct != Reconstruct::None =>
+        Some(c)
+            if opts.criterion != Criterion::L1 && opts.criterion != Criterion::L2
+                || opts.reconstruct != Reconstruct::None =>
         {
             match reconstruct::Calibration::collect(&original, &model.graph, groups, c) {
                 Ok(cal) => Some(cal),
@@ -629,8 +653,15 @@ pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
         .iter()
         .map(|g| {
             if g.prunable() {
-                importance::group_scores(&model.graph, g, opts.criterion, moments, energy, compensated)
-                    .with_context(|| format!("importance of group {}", g.id))
+                importance::group_scores(
+                    &model.graph,
+                    g,
+                    opts.criterion,
+                    moments,
+                    energy,
+                    compensated,
+                )
+                .with_context(|| format!("importance of group {}", g.id))
             } else {
                 Ok(vec![0.0; g.channels])
             }
@@ -737,4 +768,3 @@ pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
     });
     Ok(st)
 }
-

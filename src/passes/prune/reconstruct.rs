@@ -15,11 +15,14 @@
 //!   over the kernel; exact except at borders where zero padding means the removed channel
 //!   contributed 0, not its mean: an approximation);
 //! - `least_squares`: the ridge fit.
+//!
 //! `Reconstruct::LeastSquares` keeps whichever of `bias` and `least_squares` has the lower
 //! held-out error (so an ill-conditioned or over-fitted system falls back, and the report says
 //! so); `Reconstruct::Bias` uses `bias`. MatMul has no bias: no intercept, no `bias` fold.
-//! Consumers with more unknowns than `max_ls_unknowns` (or non-2-D convs, `auto_pad`,
-//! ConvTranspose) fall back to `bias`.
+//! Consumers with more unknowns than `max_ls_unknowns` fall back to `bias`; non-2-D convs,
+//! `auto_pad = SAME_*` and ConvTranspose consumers are not reconstructed (plain removal, noted).
+//! Reconstruction is sequential in topological order: one tract run of the partially refit
+//! model per consumer.
 
 use super::groups::{Group, Member};
 use super::importance::AxisStats;
@@ -66,12 +69,15 @@ pub fn run_batched(
             _ => None,
         }
     };
-    let total = inputs.first().map(|(_, a)| a.shape().first().copied().unwrap_or(1)).unwrap_or(1);
+    let total = inputs
+        .first()
+        .map(|(_, a)| a.shape().first().copied().unwrap_or(1))
+        .unwrap_or(1);
     let chunk = inputs
         .iter()
         .filter_map(|(n, _)| declared(n))
         .min()
-        .filter(|&b| b < total && total % b == 0);
+        .filter(|&b| b < total && total.is_multiple_of(b));
     let Some(chunk) = chunk else {
         return crate::validate::run_model(model, inputs, extra);
     };
@@ -79,7 +85,13 @@ pub fn run_batched(
     for start in (0..total).step_by(chunk) {
         let batch: Vec<(String, ArrayD<f32>)> = inputs
             .iter()
-            .map(|(n, a)| (n.clone(), a.slice_axis(Axis(0), (start..start + chunk).into()).to_owned()))
+            .map(|(n, a)| {
+                (
+                    n.clone(),
+                    a.slice_axis(Axis(0), (start..start + chunk).into())
+                        .to_owned(),
+                )
+            })
             .collect();
         parts.push(crate::validate::run_model(model, &batch, extra)?);
     }
@@ -135,10 +147,8 @@ impl Calibration {
             .collect();
         let run = run_batched(original, inputs, &extra)
             .context("running the original model on the calibration data")?;
-        let acts: HashMap<String, ArrayD<f32>> = run
-            .into_iter()
-            .filter(|(n, _)| names.contains(n))
-            .collect();
+        let acts: HashMap<String, ArrayD<f32>> =
+            run.into_iter().filter(|(n, _)| names.contains(n)).collect();
         let mut stats = HashMap::new();
         let mut out_energy = HashMap::new();
         for (name, op) in &consumer_outputs {
@@ -184,7 +194,7 @@ fn cholesky_solve(mut g: Array2<f64>, mut b: Array2<f64>) -> Option<Array2<f64>>
         for k in 0..j {
             d -= g[[j, k]] * g[[j, k]];
         }
-        if !(d > 0.0) || !d.is_finite() {
+        if d.is_nan() || d <= 0.0 || !d.is_finite() {
             return None;
         }
         let d = d.sqrt();
@@ -222,7 +232,11 @@ fn cholesky_solve(mut g: Array2<f64>, mut b: Array2<f64>) -> Option<Array2<f64>>
 }
 
 /// Ridge least squares with optional intercept: returns `(W [d x o], b [o])`.
-pub fn ridge(a: &Array2<f64>, y: &Array2<f64>, intercept: bool) -> Option<(Array2<f64>, Array1<f64>)> {
+pub fn ridge(
+    a: &Array2<f64>,
+    y: &Array2<f64>,
+    intercept: bool,
+) -> Option<(Array2<f64>, Array1<f64>)> {
     let (m, d) = a.dim();
     let cols = d + usize::from(intercept);
     let mut aa = Array2::<f64>::ones((m, cols));
@@ -267,7 +281,11 @@ fn conv2d_attrs(node: &crate::onnx::proto::NodeProto, wshape: &[usize]) -> Optio
     if wshape.len() != 4 {
         return None;
     }
-    let auto = node.attr_string("auto_pad").ok().flatten().unwrap_or_default();
+    let auto = node
+        .attr_string("auto_pad")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     if !(auto.is_empty() || auto == "NOTSET" || auto == "VALID") {
         return None;
     }
@@ -275,7 +293,11 @@ fn conv2d_attrs(node: &crate::onnx::proto::NodeProto, wshape: &[usize]) -> Optio
     let st = ints("strides", vec![1, 1]);
     let pd = ints("pads", vec![0, 0, 0, 0]);
     let dl = ints("dilations", vec![1, 1]);
-    if st.len() != 2 || pd.len() != 4 || dl.len() != 2 || pd.iter().chain(&st).chain(&dl).any(|&v| v < 0) {
+    if st.len() != 2
+        || pd.len() != 4
+        || dl.len() != 2
+        || pd.iter().chain(&st).chain(&dl).any(|&v| v < 0)
+    {
         return None;
     }
     Some(Conv2d {
@@ -323,16 +345,27 @@ fn im2col(x: &ArrayD<f32>, c: &Conv2d, pos: &[(usize, usize, usize)]) -> Array2<
 }
 
 fn complement(n: usize, removed: &[usize]) -> Vec<usize> {
-    (0..n).filter(|i| removed.binary_search(i).is_err()).collect()
+    (0..n)
+        .filter(|i| removed.binary_search(i).is_err())
+        .collect()
 }
 
 /// Write a node's constant input (in place when only this node reads it, else under a fresh
 /// name), or add it as a new input at `slot`.
-fn set_input_tensor(graph: &mut Graph, ix: NodeIndex, slot: usize, base: &str, a: &ArrayD<f32>) -> Result<()> {
+fn set_input_tensor(
+    graph: &mut Graph,
+    ix: NodeIndex,
+    slot: usize,
+    base: &str,
+    a: &ArrayD<f32>,
+) -> Result<()> {
     let node = graph.node(ix).clone();
     let current = node.input.get(slot).filter(|s| !s.is_empty()).cloned();
     if let Some(name) = &current {
-        if graph.consumers(name).len() == 1 && !graph.is_graph_output(name) && !graph.is_graph_input(name) {
+        if graph.consumers(name).len() == 1
+            && !graph.is_graph_output(name)
+            && !graph.is_graph_input(name)
+        {
             return graph.apply(Patch {
                 initializers: vec![tensor::from_f32(name, a)],
                 ..Default::default()
@@ -388,7 +421,9 @@ pub fn reconstruct(
             Ok(Some(o)) => {
                 out.insert(ix, o);
             }
-            Ok(None) => notes.push(format!("{label}: not reconstructed (unsupported layer form)")),
+            Ok(None) => notes.push(format!(
+                "{label}: not reconstructed (unsupported layer form)"
+            )),
             Err(e) => notes.push(format!("{label}: not reconstructed: {e:#}")),
         }
     }
@@ -411,13 +446,20 @@ fn refit(
     let node = before.node(ix).clone();
     let x_name = &node.input[0];
     let y_name = node.output.first().context("no output")?;
-    let yo = cal.acts.get(y_name).context("no original output activation")?;
+    let yo = cal
+        .acts
+        .get(y_name)
+        .context("no original output activation")?;
     let xpr = xp.get(x_name).context("no pruned input activation")?;
     let w_orig = orig.weight_f32(before)?;
     let w_now = now.weight_f32(&model.graph)?;
     let b_now = now.bias_f32(&model.graph)?;
     let out_orig = orig.out_channels();
-    let removed_out = applied.producers.get(&ix).map(|(_, r)| r.as_slice()).unwrap_or(&[]);
+    let removed_out = applied
+        .producers
+        .get(&ix)
+        .map(|(_, r)| r.as_slice())
+        .unwrap_or(&[]);
     let kept_out = complement(out_orig, removed_out);
     let o = kept_out.len();
     let stats = cal.stats.get(x_name).context("no input moments")?;
@@ -483,8 +525,16 @@ fn refit(
             let w_now2 = w_now.view().into_dimensionality::<ndarray::Ix2>()?;
             let w_orig2 = w_orig.view().into_dimensionality::<ndarray::Ix2>()?;
             let trans = matches!(orig.kind, LayerKind::Gemm { trans_b: true });
-            let w0 = if trans { w_now2.t().mapv(f64::from) } else { w_now2.mapv(f64::from) };
-            let wo = if trans { w_orig2.t().to_owned() } else { w_orig2.to_owned() };
+            let w0 = if trans {
+                w_now2.t().mapv(f64::from)
+            } else {
+                w_now2.mapv(f64::from)
+            };
+            let wo = if trans {
+                w_orig2.t().to_owned()
+            } else {
+                w_orig2.to_owned()
+            };
             let mut delta = Array1::<f64>::zeros(o);
             for &ci in removed_in {
                 let m = stats.mean.get(ci).copied().unwrap_or(0.0);
@@ -497,7 +547,11 @@ fn refit(
         _ => return Ok(None),
     };
     if a.ncols() != w0.nrows() || y.ncols() != o {
-        bail!("internal: shapes disagree (design {:?}, weight {:?})", a.dim(), w0.dim());
+        bail!(
+            "internal: shapes disagree (design {:?}, weight {:?})",
+            a.dim(),
+            w0.dim()
+        );
     }
     let b0: Array1<f64> = match &b_now {
         Some(b) => b.iter().map(|&v| f64::from(v)).collect(),
@@ -510,7 +564,11 @@ fn refit(
     let (av, yv) = (a.select(Axis(0), &val), y.select(Axis(0), &val));
     let e_plain = rel_err(&av, &w0, &b0, &yv);
     let b_fold = &b0 + &delta;
-    let e_fold = if intercept { rel_err(&av, &w0, &b_fold, &yv) } else { e_plain };
+    let e_fold = if intercept {
+        rel_err(&av, &w0, &b_fold, &yv)
+    } else {
+        e_plain
+    };
     let mut best: (&'static str, Array2<f64>, Array1<f64>, f64) = if intercept {
         ("bias", w0.clone(), b_fold, e_fold)
     } else {
@@ -518,7 +576,11 @@ fn refit(
     };
     if opts.reconstruct == Reconstruct::LeastSquares {
         if a.ncols() + 1 > opts.max_ls_unknowns {
-            best.0 = if intercept { "bias (too many unknowns for least squares)" } else { "plain (too many unknowns)" };
+            best.0 = if intercept {
+                "bias (too many unknowns for least squares)"
+            } else {
+                "plain (too many unknowns)"
+            };
         } else if train.len() < 2 {
             best.0 = "bias (too few calibration rows)";
         } else {
@@ -573,4 +635,56 @@ fn refit(
         rel_error: e,
         rel_error_plain: e_plain,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ridge_recovers_a_linear_map() {
+        // y = A W + b exactly; the tiny ridge term must not move the solution visibly.
+        let a = Array2::from_shape_fn((64, 3), |(i, j)| ((i * 7 + j * 3) % 11) as f64 - 5.0);
+        let w = Array2::from_shape_vec((3, 2), vec![1.0, -2.0, 0.5, 0.0, 3.0, 1.5]).unwrap();
+        let b = Array1::from(vec![0.25, -1.0]);
+        let y = a.dot(&w) + &b;
+        let (w2, b2) = ridge(&a, &y, true).unwrap();
+        assert!((&w2 - &w).iter().all(|d| d.abs() < 1e-2), "{w2}");
+        assert!((&b2 - &b).iter().all(|d| d.abs() < 5e-2), "{b2}");
+        assert!(rel_err(&a, &w2, &b2, &y) < 1e-3);
+    }
+
+    #[test]
+    fn im2col_matches_a_direct_convolution() {
+        let x = ArrayD::from_shape_fn(IxDyn(&[1, 2, 4, 4]), |ix| {
+            (ix[1] * 16 + ix[2] * 4 + ix[3]) as f32 * 0.1
+        });
+        let c = Conv2d {
+            kh: 3,
+            kw: 3,
+            strides: [2, 2],
+            pads: [1, 1],
+            dil: [1, 1],
+        };
+        let wt: Vec<f64> = (0..18).map(|i| (i as f64 - 9.0) * 0.05).collect();
+        let pos = positions(1, 2, 2, 100);
+        let a = im2col(&x, &c, &pos);
+        let got = a.dot(&Array1::from(wt.clone()));
+        for (r, &(_, oy, ox)) in pos.iter().enumerate() {
+            let mut want = 0.0;
+            for ci in 0..2 {
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let iy = (oy * 2 + ky) as isize - 1;
+                        let ix = (ox * 2 + kx) as isize - 1;
+                        if (0..4).contains(&iy) && (0..4).contains(&ix) {
+                            want += f64::from(x[[0, ci, iy as usize, ix as usize]])
+                                * wt[(ci * 3 + ky) * 3 + kx];
+                        }
+                    }
+                }
+            }
+            assert!((got[r] - want).abs() < 1e-9);
+        }
+    }
 }
