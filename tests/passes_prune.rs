@@ -176,13 +176,6 @@ fn digits_accuracy_curve() {
     }
 }
 
-#[test]
-#[ignore = "debug print"]
-fn digits_details() {
-    let (_, d) = prune_digits(0.3, Reconstruct::LeastSquares);
-    eprintln!("{}", serde_json::to_string_pretty(&d).unwrap());
-}
-
 /// MACs (from inferred shapes) and median tract latency of a model at the given input shapes.
 fn macs_and_latency(model: &Model, shapes: &[(String, Vec<usize>)], runs: usize) -> (u64, f64) {
     let s = value_shapes(model, shapes).unwrap();
