@@ -8,6 +8,7 @@ pub mod cleanup;
 pub mod constant_fold;
 pub mod equalize;
 pub mod fuse;
+pub mod prune;
 pub mod rewrite;
 
 use crate::ir::Model;
@@ -34,6 +35,8 @@ pub struct PassContext {
     pub max_patches: Option<usize>,
     /// `equalize` options (and `quantize`'s bias correction).
     pub equalize: equalize::EqualizeOptions,
+    /// Options of the `prune` pass (default: no pruning).
+    pub prune: prune::PruneOptions,
 }
 
 pub trait Pass {
@@ -55,6 +58,9 @@ pub fn pipeline() -> Vec<Box<dyn Pass>> {
         Box::new(fuse::Fuse),
         // After fuse: drops what fuse left unused and simplifies shape chains.
         Box::new(cleanup::Cleanup),
+        // After fuse/cleanup, before equalize/quantize: pruning slices float weights and must
+        // compose with the scales and quantization parameters computed later, not invalidate them.
+        Box::new(prune::Prune),
         // After fuse/cleanup (needs BN-folded weights), before quantize (it shapes weight ranges).
         Box::new(equalize::Equalize),
     ]
