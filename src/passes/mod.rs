@@ -4,11 +4,13 @@
 //! Passes that rewrite locally are written as rules, `fn(&Graph, NodeIndex) ->
 //! Result<Option<Patch>>` (`Ok(None)` = no match), driven to a fixpoint by [`rewrite`].
 
+pub mod quantize;
 pub mod rewrite;
 
 use crate::ir::Model;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What one pass did, for the run summary and the JSON report.
@@ -28,6 +30,10 @@ pub struct PassStats {
 pub struct PassContext {
     /// Stop each rule-driven pass after this many patches (bisection aid).
     pub max_patches: Option<usize>,
+    /// Options of the `quantize` pass.
+    pub quantize: quantize::QuantizeOptions,
+    /// Calibration inputs for `quantize` (None = synthetic data with a warning).
+    pub calibration: Option<Arc<crate::calibrate::CalibrationSet>>,
 }
 
 pub trait Pass {
@@ -44,7 +50,10 @@ pub trait Pass {
 
 /// Every pass in pipeline order. A run executes the selected ones in this order.
 pub fn pipeline() -> Vec<Box<dyn Pass>> {
-    vec![]
+    vec![
+        // Last: quantization observes the final float graph (after fusion/equalization).
+        Box::new(quantize::Quantize),
+    ]
 }
 
 /// The passes a run gets when `--passes` is not given.
