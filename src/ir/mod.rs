@@ -1,5 +1,6 @@
 //! The intermediate representation passes work on.
 pub mod graph;
+pub mod layer;
 pub mod model;
 pub mod op;
 pub mod tensor;

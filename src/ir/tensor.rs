@@ -98,7 +98,10 @@ pub fn payload_bytes(t: &TensorProto) -> Result<usize> {
     if dt == DataType::String {
         return Ok(t.string_data.iter().map(|s| s.len()).sum());
     }
-    Ok((element_count(t)? * bits_per_element(dt)).div_ceil(8))
+    let bits = element_count(t)?
+        .checked_mul(bits_per_element(dt))
+        .with_context(|| format!("tensor '{}': size overflows", t.name()))?;
+    Ok(bits.div_ceil(8))
 }
 
 /// True when the payload lives in an external file (not yet inlined by the loader).
@@ -106,7 +109,7 @@ pub fn is_external(t: &TensorProto) -> bool {
     t.data_location == Some(crate::onnx::proto::tensor_proto::DataLocation::External as i32)
 }
 
-fn raw<'a>(t: &'a TensorProto, elem_bytes: usize, n: usize) -> Result<Option<&'a [u8]>> {
+fn raw(t: &TensorProto, elem_bytes: usize, n: usize) -> Result<Option<&[u8]>> {
     ensure!(
         !is_external(t),
         "tensor '{}' still refers to external data",
@@ -115,11 +118,11 @@ fn raw<'a>(t: &'a TensorProto, elem_bytes: usize, n: usize) -> Result<Option<&'a
     match &t.raw_data {
         Some(r) => {
             ensure!(
-                r.len() == n * elem_bytes,
-                "tensor '{}' raw_data has {} bytes, expected {} for {} elements",
+                n.checked_mul(elem_bytes) == Some(r.len()),
+                "tensor '{}' raw_data has {} bytes, expected {} bytes for {} elements",
                 t.name(),
                 r.len(),
-                n * elem_bytes,
+                n.saturating_mul(elem_bytes),
                 n
             );
             Ok(Some(r))

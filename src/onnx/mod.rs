@@ -5,3 +5,4 @@ pub mod proto {
 }
 pub mod load;
 pub mod save;
+pub mod text;

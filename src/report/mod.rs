@@ -1,0 +1,2 @@
+//! What a run tells the user: model statistics and summaries.
+pub mod stats;

@@ -1,0 +1,426 @@
+//! Proof by execution: run the original and the candidate model in tract 0.23.9 on the same
+//! inputs and compare every output.
+//!
+//! The validator never compares against a run it cannot trust:
+//! 1. Both models go through [`simulation_graph`]: constant `If`s are inlined, constant weight
+//!    `DequantizeLinear`s (int8/uint8/int4/uint4/int2/uint2/int16/uint16/int32, per-tensor,
+//!    per-axis, block-wise) become float initializers computed here with the ONNX formula, and
+//!    f16 weights feeding `Cast(to=float)` are widened ahead of time. These rewrites are exact;
+//!    activation Q/DQ pairs stay and tract runs them in f32.
+//! 2. What is left is scanned for anything tract 0.23.9 would misread or cannot load
+//!    (see `support.rs`): non-standard domains, missing ops (`Loop`, sequences), element types
+//!    without a tract `DatumType`, block-wise / f16-scale / 16-bit / `output_dtype` Q/DQ on
+//!    activations, sparse initializers. Any hit gives `status: not_checked` with the reason.
+//! 3. Both are loaded with value_info ignored, inputs pinned, optimized once and run on
+//!    `samples` seeded standard-normal batches (or the user's inputs).
+//!
+//! `method` is `direct` when neither model needed a rewrite, `simulation` otherwise; `rewrites`
+//! lists each one, prefixed by the model it applies to.
+//!
+//! Metrics per output, over all samples (f64 math): max and mean absolute error, cosine
+//! similarity of the flattened tensors (1 when both are all-zero), SQNR in dB
+//! `10 log10(sum ref^2 / sum (ref - out)^2)` (+inf when identical; non-finite numbers serialize
+//! as JSON `null`), and for 2-D `[N, C]` outputs with `C > 1` the fraction of rows whose argmax
+//! agrees.
+
+mod runner;
+mod simulate;
+mod support;
+mod tensor;
+
+use anyhow::{bail, Context, Result};
+use ndarray::ArrayD;
+use rand::{Rng, SeedableRng};
+use serde::{Serialize, Serializer};
+
+use crate::onnx::proto::tensor_proto::DataType;
+use crate::onnx::proto::ModelProto;
+
+pub use runner::{
+    infer_value_shapes, resolve_input_shapes, run_model, InputSpec, Runner, ValueShape,
+};
+pub use simulate::simulation_graph;
+pub use support::refusal;
+
+/// The runtime the validator proves against.
+pub const RUNTIME: &str = "tract-onnx 0.23.9";
+
+#[derive(Debug, Clone)]
+pub struct ValidateOptions {
+    /// User inputs by name (one batch; shapes taken from the arrays). `None`: synthetic inputs.
+    pub inputs: Option<Vec<(String, ArrayD<f32>)>>,
+    /// Seed of the synthetic inputs (ChaCha8).
+    pub seed: u64,
+    /// Concrete shapes for inputs with symbolic dims (full shapes, by input name).
+    pub input_shapes: Vec<(String, Vec<usize>)>,
+    /// Number of synthetic batches.
+    pub samples: usize,
+}
+
+impl Default for ValidateOptions {
+    fn default() -> Self {
+        ValidateOptions {
+            inputs: None,
+            seed: 0,
+            input_shapes: Vec::new(),
+            samples: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Both models ran; `outputs` holds the metrics (judging them is the caller's business).
+    Checked,
+    /// The comparison was not made; `reason` says why.
+    NotChecked,
+    /// Both loaded but their interfaces disagree (missing output, different shapes, ...):
+    /// a definite failure; `reason` says what.
+    Mismatch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Both models ran in tract as given.
+    Direct,
+    /// At least one model ran as its simulation graph (see `rewrites`).
+    Simulation,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputSource {
+    User,
+    Synthetic,
+}
+
+fn finite_or_null<S: Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    if v.is_finite() {
+        s.serialize_f64(*v)
+    } else {
+        s.serialize_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutputMetrics {
+    pub name: String,
+    pub shape: Vec<usize>,
+    #[serde(serialize_with = "finite_or_null")]
+    pub max_abs_err: f64,
+    #[serde(serialize_with = "finite_or_null")]
+    pub mean_abs_err: f64,
+    #[serde(serialize_with = "finite_or_null")]
+    pub cosine: f64,
+    /// +inf when the outputs are identical (JSON `null`).
+    #[serde(serialize_with = "finite_or_null")]
+    pub sqnr_db: f64,
+    /// For `[N, C]` outputs with `C > 1`: fraction of rows with the same argmax.
+    pub top1_agreement: Option<f64>,
+    /// Elements where either side is NaN/inf and the two differ (excluded from the sums above).
+    pub nonfinite_mismatches: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ValidationReport {
+    pub status: Status,
+    pub method: Method,
+    pub reason: Option<String>,
+    pub runtime: &'static str,
+    /// Rewrites applied to build the simulation graphs, prefixed `original:` / `candidate:`.
+    pub rewrites: Vec<String>,
+    /// Assumptions made (symbolic dims set to 1, ...).
+    pub notes: Vec<String>,
+    pub input_source: InputSource,
+    pub inputs: Vec<InputSpec>,
+    pub samples: usize,
+    pub seed: u64,
+    pub outputs: Vec<OutputMetrics>,
+}
+
+/// Compares `candidate` against `original` in tract (see the module docs). `Err` only for bad
+/// options (unknown input names, non-float inputs without user values, wrong shapes) or a model
+/// without a graph; everything tract cannot do is a `not_checked` report.
+pub fn validate(
+    original: &ModelProto,
+    candidate: &ModelProto,
+    opts: &ValidateOptions,
+) -> Result<ValidationReport> {
+    let (sim_o, rw_o) =
+        simulation_graph(original).context("building the original's simulation graph")?;
+    let (sim_c, rw_c) =
+        simulation_graph(candidate).context("building the candidate's simulation graph")?;
+    let mut rewrites: Vec<String> = rw_o.iter().map(|r| format!("original: {r}")).collect();
+    rewrites.extend(rw_c.iter().map(|r| format!("candidate: {r}")));
+    let method = if rewrites.is_empty() {
+        Method::Direct
+    } else {
+        Method::Simulation
+    };
+    let input_source = if opts.inputs.is_some() {
+        InputSource::User
+    } else {
+        InputSource::Synthetic
+    };
+    let shapes: Vec<(String, Vec<usize>)> = match &opts.inputs {
+        Some(given) => given
+            .iter()
+            .map(|(n, a)| (n.clone(), a.shape().to_vec()))
+            .collect(),
+        None => opts.input_shapes.clone(),
+    };
+    let (specs, notes) = resolve_input_shapes(original, &shapes)?;
+    let mut report = ValidationReport {
+        status: Status::NotChecked,
+        method,
+        reason: None,
+        runtime: RUNTIME,
+        rewrites,
+        notes,
+        input_source,
+        inputs: specs.clone(),
+        samples: 0,
+        seed: opts.seed,
+        outputs: Vec::new(),
+    };
+    let not_checked = |mut r: ValidationReport, status: Status, reason: String| {
+        r.status = status;
+        r.reason = Some(reason);
+        Ok(r)
+    };
+    for (which, m) in [("original", &sim_o), ("candidate", &sim_c)] {
+        if let Some(reason) = refusal(m) {
+            return not_checked(report, Status::NotChecked, format!("{which}: {reason}"));
+        }
+    }
+    let (cand_specs, _) = match resolve_input_shapes(candidate, &shapes) {
+        Ok(x) => x,
+        Err(e) => return not_checked(report, Status::Mismatch, format!("candidate inputs: {e:#}")),
+    };
+    if cand_specs != specs {
+        let names = |s: &[InputSpec]| {
+            s.iter()
+                .map(|i| format!("{}{:?}", i.name, i.shape))
+                .collect::<Vec<_>>()
+        };
+        return not_checked(
+            report,
+            Status::Mismatch,
+            format!(
+                "inputs differ: original {:?}, candidate {:?}",
+                names(&specs),
+                names(&cand_specs)
+            ),
+        );
+    }
+    let runner_o = match Runner::new(&sim_o, &shapes, &[]) {
+        Ok(r) => r,
+        Err(e) => return not_checked(report, Status::NotChecked, format!("original: {e:#}")),
+    };
+    let runner_c = match Runner::new(&sim_c, &shapes, &[]) {
+        Ok(r) => r,
+        Err(e) => return not_checked(report, Status::NotChecked, format!("candidate: {e:#}")),
+    };
+    // Candidate output index for each original output, by name.
+    let mut pairs = Vec::new();
+    for (i, name) in runner_o.output_names().iter().enumerate() {
+        match runner_c.output_names().iter().position(|n| n == name) {
+            Some(j) => pairs.push((i, j)),
+            None => {
+                return not_checked(
+                    report,
+                    Status::Mismatch,
+                    format!("candidate has no output '{name}'"),
+                )
+            }
+        }
+    }
+    let batches = match &opts.inputs {
+        Some(given) => vec![order_user_inputs(&specs, given)?],
+        None => synthetic_batches(&specs, opts.seed, opts.samples)?,
+    };
+    let mut accs: Vec<Acc> = pairs.iter().map(|_| Acc::default()).collect();
+    let mut shapes_out: Vec<Vec<usize>> = vec![Vec::new(); pairs.len()];
+    for batch in &batches {
+        let out_o = match runner_o.run(batch) {
+            Ok(o) => o,
+            Err(e) => return not_checked(report, Status::NotChecked, format!("original: {e:#}")),
+        };
+        let out_c = match runner_c.run(batch) {
+            Ok(o) => o,
+            Err(e) => return not_checked(report, Status::NotChecked, format!("candidate: {e:#}")),
+        };
+        for (k, &(i, j)) in pairs.iter().enumerate() {
+            let (r, c) = (&out_o[i], &out_c[j]);
+            if r.shape() != c.shape() {
+                let name = &runner_o.output_names()[i];
+                return not_checked(
+                    report,
+                    Status::Mismatch,
+                    format!(
+                        "output '{name}': original shape {:?}, candidate {:?}",
+                        r.shape(),
+                        c.shape()
+                    ),
+                );
+            }
+            shapes_out[k] = r.shape().to_vec();
+            accs[k].add(r, c);
+        }
+    }
+    report.samples = batches.len();
+    report.outputs = pairs
+        .iter()
+        .zip(accs)
+        .zip(shapes_out)
+        .map(|((&(i, _), acc), shape)| acc.finish(runner_o.output_names()[i].clone(), shape))
+        .collect();
+    report.status = Status::Checked;
+    Ok(report)
+}
+
+fn order_user_inputs(
+    specs: &[InputSpec],
+    given: &[(String, ArrayD<f32>)],
+) -> Result<Vec<ArrayD<f32>>> {
+    for (name, _) in given {
+        if !specs.iter().any(|s| &s.name == name) {
+            bail!("input '{name}' is not an input of the model");
+        }
+    }
+    specs
+        .iter()
+        .map(|s| {
+            given
+                .iter()
+                .find(|(n, _)| n == &s.name)
+                .map(|(_, a)| a.clone())
+                .with_context(|| format!("no value given for input '{}'", s.name))
+        })
+        .collect()
+}
+
+/// `samples` batches of standard-normal values (Box–Muller over ChaCha8 seeded with `seed`).
+fn synthetic_batches(
+    specs: &[InputSpec],
+    seed: u64,
+    samples: usize,
+) -> Result<Vec<Vec<ArrayD<f32>>>> {
+    for s in specs {
+        let float = matches!(
+            DataType::try_from(s.elem_type),
+            Ok(DataType::Float | DataType::Float16 | DataType::Double)
+        );
+        if !float {
+            bail!(
+                "input '{}' is {}; synthetic inputs are only generated for float inputs, pass its values explicitly",
+                s.name,
+                s.elem_type_name
+            );
+        }
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut normal = move || {
+        let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
+        let u2: f64 = rng.random::<f64>();
+        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+    };
+    (0..samples.max(1))
+        .map(|_| {
+            specs
+                .iter()
+                .map(|s| {
+                    let n: usize = s.shape.iter().product();
+                    let v: Vec<f32> = (0..n).map(|_| normal()).collect();
+                    ArrayD::from_shape_vec(s.shape.clone(), v)
+                        .with_context(|| format!("synthetic input '{}'", s.name))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct Acc {
+    n: usize,
+    sum_abs: f64,
+    max_abs: f64,
+    dot: f64,
+    rr: f64,
+    oo: f64,
+    err2: f64,
+    rows: usize,
+    agree: usize,
+    nonfinite: usize,
+}
+
+fn argmax(row: impl Iterator<Item = f32>) -> usize {
+    let mut best = (0, f32::NEG_INFINITY);
+    for (i, v) in row.enumerate() {
+        if v > best.1 || i == 0 {
+            best = (i, v);
+        }
+    }
+    best.0
+}
+
+impl Acc {
+    fn add(&mut self, r: &ArrayD<f32>, c: &ArrayD<f32>) {
+        for (&a, &b) in r.iter().zip(c.iter()) {
+            if !(a.is_finite() && b.is_finite()) {
+                if a.to_bits() != b.to_bits() && !(a.is_nan() && b.is_nan()) {
+                    self.nonfinite += 1;
+                }
+                continue;
+            }
+            let (a, b) = (f64::from(a), f64::from(b));
+            let e = (a - b).abs();
+            self.n += 1;
+            self.sum_abs += e;
+            self.max_abs = self.max_abs.max(e);
+            self.dot += a * b;
+            self.rr += a * a;
+            self.oo += b * b;
+            self.err2 += e * e;
+        }
+        if r.ndim() == 2 && r.shape()[1] > 1 {
+            for (ra, ca) in r.outer_iter().zip(c.outer_iter()) {
+                self.rows += 1;
+                if argmax(ra.iter().copied()) == argmax(ca.iter().copied()) {
+                    self.agree += 1;
+                }
+            }
+        }
+    }
+
+    fn finish(self, name: String, shape: Vec<usize>) -> OutputMetrics {
+        let cosine = if self.rr == 0.0 && self.oo == 0.0 {
+            1.0
+        } else if self.rr == 0.0 || self.oo == 0.0 {
+            0.0
+        } else {
+            self.dot / (self.rr.sqrt() * self.oo.sqrt())
+        };
+        let sqnr_db = if self.err2 == 0.0 {
+            f64::INFINITY
+        } else {
+            10.0 * (self.rr / self.err2).log10()
+        };
+        OutputMetrics {
+            name,
+            shape,
+            max_abs_err: self.max_abs,
+            mean_abs_err: if self.n == 0 {
+                0.0
+            } else {
+                self.sum_abs / self.n as f64
+            },
+            cosine,
+            sqnr_db,
+            top1_agreement: (self.rows > 0).then(|| self.agree as f64 / self.rows as f64),
+            nonfinite_mismatches: self.nonfinite,
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! The simulation graph: a rewritten copy of a model that tract 0.23.9 can run and that computes
+//! the same numbers as the model under ONNX semantics.
+//!
+//! Rewrites (top-level graph only; each is exact, no approximation is introduced):
+//! 1. `If` whose condition is an initializer or a `Constant` node output: the taken branch is
+//!    inlined. Every name the branch defines (node outputs, branch initializers, node names) gets
+//!    the prefix `<if-name>/<then|else>/`; each branch output `o_j` becomes
+//!    `Identity(o_j) -> if.output[j]`. Repeated until no constant `If` is left, so nested constant
+//!    `If`s fold too.
+//! 2. `DequantizeLinear(x, scale[, zp])` with all three inputs constant: replaced by an initializer
+//!    holding `y = f32(x - zp) * scale` (the ONNX formula, computed in f32), per-tensor, per-axis
+//!    (`axis`, default 1) or block-wise (`block_size`). Sub-byte ints are unpacked low nibble
+//!    first. The result has the scale's element type (f32, or f16/bf16 rounded from the f32
+//!    product), or `output_dtype` when set.
+//! 3. `Cast(to = FLOAT)` of a constant float16/bfloat16/double tensor: replaced by the f32
+//!    initializer (f16 and bf16 widen exactly).
+//! 4. Initializers and `Constant` nodes nobody reads any more are dropped (tract would still try
+//!    to load an unused int4 initializer and fail).
+//!
+//! Invariant: running `simulation_graph` on its own output applies no rewrite (idempotent).
+//! Activation `QuantizeLinear`/`DequantizeLinear` pairs are left alone: tract runs them in f32.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use super::tensor::{data_type, decode_floats, decode_ints, dtype_name, encode_floats, numel};
+use crate::onnx::proto::attribute_proto::AttributeType;
+use crate::onnx::proto::tensor_proto::DataType;
+use crate::onnx::proto::{AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto};
+
+/// Builds the simulation graph of `model` (see the module docs) and returns it with one note per
+/// kind of rewrite applied (empty when the model is returned unchanged).
+pub fn simulation_graph(model: &ModelProto) -> Result<(ModelProto, Vec<String>)> {
+    let mut model = model.clone();
+    let mut notes = Vec::new();
+    let Some(graph) = model.graph.as_mut() else {
+        bail!("model has no graph");
+    };
+    for _ in 0..64 {
+        let folded = fold_constant_ifs(graph)?;
+        if folded.is_empty() {
+            break;
+        }
+        notes.extend(folded);
+    }
+    let (dq, casts) = fold_constant_weights(graph)?;
+    if dq > 0 {
+        notes.push(format!(
+            "dequantized {dq} weight initializer{} ahead of time (DequantizeLinear of constants \
+             replaced by float initializers)",
+            plural(dq)
+        ));
+    }
+    if casts > 0 {
+        notes.push(format!(
+            "converted {casts} float16/bfloat16/double initializer{} feeding Cast(to=float) to float32 ahead of time",
+            plural(casts)
+        ));
+    }
+    let dropped = drop_unused_constants(graph);
+    if dropped > 0 {
+        notes.push(format!(
+            "dropped {dropped} unused constant{} (initializers / Constant nodes)",
+            plural(dropped)
+        ));
+    }
+    Ok((model, notes))
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+pub(crate) fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+    node.attribute.iter().find(|a| a.name() == name)
+}
+
+pub(crate) fn attr_int(node: &NodeProto, name: &str) -> Option<i64> {
+    attr(node, name).and_then(|a| a.i)
+}
+
+pub(crate) fn node_label(node: &NodeProto) -> String {
+    let name = if node.name().is_empty() {
+        node.output.first().map(String::as_str).unwrap_or("")
+    } else {
+        node.name()
+    };
+    let domain = node.domain();
+    if domain.is_empty() {
+        format!("'{name}' ({})", node.op_type())
+    } else {
+        format!("'{name}' ({domain}::{})", node.op_type())
+    }
+}
+
+/// Constant tensors visible in the top-level graph: initializers and `Constant` nodes with a
+/// `value` tensor attribute.
+fn constants(graph: &GraphProto) -> HashMap<String, TensorProto> {
+    let mut map: HashMap<String, TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name().to_string(), t.clone()))
+        .collect();
+    // An initializer that is also a graph input can be overridden by the caller: not a constant.
+    for i in &graph.input {
+        map.remove(i.name());
+    }
+    for node in &graph.node {
+        if node.op_type() == "Constant" && node.domain().is_empty() {
+            if let (Some(out), Some(t)) = (
+                node.output.first(),
+                attr(node, "value").and_then(|a| a.t.as_ref()),
+            ) {
+                map.insert(out.clone(), t.clone());
+            }
+        }
+    }
+    map
+}
+
+/// Every name defined anywhere in the model (to keep inlined names unique).
+fn all_names(graph: &GraphProto, out: &mut HashSet<String>) {
+    out.extend(graph.input.iter().map(|v| v.name().to_string()));
+    out.extend(graph.initializer.iter().map(|t| t.name().to_string()));
+    for n in &graph.node {
+        out.extend(n.output.iter().cloned());
+        if !n.name().is_empty() {
+            out.insert(n.name().to_string());
+        }
+        for a in &n.attribute {
+            for g in a.g.iter().chain(a.graphs.iter()) {
+                all_names(g, out);
+            }
+        }
+    }
+}
+
+fn rename_in_graph(graph: &mut GraphProto, map: &HashMap<String, String>) {
+    let rn = |s: &mut String| {
+        if let Some(n) = map.get(s.as_str()) {
+            *s = n.clone();
+        }
+    };
+    for v in graph
+        .input
+        .iter_mut()
+        .chain(graph.output.iter_mut())
+        .chain(graph.value_info.iter_mut())
+    {
+        if let Some(n) = v.name.as_mut() {
+            rn(n);
+        }
+    }
+    for t in &mut graph.initializer {
+        if let Some(n) = t.name.as_mut() {
+            rn(n);
+        }
+    }
+    for node in &mut graph.node {
+        node.input.iter_mut().for_each(rn);
+        node.output.iter_mut().for_each(rn);
+        if let Some(n) = node.name.as_mut() {
+            rn(n);
+        }
+        for a in &mut node.attribute {
+            for g in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                rename_in_graph(g, map);
+            }
+        }
+    }
+}
+
+fn scalar_bool(t: &TensorProto) -> Result<bool> {
+    let n = numel(t)?;
+    ensure!(
+        n == 1,
+        "condition '{}' has {n} elements, expected 1",
+        t.name()
+    );
+    let v = match data_type(t) {
+        DataType::Float | DataType::Float16 | DataType::Double | DataType::Bfloat16 => {
+            decode_floats(t)?[0] != 0.0
+        }
+        _ => decode_ints(t)?[0] != 0,
+    };
+    Ok(v)
+}
+
+/// One sweep over the top-level graph folding every `If` with a constant condition.
+fn fold_constant_ifs(graph: &mut GraphProto) -> Result<Vec<String>> {
+    let consts = constants(graph);
+    let mut taken = HashSet::new();
+    all_names(graph, &mut taken);
+    let mut notes = Vec::new();
+    let mut new_nodes = Vec::with_capacity(graph.node.len());
+    let mut new_inits = Vec::new();
+    for node in std::mem::take(&mut graph.node) {
+        let cond = (node.op_type() == "If" && node.domain().is_empty())
+            .then(|| node.input.first().and_then(|c| consts.get(c)))
+            .flatten();
+        let Some(cond) = cond else {
+            new_nodes.push(node);
+            continue;
+        };
+        let label = node_label(&node);
+        let value = scalar_bool(cond).with_context(|| format!("If {label}"))?;
+        let which = if value { "then_branch" } else { "else_branch" };
+        let mut branch = attr(&node, which)
+            .and_then(|a| a.g.clone())
+            .with_context(|| format!("If {label} has no {which} graph"))?;
+        ensure!(
+            branch.output.len() == node.output.len(),
+            "If {label}: {which} has {} outputs, the node {}",
+            branch.output.len(),
+            node.output.len()
+        );
+        let base = if node.name().is_empty() {
+            node.output.first().cloned().unwrap_or_else(|| "if".into())
+        } else {
+            node.name().to_string()
+        };
+        let prefix = format!("{base}/{}/", if value { "then" } else { "else" });
+        let mut defined: Vec<String> = branch
+            .initializer
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect();
+        defined.extend(branch.input.iter().map(|v| v.name().to_string()));
+        for n in &branch.node {
+            defined.extend(n.output.iter().filter(|o| !o.is_empty()).cloned());
+            if !n.name().is_empty() {
+                defined.push(n.name().to_string());
+            }
+        }
+        let mut map = HashMap::new();
+        for d in defined {
+            if map.contains_key(&d) {
+                continue;
+            }
+            let mut fresh = format!("{prefix}{d}");
+            let mut k = 1;
+            while taken.contains(&fresh) {
+                fresh = format!("{prefix}{d}_{k}");
+                k += 1;
+            }
+            taken.insert(fresh.clone());
+            map.insert(d, fresh);
+        }
+        rename_in_graph(&mut branch, &map);
+        new_inits.append(&mut branch.initializer);
+        graph
+            .sparse_initializer
+            .append(&mut branch.sparse_initializer);
+        new_nodes.append(&mut branch.node);
+        for (j, (src, dst)) in branch.output.iter().zip(&node.output).enumerate() {
+            if dst.is_empty() {
+                continue;
+            }
+            new_nodes.push(NodeProto {
+                name: Some(format!("{base}/output{j}")),
+                op_type: Some("Identity".into()),
+                input: vec![src.name().to_string()],
+                output: vec![dst.clone()],
+                ..Default::default()
+            });
+        }
+        notes.push(format!(
+            "folded If {label} (condition constant {value}): inlined its {which}"
+        ));
+    }
+    graph.node = new_nodes;
+    graph.initializer.extend(new_inits);
+    Ok(notes)
+}
+
+/// `y = f32(q - zp) * scale` over `x` of shape `dims`, per-tensor / per-axis / block-wise.
+pub(crate) fn dequantize(
+    q: &[i64],
+    dims: &[usize],
+    scale: &[f32],
+    scale_dims: &[usize],
+    zp: Option<&[i64]>,
+    axis: i64,
+    block_size: i64,
+) -> Result<Vec<f32>> {
+    if let Some(zp) = zp {
+        ensure!(
+            zp.len() == scale.len(),
+            "zero point has {} values, scale {}",
+            zp.len(),
+            scale.len()
+        );
+    }
+    let zp_at = |i: usize| zp.map_or(0, |z| z[i]);
+    if scale.len() == 1 && block_size == 0 {
+        let (s, z) = (scale[0], zp_at(0));
+        return Ok(q.iter().map(|&v| (v - z) as f32 * s).collect());
+    }
+    let rank = dims.len() as i64;
+    let ax = if axis < 0 { axis + rank } else { axis };
+    ensure!(
+        (0..rank).contains(&ax),
+        "axis {axis} out of range for rank {rank}"
+    );
+    let ax = ax as usize;
+    let d = dims[ax];
+    let inner: usize = dims[ax + 1..].iter().product();
+    let sd = if block_size == 0 {
+        ensure!(
+            scale_dims.iter().product::<usize>() == d && scale.len() == d,
+            "per-axis scale has {} values, axis {ax} has {d}",
+            scale.len()
+        );
+        d
+    } else {
+        ensure!(block_size > 0, "block_size {block_size} must be positive");
+        let bs = block_size as usize;
+        ensure!(
+            scale_dims.len() == dims.len()
+                && scale_dims.iter().zip(dims).enumerate().all(|(i, (&s, &x))| if i == ax {
+                    s == d.div_ceil(bs)
+                } else {
+                    s == x
+                }),
+            "block-wise scale shape {scale_dims:?} does not fit input {dims:?} with axis {ax}, block_size {bs}"
+        );
+        scale_dims[ax]
+    };
+    let bs = if block_size == 0 {
+        1
+    } else {
+        block_size as usize
+    };
+    let mut out = Vec::with_capacity(q.len());
+    for (i, &v) in q.iter().enumerate() {
+        let r = i % inner.max(1);
+        let a = (i / inner.max(1)) % d;
+        let o = i / (inner.max(1) * d);
+        let si = if block_size == 0 {
+            a
+        } else {
+            (o * sd + a / bs) * inner + r
+        };
+        out.push((v - zp_at(si)) as f32 * scale[si]);
+    }
+    Ok(out)
+}
+
+fn dims_usize(t: &TensorProto) -> Result<Vec<usize>> {
+    t.dims
+        .iter()
+        .map(|&d| {
+            usize::try_from(d)
+                .with_context(|| format!("tensor '{}' has negative dim {d}", t.name()))
+        })
+        .collect()
+}
+
+/// Folds constant `DequantizeLinear` and `Cast(to=float)` of constant narrow floats; returns the
+/// counts (dequantized, cast).
+fn fold_constant_weights(graph: &mut GraphProto) -> Result<(usize, usize)> {
+    let mut consts = constants(graph);
+    let (mut dq, mut casts) = (0, 0);
+    let mut kept = Vec::with_capacity(graph.node.len());
+    for node in std::mem::take(&mut graph.node) {
+        let folded = if node.domain().is_empty() && node.op_type() == "DequantizeLinear" {
+            fold_dq(&node, &consts)?
+        } else if node.domain().is_empty() && node.op_type() == "Cast" {
+            fold_cast(&node, &consts)?
+        } else {
+            None
+        };
+        match folded {
+            Some(t) => {
+                if node.op_type() == "Cast" {
+                    casts += 1;
+                } else {
+                    dq += 1;
+                }
+                consts.insert(t.name().to_string(), t.clone());
+                graph.initializer.push(t);
+            }
+            None => kept.push(node),
+        }
+    }
+    graph.node = kept;
+    Ok((dq, casts))
+}
+
+fn fold_dq(node: &NodeProto, consts: &HashMap<String, TensorProto>) -> Result<Option<TensorProto>> {
+    let get = |i: usize| {
+        node.input
+            .get(i)
+            .filter(|s| !s.is_empty())
+            .and_then(|s| consts.get(s))
+    };
+    let (Some(x), Some(scale)) = (get(0), get(1)) else {
+        return Ok(None);
+    };
+    let has_zp = node.input.get(2).is_some_and(|s| !s.is_empty());
+    let zp = get(2);
+    if has_zp && zp.is_none() {
+        return Ok(None);
+    }
+    let Some(out_name) = node.output.first() else {
+        return Ok(None);
+    };
+    let label = node_label(node);
+    let q = decode_ints(x).with_context(|| format!("DequantizeLinear {label}: input"))?;
+    let s = decode_floats(scale).with_context(|| format!("DequantizeLinear {label}: scale"))?;
+    let z = zp
+        .map(decode_ints)
+        .transpose()
+        .with_context(|| format!("DequantizeLinear {label}: zero point"))?;
+    if let Some(zp) = zp {
+        ensure!(
+            zp.data_type() == x.data_type(),
+            "DequantizeLinear {label}: zero point is {}, input is {}",
+            dtype_name(zp.data_type()),
+            dtype_name(x.data_type())
+        );
+    }
+    let dims = dims_usize(x)?;
+    let values = dequantize(
+        &q,
+        &dims,
+        &s,
+        &dims_usize(scale)?,
+        z.as_deref(),
+        attr_int(node, "axis").unwrap_or(1),
+        attr_int(node, "block_size").unwrap_or(0),
+    )
+    .with_context(|| format!("DequantizeLinear {label}"))?;
+    let out_dt = match attr_int(node, "output_dtype").filter(|&v| v != 0) {
+        Some(v) => DataType::try_from(v as i32).unwrap_or(DataType::Undefined),
+        None => data_type(scale),
+    };
+    let t = encode_floats(out_name, &x.dims, &values, out_dt)
+        .with_context(|| format!("DequantizeLinear {label}"))?;
+    Ok(Some(t))
+}
+
+fn fold_cast(
+    node: &NodeProto,
+    consts: &HashMap<String, TensorProto>,
+) -> Result<Option<TensorProto>> {
+    let Some(x) = node.input.first().and_then(|s| consts.get(s)) else {
+        return Ok(None);
+    };
+    let to = attr(node, "to")
+        .filter(|a| a.r#type() == AttributeType::Int)
+        .and_then(|a| a.i);
+    if to != Some(DataType::Float as i64)
+        || !matches!(
+            data_type(x),
+            DataType::Float16 | DataType::Bfloat16 | DataType::Double
+        )
+    {
+        return Ok(None);
+    }
+    let Some(out) = node.output.first() else {
+        return Ok(None);
+    };
+    let v = decode_floats(x).with_context(|| format!("Cast {}", node_label(node)))?;
+    Ok(Some(encode_floats(out, &x.dims, &v, DataType::Float)?))
+}
+
+/// Names read anywhere: node inputs at every depth and graph outputs at every depth.
+fn used_names(graph: &GraphProto, out: &mut HashSet<String>) {
+    out.extend(graph.output.iter().map(|v| v.name().to_string()));
+    for n in &graph.node {
+        out.extend(n.input.iter().cloned());
+        for a in &n.attribute {
+            for g in a.g.iter().chain(a.graphs.iter()) {
+                used_names(g, out);
+            }
+        }
+    }
+}
+
+fn drop_unused_constants(graph: &mut GraphProto) -> usize {
+    let mut used = HashSet::new();
+    used_names(graph, &mut used);
+    let inputs: HashSet<String> = graph.input.iter().map(|v| v.name().to_string()).collect();
+    let before = graph.initializer.len() + graph.node.len();
+    graph
+        .initializer
+        .retain(|t| used.contains(t.name()) || inputs.contains(t.name()));
+    graph.node.retain(|n| {
+        !(n.op_type() == "Constant"
+            && n.domain().is_empty()
+            && n.output.iter().all(|o| !used.contains(o)))
+    });
+    before - graph.initializer.len() - graph.node.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dequantize_per_axis_and_blocked() {
+        // x: [2, 4], axis 0 per-axis.
+        let q = [1, 2, 3, 4, -1, -2, -3, -4];
+        let y = dequantize(&q, &[2, 4], &[0.5, 2.0], &[2], Some(&[1, 0]), 0, 0).unwrap();
+        assert_eq!(y, vec![0.0, 0.5, 1.0, 1.5, -2.0, -4.0, -6.0, -8.0]);
+        // axis 1 per-axis: scale per column.
+        let y = dequantize(&q, &[2, 4], &[1.0, 2.0, 3.0, 4.0], &[4], None, 1, 0).unwrap();
+        assert_eq!(y, vec![1.0, 4.0, 9.0, 16.0, -1.0, -4.0, -9.0, -16.0]);
+        // block-wise on axis 1 with block 3: scale [2, 2]; columns 0..3 block 0, column 3 block 1.
+        let y = dequantize(&q, &[2, 4], &[1.0, 10.0, 2.0, 20.0], &[2, 2], None, 1, 3).unwrap();
+        assert_eq!(y, vec![1.0, 2.0, 3.0, 40.0, -2.0, -4.0, -6.0, -80.0]);
+        assert!(dequantize(&q, &[2, 4], &[1.0, 2.0, 3.0], &[3], None, 1, 0).is_err());
+    }
+}

@@ -1,0 +1,540 @@
+#!/usr/bin/env python3
+"""Build every test model in testdata/ (deterministic, re-runnable).
+
+    python3 testdata/make_testdata.py            # writes next to this script
+
+Needs: torch (CPU), onnx 1.23, onnxruntime, numpy, scikit-learn.
+Every model is checked with onnx.checker (full_check) and run in onnxruntime
+before this script finishes; a failing check raises.
+
+Conventions:
+  * torch models are exported with the TorchScript exporter (dynamo=False),
+    do_constant_folding=False and TrainingMode.EVAL, which keeps every
+    BatchNormalization node unfused (the eval peephole that folds Conv+BN
+    only runs when constant folding is on).
+  * opset 17 everywhere.
+  * fixed seeds everywhere; torch runs single-threaded so training is
+    bit-reproducible on one machine.
+"""
+
+import hashlib
+import os
+import sys
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
+
+OUT = os.path.dirname(os.path.abspath(__file__))
+OPSET = 17
+
+warnings.filterwarnings("ignore")  # TorchScript exporter deprecation chatter
+torch.set_num_threads(1)
+torch.use_deterministic_algorithms(True)
+
+
+def path(name):
+    return os.path.join(OUT, name)
+
+
+def seed(s):
+    torch.manual_seed(s)
+    np.random.seed(s)
+
+
+def check_and_run(file, feeds):
+    """full_check the model on disk, run it in onnxruntime, return outputs."""
+    onnx.checker.check_model(file, full_check=True)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(file, so, providers=["CPUExecutionProvider"])
+    outs = sess.run(None, feeds)
+    for o in outs:
+        assert np.all(np.isfinite(o)), f"{file}: non-finite output"
+    return outs
+
+
+def op_histogram(file):
+    m = onnx.load(file, load_external_data=False)
+    hist = {}
+    for n in m.graph.node:
+        hist[n.op_type] = hist.get(n.op_type, 0) + 1
+    return hist
+
+
+def count_bn(file):
+    return op_histogram(file).get("BatchNormalization", 0)
+
+
+def export(model, x, file, dynamic_batch=False):
+    model.eval()
+    kwargs = {}
+    if dynamic_batch:
+        kwargs["dynamic_axes"] = {"input": {0: "N"}, "logits": {0: "N"}}
+    torch.onnx.export(
+        model,
+        (x,),
+        file,
+        dynamo=False,
+        opset_version=OPSET,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.EVAL,
+        input_names=["input"],
+        output_names=["logits"],
+        **kwargs,
+    )
+
+
+def randomize_bn(model, in_shape, passes=4):
+    """Give every BN non-trivial gamma/beta and running stats.
+
+    gamma/beta are drawn at random; the running stats come from a few
+    train-mode forward passes on shifted, scaled random data so that
+    running_mean != 0 and running_var != 1.
+    """
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.momentum = 0.5
+        model.train()
+        for _ in range(passes):
+            model(torch.randn(8, *in_shape[1:]) * 2.0 + 0.3)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.1  # exported as an attribute; keep the usual value
+    model.eval()
+
+
+def export_torch_model(cls, in_shape, name, s):
+    seed(s)  # before construction: the init draws from the torch RNG
+    model = cls()
+    randomize_bn(model, in_shape)
+    x = torch.randn(*in_shape)
+    file = path(name)
+    export(model, x, file)
+    (y,) = check_and_run(file, {"input": x.numpy()})
+    with torch.no_grad():
+        ref = model(x).numpy()
+    err = np.abs(y - ref).max()
+    assert err < 1e-4, f"{name}: ort vs torch max abs err {err}"
+    assert count_bn(file) > 0, f"{name}: BatchNormalization was fused away"
+    return file
+
+
+def cbr(cin, cout, k=3, s=1, groups=1, bias=True, act="relu"):
+    layers = [
+        nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=bias),
+        nn.BatchNorm2d(cout),
+    ]
+    if act == "relu":
+        layers.append(nn.ReLU())
+    elif act == "relu6":
+        layers.append(nn.ReLU6())
+    return nn.Sequential(*layers)
+
+
+# ---------------------------------------------------------------- 1. conv_bn_relu
+class ConvBnRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b1 = cbr(3, 8)
+        self.b2 = cbr(8, 16)
+        self.b3 = cbr(16, 16, bias=False, act="relu6")
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.b3(self.b2(self.b1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+# ---------------------------------------------------------------- 2. residual
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.c1 = cbr(cin, cout, s=stride, bias=False)
+        self.c2 = cbr(cout, cout, bias=False, act=None)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = cbr(cin, cout, k=1, s=stride, bias=False, act=None)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        idn = x if self.down is None else self.down(x)
+        return self.relu(self.c2(self.c1(x)) + idn)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16, bias=False)
+        self.block1 = BasicBlock(16, 16, 1)
+        self.block2 = BasicBlock(16, 32, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.block2(self.block1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+# ---------------------------------------------------------------- 3. mobilenet_like
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        hid = cin * expand
+        self.body = nn.Sequential(
+            cbr(cin, hid, k=1, bias=False, act="relu6"),
+            cbr(hid, hid, k=3, s=stride, groups=hid, bias=False, act="relu6"),
+            cbr(hid, cout, k=1, bias=False, act=None),
+        )
+        self.use_res = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = self.body(x)
+        return x + y if self.use_res else y
+
+
+class MobileNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16, s=2, bias=False, act="relu6")  # 16x16
+        self.ir1 = InvertedResidual(16, 16, 1, 4)  # residual add
+        self.ir2 = InvertedResidual(16, 24, 2, 4)  # 8x8, no residual
+        # two branches, concatenated on channels
+        self.branch_a = cbr(24, 16, k=1, bias=False)
+        self.branch_b = nn.Sequential(
+            cbr(24, 24, k=3, groups=24, bias=False, act="relu6"),
+            cbr(24, 16, k=1, bias=False, act=None),
+        )
+        self.head = cbr(32, 64, k=1, bias=False, act="relu6")
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.ir2(self.ir1(self.stem(x)))
+        x = torch.cat([self.branch_a(x), self.branch_b(x)], dim=1)
+        x = self.head(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+# ---------------------------------------------------------------- 4. mlp (onnx.helper)
+def make_mlp(name):
+    rng = np.random.default_rng(4)
+
+    def init(n, shape, scale=0.3):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), n)
+
+    inits = [
+        init("fc1.weight", (32, 16)),  # [out, in] -> transB=1
+        init("fc1.bias", (32,)),
+        init("fc2.weight", (32, 24)),  # [in, out] -> transB=0
+        init("fc2.bias", (24,)),
+        init("mm.weight", (24, 16)),  # MatMul with constant weight
+        init("mm.bias", (16,)),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "fc1.weight", "fc1.bias"], ["h1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+        helper.make_node("Gemm", ["a1", "fc2.weight", "fc2.bias"], ["h2"], name="fc2", transB=0),
+        helper.make_node("Relu", ["h2"], ["a2"], name="relu2"),
+        helper.make_node("MatMul", ["a2", "mm.weight"], ["h3"], name="mm"),
+        helper.make_node("Add", ["h3", "mm.bias"], ["a3"], name="mm_add"),
+        # MatMul with two dynamic inputs: (a3 @ x^T) @ a3  -> [2,2] @ [2,16]
+        helper.make_node("Transpose", ["x"], ["xt"], name="xt", perm=[1, 0]),
+        helper.make_node("MatMul", ["a3", "xt"], ["gram"], name="gram"),
+        helper.make_node("MatMul", ["gram", "a3"], ["y"], name="mix"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="onnx-compress/make_testdata")
+    model.ir_version = 8
+    file = path(name)
+    onnx.save_model(model, file)
+
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    (y,) = check_and_run(file, {"x": x})
+    w = {t.name: numpy_helper.to_array(t) for t in inits}
+    a1 = np.maximum(x @ w["fc1.weight"].T + w["fc1.bias"], 0)
+    a2 = np.maximum(a1 @ w["fc2.weight"] + w["fc2.bias"], 0)
+    a3 = a2 @ w["mm.weight"] + w["mm.bias"]
+    ref = (a3 @ x.T) @ a3
+    assert np.allclose(y, ref, rtol=1e-4, atol=1e-4), "mlp: ort vs numpy mismatch"
+    return file
+
+
+# ---------------------------------------------------------------- 5. if_model (onnx.helper)
+def make_if_model(name):
+    """cond = ReduceMean(x) > 0 (data-dependent, from the graph input).
+
+    then: Relu(Conv(x, W_then, B_then))       [1,4,8,8]
+    else: Sigmoid(Conv(x, W_else))             [1,4,8,8]  (no bias)
+    Both branches read x and initializers from the outer scope.
+    After the If: BatchNormalization (outer) then GlobalAveragePool.
+    """
+    rng = np.random.default_rng(5)
+    f32 = lambda a: a.astype(np.float32)  # noqa: E731
+    inits = [
+        numpy_helper.from_array(f32(rng.standard_normal((4, 3, 3, 3)) * 0.3), "W_then"),
+        numpy_helper.from_array(f32(rng.standard_normal(4) * 0.1), "B_then"),
+        numpy_helper.from_array(f32(rng.standard_normal((4, 3, 3, 3)) * 0.3), "W_else"),
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        numpy_helper.from_array(f32(rng.uniform(0.5, 1.5, 4)), "bn.scale"),
+        numpy_helper.from_array(f32(rng.uniform(-0.5, 0.5, 4)), "bn.bias"),
+        numpy_helper.from_array(f32(rng.uniform(-0.2, 0.2, 4)), "bn.mean"),
+        numpy_helper.from_array(f32(rng.uniform(0.5, 2.0, 4)), "bn.var"),
+    ]
+    out_shape = [1, 4, 8, 8]
+    then_g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W_then", "B_then"], ["t_conv"], name="then_conv",
+                             kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["t_conv"], ["t_out"], name="then_relu"),
+        ],
+        "then_branch",
+        [],
+        [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, out_shape)],
+    )
+    else_g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W_else"], ["e_conv"], name="else_conv",
+                             kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+            helper.make_node("Sigmoid", ["e_conv"], ["e_out"], name="else_sigmoid"),
+        ],
+        "else_branch",
+        [],
+        [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, out_shape)],
+    )
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], name="mean", keepdims=0),
+        helper.make_node("Greater", ["mean", "zero"], ["cond"], name="cond"),
+        helper.make_node("If", ["cond"], ["branch_out"], name="if",
+                         then_branch=then_g, else_branch=else_g),
+        helper.make_node("BatchNormalization",
+                         ["branch_out", "bn.scale", "bn.bias", "bn.mean", "bn.var"],
+                         ["bn_out"], name="bn"),
+        helper.make_node("GlobalAveragePool", ["bn_out"], ["y"], name="gap"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "if_model",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 1, 1])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="onnx-compress/make_testdata")
+    model.ir_version = 8
+    file = path(name)
+    onnx.save_model(model, file)
+
+    # exercise both branches and check them against torch
+    w = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in inits}
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    for sign in (1.0, -1.0):
+        xi = np.abs(x) * sign
+        (y,) = check_and_run(file, {"x": xi})
+        t = torch.from_numpy(xi)
+        with torch.no_grad():
+            if sign > 0:
+                b = torch.relu(torch.nn.functional.conv2d(t, w["W_then"], w["B_then"], padding=1))
+            else:
+                b = torch.sigmoid(torch.nn.functional.conv2d(t, w["W_else"], padding=1))
+            b = torch.nn.functional.batch_norm(b, w["bn.mean"], w["bn.var"], w["bn.scale"],
+                                               w["bn.bias"], False, 0.0, 1e-5)
+            ref = b.mean(dim=(2, 3), keepdim=True).numpy()
+        assert np.allclose(y, ref, atol=1e-5), f"if_model: branch sign={sign} mismatch"
+    return file
+
+
+# ---------------------------------------------------------------- 6. external_data
+def make_external_data(name):
+    seed(6)
+    model = nn.Sequential(cbr(3, 8), cbr(8, 8, act="relu6"))
+    randomize_bn(model, (1, 3, 8, 8))
+    x = torch.randn(1, 3, 8, 8)
+    tmp = path(name + ".tmp")
+    export(model, x, tmp)
+    m = onnx.load(tmp)
+    os.remove(tmp)
+    data = name + ".data"
+    if os.path.exists(path(data)):
+        os.remove(path(data))  # save_model appends to an existing data file
+    file = path(name)
+    onnx.save_model(m, file, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data, size_threshold=0)
+    check = onnx.load(file, load_external_data=False)
+    ext = [t.name for t in check.graph.initializer
+           if t.data_location == TensorProto.EXTERNAL]
+    assert ext and len(ext) == len(check.graph.initializer), "external_data: not all external"
+    (y,) = check_and_run(file, {"input": x.numpy()})
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(y - ref).max() < 1e-4, "external_data: ort vs torch mismatch"
+    return file
+
+
+# ---------------------------------------------------------------- 7. digits_cnn
+class DigitsCnn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            cbr(1, 16, k=3),  # Conv3x3 + BN + ReLU
+            cbr(16, 16, k=3, groups=16, act="relu6"),  # depthwise + BN + ReLU6
+            cbr(16, 32, k=1),  # pointwise + BN + ReLU
+            cbr(32, 32, k=3, groups=32),  # depthwise + BN + ReLU
+            cbr(32, 32, k=1),  # pointwise + BN + ReLU
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def make_digits(name):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    seed(7)
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]  # [1797,1,8,8] in [0,1]
+    y = d.target.astype(np.int64)
+    # three disjoint, stratified sets: test 360, calib 200, train 1237
+    x_rest, x_test, y_rest, y_test = train_test_split(
+        x, y, test_size=360, random_state=0, stratify=y)
+    x_train, x_calib, y_train, y_calib = train_test_split(
+        x_rest, y_rest, test_size=200, random_state=1, stratify=y_rest)
+
+    model = DigitsCnn()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=60)
+    g = torch.Generator().manual_seed(7)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    for _epoch in range(60):
+        model.train()
+        perm = torch.randperm(len(xt), generator=g)
+        for i in range(0, len(xt), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        torch_logits = model(torch.from_numpy(x_test)).numpy()
+    torch_acc = float((torch_logits.argmax(1) == y_test).mean())
+
+    file = path(name)
+    export(model, torch.from_numpy(x_test[:1]), file, dynamic_batch=True)
+    assert count_bn(file) == 5, "digits_cnn: expected 5 unfused BatchNormalization nodes"
+    (l1,) = check_and_run(file, {"input": x_test[:1]})
+    (l64,) = check_and_run(file, {"input": x_test[:64]})
+    assert l1.shape == (1, 10) and l64.shape == (64, 10)
+    (logits,) = check_and_run(file, {"input": x_test})
+    ort_acc = float((logits.argmax(1) == y_test).mean())
+    assert np.abs(logits - torch_logits).max() < 1e-3, "digits_cnn: ort vs torch logits"
+    assert abs(ort_acc - torch_acc) < 1e-9, f"digits_cnn: ort {ort_acc} vs torch {torch_acc}"
+    assert ort_acc >= 0.95, f"digits_cnn: test accuracy {ort_acc} < 0.95"
+
+    np.save(path("digits_test_x.npy"), x_test)
+    np.save(path("digits_test_y.npy"), y_test)
+    np.save(path("digits_calib_x.npy"), x_calib)
+    cdir = path("digits_calib")
+    os.makedirs(cdir, exist_ok=True)
+    for f in os.listdir(cdir):
+        if f.endswith(".npy"):
+            os.remove(os.path.join(cdir, f))
+    for i in range(32):
+        np.save(os.path.join(cdir, f"{i:03d}.npy"), x_calib[i:i + 1])
+    return file, ort_acc, len(x_train), len(x_calib), len(x_test)
+
+
+# ---------------------------------------------------------------- README
+def write_readme(digits):
+    _, acc, ntrain, ncalib, ntest = digits
+    lines = [
+        "# testdata",
+        "",
+        "Every file here is produced by `python3 testdata/make_testdata.py` (deterministic:",
+        "fixed seeds, single-threaded torch; re-running rewrites the same models). The script",
+        "checks each model with `onnx.checker.check_model(full_check=True)` and runs it in",
+        "onnxruntime. torch models: TorchScript exporter (`dynamo=False`), opset 17,",
+        "`do_constant_folding=False`, `TrainingMode.EVAL`, so BatchNormalization stays unfused",
+        "and BN layers carry non-trivial gamma/beta/running stats. When first generated, every",
+        "model was also loaded, optimized and run in tract-onnx 0.23.9 (a throwaway program, not",
+        "kept): all passed, digits_cnn with batch 1 and 64.",
+        "",
+        "| file | what | input(s) | output |",
+        "|---|---|---|---|",
+        "| `conv_bn_relu.onnx` | torch: Conv-BN-ReLU x2, Conv(no bias)-BN-Clip(0,6), "
+        "GlobalAveragePool, Flatten, Gemm | `input` f32[1,3,16,16] | `logits` f32[1,10] |",
+        "| `residual.onnx` | torch: stem + 2 ResNet basic blocks (2nd: stride 2, 1x1 conv+BN "
+        "downsample), residual Add, BN everywhere, GAP, Gemm | `input` f32[1,3,16,16] | "
+        "`logits` f32[1,10] |",
+        "| `mobilenet_like.onnx` | torch: MobileNetV2-style inverted residuals (depthwise conv "
+        "group=C, BN, Clip(0,6)), one residual Add, a 2-branch Concat, GAP, Gemm | "
+        "`input` f32[1,3,32,32] | `logits` f32[1,10] |",
+        "| `mlp.onnx` | onnx.helper: Gemm(transB=1)-Relu-Gemm(transB=0)-Relu-MatMul(const W)+Add, "
+        "then MatMul(a3, Transpose(x)) and MatMul(gram, a3) with two dynamic inputs | "
+        "`x` f32[2,16] | `y` f32[2,16] |",
+        "| `if_model.onnx` | onnx.helper: cond = ReduceMean(x) > 0; If: then Relu(Conv(x,W,B)), "
+        "else Sigmoid(Conv(x,W)) (both read outer-scope x and initializers, both [1,4,8,8]); "
+        "then BatchNormalization, GAP. x>0 takes then, x<0 takes else | `x` f32[1,3,8,8] | "
+        "`y` f32[1,4,1,1] |",
+        "| `external_data.onnx` | torch: Conv-BN-ReLU, Conv-BN-Clip(0,6); saved with every "
+        "initializer in `external_data.onnx.data` (size_threshold=0, one file) | "
+        "`input` f32[1,3,8,8] | `logits` f32[1,8,8,8] |",
+        "| `external_data.onnx.data` | raw tensor data of `external_data.onnx` | | |",
+        "| `digits_cnn.onnx` | **trained** classifier on sklearn `load_digits` (pixels/16 in "
+        "[0,1]): Conv3x3(1->16)-BN-ReLU, dw3x3(16)-BN-Clip(0,6), pw(16->32)-BN-ReLU, "
+        "dw3x3(32)-BN-ReLU, pw(32->32)-BN-ReLU, GAP, Flatten, Gemm(32->10) logits. Adam, 60 "
+        f"epochs. **fp32 test accuracy (onnxruntime): {acc * 100:.2f}%** ({ntest} samples) | "
+        "`input` f32[N,1,8,8] (dynamic `N`) | `logits` f32[N,10] |",
+        f"| `digits_test_x.npy` / `digits_test_y.npy` | test split: f32[{ntest},1,8,8] / "
+        f"i64[{ntest}] labels | | |",
+        f"| `digits_calib_x.npy` | calibration split, f32[{ncalib},1,8,8] (disjoint from train "
+        f"({ntrain} samples) and test) | | |",
+        "| `digits_calib/000.npy` ... `031.npy` | the first 32 calibration samples, one per "
+        "file, each f32[1,1,8,8] (for `--calib DIR`) | | |",
+        "",
+    ]
+    with open(path("README.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def main():
+    files = [
+        export_torch_model(ConvBnRelu, (1, 3, 16, 16), "conv_bn_relu.onnx", 1),
+        export_torch_model(Residual, (1, 3, 16, 16), "residual.onnx", 2),
+        export_torch_model(MobileNetLike, (1, 3, 32, 32), "mobilenet_like.onnx", 3),
+        make_mlp("mlp.onnx"),
+        make_if_model("if_model.onnx"),
+        make_external_data("external_data.onnx"),
+    ]
+    digits = make_digits("digits_cnn.onnx")
+    files.append(digits[0])
+    write_readme(digits)
+    for f in files:
+        h = hashlib.sha256(open(f, "rb").read()).hexdigest()[:12]
+        hist = ", ".join(f"{k}:{v}" for k, v in sorted(op_histogram(f).items()))
+        print(f"{os.path.basename(f):22s} {os.path.getsize(f):8d} B  sha256:{h}  {hist}")
+    print(f"digits_cnn fp32 test accuracy (onnxruntime): {digits[1] * 100:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
