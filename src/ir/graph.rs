@@ -351,6 +351,40 @@ impl Graph {
         self.initializers.get(value)
     }
 
+    /// The declared type of a value: its graph input, graph output or value_info entry.
+    pub fn declared(&self, value: &str) -> Option<&ValueInfoProto> {
+        self.inputs
+            .iter()
+            .chain(&self.outputs)
+            .chain(&self.value_info)
+            .find(|v| v.name() == value)
+    }
+
+    /// The statically known shape of a tensor value: initializer dims, or the declared tensor
+    /// type's shape (`Some(d)` per fixed dimension, `None` per symbolic or unknown one).
+    /// `None` when the rank is unknown.
+    pub fn static_shape(&self, value: &str) -> Option<Vec<Option<i64>>> {
+        use crate::onnx::proto::{tensor_shape_proto::dimension, type_proto};
+        if let Some(t) = self.constant(value) {
+            return Some(t.dims.iter().map(|&d| Some(d)).collect());
+        }
+        let ty = self.declared(value)?.r#type.as_ref()?;
+        let Some(type_proto::Value::TensorType(tt)) = &ty.value else {
+            return None;
+        };
+        let shape = tt.shape.as_ref()?;
+        Some(
+            shape
+                .dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(dimension::Value::DimValue(v)) if v >= 0 => Some(v),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+
     /// Every name in use (values, node names, initializers), for fresh-name generation.
     fn all_names(&self) -> HashSet<&str> {
         let mut names: HashSet<&str> = HashSet::new();

@@ -4,6 +4,9 @@
 //! Passes that rewrite locally are written as rules, `fn(&Graph, NodeIndex) ->
 //! Result<Option<Patch>>` (`Ok(None)` = no match), driven to a fixpoint by [`rewrite`].
 
+pub mod cleanup;
+pub mod constant_fold;
+pub mod fuse;
 pub mod quantize;
 pub mod rewrite;
 
@@ -51,6 +54,10 @@ pub trait Pass {
 /// Every pass in pipeline order. A run executes the selected ones in this order.
 pub fn pipeline() -> Vec<Box<dyn Pass>> {
     vec![
+        // First: folding BN into its producer gives later passes plain Conv/Gemm weights.
+        Box::new(fuse::Fuse),
+        // After fuse: drops what fuse left unused and simplifies shape chains.
+        Box::new(cleanup::Cleanup),
         // Last: quantization observes the final float graph (after fusion/equalization).
         Box::new(quantize::Quantize),
     ]

@@ -1,0 +1,323 @@
+//! Fixtures for the `fuse` pass. Each case builds a small model, runs the pass and checks:
+//! consistent graph, idempotence, outputs equal to the original through onnxruntime (when
+//! python has it) within 1e-4 relative error, the intent (e.g. no BatchNormalization left)
+//! and a before/after snapshot in `tests/fixtures/fuse/snapshots`.
+
+#[path = "fixtures/fuse/support.rs"]
+mod support;
+
+use onnx_compress::ir::op::{attr_float, attr_int};
+use onnx_compress::ir::Model;
+use onnx_compress::passes::fuse::{self, ActivationKind, Fuse};
+use onnx_compress::passes::PassStats;
+use support::*;
+
+const TOL: f64 = 1e-4;
+
+fn run(name: &str, b: &Builder) -> (Model, Model, PassStats) {
+    let before = b.model();
+    let (after, stats) = check_pass(&Fuse, &before, TOL);
+    insta::with_settings!({snapshot_path => "fixtures/fuse/snapshots", prepend_module_to_snapshot => false}, {
+        insta::assert_snapshot!(name, before_after(&before, &after));
+    });
+    (before, after, stats)
+}
+
+fn node_named(m: &Model, name: &str) -> petgraph::stable_graph::NodeIndex {
+    m.graph
+        .node_indices()
+        .find(|&ix| m.graph.node(ix).name() == name)
+        .unwrap_or_else(|| panic!("no node {name}"))
+}
+
+/// x -> Conv -> BN -> y, with the given weight dims, group and bias.
+fn conv_bn(cin: i64, cout: usize, group: i64, kernel: &[usize], bias: bool) -> Builder {
+    let mut b = Builder::new(17);
+    let spatial: Vec<i64> = kernel.iter().map(|_| 6).collect();
+    let mut xdims = vec![1, cin];
+    xdims.extend(&spatial);
+    let mut ydims = vec![1, cout as i64];
+    ydims.extend(&spatial);
+    let mut wdims = vec![cout, (cin / group) as usize];
+    wdims.extend(kernel);
+    b.input("x", &xdims).output("y", &ydims);
+    b.rand("w", &wdims, -1.0, 1.0);
+    let pads: Vec<i64> = kernel
+        .iter()
+        .flat_map(|&k| [(k / 2) as i64])
+        .cycle()
+        .take(2 * kernel.len())
+        .collect();
+    let mut inputs = vec!["x", "w"];
+    if bias {
+        b.rand("b", &[cout], -1.0, 1.0);
+        inputs.push("b");
+    }
+    b.node(
+        "Conv",
+        &inputs,
+        &["t"],
+        vec![attr_int("group", group), ints("pads", &pads)],
+    );
+    b.bn("bn", cout, "t", "y");
+    b
+}
+
+fn assert_folded(after: &Model, stats: &PassStats) {
+    assert_eq!(count_op(after, "BatchNormalization"), 0);
+    assert_eq!(count_op(after, "Mul"), 0, "folded, not Mul+Add");
+    assert!(stats.changes >= 1);
+}
+
+#[test]
+fn conv_bn_folds() {
+    let (_, after, stats) = run("conv_bn", &conv_bn(3, 4, 1, &[3, 3], true));
+    assert_folded(&after, &stats);
+    let folded = fuse::folded_bn_stats(&stats.details).unwrap();
+    let f = &folded["conv_0"];
+    assert_eq!((f.bn.as_str(), f.op.as_str(), f.output.as_str()), ("batchnormalization_1", "Conv", "y"));
+    assert_eq!(f.gamma.len(), 4);
+    // The recorded gamma is the BN's scale parameter, bit for bit.
+    let b = conv_bn(3, 4, 1, &[3, 3], true).model();
+    let g = onnx_compress::ir::tensor::to_f64(&b.graph.initializers["bn_g"]).unwrap();
+    assert_eq!(f.gamma, g.iter().copied().collect::<Vec<_>>());
+}
+
+#[test]
+fn conv_without_bias_bn() {
+    let (_, after, stats) = run("conv_nobias_bn", &conv_bn(3, 4, 1, &[3, 3], false));
+    assert_folded(&after, &stats);
+    assert_eq!(graph_proto_node(&after, "Conv")[0].input.len(), 3, "a bias was added");
+}
+
+#[test]
+fn depthwise_conv_bn() {
+    let (_, after, stats) = run("depthwise_conv_bn", &conv_bn(4, 4, 4, &[3, 3], true));
+    assert_folded(&after, &stats);
+}
+
+#[test]
+fn grouped_conv_bn() {
+    let (_, after, stats) = run("grouped_conv_bn", &conv_bn(4, 6, 2, &[3, 3], true));
+    assert_folded(&after, &stats);
+}
+
+#[test]
+fn conv1d_and_conv3d_bn() {
+    let (_, after, stats) = run("conv1d_bn", &conv_bn(3, 5, 1, &[3], false));
+    assert_folded(&after, &stats);
+    let (_, after, stats) = run("conv3d_bn", &conv_bn(2, 4, 2, &[3, 3, 3], true));
+    assert_folded(&after, &stats);
+}
+
+#[test]
+fn conv_transpose_grouped_bn() {
+    // W [Cin=4, Cout/group=3, 2, 2], group 2: Cout = 6.
+    let mut b = Builder::new(17);
+    b.input("x", &[1, 4, 5, 5]).output("y", &[1, 6, 10, 10]);
+    b.rand("w", &[4, 3, 2, 2], -1.0, 1.0).rand("b", &[6], -1.0, 1.0);
+    b.node(
+        "ConvTranspose",
+        &["x", "w", "b"],
+        &["t"],
+        vec![attr_int("group", 2), ints("strides", &[2, 2])],
+    );
+    b.bn("bn", 6, "t", "y");
+    let (_, after, stats) = run("convtranspose_bn", &b);
+    assert_folded(&after, &stats);
+}
+
+fn gemm_bn(trans_b: bool, alpha: f32, beta: f32, c: Option<&[usize]>) -> Builder {
+    let mut b = Builder::new(17);
+    b.input("x", &[3, 5]).output("y", &[3, 4]);
+    let wdims: &[usize] = if trans_b { &[4, 5] } else { &[5, 4] };
+    b.rand("w", wdims, -1.0, 1.0);
+    let mut inputs = vec!["x", "w"];
+    if let Some(cd) = c {
+        b.rand("c", cd, -1.0, 1.0);
+        inputs.push("c");
+    }
+    b.node(
+        "Gemm",
+        &inputs,
+        &["t"],
+        vec![
+            attr_int("transB", trans_b as i64),
+            attr_float("alpha", alpha),
+            attr_float("beta", beta),
+        ],
+    );
+    b.bn("bn", 4, "t", "y");
+    b
+}
+
+#[test]
+fn gemm_trans_b0_bn() {
+    let (_, after, stats) = run("gemm_transb0_bn", &gemm_bn(false, 1.0, 1.0, Some(&[4])));
+    assert_folded(&after, &stats);
+}
+
+#[test]
+fn gemm_trans_b1_bn() {
+    let (_, after, stats) = run("gemm_transb1_bn", &gemm_bn(true, 1.0, 1.0, None));
+    assert_folded(&after, &stats);
+}
+
+#[test]
+fn gemm_alpha_beta_and_2d_bias_fold_exactly() {
+    for (i, c) in [Some(&[4usize][..]), Some(&[3, 1]), Some(&[1, 4]), Some(&[3, 4]), Some(&[])]
+        .into_iter()
+        .enumerate()
+    {
+        let before = gemm_bn(i % 2 == 0, 0.5, 2.0, c).model();
+        let (after, stats) = check_pass(&Fuse, &before, TOL);
+        assert_folded(&after, &stats);
+        let gemm = graph_proto_node(&after, "Gemm")[0];
+        let beta = gemm.attribute.iter().find(|a| a.name() == "beta").unwrap();
+        assert_eq!(beta.f, Some(1.0), "beta folded into C");
+    }
+    let (_, after, stats) = run("gemm_alpha_beta_bn", &gemm_bn(false, 0.5, 2.0, Some(&[3, 1])));
+    assert_folded(&after, &stats);
+}
+
+#[test]
+fn matmul_2d_bn_becomes_gemm() {
+    let mut b = Builder::new(17);
+    b.input("x", &[3, 5]).output("y", &[3, 4]);
+    b.rand("w", &[5, 4], -1.0, 1.0);
+    b.node("MatMul", &["x", "w"], &["t"], vec![]);
+    b.bn("bn", 4, "t", "y");
+    let (_, after, stats) = run("matmul_bn", &b);
+    assert_folded(&after, &stats);
+    assert_eq!(count_op(&after, "Gemm"), 1);
+    assert_eq!(count_op(&after, "MatMul"), 0);
+}
+
+#[test]
+fn conv_bn_relu_marks_relu_as_fused() {
+    let mut b = conv_bn(3, 4, 1, &[3, 3], true);
+    b.graph.node[1].output[0] = "u".into();
+    b.node("Relu", &["u"], &["y"], vec![]);
+    let (_, after, stats) = run("conv_bn_relu", &b);
+    assert_folded(&after, &stats);
+    let conv = node_named(&after, "conv_0");
+    let act = fuse::activation_info(&after.graph, conv).expect("fused");
+    assert_eq!(act.kind, ActivationKind::Relu);
+    assert_eq!((act.min, act.max), (0.0, f64::INFINITY));
+    assert_eq!(after.graph.node(act.node).op_type(), "Relu");
+    assert_eq!(stats.details["fused_activations"][0]["activation"], "Relu");
+}
+
+#[test]
+fn conv_bn_clip6_keeps_exact_bounds() {
+    // Opset 13: bounds are inputs.
+    let mut b = conv_bn(3, 4, 1, &[3, 3], true);
+    b.graph.node[1].output[0] = "u".into();
+    b.f32("lo", &[], vec![0.0]).f32("hi", &[], vec![6.0]);
+    b.node("Clip", &["u", "lo", "hi"], &["y"], vec![]);
+    let (_, after, stats) = run("conv_bn_clip6", &b);
+    assert_folded(&after, &stats);
+    let conv = node_named(&after, "conv_0");
+    let act = fuse::activation_info(&after.graph, conv).expect("fused");
+    assert_eq!((act.kind, act.min, act.max), (ActivationKind::Clip, 0.0, 6.0));
+    assert_eq!(count_op(&after, "Clip"), 1);
+    assert_eq!(count_op(&after, "Relu"), 0);
+
+    // Opset 10: bounds are attributes.
+    let mut b = conv_bn(3, 4, 1, &[3, 3], true);
+    b.opset = 10;
+    b.graph.node[1].output[0] = "u".into();
+    b.node("Clip", &["u"], &["y"], vec![attr_float("min", 0.0), attr_float("max", 6.0)]);
+    let (after, _) = check_pass(&Fuse, &b.model(), TOL);
+    let conv = node_named(&after, "conv_0");
+    let act = fuse::activation_info(&after.graph, conv).expect("fused");
+    assert_eq!((act.min, act.max), (0.0, 6.0));
+}
+
+#[test]
+fn conv_with_two_readers_gets_mul_add() {
+    let mut b = conv_bn(3, 4, 1, &[3, 3], true);
+    b.node("Relu", &["t"], &["z"], vec![]).output("z", &[1, 4, 6, 6]);
+    let (_, after, stats) = run("conv_two_consumers", &b);
+    assert_eq!(count_op(&after, "BatchNormalization"), 0);
+    assert_eq!((count_op(&after, "Mul"), count_op(&after, "Add")), (1, 1));
+    assert_eq!(count_op(&after, "Conv"), 1);
+    // The Conv weights are untouched.
+    assert_eq!(after.graph.initializers["w"], b.model().graph.initializers["w"]);
+    assert!(stats.notes.iter().any(|n| n.contains("Mul+Add")), "{:?}", stats.notes);
+    assert!(fuse::folded_bn_stats(&stats.details).unwrap().is_empty());
+    // The producer now has two readers: no activation fusion for it.
+    assert!(fuse::fused_activation(&after.graph, node_named(&after, "conv_0")).is_none());
+}
+
+#[test]
+fn bn_with_non_constant_params_is_kept() {
+    let mut b = conv_bn(3, 4, 1, &[3, 3], true);
+    // The mean is an initializer overridable as a graph input: not a constant.
+    b.graph.input.push(vi("bn_m", onnx_compress::onnx::proto::tensor_proto::DataType::Float, &[4]));
+    let before = b.model();
+    let (after, stats) = check_pass(&Fuse, &before, TOL);
+    assert_eq!(stats.changes, 0);
+    assert_eq!(after.to_proto().unwrap(), before.to_proto().unwrap());
+    assert!(
+        stats.notes.iter().any(|n| n.contains("input_mean 'bn_m' is not a constant")),
+        "{:?}",
+        stats.notes
+    );
+}
+
+#[test]
+fn bn_in_training_mode_is_kept() {
+    let mut b = conv_bn(3, 4, 1, &[3, 3], true);
+    b.graph.node[1].attribute.push(attr_int("training_mode", 1));
+    b.graph.node[1].output.extend(["rm".to_string(), "rv".to_string()]);
+    b.output("rm", &[4]);
+    let before = b.model();
+    let mut after = before.clone();
+    let stats = onnx_compress::passes::Pass::run(&Fuse, &mut after, &Default::default()).unwrap();
+    assert_eq!(stats.changes, 0);
+    assert_eq!(count_op(&after, "BatchNormalization"), 1);
+}
+
+#[test]
+fn bn_as_first_node_gets_mul_add() {
+    let mut b = Builder::new(17);
+    b.input("x", &[-1, 3, 5, 5]).output("y", &[-1, 4, 5, 5]);
+    b.bn("bn", 3, "x", "u");
+    b.rand("w", &[4, 3, 1, 1], -1.0, 1.0);
+    b.node("Conv", &["u", "w"], &["y"], vec![]);
+    let (_, after, stats) = run("bn_first", &b);
+    assert_eq!(count_op(&after, "BatchNormalization"), 0);
+    assert_eq!((count_op(&after, "Mul"), count_op(&after, "Add")), (1, 1));
+    let scale = &graph_proto_node(&after, "Mul")[0].input[1];
+    assert_eq!(after.graph.initializers[scale].dims, vec![3, 1, 1]);
+    assert_eq!(stats.changes, 1);
+}
+
+#[test]
+fn shared_weight_is_not_modified() {
+    // Two convs share one weight; each is followed by its own BN.
+    let mut b = Builder::new(17);
+    b.input("x", &[1, 3, 6, 6]).output("y1", &[1, 4, 6, 6]).output("y2", &[1, 4, 6, 6]);
+    b.rand("w", &[4, 3, 3, 3], -1.0, 1.0);
+    b.node("Conv", &["x", "w"], &["t1"], vec![ints("pads", &[1, 1, 1, 1])]);
+    b.node("Conv", &["x", "w"], &["t2"], vec![ints("pads", &[1, 1, 1, 1])]);
+    b.bn("bn1", 4, "t1", "y1");
+    b.bn("bn2", 4, "t2", "y2");
+    let (before, after, stats) = run("shared_weight", &b);
+    assert_folded(&after, &stats);
+    let convs = graph_proto_node(&after, "Conv");
+    assert_ne!(convs[0].input[1], convs[1].input[1], "each conv has its own folded weight");
+    // The first fold wrote a new weight (w was shared); the second found w private to it.
+    assert_eq!(convs[0].input[1], "w_bnfold");
+    assert_ne!(after.graph.initializers["w"], before.graph.initializers["w"]);
+    let folded = fuse::folded_bn_stats(&stats.details).unwrap();
+    assert_eq!(folded.len(), 2);
+}
+
+#[test]
+fn bn_graph_output_name_is_kept() {
+    // The BN output is the graph output; the fold must still produce `y`.
+    let (after, _) = check_pass(&Fuse, &conv_bn(3, 4, 1, &[1, 1], true).model(), TOL);
+    assert_eq!(graph_proto_node(&after, "Conv")[0].output, vec!["y".to_string()]);
+}
