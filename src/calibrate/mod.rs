@@ -4,7 +4,6 @@
 pub mod data;
 pub mod observe;
 pub mod params;
-pub mod run;
 
 pub use data::{CalibrationSet, DataOptions};
 pub use observe::{Method, ObserveOptions, Observed};

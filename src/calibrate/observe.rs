@@ -28,7 +28,7 @@
 
 use crate::calibrate::data::CalibrationSet;
 use crate::calibrate::params::{activation_params, ActScheme};
-use crate::calibrate::run::Runner;
+use crate::validate::Runner;
 use crate::onnx::proto::ModelProto;
 use anyhow::{Context, Result};
 use indexmap::IndexMap;

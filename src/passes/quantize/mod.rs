@@ -244,6 +244,11 @@ pub fn quantize(
             ))
             .unwrap_or_default()
     ));
+    if !opts.reduce_range && opts.activation_scheme == ActScheme::U8Asymmetric {
+        stats.notes.push(
+            "uint8 activations x 8-bit weights: ONNX Runtime's fused int8 kernels on x86 CPUs without VNNI (AVX2, AVX-512F) add u8*s8 pairs in saturating int16 and can lose accuracy there; use reduce_range (7-bit weights) for such targets".into(),
+        );
+    }
     *model = work;
     Ok(stats)
 }
