@@ -75,7 +75,10 @@ fn conv_bn_folds() {
     assert_folded(&after, &stats);
     let folded = fuse::folded_bn_stats(&stats.details).unwrap();
     let f = &folded["conv_0"];
-    assert_eq!((f.bn.as_str(), f.op.as_str(), f.output.as_str()), ("batchnormalization_1", "Conv", "y"));
+    assert_eq!(
+        (f.bn.as_str(), f.op.as_str(), f.output.as_str()),
+        ("batchnormalization_1", "Conv", "y")
+    );
     assert_eq!(f.gamma.len(), 4);
     // The recorded gamma is the BN's scale parameter, bit for bit.
     let b = conv_bn(3, 4, 1, &[3, 3], true).model();
@@ -87,7 +90,11 @@ fn conv_bn_folds() {
 fn conv_without_bias_bn() {
     let (_, after, stats) = run("conv_nobias_bn", &conv_bn(3, 4, 1, &[3, 3], false));
     assert_folded(&after, &stats);
-    assert_eq!(graph_proto_node(&after, "Conv")[0].input.len(), 3, "a bias was added");
+    assert_eq!(
+        graph_proto_node(&after, "Conv")[0].input.len(),
+        3,
+        "a bias was added"
+    );
 }
 
 #[test]
@@ -115,7 +122,8 @@ fn conv_transpose_grouped_bn() {
     // W [Cin=4, Cout/group=3, 2, 2], group 2: Cout = 6.
     let mut b = Builder::new(17);
     b.input("x", &[1, 4, 5, 5]).output("y", &[1, 6, 10, 10]);
-    b.rand("w", &[4, 3, 2, 2], -1.0, 1.0).rand("b", &[6], -1.0, 1.0);
+    b.rand("w", &[4, 3, 2, 2], -1.0, 1.0)
+        .rand("b", &[6], -1.0, 1.0);
     b.node(
         "ConvTranspose",
         &["x", "w", "b"],
@@ -165,9 +173,15 @@ fn gemm_trans_b1_bn() {
 
 #[test]
 fn gemm_alpha_beta_and_2d_bias_fold_exactly() {
-    for (i, c) in [Some(&[4usize][..]), Some(&[3, 1]), Some(&[1, 4]), Some(&[3, 4]), Some(&[])]
-        .into_iter()
-        .enumerate()
+    for (i, c) in [
+        Some(&[4usize][..]),
+        Some(&[3, 1]),
+        Some(&[1, 4]),
+        Some(&[3, 4]),
+        Some(&[]),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let before = gemm_bn(i % 2 == 0, 0.5, 2.0, c).model();
         let (after, stats) = check_pass(&Fuse, &before, TOL);
@@ -176,7 +190,10 @@ fn gemm_alpha_beta_and_2d_bias_fold_exactly() {
         let beta = gemm.attribute.iter().find(|a| a.name() == "beta").unwrap();
         assert_eq!(beta.f, Some(1.0), "beta folded into C");
     }
-    let (_, after, stats) = run("gemm_alpha_beta_bn", &gemm_bn(false, 0.5, 2.0, Some(&[3, 1])));
+    let (_, after, stats) = run(
+        "gemm_alpha_beta_bn",
+        &gemm_bn(false, 0.5, 2.0, Some(&[3, 1])),
+    );
     assert_folded(&after, &stats);
 }
 
@@ -219,7 +236,10 @@ fn conv_bn_clip6_keeps_exact_bounds() {
     assert_folded(&after, &stats);
     let conv = node_named(&after, "conv_0");
     let act = fuse::activation_info(&after.graph, conv).expect("fused");
-    assert_eq!((act.kind, act.min, act.max), (ActivationKind::Clip, 0.0, 6.0));
+    assert_eq!(
+        (act.kind, act.min, act.max),
+        (ActivationKind::Clip, 0.0, 6.0)
+    );
     assert_eq!(count_op(&after, "Clip"), 1);
     assert_eq!(count_op(&after, "Relu"), 0);
 
@@ -227,7 +247,12 @@ fn conv_bn_clip6_keeps_exact_bounds() {
     let mut b = conv_bn(3, 4, 1, &[3, 3], true);
     b.opset = 10;
     b.graph.node[1].output[0] = "u".into();
-    b.node("Clip", &["u"], &["y"], vec![attr_float("min", 0.0), attr_float("max", 6.0)]);
+    b.node(
+        "Clip",
+        &["u"],
+        &["y"],
+        vec![attr_float("min", 0.0), attr_float("max", 6.0)],
+    );
     let (after, _) = check_pass(&Fuse, &b.model(), TOL);
     let conv = node_named(&after, "conv_0");
     let act = fuse::activation_info(&after.graph, conv).expect("fused");
@@ -237,14 +262,22 @@ fn conv_bn_clip6_keeps_exact_bounds() {
 #[test]
 fn conv_with_two_readers_gets_mul_add() {
     let mut b = conv_bn(3, 4, 1, &[3, 3], true);
-    b.node("Relu", &["t"], &["z"], vec![]).output("z", &[1, 4, 6, 6]);
+    b.node("Relu", &["t"], &["z"], vec![])
+        .output("z", &[1, 4, 6, 6]);
     let (_, after, stats) = run("conv_two_consumers", &b);
     assert_eq!(count_op(&after, "BatchNormalization"), 0);
     assert_eq!((count_op(&after, "Mul"), count_op(&after, "Add")), (1, 1));
     assert_eq!(count_op(&after, "Conv"), 1);
     // The Conv weights are untouched.
-    assert_eq!(after.graph.initializers["w"], b.model().graph.initializers["w"]);
-    assert!(stats.notes.iter().any(|n| n.contains("Mul+Add")), "{:?}", stats.notes);
+    assert_eq!(
+        after.graph.initializers["w"],
+        b.model().graph.initializers["w"]
+    );
+    assert!(
+        stats.notes.iter().any(|n| n.contains("Mul+Add")),
+        "{:?}",
+        stats.notes
+    );
     assert!(fuse::folded_bn_stats(&stats.details).unwrap().is_empty());
     // The producer now has two readers: no activation fusion for it.
     assert!(fuse::fused_activation(&after.graph, node_named(&after, "conv_0")).is_none());
@@ -254,13 +287,20 @@ fn conv_with_two_readers_gets_mul_add() {
 fn bn_with_non_constant_params_is_kept() {
     let mut b = conv_bn(3, 4, 1, &[3, 3], true);
     // The mean is an initializer overridable as a graph input: not a constant.
-    b.graph.input.push(vi("bn_m", onnx_compress::onnx::proto::tensor_proto::DataType::Float, &[4]));
+    b.graph.input.push(vi(
+        "bn_m",
+        onnx_compress::onnx::proto::tensor_proto::DataType::Float,
+        &[4],
+    ));
     let before = b.model();
     let (after, stats) = check_pass(&Fuse, &before, TOL);
     assert_eq!(stats.changes, 0);
     assert_eq!(after.to_proto().unwrap(), before.to_proto().unwrap());
     assert!(
-        stats.notes.iter().any(|n| n.contains("input_mean 'bn_m' is not a constant")),
+        stats
+            .notes
+            .iter()
+            .any(|n| n.contains("input_mean 'bn_m' is not a constant")),
         "{:?}",
         stats.notes
     );
@@ -270,7 +310,9 @@ fn bn_with_non_constant_params_is_kept() {
 fn bn_in_training_mode_is_kept() {
     let mut b = conv_bn(3, 4, 1, &[3, 3], true);
     b.graph.node[1].attribute.push(attr_int("training_mode", 1));
-    b.graph.node[1].output.extend(["rm".to_string(), "rv".to_string()]);
+    b.graph.node[1]
+        .output
+        .extend(["rm".to_string(), "rv".to_string()]);
     b.output("rm", &[4]);
     let before = b.model();
     let mut after = before.clone();
@@ -298,19 +340,37 @@ fn bn_as_first_node_gets_mul_add() {
 fn shared_weight_is_not_modified() {
     // Two convs share one weight; each is followed by its own BN.
     let mut b = Builder::new(17);
-    b.input("x", &[1, 3, 6, 6]).output("y1", &[1, 4, 6, 6]).output("y2", &[1, 4, 6, 6]);
+    b.input("x", &[1, 3, 6, 6])
+        .output("y1", &[1, 4, 6, 6])
+        .output("y2", &[1, 4, 6, 6]);
     b.rand("w", &[4, 3, 3, 3], -1.0, 1.0);
-    b.node("Conv", &["x", "w"], &["t1"], vec![ints("pads", &[1, 1, 1, 1])]);
-    b.node("Conv", &["x", "w"], &["t2"], vec![ints("pads", &[1, 1, 1, 1])]);
+    b.node(
+        "Conv",
+        &["x", "w"],
+        &["t1"],
+        vec![ints("pads", &[1, 1, 1, 1])],
+    );
+    b.node(
+        "Conv",
+        &["x", "w"],
+        &["t2"],
+        vec![ints("pads", &[1, 1, 1, 1])],
+    );
     b.bn("bn1", 4, "t1", "y1");
     b.bn("bn2", 4, "t2", "y2");
     let (before, after, stats) = run("shared_weight", &b);
     assert_folded(&after, &stats);
     let convs = graph_proto_node(&after, "Conv");
-    assert_ne!(convs[0].input[1], convs[1].input[1], "each conv has its own folded weight");
+    assert_ne!(
+        convs[0].input[1], convs[1].input[1],
+        "each conv has its own folded weight"
+    );
     // The first fold wrote a new weight (w was shared); the second found w private to it.
     assert_eq!(convs[0].input[1], "w_bnfold");
-    assert_ne!(after.graph.initializers["w"], before.graph.initializers["w"]);
+    assert_ne!(
+        after.graph.initializers["w"],
+        before.graph.initializers["w"]
+    );
     let folded = fuse::folded_bn_stats(&stats.details).unwrap();
     assert_eq!(folded.len(), 2);
 }
@@ -319,5 +379,8 @@ fn shared_weight_is_not_modified() {
 fn bn_graph_output_name_is_kept() {
     // The BN output is the graph output; the fold must still produce `y`.
     let (after, _) = check_pass(&Fuse, &conv_bn(3, 4, 1, &[1, 1], true).model(), TOL);
-    assert_eq!(graph_proto_node(&after, "Conv")[0].output, vec!["y".to_string()]);
+    assert_eq!(
+        graph_proto_node(&after, "Conv")[0].output,
+        vec!["y".to_string()]
+    );
 }

@@ -28,8 +28,8 @@
 
 use crate::calibrate::data::CalibrationSet;
 use crate::calibrate::params::{activation_params, ActScheme};
-use crate::validate::Runner;
 use crate::onnx::proto::ModelProto;
+use crate::validate::Runner;
 use anyhow::{Context, Result};
 use indexmap::IndexMap;
 use ndarray::ArrayD;
@@ -39,19 +39,14 @@ use serde::Serialize;
 pub const FINE_BINS: usize = 8192;
 
 /// How a range is chosen from the observed values.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
 pub enum Method {
+    #[default]
     MinMax,
     /// Two-sided percentile, e.g. 99.999.
     Percentile(f64),
     Entropy,
     Mse,
-}
-
-impl Default for Method {
-    fn default() -> Self {
-        Method::MinMax
-    }
 }
 
 impl Method {
@@ -77,7 +72,10 @@ impl Method {
             "mse" => Method::Mse,
             "percentile" => Method::Percentile(99.999),
             _ => {
-                if let Some(p) = s.strip_prefix("percentile:").or(s.strip_prefix("percentile=")) {
+                if let Some(p) = s
+                    .strip_prefix("percentile:")
+                    .or(s.strip_prefix("percentile="))
+                {
                     let p: f64 = p
                         .parse()
                         .with_context(|| format!("calibration method '{s}': bad percentile"))?;
@@ -574,8 +572,16 @@ mod tests {
         let want_hi = all[((p / 100.0) * n) as usize];
         let want_lo = all[((1.0 - p / 100.0) * n) as usize];
         // Brute force: within two fine bins (and the sample-spacing there).
-        assert!((r.hi - want_hi).abs() <= 2.0 * width + 0.05, "{} vs {want_hi}", r.hi);
-        assert!((r.lo - want_lo).abs() <= 2.0 * width + 0.05, "{} vs {want_lo}", r.lo);
+        assert!(
+            (r.hi - want_hi).abs() <= 2.0 * width + 0.05,
+            "{} vs {want_hi}",
+            r.hi
+        );
+        assert!(
+            (r.lo - want_lo).abs() <= 2.0 * width + 0.05,
+            "{} vs {want_lo}",
+            r.lo
+        );
     }
 
     #[test]
@@ -623,7 +629,7 @@ mod tests {
             scheme: ActScheme::I8Symmetric,
             ..Default::default()
         };
-        let r = observe_batches(&[v.clone()], &opts);
+        let r = observe_batches(std::slice::from_ref(&v), &opts);
         let amax = r.min.abs().max(r.max);
         let t = r.lo.abs().max(r.hi);
         assert!(t < amax, "mse should clip the tail: {t} vs max {amax}");
@@ -656,8 +662,14 @@ mod tests {
 
     #[test]
     fn method_parsing() {
-        assert_eq!(Method::parse("percentile").unwrap(), Method::Percentile(99.999));
-        assert_eq!(Method::parse("percentile:99.9").unwrap(), Method::Percentile(99.9));
+        assert_eq!(
+            Method::parse("percentile").unwrap(),
+            Method::Percentile(99.999)
+        );
+        assert_eq!(
+            Method::parse("percentile:99.9").unwrap(),
+            Method::Percentile(99.9)
+        );
         assert!(Method::parse("median").is_err());
     }
 }

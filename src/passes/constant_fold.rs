@@ -139,7 +139,8 @@ fn fold(graph: &Graph, ix: NodeIndex, out: &str) -> Option<TensorProto> {
     match n.op_type() {
         "Constant" => return constant(n, out),
         "Shape" => {
-            let dims: Option<Vec<i64>> = graph.static_shape(n.input.first()?)?.into_iter().collect();
+            let dims: Option<Vec<i64>> =
+                graph.static_shape(n.input.first()?)?.into_iter().collect();
             let dims = dims?;
             let r = dims.len() as i64;
             let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
@@ -347,7 +348,11 @@ fn cast(v: Val, to: DataType) -> Option<Val> {
             Val::F(round_f(a.mapv(|x| x as f64), to), to)
         }
         (Val::F(a, _), DataType::Int64 | DataType::Int32) => {
-            let lim = if to == DataType::Int32 { 2_147_483_648.0 } else { EXACT };
+            let lim = if to == DataType::Int32 {
+                2_147_483_648.0
+            } else {
+                EXACT
+            };
             if a.iter().any(|x| !x.is_finite() || x.trunc().abs() >= lim) {
                 return None;
             }
@@ -368,8 +373,16 @@ fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let r = a.len().max(b.len());
     (0..r)
         .map(|i| {
-            let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
-            let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+            let da = if i + a.len() >= r {
+                a[i + a.len() - r]
+            } else {
+                1
+            };
+            let db = if i + b.len() >= r {
+                b[i + b.len() - r]
+            } else {
+                1
+            };
             match (da, db) {
                 (x, y) if x == y => Some(x),
                 (1, y) => Some(y),

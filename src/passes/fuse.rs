@@ -400,7 +400,13 @@ fn fold_plan(graph: &Graph, bn: NodeIndex) -> Result<Result<Patch, String>> {
             tensor::type_name(dt)
         )));
     }
-    let ctx = || format!("folding BatchNormalization '{}' into '{}'", bn_node.name(), prod.name());
+    let ctx = || {
+        format!(
+            "folding BatchNormalization '{}' into '{}'",
+            bn_node.name(),
+            prod.name()
+        )
+    };
     let mut wv = to_f64(w).with_context(ctx)?;
     let c = affine.scale.len();
     let bias_name = prod.input.get(2).filter(|s| !s.is_empty());
@@ -408,7 +414,11 @@ fn fold_plan(graph: &Graph, bn: NodeIndex) -> Result<Result<Patch, String>> {
         None => None,
         Some(b) => match graph.constant(b) {
             Some(t) if tensor::data_type(t)? == dt => Some(to_f64(t).with_context(ctx)?),
-            Some(_) => return Ok(Err(format!("bias '{b}' has a different type than the weight"))),
+            Some(_) => {
+                return Ok(Err(format!(
+                    "bias '{b}' has a different type than the weight"
+                )))
+            }
             None => return Ok(Err(format!("bias '{b}' is not a constant"))),
         },
     };
@@ -432,7 +442,10 @@ fn fold_plan(graph: &Graph, bn: NodeIndex) -> Result<Result<Patch, String>> {
             let group = prod.attr_int("group")?.unwrap_or(1);
             let cin = wv.shape().first().copied().unwrap_or(0);
             if group < 1 || wv.ndim() < 3 || cin % group as usize != 0 {
-                return Ok(Err(format!("weight shape {:?} / group {group}", wv.shape())));
+                return Ok(Err(format!(
+                    "weight shape {:?} / group {group}",
+                    wv.shape()
+                )));
             }
             let group = group as usize;
             let per_out = wv.shape()[1];
@@ -604,7 +617,11 @@ fn gemm_bias(cv: &ArrayD<f64>, beta: f64, a: &BnAffine) -> Option<ArrayD<f64>> {
     for r in 0..rows {
         for j in 0..n {
             let c = flat[r * cols + if cols == 1 { 0 } else { j }];
-            let scaled = if beta == 0.0 { 0.0 } else { beta * c * a.scale[j] };
+            let scaled = if beta == 0.0 {
+                0.0
+            } else {
+                beta * c * a.scale[j]
+            };
             out.push(scaled + a.shift[j]);
         }
     }

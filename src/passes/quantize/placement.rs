@@ -27,6 +27,7 @@
 //!   their ranges, which is the output's range), so concatenation needs no requantization.
 //! - Everything else (Softmax, Sigmoid, Tanh, LayerNormalization, BatchNormalization, ...)
 //!   stays float; it reads the dequantized value of a marked input.
+//!
 //! User filters: `exclude_ops`, `exclude_nodes` (exact names or regexes), and `include_nodes`
 //! (when given, only matching nodes are quantized).
 
@@ -224,7 +225,8 @@ fn mark_output(g: &Graph, plan: &mut Plan, ix: NodeIndex, filter: &Filter) {
     match fused_activation(g, y, filter) {
         Some(act) => {
             let n = g.node(act);
-            plan.nodes.push((n.name().to_string(), n.op_type().to_string()));
+            plan.nodes
+                .push((n.name().to_string(), n.op_type().to_string()));
             if let Some(out) = n.output.first() {
                 plan.mark(out);
             }
@@ -283,8 +285,7 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions) -> Result<Plan> {
                     plan.mark(b);
                     mark_output(g, &mut plan, ix, &filter);
                     true
-                } else if plan.mark_weight(g, b, per_channel(if trans_b { 0 } else { 1 }), &name)
-                {
+                } else if plan.mark_weight(g, b, per_channel(if trans_b { 0 } else { 1 }), &name) {
                     plan.mark(a);
                     let n_out = g
                         .constant(b)
@@ -319,7 +320,11 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions) -> Result<Plan> {
                         .and_then(|t| tensor::shape(t).ok())
                         .map(|s| s.len())
                         .unwrap_or(0);
-                    let axis = if rank >= 1 { per_channel(rank - 1) } else { None };
+                    let axis = if rank >= 1 {
+                        per_channel(rank - 1)
+                    } else {
+                        None
+                    };
                     if plan.mark_weight(g, b, axis, &name) {
                         plan.mark(a);
                         mark_output(g, &mut plan, ix, &filter);
@@ -329,42 +334,26 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions) -> Result<Plan> {
                     }
                 }
             }
-            "Add" | "Mul" => {
-                if plan.is_marked(input(0)) && plan.is_marked(input(1)) {
-                    mark_output(g, &mut plan, ix, &filter);
-                    true
-                } else {
-                    false
-                }
+            "Add" | "Mul" if plan.is_marked(input(0)) && plan.is_marked(input(1)) => {
+                mark_output(g, &mut plan, ix, &filter);
+                true
             }
-            "Concat" => {
-                if !n.input.is_empty() && n.input.iter().all(|i| plan.is_marked(i)) {
-                    plan.mark(output);
-                    for i in &n.input {
-                        plan.share(output, i);
-                    }
-                    true
-                } else {
-                    false
+            "Concat" if !n.input.is_empty() && n.input.iter().all(|i| plan.is_marked(i)) => {
+                plan.mark(output);
+                for i in &n.input {
+                    plan.share(output, i);
                 }
+                true
             }
-            o if PASS_THROUGH.contains(&o) => {
-                if plan.is_marked(input(0)) && !output.is_empty() {
-                    plan.mark(output);
-                    plan.share(input(0), output);
-                    true
-                } else {
-                    false
-                }
+            o if PASS_THROUGH.contains(&o) && plan.is_marked(input(0)) && !output.is_empty() => {
+                plan.mark(output);
+                plan.share(input(0), output);
+                true
             }
-            o if OWN_RANGE.contains(&o) => {
-                // A fused Relu/Clip's input is never marked, so this only sees free ones.
-                if plan.is_marked(input(0)) && !output.is_empty() {
-                    plan.mark(output);
-                    true
-                } else {
-                    false
-                }
+            // A fused Relu/Clip's input is never marked, so this only sees free ones.
+            o if OWN_RANGE.contains(&o) && plan.is_marked(input(0)) && !output.is_empty() => {
+                plan.mark(output);
+                true
             }
             _ => false,
         };
