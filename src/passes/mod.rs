@@ -9,11 +9,13 @@ pub mod constant_fold;
 pub mod equalize;
 pub mod fuse;
 pub mod prune;
+pub mod quantize;
 pub mod rewrite;
 
 use crate::ir::Model;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What one pass did, for the run summary and the JSON report.
@@ -37,6 +39,10 @@ pub struct PassContext {
     pub equalize: equalize::EqualizeOptions,
     /// Options of the `prune` pass (default: no pruning).
     pub prune: prune::PruneOptions,
+    /// Options of the `quantize` pass.
+    pub quantize: quantize::QuantizeOptions,
+    /// Calibration inputs for `quantize` (None = synthetic data with a warning).
+    pub calibration: Option<Arc<crate::calibrate::CalibrationSet>>,
 }
 
 pub trait Pass {
@@ -63,6 +69,8 @@ pub fn pipeline() -> Vec<Box<dyn Pass>> {
         Box::new(prune::Prune),
         // After fuse/cleanup (needs BN-folded weights), before quantize (it shapes weight ranges).
         Box::new(equalize::Equalize),
+        // Last: quantization observes the final float graph (after fusion/equalization).
+        Box::new(quantize::Quantize),
     ]
 }
 

@@ -1,0 +1,191 @@
+//! Calibration data loading: accepted layouts and the errors for bad data.
+
+#[path = "fixtures/quantize/builder.rs"]
+mod builder;
+
+use builder::Builder;
+use ndarray::{ArrayD, IxDyn};
+use ndarray_npy::{write_npy, NpzWriter};
+use onnx_compress::calibrate::{CalibrationSet, DataOptions};
+use onnx_compress::ir::Model;
+use std::path::Path;
+
+/// One input `x` [N, 2, 3] (symbolic batch) -> Relu.
+fn one_input() -> Model {
+    let mut b = Builder::new(13);
+    b.input("x", &[-1, 2, 3]).output("y", &[-1, 2, 3]);
+    b.node("Relu", "r", &["x"], &["y"], vec![]);
+    b.model()
+}
+
+/// Two inputs `a` [N, 2] and `b:0` [N, 2] -> Add.
+fn two_inputs() -> Model {
+    let mut b = Builder::new(13);
+    b.input("a", &[-1, 2])
+        .input("b:0", &[-1, 2])
+        .output("y", &[-1, 2]);
+    b.node("Add", "add", &["a", "b:0"], &["y"], vec![]);
+    b.model()
+}
+
+fn arr(shape: &[usize], v: f32) -> ArrayD<f32> {
+    ArrayD::from_elem(IxDyn(shape), v)
+}
+
+fn err(path: &Path, m: &Model) -> String {
+    format!(
+        "{:#}",
+        CalibrationSet::load(path, m, &DataOptions::default()).unwrap_err()
+    )
+}
+
+#[test]
+fn directory_of_samples_and_batches_is_stacked_and_rebatched() {
+    let d = tempfile::tempdir().unwrap();
+    write_npy(d.path().join("000.npy"), &arr(&[2, 3], 1.0)).unwrap(); // one sample
+    write_npy(d.path().join("001.npy"), &arr(&[4, 2, 3], 2.0)).unwrap(); // a batch
+    write_npy(
+        d.path().join("002.npy"),
+        &ArrayD::<f64>::from_elem(IxDyn(&[2, 3]), 3.0),
+    )
+    .unwrap();
+    let opts = DataOptions {
+        batch_size: 4,
+        max_samples: None,
+    };
+    let c = CalibrationSet::load(d.path(), &one_input(), &opts).unwrap();
+    assert_eq!(c.samples, 6);
+    let sizes: Vec<usize> = c.batches.iter().map(|b| b[0].shape()[0]).collect();
+    assert_eq!(sizes, vec![4, 2]);
+    assert_eq!(c.batches[0][0][[0, 0, 0]], 1.0);
+    assert_eq!(c.batches[1][0][[1, 0, 0]], 3.0);
+    assert!(c.notes.iter().any(|n| n.contains("float64")));
+}
+
+#[test]
+fn single_npy_file_and_max_samples() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("calib.npy");
+    write_npy(&p, &arr(&[10, 2, 3], 0.5)).unwrap();
+    let opts = DataOptions {
+        batch_size: 32,
+        max_samples: Some(7),
+    };
+    let c = CalibrationSet::load(&p, &one_input(), &opts).unwrap();
+    assert_eq!(c.samples, 7);
+}
+
+#[test]
+fn multiple_inputs_by_file_name_or_npz_keys() {
+    let m = two_inputs();
+    let d = tempfile::tempdir().unwrap();
+    for k in 0..3 {
+        write_npy(d.path().join(format!("a_{k:03}.npy")), &arr(&[2], 1.0)).unwrap();
+        // `b:0` sanitized to `b_0`.
+        write_npy(d.path().join(format!("b_0_{k:03}.npy")), &arr(&[2], 2.0)).unwrap();
+    }
+    let c = CalibrationSet::load(d.path(), &m, &DataOptions::default()).unwrap();
+    assert_eq!(c.samples, 3);
+    assert_eq!(c.input_names, vec!["a", "b:0"]);
+    assert_eq!(c.batches[0][1][[0, 0]], 2.0);
+
+    let z = tempfile::tempdir().unwrap();
+    let p = z.path().join("s.npz");
+    let mut w = NpzWriter::new(std::fs::File::create(&p).unwrap());
+    w.add_array("a", &arr(&[5, 2], 1.0)).unwrap();
+    w.add_array("b:0", &arr(&[5, 2], 2.0)).unwrap();
+    w.finish().unwrap();
+    let c = CalibrationSet::load(&p, &m, &DataOptions::default()).unwrap();
+    assert_eq!(c.samples, 5);
+}
+
+#[test]
+fn bad_data_is_refused_naming_the_file_and_expectation() {
+    let m = one_input();
+    let d = tempfile::tempdir().unwrap();
+    // Empty directory.
+    let e = err(d.path(), &m);
+    assert!(e.contains("no .npy or .npz"), "{e}");
+    // Wrong fixed dim.
+    let p = d.path().join("bad.npy");
+    write_npy(&p, &arr(&[2, 4], 1.0)).unwrap();
+    let e = err(&p, &m);
+    assert!(
+        e.contains("bad.npy") && e.contains("size 3 at dimension 2"),
+        "{e}"
+    );
+    // Wrong rank.
+    write_npy(&p, &arr(&[3], 1.0)).unwrap();
+    let e = err(&p, &m);
+    assert!(e.contains("bad.npy") && e.contains("rank"), "{e}");
+    // Wrong dtype.
+    write_npy(&p, &ArrayD::<i64>::zeros(IxDyn(&[2, 3]))).unwrap();
+    let e = err(&p, &m);
+    assert!(
+        e.contains("bad.npy") && e.contains("<i8") && e.contains("float32"),
+        "{e}"
+    );
+    // Unreadable file.
+    std::fs::write(&p, b"not numpy").unwrap();
+    let e = err(&p, &m);
+    assert!(e.contains("bad.npy"), "{e}");
+    // Missing path.
+    let e = err(&d.path().join("nope"), &m);
+    assert!(e.contains("does not exist"), "{e}");
+    // Images are not read yet: say so.
+    let i = tempfile::tempdir().unwrap();
+    std::fs::write(i.path().join("a.png"), b"\x89PNG").unwrap();
+    let e = err(i.path(), &m);
+    assert!(e.contains("image") && e.contains(".npy"), "{e}");
+    // Several inputs, stray file name.
+    let t = tempfile::tempdir().unwrap();
+    write_npy(t.path().join("c_000.npy"), &arr(&[2], 1.0)).unwrap();
+    let e = err(t.path(), &two_inputs());
+    assert!(
+        e.contains("c_000.npy") && e.contains("<input>_NNN.npy"),
+        "{e}"
+    );
+    // Several inputs, unequal counts.
+    write_npy(t.path().join("c_000.npy"), &arr(&[2], 1.0)).unwrap();
+    std::fs::remove_file(t.path().join("c_000.npy")).unwrap();
+    write_npy(t.path().join("a_000.npy"), &arr(&[2], 1.0)).unwrap();
+    write_npy(t.path().join("a_001.npy"), &arr(&[2], 1.0)).unwrap();
+    write_npy(t.path().join("b_0_000.npy"), &arr(&[2], 1.0)).unwrap();
+    let e = err(t.path(), &two_inputs());
+    assert!(e.contains("same count"), "{e}");
+    // NaN.
+    write_npy(&p, &arr(&[2, 3], f32::NAN)).unwrap();
+    assert!(err(&p, &m).contains("NaN"));
+}
+
+#[test]
+fn synthetic_data_is_seeded_and_warns() {
+    let mut b = Builder::new(13);
+    b.input("x", &[1, 2, 3]).output("y", &[1, 2, 3]);
+    b.node("Relu", "r", &["x"], &["y"], vec![]);
+    let m = b.model();
+    let a = CalibrationSet::synthetic(&m, 4, 9, &DataOptions::default()).unwrap();
+    let c = CalibrationSet::synthetic(&m, 4, 9, &DataOptions::default()).unwrap();
+    assert_eq!(a.batches, c.batches);
+    assert_eq!(a.batches.len(), 4, "fixed batch 1");
+    assert!(a.synthetic && a.notes[0].contains("WARNING"));
+    // Symbolic non-batch dims need real data.
+    let mut b = Builder::new(13);
+    b.input("x", &[1, -1]).output("y", &[1, -1]);
+    b.node("Relu", "r", &["x"], &["y"], vec![]);
+    let e = CalibrationSet::synthetic(&b.model(), 4, 9, &DataOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("--calib"), "{e}");
+}
+
+#[test]
+fn testdata_digits_calib_dir_loads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+    let model = root.join("digits_cnn.onnx");
+    if !model.exists() {
+        return eprintln!("testdata missing: skipping");
+    }
+    let m = onnx_compress::onnx::load::load(&model).unwrap();
+    let c = CalibrationSet::load(&root.join("digits_calib"), &m, &DataOptions::default()).unwrap();
+    assert_eq!(c.samples, 32);
+    assert_eq!(c.batches[0][0].shape(), &[32, 1, 8, 8]);
+}
