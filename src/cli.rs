@@ -1,5 +1,6 @@
 //! The command line: a thin layer over the library.
 
+use crate::calibrate::{CalibrationSet, DataOptions};
 use crate::ir::Model;
 use crate::onnx::{load, save};
 use crate::passes::{self, PassContext, PassRecord};
@@ -9,6 +10,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 const AFTER_HELP: &str = "\
@@ -103,6 +105,103 @@ pub struct CompressArgs {
     /// Print nothing but errors.
     #[arg(short, long)]
     pub quiet: bool,
+    // ---- calibration and quantization ----
+    /// Calibration data: a directory of .npy files (one sample or a batch each; several graph
+    /// inputs as `<input>_NNN.npy`), a .npy or an .npz (keys = input names). Without it ranges
+    /// come from synthetic data (a warning says so).
+    #[arg(long, value_name = "PATH", help_heading = "Quantization")]
+    pub calib: Option<PathBuf>,
+    /// Use at most N calibration samples.
+    #[arg(long, value_name = "N", help_heading = "Quantization")]
+    pub calib_samples: Option<usize>,
+    /// Activation range method: minmax, percentile, percentile:P, entropy, mse.
+    #[arg(
+        long,
+        default_value = "percentile",
+        value_name = "METHOD",
+        help_heading = "Quantization"
+    )]
+    pub method: String,
+    /// Percentile for --method percentile.
+    #[arg(long, value_name = "P", help_heading = "Quantization")]
+    pub percentile: Option<f64>,
+    /// Moving-average min-max with this averaging constant (minmax only), e.g. 0.01.
+    #[arg(long, value_name = "A", help_heading = "Quantization")]
+    pub moving_average: Option<f32>,
+    /// Per-tensor weight scales instead of per-channel.
+    #[arg(long, help_heading = "Quantization")]
+    pub per_tensor: bool,
+    /// Symmetric int8 activations instead of asymmetric uint8.
+    #[arg(long, help_heading = "Quantization")]
+    pub symmetric_activations: bool,
+    /// 7-bit weights, for ONNX Runtime's u8xs8 kernels on x86 CPUs without VNNI.
+    #[arg(long, help_heading = "Quantization")]
+    pub reduce_range: bool,
+    /// Weight rounding: nearest or stochastic (seeded by --seed).
+    #[arg(long, default_value = "nearest", value_parser = ["nearest", "stochastic"], help_heading = "Quantization")]
+    pub rounding: String,
+    /// Leave every node of this op type in float (repeatable).
+    #[arg(long = "exclude-op", value_name = "OP", help_heading = "Quantization")]
+    pub exclude_ops: Vec<String>,
+    /// Leave nodes whose name matches (name or regex, full match) in float (repeatable).
+    #[arg(
+        long = "exclude-node",
+        value_name = "NAME",
+        help_heading = "Quantization"
+    )]
+    pub exclude_nodes: Vec<String>,
+    /// Quantize only nodes whose name matches (repeatable).
+    #[arg(
+        long = "include-node",
+        value_name = "NAME",
+        help_heading = "Quantization"
+    )]
+    pub include_nodes: Vec<String>,
+
+    // ---- equalization ----
+    /// Move biases past ReLU layers where activations stay linear (high-bias absorption).
+    #[arg(long, help_heading = "Equalization")]
+    pub absorb_high_bias: bool,
+    /// Bias correction for quantized weights: off or empirical (needs --calib).
+    #[arg(long, default_value = "off", value_parser = ["off", "empirical", "analytic"], help_heading = "Equalization")]
+    pub bias_correction: String,
+
+    // ---- pruning ----
+    /// Remove this fraction of the channels of prunable groups (e.g. 0.3).
+    #[arg(long, value_name = "FRACTION", help_heading = "Pruning")]
+    pub prune: Option<f64>,
+    /// Remove this fraction of the MACs (e.g. 0.3 keeps at most 70%); wins over --prune.
+    #[arg(long, value_name = "FRACTION", help_heading = "Pruning")]
+    pub prune_flops: Option<f64>,
+    /// Rank channels over all layers (global) or within each layer (per-layer).
+    #[arg(long, default_value = "global", value_parser = ["global", "per-layer"], help_heading = "Pruning")]
+    pub prune_ranking: String,
+    /// Channel importance: l1, l2, bn-gamma, activation or combined.
+    #[arg(long, default_value = "combined", value_parser = ["l1", "l2", "bn-gamma", "activation", "combined"], help_heading = "Pruning")]
+    pub prune_criterion: String,
+    /// Never remove more than this fraction of one layer's channels.
+    #[arg(
+        long,
+        default_value_t = 0.9,
+        value_name = "FRACTION",
+        help_heading = "Pruning"
+    )]
+    pub prune_max_fraction: f64,
+    /// Keep channel counts multiples of N where possible.
+    #[arg(long, default_value_t = 1, value_name = "N", help_heading = "Pruning")]
+    pub round_to: usize,
+    /// Refit consumers after pruning: least-squares, bias or none.
+    #[arg(long, default_value = "least-squares", value_parser = ["least-squares", "bias", "none"], help_heading = "Pruning")]
+    pub reconstruct: String,
+
+    // ---- validation data ----
+    /// Held-out inputs for validation (same formats as --calib); default: synthetic.
+    #[arg(long, value_name = "PATH")]
+    pub eval: Option<PathBuf>,
+    /// Class labels (.npy of integers) of the --eval samples: reports both models' accuracy.
+    #[arg(long, value_name = "FILE")]
+    pub eval_labels: Option<PathBuf>,
+
     /// Read options from a TOML recipe (command-line options win).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -145,6 +244,190 @@ fn parse_shapes(model: &Model, specs: &[String]) -> Result<Vec<(String, Vec<usiz
         }
     }
     Ok(shapes)
+}
+
+/// Held-out validation inputs (one batch per input, all samples) and optional labels.
+#[allow(clippy::type_complexity)]
+fn load_eval(
+    args: &CompressArgs,
+    model: &Model,
+) -> Result<Option<(Vec<(String, ndarray::ArrayD<f32>)>, Option<Vec<i64>>)>> {
+    let Some(path) = &args.eval else {
+        ensure!(args.eval_labels.is_none(), "--eval-labels needs --eval");
+        return Ok(None);
+    };
+    let set = CalibrationSet::load(path, model, &DataOptions::default())
+        .with_context(|| format!("--eval {}", path.display()))?;
+    let inputs = set
+        .input_names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let parts: Vec<_> = set.batches.iter().map(|b| b[i].view()).collect();
+            let joined = ndarray::concatenate(ndarray::Axis(0), &parts)
+                .with_context(|| format!("--eval: joining batches of '{name}'"))?;
+            Ok((name.clone(), joined))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let labels = match &args.eval_labels {
+        None => None,
+        Some(p) => {
+            let labels = read_labels(p)?;
+            ensure!(
+                labels.len() == set.samples,
+                "--eval-labels {}: {} labels for {} --eval samples",
+                p.display(),
+                labels.len(),
+                set.samples
+            );
+            Some(labels)
+        }
+    };
+    Ok(Some((inputs, labels)))
+}
+
+/// Integer class labels from a 1-D .npy (int64, int32 or uint8).
+fn read_labels(path: &Path) -> Result<Vec<i64>> {
+    use ndarray_npy::ReadNpyExt;
+    let open = || {
+        std::fs::File::open(path).with_context(|| format!("cannot read labels {}", path.display()))
+    };
+    if let Ok(a) = ndarray::Array1::<i64>::read_npy(open()?) {
+        return Ok(a.to_vec());
+    }
+    if let Ok(a) = ndarray::Array1::<i32>::read_npy(open()?) {
+        return Ok(a.iter().map(|&v| v as i64).collect());
+    }
+    if let Ok(a) = ndarray::Array1::<u8>::read_npy(open()?) {
+        return Ok(a.iter().map(|&v| v as i64).collect());
+    }
+    bail!(
+        "labels {}: expected a 1-D .npy of int64, int32 or uint8 class indices",
+        path.display()
+    )
+}
+
+/// The options of every pass, from the command line, with calibration data loaded once.
+fn pass_context(
+    args: &CompressArgs,
+    model: &Model,
+    input_shapes: &[(String, Vec<usize>)],
+) -> Result<PassContext> {
+    use crate::passes::{equalize, prune, quantize};
+    let calibration = match &args.calib {
+        Some(path) => {
+            let opts = DataOptions {
+                max_samples: args.calib_samples,
+                ..Default::default()
+            };
+            Some(Arc::new(
+                CalibrationSet::load(path, model, &opts)
+                    .with_context(|| format!("--calib {}", path.display()))?,
+            ))
+        }
+        None => None,
+    };
+    let mut method = crate::calibrate::observe::Method::parse(&args.method)
+        .with_context(|| format!("--method {}", args.method))?;
+    if let Some(p) = args.percentile {
+        ensure!(
+            matches!(method, crate::calibrate::observe::Method::Percentile(_)),
+            "--percentile needs --method percentile"
+        );
+        method = crate::calibrate::observe::Method::parse(&format!("percentile:{p}"))
+            .context("--percentile")?;
+    }
+    let quantize = quantize::QuantizeOptions {
+        method,
+        moving_average: args.moving_average,
+        activation_scheme: if args.symmetric_activations {
+            crate::calibrate::params::ActScheme::I8Symmetric
+        } else {
+            crate::calibrate::params::ActScheme::U8Asymmetric
+        },
+        per_channel: !args.per_tensor,
+        reduce_range: args.reduce_range,
+        rounding: if args.rounding == "stochastic" {
+            quantize::Rounding::Stochastic { seed: args.seed }
+        } else {
+            quantize::Rounding::Nearest
+        },
+        exclude_ops: args.exclude_ops.clone(),
+        exclude_nodes: args.exclude_nodes.clone(),
+        include_nodes: args.include_nodes.clone(),
+        seed: args.seed,
+        bias_correction: args
+            .bias_correction
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--bias-correction: {e}"))?,
+        ..Default::default()
+    };
+    ensure!(
+        args.bias_correction != "empirical" || calibration.is_some(),
+        "--bias-correction empirical needs calibration data (--calib)"
+    );
+    ensure!(
+        args.bias_correction != "analytic",
+        "--bias-correction analytic is not available yet; use empirical with --calib"
+    );
+    // Equalization and pruning take named batches.
+    let named: Option<Vec<Vec<(String, ndarray::ArrayD<f32>)>>> = calibration.as_ref().map(|c| {
+        c.batches
+            .iter()
+            .map(|b| {
+                c.input_names
+                    .iter()
+                    .cloned()
+                    .zip(b.iter().cloned())
+                    .collect()
+            })
+            .collect()
+    });
+    let equalize = equalize::EqualizeOptions {
+        absorb_high_bias: args.absorb_high_bias,
+        calibration: named.clone().map(Arc::new),
+        ..Default::default()
+    };
+    for (flag, v) in [("--prune", args.prune), ("--prune-flops", args.prune_flops)] {
+        if let Some(v) = v {
+            ensure!(
+                (0.0..1.0).contains(&v),
+                "{flag} {v}: expected a fraction in [0, 1)"
+            );
+        }
+    }
+    let prune = prune::PruneOptions {
+        ratio: args.prune.unwrap_or(0.0),
+        flops: args.prune_flops.unwrap_or(0.0),
+        ranking: match args.prune_ranking.as_str() {
+            "per-layer" => prune::Ranking::PerLayer,
+            _ => prune::Ranking::Global,
+        },
+        criterion: match args.prune_criterion.as_str() {
+            "l1" => prune::Criterion::L1,
+            "l2" => prune::Criterion::L2,
+            "bn-gamma" => prune::Criterion::BnGamma,
+            "activation" => prune::Criterion::Activation,
+            _ => prune::Criterion::Combined,
+        },
+        max_fraction: args.prune_max_fraction,
+        round_to: args.round_to.max(1),
+        reconstruct: match args.reconstruct.as_str() {
+            "none" => prune::Reconstruct::None,
+            "bias" => prune::Reconstruct::Bias,
+            _ => prune::Reconstruct::LeastSquares,
+        },
+        calibration: named.and_then(|b| b.into_iter().next()),
+        input_shapes: input_shapes.to_vec(),
+        ..Default::default()
+    };
+    Ok(PassContext {
+        max_patches: args.max_patches,
+        quantize,
+        calibration,
+        equalize,
+        prune,
+    })
 }
 
 /// Whether two paths name the same file (the output must never clobber the input).
@@ -235,10 +518,9 @@ fn compress(args: &CompressArgs) -> Result<()> {
         &stats::inferred_shapes(&model, &original, &input_shapes),
     );
 
-    let ctx = PassContext {
-        max_patches: args.max_patches,
-        ..Default::default()
-    };
+    // Data problems surface before any work starts.
+    let eval_data = load_eval(args, &model)?;
+    let ctx = pass_context(args, &model, &input_shapes)?;
     let records = passes::run_passes(&mut model, &names, &ctx)?;
 
     let out_proto = model.to_proto()?;
@@ -250,12 +532,16 @@ fn compress(args: &CompressArgs) -> Result<()> {
     let validation = if args.no_validate {
         None
     } else {
-        let opts = ValidateOptions {
+        let mut opts = ValidateOptions {
             seed: args.seed,
             samples: args.samples,
             input_shapes: input_shapes.clone(),
             ..Default::default()
         };
+        if let Some((inputs, labels)) = eval_data {
+            opts.inputs = Some(inputs);
+            opts.labels = labels;
+        }
         // The output is written: a validation that cannot run is reported, not a failure.
         Some(
             validate::validate(&original, &out_proto, &opts)

@@ -120,16 +120,23 @@ pub struct PassRecord {
 /// Run the named passes in pipeline order, checking the graph after each.
 pub fn run_passes(model: &mut Model, names: &[&str], ctx: &PassContext) -> Result<Vec<PassRecord>> {
     let mut records = Vec::new();
+    // Passes can hand facts to later ones: fuse's folded BN statistics feed equalize's
+    // high-bias absorption in the same run (and only that run: they describe these weights).
+    let mut ctx = ctx.clone();
     for pass in pipeline().into_iter().filter(|p| names.contains(&p.name())) {
         let nodes_before = model.graph.node_count();
         let start = Instant::now();
         let stats = pass
-            .run(model, ctx)
+            .run(model, &ctx)
             .with_context(|| format!("pass {}", pass.name()))?;
         model
             .graph
             .check()
             .with_context(|| format!("pass {} left an inconsistent graph", pass.name()))?;
+        if pass.name() == "fuse" && ctx.equalize.absorb_high_bias {
+            ctx.equalize.bn_stats = fuse::folded_bn_stats(&stats.details)
+                .context("reading the BN statistics folded by fuse")?;
+        }
         records.push(PassRecord {
             name: pass.name().to_string(),
             changes: stats.changes,

@@ -141,27 +141,14 @@ fn name_seed(seed: u64, name: &str) -> u64 {
     h ^ seed.wrapping_mul(0x9e3779b97f4a7c15)
 }
 
-/// Quantize constant weight `w`; returns the per-channel (or single) scales and a report.
-pub fn weight(
-    g: &mut Graph,
-    w: &str,
+/// The int8 values and per-channel parameters of a float weight (no graph change).
+fn quantize_values(
+    a: &ArrayD<f32>,
     axis: Option<usize>,
-    node: &str,
+    w: &str,
     reduce_range: bool,
     rounding: Rounding,
-) -> Result<(Vec<f32>, WeightReport)> {
-    let t = g
-        .constant(w)
-        .with_context(|| format!("weight '{w}' is not a constant initializer"))?;
-    let a = tensor::to_f32(t).with_context(|| format!("decoding weight '{w}'"))?;
-    if let Some(ax) = axis {
-        if ax >= a.ndim() {
-            bail!(
-                "weight '{w}' of node '{node}' has rank {} but per-channel axis is {ax}",
-                a.ndim()
-            );
-        }
-    }
+) -> (ArrayD<i8>, Vec<QParams>, usize) {
     // Channel views: per-channel along `axis`, or the whole tensor as one channel.
     let channels: Vec<ndarray::ArrayViewD<f32>> = match axis {
         Some(ax) => a.axis_iter(Axis(ax)).collect(),
@@ -189,6 +176,50 @@ pub fn weight(
         };
         q[&idx] = r.clamp(p.qmin as f32, p.qmax as f32) as i8;
     }
+    (q, qps, zero_channels)
+}
+
+/// `dq(q(W))`: the weight as the quantized model will see it, exactly as [`weight`] would
+/// quantize it (for bias correction before insertion).
+pub fn fake_quant(
+    g: &Graph,
+    w: &str,
+    axis: Option<usize>,
+    reduce_range: bool,
+    rounding: Rounding,
+) -> Result<ArrayD<f32>> {
+    let t = g
+        .constant(w)
+        .with_context(|| format!("weight '{w}' is not a constant initializer"))?;
+    let a = tensor::to_f32(t).with_context(|| format!("decoding weight '{w}'"))?;
+    let (q, qps, _) = quantize_values(&a, axis, w, reduce_range, rounding);
+    Ok(ArrayD::from_shape_fn(q.raw_dim(), |idx| {
+        qps[axis.map(|ax| idx[ax]).unwrap_or(0)].dequantize(q[&idx] as i32)
+    }))
+}
+
+/// Quantize constant weight `w`; returns the per-channel (or single) scales and a report.
+pub fn weight(
+    g: &mut Graph,
+    w: &str,
+    axis: Option<usize>,
+    node: &str,
+    reduce_range: bool,
+    rounding: Rounding,
+) -> Result<(Vec<f32>, WeightReport)> {
+    let t = g
+        .constant(w)
+        .with_context(|| format!("weight '{w}' is not a constant initializer"))?;
+    let a = tensor::to_f32(t).with_context(|| format!("decoding weight '{w}'"))?;
+    if let Some(ax) = axis {
+        if ax >= a.ndim() {
+            bail!(
+                "weight '{w}' of node '{node}' has rank {} but per-channel axis is {ax}",
+                a.ndim()
+            );
+        }
+    }
+    let (q, qps, zero_channels) = quantize_values(&a, axis, w, reduce_range, rounding);
     let deq: Vec<f32> = q
         .indexed_iter()
         .map(|(idx, &v)| qps[axis.map(|ax| idx[ax]).unwrap_or(0)].dequantize(v as i32))

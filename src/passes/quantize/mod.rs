@@ -29,7 +29,7 @@ pub mod placement;
 use crate::calibrate::data::{CalibrationSet, DataOptions};
 use crate::calibrate::observe::{observe_model, Method, ObserveOptions, Observed};
 use crate::calibrate::params::{activation_params, ActScheme, QParams};
-use crate::ir::Model;
+use crate::ir::{tensor, Model};
 use crate::passes::{Pass, PassContext, PassStats};
 use anyhow::{Context, Result};
 use indexmap::IndexMap;
@@ -58,12 +58,15 @@ pub struct QuantizeOptions {
     /// Synthetic samples when no calibration data is given.
     pub synthetic_samples: usize,
     pub seed: u64,
+    /// Correct each quantized layer's float bias for the mean shift its weight error causes.
+    pub bias_correction: crate::passes::equalize::BiasCorrection,
 }
 
 impl Default for QuantizeOptions {
     fn default() -> Self {
         QuantizeOptions {
-            method: Method::MinMax,
+            // Same default as the CLI: robust to the rare outliers min-max would chase.
+            method: Method::Percentile(99.999),
             moving_average: None,
             activation_scheme: ActScheme::U8Asymmetric,
             per_channel: true,
@@ -74,6 +77,7 @@ impl Default for QuantizeOptions {
             include_nodes: vec![],
             synthetic_samples: 16,
             seed: 0,
+            bias_correction: Default::default(),
         }
     }
 }
@@ -92,6 +96,72 @@ impl Pass for Quantize {
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats> {
         quantize(model, &ctx.quantize, ctx.calibration.as_deref())
     }
+}
+
+/// Empirical bias correction (Nagel et al. 2019, sec. 4.2): add `-(dq(q(W)) - W)·E[x]` to each
+/// quantized layer's float bias, `E[x]` measured on the calibration data in the float model,
+/// before the bias itself is quantized. Layers without a bias are left as they are.
+fn correct_biases(
+    work: &mut Model,
+    plan: &placement::Plan,
+    opts: &QuantizeOptions,
+    calib: &CalibrationSet,
+) -> Result<String> {
+    use crate::passes::equalize::{empirical_bias_correction, BiasCorrection};
+    anyhow::ensure!(
+        opts.bias_correction == BiasCorrection::Empirical,
+        "bias correction '{:?}' is not available in the quantize pass; use empirical (with --calib)",
+        opts.bias_correction
+    );
+    let mut quantized = Vec::new();
+    for (w, mark) in &plan.weights {
+        let axis = mark.axis;
+        let wq = insert::fake_quant(&work.graph, w, axis, opts.reduce_range, opts.rounding)?;
+        quantized.push((mark.node.clone(), wq));
+    }
+    let named: Vec<Vec<(String, ndarray::ArrayD<f32>)>> = calib
+        .batches
+        .iter()
+        .map(|b| {
+            calib
+                .input_names
+                .iter()
+                .cloned()
+                .zip(b.iter().cloned())
+                .collect()
+        })
+        .collect();
+    let deltas =
+        empirical_bias_correction(work, &quantized, &named).context("empirical bias correction")?;
+    let mut corrected = 0;
+    for (node, delta) in deltas {
+        let Some((bias, _)) = plan.biases.iter().find(|(_, m)| m.node == node) else {
+            continue;
+        };
+        let t = work
+            .graph
+            .constant(bias)
+            .with_context(|| format!("bias '{bias}' is not a constant"))?;
+        let mut b = tensor::to_f32(t)?;
+        anyhow::ensure!(
+            b.len() == delta.len(),
+            "bias '{bias}' has {} values, correction has {}",
+            b.len(),
+            delta.len()
+        );
+        for (v, d) in b.iter_mut().zip(&delta) {
+            *v += *d as f32;
+        }
+        work.graph.apply(crate::ir::Patch {
+            initializers: vec![tensor::from_f32(bias, &b)],
+            ..Default::default()
+        })?;
+        corrected += 1;
+    }
+    Ok(format!(
+        "empirical bias correction on {corrected} layer(s) from {} calibration sample(s)",
+        calib.samples
+    ))
 }
 
 /// Quantize `model` in place (all or nothing).
@@ -164,6 +234,12 @@ pub fn quantize(
         let (lo, hi) = group_range[&plan.group(t)];
         activation_params(lo, hi, opts.activation_scheme)
     };
+
+    if opts.bias_correction != crate::passes::equalize::BiasCorrection::Off {
+        stats
+            .notes
+            .push(correct_biases(&mut work, &plan, opts, calib)?);
+    }
 
     // Insertion: weights, then activations, then biases (which need both scales).
     let g = &mut work.graph;
