@@ -521,7 +521,7 @@ fn compress(args: &CompressArgs) -> Result<()> {
     // Data problems surface before any work starts.
     let eval_data = load_eval(args, &model)?;
     let ctx = pass_context(args, &model, &input_shapes)?;
-    let records = passes::run_passes(&mut model, &names, &ctx)?;
+    let records = crate::Pipeline::from_parts(names, ctx).run(&mut model)?;
 
     let out_proto = model.to_proto()?;
     let save_opts = save::SaveOptions {

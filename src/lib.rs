@@ -5,6 +5,9 @@ pub mod cli;
 pub mod ir;
 pub mod onnx;
 pub mod passes;
+pub mod pipeline;
 pub mod recipe;
 pub mod report;
 pub mod validate;
+
+pub use pipeline::Pipeline;
