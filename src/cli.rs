@@ -237,6 +237,7 @@ fn compress(args: &CompressArgs) -> Result<()> {
 
     let ctx = PassContext {
         max_patches: args.max_patches,
+        ..Default::default()
     };
     let records = passes::run_passes(&mut model, &names, &ctx)?;
 

@@ -1,5 +1,6 @@
 //! onnx-compress: make trained ONNX models small and fast without retraining, and prove the
 //! result by running original and output side by side in tract.
+pub mod calibrate;
 pub mod cli;
 pub mod ir;
 pub mod onnx;

@@ -7,11 +7,13 @@
 pub mod cleanup;
 pub mod constant_fold;
 pub mod fuse;
+pub mod quantize;
 pub mod rewrite;
 
 use crate::ir::Model;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What one pass did, for the run summary and the JSON report.
@@ -31,6 +33,10 @@ pub struct PassStats {
 pub struct PassContext {
     /// Stop each rule-driven pass after this many patches (bisection aid).
     pub max_patches: Option<usize>,
+    /// Options of the `quantize` pass.
+    pub quantize: quantize::QuantizeOptions,
+    /// Calibration inputs for `quantize` (None = synthetic data with a warning).
+    pub calibration: Option<Arc<crate::calibrate::CalibrationSet>>,
 }
 
 pub trait Pass {
@@ -52,6 +58,8 @@ pub fn pipeline() -> Vec<Box<dyn Pass>> {
         Box::new(fuse::Fuse),
         // After fuse: drops what fuse left unused and simplifies shape chains.
         Box::new(cleanup::Cleanup),
+        // Last: quantization observes the final float graph (after fusion/equalization).
+        Box::new(quantize::Quantize),
     ]
 }
 

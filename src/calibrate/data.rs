@@ -1,0 +1,538 @@
+//! Calibration data: loading, checking against the model's inputs, batching.
+//!
+//! Accepted sources (`--calib PATH`):
+//! - a directory of `.npy` files. A one-input model reads every `.npy` file (sorted by name);
+//!   a model with several inputs reads `<input>_NNN.npy` (input name as is, or with every
+//!   character outside `[A-Za-z0-9_.-]` replaced by `_`), and each input needs the same number
+//!   of samples;
+//! - a directory of `.npz` files, whose keys are the input names (a one-input model also
+//!   accepts an archive holding exactly one array under any key);
+//! - a single `.npy` file (one-input models) or a single `.npz` file.
+//!
+//! Each array holds one sample (the input's shape without its leading batch dimension) or a
+//! batch (the full rank; the leading dimension counts samples). Dimensions the model fixes must
+//! match; symbolic ones may be anything but must agree across samples. float32 and float64
+//! arrays are accepted (float64 is narrowed). Images (png/jpg) are not read yet: convert them
+//! to `.npy` (the `image` crate is not a dependency).
+//!
+//! Everything is read and checked before any inference starts, so a bad file fails the run
+//! early with the file's path and what was expected.
+//!
+//! Without data, [`CalibrationSet::synthetic`] makes seeded standard-normal inputs and says
+//! loudly that the ranges are then meaningless for real inputs.
+
+use crate::ir::Model;
+use crate::onnx::proto::{
+    tensor_proto::DataType, tensor_shape_proto::dimension::Value as Dim, type_proto,
+    ValueInfoProto,
+};
+use anyhow::{bail, ensure, Context, Result};
+use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray_npy::{NpzReader, ReadNpyExt};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr_lite::standard_normal;
+use std::path::{Path, PathBuf};
+
+/// One dimension of a model input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputDim {
+    Fixed(usize),
+    Symbolic(String),
+}
+
+/// A float graph input the calibration data must feed.
+#[derive(Debug, Clone)]
+pub struct InputSpec {
+    pub name: String,
+    pub dims: Vec<InputDim>,
+}
+
+impl InputSpec {
+    /// The fixed batch size (leading dimension), if the model pins it.
+    pub fn fixed_batch(&self) -> Option<usize> {
+        match self.dims.first() {
+            Some(InputDim::Fixed(b)) => Some(*b),
+            _ => None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let dims: Vec<String> = self
+            .dims
+            .iter()
+            .map(|d| match d {
+                InputDim::Fixed(v) => v.to_string(),
+                InputDim::Symbolic(s) if s.is_empty() => "?".into(),
+                InputDim::Symbolic(s) => s.clone(),
+            })
+            .collect();
+        format!("'{}' [{}]", self.name, dims.join(", "))
+    }
+}
+
+/// The graph inputs the runtime feeds (graph inputs that are not initializers), in order.
+pub fn model_inputs(model: &Model) -> Result<Vec<InputSpec>> {
+    model
+        .graph
+        .inputs
+        .iter()
+        .filter(|v| !model.graph.initializers.contains_key(v.name()))
+        .map(input_spec)
+        .collect()
+}
+
+fn input_spec(v: &ValueInfoProto) -> Result<InputSpec> {
+    let Some(type_proto::Value::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
+        bail!("model input '{}' is not a tensor", v.name());
+    };
+    let elem = DataType::try_from(t.elem_type()).unwrap_or(DataType::Undefined);
+    ensure!(
+        elem == DataType::Float,
+        "model input '{}' is {}; calibration feeds float32 inputs only",
+        v.name(),
+        crate::ir::tensor::type_name(elem)
+    );
+    let shape = t
+        .shape
+        .as_ref()
+        .with_context(|| format!("model input '{}' has no shape", v.name()))?;
+    let dims = shape
+        .dim
+        .iter()
+        .map(|d| match &d.value {
+            Some(Dim::DimValue(v)) if *v >= 0 => InputDim::Fixed(*v as usize),
+            Some(Dim::DimParam(p)) => InputDim::Symbolic(p.clone()),
+            _ => InputDim::Symbolic(String::new()),
+        })
+        .collect();
+    Ok(InputSpec {
+        name: v.name().to_string(),
+        dims,
+    })
+}
+
+/// Options for reading calibration data.
+#[derive(Debug, Clone)]
+pub struct DataOptions {
+    /// Samples per inference batch when the model does not fix its batch size.
+    pub batch_size: usize,
+    /// Use at most this many samples (the first ones, in file order).
+    pub max_samples: Option<usize>,
+}
+
+impl Default for DataOptions {
+    fn default() -> Self {
+        DataOptions {
+            batch_size: 32,
+            max_samples: None,
+        }
+    }
+}
+
+/// Calibration inputs, checked against the model and cut into batches.
+#[derive(Debug, Clone)]
+pub struct CalibrationSet {
+    /// Graph input names, in the order of each batch's arrays.
+    pub input_names: Vec<String>,
+    /// Each batch holds one array per input with a leading batch dimension.
+    pub batches: Vec<Vec<ArrayD<f32>>>,
+    pub samples: usize,
+    /// Where the data came from (path or "synthetic").
+    pub source: String,
+    /// True for generated data.
+    pub synthetic: bool,
+    /// Remarks for the report (narrowed float64, truncated sample count, synthetic data...).
+    pub notes: Vec<String>,
+}
+
+impl CalibrationSet {
+    /// Read calibration data from a file or directory and check it against `model`.
+    pub fn load(path: &Path, model: &Model, opts: &DataOptions) -> Result<CalibrationSet> {
+        let specs = model_inputs(model)?;
+        ensure!(!specs.is_empty(), "the model has no float inputs to calibrate");
+        let mut notes = Vec::new();
+        let per_input: Vec<Vec<Sample>> = if path.is_dir() {
+            read_dir(path, &specs, &mut notes)?
+        } else if path.is_file() {
+            read_file(path, &specs, &mut notes)?
+        } else {
+            bail!(
+                "calibration data '{}' does not exist (expected a directory of .npy/.npz files or one .npy/.npz file)",
+                path.display()
+            );
+        };
+        Self::assemble(specs, per_input, opts, path.display().to_string(), notes)
+    }
+
+    /// Seeded standard-normal inputs: `samples` samples; symbolic non-batch dims are refused.
+    pub fn synthetic(model: &Model, samples: usize, seed: u64, opts: &DataOptions) -> Result<Self> {
+        let specs = model_inputs(model)?;
+        ensure!(!specs.is_empty(), "the model has no float inputs to calibrate");
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut per_input = Vec::new();
+        for spec in &specs {
+            let mut shape = Vec::new();
+            for (i, d) in spec.dims.iter().enumerate().skip(1) {
+                match d {
+                    InputDim::Fixed(v) => shape.push(*v),
+                    InputDim::Symbolic(s) => bail!(
+                        "model input {} has symbolic dimension {i} ('{s}'): synthetic calibration data needs fixed sizes; pass --calib with real data",
+                        spec.describe()
+                    ),
+                }
+            }
+            let n: usize = shape.iter().product();
+            let mut list = Vec::new();
+            for k in 0..samples {
+                let v: Vec<f32> = (0..n).map(|_| standard_normal(&mut rng)).collect();
+                let a = ArrayD::from_shape_vec(IxDyn(&shape), v).context("synthetic sample")?;
+                list.push(Sample {
+                    data: a.insert_axis(Axis(0)),
+                    origin: format!("synthetic #{k}"),
+                });
+            }
+            per_input.push(list);
+        }
+        let note = format!(
+            "WARNING: no calibration data given; ranges come from {samples} synthetic standard-normal samples (seed {seed}) and will not match real inputs: pass --calib DIR for a usable int8 model"
+        );
+        let mut set = Self::assemble(specs, per_input, opts, "synthetic".into(), vec![note])?;
+        set.synthetic = true;
+        Ok(set)
+    }
+
+    fn assemble(
+        specs: Vec<InputSpec>,
+        per_input: Vec<Vec<Sample>>,
+        opts: &DataOptions,
+        source: String,
+        mut notes: Vec<String>,
+    ) -> Result<CalibrationSet> {
+        // Stack each input's samples into one [total, ...] array.
+        let mut stacked = Vec::new();
+        for (spec, samples) in specs.iter().zip(&per_input) {
+            ensure!(
+                !samples.is_empty(),
+                "calibration data '{source}' holds no sample for model input {}",
+                spec.describe()
+            );
+            let first = &samples[0];
+            for s in samples {
+                ensure!(
+                    s.data.shape()[1..] == first.data.shape()[1..],
+                    "calibration sample {} has shape {:?} but {} has {:?}: samples of input '{}' must share a shape",
+                    s.origin,
+                    &s.data.shape()[1..],
+                    first.origin,
+                    &first.data.shape()[1..],
+                    spec.name
+                );
+            }
+            let views: Vec<_> = samples.iter().map(|s| s.data.view()).collect();
+            let all = ndarray::concatenate(Axis(0), &views)
+                .with_context(|| format!("stacking samples of input '{}'", spec.name))?;
+            stacked.push(all);
+        }
+        let mut total = stacked[0].shape()[0];
+        for (spec, a) in specs.iter().zip(&stacked) {
+            ensure!(
+                a.shape()[0] == total,
+                "calibration data '{source}': input '{}' has {} samples but '{}' has {total}; every input needs the same count",
+                spec.name,
+                a.shape()[0],
+                specs[0].name
+            );
+        }
+        if let Some(max) = opts.max_samples {
+            if total > max {
+                notes.push(format!("using the first {max} of {total} calibration samples"));
+                total = max;
+            }
+        }
+        ensure!(total > 0, "calibration data '{source}' holds no samples");
+        let fixed = specs.iter().find_map(|s| s.fixed_batch());
+        let batch = fixed.unwrap_or(opts.batch_size.max(1));
+        let mut batches: Vec<Vec<ArrayD<f32>>> = Vec::new();
+        let mut start = 0;
+        while start < total {
+            let end = (start + batch).min(total);
+            if fixed.is_some() && end - start < batch {
+                notes.push(format!(
+                    "the model fixes batch size {batch}: the last {} calibration sample(s) are not used",
+                    end - start
+                ));
+                break;
+            }
+            batches.push(
+                stacked
+                    .iter()
+                    .map(|a| a.slice_axis(Axis(0), (start..end).into()).to_owned())
+                    .collect(),
+            );
+            start = end;
+        }
+        ensure!(
+            !batches.is_empty(),
+            "calibration data '{source}' has {total} samples, fewer than the model's fixed batch size {batch}"
+        );
+        Ok(CalibrationSet {
+            input_names: specs.into_iter().map(|s| s.name).collect(),
+            samples: batches.iter().map(|b| b[0].shape()[0]).sum(),
+            batches,
+            source,
+            synthetic: false,
+            notes,
+        })
+    }
+}
+
+/// One array read from a file, already with a leading batch dimension.
+struct Sample {
+    data: ArrayD<f32>,
+    origin: String,
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn read_dir(dir: &Path, specs: &[InputSpec], notes: &mut Vec<String>) -> Result<Vec<Vec<Sample>>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading calibration directory '{}'", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let ext = |p: &Path| {
+        p.extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .unwrap_or_default()
+    };
+    let images = files
+        .iter()
+        .filter(|p| ["png", "jpg", "jpeg", "bmp"].contains(&ext(p).as_str()))
+        .count();
+    let npy: Vec<&PathBuf> = files.iter().filter(|p| ext(p) == "npy").collect();
+    let npz: Vec<&PathBuf> = files.iter().filter(|p| ext(p) == "npz").collect();
+    if npy.is_empty() && npz.is_empty() {
+        if images > 0 {
+            bail!(
+                "calibration directory '{}' holds {images} image file(s); images are not read yet: convert them to .npy arrays shaped like the model input ({})",
+                dir.display(),
+                specs.iter().map(|s| s.describe()).collect::<Vec<_>>().join(", ")
+            );
+        }
+        bail!(
+            "calibration directory '{}' holds no .npy or .npz files",
+            dir.display()
+        );
+    }
+    let mut per_input: Vec<Vec<Sample>> = specs.iter().map(|_| Vec::new()).collect();
+    for p in &npz {
+        for (k, s) in read_npz(p, specs, notes)?.into_iter().enumerate() {
+            per_input[k].push(s);
+        }
+    }
+    if specs.len() == 1 {
+        for p in &npy {
+            per_input[0].push(read_npy_sample(p, &specs[0], notes)?);
+        }
+    } else {
+        for p in &npy {
+            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+            let owner = specs.iter().position(|s| {
+                [s.name.clone(), sanitize(&s.name)].iter().any(|n| {
+                    stem.strip_prefix(n.as_str())
+                        .and_then(|rest| rest.strip_prefix('_'))
+                        .is_some_and(|num| !num.is_empty() && num.chars().all(|c| c.is_ascii_digit()))
+                })
+            });
+            let Some(k) = owner else {
+                bail!(
+                    "calibration file '{}' does not name a model input: with several inputs, files must be called <input>_NNN.npy for inputs {}",
+                    p.display(),
+                    specs.iter().map(|s| format!("'{}'", s.name)).collect::<Vec<_>>().join(", ")
+                );
+            };
+            per_input[k].push(read_npy_sample(p, &specs[k], notes)?);
+        }
+    }
+    Ok(per_input)
+}
+
+fn read_file(path: &Path, specs: &[InputSpec], notes: &mut Vec<String>) -> Result<Vec<Vec<Sample>>> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "npy" => {
+            ensure!(
+                specs.len() == 1,
+                "calibration file '{}' is a single .npy array but the model has {} inputs; use an .npz with keys {} or a directory of <input>_NNN.npy files",
+                path.display(),
+                specs.len(),
+                specs.iter().map(|s| format!("'{}'", s.name)).collect::<Vec<_>>().join(", ")
+            );
+            Ok(vec![vec![read_npy_sample(path, &specs[0], notes)?]])
+        }
+        "npz" => Ok(read_npz(path, specs, notes)?
+            .into_iter()
+            .map(|s| vec![s])
+            .collect()),
+        "png" | "jpg" | "jpeg" | "bmp" => bail!(
+            "calibration file '{}' is an image; images are not read yet: convert to .npy",
+            path.display()
+        ),
+        _ => bail!(
+            "calibration file '{}' is not a .npy or .npz file",
+            path.display()
+        ),
+    }
+}
+
+/// Decode .npy bytes as f32 (float64 narrowed), or say which dtype the file holds.
+fn decode_npy(bytes: &[u8], origin: &str, notes: &mut Vec<String>) -> Result<ArrayD<f32>> {
+    if let Ok(a) = ArrayD::<f32>::read_npy(bytes) {
+        return Ok(a);
+    }
+    match ArrayD::<f64>::read_npy(bytes) {
+        Ok(a) => {
+            let note = "float64 calibration data narrowed to float32".to_string();
+            if !notes.contains(&note) {
+                notes.push(note);
+            }
+            Ok(a.mapv(|v| v as f32))
+        }
+        Err(e) => {
+            let descr = npy_descr(bytes).unwrap_or_else(|| "an unreadable header".into());
+            bail!("calibration file {origin} holds {descr}; expected a float32 (or float64) array ({e})")
+        }
+    }
+}
+
+/// The `descr` entry of an .npy header, e.g. `'<i8'`.
+fn npy_descr(bytes: &[u8]) -> Option<String> {
+    ensure_magic(bytes)?;
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
+    let at = text.find("'descr'")?;
+    let rest = &text[at + 7..];
+    let start = rest.find('\'')? + 1;
+    let end = start + rest[start..].find('\'')?;
+    Some(format!("dtype '{}'", &rest[start..end]))
+}
+
+fn ensure_magic(bytes: &[u8]) -> Option<()> {
+    (bytes.len() > 10 && &bytes[..6] == b"\x93NUMPY").then_some(())
+}
+
+/// Add a batch axis to a single sample, check fixed dims.
+fn fit(mut a: ArrayD<f32>, spec: &InputSpec, origin: &str) -> Result<Sample> {
+    let rank = spec.dims.len();
+    if a.ndim() + 1 == rank {
+        a = a.insert_axis(Axis(0));
+    }
+    ensure!(
+        a.ndim() == rank,
+        "calibration file {origin} has shape {:?}; model input {} expects one sample of rank {} or a batch of rank {rank}",
+        a.shape(),
+        spec.describe(),
+        rank.saturating_sub(1)
+    );
+    for (i, (d, &got)) in spec.dims.iter().zip(a.shape()).enumerate().skip(1) {
+        if let InputDim::Fixed(want) = d {
+            ensure!(
+                *want == got,
+                "calibration file {origin} has shape {:?}; model input {} needs size {want} at dimension {i}",
+                a.shape(),
+                spec.describe()
+            );
+        }
+    }
+    ensure!(
+        a.shape()[0] > 0,
+        "calibration file {origin} holds an empty batch"
+    );
+    ensure!(
+        a.iter().all(|v| v.is_finite()),
+        "calibration file {origin} holds NaN or infinite values"
+    );
+    Ok(Sample {
+        data: a,
+        origin: origin.to_string(),
+    })
+}
+
+fn read_npy_sample(path: &Path, spec: &InputSpec, notes: &mut Vec<String>) -> Result<Sample> {
+    let origin = format!("'{}'", path.display());
+    let bytes = std::fs::read(path).with_context(|| format!("reading calibration file {origin}"))?;
+    let a = decode_npy(&bytes, &origin, notes)?;
+    fit(a, spec, &origin)
+}
+
+fn read_npz(path: &Path, specs: &[InputSpec], notes: &mut Vec<String>) -> Result<Vec<Sample>> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("opening calibration archive '{}'", path.display()))?;
+    let mut z = NpzReader::new(file)
+        .with_context(|| format!("reading calibration archive '{}'", path.display()))?;
+    let names = z
+        .names()
+        .with_context(|| format!("listing calibration archive '{}'", path.display()))?;
+    let mut out = Vec::new();
+    for spec in specs {
+        let key = names
+            .iter()
+            .find(|n| {
+                let n = n.strip_suffix(".npy").unwrap_or(n);
+                n == spec.name || n == sanitize(&spec.name)
+            })
+            .or_else(|| (specs.len() == 1 && names.len() == 1).then(|| &names[0]))
+            .with_context(|| {
+                format!(
+                    "calibration archive '{}' has no array for model input '{}' (keys: {:?})",
+                    path.display(),
+                    spec.name,
+                    names
+                )
+            })?
+            .clone();
+        let origin = format!("'{}' key '{key}'", path.display());
+        let a: ArrayD<f32> = match z.by_name::<ndarray::OwnedRepr<f32>, IxDyn>(&key) {
+            Ok(a) => a,
+            Err(_) => {
+                let b = z
+                    .by_name::<ndarray::OwnedRepr<f64>, IxDyn>(&key)
+                    .with_context(|| format!("calibration array {origin} is not float32 or float64"))?;
+                let note = "float64 calibration data narrowed to float32".to_string();
+                if !notes.contains(&note) {
+                    notes.push(note);
+                }
+                b.mapv(|v| v as f32)
+            }
+        };
+        out.push(fit(a, spec, &origin)?);
+    }
+    Ok(out)
+}
+
+/// A tiny standard-normal sampler (Box-Muller) so the crate needs no `rand_distr`.
+mod rand_distr_lite {
+    use rand::Rng;
+    pub fn standard_normal<R: Rng>(rng: &mut R) -> f32 {
+        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        let u2: f64 = rng.random::<f64>();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+}

@@ -1,0 +1,10 @@
+//! Calibration: reading representative inputs ([`data`]), observing tensor ranges over them in
+//! one streaming tract run ([`observe`]), and turning ranges into quantization parameters
+//! ([`params`]).
+pub mod data;
+pub mod observe;
+pub mod params;
+
+pub use data::{CalibrationSet, DataOptions};
+pub use observe::{Method, ObserveOptions, Observed};
+pub use params::{ActScheme, QParams};

@@ -1,0 +1,326 @@
+//! The one central insertion step: a QuantizeLinear -> DequantizeLinear pair per activation,
+//! a DequantizeLinear per weight and bias. Each tensor is handled once, however many quantized
+//! nodes read it.
+//!
+//! Activation produced by a node, value `t`:
+//! ```text
+//! before: P -> t -> {consumers, graph output}
+//! after:  P -> t_float -> QuantizeLinear -> t_quantized -> DequantizeLinear -> t
+//! ```
+//! The producer's output is renamed, so every reader (quantized or float, subgraph captures and
+//! a graph output named `t` included) reads the dequantized value under the original name
+//! (ORT's choice: all consumers read the DQ output, which is also what lets ORT fuse
+//! DQ -> op -> Q into QLinear kernels). A graph input `x` cannot be renamed: its node readers
+//! are rewired to `x_dequantized` (subgraph captures keep reading the float input).
+//!
+//! Weight `w` (constant float initializer): replaced by `w_quantized` (int8), `w_scale`
+//! (`[C]` per channel or scalar), `w_zero_point` (int8 zeros) and a DequantizeLinear (with
+//! `axis` when per-channel) whose output is named `w`, so readers are untouched.
+//! Bias `b`: `b_quantized` (int32), `b_scale = s_in * s_w[c]`, int32 zero point, same scheme.
+
+use crate::calibrate::params::{self, ActScheme, QParams};
+use crate::ir::op::{self, attr_int};
+use crate::ir::{tensor, Graph, InSlot, Patch};
+use crate::onnx::proto::TensorProto;
+use anyhow::{bail, Context, Result};
+use ndarray::{ArrayD, Axis};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Weight rounding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Rounding {
+    #[default]
+    Nearest,
+    /// `floor(x / s + u)`, u uniform in [0, 1), seeded per tensor from `seed` and its name.
+    Stochastic { seed: u64 },
+}
+
+fn scalar_zp(name: &str, scheme: ActScheme, zp: i32) -> TensorProto {
+    match scheme {
+        ActScheme::U8Asymmetric => tensor::from_u8(name, &[], &[zp as u8]),
+        ActScheme::I8Symmetric => tensor::from_i8(name, &[], &[zp as i8]),
+    }
+}
+
+fn scale_tensor(name: &str, scales: &[f32], per_axis: bool) -> TensorProto {
+    let shape: Vec<usize> = if per_axis { vec![scales.len()] } else { vec![] };
+    let a = ArrayD::from_shape_vec(ndarray::IxDyn(&shape), scales.to_vec())
+        .expect("scale shape matches its length");
+    tensor::from_f32(name, &a)
+}
+
+/// Insert the Q/DQ pair for activation `t` with parameters `p`.
+pub fn activation(g: &mut Graph, t: &str, p: &QParams, scheme: ActScheme) -> Result<()> {
+    let names = g.fresh_names(&[
+        format!("{t}_float"),
+        format!("{t}_quantized"),
+        format!("{t}_scale"),
+        format!("{t}_zero_point"),
+        format!("{t}_QuantizeLinear"),
+        format!("{t}_DequantizeLinear"),
+        format!("{t}_dequantized"),
+    ]);
+    let [t_float, t_q, s, zp, qn, dqn, t_dq] = <[String; 7]>::try_from(names).expect("7 names");
+    let mut patch = Patch {
+        initializers: vec![
+            scale_tensor(&s, &[p.scale], false),
+            scalar_zp(&zp, scheme, p.zero_point),
+        ],
+        ..Default::default()
+    };
+    if let Some((prod, slot)) = g.producer(t) {
+        let mut node = g.node(prod).clone();
+        node.output[slot] = t_float.clone();
+        patch.remove.push(prod);
+        patch.add.push(node);
+        patch
+            .add
+            .push(op::node("QuantizeLinear", &qn, &[&t_float, &s, &zp], &[&t_q]));
+        patch
+            .add
+            .push(op::node("DequantizeLinear", &dqn, &[&t_q, &s, &zp], &[t]));
+        patch.anchor = Some(prod);
+    } else if g.is_graph_input(t) {
+        patch
+            .add
+            .push(op::node("QuantizeLinear", &qn, &[t, &s, &zp], &[&t_q]));
+        patch
+            .add
+            .push(op::node("DequantizeLinear", &dqn, &[&t_q, &s, &zp], &[&t_dq]));
+        let mut seen = Vec::new();
+        for &(ix, slot) in g.consumers(t) {
+            if slot == InSlot::Capture || seen.contains(&ix) {
+                continue;
+            }
+            seen.push(ix);
+            let mut node = g.node(ix).clone();
+            for i in node.input.iter_mut() {
+                if i == t {
+                    *i = t_dq.clone();
+                }
+            }
+            patch.remove.push(ix);
+            patch.add.push(node);
+        }
+        patch.anchor = seen.first().copied();
+    } else {
+        bail!("activation '{t}' is neither a node output nor a graph input");
+    }
+    g.apply(patch)
+        .with_context(|| format!("inserting QuantizeLinear/DequantizeLinear for '{t}'"))
+}
+
+/// What weight quantization did, for the report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WeightReport {
+    pub tensor: String,
+    pub node: String,
+    pub axis: Option<usize>,
+    pub channels: usize,
+    pub min_scale: f32,
+    pub max_scale: f32,
+    /// Channels that were all zero (scale 1, exact).
+    pub zero_channels: usize,
+    pub sqnr_db: f64,
+}
+
+fn name_seed(seed: u64, name: &str) -> u64 {
+    // FNV-1a of the name, mixed with the seed: stable across runs and tensor order.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h ^ seed.wrapping_mul(0x9e3779b97f4a7c15)
+}
+
+/// Quantize constant weight `w`; returns the per-channel (or single) scales and a report.
+pub fn weight(
+    g: &mut Graph,
+    w: &str,
+    axis: Option<usize>,
+    node: &str,
+    reduce_range: bool,
+    rounding: Rounding,
+) -> Result<(Vec<f32>, WeightReport)> {
+    let t = g
+        .constant(w)
+        .with_context(|| format!("weight '{w}' is not a constant initializer"))?;
+    let a = tensor::to_f32(t).with_context(|| format!("decoding weight '{w}'"))?;
+    if let Some(ax) = axis {
+        if ax >= a.ndim() {
+            bail!(
+                "weight '{w}' of node '{node}' has rank {} but per-channel axis is {ax}",
+                a.ndim()
+            );
+        }
+    }
+    // Channel views: per-channel along `axis`, or the whole tensor as one channel.
+    let channels: Vec<ndarray::ArrayViewD<f32>> = match axis {
+        Some(ax) => a.axis_iter(Axis(ax)).collect(),
+        None => vec![a.view()],
+    };
+    let qps: Vec<QParams> = channels
+        .iter()
+        .map(|c| params::weight_params(c.iter().fold(0f32, |m, v| m.max(v.abs())), reduce_range))
+        .collect();
+    let zero_channels = channels
+        .iter()
+        .filter(|c| c.iter().all(|&v| v == 0.0))
+        .count();
+    let mut rng = match rounding {
+        Rounding::Stochastic { seed } => Some(ChaCha8Rng::seed_from_u64(name_seed(seed, w))),
+        Rounding::Nearest => None,
+    };
+    let mut q = ArrayD::<i8>::zeros(a.raw_dim());
+    for (idx, &v) in a.indexed_iter() {
+        let p = &qps[axis.map(|ax| idx[ax]).unwrap_or(0)];
+        let x = v / p.scale;
+        let r = match rng.as_mut() {
+            Some(rng) => (x + rng.random::<f32>()).floor(),
+            None => x.round_ties_even(),
+        };
+        q[&idx] = r.clamp(p.qmin as f32, p.qmax as f32) as i8;
+    }
+    let deq: Vec<f32> = q
+        .indexed_iter()
+        .map(|(idx, &v)| qps[axis.map(|ax| idx[ax]).unwrap_or(0)].dequantize(v as i32))
+        .collect();
+    let orig: Vec<f32> = a.iter().copied().collect();
+    let scales: Vec<f32> = qps.iter().map(|p| p.scale).collect();
+    let report = WeightReport {
+        tensor: w.to_string(),
+        node: node.to_string(),
+        axis,
+        channels: scales.len(),
+        min_scale: scales.iter().copied().fold(f32::INFINITY, f32::min),
+        max_scale: scales.iter().copied().fold(0.0, f32::max),
+        zero_channels,
+        sqnr_db: params::sqnr_db(&orig, &deq),
+    };
+    let shape = a.shape().to_vec();
+    let names = g.fresh_names(&[
+        format!("{w}_quantized"),
+        format!("{w}_scale"),
+        format!("{w}_zero_point"),
+        format!("{w}_DequantizeLinear"),
+    ]);
+    let [wq, s, zp, dqn] = <[String; 4]>::try_from(names).expect("4 names");
+    let q_vals: Vec<i8> = q.iter().copied().collect();
+    let zp_shape: Vec<usize> = if axis.is_some() { vec![scales.len()] } else { vec![] };
+    let mut dq = op::node("DequantizeLinear", &dqn, &[&wq, &s, &zp], &[w]);
+    if let Some(ax) = axis {
+        op::set_attr(&mut dq, attr_int("axis", ax as i64));
+    }
+    replace_constant(
+        g,
+        w,
+        vec![
+            tensor::from_i8(&wq, &shape, &q_vals),
+            scale_tensor(&s, &scales, axis.is_some()),
+            tensor::from_i8(&zp, &zp_shape, &vec![0i8; zp_shape.iter().product()]),
+        ],
+        dq,
+    )?;
+    Ok((scales, report))
+}
+
+/// What bias quantization did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BiasReport {
+    pub tensor: String,
+    pub node: String,
+    pub max_abs_int: i64,
+    /// Values that hit the int32 limits.
+    pub clamped: usize,
+    /// Largest |b - dequantized b|.
+    pub max_error: f32,
+}
+
+/// Quantize bias `b` to int32 with scale `s_in * s_w[c]`.
+pub fn bias(g: &mut Graph, b: &str, s_in: f32, s_w: &[f32], node: &str) -> Result<BiasReport> {
+    let t = g
+        .constant(b)
+        .with_context(|| format!("bias '{b}' is not a constant initializer"))?;
+    let a = tensor::to_f32(t).with_context(|| format!("decoding bias '{b}'"))?;
+    let shape = a.shape().to_vec();
+    let vals: Vec<f32> = a.iter().copied().collect();
+    let per_channel = s_w.len() > 1;
+    if per_channel && (shape.len() != 1 || vals.len() != s_w.len()) {
+        bail!(
+            "bias '{b}' of node '{node}' has shape {shape:?} but the weight has {} output channels",
+            s_w.len()
+        );
+    }
+    let scales: Vec<f32> = if per_channel {
+        s_w.iter().map(|&s| params::bias_scale(s_in, s)).collect()
+    } else {
+        vec![params::bias_scale(s_in, s_w[0])]
+    };
+    let scale_of = |i: usize| scales[if per_channel { i } else { 0 }];
+    let q: Vec<i32> = vals
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| params::quantize_bias(v, scale_of(i)))
+        .collect();
+    let clamped = q.iter().filter(|&&v| v == i32::MIN || v == i32::MAX).count();
+    let max_error = vals
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v - q[i] as f32 * scale_of(i)).abs())
+        .fold(0.0, f32::max);
+    let report = BiasReport {
+        tensor: b.to_string(),
+        node: node.to_string(),
+        max_abs_int: q.iter().map(|&v| (v as i64).abs()).max().unwrap_or(0),
+        clamped,
+        max_error,
+    };
+    let names = g.fresh_names(&[
+        format!("{b}_quantized"),
+        format!("{b}_scale"),
+        format!("{b}_zero_point"),
+        format!("{b}_DequantizeLinear"),
+    ]);
+    let [bq, s, zp, dqn] = <[String; 4]>::try_from(names).expect("4 names");
+    let zp_shape: Vec<usize> = if per_channel { vec![scales.len()] } else { vec![] };
+    let mut dq = op::node("DequantizeLinear", &dqn, &[&bq, &s, &zp], &[b]);
+    if per_channel {
+        op::set_attr(&mut dq, attr_int("axis", 0));
+    }
+    replace_constant(
+        g,
+        b,
+        vec![
+            tensor::from_i32(&bq, &shape, &q),
+            scale_tensor(&s, &scales, per_channel),
+            tensor::from_i32(&zp, &zp_shape, &vec![0i32; zp_shape.iter().product()]),
+        ],
+        dq,
+    )?;
+    Ok(report)
+}
+
+/// Swap float initializer `name` for a DequantizeLinear producing `name` from new initializers.
+fn replace_constant(
+    g: &mut Graph,
+    name: &str,
+    initializers: Vec<TensorProto>,
+    dq: crate::onnx::proto::NodeProto,
+) -> Result<()> {
+    let anchor = g.consumers(name).first().map(|&(ix, _)| ix);
+    let backup = g.clone();
+    g.initializers.shift_remove(name);
+    let patch = Patch {
+        add: vec![dq],
+        initializers,
+        anchor,
+        ..Default::default()
+    };
+    if let Err(e) = g.apply(patch) {
+        *g = backup;
+        return Err(e).with_context(|| format!("replacing '{name}' by its DequantizeLinear"));
+    }
+    Ok(())
+}

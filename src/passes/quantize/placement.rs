@@ -1,0 +1,376 @@
+//! Placement: per-op rules that only *mark* which tensors get quantized and how. Nothing is
+//! inserted here; [`super::insert`] does that once per tensor from the finished [`Plan`].
+//!
+//! Rules (nodes visited in topological order; "marked" = an activation already in the plan):
+//! - `Conv`: input 0 activation; constant weight per-channel on axis 0; constant bias int32.
+//!   `ConvTranspose`: same with weight axis 1 (per-tensor when `group > 1`, where axis 1 only
+//!   holds `C_out / group` channels).
+//! - `Gemm`: A activation; constant B per-channel on axis 0 if `transB = 1` else axis 1;
+//!   constant 1-D C of length N with alpha = beta = 1 as int32 bias; otherwise C stays float.
+//!   A dynamic B is an activation.
+//! - `MatMul`: A activation; constant B per-channel on its last axis; dynamic B activation.
+//! - The output of Conv/ConvTranspose/Gemm/MatMul is an activation, *unless* its only reader is
+//!   a `Relu` or `Clip` (not excluded): then the activation's output is marked instead and no
+//!   Q/DQ separates the op from its activation (the fused unit; the range observed after the
+//!   activation is non-negative so uint8 uses its whole range).
+//! - Pass-through, sharing their input's scale and zero point (output in the input's group):
+//!   `MaxPool`, `GlobalMaxPool`, `Reshape`, `Transpose`, `Flatten`, `Squeeze`, `Unsqueeze`,
+//!   `Identity` — only when input 0 is marked. They only move or select values, so one grid
+//!   serves both sides exactly.
+//! - Own output range, when input 0 is marked: `AveragePool`, `GlobalAveragePool` (averaging
+//!   narrows the range, so sharing the input's grid would waste resolution; ORT likewise gives
+//!   its QLinear(Global)AveragePool separate input and output parameters), and a `Relu`/`Clip`
+//!   not fused into a producer.
+//! - `Add`, `Mul`: when both inputs are marked; the output (or that of a Relu/Clip fused
+//!   after it, as for Conv) gets its own range.
+//! - `Concat`: when every input is marked; inputs and output share one group (the union of
+//!   their ranges, which is the output's range), so concatenation needs no requantization.
+//! - Everything else (Softmax, Sigmoid, Tanh, LayerNormalization, BatchNormalization, ...)
+//!   stays float; it reads the dequantized value of a marked input.
+//! User filters: `exclude_ops`, `exclude_nodes` (exact names or regexes), and `include_nodes`
+//! (when given, only matching nodes are quantized).
+
+use super::QuantizeOptions;
+use crate::ir::op::Attrs;
+use crate::ir::tensor;
+use crate::ir::Graph;
+use anyhow::{Context, Result};
+use indexmap::{IndexMap, IndexSet};
+use petgraph::stable_graph::NodeIndex;
+use regex::Regex;
+
+/// How a constant weight is quantized.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightMark {
+    /// Per-channel axis, `None` = per-tensor.
+    pub axis: Option<usize>,
+    /// The node that asked (for the report).
+    pub node: String,
+}
+
+/// An int32 bias: scale = scale(input) * scale(weight).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BiasMark {
+    pub input: String,
+    pub weight: String,
+    pub node: String,
+}
+
+/// Which tensors get quantized and how.
+#[derive(Debug, Default, Clone)]
+pub struct Plan {
+    /// Activation tensors, in marking order.
+    pub activations: IndexSet<String>,
+    /// Union-find parent for scale sharing (absent = own root).
+    parent: IndexMap<String, String>,
+    pub weights: IndexMap<String, WeightMark>,
+    pub biases: IndexMap<String, BiasMark>,
+    /// (node name, op type) of every node whose inputs and outputs are quantized.
+    pub nodes: Vec<(String, String)>,
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    pub fn is_marked(&self, t: &str) -> bool {
+        self.activations.contains(t)
+    }
+
+    fn mark(&mut self, t: &str) {
+        if !t.is_empty() {
+            self.activations.insert(t.to_string());
+        }
+    }
+
+    /// The representative of `t`'s sharing group.
+    pub fn group(&self, t: &str) -> String {
+        let mut cur = t.to_string();
+        while let Some(p) = self.parent.get(&cur) {
+            if *p == cur {
+                break;
+            }
+            cur = p.clone();
+        }
+        cur
+    }
+
+    fn share(&mut self, a: &str, b: &str) {
+        let (ra, rb) = (self.group(a), self.group(b));
+        if ra != rb {
+            self.parent.insert(rb, ra);
+        }
+    }
+
+    fn mark_weight(&mut self, g: &Graph, w: &str, axis: Option<usize>, node: &str) -> bool {
+        if let Some(prev) = self.weights.get(w) {
+            if prev.axis != axis {
+                self.notes.push(format!(
+                    "weight '{w}' is read by '{}' and '{node}' with different channel axes; quantized for '{}' only",
+                    prev.node, prev.node
+                ));
+                return false;
+            }
+            return true;
+        }
+        let Some(t) = g.constant(w) else { return false };
+        if tensor::data_type(t).ok() != Some(crate::onnx::proto::tensor_proto::DataType::Float) {
+            return false;
+        }
+        self.weights.insert(
+            w.to_string(),
+            WeightMark {
+                axis,
+                node: node.to_string(),
+            },
+        );
+        true
+    }
+
+    fn mark_bias(&mut self, g: &Graph, b: &str, input: &str, weight: &str, node: &str) {
+        let Some(t) = g.constant(b) else { return };
+        if tensor::data_type(t).ok() != Some(crate::onnx::proto::tensor_proto::DataType::Float) {
+            return;
+        }
+        let mark = BiasMark {
+            input: input.to_string(),
+            weight: weight.to_string(),
+            node: node.to_string(),
+        };
+        match self.biases.get(b) {
+            Some(prev) if *prev != mark => self.notes.push(format!(
+                "bias '{b}' is shared by '{}' and '{node}' with different input/weight scales; left float for '{node}'",
+                prev.node
+            )),
+            Some(_) => {}
+            None => {
+                self.biases.insert(b.to_string(), mark);
+            }
+        }
+    }
+}
+
+/// Name / op filters from the options.
+struct Filter {
+    exclude_ops: Vec<String>,
+    exclude: Vec<Regex>,
+    include: Vec<Regex>,
+}
+
+fn anchored(pattern: &str) -> Result<Regex> {
+    Regex::new(&format!("^(?:{pattern})$"))
+        .or_else(|_| Regex::new(&format!("^{}$", regex::escape(pattern))))
+        .with_context(|| format!("node pattern '{pattern}'"))
+}
+
+impl Filter {
+    fn new(opts: &QuantizeOptions) -> Result<Filter> {
+        Ok(Filter {
+            exclude_ops: opts.exclude_ops.clone(),
+            exclude: opts
+                .exclude_nodes
+                .iter()
+                .map(|p| anchored(p))
+                .collect::<Result<_>>()?,
+            include: opts
+                .include_nodes
+                .iter()
+                .map(|p| anchored(p))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    fn allows(&self, name: &str, op: &str) -> bool {
+        if self.exclude_ops.iter().any(|o| o == op) {
+            return false;
+        }
+        if self.exclude.iter().any(|r| r.is_match(name)) {
+            return false;
+        }
+        self.include.is_empty() || self.include.iter().any(|r| r.is_match(name))
+    }
+}
+
+const PASS_THROUGH: &[&str] = &[
+    "MaxPool",
+    "GlobalMaxPool",
+    "Reshape",
+    "Transpose",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+];
+const OWN_RANGE: &[&str] = &["AveragePool", "GlobalAveragePool", "Relu", "Clip"];
+
+/// The Relu/Clip reading `value` as its only reader, if it may be fused with the producer.
+fn fused_activation(g: &Graph, value: &str, filter: &Filter) -> Option<NodeIndex> {
+    if g.is_graph_output(value) {
+        return None;
+    }
+    let [(ix, crate::ir::InSlot::Arg(0))] = g.consumers(value) else {
+        return None;
+    };
+    let n = g.node(*ix);
+    let is_act = matches!(n.op_type(), "Relu" | "Clip")
+        && crate::ir::op::is_standard_domain(n.domain())
+        && filter.allows(n.name(), n.op_type());
+    is_act.then_some(*ix)
+}
+
+/// Mark the output of a compute node, or of its fused activation.
+fn mark_output(g: &Graph, plan: &mut Plan, ix: NodeIndex, filter: &Filter) {
+    let Some(y) = g.node(ix).output.first().filter(|y| !y.is_empty()) else {
+        return;
+    };
+    match fused_activation(g, y, filter) {
+        Some(act) => {
+            let n = g.node(act);
+            plan.nodes.push((n.name().to_string(), n.op_type().to_string()));
+            if let Some(out) = n.output.first() {
+                plan.mark(out);
+            }
+        }
+        None => plan.mark(y),
+    }
+}
+
+/// Build the plan for the whole graph.
+pub fn plan(g: &Graph, opts: &QuantizeOptions) -> Result<Plan> {
+    let filter = Filter::new(opts)?;
+    let mut plan = Plan::default();
+    let dynamic = |v: &str| !v.is_empty() && g.constant(v).is_none();
+    for ix in g.topo_order()? {
+        let n = g.node(ix);
+        let (name, op) = (n.name().to_string(), n.op_type().to_string());
+        if !crate::ir::op::is_standard_domain(n.domain()) || !filter.allows(&name, &op) {
+            continue;
+        }
+        let input = |k: usize| n.input.get(k).map(String::as_str).unwrap_or("");
+        let output = n.output.first().map(String::as_str).unwrap_or("");
+        let per_channel = |axis: usize| opts.per_channel.then_some(axis);
+        let quantized = match op.as_str() {
+            "Conv" | "ConvTranspose" => {
+                let (x, w, b) = (input(0), input(1), input(2));
+                if !dynamic(x) || g.constant(w).is_none() {
+                    false
+                } else {
+                    let group = n.attr_int("group")?.unwrap_or(1);
+                    let axis = match (op.as_str(), group) {
+                        ("Conv", _) => per_channel(0),
+                        (_, 1) => per_channel(1),
+                        _ => None,
+                    };
+                    if plan.mark_weight(g, w, axis, &name) {
+                        plan.mark(x);
+                        if !b.is_empty() {
+                            plan.mark_bias(g, b, x, w, &name);
+                        }
+                        mark_output(g, &mut plan, ix, &filter);
+                        true
+                    } else {
+                        false
+                    }
+                }
+            }
+            "Gemm" => {
+                let (a, b, c) = (input(0), input(1), input(2));
+                let trans_b = n.attr_int("transB")?.unwrap_or(0) == 1;
+                let unit = n.attr_float("alpha")?.unwrap_or(1.0) == 1.0
+                    && n.attr_float("beta")?.unwrap_or(1.0) == 1.0;
+                if !dynamic(a) {
+                    false
+                } else if dynamic(b) {
+                    plan.mark(a);
+                    plan.mark(b);
+                    mark_output(g, &mut plan, ix, &filter);
+                    true
+                } else if plan.mark_weight(g, b, per_channel(if trans_b { 0 } else { 1 }), &name)
+                {
+                    plan.mark(a);
+                    let n_out = g
+                        .constant(b)
+                        .and_then(|t| tensor::shape(t).ok())
+                        .and_then(|s| s.get(if trans_b { 0 } else { 1 }).copied());
+                    let c_len = g
+                        .constant(c)
+                        .and_then(|t| tensor::shape(t).ok())
+                        .filter(|s| s.len() == 1)
+                        .map(|s| s[0]);
+                    if unit && c_len.is_some() && c_len == n_out {
+                        plan.mark_bias(g, c, a, b, &name);
+                    }
+                    mark_output(g, &mut plan, ix, &filter);
+                    true
+                } else {
+                    false
+                }
+            }
+            "MatMul" => {
+                let (a, b) = (input(0), input(1));
+                if !dynamic(a) {
+                    false
+                } else if dynamic(b) {
+                    plan.mark(a);
+                    plan.mark(b);
+                    mark_output(g, &mut plan, ix, &filter);
+                    true
+                } else {
+                    let rank = g
+                        .constant(b)
+                        .and_then(|t| tensor::shape(t).ok())
+                        .map(|s| s.len())
+                        .unwrap_or(0);
+                    let axis = if rank >= 1 { per_channel(rank - 1) } else { None };
+                    if plan.mark_weight(g, b, axis, &name) {
+                        plan.mark(a);
+                        mark_output(g, &mut plan, ix, &filter);
+                        true
+                    } else {
+                        false
+                    }
+                }
+            }
+            "Add" | "Mul" => {
+                if plan.is_marked(input(0)) && plan.is_marked(input(1)) {
+                    mark_output(g, &mut plan, ix, &filter);
+                    true
+                } else {
+                    false
+                }
+            }
+            "Concat" => {
+                if !n.input.is_empty() && n.input.iter().all(|i| plan.is_marked(i)) {
+                    plan.mark(output);
+                    for i in &n.input {
+                        plan.share(output, i);
+                    }
+                    true
+                } else {
+                    false
+                }
+            }
+            o if PASS_THROUGH.contains(&o) => {
+                if plan.is_marked(input(0)) && !output.is_empty() {
+                    plan.mark(output);
+                    plan.share(input(0), output);
+                    true
+                } else {
+                    false
+                }
+            }
+            o if OWN_RANGE.contains(&o) => {
+                // A fused Relu/Clip's input is never marked, so this only sees free ones.
+                if plan.is_marked(input(0)) && !output.is_empty() {
+                    plan.mark(output);
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        };
+        if quantized {
+            plan.nodes.push((name, op));
+        }
+    }
+    Ok(plan)
+}
