@@ -7,6 +7,7 @@
 pub mod cleanup;
 pub mod constant_fold;
 pub mod fuse;
+pub mod mixed_precision;
 pub mod quantize;
 pub mod rewrite;
 
@@ -37,6 +38,7 @@ pub struct PassContext {
     pub quantize: quantize::QuantizeOptions,
     /// Calibration inputs for `quantize` (None = synthetic data with a warning).
     pub calibration: Option<Arc<crate::calibrate::CalibrationSet>>,
+    pub mixed: mixed_precision::MixedPrecisionOptions, // options of `mixed-precision` (no budget: does nothing)
 }
 
 pub trait Pass {
@@ -60,6 +62,7 @@ pub fn pipeline() -> Vec<Box<dyn Pass>> {
         Box::new(cleanup::Cleanup),
         // Last: quantization observes the final float graph (after fusion/equalization).
         Box::new(quantize::Quantize),
+        Box::new(mixed_precision::MixedPrecision), // after quantize: Hessian-guided per-layer precision (a budget enables it)
     ]
 }
 
