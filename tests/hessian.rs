@@ -37,16 +37,44 @@ fn input() -> ArrayD<f32> {
 }
 
 fn weight(m: &ModelProto, name: &str) -> Array2<f64> {
-    let t = m.graph.as_ref().unwrap().initializer.iter().find(|t| t.name() == name).unwrap();
+    let t = m
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .find(|t| t.name() == name)
+        .unwrap();
     tensor::to_f64(t).unwrap().into_dimensionality().unwrap()
 }
 
 /// Exact GGN traces (w1, w2) of the mean per-row loss, analytically.
 fn exact_traces(m: &ModelProto, kl: bool) -> (f64, f64) {
     let (w1, w2) = (weight(m, "w1"), weight(m, "w2"));
-    let b1 = tensor::to_f64(m.graph.as_ref().unwrap().initializer.iter().find(|t| t.name() == "b1").unwrap()).unwrap();
-    let b2 = tensor::to_f64(m.graph.as_ref().unwrap().initializer.iter().find(|t| t.name() == "b2").unwrap()).unwrap();
-    let x = input().mapv(|v| v as f64).into_dimensionality::<ndarray::Ix2>().unwrap();
+    let b1 = tensor::to_f64(
+        m.graph
+            .as_ref()
+            .unwrap()
+            .initializer
+            .iter()
+            .find(|t| t.name() == "b1")
+            .unwrap(),
+    )
+    .unwrap();
+    let b2 = tensor::to_f64(
+        m.graph
+            .as_ref()
+            .unwrap()
+            .initializer
+            .iter()
+            .find(|t| t.name() == "b2")
+            .unwrap(),
+    )
+    .unwrap();
+    let x = input()
+        .mapv(|v| v as f64)
+        .into_dimensionality::<ndarray::Ix2>()
+        .unwrap();
     let (mut t1, mut t2) = (0.0, 0.0);
     for row in x.axis_iter(Axis(0)) {
         let a: Vec<f64> = (0..D_H).map(|j| w1.row(j).dot(&row) + b1[[j]]).collect();
@@ -62,7 +90,11 @@ fn exact_traces(m: &ModelProto, kl: bool) -> (f64, f64) {
             let m = y.iter().cloned().fold(f64::MIN, f64::max);
             let s: f64 = y.iter().map(|v| (v - m).exp()).sum();
             let p = |i: usize| (y[i] - m).exp() / s;
-            if c == d { p(c) - p(c) * p(c) } else { -p(c) * p(d) }
+            if c == d {
+                p(c) - p(c) * p(c)
+            } else {
+                -p(c) * p(d)
+            }
         };
         let x2: f64 = row.iter().map(|v| v * v).sum();
         for j in 0..D_H {
@@ -96,12 +128,18 @@ fn hutchinson_matches_exact_gauss_newton_trace_on_mlp() {
     let m = mlp();
     for (loss, kl) in [(Loss::Mse, false), (Loss::Kl, true), (Loss::Auto, true)] {
         let (e1, e2) = exact_traces(&m, kl);
-        let opts = HessianOptions { loss, max_samples: 128, ..Default::default() };
+        let opts = HessianOptions {
+            loss,
+            max_samples: 128,
+            ..Default::default()
+        };
         let est = estimate(&m, &opts);
         assert_eq!(est.len(), 2);
         for ((name, t, se), exact) in est.iter().zip([e1, e2]) {
             let rel = (t - exact).abs() / exact;
-            eprintln!("{loss:?} {name}: estimate {t:.6} ± {se:.6}, exact {exact:.6}, rel err {rel:.4}");
+            eprintln!(
+                "{loss:?} {name}: estimate {t:.6} ± {se:.6}, exact {exact:.6}, rel err {rel:.4}"
+            );
             assert!(rel < 0.05, "{loss:?} {name}: estimate {t} vs exact {exact}");
         }
     }
@@ -111,14 +149,24 @@ fn hutchinson_matches_exact_gauss_newton_trace_on_mlp() {
 fn step_size_does_not_bias_the_estimate() {
     let m = mlp();
     let at = |rel_eps: f64| {
-        let opts = HessianOptions { rel_eps, loss: Loss::Kl, min_samples: 8, max_samples: 8, ..Default::default() };
+        let opts = HessianOptions {
+            rel_eps,
+            loss: Loss::Kl,
+            min_samples: 8,
+            max_samples: 8,
+            ..Default::default()
+        };
         estimate(&m, &opts)
     };
     let (base, half, double) = (at(1e-3), at(5e-4), at(2e-3));
     for ((b, h), d) in base.iter().zip(&half).zip(&double) {
         for other in [h.1, d.1] {
             let rel = (other - b.1).abs() / b.1;
-            assert!(rel < 0.02, "{}: eps change moved the estimate by {rel}", b.0);
+            assert!(
+                rel < 0.02,
+                "{}: eps change moved the estimate by {rel}",
+                b.0
+            );
         }
     }
 }
@@ -128,23 +176,42 @@ fn hutchinson_is_exact_for_diagonal_and_converges_for_dense() {
     // Diagonal H: vᵀHv = Tr(H) for every Rademacher v: stops at min_samples with zero error.
     let d = [1.0, 2.0, 3.0, 4.0];
     let opts = HessianOptions::default();
-    let est = hutchinson(4, 7, &opts, |v| Ok(v.iter().zip(&d).map(|(x, h)| (x * x) as f64 * h).sum())).unwrap();
+    let est = hutchinson(4, 7, &opts, |v| {
+        Ok(v.iter().zip(&d).map(|(x, h)| (x * x) as f64 * h).sum())
+    })
+    .unwrap();
     assert_eq!(est.samples, opts.min_samples);
     assert!((est.mean - 10.0).abs() < 1e-12 && est.stderr == 0.0);
     // Dense H = 1 1ᵀ + I (n = 20): Tr = 40; the estimate is within 3 standard errors.
     let n = 20;
-    let est = hutchinson(n, 3, &HessianOptions { max_samples: 2000, ..opts }, |v| {
-        let s: f64 = v.iter().map(|&x| x as f64).sum();
-        Ok(s * s + n as f64)
-    })
+    let est = hutchinson(
+        n,
+        3,
+        &HessianOptions {
+            max_samples: 2000,
+            ..opts
+        },
+        |v| {
+            let s: f64 = v.iter().map(|&x| x as f64).sum();
+            Ok(s * s + n as f64)
+        },
+    )
     .unwrap();
     assert!((est.mean - 40.0).abs() < 3.0 * est.stderr + 1e-9, "{est:?}");
     assert!(est.stderr <= 0.01 * est.mean || est.samples == 2000);
     // Deterministic.
-    let again = hutchinson(n, 3, &HessianOptions { max_samples: 2000, ..opts }, |v| {
-        let s: f64 = v.iter().map(|&x| x as f64).sum();
-        Ok(s * s + n as f64)
-    })
+    let again = hutchinson(
+        n,
+        3,
+        &HessianOptions {
+            max_samples: 2000,
+            ..opts
+        },
+        |v| {
+            let s: f64 = v.iter().map(|&x| x as f64).sum();
+            Ok(s * s + n as f64)
+        },
+    )
     .unwrap();
     assert_eq!(est, again);
 }
@@ -162,13 +229,26 @@ fn residual_branch_values_come_from_upstream() {
         vec![value_info("y", &[4, 6])],
         vec![f32_tensor("w1", &[6, 6], 1), f32_tensor("w2", &[6, 6], 2)],
     );
-    let x = ArrayD::from_shape_vec(IxDyn(&[4, 6]), (0..24).map(|i| (i as f32 * 0.37).sin()).collect()).unwrap();
+    let x = ArrayD::from_shape_vec(
+        IxDyn(&[4, 6]),
+        (0..24).map(|i| (i as f32 * 0.37).sin()).collect(),
+    )
+    .unwrap();
     let model = Model::from_proto(m).unwrap();
-    let opts = HessianOptions { loss: Loss::Mse, ..Default::default() };
+    let opts = HessianOptions {
+        loss: Loss::Mse,
+        ..Default::default()
+    };
     let s = sensitivity(&model, &[vec![x.clone()]], &opts).unwrap();
     // MSE with a linear map: w2's GGN trace = rows-mean of 6 * ‖a‖² (each output row sees a).
-    let w1 = tensor::to_f64(&f32_tensor("w1", &[6, 6], 1)).unwrap().into_dimensionality::<ndarray::Ix2>().unwrap();
-    let x64 = x.mapv(|v| v as f64).into_dimensionality::<ndarray::Ix2>().unwrap();
+    let w1 = tensor::to_f64(&f32_tensor("w1", &[6, 6], 1))
+        .unwrap()
+        .into_dimensionality::<ndarray::Ix2>()
+        .unwrap();
+    let x64 = x
+        .mapv(|v| v as f64)
+        .into_dimensionality::<ndarray::Ix2>()
+        .unwrap();
     let a = x64.dot(&w1.t());
     let exact = 6.0 * a.iter().map(|v| v * v).sum::<f64>() / 4.0;
     let t = s[1].hessian_trace;

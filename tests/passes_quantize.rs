@@ -49,7 +49,11 @@ fn f32s(m: &Model, name: &str) -> Vec<f32> {
 /// The DQ producing `value` and its (int tensor, scale, zero point) initializer names.
 fn dq_of(m: &Model, value: &str) -> (NodeProto, String, String, String) {
     let dq = producer(m, value).unwrap_or_else(|| panic!("nothing produces {value}"));
-    assert_eq!(dq.op_type(), "DequantizeLinear", "{value} is not dequantized");
+    assert_eq!(
+        dq.op_type(),
+        "DequantizeLinear",
+        "{value} is not dequantized"
+    );
     (
         dq.clone(),
         dq.input[0].clone(),
@@ -61,8 +65,9 @@ fn dq_of(m: &Model, value: &str) -> (NodeProto, String, String, String) {
 /// Whether `value` is the output of a Q -> DQ pair on an activation.
 fn is_qdq(m: &Model, value: &str) -> bool {
     match producer(m, value) {
-        Some(dq) if dq.op_type() == "DequantizeLinear" => producer(m, &dq.input[0])
-            .is_some_and(|q| q.op_type() == "QuantizeLinear"),
+        Some(dq) if dq.op_type() == "DequantizeLinear" => {
+            producer(m, &dq.input[0]).is_some_and(|q| q.op_type() == "QuantizeLinear")
+        }
         _ => false,
     }
 }
@@ -86,9 +91,18 @@ fn conv_relu_is_one_unit_with_int32_bias() {
     let m = conv_relu_model(false);
     let (q, stats) = run(&m, &QuantizeOptions::default());
     // Intent: no Q/DQ between Conv and Relu; Q/DQ on x and on the Relu output.
-    let conv = nodes(&q).into_iter().find(|n| n.op_type() == "Conv").unwrap();
-    let relu = nodes(&q).into_iter().find(|n| n.op_type() == "Relu").unwrap();
-    assert_eq!(relu.input[0], conv.output[0], "Relu reads the Conv directly");
+    let conv = nodes(&q)
+        .into_iter()
+        .find(|n| n.op_type() == "Conv")
+        .unwrap();
+    let relu = nodes(&q)
+        .into_iter()
+        .find(|n| n.op_type() == "Relu")
+        .unwrap();
+    assert_eq!(
+        relu.input[0], conv.output[0],
+        "Relu reads the Conv directly"
+    );
     assert!(is_qdq(&q, &conv.input[0]), "conv input is quantized");
     assert!(is_qdq(&q, "y"), "relu output quantized under its own name");
     assert_eq!(count(&q, "QuantizeLinear"), 2);
@@ -97,7 +111,14 @@ fn conv_relu_is_one_unit_with_int32_bias() {
     // Weight: int8 per-channel on axis 0, scale = max|w_c| / 127.
     let w = f32s(&m, "conv.w");
     let (wdq, wq, ws, _) = dq_of(&q, "conv.w");
-    assert_eq!(wdq.attribute.iter().find(|a| a.name() == "axis").unwrap().i(), 0);
+    assert_eq!(
+        wdq.attribute
+            .iter()
+            .find(|a| a.name() == "axis")
+            .unwrap()
+            .i(),
+        0
+    );
     let s_w = f32s(&q, &ws);
     assert_eq!(s_w.len(), 4);
     for (c, s) in s_w.iter().enumerate() {
@@ -107,10 +128,7 @@ fn conv_relu_is_one_unit_with_int32_bias() {
         assert!((s - amax / 127.0).abs() <= 1e-7 * amax, "channel {c}");
     }
     let wq_t = &q.graph.initializers[&wq];
-    assert_eq!(
-        tensor::type_name(tensor::data_type(wq_t).unwrap()),
-        "int8"
-    );
+    assert_eq!(tensor::type_name(tensor::data_type(wq_t).unwrap()), "int8");
 
     // Bias: int32 = round(b / (s_x * s_w[c])), scale s_x * s_w[c].
     let b = f32s(&m, "conv.b");
@@ -138,10 +156,17 @@ fn conv_relu_is_one_unit_with_int32_bias() {
 fn conv_clip6_range_is_non_negative_and_bounded() {
     let m = conv_relu_model(true);
     let (q, stats) = run(&m, &QuantizeOptions::default());
-    let clip = nodes(&q).into_iter().find(|n| n.op_type() == "Clip").unwrap();
+    let clip = nodes(&q)
+        .into_iter()
+        .find(|n| n.op_type() == "Clip")
+        .unwrap();
     assert_eq!(producer(&q, &clip.input[0]).unwrap().op_type(), "Conv");
     let (_, _, s, zp) = dq_of(&q, "y");
-    assert_eq!(f32s(&q, &zp), vec![0.0], "post-Clip range starts at 0: zp 0");
+    assert_eq!(
+        f32s(&q, &zp),
+        vec![0.0],
+        "post-Clip range starts at 0: zp 0"
+    );
     assert!(f32s(&q, &s)[0] <= 6.0 / 255.0 + 1e-7);
     let act = &stats.details["activations"];
     let y = act
@@ -182,7 +207,13 @@ fn concat_inputs_share_the_output_scale() {
     b.input("x", &[1, 3, 8, 8]).output("y", &[1, 4, 8, 8]);
     conv(&mut b, "ca", "x", "a", 3, 2, 1);
     conv(&mut b, "cb", "x", "b", 3, 2, 3);
-    b.node("Concat", "cat", &["a", "b"], &["y"], vec![op::attr_int("axis", 1)]);
+    b.node(
+        "Concat",
+        "cat",
+        &["a", "b"],
+        &["y"],
+        vec![op::attr_int("axis", 1)],
+    );
     let (q, _) = run(&b.model(), &QuantizeOptions::default());
     let params = |v: &str| {
         let (_, _, s, zp) = dq_of(&q, v);
@@ -219,7 +250,14 @@ fn maxpool_and_reshape_pass_through_the_input_scale() {
     // MatMul constant weight: per-channel on the last axis (10 columns).
     let (wdq, _, ws, _) = dq_of(&q, "fc.w");
     assert_eq!(f32s(&q, &ws).len(), 10);
-    assert_eq!(wdq.attribute.iter().find(|a| a.name() == "axis").unwrap().i(), 1);
+    assert_eq!(
+        wdq.attribute
+            .iter()
+            .find(|a| a.name() == "axis")
+            .unwrap()
+            .i(),
+        1
+    );
     assert!(is_qdq(&q, "y"));
 }
 
@@ -240,11 +278,23 @@ fn gemm_weight_axis_follows_trans_b() {
         );
         let (q, _) = run(&b.model(), &QuantizeOptions::default());
         let (wdq, _, ws, _) = dq_of(&q, "w");
-        let axis = wdq.attribute.iter().find(|a| a.name() == "axis").unwrap().i();
+        let axis = wdq
+            .attribute
+            .iter()
+            .find(|a| a.name() == "axis")
+            .unwrap()
+            .i();
         assert_eq!(axis, if trans_b == 1 { 0 } else { 1 });
         assert_eq!(f32s(&q, &ws).len(), 5);
         let (bdq, bq, _, _) = dq_of(&q, "bias");
-        assert_eq!(bdq.attribute.iter().find(|a| a.name() == "axis").unwrap().i(), 0);
+        assert_eq!(
+            bdq.attribute
+                .iter()
+                .find(|a| a.name() == "axis")
+                .unwrap()
+                .i(),
+            0
+        );
         assert_eq!(f32s(&q, &bq).len(), 5);
     }
 }
@@ -267,10 +317,15 @@ fn per_tensor_option_gives_scalar_scales() {
 #[test]
 fn matmul_with_two_dynamic_inputs_quantizes_both() {
     let mut b = Builder::new(13);
-    b.input("a", &[2, 3, 4]).input("b", &[2, 4, 5]).output("y", &[2, 3, 5]);
+    b.input("a", &[2, 3, 4])
+        .input("b", &[2, 4, 5])
+        .output("y", &[2, 3, 5]);
     b.node("MatMul", "mm", &["a", "b"], &["y"], vec![]);
     let (q, _) = run(&b.model(), &QuantizeOptions::default());
-    let mm = nodes(&q).into_iter().find(|n| n.op_type() == "MatMul").unwrap();
+    let mm = nodes(&q)
+        .into_iter()
+        .find(|n| n.op_type() == "MatMul")
+        .unwrap();
     assert!(is_qdq(&q, &mm.input[0]) && is_qdq(&q, &mm.input[1]));
     assert!(is_qdq(&q, "y"));
     // Graph inputs keep their names; the MatMul reads the dequantized copies.
@@ -283,7 +338,13 @@ fn softmax_stays_float_and_reads_the_dequantized_value() {
     b.input("x", &[1, 6]).output("y", &[1, 4]);
     b.randn("w", &[6, 4], 0.5);
     b.node("MatMul", "fc", &["x", "w"], &["l"], vec![]);
-    b.node("Softmax", "sm", &["l"], &["y"], vec![op::attr_int("axis", -1)]);
+    b.node(
+        "Softmax",
+        "sm",
+        &["l"],
+        &["y"],
+        vec![op::attr_int("axis", -1)],
+    );
     let (q, _) = run(&b.model(), &QuantizeOptions::default());
     assert!(is_qdq(&q, "l"));
     assert!(!is_qdq(&q, "y"), "softmax output must stay float");
@@ -358,7 +419,13 @@ fn opset11_squeeze_and_opset10_clip_are_converted() {
         vec![op::attr_float("min", 0.0), op::attr_float("max", 6.0)],
     );
     b.node("GlobalAveragePool", "gap", &["a"], &["g"], vec![]);
-    b.node("Squeeze", "sq", &["g"], &["y"], vec![op::attr_ints("axes", &[2, 3])]);
+    b.node(
+        "Squeeze",
+        "sq",
+        &["g"],
+        &["y"],
+        vec![op::attr_ints("axes", &[2, 3])],
+    );
     let (q, stats) = run(&b.model(), &QuantizeOptions::default());
     assert_eq!(q.opset(""), Some(13));
     let clip = producer(&q, "a_float").unwrap_or_else(|| producer(&q, "a").unwrap());
@@ -372,7 +439,10 @@ fn opset11_squeeze_and_opset10_clip_are_converted() {
         producer(&q, "y_float").unwrap()
     };
     assert_eq!(sq.input.len(), 2);
-    assert!(stats.notes.iter().any(|n| n.contains("raised the default opset")));
+    assert!(stats
+        .notes
+        .iter()
+        .any(|n| n.contains("raised the default opset")));
     python_check(&q, &b.model(), "opset10");
 }
 
@@ -382,13 +452,24 @@ fn opset12_softmax_on_inner_axis_is_refused_by_name() {
     b.input("x", &[1, 3, 4]).output("y", &[1, 3, 4]);
     b.randn("w", &[4, 4], 0.5);
     b.node("MatMul", "fc", &["x", "w"], &["l"], vec![]);
-    b.node("Softmax", "probs", &["l"], &["y"], vec![op::attr_int("axis", 1)]);
+    b.node(
+        "Softmax",
+        "probs",
+        &["l"],
+        &["y"],
+        vec![op::attr_int("axis", 1)],
+    );
     let mut m = b.model();
-    m.graph.value_info.push(builder::value_info("l", Some(&[1, 3, 4])));
+    m.graph
+        .value_info
+        .push(builder::value_info("l", Some(&[1, 3, 4])));
     let err = quantize(&mut m, &QuantizeOptions::default(), None)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("Softmax 'probs'") && err.contains("opset >= 13"), "{err}");
+    assert!(
+        err.contains("Softmax 'probs'") && err.contains("opset >= 13"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -473,7 +554,10 @@ print("REL", rel)
         .parse()
         .unwrap();
     // Synthetic calibration on a random input: int8 error stays within a few percent.
-    assert!(rel < 0.1, "{tag}: ORT quantized vs float relative error {rel}");
+    assert!(
+        rel < 0.1,
+        "{tag}: ORT quantized vs float relative error {rel}"
+    );
 }
 
 #[test]
@@ -489,7 +573,9 @@ fn quantized_models_pass_the_onnx_checker_and_run_in_ort() {
         "conv_clip",
     );
     let mut b = Builder::new(13);
-    b.input("a", &[2, 3, 4]).input("b", &[2, 4, 5]).output("y", &[2, 3, 5]);
+    b.input("a", &[2, 3, 4])
+        .input("b", &[2, 4, 5])
+        .output("y", &[2, 3, 5]);
     b.node("MatMul", "mm", &["a", "b"], &["y"], vec![]);
     python_check(
         &run(&b.model(), &QuantizeOptions::default()).0,
@@ -527,7 +613,10 @@ fn tract_top1(model: &ModelProto, x: &ArrayD<f32>) -> Vec<usize> {
             let row = out.index_axis(ndarray::Axis(0), i);
             row.iter()
                 .enumerate()
-                .fold((0, f32::NEG_INFINITY), |b, (k, &v)| if v > b.1 { (k, v) } else { b })
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (k, &v)| if v > b.1 { (k, v) } else { b },
+                )
                 .0
         })
         .collect()
@@ -546,9 +635,12 @@ fn digits_quantized(fuse_first: bool, opts: &QuantizeOptions) -> Option<(Model, 
         let ctx = onnx_compress::passes::PassContext::default();
         onnx_compress::passes::run_passes(&mut m, &["fuse", "cleanup"], &ctx).unwrap();
     }
-    let calib =
-        CalibrationSet::load(&root.join("digits_calib_x.npy"), &m, &DataOptions::default())
-            .unwrap();
+    let calib = CalibrationSet::load(
+        &root.join("digits_calib_x.npy"),
+        &m,
+        &DataOptions::default(),
+    )
+    .unwrap();
     let stats = quantize(&mut m, opts, Some(&calib)).unwrap();
     Some((float, m, stats))
 }
@@ -564,7 +656,9 @@ fn digits_cnn_int8_keeps_accuracy_in_tract() {
     let pf = tract_top1(&float.to_proto().unwrap(), &x);
     let pq = tract_top1(&q.to_proto().unwrap(), &x);
     let n = y.len() as f64;
-    let acc = |p: &[usize]| p.iter().zip(&y).filter(|(a, b)| **a as i64 == **b).count() as f64 / n * 100.0;
+    let acc = |p: &[usize]| {
+        p.iter().zip(&y).filter(|(a, b)| **a as i64 == **b).count() as f64 / n * 100.0
+    };
     let disagree = pf.iter().zip(&pq).filter(|(a, b)| a != b).count() as f64 / n * 100.0;
     eprintln!(
         "digits tract: fp32 {:.2}%  int8 {:.2}%  top-1 disagreement {:.2}%  ({})",
@@ -657,19 +751,34 @@ fn digits_cnn_int8_in_onnxruntime() {
         eprintln!("digits ORT [{label}]: {r}");
         let fp32 = r["fp32"].as_f64().unwrap();
         // QDQ semantics (what the model means) must hold the accuracy.
-        assert!((fp32 - r["qdq"].as_f64().unwrap()).abs() <= 0.5, "{label}: {r}");
-        assert!(r["qdq_disagree"].as_f64().unwrap() <= 0.2 + 1e-9, "{label}: {r}");
+        assert!(
+            (fp32 - r["qdq"].as_f64().unwrap()).abs() <= 0.5,
+            "{label}: {r}"
+        );
+        assert!(
+            r["qdq_disagree"].as_f64().unwrap() <= 0.2 + 1e-9,
+            "{label}: {r}"
+        );
         if fuse_first {
             // Every Conv, the Gemm and the pooling run as ORT int8 kernels.
-            assert!(r["ops"]["QLinearConv"].as_u64().unwrap_or(0) == 5, "{label}: {r}");
+            assert!(
+                r["ops"]["QLinearConv"].as_u64().unwrap_or(0) == 5,
+                "{label}: {r}"
+            );
             assert!(r["ops"]["QGemm"].as_u64().unwrap_or(0) == 1, "{label}: {r}");
         }
         if reduce_range {
             // 7-bit weights cannot saturate ORT's u8 x s8 int16 pair sums (AVX2 without VNNI),
             // so the fused kernels keep the accuracy too. With 8-bit weights they may not,
             // depending on the CPU: measured only.
-            assert!((fp32 - r["fused"].as_f64().unwrap()).abs() <= 0.5, "{label}: {r}");
-            assert!(r["fused_disagree"].as_f64().unwrap() <= 0.2 + 1e-9, "{label}: {r}");
+            assert!(
+                (fp32 - r["fused"].as_f64().unwrap()).abs() <= 0.5,
+                "{label}: {r}"
+            );
+            assert!(
+                r["fused_disagree"].as_f64().unwrap() <= 0.2 + 1e-9,
+                "{label}: {r}"
+            );
         }
     }
 }

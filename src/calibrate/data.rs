@@ -23,8 +23,7 @@
 
 use crate::ir::Model;
 use crate::onnx::proto::{
-    tensor_proto::DataType, tensor_shape_proto::dimension::Value as Dim, type_proto,
-    ValueInfoProto,
+    tensor_proto::DataType, tensor_shape_proto::dimension::Value as Dim, type_proto, ValueInfoProto,
 };
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::{ArrayD, Axis, IxDyn};
@@ -151,7 +150,10 @@ impl CalibrationSet {
     /// Read calibration data from a file or directory and check it against `model`.
     pub fn load(path: &Path, model: &Model, opts: &DataOptions) -> Result<CalibrationSet> {
         let specs = model_inputs(model)?;
-        ensure!(!specs.is_empty(), "the model has no float inputs to calibrate");
+        ensure!(
+            !specs.is_empty(),
+            "the model has no float inputs to calibrate"
+        );
         let mut notes = Vec::new();
         let per_input: Vec<Vec<Sample>> = if path.is_dir() {
             read_dir(path, &specs, &mut notes)?
@@ -169,7 +171,10 @@ impl CalibrationSet {
     /// Seeded standard-normal inputs: `samples` samples; symbolic non-batch dims are refused.
     pub fn synthetic(model: &Model, samples: usize, seed: u64, opts: &DataOptions) -> Result<Self> {
         let specs = model_inputs(model)?;
-        ensure!(!specs.is_empty(), "the model has no float inputs to calibrate");
+        ensure!(
+            !specs.is_empty(),
+            "the model has no float inputs to calibrate"
+        );
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut per_input = Vec::new();
         for spec in &specs {
@@ -247,7 +252,9 @@ impl CalibrationSet {
         }
         if let Some(max) = opts.max_samples {
             if total > max {
-                notes.push(format!("using the first {max} of {total} calibration samples"));
+                notes.push(format!(
+                    "using the first {max} of {total} calibration samples"
+                ));
                 total = max;
             }
         }
@@ -355,7 +362,9 @@ fn read_dir(dir: &Path, specs: &[InputSpec], notes: &mut Vec<String>) -> Result<
                 [s.name.clone(), sanitize(&s.name)].iter().any(|n| {
                     stem.strip_prefix(n.as_str())
                         .and_then(|rest| rest.strip_prefix('_'))
-                        .is_some_and(|num| !num.is_empty() && num.chars().all(|c| c.is_ascii_digit()))
+                        .is_some_and(|num| {
+                            !num.is_empty() && num.chars().all(|c| c.is_ascii_digit())
+                        })
                 })
             });
             let Some(k) = owner else {
@@ -371,7 +380,11 @@ fn read_dir(dir: &Path, specs: &[InputSpec], notes: &mut Vec<String>) -> Result<
     Ok(per_input)
 }
 
-fn read_file(path: &Path, specs: &[InputSpec], notes: &mut Vec<String>) -> Result<Vec<Vec<Sample>>> {
+fn read_file(
+    path: &Path,
+    specs: &[InputSpec],
+    notes: &mut Vec<String>,
+) -> Result<Vec<Vec<Sample>>> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -477,7 +490,8 @@ fn fit(mut a: ArrayD<f32>, spec: &InputSpec, origin: &str) -> Result<Sample> {
 
 fn read_npy_sample(path: &Path, spec: &InputSpec, notes: &mut Vec<String>) -> Result<Sample> {
     let origin = format!("'{}'", path.display());
-    let bytes = std::fs::read(path).with_context(|| format!("reading calibration file {origin}"))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading calibration file {origin}"))?;
     let a = decode_npy(&bytes, &origin, notes)?;
     fit(a, spec, &origin)
 }
@@ -514,7 +528,9 @@ fn read_npz(path: &Path, specs: &[InputSpec], notes: &mut Vec<String>) -> Result
             Err(_) => {
                 let b = z
                     .by_name::<ndarray::OwnedRepr<f64>, IxDyn>(&key)
-                    .with_context(|| format!("calibration array {origin} is not float32 or float64"))?;
+                    .with_context(|| {
+                        format!("calibration array {origin} is not float32 or float64")
+                    })?;
                 let note = "float64 calibration data narrowed to float32".to_string();
                 if !notes.contains(&note) {
                     notes.push(note);

@@ -28,8 +28,8 @@
 
 use crate::calibrate::data::CalibrationSet;
 use crate::calibrate::params::{activation_params, ActScheme};
-use crate::validate::Runner;
 use crate::onnx::proto::ModelProto;
+use crate::validate::Runner;
 use anyhow::{Context, Result};
 use indexmap::IndexMap;
 use ndarray::ArrayD;
@@ -77,7 +77,10 @@ impl Method {
             "mse" => Method::Mse,
             "percentile" => Method::Percentile(99.999),
             _ => {
-                if let Some(p) = s.strip_prefix("percentile:").or(s.strip_prefix("percentile=")) {
+                if let Some(p) = s
+                    .strip_prefix("percentile:")
+                    .or(s.strip_prefix("percentile="))
+                {
                     let p: f64 = p
                         .parse()
                         .with_context(|| format!("calibration method '{s}': bad percentile"))?;
@@ -574,8 +577,16 @@ mod tests {
         let want_hi = all[((p / 100.0) * n) as usize];
         let want_lo = all[((1.0 - p / 100.0) * n) as usize];
         // Brute force: within two fine bins (and the sample-spacing there).
-        assert!((r.hi - want_hi).abs() <= 2.0 * width + 0.05, "{} vs {want_hi}", r.hi);
-        assert!((r.lo - want_lo).abs() <= 2.0 * width + 0.05, "{} vs {want_lo}", r.lo);
+        assert!(
+            (r.hi - want_hi).abs() <= 2.0 * width + 0.05,
+            "{} vs {want_hi}",
+            r.hi
+        );
+        assert!(
+            (r.lo - want_lo).abs() <= 2.0 * width + 0.05,
+            "{} vs {want_lo}",
+            r.lo
+        );
     }
 
     #[test]
@@ -656,8 +667,14 @@ mod tests {
 
     #[test]
     fn method_parsing() {
-        assert_eq!(Method::parse("percentile").unwrap(), Method::Percentile(99.999));
-        assert_eq!(Method::parse("percentile:99.9").unwrap(), Method::Percentile(99.9));
+        assert_eq!(
+            Method::parse("percentile").unwrap(),
+            Method::Percentile(99.999)
+        );
+        assert_eq!(
+            Method::parse("percentile:99.9").unwrap(),
+            Method::Percentile(99.9)
+        );
         assert!(Method::parse("median").is_err());
     }
 }

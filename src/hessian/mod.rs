@@ -114,7 +114,12 @@ pub struct LayerSensitivity {
 }
 
 /// Hutchinson's estimator: `quad(v)` returns `vᵀHv` for a Rademacher `v` of length `n`.
-pub fn hutchinson<F>(n: usize, seed: u64, opts: &HessianOptions, mut quad: F) -> Result<TraceEstimate>
+pub fn hutchinson<F>(
+    n: usize,
+    seed: u64,
+    opts: &HessianOptions,
+    mut quad: F,
+) -> Result<TraceEstimate>
 where
     F: FnMut(&[f32]) -> Result<f64>,
 {
@@ -128,7 +133,10 @@ where
             *x = if rng.random::<bool>() { 1.0 } else { -1.0 };
         }
         let q = quad(&v)?;
-        ensure!(q.is_finite(), "a Hutchinson probe gave a non-finite value ({q})");
+        ensure!(
+            q.is_finite(),
+            "a Hutchinson probe gave a non-finite value ({q})"
+        );
         k += 1;
         sum += q;
         sum2 += q * q;
@@ -247,12 +255,9 @@ fn kl_outputs(model: &Model, loss: Loss, shapes: &[Vec<usize>]) -> Vec<bool> {
             Loss::Kl => s.len() == 2,
             Loss::Mse => false,
             Loss::Auto => {
-                let probs = model
-                    .graph
-                    .producer_node(o.name())
-                    .is_some_and(|ix| {
-                        matches!(model.graph.node(ix).op_type(), "Softmax" | "LogSoftmax")
-                    });
+                let probs = model.graph.producer_node(o.name()).is_some_and(|ix| {
+                    matches!(model.graph.node(ix).op_type(), "Softmax" | "LogSoftmax")
+                });
                 s.len() == 2 && s[1] > 1 && !probs
             }
         })
@@ -274,7 +279,11 @@ fn sub_model(
             stack.extend(g.dag().neighbors_directed(ix, Direction::Outgoing));
         }
     }
-    let order: Vec<NodeIndex> = g.topo_order()?.into_iter().filter(|ix| down.contains(ix)).collect();
+    let order: Vec<NodeIndex> = g
+        .topo_order()?
+        .into_iter()
+        .filter(|ix| down.contains(ix))
+        .collect();
     let produced: HashSet<&str> = order
         .iter()
         .flat_map(|&ix| g.node(ix).output.iter().map(String::as_str))
@@ -311,7 +320,13 @@ fn sub_model(
     }
     let mut inputs: Vec<ValueInfoProto> = boundary
         .iter()
-        .map(|b| value_info(b, *elem_types.get(b).unwrap_or(&(DataType::Float as i32)), None))
+        .map(|b| {
+            value_info(
+                b,
+                *elem_types.get(b).unwrap_or(&(DataType::Float as i32)),
+                None,
+            )
+        })
         .collect();
     inputs.push(value_info(
         &layer.weight,
@@ -399,8 +414,11 @@ pub fn sensitivity(
     for (b, batch) in calib.iter().enumerate() {
         let key: Vec<Vec<usize>> = batch.iter().map(|a| a.shape().to_vec()).collect();
         if !runners.iter().any(|(k, _)| *k == key) {
-            let shapes: Vec<(String, Vec<usize>)> =
-                input_names.iter().cloned().zip(key.iter().cloned()).collect();
+            let shapes: Vec<(String, Vec<usize>)> = input_names
+                .iter()
+                .cloned()
+                .zip(key.iter().cloned())
+                .collect();
             let r = Runner::new(&proto, &shapes, &extra)
                 .context("loading the model in tract with layer inputs exposed")?;
             runners.push((key.clone(), r));

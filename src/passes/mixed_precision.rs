@@ -142,7 +142,11 @@ impl Default for MixedPrecisionOptions {
 
 /// Symmetric per-channel quantization along `axis` to `bits` (8 or 4): integer values, scales,
 /// and the dequantized tensor.
-pub fn quantize_weight(w: &ArrayD<f32>, axis: usize, bits: u32) -> (Vec<i8>, Vec<f32>, ArrayD<f32>) {
+pub fn quantize_weight(
+    w: &ArrayD<f32>,
+    axis: usize,
+    bits: u32,
+) -> (Vec<i8>, Vec<f32>, ArrayD<f32>) {
     let qmax = ((1i32 << (bits - 1)) - 1) as f32;
     let scales: Vec<f32> = w
         .axis_iter(Axis(axis))
@@ -287,7 +291,10 @@ fn dp(
 /// Exact multiple-choice knapsack: one option `(cost, value)` per class minimizing the value sum
 /// with cost sum ≤ `budget` (see the module docs for the discretization). `None`: infeasible.
 pub fn solve(classes: &[Vec<(u64, f64)>], budget: u64, max_buckets: usize) -> Option<Solution> {
-    if classes.iter().any(|c| c.is_empty() || c.len() >= u8::MAX as usize) {
+    if classes
+        .iter()
+        .any(|c| c.is_empty() || c.len() >= u8::MAX as usize)
+    {
         return None;
     }
     let s0 = scale(classes, 0, 1);
@@ -402,7 +409,9 @@ pub fn select(
     let keep: Vec<Regex> = opts
         .keep_fp32
         .iter()
-        .map(|p| Regex::new(&format!("^(?:{p})$")).with_context(|| format!("keep_fp32 pattern '{p}'")))
+        .map(|p| {
+            Regex::new(&format!("^(?:{p})$")).with_context(|| format!("keep_fp32 pattern '{p}'"))
+        })
         .collect::<Result<_>>()?;
     let mut layers = Vec::new();
     let mut classes: Vec<Vec<(u64, f64)>> = Vec::new();
@@ -478,17 +487,33 @@ pub fn select(
         }
     };
     let sol = solve(cls, limit, opts.max_buckets).with_context(|| {
-        let least: u64 = cls.iter().map(|c| c.iter().map(|o| o.0).min().unwrap_or(0)).sum();
-        format!("budget {budget:?} is below the smallest possible size ({least} in the budget's unit)")
+        let least: u64 = cls
+            .iter()
+            .map(|c| c.iter().map(|o| o.0).min().unwrap_or(0))
+            .sum();
+        format!(
+            "budget {budget:?} is below the smallest possible size ({least} in the budget's unit)"
+        )
     })?;
-    let used: u64 = sol.choice.iter().zip(cls.iter()).map(|(&k, c)| c[k].0).sum();
-    ensure!(used <= limit, "internal: selection exceeds the budget ({used} > {limit})");
+    let used: u64 = sol
+        .choice
+        .iter()
+        .zip(cls.iter())
+        .map(|(&k, c)| c[k].0)
+        .sum();
+    ensure!(
+        used <= limit,
+        "internal: selection exceeds the budget ({used} > {limit})"
+    );
     for ((l, &k), opts_l) in layers.iter_mut().zip(&sol.choice).zip(&options) {
         l.precision = opts_l[k];
         l.bytes = l.bytes_by_precision[&l.precision];
     }
     let total_bytes = layers.iter().map(|l| l.bytes).sum();
-    let bits: u64 = layers.iter().map(|l| l.precision.bits() * l.params as u64).sum();
+    let bits: u64 = layers
+        .iter()
+        .map(|l| l.precision.bits() * l.params as u64)
+        .sum();
     let pareto = pareto(&classes, opts.pareto_points, opts.max_buckets)
         .into_iter()
         .map(|(bytes, sum_omega)| ParetoPoint { bytes, sum_omega })
@@ -506,7 +531,12 @@ pub fn select(
 }
 
 /// Swap float initializer `name` for `node` (producing `name`) reading new initializers.
-fn replace_constant(g: &mut Graph, name: &str, inits: Vec<TensorProto>, node: crate::onnx::proto::NodeProto) -> Result<()> {
+fn replace_constant(
+    g: &mut Graph,
+    name: &str,
+    inits: Vec<TensorProto>,
+    node: crate::onnx::proto::NodeProto,
+) -> Result<()> {
     let anchor = g.consumers(name).first().map(|&(ix, _)| ix);
     let backup = g.clone();
     g.initializers.shift_remove(name);
@@ -529,7 +559,11 @@ fn emit_weight(g: &mut Graph, w: &str, axis: usize, p: Precision) -> Result<Opti
         .constant(w)
         .with_context(|| format!("weight '{w}' is not a constant initializer"))?;
     let a = tensor::to_f32(t).with_context(|| format!("decoding weight '{w}'"))?;
-    ensure!(axis < a.ndim(), "weight '{w}' has rank {} but axis {axis}", a.ndim());
+    ensure!(
+        axis < a.ndim(),
+        "weight '{w}' has rank {} but axis {axis}",
+        a.ndim()
+    );
     let shape = a.shape().to_vec();
     match p {
         Precision::Fp32 => Ok(None),
@@ -566,7 +600,12 @@ fn emit_weight(g: &mut Graph, w: &str, axis: usize, p: Precision) -> Result<Opti
                 &names[1],
                 &ArrayD::from_shape_vec(IxDyn(&[c]), scales.clone())?,
             );
-            let mut dq = op::node("DequantizeLinear", &names[3], &[&names[0], &names[1], &names[2]], &[w]);
+            let mut dq = op::node(
+                "DequantizeLinear",
+                &names[3],
+                &[&names[0], &names[1], &names[2]],
+                &[w],
+            );
             op::set_attr(&mut dq, attr_int("axis", axis as i64));
             replace_constant(g, w, vec![wq, s, zp], dq)?;
             Ok(Some(scales))
@@ -594,7 +633,8 @@ fn upgrade_to_21(model: &mut Model) -> Result<Vec<String>> {
         return Ok(vec![]);
     }
     let affected = |op_type: &str| {
-        REDUCE_AXES_TO_INPUT_AT_18.contains(&op_type) || matches!(op_type, "Split" | "GroupNormalization")
+        REDUCE_AXES_TO_INPUT_AT_18.contains(&op_type)
+            || matches!(op_type, "Split" | "GroupNormalization")
     };
     let g = &mut model.graph;
     let mut converted = 0;
@@ -637,7 +677,13 @@ fn upgrade_to_21(model: &mut Model) -> Result<Vec<String>> {
                 initializers: inits,
                 ..Default::default()
             })
-            .with_context(|| format!("converting node '{}' ({}) to opset 21", n.name(), n.op_type()))?;
+            .with_context(|| {
+                format!(
+                    "converting node '{}' ({}) to opset 21",
+                    n.name(),
+                    n.op_type()
+                )
+            })?;
             converted += 1;
         }
     }
@@ -645,9 +691,13 @@ fn upgrade_to_21(model: &mut Model) -> Result<Vec<String>> {
     if model.shell.ir_version.unwrap_or(0) < 10 {
         model.shell.ir_version = Some(10);
     }
-    let mut notes = vec![format!("raised the default opset from {from} to 21 and IR version to 10 (int4 DequantizeLinear)")];
+    let mut notes = vec![format!(
+        "raised the default opset from {from} to 21 and IR version to 10 (int4 DequantizeLinear)"
+    )];
     if converted > 0 {
-        notes.push(format!("converted {converted} node(s) whose attributes became inputs by opset 21"));
+        notes.push(format!(
+            "converted {converted} node(s) whose attributes became inputs by opset 21"
+        ));
     }
     Ok(notes)
 }
@@ -676,7 +726,13 @@ pub fn apply_assignment(
         .iter()
         .filter(|a| matches!(a.1, Precision::Int8 | Precision::Int4))
         .filter_map(|a| layer_of(&a.0))
-        .flat_map(|l| work.graph.consumers(&l.weight).iter().map(|c| work.graph.node(c.0).name().to_string()).collect::<Vec<_>>())
+        .flat_map(|l| {
+            work.graph
+                .consumers(&l.weight)
+                .iter()
+                .map(|c| work.graph.node(c.0).name().to_string())
+                .collect::<Vec<_>>()
+        })
         .collect();
     let mut plan = None;
     if quantized && opts.quantize_activations {
@@ -708,7 +764,8 @@ pub fn apply_assignment(
     let g = &mut work.graph;
     let mut scales: IndexMap<String, Vec<f32>> = IndexMap::new();
     for (w, p) in assignment {
-        let l = layer_of(w).with_context(|| format!("'{w}' is not the constant weight of a Conv/Gemm/MatMul"))?;
+        let l = layer_of(w)
+            .with_context(|| format!("'{w}' is not the constant weight of a Conv/Gemm/MatMul"))?;
         if let Some(s) = emit_weight(g, w, l.out_axis(), *p)? {
             scales.insert(w.clone(), s);
         }
@@ -716,8 +773,12 @@ pub fn apply_assignment(
     if let Some((p, observed, qopts)) = plan {
         let mut range: IndexMap<String, (f32, f32)> = IndexMap::new();
         for t in &p.activations {
-            let o = observed.get(t).with_context(|| format!("no observation for '{t}'"))?;
-            let e = range.entry(p.group(t)).or_insert((f32::INFINITY, f32::NEG_INFINITY));
+            let o = observed
+                .get(t)
+                .with_context(|| format!("no observation for '{t}'"))?;
+            let e = range
+                .entry(p.group(t))
+                .or_insert((f32::INFINITY, f32::NEG_INFINITY));
             *e = (e.0.min(o.lo), e.1.max(o.hi));
         }
         let params_of = |t: &str| {
@@ -794,7 +855,12 @@ pub fn mixed_precision(
     let calib = match calibration {
         Some(c) => c,
         None => {
-            synthetic = CalibrationSet::synthetic(model, opts.synthetic_samples, opts.hessian.seed, &DataOptions::default())?;
+            synthetic = CalibrationSet::synthetic(
+                model,
+                opts.synthetic_samples,
+                opts.hessian.seed,
+                &DataOptions::default(),
+            )?;
             &synthetic
         }
     };
@@ -813,7 +879,9 @@ pub fn mixed_precision(
         .iter()
         .map(|l| (l.weight.clone(), l.precision))
         .collect();
-    stats.notes.extend(apply_assignment(model, &assignment, opts, calib)?);
+    stats
+        .notes
+        .extend(apply_assignment(model, &assignment, opts, calib)?);
     stats.changes = report
         .layers
         .iter()
@@ -835,7 +903,11 @@ pub fn mixed_precision(
         report.total_bytes,
         report.avg_bits,
         report.sum_omega,
-        if report.exact { "" } else { " (size axis discretized; budget still met)" }
+        if report.exact {
+            ""
+        } else {
+            " (size axis discretized; budget still met)"
+        }
     ));
     stats.details = json!({
         "calibration": { "source": calib.source, "samples": calib.samples, "synthetic": calib.synthetic },

@@ -74,9 +74,12 @@ pub fn activation(g: &mut Graph, t: &str, p: &QParams, scheme: ActScheme) -> Res
         node.output[slot] = t_float.clone();
         patch.remove.push(prod);
         patch.add.push(node);
-        patch
-            .add
-            .push(op::node("QuantizeLinear", &qn, &[&t_float, &s, &zp], &[&t_q]));
+        patch.add.push(op::node(
+            "QuantizeLinear",
+            &qn,
+            &[&t_float, &s, &zp],
+            &[&t_q],
+        ));
         patch
             .add
             .push(op::node("DequantizeLinear", &dqn, &[&t_q, &s, &zp], &[t]));
@@ -85,9 +88,12 @@ pub fn activation(g: &mut Graph, t: &str, p: &QParams, scheme: ActScheme) -> Res
         patch
             .add
             .push(op::node("QuantizeLinear", &qn, &[t, &s, &zp], &[&t_q]));
-        patch
-            .add
-            .push(op::node("DequantizeLinear", &dqn, &[&t_q, &s, &zp], &[&t_dq]));
+        patch.add.push(op::node(
+            "DequantizeLinear",
+            &dqn,
+            &[&t_q, &s, &zp],
+            &[&t_dq],
+        ));
         let mut seen = Vec::new();
         for &(ix, slot) in g.consumers(t) {
             if slot == InSlot::Capture || seen.contains(&ix) {
@@ -208,7 +214,11 @@ pub fn weight(
     ]);
     let [wq, s, zp, dqn] = <[String; 4]>::try_from(names).expect("4 names");
     let q_vals: Vec<i8> = q.iter().copied().collect();
-    let zp_shape: Vec<usize> = if axis.is_some() { vec![scales.len()] } else { vec![] };
+    let zp_shape: Vec<usize> = if axis.is_some() {
+        vec![scales.len()]
+    } else {
+        vec![]
+    };
     let mut dq = op::node("DequantizeLinear", &dqn, &[&wq, &s, &zp], &[w]);
     if let Some(ax) = axis {
         op::set_attr(&mut dq, attr_int("axis", ax as i64));
@@ -264,7 +274,10 @@ pub fn bias(g: &mut Graph, b: &str, s_in: f32, s_w: &[f32], node: &str) -> Resul
         .enumerate()
         .map(|(i, &v)| params::quantize_bias(v, scale_of(i)))
         .collect();
-    let clamped = q.iter().filter(|&&v| v == i32::MIN || v == i32::MAX).count();
+    let clamped = q
+        .iter()
+        .filter(|&&v| v == i32::MIN || v == i32::MAX)
+        .count();
     let max_error = vals
         .iter()
         .enumerate()
@@ -284,7 +297,11 @@ pub fn bias(g: &mut Graph, b: &str, s_in: f32, s_w: &[f32], node: &str) -> Resul
         format!("{b}_DequantizeLinear"),
     ]);
     let [bq, s, zp, dqn] = <[String; 4]>::try_from(names).expect("4 names");
-    let zp_shape: Vec<usize> = if per_channel { vec![scales.len()] } else { vec![] };
+    let zp_shape: Vec<usize> = if per_channel {
+        vec![scales.len()]
+    } else {
+        vec![]
+    };
     let mut dq = op::node("DequantizeLinear", &dqn, &[&bq, &s, &zp], &[b]);
     if per_channel {
         op::set_attr(&mut dq, attr_int("axis", 0));

@@ -32,8 +32,8 @@ use crate::calibrate::params::{activation_params, ActScheme, QParams};
 use crate::ir::Model;
 use crate::passes::{Pass, PassContext, PassStats};
 use anyhow::{Context, Result};
-pub use insert::Rounding;
 use indexmap::IndexMap;
+pub use insert::Rounding;
 use serde_json::json;
 use std::collections::BTreeMap;
 
@@ -101,10 +101,12 @@ pub fn quantize(
     calibration: Option<&CalibrationSet>,
 ) -> Result<PassStats> {
     let mut stats = PassStats::default();
-    let already = model
-        .graph
-        .node_indices()
-        .any(|ix| matches!(model.graph.node(ix).op_type(), "QuantizeLinear" | "DequantizeLinear"));
+    let already = model.graph.node_indices().any(|ix| {
+        matches!(
+            model.graph.node(ix).op_type(),
+            "QuantizeLinear" | "DequantizeLinear"
+        )
+    });
     if already {
         stats.notes.push(
             "the model already holds QuantizeLinear/DequantizeLinear nodes; left unchanged".into(),
@@ -168,9 +170,15 @@ pub fn quantize(
     let mut weight_scales: IndexMap<String, Vec<f32>> = IndexMap::new();
     let mut weight_reports = Vec::new();
     for (w, mark) in &plan.weights {
-        let (scales, report) =
-            insert::weight(g, w, mark.axis, &mark.node, opts.reduce_range, opts.rounding)
-                .with_context(|| format!("node '{}'", mark.node))?;
+        let (scales, report) = insert::weight(
+            g,
+            w,
+            mark.axis,
+            &mark.node,
+            opts.reduce_range,
+            opts.rounding,
+        )
+        .with_context(|| format!("node '{}'", mark.node))?;
         weight_scales.insert(w.clone(), scales);
         weight_reports.push(report);
         stats.changes += 1;
@@ -238,10 +246,7 @@ pub fn quantize(
         bias_reports.len(),
         opts.method.label(),
         worst
-            .map(|w| format!(
-                "; lowest weight SQNR {:.1} dB ('{}')",
-                w.sqnr_db, w.tensor
-            ))
+            .map(|w| format!("; lowest weight SQNR {:.1} dB ('{}')", w.sqnr_db, w.tensor))
             .unwrap_or_default()
     ));
     if !opts.reduce_range && opts.activation_scheme == ActScheme::U8Asymmetric {

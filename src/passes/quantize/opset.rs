@@ -32,8 +32,9 @@ fn changed_at(op: &str, from: i64) -> Option<i64> {
         "Clip" | "Pad" => 11,
         "Slice" | "TopK" => 10,
         "Dropout" => 12,
-        "Squeeze" | "Unsqueeze" | "ReduceSum" | "Split" | "Softmax" | "LogSoftmax"
-        | "Hardmax" => 13,
+        "Squeeze" | "Unsqueeze" | "ReduceSum" | "Split" | "Softmax" | "LogSoftmax" | "Hardmax" => {
+            13
+        }
         "Resize" => 11,
         "Upsample" | "Scatter" => 0,
         _ => return None,
@@ -92,7 +93,8 @@ pub fn upgrade(model: &mut Model) -> Result<Vec<String>> {
                 let lo = n.attr_float("min")?.unwrap_or(f32::MIN);
                 let hi = n.attr_float("max")?.unwrap_or(f32::MAX);
                 strip(&mut node, &["min", "max"]);
-                let names = g.fresh_names(&[format!("{}_min", n.name()), format!("{}_max", n.name())]);
+                let names =
+                    g.fresh_names(&[format!("{}_min", n.name()), format!("{}_max", n.name())]);
                 inits.push(tensor::from_f32(&names[0], &arr0(lo).into_dyn()));
                 inits.push(tensor::from_f32(&names[1], &arr0(hi).into_dyn()));
                 node.input.truncate(1);
@@ -104,7 +106,8 @@ pub fn upgrade(model: &mut Model) -> Result<Vec<String>> {
                     .with_context(|| format!("{} has no pads", label(&n)))?;
                 let value = n.attr_float("value")?.unwrap_or(0.0);
                 strip(&mut node, &["pads", "value"]);
-                let names = g.fresh_names(&[format!("{}_pads", n.name()), format!("{}_value", n.name())]);
+                let names =
+                    g.fresh_names(&[format!("{}_pads", n.name()), format!("{}_value", n.name())]);
                 inits.push(tensor::from_i64(&names[0], &[pads.len()], &pads));
                 inits.push(tensor::from_f32(&names[1], &arr0(value).into_dyn()));
                 node.input.truncate(1);
@@ -139,7 +142,11 @@ pub fn upgrade(model: &mut Model) -> Result<Vec<String>> {
                 strip(&mut node, &["ratio", "is_test"]);
             }
             "Squeeze" | "Unsqueeze" | "ReduceSum" | "Split" => {
-                let key = if n.op_type() == "Split" { "split" } else { "axes" };
+                let key = if n.op_type() == "Split" {
+                    "split"
+                } else {
+                    "axes"
+                };
                 if let Some(v) = n.attr_ints(key)? {
                     strip(&mut node, &[key]);
                     let name = g.fresh_name(&format!("{}_{key}", n.name()));

@@ -224,7 +224,8 @@ fn mark_output(g: &Graph, plan: &mut Plan, ix: NodeIndex, filter: &Filter) {
     match fused_activation(g, y, filter) {
         Some(act) => {
             let n = g.node(act);
-            plan.nodes.push((n.name().to_string(), n.op_type().to_string()));
+            plan.nodes
+                .push((n.name().to_string(), n.op_type().to_string()));
             if let Some(out) = n.output.first() {
                 plan.mark(out);
             }
@@ -283,8 +284,7 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions) -> Result<Plan> {
                     plan.mark(b);
                     mark_output(g, &mut plan, ix, &filter);
                     true
-                } else if plan.mark_weight(g, b, per_channel(if trans_b { 0 } else { 1 }), &name)
-                {
+                } else if plan.mark_weight(g, b, per_channel(if trans_b { 0 } else { 1 }), &name) {
                     plan.mark(a);
                     let n_out = g
                         .constant(b)
@@ -319,7 +319,11 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions) -> Result<Plan> {
                         .and_then(|t| tensor::shape(t).ok())
                         .map(|s| s.len())
                         .unwrap_or(0);
-                    let axis = if rank >= 1 { per_channel(rank - 1) } else { None };
+                    let axis = if rank >= 1 {
+                        per_channel(rank - 1)
+                    } else {
+                        None
+                    };
                     if plan.mark_weight(g, b, axis, &name) {
                         plan.mark(a);
                         mark_output(g, &mut plan, ix, &filter);
