@@ -146,7 +146,7 @@ fn digits() -> Option<(Model, CalibrationSet)> {
 fn logits(model: &ModelProto, x: &ArrayD<f32>) -> ArrayD<f32> {
     let (sim, _) = simulation_graph(model).unwrap();
     let r = Runner::new(&sim, &[("input".into(), x.shape().to_vec())], &[]).unwrap();
-    r.run(&[x.clone()]).unwrap().remove(0)
+    r.run(std::slice::from_ref(x)).unwrap().remove(0)
 }
 
 /// Mean KL(softmax(a) || softmax(b)) over rows, SQNR in dB, accuracy of b.
