@@ -3,6 +3,7 @@
 use crate::calibrate::{CalibrationSet, DataOptions};
 use crate::ir::Model;
 use crate::onnx::{load, save};
+use crate::passes::mixed_precision::{Budget, MixedPrecisionOptions};
 use crate::passes::{self, PassContext, PassRecord};
 use crate::report::stats::{self, ModelStats, ValueSummary};
 use crate::validate::{self, ValidateOptions, ValidationReport};
@@ -44,6 +45,29 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Recipes: print every option of the main command with its default, as TOML.
     Config(ConfigArgs),
+    /// Estimate each layer's Hessian trace (Hutchinson) on calibration data, without changing
+    /// the model: which layers are sensitive to quantization.
+    Sensitivity(SensitivityArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SensitivityArgs {
+    /// The ONNX model (BatchNormalization is folded first, as in the main pipeline).
+    pub model: PathBuf,
+    /// Calibration data (same formats as the main command's --calib); default: synthetic.
+    #[arg(long, value_name = "PATH")]
+    pub calib: Option<PathBuf>,
+    /// Use at most N calibration samples.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub calib_samples: usize,
+    /// Most Hutchinson probes per layer.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub hessian_samples: usize,
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub seed: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -193,6 +217,41 @@ pub struct CompressArgs {
     /// Refit consumers after pruning: least-squares, bias or none.
     #[arg(long, default_value = "least-squares", value_parser = ["least-squares", "bias", "none"], help_heading = "Pruning")]
     pub reconstruct: String,
+
+    // ---- mixed precision ----
+    /// Size budget for Hessian-guided mixed precision: bytes of weights (e.g. 2000000) or a
+    /// fraction of the fp32 weight bytes (e.g. 0.2). Enables the mixed-precision pass.
+    #[arg(long, value_name = "BYTES|RATIO", help_heading = "Mixed precision")]
+    pub target_size: Option<String>,
+    /// Budget as average bits per weight (e.g. 4.5). Enables the mixed-precision pass.
+    #[arg(
+        long,
+        value_name = "BITS",
+        conflicts_with = "target_size",
+        help_heading = "Mixed precision"
+    )]
+    pub avg_bits: Option<f64>,
+    /// Keep layers whose node or weight name matches in fp32 (repeatable, regex).
+    #[arg(
+        long = "keep-fp32",
+        value_name = "REGEX",
+        help_heading = "Mixed precision"
+    )]
+    pub keep_fp32: Vec<String>,
+    /// Never choose int4 (e.g. for runtimes without INT4 DequantizeLinear, such as tract).
+    #[arg(long, help_heading = "Mixed precision")]
+    pub no_int4: bool,
+    /// Never choose fp16.
+    #[arg(long, help_heading = "Mixed precision")]
+    pub no_fp16: bool,
+    /// Most Hutchinson probes per layer.
+    #[arg(
+        long,
+        default_value_t = 64,
+        value_name = "N",
+        help_heading = "Mixed precision"
+    )]
+    pub hessian_samples: usize,
 
     // ---- validation data ----
     /// Held-out inputs for validation (same formats as --calib); default: synthetic.
@@ -421,13 +480,50 @@ fn pass_context(
         input_shapes: input_shapes.to_vec(),
         ..Default::default()
     };
+    let mixed = MixedPrecisionOptions {
+        budget: match (&args.target_size, args.avg_bits) {
+            (Some(t), _) => Some(parse_budget(t)?),
+            (None, Some(b)) => {
+                ensure!(
+                    b > 0.0 && b <= 32.0,
+                    "--avg-bits {b}: expected 0 < bits <= 32"
+                );
+                Some(Budget::AvgBits(b))
+            }
+            (None, None) => None,
+        },
+        keep_fp32: args.keep_fp32.clone(),
+        allow_int4: !args.no_int4,
+        allow_fp16: !args.no_fp16,
+        hessian: crate::hessian::HessianOptions {
+            max_samples: args.hessian_samples.max(1),
+            seed: args.seed,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     Ok(PassContext {
+        mixed,
         max_patches: args.max_patches,
         quantize,
         calibration,
         equalize,
         prune,
     })
+}
+
+/// `--target-size`: whole bytes (`2000000`) or a fraction of the fp32 weight bytes (`0.2`).
+fn parse_budget(spec: &str) -> Result<Budget> {
+    let v: f64 = spec.trim().parse().with_context(|| {
+        format!("--target-size '{spec}': expected bytes (e.g. 2000000) or a ratio (e.g. 0.2)")
+    })?;
+    if v > 0.0 && v < 1.0 {
+        Ok(Budget::Ratio(v))
+    } else if v >= 1.0 && v.fract() == 0.0 {
+        Ok(Budget::Bytes(v as u64))
+    } else {
+        bail!("--target-size '{spec}': expected bytes (a whole number) or a ratio in (0, 1)")
+    }
 }
 
 /// Whether two paths name the same file (the output must never clobber the input).
@@ -484,6 +580,7 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> Result<()> {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Inspect(args)) => inspect(&args),
+        Some(Command::Sensitivity(args)) => sensitivity(&args),
         Some(Command::Config(_)) => {
             print!("{}", crate::recipe::default_recipe(&command()));
             Ok(())
@@ -711,6 +808,46 @@ fn print_validation(v: &ValidationReport) {
     for n in &v.notes {
         println!("    note: {n}");
     }
+}
+
+fn sensitivity(args: &SensitivityArgs) -> Result<()> {
+    let mut model = load::load(&args.model)?;
+    let data_opts = DataOptions {
+        max_samples: Some(args.calib_samples),
+        ..Default::default()
+    };
+    let calib = match &args.calib {
+        Some(p) => CalibrationSet::load(p, &model, &data_opts)
+            .with_context(|| format!("--calib {}", p.display()))?,
+        None => {
+            eprintln!("warning: no --calib data; traces are measured on synthetic inputs");
+            CalibrationSet::synthetic(&model, args.calib_samples, args.seed, &data_opts)?
+        }
+    };
+    crate::Pipeline::new().fuse().cleanup().run(&mut model)?;
+    let opts = crate::hessian::HessianOptions {
+        max_samples: args.hessian_samples.max(1),
+        seed: args.seed,
+        ..Default::default()
+    };
+    let layers = crate::hessian::sensitivity(&model, &calib.batches, &opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&layers)?);
+        return Ok(());
+    }
+    println!(
+        "{:<40} {:>10} {:>12} {:>10} {:>12} {:>7}",
+        "layer (node)", "params", "trace", "stderr", "trace/param", "probes"
+    );
+    let mut sorted: Vec<_> = layers.iter().collect();
+    sorted.sort_by(|a, b| b.trace_per_param.total_cmp(&a.trace_per_param));
+    for l in sorted {
+        println!(
+            "{:<40} {:>10} {:>12.4e} {:>10.2e} {:>12.4e} {:>7}",
+            l.node, l.params, l.hessian_trace, l.hessian_trace_stderr, l.trace_per_param, l.samples
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, Serialize)]

@@ -2,6 +2,7 @@
 //! result by running original and output side by side in tract.
 pub mod calibrate;
 pub mod cli;
+pub mod hessian;
 pub mod ir;
 pub mod onnx;
 pub mod passes;

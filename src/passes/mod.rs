@@ -8,6 +8,7 @@ pub mod cleanup;
 pub mod constant_fold;
 pub mod equalize;
 pub mod fuse;
+pub mod mixed_precision;
 pub mod prune;
 pub mod quantize;
 pub mod rewrite;
@@ -43,6 +44,7 @@ pub struct PassContext {
     pub quantize: quantize::QuantizeOptions,
     /// Calibration inputs for `quantize` (None = synthetic data with a warning).
     pub calibration: Option<Arc<crate::calibrate::CalibrationSet>>,
+    pub mixed: mixed_precision::MixedPrecisionOptions, // options of `mixed-precision` (no budget: does nothing)
 }
 
 pub trait Pass {
@@ -69,7 +71,11 @@ pub fn pipeline() -> Vec<Box<dyn Pass>> {
         Box::new(prune::Prune),
         // After fuse/cleanup (needs BN-folded weights), before quantize (it shapes weight ranges).
         Box::new(equalize::Equalize),
-        // Last: quantization observes the final float graph (after fusion/equalization).
+        // With a size budget, Hessian-guided per-layer precision quantizes the model itself
+        // (fp32/fp16/int8/int4 weights, int8 activations around quantized layers); before
+        // quantize, which then leaves the already-quantized model alone.
+        Box::new(mixed_precision::MixedPrecision),
+        // Last: uniform int8 observes the final float graph (after fusion/equalization).
         Box::new(quantize::Quantize),
     ]
 }

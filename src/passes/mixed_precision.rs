@@ -1,0 +1,924 @@
+//! Pass `mixed-precision`: one weight precision per layer (fp32, fp16, int8, int4), chosen from
+//! Hessian traces to minimize the predicted loss increase under a size budget.
+//!
+//! ```text
+//! before: x -> Conv(W, B) -> y
+//! int8:   x -> Q -> DQ -> Conv(DQ(W_int8, s[c], axis 0), DQ(B_int32)) -> ...   (opset >= 13)
+//! int4:   same with W_int4 packed two per byte, DequantizeLinear at opset 21
+//! fp16:   x -> Conv(Cast(W_fp16, to=float), B) -> y
+//! ```
+//!
+//! **Selection.** For layer `l` with `n` weights, trace `T = Tr(G)` ([`crate::hessian`]) and
+//! precision `b`: `Ω_b = (T / n) · ‖Q_b(W) − W‖²`, the Hutchinson-averaged diagonal times the
+//! quantization error energy (`½ Ω` predicts the loss increase). `Q_b`: int8 / int4 symmetric
+//! per channel on the output-channel axis (`scale = max|w| / 127` or `/ 7`, round half to even),
+//! fp16 round to nearest. Sizes (bytes written): fp32 `4n`, fp16 `2n`, int8 `n + 4C + C`, int4
+//! `⌈n/2⌉ + 4C + ⌈C/2⌉` (f32 scales and zero points per channel, `C` channels). One precision
+//! per layer minimizing `Σ Ω` under the budget is a multiple-choice knapsack, solved by dynamic
+//! programming ([`solve`]): costs shifted by each layer's cheapest option and divided by their
+//! gcd make the DP exact; when that axis would exceed `max_buckets`, costs are rounded *up* to
+//! a coarser unit (the answer then always fits the true budget, and is optimal up to that
+//! rounding; the report says `exact: false`). The chosen sizes are re-summed in true bytes and
+//! checked against the budget.
+//!
+//! Budgets: `Bytes` / `Ratio` count true bytes (scales included) against fp32 weight bytes;
+//! `AvgBits` counts payload bits per weight (32/16/8/4), the usual "bits per weight".
+//!
+//! **Emission.** fp32 layers are untouched. fp16: a FLOAT16 initializer and `Cast(to=FLOAT)`
+//! producing the weight's name. int8/int4: int initializer, per-channel scale and zero point, and
+//! `DequantizeLinear(axis = out axis)` producing the weight's name. With
+//! `quantize_activations` (default), the `quantize` pass's placement rules, calibration and
+//! central Q/DQ insertion quantize the activations around int8/int4 layers (uint8) and their
+//! biases (int32, scale `s_in · s_w[c]`); otherwise weights only. The default opset is raised to
+//! 13 when anything is quantized, to 21 (IR version 10) only when int4 is used; nodes whose
+//! form changed by 21 are converted (Reduce* `axes` attribute to input, Split `num_outputs`) and
+//! ops whose semantics changed (GroupNormalization < 21, anything affected in a subgraph) are
+//! refused with the node named.
+//!
+//! Invariants: with no budget the model is unchanged; a model already holding
+//! QuantizeLinear/DequantizeLinear is left unchanged (idempotent); the result computes the same
+//! function up to the chosen quantization.
+
+use crate::calibrate::data::{CalibrationSet, DataOptions};
+use crate::calibrate::observe::{observe_model, ObserveOptions};
+use crate::calibrate::params::activation_params;
+use crate::hessian::{self, HessianOptions, LayerSensitivity};
+use crate::ir::op::{self, attr_int, Attrs};
+use crate::ir::{tensor, Graph, Model, Patch};
+use crate::onnx::proto::TensorProto;
+use crate::passes::quantize::{self, insert, placement, QuantizeOptions};
+use crate::passes::{Pass, PassContext, PassStats};
+use anyhow::{bail, ensure, Context, Result};
+use indexmap::IndexMap;
+use ndarray::{ArrayD, Axis, IxDyn};
+use regex::Regex;
+use serde::Serialize;
+use serde_json::json;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    Fp16,
+    Int8,
+    Int4,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 4] = [
+        Precision::Fp32,
+        Precision::Fp16,
+        Precision::Int8,
+        Precision::Int4,
+    ];
+
+    /// Payload bits per weight.
+    pub fn bits(self) -> u64 {
+        match self {
+            Precision::Fp32 => 32,
+            Precision::Fp16 => 16,
+            Precision::Int8 => 8,
+            Precision::Int4 => 4,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Int8 => "int8",
+            Precision::Int4 => "int4",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Budget {
+    /// Total weight bytes (scales included) of the selected layers.
+    Bytes(u64),
+    /// Fraction of the layers' fp32 weight bytes.
+    Ratio(f64),
+    /// Average payload bits per weight.
+    AvgBits(f64),
+}
+
+/// Options of the `mixed-precision` pass.
+#[derive(Debug, Clone)]
+pub struct MixedPrecisionOptions {
+    /// No budget: the pass does nothing.
+    pub budget: Option<Budget>,
+    /// Node or weight names / regexes (full match) kept fp32.
+    pub keep_fp32: Vec<String>,
+    pub allow_int4: bool,
+    pub allow_fp16: bool,
+    /// Quantize activations around int8/int4 layers with the `quantize` pass's machinery.
+    pub quantize_activations: bool,
+    pub hessian: HessianOptions,
+    /// Points of the reported size-vs-ΣΩ frontier.
+    pub pareto_points: usize,
+    /// Largest DP size axis before costs are rounded to a coarser unit.
+    pub max_buckets: usize,
+    /// Synthetic calibration samples when no data is given.
+    pub synthetic_samples: usize,
+}
+
+impl Default for MixedPrecisionOptions {
+    fn default() -> Self {
+        MixedPrecisionOptions {
+            budget: None,
+            keep_fp32: vec![],
+            allow_int4: true,
+            allow_fp16: true,
+            quantize_activations: true,
+            hessian: HessianOptions::default(),
+            pareto_points: 16,
+            max_buckets: 1 << 20,
+            synthetic_samples: 16,
+        }
+    }
+}
+
+/// Symmetric per-channel quantization along `axis` to `bits` (8 or 4): integer values, scales,
+/// and the dequantized tensor.
+pub fn quantize_weight(
+    w: &ArrayD<f32>,
+    axis: usize,
+    bits: u32,
+) -> (Vec<i8>, Vec<f32>, ArrayD<f32>) {
+    let qmax = ((1i32 << (bits - 1)) - 1) as f32;
+    let scales: Vec<f32> = w
+        .axis_iter(Axis(axis))
+        .map(|c| {
+            let s = c.iter().fold(0f32, |m, v| m.max(v.abs())) / qmax;
+            if s.is_finite() && s > 0.0 {
+                s
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let mut q = Vec::with_capacity(w.len());
+    let mut deq = ArrayD::<f32>::zeros(w.raw_dim());
+    for ((idx, &v), d) in w.indexed_iter().zip(deq.iter_mut()) {
+        let s = scales[idx[axis]];
+        let r = (v / s).round_ties_even().clamp(-qmax, qmax);
+        q.push(r as i8);
+        *d = r * s;
+    }
+    (q, scales, deq)
+}
+
+/// `W` after a round trip through precision `p`.
+pub fn round_trip(w: &ArrayD<f32>, axis: usize, p: Precision) -> ArrayD<f32> {
+    match p {
+        Precision::Fp32 => w.clone(),
+        Precision::Fp16 => w.mapv(|v| half::f16::from_f32(v).to_f32()),
+        Precision::Int8 => quantize_weight(w, axis, 8).2,
+        Precision::Int4 => quantize_weight(w, axis, 4).2,
+    }
+}
+
+/// Bytes written for a weight of `n` values and `channels` output channels at precision `p`.
+pub fn weight_bytes(n: usize, channels: usize, p: Precision) -> u64 {
+    let (n, c) = (n as u64, channels as u64);
+    match p {
+        Precision::Fp32 => 4 * n,
+        Precision::Fp16 => 2 * n,
+        Precision::Int8 => n + 5 * c,
+        Precision::Int4 => n.div_ceil(2) + 4 * c + c.div_ceil(2),
+    }
+}
+
+/// A multiple-choice knapsack solution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Solution {
+    /// Chosen option per class.
+    pub choice: Vec<usize>,
+    pub cost: u64,
+    pub value: f64,
+    /// False when costs were rounded up to fit `max_buckets` (still feasible).
+    pub exact: bool,
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+struct Scaled {
+    base: u64,
+    unit: u64,
+    costs: Vec<Vec<u64>>,
+    exact: bool,
+}
+
+/// Costs shifted by each class's cheapest option and expressed in DP units for a range `span`.
+fn scale(classes: &[Vec<(u64, f64)>], span: u64, max_buckets: usize) -> Scaled {
+    let base: u64 = classes
+        .iter()
+        .map(|c| c.iter().map(|o| o.0).min().unwrap_or(0))
+        .sum();
+    let mins: Vec<u64> = classes
+        .iter()
+        .map(|c| c.iter().map(|o| o.0).min().unwrap_or(0))
+        .collect();
+    let g = classes
+        .iter()
+        .zip(&mins)
+        .flat_map(|(c, &m)| c.iter().map(move |o| o.0 - m))
+        .fold(0, gcd)
+        .max(1);
+    let limit = (max_buckets.max(1) as u64).saturating_sub(1).max(1);
+    let (unit, exact) = if span / g <= limit {
+        (g, true)
+    } else {
+        (span.div_ceil(limit).max(g), false)
+    };
+    let costs = classes
+        .iter()
+        .zip(&mins)
+        .map(|(c, &m)| c.iter().map(|o| (o.0 - m).div_ceil(unit)).collect())
+        .collect();
+    Scaled {
+        base,
+        unit,
+        costs,
+        exact,
+    }
+}
+
+/// One DP sweep: `best[b]` = min total value with shifted cost ≤ `b` units; with `keep`, the
+/// choice table for reconstruction. Options with NaN value are never taken.
+fn dp(
+    classes: &[Vec<(u64, f64)>],
+    costs: &[Vec<u64>],
+    cap: usize,
+    keep: bool,
+) -> (Vec<f64>, Vec<Vec<u8>>) {
+    let mut best = vec![0f64; cap + 1];
+    let mut table = Vec::new();
+    for (class, cost) in classes.iter().zip(costs) {
+        let mut next = vec![f64::INFINITY; cap + 1];
+        let mut pick = if keep { vec![u8::MAX; cap + 1] } else { vec![] };
+        for b in 0..=cap {
+            for (k, (&c, o)) in cost.iter().zip(class).enumerate() {
+                let c = c as usize;
+                if c > b {
+                    continue;
+                }
+                let v = best[b - c] + o.1;
+                if v < next[b] {
+                    next[b] = v;
+                    if keep {
+                        pick[b] = k as u8;
+                    }
+                }
+            }
+        }
+        best = next;
+        if keep {
+            table.push(pick);
+        }
+    }
+    (best, table)
+}
+
+/// Exact multiple-choice knapsack: one option `(cost, value)` per class minimizing the value sum
+/// with cost sum ≤ `budget` (see the module docs for the discretization). `None`: infeasible.
+pub fn solve(classes: &[Vec<(u64, f64)>], budget: u64, max_buckets: usize) -> Option<Solution> {
+    if classes
+        .iter()
+        .any(|c| c.is_empty() || c.len() >= u8::MAX as usize)
+    {
+        return None;
+    }
+    let s0 = scale(classes, 0, 1);
+    if budget < s0.base {
+        return None;
+    }
+    let max_total: u64 = classes
+        .iter()
+        .map(|c| c.iter().map(|o| o.0).max().unwrap_or(0))
+        .sum();
+    let span = budget.min(max_total) - s0.base;
+    let cells = (1usize << 26) / classes.len().max(1);
+    let s = scale(classes, span, max_buckets.min(cells));
+    let cap = (span / s.unit) as usize;
+    let (best, table) = dp(classes, &s.costs, cap, true);
+    if !best[cap].is_finite() {
+        return None;
+    }
+    let mut b = cap;
+    let mut choice = vec![0; classes.len()];
+    for i in (0..classes.len()).rev() {
+        let k = table[i][b] as usize;
+        choice[i] = k;
+        b -= s.costs[i][k] as usize;
+    }
+    let cost: u64 = choice.iter().zip(classes).map(|(&k, c)| c[k].0).sum();
+    let value: f64 = choice.iter().zip(classes).map(|(&k, c)| c[k].1).sum();
+    debug_assert!(cost <= budget);
+    Some(Solution {
+        choice,
+        cost,
+        value,
+        exact: s.exact,
+    })
+}
+
+/// The size-vs-value frontier `(cost, min value)` over all budgets, thinned to `points`.
+pub fn pareto(classes: &[Vec<(u64, f64)>], points: usize, max_buckets: usize) -> Vec<(u64, f64)> {
+    let s0 = scale(classes, 0, 1);
+    let max_total: u64 = classes
+        .iter()
+        .map(|c| c.iter().map(|o| o.0).max().unwrap_or(0))
+        .sum();
+    let span = max_total - s0.base;
+    let s = scale(classes, span, max_buckets);
+    let cap = (span / s.unit) as usize;
+    let (best, _) = dp(classes, &s.costs, cap, false);
+    let mut frontier = Vec::new();
+    for b in 0..=cap {
+        if best[b].is_finite() && (b == 0 || best[b] < best[b - 1]) {
+            frontier.push((s.base + b as u64 * s.unit, best[b]));
+        }
+    }
+    if frontier.len() > points.max(2) {
+        let m = points.max(2);
+        let last = frontier.len() - 1;
+        frontier = (0..m).map(|i| frontier[i * last / (m - 1)]).collect();
+    }
+    frontier
+}
+
+/// One layer's figures and decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerChoice {
+    pub node: String,
+    pub weight: String,
+    pub params: usize,
+    pub channels: usize,
+    pub hessian_trace: f64,
+    pub hessian_trace_stderr: f64,
+    pub trace_per_param: f64,
+    pub samples: usize,
+    pub precision: Precision,
+    pub bytes: u64,
+    /// Ω per allowed precision.
+    pub omega: BTreeMap<Precision, f64>,
+    pub bytes_by_precision: BTreeMap<Precision, u64>,
+    pub kept_fp32_by_option: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ParetoPoint {
+    pub bytes: u64,
+    pub sum_omega: f64,
+}
+
+/// What the selection decided.
+#[derive(Debug, Clone, Serialize)]
+pub struct MixedPrecisionReport {
+    pub layers: Vec<LayerChoice>,
+    pub budget: Budget,
+    pub fp32_bytes: u64,
+    pub total_bytes: u64,
+    pub avg_bits: f64,
+    pub sum_omega: f64,
+    pub exact: bool,
+    /// Size (true bytes) vs ΣΩ frontier.
+    pub pareto: Vec<ParetoPoint>,
+}
+
+fn full_match(patterns: &[Regex], s: &str) -> bool {
+    patterns.iter().any(|r| r.is_match(s))
+}
+
+/// Choose precisions from sensitivities (selection only; the model is not changed).
+pub fn select(
+    model: &Model,
+    sens: &[LayerSensitivity],
+    budget: Budget,
+    opts: &MixedPrecisionOptions,
+) -> Result<MixedPrecisionReport> {
+    let keep: Vec<Regex> = opts
+        .keep_fp32
+        .iter()
+        .map(|p| {
+            Regex::new(&format!("^(?:{p})$")).with_context(|| format!("keep_fp32 pattern '{p}'"))
+        })
+        .collect::<Result<_>>()?;
+    let mut layers = Vec::new();
+    let mut classes: Vec<Vec<(u64, f64)>> = Vec::new();
+    let mut bits_classes: Vec<Vec<(u64, f64)>> = Vec::new();
+    let mut options: Vec<Vec<Precision>> = Vec::new();
+    for s in sens {
+        let w = tensor::to_f32(
+            model
+                .graph
+                .constant(&s.weight)
+                .with_context(|| format!("weight '{}' is not a constant", s.weight))?,
+        )?;
+        let channels = w.shape().get(s.out_axis).copied().unwrap_or(1);
+        let kept = full_match(&keep, &s.node) || full_match(&keep, &s.weight);
+        let allowed: Vec<Precision> = Precision::ALL
+            .into_iter()
+            .rev() // cheapest first, so ties go to the smaller option
+            .filter(|&p| match p {
+                Precision::Fp32 => true,
+                _ if kept => false,
+                Precision::Int4 => opts.allow_int4,
+                Precision::Fp16 => opts.allow_fp16,
+                Precision::Int8 => true,
+            })
+            .collect();
+        let mut omega = BTreeMap::new();
+        let mut bytes = BTreeMap::new();
+        for &p in &allowed {
+            let d = round_trip(&w, s.out_axis, p);
+            let err2: f64 = w
+                .iter()
+                .zip(d.iter())
+                .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+                .sum();
+            omega.insert(p, s.trace_per_param.max(0.0) * err2);
+            bytes.insert(p, weight_bytes(s.params, channels, p));
+        }
+        classes.push(allowed.iter().map(|p| (bytes[p], omega[p])).collect());
+        bits_classes.push(
+            allowed
+                .iter()
+                .map(|p| (p.bits() * s.params as u64, omega[p]))
+                .collect(),
+        );
+        options.push(allowed);
+        layers.push(LayerChoice {
+            node: s.node.clone(),
+            weight: s.weight.clone(),
+            params: s.params,
+            channels,
+            hessian_trace: s.hessian_trace,
+            hessian_trace_stderr: s.hessian_trace_stderr,
+            trace_per_param: s.trace_per_param,
+            samples: s.samples,
+            precision: Precision::Fp32,
+            bytes: 4 * s.params as u64,
+            omega,
+            bytes_by_precision: bytes,
+            kept_fp32_by_option: kept,
+        });
+    }
+    let total_params: u64 = sens.iter().map(|s| s.params as u64).sum();
+    let fp32_bytes = 4 * total_params;
+    let (cls, limit) = match budget {
+        Budget::Bytes(b) => (&classes, b),
+        Budget::Ratio(r) => {
+            ensure!(r > 0.0, "size ratio must be positive, got {r}");
+            (&classes, (r * fp32_bytes as f64).floor() as u64)
+        }
+        Budget::AvgBits(b) => {
+            ensure!(b > 0.0, "average bits must be positive, got {b}");
+            (&bits_classes, (b * total_params as f64).floor() as u64)
+        }
+    };
+    let sol = solve(cls, limit, opts.max_buckets).with_context(|| {
+        let least: u64 = cls
+            .iter()
+            .map(|c| c.iter().map(|o| o.0).min().unwrap_or(0))
+            .sum();
+        format!(
+            "budget {budget:?} is below the smallest possible size ({least} in the budget's unit)"
+        )
+    })?;
+    let used: u64 = sol
+        .choice
+        .iter()
+        .zip(cls.iter())
+        .map(|(&k, c)| c[k].0)
+        .sum();
+    ensure!(
+        used <= limit,
+        "internal: selection exceeds the budget ({used} > {limit})"
+    );
+    for ((l, &k), opts_l) in layers.iter_mut().zip(&sol.choice).zip(&options) {
+        l.precision = opts_l[k];
+        l.bytes = l.bytes_by_precision[&l.precision];
+    }
+    let total_bytes = layers.iter().map(|l| l.bytes).sum();
+    let bits: u64 = layers
+        .iter()
+        .map(|l| l.precision.bits() * l.params as u64)
+        .sum();
+    let pareto = pareto(&classes, opts.pareto_points, opts.max_buckets)
+        .into_iter()
+        .map(|(bytes, sum_omega)| ParetoPoint { bytes, sum_omega })
+        .collect();
+    Ok(MixedPrecisionReport {
+        sum_omega: sol.value,
+        exact: sol.exact,
+        layers,
+        budget,
+        fp32_bytes,
+        total_bytes,
+        avg_bits: bits as f64 / total_params.max(1) as f64,
+        pareto,
+    })
+}
+
+/// Swap float initializer `name` for `node` (producing `name`) reading new initializers.
+fn replace_constant(
+    g: &mut Graph,
+    name: &str,
+    inits: Vec<TensorProto>,
+    node: crate::onnx::proto::NodeProto,
+) -> Result<()> {
+    let anchor = g.consumers(name).first().map(|&(ix, _)| ix);
+    let backup = g.clone();
+    g.initializers.shift_remove(name);
+    let patch = Patch {
+        add: vec![node],
+        initializers: inits,
+        anchor,
+        ..Default::default()
+    };
+    if let Err(e) = g.apply(patch) {
+        *g = backup;
+        return Err(e).with_context(|| format!("replacing weight '{name}'"));
+    }
+    Ok(())
+}
+
+/// Store weight `w` at precision `p`; returns the per-channel scales for int8/int4.
+fn emit_weight(g: &mut Graph, w: &str, axis: usize, p: Precision) -> Result<Option<Vec<f32>>> {
+    let t = g
+        .constant(w)
+        .with_context(|| format!("weight '{w}' is not a constant initializer"))?;
+    let a = tensor::to_f32(t).with_context(|| format!("decoding weight '{w}'"))?;
+    ensure!(
+        axis < a.ndim(),
+        "weight '{w}' has rank {} but axis {axis}",
+        a.ndim()
+    );
+    let shape = a.shape().to_vec();
+    match p {
+        Precision::Fp32 => Ok(None),
+        Precision::Fp16 => {
+            let names = g.fresh_names(&[format!("{w}_fp16"), format!("{w}_Cast")]);
+            let mut cast = op::node("Cast", &names[1], &[&names[0]], &[w]);
+            op::set_attr(&mut cast, attr_int("to", 1));
+            replace_constant(g, w, vec![tensor::from_f16(&names[0], &a)], cast)?;
+            Ok(None)
+        }
+        Precision::Int8 | Precision::Int4 => {
+            let bits = if p == Precision::Int8 { 8 } else { 4 };
+            let (q, scales, _) = quantize_weight(&a, axis, bits);
+            let names = g.fresh_names(&[
+                format!("{w}_quantized"),
+                format!("{w}_scale"),
+                format!("{w}_zero_point"),
+                format!("{w}_DequantizeLinear"),
+            ]);
+            let c = scales.len();
+            let zeros = vec![0i8; c];
+            let (wq, zp) = if bits == 8 {
+                (
+                    tensor::from_i8(&names[0], &shape, &q),
+                    tensor::from_i8(&names[2], &[c], &zeros),
+                )
+            } else {
+                (
+                    tensor::from_4bit(&names[0], &shape, &q, true),
+                    tensor::from_4bit(&names[2], &[c], &zeros, true),
+                )
+            };
+            let s = tensor::from_f32(
+                &names[1],
+                &ArrayD::from_shape_vec(IxDyn(&[c]), scales.clone())?,
+            );
+            let mut dq = op::node(
+                "DequantizeLinear",
+                &names[3],
+                &[&names[0], &names[1], &names[2]],
+                &[w],
+            );
+            op::set_attr(&mut dq, attr_int("axis", axis as i64));
+            replace_constant(g, w, vec![wq, s, zp], dq)?;
+            Ok(Some(scales))
+        }
+    }
+}
+
+const REDUCE_AXES_TO_INPUT_AT_18: &[&str] = &[
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+];
+
+/// Raise an opset-13+ model to 21 (int4 DequantizeLinear), converting or refusing the ops whose
+/// form or semantics changed in between.
+fn upgrade_to_21(model: &mut Model) -> Result<Vec<String>> {
+    let from = model.opset("").unwrap_or(1);
+    if from >= 21 {
+        return Ok(vec![]);
+    }
+    let affected = |op_type: &str| {
+        REDUCE_AXES_TO_INPUT_AT_18.contains(&op_type)
+            || matches!(op_type, "Split" | "GroupNormalization")
+    };
+    let g = &mut model.graph;
+    let mut converted = 0;
+    for ix in g.topo_order()? {
+        let n = g.node(ix).clone();
+        for sub in crate::ir::graph::subgraphs(&n) {
+            if sub.node.iter().any(|m| affected(m.op_type())) {
+                bail!("int4 needs opset 21; node '{}' ({}) has a subgraph with ops whose form changed by opset 21 (Reduce*/Split/GroupNormalization); not converted", n.name(), n.op_type());
+            }
+        }
+        if !op::is_standard_domain(n.domain()) || !affected(n.op_type()) {
+            continue;
+        }
+        let mut node = n.clone();
+        let mut inits = Vec::new();
+        match n.op_type() {
+            "GroupNormalization" => bail!(
+                "int4 needs opset 21; node '{}' (GroupNormalization) changed semantics at opset 21 (per-group scale/bias): re-export the model at opset 21 or forbid int4",
+                n.name()
+            ),
+            "Split" => {
+                if n.input.get(1).is_none_or(|s| s.is_empty()) && n.attr("num_outputs").is_none() {
+                    op::set_attr(&mut node, attr_int("num_outputs", n.output.len() as i64));
+                }
+            }
+            _ => {
+                if let Some(axes) = n.attr_ints("axes")? {
+                    node.attribute.retain(|a| a.name() != "axes");
+                    let name = g.fresh_name(&format!("{}_axes", n.name()));
+                    inits.push(tensor::from_i64(&name, &[axes.len()], &axes));
+                    node.input.truncate(1);
+                    node.input.push(name);
+                }
+            }
+        }
+        if node != n {
+            g.apply(Patch {
+                remove: vec![ix],
+                add: vec![node],
+                initializers: inits,
+                ..Default::default()
+            })
+            .with_context(|| {
+                format!(
+                    "converting node '{}' ({}) to opset 21",
+                    n.name(),
+                    n.op_type()
+                )
+            })?;
+            converted += 1;
+        }
+    }
+    model.require_opset("", 21);
+    if model.shell.ir_version.unwrap_or(0) < 10 {
+        model.shell.ir_version = Some(10);
+    }
+    let mut notes = vec![format!(
+        "raised the default opset from {from} to 21 and IR version to 10 (int4 DequantizeLinear)"
+    )];
+    if converted > 0 {
+        notes.push(format!(
+            "converted {converted} node(s) whose attributes became inputs by opset 21"
+        ));
+    }
+    Ok(notes)
+}
+
+/// Rewrite `model` with one precision per weight (`(weight name, precision)`). Returns notes.
+pub fn apply_assignment(
+    model: &mut Model,
+    assignment: &[(String, Precision)],
+    opts: &MixedPrecisionOptions,
+    calib: &CalibrationSet,
+) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    let layers = hessian::layers(&model.graph)?;
+    let layer_of = |w: &str| layers.iter().find(|l| l.weight == w);
+    let uses = |p: Precision| assignment.iter().any(|a| a.1 == p);
+    let quantized = uses(Precision::Int8) || uses(Precision::Int4);
+    let mut work = model.clone();
+    if quantized {
+        notes.extend(quantize::opset::upgrade(&mut work)?);
+    }
+    if uses(Precision::Int4) {
+        notes.extend(upgrade_to_21(&mut work)?);
+    }
+    // Activations (and int32 biases) around int8/int4 layers, with the quantize pass's rules.
+    let int_nodes: Vec<String> = assignment
+        .iter()
+        .filter(|a| matches!(a.1, Precision::Int8 | Precision::Int4))
+        .filter_map(|a| layer_of(&a.0))
+        .flat_map(|l| {
+            work.graph
+                .consumers(&l.weight)
+                .iter()
+                .map(|c| work.graph.node(c.0).name().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut plan = None;
+    if quantized && opts.quantize_activations {
+        if int_nodes.iter().any(String::is_empty) {
+            notes.push("some int8/int4 nodes have no name: their activations stay float".into());
+        }
+        let qopts = QuantizeOptions {
+            include_nodes: int_nodes
+                .iter()
+                .filter(|n| !n.is_empty())
+                .map(|n| regex::escape(n))
+                .collect(),
+            ..QuantizeOptions::default()
+        };
+        if !qopts.include_nodes.is_empty() {
+            let p = placement::plan(&work.graph, &qopts)?;
+            let original = work.to_proto()?;
+            let tensors: Vec<String> = p.activations.iter().cloned().collect();
+            let obs_opts = ObserveOptions {
+                method: qopts.method,
+                moving_average: qopts.moving_average,
+                scheme: qopts.activation_scheme,
+            };
+            let observed = observe_model(&original, &tensors, calib, &obs_opts)
+                .context("observing activation ranges")?;
+            plan = Some((p, observed, qopts));
+        }
+    }
+    let g = &mut work.graph;
+    let mut scales: IndexMap<String, Vec<f32>> = IndexMap::new();
+    for (w, p) in assignment {
+        let l = layer_of(w)
+            .with_context(|| format!("'{w}' is not the constant weight of a Conv/Gemm/MatMul"))?;
+        if let Some(s) = emit_weight(g, w, l.out_axis(), *p)? {
+            scales.insert(w.clone(), s);
+        }
+    }
+    if let Some((p, observed, qopts)) = plan {
+        let mut range: IndexMap<String, (f32, f32)> = IndexMap::new();
+        for t in &p.activations {
+            let o = observed
+                .get(t)
+                .with_context(|| format!("no observation for '{t}'"))?;
+            let e = range
+                .entry(p.group(t))
+                .or_insert((f32::INFINITY, f32::NEG_INFINITY));
+            *e = (e.0.min(o.lo), e.1.max(o.hi));
+        }
+        let params_of = |t: &str| {
+            let (lo, hi) = range[&p.group(t)];
+            activation_params(lo, hi, qopts.activation_scheme)
+        };
+        for t in &p.activations {
+            insert::activation(g, t, &params_of(t), qopts.activation_scheme)?;
+        }
+        let mut biases = 0;
+        for (b, mark) in &p.biases {
+            let Some(s_w) = scales.get(&mark.weight) else {
+                continue;
+            };
+            insert::bias(g, b, params_of(&mark.input).scale, s_w, &mark.node)
+                .with_context(|| format!("node '{}'", mark.node))?;
+            biases += 1;
+        }
+        notes.push(format!(
+            "activations around int8/int4 layers quantized with the quantize pass's rules: {} Q/DQ pairs (uint8, {}), {biases} int32 biases",
+            p.activations.len(),
+            qopts.method.label()
+        ));
+    } else if quantized {
+        notes.push("weight-only quantization: activations stay float".into());
+    }
+    g.remove_unused_initializers();
+    *model = work;
+    Ok(notes)
+}
+
+pub struct MixedPrecision;
+
+impl Pass for MixedPrecision {
+    fn name(&self) -> &'static str {
+        "mixed-precision"
+    }
+
+    fn summary(&self) -> &'static str {
+        "Hessian-guided per-layer weight precision (fp32/fp16/int8/int4) under a size budget"
+    }
+
+    fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats> {
+        mixed_precision(model, &ctx.mixed, ctx.calibration.as_deref())
+    }
+}
+
+/// Run the pass: estimate, select, emit (all or nothing).
+pub fn mixed_precision(
+    model: &mut Model,
+    opts: &MixedPrecisionOptions,
+    calibration: Option<&CalibrationSet>,
+) -> Result<PassStats> {
+    let mut stats = PassStats::default();
+    let Some(budget) = opts.budget else {
+        stats
+            .notes
+            .push("no size budget given (target size or average bits): model unchanged".into());
+        return Ok(stats);
+    };
+    let already = model.graph.node_indices().any(|ix| {
+        matches!(
+            model.graph.node(ix).op_type(),
+            "QuantizeLinear" | "DequantizeLinear"
+        )
+    });
+    if already {
+        stats.notes.push(
+            "the model already holds QuantizeLinear/DequantizeLinear nodes; left unchanged".into(),
+        );
+        return Ok(stats);
+    }
+    let synthetic;
+    let calib = match calibration {
+        Some(c) => c,
+        None => {
+            synthetic = CalibrationSet::synthetic(
+                model,
+                opts.synthetic_samples,
+                opts.hessian.seed,
+                &DataOptions::default(),
+            )?;
+            &synthetic
+        }
+    };
+    stats.notes.extend(calib.notes.iter().cloned());
+    let sens = hessian::sensitivity(model, &calib.batches, &opts.hessian)
+        .context("estimating Hessian traces")?;
+    if sens.is_empty() {
+        stats
+            .notes
+            .push("no Conv/Gemm/MatMul with a constant weight: model unchanged".into());
+        return Ok(stats);
+    }
+    let report = select(model, &sens, budget, opts)?;
+    let assignment: Vec<(String, Precision)> = report
+        .layers
+        .iter()
+        .map(|l| (l.weight.clone(), l.precision))
+        .collect();
+    stats
+        .notes
+        .extend(apply_assignment(model, &assignment, opts, calib)?);
+    stats.changes = report
+        .layers
+        .iter()
+        .filter(|l| l.precision != Precision::Fp32)
+        .count();
+    let mut counts: IndexMap<Precision, usize> = IndexMap::new();
+    for l in &report.layers {
+        *counts.entry(l.precision).or_default() += 1;
+    }
+    stats.notes.push(format!(
+        "{} layer(s): {}; weights {} -> {} bytes ({:.2} bits/weight), ΣΩ = {:.4e}{}",
+        report.layers.len(),
+        counts
+            .iter()
+            .map(|(p, c)| format!("{c} {}", p.label()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        report.fp32_bytes,
+        report.total_bytes,
+        report.avg_bits,
+        report.sum_omega,
+        if report.exact {
+            ""
+        } else {
+            " (size axis discretized; budget still met)"
+        }
+    ));
+    stats.details = json!({
+        "calibration": { "source": calib.source, "samples": calib.samples, "synthetic": calib.synthetic },
+        "hessian": {
+            "loss": opts.hessian.loss,
+            "rel_eps": opts.hessian.rel_eps,
+            "rel_tol": opts.hessian.rel_tol,
+            "max_samples": opts.hessian.max_samples,
+            "seconds": sens.iter().map(|s| s.seconds).sum::<f64>(),
+        },
+        "selection": serde_json::to_value(&report)?,
+    });
+    Ok(stats)
+}
