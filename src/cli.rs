@@ -4,6 +4,7 @@ use crate::calibrate::{CalibrationSet, DataOptions};
 use crate::ir::Model;
 use crate::onnx::{load, save};
 use crate::passes::mixed_precision::{Budget, MixedPrecisionOptions};
+use crate::passes::quantize::QuantizeOptions;
 use crate::passes::{self, PassContext, PassRecord};
 use crate::report::stats::{self, ModelStats, ValueSummary};
 use crate::validate::{self, ValidateOptions, ValidationReport};
@@ -373,17 +374,16 @@ fn pass_context(
     input_shapes: &[(String, Vec<usize>)],
 ) -> Result<PassContext> {
     use crate::passes::{equalize, prune, quantize};
+    let data_opts = DataOptions {
+        max_samples: args.calib_samples,
+        input_shapes: input_shapes.to_vec(),
+        ..Default::default()
+    };
     let calibration = match &args.calib {
-        Some(path) => {
-            let opts = DataOptions {
-                max_samples: args.calib_samples,
-                ..Default::default()
-            };
-            Some(Arc::new(
-                CalibrationSet::load(path, model, &opts)
-                    .with_context(|| format!("--calib {}", path.display()))?,
-            ))
-        }
+        Some(path) => Some(Arc::new(
+            CalibrationSet::load(path, model, &data_opts)
+                .with_context(|| format!("--calib {}", path.display()))?,
+        )),
         None => None,
     };
     let mut method = crate::calibrate::observe::Method::parse(&args.method)
@@ -501,6 +501,18 @@ fn pass_context(
             ..Default::default()
         },
         ..Default::default()
+    };
+    // Without --calib, quantize and mixed-precision calibrate on synthetic data (loudly); made
+    // here so that --input-shape fixes symbolic dims. Prune and equalize get no synthetic data.
+    let calibration = match calibration {
+        Some(c) => Some(c),
+        None if !input_shapes.is_empty() => Some(Arc::new(CalibrationSet::synthetic(
+            model,
+            QuantizeOptions::default().synthetic_samples,
+            args.seed,
+            &data_opts,
+        )?)),
+        None => None,
     };
     Ok(PassContext {
         mixed,

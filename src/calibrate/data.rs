@@ -81,6 +81,19 @@ pub fn model_inputs(model: &Model) -> Result<Vec<InputSpec>> {
         .collect()
 }
 
+/// Fix dims from user-given full shapes (same rank only; a mismatch is reported later as a
+/// data error against the declared shape).
+fn with_shapes(mut specs: Vec<InputSpec>, shapes: &[(String, Vec<usize>)]) -> Vec<InputSpec> {
+    for spec in &mut specs {
+        if let Some((_, shape)) = shapes.iter().find(|(n, _)| *n == spec.name) {
+            if shape.len() == spec.dims.len() {
+                spec.dims = shape.iter().map(|&d| InputDim::Fixed(d)).collect();
+            }
+        }
+    }
+    specs
+}
+
 fn input_spec(v: &ValueInfoProto) -> Result<InputSpec> {
     let Some(type_proto::Value::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.as_ref())
     else {
@@ -119,6 +132,8 @@ pub struct DataOptions {
     pub batch_size: usize,
     /// Use at most this many samples (the first ones, in file order).
     pub max_samples: Option<usize>,
+    /// Full shapes fixing symbolic input dims (`--input-shape`), by input name.
+    pub input_shapes: Vec<(String, Vec<usize>)>,
 }
 
 impl Default for DataOptions {
@@ -126,6 +141,7 @@ impl Default for DataOptions {
         DataOptions {
             batch_size: 32,
             max_samples: None,
+            input_shapes: Vec::new(),
         }
     }
 }
@@ -149,7 +165,7 @@ pub struct CalibrationSet {
 impl CalibrationSet {
     /// Read calibration data from a file or directory and check it against `model`.
     pub fn load(path: &Path, model: &Model, opts: &DataOptions) -> Result<CalibrationSet> {
-        let specs = model_inputs(model)?;
+        let specs = with_shapes(model_inputs(model)?, &opts.input_shapes);
         ensure!(
             !specs.is_empty(),
             "the model has no float inputs to calibrate"
@@ -170,7 +186,7 @@ impl CalibrationSet {
 
     /// Seeded standard-normal inputs: `samples` samples; symbolic non-batch dims are refused.
     pub fn synthetic(model: &Model, samples: usize, seed: u64, opts: &DataOptions) -> Result<Self> {
-        let specs = model_inputs(model)?;
+        let specs = with_shapes(model_inputs(model)?, &opts.input_shapes);
         ensure!(
             !specs.is_empty(),
             "the model has no float inputs to calibrate"

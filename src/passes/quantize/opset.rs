@@ -12,7 +12,7 @@
 //! - `Softmax`, `LogSoftmax`, `Hardmax` < 13: the old op coerces its input to 2-D at `axis`
 //!   (default 1); the new one works along `axis` (default -1). Identical when `axis` is the last
 //!   dimension, so the node gets an explicit `axis = rank - 1` when the rank is known
-//!   (value_info / graph io) and is refused otherwise.
+//!   (value_info / graph io, else tract's shape analysis) and is refused otherwise.
 //!
 //! Refused with the node named: models below opset 7 (legacy broadcast/`consumed_inputs`
 //! semantics), `Upsample`, `Scatter`, `Resize` < 11 (its coordinate mapping changed), and any
@@ -68,6 +68,29 @@ pub fn upgrade(model: &mut Model) -> Result<Vec<String>> {
             }
         }
     }
+    // Ranks tract infers, for values the model declares no shape for (Softmax needs its input
+    // rank); computed only when such a node exists.
+    let needs_ranks = model.graph.node_indices().any(|ix| {
+        let n = model.graph.node(ix);
+        matches!(n.op_type(), "Softmax" | "LogSoftmax" | "Hardmax")
+            && rank_of(
+                &model.graph,
+                n.input.first().map(|s| s.as_str()).unwrap_or(""),
+            )
+            .is_none()
+    });
+    let inferred_ranks: std::collections::HashMap<String, usize> = if needs_ranks {
+        crate::validate::infer_value_shapes(&model.to_proto()?, &[])
+            .map(|values| {
+                values
+                    .into_iter()
+                    .filter_map(|v| Some((v.name, v.shape?.len())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        Default::default()
+    };
     let g = &mut model.graph;
     let mut converted = 0usize;
     let indices: Vec<_> = g.topo_order()?;
@@ -159,7 +182,7 @@ pub fn upgrade(model: &mut Model) -> Result<Vec<String>> {
             "Softmax" | "LogSoftmax" | "Hardmax" => {
                 let axis = n.attr_int("axis")?.unwrap_or(1);
                 let input = n.input.first().cloned().unwrap_or_default();
-                match rank_of(g, &input) {
+                match rank_of(g, &input).or_else(|| inferred_ranks.get(&input).copied()) {
                     Some(rank) => {
                         let axis = if axis < 0 { axis + rank as i64 } else { axis };
                         if axis != rank as i64 - 1 {
