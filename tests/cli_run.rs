@@ -173,3 +173,85 @@ fn recipes_reject_unknown_keys_and_print_defaults() {
     assert_eq!(table["seed"].as_integer(), Some(0));
     assert_eq!(table["no-validate"].as_bool(), Some(false));
 }
+
+/// The README's main command: fp32 vs int8 accuracy on the held-out digits test set.
+#[test]
+fn readme_main_command_keeps_digits_accuracy() {
+    let d = tempfile::tempdir().unwrap();
+    let t = testdata();
+    let out = d.path().join("digits_int8.onnx");
+    let report = d.path().join("r.json");
+    let (code, stdout, err) = run(&[
+        t.join("digits_cnn.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        t.join("digits_calib_x.npy").to_str().unwrap(),
+        "--eval",
+        t.join("digits_test_x.npy").to_str().unwrap(),
+        "--eval-labels",
+        t.join("digits_test_y.npy").to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        stdout.contains("accuracy"),
+        "the summary prints accuracy: {stdout}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let o = &r["validation"]["outputs"][0];
+    let (fp32, int8) = (
+        o["accuracy_original"].as_f64().unwrap(),
+        o["accuracy_candidate"].as_f64().unwrap(),
+    );
+    assert!(
+        fp32 - int8 <= 0.005,
+        "accuracy drop {fp32} -> {int8} above 0.5 points"
+    );
+    assert!(
+        1.0 - o["top1_agreement"].as_f64().unwrap() <= 0.002,
+        "top-1 disagreement above 0.2 points"
+    );
+    assert_eq!(r["validation"]["method"], "simulation");
+    let ops = &r["output"]["stats"]["op_histogram"];
+    assert!(ops["QuantizeLinear"].as_u64().unwrap() > 0 && ops.get("BatchNormalization").is_none());
+}
+
+/// Pruning composes with the default int8 pipeline in one run.
+#[test]
+fn pruning_and_quantization_compose() {
+    let d = tempfile::tempdir().unwrap();
+    let t = testdata();
+    let out = d.path().join("pq.onnx");
+    let report = d.path().join("r.json");
+    let (code, _, err) = run(&[
+        t.join("digits_cnn.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        t.join("digits_calib_x.npy").to_str().unwrap(),
+        "--prune-flops",
+        "0.3",
+        "--report",
+        report.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let (before, after) = (&r["input"]["stats"], &r["output"]["stats"]);
+    assert!(
+        after["parameters"].as_u64() < before["parameters"].as_u64(),
+        "pruning removed parameters"
+    );
+    assert!(
+        after["macs"].as_u64().unwrap() as f64 <= 0.71 * before["macs"].as_u64().unwrap() as f64
+    );
+    assert!(
+        after["bytes_by_dtype"]["int8"].as_u64().unwrap() > 0,
+        "weights are int8"
+    );
+    assert_eq!(r["validation"]["status"], "checked");
+}
