@@ -430,7 +430,7 @@ fn pass_context(
         "--bias-correction analytic is not available yet; use empirical with --calib"
     );
     // Equalization and pruning take named batches.
-    let named: Option<Vec<Vec<(String, ndarray::ArrayD<f32>)>>> = calibration.as_ref().map(|c| {
+    let named: Option<Vec<crate::calibrate::NamedBatch>> = calibration.as_ref().map(|c| {
         c.batches
             .iter()
             .map(|b| {

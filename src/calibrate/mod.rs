@@ -8,3 +8,6 @@ pub mod params;
 pub use data::{CalibrationSet, DataOptions};
 pub use observe::{Method, ObserveOptions, Observed};
 pub use params::{ActScheme, QParams};
+
+/// One batch of named graph inputs (what equalization and pruning consume).
+pub type NamedBatch = Vec<(String, ndarray::ArrayD<f32>)>;

@@ -334,7 +334,7 @@ fn batches_rows(batch: &[ArrayD<f32>]) -> usize {
 fn split_user_inputs(
     model: &ModelProto,
     given: &[(String, ArrayD<f32>)],
-) -> Result<Vec<Vec<(String, ArrayD<f32>)>>> {
+) -> Result<Vec<crate::calibrate::NamedBatch>> {
     let graph = model.graph.as_ref().context("model has no graph")?;
     let declared_batch = |name: &str| -> Option<usize> {
         let vi = graph.input.iter().find(|v| v.name() == name)?;

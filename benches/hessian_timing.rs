@@ -1,11 +1,12 @@
-//! Timing of the Hessian trace estimation: `cargo run --example hessian_timing -- MODEL.onnx
+//! Timing of the Hessian trace estimation: `cargo bench --bench hessian_timing -- MODEL.onnx
 //! [samples] [max_probes]` (seeded standard-normal inputs, batch 1 per sample).
 use onnx_compress::calibrate::{CalibrationSet, DataOptions};
 use onnx_compress::hessian::{sensitivity, HessianOptions};
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
+    // cargo bench appends `--bench`: positional arguments only.
+    let args: Vec<String> = std::env::args().filter(|a| !a.starts_with("--")).collect();
     let path = args
         .get(1)
         .map(String::as_str)
@@ -19,7 +20,7 @@ fn main() -> anyhow::Result<()> {
         0,
         &DataOptions {
             batch_size: samples,
-            max_samples: None,
+            ..Default::default()
         },
     )?;
     let opts = HessianOptions {
