@@ -187,7 +187,8 @@ pub struct CompressArgs {
     /// Move biases past ReLU layers where activations stay linear (high-bias absorption).
     #[arg(long, help_heading = "Equalization")]
     pub absorb_high_bias: bool,
-    /// Bias correction for quantized weights: off or empirical (needs --calib).
+    /// Bias correction for quantized weights: off, empirical (needs --calib) or analytic (from
+    /// the folded BatchNormalization statistics, data-free).
     #[arg(long, default_value = "off", value_parser = ["off", "empirical", "analytic"], help_heading = "Equalization")]
     pub bias_correction: String,
 
@@ -424,10 +425,6 @@ fn pass_context(
     ensure!(
         args.bias_correction != "empirical" || calibration.is_some(),
         "--bias-correction empirical needs calibration data (--calib)"
-    );
-    ensure!(
-        args.bias_correction != "analytic",
-        "--bias-correction analytic is not available yet; use empirical with --calib"
     );
     // Equalization and pruning take named batches.
     let named: Option<Vec<crate::calibrate::NamedBatch>> = calibration.as_ref().map(|c| {

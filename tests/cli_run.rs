@@ -255,3 +255,62 @@ fn pruning_and_quantization_compose() {
     );
     assert_eq!(r["validation"]["status"], "checked");
 }
+
+/// The command-line interface is documented by its help: any change to an option shows here.
+#[test]
+fn help_snapshot() {
+    let (code, stdout, _) = run(&["--help"]);
+    assert_eq!(code, 0);
+    insta::assert_snapshot!("main_help", stdout);
+    for sub in ["inspect", "sensitivity", "config"] {
+        let (code, stdout, _) = run(&[sub, "--help"]);
+        assert_eq!(code, 0);
+        insta::assert_snapshot!(format!("{sub}_help"), stdout);
+    }
+}
+
+fn digits_sqnr(extra: &[&str]) -> f64 {
+    let d = tempfile::tempdir().unwrap();
+    let t = testdata();
+    let out = d.path().join("o.onnx");
+    let report = d.path().join("r.json");
+    let mut args = vec![
+        t.join("digits_cnn.onnx").to_str().unwrap().to_string(),
+        "-o".into(),
+        out.to_str().unwrap().into(),
+        "--calib".into(),
+        t.join("digits_calib_x.npy").to_str().unwrap().into(),
+        "--eval".into(),
+        t.join("digits_test_x.npy").to_str().unwrap().into(),
+        "--report".into(),
+        report.to_str().unwrap().into(),
+        "-q".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let (code, _, err) = run(&refs);
+    assert_eq!(code, 0, "{err}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    r["validation"]["outputs"][0]["sqnr_db"].as_f64().unwrap()
+}
+
+/// Bias correction (data-free from BN statistics, or measured) moves per-tensor int8 closer to
+/// fp32, and equalization does too.
+#[test]
+fn bias_correction_and_equalization_improve_per_tensor_int8() {
+    let base = ["--per-tensor", "--passes", "fuse,cleanup,quantize"];
+    let plain = digits_sqnr(&base);
+    let analytic = digits_sqnr(&[&base[..], &["--bias-correction", "analytic"]].concat());
+    let empirical = digits_sqnr(&[&base[..], &["--bias-correction", "empirical"]].concat());
+    let cle = digits_sqnr(&["--per-tensor", "--passes", "fuse,cleanup,equalize,quantize"]);
+    assert!(
+        analytic > plain + 0.3,
+        "analytic {analytic} vs plain {plain}"
+    );
+    assert!(
+        empirical > analytic,
+        "empirical {empirical} vs analytic {analytic}"
+    );
+    assert!(cle > plain + 1.0, "CLE {cle} vs plain {plain}");
+}

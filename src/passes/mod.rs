@@ -139,9 +139,20 @@ pub fn run_passes(model: &mut Model, names: &[&str], ctx: &PassContext) -> Resul
             .graph
             .check()
             .with_context(|| format!("pass {} left an inconsistent graph", pass.name()))?;
-        if pass.name() == "fuse" && ctx.equalize.absorb_high_bias {
+        if pass.name() == "fuse" {
             ctx.equalize.bn_stats = fuse::folded_bn_stats(&stats.details)
                 .context("reading the BN statistics folded by fuse")?;
+        }
+        if pass.name() == "equalize" {
+            // Equalization rescaled (and may have shifted) its first layers' outputs: their BN
+            // statistics no longer describe them.
+            let rescaled: Vec<&str> = stats.details["pairs"]
+                .as_array()
+                .map(|pairs| pairs.iter().filter_map(|p| p["l1"].as_str()).collect())
+                .unwrap_or_default();
+            ctx.equalize
+                .bn_stats
+                .retain(|node, _| !rescaled.contains(&node.as_str()));
         }
         records.push(PassRecord {
             name: pass.name().to_string(),

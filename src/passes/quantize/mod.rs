@@ -60,6 +60,9 @@ pub struct QuantizeOptions {
     pub seed: u64,
     /// Correct each quantized layer's float bias for the mean shift its weight error causes.
     pub bias_correction: crate::passes::equalize::BiasCorrection,
+    /// BN statistics of the layers `fuse` folded (for analytic bias correction), by the folded
+    /// node's name; the runner fills it and drops layers a later pass rescaled.
+    pub bn_stats: BTreeMap<String, crate::passes::fuse::FoldedBn>,
 }
 
 impl Default for QuantizeOptions {
@@ -78,6 +81,7 @@ impl Default for QuantizeOptions {
             synthetic_samples: 16,
             seed: 0,
             bias_correction: Default::default(),
+            bn_stats: BTreeMap::new(),
         }
     }
 }
@@ -94,7 +98,11 @@ impl Pass for Quantize {
     }
 
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats> {
-        quantize(model, &ctx.quantize, ctx.calibration.as_deref())
+        let mut opts = ctx.quantize.clone();
+        if opts.bn_stats.is_empty() {
+            opts.bn_stats = ctx.equalize.bn_stats.clone();
+        }
+        quantize(model, &opts, ctx.calibration.as_deref())
     }
 }
 
@@ -107,32 +115,63 @@ fn correct_biases(
     opts: &QuantizeOptions,
     calib: &CalibrationSet,
 ) -> Result<String> {
-    use crate::passes::equalize::{empirical_bias_correction, BiasCorrection};
-    anyhow::ensure!(
-        opts.bias_correction == BiasCorrection::Empirical,
-        "bias correction '{:?}' is not available in the quantize pass; use empirical (with --calib)",
-        opts.bias_correction
-    );
+    use crate::passes::equalize::{
+        bias_correction_delta, empirical_bias_correction, BiasCorrection, ChannelMap,
+    };
     let mut quantized = Vec::new();
     for (w, mark) in &plan.weights {
-        let axis = mark.axis;
-        let wq = insert::fake_quant(&work.graph, w, axis, opts.reduce_range, opts.rounding)?;
+        let wq = insert::fake_quant(&work.graph, w, mark.axis, opts.reduce_range, opts.rounding)?;
         quantized.push((mark.node.clone(), wq));
     }
-    let named: Vec<Vec<(String, ndarray::ArrayD<f32>)>> = calib
-        .batches
-        .iter()
-        .map(|b| {
-            calib
-                .input_names
-                .iter()
-                .cloned()
-                .zip(b.iter().cloned())
-                .collect()
-        })
-        .collect();
-    let deltas =
-        empirical_bias_correction(work, &quantized, &named).context("empirical bias correction")?;
+    let (deltas, how) = if opts.bias_correction == BiasCorrection::Empirical {
+        let named: Vec<crate::calibrate::NamedBatch> = calib
+            .batches
+            .iter()
+            .map(|b| {
+                calib
+                    .input_names
+                    .iter()
+                    .cloned()
+                    .zip(b.iter().cloned())
+                    .collect()
+            })
+            .collect();
+        let deltas = empirical_bias_correction(work, &quantized, &named)
+            .context("empirical bias correction")?;
+        (
+            deltas,
+            format!("from {} calibration sample(s)", calib.samples),
+        )
+    } else {
+        // Analytic (data-free): a layer whose input is a folded BN's output (through ReLU,
+        // ReLU6 or nothing) sees per channel N(beta, gamma^2) before the activation, so
+        // E[x] = beta, E[relu(y)] = m(beta, gamma), E[clip(y, 0, 6)] = m(beta) - m(beta - 6).
+        let g = &work.graph;
+        let mut deltas = Vec::new();
+        for (node, wq) in &quantized {
+            let Some(ix) = g.node_indices().find(|&ix| g.node(ix).name() == node) else {
+                continue;
+            };
+            let Some(means) = analytic_input_means(g, ix, &opts.bn_stats) else {
+                continue;
+            };
+            let Some(layer) = crate::ir::layer::Layer::of(g, ix) else {
+                continue;
+            };
+            let map = ChannelMap::new(layer.kind, &layer.weight_shape)
+                .with_context(|| format!("node '{node}'"))?;
+            let w = layer.weight_f32(g)?.mapv(f64::from);
+            if let Ok(delta) = bias_correction_delta(&map, &w, &wq.mapv(f64::from), &means) {
+                deltas.push((node.clone(), delta));
+            }
+        }
+        let how = format!(
+            "analytic, from folded BN statistics ({} of {} quantized layer(s) have BN-described inputs)",
+            deltas.len(),
+            quantized.len()
+        );
+        (deltas, how)
+    };
     let mut corrected = 0;
     for (node, delta) in deltas {
         let Some((bias, _)) = plan.biases.iter().find(|(_, m)| m.node == node) else {
@@ -158,10 +197,39 @@ fn correct_biases(
         })?;
         corrected += 1;
     }
-    Ok(format!(
-        "empirical bias correction on {corrected} layer(s) from {} calibration sample(s)",
-        calib.samples
-    ))
+    Ok(format!("bias correction on {corrected} layer(s), {how}"))
+}
+
+/// Per-input-channel means of a layer's input when it is (an activation of) a folded BN's
+/// output whose statistics are still valid.
+fn analytic_input_means(
+    g: &crate::ir::Graph,
+    ix: petgraph::stable_graph::NodeIndex,
+    bn_stats: &BTreeMap<String, crate::passes::fuse::FoldedBn>,
+) -> Option<Vec<f64>> {
+    use crate::passes::equalize::relu_normal_mean as m;
+    let input = g.node(ix).input.first()?;
+    let (pre, act) = match g.producer_node(input) {
+        Some(p) if matches!(g.node(p).op_type(), "Relu" | "Clip") => {
+            let bounds = crate::passes::fuse::activation_range(g, p)?;
+            (g.node(p).input.first()?.clone(), Some((bounds.1, bounds.2)))
+        }
+        _ => (input.clone(), None),
+    };
+    let stats = bn_stats.values().find(|s| s.output == pre)?;
+    Some(
+        stats
+            .beta
+            .iter()
+            .zip(&stats.gamma)
+            .map(|(&b, &gm)| match act {
+                None => b,
+                Some((lo, hi)) if lo == 0.0 && hi.is_infinite() => m(b, gm),
+                Some((lo, hi)) if lo == 0.0 => m(b, gm) - m(b - hi, gm),
+                Some(_) => b,
+            })
+            .collect(),
+    )
 }
 
 /// Quantize `model` in place (all or nothing).
