@@ -16,7 +16,8 @@ use onnx_compress::validate::{validate, ValidateOptions};
 use std::path::PathBuf;
 
 fn path(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/quantize/{case}.onnxtxt"))
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("tests/fixtures/quantize/{case}.onnxtxt"))
 }
 
 /// Run the harness and snapshot; return the quantized model for structural checks.
@@ -94,10 +95,20 @@ fn dq_input<'a>(m: &'a ModelProto, n: &NodeProto, k: usize) -> &'a NodeProto {
 /// found through the DequantizeLinear that now produces `value`.
 fn act_params(m: &ModelProto, value: &str) -> (Vec<f64>, Vec<f64>) {
     let dq = producer(m, value);
-    assert_eq!(dq.op_type(), "DequantizeLinear", "'{value}' is not dequantized");
+    assert_eq!(
+        dq.op_type(),
+        "DequantizeLinear",
+        "'{value}' is not dequantized"
+    );
     let q = producer(m, &dq.input[0]);
     assert_eq!(q.op_type(), "QuantizeLinear");
-    let vals = |name: &str| tensor::to_f64(init(m, name)).unwrap().iter().copied().collect();
+    let vals = |name: &str| {
+        tensor::to_f64(init(m, name))
+            .unwrap()
+            .iter()
+            .copied()
+            .collect()
+    };
     (vals(&q.input[1]), vals(&q.input[2]))
 }
 
@@ -111,7 +122,12 @@ fn check_weight(m: &ModelProto, n: &NodeProto, k: usize, channels: usize, axis: 
     );
     let scale = init(m, &dq.input[1]);
     assert_eq!(tensor::shape(scale).unwrap(), [channels]);
-    assert_eq!(attr_i(dq, "axis"), Some(axis), "weight axis of '{}'", n.name());
+    assert_eq!(
+        attr_i(dq, "axis"),
+        Some(axis),
+        "weight axis of '{}'",
+        n.name()
+    );
 }
 
 fn check_int32_bias(m: &ModelProto, n: &NodeProto, k: usize) {
@@ -155,7 +171,11 @@ fn residual_add() {
     // r has two readers but one Q/DQ pair: conv2 and the Add read the same DequantizeLinear.
     let conv2 = nodes(&m).iter().find(|n| n.name() == "conv2").unwrap();
     assert_eq!(conv2.input[0], add.input[0]);
-    assert_eq!(producer(&m, "h").op_type(), "Conv", "conv1 feeds its Relu directly");
+    assert_eq!(
+        producer(&m, "h").op_type(),
+        "Conv",
+        "conv1 feeds its Relu directly"
+    );
 }
 
 #[test]
@@ -178,8 +198,16 @@ fn concat_shared_scale() {
 fn maxpool_reshape_passthrough() {
     let m = run("maxpool_reshape_passthrough", 0.05);
     let r = act_params(&m, "r");
-    assert_eq!(act_params(&m, "p"), r, "MaxPool output shares its input's grid");
-    assert_eq!(act_params(&m, "f"), r, "Reshape output shares its input's grid");
+    assert_eq!(
+        act_params(&m, "p"),
+        r,
+        "MaxPool output shares its input's grid"
+    );
+    assert_eq!(
+        act_params(&m, "f"),
+        r,
+        "Reshape output shares its input's grid"
+    );
     assert_ne!(act_params(&m, "y"), r, "the Gemm output has its own range");
     check_weight(&m, only(&m, "Gemm"), 1, 3, 0);
 }
@@ -216,4 +244,19 @@ fn softmax_float() {
     let softmax = only(&m, "Softmax");
     dq_input(&m, softmax, 0);
     assert_eq!(softmax.output[0], "y", "Softmax's output is not quantized");
+}
+
+#[test]
+fn conv_bn_relu_pipeline() {
+    let m = run("conv_bn_relu_pipeline", 0.01);
+    let relu = only(&m, "Relu");
+    assert_eq!(producer(&m, &relu.input[0]).op_type(), "Conv");
+    let conv = only(&m, "Conv");
+    check_weight(&m, conv, 1, 3, 0);
+    check_int32_bias(&m, conv, 2);
+    let inits = &m.graph.as_ref().unwrap().initializer;
+    assert!(
+        inits.iter().all(|t| !t.name().starts_with("bn_")),
+        "BN parameters are gone"
+    );
 }
