@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
         &DataOptions {
             batch_size: samples,
             max_samples: None,
+            ..Default::default()
         },
     )?;
     let opts = HessianOptions {

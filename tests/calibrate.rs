@@ -52,6 +52,7 @@ fn directory_of_samples_and_batches_is_stacked_and_rebatched() {
     let opts = DataOptions {
         batch_size: 4,
         max_samples: None,
+        ..Default::default()
     };
     let c = CalibrationSet::load(d.path(), &one_input(), &opts).unwrap();
     assert_eq!(c.samples, 6);
@@ -70,6 +71,7 @@ fn single_npy_file_and_max_samples() {
     let opts = DataOptions {
         batch_size: 32,
         max_samples: Some(7),
+        ..Default::default()
     };
     let c = CalibrationSet::load(&p, &one_input(), &opts).unwrap();
     assert_eq!(c.samples, 7);

@@ -137,6 +137,7 @@ fn digits() -> Option<(Model, CalibrationSet)> {
         &DataOptions {
             batch_size: 64,
             max_samples: Some(128),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -265,6 +266,7 @@ fn digits_traces_agree_with_torch_autograd_reference() {
         &DataOptions {
             batch_size: 64,
             max_samples: Some(128),
+            ..Default::default()
         },
     )
     .unwrap();
