@@ -71,8 +71,9 @@ pub struct ImageOptions {
     pub resize: Option<(usize, usize)>,
     /// Channel layout of the model input; default: inferred from its shape.
     pub layout: Option<Layout>,
-    /// Multiplies the `0..=255` pixel values first (default 1/255).
-    pub scale: f32,
+    /// Multiplies the `0..=255` pixel values first (default 1/255; f64 so that the default
+    /// gives `pixel / 255` correctly rounded to f32, as numpy's `x / 255` does).
+    pub scale: f64,
     /// Subtracted after scaling: one value for every channel, or one per channel.
     pub mean: Vec<f32>,
     /// Divides after the mean: one value for every channel, or one per channel.
@@ -109,7 +110,7 @@ pub struct ImageArgs {
     pub layout: Option<String>,
     /// Multiplies 0..255 pixel values before --mean/--std: a number or a fraction like 1/255.
     #[arg(long, value_name = "S", default_value = "1/255", value_parser = parse_scale, help_heading = "Calibration images")]
-    pub scale: f32,
+    pub scale: f64,
 }
 
 impl ImageArgs {
@@ -127,11 +128,11 @@ impl ImageArgs {
 }
 
 /// Parse `1/255`, `0.00392`, `1`.
-pub fn parse_scale(s: &str) -> std::result::Result<f32, String> {
+pub fn parse_scale(s: &str) -> std::result::Result<f64, String> {
     let num = |t: &str| {
-        t.trim()
-            .parse::<f64>()
-            .map_err(|_| format!("'{s}' is not a scale: expected a number or a fraction like 1/255"))
+        t.trim().parse::<f64>().map_err(|_| {
+            format!("'{s}' is not a scale: expected a number or a fraction like 1/255")
+        })
     };
     let v = match s.split_once('/') {
         Some((a, b)) => {
@@ -146,7 +147,7 @@ pub fn parse_scale(s: &str) -> std::result::Result<f32, String> {
     if !v.is_finite() || v == 0.0 {
         return Err(format!("'{s}': the scale must be finite and non-zero"));
     }
-    Ok(v as f32)
+    Ok(v)
 }
 
 /// Parse `224x224` (width x height).
@@ -170,7 +171,9 @@ pub fn parse_channels(s: &str) -> std::result::Result<Vec<f32>, String> {
                 .parse::<f32>()
                 .ok()
                 .filter(|v| v.is_finite())
-                .ok_or_else(|| format!("'{s}': '{t}' is not a number (expected e.g. 0.485,0.456,0.406)"))
+                .ok_or_else(|| {
+                    format!("'{s}': '{t}' is not a number (expected e.g. 0.485,0.456,0.406)")
+                })
         })
         .collect::<std::result::Result<Vec<f32>, String>>()?;
     if v.len() != 1 && v.len() != 3 {
@@ -203,7 +206,7 @@ pub struct ImageTarget {
     pub width: Option<usize>,
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
-    pub scale: f32,
+    pub scale: f64,
 }
 
 /// Check that `spec` can take images and work out the layout, channels and size.
@@ -259,7 +262,11 @@ pub fn target(spec: &InputSpec, opts: &ImageOptions) -> Result<ImageTarget> {
             v.len() == 1 || v.len() == channels,
             "{name} has {} values but model input {what} takes {channels} channel(s){}",
             v.len(),
-            if channels == 1 { " (grayscale): give one value" } else { "" }
+            if channels == 1 {
+                " (grayscale): give one value"
+            } else {
+                ""
+            }
         );
     }
     ensure!(
@@ -321,18 +328,42 @@ pub fn decode(path: &Path, channels: usize) -> Result<Planes> {
     };
     let rgb = |img: &::image::DynamicImage| -> Vec<Vec<f32>> {
         if eight_bit {
-            gather(3, img.to_rgb8().into_raw().into_iter().map(f32::from).collect())
+            gather(
+                3,
+                img.to_rgb8()
+                    .into_raw()
+                    .into_iter()
+                    .map(f32::from)
+                    .collect(),
+            )
         } else {
-            gather(3, img.to_rgb32f().into_raw().into_iter().map(|v| v * 255.0).collect())
+            gather(
+                3,
+                img.to_rgb32f()
+                    .into_raw()
+                    .into_iter()
+                    .map(|v| v * 255.0)
+                    .collect(),
+            )
         }
     };
     let planes = match (channels, color.has_color()) {
         (3, _) => rgb(&img),
         (_, false) => {
             if eight_bit {
-                vec![img.to_luma8().into_raw().into_iter().map(f32::from).collect()]
+                vec![img
+                    .to_luma8()
+                    .into_raw()
+                    .into_iter()
+                    .map(f32::from)
+                    .collect()]
             } else {
-                vec![img.to_luma32f().into_raw().into_iter().map(|v| v * 255.0).collect()]
+                vec![img
+                    .to_luma32f()
+                    .into_raw()
+                    .into_iter()
+                    .map(|v| v * 255.0)
+                    .collect()]
             }
         }
         (_, true) => {
@@ -415,7 +446,7 @@ pub fn load_image(path: &Path, t: &ImageTarget) -> Result<ArrayD<f32>> {
     let c = t.channels;
     let mut data = vec![0f32; c * n];
     for (ch, plane) in img.planes.iter().enumerate() {
-        let (mean, std, scale) = (pick(&t.mean, ch), pick(&t.std, ch), f64::from(t.scale));
+        let (mean, std, scale) = (pick(&t.mean, ch), pick(&t.std, ch), t.scale);
         for (i, &v) in plane.iter().enumerate() {
             let out = match t.layout {
                 Layout::Nchw => ch * n + i,
