@@ -364,7 +364,7 @@ fn read_dir(
     }
     if npy.is_empty() && npz.is_empty() {
         bail!(
-            "calibration directory '{}' holds no .npy, .npz, .png or .jpg files",
+            "calibration directory '{}' holds no .npy or .npz files (nor .png/.jpg images)",
             dir.display()
         );
     }
