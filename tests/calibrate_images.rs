@@ -487,6 +487,17 @@ fn cli_quantizes_digits_from_png_calibration_images() {
         td.join("digits_test_y.npy").to_str().unwrap(),
         "--report",
         report.to_str().unwrap(),
+        // The defaults, spelled out: exercises the parsing of every image option.
+        "--scale",
+        "1/255",
+        "--mean",
+        "0",
+        "--std",
+        "1",
+        "--layout",
+        "nchw",
+        "--resize",
+        "8x8",
     ]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     let json: serde_json::Value =

@@ -100,11 +100,11 @@ pub struct ImageArgs {
     #[arg(long, value_name = "WxH", value_parser = parse_resize, help_heading = "Calibration images")]
     pub resize: Option<(usize, usize)>,
     /// Per-channel mean subtracted after --scale, e.g. 0.485,0.456,0.406 (one value: all channels).
-    #[arg(long, value_name = "R,G,B", value_parser = parse_channels, help_heading = "Calibration images")]
-    pub mean: Option<Vec<f32>>,
+    #[arg(long, value_name = "R,G,B", value_parser = parse_channel_values, help_heading = "Calibration images")]
+    pub mean: Option<ChannelValues>,
     /// Per-channel divisor applied after --mean, e.g. 0.229,0.224,0.225.
-    #[arg(long, value_name = "R,G,B", value_parser = parse_channels, help_heading = "Calibration images")]
-    pub std: Option<Vec<f32>>,
+    #[arg(long, value_name = "R,G,B", value_parser = parse_channel_values, help_heading = "Calibration images")]
+    pub std: Option<ChannelValues>,
     /// Layout of the model's image input: nchw or nhwc; default: inferred (channel dim 1 or 3).
     #[arg(long, value_name = "LAYOUT", value_parser = ["nchw", "nhwc"], help_heading = "Calibration images")]
     pub layout: Option<String>,
@@ -121,10 +121,18 @@ impl ImageArgs {
             resize: self.resize,
             layout: self.layout.as_deref().and_then(|l| l.parse().ok()),
             scale: self.scale,
-            mean: self.mean.clone().unwrap_or(d.mean),
-            std: self.std.clone().unwrap_or(d.std),
+            mean: self.mean.clone().map_or(d.mean, |v| v.0),
+            std: self.std.clone().map_or(d.std, |v| v.0),
         }
     }
+}
+
+/// One option value holding a list (a newtype: clap reads `Option<Vec<_>>` as a repeated option).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelValues(pub Vec<f32>);
+
+fn parse_channel_values(s: &str) -> std::result::Result<ChannelValues, String> {
+    parse_channels(s).map(ChannelValues)
 }
 
 /// Parse `1/255`, `0.00392`, `1`.
