@@ -61,6 +61,8 @@ pub struct SensitivityArgs {
     /// Use at most N calibration samples.
     #[arg(long, default_value_t = 32, value_name = "N")]
     pub calib_samples: usize,
+    #[command(flatten)]
+    pub image: crate::calibrate::image::ImageArgs,
     /// Most Hutchinson probes per layer.
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub hessian_samples: usize,
@@ -139,6 +141,9 @@ pub struct CompressArgs {
     /// Use at most N calibration samples.
     #[arg(long, value_name = "N", help_heading = "Quantization")]
     pub calib_samples: Option<usize>,
+    // Image preprocessing for png/jpg calibration (and --eval) data.
+    #[command(flatten)]
+    pub image: crate::calibrate::image::ImageArgs,
     /// Activation range method: minmax, percentile, percentile:P, entropy, mse.
     #[arg(
         long,
@@ -317,7 +322,11 @@ fn load_eval(
         ensure!(args.eval_labels.is_none(), "--eval-labels needs --eval");
         return Ok(None);
     };
-    let set = CalibrationSet::load(path, model, &DataOptions::default())
+    let opts = DataOptions {
+        image: args.image.options(),
+        ..Default::default()
+    };
+    let set = CalibrationSet::load(path, model, &opts)
         .with_context(|| format!("--eval {}", path.display()))?;
     let inputs = set
         .input_names
@@ -378,6 +387,7 @@ fn pass_context(
     let data_opts = DataOptions {
         max_samples: args.calib_samples,
         input_shapes: input_shapes.to_vec(),
+        image: args.image.options(),
         ..Default::default()
     };
     let calibration = match &args.calib {
@@ -823,6 +833,7 @@ fn sensitivity(args: &SensitivityArgs) -> Result<()> {
     let mut model = load::load(&args.model)?;
     let data_opts = DataOptions {
         max_samples: Some(args.calib_samples),
+        image: args.image.options(),
         ..Default::default()
     };
     let calib = match &args.calib {

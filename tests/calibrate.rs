@@ -134,11 +134,11 @@ fn bad_data_is_refused_naming_the_file_and_expectation() {
     // Missing path.
     let e = err(&d.path().join("nope"), &m);
     assert!(e.contains("does not exist"), "{e}");
-    // Images are not read yet: say so.
+    // Images for an input that is not an image batch: say so (more in calibrate_images.rs).
     let i = tempfile::tempdir().unwrap();
     std::fs::write(i.path().join("a.png"), b"\x89PNG").unwrap();
     let e = err(i.path(), &m);
-    assert!(e.contains("image") && e.contains(".npy"), "{e}");
+    assert!(e.contains("images") && e.contains("rank-4"), "{e}");
     // Several inputs, stray file name.
     let t = tempfile::tempdir().unwrap();
     write_npy(t.path().join("c_000.npy"), &arr(&[2], 1.0)).unwrap();

@@ -12,8 +12,12 @@
 //! Each array holds one sample (the input's shape without its leading batch dimension) or a
 //! batch (the full rank; the leading dimension counts samples). Dimensions the model fixes must
 //! match; symbolic ones may be anything but must agree across samples. float32 and float64
-//! arrays are accepted (float64 is narrowed). Images (png/jpg) are not read yet: convert them
-//! to `.npy` (the `image` crate is not a dependency).
+//! arrays are accepted (float64 is narrowed).
+//!
+//! A single-input model with an image input (`[N, C, H, W]` or `[N, H, W, C]`, `C` 1 or 3) also
+//! reads a directory of `.png` / `.jpg` files or one image file, one sample per image, resized
+//! and normalised as [`DataOptions::image`] says (see [`super::image`] for every step). A
+//! directory holds either images or arrays, not both.
 //!
 //! Everything is read and checked before any inference starts, so a bad file fails the run
 //! early with the file's path and what was expected.
@@ -21,6 +25,7 @@
 //! Without data, [`CalibrationSet::synthetic`] makes seeded standard-normal inputs and says
 //! loudly that the ranges are then meaningless for real inputs.
 
+use super::image::{self, ImageOptions, IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS};
 use crate::ir::Model;
 use crate::onnx::proto::{
     tensor_proto::DataType, tensor_shape_proto::dimension::Value as Dim, type_proto, ValueInfoProto,
@@ -56,7 +61,7 @@ impl InputSpec {
         }
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let dims: Vec<String> = self
             .dims
             .iter()
@@ -134,6 +139,8 @@ pub struct DataOptions {
     pub max_samples: Option<usize>,
     /// Full shapes fixing symbolic input dims (`--input-shape`), by input name.
     pub input_shapes: Vec<(String, Vec<usize>)>,
+    /// How image files (png/jpg) become tensors; ignored for .npy/.npz data.
+    pub image: ImageOptions,
 }
 
 impl Default for DataOptions {
@@ -142,6 +149,7 @@ impl Default for DataOptions {
             batch_size: 32,
             max_samples: None,
             input_shapes: Vec::new(),
+            image: ImageOptions::default(),
         }
     }
 }
@@ -172,12 +180,12 @@ impl CalibrationSet {
         );
         let mut notes = Vec::new();
         let per_input: Vec<Vec<Sample>> = if path.is_dir() {
-            read_dir(path, &specs, &mut notes)?
+            read_dir(path, &specs, opts, &mut notes)?
         } else if path.is_file() {
-            read_file(path, &specs, &mut notes)?
+            read_file(path, &specs, opts, &mut notes)?
         } else {
             bail!(
-                "calibration data '{}' does not exist (expected a directory of .npy/.npz files or one .npy/.npz file)",
+                "calibration data '{}' does not exist (expected a directory of .npy/.npz or .png/.jpg files, or one such file)",
                 path.display()
             );
         };
@@ -329,35 +337,50 @@ fn sanitize(name: &str) -> String {
         .collect()
 }
 
-fn read_dir(dir: &Path, specs: &[InputSpec], notes: &mut Vec<String>) -> Result<Vec<Vec<Sample>>> {
+fn read_dir(
+    dir: &Path,
+    specs: &[InputSpec],
+    opts: &DataOptions,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Vec<Sample>>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading calibration directory '{}'", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
         .collect();
     files.sort();
-    let ext = |p: &Path| {
-        p.extension()
-            .and_then(|e| e.to_str())
-            .map(|e| e.to_ascii_lowercase())
-            .unwrap_or_default()
-    };
-    let images = files
+    let ext = |p: &Path| image::extension(p);
+    if let Some(p) = files
         .iter()
-        .filter(|p| ["png", "jpg", "jpeg", "bmp"].contains(&ext(p).as_str()))
-        .count();
+        .find(|p| UNSUPPORTED_IMAGE_EXTENSIONS.contains(&ext(p).as_str()))
+    {
+        bail!(
+            "calibration image '{}' is a .{} file; only .png and .jpg/.jpeg images are read: convert it",
+            p.display(),
+            ext(p)
+        );
+    }
+    let images: Vec<PathBuf> = files
+        .iter()
+        .filter(|p| IMAGE_EXTENSIONS.contains(&ext(p).as_str()))
+        .cloned()
+        .collect();
     let npy: Vec<&PathBuf> = files.iter().filter(|p| ext(p) == "npy").collect();
     let npz: Vec<&PathBuf> = files.iter().filter(|p| ext(p) == "npz").collect();
-    if npy.is_empty() && npz.is_empty() {
-        if images > 0 {
+    if !images.is_empty() {
+        if let Some(array) = npy.first().or(npz.first()) {
             bail!(
-                "calibration directory '{}' holds {images} image file(s); images are not read yet: convert them to .npy arrays shaped like the model input ({})",
+                "calibration directory '{}' mixes images ('{}') and arrays ('{}'): keep one kind per directory",
                 dir.display(),
-                specs.iter().map(|s| s.describe()).collect::<Vec<_>>().join(", ")
+                images[0].display(),
+                array.display()
             );
         }
+        return read_images(&images, &dir.display().to_string(), specs, opts, notes);
+    }
+    if npy.is_empty() && npz.is_empty() {
         bail!(
-            "calibration directory '{}' holds no .npy or .npz files",
+            "calibration directory '{}' holds no .npy or .npz files (nor .png/.jpg images)",
             dir.display()
         );
     }
@@ -399,13 +422,19 @@ fn read_dir(dir: &Path, specs: &[InputSpec], notes: &mut Vec<String>) -> Result<
 fn read_file(
     path: &Path,
     specs: &[InputSpec],
+    opts: &DataOptions,
     notes: &mut Vec<String>,
 ) -> Result<Vec<Vec<Sample>>> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase())
-        .unwrap_or_default();
+    let ext = image::extension(path);
+    if IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+        return read_images(
+            &[path.to_path_buf()],
+            &path.display().to_string(),
+            specs,
+            opts,
+            notes,
+        );
+    }
     match ext.as_str() {
         "npy" => {
             ensure!(
@@ -421,15 +450,47 @@ fn read_file(
             .into_iter()
             .map(|s| vec![s])
             .collect()),
-        "png" | "jpg" | "jpeg" | "bmp" => bail!(
-            "calibration file '{}' is an image; images are not read yet: convert to .npy",
+        e if UNSUPPORTED_IMAGE_EXTENSIONS.contains(&e) => bail!(
+            "calibration image '{}' is a .{e} file; only .png and .jpg/.jpeg images are read: convert it",
             path.display()
         ),
         _ => bail!(
-            "calibration file '{}' is not a .npy or .npz file",
+            "calibration file '{}' is not a .npy, .npz, .png or .jpg file",
             path.display()
         ),
     }
+}
+
+/// Images feed single-input models: one sample per file, the first `max_samples` files only.
+fn read_images(
+    files: &[PathBuf],
+    source: &str,
+    specs: &[InputSpec],
+    opts: &DataOptions,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Vec<Sample>>> {
+    ensure!(
+        specs.len() == 1,
+        "calibration data '{source}' holds images, but images feed single-input models only and this model has {} inputs ({}); give .npy/.npz data instead",
+        specs.len(),
+        specs.iter().map(|s| s.describe()).collect::<Vec<_>>().join(", ")
+    );
+    let mut files = files;
+    if let Some(max) = opts.max_samples {
+        if files.len() > max {
+            notes.push(format!(
+                "using the first {max} of {} calibration images",
+                files.len()
+            ));
+            files = &files[..max];
+        }
+    }
+    let loaded = image::load_images(files, &specs[0], &opts.image)
+        .with_context(|| format!("calibration images '{source}'"))?;
+    Ok(vec![loaded
+        .into_iter()
+        .map(|(data, origin)| Sample { data, origin })
+        .collect()])
 }
 
 /// Decode .npy bytes as f32 (float64 narrowed), or say which dtype the file holds.

@@ -2,10 +2,12 @@
 //! one streaming tract run ([`observe`]), and turning ranges into quantization parameters
 //! ([`params`]).
 pub mod data;
+pub mod image;
 pub mod observe;
 pub mod params;
 
 pub use data::{CalibrationSet, DataOptions};
+pub use image::{ImageOptions, Layout};
 pub use observe::{Method, ObserveOptions, Observed};
 pub use params::{ActScheme, QParams};
 
