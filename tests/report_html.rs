@@ -105,7 +105,8 @@ fn digits_run_writes_a_page_with_every_section() {
     assert!(!page.contains("<link") && !page.contains("<img"));
 
     // The page is a function of the JSON report alone (deterministic, data-driven).
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
     assert_eq!(html::render(&report).unwrap(), page);
 }
 

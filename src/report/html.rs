@@ -182,9 +182,9 @@ fn card(h: &mut String, key: &str, value: &str, sub: &str) {
 }
 
 fn figure(h: &mut String, svg: &str, caption: &str) {
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<figure>{svg}<figcaption>{}</figcaption></figure>\n",
+        "<figure>{svg}<figcaption>{}</figcaption></figure>",
         esc(caption)
     );
 }
@@ -209,9 +209,9 @@ fn legend(h: &mut String, items: &[(&str, plots::Rgb)]) {
 fn header(h: &mut String, r: &Value) {
     let input = str_at(r, &["input", "path"]).unwrap_or("?");
     let output = str_at(r, &["output", "path"]).unwrap_or("?");
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<header><h1>onnx-compress report</h1><p class=\"paths\">{} → {}</p><p class=\"muted\">{} {}</p></header>\n",
+        "<header><h1>onnx-compress report</h1><p class=\"paths\">{} → {}</p><p class=\"muted\">{} {}</p></header>",
         esc(input),
         esc(output),
         esc(str_at(r, &["tool"]).unwrap_or("onnx-compress")),
@@ -278,7 +278,11 @@ fn header(h: &mut String, r: &Value) {
     let dt0 = at(r, &["input", "stats", "bytes_by_dtype"]).and_then(Value::as_object);
     let dt1 = at(r, &["output", "stats", "bytes_by_dtype"]).and_then(Value::as_object);
     if dt0.is_some() || dt1.is_some() {
-        let mut keys: Vec<&String> = dt0.iter().chain(dt1.iter()).flat_map(|m| m.keys()).collect();
+        let mut keys: Vec<&String> = dt0
+            .iter()
+            .chain(dt1.iter())
+            .flat_map(|m| m.keys())
+            .collect();
         keys.sort();
         keys.dedup();
         h.push_str("<h3>Initializer bytes by element type</h3><table><tr><th>type</th><th class=\"n\">input</th><th class=\"n\">output</th></tr>");
@@ -520,7 +524,14 @@ fn quantize_plots(h: &mut String, d: &Value) -> Result<()> {
         facts.push(format!("activations {s}"));
     }
     if let Some(pc) = d.get("per_channel").and_then(Value::as_bool) {
-        facts.push(if pc { "per-channel weights" } else { "per-tensor weights" }.into());
+        facts.push(
+            if pc {
+                "per-channel weights"
+            } else {
+                "per-tensor weights"
+            }
+            .into(),
+        );
     }
     if let Some(c) = d.get("calibration").filter(|c| c.is_object()) {
         facts.push(format!(
@@ -671,48 +682,57 @@ fn equalize_plots(h: &mut String, d: &Value) -> Result<()> {
         &plots::hbars(&rows, "channel range ratio (max over channels / min, log scale)", true, false)?,
         "One row per equalized layer pair (first → second layer): the spread of per-channel weight ranges, which per-tensor quantization must cover with one scale. Lower is better; 1 means all channels share the same range.",
     );
-    // The SQNR effect, when recorded.
-    let mut srows = Vec::new();
+    // The SQNR effect, when recorded. A layer in two pairs (second of one, first of the
+    // next) gets one row: its first "before" and its last "after".
+    let mut per_layer: Vec<(String, f64, f64)> = Vec::new();
     for p in pairs {
-        for (layer, key) in [("l1", "l1"), ("l2", "l2")] {
+        for key in ["l1", "l2"] {
             let b = f64_at(p, &["sqnr_db", &format!("{key}_before")]);
             let a = f64_at(p, &["sqnr_db", &format!("{key}_after")]);
-            if let (Some(b), Some(a)) = (b, a) {
-                srows.push(Row {
-                    label: str_at(p, &[layer]).unwrap_or("?").to_string(),
-                    segments: vec![Segment {
-                        lo: a.min(b),
-                        hi: a.max(b),
-                        color: plots::LIGHT_GREY,
-                        thickness: 3,
-                    }],
-                    marks: vec![
-                        Mark {
-                            x: b,
-                            color: plots::GREY,
-                        },
-                        Mark {
-                            x: a,
-                            color: if a >= b { plots::GREEN } else { plots::RED },
-                        },
-                    ],
-                    value_text: Some(format!("{:+.1} dB", a - b)),
-                });
+            let (Some(b), Some(a)) = (b, a) else { continue };
+            let layer = str_at(p, &[key]).unwrap_or("?").to_string();
+            match per_layer.iter_mut().find(|(l, _, _)| *l == layer) {
+                Some(row) => row.2 = a,
+                None => per_layer.push((layer, b, a)),
             }
         }
     }
-    // A layer in two pairs appears twice; keep its rows (each pair's before/after).
+    let srows: Vec<Row> = per_layer
+        .into_iter()
+        .map(|(label, b, a)| Row {
+            label,
+            segments: vec![Segment {
+                lo: a.min(b),
+                hi: a.max(b),
+                color: plots::LIGHT_GREY,
+                thickness: 3,
+            }],
+            marks: vec![
+                Mark {
+                    x: b,
+                    color: plots::GREY,
+                },
+                Mark {
+                    x: a,
+                    color: if a >= b { plots::GREEN } else { plots::RED },
+                },
+            ],
+            value_text: Some(format!("{:+.1} dB", a - b)),
+        })
+        .collect();
     if !srows.is_empty() {
         h.push_str("<h3>Per-tensor int8 weight SQNR, before and after</h3>\n");
         figure(
             h,
             &plots::hbars(&srows, "int8 per-tensor weight SQNR (dB)", false, false)?,
-            "Each layer of each pair: grey dot before equalization, coloured dot after (green when it improved). Higher is better.",
+            "Each equalized layer: grey dot before equalization, coloured dot after (green when it improved, red when it got worse). Higher is better.",
         );
     }
     let excluded = arr(d, "excluded");
     if !excluded.is_empty() {
-        h.push_str("<h3>Pairs not equalized</h3><table><tr><th>from</th><th>to</th><th>reason</th></tr>");
+        h.push_str(
+            "<h3>Pairs not equalized</h3><table><tr><th>from</th><th>to</th><th>reason</th></tr>",
+        );
         for e in excluded {
             let _ = write!(
                 h,
@@ -845,14 +865,24 @@ fn prune_plots(h: &mut String, d: &Value) -> Result<()> {
         .filter(|g| !arr(g, "unprunable_reasons").is_empty())
         .collect();
     if !blocked.is_empty() {
-        h.push_str("<h3>Groups not pruned</h3><table><tr><th>group</th><th>members</th><th>why</th></tr>");
+        h.push_str(
+            "<h3>Groups not pruned</h3><table><tr><th>group</th><th>members</th><th>why</th></tr>",
+        );
         for g in blocked {
             let _ = write!(
                 h,
                 "<tr><td>{}</td><td class=\"code\">{}</td><td>{}</td></tr>",
                 esc(&g.get("group").map(text).unwrap_or_default()),
-                esc(&arr(g, "members").iter().map(text).collect::<Vec<_>>().join("; ")),
-                esc(&arr(g, "unprunable_reasons").iter().map(text).collect::<Vec<_>>().join("; ")),
+                esc(&arr(g, "members")
+                    .iter()
+                    .map(text)
+                    .collect::<Vec<_>>()
+                    .join("; ")),
+                esc(&arr(g, "unprunable_reasons")
+                    .iter()
+                    .map(text)
+                    .collect::<Vec<_>>()
+                    .join("; ")),
             );
         }
         h.push_str("</table>\n");

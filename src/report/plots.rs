@@ -13,8 +13,8 @@
 //! names cannot inject markup (the report's tests check this). Output is deterministic.
 
 use anyhow::{anyhow, Result};
-use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 pub type Rgb = RGBColor;
 
@@ -100,7 +100,11 @@ fn axis_range(values: &[f64], log: bool, include_zero: bool) -> (f64, f64) {
     }
     let pad = 0.06 * (hi - lo);
     (
-        if include_zero && lo == 0.0 { 0.0 } else { lo - pad },
+        if include_zero && lo == 0.0 {
+            0.0
+        } else {
+            lo - pad
+        },
         hi + pad,
     )
 }
