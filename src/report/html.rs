@@ -802,7 +802,7 @@ fn prune_plots(h: &mut String, d: &Value) -> Result<()> {
                 marks: vec![],
                 value_text: Some(if before > 0.0 && before > after {
                     format!(
-                        "{after:.0}/{before:.0} kept (−{:.0}%)",
+                        "{after:.0}/{before:.0} kept, {:.0}% removed",
                         100.0 * (before - after) / before
                     )
                 } else if prunable {
