@@ -110,6 +110,9 @@ pub struct CompressArgs {
     /// Write the run summary and validation as JSON.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+    /// Write the run summary, validation and per-pass plots as one self-contained HTML page.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
     /// Store large tensors in `<OUT>.data` next to the model (needed above 2 GiB; the
     /// default when the input model used external data).
     #[arg(long)]
@@ -703,6 +706,9 @@ fn compress(args: &CompressArgs) -> Result<()> {
     if let Some(path) = &args.report {
         write_json(path, &report)?;
     }
+    if let Some(p) = &args.html {
+        crate::report::html::write(p, &report)?;
+    }
     Ok(())
 }
 
@@ -720,7 +726,9 @@ pub fn write_text(path: &Path, text: &str) -> Result<()> {
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("cannot create a file in {}", dir.display()))?;
     std::io::Write::write_all(&mut tmp, text.as_bytes())?;
+    // On failure, drop the temp file (PersistError holds it) so nothing is left behind.
     tmp.persist(path)
+        .map_err(|e| e.error)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
