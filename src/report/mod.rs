@@ -1,2 +1,4 @@
 //! What a run tells the user: model statistics and summaries.
+pub mod gate;
+pub mod progress;
 pub mod stats;
