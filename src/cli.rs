@@ -711,7 +711,7 @@ fn gate_bounds(args: &CompressArgs) -> Result<gate::Bounds> {
 }
 
 /// Check the gate and, when it fails, rank the quantized layers by re-running the pipeline.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn run_gate(
     args: &CompressArgs,
     bounds: &gate::Bounds,

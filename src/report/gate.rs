@@ -154,7 +154,7 @@ pub fn check(bounds: &Bounds, validation: Option<&ValidationReport>) -> Vec<Miss
     if let Some(min) = bounds.min_sqnr_db {
         for o in &v.outputs {
             // +inf (identical) passes; NaN fails.
-            if !(o.sqnr_db >= min) {
+            if o.sqnr_db.is_nan() || o.sqnr_db < min {
                 misses.push(Miss {
                     bound: "--min-sqnr".into(),
                     output: Some(o.name.clone()),
