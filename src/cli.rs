@@ -6,6 +6,7 @@ use crate::onnx::{load, save};
 use crate::passes::mixed_precision::{Budget, MixedPrecisionOptions};
 use crate::passes::quantize::QuantizeOptions;
 use crate::passes::{self, PassContext, PassRecord};
+use crate::report::gate::{self, GateReport};
 use crate::report::stats::{self, ModelStats, ValueSummary};
 use crate::validate::{self, ValidateOptions, ValidationReport};
 use anyhow::{bail, ensure, Context, Result};
@@ -270,6 +271,32 @@ pub struct CompressArgs {
     /// Class labels (.npy of integers) of the --eval samples: reports both models' accuracy.
     #[arg(long, value_name = "FILE")]
     pub eval_labels: Option<PathBuf>,
+
+    // ---- fidelity gate and verbosity ----
+    /// Fail (exit 1) when the accuracy drops by more than POINTS percentage points (needs
+    /// --eval-labels). A failed gate names the quantized layers most responsible.
+    #[arg(long, value_name = "POINTS", help_heading = "Fidelity gate")]
+    pub max_drop: Option<f64>,
+    /// Fail when any output's SQNR against the original is below DB.
+    #[arg(long, value_name = "DB", help_heading = "Fidelity gate")]
+    pub min_sqnr: Option<f64>,
+    /// Fail when the top-1 agreement with the original is below FRACTION (e.g. 0.99).
+    #[arg(long, value_name = "FRACTION", help_heading = "Fidelity gate")]
+    pub min_agreement: Option<f64>,
+    /// Write no output when the gate fails (default: write it, then fail).
+    #[arg(long, help_heading = "Fidelity gate")]
+    pub no_write_on_fail: bool,
+    /// Measure at most N quantized layers when blaming a failed gate.
+    #[arg(
+        long,
+        default_value_t = 12,
+        value_name = "N",
+        help_heading = "Fidelity gate"
+    )]
+    pub blame_layers: usize,
+    /// Print each pass's key figures too.
+    #[arg(short, long, conflicts_with = "quiet")]
+    pub verbose: bool,
 
     /// Read options from a TOML recipe (command-line options win).
     #[arg(long, value_name = "FILE")]
@@ -574,6 +601,9 @@ pub struct RunReport {
     /// The side-by-side check in tract (absent with --no-validate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub validation: Option<ValidationReport>,
+    /// The fidelity gate (absent without --max-drop / --min-sqnr / --min-agreement).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateReport>,
     pub size_ratio: f64,
     pub seconds_total: f64,
 }
@@ -628,6 +658,9 @@ fn compress(args: &CompressArgs) -> Result<()> {
         Some(spec) => passes::select(spec)?,
         None => passes::default_pass_names(),
     };
+    crate::report::progress::set_enabled(!args.quiet);
+    crate::report::progress::set_verbose(args.verbose);
+    let bounds = gate_bounds(args)?;
     let (original, info) = load::read_model(input)?;
     let mut model = Model::from_proto(original.clone())
         .with_context(|| format!("{}: invalid model", input.display()))?;
@@ -640,14 +673,23 @@ fn compress(args: &CompressArgs) -> Result<()> {
     // Data problems surface before any work starts.
     let eval_data = load_eval(args, &model)?;
     let ctx = pass_context(args, &model, &input_shapes)?;
-    let records = crate::Pipeline::from_parts(names, ctx).run(&mut model)?;
+    let records = crate::Pipeline::from_parts(names.clone(), ctx.clone()).run(&mut model)?;
 
     let out_proto = model.to_proto()?;
     let save_opts = save::SaveOptions {
         external_data: args.external_data || info.had_external_data,
         ..Default::default()
     };
-    save::save_proto(out_proto.clone(), output, &save_opts)?;
+    // With --no-write-on-fail the file is written only once the gate has passed.
+    let defer_write = args.no_write_on_fail && bounds.is_active();
+    if !defer_write {
+        save::save_proto(out_proto.clone(), output, &save_opts)?;
+    }
+    let gate_eval = if bounds.is_active() {
+        eval_data.clone()
+    } else {
+        None
+    };
     let validation = if args.no_validate {
         None
     } else {
@@ -667,17 +709,45 @@ fn compress(args: &CompressArgs) -> Result<()> {
                 .unwrap_or_else(|e| ValidationReport::not_checked(format!("{e:#}"))),
         )
     };
-    let out_bytes = std::fs::metadata(output)?.len()
-        + if save_opts.external_data {
-            std::fs::metadata(output.with_file_name(format!(
-                "{}.data",
-                output.file_name().unwrap_or_default().to_string_lossy()
-            )))
-            .map(|m| m.len())
-            .unwrap_or(0)
-        } else {
-            0
-        };
+    let gate = bounds
+        .is_active()
+        .then(|| {
+            let rerun_input = Model::from_proto(original.clone());
+            run_gate(
+                args,
+                &bounds,
+                validation.as_ref(),
+                &records,
+                &model,
+                rerun_input,
+                &original,
+                &names,
+                &ctx,
+                &input_shapes,
+                gate_eval,
+            )
+        })
+        .transpose()?;
+    let gate_failed = gate.as_ref().is_some_and(|g| !g.passed);
+    if defer_write && !gate_failed {
+        save::save_proto(out_proto.clone(), output, &save_opts)?;
+    }
+    let written = !(defer_write && gate_failed);
+    let out_bytes = if !written {
+        prost::Message::encoded_len(&out_proto) as u64
+    } else {
+        std::fs::metadata(output)?.len()
+            + if save_opts.external_data {
+                std::fs::metadata(output.with_file_name(format!(
+                    "{}.data",
+                    output.file_name().unwrap_or_default().to_string_lossy()
+                )))
+                .map(|m| m.len())
+                .unwrap_or(0)
+            } else {
+                0
+            }
+    };
     let stats_after = stats::model_stats(
         &model,
         &stats::inferred_shapes(&model, &out_proto, &input_shapes),
@@ -698,10 +768,16 @@ fn compress(args: &CompressArgs) -> Result<()> {
         },
         passes: records,
         validation,
+        gate,
         seconds_total: start.elapsed().as_secs_f64(),
     };
     if !args.quiet {
         print_summary(&report);
+        if let Some(g) = &report.gate {
+            for line in gate::lines(g) {
+                println!("{line}");
+            }
+        }
     }
     if let Some(path) = &args.report {
         write_json(path, &report)?;
@@ -709,7 +785,95 @@ fn compress(args: &CompressArgs) -> Result<()> {
     if let Some(p) = &args.html {
         crate::report::html::write(p, &report)?;
     }
+    if let Some(g) = report.gate.as_ref().filter(|g| !g.passed) {
+        let mut line = gate::error_line(g);
+        if !written {
+            line += &format!("; {} not written (--no-write-on-fail)", output.display());
+        }
+        bail!(line);
+    }
     Ok(())
+}
+
+/// The gate's bounds, checked before any work.
+fn gate_bounds(args: &CompressArgs) -> Result<gate::Bounds> {
+    let bounds = gate::Bounds {
+        max_drop_points: args.max_drop,
+        min_sqnr_db: args.min_sqnr,
+        min_agreement: args.min_agreement,
+    };
+    ensure!(
+        args.max_drop.is_none() || args.eval_labels.is_some(),
+        "--max-drop needs labelled held-out data: --eval FILE --eval-labels FILE"
+    );
+    if let Some(v) = args.max_drop {
+        ensure!(
+            v >= 0.0,
+            "--max-drop {v}: expected points >= 0 (e.g. 1 for one point)"
+        );
+    }
+    if let Some(v) = args.min_agreement {
+        ensure!(
+            (0.0..=1.0).contains(&v),
+            "--min-agreement {v}: expected a fraction in [0, 1] (e.g. 0.99)"
+        );
+    }
+    if let Some(v) = args.min_sqnr {
+        ensure!(v.is_finite(), "--min-sqnr {v}: expected a number of dB");
+    }
+    ensure!(
+        !(bounds.is_active() && args.no_validate),
+        "--max-drop / --min-sqnr / --min-agreement are checked by validation; drop --no-validate"
+    );
+    ensure!(
+        !args.no_write_on_fail || bounds.is_active(),
+        "--no-write-on-fail needs a bound: --max-drop, --min-sqnr or --min-agreement"
+    );
+    Ok(bounds)
+}
+
+/// Check the gate and, when it fails, rank the quantized layers by re-running the pipeline.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn run_gate(
+    args: &CompressArgs,
+    bounds: &gate::Bounds,
+    validation: Option<&ValidationReport>,
+    records: &[PassRecord],
+    model: &Model,
+    input: Result<Model>,
+    original: &crate::onnx::proto::ModelProto,
+    names: &[&str],
+    ctx: &PassContext,
+    input_shapes: &[(String, Vec<usize>)],
+    eval: Option<(Vec<(String, ndarray::ArrayD<f32>)>, Option<Vec<i64>>)>,
+) -> Result<GateReport> {
+    let input = input.context("re-reading the input model for the gate")?;
+    let mut opts = ValidateOptions {
+        seed: args.seed,
+        samples: args.samples,
+        input_shapes: input_shapes.to_vec(),
+        ..Default::default()
+    };
+    if let Some((inputs, labels)) = eval {
+        opts.inputs = Some(inputs);
+        opts.labels = labels;
+    }
+    let layers = gate::quantized_layers(records, model);
+    let rerun = gate::Rerun {
+        input: &input,
+        original,
+        passes: names,
+        ctx,
+        validate: &opts,
+    };
+    Ok(gate::evaluate(
+        bounds,
+        validation,
+        &layers,
+        &rerun,
+        args.blame_layers,
+        5,
+    ))
 }
 
 /// Write JSON atomically.
@@ -764,6 +928,11 @@ fn print_summary(r: &RunReport) {
         );
         for n in &p.notes {
             println!("       note: {n}");
+        }
+        if crate::report::progress::verbose() {
+            for line in detail_lines(&p.details) {
+                println!("       {line}");
+            }
         }
     }
     match &r.validation {
@@ -967,4 +1136,46 @@ fn inspect(args: &InspectArgs) -> Result<()> {
         println!("    {op:<24} {n}");
     }
     Ok(())
+}
+
+/// `-v`: a pass's key figures, from its JSON details: scalars (two levels deep) and the
+/// length of each list.
+fn detail_lines(details: &serde_json::Value) -> Vec<String> {
+    use serde_json::Value;
+    fn scalar(v: &Value) -> Option<String> {
+        match v {
+            Value::Null => None,
+            Value::Bool(b) => Some(b.to_string()),
+            Value::Number(n) => Some(match n.as_f64() {
+                Some(f) if n.is_f64() => format!("{f:.4}"),
+                _ => n.to_string(),
+            }),
+            Value::String(s) => Some(s.clone()),
+            Value::Array(a) => Some(format!("{} item(s)", a.len())),
+            Value::Object(_) => None,
+        }
+    }
+    let Value::Object(map) = details else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (k, v) in map {
+        match v {
+            Value::Object(inner) => {
+                let parts: Vec<String> = inner
+                    .iter()
+                    .filter_map(|(k2, v2)| scalar(v2).map(|s| format!("{k2}={s}")))
+                    .collect();
+                if !parts.is_empty() {
+                    out.push(format!("{k}: {}", parts.join(", ")));
+                }
+            }
+            _ => {
+                if let Some(s) = scalar(v) {
+                    out.push(format!("{k}: {s}"));
+                }
+            }
+        }
+    }
+    out
 }

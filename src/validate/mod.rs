@@ -279,7 +279,9 @@ pub fn validate(
     let mut label_at = 0usize;
     let mut accs: Vec<Acc> = pairs.iter().map(|_| Acc::default()).collect();
     let mut shapes_out: Vec<Vec<usize>> = vec![Vec::new(); pairs.len()];
+    let progress = crate::report::progress::Progress::bar("validating", batches.len() as u64);
     for batch in &batches {
+        progress.inc(1);
         let out_o = match runner_o.run(batch) {
             Ok(o) => o,
             Err(e) => return not_checked(report, Status::NotChecked, format!("original: {e:#}")),
