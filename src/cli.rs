@@ -124,7 +124,8 @@ pub struct CompressArgs {
     /// Skip the side-by-side check in tract.
     #[arg(long)]
     pub no_validate: bool,
-    /// Seed of synthetic validation inputs.
+    /// Seed of everything random: synthetic validation and calibration inputs, stochastic
+    /// rounding, Hutchinson probes.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub seed: u64,
     /// Number of synthetic validation batches (when no --eval data is given).
@@ -138,8 +139,8 @@ pub struct CompressArgs {
     pub quiet: bool,
     // ---- calibration and quantization ----
     /// Calibration data: a directory of .npy files (one sample or a batch each; several graph
-    /// inputs as `<input>_NNN.npy`), a .npy or an .npz (keys = input names). Without it ranges
-    /// come from synthetic data (a warning says so).
+    /// inputs as `<input>_NNN.npy`), a .npy, an .npz (keys = input names), or png/jpg images
+    /// (see the image options). Without it ranges come from synthetic data (a warning says so).
     #[arg(long, value_name = "PATH", help_heading = "Quantization")]
     pub calib: Option<PathBuf>,
     /// Use at most N calibration samples.

@@ -124,6 +124,17 @@ pub fn known_shapes(model: &Model) -> HashMap<String, Vec<usize>> {
             shapes.insert(name.clone(), s);
         }
     }
+    // Quantized or fp16 weights reach their layer through DequantizeLinear / Cast, which keep
+    // the stored tensor's shape (also where tract cannot analyse the model, e.g. int4).
+    for ix in g.node_indices() {
+        let n = g.node(ix);
+        if matches!(n.op_type(), "DequantizeLinear" | "Cast") {
+            let dims = n.input.first().and_then(|i| shapes.get(i)).cloned();
+            if let (Some(dims), Some(out)) = (dims, n.output.first()) {
+                shapes.entry(out.clone()).or_insert(dims);
+            }
+        }
+    }
     shapes
 }
 
@@ -135,7 +146,13 @@ pub fn inferred_shapes(
     input_shapes: &[(String, Vec<usize>)],
 ) -> HashMap<String, Vec<usize>> {
     let mut shapes = known_shapes(model);
-    if let Ok(values) = crate::validate::infer_value_shapes(proto, input_shapes) {
+    // A model tract cannot load (int4 weights...) is analysed through its simulation graph,
+    // which keeps every op output's name.
+    let values = crate::validate::infer_value_shapes(proto, input_shapes).or_else(|_| {
+        let (sim, _) = crate::validate::simulation_graph(proto)?;
+        crate::validate::infer_value_shapes(&sim, input_shapes)
+    });
+    if let Ok(values) = values {
         for v in values {
             if let Some(dims) = v
                 .shape
