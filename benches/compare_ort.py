@@ -7,7 +7,7 @@ Both tools: int8 QDQ, per-channel int8 weights, uint8 activations, the same cali
 range method MinMax (ours `--method minmax`) and Percentile 99.999 (ours: the default). ORT's
 side is what a user does: `quant_pre_process` then `quantize_static` with a CalibrationDataReader,
 in a fresh Python process (its wall time includes importing onnxruntime, ~0.3 s). Each tool run
-is its own child process; peak RSS comes from os.wait4 on that child.
+is its own child process; peak RSS of that child comes from GNU time.
 
 Metrics on held-out samples: SQNR of the output vs the fp32 model, both in ORT with graph
 optimization DISABLED (exact QDQ semantics), top-1 agreement with fp32, accuracy where labels
@@ -16,6 +16,7 @@ exist, and ORT latency (ORT_ENABLE_ALL, 1 thread, median) of fp32 / ours / ORT's
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -64,17 +65,24 @@ def ort_quantize(src, out, calib_npy, method):
 
 
 def run_child(cmd):
-    """Run cmd; return (wall seconds, peak RSS MiB). Raises on non-zero exit."""
+    """Run cmd; return (wall seconds, peak RSS MiB, stdout). Raises on non-zero exit.
+
+    Peak RSS comes from GNU time (`/usr/bin/time -f %M`) when present: rusage of a child forked
+    from this Python process would keep the parent's high-water mark across exec."""
+    gnu_time = os.path.isfile("/usr/bin/time")
+    full = (["/usr/bin/time", "-f", "MAXRSS_KB=%M"] + cmd) if gnu_time else cmd
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
+    p = subprocess.run(full, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    out = p.stdout.read().decode(errors="replace")
-    err = p.stderr.read().decode(errors="replace")
-    p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` exited {p.returncode}: {err.strip()[-800:]}")
-    return wall, ru.ru_maxrss / 1024.0, out
+        raise RuntimeError(f"`{' '.join(cmd)}` exited {p.returncode}: {p.stderr.strip()[-800:]}")
+    rss = float("nan")
+    for line in p.stderr.splitlines():
+        if line.startswith("MAXRSS_KB="):
+            rss = int(line.split("=", 1)[1]) / 1024.0
+    if not gnu_time:
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    return wall, rss, p.stdout
 
 
 def session(path, optimize, threads=1):
