@@ -193,7 +193,13 @@ def main():
                     print(f"FAIL {name} {key}: {e}", file=sys.stderr)
                     r[key] = {"error": str(e)[:400]}
                     continue
-                q = outputs(dst, ev)
+                try:
+                    q = outputs(dst, ev)
+                except Exception as e:  # the tool wrote a file ORT cannot load or run
+                    msg = f"output does not load/run in ORT: {str(e).splitlines()[0][:300]}"
+                    print(f"FAIL {name} {key}: {msg}", file=sys.stderr)
+                    r[key] = {"error": msg}
+                    continue
                 m = {"wall_s": wall, "rss_mib": rss, "bytes": os.path.getsize(dst),
                      "size_pct": 100.0 * os.path.getsize(dst) / fp32_size,
                      "sqnr_db": sqnr_db(ref, q),
