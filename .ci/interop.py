@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Interop check: every testdata model, compressed by the CLI's default pipeline, must pass
+`onnx.checker` (full check), load and run in ONNX Runtime (CPU) close to the fp32 model, and
+(digits_cnn) keep its test accuracy and have every quantized Conv/Gemm/MatMul fused into an
+integer kernel (QLinearConv/QGemm/QLinearMatMul) by ORT's graph optimizer.
+
+Builds nothing: uses the binary `cargo test` built (ONNX_COMPRESS_BIN, else
+$CARGO_TARGET_DIR/debug, else the target dir `cargo metadata` reports). Exit 0 on success or on a
+clean skip (onnx/onnxruntime missing), 1 on a real failure.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TD = os.path.join(ROOT, "testdata")
+
+try:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+except ImportError as e:  # clean skip, not a failure
+    print(f"interop: SKIP (python module missing: {e.name}); install onnx onnxruntime numpy")
+    sys.exit(0)
+
+# Thresholds. SQNR on synthetic normal inputs (synthetic calibration) for small random models is
+# noisy; 10 dB is far below what int8 gives here on convolutional models (~20-45 dB; mlp, whose
+# activation x activation MatMuls square the error, ~13 dB) and far above a broken graph (<= 0).
+MIN_SQNR_DB = 10.0
+MAX_ACC_DROP_POINTS = 1.0
+QUANT_COMPUTE = {"Conv", "Gemm", "MatMul"}
+INT_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul"}
+
+
+def find_binary():
+    if os.environ.get("ONNX_COMPRESS_BIN"):
+        return os.environ["ONNX_COMPRESS_BIN"]
+    dirs = []
+    if os.environ.get("CARGO_TARGET_DIR"):
+        dirs.append(os.environ["CARGO_TARGET_DIR"])
+    dirs.append(os.path.join(ROOT, "target"))
+    try:
+        meta = subprocess.run(
+            ["cargo", "metadata", "--format-version", "1", "--no-deps"],
+            cwd=ROOT, capture_output=True, text=True, check=True)
+        dirs.append(json.loads(meta.stdout)["target_directory"])
+    except (OSError, subprocess.CalledProcessError, ValueError, KeyError):
+        pass
+    for d in dirs:
+        p = os.path.join(d, "debug", "onnx-compress")
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def session(path, optimize, opt_file=None, level=None):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    else:
+        so.graph_optimization_level = level or ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if opt_file:
+        so.optimized_model_filepath = opt_file
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def feeds_for(sess, seed, batch=1):
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) else batch for d in i.shape]
+        feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def sqnr_db(ref, out):
+    noise = float(np.sum((ref.astype(np.float64) - out) ** 2))
+    sig = float(np.sum(ref.astype(np.float64) ** 2))
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * np.log10(sig / noise)
+
+
+def quantized_compute_nodes(model):
+    """Conv/Gemm/MatMul whose first two inputs are both produced by DequantizeLinear."""
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    return [n for n in model.graph.node
+            if n.op_type in QUANT_COMPUTE and len(n.input) >= 2
+            and all(producer.get(x) == "DequantizeLinear" for x in n.input[:2])]
+
+
+def compress(binary, model, out, extra):
+    cmd = [binary, model, "-o", out, "-q", "--no-validate"] + extra
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` exited {r.returncode}: {r.stderr.strip()}")
+
+
+def accuracy(path, optimize, x, y):
+    sess = session(path, optimize)
+    name = sess.get_inputs()[0].name
+    logits = sess.run(None, {name: x})[0]
+    return float(np.mean(np.argmax(logits, axis=1) == y)) * 100.0
+
+
+def main():
+    binary = find_binary()
+    if binary is None:
+        print("interop: FAIL: no onnx-compress binary found (run `cargo build` or `cargo test` first)")
+        return 1
+    t0 = time.time()
+    failures = []
+    rows = []
+    models = sorted(f for f in os.listdir(TD) if f.endswith(".onnx"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in models:
+            name = f[:-5]
+            src = os.path.join(TD, f)
+            out = os.path.join(tmp, f)
+            extra = []
+            if name == "digits_cnn":
+                extra = ["--calib", os.path.join(TD, "digits_calib_x.npy")]
+            row = {"model": name}
+            rows.append(row)
+            try:
+                compress(binary, src, out, extra)
+                qmodel = onnx.load(out)
+                onnx.checker.check_model(qmodel, full_check=True)
+                row["checker"] = "ok"
+                ref_s = session(src, optimize=False)
+                if name == "digits_cnn":  # synthetic normals lie far outside pixel range
+                    feeds = {ref_s.get_inputs()[0].name:
+                             np.load(os.path.join(TD, "digits_test_x.npy"))}
+                else:
+                    feeds = feeds_for(ref_s, seed=7)
+                ref = ref_s.run(None, feeds)
+                q_plain = session(out, optimize=False).run(None, feeds)
+                q_opt = session(out, optimize=True).run(None, feeds)
+                row["sqnr"] = min(sqnr_db(r, q) for r, q in zip(ref, q_plain))
+                row["sqnr_opt"] = min(sqnr_db(r, q) for r, q in zip(ref, q_opt))
+                if row["sqnr"] < MIN_SQNR_DB or row["sqnr_opt"] < MIN_SQNR_DB:
+                    failures.append(f"{name}: SQNR vs fp32 in ORT {row['sqnr']:.1f} dB "
+                                    f"(optimized {row['sqnr_opt']:.1f} dB) < {MIN_SQNR_DB} dB")
+                nq = len(quantized_compute_nodes(qmodel))
+                row["quantized"] = nq
+                opt_path = os.path.join(tmp, name + ".ort_opt.onnx")
+                session(out, optimize=True, opt_file=opt_path,
+                        level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+                opt = onnx.load(opt_path)
+                nk = sum(1 for n in opt.graph.node if n.op_type in INT_KERNELS)
+                row["int_kernels"] = nk
+                if name == "digits_cnn" and nk != nq:
+                    left = [n.name for n in opt.graph.node if n.op_type in QUANT_COMPUTE]
+                    failures.append(f"{name}: {nq} quantized Conv/Gemm/MatMul but ORT made {nk} "
+                                    f"integer kernels; float ones left: {left}")
+            except Exception as e:  # report every model, then fail once
+                failures.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                row["error"] = True
+
+        # digits: accuracy in ORT, default and --reduce-range, with/without graph optimization.
+        x = np.load(os.path.join(TD, "digits_test_x.npy"))
+        y = np.load(os.path.join(TD, "digits_test_y.npy"))
+        src = os.path.join(TD, "digits_cnn.onnx")
+        acc_rows = [("fp32", src)]
+        try:
+            rr = os.path.join(tmp, "digits_rr.onnx")
+            compress(binary, src, rr, ["--calib", os.path.join(TD, "digits_calib_x.npy"),
+                                       "--reduce-range"])
+            acc_rows += [("int8", os.path.join(tmp, "digits_cnn.onnx")),
+                         ("int8 --reduce-range", rr)]
+        except RuntimeError as e:
+            failures.append(f"digits_cnn --reduce-range: {e}")
+        accs = []
+        fp32_acc = None
+        for label, path in acc_rows:
+            if not os.path.isfile(path):
+                continue
+            try:
+                a0, a1 = accuracy(path, False, x, y), accuracy(path, True, x, y)
+            except Exception as e:
+                failures.append(f"digits accuracy {label}: {type(e).__name__}: {e}")
+                continue
+            fp32_acc = a0 if fp32_acc is None else fp32_acc
+            accs.append((label, a0, a1))
+            if fp32_acc - min(a0, a1) > MAX_ACC_DROP_POINTS:
+                failures.append(f"digits {label}: accuracy {a0:.2f}% / {a1:.2f}% (no opt / opt) "
+                                f"vs fp32 {fp32_acc:.2f}%")
+
+    print(f"interop: onnx {onnx.__version__}, onnxruntime {ort.__version__}, binary {binary}")
+    print(f"{'model':16} {'checker':8} {'SQNR dB':>8} {'SQNR opt':>8} {'quant C/G/M':>11} "
+          f"{'int kernels':>11}")
+    for r in rows:
+        if r.get("error"):
+            print(f"{r['model']:16} FAILED")
+            continue
+        print(f"{r['model']:16} {r['checker']:8} {r['sqnr']:8.1f} {r['sqnr_opt']:8.1f} "
+              f"{r['quantized']:11d} {r['int_kernels']:11d}")
+    print("digits_cnn test accuracy in ORT (360 samples): no graph opt / ORT_ENABLE_ALL")
+    for label, a0, a1 in accs:
+        print(f"  {label:22} {a0:6.2f}% {a1:6.2f}%")
+    print(f"interop: {time.time() - t0:.1f}s")
+    if failures:
+        print("interop: FAIL")
+        for f in failures:
+            print("  - " + f)
+        return 1
+    print("interop: OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
