@@ -461,6 +461,7 @@ fn pass_context(
             .bias_correction
             .parse()
             .map_err(|e| anyhow::anyhow!("--bias-correction: {e}"))?,
+        input_shapes: input_shapes.to_vec(),
         ..Default::default()
     };
     ensure!(

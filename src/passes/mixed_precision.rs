@@ -716,7 +716,7 @@ pub fn apply_assignment(
     let quantized = uses(Precision::Int8) || uses(Precision::Int4);
     let mut work = model.clone();
     if quantized {
-        notes.extend(quantize::opset::upgrade(&mut work)?);
+        notes.extend(quantize::opset::upgrade(&mut work, &[])?);
     }
     if uses(Precision::Int4) {
         notes.extend(upgrade_to_21(&mut work)?);

@@ -63,6 +63,8 @@ pub struct QuantizeOptions {
     /// BN statistics of the layers `fuse` folded (for analytic bias correction), by the folded
     /// node's name; the runner fills it and drops layers a later pass rescaled.
     pub bn_stats: BTreeMap<String, crate::passes::fuse::FoldedBn>,
+    /// Full input shapes for symbolic dims (`--input-shape`), for shape analysis.
+    pub input_shapes: Vec<(String, Vec<usize>)>,
 }
 
 impl Default for QuantizeOptions {
@@ -82,6 +84,7 @@ impl Default for QuantizeOptions {
             seed: 0,
             bias_correction: Default::default(),
             bn_stats: BTreeMap::new(),
+            input_shapes: Vec::new(),
         }
     }
 }
@@ -253,7 +256,9 @@ pub fn quantize(
     }
     let original = model.to_proto()?;
     let mut work = model.clone();
-    stats.notes.extend(opset::upgrade(&mut work)?);
+    stats
+        .notes
+        .extend(opset::upgrade(&mut work, &opts.input_shapes)?);
     let plan = placement::plan(&work.graph, opts)?;
     stats.notes.extend(plan.notes.iter().cloned());
     if plan.activations.is_empty() && plan.weights.is_empty() {

@@ -48,7 +48,7 @@ fn label(n: &NodeProto) -> String {
 }
 
 /// Raise the model to opset 13, converting nodes as documented above. Returns notes.
-pub fn upgrade(model: &mut Model) -> Result<Vec<String>> {
+pub fn upgrade(model: &mut Model, input_shapes: &[(String, Vec<usize>)]) -> Result<Vec<String>> {
     let from = model.opset("").unwrap_or(1);
     if from >= TARGET {
         return Ok(vec![]);
@@ -80,7 +80,7 @@ pub fn upgrade(model: &mut Model) -> Result<Vec<String>> {
             .is_none()
     });
     let inferred_ranks: std::collections::HashMap<String, usize> = if needs_ranks {
-        crate::validate::infer_value_shapes(&model.to_proto()?, &[])
+        crate::validate::infer_value_shapes(&model.to_proto()?, input_shapes)
             .map(|values| {
                 values
                     .into_iter()
