@@ -228,7 +228,7 @@ fn analytic_input_means(
             .map(|(&b, &gm)| match act {
                 None => b,
                 Some((lo, hi)) if lo == 0.0 && hi.is_infinite() => m(b, gm),
-                Some((lo, hi)) if lo == 0.0 => m(b, gm) - m(b - hi, gm),
+                Some((0.0, hi)) => m(b, gm) - m(b - hi, gm),
                 Some(_) => b,
             })
             .collect(),
