@@ -71,18 +71,7 @@ fn main() -> Result<()> {
         0,
         &DataOptions::default(),
     )?);
-    let named: Vec<Vec<(String, ndarray::ArrayD<f32>)>> = calib
-        .batches
-        .iter()
-        .map(|b| {
-            calib
-                .input_names
-                .iter()
-                .cloned()
-                .zip(b.iter().cloned())
-                .collect()
-        })
-        .collect();
+    let named: Vec<Vec<(String, ndarray::ArrayD<f32>)>> = calib.named_batches();
     let mut ctx = PassContext {
         calibration: Some(calib.clone()),
         ..Default::default()

@@ -469,18 +469,8 @@ fn pass_context(
         "--bias-correction empirical needs calibration data (--calib)"
     );
     // Equalization and pruning take named batches.
-    let named: Option<Vec<crate::calibrate::NamedBatch>> = calibration.as_ref().map(|c| {
-        c.batches
-            .iter()
-            .map(|b| {
-                c.input_names
-                    .iter()
-                    .cloned()
-                    .zip(b.iter().cloned())
-                    .collect()
-            })
-            .collect()
-    });
+    let named: Option<Vec<crate::calibrate::NamedBatch>> =
+        calibration.as_ref().map(|c| c.named_batches());
     let equalize = equalize::EqualizeOptions {
         absorb_high_bias: args.absorb_high_bias,
         calibration: named.clone().map(Arc::new),

@@ -171,6 +171,20 @@ pub struct CalibrationSet {
 }
 
 impl CalibrationSet {
+    /// The batches with each array paired with its input name (equalization and pruning).
+    pub fn named_batches(&self) -> Vec<crate::calibrate::NamedBatch> {
+        self.batches
+            .iter()
+            .map(|b| {
+                self.input_names
+                    .iter()
+                    .cloned()
+                    .zip(b.iter().cloned())
+                    .collect()
+            })
+            .collect()
+    }
+
     /// Read calibration data from a file or directory and check it against `model`.
     pub fn load(path: &Path, model: &Model, opts: &DataOptions) -> Result<CalibrationSet> {
         let specs = with_shapes(model_inputs(model)?, &opts.input_shapes);

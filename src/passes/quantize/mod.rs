@@ -127,18 +127,7 @@ fn correct_biases(
         quantized.push((mark.node.clone(), wq));
     }
     let (deltas, how) = if opts.bias_correction == BiasCorrection::Empirical {
-        let named: Vec<crate::calibrate::NamedBatch> = calib
-            .batches
-            .iter()
-            .map(|b| {
-                calib
-                    .input_names
-                    .iter()
-                    .cloned()
-                    .zip(b.iter().cloned())
-                    .collect()
-            })
-            .collect();
+        let named: Vec<crate::calibrate::NamedBatch> = calib.named_batches();
         let deltas = empirical_bias_correction(work, &quantized, &named)
             .context("empirical bias correction")?;
         (
