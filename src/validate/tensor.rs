@@ -146,55 +146,26 @@ pub(crate) fn decode_ints(t: &TensorProto) -> Result<Vec<i64>> {
     Ok(out)
 }
 
-/// Decodes a float tensor (f32, f16, bf16, f64) to `f32` values (f64 is rounded).
+/// Decodes a float tensor (f32, f16, bf16, f64) to `f32` values (f64 is rounded), through the
+/// IR's decoder (which checks the payload against the dims).
 pub(crate) fn decode_floats(t: &TensorProto) -> Result<Vec<f32>> {
-    let n = numel(t)?;
     let dt = data_type(t);
-    let name = t.name();
-    if t.data_location == Some(1) {
-        bail!("tensor '{name}' still points to external data; inline it before validating");
-    }
-    let raw = t.raw_data.as_deref().filter(|r| !r.is_empty());
-    let out: Vec<f32> = match (dt, raw) {
-        (DataType::Float, Some(r)) => r
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        (DataType::Float, None) => t.float_data.clone(),
-        (DataType::Double, Some(r)) => r
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-            .collect(),
-        (DataType::Double, None) => t.double_data.iter().map(|&v| v as f32).collect(),
-        (DataType::Float16, Some(r)) => r
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        (DataType::Float16, None) => t
-            .int32_data
-            .iter()
-            .map(|&v| half::f16::from_bits(v as u16).to_f32())
-            .collect(),
-        (DataType::Bfloat16, Some(r)) => r
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        (DataType::Bfloat16, None) => t
-            .int32_data
-            .iter()
-            .map(|&v| half::bf16::from_bits(v as u16).to_f32())
-            .collect(),
-        _ => bail!(
-            "tensor '{name}' has type {}, expected a float type",
-            dtype_name(t.data_type())
-        ),
-    };
     ensure!(
-        out.len() == n,
-        "tensor '{name}' holds {} values, dims say {n}",
-        out.len()
+        matches!(
+            dt,
+            DataType::Float | DataType::Double | DataType::Float16 | DataType::Bfloat16
+        ),
+        "tensor '{}' has type {}, expected a float type",
+        t.name(),
+        dtype_name(t.data_type())
     );
-    Ok(out)
+    if t.data_location == Some(1) {
+        bail!(
+            "tensor '{}' still points to external data; inline it before validating",
+            t.name()
+        );
+    }
+    Ok(crate::ir::tensor::to_f32(t)?.into_iter().collect())
 }
 
 /// A float tensor of element type `dt` (f32, f16 or bf16), stored as `raw_data`.
