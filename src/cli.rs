@@ -172,6 +172,10 @@ pub struct CompressArgs {
     /// 7-bit weights, for ONNX Runtime's u8xs8 kernels on x86 CPUs without VNNI.
     #[arg(long, help_heading = "Quantization")]
     pub reduce_range: bool,
+    /// Names of the added Q/DQ tensors and nodes: compact ids (a7.s, w3.q, ...; ~1% smaller
+    /// files) or descriptive ({tensor}_scale, {tensor}_QuantizeLinear, ...).
+    #[arg(long, default_value = "compact", value_parser = ["compact", "descriptive"], help_heading = "Quantization")]
+    pub names: String,
     /// Weight rounding: nearest or stochastic (seeded by --seed).
     #[arg(long, default_value = "nearest", value_parser = ["nearest", "stochastic"], help_heading = "Quantization")]
     pub rounding: String,
@@ -462,6 +466,11 @@ fn pass_context(
             .parse()
             .map_err(|e| anyhow::anyhow!("--bias-correction: {e}"))?,
         input_shapes: input_shapes.to_vec(),
+        naming: if args.names == "descriptive" {
+            quantize::Naming::Descriptive
+        } else {
+            quantize::Naming::Compact
+        },
         ..Default::default()
     };
     ensure!(

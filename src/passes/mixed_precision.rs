@@ -554,7 +554,13 @@ fn replace_constant(
 }
 
 /// Store weight `w` at precision `p`; returns the per-channel scales for int8/int4.
-fn emit_weight(g: &mut Graph, w: &str, axis: usize, p: Precision) -> Result<Option<Vec<f32>>> {
+fn emit_weight(
+    g: &mut Graph,
+    namer: &mut insert::Namer,
+    w: &str,
+    axis: usize,
+    p: Precision,
+) -> Result<Option<Vec<f32>>> {
     let t = g
         .constant(w)
         .with_context(|| format!("weight '{w}' is not a constant initializer"))?;
@@ -568,7 +574,7 @@ fn emit_weight(g: &mut Graph, w: &str, axis: usize, p: Precision) -> Result<Opti
     match p {
         Precision::Fp32 => Ok(None),
         Precision::Fp16 => {
-            let names = g.fresh_names(&[format!("{w}_fp16"), format!("{w}_Cast")]);
+            let names = namer.take(g, 'w', w, [("fp16", "h"), ("Cast", "Cast")]);
             let mut cast = op::node("Cast", &names[1], &[&names[0]], &[w]);
             op::set_attr(&mut cast, attr_int("to", 1));
             replace_constant(g, w, vec![tensor::from_f16(&names[0], &a)], cast)?;
@@ -577,12 +583,17 @@ fn emit_weight(g: &mut Graph, w: &str, axis: usize, p: Precision) -> Result<Opti
         Precision::Int8 | Precision::Int4 => {
             let bits = if p == Precision::Int8 { 8 } else { 4 };
             let (q, scales, _) = quantize_weight(&a, axis, bits);
-            let names = g.fresh_names(&[
-                format!("{w}_quantized"),
-                format!("{w}_scale"),
-                format!("{w}_zero_point"),
-                format!("{w}_DequantizeLinear"),
-            ]);
+            let names = namer.take(
+                g,
+                'w',
+                w,
+                [
+                    ("quantized", "q"),
+                    ("scale", "s"),
+                    ("zero_point", "z"),
+                    ("DequantizeLinear", "DQ"),
+                ],
+            );
             let c = scales.len();
             let zeros = vec![0i8; c];
             let (wq, zp) = if bits == 8 {
@@ -762,11 +773,12 @@ pub fn apply_assignment(
         }
     }
     let g = &mut work.graph;
+    let mut namer = insert::Namer::default();
     let mut scales: IndexMap<String, Vec<f32>> = IndexMap::new();
     for (w, p) in assignment {
         let l = layer_of(w)
             .with_context(|| format!("'{w}' is not the constant weight of a Conv/Gemm/MatMul"))?;
-        if let Some(s) = emit_weight(g, w, l.out_axis(), *p)? {
+        if let Some(s) = emit_weight(g, &mut namer, w, l.out_axis(), *p)? {
             scales.insert(w.clone(), s);
         }
     }
@@ -786,14 +798,14 @@ pub fn apply_assignment(
             activation_params(lo, hi, qopts.activation_scheme)
         };
         for t in &p.activations {
-            insert::activation(g, t, &params_of(t), qopts.activation_scheme)?;
+            insert::activation(g, &mut namer, t, &params_of(t), qopts.activation_scheme)?;
         }
         let mut biases = 0;
         for (b, mark) in &p.biases {
             let Some(s_w) = scales.get(&mark.weight) else {
                 continue;
             };
-            insert::bias(g, b, params_of(&mark.input).scale, s_w, &mark.node)
+            insert::bias(g, &mut namer, b, params_of(&mark.input).scale, s_w, &mark.node)
                 .with_context(|| format!("node '{}'", mark.node))?;
             biases += 1;
         }

@@ -14,9 +14,12 @@
 //! are rewired to `x_dequantized` (subgraph captures keep reading the float input).
 //!
 //! Weight `w` (constant float initializer): replaced by `w_quantized` (int8), `w_scale`
-//! (`[C]` per channel or scalar), `w_zero_point` (int8 zeros) and a DequantizeLinear (with
-//! `axis` when per-channel) whose output is named `w`, so readers are untouched.
-//! Bias `b`: `b_quantized` (int32), `b_scale = s_in * s_w[c]`, int32 zero point, same scheme.
+//! (`[C]` per channel or scalar), `w_zero_point` (int8 zeros; left out for Conv weights, see
+//! [`super::placement::WeightMark`]) and a DequantizeLinear (with `axis` when per-channel) whose
+//! output is named `w`, so readers are untouched. The names shown are [`Naming::Descriptive`];
+//! by default they are compact ids.
+//! Bias `b`: `b_quantized` (int32), `b_scale = s_in * s_w[c]`, no zero point (0 by definition),
+//! same scheme.
 
 use crate::calibrate::params::{self, ActScheme, QParams};
 use crate::ir::op::{self, attr_int};
@@ -36,6 +39,56 @@ pub enum Rounding {
     Stochastic { seed: u64 },
 }
 
+/// How the tensors and nodes a quantizer adds are named. The names the model already had stay:
+/// a quantized activation or weight is still produced under its own name (by its
+/// DequantizeLinear), so readers, graph outputs and the report keep pointing at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Naming {
+    /// Short ids: `a7.q`, `a7.s`, `a7.z`, `a7.f`, nodes `a7.Q` / `a7.DQ` for the 7th added name
+    /// group (`a` activation, `w` weight, `b` bias). Exported models carry long scoped tensor
+    /// names (`/features/features.4/.../Conv_output_0`) and a Q/DQ pair repeats its base name
+    /// nine times: ~1% of an int8 EfficientNet-B0 file.
+    #[default]
+    Compact,
+    /// `{t}_quantized`, `{t}_scale`, `{t}_zero_point`, `{t}_QuantizeLinear`, ... (ORT's style).
+    Descriptive,
+}
+
+/// Hands out the generated names of one quantization run.
+#[derive(Debug, Clone, Default)]
+pub struct Namer {
+    pub naming: Naming,
+    next: usize,
+}
+
+impl Namer {
+    pub fn new(naming: Naming) -> Namer {
+        Namer { naming, next: 0 }
+    }
+
+    /// Fresh names for the parts of quantized value `base`; `kind` is `'a'`, `'w'` or `'b'`,
+    /// each part is (descriptive suffix, compact suffix).
+    pub fn take<const N: usize>(
+        &mut self,
+        g: &Graph,
+        kind: char,
+        base: &str,
+        parts: [(&str, &str); N],
+    ) -> [String; N] {
+        let id = self.next;
+        self.next += 1;
+        let wanted: Vec<String> = parts
+            .iter()
+            .map(|(long, short)| match self.naming {
+                Naming::Compact => format!("{kind}{id}.{short}"),
+                Naming::Descriptive => format!("{base}_{long}"),
+            })
+            .collect();
+        <[String; N]>::try_from(g.fresh_names(&wanted)).expect("one name per part")
+    }
+}
+
 fn scalar_zp(name: &str, scheme: ActScheme, zp: i32) -> TensorProto {
     match scheme {
         ActScheme::U8Asymmetric => tensor::from_u8(name, &[], &[zp as u8]),
@@ -51,17 +104,27 @@ fn scale_tensor(name: &str, scales: &[f32], per_axis: bool) -> TensorProto {
 }
 
 /// Insert the Q/DQ pair for activation `t` with parameters `p`.
-pub fn activation(g: &mut Graph, t: &str, p: &QParams, scheme: ActScheme) -> Result<()> {
-    let names = g.fresh_names(&[
-        format!("{t}_float"),
-        format!("{t}_quantized"),
-        format!("{t}_scale"),
-        format!("{t}_zero_point"),
-        format!("{t}_QuantizeLinear"),
-        format!("{t}_DequantizeLinear"),
-        format!("{t}_dequantized"),
-    ]);
-    let [t_float, t_q, s, zp, qn, dqn, t_dq] = <[String; 7]>::try_from(names).expect("7 names");
+pub fn activation(
+    g: &mut Graph,
+    namer: &mut Namer,
+    t: &str,
+    p: &QParams,
+    scheme: ActScheme,
+) -> Result<()> {
+    let [t_float, t_q, s, zp, qn, dqn, t_dq] = namer.take(
+        g,
+        'a',
+        t,
+        [
+            ("float", "f"),
+            ("quantized", "q"),
+            ("scale", "s"),
+            ("zero_point", "z"),
+            ("QuantizeLinear", "Q"),
+            ("DequantizeLinear", "DQ"),
+            ("dequantized", "dq"),
+        ],
+    );
     let mut patch = Patch {
         initializers: vec![
             scale_tensor(&s, &[p.scale], false),
@@ -199,10 +262,15 @@ pub fn fake_quant(
 }
 
 /// Quantize constant weight `w`; returns the per-channel (or single) scales and a report.
+/// Without `with_zero_point` the DequantizeLinear has no zero-point input (0 by definition,
+/// the type comes from the int8 data).
+#[allow(clippy::too_many_arguments)]
 pub fn weight(
     g: &mut Graph,
+    namer: &mut Namer,
     w: &str,
     axis: Option<usize>,
+    with_zero_point: bool,
     node: &str,
     reduce_range: bool,
     rounding: Rounding,
@@ -237,33 +305,41 @@ pub fn weight(
         sqnr_db: params::sqnr_db(&orig, &deq),
     };
     let shape = a.shape().to_vec();
-    let names = g.fresh_names(&[
-        format!("{w}_quantized"),
-        format!("{w}_scale"),
-        format!("{w}_zero_point"),
-        format!("{w}_DequantizeLinear"),
-    ]);
-    let [wq, s, zp, dqn] = <[String; 4]>::try_from(names).expect("4 names");
+    let [wq, s, zp, dqn] = namer.take(
+        g,
+        'w',
+        w,
+        [
+            ("quantized", "q"),
+            ("scale", "s"),
+            ("zero_point", "z"),
+            ("DequantizeLinear", "DQ"),
+        ],
+    );
     let q_vals: Vec<i8> = q.iter().copied().collect();
     let zp_shape: Vec<usize> = if axis.is_some() {
         vec![scales.len()]
     } else {
         vec![]
     };
-    let mut dq = op::node("DequantizeLinear", &dqn, &[&wq, &s, &zp], &[w]);
+    let mut initializers = vec![
+        tensor::from_i8(&wq, &shape, &q_vals),
+        scale_tensor(&s, &scales, axis.is_some()),
+    ];
+    let mut dq = if with_zero_point {
+        initializers.push(tensor::from_i8(
+            &zp,
+            &zp_shape,
+            &vec![0i8; zp_shape.iter().product()],
+        ));
+        op::node("DequantizeLinear", &dqn, &[&wq, &s, &zp], &[w])
+    } else {
+        op::node("DequantizeLinear", &dqn, &[&wq, &s], &[w])
+    };
     if let Some(ax) = axis {
         op::set_attr(&mut dq, attr_int("axis", ax as i64));
     }
-    replace_constant(
-        g,
-        w,
-        vec![
-            tensor::from_i8(&wq, &shape, &q_vals),
-            scale_tensor(&s, &scales, axis.is_some()),
-            tensor::from_i8(&zp, &zp_shape, &vec![0i8; zp_shape.iter().product()]),
-        ],
-        dq,
-    )?;
+    replace_constant(g, w, initializers, dq)?;
     Ok((scales, report))
 }
 
@@ -280,7 +356,14 @@ pub struct BiasReport {
 }
 
 /// Quantize bias `b` to int32 with scale `s_in * s_w[c]`.
-pub fn bias(g: &mut Graph, b: &str, s_in: f32, s_w: &[f32], node: &str) -> Result<BiasReport> {
+pub fn bias(
+    g: &mut Graph,
+    namer: &mut Namer,
+    b: &str,
+    s_in: f32,
+    s_w: &[f32],
+    node: &str,
+) -> Result<BiasReport> {
     let t = g
         .constant(b)
         .with_context(|| format!("bias '{b}' is not a constant initializer"))?;
@@ -321,19 +404,15 @@ pub fn bias(g: &mut Graph, b: &str, s_in: f32, s_w: &[f32], node: &str) -> Resul
         clamped,
         max_error,
     };
-    let names = g.fresh_names(&[
-        format!("{b}_quantized"),
-        format!("{b}_scale"),
-        format!("{b}_zero_point"),
-        format!("{b}_DequantizeLinear"),
-    ]);
-    let [bq, s, zp, dqn] = <[String; 4]>::try_from(names).expect("4 names");
-    let zp_shape: Vec<usize> = if per_channel {
-        vec![scales.len()]
-    } else {
-        vec![]
-    };
-    let mut dq = op::node("DequantizeLinear", &dqn, &[&bq, &s, &zp], &[b]);
+    // No zero point: it is 0 by definition for int32 bias, and an explicit per-channel int32
+    // zeros tensor would cost 4 bytes per channel (0.5% of a MobileNetV2).
+    let [bq, s, dqn] = namer.take(
+        g,
+        'b',
+        b,
+        [("quantized", "q"), ("scale", "s"), ("DequantizeLinear", "DQ")],
+    );
+    let mut dq = op::node("DequantizeLinear", &dqn, &[&bq, &s], &[b]);
     if per_channel {
         op::set_attr(&mut dq, attr_int("axis", 0));
     }
@@ -343,7 +422,6 @@ pub fn bias(g: &mut Graph, b: &str, s_in: f32, s_w: &[f32], node: &str) -> Resul
         vec![
             tensor::from_i32(&bq, &shape, &q),
             scale_tensor(&s, &scales, per_channel),
-            tensor::from_i32(&zp, &zp_shape, &vec![0i32; zp_shape.iter().product()]),
         ],
         dq,
     )?;

@@ -33,7 +33,7 @@ use crate::ir::{tensor, Model};
 use crate::passes::{Pass, PassContext, PassStats};
 use anyhow::{Context, Result};
 use indexmap::IndexMap;
-pub use insert::Rounding;
+pub use insert::{Naming, Rounding};
 use serde_json::json;
 use std::collections::BTreeMap;
 
@@ -65,6 +65,8 @@ pub struct QuantizeOptions {
     pub bn_stats: BTreeMap<String, crate::passes::fuse::FoldedBn>,
     /// Full input shapes for symbolic dims (`--input-shape`), for shape analysis.
     pub input_shapes: Vec<(String, Vec<usize>)>,
+    /// Names of the added Q/DQ tensors and nodes.
+    pub naming: Naming,
 }
 
 impl Default for QuantizeOptions {
@@ -85,6 +87,7 @@ impl Default for QuantizeOptions {
             bias_correction: Default::default(),
             bn_stats: BTreeMap::new(),
             input_shapes: Vec::new(),
+            naming: Naming::Compact,
         }
     }
 }
@@ -224,6 +227,43 @@ fn analytic_input_means(
     )
 }
 
+/// Give every Conv/ConvTranspose/Gemm its own bias initializer. Exporters deduplicate equal
+/// constants (torch turns identical biases into one initializer read through Identity nodes,
+/// which cleanup folds), but an int32 bias is tied to its layer's `s_in * s_w`: one shared
+/// DequantizeLinear would carry the first layer's scale, and ORT would keep the others float.
+fn unshare_biases(g: &mut crate::ir::Graph) -> Result<usize> {
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut copies = 0;
+    for ix in g.topo_order()? {
+        let n = g.node(ix);
+        if !matches!(n.op_type(), "Conv" | "ConvTranspose" | "Gemm") {
+            continue;
+        }
+        let Some(b) = n.input.get(2).filter(|b| !b.is_empty()).cloned() else {
+            continue;
+        };
+        let Some(t) = g.constant(&b) else { continue };
+        if seen.insert(b.clone()) {
+            continue;
+        }
+        let copy_name = g.fresh_name(&format!("{b}_{}", n.name()));
+        let mut copy = t.clone();
+        copy.name = Some(copy_name.clone());
+        let mut node = n.clone();
+        node.input[2] = copy_name;
+        g.apply(crate::ir::Patch {
+            remove: vec![ix],
+            add: vec![node],
+            initializers: vec![copy],
+            anchor: Some(ix),
+            ..Default::default()
+        })
+        .with_context(|| format!("giving node '{}' its own copy of bias '{b}'", g.node(ix).name()))?;
+        copies += 1;
+    }
+    Ok(copies)
+}
+
 /// Quantize `model` in place (all or nothing).
 pub fn quantize(
     model: &mut Model,
@@ -248,6 +288,12 @@ pub fn quantize(
     stats
         .notes
         .extend(opset::upgrade(&mut work, &opts.input_shapes)?);
+    let copies = unshare_biases(&mut work.graph)?;
+    if copies > 0 {
+        stats.notes.push(format!(
+            "{copies} bias initializer(s) shared between layers were copied so that each layer gets its own int32 bias (scale s_in * s_w differs per layer)"
+        ));
+    }
     let plan = placement::plan(&work.graph, opts)?;
     stats.notes.extend(plan.notes.iter().cloned());
     if plan.activations.is_empty() && plan.weights.is_empty() {
@@ -305,13 +351,16 @@ pub fn quantize(
 
     // Insertion: weights, then activations, then biases (which need both scales).
     let g = &mut work.graph;
+    let mut namer = insert::Namer::new(opts.naming);
     let mut weight_scales: IndexMap<String, Vec<f32>> = IndexMap::new();
     let mut weight_reports = Vec::new();
     for (w, mark) in &plan.weights {
         let (scales, report) = insert::weight(
             g,
+            &mut namer,
             w,
             mark.axis,
+            mark.zero_point,
             &mark.node,
             opts.reduce_range,
             opts.rounding,
@@ -324,7 +373,7 @@ pub fn quantize(
     let mut act_reports = Vec::new();
     for t in &tensors {
         let p = params_of(t);
-        insert::activation(g, t, &p, opts.activation_scheme)?;
+        insert::activation(g, &mut namer, t, &p, opts.activation_scheme)?;
         stats.changes += 1;
         let o: &Observed = &observed[t];
         let group = plan.group(t);
@@ -344,7 +393,7 @@ pub fn quantize(
             continue;
         };
         let s_in = params_of(&mark.input).scale;
-        let report = insert::bias(g, b, s_in, s_w, &mark.node)
+        let report = insert::bias(g, &mut namer, b, s_in, s_w, &mark.node)
             .with_context(|| format!("node '{}'", mark.node))?;
         bias_reports.push(report);
         stats.changes += 1;
@@ -362,6 +411,7 @@ pub fn quantize(
         "per_channel": opts.per_channel,
         "reduce_range": opts.reduce_range,
         "rounding": format!("{:?}", opts.rounding),
+        "naming": opts.naming,
         "calibration": {
             "source": calib.source,
             "samples": calib.samples,

@@ -21,11 +21,15 @@
 //!   narrows the range, so sharing the input's grid would waste resolution; ORT likewise gives
 //!   its QLinear(Global)AveragePool separate input and output parameters), and a `Relu`/`Clip`
 //!   not fused into a producer.
+//! - `Sigmoid` used as a gate: when its input is marked and it is read only by `Mul` nodes (SiLU,
+//!   squeeze-excitation), its output gets its own range ([0, 1]); the `Mul` then has both
+//!   inputs marked. ORT fuses these into QLinearSigmoid / QLinearMul. A sigmoid feeding other
+//!   math (or a graph output) stays float.
 //! - `Add`, `Mul`: when both inputs are marked; the output (or that of a Relu/Clip fused
 //!   after it, as for Conv) gets its own range.
 //! - `Concat`: when every input is marked; inputs and output share one group (the union of
 //!   their ranges, which is the output's range), so concatenation needs no requantization.
-//! - Everything else (Softmax, Sigmoid, Tanh, LayerNormalization, BatchNormalization, ...)
+//! - Everything else (Softmax, other Sigmoids, Tanh, LayerNormalization, BatchNormalization, ...)
 //!   stays float; it reads the dequantized value of a marked input.
 //!
 //! User filters: `exclude_ops`, `exclude_nodes` (exact names or regexes), and `include_nodes`
@@ -47,6 +51,10 @@ pub struct WeightMark {
     pub axis: Option<usize>,
     /// The node that asked (for the report).
     pub node: String,
+    /// Emit the (all-zero) zero-point input. Conv weights go without: ONNX defaults it to 0,
+    /// ORT still fuses QLinearConv, and per-channel zeros cost a byte per output channel plus a
+    /// name. ORT's QGemm fusion needs the input, so Gemm/MatMul weights keep it.
+    pub zero_point: bool,
 }
 
 /// An int32 bias: scale = scale(input) * scale(weight).
@@ -101,7 +109,14 @@ impl Plan {
         }
     }
 
-    fn mark_weight(&mut self, g: &Graph, w: &str, axis: Option<usize>, node: &str) -> bool {
+    fn mark_weight(
+        &mut self,
+        g: &Graph,
+        w: &str,
+        axis: Option<usize>,
+        zero_point: bool,
+        node: &str,
+    ) -> bool {
         if let Some(prev) = self.weights.get(w) {
             if prev.axis != axis {
                 self.notes.push(format!(
@@ -121,6 +136,7 @@ impl Plan {
             WeightMark {
                 axis,
                 node: node.to_string(),
+                zero_point,
             },
         );
         true
@@ -217,6 +233,24 @@ fn fused_activation(g: &Graph, value: &str, filter: &Filter) -> Option<NodeIndex
     is_act.then_some(*ix)
 }
 
+/// Whether `value` is read only by `Mul` nodes that may be quantized: a sigmoid used as a gate
+/// (SiLU `x * sigmoid(x)`, squeeze-excitation `x * sigmoid(fc(pool(x)))`). Its output lies in
+/// [0, 1], which uint8 covers at a step of 1/255, and the gated product is linear in it.
+fn gates_only_muls(g: &Graph, value: &str, filter: &Filter) -> bool {
+    if value.is_empty() || g.is_graph_output(value) {
+        return false;
+    }
+    let readers = g.consumers(value);
+    !readers.is_empty()
+        && readers.iter().all(|&(ix, slot)| {
+            let n = g.node(ix);
+            matches!(slot, crate::ir::InSlot::Arg(0 | 1))
+                && n.op_type() == "Mul"
+                && crate::ir::op::is_standard_domain(n.domain())
+                && filter.allows(n.name(), n.op_type())
+        })
+}
+
 /// Mark the output of a compute node, or of its fused activation.
 fn mark_output(g: &Graph, plan: &mut Plan, ix: NodeIndex, filter: &Filter) {
     let Some(y) = g.node(ix).output.first().filter(|y| !y.is_empty()) else {
@@ -261,7 +295,7 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions) -> Result<Plan> {
                         (_, 1) => per_channel(1),
                         _ => None,
                     };
-                    if plan.mark_weight(g, w, axis, &name) {
+                    if plan.mark_weight(g, w, axis, op != "Conv", &name) {
                         plan.mark(x);
                         if !b.is_empty() {
                             plan.mark_bias(g, b, x, w, &name);
@@ -285,7 +319,7 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions) -> Result<Plan> {
                     plan.mark(b);
                     mark_output(g, &mut plan, ix, &filter);
                     true
-                } else if plan.mark_weight(g, b, per_channel(if trans_b { 0 } else { 1 }), &name) {
+                } else if plan.mark_weight(g, b, per_channel(if trans_b { 0 } else { 1 }), true, &name) {
                     plan.mark(a);
                     let n_out = g
                         .constant(b)
@@ -325,7 +359,7 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions) -> Result<Plan> {
                     } else {
                         None
                     };
-                    if plan.mark_weight(g, b, axis, &name) {
+                    if plan.mark_weight(g, b, axis, true, &name) {
                         plan.mark(a);
                         mark_output(g, &mut plan, ix, &filter);
                         true
@@ -348,6 +382,10 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions) -> Result<Plan> {
             o if PASS_THROUGH.contains(&o) && plan.is_marked(input(0)) && !output.is_empty() => {
                 plan.mark(output);
                 plan.share(input(0), output);
+                true
+            }
+            "Sigmoid" if plan.is_marked(input(0)) && gates_only_muls(g, output, &filter) => {
+                plan.mark(output);
                 true
             }
             // A fused Relu/Clip's input is never marked, so this only sees free ones.
