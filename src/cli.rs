@@ -172,7 +172,7 @@ pub struct CompressArgs {
     /// 7-bit weights, for ONNX Runtime's u8xs8 kernels on x86 CPUs without VNNI.
     #[arg(long, help_heading = "Quantization")]
     pub reduce_range: bool,
-    /// Names of the added Q/DQ tensors and nodes: compact ids (a7.s, w3.q, ...; ~1% smaller
+    /// Names of the added Q/DQ tensors and nodes: compact ids (a7_s, w3_q, ...; ~1% smaller
     /// files) or descriptive ({tensor}_scale, {tensor}_QuantizeLinear, ...).
     #[arg(long, default_value = "compact", value_parser = ["compact", "descriptive"], help_heading = "Quantization")]
     pub names: String,

@@ -136,6 +136,7 @@ fn check_int32_bias(m: &ModelProto, n: &NodeProto, k: usize) {
         tensor::data_type(init(m, &dq.input[0])).unwrap(),
         onnx_compress::onnx::proto::tensor_proto::DataType::Int32
     );
+    assert_eq!(dq.input.len(), 2, "no zero point: 0 by definition for int32 bias");
 }
 
 #[test]
@@ -191,7 +192,25 @@ fn concat_shared_scale() {
     assert_eq!(b, y, "Concat input b and output share scale / zero point");
     // The two branches have different ranges (wb is 3x larger): the shared grid is their union,
     // which is not the same as x's.
-    assert_ne!(act_params(&m, "x_dequantized").0, y.0);
+    let conv_a = nodes(&m).iter().find(|n| n.name() == "conv_a").unwrap();
+    assert_ne!(act_params(&m, &conv_a.input[0]).0, y.0);
+}
+
+#[test]
+fn concat_relu_and_signed() {
+    let m = run("concat_relu_and_signed", 0.05);
+    let concat = only(&m, "Concat");
+    let (a, b, y) = (
+        act_params(&m, &concat.input[0]),
+        act_params(&m, &concat.input[1]),
+        act_params(&m, "y"),
+    );
+    assert_eq!(a.1, [0.0], "the fused Relu output keeps zero point 0");
+    assert_ne!(a, y, "the Relu branch does not take the Concat's signed grid");
+    assert_eq!(b, y, "the signed branch and the output share one grid");
+    assert!(y.1[0] > 0.0, "the shared grid is signed (zero point above 0)");
+    let relu = only(&m, "Relu");
+    assert_eq!(producer(&m, &relu.input[0]).op_type(), "Conv");
 }
 
 #[test]
@@ -232,9 +251,12 @@ fn gemm_transb0() {
 fn matmul_dynamic() {
     let m = run("matmul_dynamic", 0.2);
     let mm = only(&m, "MatMul");
-    // Both inputs are graph inputs: the readers are rewired to `<input>_dequantized`.
-    assert_eq!(dq_input(&m, mm, 0).output[0], "a_dequantized");
-    assert_eq!(dq_input(&m, mm, 1).output[0], "b_dequantized");
+    // Both inputs are graph inputs: the readers are rewired to the inputs' DequantizeLinear.
+    for (k, input) in ["a", "b"].into_iter().enumerate() {
+        let dq = dq_input(&m, mm, k);
+        let q = producer(&m, &dq.input[0]);
+        assert_eq!((q.op_type(), q.input[0].as_str()), ("QuantizeLinear", input));
+    }
     act_params(&m, "y");
 }
 

@@ -45,7 +45,7 @@ pub enum Rounding {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Naming {
-    /// Short ids: `a7.q`, `a7.s`, `a7.z`, `a7.f`, nodes `a7.Q` / `a7.DQ` for the 7th added name
+    /// Short ids: `a7_q`, `a7_s`, `a7_z`, `a7_f`, nodes `a7_Q` / `a7_DQ` for the 7th added name
     /// group (`a` activation, `w` weight, `b` bias). Exported models carry long scoped tensor
     /// names (`/features/features.4/.../Conv_output_0`) and a Q/DQ pair repeats its base name
     /// nine times: ~1% of an int8 EfficientNet-B0 file.
@@ -81,7 +81,7 @@ impl Namer {
         let wanted: Vec<String> = parts
             .iter()
             .map(|(long, short)| match self.naming {
-                Naming::Compact => format!("{kind}{id}.{short}"),
+                Naming::Compact => format!("{kind}{id}_{short}"),
                 Naming::Descriptive => format!("{base}_{long}"),
             })
             .collect();

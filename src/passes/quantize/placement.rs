@@ -29,6 +29,10 @@
 //!   after it, as for Conv) gets its own range.
 //! - `Concat`: when every input is marked; inputs and output share one group (the union of
 //!   their ranges, which is the output's range), so concatenation needs no requantization.
+//!   Except when fused Relu/Clip outputs meet inputs that may be negative: a shared grid would
+//!   give the Relu a zero point above 0, ORT could no longer drop it into QLinearConv and would
+//!   keep that Conv in float. Those inputs keep their own group (zero point 0) and ORT's
+//!   QLinearConcat requantizes them.
 //! - Everything else (Softmax, other Sigmoids, Tanh, LayerNormalization, BatchNormalization, ...)
 //!   stays float; it reads the dequantized value of a marked input.
 //!
@@ -77,6 +81,9 @@ pub struct Plan {
     /// (node name, op type) of every node whose inputs and outputs are quantized.
     pub nodes: Vec<(String, String)>,
     pub notes: Vec<String>,
+    /// Outputs of Relu/Clip units fused into their producer (non-negative, zero point 0 when
+    /// their group stays non-negative, which is what lets ORT drop the Relu into QLinearConv).
+    fused: IndexSet<String>,
 }
 
 impl Plan {
@@ -88,6 +95,12 @@ impl Plan {
         if !t.is_empty() {
             self.activations.insert(t.to_string());
         }
+    }
+
+    /// Whether `t` shares its group with a fused Relu/Clip output.
+    fn in_fused_group(&self, t: &str) -> bool {
+        let g = self.group(t);
+        self.fused.iter().any(|f| self.group(f) == g)
     }
 
     /// The representative of `t`'s sharing group.
@@ -263,6 +276,7 @@ fn mark_output(g: &Graph, plan: &mut Plan, ix: NodeIndex, filter: &Filter) {
                 .push((n.name().to_string(), n.op_type().to_string()));
             if let Some(out) = n.output.first() {
                 plan.mark(out);
+                plan.fused.insert(out.clone());
             }
         }
         None => plan.mark(y),
@@ -374,7 +388,12 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions) -> Result<Plan> {
             }
             "Concat" if !n.input.is_empty() && n.input.iter().all(|i| plan.is_marked(i)) => {
                 plan.mark(output);
-                for i in &n.input {
+                let fused: Vec<bool> = n.input.iter().map(|i| plan.in_fused_group(i)).collect();
+                let mixed = fused.iter().any(|&f| f) && !fused.iter().all(|&f| f);
+                for (i, fused) in n.input.iter().zip(fused) {
+                    if mixed && fused {
+                        continue;
+                    }
                     plan.share(output, i);
                 }
                 true
