@@ -201,6 +201,10 @@ pub struct CompressArgs {
     /// Move biases past ReLU layers where activations stay linear (high-bias absorption).
     #[arg(long, help_heading = "Equalization")]
     pub absorb_high_bias: bool,
+    /// Cross-layer equalization: auto (skipped when per-channel int8 weights follow, where it
+    /// measured no better on average) or always. Naming `equalize` in --passes means always.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "always"], help_heading = "Equalization")]
+    pub equalize: String,
     /// Bias correction for quantized weights: off, empirical (needs --calib) or analytic (from
     /// the folded BatchNormalization statistics, data-free).
     #[arg(long, default_value = "off", value_parser = ["off", "empirical", "analytic"], help_heading = "Equalization")]
@@ -482,6 +486,11 @@ fn pass_context(
         calibration.as_ref().map(|c| c.named_batches());
     let equalize = equalize::EqualizeOptions {
         absorb_high_bias: args.absorb_high_bias,
+        with_per_channel: args.equalize == "always"
+            || args
+                .passes
+                .as_deref()
+                .is_some_and(|p| p.split(',').any(|n| n.trim() == "equalize")),
         calibration: named.clone().map(Arc::new),
         ..Default::default()
     };

@@ -117,6 +117,9 @@ pub struct EqualizeOptions {
     pub bn_stats: BTreeMap<String, FoldedBn>,
     /// Calibration batches for high-bias absorption / empirical bias correction.
     pub calibration: Option<Calibration>,
+    /// Also run when per-channel quantization follows (the pipeline skips it then, see
+    /// [`crate::passes::EQUALIZE_SKIPPED`]).
+    pub with_per_channel: bool,
 }
 
 impl Default for EqualizeOptions {
@@ -128,6 +131,7 @@ impl Default for EqualizeOptions {
             bias_correction: BiasCorrection::Off,
             bn_stats: BTreeMap::new(),
             calibration: None,
+            with_per_channel: false,
         }
     }
 }
