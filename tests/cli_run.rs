@@ -314,3 +314,29 @@ fn bias_correction_and_equalization_improve_per_tensor_int8() {
     );
     assert!(cle > plain + 1.0, "CLE {cle} vs plain {plain}");
 }
+
+#[cfg(unix)]
+#[test]
+fn output_file_gets_the_umask_mode_not_the_temp_file_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let model = testdata().join("conv_bn_relu.onnx");
+    let (code, _, err) = run(&[
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--passes",
+        "none",
+        "--no-validate",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // Read the umask (the call sets it; put it straight back).
+    let umask = unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m as u32
+    };
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o666 & !umask, "mode {mode:o} with umask {umask:o}");
+}

@@ -136,7 +136,11 @@ fn check_int32_bias(m: &ModelProto, n: &NodeProto, k: usize) {
         tensor::data_type(init(m, &dq.input[0])).unwrap(),
         onnx_compress::onnx::proto::tensor_proto::DataType::Int32
     );
-    assert_eq!(dq.input.len(), 2, "no zero point: 0 by definition for int32 bias");
+    assert_eq!(
+        dq.input.len(),
+        2,
+        "no zero point: 0 by definition for int32 bias"
+    );
 }
 
 #[test]
@@ -206,9 +210,15 @@ fn concat_relu_and_signed() {
         act_params(&m, "y"),
     );
     assert_eq!(a.1, [0.0], "the fused Relu output keeps zero point 0");
-    assert_ne!(a, y, "the Relu branch does not take the Concat's signed grid");
+    assert_ne!(
+        a, y,
+        "the Relu branch does not take the Concat's signed grid"
+    );
     assert_eq!(b, y, "the signed branch and the output share one grid");
-    assert!(y.1[0] > 0.0, "the shared grid is signed (zero point above 0)");
+    assert!(
+        y.1[0] > 0.0,
+        "the shared grid is signed (zero point above 0)"
+    );
     let relu = only(&m, "Relu");
     assert_eq!(producer(&m, &relu.input[0]).op_type(), "Conv");
 }
@@ -255,7 +265,10 @@ fn matmul_dynamic() {
     for (k, input) in ["a", "b"].into_iter().enumerate() {
         let dq = dq_input(&m, mm, k);
         let q = producer(&m, &dq.input[0]);
-        assert_eq!((q.op_type(), q.input[0].as_str()), ("QuantizeLinear", input));
+        assert_eq!(
+            (q.op_type(), q.input[0].as_str()),
+            ("QuantizeLinear", input)
+        );
     }
     act_params(&m, "y");
 }

@@ -57,6 +57,9 @@ fn digits_run_writes_a_page_with_every_section() {
             page_path.to_str().unwrap(),
             "--report",
             json_path.to_str().unwrap(),
+            // The equalization section needs the pass to run (per-channel skips it).
+            "--equalize",
+            "always",
         ],
     );
     assert!(

@@ -57,8 +57,7 @@ pub fn save_proto(mut model: ModelProto, path: &Path, opts: &SaveOptions) -> Res
     let mut data_file = None;
     if opts.external_data {
         let location = format!("{file_name}.data");
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)
-            .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+        let mut tmp = temp_file_in(dir)?;
         let mut offset = 0u64;
         for_each_tensor_mut(&mut model, &mut |t| {
             let Some(raw) = t.raw_data.as_ref() else {
@@ -89,8 +88,7 @@ pub fn save_proto(mut model: ModelProto, path: &Path, opts: &SaveOptions) -> Res
         data_file = Some((tmp, dir.join(location)));
     }
     let bytes = encode(&model)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    let mut tmp = temp_file_in(dir)?;
     tmp.write_all(&bytes)
         .with_context(|| format!("writing {}", path.display()))?;
     tmp.flush()?;
@@ -102,4 +100,19 @@ pub fn save_proto(mut model: ModelProto, path: &Path, opts: &SaveOptions) -> Res
     tmp.persist(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// A temp file next to the output that becomes the output by rename. tempfile creates 0600 files
+/// (right for secrets, wrong here): ask for 0666 so the result gets the mode any new file would
+/// get under the user's umask (0644 usually), as `cp` or ORT's `onnx.save` would give.
+fn temp_file_in(dir: &Path) -> Result<tempfile::NamedTempFile> {
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    builder
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))
 }

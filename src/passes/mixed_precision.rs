@@ -805,8 +805,15 @@ pub fn apply_assignment(
             let Some(s_w) = scales.get(&mark.weight) else {
                 continue;
             };
-            insert::bias(g, &mut namer, b, params_of(&mark.input).scale, s_w, &mark.node)
-                .with_context(|| format!("node '{}'", mark.node))?;
+            insert::bias(
+                g,
+                &mut namer,
+                b,
+                params_of(&mark.input).scale,
+                s_w,
+                &mark.node,
+            )
+            .with_context(|| format!("node '{}'", mark.node))?;
             biases += 1;
         }
         notes.push(format!(

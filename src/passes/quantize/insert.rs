@@ -410,7 +410,11 @@ pub fn bias(
         g,
         'b',
         b,
-        [("quantized", "q"), ("scale", "s"), ("DequantizeLinear", "DQ")],
+        [
+            ("quantized", "q"),
+            ("scale", "s"),
+            ("DequantizeLinear", "DQ"),
+        ],
     );
     let mut dq = op::node("DequantizeLinear", &dqn, &[&bq, &s], &[b]);
     if per_channel {

@@ -258,7 +258,12 @@ fn unshare_biases(g: &mut crate::ir::Graph) -> Result<usize> {
             anchor: Some(ix),
             ..Default::default()
         })
-        .with_context(|| format!("giving node '{}' its own copy of bias '{b}'", g.node(ix).name()))?;
+        .with_context(|| {
+            format!(
+                "giving node '{}' its own copy of bias '{b}'",
+                g.node(ix).name()
+            )
+        })?;
         copies += 1;
     }
     Ok(copies)

@@ -333,7 +333,13 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions) -> Result<Plan> {
                     plan.mark(b);
                     mark_output(g, &mut plan, ix, &filter);
                     true
-                } else if plan.mark_weight(g, b, per_channel(if trans_b { 0 } else { 1 }), true, &name) {
+                } else if plan.mark_weight(
+                    g,
+                    b,
+                    per_channel(if trans_b { 0 } else { 1 }),
+                    true,
+                    &name,
+                ) {
                     plan.mark(a);
                     let n_out = g
                         .constant(b)
