@@ -355,11 +355,15 @@ impl Runner {
             .zip(&self.output_names)
             .map(|(v, name)| {
                 let t = v.into_tensor();
-                let t = t
-                    .cast_to::<f32>()
-                    .map_err(|e| anyhow!("{e:#}"))
-                    .with_context(|| format!("output '{name}' cannot be read as f32"))?
-                    .into_owned();
+                // Already f32 (nearly always): no cast, and no second copy from Cow::into_owned.
+                let t = if t.datum_type() == DatumType::F32 {
+                    t
+                } else {
+                    t.cast_to::<f32>()
+                        .map_err(|e| anyhow!("{e:#}"))
+                        .with_context(|| format!("output '{name}' cannot be read as f32"))?
+                        .into_owned()
+                };
                 t.into_plain_array::<f32>().map_err(|e| anyhow!("{e:#}"))
             })
             .collect()

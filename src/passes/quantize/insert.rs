@@ -229,17 +229,37 @@ fn quantize_values(
         Rounding::Stochastic { seed } => Some(ChaCha8Rng::seed_from_u64(name_seed(seed, w))),
         Rounding::Nearest => None,
     };
-    let mut q = ArrayD::<i8>::zeros(a.raw_dim());
-    for (idx, &v) in a.indexed_iter() {
-        let p = &qps[axis.map(|ax| idx[ax]).unwrap_or(0)];
-        let x = v / p.scale;
-        let r = match rng.as_mut() {
-            Some(rng) => (x + rng.random::<f32>()).floor(),
-            None => x.round_ties_even(),
-        };
-        q[&idx] = r.clamp(p.qmin as f32, p.qmax as f32) as i8;
-    }
+    // Flat iteration in logical (row-major) order: the channel of element i is
+    // (i / inner) % C. Indexing by IxDyn per element was most of the pass's own time.
+    let inner: usize = axis.map_or(1, |ax| a.shape()[ax + 1..].iter().product());
+    let channel_of = |i: usize| axis.map_or(0, |_| (i / inner.max(1)) % qps.len());
+    let vals: Vec<i8> = a
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let p = &qps[channel_of(i)];
+            let x = v / p.scale;
+            let r = match rng.as_mut() {
+                Some(rng) => (x + rng.random::<f32>()).floor(),
+                None => x.round_ties_even(),
+            };
+            r.clamp(p.qmin as f32, p.qmax as f32) as i8
+        })
+        .collect();
+    let q = ArrayD::from_shape_vec(a.raw_dim(), vals).expect("same element count");
     (q, qps, zero_channels)
+}
+
+/// The dequantized values of `q` in logical order.
+fn dequantize_values(q: &ArrayD<i8>, qps: &[QParams], axis: Option<usize>) -> Vec<f32> {
+    let inner: usize = axis.map_or(1, |ax| q.shape()[ax + 1..].iter().product());
+    q.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let c = axis.map_or(0, |_| (i / inner.max(1)) % qps.len());
+            qps[c].dequantize(v as i32)
+        })
+        .collect()
 }
 
 /// `dq(q(W))`: the weight as the quantized model will see it, exactly as [`weight`] would
@@ -256,9 +276,8 @@ pub fn fake_quant(
         .with_context(|| format!("weight '{w}' is not a constant initializer"))?;
     let a = tensor::to_f32(t).with_context(|| format!("decoding weight '{w}'"))?;
     let (q, qps, _) = quantize_values(&a, axis, w, reduce_range, rounding);
-    Ok(ArrayD::from_shape_fn(q.raw_dim(), |idx| {
-        qps[axis.map(|ax| idx[ax]).unwrap_or(0)].dequantize(q[&idx] as i32)
-    }))
+    let deq = dequantize_values(&q, &qps, axis);
+    Ok(ArrayD::from_shape_vec(q.raw_dim(), deq)?)
 }
 
 /// Quantize constant weight `w`; returns the per-channel (or single) scales and a report.
@@ -288,10 +307,7 @@ pub fn weight(
         }
     }
     let (q, qps, zero_channels) = quantize_values(&a, axis, w, reduce_range, rounding);
-    let deq: Vec<f32> = q
-        .indexed_iter()
-        .map(|(idx, &v)| qps[axis.map(|ax| idx[ax]).unwrap_or(0)].dequantize(v as i32))
-        .collect();
+    let deq = dequantize_values(&q, &qps, axis);
     let orig: Vec<f32> = a.iter().copied().collect();
     let scales: Vec<f32> = qps.iter().map(|p| p.scale).collect();
     let report = WeightReport {
