@@ -386,7 +386,8 @@ impl Graph {
     }
 
     /// Every name in use (values, node names, initializers), for fresh-name generation.
-    fn all_names(&self) -> HashSet<&str> {
+    /// Every name the graph uses (values, nodes, initializers, captures).
+    pub fn all_names(&self) -> HashSet<&str> {
         let mut names: HashSet<&str> = HashSet::new();
         names.extend(self.inputs.iter().map(|v| v.name()));
         names.extend(self.outputs.iter().map(|v| v.name()));

@@ -60,11 +60,16 @@ pub enum Naming {
 pub struct Namer {
     pub naming: Naming,
     next: usize,
+    /// Names in use, read from the graph once: every name added afterwards comes from here.
+    taken: Option<std::collections::HashSet<String>>,
 }
 
 impl Namer {
     pub fn new(naming: Naming) -> Namer {
-        Namer { naming, next: 0 }
+        Namer {
+            naming,
+            ..Default::default()
+        }
     }
 
     /// Fresh names for the parts of quantized value `base`; `kind` is `'a'`, `'w'` or `'b'`,
@@ -78,14 +83,30 @@ impl Namer {
     ) -> [String; N] {
         let id = self.next;
         self.next += 1;
-        let wanted: Vec<String> = parts
+        let naming = self.naming;
+        let taken = self
+            .taken
+            .get_or_insert_with(|| g.all_names().into_iter().map(String::from).collect());
+        let names: Vec<String> = parts
             .iter()
-            .map(|(long, short)| match self.naming {
-                Naming::Compact => format!("{kind}{id}_{short}"),
-                Naming::Descriptive => format!("{base}_{long}"),
+            .map(|(long, short)| {
+                let base = match naming {
+                    Naming::Compact => format!("{kind}{id}_{short}"),
+                    Naming::Descriptive => format!("{base}_{long}"),
+                };
+                let name = if taken.contains(&base) {
+                    (1..)
+                        .map(|i| format!("{base}_{i}"))
+                        .find(|n| !taken.contains(n))
+                        .expect("an unused suffix exists")
+                } else {
+                    base
+                };
+                taken.insert(name.clone());
+                name
             })
             .collect();
-        <[String; N]>::try_from(g.fresh_names(&wanted)).expect("one name per part")
+        <[String; N]>::try_from(names).expect("one name per part")
     }
 }
 
