@@ -674,7 +674,7 @@ fn digits_deep_why_hessian_loses_to_layer_order() {
     eprintln!("all int4: test KL {:.3e}", base.kl);
     eprintln!("| layer | params | ½Ω int4 | KL, this layer alone int4 | KL gained by int4 -> int8 from all-int4 |");
     eprintln!("|---|---|---|---|---|");
-    let (mut pred, mut alone, mut sum_alone) = (vec![], vec![], 0.0);
+    let (mut pred, mut alone, mut gains, mut sum_alone) = (vec![], vec![], vec![], 0.0);
     for i in 0..n {
         let l = b.s[i].clone();
         let w = tensor::to_f32(b.m.graph.constant(&l.weight).unwrap()).unwrap();
@@ -700,8 +700,27 @@ fn digits_deep_why_hessian_loses_to_layer_order() {
         );
         pred.push(l.trace_per_param * err2);
         alone.push(kl_alone);
+        gains.push(gain);
         sum_alone += kl_alone;
     }
+    // The best any additive per-layer criterion could do: a knapsack on the measured gains.
+    let classes: Vec<Vec<(u64, f64)>> = (0..n)
+        .map(|i| {
+            let p = b.s[i].params as u64;
+            vec![(4 * p, gains[i]), (8 * p, 0.0)]
+        })
+        .collect();
+    let sol = solve(&classes, budget_bits, 1 << 20).unwrap();
+    let p: Vec<Precision> = sol
+        .choice
+        .iter()
+        .map(|&k| [Precision::Int4, Precision::Int8][k])
+        .collect();
+    eprintln!(
+        "knapsack on the measured single-layer gains: {} -> test KL {:.3e}",
+        b.names(&p, Precision::Int8),
+        b.score(&p).kl
+    );
     eprintln!(
         "Spearman(Ω int4, KL alone) {:.2}; sum of single-layer KLs {sum_alone:.3e} vs all-int4 {:.3e}",
         spearman(&pred, &alone),
