@@ -404,26 +404,32 @@ class DigitsCnn(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def make_digits(name):
+def digits_split():
+    """sklearn digits (pixels/16 in [0,1]) as three disjoint, stratified sets.
+
+    Returns (x_train, y_train, x_calib, x_test, y_test): train 1237, calib 200, test 360.
+    Uses only sklearn's own seeded RandomStates, never the global numpy/torch RNG.
+    """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    seed(7)
     d = load_digits()
     x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]  # [1797,1,8,8] in [0,1]
     y = d.target.astype(np.int64)
-    # three disjoint, stratified sets: test 360, calib 200, train 1237
     x_rest, x_test, y_rest, y_test = train_test_split(
         x, y, test_size=360, random_state=0, stratify=y)
-    x_train, x_calib, y_train, y_calib = train_test_split(
+    x_train, x_calib, y_train, _y_calib = train_test_split(
         x_rest, y_rest, test_size=200, random_state=1, stratify=y_rest)
+    return x_train, y_train, x_calib, x_test, y_test
 
-    model = DigitsCnn()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=60)
-    g = torch.Generator().manual_seed(7)
+
+def train_digits(model, x_train, y_train, gen_seed, epochs=60, lr=1e-2):
+    """Adam + cosine schedule, batch 64, minibatch order from a seeded torch.Generator."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    g = torch.Generator().manual_seed(gen_seed)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    for _epoch in range(60):
+    for _epoch in range(epochs):
         model.train()
         perm = torch.randperm(len(xt), generator=g)
         for i in range(0, len(xt), 64):
@@ -434,6 +440,13 @@ def make_digits(name):
             opt.step()
         sched.step()
     model.eval()
+
+
+def make_digits(name):
+    seed(7)
+    x_train, y_train, x_calib, x_test, y_test = digits_split()
+    model = DigitsCnn()
+    train_digits(model, x_train, y_train, gen_seed=7)
     with torch.no_grad():
         torch_logits = model(torch.from_numpy(x_test)).numpy()
     torch_acc = float((torch_logits.argmax(1) == y_test).mean())
@@ -463,9 +476,73 @@ def make_digits(name):
     return file, ort_acc, len(x_train), len(x_calib), len(x_test)
 
 
+# ---------------------------------------------------------------- 8. digits_deep
+class DigitsDeep(nn.Module):
+    """A deeper digits classifier: 11 Conv/Gemm layers, two residual blocks.
+
+    8x8: stem, basic block (two 3x3 convs + identity); 4x4: strided 3x3, then a block of
+    grouped 3x3 (6 groups), pointwise expand 48->96, pointwise squeeze 96->12 (a narrow
+    bottleneck), pointwise 12->48, identity add; 2x2: strided 3x3 48->96; GAP; two Gemms.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(1, 24, k=3)
+        self.res1_a = cbr(24, 24, k=3)
+        self.res1_b = cbr(24, 24, k=3, act=None)
+        self.down = cbr(24, 48, k=3, s=2)
+        self.grouped = cbr(48, 48, k=3, groups=6)
+        self.expand = cbr(48, 96, k=1)
+        self.squeeze = cbr(96, 12, k=1)
+        self.project = cbr(12, 48, k=1, act=None)
+        self.head = cbr(48, 96, k=3, s=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(96, 64)
+        self.fc2 = nn.Linear(64, 10)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.relu(x + self.res1_b(self.res1_a(x)))
+        x = self.down(x)
+        x = self.relu(x + self.project(self.squeeze(self.expand(self.grouped(x)))))
+        x = self.head(x)
+        x = torch.flatten(self.pool(x), 1)
+        return self.fc2(self.relu(self.fc1(x)))
+
+
+def make_digits_deep(name):
+    """Same splits and training recipe as digits_cnn (own seed); writes only `name`."""
+    seed(8)
+    x_train, y_train, _x_calib, x_test, y_test = digits_split()
+    saved = path("digits_test_x.npy")
+    if os.path.exists(saved):
+        assert np.array_equal(np.load(saved), x_test), "digits_deep: test split differs"
+    model = DigitsDeep()
+    train_digits(model, x_train, y_train, gen_seed=8)
+    with torch.no_grad():
+        torch_logits = model(torch.from_numpy(x_test)).numpy()
+    torch_acc = float((torch_logits.argmax(1) == y_test).mean())
+    params = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".weight")
+                 and p.dim() >= 2)
+
+    file = path(name)
+    export(model, torch.from_numpy(x_test[:1]), file, dynamic_batch=True)
+    assert count_bn(file) == 9, "digits_deep: expected 9 unfused BatchNormalization nodes"
+    (l1,) = check_and_run(file, {"input": x_test[:1]})
+    assert l1.shape == (1, 10)
+    (logits,) = check_and_run(file, {"input": x_test})
+    ort_acc = float((logits.argmax(1) == y_test).mean())
+    assert np.abs(logits - torch_logits).max() < 1e-3, "digits_deep: ort vs torch logits"
+    assert abs(ort_acc - torch_acc) < 1e-9, f"digits_deep: ort {ort_acc} vs torch {torch_acc}"
+    assert ort_acc >= 0.95, f"digits_deep: test accuracy {ort_acc} < 0.95"
+    return file, ort_acc, params
+
+
 # ---------------------------------------------------------------- README
-def write_readme(digits):
+def write_readme(digits, deep):
     _, acc, ntrain, ncalib, ntest = digits
+    _, deep_acc, deep_params = deep
     lines = [
         "# testdata",
         "",
@@ -476,7 +553,9 @@ def write_readme(digits):
         "`do_constant_folding=False`, `TrainingMode.EVAL`, so BatchNormalization stays unfused",
         "and BN layers carry non-trivial gamma/beta/running stats. When first generated, every",
         "model was also loaded, optimized and run in tract-onnx 0.23.9 (a throwaway program, not",
-        "kept): all passed, digits_cnn with batch 1 and 64.",
+        "kept): all passed, digits_cnn with batch 1 and 64 (digits_deep, added later: checked",
+        "with `onnx-compress testdata/digits_deep.onnx -o OUT --passes none`, which runs it in",
+        "tract).",
         "",
         "| file | what | input(s) | output |",
         "|---|---|---|---|",
@@ -504,6 +583,13 @@ def write_readme(digits):
         "dw3x3(32)-BN-ReLU, pw(32->32)-BN-ReLU, GAP, Flatten, Gemm(32->10) logits. Adam, 60 "
         f"epochs. **fp32 test accuracy (onnxruntime): {acc * 100:.2f}%** ({ntest} samples) | "
         "`input` f32[N,1,8,8] (dynamic `N`) | `logits` f32[N,10] |",
+        "| `digits_deep.onnx` | **trained** on the same train split (same recipe, seed 8): 11 "
+        "Conv/Gemm layers, stem Conv3x3(1->24), residual block (Conv3x3 24->24 x2 + identity), "
+        "Conv3x3 stride 2 (24->48), residual block (grouped Conv3x3 48->48 in 6 groups, pw "
+        "48->96, pw 96->12 bottleneck, pw 12->48, + identity), Conv3x3 stride 2 (48->96), GAP, "
+        f"Gemm(96->64)-ReLU-Gemm(64->10); BN after every conv (9, unfused); {deep_params} "
+        f"weights. **fp32 test accuracy (onnxruntime): {deep_acc * 100:.2f}%** | "
+        "`input` f32[N,1,8,8] (dynamic `N`) | `logits` f32[N,10] |",
         f"| `digits_test_x.npy` / `digits_test_y.npy` | test split: f32[{ntest},1,8,8] / "
         f"i64[{ntest}] labels | | |",
         f"| `digits_calib_x.npy` | calibration split, f32[{ncalib},1,8,8] (disjoint from train "
@@ -527,12 +613,15 @@ def main():
     ]
     digits = make_digits("digits_cnn.onnx")
     files.append(digits[0])
-    write_readme(digits)
+    deep = make_digits_deep("digits_deep.onnx")  # after digits_cnn: own seed, same splits
+    files.append(deep[0])
+    write_readme(digits, deep)
     for f in files:
         h = hashlib.sha256(open(f, "rb").read()).hexdigest()[:12]
         hist = ", ".join(f"{k}:{v}" for k, v in sorted(op_histogram(f).items()))
         print(f"{os.path.basename(f):22s} {os.path.getsize(f):8d} B  sha256:{h}  {hist}")
     print(f"digits_cnn fp32 test accuracy (onnxruntime): {digits[1] * 100:.2f}%")
+    print(f"digits_deep fp32 test accuracy (onnxruntime): {deep[1] * 100:.2f}%")
     return 0
 
 

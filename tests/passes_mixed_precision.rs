@@ -124,9 +124,14 @@ fn pareto_frontier_is_monotone_and_matches_solve() {
 // ---- digits ----
 
 fn digits() -> Option<(Model, CalibrationSet)> {
-    let path = root().join("digits_cnn.onnx");
+    digits_model("digits_cnn.onnx")
+}
+
+/// A trained digits model from testdata, BN folded, with the first 128 calibration samples.
+fn digits_model(file: &str) -> Option<(Model, CalibrationSet)> {
+    let path = root().join(file);
     if !path.exists() {
-        eprintln!("testdata/digits_cnn.onnx missing: skipping");
+        eprintln!("testdata/{file} missing: skipping");
         return None;
     }
     let mut m = onnx_compress::onnx::load::load(&path).unwrap();
@@ -136,7 +141,12 @@ fn digits() -> Option<(Model, CalibrationSet)> {
         &m,
         &DataOptions {
             batch_size: 64,
-            max_samples: Some(128),
+            max_samples: Some(
+                std::env::var("HESSIAN_CALIB")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(128),
+            ),
             ..Default::default()
         },
     )
@@ -293,7 +303,7 @@ fn digits_traces_agree_with_torch_autograd_reference() {
 }
 
 /// Greedy int4 -> int8 upgrades in `order` while the bit budget allows.
-fn greedy(s: &[LayerSensitivity], order: &[usize], budget_bits: u64) -> Vec<(String, Precision)> {
+fn greedy(s: &[LayerSensitivity], order: &[usize], budget_bits: u64) -> Vec<Precision> {
     let mut p = vec![Precision::Int4; s.len()];
     let mut used: u64 = s.iter().map(|l| 4 * l.params as u64).sum();
     for &i in order {
@@ -302,114 +312,511 @@ fn greedy(s: &[LayerSensitivity], order: &[usize], budget_bits: u64) -> Vec<(Str
             p[i] = Precision::Int8;
         }
     }
-    s.iter()
-        .zip(p)
-        .map(|(l, p)| (l.weight.clone(), p))
-        .collect()
+    p
 }
 
-#[test]
-fn digits_hessian_assignment_beats_uniform_mixes_at_4_5_bits() {
-    let Some((m, calib)) = digits() else { return };
-    let s = sens(&m, &calib);
-    let total: u64 = s.iter().map(|l| l.params as u64).sum();
-    // Other budgets for the benchmark table: DIGITS_AVG_BITS=5.0 cargo test ... -- --nocapture
-    let avg_bits: f64 = std::env::var("DIGITS_AVG_BITS")
+/// Weight-only fidelity of one assignment on the 360 test samples.
+#[derive(Debug, Clone, Copy)]
+struct Score {
+    bits: f64,
+    kl: f64,
+    sqnr: f64,
+    acc: f64,
+}
+
+/// A model, its sensitivities and the test set, with a cache of evaluated assignments.
+struct Bench {
+    m: Model,
+    calib: CalibrationSet,
+    s: Vec<LayerSensitivity>,
+    x: ArrayD<f32>,
+    y: Vec<i64>,
+    reference: ArrayD<f32>,
+    cache: std::collections::HashMap<Vec<Precision>, Score>,
+}
+
+impl Bench {
+    fn new(file: &str) -> Option<Bench> {
+        let (m, calib) = digits_model(file)?;
+        let mut o = HessianOptions::default();
+        if let Some(v) = std::env::var("HESSIAN_PROBES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            o.max_samples = v;
+            o.rel_tol = 1e-3;
+        }
+        if let Some(v) = std::env::var("HESSIAN_EPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            o.rel_eps = v;
+        }
+        let s = hessian::sensitivity(&m, &calib.batches, &o).unwrap();
+        let x: ArrayD<f32> = ndarray_npy::read_npy(root().join("digits_test_x.npy")).unwrap();
+        let y: ndarray::Array1<i64> =
+            ndarray_npy::read_npy(root().join("digits_test_y.npy")).unwrap();
+        let reference = logits(&m.to_proto().unwrap(), &x);
+        Some(Bench {
+            m,
+            calib,
+            s,
+            x,
+            y: y.to_vec(),
+            reference,
+            cache: Default::default(),
+        })
+    }
+
+    fn total(&self) -> u64 {
+        self.s.iter().map(|l| l.params as u64).sum()
+    }
+
+    /// Emit the assignment (weights only) with the pass's own code and run it in tract.
+    fn score(&mut self, p: &[Precision]) -> Score {
+        if let Some(&sc) = self.cache.get(p) {
+            return sc;
+        }
+        let assign: Vec<(String, Precision)> = self
+            .s
+            .iter()
+            .zip(p)
+            .map(|(l, &p)| (l.weight.clone(), p))
+            .collect();
+        let mut q = self.m.clone();
+        let o = MixedPrecisionOptions {
+            quantize_activations: false,
+            ..Default::default()
+        };
+        apply_assignment(&mut q, &assign, &o, &self.calib).unwrap();
+        let out = logits(&q.to_proto().unwrap(), &self.x);
+        let (kl, sqnr, acc) = fidelity(&self.reference, &out, Some(&self.y));
+        let bits: u64 = p
+            .iter()
+            .zip(&self.s)
+            .map(|(p, l)| p.bits() * l.params as u64)
+            .sum();
+        let sc = Score {
+            bits: bits as f64 / self.total() as f64,
+            kl,
+            sqnr,
+            acc,
+        };
+        self.cache.insert(p.to_vec(), sc);
+        sc
+    }
+
+    fn names(&self, p: &[Precision], which: Precision) -> String {
+        let v: Vec<String> = p
+            .iter()
+            .zip(&self.s)
+            .filter(|(&q, _)| q == which)
+            .map(|(_, l)| short(&l.node))
+            .collect();
+        if v.is_empty() {
+            "-".into()
+        } else {
+            v.join(", ")
+        }
+    }
+}
+
+/// A node name without the exporter's path: `/res1_a/res1_a.0/Conv` -> `res1_a`,
+/// `/features/features.0/features.0.0/Conv` -> `features.0`, `/fc2/Gemm` -> `fc2`.
+fn short(node: &str) -> String {
+    let parts: Vec<&str> = node.trim_start_matches('/').split('/').collect();
+    match parts.len() {
+        0 | 1 => node.to_string(),
+        2 => parts[0].to_string(),
+        k => parts[k - 2]
+            .strip_suffix(".0")
+            .unwrap_or(parts[k - 2])
+            .to_string(),
+    }
+}
+
+/// What [`compare`] measured at one budget.
+struct Comparison {
+    hessian: Score,
+    /// Deterministic baselines, labelled.
+    baselines: Vec<(&'static str, Score)>,
+    random: Vec<Score>,
+}
+
+impl Comparison {
+    fn random_mean_kl(&self) -> f64 {
+        self.random.iter().map(|r| r.kl).sum::<f64>() / self.random.len() as f64
+    }
+}
+
+fn budget_from_env() -> f64 {
+    std::env::var("DIGITS_AVG_BITS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4.5);
+        .unwrap_or(4.5)
+}
+
+/// The Hessian assignment (`select`, as the pass makes it; and the same knapsack restricted to
+/// int4/int8) against greedy int4 -> int8 fills in fixed orders and in `n_random` seeded random
+/// orders, all at `avg_bits` payload bits per weight, weights only. Prints the tables.
+fn compare(b: &mut Bench, avg_bits: f64, n_random: usize) -> Comparison {
+    let n = b.s.len();
+    let total = b.total();
     let budget_bits = (avg_bits * total as f64) as u64;
     let opts = MixedPrecisionOptions {
         budget: Some(Budget::AvgBits(avg_bits)),
         ..Default::default()
     };
-    let report = select(&m, &s, Budget::AvgBits(avg_bits), &opts).unwrap();
+    let report = select(&b.m, &b.s, Budget::AvgBits(avg_bits), &opts).unwrap();
     assert!(report.exact && report.avg_bits <= avg_bits);
-    let hess: Vec<(String, Precision)> = report
+    let hess: Vec<Precision> = report.layers.iter().map(|l| l.precision).collect();
+    // Same Ω, only int4/int8 offered: the like-for-like counterpart of the greedy fills.
+    let classes: Vec<Vec<(u64, f64)>> = report
         .layers
         .iter()
-        .map(|l| (l.weight.clone(), l.precision))
+        .map(|l| {
+            [Precision::Int4, Precision::Int8]
+                .iter()
+                .map(|p| (p.bits() * l.params as u64, l.omega[p]))
+                .collect()
+        })
         .collect();
-    let by_order: Vec<usize> = (0..s.len()).collect();
-    let mut by_count = by_order.clone();
-    by_count.sort_by_key(|&i| s[i].params);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let mut random = by_order.clone();
-    for i in (1..random.len()).rev() {
-        random.swap(i, rng.random_range(0..=i));
-    }
-    let candidates = [
-        ("hessian", hess),
-        ("layer order", greedy(&s, &by_order, budget_bits)),
+    let sol = solve(&classes, budget_bits, 1 << 20).unwrap();
+    assert!(sol.exact);
+    let hess_int: Vec<Precision> = sol
+        .choice
+        .iter()
+        .map(|&k| [Precision::Int4, Precision::Int8][k])
+        .collect();
+
+    let order: Vec<usize> = (0..n).collect();
+    let reverse: Vec<usize> = order.iter().rev().copied().collect();
+    let mut small_first = order.clone();
+    small_first.sort_by_key(|&i| (b.s[i].params, i));
+    let large_first: Vec<usize> = small_first.iter().rev().copied().collect();
+    let fixed: Vec<(&'static str, Vec<Precision>)> = vec![
+        ("hessian (int4/int8 only)", hess_int),
+        ("layer order", greedy(&b.s, &order, budget_bits)),
+        ("reverse layer order", greedy(&b.s, &reverse, budget_bits)),
         (
-            "reverse layer order",
-            greedy(
-                &s,
-                &by_order.iter().rev().copied().collect::<Vec<_>>(),
-                budget_bits,
-            ),
+            "param count, smallest first",
+            greedy(&b.s, &small_first, budget_bits),
         ),
         (
-            "param count (smallest first)",
-            greedy(&s, &by_count, budget_bits),
+            "param count, largest first",
+            greedy(&b.s, &large_first, budget_bits),
         ),
-        ("random", greedy(&s, &random, budget_bits)),
-        ("all int4", greedy(&s, &[], budget_bits)),
+        ("uniform int4", vec![Precision::Int4; n]),
     ];
-    let x: ArrayD<f32> = ndarray_npy::read_npy(root().join("digits_test_x.npy")).unwrap();
-    let y: ndarray::Array1<i64> = ndarray_npy::read_npy(root().join("digits_test_y.npy")).unwrap();
-    let y = y.to_vec();
-    let reference = logits(&m.to_proto().unwrap(), &x);
-    let (_, _, acc_fp32) = fidelity(&reference, &reference, Some(&y));
-    eprintln!("| assignment | activations | bits/weight | int8 layers | KL vs fp32 | SQNR dB | test acc % |");
-    eprintln!("|---|---|---|---|---|---|---|");
-    eprintln!(
-        "| fp32 | float | 32 | - | 0 | inf | {:.2} |",
-        100.0 * acc_fp32
-    );
-    for quantize_activations in [false, true] {
-        let mut results = Vec::new();
-        for (label, assign) in &candidates {
-            let mut q = m.clone();
-            let o = MixedPrecisionOptions {
-                quantize_activations,
-                ..Default::default()
-            };
-            apply_assignment(&mut q, assign, &o, &calib).unwrap();
-            let out = logits(&q.to_proto().unwrap(), &x);
-            let (kl, sqnr, acc) = fidelity(&reference, &out, Some(&y));
-            let bits: u64 = assign
-                .iter()
-                .zip(&s)
-                .map(|(a, l)| a.1.bits() * l.params as u64)
-                .sum();
-            let int8: Vec<&str> = assign
-                .iter()
-                .zip(&s)
-                .filter(|(a, _)| a.1 == Precision::Int8)
-                .map(|(_, l)| l.node.as_str())
-                .collect();
-            eprintln!(
-                "| {label} | {} | {:.2} | {} | {kl:.3e} | {sqnr:.2} | {:.2} |",
-                if quantize_activations {
-                    "uint8"
-                } else {
-                    "float"
-                },
-                bits as f64 / total as f64,
-                int8.join(", "),
-                100.0 * acc
-            );
-            assert!(bits <= budget_bits);
-            results.push((label, kl));
-        }
-        if !quantize_activations {
-            let h = results[0].1;
-            for (label, kl) in &results[1..] {
-                assert!(h <= *kl * 1.0001, "hessian KL {h} worse than {label} {kl}");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let randoms: Vec<Vec<Precision>> = (0..n_random)
+        .map(|_| {
+            let mut perm = order.clone();
+            for i in (1..n).rev() {
+                perm.swap(i, rng.random_range(0..=i));
             }
+            greedy(&b.s, &perm, budget_bits)
+        })
+        .collect();
+
+    let fp32 = fidelity(&b.reference, &b.reference, Some(&b.y)).2;
+    eprintln!(
+        "\n{avg_bits} bits/weight, {} layers, {total} weights; fp32 test accuracy {:.2}%",
+        n,
+        100.0 * fp32
+    );
+    eprintln!("| assignment | bits/weight | int8 layers (rest int4) | KL vs fp32 | logits SQNR | test accuracy |");
+    eprintln!("|---|---|---|---|---|---|");
+    let h = b.score(&hess);
+    let mut extra = String::new();
+    for p in [Precision::Fp32, Precision::Fp16] {
+        if hess.contains(&p) {
+            extra += &format!("; {}: {}", p.label(), b.names(&hess, p));
         }
     }
+    eprintln!(
+        "| **hessian** | {:.2} | {}{extra} | {:.2e} | {:.1} dB | {:.2}% |",
+        h.bits,
+        b.names(&hess, Precision::Int8),
+        h.kl,
+        h.sqnr,
+        100.0 * h.acc
+    );
+    let mut baselines = Vec::new();
+    for (label, p) in &fixed {
+        let sc = b.score(p);
+        assert!(sc.bits <= avg_bits);
+        eprintln!(
+            "| {label} | {:.2} | {} | {:.2e} | {:.1} dB | {:.2}% |",
+            sc.bits,
+            b.names(p, Precision::Int8),
+            sc.kl,
+            sc.sqnr,
+            100.0 * sc.acc
+        );
+        baselines.push((*label, sc));
+    }
+    let random: Vec<Score> = randoms.iter().map(|p| b.score(p)).collect();
+    let distinct: std::collections::HashSet<&Vec<Precision>> = randoms.iter().collect();
+    let mean = |f: &dyn Fn(&Score) -> f64| random.iter().map(f).sum::<f64>() / random.len() as f64;
+    let best = random.iter().min_by(|a, c| a.kl.total_cmp(&c.kl)).unwrap();
+    eprintln!(
+        "| random order, mean of {n_random} | {:.2} | ({} distinct assignments) | {:.2e} | {:.1} dB | {:.2}% |",
+        mean(&|r| r.bits),
+        distinct.len(),
+        mean(&|r| r.kl),
+        mean(&|r| r.sqnr),
+        100.0 * mean(&|r| r.acc)
+    );
+    eprintln!(
+        "| random order, best of {n_random} (by KL) | {:.2} | | {:.2e} | {:.1} dB | {:.2}% |",
+        best.bits,
+        best.kl,
+        best.sqnr,
+        100.0 * best.acc
+    );
+    let beaten = random.iter().filter(|r| r.kl < h.kl * 0.9999).count();
+    let tied = random
+        .iter()
+        .filter(|r| (r.kl - h.kl).abs() <= h.kl * 1e-4)
+        .count();
+    eprintln!(
+        "hessian vs {n_random} random orders: {beaten} lower KL, {tied} tie, {} higher; \
+         random acc range {:.2}%..{:.2}%",
+        n_random - beaten - tied,
+        100.0 * random.iter().map(|r| r.acc).fold(f64::INFINITY, f64::min),
+        100.0 * random.iter().map(|r| r.acc).fold(0.0, f64::max),
+    );
+    Comparison {
+        hessian: h,
+        baselines,
+        random,
+    }
+}
+
+/// Other budgets: `DIGITS_AVG_BITS=5.0 cargo test --test passes_mixed_precision digits_ -- --nocapture`.
+#[test]
+fn digits_hessian_assignment_beats_uniform_mixes_at_4_5_bits() {
+    let Some(mut b) = Bench::new("digits_cnn.onnx") else {
+        return;
+    };
+    let c = compare(&mut b, budget_from_env(), 32);
+    // Six layers and little slack: several baselines land on the Hessian's choice, so the claim
+    // here is only "never worse".
+    let h = c.hessian.kl;
+    for (label, sc) in &c.baselines {
+        assert!(
+            h <= sc.kl * 1.0001,
+            "hessian KL {h} worse than {label} {}",
+            sc.kl
+        );
+    }
+    assert!(h <= c.random_mean_kl(), "{h} vs {}", c.random_mean_kl());
+}
+
+/// The deeper digits model (11 layers, sensitivity not monotone in depth). Measured at 4.5 bits
+/// (BENCHMARKS.md has all budgets): the Hessian choice beats uniform int4, largest-first and the
+/// mean of the random orders on KL, and layer order on logits SQNR; but plain layer order and
+/// reverse layer order have *lower* KL than the Hessian choice. Only what holds is asserted; the
+/// diagnostic `digits_deep_why_hessian_loses_to_layer_order` shows why.
+#[test]
+fn digits_deep_hessian_assignment_vs_orders_and_random() {
+    let Some(mut b) = Bench::new("digits_deep.onnx") else {
+        return;
+    };
+    assert!(b.s.len() >= 10, "{} layers", b.s.len());
+    let avg_bits = budget_from_env();
+    let c = compare(&mut b, avg_bits, 32);
+    if avg_bits != 4.5 {
+        return eprintln!("assertions are for 4.5 bits only; {avg_bits} bits: table printed");
+    }
+    let h = c.hessian;
+    let get = |label: &str| c.baselines.iter().find(|x| x.0 == label).unwrap().1;
+    for label in ["uniform int4", "param count, largest first"] {
+        assert!(
+            h.kl < get(label).kl,
+            "hessian KL {} vs {label} {}",
+            h.kl,
+            get(label).kl
+        );
+    }
+    let mean = c.random_mean_kl();
+    assert!(
+        h.kl < mean,
+        "hessian KL {} not below the random mean {mean}",
+        h.kl
+    );
+    let order = get("layer order");
+    assert!(
+        h.sqnr > order.sqnr + 2.0,
+        "hessian SQNR {} vs layer order {}",
+        h.sqnr,
+        order.sqnr
+    );
+}
+
+/// Diagnostic behind BENCHMARKS.md (prints only): per layer, ½Ω_int4 vs the measured KL of that
+/// layer alone at int4 and the KL gained by upgrading it alone to int8 from all-int4; the KL of
+/// the Hessian and layer-order choices on the calibration samples the traces were estimated on;
+/// every feasible int4/int8 assignment ranked by test KL.
+/// `cargo test --test passes_mixed_precision digits_deep_why -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn digits_deep_why_hessian_loses_to_layer_order() {
+    let Some(mut b) = Bench::new("digits_deep.onnx") else {
+        return;
+    };
+    let n = b.s.len();
+    let avg = budget_from_env();
+    let budget_bits = (avg * b.total() as f64) as u64;
+    let all4 = vec![Precision::Int4; n];
+    let base = b.score(&all4);
+    eprintln!("all int4: test KL {:.3e}", base.kl);
+    eprintln!("| layer | params | ½Ω int4 | KL, this layer alone int4 | KL gained by int4 -> int8 from all-int4 |");
+    eprintln!("|---|---|---|---|---|");
+    let (mut pred, mut alone, mut gains, mut sum_alone) = (vec![], vec![], vec![], 0.0);
+    for i in 0..n {
+        let l = b.s[i].clone();
+        let w = tensor::to_f32(b.m.graph.constant(&l.weight).unwrap()).unwrap();
+        let d = round_trip(&w, l.out_axis, Precision::Int4);
+        let err2: f64 = w
+            .iter()
+            .zip(d.iter())
+            .map(|(&a, &c)| (a as f64 - c as f64).powi(2))
+            .sum();
+        let mut q = b.m.clone();
+        q.graph
+            .initializers
+            .insert(l.weight.clone(), tensor::from_f32(&l.weight, &d));
+        let kl_alone = fidelity(&b.reference, &logits(&q.to_proto().unwrap(), &b.x), None).0;
+        let mut p = all4.clone();
+        p[i] = Precision::Int8;
+        let gain = base.kl - b.score(&p).kl;
+        eprintln!(
+            "| {} | {} | {:.2e} | {kl_alone:.2e} | {gain:.2e} |",
+            short(&l.node),
+            l.params,
+            0.5 * l.trace_per_param * err2
+        );
+        pred.push(l.trace_per_param * err2);
+        alone.push(kl_alone);
+        gains.push(gain);
+        sum_alone += kl_alone;
+    }
+    // The best any additive per-layer criterion could do: a knapsack on the measured gains.
+    let classes: Vec<Vec<(u64, f64)>> = (0..n)
+        .map(|i| {
+            let p = b.s[i].params as u64;
+            vec![(4 * p, gains[i]), (8 * p, 0.0)]
+        })
+        .collect();
+    let sol = solve(&classes, budget_bits, 1 << 20).unwrap();
+    let p: Vec<Precision> = sol
+        .choice
+        .iter()
+        .map(|&k| [Precision::Int4, Precision::Int8][k])
+        .collect();
+    eprintln!(
+        "knapsack on the measured single-layer gains: {} -> test KL {:.3e}",
+        b.names(&p, Precision::Int8),
+        b.score(&p).kl
+    );
+    eprintln!(
+        "Spearman(Ω int4, KL alone) {:.2}; sum of single-layer KLs {sum_alone:.3e} vs all-int4 {:.3e}",
+        spearman(&pred, &alone),
+        base.kl
+    );
+    // In-sample: the first 128 calibration samples, exactly those the traces were estimated on.
+    let cx = calib_x(&b.calib);
+    let cref = logits(&b.m.to_proto().unwrap(), &cx);
+    let report = select(
+        &b.m,
+        &b.s,
+        Budget::AvgBits(avg),
+        &MixedPrecisionOptions::default(),
+    )
+    .unwrap();
+    let hess: Vec<Precision> = report.layers.iter().map(|l| l.precision).collect();
+    let order: Vec<usize> = (0..n).collect();
+    for (label, p) in [
+        ("hessian", hess),
+        ("layer order", greedy(&b.s, &order, budget_bits)),
+    ] {
+        let assign: Vec<(String, Precision)> =
+            b.s.iter()
+                .zip(&p)
+                .map(|(l, &p)| (l.weight.clone(), p))
+                .collect();
+        let mut q = b.m.clone();
+        let o = MixedPrecisionOptions {
+            quantize_activations: false,
+            ..Default::default()
+        };
+        apply_assignment(&mut q, &assign, &o, &b.calib).unwrap();
+        let out = logits(&q.to_proto().unwrap(), &cx);
+        let mut per: Vec<f64> = (0..out.shape()[0])
+            .map(|i| {
+                let r = |a: &ArrayD<f32>| a.slice_axis(Axis(0), (i..i + 1).into()).to_owned();
+                hessian::loss_sum(&r(&cref), &r(&out), true)
+            })
+            .collect();
+        let total: f64 = per.iter().sum();
+        per.sort_by(|a, c| c.total_cmp(a));
+        eprintln!(
+            "{label}: KL on the 128 calibration samples {:.3e} (top 5 samples: {:.0}% of it)",
+            total / per.len() as f64,
+            100.0 * per[..5].iter().sum::<f64>() / total
+        );
+    }
+    let mut feasible: Vec<(f64, String)> = (0u32..1 << n)
+        .map(|code| {
+            (0..n)
+                .map(|i| {
+                    if code >> i & 1 == 1 {
+                        Precision::Int8
+                    } else {
+                        Precision::Int4
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|p| {
+            p.iter()
+                .zip(&b.s)
+                .map(|(p, l)| p.bits() * l.params as u64)
+                .sum::<u64>()
+                <= budget_bits
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|p| (b.score(&p).kl, b.names(&p, Precision::Int8)))
+        .collect();
+    feasible.sort_by(|a, c| a.0.total_cmp(&c.0));
+    let classes: Vec<Vec<(u64, f64)>> = report
+        .layers
+        .iter()
+        .map(|l| {
+            [Precision::Int4, Precision::Int8]
+                .iter()
+                .map(|p| (p.bits() * l.params as u64, l.omega[p]))
+                .collect()
+        })
+        .collect();
+    let sol = solve(&classes, budget_bits, 1 << 20).unwrap();
+    let hint: Vec<Precision> = sol
+        .choice
+        .iter()
+        .map(|&k| [Precision::Int4, Precision::Int8][k])
+        .collect();
+    let name = b.names(&hint, Precision::Int8);
+    let rank = feasible.iter().position(|f| f.1 == name).unwrap();
+    eprintln!(
+        "{} feasible int4/int8 assignments; best by test KL {:.3e} ({}); hessian (int4/int8 only) ranks {}",
+        feasible.len(),
+        feasible[0].0,
+        feasible[0].1,
+        rank + 1
+    );
 }
 
 // ---- the pass ----
