@@ -470,24 +470,7 @@ fn compare(b: &mut Bench, avg_bits: f64, n_random: usize) -> Comparison {
     let report = select(&b.m, &b.s, Budget::AvgBits(avg_bits), &opts).unwrap();
     assert!(report.exact && report.avg_bits <= avg_bits);
     let hess: Vec<Precision> = report.layers.iter().map(|l| l.precision).collect();
-    // Same Ω, only int4/int8 offered: the like-for-like counterpart of the greedy fills.
-    let classes: Vec<Vec<(u64, f64)>> = report
-        .layers
-        .iter()
-        .map(|l| {
-            [Precision::Int4, Precision::Int8]
-                .iter()
-                .map(|p| (p.bits() * l.params as u64, l.omega[p]))
-                .collect()
-        })
-        .collect();
-    let sol = solve(&classes, budget_bits, 1 << 20).unwrap();
-    assert!(sol.exact);
-    let hess_int: Vec<Precision> = sol
-        .choice
-        .iter()
-        .map(|&k| [Precision::Int4, Precision::Int8][k])
-        .collect();
+    let hess_int = int4_int8_choice(&report, budget_bits);
 
     let order: Vec<usize> = (0..n).collect();
     let reverse: Vec<usize> = order.iter().rev().copied().collect();
@@ -792,22 +775,7 @@ fn digits_deep_why_hessian_loses_to_layer_order() {
         .map(|p| (b.score(&p).kl, b.names(&p, Precision::Int8)))
         .collect();
     feasible.sort_by(|a, c| a.0.total_cmp(&c.0));
-    let classes: Vec<Vec<(u64, f64)>> = report
-        .layers
-        .iter()
-        .map(|l| {
-            [Precision::Int4, Precision::Int8]
-                .iter()
-                .map(|p| (p.bits() * l.params as u64, l.omega[p]))
-                .collect()
-        })
-        .collect();
-    let sol = solve(&classes, budget_bits, 1 << 20).unwrap();
-    let hint: Vec<Precision> = sol
-        .choice
-        .iter()
-        .map(|&k| [Precision::Int4, Precision::Int8][k])
-        .collect();
+    let hint = int4_int8_choice(&report, budget_bits);
     let name = b.names(&hint, Precision::Int8);
     let rank = feasible.iter().position(|f| f.1 == name).unwrap();
     eprintln!(
@@ -1015,4 +983,26 @@ fn regex_escape(s: &str) -> String {
             }
         })
         .collect()
+}
+
+/// The pass's Omega and exact knapsack with only int4/int8 offered: the like-for-like
+/// counterpart of the greedy int4/int8 fills.
+fn int4_int8_choice(
+    report: &onnx_compress::passes::mixed_precision::MixedPrecisionReport,
+    budget_bits: u64,
+) -> Vec<Precision> {
+    const CHOICES: [Precision; 2] = [Precision::Int4, Precision::Int8];
+    let classes: Vec<Vec<(u64, f64)>> = report
+        .layers
+        .iter()
+        .map(|l| {
+            CHOICES
+                .iter()
+                .map(|p| (p.bits() * l.params as u64, l.omega[p]))
+                .collect()
+        })
+        .collect();
+    let sol = solve(&classes, budget_bits, 1 << 20).unwrap();
+    assert!(sol.exact);
+    sol.choice.iter().map(|&k| CHOICES[k]).collect()
 }
