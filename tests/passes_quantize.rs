@@ -853,3 +853,37 @@ fn testdata_models_quantize_check_and_run_in_ort() {
         python_check(&m, &float, name);
     }
 }
+
+#[test]
+fn a_bias_shared_by_two_convs_becomes_one_int32_bias_per_layer() {
+    // torch's exporter deduplicates equal initializers (EfficientNet's SE biases): one float
+    // bias read by two convs whose input and weight scales differ.
+    let mut b = Builder::new(13);
+    b.input("x", &[1, 3, 4, 4])
+        .output("y1", &[1, 4, 4, 4])
+        .output("y2", &[1, 4, 4, 4]);
+    b.randn("w1", &[4, 3, 1, 1], 0.2);
+    b.randn("w2", &[4, 3, 1, 1], 2.0);
+    b.randn("shared_b", &[4], 0.1);
+    b.node("Conv", "c1", &["x", "w1", "shared_b"], &["y1"], vec![]);
+    b.node("Conv", "c2", &["x", "w2", "shared_b"], &["y2"], vec![]);
+    let (q, stats) = run(&b.model(), &QuantizeOptions::default());
+    let bias_of = |conv: &str| {
+        let n = nodes(&q).into_iter().find(|n| n.name() == conv).unwrap();
+        dq_of(&q, &n.input[2])
+    };
+    let ((_, q1, s1, _), (_, q2, s2, _)) = (bias_of("c1"), bias_of("c2"));
+    assert_ne!(q1, q2, "each conv reads its own int32 bias");
+    assert_ne!(f32s(&q, &s1), f32s(&q, &s2), "with its own s_in * s_w");
+    let b0 = f32s(&b.model(), "shared_b");
+    for (bq, bs) in [(&q1, &s1), (&q2, &s2)] {
+        let (v, s) = (f32s(&q, bq), f32s(&q, bs));
+        for c in 0..4 {
+            assert!((v[c] * s[c] - b0[c]).abs() <= s[c], "bias channel {c}");
+        }
+    }
+    assert!(stats
+        .notes
+        .iter()
+        .any(|n| n.contains("1 bias initializer(s) shared")));
+}

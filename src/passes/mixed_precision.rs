@@ -728,6 +728,10 @@ pub fn apply_assignment(
     let mut work = model.clone();
     if quantized {
         notes.extend(quantize::opset::upgrade(&mut work, &[])?);
+        if opts.quantize_activations {
+            // As in the quantize pass: an int32 bias belongs to one layer's s_in * s_w.
+            quantize::unshare_biases(&mut work.graph)?;
+        }
     }
     if uses(Precision::Int4) {
         notes.extend(upgrade_to_21(&mut work)?);

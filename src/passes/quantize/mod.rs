@@ -231,7 +231,7 @@ fn analytic_input_means(
 /// constants (torch turns identical biases into one initializer read through Identity nodes,
 /// which cleanup folds), but an int32 bias is tied to its layer's `s_in * s_w`: one shared
 /// DequantizeLinear would carry the first layer's scale, and ORT would keep the others float.
-fn unshare_biases(g: &mut crate::ir::Graph) -> Result<usize> {
+pub(crate) fn unshare_biases(g: &mut crate::ir::Graph) -> Result<usize> {
     let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut copies = 0;
     for ix in g.topo_order()? {
