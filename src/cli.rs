@@ -67,6 +67,9 @@ pub struct SensitivityArgs {
     /// Most Hutchinson probes per layer.
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub hessian_samples: usize,
+    /// Output comparison for the traces: auto (KL for classifier logits, MSE otherwise), kl, mse.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kl", "mse"])]
+    pub hessian_loss: String,
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub seed: u64,
     /// Print JSON instead of a table.
@@ -272,6 +275,9 @@ pub struct CompressArgs {
         help_heading = "Mixed precision"
     )]
     pub hessian_samples: usize,
+    /// Output comparison for the traces: auto (KL for classifier logits, MSE otherwise), kl, mse.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kl", "mse"], help_heading = "Mixed precision")]
+    pub hessian_loss: String,
 
     // ---- validation data ----
     /// Held-out inputs for validation (same formats as --calib); default: synthetic.
@@ -545,6 +551,7 @@ fn pass_context(
         hessian: crate::hessian::HessianOptions {
             max_samples: args.hessian_samples.max(1),
             seed: args.seed,
+            loss: hessian_loss(&args.hessian_loss),
             ..Default::default()
         },
         ..Default::default()
@@ -1035,6 +1042,7 @@ fn sensitivity(args: &SensitivityArgs) -> Result<()> {
     let opts = crate::hessian::HessianOptions {
         max_samples: args.hessian_samples.max(1),
         seed: args.seed,
+        loss: hessian_loss(&args.hessian_loss),
         ..Default::default()
     };
     let layers = crate::hessian::sensitivity(&model, &calib.batches, &opts)?;
@@ -1188,4 +1196,13 @@ fn detail_lines(details: &serde_json::Value) -> Vec<String> {
         }
     }
     out
+}
+
+/// `--hessian-loss` (clap has already limited it to these values).
+fn hessian_loss(v: &str) -> crate::hessian::Loss {
+    match v {
+        "kl" => crate::hessian::Loss::Kl,
+        "mse" => crate::hessian::Loss::Mse,
+        _ => crate::hessian::Loss::Auto,
+    }
 }

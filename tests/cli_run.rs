@@ -340,3 +340,40 @@ fn output_file_gets_the_umask_mode_not_the_temp_file_mode() {
     let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o666 & !umask, "mode {mode:o} with umask {umask:o}");
 }
+
+#[test]
+fn sensitivity_loss_is_selectable() {
+    let traces = |loss: &str| -> Vec<f64> {
+        let (code, stdout, err) = run(&[
+            "sensitivity",
+            testdata().join("digits_cnn.onnx").to_str().unwrap(),
+            "--calib",
+            testdata().join("digits_calib_x.npy").to_str().unwrap(),
+            "--calib-samples",
+            "16",
+            "--hessian-samples",
+            "8",
+            "--hessian-loss",
+            loss,
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["hessian_trace"].as_f64().unwrap())
+            .collect()
+    };
+    // digits_cnn's logits are a classifier's: auto means KL.
+    assert_eq!(traces("auto"), traces("kl"));
+    let (kl, mse) = (traces("kl"), traces("mse"));
+    assert_eq!(kl.len(), mse.len());
+    assert!(
+        kl.iter().zip(&mse).all(|(a, b)| a != b),
+        "{kl:?} vs {mse:?}"
+    );
+    let (code, _, err) = run(&["sensitivity", "x.onnx", "--hessian-loss", "l1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("l1"), "{err}");
+}
