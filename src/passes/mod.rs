@@ -123,10 +123,10 @@ pub struct PassRecord {
     pub details: serde_json::Value,
 }
 
-/// Run the named passes in pipeline order, checking the graph after each.
 /// Why the default pipeline leaves equalization out before per-channel quantization.
 pub const EQUALIZE_SKIPPED: &str = "skipped: per-channel int8 weights follow, which already give every output channel its own scale; rescaling channels then mostly moves range between activations, and measured against no equalization it cost 0.4 dB output SQNR on ResNet-18 and EfficientNet-B0 while gaining 0.6 dB on MobileNetV2 (BENCHMARKS.md). Run it anyway with --equalize always (or name it in --passes)";
 
+/// Run the named passes in pipeline order, checking the graph after each.
 pub fn run_passes(model: &mut Model, names: &[&str], ctx: &PassContext) -> Result<Vec<PassRecord>> {
     let mut records = Vec::new();
     // Passes can hand facts to later ones: fuse's folded BN statistics feed equalize's
