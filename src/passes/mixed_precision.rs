@@ -41,7 +41,6 @@
 
 use crate::calibrate::data::{CalibrationSet, DataOptions};
 use crate::calibrate::observe::{observe_model, ObserveOptions};
-use crate::calibrate::params::activation_params;
 use crate::hessian::{self, HessianOptions, LayerSensitivity};
 use crate::ir::op::{self, attr_int, Attrs};
 use crate::ir::{tensor, Graph, Model, Patch};
@@ -787,20 +786,8 @@ pub fn apply_assignment(
         }
     }
     if let Some((p, observed, qopts)) = plan {
-        let mut range: IndexMap<String, (f32, f32)> = IndexMap::new();
-        for t in &p.activations {
-            let o = observed
-                .get(t)
-                .with_context(|| format!("no observation for '{t}'"))?;
-            let e = range
-                .entry(p.group(t))
-                .or_insert((f32::INFINITY, f32::NEG_INFINITY));
-            *e = (e.0.min(o.lo), e.1.max(o.hi));
-        }
-        let params_of = |t: &str| {
-            let (lo, hi) = range[&p.group(t)];
-            activation_params(lo, hi, qopts.activation_scheme)
-        };
+        let act_params = p.activation_params(&observed, qopts.activation_scheme)?;
+        let params_of = |t: &str| act_params[t];
         for t in &p.activations {
             insert::activation(g, &mut namer, t, &params_of(t), qopts.activation_scheme)?;
         }

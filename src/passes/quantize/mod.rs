@@ -28,7 +28,7 @@ pub mod placement;
 
 use crate::calibrate::data::{CalibrationSet, DataOptions};
 use crate::calibrate::observe::{observe_model, Method, ObserveOptions, Observed};
-use crate::calibrate::params::{activation_params, ActScheme, QParams};
+use crate::calibrate::params::{ActScheme, QParams};
 use crate::ir::{tensor, Model};
 use crate::passes::{Pass, PassContext, PassStats};
 use anyhow::{Context, Result};
@@ -332,21 +332,8 @@ pub fn quantize(
     let observed = observe_model(&original, &tensors, calib, &obs_opts)
         .context("observing activation ranges")?;
 
-    // Shared groups take the union of their members' ranges.
-    let mut group_range: IndexMap<String, (f32, f32)> = IndexMap::new();
-    for t in &tensors {
-        let o = observed
-            .get(t)
-            .with_context(|| format!("no observation for '{t}'"))?;
-        let e = group_range
-            .entry(plan.group(t))
-            .or_insert((f32::INFINITY, f32::NEG_INFINITY));
-        *e = (e.0.min(o.lo), e.1.max(o.hi));
-    }
-    let params_of = |t: &str| -> QParams {
-        let (lo, hi) = group_range[&plan.group(t)];
-        activation_params(lo, hi, opts.activation_scheme)
-    };
+    let act_params = plan.activation_params(&observed, opts.activation_scheme)?;
+    let params_of = |t: &str| -> QParams { act_params[t] };
 
     if opts.bias_correction != crate::passes::equalize::BiasCorrection::Off {
         stats

@@ -40,6 +40,8 @@
 //! (when given, only matching nodes are quantized).
 
 use super::QuantizeOptions;
+use crate::calibrate::observe::Observed;
+use crate::calibrate::params::{self, ActScheme, QParams};
 use crate::ir::op::Attrs;
 use crate::ir::tensor;
 use crate::ir::Graph;
@@ -95,6 +97,33 @@ impl Plan {
         if !t.is_empty() {
             self.activations.insert(t.to_string());
         }
+    }
+
+    /// Quantization parameters of every marked activation: each sharing group takes the union
+    /// of its members' observed ranges.
+    pub fn activation_params(
+        &self,
+        observed: &IndexMap<String, Observed>,
+        scheme: ActScheme,
+    ) -> Result<IndexMap<String, QParams>> {
+        let mut group_range: IndexMap<String, (f32, f32)> = IndexMap::new();
+        for t in &self.activations {
+            let o = observed
+                .get(t)
+                .with_context(|| format!("no observation for '{t}'"))?;
+            let e = group_range
+                .entry(self.group(t))
+                .or_insert((f32::INFINITY, f32::NEG_INFINITY));
+            *e = (e.0.min(o.lo), e.1.max(o.hi));
+        }
+        Ok(self
+            .activations
+            .iter()
+            .map(|t| {
+                let (lo, hi) = group_range[&self.group(t)];
+                (t.clone(), params::activation_params(lo, hi, scheme))
+            })
+            .collect())
     }
 
     /// Whether `t` shares its group with a fused Relu/Clip output.
