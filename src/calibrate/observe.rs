@@ -136,9 +136,9 @@ impl Default for Histogram {
 impl Histogram {
     pub fn add(&mut self, data: &[f32]) {
         let amax = data.iter().fold(0f32, |m, &v| m.max(v.abs()));
-        self.exact_zeros += data.iter().filter(|&&v| v == 0.0).count() as u64;
         if amax == 0.0 && self.r == 0.0 {
             self.pending_zeros += data.len() as u64;
+            self.exact_zeros += data.len() as u64;
             return;
         }
         if self.r == 0.0 {
@@ -151,6 +151,7 @@ impl Histogram {
         let w = self.r / FINE_BINS as f32;
         let top = 2 * FINE_BINS - 1;
         for &v in data {
+            self.exact_zeros += (v == 0.0) as u64;
             let i = ((v + self.r) / w).floor();
             let i = if i.is_nan() {
                 continue;
