@@ -946,6 +946,9 @@ fn print_summary(r: &RunReport) {
         for n in &p.notes {
             println!("       note: {n}");
         }
+        for line in &p.table {
+            println!("       {line}");
+        }
         if crate::report::progress::verbose() {
             for line in detail_lines(&p.details) {
                 println!("       {line}");

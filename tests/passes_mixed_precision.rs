@@ -8,8 +8,8 @@ use onnx_compress::hessian::{self, HessianOptions, LayerSensitivity};
 use onnx_compress::ir::{tensor, Model};
 use onnx_compress::onnx::proto::ModelProto;
 use onnx_compress::passes::mixed_precision::{
-    apply_assignment, mixed_precision, pareto, round_trip, select, solve, Budget,
-    MixedPrecisionOptions, Precision,
+    apply_assignment, joint, mixed_precision, pareto, round_trip, select, sensitivities, solve,
+    Budget, MixedPrecisionOptions, Precision, Selection,
 };
 use onnx_compress::passes::{run_passes, PassContext};
 use onnx_compress::validate::{simulation_graph, Runner};
@@ -127,8 +127,13 @@ fn digits() -> Option<(Model, CalibrationSet)> {
     digits_model("digits_cnn.onnx")
 }
 
-/// A trained digits model from testdata, BN folded, with the first 128 calibration samples.
+/// A trained digits model from testdata, BN folded, with the first 128 calibration samples (the
+/// torch reference's; `HESSIAN_CALIB` overrides).
 fn digits_model(file: &str) -> Option<(Model, CalibrationSet)> {
+    digits_model_with(file, 128)
+}
+
+fn digits_model_with(file: &str, samples: usize) -> Option<(Model, CalibrationSet)> {
     let path = root().join(file);
     if !path.exists() {
         eprintln!("testdata/{file} missing: skipping");
@@ -145,7 +150,7 @@ fn digits_model(file: &str) -> Option<(Model, CalibrationSet)> {
                 std::env::var("HESSIAN_CALIB")
                     .ok()
                     .and_then(|v| v.parse().ok())
-                    .unwrap_or(128),
+                    .unwrap_or(samples),
             ),
             ..Default::default()
         },
@@ -336,8 +341,9 @@ struct Bench {
 }
 
 impl Bench {
+    /// All 200 calibration samples (`HESSIAN_CALIB` overrides), as the CLI would use them.
     fn new(file: &str) -> Option<Bench> {
-        let (m, calib) = digits_model(file)?;
+        let (m, calib) = digits_model_with(file, 200)?;
         let mut o = HessianOptions::default();
         if let Some(v) = std::env::var("HESSIAN_PROBES")
             .ok()
@@ -352,7 +358,11 @@ impl Bench {
         {
             o.rel_eps = v;
         }
-        let s = hessian::sensitivity(&m, &calib.batches, &o).unwrap();
+        let mo = MixedPrecisionOptions {
+            hessian: o,
+            ..Default::default()
+        };
+        let s = sensitivities(&m, &calib.batches, &mo).unwrap();
         let x: ArrayD<f32> = ndarray_npy::read_npy(root().join("digits_test_x.npy")).unwrap();
         let y: ndarray::Array1<i64> =
             ndarray_npy::read_npy(root().join("digits_test_y.npy")).unwrap();
@@ -469,8 +479,14 @@ fn compare(b: &mut Bench, avg_bits: f64, n_random: usize) -> Comparison {
     };
     let report = select(&b.m, &b.s, Budget::AvgBits(avg_bits), &opts).unwrap();
     assert!(report.exact && report.avg_bits <= avg_bits);
+    assert_eq!(report.selection, Selection::Joint);
     let hess: Vec<Precision> = report.layers.iter().map(|l| l.precision).collect();
-    let hess_int = int4_int8_choice(&report, budget_bits);
+    let trace_opts = MixedPrecisionOptions {
+        selection: Selection::Trace,
+        ..opts.clone()
+    };
+    let trace_report = select(&b.m, &b.s, Budget::AvgBits(avg_bits), &trace_opts).unwrap();
+    let trace: Vec<Precision> = trace_report.layers.iter().map(|l| l.precision).collect();
 
     let order: Vec<usize> = (0..n).collect();
     let reverse: Vec<usize> = order.iter().rev().copied().collect();
@@ -478,7 +494,12 @@ fn compare(b: &mut Bench, avg_bits: f64, n_random: usize) -> Comparison {
     small_first.sort_by_key(|&i| (b.s[i].params, i));
     let large_first: Vec<usize> = small_first.iter().rev().copied().collect();
     let fixed: Vec<(&'static str, Vec<Precision>)> = vec![
-        ("hessian (int4/int8 only)", hess_int),
+        ("hessian (int4/int8 only)", joint_int4_int8_choice(&b.s, budget_bits)),
+        ("HAWQ-v2 ΣΩ", trace),
+        (
+            "HAWQ-v2 ΣΩ (int4/int8 only)",
+            int4_int8_choice(&trace_report, budget_bits),
+        ),
         ("layer order", greedy(&b.s, &order, budget_bits)),
         ("reverse layer order", greedy(&b.s, &reverse, budget_bits)),
         (
@@ -597,11 +618,51 @@ fn digits_hessian_assignment_beats_uniform_mixes_at_4_5_bits() {
     assert!(h <= c.random_mean_kl(), "{h} vs {}", c.random_mean_kl());
 }
 
-/// The deeper digits model (11 layers, sensitivity not monotone in depth). Measured at 4.5 bits
-/// (BENCHMARKS.md has all budgets): the Hessian choice beats uniform int4, largest-first and the
-/// mean of the random orders on KL, and layer order on logits SQNR; but plain layer order and
-/// reverse layer order have *lower* KL than the Hessian choice. Only what holds is asserted; the
-/// diagnostic `digits_deep_why_hessian_loses_to_layer_order` shows why.
+/// A labelled row of a [`Comparison`].
+fn row(c: &Comparison, label: &str) -> Score {
+    c.baselines.iter().find(|x| x.0 == label).unwrap().1
+}
+
+/// `digits_smooth` (the 11-layer network trained with label smoothing, so the KL is spread over
+/// many samples): at 4.5 bits the joint Hessian choice has lower test KL than every fixed order
+/// (layer order, reverse, parameter count both ways), uniform int4, HAWQ-v2's ΣΩ knapsack and
+/// each of 32 random orders. Other budgets (BENCHMARKS.md): `DIGITS_AVG_BITS=5.0 ...`.
+#[test]
+fn digits_smooth_hessian_assignment_beats_orders_and_random() {
+    let Some(mut b) = Bench::new("digits_smooth.onnx") else {
+        return;
+    };
+    let avg_bits = budget_from_env();
+    let c = compare(&mut b, avg_bits, 32);
+    if avg_bits != 4.5 {
+        return eprintln!("assertions are for 4.5 bits only; {avg_bits} bits: table printed");
+    }
+    let h = c.hessian.kl;
+    for label in [
+        "layer order",
+        "reverse layer order",
+        "param count, smallest first",
+        "param count, largest first",
+        "uniform int4",
+        "HAWQ-v2 ΣΩ",
+    ] {
+        let other = row(&c, label).kl;
+        assert!(h < other, "hessian KL {h} not below {label} {other}");
+    }
+    // int4/int8 only, like for like: never worse than the fixed orders.
+    let h44 = row(&c, "hessian (int4/int8 only)").kl;
+    for label in ["layer order", "reverse layer order", "param count, smallest first"] {
+        let other = row(&c, label).kl;
+        assert!(h44 <= other * 1.0001, "int4/int8 KL {h44} vs {label} {other}");
+    }
+    let best_random = c.random.iter().map(|r| r.kl).fold(f64::INFINITY, f64::min);
+    assert!(h < best_random, "hessian KL {h} vs best random order {best_random}");
+}
+
+/// `digits_deep` (same network, no label smoothing: very confident, a handful of samples carry
+/// most of the KL, so rankings between good assignments are noise-level; see BENCHMARKS.md). At
+/// 4.5 bits the joint choice beats uniform int4, largest-first and the random mean with a
+/// margin; plain layer order has lower test KL here. Only what holds with a margin is asserted.
 #[test]
 fn digits_deep_hessian_assignment_vs_orders_and_random() {
     let Some(mut b) = Bench::new("digits_deep.onnx") else {
@@ -613,40 +674,25 @@ fn digits_deep_hessian_assignment_vs_orders_and_random() {
     if avg_bits != 4.5 {
         return eprintln!("assertions are for 4.5 bits only; {avg_bits} bits: table printed");
     }
-    let h = c.hessian;
-    let get = |label: &str| c.baselines.iter().find(|x| x.0 == label).unwrap().1;
+    let h = c.hessian.kl;
     for label in ["uniform int4", "param count, largest first"] {
-        assert!(
-            h.kl < get(label).kl,
-            "hessian KL {} vs {label} {}",
-            h.kl,
-            get(label).kl
-        );
+        let other = row(&c, label).kl;
+        assert!(h * 1.5 < other, "hessian KL {h} vs {label} {other}");
     }
     let mean = c.random_mean_kl();
-    assert!(
-        h.kl < mean,
-        "hessian KL {} not below the random mean {mean}",
-        h.kl
-    );
-    let order = get("layer order");
-    assert!(
-        h.sqnr > order.sqnr + 2.0,
-        "hessian SQNR {} vs layer order {}",
-        h.sqnr,
-        order.sqnr
-    );
+    assert!(h * 1.2 < mean, "hessian KL {h} vs the random mean {mean}");
 }
 
-/// Diagnostic behind BENCHMARKS.md (prints only): per layer, ½Ω_int4 vs the measured KL of that
-/// layer alone at int4 and the KL gained by upgrading it alone to int8 from all-int4; the KL of
-/// the Hessian and layer-order choices on the calibration samples the traces were estimated on;
-/// every feasible int4/int8 assignment ranked by test KL.
-/// `cargo test --test passes_mixed_precision digits_deep_why -- --ignored --nocapture`
+/// Diagnostic behind BENCHMARKS.md (prints only): per layer, ½Ω_int4 and the joint model's
+/// per-layer term vs the measured KL of that layer alone at int4, and the KL gained by upgrading
+/// it alone to int8 from all-int4; the KL of the selections on the calibration samples; every
+/// feasible int4/int8 assignment ranked by test KL, with the predicted joint loss.
+/// `DIGITS_MODEL=digits_smooth.onnx cargo test --test passes_mixed_precision digits_diagnostics -- --ignored --nocapture`
 #[test]
 #[ignore]
-fn digits_deep_why_hessian_loses_to_layer_order() {
-    let Some(mut b) = Bench::new("digits_deep.onnx") else {
+fn digits_diagnostics() {
+    let file = std::env::var("DIGITS_MODEL").unwrap_or_else(|_| "digits_deep.onnx".into());
+    let Some(mut b) = Bench::new(&file) else {
         return;
     };
     let n = b.s.len();
@@ -655,8 +701,8 @@ fn digits_deep_why_hessian_loses_to_layer_order() {
     let all4 = vec![Precision::Int4; n];
     let base = b.score(&all4);
     eprintln!("all int4: test KL {:.3e}", base.kl);
-    eprintln!("| layer | params | ½Ω int4 | KL, this layer alone int4 | KL gained by int4 -> int8 from all-int4 |");
-    eprintln!("|---|---|---|---|---|");
+    eprintln!("| layer | params | ½Ω int4 | joint model, alone int4 | KL, this layer alone int4 | KL gained by int4 -> int8 from all-int4 |");
+    eprintln!("|---|---|---|---|---|---|");
     let (mut pred, mut alone, mut gains, mut sum_alone) = (vec![], vec![], vec![], 0.0);
     for i in 0..n {
         let l = b.s[i].clone();
@@ -675,8 +721,9 @@ fn digits_deep_why_hessian_loses_to_layer_order() {
         let mut p = all4.clone();
         p[i] = Precision::Int8;
         let gain = base.kl - b.score(&p).kl;
+        let joint_alone = 0.5 * l.responses[0].iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
         eprintln!(
-            "| {} | {} | {:.2e} | {kl_alone:.2e} | {gain:.2e} |",
+            "| {} | {} | {:.2e} | {joint_alone:.2e} | {kl_alone:.2e} | {gain:.2e} |",
             short(&l.node),
             l.params,
             0.5 * l.trace_per_param * err2
@@ -709,7 +756,7 @@ fn digits_deep_why_hessian_loses_to_layer_order() {
         spearman(&pred, &alone),
         base.kl
     );
-    // In-sample: the first 128 calibration samples, exactly those the traces were estimated on.
+    // In-sample: the calibration samples the selection was made on.
     let cx = calib_x(&b.calib);
     let cref = logits(&b.m.to_proto().unwrap(), &cx);
     let report = select(
@@ -721,8 +768,18 @@ fn digits_deep_why_hessian_loses_to_layer_order() {
     .unwrap();
     let hess: Vec<Precision> = report.layers.iter().map(|l| l.precision).collect();
     let order: Vec<usize> = (0..n).collect();
+    let trace_int = {
+        let o = MixedPrecisionOptions {
+            selection: Selection::Trace,
+            ..Default::default()
+        };
+        int4_int8_choice(&select(&b.m, &b.s, Budget::AvgBits(avg), &o).unwrap(), budget_bits)
+    };
+    let joint_int = joint_int4_int8_choice(&b.s, budget_bits);
     for (label, p) in [
-        ("hessian", hess),
+        ("hessian (joint)", hess),
+        ("hessian (joint, int4/int8 only)", joint_int.clone()),
+        ("HAWQ-v2 ΣΩ (int4/int8 only)", trace_int.clone()),
         ("layer order", greedy(&b.s, &order, budget_bits)),
     ] {
         let assign: Vec<(String, Precision)> =
@@ -746,7 +803,8 @@ fn digits_deep_why_hessian_loses_to_layer_order() {
         let total: f64 = per.iter().sum();
         per.sort_by(|a, c| c.total_cmp(a));
         eprintln!(
-            "{label}: KL on the 128 calibration samples {:.3e} (top 5 samples: {:.0}% of it)",
+            "{label}: KL on the {} calibration samples {:.3e} (top 5 samples: {:.0}% of it)",
+            per.len(),
             total / per.len() as f64,
             100.0 * per[..5].iter().sum::<f64>() / total
         );
@@ -775,15 +833,18 @@ fn digits_deep_why_hessian_loses_to_layer_order() {
         .map(|p| (b.score(&p).kl, b.names(&p, Precision::Int8)))
         .collect();
     feasible.sort_by(|a, c| a.0.total_cmp(&c.0));
-    let hint = int4_int8_choice(&report, budget_bits);
-    let name = b.names(&hint, Precision::Int8);
-    let rank = feasible.iter().position(|f| f.1 == name).unwrap();
+    let rank = |p: &[Precision]| {
+        let name = b.names(p, Precision::Int8);
+        feasible.iter().position(|f| f.1 == name).unwrap() + 1
+    };
     eprintln!(
-        "{} feasible int4/int8 assignments; best by test KL {:.3e} ({}); hessian (int4/int8 only) ranks {}",
+        "{} feasible int4/int8 assignments; best by test KL {:.3e} ({}); by test KL the joint \
+         choice (int4/int8 only) ranks {}, HAWQ-v2 ΣΩ (int4/int8 only) {}",
         feasible.len(),
         feasible[0].0,
         feasible[0].1,
-        rank + 1
+        rank(&joint_int),
+        rank(&trace_int)
     );
 }
 
@@ -982,6 +1043,33 @@ fn regex_escape(s: &str) -> String {
                 vec!['\\', c]
             }
         })
+        .collect()
+}
+
+/// The pass's joint selection with only int4/int8 offered: exact knapsack on the per-layer terms,
+/// then the same local search, from the responses `sensitivities` recorded (int4 first).
+fn joint_int4_int8_choice(s: &[LayerSensitivity], budget_bits: u64) -> Vec<Precision> {
+    let responses: Vec<Vec<Option<&[f32]>>> = s
+        .iter()
+        .map(|l| vec![Some(&l.responses[0][..]), Some(&l.responses[1][..])])
+        .collect();
+    let gram = joint::Gram::new(&responses);
+    let costs: Vec<Vec<u64>> = s
+        .iter()
+        .map(|l| vec![4 * l.params as u64, 8 * l.params as u64])
+        .collect();
+    let diagonal: Vec<Vec<(u64, f64)>> = (0..s.len())
+        .map(|l| {
+            (0..2)
+                .map(|k| (costs[l][k], gram.diagonal(l, k)))
+                .collect()
+        })
+        .collect();
+    let start = solve(&diagonal, budget_bits, 1 << 20).unwrap();
+    let r = joint::refine(&gram, &costs, budget_bits, &start.choice);
+    r.choice
+        .iter()
+        .map(|&k| [Precision::Int4, Precision::Int8][k])
         .collect()
 }
 

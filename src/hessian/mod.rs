@@ -25,6 +25,17 @@
 //! read from upstream (layer input, residual branches, ...) and the weight itself as graph
 //! inputs. tract optimizes that plan once; every probe feeds a perturbed weight and costs one
 //! run of the downstream part only.
+//!
+//! **Responses.** [`sensitivity_with`] also runs each layer's sub-model with given candidate
+//! weights (e.g. the weight quantized to int8 and int4) and keeps, per candidate, the output
+//! change `δz` whitened by the loss's output Hessian `F`: `ũ = F^½ δz / √N` over all `N` rows
+//! (KL rows: `ũ_j = √p0_j (δz_j − Σ_k p0_k δz_k)`, since `F = diag(p0) − p0p0ᵀ`; MSE: `ũ = δz`).
+//! Then `½‖ũ‖²` is the second-order loss of that one change, and `½‖Σ_l ũ_l‖²` the loss of
+//! several layers changed together, cross-layer terms `ũ_lᵀũ_m` included (the network's
+//! response linearized per layer, the loss kept to second order). Responses longer than
+//! [`RESPONSE_DIM`] are count-sketched (one seeded hash and sign per position, the same for every
+//! layer and candidate), which keeps inner products unbiased with a relative error of about
+//! `√(2 / RESPONSE_DIM)`.
 
 use crate::ir::graph::{free_names, subgraphs};
 use crate::ir::layer::Layer;
@@ -111,6 +122,71 @@ pub struct LayerSensitivity {
     /// Absolute probe step used.
     pub eps: f64,
     pub seconds: f64,
+    /// Whitened output responses `ũ`, one per candidate weight (see the module docs).
+    #[serde(skip)]
+    pub responses: Vec<Vec<f32>>,
+}
+
+/// Longest response kept exactly; longer ones are count-sketched to this length.
+pub const RESPONSE_DIM: usize = 1 << 15;
+
+/// Candidate weights whose output responses [`sensitivity_with`] records, per layer.
+pub type Candidates<'a> = dyn Fn(&Layer, &ArrayD<f32>) -> Vec<ArrayD<f32>> + Sync + 'a;
+
+/// Position and sign of element `i` of a response in its count sketch.
+fn sketch_slot(i: u64) -> (usize, f32) {
+    // splitmix64: a fixed function of the position, so every response shares the sketch.
+    let mut z = i.wrapping_add(0x9e3779b97f4a7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^= z >> 31;
+    (
+        (z >> 1) as usize % RESPONSE_DIM,
+        if z & 1 == 0 { 1.0 } else { -1.0 },
+    )
+}
+
+/// `ũ` of one candidate (see the module docs): `outs` and `refs` per batch, per graph output.
+fn response(refs: &[Vec<ArrayD<f32>>], outs: &[Vec<ArrayD<f32>>], kl: &[bool], rows: usize) -> Vec<f32> {
+    let total: usize = refs.iter().flatten().map(|a| a.len()).sum();
+    let sketched = total > RESPONSE_DIM;
+    let mut u = vec![0f64; total.min(RESPONSE_DIM)];
+    let norm = 1.0 / (rows.max(1) as f64).sqrt();
+    let mut i = 0u64;
+    let mut put = |v: f64, u: &mut Vec<f64>| {
+        if sketched {
+            let (slot, sign) = sketch_slot(i);
+            u[slot] += sign as f64 * v;
+        } else {
+            u[i as usize] = v;
+        }
+        i += 1;
+    };
+    for (r, o) in refs.iter().zip(outs) {
+        for (k, (a, b)) in r.iter().zip(o).enumerate() {
+            if kl[k] && a.ndim() == 2 {
+                for (ra, rb) in a.outer_iter().zip(b.outer_iter()) {
+                    let m = ra.iter().fold(f64::NEG_INFINITY, |m, &z| m.max(z as f64));
+                    let e: Vec<f64> = ra.iter().map(|&z| (z as f64 - m).exp()).collect();
+                    let s: f64 = e.iter().sum();
+                    let dz: Vec<f64> = ra
+                        .iter()
+                        .zip(rb.iter())
+                        .map(|(&z0, &z)| z as f64 - z0 as f64)
+                        .collect();
+                    let mean: f64 = e.iter().zip(&dz).map(|(ei, d)| ei / s * d).sum();
+                    for (ei, d) in e.iter().zip(&dz) {
+                        put((ei / s).sqrt() * (d - mean) * norm, &mut u);
+                    }
+                }
+            } else {
+                for (&z0, &z) in a.iter().zip(b.iter()) {
+                    put((z as f64 - z0 as f64) * norm, &mut u);
+                }
+            }
+        }
+    }
+    u.into_iter().map(|v| v as f32).collect()
 }
 
 /// Hutchinson's estimator: `quad(v)` returns `vᵀHv` for a Rademacher `v` of length `n`.
@@ -357,6 +433,17 @@ pub fn sensitivity(
     calib: &[Vec<ArrayD<f32>>],
     opts: &HessianOptions,
 ) -> Result<Vec<LayerSensitivity>> {
+    sensitivity_with(model, calib, opts, &|_, _| Vec::new())
+}
+
+/// [`sensitivity`], plus each layer's whitened output responses to the weights `candidates`
+/// returns for it (in that order; see the module docs).
+pub fn sensitivity_with(
+    model: &Model,
+    calib: &[Vec<ArrayD<f32>>],
+    opts: &HessianOptions,
+    candidates: &Candidates,
+) -> Result<Vec<LayerSensitivity>> {
     ensure!(!calib.is_empty(), "no calibration batches given");
     let layers = layers(&model.graph)?;
     if layers.is_empty() {
@@ -457,9 +544,12 @@ pub fn sensitivity(
             samples: 0,
             eps: 0.0,
             seconds: 0.0,
+            responses: Vec::new(),
         };
+        let wanted = candidates(l, &w0);
         let Some(sub) = sub else {
-            // No graph output depends on this weight.
+            // No graph output depends on this weight: every change has zero response.
+            result.responses = vec![Vec::new(); wanted.len()];
             return Ok(result);
         };
         let rms = (w0.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / n.max(1) as f64).sqrt();
@@ -509,6 +599,20 @@ pub fn sensitivity(
             }
             Ok(total / total_rows as f64)
         };
+        for w in wanted {
+            ensure!(
+                w.shape() == w0.shape(),
+                "candidate weight shape {:?} differs from {:?}",
+                w.shape(),
+                w0.shape()
+            );
+            let mut outs = Vec::with_capacity(feeds.len());
+            for (pos, feed) in feeds.iter_mut() {
+                *feed.last_mut().expect("weight input") = w.clone();
+                outs.push(runners[*pos].1.run(feed)?);
+            }
+            result.responses.push(response(&refs, &outs, &sub.kl, total_rows));
+        }
         let w0_flat: Vec<f32> = w0.iter().copied().collect();
         let shape = w0.shape().to_vec();
         let est = hutchinson(n, fnv(opts.seed, &l.weight), opts, |v| {

@@ -81,6 +81,7 @@ impl Pass for Cleanup {
             changes,
             notes: vec![],
             details: serde_json::Value::Object(details),
+            table: vec![],
         })
     }
 }

@@ -166,6 +166,7 @@ impl Pass for Fuse {
         Ok(PassStats {
             changes: counts.iter().map(|(_, c)| c).sum(),
             notes,
+            table: vec![],
             details: serde_json::json!({
                 "folded": folded,
                 "mul_add": mul_add,

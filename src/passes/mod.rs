@@ -29,6 +29,9 @@ pub struct PassStats {
     /// Pass-specific details for the report (tables, per-layer figures).
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub details: serde_json::Value,
+    /// Lines of a table for the terminal summary (the same figures are in `details`).
+    #[serde(skip)]
+    pub table: Vec<String>,
 }
 
 /// Options and data shared by the passes of one run.
@@ -121,6 +124,8 @@ pub struct PassRecord {
     pub notes: Vec<String>,
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub details: serde_json::Value,
+    #[serde(skip)]
+    pub table: Vec<String>,
 }
 
 /// Why the default pipeline leaves equalization out before per-channel quantization.
@@ -148,6 +153,7 @@ pub fn run_passes(model: &mut Model, names: &[&str], ctx: &PassContext) -> Resul
                 nodes_after: nodes_before,
                 notes: vec![EQUALIZE_SKIPPED.into()],
                 details: serde_json::json!({ "skipped": "per-channel weights" }),
+                table: vec![],
             });
             continue;
         }
@@ -181,6 +187,7 @@ pub fn run_passes(model: &mut Model, names: &[&str], ctx: &PassContext) -> Resul
             nodes_after: model.graph.node_count(),
             notes: stats.notes,
             details: stats.details,
+            table: stats.table,
         });
     }
     Ok(records)

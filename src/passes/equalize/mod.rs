@@ -380,6 +380,7 @@ pub fn run(model: &mut Model, opts: &EqualizeOptions) -> Result<PassStats> {
     Ok(PassStats {
         changes,
         notes,
+        table: vec![],
         details: json!({
             "pairs": report,
             "excluded": excluded,

@@ -39,6 +39,8 @@
 //! QuantizeLinear/DequantizeLinear is left unchanged (idempotent); the result computes the same
 //! function up to the chosen quantization.
 
+pub mod joint;
+
 use crate::calibrate::data::{CalibrationSet, DataOptions};
 use crate::calibrate::observe::{observe_model, ObserveOptions};
 use crate::hessian::{self, HessianOptions, LayerSensitivity};
@@ -103,6 +105,19 @@ pub enum Budget {
     AvgBits(f64),
 }
 
+/// How the per-layer precisions are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Selection {
+    /// Minimize the joint second-order loss of the actual quantization errors, cross-layer
+    /// terms included ([`joint`]); the exact knapsack solutions on `Ω` and on the per-layer
+    /// terms are its starting points.
+    #[default]
+    Joint,
+    /// HAWQ-v2: minimize `Σ Ω` exactly (per-layer additive; no extra model runs).
+    Trace,
+}
+
 /// Options of the `mixed-precision` pass.
 #[derive(Debug, Clone)]
 pub struct MixedPrecisionOptions {
@@ -112,6 +127,7 @@ pub struct MixedPrecisionOptions {
     pub keep_fp32: Vec<String>,
     pub allow_int4: bool,
     pub allow_fp16: bool,
+    pub selection: Selection,
     /// Quantize activations around int8/int4 layers with the `quantize` pass's machinery.
     pub quantize_activations: bool,
     pub hessian: HessianOptions,
@@ -130,6 +146,7 @@ impl Default for MixedPrecisionOptions {
             keep_fp32: vec![],
             allow_int4: true,
             allow_fp16: true,
+            selection: Selection::Joint,
             quantize_activations: true,
             hessian: HessianOptions::default(),
             pareto_points: 16,
@@ -370,6 +387,9 @@ pub struct LayerChoice {
     pub bytes: u64,
     /// Ω per allowed precision.
     pub omega: BTreeMap<Precision, f64>,
+    /// Joint selection only: the second-order loss with only this layer at each precision.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub loss: BTreeMap<Precision, f64>,
     pub bytes_by_precision: BTreeMap<Precision, u64>,
     pub kept_fp32_by_option: bool,
 }
@@ -380,22 +400,100 @@ pub struct ParetoPoint {
     pub sum_omega: f64,
 }
 
+/// The joint selection's figures (second-order loss model, see [`joint`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct JointSummary {
+    /// Predicted loss increase of the chosen assignment, cross-layer terms included.
+    pub predicted_loss: f64,
+    /// The same for the exact `Σ Ω` knapsack choice (HAWQ-v2).
+    pub omega_choice_loss: f64,
+    /// The same for the exact knapsack on the per-layer terms alone.
+    pub per_layer_choice_loss: f64,
+    /// Improving moves the local search made, and from which knapsack solution.
+    pub moves: usize,
+    pub started_from: &'static str,
+}
+
 /// What the selection decided.
 #[derive(Debug, Clone, Serialize)]
 pub struct MixedPrecisionReport {
+    pub selection: Selection,
     pub layers: Vec<LayerChoice>,
     pub budget: Budget,
     pub fp32_bytes: u64,
     pub total_bytes: u64,
     pub avg_bits: f64,
+    /// `Σ Ω` of the chosen assignment.
     pub sum_omega: f64,
+    /// The knapsack's size axis was not discretized (see [`solve`]).
     pub exact: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub joint: Option<JointSummary>,
     /// Size (true bytes) vs ΣΩ frontier.
     pub pareto: Vec<ParetoPoint>,
 }
 
 fn full_match(patterns: &[Regex], s: &str) -> bool {
     patterns.iter().any(|r| r.is_match(s))
+}
+
+fn keep_patterns(opts: &MixedPrecisionOptions) -> Result<Vec<Regex>> {
+    opts.keep_fp32
+        .iter()
+        .map(|p| {
+            Regex::new(&format!("^(?:{p})$")).with_context(|| format!("keep_fp32 pattern '{p}'"))
+        })
+        .collect()
+}
+
+/// The precisions a layer may get, cheapest first (ties go to the smaller option); fp32 last.
+fn allowed_precisions(kept: bool, opts: &MixedPrecisionOptions) -> Vec<Precision> {
+    Precision::ALL
+        .into_iter()
+        .rev()
+        .filter(|&p| match p {
+            Precision::Fp32 => true,
+            _ if kept => false,
+            Precision::Int4 => opts.allow_int4,
+            Precision::Fp16 => opts.allow_fp16,
+            Precision::Int8 => true,
+        })
+        .collect()
+}
+
+/// The weights whose output responses the joint selection needs: every allowed precision but
+/// fp32, in [`allowed_precisions`] order.
+fn joint_candidates(
+    model: &Model,
+    opts: &MixedPrecisionOptions,
+    keep: &[Regex],
+    layer: &crate::ir::layer::Layer,
+    w0: &ArrayD<f32>,
+) -> Vec<ArrayD<f32>> {
+    if opts.selection != Selection::Joint {
+        return Vec::new();
+    }
+    let node = model.graph.node(layer.node).name();
+    let kept = full_match(keep, node) || full_match(keep, &layer.weight);
+    allowed_precisions(kept, opts)
+        .into_iter()
+        .filter(|&p| p != Precision::Fp32)
+        .map(|p| round_trip(w0, layer.out_axis(), p))
+        .collect()
+}
+
+/// Hessian traces, and with the joint selection each layer's output responses to its weight at
+/// every allowed precision but fp32 (in cheapest-first order): what [`select`] needs.
+pub fn sensitivities(
+    model: &Model,
+    batches: &[Vec<ArrayD<f32>>],
+    opts: &MixedPrecisionOptions,
+) -> Result<Vec<LayerSensitivity>> {
+    let keep = keep_patterns(opts)?;
+    let candidates = |l: &crate::ir::layer::Layer, w0: &ArrayD<f32>| {
+        joint_candidates(model, opts, &keep, l, w0)
+    };
+    hessian::sensitivity_with(model, batches, &opts.hessian, &candidates)
 }
 
 /// Choose precisions from sensitivities (selection only; the model is not changed).
@@ -405,13 +503,7 @@ pub fn select(
     budget: Budget,
     opts: &MixedPrecisionOptions,
 ) -> Result<MixedPrecisionReport> {
-    let keep: Vec<Regex> = opts
-        .keep_fp32
-        .iter()
-        .map(|p| {
-            Regex::new(&format!("^(?:{p})$")).with_context(|| format!("keep_fp32 pattern '{p}'"))
-        })
-        .collect::<Result<_>>()?;
+    let keep = keep_patterns(opts)?;
     let mut layers = Vec::new();
     let mut classes: Vec<Vec<(u64, f64)>> = Vec::new();
     let mut bits_classes: Vec<Vec<(u64, f64)>> = Vec::new();
@@ -425,17 +517,7 @@ pub fn select(
         )?;
         let channels = w.shape().get(s.out_axis).copied().unwrap_or(1);
         let kept = full_match(&keep, &s.node) || full_match(&keep, &s.weight);
-        let allowed: Vec<Precision> = Precision::ALL
-            .into_iter()
-            .rev() // cheapest first, so ties go to the smaller option
-            .filter(|&p| match p {
-                Precision::Fp32 => true,
-                _ if kept => false,
-                Precision::Int4 => opts.allow_int4,
-                Precision::Fp16 => opts.allow_fp16,
-                Precision::Int8 => true,
-            })
-            .collect();
+        let allowed = allowed_precisions(kept, opts);
         let mut omega = BTreeMap::new();
         let mut bytes = BTreeMap::new();
         for &p in &allowed {
@@ -468,6 +550,7 @@ pub fn select(
             precision: Precision::Fp32,
             bytes: 4 * s.params as u64,
             omega,
+            loss: BTreeMap::new(),
             bytes_by_precision: bytes,
             kept_fp32_by_option: kept,
         });
@@ -494,17 +577,73 @@ pub fn select(
             "budget {budget:?} is below the smallest possible size ({least} in the budget's unit)"
         )
     })?;
-    let used: u64 = sol
-        .choice
-        .iter()
-        .zip(cls.iter())
-        .map(|(&k, c)| c[k].0)
-        .sum();
+    // Joint: every layer has one response per allowed precision but fp32.
+    let joint_ready = opts.selection == Selection::Joint
+        && sens
+            .iter()
+            .zip(&options)
+            .all(|(s, o)| s.responses.len() + 1 == o.len());
+    let mut joint = None;
+    let mut choice = sol.choice.clone();
+    if joint_ready {
+        let responses: Vec<Vec<Option<&[f32]>>> = sens
+            .iter()
+            .zip(&options)
+            .map(|(s, o)| {
+                o.iter()
+                    .enumerate()
+                    .map(|(k, &p)| (p != Precision::Fp32).then(|| &s.responses[k][..]))
+                    .collect()
+            })
+            .collect();
+        let gram = joint::Gram::new(&responses);
+        for (l, layer) in layers.iter_mut().enumerate() {
+            for (k, &p) in options[l].iter().enumerate() {
+                layer.loss.insert(p, gram.diagonal(l, k));
+            }
+        }
+        let diagonal: Vec<Vec<(u64, f64)>> = cls
+            .iter()
+            .enumerate()
+            .map(|(l, c)| {
+                c.iter()
+                    .enumerate()
+                    .map(|(k, o)| (o.0, gram.diagonal(l, k)))
+                    .collect()
+            })
+            .collect();
+        let costs: Vec<Vec<u64>> = cls
+            .iter()
+            .map(|c| c.iter().map(|o| o.0).collect())
+            .collect();
+        let diag_sol = solve(&diagonal, limit, opts.max_buckets)
+            .context("internal: the per-layer knapsack found no solution where Ω's did")?;
+        let from_diag = joint::refine(&gram, &costs, limit, &diag_sol.choice);
+        let from_omega = joint::refine(&gram, &costs, limit, &sol.choice);
+        let best = if from_omega.loss < from_diag.loss {
+            &from_omega
+        } else {
+            &from_diag
+        };
+        choice = best.choice.clone();
+        joint = Some(JointSummary {
+            predicted_loss: best.loss,
+            omega_choice_loss: gram.loss(&sol.choice),
+            per_layer_choice_loss: gram.loss(&diag_sol.choice),
+            moves: best.moves,
+            started_from: if std::ptr::eq(best, &from_omega) {
+                "omega"
+            } else {
+                "per_layer"
+            },
+        });
+    }
+    let used: u64 = choice.iter().zip(cls.iter()).map(|(&k, c)| c[k].0).sum();
     ensure!(
         used <= limit,
         "internal: selection exceeds the budget ({used} > {limit})"
     );
-    for ((l, &k), opts_l) in layers.iter_mut().zip(&sol.choice).zip(&options) {
+    for ((l, &k), opts_l) in layers.iter_mut().zip(&choice).zip(&options) {
         l.precision = opts_l[k];
         l.bytes = l.bytes_by_precision[&l.precision];
     }
@@ -518,8 +657,14 @@ pub fn select(
         .map(|(bytes, sum_omega)| ParetoPoint { bytes, sum_omega })
         .collect();
     Ok(MixedPrecisionReport {
-        sum_omega: sol.value,
+        selection: if joint.is_some() {
+            Selection::Joint
+        } else {
+            Selection::Trace
+        },
+        sum_omega: layers.iter().map(|l| l.omega[&l.precision]).sum(),
         exact: sol.exact,
+        joint,
         layers,
         budget,
         fp32_bytes,
@@ -527,6 +672,80 @@ pub fn select(
         avg_bits: bits as f64 / total_params.max(1) as f64,
         pareto,
     })
+}
+
+/// The per-layer table of a selection, for the terminal: params, trace (± standard error), `Ω`
+/// per precision, with the joint selection the per-layer second-order loss `ΔL` per precision,
+/// then the choice and its bytes.
+pub fn table(report: &MixedPrecisionReport) -> Vec<String> {
+    let precisions: Vec<Precision> = Precision::ALL
+        .into_iter()
+        .rev()
+        .filter(|&p| p != Precision::Fp32 && report.layers.iter().any(|l| l.omega.contains_key(&p)))
+        .collect();
+    let joint = report.joint.is_some();
+    let width = report
+        .layers
+        .iter()
+        .map(|l| l.node.chars().count())
+        .max()
+        .unwrap_or(5)
+        .clamp(5, 40);
+    let short = |name: &str| -> String {
+        let n = name.chars().count();
+        if n <= width {
+            name.to_string()
+        } else {
+            let tail: String = name.chars().skip(n - (width - 1)).collect();
+            format!("…{tail}")
+        }
+    };
+    let mut head = format!("{:<width$} {:>8} {:>9} {:>4}", "layer", "params", "Tr(H)", "±%");
+    for p in &precisions {
+        head += &format!(" {:>9}", format!("Ω {}", p.label()));
+    }
+    if joint {
+        for p in &precisions {
+            head += &format!(" {:>9}", format!("ΔL {}", p.label()));
+        }
+    }
+    head += &format!(" {:>6} {:>9}", "chosen", "bytes");
+    let mut lines = vec![head];
+    let cell = |m: &BTreeMap<Precision, f64>, p: &Precision| match m.get(p) {
+        Some(v) => format!(" {v:>9.2e}"),
+        None => format!(" {:>9}", "-"),
+    };
+    for l in &report.layers {
+        let rel = if l.hessian_trace != 0.0 {
+            format!("{:.0}", 100.0 * l.hessian_trace_stderr / l.hessian_trace.abs())
+        } else {
+            "-".into()
+        };
+        let mut line = format!(
+            "{:<width$} {:>8} {:>9.2e} {:>4}",
+            short(&l.node),
+            l.params,
+            l.hessian_trace,
+            rel
+        );
+        for p in &precisions {
+            line += &cell(&l.omega, p);
+        }
+        if joint {
+            for p in &precisions {
+                line += &cell(&l.loss, p);
+            }
+        }
+        line += &format!(" {:>6} {:>9}", l.precision.label(), l.bytes);
+        lines.push(line);
+    }
+    if let Some(j) = &report.joint {
+        lines.push(format!(
+            "predicted loss increase (second order, cross-layer terms included): chosen {:.3e}; exact ΣΩ knapsack (HAWQ-v2) {:.3e}; exact knapsack on the per-layer ΔL {:.3e}",
+            j.predicted_loss, j.omega_choice_loss, j.per_layer_choice_loss
+        ));
+    }
+    lines
 }
 
 /// Swap float initializer `name` for `node` (producing `name`) reading new initializers.
@@ -875,8 +1094,7 @@ pub fn mixed_precision(
         }
     };
     stats.notes.extend(calib.notes.iter().cloned());
-    let sens = hessian::sensitivity(model, &calib.batches, &opts.hessian)
-        .context("estimating Hessian traces")?;
+    let sens = sensitivities(model, &calib.batches, opts).context("estimating Hessian traces")?;
     if sens.is_empty() {
         stats
             .notes
@@ -919,6 +1137,7 @@ pub fn mixed_precision(
             " (size axis discretized; budget still met)"
         }
     ));
+    stats.table = table(&report);
     stats.details = json!({
         "calibration": { "source": calib.source, "samples": calib.samples, "synthetic": calib.synthetic },
         "hessian": {
