@@ -278,6 +278,17 @@ pub struct CompressArgs {
     /// Output comparison for the traces: auto (KL for classifier logits, MSE otherwise), kl, mse.
     #[arg(long, default_value = "auto", value_parser = ["auto", "kl", "mse"], help_heading = "Mixed precision")]
     pub hessian_loss: String,
+    /// How precisions are chosen. joint: minimize the second-order loss of the actual
+    /// quantization errors with cross-layer terms (3 extra runs of each layer's downstream part;
+    /// measured better on the digits models, BENCHMARKS.md). trace: HAWQ-v2, minimize
+    /// Σ Tr(H)/n·‖ΔW‖² exactly (per-layer additive).
+    #[arg(long, default_value = "joint", value_parser = ["joint", "trace"], help_heading = "Mixed precision")]
+    pub selection: String,
+    /// int4 weights in blocks of N values along the input-channel axis, one scale per block
+    /// (ONNX block-wise DequantizeLinear, opset 21); layers whose input axis is shorter than N
+    /// stay per output channel. Default: per output channel.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..), help_heading = "Mixed precision")]
+    pub block_size: Option<u64>,
 
     // ---- validation data ----
     /// Held-out inputs for validation (same formats as --calib); default: synthetic.
@@ -548,6 +559,11 @@ fn pass_context(
         keep_fp32: args.keep_fp32.clone(),
         allow_int4: !args.no_int4,
         allow_fp16: !args.no_fp16,
+        block_size: args.block_size.map(|b| b as usize),
+        selection: match args.selection.as_str() {
+            "trace" => crate::passes::mixed_precision::Selection::Trace,
+            _ => crate::passes::mixed_precision::Selection::Joint,
+        },
         hessian: crate::hessian::HessianOptions {
             max_samples: args.hessian_samples.max(1),
             seed: args.seed,

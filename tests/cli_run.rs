@@ -377,3 +377,75 @@ fn sensitivity_loss_is_selectable() {
     assert_ne!(code, 0);
     assert!(err.contains("l1"), "{err}");
 }
+
+#[test]
+fn mixed_precision_prints_the_layer_table_and_reports_both_selections() {
+    let d = tempfile::tempdir().unwrap();
+    let compress = |selection: &str| -> (String, serde_json::Value) {
+        let out = d.path().join(format!("{selection}.onnx"));
+        let report = d.path().join(format!("{selection}.json"));
+        let (code, stdout, err) = run(&[
+            testdata().join("digits_cnn.onnx").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--avg-bits",
+            "5",
+            "--calib",
+            testdata().join("digits_calib_x.npy").to_str().unwrap(),
+            "--calib-samples",
+            "32",
+            "--hessian-samples",
+            "8",
+            "--selection",
+            selection,
+            "--no-validate",
+            "--report",
+            report.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let pass = json["passes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "mixed-precision")
+            .unwrap()
+            .clone();
+        (stdout, pass["details"]["selection"].clone())
+    };
+    let (stdout, sel) = compress("joint");
+    assert_eq!(sel["selection"], "joint");
+    let layers = sel["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 6);
+    // The table: a header with Ω and ΔL columns, then one row per layer by node name.
+    let header = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("layer "))
+        .unwrap_or_else(|| panic!("no table in:\n{stdout}"));
+    for col in [
+        "params", "Tr(H)", "Ω int4", "Ω int8", "ΔL int4", "chosen", "bytes",
+    ] {
+        assert!(header.contains(col), "'{col}' missing from '{header}'");
+    }
+    for l in layers {
+        let node = l["node"].as_str().unwrap();
+        let line = stdout
+            .lines()
+            .find(|x| x.trim_start().starts_with(node))
+            .unwrap_or_else(|| panic!("no row for {node}"));
+        assert!(line.contains(l["precision"].as_str().unwrap()), "{line}");
+        assert!(l["loss"]["int4"].as_f64().unwrap() > 0.0);
+    }
+    // The local search starts from the ΣΩ knapsack's choice: never worse than it.
+    let j = &sel["joint"];
+    let chosen = j["predicted_loss"].as_f64().unwrap();
+    assert!(chosen <= j["omega_choice_loss"].as_f64().unwrap());
+    assert!(chosen <= j["per_layer_choice_loss"].as_f64().unwrap());
+    assert!(stdout.contains("predicted loss increase"), "{stdout}");
+
+    let (stdout, sel) = compress("trace");
+    assert_eq!(sel["selection"], "trace");
+    assert!(sel.get("joint").is_none(), "{sel}");
+    assert!(!stdout.contains("ΔL int4"), "{stdout}");
+}

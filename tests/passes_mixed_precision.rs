@@ -5,6 +5,7 @@ mod common;
 use ndarray::{ArrayD, Axis};
 use onnx_compress::calibrate::{CalibrationSet, DataOptions};
 use onnx_compress::hessian::{self, HessianOptions, LayerSensitivity};
+use onnx_compress::ir::op::Attrs;
 use onnx_compress::ir::{tensor, Model};
 use onnx_compress::onnx::proto::ModelProto;
 use onnx_compress::passes::mixed_precision::{
@@ -494,7 +495,10 @@ fn compare(b: &mut Bench, avg_bits: f64, n_random: usize) -> Comparison {
     small_first.sort_by_key(|&i| (b.s[i].params, i));
     let large_first: Vec<usize> = small_first.iter().rev().copied().collect();
     let fixed: Vec<(&'static str, Vec<Precision>)> = vec![
-        ("hessian (int4/int8 only)", joint_int4_int8_choice(&b.s, budget_bits)),
+        (
+            "hessian (int4/int8 only)",
+            joint_int4_int8_choice(&b.s, budget_bits),
+        ),
         ("HAWQ-v2 ΣΩ", trace),
         (
             "HAWQ-v2 ΣΩ (int4/int8 only)",
@@ -651,12 +655,22 @@ fn digits_smooth_hessian_assignment_beats_orders_and_random() {
     }
     // int4/int8 only, like for like: never worse than the fixed orders.
     let h44 = row(&c, "hessian (int4/int8 only)").kl;
-    for label in ["layer order", "reverse layer order", "param count, smallest first"] {
+    for label in [
+        "layer order",
+        "reverse layer order",
+        "param count, smallest first",
+    ] {
         let other = row(&c, label).kl;
-        assert!(h44 <= other * 1.0001, "int4/int8 KL {h44} vs {label} {other}");
+        assert!(
+            h44 <= other * 1.0001,
+            "int4/int8 KL {h44} vs {label} {other}"
+        );
     }
     let best_random = c.random.iter().map(|r| r.kl).fold(f64::INFINITY, f64::min);
-    assert!(h < best_random, "hessian KL {h} vs best random order {best_random}");
+    assert!(
+        h < best_random,
+        "hessian KL {h} vs best random order {best_random}"
+    );
 }
 
 /// `digits_deep` (same network, no label smoothing: very confident, a handful of samples carry
@@ -721,7 +735,11 @@ fn digits_diagnostics() {
         let mut p = all4.clone();
         p[i] = Precision::Int8;
         let gain = base.kl - b.score(&p).kl;
-        let joint_alone = 0.5 * l.responses[0].iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
+        let joint_alone = 0.5
+            * l.responses[0]
+                .iter()
+                .map(|&v| (v as f64).powi(2))
+                .sum::<f64>();
         eprintln!(
             "| {} | {} | {:.2e} | {joint_alone:.2e} | {kl_alone:.2e} | {gain:.2e} |",
             short(&l.node),
@@ -773,7 +791,10 @@ fn digits_diagnostics() {
             selection: Selection::Trace,
             ..Default::default()
         };
-        int4_int8_choice(&select(&b.m, &b.s, Budget::AvgBits(avg), &o).unwrap(), budget_bits)
+        int4_int8_choice(
+            &select(&b.m, &b.s, Budget::AvgBits(avg), &o).unwrap(),
+            budget_bits,
+        )
     };
     let joint_int = joint_int4_int8_choice(&b.s, budget_bits);
     for (label, p) in [
@@ -923,15 +944,18 @@ fn pass_emits_mixed_weights_that_run_in_tract_and_onnxruntime() {
     let fp32_size = onnx_compress::onnx::save::encode(&m.to_proto().unwrap())
         .unwrap()
         .len();
-    for (budget, acts) in [
-        (Budget::Ratio(0.2), false),
-        (Budget::AvgBits(4.5), true),
-        (Budget::Ratio(0.45), true),
+    for (budget, acts, block_size) in [
+        (Budget::Ratio(0.2), false, None),
+        (Budget::AvgBits(4.5), true, None),
+        (Budget::Ratio(0.45), true, None),
+        // int4 in blocks of 16 input channels where a layer has that many (pw convs, fc).
+        (Budget::Ratio(0.3), true, Some(16)),
     ] {
         let mut q = m.clone();
         let opts = MixedPrecisionOptions {
             budget: Some(budget),
             quantize_activations: acts,
+            block_size,
             ..Default::default()
         };
         let stats = mixed_precision(&mut q, &opts, Some(&calib)).unwrap();
@@ -958,6 +982,22 @@ fn pass_emits_mixed_weights_that_run_in_tract_and_onnxruntime() {
         let opset = q.opset("").unwrap();
         assert_eq!(opset >= 21, has("int4"), "opset {opset}");
         assert_eq!(ops(&q, "Cast") > 0, has("fp16"));
+        let blocked = layers
+            .iter()
+            .filter(|l| l["precision"] == "int4" && !l["int4_block_size"].is_null())
+            .count();
+        let block_dqs = q
+            .graph
+            .node_indices()
+            .filter(|&ix| {
+                let n = q.graph.node(ix);
+                n.op_type() == "DequantizeLinear" && n.attr_int("block_size").unwrap() == Some(16)
+            })
+            .count();
+        assert_eq!(blocked, block_dqs, "{budget:?}");
+        if block_size.is_some() {
+            assert!(blocked > 0, "no block-wise int4 layer chosen");
+        }
         // The reported bytes are the bytes written for each weight.
         for l in layers {
             let w = l["weight"].as_str().unwrap();
@@ -1059,11 +1099,7 @@ fn joint_int4_int8_choice(s: &[LayerSensitivity], budget_bits: u64) -> Vec<Preci
         .map(|l| vec![4 * l.params as u64, 8 * l.params as u64])
         .collect();
     let diagonal: Vec<Vec<(u64, f64)>> = (0..s.len())
-        .map(|l| {
-            (0..2)
-                .map(|k| (costs[l][k], gram.diagonal(l, k)))
-                .collect()
-        })
+        .map(|l| (0..2).map(|k| (costs[l][k], gram.diagonal(l, k))).collect())
         .collect();
     let start = solve(&diagonal, budget_bits, 1 << 20).unwrap();
     let r = joint::refine(&gram, &costs, budget_bits, &start.choice);

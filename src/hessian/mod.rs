@@ -112,6 +112,8 @@ pub struct LayerSensitivity {
     pub weight_shape: Vec<usize>,
     /// Weight output-channel axis (per-channel quantization axis).
     pub out_axis: usize,
+    /// Weight input-channel axis (the block axis of block-wise quantization).
+    pub in_axis: usize,
     pub params: usize,
     /// `Tr(G)` of the label-free loss w.r.t. this weight.
     pub hessian_trace: f64,
@@ -147,7 +149,12 @@ fn sketch_slot(i: u64) -> (usize, f32) {
 }
 
 /// `ũ` of one candidate (see the module docs): `outs` and `refs` per batch, per graph output.
-fn response(refs: &[Vec<ArrayD<f32>>], outs: &[Vec<ArrayD<f32>>], kl: &[bool], rows: usize) -> Vec<f32> {
+fn response(
+    refs: &[Vec<ArrayD<f32>>],
+    outs: &[Vec<ArrayD<f32>>],
+    kl: &[bool],
+    rows: usize,
+) -> Vec<f32> {
     let total: usize = refs.iter().flatten().map(|a| a.len()).sum();
     let sketched = total > RESPONSE_DIM;
     let mut u = vec![0f64; total.min(RESPONSE_DIM)];
@@ -537,6 +544,7 @@ pub fn sensitivity_with(
             weight: l.weight.clone(),
             weight_shape: l.weight_shape.clone(),
             out_axis: l.out_axis(),
+            in_axis: l.in_axis(),
             params: n,
             hessian_trace: 0.0,
             hessian_trace_stderr: 0.0,
@@ -611,7 +619,9 @@ pub fn sensitivity_with(
                 *feed.last_mut().expect("weight input") = w.clone();
                 outs.push(runners[*pos].1.run(feed)?);
             }
-            result.responses.push(response(&refs, &outs, &sub.kl, total_rows));
+            result
+                .responses
+                .push(response(&refs, &outs, &sub.kl, total_rows));
         }
         let w0_flat: Vec<f32> = w0.iter().copied().collect();
         let shape = w0.shape().to_vec();

@@ -24,7 +24,7 @@
 //! agrees.
 
 mod runner;
-mod simulate;
+pub(crate) mod simulate;
 mod support;
 mod tensor;
 

@@ -220,7 +220,11 @@ mod tests {
             ([0, 2], [1.0, 2.0]),
         ] {
             let want = 0.5 * sum.iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
-            assert!((g.loss(&a) - want).abs() < 1e-9, "{a:?}: {} vs {want}", g.loss(&a));
+            assert!(
+                (g.loss(&a) - want).abs() < 1e-9,
+                "{a:?}: {} vs {want}",
+                g.loss(&a)
+            );
         }
         assert_eq!(g.diagonal(1, 1), 0.5 * 10.0);
     }
@@ -262,8 +266,12 @@ mod tests {
                 .map(|_| {
                     let scale = rng.random_range(0.1f32..3.0);
                     vec![
-                        (0..dim).map(|_| scale * rng.random_range(-1.0f32..1.0)).collect(),
-                        (0..dim).map(|_| 0.1 * scale * rng.random_range(-1.0f32..1.0)).collect(),
+                        (0..dim)
+                            .map(|_| scale * rng.random_range(-1.0f32..1.0))
+                            .collect(),
+                        (0..dim)
+                            .map(|_| 0.1 * scale * rng.random_range(-1.0f32..1.0))
+                            .collect(),
                     ]
                 })
                 .collect();
@@ -291,6 +299,9 @@ mod tests {
             }
         }
         // A local search: not always optimal, but nearly always on problems this small.
-        assert!(optimal * 100 >= trials * 90, "optimal in {optimal} of {trials}");
+        assert!(
+            optimal * 100 >= trials * 90,
+            "optimal in {optimal} of {trials}"
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! Pass `mixed-precision`: one weight precision per layer (fp32, fp16, int8, int4), chosen from
-//! Hessian traces to minimize the predicted loss increase under a size budget.
+//! the Hessian of a label-free loss to minimize the predicted loss increase under a size budget.
 //!
 //! ```text
 //! before: x -> Conv(W, B) -> y
@@ -20,6 +20,15 @@
 //! a coarser unit (the answer then always fits the true budget, and is optimal up to that
 //! rounding; the report says `exact: false`). The chosen sizes are re-summed in true bytes and
 //! checked against the budget.
+//!
+//! **Joint selection** (default, [`Selection::Joint`]). `Ω` assumes each layer's error is
+//! isotropic and that layers' errors add up independently. [`joint`] instead evaluates the same
+//! Gauss–Newton quadratic form on the *actual* errors, cross-layer terms included:
+//! `L(a) ≈ ½ ‖Σ_l ũ_{l,a_l}‖²`, with `ũ` each layer's whitened output response to its quantized
+//! weight (one run of the layer's downstream part per candidate precision,
+//! [`hessian::sensitivity_with`]). The exact knapsack solutions on `Ω` and on the per-layer terms
+//! `½‖ũ_{l,b}‖²` start a local search (one- and two-layer moves within the budget) on `L(a)`.
+//! The traces and `Ω` are still estimated and reported. [`Selection::Trace`] is HAWQ-v2 as is.
 //!
 //! Budgets: `Bytes` / `Ratio` count true bytes (scales included) against fp32 weight bytes;
 //! `AvgBits` counts payload bits per weight (32/16/8/4), the usual "bits per weight".
@@ -128,6 +137,9 @@ pub struct MixedPrecisionOptions {
     pub allow_int4: bool,
     pub allow_fp16: bool,
     pub selection: Selection,
+    /// int4 weights in blocks of this many values along the input axis (see [`int4_block`]);
+    /// `None`: per output channel.
+    pub block_size: Option<usize>,
     /// Quantize activations around int8/int4 layers with the `quantize` pass's machinery.
     pub quantize_activations: bool,
     pub hessian: HessianOptions,
@@ -147,6 +159,7 @@ impl Default for MixedPrecisionOptions {
             allow_int4: true,
             allow_fp16: true,
             selection: Selection::Joint,
+            block_size: None,
             quantize_activations: true,
             hessian: HessianOptions::default(),
             pareto_points: 16,
@@ -186,7 +199,72 @@ pub fn quantize_weight(
     (q, scales, deq)
 }
 
-/// `W` after a round trip through precision `p`.
+/// The int4 block size that applies to a weight of `shape`: `block` when the input axis holds at
+/// least `block` values, else `None` (per output channel).
+pub fn int4_block(shape: &[usize], in_axis: usize, block: Option<usize>) -> Option<usize> {
+    block.filter(|&b| b > 0 && shape.get(in_axis).is_some_and(|&d| d >= b))
+}
+
+/// Symmetric block-wise quantization to `bits`: blocks of `block` consecutive values along
+/// `axis`, one scale (`max|w| / qmax`) each, in the layout of ONNX block-wise DequantizeLinear
+/// (the scale has `w`'s shape with `axis` divided by `block`, rounded up). Integer values,
+/// scales, and the dequantized tensor.
+pub fn quantize_blocked(
+    w: &ArrayD<f32>,
+    axis: usize,
+    block: usize,
+    bits: u32,
+) -> (Vec<i8>, ArrayD<f32>, ArrayD<f32>) {
+    let qmax = ((1i32 << (bits - 1)) - 1) as f32;
+    let mut sshape = w.shape().to_vec();
+    sshape[axis] = sshape[axis].div_ceil(block);
+    let mut sstride = vec![1usize; sshape.len()];
+    for k in (0..sshape.len().saturating_sub(1)).rev() {
+        sstride[k] = sstride[k + 1] * sshape[k + 1];
+    }
+    let slot = |idx: &IxDyn| -> usize {
+        (0..sshape.len())
+            .map(|k| (if k == axis { idx[k] / block } else { idx[k] }) * sstride[k])
+            .sum()
+    };
+    let mut scales = vec![0f32; sshape.iter().product()];
+    for (idx, &v) in w.indexed_iter() {
+        let s = &mut scales[slot(&idx)];
+        *s = s.max(v.abs());
+    }
+    for s in scales.iter_mut() {
+        *s /= qmax;
+        if !(s.is_finite() && *s > 0.0) {
+            *s = 1.0;
+        }
+    }
+    let mut q = Vec::with_capacity(w.len());
+    let mut deq = ArrayD::<f32>::zeros(w.raw_dim());
+    for ((idx, &v), d) in w.indexed_iter().zip(deq.iter_mut()) {
+        let s = scales[slot(&idx)];
+        let r = (v / s).round_ties_even().clamp(-qmax, qmax);
+        q.push(r as i8);
+        *d = r * s;
+    }
+    let scales = ArrayD::from_shape_vec(IxDyn(&sshape), scales).expect("scale shape");
+    (q, scales, deq)
+}
+
+/// [`round_trip`], with int4 block-wise along `in_axis` where [`int4_block`] applies.
+pub fn round_trip_in(
+    w: &ArrayD<f32>,
+    out_axis: usize,
+    in_axis: usize,
+    p: Precision,
+    block: Option<usize>,
+) -> ArrayD<f32> {
+    match (p, int4_block(w.shape(), in_axis, block)) {
+        (Precision::Int4, Some(b)) => quantize_blocked(w, in_axis, b, 4).2,
+        _ => round_trip(w, out_axis, p),
+    }
+}
+
+/// `W` after a round trip through precision `p` (int8/int4 per output channel).
 pub fn round_trip(w: &ArrayD<f32>, axis: usize, p: Precision) -> ArrayD<f32> {
     match p {
         Precision::Fp32 => w.clone(),
@@ -194,6 +272,14 @@ pub fn round_trip(w: &ArrayD<f32>, axis: usize, p: Precision) -> ArrayD<f32> {
         Precision::Int8 => quantize_weight(w, axis, 8).2,
         Precision::Int4 => quantize_weight(w, axis, 4).2,
     }
+}
+
+/// Bytes written for an int4 weight of `shape` in blocks of `block` along `in_axis` (scales
+/// only, no zero point).
+pub fn blocked_int4_bytes(shape: &[usize], in_axis: usize, block: usize) -> u64 {
+    let n: usize = shape.iter().product();
+    let d = shape[in_axis].max(1);
+    (n.div_ceil(2) + 4 * (n / d) * d.div_ceil(block)) as u64
 }
 
 /// Bytes written for a weight of `n` values and `channels` output channels at precision `p`.
@@ -390,6 +476,9 @@ pub struct LayerChoice {
     /// Joint selection only: the second-order loss with only this layer at each precision.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub loss: BTreeMap<Precision, f64>,
+    /// Block size of this layer's int4 option (`None`: per output channel).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub int4_block_size: Option<usize>,
     pub bytes_by_precision: BTreeMap<Precision, u64>,
     pub kept_fp32_by_option: bool,
 }
@@ -478,7 +567,7 @@ fn joint_candidates(
     allowed_precisions(kept, opts)
         .into_iter()
         .filter(|&p| p != Precision::Fp32)
-        .map(|p| round_trip(w0, layer.out_axis(), p))
+        .map(|p| round_trip_in(w0, layer.out_axis(), layer.in_axis(), p, opts.block_size))
         .collect()
 }
 
@@ -490,9 +579,8 @@ pub fn sensitivities(
     opts: &MixedPrecisionOptions,
 ) -> Result<Vec<LayerSensitivity>> {
     let keep = keep_patterns(opts)?;
-    let candidates = |l: &crate::ir::layer::Layer, w0: &ArrayD<f32>| {
-        joint_candidates(model, opts, &keep, l, w0)
-    };
+    let candidates =
+        |l: &crate::ir::layer::Layer, w0: &ArrayD<f32>| joint_candidates(model, opts, &keep, l, w0);
     hessian::sensitivity_with(model, batches, &opts.hessian, &candidates)
 }
 
@@ -520,15 +608,22 @@ pub fn select(
         let allowed = allowed_precisions(kept, opts);
         let mut omega = BTreeMap::new();
         let mut bytes = BTreeMap::new();
+        let block = int4_block(w.shape(), s.in_axis, opts.block_size);
         for &p in &allowed {
-            let d = round_trip(&w, s.out_axis, p);
+            let d = round_trip_in(&w, s.out_axis, s.in_axis, p, opts.block_size);
             let err2: f64 = w
                 .iter()
                 .zip(d.iter())
                 .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
                 .sum();
             omega.insert(p, s.trace_per_param.max(0.0) * err2);
-            bytes.insert(p, weight_bytes(s.params, channels, p));
+            bytes.insert(
+                p,
+                match (p, block) {
+                    (Precision::Int4, Some(b)) => blocked_int4_bytes(w.shape(), s.in_axis, b),
+                    _ => weight_bytes(s.params, channels, p),
+                },
+            );
         }
         classes.push(allowed.iter().map(|p| (bytes[p], omega[p])).collect());
         bits_classes.push(
@@ -551,6 +646,7 @@ pub fn select(
             bytes: 4 * s.params as u64,
             omega,
             loss: BTreeMap::new(),
+            int4_block_size: block,
             bytes_by_precision: bytes,
             kept_fp32_by_option: kept,
         });
@@ -700,7 +796,10 @@ pub fn table(report: &MixedPrecisionReport) -> Vec<String> {
             format!("…{tail}")
         }
     };
-    let mut head = format!("{:<width$} {:>8} {:>9} {:>4}", "layer", "params", "Tr(H)", "±%");
+    let mut head = format!(
+        "{:<width$} {:>8} {:>9} {:>4}",
+        "layer", "params", "Tr(H)", "±%"
+    );
     for p in &precisions {
         head += &format!(" {:>9}", format!("Ω {}", p.label()));
     }
@@ -717,7 +816,10 @@ pub fn table(report: &MixedPrecisionReport) -> Vec<String> {
     };
     for l in &report.layers {
         let rel = if l.hessian_trace != 0.0 {
-            format!("{:.0}", 100.0 * l.hessian_trace_stderr / l.hessian_trace.abs())
+            format!(
+                "{:.0}",
+                100.0 * l.hessian_trace_stderr / l.hessian_trace.abs()
+            )
         } else {
             "-".into()
         };
@@ -771,13 +873,15 @@ fn replace_constant(
     Ok(())
 }
 
-/// Store weight `w` at precision `p`; returns the per-channel scales for int8/int4.
+/// Store weight `w` at precision `p`; returns the per-channel scales for int8/int4 (none for
+/// block-wise int4, whose bias then stays float).
 fn emit_weight(
     g: &mut Graph,
     namer: &mut insert::Namer,
     w: &str,
-    axis: usize,
+    (axis, in_axis): (usize, usize),
     p: Precision,
+    block: Option<usize>,
 ) -> Result<Option<Vec<f32>>> {
     let t = g
         .constant(w)
@@ -789,6 +893,26 @@ fn emit_weight(
         a.ndim()
     );
     let shape = a.shape().to_vec();
+    if let (Precision::Int4, Some(b)) = (p, int4_block(&shape, in_axis, block)) {
+        let (q, scales, _) = quantize_blocked(&a, in_axis, b, 4);
+        let names = namer.take(
+            g,
+            'w',
+            w,
+            [
+                ("quantized", "q"),
+                ("scale", "s"),
+                ("DequantizeLinear", "DQ"),
+            ],
+        );
+        let wq = tensor::from_4bit(&names[0], &shape, &q, true);
+        let s = tensor::from_f32(&names[1], &scales);
+        let mut dq = op::node("DequantizeLinear", &names[2], &[&names[0], &names[1]], &[w]);
+        op::set_attr(&mut dq, attr_int("axis", in_axis as i64));
+        op::set_attr(&mut dq, attr_int("block_size", b as i64));
+        replace_constant(g, w, vec![wq, s], dq)?;
+        return Ok(None);
+    }
     match p {
         Precision::Fp32 => Ok(None),
         Precision::Fp16 => {
@@ -1000,7 +1124,8 @@ pub fn apply_assignment(
     for (w, p) in assignment {
         let l = layer_of(w)
             .with_context(|| format!("'{w}' is not the constant weight of a Conv/Gemm/MatMul"))?;
-        if let Some(s) = emit_weight(g, &mut namer, w, l.out_axis(), *p)? {
+        let axes = (l.out_axis(), l.in_axis());
+        if let Some(s) = emit_weight(g, &mut namer, w, axes, *p, opts.block_size)? {
             scales.insert(w.clone(), s);
         }
     }
@@ -1150,4 +1275,55 @@ pub fn mixed_precision(
         "selection": serde_json::to_value(&report)?,
     });
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocked_int4_matches_the_onnx_block_wise_dequantize_formula() {
+        // Conv-like [O=3, I=5, 2, 1], blocks of 2 along axis 1: 3 blocks (the last holds one
+        // input channel), so the scale is [3, 3, 2, 1].
+        let shape = [3usize, 5, 2, 1];
+        let n: usize = shape.iter().product();
+        let w = ArrayD::from_shape_vec(
+            IxDyn(&shape),
+            (0..n)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.1)
+                .collect(),
+        )
+        .unwrap();
+        let (q, scales, deq) = quantize_blocked(&w, 1, 2, 4);
+        assert_eq!(scales.shape(), &[3, 3, 2, 1]);
+        assert!(q.iter().all(|&v| (-7..=7).contains(&v)));
+        let q64: Vec<i64> = q.iter().map(|&v| v as i64).collect();
+        let s: Vec<f32> = scales.iter().copied().collect();
+        let reference =
+            crate::validate::simulate::dequantize(&q64, &shape, &s, scales.shape(), None, 1, 2)
+                .unwrap();
+        assert_eq!(deq.iter().copied().collect::<Vec<_>>(), reference);
+        // Each block's largest |w| lands on ±7 exactly.
+        for o in 0..3 {
+            for b in 0..3 {
+                for k in 0..2 {
+                    let block: Vec<f32> = (2 * b..(2 * b + 2).min(5))
+                        .map(|i| w[[o, i, k, 0]])
+                        .collect();
+                    let m = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let want = if m > 0.0 { m / 7.0 } else { 1.0 };
+                    assert!((scales[[o, b, k, 0]] - want).abs() <= 1e-7 * m.max(1.0));
+                }
+            }
+        }
+        // Bytes: ⌈30/2⌉ values + 4 per scale (18 scales).
+        assert_eq!(blocked_int4_bytes(&shape, 1, 2), 15 + 4 * 18);
+        // Blocks apply only where the input axis holds a whole block.
+        assert_eq!(int4_block(&shape, 1, Some(8)), None);
+        assert_eq!(int4_block(&shape, 1, Some(5)), Some(5));
+        // Finer scales: never a larger error than per output channel.
+        let per_channel = round_trip(&w, 0, Precision::Int4);
+        let err = |d: &ArrayD<f32>| -> f32 { w.iter().zip(d).map(|(a, b)| (a - b).powi(2)).sum() };
+        assert!(err(&deq) <= err(&per_channel));
+    }
 }
