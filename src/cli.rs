@@ -289,6 +289,10 @@ pub struct CompressArgs {
     /// stay per output channel. Default: per output channel.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..), help_heading = "Mixed precision")]
     pub block_size: Option<u64>,
+    /// Print the size-vs-sensitivity frontier (minimum ΣΩ, and the joint selection's predicted
+    /// loss, per weight size) after the per-layer table; it is always in --report and --html.
+    #[arg(long, help_heading = "Mixed precision")]
+    pub pareto: bool,
 
     // ---- validation data ----
     /// Held-out inputs for validation (same formats as --calib); default: synthetic.
@@ -560,6 +564,7 @@ fn pass_context(
         allow_int4: !args.no_int4,
         allow_fp16: !args.no_fp16,
         block_size: args.block_size.map(|b| b as usize),
+        print_pareto: args.pareto,
         selection: match args.selection.as_str() {
             "trace" => crate::passes::mixed_precision::Selection::Trace,
             _ => crate::passes::mixed_precision::Selection::Joint,

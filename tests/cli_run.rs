@@ -398,6 +398,7 @@ fn mixed_precision_prints_the_layer_table_and_reports_both_selections() {
             "8",
             "--selection",
             selection,
+            "--pareto",
             "--no-validate",
             "--report",
             report.to_str().unwrap(),
@@ -443,6 +444,23 @@ fn mixed_precision_prints_the_layer_table_and_reports_both_selections() {
     assert!(chosen <= j["omega_choice_loss"].as_f64().unwrap());
     assert!(chosen <= j["per_layer_choice_loss"].as_f64().unwrap());
     assert!(stdout.contains("predicted loss increase"), "{stdout}");
+    // --pareto: the frontier after the table, one row per reported point, ΣΩ falling with size.
+    let pareto = sel["pareto"].as_array().unwrap();
+    assert!(pareto.len() >= 2);
+    let at = stdout
+        .find("size-vs-sensitivity frontier")
+        .expect("frontier printed");
+    let rows: Vec<&str> = stdout[at..].lines().skip(2).take(pareto.len()).collect();
+    for (row, p) in rows.iter().zip(pareto) {
+        assert!(
+            row.trim_start().starts_with(&p["bytes"].to_string()),
+            "{row} vs {p}"
+        );
+        assert!(p["predicted_loss"].as_f64().is_some(), "{p}");
+    }
+    assert!(pareto
+        .windows(2)
+        .all(|w| w[1]["sum_omega"].as_f64() <= w[0]["sum_omega"].as_f64()));
 
     let (stdout, sel) = compress("trace");
     assert_eq!(sel["selection"], "trace");

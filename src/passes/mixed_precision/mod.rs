@@ -145,6 +145,8 @@ pub struct MixedPrecisionOptions {
     pub hessian: HessianOptions,
     /// Points of the reported size-vs-ΣΩ frontier.
     pub pareto_points: usize,
+    /// Also print the frontier in the terminal table.
+    pub print_pareto: bool,
     /// Largest DP size axis before costs are rounded to a coarser unit.
     pub max_buckets: usize,
     /// Synthetic calibration samples when no data is given.
@@ -163,6 +165,7 @@ impl Default for MixedPrecisionOptions {
             quantize_activations: true,
             hessian: HessianOptions::default(),
             pareto_points: 16,
+            print_pareto: false,
             max_buckets: 1 << 20,
             synthetic_samples: 16,
         }
@@ -487,6 +490,54 @@ pub struct LayerChoice {
 pub struct ParetoPoint {
     pub bytes: u64,
     pub sum_omega: f64,
+    /// Joint selection: the predicted loss of its choice at this size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predicted_loss: Option<f64>,
+}
+
+/// The joint selection at one budget: local search on the joint loss from the exact knapsack
+/// solutions on `Ω` (`omega`, already solved) and on the per-layer terms.
+struct JointSearch {
+    best: joint::Refined,
+    per_layer_choice: Vec<usize>,
+    started_from: &'static str,
+}
+
+fn joint_search(
+    gram: &joint::Gram,
+    classes: &[Vec<(u64, f64)>],
+    omega: &Solution,
+    limit: u64,
+    max_buckets: usize,
+) -> Result<JointSearch> {
+    let diagonal: Vec<Vec<(u64, f64)>> = classes
+        .iter()
+        .enumerate()
+        .map(|(l, c)| {
+            c.iter()
+                .enumerate()
+                .map(|(k, o)| (o.0, gram.diagonal(l, k)))
+                .collect()
+        })
+        .collect();
+    let costs: Vec<Vec<u64>> = classes
+        .iter()
+        .map(|c| c.iter().map(|o| o.0).collect())
+        .collect();
+    let per_layer = solve(&diagonal, limit, max_buckets)
+        .context("internal: the per-layer knapsack found no solution where Ω's did")?;
+    let from_per_layer = joint::refine(gram, &costs, limit, &per_layer.choice);
+    let from_omega = joint::refine(gram, &costs, limit, &omega.choice);
+    let (best, started_from) = if from_omega.loss < from_per_layer.loss {
+        (from_omega, "omega")
+    } else {
+        (from_per_layer, "per_layer")
+    };
+    Ok(JointSearch {
+        best,
+        per_layer_choice: per_layer.choice,
+        started_from,
+    })
 }
 
 /// The joint selection's figures (second-order loss model, see [`joint`]).
@@ -681,6 +732,7 @@ pub fn select(
             .all(|(s, o)| s.responses.len() + 1 == o.len());
     let mut joint = None;
     let mut choice = sol.choice.clone();
+    let mut gram = None;
     if joint_ready {
         let responses: Vec<Vec<Option<&[f32]>>> = sens
             .iter()
@@ -692,47 +744,22 @@ pub fn select(
                     .collect()
             })
             .collect();
-        let gram = joint::Gram::new(&responses);
+        let g = joint::Gram::new(&responses);
         for (l, layer) in layers.iter_mut().enumerate() {
             for (k, &p) in options[l].iter().enumerate() {
-                layer.loss.insert(p, gram.diagonal(l, k));
+                layer.loss.insert(p, g.diagonal(l, k));
             }
         }
-        let diagonal: Vec<Vec<(u64, f64)>> = cls
-            .iter()
-            .enumerate()
-            .map(|(l, c)| {
-                c.iter()
-                    .enumerate()
-                    .map(|(k, o)| (o.0, gram.diagonal(l, k)))
-                    .collect()
-            })
-            .collect();
-        let costs: Vec<Vec<u64>> = cls
-            .iter()
-            .map(|c| c.iter().map(|o| o.0).collect())
-            .collect();
-        let diag_sol = solve(&diagonal, limit, opts.max_buckets)
-            .context("internal: the per-layer knapsack found no solution where Ω's did")?;
-        let from_diag = joint::refine(&gram, &costs, limit, &diag_sol.choice);
-        let from_omega = joint::refine(&gram, &costs, limit, &sol.choice);
-        let best = if from_omega.loss < from_diag.loss {
-            &from_omega
-        } else {
-            &from_diag
-        };
-        choice = best.choice.clone();
+        let search = joint_search(&g, cls, &sol, limit, opts.max_buckets)?;
+        choice = search.best.choice.clone();
         joint = Some(JointSummary {
-            predicted_loss: best.loss,
-            omega_choice_loss: gram.loss(&sol.choice),
-            per_layer_choice_loss: gram.loss(&diag_sol.choice),
-            moves: best.moves,
-            started_from: if std::ptr::eq(best, &from_omega) {
-                "omega"
-            } else {
-                "per_layer"
-            },
+            predicted_loss: search.best.loss,
+            omega_choice_loss: g.loss(&sol.choice),
+            per_layer_choice_loss: g.loss(&search.per_layer_choice),
+            moves: search.best.moves,
+            started_from: search.started_from,
         });
+        gram = Some(g);
     }
     let used: u64 = choice.iter().zip(cls.iter()).map(|(&k, c)| c[k].0).sum();
     ensure!(
@@ -748,10 +775,24 @@ pub fn select(
         .iter()
         .map(|l| l.precision.bits() * l.params as u64)
         .sum();
-    let pareto = pareto(&classes, opts.pareto_points, opts.max_buckets)
-        .into_iter()
-        .map(|(bytes, sum_omega)| ParetoPoint { bytes, sum_omega })
-        .collect();
+    let mut frontier = Vec::new();
+    for (bytes, sum_omega) in pareto(&classes, opts.pareto_points, opts.max_buckets) {
+        // With the joint model: its local optimum at this size, from the same starts.
+        let predicted_loss = match (&gram, solve(&classes, bytes, opts.max_buckets)) {
+            (Some(g), Some(at)) => Some(
+                joint_search(g, &classes, &at, bytes, opts.max_buckets)?
+                    .best
+                    .loss,
+            ),
+            _ => None,
+        };
+        frontier.push(ParetoPoint {
+            bytes,
+            sum_omega,
+            predicted_loss,
+        });
+    }
+    let pareto = frontier;
     Ok(MixedPrecisionReport {
         selection: if joint.is_some() {
             Selection::Joint
@@ -772,8 +813,8 @@ pub fn select(
 
 /// The per-layer table of a selection, for the terminal: params, trace (± standard error), `Ω`
 /// per precision, with the joint selection the per-layer second-order loss `ΔL` per precision,
-/// then the choice and its bytes.
-pub fn table(report: &MixedPrecisionReport) -> Vec<String> {
+/// then the choice and its bytes; with `frontier`, the size-vs-sensitivity frontier after it.
+pub fn table(report: &MixedPrecisionReport, frontier: bool) -> Vec<String> {
     let precisions: Vec<Precision> = Precision::ALL
         .into_iter()
         .rev()
@@ -846,6 +887,27 @@ pub fn table(report: &MixedPrecisionReport) -> Vec<String> {
             "predicted loss increase (second order, cross-layer terms included): chosen {:.3e}; exact ΣΩ knapsack (HAWQ-v2) {:.3e}; exact knapsack on the per-layer ΔL {:.3e}",
             j.predicted_loss, j.omega_choice_loss, j.per_layer_choice_loss
         ));
+    }
+    if frontier {
+        lines.push(format!(
+            "size-vs-sensitivity frontier ({} points; weight bytes of the selected layers, fp32 {}):",
+            report.pareto.len(),
+            report.fp32_bytes
+        ));
+        lines.push(format!(
+            "{:>12} {:>7} {:>10} {:>15}",
+            "bytes", "% fp32", "min ΣΩ", "predicted loss"
+        ));
+        for p in &report.pareto {
+            lines.push(format!(
+                "{:>12} {:>6.1}% {:>10.3e} {:>15}",
+                p.bytes,
+                100.0 * p.bytes as f64 / report.fp32_bytes.max(1) as f64,
+                p.sum_omega,
+                p.predicted_loss
+                    .map_or("-".to_string(), |v| format!("{v:.3e}"))
+            ));
+        }
     }
     lines
 }
@@ -1262,7 +1324,7 @@ pub fn mixed_precision(
             " (size axis discretized; budget still met)"
         }
     ));
-    stats.table = table(&report);
+    stats.table = table(&report, opts.print_pareto);
     stats.details = json!({
         "calibration": { "source": calib.source, "samples": calib.samples, "synthetic": calib.synthetic },
         "hessian": {
