@@ -776,14 +776,12 @@ pub fn select(
         .map(|l| l.precision.bits() * l.params as u64)
         .sum();
     let mut frontier = Vec::new();
+    // Starting points only (the local search works in true bytes): a coarse size axis suffices.
+    let coarse = (opts.max_buckets / 64).max(1024);
     for (bytes, sum_omega) in pareto(&classes, opts.pareto_points, opts.max_buckets) {
         // With the joint model: its local optimum at this size, from the same starts.
-        let predicted_loss = match (&gram, solve(&classes, bytes, opts.max_buckets)) {
-            (Some(g), Some(at)) => Some(
-                joint_search(g, &classes, &at, bytes, opts.max_buckets)?
-                    .best
-                    .loss,
-            ),
+        let predicted_loss = match (&gram, solve(&classes, bytes, coarse)) {
+            (Some(g), Some(at)) => Some(joint_search(g, &classes, &at, bytes, coarse)?.best.loss),
             _ => None,
         };
         frontier.push(ParetoPoint {
