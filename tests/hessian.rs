@@ -3,9 +3,12 @@ mod common;
 
 use common::{f32_tensor, model, node, value_info};
 use ndarray::{Array2, ArrayD, Axis, IxDyn};
-use onnx_compress::hessian::{hutchinson, sensitivity, HessianOptions, Loss};
+use onnx_compress::hessian::{
+    self, hutchinson, sensitivity, sensitivity_with, HessianOptions, Loss,
+};
 use onnx_compress::ir::{op, tensor, Model};
 use onnx_compress::onnx::proto::ModelProto;
+use onnx_compress::validate::Runner;
 
 const N: usize = 32;
 const D_IN: usize = 8;
@@ -253,4 +256,102 @@ fn residual_branch_values_come_from_upstream() {
     let exact = 6.0 * a.iter().map(|v| v * v).sum::<f64>() / 4.0;
     let t = s[1].hessian_trace;
     assert!((t - exact).abs() / exact < 0.05, "{t} vs {exact}");
+}
+
+#[test]
+fn responses_share_one_layout_across_outputs_and_predict_the_loss() {
+    // x -> Gemm(w1) -> a; y1 = Gemm(a, w2); y2 = Gemm(a, w3): w2 reaches only y1, w3 only y2.
+    let gemm = |name: &str, ins: &[&str], out: &str| {
+        let mut g = node("Gemm", name, ins, &[out]);
+        g.attribute.push(op::attr_int("transB", 1));
+        g
+    };
+    let m = model(
+        vec![
+            gemm("fc1", &["x", "w1"], "a"),
+            gemm("fc2", &["a", "w2"], "y1"),
+            gemm("fc3", &["a", "w3"], "y2"),
+        ],
+        vec![value_info("x", &[4, 6])],
+        vec![value_info("y1", &[4, 3]), value_info("y2", &[4, 5])],
+        vec![
+            f32_tensor("w1", &[6, 6], 1),
+            f32_tensor("w2", &[3, 6], 2),
+            f32_tensor("w3", &[5, 6], 3),
+        ],
+    );
+    let x = ArrayD::from_shape_vec(
+        IxDyn(&[4, 6]),
+        (0..24).map(|i| (i as f32 * 0.37).sin()).collect(),
+    )
+    .unwrap();
+    let model = Model::from_proto(m.clone()).unwrap();
+    let opts = HessianOptions {
+        loss: Loss::Mse,
+        max_samples: 4,
+        ..Default::default()
+    };
+    // One candidate per layer: every weight scaled by 1.01 (a small change).
+    let changed = |w: &ArrayD<f32>| w.mapv(|v| v * 1.01);
+    let s = sensitivity_with(&model, &[vec![x.clone()]], &opts, &|_, w| vec![changed(w)]).unwrap();
+    let u: Vec<&Vec<f32>> = s.iter().map(|l| &l.responses[0]).collect();
+    let lens: Vec<usize> = u.iter().map(|v| v.len()).collect();
+    assert_eq!(lens, vec![4 * 3 + 4 * 5; 3], "one layout for all");
+    let dot = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(&p, &q)| p as f64 * q as f64)
+            .sum::<f64>()
+    };
+    // Disjoint outputs: no cross term.
+    assert_eq!(dot(u[1], u[2]), 0.0);
+    // Measured MSE loss (mean over rows of ½‖δy‖²) with some weights changed.
+    let proto = |names: &[&str]| {
+        let mut p = m.clone();
+        for t in p.graph.as_mut().unwrap().initializer.iter_mut() {
+            if names.contains(&t.name()) {
+                *t = tensor::from_f32(t.name(), &changed(&tensor::to_f32(t).unwrap()));
+            }
+        }
+        p
+    };
+    let run = |p: &ModelProto| {
+        let r = Runner::new(p, &[("x".into(), vec![4, 6])], &[]).unwrap();
+        r.run(std::slice::from_ref(&x)).unwrap()
+    };
+    let reference = run(&m);
+    let loss = |names: &[&str]| -> f64 {
+        let out = run(&proto(names));
+        reference
+            .iter()
+            .zip(&out)
+            .map(|(a, b)| hessian::loss_sum(a, b, false))
+            .sum::<f64>()
+            / 4.0
+    };
+    let predicted = |idx: &[usize]| {
+        let sum: Vec<f32> = (0..u[0].len())
+            .map(|i| idx.iter().map(|&l| u[l][i]).sum())
+            .collect();
+        0.5 * dot(&sum, &sum)
+    };
+    let close = |p: f64, m: f64, tol: f64| (p - m).abs() <= tol * m;
+    for (l, name) in ["w1", "w2", "w3"].iter().enumerate() {
+        let (p, meas) = (predicted(&[l]), loss(&[name]));
+        assert!(
+            close(p, meas, 1e-3),
+            "{name}: predicted {p} vs measured {meas}"
+        );
+    }
+    // Several layers at once: the cross terms make the sum right (w1 and w2 share y1).
+    let (p, meas) = (predicted(&[0, 1, 2]), loss(&["w1", "w2", "w3"]));
+    assert!(
+        close(p, meas, 0.02),
+        "joint: predicted {p} vs measured {meas}"
+    );
+    let additive: f64 = (0..3).map(|l| predicted(&[l])).sum();
+    assert!(
+        !close(additive, meas, 0.2),
+        "cross terms matter here: {additive} vs {meas}"
+    );
 }

@@ -148,52 +148,88 @@ fn sketch_slot(i: u64) -> (usize, f32) {
     )
 }
 
-/// `ũ` of one candidate (see the module docs): `outs` and `refs` per batch, per graph output.
+/// Where each (batch, graph output) starts in a response, so that every layer's response lives
+/// in the same space even when a layer reaches only some outputs; and the rows `N`.
+struct ResponseLayout {
+    offsets: Vec<Vec<usize>>,
+    total: usize,
+    rows: usize,
+}
+
+impl ResponseLayout {
+    /// From the full model's outputs per batch (graph outputs, in order).
+    fn new(outputs: &[Vec<&ArrayD<f32>>]) -> ResponseLayout {
+        let mut offsets = Vec::with_capacity(outputs.len());
+        let (mut total, mut rows_total) = (0, 0);
+        for batch in outputs {
+            let mut at = Vec::with_capacity(batch.len());
+            for a in batch {
+                at.push(total);
+                total += a.len();
+            }
+            offsets.push(at);
+            rows_total += batch.first().map_or(1, |a| rows(a));
+        }
+        ResponseLayout {
+            offsets,
+            total,
+            rows: rows_total,
+        }
+    }
+}
+
+/// `ũ` of one candidate (see the module docs): `refs` and `outs` per batch, per output of `sub`.
 fn response(
+    layout: &ResponseLayout,
+    sub: &SubModel,
     refs: &[Vec<ArrayD<f32>>],
     outs: &[Vec<ArrayD<f32>>],
-    kl: &[bool],
-    rows: usize,
 ) -> Vec<f32> {
-    let total: usize = refs.iter().flatten().map(|a| a.len()).sum();
-    let sketched = total > RESPONSE_DIM;
-    let mut u = vec![0f64; total.min(RESPONSE_DIM)];
-    let norm = 1.0 / (rows.max(1) as f64).sqrt();
-    let mut i = 0u64;
-    let mut put = |v: f64, u: &mut Vec<f64>| {
+    let sketched = layout.total > RESPONSE_DIM;
+    let mut u = vec![0f64; layout.total.min(RESPONSE_DIM)];
+    let norm = 1.0 / (layout.rows.max(1) as f64).sqrt();
+    let mut put = |i: usize, v: f64| {
         if sketched {
-            let (slot, sign) = sketch_slot(i);
+            let (slot, sign) = sketch_slot(i as u64);
             u[slot] += sign as f64 * v;
         } else {
-            u[i as usize] = v;
+            u[i] = v;
         }
-        i += 1;
     };
-    for (r, o) in refs.iter().zip(outs) {
+    for ((r, o), offsets) in refs.iter().zip(outs).zip(&layout.offsets) {
         for (k, (a, b)) in r.iter().zip(o).enumerate() {
-            if kl[k] && a.ndim() == 2 {
+            let mut i = offsets[sub.outputs[k]];
+            if sub.kl[k] && a.ndim() == 2 {
                 for (ra, rb) in a.outer_iter().zip(b.outer_iter()) {
-                    let m = ra.iter().fold(f64::NEG_INFINITY, |m, &z| m.max(z as f64));
-                    let e: Vec<f64> = ra.iter().map(|&z| (z as f64 - m).exp()).collect();
-                    let s: f64 = e.iter().sum();
+                    let p0 = softmax(ra.iter());
                     let dz: Vec<f64> = ra
                         .iter()
                         .zip(rb.iter())
                         .map(|(&z0, &z)| z as f64 - z0 as f64)
                         .collect();
-                    let mean: f64 = e.iter().zip(&dz).map(|(ei, d)| ei / s * d).sum();
-                    for (ei, d) in e.iter().zip(&dz) {
-                        put((ei / s).sqrt() * (d - mean) * norm, &mut u);
+                    let mean: f64 = p0.iter().zip(&dz).map(|(p, d)| p * d).sum();
+                    for (p, d) in p0.iter().zip(&dz) {
+                        put(i, p.sqrt() * (d - mean) * norm);
+                        i += 1;
                     }
                 }
             } else {
                 for (&z0, &z) in a.iter().zip(b.iter()) {
-                    put((z as f64 - z0 as f64) * norm, &mut u);
+                    put(i, (z as f64 - z0 as f64) * norm);
+                    i += 1;
                 }
             }
         }
     }
     u.into_iter().map(|v| v as f32).collect()
+}
+
+/// `softmax(z)` in f64.
+fn softmax<'a>(z: impl Iterator<Item = &'a f32> + Clone) -> Vec<f64> {
+    let m = z.clone().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let e: Vec<f64> = z.map(|&v| (v as f64 - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / s).collect()
 }
 
 /// Hutchinson's estimator: `quad(v)` returns `vᵀHv` for a Rademacher `v` of length `n`.
@@ -246,13 +282,9 @@ pub fn loss_sum(reference: &ArrayD<f32>, out: &ArrayD<f32>, kl: bool) -> f64 {
     if kl && reference.ndim() == 2 {
         let mut total = 0f64;
         for (r, o) in reference.outer_iter().zip(out.outer_iter()) {
-            let m = r.iter().fold(f64::NEG_INFINITY, |m, &z| m.max(z as f64));
-            let e: Vec<f64> = r.iter().map(|&z| (z as f64 - m).exp()).collect();
-            let s: f64 = e.iter().sum();
             // KL(p0 || p) = log Σ p0 e^{δz} − Σ p0 δz, δz = z − z0.
             let (mut a, mut b) = (0f64, 0f64);
-            for ((&z0, &z), &ei) in r.iter().zip(o.iter()).zip(&e) {
-                let p0 = ei / s;
+            for ((&z0, &z), &p0) in r.iter().zip(o.iter()).zip(&softmax(r.iter())) {
                 let dz = z as f64 - z0 as f64;
                 a += p0 * dz.exp_m1();
                 b += p0 * dz;
@@ -303,6 +335,8 @@ struct SubModel {
     /// Upstream values fed as inputs (in input order), before the weight (last input).
     boundary: Vec<String>,
     kl: Vec<bool>,
+    /// The graph outputs it computes (indices into the model's outputs), in its output order.
+    outputs: Vec<usize>,
 }
 
 fn value_info(name: &str, elem: i32, shape: Option<&[usize]>) -> ValueInfoProto {
@@ -430,6 +464,7 @@ fn sub_model(
         proto,
         boundary,
         kl: outputs.iter().map(|&i| kl[i]).collect(),
+        outputs,
     }))
 }
 
@@ -532,6 +567,19 @@ pub fn sensitivity_with(
         values.push(map);
     }
     drop(runners);
+    let layout = ResponseLayout::new(
+        &values
+            .iter()
+            .map(|v| {
+                model
+                    .graph
+                    .outputs
+                    .iter()
+                    .map(|o| v.get(o.name()).context("a graph output was not computed"))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?,
+    );
 
     let run_layer = |(l, sub): (&Layer, &Option<SubModel>)| -> Result<LayerSensitivity> {
         let start = Instant::now();
@@ -619,9 +667,7 @@ pub fn sensitivity_with(
                 *feed.last_mut().expect("weight input") = w.clone();
                 outs.push(runners[*pos].1.run(feed)?);
             }
-            result
-                .responses
-                .push(response(&refs, &outs, &sub.kl, total_rows));
+            result.responses.push(response(&layout, sub, &refs, &outs));
         }
         let w0_flat: Vec<f32> = w0.iter().copied().collect();
         let shape = w0.shape().to_vec();
