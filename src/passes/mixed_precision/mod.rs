@@ -5,6 +5,7 @@
 //! before: x -> Conv(W, B) -> y
 //! int8:   x -> Q -> DQ -> Conv(DQ(W_int8, s[c], axis 0), DQ(B_int32)) -> ...   (opset >= 13)
 //! int4:   same with W_int4 packed two per byte, DequantizeLinear at opset 21
+//! int4, --block-size B: DQ(W_int4, s[o, ⌈i/B⌉, kh, kw], axis = in axis, block_size = B)
 //! fp16:   x -> Conv(Cast(W_fp16, to=float), B) -> y
 //! ```
 //!
@@ -13,7 +14,10 @@
 //! quantization error energy (`½ Ω` predicts the loss increase). `Q_b`: int8 / int4 symmetric
 //! per channel on the output-channel axis (`scale = max|w| / 127` or `/ 7`, round half to even),
 //! fp16 round to nearest. Sizes (bytes written): fp32 `4n`, fp16 `2n`, int8 `n + 4C + C`, int4
-//! `⌈n/2⌉ + 4C + ⌈C/2⌉` (f32 scales and zero points per channel, `C` channels). One precision
+//! `⌈n/2⌉ + 4C + ⌈C/2⌉` (f32 scales and zero points per channel, `C` channels); block-wise
+//! int4 (`block_size`, only where the input axis holds at least one block, [`int4_block`]):
+//! one scale per `B` consecutive input channels at every other index, `⌈n/2⌉ + 4·#scales`, no
+//! zero point. One precision
 //! per layer minimizing `Σ Ω` under the budget is a multiple-choice knapsack, solved by dynamic
 //! programming ([`solve`]): costs shifted by each layer's cheapest option and divided by their
 //! gcd make the DP exact; when that axis would exceed `max_buckets`, costs are rounded *up* to
@@ -35,7 +39,9 @@
 //!
 //! **Emission.** fp32 layers are untouched. fp16: a FLOAT16 initializer and `Cast(to=FLOAT)`
 //! producing the weight's name. int8/int4: int initializer, per-channel scale and zero point, and
-//! `DequantizeLinear(axis = out axis)` producing the weight's name. With
+//! `DequantizeLinear(axis = out axis)` producing the weight's name (block-wise int4: `axis` = in
+//! axis and `block_size`, no zero point; its bias stays float, since ORT runs blocked weights as
+//! DequantizeLinear + float op anyway). With
 //! `quantize_activations` (default), the `quantize` pass's placement rules, calibration and
 //! central Q/DQ insertion quantize the activations around int8/int4 layers (uint8) and their
 //! biases (int32, scale `s_in · s_w[c]`); otherwise weights only. The default opset is raised to
