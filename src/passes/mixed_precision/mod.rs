@@ -66,7 +66,7 @@ use crate::passes::quantize::{self, insert, placement, QuantizeOptions};
 use crate::passes::{Pass, PassContext, PassStats};
 use anyhow::{bail, ensure, Context, Result};
 use indexmap::IndexMap;
-use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray::{ArrayD, IxDyn};
 use regex::Regex;
 use serde::Serialize;
 use serde_json::json;
@@ -178,6 +178,37 @@ impl Default for MixedPrecisionOptions {
     }
 }
 
+/// Symmetric quantization to `bits` with one scale (`max|w| / qmax`) per slot, `slot_of` giving
+/// each element's slot: integer values, scales, and the dequantized tensor.
+fn quantize_slots(
+    w: &ArrayD<f32>,
+    slots: usize,
+    slot_of: impl Fn(&IxDyn) -> usize,
+    bits: u32,
+) -> (Vec<i8>, Vec<f32>, ArrayD<f32>) {
+    let qmax = ((1i32 << (bits - 1)) - 1) as f32;
+    let mut scales = vec![0f32; slots];
+    for (idx, &v) in w.indexed_iter() {
+        let s = &mut scales[slot_of(&idx)];
+        *s = s.max(v.abs());
+    }
+    for s in scales.iter_mut() {
+        *s /= qmax;
+        if !(s.is_finite() && *s > 0.0) {
+            *s = 1.0;
+        }
+    }
+    let mut q = Vec::with_capacity(w.len());
+    let mut deq = ArrayD::<f32>::zeros(w.raw_dim());
+    for ((idx, &v), d) in w.indexed_iter().zip(deq.iter_mut()) {
+        let s = scales[slot_of(&idx)];
+        let r = (v / s).round_ties_even().clamp(-qmax, qmax);
+        q.push(r as i8);
+        *d = r * s;
+    }
+    (q, scales, deq)
+}
+
 /// Symmetric per-channel quantization along `axis` to `bits` (8 or 4): integer values, scales,
 /// and the dequantized tensor.
 pub fn quantize_weight(
@@ -185,27 +216,7 @@ pub fn quantize_weight(
     axis: usize,
     bits: u32,
 ) -> (Vec<i8>, Vec<f32>, ArrayD<f32>) {
-    let qmax = ((1i32 << (bits - 1)) - 1) as f32;
-    let scales: Vec<f32> = w
-        .axis_iter(Axis(axis))
-        .map(|c| {
-            let s = c.iter().fold(0f32, |m, v| m.max(v.abs())) / qmax;
-            if s.is_finite() && s > 0.0 {
-                s
-            } else {
-                1.0
-            }
-        })
-        .collect();
-    let mut q = Vec::with_capacity(w.len());
-    let mut deq = ArrayD::<f32>::zeros(w.raw_dim());
-    for ((idx, &v), d) in w.indexed_iter().zip(deq.iter_mut()) {
-        let s = scales[idx[axis]];
-        let r = (v / s).round_ties_even().clamp(-qmax, qmax);
-        q.push(r as i8);
-        *d = r * s;
-    }
-    (q, scales, deq)
+    quantize_slots(w, w.shape()[axis], |idx| idx[axis], bits)
 }
 
 /// The int4 block size that applies to a weight of `shape`: `block` when the input axis holds at
@@ -224,37 +235,18 @@ pub fn quantize_blocked(
     block: usize,
     bits: u32,
 ) -> (Vec<i8>, ArrayD<f32>, ArrayD<f32>) {
-    let qmax = ((1i32 << (bits - 1)) - 1) as f32;
     let mut sshape = w.shape().to_vec();
     sshape[axis] = sshape[axis].div_ceil(block);
     let mut sstride = vec![1usize; sshape.len()];
     for k in (0..sshape.len().saturating_sub(1)).rev() {
         sstride[k] = sstride[k + 1] * sshape[k + 1];
     }
-    let slot = |idx: &IxDyn| -> usize {
+    let slot_of = |idx: &IxDyn| -> usize {
         (0..sshape.len())
             .map(|k| (if k == axis { idx[k] / block } else { idx[k] }) * sstride[k])
             .sum()
     };
-    let mut scales = vec![0f32; sshape.iter().product()];
-    for (idx, &v) in w.indexed_iter() {
-        let s = &mut scales[slot(&idx)];
-        *s = s.max(v.abs());
-    }
-    for s in scales.iter_mut() {
-        *s /= qmax;
-        if !(s.is_finite() && *s > 0.0) {
-            *s = 1.0;
-        }
-    }
-    let mut q = Vec::with_capacity(w.len());
-    let mut deq = ArrayD::<f32>::zeros(w.raw_dim());
-    for ((idx, &v), d) in w.indexed_iter().zip(deq.iter_mut()) {
-        let s = scales[slot(&idx)];
-        let r = (v / s).round_ties_even().clamp(-qmax, qmax);
-        q.push(r as i8);
-        *d = r * s;
-    }
+    let (q, scales, deq) = quantize_slots(w, sshape.iter().product(), slot_of, bits);
     let scales = ArrayD::from_shape_vec(IxDyn(&sshape), scales).expect("scale shape");
     (q, scales, deq)
 }
