@@ -33,9 +33,10 @@
 //! Then `½‖ũ‖²` is the second-order loss of that one change, and `½‖Σ_l ũ_l‖²` the loss of
 //! several layers changed together, cross-layer terms `ũ_lᵀũ_m` included (the network's
 //! response linearized per layer, the loss kept to second order). Responses longer than
-//! [`RESPONSE_DIM`] are count-sketched (one seeded hash and sign per position, the same for every
-//! layer and candidate), which keeps inner products unbiased with a relative error of about
-//! `√(2 / RESPONSE_DIM)`.
+//! [`response_dim`] values are count-sketched to that length (one fixed hash and sign per
+//! position, the same for every layer and candidate), which keeps inner products unbiased with a
+//! relative error of about `√(2 / dim)`; the length shrinks with the layer count (32768 up to
+//! ~180 layers, never below 4096) so the selection's Gram matrix stays cheap.
 
 use crate::ir::graph::{free_names, subgraphs};
 use crate::ir::layer::Layer;
@@ -129,23 +130,25 @@ pub struct LayerSensitivity {
     pub responses: Vec<Vec<f32>>,
 }
 
-/// Longest response kept exactly; longer ones are count-sketched to this length.
-pub const RESPONSE_DIM: usize = 1 << 15;
+/// Longest response kept exactly for a model with `layers` weighted layers (longer ones are
+/// count-sketched to this length): at most 2^30 multiply-adds for a Gram matrix over three
+/// candidates per layer, within 4096..=32768.
+pub fn response_dim(layers: usize) -> usize {
+    let pairs = (3 * layers.max(1)).pow(2);
+    ((1usize << 30) / pairs).clamp(1 << 12, 1 << 15)
+}
 
 /// Candidate weights whose output responses [`sensitivity_with`] records, per layer.
 pub type Candidates<'a> = dyn Fn(&Layer, &ArrayD<f32>) -> Vec<ArrayD<f32>> + Sync + 'a;
 
 /// Position and sign of element `i` of a response in its count sketch.
-fn sketch_slot(i: u64) -> (usize, f32) {
+fn sketch_slot(i: u64, dim: usize) -> (usize, f32) {
     // splitmix64: a fixed function of the position, so every response shares the sketch.
     let mut z = i.wrapping_add(0x9e3779b97f4a7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
     z ^= z >> 31;
-    (
-        (z >> 1) as usize % RESPONSE_DIM,
-        if z & 1 == 0 { 1.0 } else { -1.0 },
-    )
+    ((z >> 1) as usize % dim, if z & 1 == 0 { 1.0 } else { -1.0 })
 }
 
 /// Where each (batch, graph output) starts in a response, so that every layer's response lives
@@ -154,11 +157,13 @@ struct ResponseLayout {
     offsets: Vec<Vec<usize>>,
     total: usize,
     rows: usize,
+    /// Sketch length ([`response_dim`]).
+    dim: usize,
 }
 
 impl ResponseLayout {
     /// From the full model's outputs per batch (graph outputs, in order).
-    fn new(outputs: &[Vec<&ArrayD<f32>>]) -> ResponseLayout {
+    fn new(outputs: &[Vec<&ArrayD<f32>>], dim: usize) -> ResponseLayout {
         let mut offsets = Vec::with_capacity(outputs.len());
         let (mut total, mut rows_total) = (0, 0);
         for batch in outputs {
@@ -174,6 +179,7 @@ impl ResponseLayout {
             offsets,
             total,
             rows: rows_total,
+            dim,
         }
     }
 }
@@ -185,12 +191,12 @@ fn response(
     refs: &[Vec<ArrayD<f32>>],
     outs: &[Vec<ArrayD<f32>>],
 ) -> Vec<f32> {
-    let sketched = layout.total > RESPONSE_DIM;
-    let mut u = vec![0f64; layout.total.min(RESPONSE_DIM)];
+    let sketched = layout.total > layout.dim;
+    let mut u = vec![0f64; layout.total.min(layout.dim)];
     let norm = 1.0 / (layout.rows.max(1) as f64).sqrt();
     let mut put = |i: usize, v: f64| {
         if sketched {
-            let (slot, sign) = sketch_slot(i as u64);
+            let (slot, sign) = sketch_slot(i as u64, layout.dim);
             u[slot] += sign as f64 * v;
         } else {
             u[i] = v;
@@ -579,6 +585,7 @@ pub fn sensitivity_with(
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?,
+        response_dim(layers.len()),
     );
 
     let run_layer = |(l, sub): (&Layer, &Option<SubModel>)| -> Result<LayerSensitivity> {
@@ -708,4 +715,54 @@ pub fn sensitivity_with(
         bail!("no weighted layer feeds a graph output");
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_dim_shrinks_with_layers_within_bounds() {
+        assert_eq!(response_dim(21), 1 << 15);
+        assert_eq!(response_dim(5000), 1 << 12);
+        let dims: Vec<usize> = [1, 50, 150, 200, 400, 800].map(response_dim).to_vec();
+        assert!(dims.windows(2).all(|w| w[1] <= w[0]), "{dims:?}");
+    }
+
+    #[test]
+    fn count_sketch_keeps_inner_products() {
+        // Two long correlated vectors: the sketch's inner products match the exact ones within
+        // a few times √(2 / dim).
+        let n = 200_000;
+        let a: Vec<f64> = (0..n).map(|i| ((i as f64) * 0.731).sin()).collect();
+        let b: Vec<f64> = (0..n)
+            .map(|i| a[i] * 0.6 + ((i as f64) * 1.913).cos() * 0.8)
+            .collect();
+        let dim = 1 << 15;
+        let sketch = |v: &[f64]| {
+            let mut s = vec![0f64; dim];
+            for (i, &x) in v.iter().enumerate() {
+                let (slot, sign) = sketch_slot(i as u64, dim);
+                s[slot] += sign as f64 * x;
+            }
+            s
+        };
+        let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f64>();
+        let (sa, sb) = (sketch(&a), sketch(&b));
+        let tol = 4.0 * (2.0 / dim as f64).sqrt();
+        for (exact, approx, scale) in [
+            (dot(&a, &a), dot(&sa, &sa), dot(&a, &a)),
+            (
+                dot(&a, &b),
+                dot(&sa, &sb),
+                (dot(&a, &a) * dot(&b, &b)).sqrt(),
+            ),
+        ] {
+            assert!(
+                (exact - approx).abs() <= tol * scale,
+                "{exact} vs {approx} (tolerance {})",
+                tol * scale
+            );
+        }
+    }
 }
