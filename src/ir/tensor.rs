@@ -232,22 +232,28 @@ pub fn to_f64(t: &TensorProto) -> Result<ArrayD<f64>> {
                 t.uint64_data.iter().map(|&v| v as f64).collect()
             }
         },
-        Int4 | Uint4 => {
-            let packed = match raw(t, 1, n.div_ceil(2))? {
+        Int4 | Uint4 | Int2 | Uint2 => {
+            // Packed low bits first: two 4-bit or four 2-bit values per byte (per `int32_data`
+            // entry without raw data), signed types sign-extended.
+            let bits = bits_per_element(dt);
+            let per_byte = 8 / bits;
+            let bytes = n.div_ceil(per_byte);
+            let packed = match raw(t, 1, bytes)? {
                 Some(r) => r.to_vec(),
                 None => {
-                    check_len(t, t.int32_data.len(), n.div_ceil(2), "int32_data")?;
+                    check_len(t, t.int32_data.len(), bytes, "int32_data")?;
                     t.int32_data.iter().map(|&v| v as u8).collect()
                 }
             };
+            let signed = matches!(dt, Int4 | Int2);
+            let mask = (1u8 << bits) - 1;
             (0..n)
                 .map(|i| {
-                    let byte = packed[i / 2];
-                    let nibble = if i % 2 == 0 { byte & 0x0f } else { byte >> 4 };
-                    if dt == Int4 {
-                        ((nibble << 4) as i8 >> 4) as f64
+                    let v = (packed[i / per_byte] >> ((i % per_byte) * bits)) & mask;
+                    if signed && v >= 1 << (bits - 1) {
+                        f64::from(v) - f64::from(1u32 << bits)
                     } else {
-                        nibble as f64
+                        f64::from(v)
                     }
                 })
                 .collect()

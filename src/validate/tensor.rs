@@ -1,11 +1,7 @@
-//! Reading and writing the numeric payload of a `TensorProto`, just enough for the validator:
-//! integer tensors of every width ONNX quantization uses (2, 4, 8, 16, 32, 64 bits) and the float
-//! types scales and weights come in (f32, f16, bf16, f64).
-//!
-//! Storage rules (onnx.proto, IR 14): `raw_data` is little-endian fixed width; 4-bit values are
-//! packed two per byte, first element in the low nibble; 2-bit values four per byte, LSB first.
-//! Without `raw_data`, 8/16-bit ints, bools, f16 and bf16 sit one per `int32_data` entry, 4-bit
-//! values two per entry and 2-bit values four per entry (packed like the bytes of `raw_data`).
+//! The validator's view of a `TensorProto`'s payload: integer tensors of every width ONNX
+//! quantization uses (2 to 64 bits) and the float types scales and weights come in (f32, f16,
+//! bf16, f64), decoded by [`crate::ir::tensor`] (storage rules there) with the type checks and
+//! messages the validator needs, and float tensors written back for simulation graphs.
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -34,116 +30,42 @@ pub(crate) fn dtype_name(code: i32) -> String {
     }
 }
 
-/// Bits per element for the sub-byte integer types (packed), `None` for the others.
-fn sub_byte_bits(dt: DataType) -> Option<usize> {
-    match dt {
-        DataType::Int4 | DataType::Uint4 => Some(4),
-        DataType::Int2 | DataType::Uint2 => Some(2),
-        _ => None,
-    }
-}
-
-fn unpack_sub_byte(
-    bytes: impl Iterator<Item = u8>,
-    bits: usize,
-    signed: bool,
-    n: usize,
-) -> Vec<i64> {
-    let per_byte = 8 / bits;
-    let mask = (1u8 << bits) - 1;
-    let mut out = Vec::with_capacity(n);
-    'outer: for b in bytes {
-        for k in 0..per_byte {
-            if out.len() == n {
-                break 'outer;
-            }
-            let v = (b >> (k * bits)) & mask;
-            let v = if signed && v >= (1 << (bits - 1)) {
-                i64::from(v) - (1i64 << bits)
-            } else {
-                i64::from(v)
-            };
-            out.push(v);
-        }
-    }
-    out
-}
-
-/// Decodes an integer tensor (int2..int64, uint2..uint64, bool) to `i64` values.
+/// Decodes an integer tensor (int2..int32, uint2..uint32, bool; int64/uint64 exact up to 2^53,
+/// which quantization never reaches) to `i64` values, through the IR's decoder (which checks the
+/// payload against the dims).
 pub(crate) fn decode_ints(t: &TensorProto) -> Result<Vec<i64>> {
-    let n = numel(t)?;
     let dt = data_type(t);
-    let name = t.name();
-    if t.data_location == Some(1) {
-        bail!("tensor '{name}' still points to external data; inline it before validating");
-    }
-    let raw = t.raw_data.as_deref().filter(|r| !r.is_empty());
-    if let Some(bits) = sub_byte_bits(dt) {
-        let signed = matches!(dt, DataType::Int4 | DataType::Int2);
-        let per_byte = 8 / bits;
-        let out = match raw {
-            Some(r) => unpack_sub_byte(r.iter().copied(), bits, signed, n),
-            None => unpack_sub_byte(t.int32_data.iter().map(|&v| v as u8), bits, signed, n),
-        };
-        ensure!(
-            out.len() == n,
-            "tensor '{name}' ({}) holds {} values, dims say {n} ({} per byte)",
-            dtype_name(t.data_type()),
-            out.len(),
-            per_byte
-        );
-        return Ok(out);
-    }
-    let width = match dt {
-        DataType::Int8 | DataType::Uint8 | DataType::Bool => 1,
-        DataType::Int16 | DataType::Uint16 => 2,
-        DataType::Int32 | DataType::Uint32 => 4,
-        DataType::Int64 | DataType::Uint64 => 8,
-        _ => bail!(
-            "tensor '{name}' has type {}, expected an integer type",
-            dtype_name(t.data_type())
-        ),
-    };
-    let out: Vec<i64> = match raw {
-        Some(r) => {
-            ensure!(
-                r.len() == n * width,
-                "tensor '{name}' has {} raw bytes, expected {} for {n} values",
-                r.len(),
-                n * width
-            );
-            r.chunks_exact(width)
-                .map(|c| match dt {
-                    DataType::Int8 => i64::from(c[0] as i8),
-                    DataType::Uint8 | DataType::Bool => i64::from(c[0]),
-                    DataType::Int16 => i64::from(i16::from_le_bytes([c[0], c[1]])),
-                    DataType::Uint16 => i64::from(u16::from_le_bytes([c[0], c[1]])),
-                    DataType::Int32 => i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                    DataType::Uint32 => i64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                    // uint64 above i64::MAX wraps; never a quantized weight.
-                    _ => i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]),
-                })
-                .collect()
-        }
-        None => match dt {
-            DataType::Int64 => t.int64_data.clone(),
-            DataType::Uint64 => t.uint64_data.iter().map(|&v| v as i64).collect(),
-            DataType::Uint32 => t.uint64_data.iter().map(|&v| v as i64).collect(),
-            DataType::Int8 => t.int32_data.iter().map(|&v| i64::from(v as i8)).collect(),
-            DataType::Uint8 | DataType::Bool => {
-                t.int32_data.iter().map(|&v| i64::from(v as u8)).collect()
-            }
-            DataType::Int16 => t.int32_data.iter().map(|&v| i64::from(v as i16)).collect(),
-            DataType::Uint16 => t.int32_data.iter().map(|&v| i64::from(v as u16)).collect(),
-            _ => t.int32_data.iter().map(|&v| i64::from(v)).collect(),
-        },
-    };
     ensure!(
-        out.len() == n,
-        "tensor '{name}' holds {} values, dims say {n}",
-        out.len()
+        matches!(
+            dt,
+            DataType::Int2
+                | DataType::Uint2
+                | DataType::Int4
+                | DataType::Uint4
+                | DataType::Int8
+                | DataType::Uint8
+                | DataType::Bool
+                | DataType::Int16
+                | DataType::Uint16
+                | DataType::Int32
+                | DataType::Uint32
+                | DataType::Int64
+                | DataType::Uint64
+        ),
+        "tensor '{}' has type {}, expected an integer type",
+        t.name(),
+        dtype_name(t.data_type())
     );
-    Ok(out)
+    if t.data_location == Some(1) {
+        bail!(
+            "tensor '{}' still points to external data; inline it before validating",
+            t.name()
+        );
+    }
+    Ok(crate::ir::tensor::to_f64(t)?
+        .iter()
+        .map(|&v| v as i64)
+        .collect())
 }
 
 /// Decodes a float tensor (f32, f16, bf16, f64) to `f32` values (f64 is rounded), through the
@@ -223,6 +145,13 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(decode_ints(&t).unwrap(), vec![-2, 1]);
+        // 2-bit: four per byte, lowest bits first: 0xE4 = 0b11_10_01_00.
+        let t = raw(DataType::Int2, &[5], &[0xE4, 0x03]);
+        assert_eq!(decode_ints(&t).unwrap(), vec![0, 1, -2, -1, -1]);
+        let t = raw(DataType::Uint2, &[4], &[0xE4]);
+        assert_eq!(decode_ints(&t).unwrap(), vec![0, 1, 2, 3]);
+        let float = raw(DataType::Float, &[1], &[0, 0, 0, 0]);
+        assert!(decode_ints(&float).is_err());
     }
 
     #[test]
