@@ -157,6 +157,9 @@ fn synthetic_report(name: &str) -> Value {
              "details": {"selection": {
                  "fp32_bytes": 4000, "total_bytes": 900, "avg_bits": 7.2, "sum_omega": 0.02,
                  "budget": {"bytes": 1000},
+                 "selection": "joint",
+                 "joint": {"predicted_loss": 0.0125, "omega_choice_loss": 0.0375,
+                           "per_layer_choice_loss": 0.05, "moves": 2, "started_from": "omega"},
                  "layers": [
                      {"node": name, "weight": "w0", "hessian_trace": 120.0, "precision": "fp16", "bytes": 400,
                       "omega": {"fp16": 0.0, "int8": 0.01}},
@@ -175,6 +178,8 @@ fn mixed_precision_section_from_synthetic_details() {
     assert!(s.contains("Mixed precision"));
     assert!(s.contains("Hessian trace per layer"));
     assert!(s.contains("Pareto frontier"));
+    assert!(s.contains("selection: joint"), "{s}");
+    assert!(s.contains("1.250e-2") && s.contains("3.750e-2"), "{s}");
     assert_eq!(s.matches("<svg").count(), 2);
     // The legend names each chosen precision, in fp32/fp16/int8/int4 order.
     let (a, b, c) = (

@@ -920,6 +920,17 @@ fn mixed_plots(h: &mut String, sel: &Value) -> Result<()> {
         };
         facts.push(format!("budget: {desc}"));
     }
+    if let Some(s) = str_at(sel, &["selection"]) {
+        facts.push(format!("selection: {s}"));
+    }
+    if let Some(j) = sel.get("joint").filter(|j| j.is_object()) {
+        let at = |k: &str| f64_at(j, &[k]).map_or("?".to_string(), |v| format!("{v:.3e}"));
+        facts.push(format!(
+            "predicted loss increase (second order, cross-layer terms included) {}, vs {} for the exact ΣΩ knapsack's choice (HAWQ-v2)",
+            at("predicted_loss"),
+            at("omega_choice_loss")
+        ));
+    }
     if !facts.is_empty() {
         let _ = writeln!(h, "<p>{}</p>", esc(&facts.join("; ")));
     }
