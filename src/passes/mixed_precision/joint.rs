@@ -68,12 +68,6 @@ impl Gram {
         Gram { offset, n, k }
     }
 
-    /// From an explicit symmetric matrix (tests).
-    pub fn from_matrix(offset: Vec<usize>, n: usize, k: Vec<f64>) -> Gram {
-        assert_eq!(k.len(), n * n);
-        Gram { offset, n, k }
-    }
-
     fn at(&self, p: usize, q: usize) -> f64 {
         self.k[p * self.n + q]
     }
