@@ -1,3 +1,7 @@
+//! The `onnx-compress` binary: the command line over the library.
+
+mod cli;
+
 fn main() {
     // Behave like a Unix tool when piped into `head`: end quietly instead of panicking on
     // a closed stdout.
@@ -5,7 +9,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    if let Err(e) = onnx_compress::cli::main_with_args(std::env::args_os().collect()) {
+    if let Err(e) = cli::main_with_args(std::env::args_os().collect()) {
         // One line: the whole cause chain, outermost first.
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -28,7 +28,7 @@
 //! Errors name the file (unreadable or corrupt image, images of different sizes without a
 //! resize), and the model input (several inputs, not rank 4, channel count neither 1 nor 3).
 
-use super::data::{InputDim, InputSpec};
+use super::inputs::{InputDim, InputSpec};
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
@@ -90,49 +90,6 @@ impl Default for ImageOptions {
             std: vec![1.0],
         }
     }
-}
-
-/// Image options on the command line (flattened into the main command and `sensitivity`).
-#[derive(Debug, Clone, clap::Args)]
-pub struct ImageArgs {
-    /// Resize calibration images to exactly WxH (triangle/bilinear filter); default: the
-    /// model input's fixed height and width.
-    #[arg(long, value_name = "WxH", value_parser = parse_resize, help_heading = "Calibration images")]
-    pub resize: Option<(usize, usize)>,
-    /// Per-channel mean subtracted after --scale, e.g. 0.485,0.456,0.406 (one value: all channels).
-    #[arg(long, value_name = "R,G,B", value_parser = parse_channel_values, help_heading = "Calibration images")]
-    pub mean: Option<ChannelValues>,
-    /// Per-channel divisor applied after --mean, e.g. 0.229,0.224,0.225.
-    #[arg(long, value_name = "R,G,B", value_parser = parse_channel_values, help_heading = "Calibration images")]
-    pub std: Option<ChannelValues>,
-    /// Layout of the model's image input: nchw or nhwc; default: inferred (channel dim 1 or 3).
-    #[arg(long, value_name = "LAYOUT", value_parser = ["nchw", "nhwc"], help_heading = "Calibration images")]
-    pub layout: Option<String>,
-    /// Multiplies 0..255 pixel values before --mean/--std: a number or a fraction like 1/255.
-    #[arg(long, value_name = "S", default_value = "1/255", value_parser = parse_scale, help_heading = "Calibration images")]
-    pub scale: f64,
-}
-
-impl ImageArgs {
-    /// The library options these flags stand for.
-    pub fn options(&self) -> ImageOptions {
-        let d = ImageOptions::default();
-        ImageOptions {
-            resize: self.resize,
-            layout: self.layout.as_deref().and_then(|l| l.parse().ok()),
-            scale: self.scale,
-            mean: self.mean.clone().map_or(d.mean, |v| v.0),
-            std: self.std.clone().map_or(d.std, |v| v.0),
-        }
-    }
-}
-
-/// One option value holding a list (a newtype: clap reads `Option<Vec<_>>` as a repeated option).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChannelValues(pub Vec<f32>);
-
-fn parse_channel_values(s: &str) -> std::result::Result<ChannelValues, String> {
-    parse_channels(s).map(ChannelValues)
 }
 
 /// Parse `1/255`, `0.00392`, `1`.

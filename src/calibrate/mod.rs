@@ -3,6 +3,7 @@
 //! ([`params`]).
 pub mod data;
 pub mod image;
+pub mod inputs;
 pub mod observe;
 pub mod params;
 

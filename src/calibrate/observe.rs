@@ -35,7 +35,7 @@
 use crate::calibrate::data::CalibrationSet;
 use crate::calibrate::params::{activation_params, ActScheme};
 use crate::onnx::proto::ModelProto;
-use crate::validate::Runner;
+use crate::runtime::Runner;
 use anyhow::{Context, Result};
 use indexmap::IndexMap;
 use ndarray::ArrayD;
@@ -506,7 +506,7 @@ pub fn observe_model(
         .collect();
     let mut runner: Option<(Vec<Vec<usize>>, Runner)> = None;
     let progress =
-        crate::report::progress::Progress::bar("calibrating", calib.batches.len() as u64);
+        crate::progress::Progress::bar("calibrating", calib.batches.len() as u64);
     for (b, batch) in calib.batches.iter().enumerate() {
         progress.inc(1);
         for name in &inputs {

@@ -45,7 +45,7 @@ use crate::onnx::proto::{
     tensor_proto::DataType, tensor_shape_proto, type_proto, GraphProto, ModelProto,
     TensorShapeProto, TypeProto, ValueInfoProto,
 };
-use crate::validate::{infer_value_shapes, Runner};
+use crate::runtime::{infer_value_shapes, Runner};
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::ArrayD;
 use petgraph::stable_graph::NodeIndex;

@@ -360,30 +360,6 @@ impl Graph {
             .find(|v| v.name() == value)
     }
 
-    /// The statically known shape of a tensor value: initializer dims, or the declared tensor
-    /// type's shape (`Some(d)` per fixed dimension, `None` per symbolic or unknown one).
-    /// `None` when the rank is unknown.
-    pub fn static_shape(&self, value: &str) -> Option<Vec<Option<i64>>> {
-        use crate::onnx::proto::{tensor_shape_proto::dimension, type_proto};
-        if let Some(t) = self.constant(value) {
-            return Some(t.dims.iter().map(|&d| Some(d)).collect());
-        }
-        let ty = self.declared(value)?.r#type.as_ref()?;
-        let Some(type_proto::Value::TensorType(tt)) = &ty.value else {
-            return None;
-        };
-        let shape = tt.shape.as_ref()?;
-        Some(
-            shape
-                .dim
-                .iter()
-                .map(|d| match d.value {
-                    Some(dimension::Value::DimValue(v)) if v >= 0 => Some(v),
-                    _ => None,
-                })
-                .collect(),
-        )
-    }
 
     /// Every name in use (values, node names, initializers), for fresh-name generation.
     /// Every name the graph uses (values, nodes, initializers, captures).

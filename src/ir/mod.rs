@@ -1,4 +1,5 @@
 //! The intermediate representation passes work on.
+pub mod facts;
 pub mod graph;
 pub mod layer;
 pub mod model;

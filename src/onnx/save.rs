@@ -105,7 +105,7 @@ pub fn save_proto(mut model: ModelProto, path: &Path, opts: &SaveOptions) -> Res
 /// A temp file next to the output that becomes the output by rename. tempfile creates 0600 files
 /// (right for secrets, wrong here): ask for 0666 so the result gets the mode any new file would
 /// get under the user's umask (0644 usually), as `cp` or ORT's `onnx.save` would give.
-fn temp_file_in(dir: &Path) -> Result<tempfile::NamedTempFile> {
+pub fn temp_file_in(dir: &Path) -> Result<tempfile::NamedTempFile> {
     let mut builder = tempfile::Builder::new();
     #[cfg(unix)]
     {

@@ -39,7 +39,7 @@ use crate::ir::op::{self, Attrs};
 use crate::ir::tensor;
 use crate::ir::{Graph, InSlot, Model, Patch};
 use crate::passes::constant_fold;
-use crate::passes::fuse::static_rank;
+use crate::ir::facts::static_rank;
 use crate::passes::rewrite::{rewrite, Rule};
 use crate::passes::{Pass, PassContext, PassStats};
 use anyhow::Result;
@@ -81,7 +81,7 @@ impl Pass for Cleanup {
             changes,
             notes: vec![],
             details: serde_json::Value::Object(details),
-            table: vec![],
+            ..Default::default()
         })
     }
 }

@@ -140,7 +140,7 @@ fn fold(graph: &Graph, ix: NodeIndex, out: &str) -> Option<TensorProto> {
         "Constant" => return constant(n, out),
         "Shape" => {
             let dims: Option<Vec<i64>> =
-                graph.static_shape(n.input.first()?)?.into_iter().collect();
+                crate::ir::facts::static_shape(graph, n.input.first()?)?.into_iter().collect();
             let dims = dims?;
             let r = dims.len() as i64;
             let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;

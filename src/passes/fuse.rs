@@ -49,10 +49,10 @@
 //! # Folded BN statistics
 //!
 //! High-bias absorption (equalization) needs each folded BN's `gamma` and `beta`. They are in
-//! `PassStats.details["folded"]`, keyed by the name of the node the BN was folded into (the
-//! pass gives a nameless producer a fresh name). A later pass reads them with
-//! [`folded_bn_stats`] from the `details` of the `fuse` record the runner keeps; or, before
-//! `fuse` runs, [`bn_statistics`] reads them straight from the graph.
+//! the typed fact [`crate::passes::Fact::FoldedBn`] (also shown in `details["folded"]`), keyed
+//! by the name of the node the BN was folded into (the pass gives a nameless producer a fresh
+//! name); the runner hands it to later passes as `PassContext.facts.folded_bn`. Before `fuse`
+//! runs, [`bn_statistics`] reads them straight from the graph.
 //!
 //! # Activation fusion
 //!
@@ -74,12 +74,13 @@
 //! unchanged. `changes` counts applied patches (one per folded or converted BN, one per
 //! Constant parameter made an initializer).
 
+use crate::ir::facts::{declared_elem_type, static_rank};
 use crate::ir::op::{self, Attrs};
 use crate::ir::tensor::{self, from_f16, from_f32, raw_tensor, to_f64};
 use crate::ir::{Graph, InSlot, Model, Patch};
-use crate::onnx::proto::{tensor_proto::DataType, type_proto, NodeProto, TensorProto};
+use crate::onnx::proto::{tensor_proto::DataType, NodeProto, TensorProto};
 use crate::passes::rewrite::{rewrite, Rule};
-use crate::passes::{Pass, PassContext, PassStats};
+use crate::passes::{Fact, Pass, PassContext, PassStats};
 use anyhow::{Context, Result};
 use ndarray::{ArrayD, Axis, IxDyn};
 use petgraph::stable_graph::NodeIndex;
@@ -167,6 +168,7 @@ impl Pass for Fuse {
             changes: counts.iter().map(|(_, c)| c).sum(),
             notes,
             table: vec![],
+            facts: vec![Fact::FoldedBn(folded.clone())],
             details: serde_json::json!({
                 "folded": folded,
                 "mul_add": mul_add,
@@ -193,16 +195,6 @@ pub struct FoldedBn {
     /// channel's pre-activation values.
     pub gamma: Vec<f64>,
     pub beta: Vec<f64>,
-}
-
-/// The folded BN statistics of a `fuse` run, keyed by the name of the node each BN went into,
-/// read from that run's `PassStats.details` (or `PassRecord.details`).
-pub fn folded_bn_stats(details: &serde_json::Value) -> Result<BTreeMap<String, FoldedBn>> {
-    match details.get("folded") {
-        None => Ok(BTreeMap::new()),
-        Some(v) => serde_json::from_value(v.clone())
-            .context("fuse details: 'folded' is not a map of folded BatchNormalization stats"),
-    }
 }
 
 /// `gamma`/`beta` of every inference-mode BN with constant parameters, keyed by the BN's
@@ -334,17 +326,6 @@ fn is_float(dt: DataType) -> bool {
     matches!(dt, DataType::Float | DataType::Float16 | DataType::Double)
 }
 
-/// The element type a value is declared with (graph input/output, value_info).
-pub(crate) fn declared_elem_type(graph: &Graph, value: &str) -> Option<DataType> {
-    if let Some(t) = graph.constant(value) {
-        return tensor::data_type(t).ok();
-    }
-    let ty = graph.declared(value)?.r#type.as_ref()?;
-    match &ty.value {
-        Some(type_proto::Value::TensorType(tt)) => DataType::try_from(tt.elem_type?).ok(),
-        _ => None,
-    }
-}
 
 /// Whether `value` is read only by `reader` (once) and is not a graph output.
 fn single_reader(graph: &Graph, value: &str, reader: NodeIndex) -> bool {
@@ -352,28 +333,6 @@ fn single_reader(graph: &Graph, value: &str, reader: NodeIndex) -> bool {
         && !graph.is_graph_output(value)
 }
 
-/// The rank of a value when it is known statically.
-pub(crate) fn static_rank(graph: &Graph, value: &str) -> Option<usize> {
-    let mut value = value;
-    loop {
-        if let Some(s) = graph.static_shape(value) {
-            return Some(s.len());
-        }
-        let p = graph.node(graph.producer_node(value)?);
-        if !op::is_standard_domain(p.domain()) {
-            return None;
-        }
-        match p.op_type() {
-            "Flatten" | "Gemm" => return Some(2),
-            "Conv" | "ConvTranspose" => return Some(graph.constant(p.input.get(1)?)?.dims.len()),
-            // Unary elementwise ops and Concat keep their (first) input's rank.
-            "Relu" | "LeakyRelu" | "Clip" | "Sigmoid" | "Tanh" | "HardSwish" | "HardSigmoid"
-            | "Identity" | "Dropout" | "Erf" | "Gelu" | "Elu" | "Selu" | "Softplus" | "Neg"
-            | "Abs" | "Exp" | "Sqrt" | "Concat" => value = p.input.first()?,
-            _ => return None,
-        }
-    }
-}
 
 /// The patch folding BN `bn` into its producer, or why it cannot be folded.
 fn fold_plan(graph: &Graph, bn: NodeIndex) -> Result<Result<Patch, String>> {

@@ -15,7 +15,9 @@ pub mod rewrite;
 
 use crate::ir::Model;
 use anyhow::{bail, Context, Result};
+use fuse::FoldedBn;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,6 +34,54 @@ pub struct PassStats {
     /// Lines of a table for the terminal summary (the same figures are in `details`).
     #[serde(skip)]
     pub table: Vec<String>,
+    /// What later passes of the same run may rely on (see [`Facts`]).
+    #[serde(skip)]
+    pub facts: Vec<Fact>,
+}
+
+impl PassStats {
+    /// The BN statistics this pass folded (a `fuse` run), when it reports them.
+    pub fn folded_bn(&self) -> Option<&BTreeMap<String, FoldedBn>> {
+        folded_bn_of(&self.facts)
+    }
+}
+
+fn folded_bn_of(facts: &[Fact]) -> Option<&BTreeMap<String, FoldedBn>> {
+    facts.iter().find_map(|f| match f {
+        Fact::FoldedBn(m) => Some(m),
+        _ => None,
+    })
+}
+
+/// One fact a pass establishes about the current weights.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fact {
+    /// `fuse` folded these BatchNormalizations, keyed by the node each went into.
+    FoldedBn(BTreeMap<String, FoldedBn>),
+    /// `equalize` rescaled (and may have shifted) these nodes' outputs.
+    Rescaled(Vec<String>),
+}
+
+/// Typed facts handed from pass to pass within one run (and only that run: they describe
+/// these weights).
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    /// BN statistics of the layers BNs were folded into; `None` until `fuse` runs. Layers that
+    /// equalization rescaled are dropped: their BN statistics no longer describe them.
+    pub folded_bn: Option<BTreeMap<String, FoldedBn>>,
+}
+
+impl Facts {
+    pub fn record(&mut self, fact: &Fact) {
+        match fact {
+            Fact::FoldedBn(m) => self.folded_bn = Some(m.clone()),
+            Fact::Rescaled(nodes) => {
+                if let Some(m) = &mut self.folded_bn {
+                    m.retain(|node, _| !nodes.contains(node));
+                }
+            }
+        }
+    }
 }
 
 /// Options and data shared by the passes of one run.
@@ -47,7 +97,19 @@ pub struct PassContext {
     pub quantize: quantize::QuantizeOptions,
     /// Calibration inputs for `quantize` (None = synthetic data with a warning).
     pub calibration: Option<Arc<crate::calibrate::CalibrationSet>>,
-    pub mixed: mixed_precision::MixedPrecisionOptions, // options of `mixed-precision` (no budget: does nothing)
+    /// Options of `mixed-precision` (no budget: does nothing).
+    pub mixed: mixed_precision::MixedPrecisionOptions,
+    /// The passes selected for this run (set by [`run_passes`]).
+    pub selected: Vec<&'static str>,
+    /// What earlier passes of this run established (filled by [`run_passes`]).
+    pub facts: Facts,
+}
+
+/// Why a selected pass does not run in this pipeline: the note and details it records.
+#[derive(Debug, Clone)]
+pub struct Skip {
+    pub note: &'static str,
+    pub details: serde_json::Value,
 }
 
 pub trait Pass {
@@ -55,9 +117,10 @@ pub trait Pass {
     fn name(&self) -> &'static str;
     /// One line for `--help` and listings.
     fn summary(&self) -> &'static str;
-    /// True when later passes rely on this one for correctness, not just quality.
-    fn required_by_later_passes(&self) -> bool {
-        false
+    /// Whether the pass runs in this pipeline (`ctx.selected`, options, facts); a skip is
+    /// recorded with its note instead of running the pass.
+    fn is_enabled(&self, _ctx: &PassContext) -> Result<(), Skip> {
+        Ok(())
     }
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats>;
 }
@@ -126,34 +189,42 @@ pub struct PassRecord {
     pub details: serde_json::Value,
     #[serde(skip)]
     pub table: Vec<String>,
+    #[serde(skip)]
+    pub facts: Vec<Fact>,
 }
 
-/// Why the default pipeline leaves equalization out before per-channel quantization.
-pub const EQUALIZE_SKIPPED: &str = "skipped: per-channel int8 weights follow, which already give every output channel its own scale; rescaling channels then mostly moves range between activations, and measured against no equalization it cost 0.4 dB output SQNR on ResNet-18 and EfficientNet-B0 while gaining 0.6 dB on MobileNetV2 (BENCHMARKS.md). Run it anyway with --equalize always (or name it in --passes)";
+impl PassRecord {
+    /// The BN statistics this pass folded (a `fuse` record), when it reports them.
+    pub fn folded_bn(&self) -> Option<&BTreeMap<String, FoldedBn>> {
+        folded_bn_of(&self.facts)
+    }
+}
 
-/// Run the named passes in pipeline order, checking the graph after each.
+/// Run the named passes in pipeline order, checking the graph after each; each pass sees the
+/// facts the earlier ones recorded.
 pub fn run_passes(model: &mut Model, names: &[&str], ctx: &PassContext) -> Result<Vec<PassRecord>> {
     let mut records = Vec::new();
-    // Passes can hand facts to later ones: fuse's folded BN statistics feed equalize's
-    // high-bias absorption in the same run (and only that run: they describe these weights).
     let mut ctx = ctx.clone();
-    for pass in pipeline().into_iter().filter(|p| names.contains(&p.name())) {
+    let all = pipeline();
+    ctx.selected = all
+        .iter()
+        .map(|p| p.name())
+        .filter(|n| names.contains(n))
+        .collect();
+    for pass in all.into_iter().filter(|p| names.contains(&p.name())) {
         let nodes_before = model.graph.node_count();
         let start = Instant::now();
-        if pass.name() == "equalize"
-            && names.contains(&"quantize")
-            && ctx.quantize.per_channel
-            && !ctx.equalize.with_per_channel
-        {
+        if let Err(skip) = pass.is_enabled(&ctx) {
             records.push(PassRecord {
                 name: pass.name().to_string(),
                 changes: 0,
                 seconds: 0.0,
                 nodes_before,
                 nodes_after: nodes_before,
-                notes: vec![EQUALIZE_SKIPPED.into()],
-                details: serde_json::json!({ "skipped": "per-channel weights" }),
+                notes: vec![skip.note.into()],
+                details: skip.details,
                 table: vec![],
+                facts: vec![],
             });
             continue;
         }
@@ -164,20 +235,8 @@ pub fn run_passes(model: &mut Model, names: &[&str], ctx: &PassContext) -> Resul
             .graph
             .check()
             .with_context(|| format!("pass {} left an inconsistent graph", pass.name()))?;
-        if pass.name() == "fuse" {
-            ctx.equalize.bn_stats = fuse::folded_bn_stats(&stats.details)
-                .context("reading the BN statistics folded by fuse")?;
-        }
-        if pass.name() == "equalize" {
-            // Equalization rescaled (and may have shifted) its first layers' outputs: their BN
-            // statistics no longer describe them.
-            let rescaled: Vec<&str> = stats.details["pairs"]
-                .as_array()
-                .map(|pairs| pairs.iter().filter_map(|p| p["l1"].as_str()).collect())
-                .unwrap_or_default();
-            ctx.equalize
-                .bn_stats
-                .retain(|node, _| !rescaled.contains(&node.as_str()));
+        for fact in &stats.facts {
+            ctx.facts.record(fact);
         }
         records.push(PassRecord {
             name: pass.name().to_string(),
@@ -188,6 +247,7 @@ pub fn run_passes(model: &mut Model, names: &[&str], ctx: &PassContext) -> Resul
             notes: stats.notes,
             details: stats.details,
             table: stats.table,
+            facts: stats.facts,
         });
     }
     Ok(records)

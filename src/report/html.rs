@@ -23,12 +23,13 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 use super::plots::{self, Mark, Row, Segment};
-use crate::cli::RunReport;
+use crate::session::write::write_text;
+use crate::session::RunReport;
 
 /// Render `report` and write it atomically to `path`.
 pub fn write(path: &Path, report: &RunReport) -> Result<()> {
     let page = render_report(report)?;
-    crate::cli::write_text(path, &page)
+    write_text(path, &page)
         .with_context(|| format!("writing the HTML report {}", path.display()))
 }
 

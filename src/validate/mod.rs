@@ -23,11 +23,6 @@
 //! as JSON `null`), and for 2-D `[N, C]` outputs with `C > 1` the fraction of rows whose argmax
 //! agrees.
 
-mod runner;
-pub(crate) mod simulate;
-mod support;
-mod tensor;
-
 use anyhow::{bail, Context, Result};
 use ndarray::ArrayD;
 use rand::{Rng, SeedableRng};
@@ -36,14 +31,9 @@ use serde::{Serialize, Serializer};
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::ModelProto;
 
-pub use runner::{
-    infer_value_shapes, resolve_input_shapes, run_model, InputSpec, Runner, ValueShape,
+use crate::runtime::{
+    refusal, resolve_input_shapes, simulation_graph, InputSpec, Runner, RUNTIME,
 };
-pub use simulate::simulation_graph;
-pub use support::refusal;
-
-/// The runtime the validator proves against.
-pub const RUNTIME: &str = "tract-onnx 0.23.9";
 
 #[derive(Debug, Clone)]
 pub struct ValidateOptions {
@@ -100,7 +90,8 @@ pub enum InputSource {
     Synthetic,
 }
 
-fn finite_or_null<S: Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+/// Serialize a float as JSON `null` when it is not finite (JSON has no inf/NaN).
+pub fn finite_or_null<S: Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
     if v.is_finite() {
         s.serialize_f64(*v)
     } else {
@@ -279,7 +270,7 @@ pub fn validate(
     let mut label_at = 0usize;
     let mut accs: Vec<Acc> = pairs.iter().map(|_| Acc::default()).collect();
     let mut shapes_out: Vec<Vec<usize>> = vec![Vec::new(); pairs.len()];
-    let progress = crate::report::progress::Progress::bar("validating", batches.len() as u64);
+    let progress = crate::progress::Progress::bar("validating", batches.len() as u64);
     for batch in &batches {
         progress.inc(1);
         let out_o = match runner_o.run(batch) {
@@ -340,9 +331,9 @@ fn split_user_inputs(
     let graph = model.graph.as_ref().context("model has no graph")?;
     let declared_batch = |name: &str| -> Option<usize> {
         let vi = graph.input.iter().find(|v| v.name() == name)?;
-        let summary = crate::report::stats::value_summary(vi);
+        let summary = crate::ir::facts::value_summary(vi);
         match summary.shape?.first()? {
-            crate::report::stats::Dim::Fixed(b) if *b > 0 => Some(*b),
+            crate::ir::facts::Dim::Fixed(b) if *b > 0 => Some(*b),
             _ => None,
         }
     };

@@ -24,7 +24,7 @@ use super::math::ChannelMap;
 use crate::ir::layer::Layer;
 use crate::ir::Model;
 use crate::onnx::proto::ModelProto;
-use crate::validate::Runner;
+use crate::runtime::Runner;
 use anyhow::{ensure, Context, Result};
 use ndarray::{ArrayD, Axis};
 

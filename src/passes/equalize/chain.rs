@@ -3,6 +3,7 @@
 //! with a positive per-channel scale (`f(s·x) = s·f(x)` for `s > 0`, channel `i` stays channel
 //! `i`).
 
+use crate::ir::facts::static_shape;
 use crate::ir::layer::Layer;
 use crate::ir::op::Attrs;
 use crate::ir::{tensor, Graph, InSlot};
@@ -178,8 +179,7 @@ fn step(graph: &Graph, ix: NodeIndex, prev: Option<NodeIndex>) -> Step {
                     "GlobalAveragePool" | "GlobalMaxPool"
                 )
             });
-            let spatial_one = graph
-                .static_shape(&n.input[0])
+            let spatial_one = static_shape(graph, &n.input[0])
                 .is_some_and(|s| s.len() >= 2 && s[2..].iter().all(|d| *d == Some(1)));
             if axis == 1 && (after_global || spatial_one) {
                 Step::Pass {

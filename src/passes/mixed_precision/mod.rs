@@ -1358,7 +1358,7 @@ mod tests {
         let q64: Vec<i64> = q.iter().map(|&v| v as i64).collect();
         let s: Vec<f32> = scales.iter().copied().collect();
         let reference =
-            crate::validate::simulate::dequantize(&q64, &shape, &s, scales.shape(), None, 1, 2)
+            crate::runtime::simulate::dequantize(&q64, &shape, &s, scales.shape(), None, 1, 2)
                 .unwrap();
         assert_eq!(deq.iter().copied().collect::<Vec<_>>(), reference);
         // Each block's largest |w| lands on ±7 exactly.

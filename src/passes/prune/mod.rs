@@ -45,7 +45,7 @@ use crate::ir::{tensor, Graph, Model, Patch};
 use crate::onnx::proto::tensor_shape_proto::dimension::Value as DimValue;
 use crate::onnx::proto::type_proto;
 use crate::passes::{Pass, PassContext, PassStats};
-use crate::report::stats;
+use crate::ir::facts::node_macs;
 use anyhow::{bail, Context, Result};
 use importance::AxisStats;
 use ndarray::{ArrayD, Axis};
@@ -133,28 +133,6 @@ impl Pass for Prune {
     }
 }
 
-/// Fully known shapes of every value: tract's inference (inputs pinned by `input_shapes`,
-/// symbolic dims otherwise 1), then declared value_info, then initializers.
-pub fn value_shapes(model: &Model, input_shapes: &[(String, Vec<usize>)]) -> Result<Shapes> {
-    let proto = model.to_proto()?;
-    let mut shapes = Shapes::new();
-    // When tract cannot infer, the declared shapes below are all there is.
-    if let Ok(vs) = crate::validate::infer_value_shapes(&proto, input_shapes) {
-        for v in vs {
-            if let Some(s) = v
-                .shape
-                .and_then(|s| s.into_iter().collect::<Option<Vec<_>>>())
-            {
-                shapes.insert(v.name, s);
-            }
-        }
-    }
-    for (k, v) in stats::known_shapes(model) {
-        shapes.entry(k).or_insert(v);
-    }
-    Ok(shapes)
-}
-
 /// Channels to remove, per group id (sorted group-channel indices).
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
@@ -176,7 +154,7 @@ impl MacModel {
         let mut heavy = Vec::new();
         let mut counted = std::collections::HashSet::new();
         for h in &analysis.heavy {
-            if let Some(m) = stats::node_macs(g.node(h.node), shapes) {
+            if let Some(m) = node_macs(g.node(h.node), shapes) {
                 heavy.push((m as f64, h.inputs.clone(), h.outputs.clone(), h.depthwise));
                 counted.insert(h.node);
             }
@@ -184,7 +162,7 @@ impl MacModel {
         let other = g
             .node_indices()
             .filter(|ix| !counted.contains(ix))
-            .filter_map(|ix| stats::node_macs(g.node(ix), shapes))
+            .filter_map(|ix| node_macs(g.node(ix), shapes))
             .map(|m| m as f64)
             .sum();
         MacModel { heavy, other }
@@ -615,7 +593,7 @@ pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
             .push("no pruning target (ratio 0, flops 0): nothing done".to_string());
         return Ok(st);
     }
-    let shapes = value_shapes(model, &opts.input_shapes)?;
+    let shapes = crate::runtime::value_shapes(model, &model.to_proto()?, &opts.input_shapes);
     let analysis = analyze(&model.graph, &shapes)?;
     let groups = &analysis.groups;
     // Calibration run on the original: consumer inputs (moments, reconstruction inputs) and

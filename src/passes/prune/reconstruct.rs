@@ -79,7 +79,7 @@ pub fn run_batched(
         .min()
         .filter(|&b| b < total && total.is_multiple_of(b));
     let Some(chunk) = chunk else {
-        return crate::validate::run_model(model, inputs, extra);
+        return crate::runtime::run_model(model, inputs, extra);
     };
     let mut parts: Vec<Vec<(String, ArrayD<f32>)>> = Vec::new();
     for start in (0..total).step_by(chunk) {
@@ -93,7 +93,7 @@ pub fn run_batched(
                 )
             })
             .collect();
-        parts.push(crate::validate::run_model(model, &batch, extra)?);
+        parts.push(crate::runtime::run_model(model, &batch, extra)?);
     }
     let first = parts.first().context("empty calibration batch")?;
     (0..first.len())

@@ -105,8 +105,12 @@ impl Pass for Quantize {
 
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats> {
         let mut opts = ctx.quantize.clone();
+        // Analytic bias correction reads the BN statistics `fuse` folded in this run.
         if opts.bn_stats.is_empty() {
-            opts.bn_stats = ctx.equalize.bn_stats.clone();
+            opts.bn_stats = match &ctx.facts.folded_bn {
+                Some(folded) => folded.clone(),
+                None => ctx.equalize.bn_stats.clone(),
+            };
         }
         quantize(model, &opts, ctx.calibration.as_deref())
     }

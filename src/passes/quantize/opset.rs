@@ -18,9 +18,10 @@
 //! semantics), `Upsample`, `Scatter`, `Resize` < 11 (its coordinate mapping changed), and any
 //! affected op inside a subgraph.
 
+use crate::ir::facts::declared_rank;
 use crate::ir::op::{self, Attrs};
-use crate::ir::{tensor, Graph, Model, Patch};
-use crate::onnx::proto::{type_proto, GraphProto, NodeProto, TensorProto};
+use crate::ir::{tensor, Model, Patch};
+use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
 use anyhow::{bail, Context, Result};
 use ndarray::arr0;
 
@@ -73,14 +74,14 @@ pub fn upgrade(model: &mut Model, input_shapes: &[(String, Vec<usize>)]) -> Resu
     let needs_ranks = model.graph.node_indices().any(|ix| {
         let n = model.graph.node(ix);
         matches!(n.op_type(), "Softmax" | "LogSoftmax" | "Hardmax")
-            && rank_of(
+            && declared_rank(
                 &model.graph,
                 n.input.first().map(|s| s.as_str()).unwrap_or(""),
             )
             .is_none()
     });
     let inferred_ranks: std::collections::HashMap<String, usize> = if needs_ranks {
-        crate::validate::infer_value_shapes(&model.to_proto()?, input_shapes)
+        crate::runtime::infer_value_shapes(&model.to_proto()?, input_shapes)
             .map(|values| {
                 values
                     .into_iter()
@@ -182,7 +183,7 @@ pub fn upgrade(model: &mut Model, input_shapes: &[(String, Vec<usize>)]) -> Resu
             "Softmax" | "LogSoftmax" | "Hardmax" => {
                 let axis = n.attr_int("axis")?.unwrap_or(1);
                 let input = n.input.first().cloned().unwrap_or_default();
-                match rank_of(g, &input).or_else(|| inferred_ranks.get(&input).copied()) {
+                match declared_rank(g, &input).or_else(|| inferred_ranks.get(&input).copied()) {
                     Some(rank) => {
                         let axis = if axis < 0 { axis + rank as i64 } else { axis };
                         if axis != rank as i64 - 1 {
@@ -239,18 +240,3 @@ fn find_affected(g: &GraphProto, from: i64) -> Option<String> {
     None
 }
 
-/// The rank of a value from graph io / value_info / constant initializers.
-pub fn rank_of(g: &Graph, name: &str) -> Option<usize> {
-    if let Some(t) = g.initializers.get(name) {
-        return Some(t.dims.len());
-    }
-    g.inputs
-        .iter()
-        .chain(&g.outputs)
-        .chain(&g.value_info)
-        .find(|v| v.name() == name)
-        .and_then(|v| match v.r#type.as_ref()?.value.as_ref()? {
-            type_proto::Value::TensorType(t) => t.shape.as_ref().map(|s| s.dim.len()),
-            _ => None,
-        })
-}

@@ -1,8 +1,14 @@
-//! Model statistics: op histogram, parameters, bytes by element type, MACs of the heavy ops.
+//! Static facts about values and nodes, in one home: declared shapes, ranks and element types
+//! ([`static_shape`], [`static_rank`], [`declared_rank`], [`declared_elem_type`]), the shapes a
+//! model states ([`known_shapes`]; [`crate::runtime::value_shapes`] completes them with tract's
+//! shape analysis), the MACs of the heavy ops ([`node_macs`]) and whole-model statistics
+//! ([`model_stats`]: op histogram, parameters, bytes by element type, MACs).
+//!
+//! Everything here reads the graph only; nothing runs a model.
 
-use crate::ir::op::Attrs;
-use crate::ir::tensor;
-use crate::ir::Model;
+use crate::ir::op::{self, Attrs};
+use crate::ir::{tensor, Graph, Model};
+use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::{type_proto, ValueInfoProto};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -94,6 +100,82 @@ pub fn value_summary(v: &ValueInfoProto) -> ValueSummary {
     }
 }
 
+/// The statically known shape of a tensor value: initializer dims, or the declared tensor
+/// type's shape (`Some(d)` per fixed dimension, `None` per symbolic or unknown one).
+/// `None` when the rank is unknown.
+pub fn static_shape(graph: &Graph, value: &str) -> Option<Vec<Option<i64>>> {
+    use crate::onnx::proto::{tensor_shape_proto::dimension, type_proto};
+    if let Some(t) = graph.constant(value) {
+        return Some(t.dims.iter().map(|&d| Some(d)).collect());
+    }
+    let ty = graph.declared(value)?.r#type.as_ref()?;
+    let Some(type_proto::Value::TensorType(tt)) = &ty.value else {
+        return None;
+    };
+    let shape = tt.shape.as_ref()?;
+    Some(
+        shape
+            .dim
+            .iter()
+            .map(|d| match d.value {
+                Some(dimension::Value::DimValue(v)) if v >= 0 => Some(v),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+/// The element type a value is declared with (graph input/output, value_info).
+pub fn declared_elem_type(graph: &Graph, value: &str) -> Option<DataType> {
+    if let Some(t) = graph.constant(value) {
+        return tensor::data_type(t).ok();
+    }
+    let ty = graph.declared(value)?.r#type.as_ref()?;
+    match &ty.value {
+        Some(type_proto::Value::TensorType(tt)) => DataType::try_from(tt.elem_type?).ok(),
+        _ => None,
+    }
+}
+
+/// The rank of a value when it is known statically.
+pub fn static_rank(graph: &Graph, value: &str) -> Option<usize> {
+    let mut value = value;
+    loop {
+        if let Some(s) = static_shape(graph, value) {
+            return Some(s.len());
+        }
+        let p = graph.node(graph.producer_node(value)?);
+        if !op::is_standard_domain(p.domain()) {
+            return None;
+        }
+        match p.op_type() {
+            "Flatten" | "Gemm" => return Some(2),
+            "Conv" | "ConvTranspose" => return Some(graph.constant(p.input.get(1)?)?.dims.len()),
+            // Unary elementwise ops and Concat keep their (first) input's rank.
+            "Relu" | "LeakyRelu" | "Clip" | "Sigmoid" | "Tanh" | "HardSwish" | "HardSigmoid"
+            | "Identity" | "Dropout" | "Erf" | "Gelu" | "Elu" | "Selu" | "Softplus" | "Neg"
+            | "Abs" | "Exp" | "Sqrt" | "Concat" => value = p.input.first()?,
+            _ => return None,
+        }
+    }
+}
+
+/// The rank of a value from graph io / value_info / constant initializers.
+pub fn declared_rank(g: &Graph, name: &str) -> Option<usize> {
+    if let Some(t) = g.initializers.get(name) {
+        return Some(t.dims.len());
+    }
+    g.inputs
+        .iter()
+        .chain(&g.outputs)
+        .chain(&g.value_info)
+        .find(|v| v.name() == name)
+        .and_then(|v| match v.r#type.as_ref()?.value.as_ref()? {
+            type_proto::Value::TensorType(t) => t.shape.as_ref().map(|s| s.dim.len()),
+            _ => None,
+        })
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelStats {
     pub nodes: usize,
@@ -132,33 +214,6 @@ pub fn known_shapes(model: &Model) -> HashMap<String, Vec<usize>> {
             let dims = n.input.first().and_then(|i| shapes.get(i)).cloned();
             if let (Some(dims), Some(out)) = (dims, n.output.first()) {
                 shapes.entry(out.clone()).or_insert(dims);
-            }
-        }
-    }
-    shapes
-}
-
-/// Declared shapes completed with tract's shape analysis (best effort: a model tract cannot
-/// analyse keeps its declared shapes only).
-pub fn inferred_shapes(
-    model: &Model,
-    proto: &crate::onnx::proto::ModelProto,
-    input_shapes: &[(String, Vec<usize>)],
-) -> HashMap<String, Vec<usize>> {
-    let mut shapes = known_shapes(model);
-    // A model tract cannot load (int4 weights...) is analysed through its simulation graph,
-    // which keeps every op output's name.
-    let values = crate::validate::infer_value_shapes(proto, input_shapes).or_else(|_| {
-        let (sim, _) = crate::validate::simulation_graph(proto)?;
-        crate::validate::infer_value_shapes(&sim, input_shapes)
-    });
-    if let Ok(values) = values {
-        for v in values {
-            if let Some(dims) = v
-                .shape
-                .and_then(|s| s.into_iter().collect::<Option<Vec<_>>>())
-            {
-                shapes.insert(v.name, dims);
             }
         }
     }

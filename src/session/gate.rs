@@ -22,8 +22,8 @@
 use crate::ir::Model;
 use crate::onnx::proto::ModelProto;
 use crate::passes::{self, PassContext, PassRecord};
-use crate::report::progress::Progress;
-use crate::validate::{self, Status, ValidateOptions, ValidationReport};
+use crate::progress::Progress;
+use crate::validate::{self, finite_or_null, Status, ValidateOptions, ValidationReport};
 use anyhow::Result;
 use serde::Serialize;
 
@@ -101,14 +101,6 @@ pub struct AdviceCheck {
     pub exclude_nodes: Vec<String>,
     pub passed: bool,
     pub misses: Vec<Miss>,
-}
-
-fn finite_or_null<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
-    if v.is_finite() {
-        s.serialize_f64(*v)
-    } else {
-        s.serialize_none()
-    }
 }
 
 /// Checks the bounds against a validation (`None` = validation skipped).
@@ -472,60 +464,6 @@ pub fn error_line(r: &GateReport) -> String {
         line += &format!(" (worst layers: {})", names.join(", "));
     }
     line
-}
-
-fn fmt_sqnr(v: f64) -> String {
-    if v.is_infinite() {
-        "inf".into()
-    } else {
-        format!("{v:.1} dB")
-    }
-}
-
-/// The gate's lines for the summary.
-pub fn lines(r: &GateReport) -> Vec<String> {
-    let mut out = Vec::new();
-    if r.passed {
-        out.push("  gate   passed".into());
-        return out;
-    }
-    out.push("  gate   FAILED".into());
-    for m in &r.misses {
-        out.push(format!("    {}", m.message));
-    }
-    if !r.blame.is_empty() {
-        out.push(format!(
-            "    layers most responsible (each quantized alone, {} of {} measured):",
-            r.layers_measured, r.layers_quantized
-        ));
-        for b in &r.blame {
-            let mut fig = format!("SQNR {}", fmt_sqnr(b.sqnr_db_alone));
-            if let Some(a) = b.agreement_alone {
-                fig += &format!(", top-1 agree {:.2}%", 100.0 * a);
-            }
-            if let Some(d) = b.drop_points_alone {
-                fig += &format!(", accuracy {:+.2} points", 0.0 - d);
-            }
-            out.push(format!("      {} ({}): {fig}", b.node, b.op_type));
-            out.push(format!("        keep float: {}", b.advice));
-        }
-    }
-    if let Some(a) = &r.with_advice {
-        if a.passed {
-            out.push(format!("    with {}: the gate passes", a.options));
-        } else {
-            let left: Vec<&str> = a.misses.iter().map(|m| m.message.as_str()).collect();
-            out.push(format!(
-                "    with {}: still fails ({})",
-                a.options,
-                left.join("; ")
-            ));
-        }
-    }
-    for n in &r.notes {
-        out.push(format!("    note: {n}"));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -1,0 +1,443 @@
+//! The command line's arguments: clap definitions of the main command and the subcommands.
+//! Closed sets of values are `ValueEnum`s (their variants' kebab-case names are the values);
+//! [`super::options`] turns them into the library's options.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use onnx_compress::calibrate::image::{parse_channels, parse_resize, parse_scale};
+use onnx_compress::calibrate::{ImageOptions, Layout};
+use std::path::PathBuf;
+
+const AFTER_HELP: &str = "\
+Examples:
+  onnx-compress model.onnx -o model_int8.onnx
+  onnx-compress model.onnx -o same.onnx --passes none        # lossless round trip, validated
+  onnx-compress inspect model.onnx
+
+Every output is written atomically (never a partial file) and, unless --no-validate, run side
+by side with the original in tract; the summary says what was checked and how.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "onnx-compress",
+    version,
+    about = "Make trained ONNX models small and fast without retraining, and prove the result in tract.",
+    after_help = AFTER_HELP,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub compress: CompressArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show a model's inputs, outputs, op histogram, parameters, bytes by type and MACs.
+    Inspect(InspectArgs),
+    /// Recipes: print every option of the main command with its default, as TOML.
+    Config(ConfigArgs),
+    /// Estimate each layer's Hessian trace (Hutchinson) on calibration data, without changing
+    /// the model: which layers are sensitive to quantization.
+    Sensitivity(SensitivityArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SensitivityArgs {
+    /// The ONNX model (BatchNormalization is folded first, as in the main pipeline).
+    pub model: PathBuf,
+    /// Calibration data (same formats as the main command's --calib); default: synthetic.
+    #[arg(long, value_name = "PATH")]
+    pub calib: Option<PathBuf>,
+    /// Use at most N calibration samples.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub calib_samples: usize,
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// Most Hutchinson probes per layer.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub hessian_samples: usize,
+    /// Output comparison for the traces: auto (KL for classifier logits, MSE otherwise), kl, mse.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub hessian_loss: HessianLossArg,
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub seed: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Print a recipe with every option at its default.
+    #[arg(long, required = true)]
+    pub print_default: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The ONNX model to describe.
+    pub model: PathBuf,
+    /// Fix symbolic input dims for shape-dependent figures, e.g. `x:1x3x224x224`.
+    #[arg(long = "input-shape", value_name = "NAME:DIMS")]
+    pub input_shapes: Vec<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompressArgs {
+    /// The ONNX model to compress.
+    #[arg(required = true)]
+    pub model: Option<PathBuf>,
+    /// Where to write the compressed model.
+    #[arg(short, long, required = true, value_name = "OUT")]
+    pub output: Option<PathBuf>,
+    /// Comma-separated passes to run (in pipeline order), or `none` for a plain round trip.
+    /// Default: the full pipeline.
+    #[arg(long, value_name = "LIST")]
+    pub passes: Option<String>,
+    /// Fix symbolic input dims, e.g. `--input-shape x:1x3x224x224` (repeatable).
+    #[arg(long = "input-shape", value_name = "NAME:DIMS")]
+    pub input_shapes: Vec<String>,
+    /// Write the run summary and validation as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Write the run summary, validation and per-pass plots as one self-contained HTML page.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+    /// Store large tensors in `<OUT>.data` next to the model (needed above 2 GiB; the
+    /// default when the input model used external data).
+    #[arg(long)]
+    pub external_data: bool,
+    /// Allow OUT to be the input file (it is replaced atomically).
+    #[arg(long)]
+    pub force: bool,
+    /// Skip the side-by-side check in tract.
+    #[arg(long)]
+    pub no_validate: bool,
+    /// Seed of everything random: synthetic validation and calibration inputs, stochastic
+    /// rounding, Hutchinson probes.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub seed: u64,
+    /// Number of synthetic validation batches (when no --eval data is given).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub samples: usize,
+    /// Stop each rule-driven pass after N rewrites (to bisect a bad rewrite).
+    #[arg(long, value_name = "N", hide_short_help = true)]
+    pub max_patches: Option<usize>,
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+    // ---- calibration and quantization ----
+    /// Calibration data: a directory of .npy files (one sample or a batch each; several graph
+    /// inputs as `<input>_NNN.npy`), a .npy, an .npz (keys = input names), or png/jpg images
+    /// (see the image options). Without it ranges come from synthetic data (a warning says so).
+    #[arg(long, value_name = "PATH", help_heading = "Quantization")]
+    pub calib: Option<PathBuf>,
+    /// Use at most N calibration samples.
+    #[arg(long, value_name = "N", help_heading = "Quantization")]
+    pub calib_samples: Option<usize>,
+    // Image preprocessing for png/jpg calibration (and --eval) data.
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// Activation range method: minmax, percentile, percentile:P, entropy, mse.
+    #[arg(
+        long,
+        default_value = "percentile",
+        value_name = "METHOD",
+        help_heading = "Quantization"
+    )]
+    pub method: String,
+    /// Percentile for --method percentile.
+    #[arg(long, value_name = "P", help_heading = "Quantization")]
+    pub percentile: Option<f64>,
+    /// Moving-average min-max with this averaging constant (minmax only), e.g. 0.01.
+    #[arg(long, value_name = "A", help_heading = "Quantization")]
+    pub moving_average: Option<f32>,
+    /// Per-tensor weight scales instead of per-channel.
+    #[arg(long, help_heading = "Quantization")]
+    pub per_tensor: bool,
+    /// Symmetric int8 activations instead of asymmetric uint8.
+    #[arg(long, help_heading = "Quantization")]
+    pub symmetric_activations: bool,
+    /// 7-bit weights, for ONNX Runtime's u8xs8 kernels on x86 CPUs without VNNI.
+    #[arg(long, help_heading = "Quantization")]
+    pub reduce_range: bool,
+    /// Names of the added Q/DQ tensors and nodes: compact ids (a7_s, w3_q, ...; ~1% smaller
+    /// files) or descriptive ({tensor}_scale, {tensor}_QuantizeLinear, ...).
+    #[arg(long, value_enum, default_value = "compact", help_heading = "Quantization")]
+    pub names: NamesArg,
+    /// Weight rounding: nearest or stochastic (seeded by --seed).
+    #[arg(long, value_enum, default_value = "nearest", help_heading = "Quantization")]
+    pub rounding: RoundingArg,
+    /// Leave every node of this op type in float (repeatable).
+    #[arg(long = "exclude-op", value_name = "OP", help_heading = "Quantization")]
+    pub exclude_ops: Vec<String>,
+    /// Leave nodes whose name matches (name or regex, full match) in float (repeatable).
+    #[arg(
+        long = "exclude-node",
+        value_name = "NAME",
+        help_heading = "Quantization"
+    )]
+    pub exclude_nodes: Vec<String>,
+    /// Quantize only nodes whose name matches (repeatable).
+    #[arg(
+        long = "include-node",
+        value_name = "NAME",
+        help_heading = "Quantization"
+    )]
+    pub include_nodes: Vec<String>,
+
+    // ---- equalization ----
+    /// Move biases past ReLU layers where activations stay linear (high-bias absorption).
+    #[arg(long, help_heading = "Equalization")]
+    pub absorb_high_bias: bool,
+    /// Cross-layer equalization: auto (skipped when per-channel int8 weights follow, where it
+    /// measured no better on average) or always. Naming `equalize` in --passes means always.
+    #[arg(long, value_enum, default_value = "auto", help_heading = "Equalization")]
+    pub equalize: EqualizeArg,
+    /// Bias correction for quantized weights: off, empirical (needs --calib) or analytic (from
+    /// the folded BatchNormalization statistics, data-free).
+    #[arg(long, value_enum, default_value = "off", help_heading = "Equalization")]
+    pub bias_correction: BiasCorrectionArg,
+
+    // ---- pruning ----
+    /// Remove this fraction of the channels of prunable groups (e.g. 0.3).
+    #[arg(long, value_name = "FRACTION", help_heading = "Pruning")]
+    pub prune: Option<f64>,
+    /// Remove this fraction of the MACs (e.g. 0.3 keeps at most 70%); wins over --prune.
+    #[arg(long, value_name = "FRACTION", help_heading = "Pruning")]
+    pub prune_flops: Option<f64>,
+    /// Rank channels over all layers (global) or within each layer (per-layer).
+    #[arg(long, value_enum, default_value = "global", help_heading = "Pruning")]
+    pub prune_ranking: RankingArg,
+    /// Channel importance: l1, l2, bn-gamma, activation or combined.
+    #[arg(long, value_enum, default_value = "combined", help_heading = "Pruning")]
+    pub prune_criterion: CriterionArg,
+    /// Never remove more than this fraction of one layer's channels.
+    #[arg(
+        long,
+        default_value_t = 0.9,
+        value_name = "FRACTION",
+        help_heading = "Pruning"
+    )]
+    pub prune_max_fraction: f64,
+    /// Keep channel counts multiples of N where possible.
+    #[arg(long, default_value_t = 1, value_name = "N", help_heading = "Pruning")]
+    pub round_to: usize,
+    /// Refit consumers after pruning: least-squares, bias or none.
+    #[arg(long, value_enum, default_value = "least-squares", help_heading = "Pruning")]
+    pub reconstruct: ReconstructArg,
+
+    // ---- mixed precision ----
+    /// Size budget for Hessian-guided mixed precision: bytes of weights (e.g. 2000000) or a
+    /// fraction of the fp32 weight bytes (e.g. 0.2). Enables the mixed-precision pass.
+    #[arg(long, value_name = "BYTES|RATIO", help_heading = "Mixed precision")]
+    pub target_size: Option<String>,
+    /// Budget as average bits per weight (e.g. 4.5). Enables the mixed-precision pass.
+    #[arg(
+        long,
+        value_name = "BITS",
+        conflicts_with = "target_size",
+        help_heading = "Mixed precision"
+    )]
+    pub avg_bits: Option<f64>,
+    /// Keep layers whose node or weight name matches in fp32 (repeatable, regex).
+    #[arg(
+        long = "keep-fp32",
+        value_name = "REGEX",
+        help_heading = "Mixed precision"
+    )]
+    pub keep_fp32: Vec<String>,
+    /// Never choose int4 (e.g. for runtimes without INT4 DequantizeLinear, such as tract).
+    #[arg(long, help_heading = "Mixed precision")]
+    pub no_int4: bool,
+    /// Never choose fp16.
+    #[arg(long, help_heading = "Mixed precision")]
+    pub no_fp16: bool,
+    /// Most Hutchinson probes per layer.
+    #[arg(
+        long,
+        default_value_t = 64,
+        value_name = "N",
+        help_heading = "Mixed precision"
+    )]
+    pub hessian_samples: usize,
+    /// Output comparison for the traces: auto (KL for classifier logits, MSE otherwise), kl, mse.
+    #[arg(long, value_enum, default_value = "auto", help_heading = "Mixed precision")]
+    pub hessian_loss: HessianLossArg,
+    /// How precisions are chosen. joint: minimize the second-order loss of the actual
+    /// quantization errors with cross-layer terms (3 extra runs of each layer's downstream part;
+    /// measured better on the digits models, BENCHMARKS.md). trace: HAWQ-v2, minimize
+    /// Σ Tr(H)/n·‖ΔW‖² exactly (per-layer additive).
+    #[arg(long, value_enum, default_value = "joint", help_heading = "Mixed precision")]
+    pub selection: SelectionArg,
+    /// int4 weights in blocks of N values along the input-channel axis, one scale per block
+    /// (ONNX block-wise DequantizeLinear, opset 21); layers whose input axis is shorter than N
+    /// stay per output channel. Default: per output channel.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..), help_heading = "Mixed precision")]
+    pub block_size: Option<u64>,
+    /// Print the size-vs-sensitivity frontier (minimum ΣΩ, and the joint selection's predicted
+    /// loss, per weight size) after the per-layer table; it is always in --report and --html.
+    #[arg(long, help_heading = "Mixed precision")]
+    pub pareto: bool,
+
+    // ---- validation data ----
+    /// Held-out inputs for validation (same formats as --calib); default: synthetic.
+    #[arg(long, value_name = "PATH")]
+    pub eval: Option<PathBuf>,
+    /// Class labels (.npy of integers) of the --eval samples: reports both models' accuracy.
+    #[arg(long, value_name = "FILE")]
+    pub eval_labels: Option<PathBuf>,
+
+    // ---- fidelity gate and verbosity ----
+    /// Fail (exit 1) when the accuracy drops by more than POINTS percentage points (needs
+    /// --eval-labels). A failed gate names the quantized layers most responsible.
+    #[arg(long, value_name = "POINTS", help_heading = "Fidelity gate")]
+    pub max_drop: Option<f64>,
+    /// Fail when any output's SQNR against the original is below DB.
+    #[arg(long, value_name = "DB", help_heading = "Fidelity gate")]
+    pub min_sqnr: Option<f64>,
+    /// Fail when the top-1 agreement with the original is below FRACTION (e.g. 0.99).
+    #[arg(long, value_name = "FRACTION", help_heading = "Fidelity gate")]
+    pub min_agreement: Option<f64>,
+    /// Write no output when the gate fails (default: write it, then fail).
+    #[arg(long, help_heading = "Fidelity gate")]
+    pub no_write_on_fail: bool,
+    /// Measure at most N quantized layers when blaming a failed gate.
+    #[arg(
+        long,
+        default_value_t = 12,
+        value_name = "N",
+        help_heading = "Fidelity gate"
+    )]
+    pub blame_layers: usize,
+    /// Print each pass's key figures too.
+    #[arg(short, long, conflicts_with = "quiet")]
+    pub verbose: bool,
+
+    /// Read options from a TOML recipe (command-line options win).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Write this run's effective options as a recipe, to repeat it with --config.
+    #[arg(long, value_name = "FILE")]
+    pub save_recipe: Option<PathBuf>,
+}
+
+// The value enums. Variants carry no doc comments on purpose: clap would then list each value
+// with its text in `--help`, and the help snapshots show them inline.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NamesArg {
+    Compact,
+    Descriptive,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoundingArg {
+    Nearest,
+    Stochastic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EqualizeArg {
+    Auto,
+    Always,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BiasCorrectionArg {
+    Off,
+    Empirical,
+    Analytic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RankingArg {
+    Global,
+    PerLayer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CriterionArg {
+    L1,
+    L2,
+    BnGamma,
+    Activation,
+    Combined,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReconstructArg {
+    LeastSquares,
+    Bias,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HessianLossArg {
+    Auto,
+    Kl,
+    Mse,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SelectionArg {
+    Joint,
+    Trace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LayoutArg {
+    Nchw,
+    Nhwc,
+}
+
+/// Image options on the command line (flattened into the main command and `sensitivity`).
+#[derive(Debug, Clone, Args)]
+pub struct ImageArgs {
+    /// Resize calibration images to exactly WxH (triangle/bilinear filter); default: the
+    /// model input's fixed height and width.
+    #[arg(long, value_name = "WxH", value_parser = parse_resize, help_heading = "Calibration images")]
+    pub resize: Option<(usize, usize)>,
+    /// Per-channel mean subtracted after --scale, e.g. 0.485,0.456,0.406 (one value: all channels).
+    #[arg(long, value_name = "R,G,B", value_parser = parse_channel_values, help_heading = "Calibration images")]
+    pub mean: Option<ChannelValues>,
+    /// Per-channel divisor applied after --mean, e.g. 0.229,0.224,0.225.
+    #[arg(long, value_name = "R,G,B", value_parser = parse_channel_values, help_heading = "Calibration images")]
+    pub std: Option<ChannelValues>,
+    /// Layout of the model's image input: nchw or nhwc; default: inferred (channel dim 1 or 3).
+    #[arg(long, value_name = "LAYOUT", value_enum, help_heading = "Calibration images")]
+    pub layout: Option<LayoutArg>,
+    /// Multiplies 0..255 pixel values before --mean/--std: a number or a fraction like 1/255.
+    #[arg(long, value_name = "S", default_value = "1/255", value_parser = parse_scale, help_heading = "Calibration images")]
+    pub scale: f64,
+}
+
+impl ImageArgs {
+    /// The library options these flags stand for.
+    pub fn options(&self) -> ImageOptions {
+        let d = ImageOptions::default();
+        ImageOptions {
+            resize: self.resize,
+            layout: self.layout.map(|l| match l {
+                LayoutArg::Nchw => Layout::Nchw,
+                LayoutArg::Nhwc => Layout::Nhwc,
+            }),
+            scale: self.scale,
+            mean: self.mean.clone().map_or(d.mean, |v| v.0),
+            std: self.std.clone().map_or(d.std, |v| v.0),
+        }
+    }
+}
+
+/// One option value holding a list (a newtype: clap reads `Option<Vec<_>>` as a repeated option).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelValues(pub Vec<f32>);
+
+fn parse_channel_values(s: &str) -> std::result::Result<ChannelValues, String> {
+    parse_channels(s).map(ChannelValues)
+}

@@ -1,0 +1,108 @@
+//! The command line, the binary's own module (not part of the library): parse arguments
+//! ([`args`], recipes in [`recipe`]), turn them into library options ([`options`]), call
+//! [`onnx_compress::session`], print what comes back ([`print`]).
+
+mod args;
+mod options;
+mod print;
+mod recipe;
+
+use anyhow::{bail, Result};
+use args::{Cli, Command, CompressArgs, InspectArgs, SensitivityArgs};
+use onnx_compress::session::{self, write};
+
+/// The clap command with recipe support: later options override earlier ones.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command().args_override_self(true)
+}
+
+/// Parse the process arguments (expanding `--config` recipes) and run.
+pub fn main_with_args(args: Vec<std::ffi::OsString>) -> Result<()> {
+    use clap::FromArgMatches;
+    let cmd = command();
+    let args = recipe::expand_config(&cmd, args)?;
+    let matches = cmd.clone().get_matches_from(args);
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let save_recipe = cli.compress.save_recipe.clone();
+    run(cli)?;
+    if let Some(path) = save_recipe {
+        write::write_text(&path, &recipe::recipe_from_matches(&cmd, &matches))?;
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::Inspect(args)) => inspect(&args),
+        Some(Command::Sensitivity(args)) => sensitivity(&args),
+        Some(Command::Config(_)) => {
+            print!("{}", recipe::default_recipe(&command()));
+            Ok(())
+        }
+        None => compress(&cli.compress),
+    }
+}
+
+fn compress(args: &CompressArgs) -> Result<()> {
+    onnx_compress::progress::set_enabled(!args.quiet);
+    onnx_compress::progress::set_verbose(args.verbose);
+    let opts = options::compress_options(args)?;
+    let outcome = session::compress(&opts)?;
+    let report = &outcome.report;
+    if !args.quiet {
+        print::summary(report);
+        if let Some(g) = &report.gate {
+            for line in print::gate_lines(g) {
+                println!("{line}");
+            }
+        }
+    }
+    if let Some(path) = &args.report {
+        write::write_json(path, report)?;
+    }
+    if let Some(p) = &args.html {
+        onnx_compress::report::html::write(p, report)?;
+    }
+    if let Some(line) = outcome.gate_failure() {
+        bail!(line);
+    }
+    Ok(())
+}
+
+fn sensitivity(args: &SensitivityArgs) -> Result<()> {
+    let opts = session::inspect::SensitivityOptions {
+        model: args.model.clone(),
+        calib: args.calib.clone(),
+        calib_samples: args.calib_samples,
+        image: args.image.options(),
+        seed: args.seed,
+        hessian: onnx_compress::hessian::HessianOptions {
+            max_samples: args.hessian_samples.max(1),
+            seed: args.seed,
+            loss: options::hessian_loss(args.hessian_loss),
+            ..Default::default()
+        },
+    };
+    let (layers, synthetic) = session::inspect::sensitivity(&opts)?;
+    if synthetic {
+        eprintln!("warning: no --calib data; traces are measured on synthetic inputs");
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&layers)?);
+        return Ok(());
+    }
+    print::sensitivity_table(&layers);
+    Ok(())
+}
+
+fn inspect(args: &InspectArgs) -> Result<()> {
+    let shapes = options::parse_input_shapes(&args.input_shapes)?;
+    let insp = session::inspect::inspect(&args.model, &shapes)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&insp)?);
+        return Ok(());
+    }
+    print::inspection(&insp);
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! From arguments to the library's options: every check that needs only the command line
+//! happens here, before any file is read; [`onnx_compress::session`] does the rest.
+
+use super::args::*;
+use anyhow::{bail, ensure, Context, Result};
+use onnx_compress::calibrate::observe::Method;
+use onnx_compress::calibrate::params::ActScheme;
+use onnx_compress::hessian::{HessianOptions, Loss};
+use onnx_compress::passes::equalize::{BiasCorrection, EqualizeOptions};
+use onnx_compress::passes::mixed_precision::{Budget, MixedPrecisionOptions, Selection};
+use onnx_compress::passes::prune::{self, PruneOptions};
+use onnx_compress::passes::quantize::{Naming, QuantizeOptions, Rounding};
+use onnx_compress::passes::{self, PassContext};
+use onnx_compress::session::{gate, CompressOptions, DataSources};
+
+/// Parse `name:1x3x224x224`.
+pub fn parse_input_shape(spec: &str) -> Result<(String, Vec<usize>)> {
+    let (name, dims) = spec.rsplit_once(':').with_context(|| {
+        format!("--input-shape '{spec}': expected NAME:DIMS like x:1x3x224x224")
+    })?;
+    ensure!(
+        !name.is_empty(),
+        "--input-shape '{spec}': the input name is empty"
+    );
+    let dims = dims
+        .split(['x', ','])
+        .map(|d| {
+            d.trim().parse::<usize>().with_context(|| {
+                format!(
+                    "--input-shape '{spec}': '{d}' is not a dimension (expected e.g. 1x3x224x224)"
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((name.to_string(), dims))
+}
+
+pub fn parse_input_shapes(specs: &[String]) -> Result<Vec<(String, Vec<usize>)>> {
+    specs.iter().map(|s| parse_input_shape(s)).collect()
+}
+
+/// `--hessian-loss`.
+pub fn hessian_loss(v: HessianLossArg) -> Loss {
+    match v {
+        HessianLossArg::Kl => Loss::Kl,
+        HessianLossArg::Mse => Loss::Mse,
+        HessianLossArg::Auto => Loss::Auto,
+    }
+}
+
+/// `--target-size`: whole bytes (`2000000`) or a fraction of the fp32 weight bytes (`0.2`).
+fn parse_budget(spec: &str) -> Result<Budget> {
+    let v: f64 = spec.trim().parse().with_context(|| {
+        format!("--target-size '{spec}': expected bytes (e.g. 2000000) or a ratio (e.g. 0.2)")
+    })?;
+    if v > 0.0 && v < 1.0 {
+        Ok(Budget::Ratio(v))
+    } else if v >= 1.0 && v.fract() == 0.0 {
+        Ok(Budget::Bytes(v as u64))
+    } else {
+        bail!("--target-size '{spec}': expected bytes (a whole number) or a ratio in (0, 1)")
+    }
+}
+
+/// The gate's bounds, checked before any work.
+fn gate_bounds(args: &CompressArgs) -> Result<gate::Bounds> {
+    let bounds = gate::Bounds {
+        max_drop_points: args.max_drop,
+        min_sqnr_db: args.min_sqnr,
+        min_agreement: args.min_agreement,
+    };
+    ensure!(
+        args.max_drop.is_none() || args.eval_labels.is_some(),
+        "--max-drop needs labelled held-out data: --eval FILE --eval-labels FILE"
+    );
+    if let Some(v) = args.max_drop {
+        ensure!(
+            v >= 0.0,
+            "--max-drop {v}: expected points >= 0 (e.g. 1 for one point)"
+        );
+    }
+    if let Some(v) = args.min_agreement {
+        ensure!(
+            (0.0..=1.0).contains(&v),
+            "--min-agreement {v}: expected a fraction in [0, 1] (e.g. 0.99)"
+        );
+    }
+    if let Some(v) = args.min_sqnr {
+        ensure!(v.is_finite(), "--min-sqnr {v}: expected a number of dB");
+    }
+    ensure!(
+        !(bounds.is_active() && args.no_validate),
+        "--max-drop / --min-sqnr / --min-agreement are checked by validation; drop --no-validate"
+    );
+    ensure!(
+        !args.no_write_on_fail || bounds.is_active(),
+        "--no-write-on-fail needs a bound: --max-drop, --min-sqnr or --min-agreement"
+    );
+    Ok(bounds)
+}
+
+/// The options of every pass (calibration data is attached by the session once the model is
+/// loaded).
+fn pass_context(args: &CompressArgs) -> Result<PassContext> {
+    let mut method = Method::parse(&args.method).with_context(|| format!("--method {}", args.method))?;
+    if let Some(p) = args.percentile {
+        ensure!(
+            matches!(method, Method::Percentile(_)),
+            "--percentile needs --method percentile"
+        );
+        method = Method::parse(&format!("percentile:{p}")).context("--percentile")?;
+    }
+    let bias_correction = match args.bias_correction {
+        BiasCorrectionArg::Off => BiasCorrection::Off,
+        BiasCorrectionArg::Empirical => BiasCorrection::Empirical,
+        BiasCorrectionArg::Analytic => BiasCorrection::Analytic,
+    };
+    let quantize = QuantizeOptions {
+        method,
+        moving_average: args.moving_average,
+        activation_scheme: if args.symmetric_activations {
+            ActScheme::I8Symmetric
+        } else {
+            ActScheme::U8Asymmetric
+        },
+        per_channel: !args.per_tensor,
+        reduce_range: args.reduce_range,
+        rounding: match args.rounding {
+            RoundingArg::Stochastic => Rounding::Stochastic { seed: args.seed },
+            RoundingArg::Nearest => Rounding::Nearest,
+        },
+        exclude_ops: args.exclude_ops.clone(),
+        exclude_nodes: args.exclude_nodes.clone(),
+        include_nodes: args.include_nodes.clone(),
+        seed: args.seed,
+        bias_correction,
+        naming: match args.names {
+            NamesArg::Descriptive => Naming::Descriptive,
+            NamesArg::Compact => Naming::Compact,
+        },
+        ..Default::default()
+    };
+    ensure!(
+        args.bias_correction != BiasCorrectionArg::Empirical || args.calib.is_some(),
+        "--bias-correction empirical needs calibration data (--calib)"
+    );
+    let equalize = EqualizeOptions {
+        absorb_high_bias: args.absorb_high_bias,
+        // Naming `equalize` in --passes means always.
+        with_per_channel: args.equalize == EqualizeArg::Always
+            || args
+                .passes
+                .as_deref()
+                .is_some_and(|p| p.split(',').any(|n| n.trim() == "equalize")),
+        ..Default::default()
+    };
+    for (flag, v) in [("--prune", args.prune), ("--prune-flops", args.prune_flops)] {
+        if let Some(v) = v {
+            ensure!(
+                (0.0..1.0).contains(&v),
+                "{flag} {v}: expected a fraction in [0, 1)"
+            );
+        }
+    }
+    let prune = PruneOptions {
+        ratio: args.prune.unwrap_or(0.0),
+        flops: args.prune_flops.unwrap_or(0.0),
+        ranking: match args.prune_ranking {
+            RankingArg::PerLayer => prune::Ranking::PerLayer,
+            RankingArg::Global => prune::Ranking::Global,
+        },
+        criterion: match args.prune_criterion {
+            CriterionArg::L1 => prune::Criterion::L1,
+            CriterionArg::L2 => prune::Criterion::L2,
+            CriterionArg::BnGamma => prune::Criterion::BnGamma,
+            CriterionArg::Activation => prune::Criterion::Activation,
+            CriterionArg::Combined => prune::Criterion::Combined,
+        },
+        max_fraction: args.prune_max_fraction,
+        round_to: args.round_to.max(1),
+        reconstruct: match args.reconstruct {
+            ReconstructArg::None => prune::Reconstruct::None,
+            ReconstructArg::Bias => prune::Reconstruct::Bias,
+            ReconstructArg::LeastSquares => prune::Reconstruct::LeastSquares,
+        },
+        ..Default::default()
+    };
+    let mixed = MixedPrecisionOptions {
+        budget: match (&args.target_size, args.avg_bits) {
+            (Some(t), _) => Some(parse_budget(t)?),
+            (None, Some(b)) => {
+                ensure!(
+                    b > 0.0 && b <= 32.0,
+                    "--avg-bits {b}: expected 0 < bits <= 32"
+                );
+                Some(Budget::AvgBits(b))
+            }
+            (None, None) => None,
+        },
+        keep_fp32: args.keep_fp32.clone(),
+        allow_int4: !args.no_int4,
+        allow_fp16: !args.no_fp16,
+        block_size: args.block_size.map(|b| b as usize),
+        print_pareto: args.pareto,
+        selection: match args.selection {
+            SelectionArg::Trace => Selection::Trace,
+            SelectionArg::Joint => Selection::Joint,
+        },
+        hessian: HessianOptions {
+            max_samples: args.hessian_samples.max(1),
+            seed: args.seed,
+            loss: hessian_loss(args.hessian_loss),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Ok(PassContext {
+        mixed,
+        max_patches: args.max_patches,
+        quantize,
+        calibration: None,
+        equalize,
+        prune,
+        ..Default::default()
+    })
+}
+
+/// The main command's options for [`onnx_compress::session::compress`].
+pub fn compress_options(args: &CompressArgs) -> Result<CompressOptions> {
+    let input = args.model.clone().context("no input model given")?;
+    let output = args.output.clone().context("no output path given (-o OUT)")?;
+    let passes = match &args.passes {
+        Some(spec) => passes::select(spec)?,
+        None => passes::default_pass_names(),
+    };
+    let gate = gate_bounds(args)?;
+    let input_shapes = parse_input_shapes(&args.input_shapes)?;
+    let ctx = pass_context(args)?;
+    Ok(CompressOptions {
+        input,
+        output,
+        force: args.force,
+        passes,
+        ctx,
+        data: DataSources {
+            calib: args.calib.clone(),
+            calib_samples: args.calib_samples,
+            image: args.image.options(),
+            eval: args.eval.clone(),
+            eval_labels: args.eval_labels.clone(),
+        },
+        input_shapes,
+        external_data: args.external_data,
+        validate: !args.no_validate,
+        seed: args.seed,
+        samples: args.samples,
+        gate,
+        blame_layers: args.blame_layers,
+        no_write_on_fail: args.no_write_on_fail,
+    })
+}

@@ -1,0 +1,276 @@
+//! Terminal output: the run summary, the validation lines, the gate's verdict and blame, the
+//! `inspect` description and the `sensitivity` table. Everything here prints what the library
+//! returned; nothing is computed.
+
+use onnx_compress::hessian::LayerSensitivity;
+use onnx_compress::session::gate::GateReport;
+use onnx_compress::session::inspect::Inspection;
+use onnx_compress::session::RunReport;
+use onnx_compress::validate::{InputSource, Method, Status, ValidationReport};
+
+pub fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+pub fn summary(r: &RunReport) {
+    println!("{} -> {}", r.input.path, r.output.path);
+    println!(
+        "  size   {} -> {} ({:.1}% of the input)",
+        human_bytes(r.input.file_bytes),
+        human_bytes(r.output.file_bytes),
+        100.0 * r.size_ratio
+    );
+    println!(
+        "  nodes  {} -> {}",
+        r.input.stats.nodes, r.output.stats.nodes
+    );
+    if r.passes.is_empty() {
+        println!("  passes none (round trip)");
+    }
+    for p in &r.passes {
+        println!(
+            "  pass {:<16} {:>5} change(s)  {:>7.3}s  nodes {} -> {}",
+            p.name, p.changes, p.seconds, p.nodes_before, p.nodes_after
+        );
+        for n in &p.notes {
+            println!("       note: {n}");
+        }
+        for line in &p.table {
+            println!("       {line}");
+        }
+        if onnx_compress::progress::verbose() {
+            for line in detail_lines(&p.details) {
+                println!("       {line}");
+            }
+        }
+    }
+    match &r.validation {
+        None => println!("  validation skipped (--no-validate)"),
+        Some(v) => validation(v),
+    }
+    println!("  total {:.2}s", r.seconds_total);
+}
+
+fn fmt_db(v: f64) -> String {
+    if v.is_infinite() {
+        "inf (identical)".into()
+    } else {
+        format!("{v:.1} dB")
+    }
+}
+
+fn validation(v: &ValidationReport) {
+    let how = match v.method {
+        Method::Direct => "both models run as they are",
+        Method::Simulation => {
+            "on simulation graphs (quantized constants dequantized ahead of time)"
+        }
+    };
+    let inputs = match v.input_source {
+        InputSource::User => format!("{} batch(es) of given inputs", v.samples),
+        InputSource::Synthetic => format!("{} synthetic batch(es), seed {}", v.samples, v.seed),
+    };
+    match v.status {
+        Status::Checked => println!("  validated in {} ({how}), {inputs}:", v.runtime),
+        Status::NotChecked => println!(
+            "  NOT validated in {}: {}",
+            v.runtime,
+            v.reason.as_deref().unwrap_or("unknown reason")
+        ),
+        Status::Mismatch => println!(
+            "  MISMATCH in {}: {}",
+            v.runtime,
+            v.reason.as_deref().unwrap_or("unknown reason")
+        ),
+    }
+    for o in &v.outputs {
+        let mut line = format!(
+            "    {:<16} max|err| {:.3e}  mean|err| {:.3e}  cos {:.6}  SQNR {}",
+            o.name,
+            o.max_abs_err,
+            o.mean_abs_err,
+            o.cosine,
+            fmt_db(o.sqnr_db)
+        );
+        if let Some(t) = o.top1_agreement {
+            line += &format!("  top-1 agree {:.2}%", 100.0 * t);
+        }
+        println!("{line}");
+        if let (Some(a), Some(b)) = (o.accuracy_original, o.accuracy_candidate) {
+            println!(
+                "    {:<16} accuracy {:.2}% -> {:.2}% ({:+.2} points)",
+                "",
+                100.0 * a,
+                100.0 * b,
+                100.0 * (b - a)
+            );
+        }
+    }
+    for r in &v.rewrites {
+        println!("    simulation: {r}");
+    }
+    for n in &v.notes {
+        println!("    note: {n}");
+    }
+}
+
+fn fmt_sqnr(v: f64) -> String {
+    if v.is_infinite() {
+        "inf".into()
+    } else {
+        format!("{v:.1} dB")
+    }
+}
+
+/// The gate's lines for the summary.
+pub fn gate_lines(r: &GateReport) -> Vec<String> {
+    let mut out = Vec::new();
+    if r.passed {
+        out.push("  gate   passed".into());
+        return out;
+    }
+    out.push("  gate   FAILED".into());
+    for m in &r.misses {
+        out.push(format!("    {}", m.message));
+    }
+    if !r.blame.is_empty() {
+        out.push(format!(
+            "    layers most responsible (each quantized alone, {} of {} measured):",
+            r.layers_measured, r.layers_quantized
+        ));
+        for b in &r.blame {
+            let mut fig = format!("SQNR {}", fmt_sqnr(b.sqnr_db_alone));
+            if let Some(a) = b.agreement_alone {
+                fig += &format!(", top-1 agree {:.2}%", 100.0 * a);
+            }
+            if let Some(d) = b.drop_points_alone {
+                fig += &format!(", accuracy {:+.2} points", 0.0 - d);
+            }
+            out.push(format!("      {} ({}): {fig}", b.node, b.op_type));
+            out.push(format!("        keep float: {}", b.advice));
+        }
+    }
+    if let Some(a) = &r.with_advice {
+        if a.passed {
+            out.push(format!("    with {}: the gate passes", a.options));
+        } else {
+            let left: Vec<&str> = a.misses.iter().map(|m| m.message.as_str()).collect();
+            out.push(format!(
+                "    with {}: still fails ({})",
+                a.options,
+                left.join("; ")
+            ));
+        }
+    }
+    for n in &r.notes {
+        out.push(format!("    note: {n}"));
+    }
+    out
+}
+
+pub fn sensitivity_table(layers: &[LayerSensitivity]) {
+    println!(
+        "{:<40} {:>10} {:>12} {:>10} {:>12} {:>7}",
+        "layer (node)", "params", "trace", "stderr", "trace/param", "probes"
+    );
+    let mut sorted: Vec<_> = layers.iter().collect();
+    sorted.sort_by(|a, b| b.trace_per_param.total_cmp(&a.trace_per_param));
+    for l in sorted {
+        println!(
+            "{:<40} {:>10} {:>12.4e} {:>10.2e} {:>12.4e} {:>7}",
+            l.node, l.params, l.hessian_trace, l.hessian_trace_stderr, l.trace_per_param, l.samples
+        );
+    }
+}
+
+pub fn inspection(insp: &Inspection) {
+    println!("{} ({})", insp.path, human_bytes(insp.file_bytes));
+    println!(
+        "  ir_version {}, opsets {}, producer '{}'",
+        insp.ir_version,
+        insp.stats
+            .opsets
+            .iter()
+            .map(|(d, v)| format!("{d}:{v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        insp.producer
+    );
+    for i in &insp.inputs {
+        println!("  input  {:<24} {}", i.name, i.describe());
+    }
+    for o in &insp.outputs {
+        println!("  output {:<24} {}", o.name, o.describe());
+    }
+    let s = &insp.stats;
+    println!(
+        "  {} nodes, {} parameters, {} in initializers",
+        s.nodes,
+        s.parameters,
+        human_bytes(s.initializer_bytes as u64)
+    );
+    for (dt, b) in &s.bytes_by_dtype {
+        println!("    {dt:<10} {}", human_bytes(*b as u64));
+    }
+    if s.macs_unknown_nodes > 0 {
+        println!(
+            "  MACs {} (+{} heavy node(s) with unknown shapes; pass --input-shape to fix symbolic dims)",
+            s.macs, s.macs_unknown_nodes
+        );
+    } else {
+        println!("  MACs {}", s.macs);
+    }
+    println!("  ops:");
+    let mut ops: Vec<_> = s.op_histogram.iter().collect();
+    ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    for (op, n) in ops {
+        println!("    {op:<24} {n}");
+    }
+}
+
+/// `-v`: a pass's key figures, from its JSON details: scalars (two levels deep) and the
+/// length of each list.
+fn detail_lines(details: &serde_json::Value) -> Vec<String> {
+    use serde_json::Value;
+    fn scalar(v: &Value) -> Option<String> {
+        match v {
+            Value::Null => None,
+            Value::Bool(b) => Some(b.to_string()),
+            Value::Number(n) => Some(match n.as_f64() {
+                Some(f) if n.is_f64() => format!("{f:.4}"),
+                _ => n.to_string(),
+            }),
+            Value::String(s) => Some(s.clone()),
+            Value::Array(a) => Some(format!("{} item(s)", a.len())),
+            Value::Object(_) => None,
+        }
+    }
+    let Value::Object(map) = details else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (k, v) in map {
+        match v {
+            Value::Object(inner) => {
+                let parts: Vec<String> = inner
+                    .iter()
+                    .filter_map(|(k2, v2)| scalar(v2).map(|s| format!("{k2}={s}")))
+                    .collect();
+                if !parts.is_empty() {
+                    out.push(format!("{k}: {}", parts.join(", ")));
+                }
+            }
+            _ => {
+                if let Some(s) = scalar(v) {
+                    out.push(format!("{k}: {s}"));
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,26 @@
+//! The tract facade: everything that runs a model (tract-onnx 0.23.9) lives here, below the
+//! layers that observe data (calibrate, hessian), rewrite models (passes) and compare runs
+//! (validate).
+//!
+//! - [`runner`]: load a `ModelProto` with pinned inputs, expose intermediate tensors, run.
+//! - [`simulate`]: the exact rewrites that let tract run what it cannot load as is (constant
+//!   `If`s inlined, constant weight `DequantizeLinear`/`Cast` folded to float).
+//! - [`support`]: what tract would misread or cannot load, as a one-line reason.
+//! - [`shapes`]: declared shapes completed by tract's shape analysis.
+//! - `tensor`: payload decoding with the type checks and messages the runtime needs.
+
+mod runner;
+pub mod shapes;
+pub(crate) mod simulate;
+mod support;
+mod tensor;
+
+pub use runner::{
+    infer_value_shapes, resolve_input_shapes, run_model, InputSpec, Runner, ValueShape,
+};
+pub use shapes::value_shapes;
+pub use simulate::simulation_graph;
+pub use support::refusal;
+
+/// The runtime every check runs in.
+pub const RUNTIME: &str = "tract-onnx 0.23.9";

@@ -1,0 +1,137 @@
+//! The run's data: calibration inputs handed to the passes, held-out evaluation inputs and
+//! labels for validation. Read and checked against the model before any pass runs, so a bad
+//! file fails the run early with its path.
+
+use crate::calibrate::{CalibrationSet, DataOptions, NamedBatch};
+use crate::ir::Model;
+use crate::passes::PassContext;
+use anyhow::{bail, ensure, Context, Result};
+use ndarray::ArrayD;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where the run's data comes from.
+#[derive(Debug, Clone, Default)]
+pub struct DataSources {
+    /// `--calib`: calibration inputs (see [`CalibrationSet::load`] for the formats).
+    pub calib: Option<PathBuf>,
+    /// `--calib-samples`: use at most this many calibration samples.
+    pub calib_samples: Option<usize>,
+    /// Preprocessing of png/jpg calibration and evaluation inputs.
+    pub image: crate::calibrate::ImageOptions,
+    /// `--eval`: held-out validation inputs (same formats).
+    pub eval: Option<PathBuf>,
+    /// `--eval-labels`: class labels of the `--eval` samples.
+    pub eval_labels: Option<PathBuf>,
+}
+
+/// Held-out inputs joined into one batch per input, and their labels.
+#[derive(Debug, Clone)]
+pub struct EvalData {
+    pub inputs: Vec<(String, ArrayD<f32>)>,
+    pub labels: Option<Vec<i64>>,
+}
+
+/// Read `--eval` (and its labels).
+pub fn load_eval(sources: &DataSources, model: &Model) -> Result<Option<EvalData>> {
+    let Some(path) = &sources.eval else {
+        ensure!(sources.eval_labels.is_none(), "--eval-labels needs --eval");
+        return Ok(None);
+    };
+    let opts = DataOptions {
+        image: sources.image.clone(),
+        ..Default::default()
+    };
+    let set = CalibrationSet::load(path, model, &opts)
+        .with_context(|| format!("--eval {}", path.display()))?;
+    let inputs = set
+        .input_names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let parts: Vec<_> = set.batches.iter().map(|b| b[i].view()).collect();
+            let joined = ndarray::concatenate(ndarray::Axis(0), &parts)
+                .with_context(|| format!("--eval: joining batches of '{name}'"))?;
+            Ok((name.clone(), joined))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let labels = match &sources.eval_labels {
+        None => None,
+        Some(p) => {
+            let labels = read_labels(p)?;
+            ensure!(
+                labels.len() == set.samples,
+                "--eval-labels {}: {} labels for {} --eval samples",
+                p.display(),
+                labels.len(),
+                set.samples
+            );
+            Some(labels)
+        }
+    };
+    Ok(Some(EvalData { inputs, labels }))
+}
+
+/// Integer class labels from a 1-D .npy (int64, int32 or uint8).
+pub fn read_labels(path: &Path) -> Result<Vec<i64>> {
+    use ndarray_npy::ReadNpyExt;
+    let open = || {
+        std::fs::File::open(path).with_context(|| format!("cannot read labels {}", path.display()))
+    };
+    if let Ok(a) = ndarray::Array1::<i64>::read_npy(open()?) {
+        return Ok(a.to_vec());
+    }
+    if let Ok(a) = ndarray::Array1::<i32>::read_npy(open()?) {
+        return Ok(a.iter().map(|&v| v as i64).collect());
+    }
+    if let Ok(a) = ndarray::Array1::<u8>::read_npy(open()?) {
+        return Ok(a.iter().map(|&v| v as i64).collect());
+    }
+    bail!(
+        "labels {}: expected a 1-D .npy of int64, int32 or uint8 class indices",
+        path.display()
+    )
+}
+
+/// Load `--calib` and hand it to the passes that observe activations: quantize and mixed
+/// precision get the whole set, equalization every batch by name, pruning the first batch.
+/// Without `--calib` but with `--input-shape`, quantize and mixed precision calibrate on
+/// synthetic data (they say so loudly); made here so that the given shapes fix symbolic dims.
+/// Prune and equalize get no synthetic data.
+pub fn attach_calibration(
+    ctx: &mut PassContext,
+    sources: &DataSources,
+    model: &Model,
+    input_shapes: &[(String, Vec<usize>)],
+    seed: u64,
+) -> Result<()> {
+    let data_opts = DataOptions {
+        max_samples: sources.calib_samples,
+        input_shapes: input_shapes.to_vec(),
+        image: sources.image.clone(),
+        ..Default::default()
+    };
+    let calibration = match &sources.calib {
+        Some(path) => Some(Arc::new(
+            CalibrationSet::load(path, model, &data_opts)
+                .with_context(|| format!("--calib {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let named: Option<Vec<NamedBatch>> = calibration.as_ref().map(|c| c.named_batches());
+    ctx.equalize.calibration = named.clone().map(Arc::new);
+    ctx.prune.calibration = named.and_then(|b| b.into_iter().next());
+    ctx.quantize.input_shapes = input_shapes.to_vec();
+    ctx.prune.input_shapes = input_shapes.to_vec();
+    ctx.calibration = match calibration {
+        Some(c) => Some(c),
+        None if !input_shapes.is_empty() => Some(Arc::new(CalibrationSet::synthetic(
+            model,
+            ctx.quantize.synthetic_samples,
+            seed,
+            &data_opts,
+        )?)),
+        None => None,
+    };
+    Ok(())
+}

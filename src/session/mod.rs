@@ -1,0 +1,228 @@
+//! One run of the tool as a library function: [`compress`] loads the model and its data,
+//! runs the pass pipeline, writes the output atomically, validates it side by side in tract,
+//! checks the fidelity gate (blaming layers when it fails) and returns the [`RunReport`].
+//!
+//! ```text
+//! load -> data (calib, eval) -> passes -> save -> validate -> gate [-> save] -> RunReport
+//! ```
+//!
+//! The command line (`src/cli/`, not part of the library) only turns arguments into
+//! [`CompressOptions`] and prints what comes back; [`crate::report`] renders the report.
+//!
+//! Invariants: the input file is never overwritten unless `force`; nothing is written when
+//! a step before saving fails; with `no_write_on_fail` and a failed gate nothing is written.
+
+pub mod data;
+pub mod gate;
+pub mod inspect;
+pub mod report;
+pub mod write;
+
+pub use data::{DataSources, EvalData};
+pub use report::{ModelSide, RunReport};
+
+use crate::ir::facts::model_stats;
+use crate::ir::Model;
+use crate::onnx::{load, save};
+use crate::passes::PassContext;
+use crate::runtime::value_shapes;
+use crate::validate::{self, ValidateOptions, ValidationReport};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything one run needs, already parsed and checked for consistency.
+#[derive(Debug, Clone)]
+pub struct CompressOptions {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    /// Allow `output` to name the input file (it is replaced atomically).
+    pub force: bool,
+    /// Pass names, resolved by [`crate::passes::select`] (run in pipeline order).
+    pub passes: Vec<&'static str>,
+    /// Options of every pass; calibration data is attached from `data` by the run.
+    pub ctx: PassContext,
+    pub data: DataSources,
+    /// Full shapes for inputs with symbolic dims (`--input-shape`), by input name.
+    pub input_shapes: Vec<(String, Vec<usize>)>,
+    /// Store tensors in `<output>.data` (also when the input used external data).
+    pub external_data: bool,
+    /// Run the side-by-side check in tract.
+    pub validate: bool,
+    /// Seed of synthetic validation and calibration inputs.
+    pub seed: u64,
+    /// Synthetic validation batches (without eval data).
+    pub samples: usize,
+    /// The fidelity gate's bounds (inactive when none is set).
+    pub gate: gate::Bounds,
+    /// Most quantized layers measured when blaming a failed gate.
+    pub blame_layers: usize,
+    /// Write nothing when the gate fails.
+    pub no_write_on_fail: bool,
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub report: RunReport,
+    /// False when `no_write_on_fail` kept a failing output from being written.
+    pub written: bool,
+}
+
+impl Outcome {
+    /// The gate's failure as one line, when it failed.
+    pub fn gate_failure(&self) -> Option<String> {
+        let g = self.report.gate.as_ref().filter(|g| !g.passed)?;
+        let mut line = gate::error_line(g);
+        if !self.written {
+            line += &format!(
+                "; {} not written (--no-write-on-fail)",
+                self.report.output.path
+            );
+        }
+        Some(line)
+    }
+}
+
+/// Whether two paths name the same file (the output must never clobber the input).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Check that every `--input-shape` names a graph input.
+fn check_input_shapes(model: &Model, shapes: &[(String, Vec<usize>)]) -> Result<()> {
+    for (name, _) in shapes {
+        if !model.graph.is_graph_input(name) {
+            let inputs: Vec<&str> = model.graph.inputs.iter().map(|i| i.name()).collect();
+            bail!("--input-shape names '{name}', which is not a graph input (inputs: {inputs:?})");
+        }
+    }
+    Ok(())
+}
+
+/// Load a model for a run: the original proto (validation compares against it) and the IR.
+pub fn load_model(path: &Path) -> Result<(crate::onnx::proto::ModelProto, load::LoadInfo, Model)> {
+    let (original, info) = load::read_model(path)?;
+    let model = Model::from_proto(original.clone())
+        .with_context(|| format!("{}: invalid model", path.display()))?;
+    Ok((original, info, model))
+}
+
+/// Run the whole job; see the module docs for the steps.
+pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
+    let start = Instant::now();
+    let (input, output) = (opts.input.as_path(), opts.output.as_path());
+    if same_file(input, output) && !opts.force {
+        bail!(
+            "refusing to overwrite the input model {}: choose another -o, or pass --force",
+            input.display()
+        );
+    }
+    let bounds = &opts.gate;
+    let (original, info, mut model) = load_model(input)?;
+    check_input_shapes(&model, &opts.input_shapes)?;
+    let stats_before = model_stats(
+        &model,
+        &value_shapes(&model, &original, &opts.input_shapes),
+    );
+
+    // Data problems surface before any work starts.
+    let eval_data = data::load_eval(&opts.data, &model)?;
+    let mut ctx = opts.ctx.clone();
+    data::attach_calibration(&mut ctx, &opts.data, &model, &opts.input_shapes, opts.seed)?;
+    let records = crate::Pipeline::from_parts(opts.passes.clone(), ctx.clone()).run(&mut model)?;
+
+    let out_proto = model.to_proto()?;
+    let save_opts = save::SaveOptions {
+        external_data: opts.external_data || info.had_external_data,
+        ..Default::default()
+    };
+    // With no_write_on_fail the file is written only once the gate has passed.
+    let defer_write = opts.no_write_on_fail && bounds.is_active();
+    if !defer_write {
+        save::save_proto(out_proto.clone(), output, &save_opts)?;
+    }
+    let validate_opts = ValidateOptions {
+        seed: opts.seed,
+        samples: opts.samples,
+        input_shapes: opts.input_shapes.clone(),
+        inputs: eval_data.as_ref().map(|e| e.inputs.clone()),
+        labels: eval_data.as_ref().and_then(|e| e.labels.clone()),
+        ..Default::default()
+    };
+    let validation = opts.validate.then(|| {
+        // The output is written: a validation that cannot run is reported, not a failure.
+        validate::validate(&original, &out_proto, &validate_opts)
+            .unwrap_or_else(|e| ValidationReport::not_checked(format!("{e:#}")))
+    });
+    let gate = bounds
+        .is_active()
+        .then(|| -> Result<gate::GateReport> {
+            let input = Model::from_proto(original.clone())
+                .context("re-reading the input model for the gate")?;
+            let layers = gate::quantized_layers(&records, &model);
+            let rerun = gate::Rerun {
+                input: &input,
+                original: &original,
+                passes: &opts.passes,
+                ctx: &ctx,
+                validate: &validate_opts,
+            };
+            Ok(gate::evaluate(
+                bounds,
+                validation.as_ref(),
+                &layers,
+                &rerun,
+                opts.blame_layers,
+                5,
+            ))
+        })
+        .transpose()?;
+    let gate_failed = gate.as_ref().is_some_and(|g| !g.passed);
+    if defer_write && !gate_failed {
+        save::save_proto(out_proto.clone(), output, &save_opts)?;
+    }
+    let written = !(defer_write && gate_failed);
+    let out_bytes = if !written {
+        prost::Message::encoded_len(&out_proto) as u64
+    } else {
+        std::fs::metadata(output)?.len()
+            + if save_opts.external_data {
+                std::fs::metadata(output.with_file_name(format!(
+                    "{}.data",
+                    output.file_name().unwrap_or_default().to_string_lossy()
+                )))
+                .map(|m| m.len())
+                .unwrap_or(0)
+            } else {
+                0
+            }
+    };
+    let stats_after = model_stats(
+        &model,
+        &value_shapes(&model, &out_proto, &opts.input_shapes),
+    );
+    let report = RunReport {
+        tool: "onnx-compress".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        size_ratio: out_bytes as f64 / info.file_bytes.max(1) as f64,
+        input: ModelSide {
+            path: input.display().to_string(),
+            file_bytes: info.file_bytes,
+            stats: stats_before,
+        },
+        output: ModelSide {
+            path: output.display().to_string(),
+            file_bytes: out_bytes,
+            stats: stats_after,
+        },
+        passes: records,
+        validation,
+        gate,
+        seconds_total: start.elapsed().as_secs_f64(),
+    };
+    Ok(Outcome { report, written })
+}

@@ -1,0 +1,36 @@
+//! The run summary: what went in, what came out, what each pass did, how the output was
+//! checked. Built by [`super::compress`], written as JSON by `--report` (keys documented in the
+//! README) and rendered by [`crate::report`].
+
+use crate::ir::facts::ModelStats;
+use crate::passes::PassRecord;
+use crate::validate::ValidationReport;
+use serde::Serialize;
+
+use super::gate::GateReport;
+
+/// One side of the run: the input or the output model.
+#[derive(Debug, Serialize)]
+pub struct ModelSide {
+    pub path: String,
+    pub file_bytes: u64,
+    pub stats: ModelStats,
+}
+
+/// The run summary, also written as JSON by `--report`.
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub tool: String,
+    pub version: String,
+    pub input: ModelSide,
+    pub output: ModelSide,
+    pub passes: Vec<PassRecord>,
+    /// The side-by-side check in tract (absent with --no-validate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation: Option<ValidationReport>,
+    /// The fidelity gate (absent without --max-drop / --min-sqnr / --min-agreement).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateReport>,
+    pub size_ratio: f64,
+    pub seconds_total: f64,
+}
