@@ -7,7 +7,7 @@
 //! use std::path::Path;
 //!
 //! # fn main() -> anyhow::Result<()> {
-//! let mut model = onnx_compress::onnx::load::load(Path::new("testdata/digits_cnn.onnx"))?;
+//! let mut model = onnx_compress::ir::Model::load(Path::new("testdata/digits_cnn.onnx"))?;
 //! let calib = CalibrationSet::load(
 //!     Path::new("testdata/digits_calib_x.npy"),
 //!     &model,
@@ -23,7 +23,7 @@
 //! for r in &records {
 //!     println!("{}: {} change(s)", r.name, r.changes);
 //! }
-//! onnx_compress::onnx::save::save(&model, Path::new("digits_int8.onnx"), &Default::default())?;
+//! onnx_compress::ir::Model::save(&model, Path::new("digits_int8.onnx"), &Default::default())?;
 //! # Ok(())
 //! # }
 //! ```

@@ -78,7 +78,7 @@ fn input_spec(v: &ValueInfoProto) -> Result<InputSpec> {
         elem == DataType::Float,
         "model input '{}' is {}; calibration feeds float32 inputs only",
         v.name(),
-        crate::ir::tensor::type_name(elem)
+        crate::onnx::tensor::type_name(elem)
     );
     let shape = t
         .shape

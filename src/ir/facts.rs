@@ -7,7 +7,8 @@
 //! Everything here reads the graph only; nothing runs a model.
 
 use crate::ir::op::{self, Attrs};
-use crate::ir::{tensor, Graph, Model};
+use crate::ir::{Graph, Model};
+use crate::onnx::tensor;
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::{type_proto, ValueInfoProto};
 use serde::Serialize;

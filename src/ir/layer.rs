@@ -9,7 +9,8 @@
 //! - MatMul `Y = X·W` with constant 2-D `W[K, N]`: out axis 1, in axis 0.
 
 use crate::ir::op::Attrs;
-use crate::ir::{tensor, Graph};
+use crate::ir::Graph;
+use crate::onnx::tensor;
 use crate::onnx::proto::NodeProto;
 use anyhow::{Context, Result};
 use ndarray::ArrayD;

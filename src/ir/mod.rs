@@ -4,7 +4,7 @@ pub mod graph;
 pub mod layer;
 pub mod model;
 pub mod op;
-pub mod tensor;
+
 
 pub use graph::{Graph, InSlot, Patch, Source};
 pub use model::Model;

@@ -2,8 +2,10 @@
 
 use crate::ir::graph::Graph;
 use crate::onnx::proto::{ModelProto, OperatorSetIdProto};
+use crate::onnx::{load, save};
 use anyhow::{Context, Result};
 use std::collections::HashSet;
+use std::path::Path;
 
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -13,6 +15,17 @@ pub struct Model {
 }
 
 impl Model {
+    /// Load a model file into the IR, external data inlined. Errors name the file.
+    pub fn load(path: &Path) -> Result<Model> {
+        let (model, _) = load::read_model(path)?;
+        Model::from_proto(model).with_context(|| format!("{}: invalid model", path.display()))
+    }
+
+    /// Write the model atomically ([`save::save_proto`]).
+    pub fn save(&self, path: &Path, opts: &save::SaveOptions) -> Result<()> {
+        save::save_proto(self.to_proto()?, path, opts)
+    }
+
     pub fn from_proto(mut proto: ModelProto) -> Result<Model> {
         let gp = proto
             .graph

@@ -1,7 +1,6 @@
 //! Reading ONNX files: protobuf decoding with clear errors, and external data inlined from
 //! files that must stay inside the model's directory.
 
-use crate::ir::Model;
 use crate::onnx::proto::{
     tensor_proto::DataLocation, GraphProto, ModelProto, NodeProto, TensorProto,
 };
@@ -11,12 +10,6 @@ use prost::Message;
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Component, Path, PathBuf};
-
-/// Load a model file into the IR, external data inlined. Errors name the file.
-pub fn load(path: &Path) -> Result<Model> {
-    let (model, _) = read_model(path)?;
-    Model::from_proto(model).with_context(|| format!("{}: invalid model", path.display()))
-}
 
 /// Whether a model came with external data (callers keep that layout on save by default).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -202,7 +195,7 @@ fn inline_external_data(model: &mut ModelProto, base: &Path) -> Result<bool> {
             ),
         };
         let file_len = file.metadata()?.len();
-        let expected = crate::ir::tensor::payload_bytes(t)? as u64;
+        let expected = crate::onnx::tensor::payload_bytes(t)? as u64;
         let length = length.unwrap_or(expected);
         ensure!(
             length == expected,

@@ -5,4 +5,5 @@ pub mod proto {
 }
 pub mod load;
 pub mod save;
+pub mod tensor;
 pub mod text;

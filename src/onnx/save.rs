@@ -1,7 +1,6 @@
 //! Writing ONNX files atomically (temp file + rename, so no partial or clobbered output), with
 //! optional external data for large models (protobuf cannot hold more than 2 GiB).
 
-use crate::ir::Model;
 use crate::onnx::load::for_each_tensor_mut;
 use crate::onnx::proto::{tensor_proto::DataLocation, ModelProto, StringStringEntryProto};
 use anyhow::{bail, Context, Result};
@@ -26,10 +25,6 @@ impl Default for SaveOptions {
             external_threshold: 1024,
         }
     }
-}
-
-pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<()> {
-    save_proto(model.to_proto()?, path, opts)
 }
 
 /// Encode a model, refusing sizes protobuf cannot represent.

@@ -36,7 +36,7 @@
 //! applied patches plus deduplicated and removed initializers.
 
 use crate::ir::op::{self, Attrs};
-use crate::ir::tensor;
+use crate::onnx::tensor;
 use crate::ir::{Graph, InSlot, Model, Patch};
 use crate::passes::constant_fold;
 use crate::ir::facts::static_rank;

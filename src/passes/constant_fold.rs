@@ -20,7 +20,7 @@
 //! refuses NaN and out-of-range values.
 
 use crate::ir::op::Attrs;
-use crate::ir::tensor::{self, from_f32, from_i32, from_i64, raw_tensor};
+use crate::onnx::tensor::{self, from_f32, from_i32, from_i64, raw_tensor};
 use crate::ir::{op, Graph, Patch};
 use crate::onnx::proto::{attribute_proto::AttributeType, tensor_proto::DataType, TensorProto};
 use anyhow::Result;

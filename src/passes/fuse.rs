@@ -76,7 +76,7 @@
 
 use crate::ir::facts::{declared_elem_type, static_rank};
 use crate::ir::op::{self, Attrs};
-use crate::ir::tensor::{self, from_f16, from_f32, raw_tensor, to_f64};
+use crate::onnx::tensor::{self, from_f16, from_f32, raw_tensor, to_f64};
 use crate::ir::{Graph, InSlot, Model, Patch};
 use crate::onnx::proto::{tensor_proto::DataType, NodeProto, TensorProto};
 use crate::passes::rewrite::{rewrite, Rule};

@@ -1,6 +1,6 @@
 //! The validator's view of a `TensorProto`'s payload: integer tensors of every width ONNX
 //! quantization uses (2 to 64 bits) and the float types scales and weights come in (f32, f16,
-//! bf16, f64), decoded by [`crate::ir::tensor`] (storage rules there) with the type checks and
+//! bf16, f64), decoded by [`crate::onnx::tensor`] (storage rules there) with the type checks and
 //! messages the validator needs, and float tensors written back for simulation graphs.
 
 use anyhow::{bail, ensure, Context, Result};
@@ -62,7 +62,7 @@ pub(crate) fn decode_ints(t: &TensorProto) -> Result<Vec<i64>> {
             t.name()
         );
     }
-    Ok(crate::ir::tensor::to_f64(t)?
+    Ok(crate::onnx::tensor::to_f64(t)?
         .iter()
         .map(|&v| v as i64)
         .collect())
@@ -87,7 +87,7 @@ pub(crate) fn decode_floats(t: &TensorProto) -> Result<Vec<f32>> {
             t.name()
         );
     }
-    Ok(crate::ir::tensor::to_f32(t)?.into_iter().collect())
+    Ok(crate::onnx::tensor::to_f32(t)?.into_iter().collect())
 }
 
 /// A float tensor of element type `dt` (f32, f16 or bf16), stored as `raw_data`.

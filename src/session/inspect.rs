@@ -5,7 +5,6 @@
 use crate::calibrate::{CalibrationSet, DataOptions, ImageOptions};
 use crate::hessian::{HessianOptions, LayerSensitivity};
 use crate::ir::facts::{model_stats, value_summary, ModelStats, ValueSummary};
-use crate::onnx::load;
 use crate::runtime::value_shapes;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -60,7 +59,7 @@ pub struct SensitivityOptions {
 /// Per-layer Hessian traces of the BN-folded, cleaned-up model, and whether they were measured
 /// on synthetic inputs (no calibration data given).
 pub fn sensitivity(opts: &SensitivityOptions) -> Result<(Vec<LayerSensitivity>, bool)> {
-    let mut model = load::load(&opts.model)?;
+    let mut model = crate::ir::Model::load(&opts.model)?;
     let data_opts = DataOptions {
         max_samples: Some(opts.calib_samples),
         image: opts.image.clone(),
@@ -71,7 +70,7 @@ pub fn sensitivity(opts: &SensitivityOptions) -> Result<(Vec<LayerSensitivity>, 
             .with_context(|| format!("--calib {}", p.display()))?,
         None => CalibrationSet::synthetic(&model, opts.calib_samples, opts.seed, &data_opts)?,
     };
-    crate::Pipeline::new().fuse().cleanup().run(&mut model)?;
+    crate::pipeline::Pipeline::new().fuse().cleanup().run(&mut model)?;
     let layers = crate::hessian::sensitivity(&model, &calib.batches, &opts.hessian)?;
     Ok((layers, opts.calib.is_none()))
 }

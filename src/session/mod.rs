@@ -133,7 +133,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     let eval_data = data::load_eval(&opts.data, &model)?;
     let mut ctx = opts.ctx.clone();
     data::attach_calibration(&mut ctx, &opts.data, &model, &opts.input_shapes, opts.seed)?;
-    let records = crate::Pipeline::from_parts(opts.passes.clone(), ctx.clone()).run(&mut model)?;
+    let records = crate::pipeline::Pipeline::from_parts(opts.passes.clone(), ctx.clone()).run(&mut model)?;
 
     let out_proto = model.to_proto()?;
     let save_opts = save::SaveOptions {

@@ -6,7 +6,8 @@
 use crate::ir::facts::static_shape;
 use crate::ir::layer::Layer;
 use crate::ir::op::Attrs;
-use crate::ir::{tensor, Graph, InSlot};
+use crate::ir::{Graph, InSlot};
+use crate::onnx::tensor;
 use crate::onnx::proto::TensorProto;
 use petgraph::stable_graph::NodeIndex;
 

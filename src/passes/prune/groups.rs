@@ -33,7 +33,8 @@
 
 use crate::ir::layer::{Layer, LayerKind};
 use crate::ir::op::Attrs;
-use crate::ir::{tensor, Graph};
+use crate::ir::Graph;
+use crate::onnx::tensor;
 use crate::onnx::proto::tensor_proto::DataType;
 use petgraph::stable_graph::NodeIndex;
 use std::collections::HashMap;

@@ -21,7 +21,7 @@
 //! not just its rank inside its own layer. Without data every group has mean 1.
 
 use super::groups::{Group, Member};
-use crate::ir::tensor;
+use crate::onnx::tensor;
 use crate::ir::Graph;
 use anyhow::{Context, Result};
 use ndarray::{ArrayD, Axis};

@@ -41,7 +41,8 @@ pub use groups::{analyze, dependency_groups, describe_groups, Group, Member, Seg
 pub use importance::Criterion;
 
 use crate::ir::op;
-use crate::ir::{tensor, Graph, Model, Patch};
+use crate::ir::{Graph, Model, Patch};
+use crate::onnx::tensor;
 use crate::onnx::proto::tensor_shape_proto::dimension::Value as DimValue;
 use crate::onnx::proto::type_proto;
 use crate::passes::{Pass, PassContext, PassStats};

@@ -23,7 +23,8 @@
 
 use crate::calibrate::params::{self, ActScheme, QParams};
 use crate::ir::op::{self, attr_int};
-use crate::ir::{tensor, Graph, InSlot, Patch};
+use crate::ir::{Graph, InSlot, Patch};
+use crate::onnx::tensor;
 use crate::onnx::proto::TensorProto;
 use anyhow::{bail, Context, Result};
 use ndarray::{ArrayD, Axis};

@@ -20,7 +20,8 @@
 
 use crate::ir::facts::declared_rank;
 use crate::ir::op::{self, Attrs};
-use crate::ir::{tensor, Model, Patch};
+use crate::ir::{Model, Patch};
+use crate::onnx::tensor;
 use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
 use anyhow::{bail, Context, Result};
 use ndarray::arr0;

@@ -43,7 +43,7 @@ use super::QuantizeOptions;
 use crate::calibrate::observe::Observed;
 use crate::calibrate::params::{self, ActScheme, QParams};
 use crate::ir::op::Attrs;
-use crate::ir::tensor;
+use crate::onnx::tensor;
 use crate::ir::Graph;
 use anyhow::{Context, Result};
 use indexmap::{IndexMap, IndexSet};
