@@ -13,7 +13,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or("testdata/digits_cnn.onnx");
     let samples: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(4);
     let max: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(64);
-    let m = onnx_compress::onnx::load::load(std::path::Path::new(path))?;
+    let m = onnx_compress::ir::Model::load(std::path::Path::new(path))?;
     let calib = CalibrationSet::synthetic(
         &m,
         samples,

@@ -186,7 +186,7 @@ fn testdata_digits_calib_dir_loads() {
     if !model.exists() {
         return eprintln!("testdata missing: skipping");
     }
-    let m = onnx_compress::onnx::load::load(&model).unwrap();
+    let m = onnx_compress::ir::Model::load(&model).unwrap();
     let c = CalibrationSet::load(&root.join("digits_calib"), &m, &DataOptions::default()).unwrap();
     assert_eq!(c.samples, 32);
     assert_eq!(c.batches[0][0].shape(), &[32, 1, 8, 8]);

@@ -21,7 +21,7 @@ fn relu_model(shape: &[i64]) -> Model {
 }
 
 fn load_model(name: &str) -> Model {
-    onnx_compress::onnx::load::load(&common::testdata().join(name)).unwrap()
+    onnx_compress::ir::Model::load(&common::testdata().join(name)).unwrap()
 }
 
 fn opts(image: ImageOptions) -> DataOptions {

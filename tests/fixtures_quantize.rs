@@ -8,7 +8,8 @@
 mod common;
 
 use common::fixtures::{check_fixture, read_fixture};
-use onnx_compress::ir::{tensor, Model};
+use onnx_compress::ir::Model;
+use onnx_compress::onnx::tensor;
 use onnx_compress::onnx::proto::{ModelProto, NodeProto};
 use onnx_compress::onnx::text::parse_model;
 use onnx_compress::passes::{run_passes, select, PassContext};

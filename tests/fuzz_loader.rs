@@ -5,8 +5,7 @@
 mod common;
 use common::*;
 use onnx_compress::ir::Model;
-use onnx_compress::onnx::load;
-use onnx_compress::report::stats;
+use onnx_compress::ir::facts;
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -20,16 +19,16 @@ fn iterations() -> usize {
 
 /// Everything a user-facing run does with a model, short of tract.
 fn exercise(bytes: &[u8]) {
-    let Ok(proto) = load::decode(bytes) else {
+    let Ok(proto) = onnx_compress::onnx::load::decode(bytes) else {
         return;
     };
     let Ok(model) = Model::from_proto(proto) else {
         return;
     };
-    let _ = stats::model_stats(&model, &stats::known_shapes(&model));
+    let _ = facts::model_stats(&model, &facts::known_shapes(&model));
     let _ = model.to_proto().map(|p| p.encode_to_vec());
     for t in model.graph.initializers.values() {
-        let _ = onnx_compress::ir::tensor::to_f64(t);
+        let _ = onnx_compress::onnx::tensor::to_f64(t);
     }
 }
 

@@ -6,9 +6,10 @@ use ndarray::{Array2, ArrayD, Axis, IxDyn};
 use onnx_compress::hessian::{
     self, hutchinson, sensitivity, sensitivity_with, HessianOptions, Loss,
 };
-use onnx_compress::ir::{op, tensor, Model};
+use onnx_compress::ir::{op, Model};
+use onnx_compress::onnx::tensor;
 use onnx_compress::onnx::proto::ModelProto;
-use onnx_compress::validate::Runner;
+use onnx_compress::runtime::Runner;
 
 const N: usize = 32;
 const D_IN: usize = 8;

@@ -67,7 +67,7 @@ fn dropout() {
 fn dropout_in_training_mode_stays() {
     let mut b = Builder::new(13);
     b.input("x", &[1, 4]).output("y", &[1, 4]);
-    b.init(onnx_compress::ir::tensor::raw_tensor(
+    b.init(onnx_compress::onnx::tensor::raw_tensor(
         "t",
         onnx_compress::onnx::proto::tensor_proto::DataType::Bool,
         &[],
@@ -112,9 +112,9 @@ fn shape_chain_folds() {
     assert_eq!(ops(&after), ["Reshape", "Add"]);
     let gp = after.graph.to_proto().unwrap();
     let shp = &after.graph.initializers[&gp.node[0].input[1]];
-    assert_eq!(onnx_compress::ir::tensor::to_i64(shp).unwrap(), [2, -1]);
+    assert_eq!(onnx_compress::onnx::tensor::to_i64(shp).unwrap(), [2, -1]);
     let k = &after.graph.initializers[&gp.node[1].input[0]];
-    let k = onnx_compress::ir::tensor::to_f64(k).unwrap();
+    let k = onnx_compress::onnx::tensor::to_f64(k).unwrap();
     assert_eq!(k.iter().copied().collect::<Vec<_>>(), [4.5, 7.5, 10.5]);
 }
 

@@ -6,7 +6,8 @@ mod common;
 
 use ndarray::{Array1, ArrayD, Axis, IxDyn};
 use onnx_compress::ir::layer::{Layer, LayerKind};
-use onnx_compress::ir::{tensor, Model, Patch};
+use onnx_compress::ir::{Model, Patch};
+use onnx_compress::onnx::tensor;
 use onnx_compress::onnx::proto::ModelProto;
 use onnx_compress::onnx::text::{parse_model, print_model, PrintOptions};
 use onnx_compress::passes::equalize::{
@@ -14,7 +15,7 @@ use onnx_compress::passes::equalize::{
     EqualizeOptions,
 };
 use onnx_compress::passes::{run_passes, PassContext, PassStats};
-use onnx_compress::validate::run_model;
+use onnx_compress::runtime::run_model;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::sync::Arc;
@@ -110,7 +111,7 @@ fn run_equalize(proto: &ModelProto, opts: &EqualizeOptions) -> (ModelProto, Pass
 /// Random inputs for every graph input (declared static shapes).
 fn random_inputs(m: &ModelProto, seed: u64, batch: Option<usize>) -> Vec<(String, ArrayD<f32>)> {
     let mut r = rng(seed);
-    let (specs, _) = onnx_compress::validate::resolve_input_shapes(m, &[]).unwrap();
+    let (specs, _) = onnx_compress::runtime::resolve_input_shapes(m, &[]).unwrap();
     specs
         .iter()
         .map(|s| {
@@ -331,7 +332,7 @@ fn folded(
 ) {
     let mut model = Model::from_proto(load_testdata(name)).unwrap();
     let records = run_passes(&mut model, &["fuse", "cleanup"], &PassContext::default()).unwrap();
-    let stats = onnx_compress::passes::fuse::folded_bn_stats(&records[0].details).unwrap();
+    let stats = records[0].folded_bn().cloned().unwrap();
     (model.to_proto().unwrap(), stats)
 }
 

@@ -73,7 +73,7 @@ fn assert_folded(after: &Model, stats: &PassStats) {
 fn conv_bn_folds() {
     let (_, after, stats) = run("conv_bn", &conv_bn(3, 4, 1, &[3, 3], true));
     assert_folded(&after, &stats);
-    let folded = fuse::folded_bn_stats(&stats.details).unwrap();
+    let folded = stats.folded_bn().cloned().unwrap_or_default();
     let f = &folded["conv_0"];
     assert_eq!(
         (f.bn.as_str(), f.op.as_str(), f.output.as_str()),
@@ -82,7 +82,7 @@ fn conv_bn_folds() {
     assert_eq!(f.gamma.len(), 4);
     // The recorded gamma is the BN's scale parameter, bit for bit.
     let b = conv_bn(3, 4, 1, &[3, 3], true).model();
-    let g = onnx_compress::ir::tensor::to_f64(&b.graph.initializers["bn_g"]).unwrap();
+    let g = onnx_compress::onnx::tensor::to_f64(&b.graph.initializers["bn_g"]).unwrap();
     assert_eq!(f.gamma, g.iter().copied().collect::<Vec<_>>());
 }
 
@@ -278,7 +278,7 @@ fn conv_with_two_readers_gets_mul_add() {
         "{:?}",
         stats.notes
     );
-    assert!(fuse::folded_bn_stats(&stats.details).unwrap().is_empty());
+    assert!(stats.folded_bn().cloned().unwrap_or_default().is_empty());
     // The producer now has two readers: no activation fusion for it.
     assert!(fuse::fused_activation(&after.graph, node_named(&after, "conv_0")).is_none());
 }
@@ -371,7 +371,7 @@ fn shared_weight_is_not_modified() {
         after.graph.initializers["w"],
         before.graph.initializers["w"]
     );
-    let folded = fuse::folded_bn_stats(&stats.details).unwrap();
+    let folded = stats.folded_bn().cloned().unwrap_or_default();
     assert_eq!(folded.len(), 2);
 }
 
@@ -402,7 +402,7 @@ fn testdata_models_fuse_and_validate() {
         "external_data",
     ] {
         let path = dir.join(format!("{name}.onnx"));
-        let before = onnx_compress::onnx::load::load(&path).expect("loads");
+        let before = onnx_compress::ir::Model::load(&path).expect("loads");
         let mut after = before.clone();
         let records = onnx_compress::passes::run_passes(
             &mut after,
@@ -469,7 +469,7 @@ fn testdata_models_fuse_and_validate() {
 #[test]
 fn digits_cnn_predictions_unchanged() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
-    let before = onnx_compress::onnx::load::load(&dir.join("digits_cnn.onnx")).unwrap();
+    let before = onnx_compress::ir::Model::load(&dir.join("digits_cnn.onnx")).unwrap();
     let mut after = before.clone();
     onnx_compress::passes::run_passes(&mut after, &["fuse", "cleanup"], &Default::default())
         .unwrap();
@@ -478,7 +478,7 @@ fn digits_cnn_predictions_unchanged() {
         ndarray_npy::read_npy(dir.join("digits_test_x.npy")).expect("digits_test_x.npy");
     let inputs = vec![("input".to_string(), x)];
     let argmax = |m: &Model| -> Vec<usize> {
-        let out = onnx_compress::validate::run_model(&m.to_proto().unwrap(), &inputs, &[]).unwrap();
+        let out = onnx_compress::runtime::run_model(&m.to_proto().unwrap(), &inputs, &[]).unwrap();
         let logits = out[0]
             .1
             .clone()

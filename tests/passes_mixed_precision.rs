@@ -6,14 +6,15 @@ use ndarray::{ArrayD, Axis};
 use onnx_compress::calibrate::{CalibrationSet, DataOptions};
 use onnx_compress::hessian::{self, HessianOptions, LayerSensitivity};
 use onnx_compress::ir::op::Attrs;
-use onnx_compress::ir::{tensor, Model};
+use onnx_compress::ir::Model;
+use onnx_compress::onnx::tensor;
 use onnx_compress::onnx::proto::ModelProto;
 use onnx_compress::passes::mixed_precision::{
     apply_assignment, joint, mixed_precision, pareto, round_trip, select, sensitivities, solve,
     Budget, MixedPrecisionOptions, Precision, Selection,
 };
 use onnx_compress::passes::{run_passes, PassContext};
-use onnx_compress::validate::{simulation_graph, Runner};
+use onnx_compress::runtime::{simulation_graph, Runner};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 use std::process::Command;
@@ -140,7 +141,7 @@ fn digits_model_with(file: &str, samples: usize) -> Option<(Model, CalibrationSe
         eprintln!("testdata/{file} missing: skipping");
         return None;
     }
-    let mut m = onnx_compress::onnx::load::load(&path).unwrap();
+    let mut m = onnx_compress::ir::Model::load(&path).unwrap();
     run_passes(&mut m, &["fuse", "cleanup"], &PassContext::default()).unwrap();
     let calib = CalibrationSet::load(
         &root().join("digits_calib_x.npy"),
@@ -275,7 +276,7 @@ fn digits_traces_agree_with_torch_autograd_reference() {
         return eprintln!("testdata/hessian_reference.json missing: skipping");
     };
     let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let m = onnx_compress::onnx::load::load(&root().join("digits_cnn.onnx")).unwrap();
+    let m = onnx_compress::ir::Model::load(&root().join("digits_cnn.onnx")).unwrap();
     let calib = CalibrationSet::load(
         &root().join("digits_calib_x.npy"),
         &m,
@@ -875,8 +876,8 @@ fn python_check(q: &Model, float: &Model, tag: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (qp, fp) = (dir.path().join("q.onnx"), dir.path().join("f.onnx"));
     let o = onnx_compress::onnx::save::SaveOptions::default();
-    onnx_compress::onnx::save::save(q, &qp, &o).unwrap();
-    onnx_compress::onnx::save::save(float, &fp, &o).unwrap();
+    onnx_compress::ir::Model::save(q, &qp, &o).unwrap();
+    onnx_compress::ir::Model::save(float, &fp, &o).unwrap();
     let script = r#"
 import sys
 try:

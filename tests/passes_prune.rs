@@ -4,10 +4,9 @@
 
 use ndarray::{ArrayD, Axis};
 use onnx_compress::ir::Model;
-use onnx_compress::onnx::load;
 use onnx_compress::onnx::text::parse_model;
 use onnx_compress::passes::prune::{
-    self, dependency_groups, describe_groups, value_shapes, PruneOptions, Reconstruct,
+    self, dependency_groups, describe_groups, PruneOptions, Reconstruct,
 };
 use onnx_compress::validate;
 use std::path::{Path, PathBuf};
@@ -25,19 +24,19 @@ fn fixture(name: &str) -> Model {
 }
 
 fn groups_text(model: &Model) -> String {
-    let shapes = value_shapes(model, &[]).unwrap();
+    let shapes = onnx_compress::runtime::value_shapes(model, &model.to_proto().unwrap(), &[]);
     let groups = dependency_groups(&model.graph, &shapes).unwrap();
     describe_groups(&model.graph, &groups)
 }
 
 fn output_shapes(model: &Model) -> Vec<Vec<usize>> {
     let proto = model.to_proto().unwrap();
-    let (specs, _) = validate::resolve_input_shapes(&proto, &[]).unwrap();
+    let (specs, _) = onnx_compress::runtime::resolve_input_shapes(&proto, &[]).unwrap();
     let inputs: Vec<(String, ArrayD<f32>)> = specs
         .iter()
         .map(|s| (s.name.clone(), ArrayD::from_elem(s.shape.clone(), 0.5f32)))
         .collect();
-    validate::run_model(&proto, &inputs, &[])
+    onnx_compress::runtime::run_model(&proto, &inputs, &[])
         .unwrap()
         .into_iter()
         .map(|(_, a)| a.shape().to_vec())
@@ -104,7 +103,7 @@ fn read_f32(path: &Path) -> ArrayD<f32> {
 
 fn accuracy(model: &Model, x: &ArrayD<f32>, y: &[i64]) -> f64 {
     let proto = model.to_proto().unwrap();
-    let out = validate::run_model(&proto, &[("input".to_string(), x.clone())], &[]).unwrap();
+    let out = onnx_compress::runtime::run_model(&proto, &[("input".to_string(), x.clone())], &[]).unwrap();
     let logits = &out[0].1;
     let correct = logits
         .axis_iter(Axis(0))
@@ -122,7 +121,7 @@ fn accuracy(model: &Model, x: &ArrayD<f32>, y: &[i64]) -> f64 {
 }
 
 fn digits() -> (Model, ArrayD<f32>, Vec<i64>, ArrayD<f32>) {
-    let model = load::load(&testdata("digits_cnn.onnx")).unwrap();
+    let model = onnx_compress::ir::Model::load(&testdata("digits_cnn.onnx")).unwrap();
     let x = read_f32(&testdata("digits_test_x.npy"));
     let y: ndarray::ArrayD<i64> = ndarray_npy::read_npy(testdata("digits_test_y.npy")).unwrap();
     let calib = read_f32(&testdata("digits_calib_x.npy"));
@@ -178,10 +177,10 @@ fn digits_accuracy_curve() {
 
 /// MACs (from inferred shapes) and median tract latency of a model at the given input shapes.
 fn macs_and_latency(model: &Model, shapes: &[(String, Vec<usize>)], runs: usize) -> (u64, f64) {
-    let s = value_shapes(model, shapes).unwrap();
-    let macs = onnx_compress::report::stats::model_stats(model, &s).macs;
+    let s = onnx_compress::runtime::value_shapes(model, &model.to_proto().unwrap(), shapes);
+    let macs = onnx_compress::ir::facts::model_stats(model, &s).macs;
     let proto = model.to_proto().unwrap();
-    let runner = validate::Runner::new(&proto, shapes, &[]).unwrap();
+    let runner = onnx_compress::runtime::Runner::new(&proto, shapes, &[]).unwrap();
     let inputs: Vec<ArrayD<f32>> = runner
         .inputs()
         .iter()
@@ -213,7 +212,7 @@ fn gaussian(shape: &[usize], seed: u64) -> ArrayD<f32> {
 /// Prune a model file at `flops`, check validity, compare against the original in tract, and
 /// print groups, MACs and latency. Returns the validation cosine of output 0.
 fn trial(path: &Path, input: &str, shape: &[usize], batch: usize, flops: f64, runs: usize) -> f64 {
-    let mut model = load::load(path).unwrap();
+    let mut model = onnx_compress::ir::Model::load(path).unwrap();
     let original = model.to_proto().unwrap();
     let shapes = vec![(input.to_string(), shape.to_vec())];
     let mut cshape = shape.to_vec();

@@ -6,7 +6,8 @@ mod builder;
 use builder::{conv, Builder};
 use ndarray::{arr0, ArrayD};
 use onnx_compress::calibrate::{CalibrationSet, DataOptions};
-use onnx_compress::ir::{op, tensor, Model};
+use onnx_compress::ir::{op, Model};
+use onnx_compress::onnx::tensor;
 use onnx_compress::onnx::proto::{ModelProto, NodeProto};
 use onnx_compress::passes::quantize::{quantize, QuantizeOptions};
 use onnx_compress::passes::PassStats;
@@ -513,8 +514,8 @@ fn python_check(q: &Model, float: &Model, tag: &str) {
     let qp = dir.path().join(format!("{tag}_q.onnx"));
     let fp = dir.path().join(format!("{tag}_f.onnx"));
     let opts = onnx_compress::onnx::save::SaveOptions::default();
-    onnx_compress::onnx::save::save(q, &qp, &opts).unwrap();
-    onnx_compress::onnx::save::save(float, &fp, &opts).unwrap();
+    onnx_compress::ir::Model::save(q, &qp, &opts).unwrap();
+    onnx_compress::ir::Model::save(float, &fp, &opts).unwrap();
     let script = r#"
 import sys
 try:
@@ -596,10 +597,10 @@ fn quantized_models_pass_the_onnx_checker_and_run_in_ort() {
 
 /// Top-1 predictions of `model` on `x` in tract (quantized models via the simulation graph).
 fn tract_top1(model: &ModelProto, x: &ArrayD<f32>) -> Vec<usize> {
-    let (sim, _) = onnx_compress::validate::simulation_graph(model).unwrap();
+    let (sim, _) = onnx_compress::runtime::simulation_graph(model).unwrap();
     let n = x.shape()[0];
     let runner =
-        onnx_compress::validate::Runner::new(&sim, &[("input".into(), x.shape().to_vec())], &[])
+        onnx_compress::runtime::Runner::new(&sim, &[("input".into(), x.shape().to_vec())], &[])
             .unwrap();
     let out = runner.run(std::slice::from_ref(x)).unwrap().remove(0);
     (0..n)
@@ -623,7 +624,7 @@ fn digits_quantized(fuse_first: bool, opts: &QuantizeOptions) -> Option<(Model, 
         eprintln!("testdata/digits_cnn.onnx missing: skipping");
         return None;
     }
-    let float = onnx_compress::onnx::load::load(&path).unwrap();
+    let float = onnx_compress::ir::Model::load(&path).unwrap();
     let mut m = float.clone();
     if fuse_first {
         let ctx = onnx_compress::passes::PassContext::default();
@@ -744,8 +745,8 @@ fn ort_digits(float: &Model, q: &Model) -> Option<serde_json::Value> {
         dir.path().join("q_ort_opt.onnx"),
     );
     let o = onnx_compress::onnx::save::SaveOptions::default();
-    onnx_compress::onnx::save::save(float, &fp, &o).unwrap();
-    onnx_compress::onnx::save::save(q, &qp, &o).unwrap();
+    onnx_compress::ir::Model::save(float, &fp, &o).unwrap();
+    onnx_compress::ir::Model::save(q, &qp, &o).unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
     let out = Command::new("python3")
         .arg("-c")
@@ -833,7 +834,7 @@ fn testdata_models_quantize_check_and_run_in_ort() {
         if !path.exists() {
             continue;
         }
-        let float = onnx_compress::onnx::load::load(&path).unwrap();
+        let float = onnx_compress::ir::Model::load(&path).unwrap();
         let mut m = float.clone();
         let ctx = onnx_compress::passes::PassContext::default();
         let records =

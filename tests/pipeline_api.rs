@@ -23,7 +23,7 @@ fn builder_and_cli_give_byte_identical_models() {
     ]);
     assert_eq!(code, 0, "{err}");
 
-    let mut model = onnx_compress::onnx::load::load(&model_path).unwrap();
+    let mut model = onnx_compress::ir::Model::load(&model_path).unwrap();
     let calib = CalibrationSet::load(&calib_path, &model, &DataOptions::default()).unwrap();
     let records = Pipeline::standard()
         .calibration(calib)
@@ -42,7 +42,7 @@ fn builder_and_cli_give_byte_identical_models() {
 #[test]
 fn builder_runs_passes_in_pipeline_order_whatever_the_call_order() {
     let p = Pipeline::new().equalize().fuse().cleanup();
-    let mut model = onnx_compress::onnx::load::load(&testdata().join("conv_bn_relu.onnx")).unwrap();
+    let mut model = onnx_compress::ir::Model::load(&testdata().join("conv_bn_relu.onnx")).unwrap();
     let records = p.run(&mut model).unwrap();
     let names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["fuse", "cleanup", "equalize"]);

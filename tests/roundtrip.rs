@@ -91,7 +91,7 @@ fn built_models_round_trip_with_subgraphs_and_metadata() {
         ..Default::default()
     });
     g.node.push(iff);
-    g.initializer.push(onnx_compress::ir::tensor::raw_tensor(
+    g.initializer.push(onnx_compress::onnx::tensor::raw_tensor(
         "cond",
         tensor_proto::DataType::Bool,
         &[],
@@ -114,9 +114,9 @@ fn built_models_round_trip_with_subgraphs_and_metadata() {
 fn external_data_round_trip_and_resave() {
     let d = tempfile::tempdir().unwrap();
     let input = write(d.path(), "m.onnx", &conv_relu());
-    let model = load::load(&input).unwrap();
+    let model = onnx_compress::ir::Model::load(&input).unwrap();
     let ext = d.path().join("ext.onnx");
-    save::save(
+    onnx_compress::ir::Model::save(
         &model,
         &ext,
         &save::SaveOptions {

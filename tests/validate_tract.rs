@@ -9,8 +9,9 @@ use onnx_compress::onnx::proto::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
     TensorShapeProto, TypeProto, ValueInfoProto,
 };
+use onnx_compress::runtime::{infer_value_shapes, run_model, simulation_graph, Runner};
 use onnx_compress::validate::{
-    infer_value_shapes, run_model, simulation_graph, validate, Method, Runner, Status,
+    validate, Method, Status,
     ValidateOptions,
 };
 

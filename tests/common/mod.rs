@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use onnx_compress::ir::op;
-use onnx_compress::ir::tensor;
+use onnx_compress::onnx::tensor;
 use onnx_compress::onnx::proto::{
     tensor_proto::DataType, tensor_shape_proto, type_proto, GraphProto, ModelProto, NodeProto,
     OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
