@@ -10,7 +10,7 @@ use crate::ir::op::{self, Attrs};
 use crate::ir::{Graph, Model};
 use crate::onnx::tensor;
 use crate::onnx::proto::tensor_proto::DataType;
-use crate::onnx::proto::{type_proto, ValueInfoProto};
+use crate::onnx::proto::{type_proto, NodeProto, TensorProto, ValueInfoProto};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
@@ -175,6 +175,37 @@ pub fn declared_rank(g: &Graph, name: &str) -> Option<usize> {
             type_proto::Value::TensorType(t) => t.shape.as_ref().map(|s| s.dim.len()),
             _ => None,
         })
+}
+
+/// The constant a value holds: an initializer (not overridable by a graph input) or the
+/// output of a standard-domain `Constant` node's `value` tensor.
+pub fn const_tensor<'a>(graph: &'a Graph, name: &str) -> Option<&'a TensorProto> {
+    if let Some(t) = graph.constant(name) {
+        return Some(t);
+    }
+    let n = graph.node(graph.producer_node(name)?);
+    (n.op_type() == "Constant" && op::is_standard_domain(n.domain()))
+        .then(|| n.attr("value").and_then(|a| a.t.as_ref()))
+        .flatten()
+}
+
+/// The one value of a constant scalar (or one-element tensor).
+pub fn const_scalar(graph: &Graph, name: &str) -> Option<f64> {
+    let v = tensor::to_f64(const_tensor(graph, name)?).ok()?;
+    (v.len() == 1).then(|| v.iter().copied().next().unwrap_or(0.0))
+}
+
+/// Clip bounds from inputs (opset >= 11) or attributes (opset < 11); an absent bound is
+/// unbounded; `None` when a given bound is not a constant scalar.
+pub fn clip_bounds(graph: &Graph, n: &NodeProto) -> Option<(f64, f64)> {
+    let bound = |slot: usize, attr: &str, default: f64| match n.input.get(slot).filter(|s| !s.is_empty()) {
+        Some(name) => const_scalar(graph, name),
+        None => Some(n.attr_float(attr).ok()?.map_or(default, f64::from)),
+    };
+    Some((
+        bound(1, "min", f64::NEG_INFINITY)?,
+        bound(2, "max", f64::INFINITY)?,
+    ))
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -74,7 +74,7 @@
 //! unchanged. `changes` counts applied patches (one per folded or converted BN, one per
 //! Constant parameter made an initializer).
 
-use crate::ir::facts::{declared_elem_type, static_rank};
+use crate::ir::facts::{clip_bounds, declared_elem_type, static_rank};
 use crate::ir::op::{self, Attrs};
 use crate::onnx::tensor::{self, from_f16, from_f32, raw_tensor, to_f64};
 use crate::ir::{Graph, InSlot, Model, Patch};
@@ -783,25 +783,3 @@ pub fn activation_range(graph: &Graph, ix: NodeIndex) -> Option<(ActivationKind,
     })
 }
 
-/// Clip bounds from inputs (opset >= 11) or attributes (opset < 11); absent = unbounded.
-pub fn clip_bounds(graph: &Graph, n: &NodeProto) -> Option<(f64, f64)> {
-    let bound = |slot: usize, attr: &str, default: f64| -> Option<f64> {
-        match n.input.get(slot).filter(|s| !s.is_empty()) {
-            Some(name) => {
-                let t = graph.constant(name)?;
-                let v = to_f64(t).ok()?;
-                (v.len() == 1).then(|| v.iter().copied().next().expect("one value"))
-            }
-            None => Some(
-                n.attr_float(attr)
-                    .ok()?
-                    .map(|v| v as f64)
-                    .unwrap_or(default),
-            ),
-        }
-    };
-    Some((
-        bound(1, "min", f64::NEG_INFINITY)?,
-        bound(2, "max", f64::INFINITY)?,
-    ))
-}

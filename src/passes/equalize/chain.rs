@@ -3,12 +3,11 @@
 //! with a positive per-channel scale (`f(s·x) = s·f(x)` for `s > 0`, channel `i` stays channel
 //! `i`).
 
-use crate::ir::facts::static_shape;
+use crate::ir::facts::{clip_bounds, const_scalar, const_tensor, static_shape};
 use crate::ir::layer::Layer;
 use crate::ir::op::Attrs;
 use crate::ir::{Graph, InSlot};
 use crate::onnx::tensor;
-use crate::onnx::proto::TensorProto;
 use petgraph::stable_graph::NodeIndex;
 
 /// A pair found by [`walk`].
@@ -38,36 +37,8 @@ pub enum Walk {
     End,
 }
 
-/// A constant tensor: an initializer or the `value` of a `Constant` node.
-pub fn const_tensor<'a>(graph: &'a Graph, name: &str) -> Option<&'a TensorProto> {
-    if let Some(t) = graph.constant(name) {
-        return Some(t);
-    }
-    let ix = graph.producer_node(name)?;
-    let n = graph.node(ix);
-    (n.op_type() == "Constant" && crate::ir::op::is_standard_domain(n.domain()))
-        .then(|| n.attr("value").and_then(|a| a.t.as_ref()))
-        .flatten()
-}
 
-fn scalar(graph: &Graph, name: &str) -> Option<f64> {
-    let v = tensor::to_f64(const_tensor(graph, name)?).ok()?;
-    (v.len() == 1).then(|| v.iter().copied().next().unwrap_or(0.0))
-}
 
-/// Clip bounds from inputs (opset >= 11) or attributes; `None` when not constant.
-fn clip_bounds(graph: &Graph, ix: NodeIndex) -> Option<(f64, f64)> {
-    let n = graph.node(ix);
-    let bound =
-        |slot: usize, attr: &str, default: f64| match n.input.get(slot).filter(|s| !s.is_empty()) {
-            Some(name) => scalar(graph, name),
-            None => Some(n.attr_float(attr).ok()?.map_or(default, f64::from)),
-        };
-    Some((
-        bound(1, "min", f64::NEG_INFINITY)?,
-        bound(2, "max", f64::INFINITY)?,
-    ))
-}
 
 fn fmt_bound(v: f64) -> String {
     if v.is_infinite() {
@@ -144,7 +115,7 @@ fn step(graph: &Graph, ix: NodeIndex, prev: Option<NodeIndex>) -> Step {
                 return Step::Stop(format!("{what} pads in mode '{mode}'"));
             }
             let value = match n.input.get(2).filter(|s| !s.is_empty()) {
-                Some(v) => scalar(graph, v),
+                Some(v) => const_scalar(graph, v),
                 None => Some(f64::from(
                     n.attr_float("value").ok().flatten().unwrap_or(0.0),
                 )),
@@ -191,7 +162,7 @@ fn step(graph: &Graph, ix: NodeIndex, prev: Option<NodeIndex>) -> Step {
                 Step::Stop(format!("{what} mixes channels with spatial positions"))
             }
         }
-        "Clip" => match clip_bounds(graph, ix) {
+        "Clip" => match clip_bounds(graph, graph.node(ix)) {
             Some((lo, hi)) if lo == 0.0 && hi == f64::INFINITY => Step::Pass {
                 relu: true,
                 border: None,
