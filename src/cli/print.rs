@@ -57,7 +57,9 @@ pub fn summary(r: &RunReport) {
 }
 
 fn fmt_db(v: f64) -> String {
-    if v.is_infinite() {
+    if v.is_nan() {
+        "n/a (nothing compared)".into()
+    } else if v.is_infinite() {
         "inf (identical)".into()
     } else {
         format!("{v:.1} dB")
@@ -87,10 +89,24 @@ fn validation(v: &ValidationReport) {
             v.runtime,
             v.reason.as_deref().unwrap_or("unknown reason")
         ),
+        Status::Failed => println!(
+            "  validated in {} ({how}), {inputs}: FAILED, {}",
+            v.runtime,
+            v.reason.as_deref().unwrap_or("unknown reason")
+        ),
     }
     for o in &v.outputs {
+        // Values NaN/inf on one side only come first: the figures after them cover the rest.
+        let scope = if o.nonfinite_mismatches > 0 {
+            format!(
+                "NON-FINITE {} of {} value(s) (finite in the original or the reverse); over the {} finite elements: ",
+                o.nonfinite_mismatches, o.elements, o.compared
+            )
+        } else {
+            String::new()
+        };
         let mut line = format!(
-            "    {:<16} max|err| {:.3e}  mean|err| {:.3e}  cos {:.6}  SQNR {}",
+            "    {:<16} {scope}max|err| {:.3e}  mean|err| {:.3e}  cos {:.6}  SQNR {}",
             o.name,
             o.max_abs_err,
             o.mean_abs_err,
@@ -101,6 +117,12 @@ fn validation(v: &ValidationReport) {
             line += &format!("  top-1 agree {:.2}%", 100.0 * t);
         }
         println!("{line}");
+        if o.nonfinite_original > 0 {
+            println!(
+                "    {:<16} {} value(s) NaN/inf in both models alike (left out of the figures)",
+                "", o.nonfinite_original
+            );
+        }
         if let (Some(a), Some(b)) = (o.accuracy_original, o.accuracy_candidate) {
             println!(
                 "    {:<16} accuracy {:.2}% -> {:.2}% ({:+.2} points)",
@@ -150,6 +172,9 @@ pub fn gate_lines(r: &GateReport) -> Vec<String> {
             }
             if let Some(d) = b.drop_points_alone {
                 fig += &format!(", accuracy {:+.2} points", 0.0 - d);
+            }
+            if b.nonfinite_alone > 0 {
+                fig += &format!(", {} non-finite value(s)", b.nonfinite_alone);
             }
             out.push(format!("      {} ({}): {fig}", b.node, b.op_type));
             out.push(format!("        keep float: {}", b.advice));

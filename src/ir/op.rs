@@ -50,6 +50,19 @@ pub fn input_arity(op_type: &str) -> Option<(usize, usize)> {
 }
 
 /// The standard ONNX domain: `""` or its alias `"ai.onnx"`.
+/// How the tool names a node to the user, in a form options such as `--exclude-node` accept
+/// back: its name, or for an unnamed node its first output tensor (unique in a valid graph).
+pub fn node_label(node: &NodeProto) -> &str {
+    if !node.name().is_empty() {
+        return node.name();
+    }
+    node.output
+        .iter()
+        .find(|o| !o.is_empty())
+        .map(String::as_str)
+        .unwrap_or("")
+}
+
 pub fn is_standard_domain(domain: &str) -> bool {
     domain.is_empty() || domain == "ai.onnx"
 }

@@ -356,6 +356,7 @@ fn validation(h: &mut String, r: &Value) {
     let (class, label) = match status {
         "checked" => ("ok", "checked"),
         "mismatch" => ("bad", "MISMATCH"),
+        "failed" => ("bad", "FAILED"),
         _ => ("warn", "NOT CHECKED"),
     };
     let _ = write!(
@@ -454,7 +455,7 @@ fn validation(h: &mut String, r: &Value) {
             if let Some(n) = f64_at(o, &["nonfinite_mismatches"]).filter(|n| *n > 0.0) {
                 let _ = write!(
                     h,
-                    "<tr><td></td><td colspan=\"7\" class=\"muted\">{n:.0} element(s) non-finite on one side only (excluded from the errors)</td></tr>"
+                    "<tr><td></td><td colspan=\"7\"><span class=\"badge bad\">NON-FINITE</span> {n:.0} element(s) NaN/inf in one model and finite in the other: the output is wrong there (the figures above cover the remaining elements)</td></tr>"
                 );
             }
         }

@@ -19,6 +19,7 @@
 //! Limits: only layers with a quantized constant weight are ranked (activation-only Q/DQ on
 //! Add/Concat/pooling are not); interactions between layers are seen only in the final run.
 
+use crate::ir::op::node_label;
 use crate::ir::Model;
 use crate::onnx::proto::ModelProto;
 use crate::passes::{self, PassContext, PassRecord};
@@ -71,6 +72,9 @@ pub struct LayerBlame {
     pub agreement_alone: Option<f64>,
     /// Accuracy drop (points) with only this layer quantized (with labels).
     pub drop_points_alone: Option<f64>,
+    /// Output values that become NaN/inf (where the original's are finite) with only this
+    /// layer quantized.
+    pub nonfinite_alone: usize,
     /// The option that keeps this layer float.
     pub advice: String,
 }
@@ -129,7 +133,7 @@ pub fn check(bounds: &Bounds, validation: Option<&ValidationReport>) -> Vec<Miss
             unchecked(&mut misses, "validation was skipped (--no-validate)");
             return misses;
         }
-        Some(v) if v.status != Status::Checked => {
+        Some(v) if !v.status.ran() => {
             let status = match v.status {
                 Status::Mismatch => "the models do not match",
                 _ => "validation did not run",
@@ -143,6 +147,24 @@ pub fn check(bounds: &Bounds, validation: Option<&ValidationReport>) -> Vec<Miss
         }
         Some(v) => v,
     };
+    // A value that is NaN/inf in the output where the original's is finite fails every bound,
+    // whatever the metrics over the remaining elements say.
+    for o in v.outputs.iter().filter(|o| o.nonfinite_mismatches > 0) {
+        for (flag, bound) in active {
+            if let Some(required) = bound {
+                misses.push(Miss {
+                    bound: flag.into(),
+                    output: Some(o.name.clone()),
+                    required,
+                    actual: None,
+                    message: format!(
+                        "output '{}' has {} non-finite value(s) where the original's are finite (of {} elements): {flag} {required} fails",
+                        o.name, o.nonfinite_mismatches, o.elements
+                    ),
+                });
+            }
+        }
+    }
     if let Some(min) = bounds.min_sqnr_db {
         for o in &v.outputs {
             // +inf (identical) passes; NaN fails.
@@ -282,7 +304,7 @@ pub fn quantized_layers(records: &[PassRecord], model: &Model) -> Vec<(String, S
             .graph
             .node_indices()
             .map(|ix| model.graph.node(ix))
-            .find(|n| n.name() == node)
+            .find(|n| node_label(n) == node)
             .map(|n| n.op_type().to_string())
             .unwrap_or_default();
         out.push((node, op));
@@ -294,6 +316,8 @@ pub fn quantized_layers(records: &[PassRecord], model: &Model) -> Vec<(String, S
 pub struct Rerun<'a> {
     /// The input model as loaded (before any pass).
     pub input: &'a Model,
+    /// The compressed model (its node labels are what the reports name).
+    pub output: &'a Model,
     pub original: &'a ModelProto,
     pub passes: &'a [&'a str],
     pub ctx: &'a PassContext,
@@ -349,7 +373,7 @@ pub fn evaluate(
         with_advice: None,
         notes: Vec::new(),
     };
-    let checked = validation.is_some_and(|v| v.status == Status::Checked);
+    let checked = validation.is_some_and(|v| v.status.ran());
     if report.passed || !checked {
         return report;
     }
@@ -359,12 +383,12 @@ pub fn evaluate(
             .push("no quantized layer to blame (per-layer blame covers quantized layers)".into());
         return report;
     }
-    let all_nodes: Vec<String> = rerun
-        .input
-        .graph
-        .node_indices()
-        .map(|ix| rerun.input.graph.node(ix).name().to_string())
+    let mut all_nodes: Vec<String> = [rerun.input, rerun.output]
+        .iter()
+        .flat_map(|m| m.graph.node_indices().map(|ix| node_label(m.graph.node(ix)).to_string()))
         .collect();
+    all_nodes.sort();
+    all_nodes.dedup();
     let measured = &layers[..layers.len().min(max_layers)];
     if measured.len() < layers.len() {
         report.notes.push(format!(
@@ -379,7 +403,7 @@ pub fn evaluate(
         let mut ctx = rerun.ctx.clone();
         ctx.quantize.include_nodes = vec![regex::escape(node)];
         match rerun.run(&ctx) {
-            Ok(v) if v.status == Status::Checked => {
+            Ok(v) if v.status.ran() => {
                 let (sqnr, agree, drop) = worst(&v);
                 report.blame.push(LayerBlame {
                     node: node.clone(),
@@ -387,6 +411,7 @@ pub fn evaluate(
                     sqnr_db_alone: sqnr,
                     agreement_alone: agree,
                     drop_points_alone: drop,
+                    nonfinite_alone: v.outputs.iter().map(|o| o.nonfinite_mismatches).sum(),
                     advice: format!(
                         "--exclude-node {}",
                         shell_quote(&exact_pattern(node, &all_nodes))
@@ -402,11 +427,14 @@ pub fn evaluate(
     }
     drop(progress);
     report.layers_measured = report.blame.len();
-    // Worst first: larger accuracy drop, then lower agreement, then lower SQNR.
+    // Worst first: more non-finite values, larger accuracy drop, then lower agreement, then
+    // lower SQNR.
     report.blame.sort_by(|a, b| {
         let d = |x: &LayerBlame| x.drop_points_alone.unwrap_or(0.0);
         let g = |x: &LayerBlame| x.agreement_alone.unwrap_or(1.0);
-        d(b).total_cmp(&d(a))
+        b.nonfinite_alone
+            .cmp(&a.nonfinite_alone)
+            .then(d(b).total_cmp(&d(a)))
             .then(g(a).total_cmp(&g(b)))
             .then(a.sqnr_db_alone.total_cmp(&b.sqnr_db_alone))
     });

@@ -166,6 +166,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
             let layers = gate::quantized_layers(&records, &model);
             let rerun = gate::Rerun {
                 input: &input,
+                output: &model,
                 original: &original,
                 passes: &opts.passes,
                 ctx: &ctx,

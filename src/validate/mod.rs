@@ -17,11 +17,18 @@
 //! `method` is `direct` when neither model needed a rewrite, `simulation` otherwise; `rewrites`
 //! lists each one, prefixed by the model it applies to.
 //!
-//! Metrics per output, over all samples (f64 math): max and mean absolute error, cosine
-//! similarity of the flattened tensors (1 when both are all-zero), SQNR in dB
-//! `10 log10(sum ref^2 / sum (ref - out)^2)` (+inf when identical; non-finite numbers serialize
-//! as JSON `null`), and for 2-D `[N, C]` outputs with `C > 1` the fraction of rows whose argmax
-//! agrees.
+//! Metrics per output, over all samples (f64 math), defined once in [`Acc`]:
+//! - **non-finite values first.** An element that is finite in one model and NaN/inf in the
+//!   other (or inf of the other sign, or NaN against inf) is a *non-finite mismatch*. Any
+//!   mismatch makes the report's status [`Status::Failed`] (the comparison ran and the output is
+//!   wrong where the original is not), and every gate bound fails on it. Elements non-finite
+//!   in both models the same way are counted (`nonfinite_original`) and are not errors.
+//! - over the elements finite in both (`compared` of `elements`): max and mean absolute error,
+//!   cosine similarity of the flattened tensors (1 when both are all-zero), SQNR in dB
+//!   `10 log10(sum ref^2 / sum (ref - out)^2)` (+inf when identical); with no finite element
+//!   compared, SQNR, cosine and the errors are NaN (never "identical"). Non-finite numbers
+//!   serialize as JSON `null`.
+//! - for 2-D `[N, C]` outputs with `C > 1`, the fraction of rows whose argmax agrees.
 
 use anyhow::{bail, Context, Result};
 use ndarray::ArrayD;
@@ -72,6 +79,17 @@ pub enum Status {
     /// Both loaded but their interfaces disagree (missing output, different shapes, ...):
     /// a definite failure; `reason` says what.
     Mismatch,
+    /// Both models ran, and an output holds NaN/inf where the original's is finite (or the
+    /// reverse): a definite failure; `reason` names the outputs and counts, `outputs` holds the
+    /// metrics over the remaining elements.
+    Failed,
+}
+
+impl Status {
+    /// Whether both models ran and `outputs` holds metrics.
+    pub fn ran(self) -> bool {
+        matches!(self, Status::Checked | Status::Failed)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -114,8 +132,14 @@ pub struct OutputMetrics {
     pub sqnr_db: f64,
     /// For `[N, C]` outputs with `C > 1`: fraction of rows with the same argmax.
     pub top1_agreement: Option<f64>,
-    /// Elements where either side is NaN/inf and the two differ (excluded from the sums above).
+    /// Elements where either side is NaN/inf and the two differ (excluded from the sums above;
+    /// any makes the status `failed`).
     pub nonfinite_mismatches: usize,
+    /// Elements non-finite in the original and the same in the candidate (excluded, not errors).
+    pub nonfinite_original: usize,
+    /// Elements compared (finite in both) out of all elements of this output.
+    pub compared: usize,
+    pub elements: usize,
     /// With labels: fraction of rows whose argmax is the label, for each model.
     pub accuracy_original: Option<f64>,
     pub accuracy_candidate: Option<f64>,
@@ -310,7 +334,23 @@ pub fn validate(
         .zip(shapes_out)
         .map(|((&(i, _), acc), shape)| acc.finish(runner_o.output_names()[i].clone(), shape))
         .collect();
-    report.status = Status::Checked;
+    let failures: Vec<String> = report
+        .outputs
+        .iter()
+        .filter(|o| o.nonfinite_mismatches > 0)
+        .map(|o| {
+            format!(
+                "output '{}' has {} non-finite value(s) where the original's are finite (or the reverse), of {} elements",
+                o.name, o.nonfinite_mismatches, o.elements
+            )
+        })
+        .collect();
+    if failures.is_empty() {
+        report.status = Status::Checked;
+    } else {
+        report.status = Status::Failed;
+        report.reason = Some(failures.join("; "));
+    }
     Ok(report)
 }
 
@@ -444,6 +484,8 @@ struct Acc {
     rows: usize,
     agree: usize,
     nonfinite: usize,
+    nonfinite_original: usize,
+    elements: usize,
 }
 
 fn argmax(row: impl Iterator<Item = f32>) -> usize {
@@ -471,9 +513,12 @@ impl Acc {
 
     fn add(&mut self, r: &ArrayD<f32>, c: &ArrayD<f32>) {
         for (&a, &b) in r.iter().zip(c.iter()) {
+            self.elements += 1;
             if !(a.is_finite() && b.is_finite()) {
                 if a.to_bits() != b.to_bits() && !(a.is_nan() && b.is_nan()) {
                     self.nonfinite += 1;
+                } else {
+                    self.nonfinite_original += 1;
                 }
                 continue;
             }
@@ -498,14 +543,19 @@ impl Acc {
     }
 
     fn finish(self, name: String, shape: Vec<usize>) -> OutputMetrics {
-        let cosine = if self.rr == 0.0 && self.oo == 0.0 {
+        let nothing_compared = self.n == 0 && self.elements > 0;
+        let cosine = if nothing_compared {
+            f64::NAN
+        } else if self.rr == 0.0 && self.oo == 0.0 {
             1.0
         } else if self.rr == 0.0 || self.oo == 0.0 {
             0.0
         } else {
             self.dot / (self.rr.sqrt() * self.oo.sqrt())
         };
-        let sqnr_db = if self.err2 == 0.0 {
+        let sqnr_db = if nothing_compared {
+            f64::NAN
+        } else if self.err2 == 0.0 {
             f64::INFINITY
         } else {
             10.0 * (self.rr / self.err2).log10()
@@ -513,8 +563,10 @@ impl Acc {
         OutputMetrics {
             name,
             shape,
-            max_abs_err: self.max_abs,
-            mean_abs_err: if self.n == 0 {
+            max_abs_err: if nothing_compared { f64::NAN } else { self.max_abs },
+            mean_abs_err: if nothing_compared {
+                f64::NAN
+            } else if self.n == 0 {
                 0.0
             } else {
                 self.sum_abs / self.n as f64
@@ -523,6 +575,9 @@ impl Acc {
             sqnr_db,
             top1_agreement: (self.rows > 0).then(|| self.agree as f64 / self.rows as f64),
             nonfinite_mismatches: self.nonfinite,
+            nonfinite_original: self.nonfinite_original,
+            compared: self.n,
+            elements: self.elements,
             accuracy_original: (self.labelled > 0)
                 .then(|| self.correct_o as f64 / self.labelled as f64),
             accuracy_candidate: (self.labelled > 0)

@@ -42,9 +42,10 @@
 use super::QuantizeOptions;
 use crate::calibrate::observe::Observed;
 use crate::calibrate::params::{self, ActScheme, QParams};
-use crate::ir::op::Attrs;
+use crate::ir::op::{node_label, Attrs};
 use crate::onnx::tensor;
 use crate::ir::Graph;
+use crate::onnx::proto::NodeProto;
 use anyhow::{Context, Result};
 use indexmap::{IndexMap, IndexSet};
 use petgraph::stable_graph::NodeIndex;
@@ -237,7 +238,10 @@ impl Filter {
         })
     }
 
-    fn allows(&self, name: &str, op: &str) -> bool {
+    /// Whether `node` may be quantized; patterns match its [`node_label`] (its name, or its first
+    /// output when unnamed), the name every report gives it.
+    fn allows(&self, node: &NodeProto) -> bool {
+        let (name, op) = (node_label(node), node.op_type());
         if self.exclude_ops.iter().any(|o| o == op) {
             return false;
         }
@@ -271,7 +275,7 @@ fn fused_activation(g: &Graph, value: &str, filter: &Filter) -> Option<NodeIndex
     let n = g.node(*ix);
     let is_act = matches!(n.op_type(), "Relu" | "Clip")
         && crate::ir::op::is_standard_domain(n.domain())
-        && filter.allows(n.name(), n.op_type());
+        && filter.allows(n);
     is_act.then_some(*ix)
 }
 
@@ -289,7 +293,7 @@ fn gates_only_muls(g: &Graph, value: &str, filter: &Filter) -> bool {
             matches!(slot, crate::ir::InSlot::Arg(0 | 1))
                 && n.op_type() == "Mul"
                 && crate::ir::op::is_standard_domain(n.domain())
-                && filter.allows(n.name(), n.op_type())
+                && filter.allows(n)
         })
 }
 
@@ -302,7 +306,7 @@ fn mark_output(g: &Graph, plan: &mut Plan, ix: NodeIndex, filter: &Filter) {
         Some(act) => {
             let n = g.node(act);
             plan.nodes
-                .push((n.name().to_string(), n.op_type().to_string()));
+                .push((node_label(n).to_string(), n.op_type().to_string()));
             if let Some(out) = n.output.first() {
                 plan.mark(out);
                 plan.fused.insert(out.clone());
@@ -319,8 +323,8 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions) -> Result<Plan> {
     let dynamic = |v: &str| !v.is_empty() && g.constant(v).is_none();
     for ix in g.topo_order()? {
         let n = g.node(ix);
-        let (name, op) = (n.name().to_string(), n.op_type().to_string());
-        if !crate::ir::op::is_standard_domain(n.domain()) || !filter.allows(&name, &op) {
+        let (name, op) = (node_label(n).to_string(), n.op_type().to_string());
+        if !crate::ir::op::is_standard_domain(n.domain()) || !filter.allows(n) {
             continue;
         }
         let input = |k: usize| n.input.get(k).map(String::as_str).unwrap_or("");
