@@ -18,7 +18,10 @@ fn run_all(prefix: &str) {
         .into_iter()
         .filter(|p| fixture_name(p).starts_with(prefix))
         .collect();
-    assert!(!paths.is_empty(), "no fixture under tests/fixtures/{prefix}");
+    assert!(
+        !paths.is_empty(),
+        "no fixture under tests/fixtures/{prefix}"
+    );
     let mut failed = Vec::new();
     for path in &paths {
         let result = std::panic::catch_unwind(|| {
@@ -82,13 +85,27 @@ fn quantize() {
 #[test]
 fn every_folder_is_driven_and_every_snapshot_has_its_fixture() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let driven = ["cleanup", "equalize", "fuse", "mixed_precision", "prune", "quantize"];
-    for dir in std::fs::read_dir(&root).unwrap().flatten().map(|e| e.path()) {
+    let driven = [
+        "cleanup",
+        "equalize",
+        "fuse",
+        "mixed_precision",
+        "prune",
+        "quantize",
+    ];
+    for dir in std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+    {
         if !dir.is_dir() {
             continue;
         }
         let folder = dir.file_name().unwrap().to_string_lossy().to_string();
-        assert!(driven.contains(&folder.as_str()), "tests/fixtures/{folder} is not driven by tests/fixtures.rs");
+        assert!(
+            driven.contains(&folder.as_str()),
+            "tests/fixtures/{folder} is not driven by tests/fixtures.rs"
+        );
         for f in std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()) {
             let ext = f.extension().map(|e| e.to_string_lossy().to_string());
             match ext.as_deref() {

@@ -4,11 +4,11 @@
 
 mod common;
 
+use common::fuse_builder::*;
 use onnx_compress::ir::op::attr_int;
 use onnx_compress::ir::Model;
 use onnx_compress::passes::cleanup::Cleanup;
 use onnx_compress::passes::PassStats;
-use common::fuse_builder::*;
 
 /// Run `tests/fixtures/cleanup/<case>.onnxtxt` (the harness in `tests/fixtures.rs` checks
 /// it and its snapshot): (before, after, the pass's stats); the case must change something.
@@ -22,7 +22,11 @@ fn run_fixture(case: &str) -> (Model, Model, PassStats) {
         details: r.details.clone(),
         table: vec![],
     };
-    (Model::from_proto(run.original.clone()).unwrap(), run.after, stats)
+    (
+        Model::from_proto(run.original.clone()).unwrap(),
+        run.after,
+        stats,
+    )
 }
 
 fn ops(m: &Model) -> Vec<String> {

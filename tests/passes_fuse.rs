@@ -7,13 +7,13 @@
 
 mod common;
 
-use onnx_compress::ir::op::{attr_float, attr_int};
-use onnx_compress::ir::Model;
-use onnx_compress::passes::fuse::{self, ActivationKind, Fuse};
-use onnx_compress::passes::PassStats;
 use common::fixtures::run_fixture;
 use common::fuse_builder::*;
+use onnx_compress::ir::op::{attr_float, attr_int};
+use onnx_compress::ir::Model;
 use onnx_compress::onnx::proto::ModelProto;
+use onnx_compress::passes::fuse::{self, ActivationKind, Fuse};
+use onnx_compress::passes::PassStats;
 
 const TOL: f64 = 1e-4;
 
@@ -256,7 +256,10 @@ fn conv_with_two_readers_gets_mul_add() {
     assert_eq!((count_op(&after, "Mul"), count_op(&after, "Add")), (1, 1));
     assert_eq!(count_op(&after, "Conv"), 1);
     // The Conv weights are untouched.
-    assert_eq!(after.graph.initializers["w"], before.graph.initializers["w"]);
+    assert_eq!(
+        after.graph.initializers["w"],
+        before.graph.initializers["w"]
+    );
     assert!(
         stats.notes.iter().any(|n| n.contains("Mul+Add")),
         "{:?}",

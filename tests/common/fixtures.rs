@@ -304,8 +304,7 @@ pub fn run_fixture(path: &Path) -> Run {
     let fixture = read_fixture(path);
     let name = fixture.name.clone();
     let original = parse_model(&fixture.text).unwrap_or_else(|e| panic!("{name}: {e:#}"));
-    let mut after =
-        Model::from_proto(original.clone()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    let mut after = Model::from_proto(original.clone()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
     let passes = select(&fixture.passes).unwrap_or_else(|e| panic!("{name}: {e:#}"));
     let records = run_passes(&mut after, &passes, &context(&fixture))
         .unwrap_or_else(|e| panic!("{name}: {e:#}"));
@@ -357,7 +356,10 @@ pub fn check_expect(run: &Run, expect: &str) {
             n.parse::<usize>()
                 .unwrap_or_else(|_| panic!("{name}: '{expect}': not a number")),
             "{name}: changes; notes {:?}",
-            run.records.iter().flat_map(|r| &r.notes).collect::<Vec<_>>()
+            run.records
+                .iter()
+                .flat_map(|r| &r.notes)
+                .collect::<Vec<_>>()
         ),
         ["note", ..] => {
             let text = expect["note".len()..].trim();
@@ -367,7 +369,10 @@ pub fn check_expect(run: &Run, expect: &str) {
                     .flat_map(|r| &r.notes)
                     .any(|n| n.contains(text)),
                 "{name}: no note containing '{text}' in {:?}",
-                run.records.iter().flat_map(|r| &r.notes).collect::<Vec<_>>()
+                run.records
+                    .iter()
+                    .flat_map(|r| &r.notes)
+                    .collect::<Vec<_>>()
             );
         }
         ["ops", ..] => {
@@ -391,7 +396,12 @@ pub fn check_expect(run: &Run, expect: &str) {
                 .filter(|w| !w.is_empty())
                 .collect();
             want.sort();
-            let mut got: Vec<&str> = model.graph.initializers.keys().map(|k| k.as_str()).collect();
+            let mut got: Vec<&str> = model
+                .graph
+                .initializers
+                .keys()
+                .map(|k| k.as_str())
+                .collect();
             got.sort();
             assert_eq!(got, want, "{name}: initializer names");
         }
@@ -414,7 +424,11 @@ pub fn check_expect(run: &Run, expect: &str) {
                 .unwrap_or_else(|| panic!("{name}: '{expect}': no initializer '{tensor}'"));
             let want: Vec<i64> = dims
                 .split(',')
-                .map(|d| d.trim().parse().unwrap_or_else(|_| panic!("{name}: '{expect}': bad dims")))
+                .map(|d| {
+                    d.trim()
+                        .parse()
+                        .unwrap_or_else(|_| panic!("{name}: '{expect}': bad dims"))
+                })
                 .collect();
             assert_eq!(t.dims, want, "{name}: dims of '{tensor}'");
         }
@@ -428,7 +442,11 @@ pub fn check_expect(run: &Run, expect: &str) {
 
 /// The validator's synthetic inputs: `samples` batches of standard normals (ChaCha8, Box-Muller)
 /// at the declared shapes, symbolic dims set to 1.
-pub fn synthetic_inputs(model: &ModelProto, seed: u64, samples: usize) -> Vec<Vec<(String, ArrayD<f32>)>> {
+pub fn synthetic_inputs(
+    model: &ModelProto,
+    seed: u64,
+    samples: usize,
+) -> Vec<Vec<(String, ArrayD<f32>)>> {
     let (specs, _) = resolve_input_shapes(model, &[]).expect("fixture inputs have shapes");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut normal = move || {
@@ -443,7 +461,10 @@ pub fn synthetic_inputs(model: &ModelProto, seed: u64, samples: usize) -> Vec<Ve
                 .map(|s| {
                     let n: usize = s.shape.iter().product();
                     let v: Vec<f32> = (0..n).map(|_| normal()).collect();
-                    (s.name.clone(), ArrayD::from_shape_vec(s.shape.clone(), v).unwrap())
+                    (
+                        s.name.clone(),
+                        ArrayD::from_shape_vec(s.shape.clone(), v).unwrap(),
+                    )
                 })
                 .collect()
         })
@@ -452,7 +473,10 @@ pub fn synthetic_inputs(model: &ModelProto, seed: u64, samples: usize) -> Vec<Ve
 
 /// Run a model in tract (through its simulation graph, as the validator does: QDQ and
 /// low-precision weights become float arithmetic tract runs).
-pub fn run_in_tract(model: &ModelProto, inputs: &[(String, ArrayD<f32>)]) -> anyhow::Result<Vec<(String, ArrayD<f32>)>> {
+pub fn run_in_tract(
+    model: &ModelProto,
+    inputs: &[(String, ArrayD<f32>)],
+) -> anyhow::Result<Vec<(String, ArrayD<f32>)>> {
     let (sim, _) = simulation_graph(model)?;
     run_model(&sim, inputs, &[])
 }
@@ -462,8 +486,10 @@ pub fn run_in_tract(model: &ModelProto, inputs: &[(String, ArrayD<f32>)]) -> any
 pub fn tract_max_abs_error(name: &str, original: &ModelProto, candidate: &ModelProto) -> f64 {
     let mut worst = 0.0f64;
     for batch in synthetic_inputs(original, 0, 4) {
-        let a = run_in_tract(original, &batch).unwrap_or_else(|e| panic!("{name}: original in tract: {e:#}"));
-        let b = run_in_tract(candidate, &batch).unwrap_or_else(|e| panic!("{name}: result in tract: {e:#}"));
+        let a = run_in_tract(original, &batch)
+            .unwrap_or_else(|e| panic!("{name}: original in tract: {e:#}"));
+        let b = run_in_tract(candidate, &batch)
+            .unwrap_or_else(|e| panic!("{name}: result in tract: {e:#}"));
         let e = max_abs_diff(&a, &b).unwrap_or_else(|m| panic!("{name}: {m}"));
         if e > worst {
             worst = e;
@@ -488,8 +514,8 @@ pub fn check_run(run: &Run) {
         max_inline_elements: usize::MAX,
     };
     let printed = print_model(&once, &full);
-    let reparsed =
-        parse_model(&printed).unwrap_or_else(|e| panic!("{name}: printed result does not parse: {e:#}"));
+    let reparsed = parse_model(&printed)
+        .unwrap_or_else(|e| panic!("{name}: printed result does not parse: {e:#}"));
     assert!(
         print_model(&reparsed, &full) == printed,
         "{name}: the printed result does not read back the same"

@@ -138,6 +138,8 @@ pub fn run(args: &[&str]) -> (i32, String, String) {
 }
 pub mod builder;
 pub mod compare;
+pub mod digits_mp;
 pub mod fixtures;
 pub mod fuse_builder;
+pub mod prune_trial;
 pub mod python;
