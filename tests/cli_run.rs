@@ -469,7 +469,9 @@ fn mixed_precision_prints_the_layer_table_and_reports_both_selections() {
             .unwrap_or_else(|| panic!("no sum_omega in {p}"))
     };
     assert!(
-        pareto.windows(2).all(|w| sum_omega(&w[1]) <= sum_omega(&w[0])),
+        pareto
+            .windows(2)
+            .all(|w| sum_omega(&w[1]) <= sum_omega(&w[0])),
         "{pareto:?}"
     );
 
