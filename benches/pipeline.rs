@@ -64,7 +64,7 @@ fn main() -> Result<()> {
     let out = tmp.path().join("out.onnx");
 
     let original =
-        load::load(&model_path).with_context(|| format!("loading {}", model_path.display()))?;
+        onnx_compress::ir::Model::load(&model_path).with_context(|| format!("loading {}", model_path.display()))?;
     let calib = Arc::new(CalibrationSet::synthetic(
         &original,
         samples,
@@ -89,14 +89,14 @@ fn main() -> Result<()> {
     let mut rows: Vec<(String, (f64, f64))> = Vec::new();
     rows.push((
         "load (decode + IR)".into(),
-        time(iters, || (), |_| load::load(&model_path))?,
+        time(iters, || (), |_| onnx_compress::ir::Model::load(&model_path))?,
     ));
     rows.push((
         "save (IR -> proto, encode, atomic write)".into(),
         time(
             iters,
             || (),
-            |_| save::save(&original, &out, &save::SaveOptions::default()),
+            |_| onnx_compress::ir::Model::save(&original, &out, &save::SaveOptions::default()),
         )?,
     ));
     rows.push((

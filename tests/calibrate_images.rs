@@ -1,11 +1,9 @@
 //! Calibration from png/jpg images: exact tensor values, layouts, grayscale, resizing (checked
 //! against PIL's bilinear numbers), every error, and one end-to-end CLI run on digit PNGs.
 
-#[path = "fixtures/quantize/builder.rs"]
-mod builder;
 mod common;
 
-use builder::Builder;
+use common::builder::Builder;
 use image::{GrayImage, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 use ndarray::ArrayD;
 use onnx_compress::calibrate::{CalibrationSet, DataOptions, ImageOptions, Layout};

@@ -1,36 +1,33 @@
-//! Fixtures for the `cleanup` pass: one `tests/fixtures/cleanup/<case>.onnxtxt` per rule (the
-//! header says what must happen). Each is parsed, cleaned, and checked: consistent graph,
-//! idempotence, outputs equal to the original in tract (and onnxruntime when available), the
-//! stated intent, and a before/after snapshot in `tests/fixtures/cleanup/snapshots`.
+//! The `cleanup` pass beyond what the fixture harness checks: per-rule counts and wiring on
+//! the `tests/fixtures/cleanup` cases (one per rule; `tests/fixtures.rs` checks their
+//! snapshots, idempotence and outputs), and cases built in code that must stay untouched.
 
-#[path = "fixtures/fuse/support.rs"]
-mod support;
+mod common;
 
+use common::fuse_builder::*;
 use onnx_compress::ir::op::attr_int;
 use onnx_compress::ir::Model;
-use onnx_compress::onnx::text::parse_model;
 use onnx_compress::passes::cleanup::Cleanup;
 use onnx_compress::passes::PassStats;
-use support::*;
 
+/// Run `tests/fixtures/cleanup/<case>.onnxtxt` (the harness in `tests/fixtures.rs` checks
+/// it and its snapshot): (before, after, the pass's stats); the case must change something.
 fn run_fixture(case: &str) -> (Model, Model, PassStats) {
-    let path = format!(
-        "{}/tests/fixtures/cleanup/{case}.onnxtxt",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(&path).expect("fixture exists");
-    let before = Model::from_proto(parse_model(&text).expect("fixture parses")).expect("valid");
-    let (after, stats) = check_pass(&Cleanup, &before, 1e-6);
-    assert!(stats.changes > 0, "{case}: nothing changed");
-    let header: String = text
-        .lines()
-        .take_while(|l| l.starts_with('#'))
-        .collect::<Vec<_>>()
-        .join("\n");
-    insta::with_settings!({snapshot_path => "fixtures/cleanup/snapshots", prepend_module_to_snapshot => false, description => header}, {
-        insta::assert_snapshot!(case, before_after(&before, &after));
-    });
-    (before, after, stats)
+    let run = common::fixtures::run_fixture(&common::fixtures::case_path("cleanup", case));
+    let r = &run.records[0];
+    assert!(r.changes > 0, "{case}: nothing changed");
+    let stats = PassStats {
+        changes: r.changes,
+        notes: r.notes.clone(),
+        details: r.details.clone(),
+        table: vec![],
+        facts: r.facts.clone(),
+    };
+    (
+        Model::from_proto(run.original.clone()).unwrap(),
+        run.after,
+        stats,
+    )
 }
 
 fn ops(m: &Model) -> Vec<String> {

@@ -1,6 +1,7 @@
-//! The `equalize` pass: scaling math against brute force, fixtures with snapshots (each also
-//! checked for unchanged float outputs in tract and for idempotence), BN-folded real models, and
-//! the int8 weight-quantization effect on the trained digits classifier.
+//! The `equalize` pass: scaling math against brute force, convergence and high-bias absorption
+//! on the `tests/fixtures/equalize` cases (the harness in `tests/fixtures.rs` checks their
+//! snapshots, idempotence and unchanged outputs), BN-folded real models, and the int8
+//! weight-quantization effect on the trained digits classifier.
 
 mod common;
 
@@ -9,7 +10,7 @@ use onnx_compress::ir::layer::{Layer, LayerKind};
 use onnx_compress::ir::{Model, Patch};
 use onnx_compress::onnx::tensor;
 use onnx_compress::onnx::proto::ModelProto;
-use onnx_compress::onnx::text::{parse_model, print_model, PrintOptions};
+use onnx_compress::onnx::text::parse_model;
 use onnx_compress::passes::equalize::{
     self, empirical_bias_correction, equalizing_scales, fake_quant_int8, int8_sqnr_db, ChannelMap,
     EqualizeOptions,
@@ -125,17 +126,10 @@ fn random_inputs(m: &ModelProto, seed: u64, batch: Option<usize>) -> Vec<(String
         .collect()
 }
 
-/// Max |a - b| / max |a| over all outputs.
+/// Max |a - b| / max |a| over all outputs; a value finite on one side only fails the test
+/// (`common::compare`).
 fn rel_err(a: &[(String, ArrayD<f32>)], b: &[(String, ArrayD<f32>)]) -> f64 {
-    let mut num = 0.0f64;
-    let mut den = 0.0f64;
-    for ((_, x), (_, y)) in a.iter().zip(b) {
-        for (&p, &q) in x.iter().zip(y.iter()) {
-            num = num.max(f64::from((p - q).abs()));
-            den = den.max(f64::from(p.abs()));
-        }
-    }
-    num / den.max(1e-30)
+    common::compare::max_rel_diff(a, b).unwrap_or_else(|m| panic!("{m}"))
 }
 
 fn assert_same_function(
@@ -149,91 +143,6 @@ fn assert_same_function(
     let e = rel_err(&a, &b);
     assert!(e <= tol, "outputs differ: relative error {e:e} > {tol:e}");
     e
-}
-
-fn summary(stats: &PassStats) -> String {
-    let mut s = format!("# changes: {}\n", stats.changes);
-    for n in &stats.notes {
-        s += &format!("# note: {n}\n");
-    }
-    for p in stats.details["pairs"].as_array().unwrap() {
-        let f = |k: &str| p[k].as_f64().map_or("null".into(), |v| format!("{v:.3}"));
-        s += &format!(
-            "# pair {} -> {} via {}: range ratio {} -> {}, scales [{}, {}]\n",
-            p["l1"].as_str().unwrap(),
-            p["l2"].as_str().unwrap(),
-            p["via"],
-            f("range_ratio_before"),
-            f("range_ratio_after"),
-            f("scale_min"),
-            f("scale_max"),
-        );
-    }
-    s
-}
-
-#[test]
-fn fixtures() {
-    let mut settings = insta::Settings::clone_current();
-    settings.set_snapshot_path(fixture_dir().join("snapshots"));
-    settings.set_prepend_module_to_snapshot(false);
-    let mut names: Vec<_> = std::fs::read_dir(fixture_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "onnxtxt"))
-        .collect();
-    names.sort();
-    assert!(names.len() >= 5);
-    for path in names {
-        let case = path.file_stem().unwrap().to_string_lossy().to_string();
-        let text = std::fs::read_to_string(&path).unwrap();
-        let orig = parse_model(&text).unwrap_or_else(|e| panic!("{case}: {e:#}"));
-        let opts = EqualizeOptions::default();
-        let (out, stats) = run_equalize(&orig, &opts);
-        // Header expectations.
-        for line in text.lines() {
-            if let Some(n) = line.strip_prefix("# expect-changes: ") {
-                assert_eq!(
-                    stats.changes,
-                    n.trim().parse::<usize>().unwrap(),
-                    "{case}: {:?}",
-                    stats.notes
-                );
-            }
-            if let Some(n) = line.strip_prefix("# expect-note: ") {
-                assert!(
-                    stats.notes.iter().any(|x| x.contains(n.trim())),
-                    "{case}: no note '{n}' in {:?}",
-                    stats.notes
-                );
-            }
-        }
-        // Every pair ends balanced: after-ratio of L1 ranges is what L2 sees, and the float
-        // function is unchanged.
-        let inputs = random_inputs(&orig, 1, None);
-        assert_same_function(&orig, &out, &inputs, 1e-5);
-        // Idempotent: a second run changes nothing at all.
-        let (again, stats2) = run_equalize(&out, &opts);
-        assert_eq!(stats2.changes, 0, "{case}: second run {:?}", stats2.details);
-        assert_eq!(again, out, "{case}: second run changed the model");
-        // The printed result still parses.
-        let printed = print_model(
-            &out,
-            &PrintOptions {
-                max_inline_elements: 64,
-            },
-        );
-        parse_model(&printed).unwrap_or_else(|e| panic!("{case}: output does not re-parse: {e:#}"));
-        if stats.changes == 0 {
-            assert_eq!(
-                out, orig,
-                "{case}: no change reported but the model changed"
-            );
-        }
-        let snap = format!("{}{printed}", summary(&stats));
-        settings.bind(|| insta::assert_snapshot!(case.clone(), snap));
-    }
 }
 
 #[test]
@@ -509,10 +418,13 @@ fn weight_sqnrs(m: &ModelProto) -> Vec<(String, f64)> {
         .collect()
 }
 
-/// The measurement: test accuracy with int8 weights (activations float), per-tensor and
-/// per-channel, with and without CLE and bias correction.
+/// Int8 weights (activations float) on digits_cnn, per-tensor and per-channel, with and
+/// without CLE and empirical bias correction: accuracy never drops below fp32's by more than
+/// a sample; CLE raises every layer's per-tensor weight SQNR and the logits SQNR (measured
+/// 32.6 -> 37.0 dB); bias correction raises the logits SQNR with and without CLE (measured
+/// +3.3 and +3.7 dB); per-channel + CLE keeps per-channel's accuracy.
 #[test]
-fn digits_int8_weight_accuracy_with_and_without_cle() {
+fn digits_int8_weights_cle_and_bias_correction_raise_logits_sqnr() {
     let (fp32, _) = folded("digits_cnn.onnx");
     let (cle, _) = run_equalize(&fp32, &EqualizeOptions::default());
     let x = digits("digits_test_x.npy");
@@ -555,14 +467,31 @@ fn digits_int8_weight_accuracy_with_and_without_cle() {
         eprintln!("  {k:<24} {:.2}%  {q:.1} dB", 100.0 * a);
         res.insert(*k, (a, q));
     }
-    for ((name, a), (_, b)) in weight_sqnrs(&fp32).iter().zip(weight_sqnrs(&cle)) {
+    let (w_fp32, w_cle) = (weight_sqnrs(&fp32), weight_sqnrs(&cle));
+    assert_eq!(w_fp32.len(), 6, "5 convs and the fc");
+    for ((name, a), (_, b)) in w_fp32.iter().zip(&w_cle) {
         eprintln!("  per-tensor int8 weight SQNR {name}: {a:.1} dB -> {b:.1} dB");
+        assert!(
+            b > a,
+            "{name}: CLE lowered the per-tensor weight SQNR {a} -> {b} dB"
+        );
     }
     assert!(acc_fp32 > 0.99);
-    let (pt, pt_cle, pt_cle_bc) = (
+    for (k, (a, _)) in &res {
+        assert!(
+            *a >= acc_fp32 - 1.0 / 360.0 - 1e-9,
+            "{k}: accuracy {a} vs fp32 {acc_fp32}"
+        );
+    }
+    let (pt, pt_bc, pt_cle, pt_cle_bc) = (
         res["per-tensor"],
+        res["per-tensor + BC"],
         res["per-tensor + CLE"],
         res["per-tensor + CLE + BC"],
+    );
+    assert!(
+        pt_bc.1 > pt.1 + 1.0,
+        "bias correction should raise the per-tensor logits SQNR: {pt:?} -> {pt_bc:?}"
     );
     assert!(
         pt_cle.0 >= pt.0,
@@ -573,17 +502,20 @@ fn digits_int8_weight_accuracy_with_and_without_cle() {
         "CLE should raise the per-tensor logits SQNR: {pt:?} -> {pt_cle:?}"
     );
     assert!(
-        pt_cle_bc.1 > pt_cle.1 - 0.5,
-        "bias correction should not hurt: {pt_cle:?} -> {pt_cle_bc:?}"
+        pt_cle_bc.1 > pt_cle.1 + 1.0,
+        "bias correction should raise the logits SQNR after CLE too: {pt_cle:?} -> {pt_cle_bc:?}"
     );
     assert!(res["per-channel + CLE"].0 >= res["per-channel"].0 - 0.01);
 }
 
-/// High-bias absorption from the fuse record's BN statistics on digits_cnn: the relu pairs report
-/// an absorbed shift from `bn`, and the float function moves only where a pre-activation
-/// falls below `beta - 3 gamma` or near zero padding (approximation stated in the docs).
+/// High-bias absorption from the fuse record's BN statistics on digits_cnn: every Relu pair
+/// finds its L1's statistics (keys = folded node names); the shift `c_i = max(0, beta_i -
+/// 3 |gamma_i|)` computed here from those statistics is zero on every channel of this trained
+/// model, so the pass must absorb nothing, report no skip, and give exactly the model plain
+/// CLE gives. (The absorption arithmetic itself is checked against W2·c in
+/// `high_bias_absorption_from_bn_stats_moves_the_shift`.)
 #[test]
-fn digits_high_bias_absorption_from_bn_stats() {
+fn digits_bn_stats_reach_every_relu_pair_and_nothing_is_absorbed() {
     let (fp32, bn_stats) = folded("digits_cnn.onnx");
     assert!(!bn_stats.is_empty());
     let opts = EqualizeOptions {
@@ -593,13 +525,28 @@ fn digits_high_bias_absorption_from_bn_stats() {
     };
     let (out, stats) = run_equalize(&fp32, &opts);
     let pairs = stats.details["pairs"].as_array().unwrap();
+    let relu_pairs: Vec<&serde_json::Value> =
+        pairs.iter().filter(|p| p["via"][0] == "Relu").collect();
+    assert!(!relu_pairs.is_empty(), "{pairs:?}");
+    for p in &relu_pairs {
+        let l1 = p["l1"].as_str().unwrap();
+        let bn = opts
+            .bn_stats
+            .get(l1)
+            .unwrap_or_else(|| panic!("no BN statistics for relu pair {p}"));
+        let shifted = bn
+            .beta
+            .iter()
+            .zip(&bn.gamma)
+            .filter(|(b, g)| **b - 3.0 * g.abs() > 0.0)
+            .count();
+        assert_eq!(
+            shifted, 0,
+            "{l1}: {shifted} channels have beta > 3|gamma|; this test assumes none (write one that checks their shift)"
+        );
+    }
     let absorbed: Vec<&serde_json::Value> =
         pairs.iter().filter_map(|p| p.get("absorbed")).collect();
-    // The statistics are found for every relu pair (keys = folded node names), but this trained
-    // model has no channel with beta > 3 gamma, so nothing moves.
-    for p in pairs.iter().filter(|p| p["via"][0] == "Relu") {
-        assert!(opts.bn_stats.contains_key(p["l1"].as_str().unwrap()), "{p}");
-    }
     assert!(absorbed.is_empty(), "{absorbed:?}");
     assert!(
         !stats
@@ -609,18 +556,10 @@ fn digits_high_bias_absorption_from_bn_stats() {
         "{:?}",
         stats.notes
     );
-    let x = digits("digits_test_x.npy");
-    let y: ndarray::Array1<i64> =
-        ndarray_npy::read_npy(common::testdata().join("digits_test_y.npy")).unwrap();
-    let a = run_model(&fp32, &[("input".to_string(), x.clone())], &[]).unwrap();
-    let b = run_model(&out, &[("input".to_string(), x.clone())], &[]).unwrap();
-    let e = rel_err(&a, &b);
-    let (acc, sqnr, _) = accuracy(&out, &x, &y.to_vec(), Some(&a[0].1));
-    eprintln!("digits_cnn with high-bias absorption (bn): relative logits error {e:.2e}, SQNR {sqnr:.1} dB, accuracy {:.2}%", 100.0 * acc);
-    assert!(acc > 0.99, "accuracy {acc}");
+    let (plain, _) = run_equalize(&fp32, &EqualizeOptions::default());
     assert!(
-        sqnr > 30.0,
-        "absorption moved the logits too much: {sqnr} dB"
+        out == plain,
+        "absorption with nothing to absorb changed the model"
     );
 }
 
@@ -670,31 +609,4 @@ fn high_bias_absorption_from_bn_stats_moves_the_shift() {
         let want: f64 = (0..4).map(|i| w2[o * 4 + i] * c[i]).sum();
         assert!((b2a[o] - b2c[o] - want).abs() < 1e-5, "channel {o}");
     }
-}
-
-/// Manual trial on a real model: `EQUALIZE_TRIAL=/path/model.onnx cargo test --test
-/// passes_equalize trial -- --ignored --nocapture` (fuse + cleanup + equalize, tract check).
-#[test]
-#[ignore]
-fn trial() {
-    let Ok(path) = std::env::var("EQUALIZE_TRIAL") else {
-        return;
-    };
-    let (proto, _) = onnx_compress::onnx::load::read_model(Path::new(&path)).unwrap();
-    let mut model = Model::from_proto(proto).unwrap();
-    run_passes(&mut model, &["fuse", "cleanup"], &PassContext::default()).unwrap();
-    let orig = model.to_proto().unwrap();
-    let t = std::time::Instant::now();
-    let (out, stats) = run_equalize(&orig, &EqualizeOptions::default());
-    eprintln!(
-        "equalize: {:.2}s, {} pairs, {} excluded",
-        t.elapsed().as_secs_f64(),
-        stats.details["pairs"].as_array().unwrap().len(),
-        stats.details["excluded"].as_array().unwrap().len()
-    );
-    eprintln!("{}", summary(&stats));
-    let inputs = random_inputs(&orig, 1, None);
-    let a = run_model(&orig, &inputs, &[]).unwrap();
-    let b = run_model(&out, &inputs, &[]).unwrap();
-    eprintln!("relative output error {:.2e}", rel_err(&a, &b));
 }

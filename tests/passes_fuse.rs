@@ -1,26 +1,43 @@
-//! Fixtures for the `fuse` pass. Each case builds a small model, runs the pass and checks:
-//! consistent graph, idempotence, outputs equal to the original through onnxruntime (when
-//! python has it) within 1e-4 relative error, the intent (e.g. no BatchNormalization left)
-//! and a before/after snapshot in `tests/fixtures/fuse/snapshots`.
+//! The `fuse` pass beyond what the fixture harness checks: the wiring and the facts the pass
+//! records (folded BN statistics, fused activations) on the `tests/fixtures/fuse` cases, cases
+//! built in code (opset variants, training mode, Constant-node parameters), and the testdata
+//! models (no foldable BN left, outputs unchanged in tract and onnxruntime, digits predictions
+//! identical). Snapshots, idempotence and output equality of the fixtures are in
+//! `tests/fixtures.rs`.
 
-#[path = "fixtures/fuse/support.rs"]
-mod support;
+mod common;
 
+use common::fixtures::run_fixture;
+use common::fuse_builder::*;
 use onnx_compress::ir::op::{attr_float, attr_int};
 use onnx_compress::ir::Model;
+use onnx_compress::onnx::proto::ModelProto;
 use onnx_compress::passes::fuse::{self, ActivationKind, Fuse};
 use onnx_compress::passes::PassStats;
-use support::*;
 
 const TOL: f64 = 1e-4;
 
-fn run(name: &str, b: &Builder) -> (Model, Model, PassStats) {
-    let before = b.model();
-    let (after, stats) = check_pass(&Fuse, &before, TOL);
-    insta::with_settings!({snapshot_path => "fixtures/fuse/snapshots", prepend_module_to_snapshot => false}, {
-        insta::assert_snapshot!(name, before_after(&before, &after));
-    });
-    (before, after, stats)
+/// Run `tests/fixtures/fuse/<case>.onnxtxt`: (before, after, stats of the fuse pass).
+fn run(case: &str) -> (Model, Model, PassStats) {
+    let path = common::fixtures::case_path("fuse", case);
+    let run = run_fixture(&path);
+    let r = &run.records[0];
+    assert_eq!(r.name, "fuse");
+    let stats = PassStats {
+        changes: r.changes,
+        notes: r.notes.clone(),
+        details: r.details.clone(),
+        table: vec![],
+        facts: r.facts.clone(),
+    };
+    let before = Model::from_proto(run.original.clone()).unwrap();
+    (before, run.after, stats)
+}
+
+/// The fixture model itself.
+fn fixture(case: &str) -> ModelProto {
+    let text = std::fs::read_to_string(common::fixtures::case_path("fuse", case)).unwrap();
+    onnx_compress::onnx::text::parse_model(&text).unwrap()
 }
 
 fn node_named(m: &Model, name: &str) -> petgraph::stable_graph::NodeIndex {
@@ -71,7 +88,7 @@ fn assert_folded(after: &Model, stats: &PassStats) {
 
 #[test]
 fn conv_bn_folds() {
-    let (_, after, stats) = run("conv_bn", &conv_bn(3, 4, 1, &[3, 3], true));
+    let (_, after, stats) = run("conv_bn_rand");
     assert_folded(&after, &stats);
     let folded = stats.folded_bn().cloned().unwrap_or_default();
     let f = &folded["conv_0"];
@@ -81,14 +98,14 @@ fn conv_bn_folds() {
     );
     assert_eq!(f.gamma.len(), 4);
     // The recorded gamma is the BN's scale parameter, bit for bit.
-    let b = conv_bn(3, 4, 1, &[3, 3], true).model();
+    let b = Model::from_proto(fixture("conv_bn_rand")).unwrap();
     let g = onnx_compress::onnx::tensor::to_f64(&b.graph.initializers["bn_g"]).unwrap();
     assert_eq!(f.gamma, g.iter().copied().collect::<Vec<_>>());
 }
 
 #[test]
 fn conv_without_bias_bn() {
-    let (_, after, stats) = run("conv_nobias_bn", &conv_bn(3, 4, 1, &[3, 3], false));
+    let (_, after, stats) = run("conv_nobias_bn_rand");
     assert_folded(&after, &stats);
     assert_eq!(
         graph_proto_node(&after, "Conv")[0].input.len(),
@@ -99,39 +116,28 @@ fn conv_without_bias_bn() {
 
 #[test]
 fn depthwise_conv_bn() {
-    let (_, after, stats) = run("depthwise_conv_bn", &conv_bn(4, 4, 4, &[3, 3], true));
+    let (_, after, stats) = run("depthwise_conv_bn_rand");
     assert_folded(&after, &stats);
 }
 
 #[test]
 fn grouped_conv_bn() {
-    let (_, after, stats) = run("grouped_conv_bn", &conv_bn(4, 6, 2, &[3, 3], true));
+    let (_, after, stats) = run("grouped_conv_bn_rand");
     assert_folded(&after, &stats);
 }
 
 #[test]
 fn conv1d_and_conv3d_bn() {
-    let (_, after, stats) = run("conv1d_bn", &conv_bn(3, 5, 1, &[3], false));
+    let (_, after, stats) = run("conv1d_bn");
     assert_folded(&after, &stats);
-    let (_, after, stats) = run("conv3d_bn", &conv_bn(2, 4, 2, &[3, 3, 3], true));
+    let (_, after, stats) = run("conv3d_bn");
     assert_folded(&after, &stats);
 }
 
 #[test]
 fn conv_transpose_grouped_bn() {
     // W [Cin=4, Cout/group=3, 2, 2], group 2: Cout = 6.
-    let mut b = Builder::new(17);
-    b.input("x", &[1, 4, 5, 5]).output("y", &[1, 6, 10, 10]);
-    b.rand("w", &[4, 3, 2, 2], -1.0, 1.0)
-        .rand("b", &[6], -1.0, 1.0);
-    b.node(
-        "ConvTranspose",
-        &["x", "w", "b"],
-        &["t"],
-        vec![attr_int("group", 2), ints("strides", &[2, 2])],
-    );
-    b.bn("bn", 6, "t", "y");
-    let (_, after, stats) = run("convtranspose_bn", &b);
+    let (_, after, stats) = run("convtranspose_bn_rand");
     assert_folded(&after, &stats);
 }
 
@@ -161,13 +167,13 @@ fn gemm_bn(trans_b: bool, alpha: f32, beta: f32, c: Option<&[usize]>) -> Builder
 
 #[test]
 fn gemm_trans_b0_bn() {
-    let (_, after, stats) = run("gemm_transb0_bn", &gemm_bn(false, 1.0, 1.0, Some(&[4])));
+    let (_, after, stats) = run("gemm_transb0_bn_rand");
     assert_folded(&after, &stats);
 }
 
 #[test]
 fn gemm_trans_b1_bn() {
-    let (_, after, stats) = run("gemm_transb1_bn", &gemm_bn(true, 1.0, 1.0, None));
+    let (_, after, stats) = run("gemm_transb1_bn_rand");
     assert_folded(&after, &stats);
 }
 
@@ -190,21 +196,13 @@ fn gemm_alpha_beta_and_2d_bias_fold_exactly() {
         let beta = gemm.attribute.iter().find(|a| a.name() == "beta").unwrap();
         assert_eq!(beta.f, Some(1.0), "beta folded into C");
     }
-    let (_, after, stats) = run(
-        "gemm_alpha_beta_bn",
-        &gemm_bn(false, 0.5, 2.0, Some(&[3, 1])),
-    );
+    let (_, after, stats) = run("gemm_alpha_beta_bn");
     assert_folded(&after, &stats);
 }
 
 #[test]
 fn matmul_2d_bn_becomes_gemm() {
-    let mut b = Builder::new(17);
-    b.input("x", &[3, 5]).output("y", &[3, 4]);
-    b.rand("w", &[5, 4], -1.0, 1.0);
-    b.node("MatMul", &["x", "w"], &["t"], vec![]);
-    b.bn("bn", 4, "t", "y");
-    let (_, after, stats) = run("matmul_bn", &b);
+    let (_, after, stats) = run("matmul_bn");
     assert_folded(&after, &stats);
     assert_eq!(count_op(&after, "Gemm"), 1);
     assert_eq!(count_op(&after, "MatMul"), 0);
@@ -212,10 +210,7 @@ fn matmul_2d_bn_becomes_gemm() {
 
 #[test]
 fn conv_bn_relu_marks_relu_as_fused() {
-    let mut b = conv_bn(3, 4, 1, &[3, 3], true);
-    b.graph.node[1].output[0] = "u".into();
-    b.node("Relu", &["u"], &["y"], vec![]);
-    let (_, after, stats) = run("conv_bn_relu", &b);
+    let (_, after, stats) = run("conv_bn_relu_rand");
     assert_folded(&after, &stats);
     let conv = node_named(&after, "conv_0");
     let act = fuse::activation_info(&after.graph, conv).expect("fused");
@@ -228,11 +223,7 @@ fn conv_bn_relu_marks_relu_as_fused() {
 #[test]
 fn conv_bn_clip6_keeps_exact_bounds() {
     // Opset 13: bounds are inputs.
-    let mut b = conv_bn(3, 4, 1, &[3, 3], true);
-    b.graph.node[1].output[0] = "u".into();
-    b.f32("lo", &[], vec![0.0]).f32("hi", &[], vec![6.0]);
-    b.node("Clip", &["u", "lo", "hi"], &["y"], vec![]);
-    let (_, after, stats) = run("conv_bn_clip6", &b);
+    let (_, after, stats) = run("conv_bn_clip6_rand");
     assert_folded(&after, &stats);
     let conv = node_named(&after, "conv_0");
     let act = fuse::activation_info(&after.graph, conv).expect("fused");
@@ -261,17 +252,14 @@ fn conv_bn_clip6_keeps_exact_bounds() {
 
 #[test]
 fn conv_with_two_readers_gets_mul_add() {
-    let mut b = conv_bn(3, 4, 1, &[3, 3], true);
-    b.node("Relu", &["t"], &["z"], vec![])
-        .output("z", &[1, 4, 6, 6]);
-    let (_, after, stats) = run("conv_two_consumers", &b);
+    let (before, after, stats) = run("conv_two_consumers_rand");
     assert_eq!(count_op(&after, "BatchNormalization"), 0);
     assert_eq!((count_op(&after, "Mul"), count_op(&after, "Add")), (1, 1));
     assert_eq!(count_op(&after, "Conv"), 1);
     // The Conv weights are untouched.
     assert_eq!(
         after.graph.initializers["w"],
-        b.model().graph.initializers["w"]
+        before.graph.initializers["w"]
     );
     assert!(
         stats.notes.iter().any(|n| n.contains("Mul+Add")),
@@ -323,12 +311,7 @@ fn bn_in_training_mode_is_kept() {
 
 #[test]
 fn bn_as_first_node_gets_mul_add() {
-    let mut b = Builder::new(17);
-    b.input("x", &[-1, 3, 5, 5]).output("y", &[-1, 4, 5, 5]);
-    b.bn("bn", 3, "x", "u");
-    b.rand("w", &[4, 3, 1, 1], -1.0, 1.0);
-    b.node("Conv", &["u", "w"], &["y"], vec![]);
-    let (_, after, stats) = run("bn_first", &b);
+    let (_, after, stats) = run("bn_first_rand");
     assert_eq!(count_op(&after, "BatchNormalization"), 0);
     assert_eq!((count_op(&after, "Mul"), count_op(&after, "Add")), (1, 1));
     let scale = &graph_proto_node(&after, "Mul")[0].input[1];
@@ -339,26 +322,7 @@ fn bn_as_first_node_gets_mul_add() {
 #[test]
 fn shared_weight_is_not_modified() {
     // Two convs share one weight; each is followed by its own BN.
-    let mut b = Builder::new(17);
-    b.input("x", &[1, 3, 6, 6])
-        .output("y1", &[1, 4, 6, 6])
-        .output("y2", &[1, 4, 6, 6]);
-    b.rand("w", &[4, 3, 3, 3], -1.0, 1.0);
-    b.node(
-        "Conv",
-        &["x", "w"],
-        &["t1"],
-        vec![ints("pads", &[1, 1, 1, 1])],
-    );
-    b.node(
-        "Conv",
-        &["x", "w"],
-        &["t2"],
-        vec![ints("pads", &[1, 1, 1, 1])],
-    );
-    b.bn("bn1", 4, "t1", "y1");
-    b.bn("bn2", 4, "t2", "y2");
-    let (before, after, stats) = run("shared_weight", &b);
+    let (before, after, stats) = run("shared_weight");
     assert_folded(&after, &stats);
     let convs = graph_proto_node(&after, "Conv");
     assert_ne!(
@@ -529,4 +493,128 @@ fn bn_params_from_constant_nodes_fold() {
     let (after, stats) = check_pass(&Fuse, &b.model(), TOL);
     assert_folded(&after, &stats);
     assert_eq!(count_op(&after, "Constant"), 0);
+}
+
+/// The hand-written fixtures (1x1 convs, values small enough to read in the snapshot): the
+/// wiring each header's intent states.
+mod handwritten {
+    use super::common::fixtures::{case_path, run_fixture};
+    use onnx_compress::onnx::proto::{ModelProto, NodeProto};
+
+    fn run(case: &str) -> (ModelProto, ModelProto) {
+        let run = run_fixture(&case_path("fuse", case));
+        let after = run.after_proto();
+        (run.original, after)
+    }
+
+    fn nodes(m: &ModelProto) -> &[NodeProto] {
+        &m.graph.as_ref().unwrap().node
+    }
+
+    fn producer<'a>(m: &'a ModelProto, value: &str) -> &'a NodeProto {
+        nodes(m)
+            .iter()
+            .find(|n| n.output.iter().any(|o| o == value))
+            .unwrap_or_else(|| panic!("nothing produces '{value}'"))
+    }
+
+    /// The producer of `y` is the folded layer: op type, the original layer's name, and a bias
+    /// input (created when the layer had none).
+    fn check_folded(after: &ModelProto, op: &str, name: &str, bias_slot: usize) {
+        let n = producer(after, "y");
+        assert_eq!((n.op_type(), n.name()), (op, name));
+        assert!(
+            n.input.get(bias_slot).is_some_and(|b| !b.is_empty()),
+            "folded {op} has a bias"
+        );
+        assert_eq!(nodes(after).len(), 1);
+    }
+
+    #[test]
+    fn conv_bn() {
+        let (_, after) = run("conv_bn");
+        check_folded(&after, "Conv", "conv", 2);
+    }
+
+    #[test]
+    fn conv_nobias_bn() {
+        let (before, after) = run("conv_nobias_bn");
+        assert_eq!(nodes(&before)[0].input.len(), 2);
+        check_folded(&after, "Conv", "conv", 2);
+    }
+
+    #[test]
+    fn depthwise_conv_bn() {
+        let (_, after) = run("depthwise_conv_bn");
+        check_folded(&after, "Conv", "conv", 2);
+    }
+
+    #[test]
+    fn grouped_conv_bn() {
+        let (_, after) = run("grouped_conv_bn");
+        check_folded(&after, "Conv", "conv", 2);
+    }
+
+    #[test]
+    fn convtranspose_bn() {
+        let (_, after) = run("convtranspose_bn");
+        check_folded(&after, "ConvTranspose", "deconv", 2);
+    }
+
+    #[test]
+    fn gemm_transb0_bn() {
+        let (_, after) = run("gemm_transb0_bn");
+        check_folded(&after, "Gemm", "fc", 2);
+    }
+
+    #[test]
+    fn gemm_transb1_bn() {
+        let (_, after) = run("gemm_transb1_bn");
+        check_folded(&after, "Gemm", "fc", 2);
+    }
+
+    #[test]
+    fn conv_bn_relu() {
+        let (_, after) = run("conv_bn_relu");
+        let relu = producer(&after, "y");
+        assert_eq!(relu.op_type(), "Relu");
+        assert_eq!(producer(&after, &relu.input[0]).op_type(), "Conv");
+    }
+
+    #[test]
+    fn conv_bn_clip6() {
+        let (before, after) = run("conv_bn_clip6");
+        let clip = producer(&after, "y");
+        assert_eq!(clip.op_type(), "Clip");
+        assert_eq!(producer(&after, &clip.input[0]).op_type(), "Conv");
+        // The bounds are untouched.
+        assert_eq!(clip.input[1..], producer(&before, "y").input[1..]);
+    }
+
+    #[test]
+    fn conv_two_consumers() {
+        let (before, after) = run("conv_two_consumers");
+        let conv = |m: &ModelProto| producer(m, "t").clone();
+        assert_eq!(conv(&before), conv(&after), "the Conv is untouched");
+        assert_eq!(producer(&after, "z").input[0], "t");
+        let add = producer(&after, "y");
+        assert_eq!(add.op_type(), "Add");
+        let mul = producer(&after, &add.input[0]);
+        assert_eq!((mul.op_type(), mul.input[0].as_str()), ("Mul", "t"));
+    }
+
+    #[test]
+    fn bn_nonconst_params() {
+        let (before, after) = run("bn_nonconst_params");
+        assert_eq!(before, after, "the graph is unchanged");
+    }
+
+    #[test]
+    fn bn_first() {
+        let (_, after) = run("bn_first");
+        let add = producer(&after, "y");
+        assert_eq!(add.op_type(), "Add");
+        let mul = producer(&after, &add.input[0]);
+        assert_eq!((mul.op_type(), mul.input[0].as_str()), ("Mul", "x"));
+    }
 }

@@ -1,6 +1,9 @@
 //! ONNX text syntax: `parse(print(m)) == m` on models covering the grammar, summaries,
 //! error positions, no panics on truncated input, and cross-checks against Python's
-//! `onnx.parser` / `onnx.printer` (skipped with a note when python3 + onnx are missing).
+//! `onnx.parser` / `onnx.printer` (not run, with a note, when python3 lacks onnx; a failure
+//! under CI).
+
+mod common;
 
 use onnx_compress::onnx::proto::{
     self, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
@@ -638,15 +641,9 @@ fn truncated_and_mangled_inputs_never_panic() {
 
 // ---- cross-checks with Python's onnx --------------------------------------------------------
 
+/// Whether the Python cross-checks can run (a failure under CI when python lacks onnx).
 fn python_onnx() -> bool {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import onnx"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("note: python3 with onnx not available, skipping the Python cross-check");
-    }
-    ok
+    common::python::require_python(&["onnx", "numpy"], "Python onnx cross-check")
 }
 
 fn run_python(script: &str, args: &[&str]) -> std::process::Output {

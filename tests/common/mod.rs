@@ -1,4 +1,6 @@
-//! Small model builders shared by the integration tests.
+//! Helpers shared by the integration tests: small model builders, the fixture harness
+//! ([`fixtures`]), NaN-aware output comparison ([`compare`]), Python interop gating
+//! ([`python`]), testdata paths and the built binary.
 #![allow(dead_code)]
 
 use onnx_compress::ir::op;
@@ -134,4 +136,10 @@ pub fn run(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+pub mod builder;
+pub mod compare;
+pub mod digits_mp;
 pub mod fixtures;
+pub mod fuse_builder;
+pub mod prune_trial;
+pub mod python;
