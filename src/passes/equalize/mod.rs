@@ -189,13 +189,9 @@ struct State {
     b: Option<Vec<f64>>,
 }
 
+/// The node as reports name it ([`crate::ir::op::node_label`]: its name, or its first output).
 fn display_name(graph: &Graph, ix: NodeIndex) -> String {
-    let n = graph.node(ix);
-    if n.name().is_empty() {
-        format!("{} #{}", n.op_type(), ix.index())
-    } else {
-        n.name().to_string()
-    }
+    crate::ir::op::node_label(graph.node(ix)).to_string()
 }
 
 fn is_f32(graph: &Graph, name: &str) -> bool {
