@@ -21,7 +21,7 @@
 //! of `K`, and `Ω`) and applies best-improvement moves that change one layer or two layers at
 //! once (an upgrade paid for by a downgrade) while the budget holds, until no move lowers `L`.
 //! Every move is evaluated exactly from `K` in O(1) after an O(options) update per accepted move.
-//! [`search`] runs [`refine`] from both starts at one budget and keeps the better result.
+//! `search` runs [`refine`] from both starts at one budget and keeps the better result.
 
 use super::knapsack::{solve, Solution};
 use anyhow::{Context, Result};

@@ -14,7 +14,7 @@
 //! as the plan's int8 weights ([`super::insert::weight`]), `mixed-precision` at one precision per
 //! layer (int8, int4, block-wise int4, fp16), whatever the plan marked.
 //!
-//! [`insert`] adds, in marking order, one QuantizeLinear -> DequantizeLinear pair per marked
+//! [`insert()`] adds, in marking order, one QuantizeLinear -> DequantizeLinear pair per marked
 //! activation `t` (scale and zero point from its group's range), then per marked bias `b` whose
 //! weight has per-channel scales `s_w`: `b_int32 = round(b / (s_in · s_w[c]))`, `s_in` the scale of
 //! the layer's input activation. A bias whose weight the caller left without scales (float,

@@ -10,7 +10,7 @@
 //! the calibration data observes every marked activation ([`materialize::calibrate`]);
 //! (4) tensors that share a scale (Concat, pass-through ops) take the union of their ranges;
 //! (5) [`insert::weight`] adds a DQ per weight (int8 symmetric, per-channel on the
-//! output-channel axis), then [`materialize::insert`] one Q/DQ pair per activation and a DQ
+//! output-channel axis), then [`materialize::insert()`] one Q/DQ pair per activation and a DQ
 //! per bias (int32, scale `s_in * s_w[c]`). Steps 3-5 are shared with `mixed-precision`.
 //!
 //! Invariants: the result reads and computes the same values up to quantization error; each
