@@ -21,7 +21,10 @@
 //! of `K`, and `Ω`) and applies best-improvement moves that change one layer or two layers at
 //! once (an upgrade paid for by a downgrade) while the budget holds, until no move lowers `L`.
 //! Every move is evaluated exactly from `K` in O(1) after an O(options) update per accepted move.
+//! `search` runs [`refine`] from both starts at one budget and keeps the better result.
 
+use super::knapsack::{solve, Solution};
+use anyhow::{Context, Result};
 use rayon::prelude::*;
 
 /// `K` over the flattened options of every layer: option `k` of layer `l` is `offset[l] + k`.
@@ -169,6 +172,53 @@ pub fn refine(gram: &Gram, costs: &[Vec<u64>], budget: u64, start: &[usize]) -> 
         loss,
         moves,
     }
+}
+
+/// The joint selection at one budget: local search on the joint loss from the exact knapsack
+/// solutions on `Ω` (`omega`, already solved) and on the per-layer terms.
+pub(super) struct Search {
+    pub best: Refined,
+    /// The exact knapsack solution on the per-layer terms alone.
+    pub per_layer_choice: Vec<usize>,
+    /// Which start `best` came from: `"omega"` or `"per_layer"`.
+    pub started_from: &'static str,
+}
+
+pub(super) fn search(
+    gram: &Gram,
+    classes: &[Vec<(u64, f64)>],
+    omega: &Solution,
+    limit: u64,
+    max_buckets: usize,
+) -> Result<Search> {
+    let diagonal: Vec<Vec<(u64, f64)>> = classes
+        .iter()
+        .enumerate()
+        .map(|(l, c)| {
+            c.iter()
+                .enumerate()
+                .map(|(k, o)| (o.0, gram.diagonal(l, k)))
+                .collect()
+        })
+        .collect();
+    let costs: Vec<Vec<u64>> = classes
+        .iter()
+        .map(|c| c.iter().map(|o| o.0).collect())
+        .collect();
+    let per_layer = solve(&diagonal, limit, max_buckets)
+        .context("internal: the per-layer knapsack found no solution where Ω's did")?;
+    let from_per_layer = refine(gram, &costs, limit, &per_layer.choice);
+    let from_omega = refine(gram, &costs, limit, &omega.choice);
+    let (best, started_from) = if from_omega.loss < from_per_layer.loss {
+        (from_omega, "omega")
+    } else {
+        (from_per_layer, "per_layer")
+    };
+    Ok(Search {
+        best,
+        per_layer_choice: per_layer.choice,
+        started_from,
+    })
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use crate::calibrate::params::{self, ActScheme, QParams};
 use crate::ir::op::{self, attr_int};
 use crate::ir::{Graph, InSlot, Patch};
 use crate::onnx::tensor;
-use crate::onnx::proto::TensorProto;
+use crate::onnx::proto::{NodeProto, TensorProto};
 use anyhow::{bail, Context, Result};
 use ndarray::{ArrayD, Axis};
 use rand::{Rng, SeedableRng};
@@ -470,25 +470,29 @@ pub fn bias(
     Ok(report)
 }
 
-/// Swap float initializer `name` for a DequantizeLinear producing `name` from new initializers.
-fn replace_constant(
+/// Swap constant initializer `name` for `node`, which produces `name` from the new
+/// `initializers` (a DequantizeLinear here and for `mixed-precision`'s int weights, a Cast for
+/// its fp16 weights), so every reader is untouched. The node goes in before the constant's
+/// first reader. All or nothing: on error the graph is restored.
+pub fn replace_constant(
     g: &mut Graph,
     name: &str,
     initializers: Vec<TensorProto>,
-    dq: crate::onnx::proto::NodeProto,
+    node: NodeProto,
 ) -> Result<()> {
     let anchor = g.consumers(name).first().map(|&(ix, _)| ix);
+    let op_type = node.op_type().to_string();
     let backup = g.clone();
     g.initializers.shift_remove(name);
     let patch = Patch {
-        add: vec![dq],
+        add: vec![node],
         initializers,
         anchor,
         ..Default::default()
     };
     if let Err(e) = g.apply(patch) {
         *g = backup;
-        return Err(e).with_context(|| format!("replacing '{name}' by its DequantizeLinear"));
+        return Err(e).with_context(|| format!("replacing '{name}' by its {op_type}"));
     }
     Ok(())
 }

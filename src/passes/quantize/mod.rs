@@ -7,10 +7,11 @@
 //! ```
 //! Steps: (1) raise the opset to 13, converting nodes whose attributes became inputs
 //! ([`opset`]); (2) per-op rules mark tensors ([`placement`]); (3) one streaming tract run over
-//! the calibration data observes every marked activation ([`crate::calibrate::observe`]);
+//! the calibration data observes every marked activation ([`materialize::calibrate`]);
 //! (4) tensors that share a scale (Concat, pass-through ops) take the union of their ranges;
-//! (5) [`insert`] adds one Q/DQ pair per activation, a DQ per weight (int8 symmetric,
-//! per-channel on the output-channel axis) and per bias (int32, scale `s_in * s_w[c]`).
+//! (5) [`insert::weight`] adds a DQ per weight (int8 symmetric, per-channel on the
+//! output-channel axis), then [`materialize::insert()`] one Q/DQ pair per activation and a DQ
+//! per bias (int32, scale `s_in * s_w[c]`). Steps 3-5 are shared with `mixed-precision`.
 //!
 //! Invariants: the result reads and computes the same values up to quantization error; each
 //! tensor is quantized once; running the pass on its own output changes nothing (a graph that
@@ -23,12 +24,13 @@
 //! its numbers are a simulation of the int8 kernels; ONNX Runtime fuses them into QLinearConv.
 
 pub mod insert;
+pub mod materialize;
 pub mod opset;
 pub mod placement;
 
 use crate::calibrate::data::{CalibrationSet, DataOptions};
-use crate::calibrate::observe::{observe_model, Method, ObserveOptions, Observed};
-use crate::calibrate::params::{ActScheme, QParams};
+use crate::calibrate::observe::{Method, Observed};
+use crate::calibrate::params::ActScheme;
 use crate::ir::Model;
 use crate::onnx::tensor;
 use crate::passes::{Pass, PassContext, PassStats};
@@ -295,16 +297,18 @@ pub fn quantize(
     }
     let original = model.to_proto()?;
     let mut work = model.clone();
-    stats
-        .notes
-        .extend(opset::upgrade(&mut work, &opts.input_shapes)?);
+    stats.notes.extend(opset::upgrade(
+        &mut work,
+        opset::PER_CHANNEL,
+        &opts.input_shapes,
+    )?);
     let copies = unshare_biases(&mut work.graph)?;
     if copies > 0 {
         stats.notes.push(format!(
             "{copies} bias initializer(s) shared between layers were copied so that each layer gets its own int32 bias (scale s_in * s_w differs per layer)"
         ));
     }
-    let plan = placement::plan(&work.graph, opts)?;
+    let plan = placement::plan(&work.graph, opts, &placement::NodeSelection::All)?;
     stats.notes.extend(plan.notes.iter().cloned());
     if plan.activations.is_empty() && plan.weights.is_empty() {
         stats
@@ -328,17 +332,8 @@ pub fn quantize(
         }
     };
     stats.notes.extend(calib.notes.iter().cloned());
-    let tensors: Vec<String> = plan.activations.iter().cloned().collect();
-    let obs_opts = ObserveOptions {
-        method: opts.method,
-        moving_average: opts.moving_average,
-        scheme: opts.activation_scheme,
-    };
-    let observed = observe_model(&original, &tensors, calib, &obs_opts)
-        .context("observing activation ranges")?;
-
-    let act_params = plan.activation_params(&observed, opts.activation_scheme)?;
-    let params_of = |t: &str| -> QParams { act_params[t] };
+    // Observed on the model as given: the opset upgrade changes no value.
+    let ranges = materialize::calibrate(&plan, &original, calib, opts)?;
 
     if opts.bias_correction != crate::passes::equalize::BiasCorrection::Off {
         stats
@@ -367,35 +362,37 @@ pub fn quantize(
         weight_reports.push(report);
         stats.changes += 1;
     }
-    let mut act_reports = Vec::new();
-    for t in &tensors {
-        let p = params_of(t);
-        insert::activation(g, &mut namer, t, &p, opts.activation_scheme)?;
-        stats.changes += 1;
-        let o: &Observed = &observed[t];
-        let group = plan.group(t);
-        act_reports.push(json!({
-            "tensor": t,
-            "observed_min": o.min,
-            "observed_max": o.max,
-            "range": [o.lo, o.hi],
-            "scale": p.scale,
-            "zero_point": p.zero_point,
-            "shared_with": if group != *t { Some(group) } else { None },
-        }));
-    }
-    let mut bias_reports = Vec::new();
-    for (b, mark) in &plan.biases {
-        let Some(s_w) = weight_scales.get(&mark.weight) else {
-            continue;
-        };
-        let s_in = params_of(&mark.input).scale;
-        let report = insert::bias(g, &mut namer, b, s_in, s_w, &mark.node)
-            .with_context(|| format!("node '{}'", mark.node))?;
-        bias_reports.push(report);
-        stats.changes += 1;
-    }
+    let bias_reports = materialize::insert(
+        g,
+        &mut namer,
+        &plan,
+        &ranges,
+        &weight_scales,
+        opts.activation_scheme,
+    )?;
+    stats.changes += plan.activations.len() + bias_reports.len();
     g.remove_unused_initializers();
+    let act_reports = plan
+        .activations
+        .iter()
+        .map(|t| {
+            let p = ranges.params_of(t)?;
+            let o: &Observed = ranges
+                .observed
+                .get(t)
+                .with_context(|| format!("no observation for '{t}'"))?;
+            let group = plan.group(t);
+            Ok(json!({
+                "tensor": t,
+                "observed_min": o.min,
+                "observed_max": o.max,
+                "range": [o.lo, o.hi],
+                "scale": p.scale,
+                "zero_point": p.zero_point,
+                "shared_with": if group != *t { Some(group) } else { None },
+            }))
+        })
+        .collect::<Result<Vec<_>>>()?;
 
     let mut per_op: BTreeMap<String, usize> = BTreeMap::new();
     for (_, op) in &plan.nodes {

@@ -37,7 +37,9 @@
 //!   stays float; it reads the dequantized value of a marked input.
 //!
 //! User filters: `exclude_ops`, `exclude_nodes` (exact names or regexes), and `include_nodes`
-//! (when given, only matching nodes are quantized).
+//! (when given, only matching nodes are quantized). A caller that already knows its nodes
+//! (`mixed-precision`: the readers of its int8/int4 weights) passes them as a
+//! [`NodeSelection`] instead of names to match.
 
 use super::QuantizeOptions;
 use crate::calibrate::observe::Observed;
@@ -50,6 +52,18 @@ use anyhow::{Context, Result};
 use indexmap::{IndexMap, IndexSet};
 use petgraph::stable_graph::NodeIndex;
 use regex::Regex;
+use std::collections::HashSet;
+
+/// Which nodes a plan may quantize, on top of the options' op and name filters.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum NodeSelection {
+    /// Every node the filters allow.
+    #[default]
+    All,
+    /// Only these nodes of the graph the plan is built on (a fused Relu/Clip or a gating Mul
+    /// included only when listed itself).
+    Only(HashSet<NodeIndex>),
+}
 
 /// How a constant weight is quantized.
 #[derive(Debug, Clone, PartialEq)]
@@ -208,11 +222,12 @@ impl Plan {
     }
 }
 
-/// Name / op filters from the options.
-struct Filter {
+/// Name / op filters from the options, and the caller's node selection.
+struct Filter<'a> {
     exclude_ops: Vec<String>,
     exclude: Vec<Regex>,
     include: Vec<Regex>,
+    selection: &'a NodeSelection,
 }
 
 fn anchored(pattern: &str) -> Result<Regex> {
@@ -221,8 +236,8 @@ fn anchored(pattern: &str) -> Result<Regex> {
         .with_context(|| format!("node pattern '{pattern}'"))
 }
 
-impl Filter {
-    fn new(opts: &QuantizeOptions) -> Result<Filter> {
+impl<'a> Filter<'a> {
+    fn new(opts: &QuantizeOptions, selection: &'a NodeSelection) -> Result<Filter<'a>> {
         Ok(Filter {
             exclude_ops: opts.exclude_ops.clone(),
             exclude: opts
@@ -235,13 +250,20 @@ impl Filter {
                 .iter()
                 .map(|p| anchored(p))
                 .collect::<Result<_>>()?,
+            selection,
         })
     }
 
-    /// Whether `node` may be quantized; patterns match its [`node_label`] (its name, or its first
-    /// output when unnamed), the name every report gives it.
-    fn allows(&self, node: &NodeProto) -> bool {
+    /// Whether node `ix` may be quantized (the node selection, then the op and name filters).
+    /// Patterns match the node's [`node_label`] (its name, or its first output when unnamed),
+    /// the name every report gives it.
+    fn allows(&self, ix: NodeIndex, node: &NodeProto) -> bool {
         let (name, op) = (node_label(node), node.op_type());
+        if let NodeSelection::Only(nodes) = self.selection {
+            if !nodes.contains(&ix) {
+                return false;
+            }
+        }
         if self.exclude_ops.iter().any(|o| o == op) {
             return false;
         }
@@ -275,7 +297,7 @@ fn fused_activation(g: &Graph, value: &str, filter: &Filter) -> Option<NodeIndex
     let n = g.node(*ix);
     let is_act = matches!(n.op_type(), "Relu" | "Clip")
         && crate::ir::op::is_standard_domain(n.domain())
-        && filter.allows(n);
+        && filter.allows(*ix, n);
     is_act.then_some(*ix)
 }
 
@@ -293,7 +315,7 @@ fn gates_only_muls(g: &Graph, value: &str, filter: &Filter) -> bool {
             matches!(slot, crate::ir::InSlot::Arg(0 | 1))
                 && n.op_type() == "Mul"
                 && crate::ir::op::is_standard_domain(n.domain())
-                && filter.allows(n)
+                && filter.allows(ix, n)
         })
 }
 
@@ -316,15 +338,15 @@ fn mark_output(g: &Graph, plan: &mut Plan, ix: NodeIndex, filter: &Filter) {
     }
 }
 
-/// Build the plan for the whole graph.
-pub fn plan(g: &Graph, opts: &QuantizeOptions) -> Result<Plan> {
-    let filter = Filter::new(opts)?;
+/// Build the plan for the whole graph, quantizing only nodes in `selection`.
+pub fn plan(g: &Graph, opts: &QuantizeOptions, selection: &NodeSelection) -> Result<Plan> {
+    let filter = Filter::new(opts, selection)?;
     let mut plan = Plan::default();
     let dynamic = |v: &str| !v.is_empty() && g.constant(v).is_none();
     for ix in g.topo_order()? {
         let n = g.node(ix);
         let (name, op) = (node_label(n).to_string(), n.op_type().to_string());
-        if !crate::ir::op::is_standard_domain(n.domain()) || !filter.allows(n) {
+        if !crate::ir::op::is_standard_domain(n.domain()) || !filter.allows(ix, n) {
             continue;
         }
         let input = |k: usize| n.input.get(k).map(String::as_str).unwrap_or("");
@@ -458,4 +480,80 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions) -> Result<Plan> {
         }
     }
     Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::Model;
+
+    /// conv_a -> relu_a -> conv_b.
+    const CHAIN: &str = r#"<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,2,4,4] x) => (float[1,2,4,4] y)
+<
+   float[2,2,1,1] wa = {-0.25, -0.82, 0.32, 0.86},
+   float[2] ba = {-0.12, 0.05},
+   float[2,2,1,1] wb = {-1.21, 1.45, 1.33, -1.69},
+   float[2] bb = {0.13, 0.06}
+>
+{
+   [conv_a] a0 = Conv (x, wa, ba)
+   [relu_a] a = Relu (a0)
+   [conv_b] y = Conv (a, wb, bb)
+}"#;
+
+    fn graph() -> Graph {
+        let proto = crate::onnx::text::parse_model(CHAIN).unwrap();
+        Model::from_proto(proto).unwrap().graph
+    }
+
+    fn index(g: &Graph, name: &str) -> NodeIndex {
+        g.node_indices().find(|&ix| g.node(ix).name() == name).unwrap()
+    }
+
+    fn sorted(items: impl IntoIterator<Item = impl ToString>) -> Vec<String> {
+        let mut v: Vec<String> = items.into_iter().map(|s| s.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn node_selection_quantizes_only_the_listed_nodes() {
+        let g = graph();
+        let opts = QuantizeOptions::default();
+        let all = plan(&g, &opts, &NodeSelection::All).unwrap();
+        let all_nodes = all.nodes.iter().map(|n| &n.0);
+        assert_eq!(sorted(all_nodes), ["conv_a", "conv_b", "relu_a"]);
+        // The fused unit conv_a + relu_a: no Q/DQ on a0.
+        assert_eq!(sorted(&all.activations), ["a", "x", "y"]);
+
+        let only_b = NodeSelection::Only([index(&g, "conv_b")].into());
+        let b = plan(&g, &opts, &only_b).unwrap();
+        assert_eq!(sorted(b.nodes.iter().map(|n| &n.0)), ["conv_b"]);
+        assert_eq!(sorted(&b.activations), ["a", "y"]);
+        assert_eq!(sorted(b.weights.keys()), ["wb"]);
+        assert_eq!(sorted(b.biases.keys()), ["bb"]);
+
+        // conv_a listed without relu_a: the Relu is not fused, conv_a's own output is marked.
+        let only_a = NodeSelection::Only([index(&g, "conv_a")].into());
+        let a = plan(&g, &opts, &only_a).unwrap();
+        assert_eq!(sorted(a.nodes.iter().map(|n| &n.0)), ["conv_a"]);
+        assert_eq!(sorted(&a.activations), ["a0", "x"]);
+    }
+
+    #[test]
+    fn node_selection_equals_the_exact_name_filter() {
+        let g = graph();
+        let by_name = QuantizeOptions {
+            include_nodes: vec!["conv_b".into()],
+            ..QuantizeOptions::default()
+        };
+        let named = plan(&g, &by_name, &NodeSelection::All).unwrap();
+        let only_b = NodeSelection::Only([index(&g, "conv_b")].into());
+        let typed = plan(&g, &QuantizeOptions::default(), &only_b).unwrap();
+        assert_eq!(named.activations, typed.activations);
+        assert_eq!(named.weights, typed.weights);
+        assert_eq!(named.biases, typed.biases);
+        assert_eq!(named.nodes, typed.nodes);
+    }
 }

@@ -1,0 +1,101 @@
+//! Materializing a placement [`Plan`]: the one observe -> parameters -> insert flow behind both
+//! `quantize` and `mixed-precision` (ONNX Runtime's quantizer has the same split: per-op rules
+//! only mark, one central step inserts).
+//!
+//! ```text
+//! placement::plan(graph, options, selection)   which activations, weights, biases; how
+//! calibrate(plan, model, data)                  one streaming tract run observes every marked
+//!                                               activation; a sharing group (Concat, pass-through
+//!                                               ops) takes the union of its members' ranges
+//! (caller) weights                              inserted once each; their scales kept by name
+//! insert(graph, plan, ranges, weight scales)    activations, then int32 biases
+//! ```
+//! The weights stay with the caller because the two passes store them differently: `quantize`
+//! as the plan's int8 weights ([`super::insert::weight`]), `mixed-precision` at one precision per
+//! layer (int8, int4, block-wise int4, fp16), whatever the plan marked.
+//!
+//! [`insert()`] adds, in marking order, one QuantizeLinear -> DequantizeLinear pair per marked
+//! activation `t` (scale and zero point from its group's range), then per marked bias `b` whose
+//! weight has per-channel scales `s_w`: `b_int32 = round(b / (s_in · s_w[c]))`, `s_in` the scale of
+//! the layer's input activation. A bias whose weight the caller left without scales (float,
+//! fp16, block-wise int4) stays float.
+//!
+//! Invariants: each tensor is quantized once however many nodes read it; readers keep reading
+//! the original names (see [`super::insert`]); nothing is inserted for a tensor the plan does
+//! not mark.
+
+use super::insert::{self, BiasReport, Namer};
+use super::placement::Plan;
+use super::QuantizeOptions;
+use crate::calibrate::data::CalibrationSet;
+use crate::calibrate::observe::{observe_model, ObserveOptions, Observed};
+use crate::calibrate::params::{ActScheme, QParams};
+use crate::ir::Graph;
+use crate::onnx::proto::ModelProto;
+use anyhow::{Context, Result};
+use indexmap::IndexMap;
+
+/// What calibration found for every activation the plan marks, in marking order.
+#[derive(Debug, Clone)]
+pub struct ActivationRanges {
+    /// The observed range of the tensor itself.
+    pub observed: IndexMap<String, Observed>,
+    /// Quantization parameters from its sharing group's range.
+    pub params: IndexMap<String, QParams>,
+}
+
+impl ActivationRanges {
+    /// The parameters of marked activation `t`.
+    pub fn params_of(&self, t: &str) -> Result<QParams> {
+        self.params
+            .get(t)
+            .copied()
+            .with_context(|| format!("activation '{t}' has no quantization parameters"))
+    }
+}
+
+/// Observe every activation `plan` marks by running `observe_on` in tract over `calib`, with
+/// the options' method and activation scheme, and derive each group's parameters.
+pub fn calibrate(
+    plan: &Plan,
+    observe_on: &ModelProto,
+    calib: &CalibrationSet,
+    opts: &QuantizeOptions,
+) -> Result<ActivationRanges> {
+    let tensors: Vec<String> = plan.activations.iter().cloned().collect();
+    let obs_opts = ObserveOptions {
+        method: opts.method,
+        moving_average: opts.moving_average,
+        scheme: opts.activation_scheme,
+    };
+    let observed = observe_model(observe_on, &tensors, calib, &obs_opts)
+        .context("observing activation ranges")?;
+    let params = plan.activation_params(&observed, opts.activation_scheme)?;
+    Ok(ActivationRanges { observed, params })
+}
+
+/// Insert a Q/DQ pair for every marked activation, then an int32 bias for every marked bias
+/// whose weight has scales in `weight_scales` (by weight name). Returns the bias reports.
+pub fn insert(
+    g: &mut Graph,
+    namer: &mut Namer,
+    plan: &Plan,
+    ranges: &ActivationRanges,
+    weight_scales: &IndexMap<String, Vec<f32>>,
+    scheme: ActScheme,
+) -> Result<Vec<BiasReport>> {
+    for t in &plan.activations {
+        insert::activation(g, namer, t, &ranges.params_of(t)?, scheme)?;
+    }
+    let mut biases = Vec::new();
+    for (b, mark) in &plan.biases {
+        let Some(s_w) = weight_scales.get(&mark.weight) else {
+            continue;
+        };
+        let s_in = ranges.params_of(&mark.input)?.scale;
+        let report = insert::bias(g, namer, b, s_in, s_w, &mark.node)
+            .with_context(|| format!("node '{}'", mark.node))?;
+        biases.push(report);
+    }
+    Ok(biases)
+}
