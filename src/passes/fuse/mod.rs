@@ -76,9 +76,9 @@
 //!
 //! # Files
 //!
-//! This file holds the pass and its three rules; [`bn`] the BN's affine form, its statistics
-//! and the bias formulas; [`fold`] the patch that folds a BN into its producer (where channel
-//! `c` lives in each op's weight); [`activation`] the fused-activation classification.
+//! This file holds the pass and its three rules; `bn` the BN's affine form, its statistics
+//! and the bias formulas; `fold` the patch that folds a BN into its producer (where channel
+//! `c` lives in each op's weight); `activation` the fused-activation classification.
 
 mod activation;
 mod bn;

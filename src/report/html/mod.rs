@@ -16,9 +16,9 @@
 //! is escaped by plotters' SVG backend. Output is deterministic: nothing but the report's own
 //! values (its timings included) reaches the page.
 //!
-//! Files: [`helpers`] (escaping, JSON access, number formatting, cards, figures, legends),
-//! [`header`] (summary cards and stage timings), [`validation`], and one file per pass section:
-//! [`quantize`], [`equalize`], [`prune`], [`mixed_precision`]. This file assembles the page:
+//! Files: `helpers` (escaping, JSON access, number formatting, cards, figures, legends),
+//! `header` (summary cards and stage timings), `validation`, and one file per pass section:
+//! `quantize`, `equalize`, `prune`, `mixed_precision`. This file assembles the page:
 //! the document shell and its CSS, which section a pass's details select, and the notes.
 
 mod equalize;

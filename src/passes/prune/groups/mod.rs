@@ -33,10 +33,10 @@
 //!
 //! # Files
 //!
-//! This file holds the result types and assembles the groups: [`walk`] carries the channel
+//! This file holds the result types and assembles the groups: `walk` carries the channel
 //! layouts through the graph in topological order (union-find over raw groups, the per-op
-//! rules above), [`junctions`] handles the ops where layouts meet (elementwise n-ary ops,
-//! Concat) and where they end and begin (layers), [`describe`] prints groups for snapshots.
+//! rules above), `junctions` handles the ops where layouts meet (elementwise n-ary ops,
+//! Concat) and where they end and begin (layers), `describe` prints groups for snapshots.
 
 mod describe;
 mod junctions;
