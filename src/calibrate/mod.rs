@@ -1,7 +1,8 @@
 //! Calibration: reading representative inputs ([`data`]), observing tensor ranges over them in
-//! one streaming tract run ([`observe`]), and turning ranges into quantization parameters
-//! ([`params`]).
+//! one streaming tract run ([`observe`], with the histogram and its range math in
+//! [`histogram`]), and turning ranges into quantization parameters ([`params`]).
 pub mod data;
+pub mod histogram;
 pub mod image;
 pub mod inputs;
 pub mod observe;

@@ -5,12 +5,7 @@
 //! kept. [`observe_model`] requests all of them as extra outputs of the same tract run, batch
 //! by batch.
 //!
-//! Histogram range: adaptive re-binning, so the data is read once. The histogram covers
-//! `[-r, r]` with `2 * FINE_BINS` bins; `r` starts at the first batch's max |x| and doubles
-//! whenever a batch exceeds it, merging pairs of bins (exact: bin edges stay aligned and 0 stays
-//! an edge). The data therefore covers at least half the bins (>= 8192 of width <= max|x|/4096
-//! per side), fine enough that the methods' own binnings (2048 bins for entropy) are resampled
-//! from it with sub-bin error.
+//! The histogram and the range math of the histogram methods live in [`super::histogram`].
 //!
 //! Methods (all return a range; `params` then widens it to include 0):
 //! - `minmax`: exact running min / max (or moving average of per-batch min/max, ORT-style, with
@@ -32,17 +27,16 @@
 //!   expected squared error of fake-quantizing the histogram's bin centres with the activation
 //!   scheme's actual grid (clipping error included); the best wins.
 
+use super::histogram::abs_quantile;
+pub use super::histogram::{entropy_threshold, mse_range, Histogram, FINE_BINS};
 use crate::calibrate::data::CalibrationSet;
-use crate::calibrate::params::{activation_params, ActScheme};
+use crate::calibrate::params::ActScheme;
 use crate::onnx::proto::ModelProto;
 use crate::runtime::Runner;
 use anyhow::{Context, Result};
 use indexmap::IndexMap;
 use ndarray::ArrayD;
 use serde::Serialize;
-
-/// Bins per sign in the fine histogram.
-pub const FINE_BINS: usize = 8192;
 
 /// How a range is chosen from the observed values.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
@@ -108,152 +102,6 @@ pub struct ObserveOptions {
     pub moving_average: Option<f32>,
     /// The activation scheme (used by `mse` to score candidates on the real grid).
     pub scheme: ActScheme,
-}
-
-/// Signed histogram over `[-r, r]` with adaptive doubling.
-#[derive(Debug, Clone)]
-pub struct Histogram {
-    /// `counts[i]` covers `[-r + i w, -r + (i+1) w)`, `w = r / FINE_BINS`.
-    counts: Vec<u64>,
-    r: f32,
-    /// Values seen while `r` was still 0 (all exactly 0).
-    pending_zeros: u64,
-    /// Values exactly 0 (also counted in their bin): a ReLU output is half zeros.
-    exact_zeros: u64,
-}
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Histogram {
-            counts: vec![0; 2 * FINE_BINS],
-            r: 0.0,
-            pending_zeros: 0,
-            exact_zeros: 0,
-        }
-    }
-}
-
-impl Histogram {
-    pub fn add(&mut self, data: &[f32]) {
-        let amax = data.iter().fold(0f32, |m, &v| m.max(v.abs()));
-        if amax == 0.0 && self.r == 0.0 {
-            self.pending_zeros += data.len() as u64;
-            self.exact_zeros += data.len() as u64;
-            return;
-        }
-        if self.r == 0.0 {
-            self.r = amax;
-            self.counts[FINE_BINS] += std::mem::take(&mut self.pending_zeros);
-        }
-        while amax > self.r {
-            self.double();
-        }
-        let w = self.r / FINE_BINS as f32;
-        let top = 2 * FINE_BINS - 1;
-        for &v in data {
-            self.exact_zeros += (v == 0.0) as u64;
-            let i = ((v + self.r) / w).floor();
-            let i = if i.is_nan() {
-                continue;
-            } else {
-                (i.max(0.0) as usize).min(top)
-            };
-            self.counts[i] += 1;
-        }
-    }
-
-    /// Double the range, merging pairs of bins on each side of 0.
-    fn double(&mut self) {
-        let n = FINE_BINS;
-        // Distance-from-zero order: pos[k] = counts[n + k], neg[k] = counts[n - 1 - k].
-        let mut next = vec![0u64; 2 * n];
-        for k in 0..n {
-            next[n + k / 2] += self.counts[n + k];
-            next[n - 1 - k / 2] += self.counts[n - 1 - k];
-        }
-        self.counts = next;
-        self.r *= 2.0;
-    }
-
-    pub fn total(&self) -> u64 {
-        self.counts.iter().sum::<u64>() + self.pending_zeros
-    }
-
-    pub fn bin_width(&self) -> f32 {
-        self.r / FINE_BINS as f32
-    }
-
-    /// (centre, count) of non-empty bins.
-    fn centres(&self) -> Vec<(f32, f64)> {
-        let w = self.bin_width();
-        let mut v: Vec<(f32, f64)> = self
-            .counts
-            .iter()
-            .enumerate()
-            .filter(|(_, &c)| c > 0)
-            .map(|(i, &c)| (-self.r + (i as f32 + 0.5) * w, c as f64))
-            .collect();
-        if self.pending_zeros > 0 {
-            v.push((0.0, self.pending_zeros as f64));
-        }
-        v
-    }
-
-    /// The `q`-quantile (0..=1), linear inside a bin.
-    pub fn quantile(&self, q: f64) -> f32 {
-        let total = self.total() as f64;
-        if total == 0.0 || self.r == 0.0 {
-            return 0.0;
-        }
-        let target = q.clamp(0.0, 1.0) * total;
-        let w = self.bin_width() as f64;
-        let mut acc = 0.0;
-        for (i, &c) in self.counts.iter().enumerate() {
-            let c = c as f64;
-            if c > 0.0 && acc + c >= target {
-                let frac = ((target - acc) / c).clamp(0.0, 1.0);
-                return (-self.r as f64 + (i as f64 + frac) * w) as f32;
-            }
-            acc += c;
-        }
-        self.r
-    }
-
-    /// Histogram of |x| with `bins` bins over `[0, amax]`, resampled from the fine bins
-    /// (counts spread uniformly inside each fine bin).
-    pub fn abs_histogram(&self, bins: usize, amax: f32) -> Vec<f64> {
-        let mut out = vec![0.0f64; bins];
-        if amax <= 0.0 {
-            return out;
-        }
-        let n = FINE_BINS;
-        let w = self.bin_width() as f64;
-        let step = amax as f64 / bins as f64;
-        for k in 0..n {
-            let c = (self.counts[n + k] + self.counts[n - 1 - k]) as f64;
-            if c == 0.0 {
-                continue;
-            }
-            let (a, b) = (k as f64 * w, (k as f64 + 1.0) * w);
-            // Overlap of [a, b) with the output bins, clipping anything past amax into the last.
-            let mut lo = a;
-            while lo < b {
-                let j = ((lo / step).floor() as usize).min(bins - 1);
-                let edge = if j == bins - 1 {
-                    b
-                } else {
-                    ((j + 1) as f64 * step).min(b)
-                };
-                out[j] += c * (edge - lo) / w;
-                if edge <= lo {
-                    break;
-                }
-                lo = edge;
-            }
-        }
-        out[0] += self.pending_zeros as f64;
-        out
-    }
 }
 
 /// Everything kept about one tensor.
@@ -362,127 +210,6 @@ impl Observer {
 /// digits net fell to 10%); on smooth ones its threshold clips far less than this.
 const ENTROPY_MAX_CLIPPED: f64 = 1e-3;
 
-/// The `q` quantile of |x| from an |x| histogram over `[0, amax]` (upper bin edge).
-fn abs_quantile(hist: &[f64], amax: f32, q: f64) -> f32 {
-    let total: f64 = hist.iter().sum();
-    if total <= 0.0 || hist.is_empty() {
-        return 0.0;
-    }
-    let width = amax as f64 / hist.len() as f64;
-    let mut above = 0.0;
-    for i in (0..hist.len()).rev() {
-        above += hist[i];
-        if above > (1.0 - q) * total {
-            return ((i + 1) as f64 * width) as f32;
-        }
-    }
-    0.0
-}
-
-/// TensorRT-style KL threshold over an |x| histogram with `hist.len()` bins spanning
-/// `[0, amax]`, `levels` quantized levels (TensorRT: 128).
-pub fn entropy_threshold(hist: &[f64], amax: f32, levels: usize) -> f32 {
-    #[allow(non_snake_case)]
-    let LEVELS = levels;
-    let n = hist.len();
-    if n <= LEVELS || amax <= 0.0 {
-        return amax;
-    }
-    let width = amax as f64 / n as f64;
-    let mut best = (f64::INFINITY, n);
-    let suffix: Vec<f64> = {
-        let mut s = vec![0.0; n + 1];
-        for i in (0..n).rev() {
-            s[i] = s[i + 1] + hist[i];
-        }
-        s
-    };
-    for i in LEVELS..=n {
-        let mut p: Vec<f64> = hist[..i].to_vec();
-        p[i - 1] += suffix[i];
-        // Merge the i bins into LEVELS chunks, then expand each chunk's mass evenly over its
-        // non-empty bins.
-        let merged = i / LEVELS;
-        let mut q = vec![0.0f64; i];
-        for j in 0..LEVELS {
-            let start = j * merged;
-            let end = if j == LEVELS - 1 { i } else { start + merged };
-            let chunk = &hist[start..end];
-            let sum: f64 = chunk.iter().sum();
-            let nonzero = chunk.iter().filter(|&&c| c > 0.0).count();
-            if nonzero > 0 {
-                for k in start..end {
-                    if hist[k] > 0.0 {
-                        q[k] = sum / nonzero as f64;
-                    }
-                }
-            }
-        }
-        let kl = kl_divergence(&p, &q);
-        if kl < best.0 {
-            best = (kl, i);
-        }
-    }
-    (best.1 as f64 * width) as f32
-}
-
-/// KL(p || q) of unnormalized histograms, with MXNet-style smoothing of empty bins.
-fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
-    fn smooth(h: &[f64]) -> Option<Vec<f64>> {
-        const EPS: f64 = 1e-4;
-        let total: f64 = h.iter().sum();
-        if total <= 0.0 {
-            return None;
-        }
-        let zeros = h.iter().filter(|&&v| v == 0.0).count();
-        let nonzeros = h.len() - zeros;
-        if nonzeros == 0 {
-            return None;
-        }
-        let eps1 = EPS * zeros as f64 / nonzeros as f64;
-        Some(
-            h.iter()
-                .map(|&v| {
-                    let v = v / total;
-                    if v == 0.0 {
-                        EPS
-                    } else {
-                        (v - eps1).max(EPS * 1e-3)
-                    }
-                })
-                .collect(),
-        )
-    }
-    let (Some(p), Some(q)) = (smooth(p), smooth(q)) else {
-        return f64::INFINITY;
-    };
-    p.iter()
-        .zip(&q)
-        .map(|(&a, &b)| if a > 0.0 { a * (a / b).ln() } else { 0.0 })
-        .sum()
-}
-
-/// The range `t * [min, max]` minimizing the expected fake-quantization MSE.
-pub fn mse_range(h: &Histogram, min: f32, max: f32, scheme: ActScheme) -> (f32, f32) {
-    let centres = h.centres();
-    let mut best = (f64::INFINITY, (min, max));
-    const STEPS: usize = 200;
-    for k in 1..=STEPS {
-        let t = k as f32 / STEPS as f32;
-        let (lo, hi) = (min.min(0.0) * t, max.max(0.0) * t);
-        let p = activation_params(lo, hi, scheme);
-        let err: f64 = centres
-            .iter()
-            .map(|&(x, c)| c * ((x - p.fake_quant(x)) as f64).powi(2))
-            .sum();
-        // `<=`: on ties prefer the wider range (later, larger t).
-        if err <= best.0 {
-            best = (err, (min.max(lo), max.min(hi)));
-        }
-    }
-    best.1
-}
-
 /// Run the model over the calibration set once, observing `tensors` (graph inputs are read
 /// straight from the data, everything else is an extra output of the tract run).
 pub fn observe_model(
@@ -559,6 +286,7 @@ fn update(obs: &mut IndexMap<String, Observer>, name: &str, a: &ArrayD<f32>, ma:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::calibrate::params::activation_params;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -633,18 +361,6 @@ mod tests {
             "{} vs {want_lo}",
             r.lo
         );
-    }
-
-    #[test]
-    fn histogram_doubling_keeps_every_count() {
-        let mut h = Histogram::default();
-        h.add(&[0.0, 0.0]);
-        h.add(&[0.1, -0.1]);
-        h.add(&[100.0, -3.0, 0.05]);
-        assert_eq!(h.total(), 7);
-        assert!(h.r >= 100.0 && h.r < 200.0);
-        let abs = h.abs_histogram(2048, 100.0);
-        assert!((abs.iter().sum::<f64>() - 7.0).abs() < 1e-9);
     }
 
     #[test]
