@@ -503,3 +503,29 @@ fn cli_refuses_with_one_line_and_no_output() {
         );
     }
 }
+
+#[test]
+fn constant_holds_exactly_one_value() {
+    let constant = |attrs: Vec<AttributeProto>| {
+        let mut c = node("Constant", "c", &[], &["k"]);
+        c.attribute = attrs;
+        model(
+            vec![c, node("Add", "add", &["x", "k"], &["y"])],
+            vec![value_info("x", &[1, 4])],
+            vec![value_info("y", &[1, 4])],
+            vec![],
+        )
+    };
+    Model::from_proto(constant(vec![op::attr_float("value_float", 1.0)])).unwrap();
+    assert_refused(
+        constant(vec![]),
+        &["node 'c' (Constant): has 0 value attributes, a Constant needs exactly one"],
+    );
+    assert_refused(
+        constant(vec![
+            op::attr_float("value_float", 1.0),
+            op::attr_int("value_int", 1),
+        ]),
+        &["node 'c' (Constant): has 2 value attributes"],
+    );
+}

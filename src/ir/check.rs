@@ -12,7 +12,7 @@
 //!   inputs/outputs not empty; attributes known, of the schema's type, appearing once, required
 //!   ones present; and the values the tool relies on in range (Conv/pool group, kernel,
 //!   strides, dilations, pads, auto_pad; axes and permutations against the rank of their input
-//!   when the graph declares it; Cast's target type).
+//!   when the graph declares it; Cast's target type; one value per Constant).
 //!
 //! Custom domains and ops of model-local functions pass untouched. Errors name the node by
 //! [`op::node_label`] and its op: `node 'c1' (Conv): attribute 'group' is 0, must be >= 1`.
@@ -406,14 +406,13 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
         .first()
         .filter(|n| !n.is_empty())
         .and_then(|n| ranks.get(n).copied());
+    // `ensure!(cond, fail(..))` passes the built error through unchanged.
     let fail = |what: String| anyhow::anyhow!("{}: {what}", who(node));
-    let fail_text = |what: String| format!("{}: {what}", who(node));
     if WINDOW_OPS.contains(&op) {
         if let Some(group) = node.attr_int("group")? {
             ensure!(
                 group >= 1,
-                "{}",
-                fail_text(format!("attribute 'group' is {group}, must be >= 1"))
+                fail(format!("attribute 'group' is {group}, must be >= 1"))
             );
         }
         let spatial = rank.filter(|&r| r >= 2).map(|r| r - 2);
@@ -435,8 +434,7 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
             if let Some(spatial) = spatial {
                 ensure!(
                     values.len() == spatial * per_dim,
-                    "{}",
-                    fail_text(format!(
+                    fail(format!(
                         "attribute '{name}' has {} values, input 0 has {spatial} spatial dims (expected {})",
                         values.len(),
                         spatial * per_dim
@@ -447,8 +445,7 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
         if let Some(pad) = node.attr_string("auto_pad")? {
             ensure!(
                 matches!(pad.as_str(), "NOTSET" | "SAME_UPPER" | "SAME_LOWER" | "VALID"),
-                "{}",
-                fail_text(format!(
+                fail(format!(
                     "attribute 'auto_pad' is '{pad}', expected NOTSET, SAME_UPPER, SAME_LOWER or VALID"
                 ))
             );
@@ -487,16 +484,14 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
             sorted.sort_unstable();
             ensure!(
                 sorted.iter().copied().eq(0..n as i64),
-                "{}",
-                fail_text(format!(
+                fail(format!(
                     "attribute 'perm' {perm:?} is not a permutation of 0..{n}"
                 ))
             );
             if let Some(rank) = rank {
                 ensure!(
                     n == rank,
-                    "{}",
-                    fail_text(format!(
+                    fail(format!(
                         "attribute 'perm' has {n} values, input 0 has rank {rank}"
                     ))
                 );
@@ -510,6 +505,16 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
             check_axis(axis, axis_range(rank), "axis", rank).map_err(fail)?;
         }
     }
+    if op == "Constant" {
+        // The schema lists every value attribute as optional; exactly one must be set.
+        let values = node.attribute.len();
+        ensure!(
+            values == 1,
+            fail(format!(
+                "has {values} value attributes, a Constant needs exactly one"
+            ))
+        );
+    }
     if op == "Cast" {
         if let Ok(Some(to)) = node.attr_int("to") {
             let known = DataType::try_from(to as i32)
@@ -517,8 +522,7 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
                 .filter(|t| *t != DataType::Undefined && i64::from(*t as i32) == to);
             ensure!(
                 known.is_some(),
-                "{}",
-                fail_text(format!(
+                fail(format!(
                     "attribute 'to' is {to}, which is no ONNX element type"
                 ))
             );
