@@ -529,3 +529,19 @@ fn constant_holds_exactly_one_value() {
         &["node 'c' (Constant): has 2 value attributes"],
     );
 }
+
+#[test]
+fn before_ir_4_initializers_are_graph_inputs() {
+    let mut m = conv_relu();
+    m.ir_version = Some(3);
+    assert_refused(
+        m,
+        &["initializer 'w' is not a graph input, which ir_version 3 requires"],
+    );
+    let mut m = conv_relu();
+    m.ir_version = Some(3);
+    let g = m.graph.as_mut().unwrap();
+    g.input.push(value_info("w", &[4, 3, 3, 3]));
+    g.input.push(value_info("b", &[4]));
+    Model::from_proto(m).unwrap();
+}

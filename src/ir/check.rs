@@ -6,7 +6,8 @@
 //! - Each imported opset of a domain with schemas (`""`/`ai.onnx`, `ai.onnx.ml`, the preview
 //!   domains) within the range of the vendored schemas ([`crate::onnx::schema`]).
 //! - The main graph has outputs; within each graph (subgraphs included) every value has one
-//!   producer: a node, a graph input or an initializer.
+//!   producer: a node, a graph input or an initializer; before IR 4 every initializer is also
+//!   a graph input.
 //! - Every node of a domain with schemas, in every graph: the op exists at the model's opset
 //!   (and is not deprecated there); input and output counts in the schema's range, required
 //!   inputs/outputs not empty; attributes known, of the schema's type, appearing once, required
@@ -115,6 +116,20 @@ fn who(node: &NodeProto) -> String {
 /// visible from enclosing graphs.
 fn check_graph(ctx: &Ctx, g: &GraphProto, outer_ranks: &HashMap<String, usize>) -> Result<()> {
     check_single_producers(g)?;
+    if ctx.ir_version < 4 {
+        // Before IR 4 an initializer only gave a default value to a graph input.
+        if let Some(t) = g
+            .initializer
+            .iter()
+            .find(|t| !g.input.iter().any(|i| i.name() == t.name()))
+        {
+            bail!(
+                "initializer '{}' is not a graph input, which ir_version {} requires (from ir_version 4 on it need not be)",
+                t.name(),
+                ctx.ir_version
+            );
+        }
+    }
     let ranks = declared_ranks(g, outer_ranks);
     for node in &g.node {
         check_node(ctx, node, &ranks)?;
