@@ -118,11 +118,8 @@ fn check_graph(ctx: &Ctx, g: &GraphProto, outer_ranks: &HashMap<String, usize>) 
     check_single_producers(g)?;
     if ctx.ir_version < 4 {
         // Before IR 4 an initializer only gave a default value to a graph input.
-        if let Some(t) = g
-            .initializer
-            .iter()
-            .find(|t| !g.input.iter().any(|i| i.name() == t.name()))
-        {
+        let inputs: HashSet<&str> = g.input.iter().map(|i| i.name()).collect();
+        if let Some(t) = g.initializer.iter().find(|t| !inputs.contains(t.name())) {
             bail!(
                 "initializer '{}' is not a graph input, which ir_version {} requires (from ir_version 4 on it need not be)",
                 t.name(),
