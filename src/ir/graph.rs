@@ -233,10 +233,13 @@ impl Graph {
                     continue;
                 }
                 if let Some((other, _)) = self.producers.insert(out.clone(), (ix, slot)) {
+                    let (a, b) = (&self.dag[other].proto, &self.dag[ix].proto);
                     bail!(
-                        "value '{out}' is produced twice, by nodes '{}' and '{}'",
-                        self.dag[other].proto.name(),
-                        self.dag[ix].proto.name()
+                        "value '{out}' is produced twice, by node '{}' ({}) and by node '{}' ({})",
+                        op::node_label(a),
+                        a.op_type(),
+                        op::node_label(b),
+                        b.op_type()
                     );
                 }
             }
@@ -359,7 +362,6 @@ impl Graph {
             .chain(&self.value_info)
             .find(|v| v.name() == value)
     }
-
 
     /// Every name in use (values, node names, initializers), for fresh-name generation.
     /// Every name the graph uses (values, nodes, initializers, captures).
@@ -605,15 +607,21 @@ impl Graph {
                 }
             }
             for out in &node.output {
-                if !out.is_empty()
-                    && (self.is_graph_input(out) || self.initializers.contains_key(out))
-                {
-                    bail!(
-                        "node '{}' ({}) produces '{out}', which is also a graph input or initializer",
-                        node.name(),
-                        node.op_type()
-                    );
+                if out.is_empty() {
+                    continue;
                 }
+                let other = if self.is_graph_input(out) {
+                    "graph input"
+                } else if self.initializers.contains_key(out) {
+                    "initializer"
+                } else {
+                    continue;
+                };
+                bail!(
+                    "value '{out}' is produced twice, by {other} '{out}' and by node '{}' ({})",
+                    op::node_label(node),
+                    node.op_type()
+                );
             }
             for e in self.dag.edges_directed(ix, Direction::Incoming) {
                 let w = e.weight();

@@ -1,5 +1,6 @@
 //! A model: the ModelProto shell (everything but the main graph, verbatim) plus the graph IR.
 
+use crate::ir::check;
 use crate::ir::graph::Graph;
 use crate::onnx::proto::{ModelProto, OperatorSetIdProto};
 use crate::onnx::{load, save};
@@ -26,7 +27,10 @@ impl Model {
         save::save_proto(self.to_proto()?, path, opts)
     }
 
+    /// Build the IR of a decoded model, after [`check::check_model`] (versions, schemas,
+    /// producers) so a model the tool cannot handle is refused before any work.
     pub fn from_proto(mut proto: ModelProto) -> Result<Model> {
+        check::check_model(&proto)?;
         let gp = proto
             .graph
             .take()

@@ -5,5 +5,6 @@ pub mod proto {
 }
 pub mod load;
 pub mod save;
+pub mod schema;
 pub mod tensor;
 pub mod text;

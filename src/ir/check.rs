@@ -1,0 +1,560 @@
+//! Load-time checks of a whole ModelProto against what ONNX allows and the tool supports, run
+//! by [`crate::ir::Model::from_proto`] before the IR is built, so a model the tool cannot
+//! handle (or would re-emit invalid) is refused up front with one line naming the problem.
+//!
+//! - `ir_version` within what `proto/onnx.proto` knows (1 to `Version::IrVersion`).
+//! - Each imported opset of a domain with schemas (`""`/`ai.onnx`, `ai.onnx.ml`, the preview
+//!   domains) within the range of the vendored schemas ([`crate::onnx::schema`]).
+//! - The main graph has outputs; within each graph (subgraphs included) every value has one
+//!   producer: a node, a graph input or an initializer; before IR 4 every initializer is also
+//!   a graph input.
+//! - Every node of a domain with schemas, in every graph: the op exists at the model's opset
+//!   (and is not deprecated there); input and output counts in the schema's range, required
+//!   inputs/outputs not empty; attributes known, of the schema's type, appearing once, required
+//!   ones present; and the values the tool relies on in range (Conv/pool group, kernel,
+//!   strides, dilations, pads, auto_pad; axes and permutations against the rank of their input
+//!   when the graph declares it; Cast's target type; one value per Constant).
+//!
+//! Custom domains and ops of model-local functions pass untouched. Errors name the node by
+//! [`op::node_label`] and its op: `node 'c1' (Conv): attribute 'group' is 0, must be >= 1`.
+
+use crate::ir::op::{self, Attrs};
+use crate::onnx::proto::{
+    attribute_proto::AttributeType, tensor_proto::DataType, type_proto, AttributeProto, GraphProto,
+    ModelProto, NodeProto, Version,
+};
+use crate::onnx::schema::{self, canonical_domain, domain_display, Lookup, OpSchema, Param};
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::{HashMap, HashSet};
+
+/// Check a model; see the module docs for what is checked.
+pub fn check_model(model: &ModelProto) -> Result<()> {
+    let newest_ir = Version::IrVersion as i64;
+    let ir = model.ir_version();
+    ensure!(
+        (1..=newest_ir).contains(&ir),
+        "ir_version {ir} is not supported: this tool reads ir_version 1 to {newest_ir}"
+    );
+    let opsets = imported_opsets(model)?;
+    let graph = model
+        .graph
+        .as_ref()
+        .context("the model has no graph (ModelProto.graph is missing)")?;
+    ensure!(
+        !graph.output.is_empty(),
+        "graph has no outputs: nothing to compute"
+    );
+    let ctx = Ctx {
+        opsets,
+        functions: model
+            .functions
+            .iter()
+            .map(|f| {
+                (
+                    canonical_domain(f.domain()).to_string(),
+                    f.name().to_string(),
+                )
+            })
+            .collect(),
+        ir_version: ir,
+    };
+    check_graph(&ctx, graph, &HashMap::new())
+}
+
+struct Ctx {
+    /// Imported opset version per canonical domain.
+    opsets: HashMap<String, i64>,
+    /// Model-local functions `(domain, name)`: nodes calling them are not schema ops.
+    functions: HashSet<(String, String)>,
+    ir_version: i64,
+}
+
+impl Ctx {
+    /// The opset a node of `domain` runs at; `None` when nothing is imported for it.
+    fn opset(&self, domain: &str) -> Option<i64> {
+        let domain = canonical_domain(domain);
+        match self.opsets.get(domain) {
+            Some(&v) => Some(v),
+            // Before IR 3 a model without imports meant the default domain at opset 1.
+            None if domain.is_empty() && self.ir_version < 3 => Some(1),
+            None => None,
+        }
+    }
+}
+
+fn imported_opsets(model: &ModelProto) -> Result<HashMap<String, i64>> {
+    let schemas = schema::schemas();
+    let mut opsets = HashMap::new();
+    for import in &model.opset_import {
+        let domain = canonical_domain(import.domain());
+        let version = import.version();
+        if let Some((lo, hi)) = schemas.opset_range(domain) {
+            ensure!(
+                (lo..=hi).contains(&version),
+                "opset {version} of domain {} is not supported: this tool knows opsets {lo} to {hi} (onnx {})",
+                domain_display(domain),
+                schemas.onnx_version
+            );
+        }
+        if let Some(previous) = opsets.insert(domain.to_string(), version) {
+            ensure!(
+                previous == version,
+                "domain {} is imported twice, at opsets {previous} and {version}",
+                domain_display(domain)
+            );
+        }
+    }
+    Ok(opsets)
+}
+
+/// `node 'label' (Op)` for messages.
+fn who(node: &NodeProto) -> String {
+    format!("node '{}' ({})", op::node_label(node), node.op_type())
+}
+
+/// Check one graph and its subgraphs. `outer_ranks` holds the declared ranks of values
+/// visible from enclosing graphs.
+fn check_graph(ctx: &Ctx, g: &GraphProto, outer_ranks: &HashMap<String, usize>) -> Result<()> {
+    check_single_producers(g)?;
+    if ctx.ir_version < 4 {
+        // Before IR 4 an initializer only gave a default value to a graph input.
+        let inputs: HashSet<&str> = g.input.iter().map(|i| i.name()).collect();
+        if let Some(t) = g.initializer.iter().find(|t| !inputs.contains(t.name())) {
+            bail!(
+                "initializer '{}' is not a graph input, which ir_version {} requires (from ir_version 4 on it need not be)",
+                t.name(),
+                ctx.ir_version
+            );
+        }
+    }
+    let ranks = declared_ranks(g, outer_ranks);
+    for node in &g.node {
+        check_node(ctx, node, &ranks)?;
+        for a in &node.attribute {
+            for sub in a.g.iter().chain(&a.graphs) {
+                check_graph(ctx, sub, &ranks)
+                    .with_context(|| format!("in attribute '{}' of {}", a.name(), who(node)))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every value of the graph has one producer: a node output, a graph input or an
+/// initializer (an initializer may also be listed as a graph input: it is the default).
+fn check_single_producers(g: &GraphProto) -> Result<()> {
+    let mut producer: HashMap<&str, String> = HashMap::new();
+    for input in &g.input {
+        let name = input.name();
+        ensure!(
+            producer
+                .insert(name, format!("graph input '{name}'"))
+                .is_none(),
+            "graph input '{name}' is declared twice"
+        );
+    }
+    for t in &g.initializer {
+        let name = t.name();
+        if let Some(other) = producer.get(name) {
+            ensure!(
+                other.starts_with("graph input"),
+                "initializer '{name}' is defined twice"
+            );
+        }
+        producer.insert(name, format!("initializer '{name}'"));
+    }
+    for node in &g.node {
+        for out in node.output.iter().filter(|o| !o.is_empty()) {
+            if let Some(other) = producer.get(out.as_str()) {
+                bail!(
+                    "value '{out}' is produced twice, by {other} and by {}",
+                    who(node)
+                );
+            }
+            producer.insert(out, who(node));
+        }
+    }
+    Ok(())
+}
+
+/// Ranks the graph declares: inputs, outputs and value_info with a shape, initializers, and
+/// Constant nodes holding a tensor; plus those of enclosing graphs.
+fn declared_ranks(g: &GraphProto, outer: &HashMap<String, usize>) -> HashMap<String, usize> {
+    let mut ranks = outer.clone();
+    for v in g.input.iter().chain(&g.output).chain(&g.value_info) {
+        let shape = v.r#type.as_ref().and_then(|t| match &t.value {
+            Some(type_proto::Value::TensorType(t)) => t.shape.as_ref(),
+            _ => None,
+        });
+        if let Some(shape) = shape {
+            ranks.insert(v.name().to_string(), shape.dim.len());
+        }
+    }
+    for t in &g.initializer {
+        ranks.insert(t.name().to_string(), t.dims.len());
+    }
+    for n in g.node.iter().filter(|n| n.op_type() == "Constant") {
+        if let (Some(out), Some(t)) = (n.output.first(), n.attr("value").and_then(|a| a.t.as_ref()))
+        {
+            ranks.insert(out.clone(), t.dims.len());
+        }
+    }
+    ranks
+}
+
+fn check_node(ctx: &Ctx, node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> {
+    let schemas = schema::schemas();
+    let domain = canonical_domain(node.domain());
+    let op = node.op_type();
+    if !schemas.knows_domain(domain)
+        || ctx
+            .functions
+            .contains(&(domain.to_string(), op.to_string()))
+    {
+        return Ok(());
+    }
+    let Some(opset) = ctx.opset(domain) else {
+        bail!(
+            "{}: domain {} is used but the model imports no opset for it",
+            who(node),
+            domain_display(domain)
+        );
+    };
+    let in_opset = if domain.is_empty() {
+        format!("opset {opset}")
+    } else {
+        format!("opset {opset} of domain '{domain}'")
+    };
+    let schema = match schemas.lookup(domain, op, opset) {
+        Lookup::Found(s) => s,
+        Lookup::NotYet { since_version } => bail!(
+            "{}: op {op} does not exist in {in_opset} (it arrives in opset {since_version})",
+            who(node)
+        ),
+        Lookup::Removed { since_version } => bail!(
+            "{}: op {op} does not exist in {in_opset} (deprecated since opset {since_version})",
+            who(node)
+        ),
+        Lookup::Unknown => bail!("{}: op {op} does not exist in {in_opset}", who(node)),
+    };
+    check_counts(node, schema)?;
+    check_attributes(node, schema)?;
+    check_values(node, ranks)
+}
+
+fn range_text((lo, hi): (usize, usize)) -> String {
+    if lo == hi {
+        format!("{lo}")
+    } else if hi == usize::MAX {
+        format!("at least {lo}")
+    } else {
+        format!("{lo} to {hi}")
+    }
+}
+
+fn check_counts(node: &NodeProto, schema: &OpSchema) -> Result<()> {
+    let op = node.op_type();
+    let (n_in, n_out) = (node.input.len(), node.output.len());
+    let (lo, hi) = schema.inputs;
+    ensure!(
+        (lo..=hi).contains(&n_in),
+        "{} has {n_in} input(s); {op} takes {}",
+        who(node),
+        range_text(schema.inputs)
+    );
+    let (lo, hi) = schema.outputs;
+    ensure!(
+        (lo..=hi).contains(&n_out),
+        "{} has {n_out} output(s); {op} produces {}",
+        who(node),
+        range_text(schema.outputs)
+    );
+    for (kind, names, params) in [
+        ("input", &node.input, &schema.input_params),
+        ("output", &node.output, &schema.output_params),
+    ] {
+        for (slot, (name, param)) in names.iter().zip(params.iter()).enumerate() {
+            ensure!(
+                *param != Param::Single || !name.is_empty(),
+                "{}: {kind} {slot} is required but its name is empty",
+                who(node)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The type an attribute carries: its `type` field, or for writers that leave it unset the
+/// one value field that is filled. `None` when nothing says (an unset type and no value).
+fn attribute_kind(a: &AttributeProto) -> Option<AttributeType> {
+    let declared = a.r#type();
+    if declared != AttributeType::Undefined {
+        return Some(declared);
+    }
+    let filled = [
+        (a.f.is_some(), AttributeType::Float),
+        (a.i.is_some(), AttributeType::Int),
+        (a.s.is_some(), AttributeType::String),
+        (a.t.is_some(), AttributeType::Tensor),
+        (a.g.is_some(), AttributeType::Graph),
+        (a.sparse_tensor.is_some(), AttributeType::SparseTensor),
+        (a.tp.is_some(), AttributeType::TypeProto),
+        (!a.floats.is_empty(), AttributeType::Floats),
+        (!a.ints.is_empty(), AttributeType::Ints),
+        (!a.strings.is_empty(), AttributeType::Strings),
+        (!a.tensors.is_empty(), AttributeType::Tensors),
+        (!a.graphs.is_empty(), AttributeType::Graphs),
+        (!a.sparse_tensors.is_empty(), AttributeType::SparseTensors),
+        (!a.type_protos.is_empty(), AttributeType::TypeProtos),
+    ];
+    filled.iter().find(|(set, _)| *set).map(|&(_, kind)| kind)
+}
+
+fn is_list(kind: AttributeType) -> bool {
+    use AttributeType::*;
+    matches!(
+        kind,
+        Floats | Ints | Strings | Tensors | Graphs | SparseTensors | TypeProtos
+    )
+}
+
+fn check_attributes(node: &NodeProto, schema: &OpSchema) -> Result<()> {
+    let op = node.op_type();
+    let mut seen = HashSet::new();
+    for a in &node.attribute {
+        let name = a.name();
+        ensure!(
+            seen.insert(name),
+            "{}: attribute '{name}' appears twice",
+            who(node)
+        );
+        let Some(expected) = schema.attribute(name) else {
+            let known: Vec<&str> = schema.attributes.iter().map(|a| a.name).collect();
+            let known = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            };
+            bail!(
+                "{}: unknown attribute '{name}' ({op}-{} has attributes: {known})",
+                who(node),
+                schema.since_version
+            );
+        };
+        match attribute_kind(a) {
+            Some(kind) if kind == expected.kind => {}
+            // An empty list written without its type: nothing to contradict the schema.
+            None if is_list(expected.kind) => {}
+            Some(kind) => bail!(
+                "{}: attribute '{name}' is {}, {op}-{} expects {}",
+                who(node),
+                kind.as_str_name(),
+                schema.since_version,
+                expected.kind.as_str_name()
+            ),
+            None => bail!("{}: attribute '{name}' has no value", who(node)),
+        }
+    }
+    for required in schema.attributes.iter().filter(|a| a.required) {
+        ensure!(
+            seen.contains(required.name),
+            "{}: required attribute '{}' is missing",
+            who(node),
+            required.name
+        );
+    }
+    Ok(())
+}
+
+/// Ops whose kernel/stride/pad attributes describe a sliding window over `rank - 2` spatial
+/// dims of input 0.
+const WINDOW_OPS: &[&str] = &[
+    "Conv",
+    "ConvTranspose",
+    "ConvInteger",
+    "QLinearConv",
+    "MaxPool",
+    "AveragePool",
+    "LpPool",
+    "MaxUnpool",
+];
+
+/// Ops with an `axis` attribute indexing input 0's dims, valid in `[-rank, rank - 1]`
+/// (Flatten in `[-rank, rank]`: it may split after the last dim).
+const AXIS_OPS: &[&str] = &[
+    "Concat",
+    "Softmax",
+    "LogSoftmax",
+    "Hardmax",
+    "Flatten",
+    "Gather",
+    "GatherElements",
+    "Split",
+    "ArgMax",
+    "ArgMin",
+    "LayerNormalization",
+    "Compress",
+];
+
+/// Ops with an `axes` attribute indexing input 0's dims.
+const AXES_OPS: &[&str] = &[
+    "Squeeze",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+];
+
+fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> {
+    let op = node.op_type();
+    let rank = node
+        .input
+        .first()
+        .filter(|n| !n.is_empty())
+        .and_then(|n| ranks.get(n).copied());
+    // `ensure!(cond, fail(..))` passes the built error through unchanged.
+    let fail = |what: String| anyhow::anyhow!("{}: {what}", who(node));
+    if WINDOW_OPS.contains(&op) {
+        if let Some(group) = node.attr_int("group")? {
+            ensure!(
+                group >= 1,
+                fail(format!("attribute 'group' is {group}, must be >= 1"))
+            );
+        }
+        let spatial = rank.filter(|&r| r >= 2).map(|r| r - 2);
+        for (name, min, per_dim) in [
+            ("kernel_shape", 1, 1),
+            ("strides", 1, 1),
+            ("dilations", 1, 1),
+            ("pads", 0, 2),
+            ("output_padding", 0, 1),
+        ] {
+            let Some(values) = node.attr_ints(name)? else {
+                continue;
+            };
+            if let Some(v) = values.iter().find(|&&v| v < min) {
+                return Err(fail(format!(
+                    "attribute '{name}' holds {v}, every value must be >= {min}"
+                )));
+            }
+            if let Some(spatial) = spatial {
+                ensure!(
+                    values.len() == spatial * per_dim,
+                    fail(format!(
+                        "attribute '{name}' has {} values, input 0 has {spatial} spatial dims (expected {})",
+                        values.len(),
+                        spatial * per_dim
+                    ))
+                );
+            }
+        }
+        if let Some(pad) = node.attr_string("auto_pad")? {
+            ensure!(
+                matches!(pad.as_str(), "NOTSET" | "SAME_UPPER" | "SAME_LOWER" | "VALID"),
+                fail(format!(
+                    "attribute 'auto_pad' is '{pad}', expected NOTSET, SAME_UPPER, SAME_LOWER or VALID"
+                ))
+            );
+        }
+    }
+    if AXIS_OPS.contains(&op) {
+        if let (Some(axis), Some(rank)) = (node.attr_int("axis")?, rank) {
+            let (lo, hi) = axis_range(rank);
+            let range = if op == "Flatten" {
+                (lo, hi + 1)
+            } else {
+                (lo, hi)
+            };
+            check_axis(axis, range, "axis", rank).map_err(fail)?;
+        }
+    }
+    if AXES_OPS.contains(&op) {
+        if let (Some(axes), Some(rank)) = (node.attr_ints("axes")?, rank) {
+            for axis in axes {
+                check_axis(axis, axis_range(rank), "axes", rank).map_err(fail)?;
+            }
+        }
+    }
+    if op == "Unsqueeze" {
+        if let (Some(axes), Some(rank)) = (node.attr_ints("axes")?, rank) {
+            let out_rank = rank + axes.len();
+            for &axis in &axes {
+                check_axis(axis, axis_range(out_rank), "axes", rank).map_err(fail)?;
+            }
+        }
+    }
+    if op == "Transpose" {
+        if let Some(perm) = node.attr_ints("perm")? {
+            let n = perm.len();
+            let mut sorted = perm.clone();
+            sorted.sort_unstable();
+            ensure!(
+                sorted.iter().copied().eq(0..n as i64),
+                fail(format!(
+                    "attribute 'perm' {perm:?} is not a permutation of 0..{n}"
+                ))
+            );
+            if let Some(rank) = rank {
+                ensure!(
+                    n == rank,
+                    fail(format!(
+                        "attribute 'perm' has {n} values, input 0 has rank {rank}"
+                    ))
+                );
+            }
+        }
+    }
+    if matches!(op, "QuantizeLinear" | "DequantizeLinear") {
+        // The axis matters only for per-axis scales (a 1-D scale); per-tensor ignores it.
+        let per_axis = node.input.get(1).and_then(|s| ranks.get(s)) == Some(&1);
+        if let (Some(axis), Some(rank), true) = (node.attr_int("axis")?, rank, per_axis) {
+            check_axis(axis, axis_range(rank), "axis", rank).map_err(fail)?;
+        }
+    }
+    if op == "Constant" {
+        // The schema lists every value attribute as optional; exactly one must be set.
+        let values = node.attribute.len();
+        ensure!(
+            values == 1,
+            fail(format!(
+                "has {values} value attributes, a Constant needs exactly one"
+            ))
+        );
+    }
+    if op == "Cast" {
+        if let Ok(Some(to)) = node.attr_int("to") {
+            let known = DataType::try_from(to as i32)
+                .ok()
+                .filter(|t| *t != DataType::Undefined && i64::from(*t as i32) == to);
+            ensure!(
+                known.is_some(),
+                fail(format!(
+                    "attribute 'to' is {to}, which is no ONNX element type"
+                ))
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Valid axes of a tensor of rank `rank`: `[-rank, rank - 1]`.
+fn axis_range(rank: usize) -> (i64, i64) {
+    (-(rank as i64), rank as i64 - 1)
+}
+
+/// `axis` must lie in `range` (see [`axis_range`]); the message names the attribute.
+fn check_axis(axis: i64, (lo, hi): (i64, i64), name: &str, rank: usize) -> Result<(), String> {
+    if (lo..=hi).contains(&axis) {
+        Ok(())
+    } else {
+        Err(format!(
+            "attribute '{name}' is {axis}, out of range [{lo}, {hi}] for input 0 of rank {rank}"
+        ))
+    }
+}

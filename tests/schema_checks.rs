@@ -1,0 +1,547 @@
+//! Load-time schema checks (`ir::check`): each kind of invalid model is refused by
+//! `Model::from_proto` with one line naming the node (or domain, or value) and the problem;
+//! valid models, custom domains and every testdata model still load; the binary refuses with
+//! exit code 1, one line and no output file.
+
+mod common;
+use common::*;
+use onnx_compress::ir::{op, Model};
+use onnx_compress::onnx::proto::{
+    attribute_proto::AttributeType, AttributeProto, GraphProto, ModelProto, NodeProto,
+    OperatorSetIdProto,
+};
+
+/// The error loading `m`, which must be refused with a one-line message.
+fn refusal(m: ModelProto) -> String {
+    let err = match Model::from_proto(m) {
+        Ok(_) => panic!("the model was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(!err.contains('\n'), "error is not one line: {err}");
+    err
+}
+
+fn assert_refused(m: ModelProto, needles: &[&str]) {
+    let err = refusal(m);
+    for n in needles {
+        assert!(err.contains(n), "error lacks '{n}': {err}");
+    }
+}
+
+fn nodes(m: &mut ModelProto) -> &mut Vec<NodeProto> {
+    &mut m.graph.as_mut().unwrap().node
+}
+
+/// The Conv node of [`conv_relu`].
+fn conv(m: &mut ModelProto) -> &mut NodeProto {
+    &mut nodes(m)[0]
+}
+
+fn set_opset(m: &mut ModelProto, domain: &str, version: i64) {
+    m.opset_import.retain(|o| o.domain() != domain);
+    m.opset_import.push(OperatorSetIdProto {
+        domain: Some(domain.into()),
+        version: Some(version),
+    });
+}
+
+/// x[1,4] -> OP -> y[1,4], at opset 17.
+fn single(op_type: &str) -> ModelProto {
+    model(
+        vec![node(op_type, "n", &["x"], &["y"])],
+        vec![value_info("x", &[1, 4])],
+        vec![value_info("y", &[1, 4])],
+        vec![],
+    )
+}
+
+#[test]
+fn valid_models_load() {
+    Model::from_proto(conv_relu()).unwrap();
+    let mut cast = single("Cast");
+    cast.graph.as_mut().unwrap().node[0]
+        .attribute
+        .push(op::attr_int("to", 1));
+    Model::from_proto(cast).unwrap();
+}
+
+#[test]
+fn every_testdata_model_loads() {
+    let models = testdata_models();
+    assert!(models.len() >= 9, "testdata models missing: {models:?}");
+    for path in models {
+        if let Err(e) = Model::load(&path) {
+            panic!("{}: {e:#}", path.display());
+        }
+    }
+}
+
+#[test]
+fn unknown_attribute() {
+    let mut m = conv_relu();
+    nodes(&mut m)[1].attribute.push(op::attr_int("group", 2));
+    assert_refused(
+        m,
+        &["node 'relu' (Relu)", "unknown attribute 'group'", "Relu-14"],
+    );
+}
+
+#[test]
+fn quantize_linear_with_conv_attributes() {
+    let mut q = node("QuantizeLinear", "q", &["x", "s", "z"], &["y"]);
+    q.attribute.push(op::attr_ints("kernel_shape", &[3, 3]));
+    let m = model(
+        vec![q],
+        vec![value_info("x", &[1, 4])],
+        vec![value_info("y", &[1, 4])],
+        vec![f32_tensor("s", &[], 1), f32_tensor("z", &[], 2)],
+    );
+    assert_refused(
+        m,
+        &[
+            "node 'q' (QuantizeLinear)",
+            "unknown attribute 'kernel_shape'",
+        ],
+    );
+}
+
+#[test]
+fn wrong_attribute_type() {
+    let mut m = conv_relu();
+    conv(&mut m).attribute.push(op::attr_float("group", 1.0));
+    assert_refused(
+        m,
+        &[
+            "node 'conv' (Conv)",
+            "attribute 'group' is FLOAT",
+            "expects INT",
+        ],
+    );
+}
+
+#[test]
+fn attribute_without_type_or_value() {
+    let mut m = conv_relu();
+    conv(&mut m).attribute.push(AttributeProto {
+        name: Some("group".into()),
+        ..Default::default()
+    });
+    assert_refused(m, &["node 'conv' (Conv)", "attribute 'group' has no value"]);
+}
+
+#[test]
+fn attribute_with_unset_type_is_read_from_its_value() {
+    let mut m = conv_relu();
+    conv(&mut m).attribute.push(AttributeProto {
+        name: Some("group".into()),
+        i: Some(1),
+        ..Default::default()
+    });
+    Model::from_proto(m).unwrap();
+}
+
+#[test]
+fn duplicated_attribute() {
+    let mut m = conv_relu();
+    conv(&mut m)
+        .attribute
+        .push(op::attr_ints("pads", &[0, 0, 0, 0]));
+    assert_refused(m, &["node 'conv' (Conv)", "attribute 'pads' appears twice"]);
+}
+
+#[test]
+fn missing_required_attribute() {
+    assert_refused(
+        single("Cast"),
+        &["node 'n' (Cast)", "required attribute 'to' is missing"],
+    );
+}
+
+#[test]
+fn input_and_output_counts() {
+    let mut m = single("Relu");
+    nodes(&mut m)[0].input.push("x".into());
+    assert_refused(m, &["node 'n' (Relu) has 2 input(s); Relu takes 1"]);
+    let mut m = single("Relu");
+    nodes(&mut m)[0].output.push("y2".into());
+    assert_refused(m, &["node 'n' (Relu) has 2 output(s); Relu produces 1"]);
+    let mut m = conv_relu();
+    conv(&mut m).input.truncate(1);
+    assert_refused(m, &["node 'conv' (Conv) has 1 input(s); Conv takes 2 to 3"]);
+}
+
+#[test]
+fn required_input_left_empty() {
+    let mut m = conv_relu();
+    conv(&mut m).input[1] = String::new();
+    assert_refused(
+        m,
+        &[
+            "node 'conv' (Conv)",
+            "input 1 is required but its name is empty",
+        ],
+    );
+}
+
+#[test]
+fn unnamed_node_is_named_by_its_first_output() {
+    let mut m = conv_relu();
+    nodes(&mut m)[1].name = None;
+    nodes(&mut m)[1].attribute.push(op::attr_int("alpha", 1));
+    assert_refused(m, &["node 'y' (Relu)", "unknown attribute 'alpha'"]);
+}
+
+#[test]
+fn window_values_out_of_range() {
+    for (attr, needle) in [
+        (
+            op::attr_int("group", 0),
+            "attribute 'group' is 0, must be >= 1",
+        ),
+        (op::attr_int("group", -2), "attribute 'group' is -2"),
+        (
+            op::attr_ints("kernel_shape", &[3, -3]),
+            "attribute 'kernel_shape' holds -3",
+        ),
+        (
+            op::attr_ints("strides", &[1, 0]),
+            "attribute 'strides' holds 0",
+        ),
+        (
+            op::attr_ints("dilations", &[-1, 1]),
+            "attribute 'dilations' holds -1",
+        ),
+        (
+            op::attr_ints("strides", &[1, 1, 1]),
+            "attribute 'strides' has 3 values, input 0 has 2 spatial dims",
+        ),
+    ] {
+        let mut m = conv_relu();
+        conv(&mut m).attribute.push(attr);
+        assert_refused(m, &["node 'conv' (Conv)", needle]);
+    }
+    let mut m = conv_relu();
+    conv(&mut m).attribute[0] = op::attr_ints("pads", &[1, -1, 1, 1]);
+    assert_refused(m, &["node 'conv' (Conv)", "attribute 'pads' holds -1"]);
+    let mut m = conv_relu();
+    conv(&mut m).attribute.push(AttributeProto {
+        name: Some("auto_pad".into()),
+        r#type: Some(AttributeType::String as i32),
+        s: Some(b"SAME".to_vec().into()),
+        ..Default::default()
+    });
+    assert_refused(m, &["node 'conv' (Conv)", "attribute 'auto_pad' is 'SAME'"]);
+}
+
+#[test]
+fn axis_out_of_range_where_the_rank_is_known() {
+    let mut m = single("Softmax");
+    nodes(&mut m)[0].attribute.push(op::attr_int("axis", 2));
+    assert_refused(
+        m,
+        &[
+            "node 'n' (Softmax)",
+            "attribute 'axis' is 2, out of range [-2, 1] for input 0 of rank 2",
+        ],
+    );
+    let mut m = single("Softmax");
+    nodes(&mut m)[0].attribute.push(op::attr_int("axis", -2));
+    Model::from_proto(m).unwrap();
+    // Flatten may split after the last dim.
+    let mut m = single("Flatten");
+    nodes(&mut m)[0].attribute.push(op::attr_int("axis", 2));
+    m.graph.as_mut().unwrap().output[0] = value_info("y", &[8, 1]);
+    Model::from_proto(m).unwrap();
+    let mut m = single("Flatten");
+    nodes(&mut m)[0].attribute.push(op::attr_int("axis", 3));
+    assert_refused(m, &["node 'n' (Flatten)", "out of range [-2, 2]"]);
+    // Unknown rank: nothing to check against.
+    let mut m = single("Softmax");
+    m.graph.as_mut().unwrap().input[0].r#type = None;
+    nodes(&mut m)[0].attribute.push(op::attr_int("axis", 7));
+    Model::from_proto(m).unwrap();
+}
+
+#[test]
+fn transpose_perm_must_be_a_permutation_of_the_rank() {
+    let mut m = single("Transpose");
+    nodes(&mut m)[0]
+        .attribute
+        .push(op::attr_ints("perm", &[1, 1]));
+    assert_refused(m, &["node 'n' (Transpose)", "not a permutation of 0..2"]);
+    let mut m = single("Transpose");
+    nodes(&mut m)[0]
+        .attribute
+        .push(op::attr_ints("perm", &[2, 0, 1]));
+    assert_refused(
+        m,
+        &["node 'n' (Transpose)", "has 3 values, input 0 has rank 2"],
+    );
+}
+
+#[test]
+fn cast_to_an_unknown_type() {
+    let mut m = single("Cast");
+    nodes(&mut m)[0].attribute.push(op::attr_int("to", 99));
+    assert_refused(m, &["node 'n' (Cast)", "attribute 'to' is 99"]);
+}
+
+#[test]
+fn op_missing_from_the_opset() {
+    assert_refused(
+        single("Frobnicate"),
+        &[
+            "node 'n' (Frobnicate)",
+            "op Frobnicate does not exist in opset 17",
+        ],
+    );
+    assert_refused(
+        single("Gelu"),
+        &["op Gelu does not exist in opset 17", "arrives in opset 20"],
+    );
+    let mut m = single("Upsample");
+    set_opset(&mut m, "", 11);
+    nodes(&mut m)[0].input.push("scales".into());
+    m.graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .push(f32_tensor("scales", &[2], 1));
+    assert_refused(
+        m,
+        &[
+            "op Upsample does not exist in opset 11",
+            "deprecated since opset 10",
+        ],
+    );
+    let mut m = single("Frobnicate");
+    nodes(&mut m)[0].domain = Some("ai.onnx.ml".into());
+    set_opset(&mut m, "ai.onnx.ml", 3);
+    assert_refused(
+        m,
+        &["op Frobnicate does not exist in opset 3 of domain 'ai.onnx.ml'"],
+    );
+}
+
+#[test]
+fn custom_domains_pass_untouched() {
+    let mut m = single("Frobnicate");
+    let n = &mut nodes(&mut m)[0];
+    n.domain = Some("com.example".into());
+    n.attribute.push(op::attr_float("group", -1.0));
+    n.input.push("x".into());
+    set_opset(&mut m, "com.example", 1);
+    Model::from_proto(m).unwrap();
+}
+
+#[test]
+fn standard_domain_used_without_an_import() {
+    let mut m = single("Relu");
+    m.opset_import.clear();
+    assert_refused(
+        m,
+        &[
+            "node 'n' (Relu)",
+            "domain '' (ai.onnx) is used but the model imports no opset",
+        ],
+    );
+}
+
+#[test]
+fn opset_versions_outside_the_supported_range() {
+    for version in [0, 99, 1 << 40] {
+        let mut m = conv_relu();
+        set_opset(&mut m, "", version);
+        assert_refused(
+            m,
+            &[
+                &format!("opset {version} of domain '' (ai.onnx) is not supported"),
+                "opsets 1 to 28",
+            ],
+        );
+    }
+    let mut m = conv_relu();
+    set_opset(&mut m, "ai.onnx.ml", 99);
+    assert_refused(m, &["opset 99 of domain 'ai.onnx.ml'", "opsets 1 to 5"]);
+    let mut m = conv_relu();
+    set_opset(&mut m, "ai.onnx", 18);
+    assert_refused(m, &["imported twice, at opsets 17 and 18"]);
+}
+
+#[test]
+fn ir_version_outside_the_supported_range() {
+    for version in [0, 99, 1 << 40] {
+        let mut m = conv_relu();
+        m.ir_version = Some(version);
+        assert_refused(
+            m,
+            &[&format!("ir_version {version} is not supported"), "1 to 14"],
+        );
+    }
+}
+
+#[test]
+fn graph_without_outputs() {
+    let mut m = conv_relu();
+    m.graph.as_mut().unwrap().output.clear();
+    assert_refused(m, &["graph has no outputs: nothing to compute"]);
+}
+
+#[test]
+fn duplicated_producers_name_both() {
+    let mut m = conv_relu();
+    nodes(&mut m)[1].output[0] = "c".into();
+    assert_refused(
+        m,
+        &["value 'c' is produced twice, by node 'conv' (Conv) and by node 'relu' (Relu)"],
+    );
+    let mut m = conv_relu();
+    nodes(&mut m)[1].output[0] = "w".into();
+    assert_refused(
+        m,
+        &["value 'w' is produced twice, by initializer 'w' and by node 'relu' (Relu)"],
+    );
+    let mut m = conv_relu();
+    nodes(&mut m)[1].output[0] = "x".into();
+    assert_refused(
+        m,
+        &["value 'x' is produced twice, by graph input 'x' and by node 'relu' (Relu)"],
+    );
+    let mut m = conv_relu();
+    let input = m.graph.as_ref().unwrap().input[0].clone();
+    m.graph.as_mut().unwrap().input.push(input);
+    assert_refused(m, &["graph input 'x' is declared twice"]);
+}
+
+/// x -> If(cond) { then: Relu with a bad attribute; else: Identity } -> y
+fn if_model(then_node: NodeProto) -> ModelProto {
+    let branch = |n: NodeProto| GraphProto {
+        name: Some("branch".into()),
+        node: vec![n],
+        output: vec![value_info("b", &[1, 4])],
+        ..Default::default()
+    };
+    let mut cond = f32_tensor("cond", &[], 1);
+    cond.data_type = Some(9);
+    cond.raw_data = Some(vec![1u8].into());
+    let mut iff = node("If", "if", &["cond"], &["y"]);
+    for (name, g) in [
+        ("then_branch", branch(then_node)),
+        ("else_branch", branch(node("Identity", "e", &["x"], &["b"]))),
+    ] {
+        iff.attribute.push(AttributeProto {
+            name: Some(name.into()),
+            r#type: Some(AttributeType::Graph as i32),
+            g: Some(g),
+            ..Default::default()
+        });
+    }
+    model(
+        vec![iff],
+        vec![value_info("x", &[1, 4])],
+        vec![value_info("y", &[1, 4])],
+        vec![cond],
+    )
+}
+
+#[test]
+fn subgraph_nodes_are_checked() {
+    Model::from_proto(if_model(node("Relu", "t", &["x"], &["b"]))).unwrap();
+    let mut bad = node("Relu", "t", &["x"], &["b"]);
+    bad.attribute.push(op::attr_int("group", 1));
+    assert_refused(
+        if_model(bad),
+        &[
+            "in attribute 'then_branch' of node 'if' (If)",
+            "node 't' (Relu): unknown attribute 'group'",
+        ],
+    );
+    // Softmax axis against the rank of x, declared in the enclosing graph.
+    let mut bad = node("Softmax", "t", &["x"], &["b"]);
+    bad.attribute.push(op::attr_int("axis", 5));
+    assert_refused(if_model(bad), &["node 't' (Softmax)", "rank 2"]);
+}
+
+/// The binary exits 1 with one line naming the file and the problem, and writes nothing.
+#[test]
+fn cli_refuses_with_one_line_and_no_output() {
+    let mut group0 = conv_relu();
+    conv(&mut group0).attribute.push(op::attr_int("group", 0));
+    let mut opset99 = conv_relu();
+    set_opset(&mut opset99, "", 99);
+    for (name, m, needle) in [
+        (
+            "group0.onnx",
+            group0,
+            "node 'conv' (Conv): attribute 'group' is 0",
+        ),
+        (
+            "opset99.onnx",
+            opset99,
+            "opset 99 of domain '' (ai.onnx) is not supported",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let input = write(dir.path(), name, &m);
+        let out = dir.path().join("out.onnx");
+        let (code, _, err) = run(&[input.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        assert_eq!(code, 1, "{name}: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{name}: one line expected: {err}"
+        );
+        assert!(err.contains(name) && err.contains(needle), "{name}: {err}");
+        let files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            files,
+            [std::ffi::OsString::from(name)],
+            "{name}: output left behind"
+        );
+    }
+}
+
+#[test]
+fn constant_holds_exactly_one_value() {
+    let constant = |attrs: Vec<AttributeProto>| {
+        let mut c = node("Constant", "c", &[], &["k"]);
+        c.attribute = attrs;
+        model(
+            vec![c, node("Add", "add", &["x", "k"], &["y"])],
+            vec![value_info("x", &[1, 4])],
+            vec![value_info("y", &[1, 4])],
+            vec![],
+        )
+    };
+    Model::from_proto(constant(vec![op::attr_float("value_float", 1.0)])).unwrap();
+    assert_refused(
+        constant(vec![]),
+        &["node 'c' (Constant): has 0 value attributes, a Constant needs exactly one"],
+    );
+    assert_refused(
+        constant(vec![
+            op::attr_float("value_float", 1.0),
+            op::attr_int("value_int", 1),
+        ]),
+        &["node 'c' (Constant): has 2 value attributes"],
+    );
+}
+
+#[test]
+fn before_ir_4_initializers_are_graph_inputs() {
+    let mut m = conv_relu();
+    m.ir_version = Some(3);
+    assert_refused(
+        m,
+        &["initializer 'w' is not a graph input, which ir_version 3 requires"],
+    );
+    let mut m = conv_relu();
+    m.ir_version = Some(3);
+    let g = m.graph.as_mut().unwrap();
+    g.input.push(value_info("w", &[4, 3, 3, 3]));
+    g.input.push(value_info("b", &[4]));
+    Model::from_proto(m).unwrap();
+}
