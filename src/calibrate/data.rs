@@ -29,6 +29,7 @@ use super::image::{self, ImageOptions, IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTEN
 pub use super::inputs::{model_inputs, InputDim, InputSpec};
 use super::inputs::with_shapes;
 use crate::ir::Model;
+use crate::limits::{element_count, MemoryBudget};
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::{ArrayD, Axis, IxDyn};
 use ndarray_npy::{NpzReader, ReadNpyExt};
@@ -48,6 +49,8 @@ pub struct DataOptions {
     pub input_shapes: Vec<(String, Vec<usize>)>,
     /// How image files (png/jpg) become tensors; ignored for .npy/.npz data.
     pub image: ImageOptions,
+    /// Synthetic samples and decoded images, both sized from the model's dims, must fit.
+    pub memory: MemoryBudget,
 }
 
 impl Default for DataOptions {
@@ -57,6 +60,7 @@ impl Default for DataOptions {
             max_samples: None,
             input_shapes: Vec::new(),
             image: ImageOptions::default(),
+            memory: MemoryBudget::default(),
         }
     }
 }
@@ -133,7 +137,11 @@ impl CalibrationSet {
                     ),
                 }
             }
-            let n: usize = shape.iter().product();
+            // Generation is O(elements): the budget bounds both memory and time.
+            let what = format!("synthetic calibration data for model input {}", spec.describe());
+            let n = element_count(&what, &shape)?;
+            opts.memory
+                .check_elements(&format!("{what} ({samples} samples)"), (n as u64).saturating_mul(samples as u64), 4)?;
             let mut list = Vec::new();
             for k in 0..samples {
                 let v: Vec<f32> = (0..n).map(|_| standard_normal(&mut rng)).collect();
@@ -406,6 +414,23 @@ fn read_images(
             files = &files[..max];
         }
     }
+    // Each image is resized to the model's fixed dims: check that before decoding any.
+    let fixed: Vec<usize> = specs[0]
+        .dims
+        .iter()
+        .skip(1)
+        .map(|d| match d {
+            InputDim::Fixed(v) => *v,
+            InputDim::Symbolic(_) => 1,
+        })
+        .collect();
+    let what = format!("calibration images for model input {}", specs[0].describe());
+    let per_image = element_count(&what, &fixed)? as u64;
+    opts.memory.check_elements(
+        &format!("{what} ({} images)", files.len()),
+        per_image.saturating_mul(files.len() as u64),
+        4,
+    )?;
     let loaded = image::load_images(files, &specs[0], &opts.image)
         .with_context(|| format!("calibration images '{source}'"))?;
     Ok(vec![loaded
