@@ -24,6 +24,23 @@ const FALLBACK_BYTES: u64 = 4 << 30;
 /// What the user can do about a buffer over budget (appended to every refusal).
 pub const FIXES: &str = "fix the input's dims with --input-shape NAME:DIMS, use fewer samples (--calib-samples / --samples), or raise --max-memory";
 
+/// Most values one set of synthetic inputs may hold (2^27, 512 MiB of f32). Generating and
+/// running synthetic data is O(values): on the 2-core reference machine about 6 M values/s go
+/// through generation, observation and validation, so this keeps a run without data to
+/// seconds of work, where the memory budget alone would admit minutes (half of 16 GiB is 2^31
+/// values). A 1024x1024 RGB input is 50 M values for 16 samples; a bigger input needs real data.
+pub const SYNTHETIC_MAX_VALUES: u64 = 1 << 27;
+
+/// Refuse synthetic data of `values` values for `what` above [`SYNTHETIC_MAX_VALUES`].
+pub fn check_synthetic(what: &str, values: u64) -> Result<()> {
+    if values <= SYNTHETIC_MAX_VALUES {
+        return Ok(());
+    }
+    bail!(
+        "{what} is {values} values, above the {SYNTHETIC_MAX_VALUES} generated without data (seconds of work, not minutes): pass real data (--calib, --eval), fix the input's dims with --input-shape NAME:DIMS, or use fewer samples"
+    )
+}
+
 /// Where a budget's figure comes from (said in every refusal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BudgetOrigin {
@@ -195,6 +212,15 @@ mod tests {
         }
         assert!(b.check_elements("x", u64::MAX, 4).is_err());
         assert!(MemoryBudget::default().bytes > 0);
+    }
+
+    #[test]
+    fn synthetic_work_is_bounded() {
+        check_synthetic("x", SYNTHETIC_MAX_VALUES).unwrap();
+        let e = check_synthetic("synthetic data for input 'x'", SYNTHETIC_MAX_VALUES + 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("input 'x'") && e.contains("--calib"), "{e}");
     }
 
     #[test]

@@ -29,7 +29,7 @@ use super::image::{self, ImageOptions, IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTEN
 pub use super::inputs::{model_inputs, InputDim, InputSpec};
 use super::inputs::with_shapes;
 use crate::ir::Model;
-use crate::limits::{element_count, MemoryBudget};
+use crate::limits::{check_synthetic, element_count, MemoryBudget};
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::{ArrayD, Axis, IxDyn};
 use ndarray_npy::{NpzReader, ReadNpyExt};
@@ -137,11 +137,17 @@ impl CalibrationSet {
                     ),
                 }
             }
-            // Generation is O(elements): the budget bounds both memory and time.
+            // Generation is O(elements): bounded in work first, then in memory.
             let what = format!("synthetic calibration data for model input {}", spec.describe());
             let n = element_count(&what, &shape)?;
-            opts.memory
-                .check_elements(&format!("{what} ({samples} samples)"), (n as u64).saturating_mul(samples as u64), 4)?;
+            let values = (n as u64).saturating_mul(samples as u64);
+            // Twice: the samples, then their stack (see `assemble`).
+            opts.memory.check_elements(
+                &format!("{what} ({samples} samples, held twice while batched)"),
+                values.saturating_mul(2),
+                4,
+            )?;
+            check_synthetic(&format!("{what} ({samples} samples)"), values)?;
             let mut list = Vec::new();
             for k in 0..samples {
                 let v: Vec<f32> = (0..n).map(|_| standard_normal(&mut rng)).collect();
@@ -168,16 +174,18 @@ impl CalibrationSet {
         source: String,
         mut notes: Vec<String>,
     ) -> Result<CalibrationSet> {
-        // Stack each input's samples into one [total, ...] array.
+        // Stack each input's samples into one [total, ...] array, dropping the samples as
+        // each input is stacked and the stack once cut into batches: at most twice the data
+        // is held at once (what the synthetic data's budget check charges).
         let mut stacked = Vec::new();
-        for (spec, samples) in specs.iter().zip(&per_input) {
+        for (spec, samples) in specs.iter().zip(per_input) {
             ensure!(
                 !samples.is_empty(),
                 "calibration data '{source}' holds no sample for model input {}",
                 spec.describe()
             );
             let first = &samples[0];
-            for s in samples {
+            for s in &samples {
                 ensure!(
                     s.data.shape()[1..] == first.data.shape()[1..],
                     "calibration sample {} has shape {:?} but {} has {:?}: samples of input '{}' must share a shape",
@@ -191,6 +199,8 @@ impl CalibrationSet {
             let views: Vec<_> = samples.iter().map(|s| s.data.view()).collect();
             let all = ndarray::concatenate(Axis(0), &views)
                 .with_context(|| format!("stacking samples of input '{}'", spec.name))?;
+            drop(views);
+            drop(samples);
             stacked.push(all);
         }
         let mut total = stacked[0].shape()[0];
@@ -233,6 +243,7 @@ impl CalibrationSet {
             );
             start = end;
         }
+        drop(stacked);
         ensure!(
             !batches.is_empty(),
             "calibration data '{source}' has {total} samples, fewer than the model's fixed batch size {batch}"

@@ -10,7 +10,10 @@
 //! - the largest value the model computes for one run at those shapes (observers, histograms,
 //!   Hessian probes and pruning matrices all hold at least one such activation per batch).
 //!
-//! Each check names the input or value, its size and the budget (see [`crate::limits`]).
+//! Synthetic data is also bounded in work ([`crate::limits::SYNTHETIC_MAX_VALUES`]): its cost
+//! is linear in its values, and a declared dim under the memory budget could still take
+//! minutes. Each check names the input or value, its size and the limit (see
+//! [`crate::limits`]).
 //!
 //! **Non-finite weights** ([`nonfinite_initializers`]). A NaN or infinite float initializer
 //! makes the model's outputs non-finite already; quantizing it would round NaN into an int8
@@ -23,7 +26,7 @@
 
 use crate::ir::op::node_label;
 use crate::ir::Model;
-use crate::limits::{element_count, MemoryBudget};
+use crate::limits::{check_synthetic, element_count, MemoryBudget};
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
 use crate::onnx::proto::type_proto;
@@ -106,11 +109,12 @@ pub fn check_inputs(model: &Model, plan: &MemoryPlan) -> Result<()> {
         let (name, shape) = (&input.name, shown(&input.shape));
         if let Some(samples) = plan.validation_samples {
             let samples = samples.max(1) as u64;
-            budget.check_elements(
-                &format!("synthetic validation input '{name}' {shape} ({samples} batches)"),
-                input.elements.saturating_mul(samples),
-                input.elem_bytes,
-            )?;
+            let what = format!("synthetic validation input '{name}' {shape} ({samples} batches)");
+            let values = input.elements.saturating_mul(samples);
+            budget.check_elements(&what, values, input.elem_bytes)?;
+            if input.float {
+                check_synthetic(&what, values)?;
+            }
         }
         if let (Some(samples), true) = (plan.calibration_samples, input.float) {
             // One sample is the shape without its batch dim; f32 whatever the input's type.
@@ -118,11 +122,15 @@ pub fn check_inputs(model: &Model, plan: &MemoryPlan) -> Result<()> {
                 &format!("model input '{name}'"),
                 input.shape.get(1..).unwrap_or(&[]),
             )? as u64;
+            let what = format!("synthetic calibration data for input '{name}' {shape} ({samples} samples)");
+            let values = per_sample.saturating_mul(samples as u64);
+            // Held twice while stacked into batches ([`crate::calibrate::CalibrationSet`]).
             budget.check_elements(
-                &format!("synthetic calibration data for input '{name}' {shape} ({samples} samples)"),
-                per_sample.saturating_mul(samples as u64),
+                &format!("{what}, held twice while batched"),
+                values.saturating_mul(2),
                 4,
             )?;
+            check_synthetic(&what, values)?;
         }
     }
     Ok(())
