@@ -98,6 +98,14 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// `<output>.data`, where external tensors go.
+fn data_file(output: &Path) -> PathBuf {
+    output.with_file_name(format!(
+        "{}.data",
+        output.file_name().unwrap_or_default().to_string_lossy()
+    ))
+}
+
 /// Check that every `--input-shape` names a graph input.
 fn check_input_shapes(model: &Model, shapes: &[(String, Vec<usize>)]) -> Result<()> {
     for (name, _) in shapes {
@@ -149,6 +157,9 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         );
     }
     let bounds = &opts.gate;
+    // Temp files a killed run left for this output (never a live writer's).
+    save::remove_stale_temp_files(output);
+    save::remove_stale_temp_files(&data_file(output));
     let (original, info, mut model) = load_model(input)?;
     check_input_shapes(&model, &opts.input_shapes)?;
     let nonfinite = preflight::nonfinite_initializers(&model);
@@ -232,10 +243,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     } else {
         std::fs::metadata(output)?.len()
             + if save_opts.external_data {
-                std::fs::metadata(output.with_file_name(format!(
-                    "{}.data",
-                    output.file_name().unwrap_or_default().to_string_lossy()
-                )))
+                std::fs::metadata(data_file(output))
                 .map(|m| m.len())
                 .unwrap_or(0)
             } else {
