@@ -166,6 +166,8 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     if !opts.allow_nonfinite {
         preflight::refuse_nonfinite(&nonfinite)?;
     }
+    let mixed_runs = opts.passes.contains(&"mixed-precision") && opts.ctx.mixed.budget.is_some();
+    preflight::refuse_nonfinite_for_mixed_precision(&nonfinite, mixed_runs)?;
     // Nothing sized from the model is allocated before it is known to fit.
     preflight::check_inputs(&model, &memory_plan(opts))?;
     let shapes_before = value_shapes(&model, &original, &opts.input_shapes);

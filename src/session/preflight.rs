@@ -20,7 +20,8 @@
 //! value and validation would compare garbage. The default refuses ([`refuse_nonfinite`]);
 //! with `--allow-nonfinite` the run goes on and [`keep_float`] leaves every node reading such
 //! a tensor float, through the passes' own filters: quantize's `exclude_nodes` and mixed
-//! precision's `keep_fp32`. Filtering by node rather than by tensor name survives passes that
+//! precision's `keep_fp32` (mixed precision itself is refused with such weights: the Hessian
+//! of a NaN loss ranks nothing, [`refuse_nonfinite_for_mixed_precision`]). Filtering by node rather than by tensor name survives passes that
 //! rename weights before quantization (fuse, equalize, prune give rewritten weights new names;
 //! the nodes keep theirs).
 
@@ -228,6 +229,18 @@ pub fn refuse_nonfinite(found: &[NonFinite]) -> Result<()> {
         "{}{more}: the model's outputs are already non-finite; --allow-nonfinite keeps such tensors float",
         first.describe()
     )
+}
+
+/// Mixed precision ranks layers by the Hessian of a loss on the model's outputs, which a
+/// non-finite weight makes NaN everywhere: no ranking exists, so a budget is refused up front.
+pub fn refuse_nonfinite_for_mixed_precision(found: &[NonFinite], mixed_runs: bool) -> Result<()> {
+    match found.first() {
+        Some(first) if mixed_runs => bail!(
+            "{}: mixed precision measures every layer through the model's outputs, which it makes non-finite; drop --avg-bits/--target-size (quantize keeps such layers float)",
+            first.describe()
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Keep every node reading a non-finite tensor float: quantize excludes it by label, mixed
