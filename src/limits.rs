@@ -206,8 +206,17 @@ mod tests {
     fn budget_names_the_buffer_its_size_and_the_fix() {
         let b = MemoryBudget::user(1 << 20);
         b.check("x", 1 << 20).unwrap();
-        let e = b.check("synthetic data for input 'x'", 3 << 29).unwrap_err().to_string();
-        for needle in ["input 'x'", "1.5 GiB", "1.0 MiB", "--max-memory", "--input-shape"] {
+        let e = b
+            .check("synthetic data for input 'x'", 3 << 29)
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "input 'x'",
+            "1.5 GiB",
+            "1.0 MiB",
+            "--max-memory",
+            "--input-shape",
+        ] {
             assert!(e.contains(needle), "{needle}: {e}");
         }
         assert!(b.check_elements("x", u64::MAX, 4).is_err());

@@ -52,7 +52,13 @@ fn a_dim_of_2_pow_31_is_refused_before_allocation() {
     assert_refused(
         &tall_conv(1 << 31),
         &[],
-        &["input 'x'", "[1, 3, 2147483648, 1]", "memory budget", "--input-shape", "--max-memory"],
+        &[
+            "input 'x'",
+            "[1, 3, 2147483648, 1]",
+            "memory budget",
+            "--input-shape",
+            "--max-memory",
+        ],
     );
 }
 
@@ -61,7 +67,11 @@ fn a_dim_of_2_pow_40_is_refused_before_allocation() {
     assert_refused(
         &tall_conv(1 << 40),
         &["--no-validate"],
-        &["synthetic calibration data for input 'x'", "1099511627776", "memory budget"],
+        &[
+            "synthetic calibration data for input 'x'",
+            "1099511627776",
+            "memory budget",
+        ],
     );
 }
 
@@ -78,7 +88,11 @@ fn max_memory_too_small_refuses_a_normal_run_naming_the_tensor() {
     assert_refused(
         &conv_relu(),
         &["--max-memory", "1K"],
-        &["input 'x' [1, 3, 8, 8]", "3.0 KiB", "1.0 KiB (--max-memory)"],
+        &[
+            "input 'x' [1, 3, 8, 8]",
+            "3.0 KiB",
+            "1.0 KiB (--max-memory)",
+        ],
     );
     // Without validation, the largest activation of one run is what must fit.
     assert_refused(
@@ -94,7 +108,12 @@ fn max_memory_large_enough_changes_nothing() {
     let input = write(dir.path(), "in.onnx", &conv_relu());
     let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
     let args = |o: &Path, extra: &[&str]| {
-        let mut v = vec![input.to_str().unwrap().to_string(), "-o".into(), o.to_str().unwrap().into(), "-q".into()];
+        let mut v = vec![
+            input.to_str().unwrap().to_string(),
+            "-o".into(),
+            o.to_str().unwrap().into(),
+            "-q".into(),
+        ];
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
@@ -108,7 +127,11 @@ fn max_memory_large_enough_changes_nothing() {
 
 #[test]
 fn max_memory_must_be_a_size() {
-    assert_refused(&conv_relu(), &["--max-memory", "lots"], &["--max-memory lots", "size"]);
+    assert_refused(
+        &conv_relu(),
+        &["--max-memory", "lots"],
+        &["--max-memory lots", "size"],
+    );
 }
 
 #[test]
@@ -118,7 +141,11 @@ fn synthetic_data_is_bounded_in_work_under_the_budget() {
     assert_refused(
         &tall_conv(1 << 22),
         &["--no-validate", "--max-memory", "64G"],
-        &["synthetic calibration data for input 'x'", "201326592 values", "--calib"],
+        &[
+            "synthetic calibration data for input 'x'",
+            "201326592 values",
+            "--calib",
+        ],
     );
 }
 
@@ -127,7 +154,10 @@ fn the_library_refuses_huge_synthetic_data_instead_of_aborting() {
     let m = Model::from_proto(tall_conv(1 << 40)).unwrap();
     let e = CalibrationSet::synthetic(&m, 16, 0, &DataOptions::default()).unwrap_err();
     let e = format!("{e:#}");
-    assert!(e.contains("'x' [1, 3, 1099511627776, 1]") && e.contains("memory budget"), "{e}");
+    assert!(
+        e.contains("'x' [1, 3, 1099511627776, 1]") && e.contains("memory budget"),
+        "{e}"
+    );
     let small = DataOptions {
         memory: MemoryBudget::user(1000),
         ..Default::default()
@@ -135,7 +165,10 @@ fn the_library_refuses_huge_synthetic_data_instead_of_aborting() {
     let m = Model::from_proto(tall_conv(8)).unwrap();
     // 2 samples of 24 values, held twice: 384 bytes fit, 1 KiB for 6 samples does not.
     CalibrationSet::synthetic(&m, 2, 0, &small).unwrap();
-    let e = format!("{:#}", CalibrationSet::synthetic(&m, 6, 0, &small).unwrap_err());
+    let e = format!(
+        "{:#}",
+        CalibrationSet::synthetic(&m, 6, 0, &small).unwrap_err()
+    );
     assert!(e.contains("(--max-memory)"), "{e}");
 }
 
@@ -144,5 +177,8 @@ fn the_runtime_refuses_overflowing_input_shapes() {
     let mut m = tall_conv(1);
     m.graph.as_mut().unwrap().input[0] = value_info("x", &[1 << 40, 1 << 40, 1 << 40, 1]);
     let e = onnx_compress::runtime::resolve_input_shapes(&m, &[]).unwrap_err();
-    assert!(e.to_string().contains("input 'x'") && e.to_string().contains("overflows"), "{e}");
+    assert!(
+        e.to_string().contains("input 'x'") && e.to_string().contains("overflows"),
+        "{e}"
+    );
 }

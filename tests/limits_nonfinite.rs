@@ -37,7 +37,10 @@ fn nonfinite_weights_are_refused_by_default_and_named() {
     let (code, _, err) = run(&[input.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"]);
     assert_eq!(code, 1, "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    for needle in ["initializer 'wb' has 3 NaN and 1 inf values", "--allow-nonfinite"] {
+    for needle in [
+        "initializer 'wb' has 3 NaN and 1 inf values",
+        "--allow-nonfinite",
+    ] {
         assert!(err.contains(needle), "stderr lacks '{needle}': {err}");
     }
     assert!(!out.exists());
@@ -76,7 +79,12 @@ fn allowed(extra: &[&str]) -> (ModelProto, serde_json::Value, String) {
 }
 
 fn initializer_type(m: &ModelProto, name: &str) -> Option<DataType> {
-    let t = m.graph.as_ref()?.initializer.iter().find(|t| t.name() == name)?;
+    let t = m
+        .graph
+        .as_ref()?
+        .initializer
+        .iter()
+        .find(|t| t.name() == name)?;
     tensor::data_type(t).ok()
 }
 
@@ -97,12 +105,18 @@ fn allow_nonfinite_keeps_the_poisoned_layer_float_and_quantizes_the_rest() {
     // Its weight is not quantized (its input may be: it is 'a's quantized output).
     assert!(!dequantized_input(&m, "b", 1));
     // The finite layer is still quantized.
-    assert!(dequantized_input(&m, "a", 1), "conv 'a' weight not quantized");
+    assert!(
+        dequantized_input(&m, "a", 1),
+        "conv 'a' weight not quantized"
+    );
     assert_eq!(
         report["nonfinite_initializers"],
         serde_json::json!([{"tensor": "wb", "nan": 1, "inf": 0}])
     );
-    assert!(stdout.contains("initializer 'wb' has 1 NaN value"), "{stdout}");
+    assert!(
+        stdout.contains("initializer 'wb' has 1 NaN value"),
+        "{stdout}"
+    );
 }
 
 /// Mixed precision measures each layer through the model's outputs, which the poisoned

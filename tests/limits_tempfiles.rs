@@ -27,9 +27,17 @@ fn names(dir: &Path) -> Vec<String> {
 fn temp_files_are_named_after_their_target_and_process() {
     let dir = tempfile::tempdir().unwrap();
     let tmp = temp_file_for(&dir.path().join("out.onnx")).unwrap();
-    let name = tmp.path().file_name().unwrap().to_string_lossy().into_owned();
+    let name = tmp
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let prefix = format!(".out.onnx.tmp-{}-", std::process::id());
-    assert!(name.starts_with(&prefix) && name.len() > prefix.len(), "{name}");
+    assert!(
+        name.starts_with(&prefix) && name.len() > prefix.len(),
+        "{name}"
+    );
     assert_eq!(tmp.path().parent(), Some(dir.path()));
 }
 

@@ -123,7 +123,9 @@ pub fn check_inputs(model: &Model, plan: &MemoryPlan) -> Result<()> {
                 &format!("model input '{name}'"),
                 input.shape.get(1..).unwrap_or(&[]),
             )? as u64;
-            let what = format!("synthetic calibration data for input '{name}' {shape} ({samples} samples)");
+            let what = format!(
+                "synthetic calibration data for input '{name}' {shape} ({samples} samples)"
+            );
             let values = per_sample.saturating_mul(samples as u64);
             // Held twice while stacked into batches ([`crate::calibrate::CalibrationSet`]).
             budget.check_elements(
