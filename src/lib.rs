@@ -2,11 +2,12 @@
 //! result by running original and output side by side in tract.
 //!
 //! Layers, each importing only from those before it (a test keeps it so, see ARCHITECTURE.md):
-//! `onnx`, `progress` < `ir` < `runtime` < `calibrate`, `hessian` < `passes`, `validate`,
+//! `onnx`, `progress`, `limits` < `ir` < `runtime` < `calibrate`, `hessian` < `passes`, `validate`,
 //! `pipeline` < `session` < `report`. The command line lives in the binary (`src/cli/`).
 pub mod calibrate;
 pub mod hessian;
 pub mod ir;
+pub mod limits;
 pub mod onnx;
 pub mod passes;
 pub mod pipeline;

@@ -29,6 +29,7 @@ use super::image::{self, ImageOptions, IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTEN
 pub use super::inputs::{model_inputs, InputDim, InputSpec};
 use super::inputs::with_shapes;
 use crate::ir::Model;
+use crate::limits::{check_synthetic, element_count, MemoryBudget};
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::{ArrayD, Axis, IxDyn};
 use ndarray_npy::{NpzReader, ReadNpyExt};
@@ -48,6 +49,8 @@ pub struct DataOptions {
     pub input_shapes: Vec<(String, Vec<usize>)>,
     /// How image files (png/jpg) become tensors; ignored for .npy/.npz data.
     pub image: ImageOptions,
+    /// Synthetic samples and decoded images, both sized from the model's dims, must fit.
+    pub memory: MemoryBudget,
 }
 
 impl Default for DataOptions {
@@ -57,6 +60,7 @@ impl Default for DataOptions {
             max_samples: None,
             input_shapes: Vec::new(),
             image: ImageOptions::default(),
+            memory: MemoryBudget::default(),
         }
     }
 }
@@ -133,7 +137,17 @@ impl CalibrationSet {
                     ),
                 }
             }
-            let n: usize = shape.iter().product();
+            // Generation is O(elements): bounded in work first, then in memory.
+            let what = format!("synthetic calibration data for model input {}", spec.describe());
+            let n = element_count(&what, &shape)?;
+            let values = (n as u64).saturating_mul(samples as u64);
+            // Twice: the samples, then their stack (see `assemble`).
+            opts.memory.check_elements(
+                &format!("{what} ({samples} samples, held twice while batched)"),
+                values.saturating_mul(2),
+                4,
+            )?;
+            check_synthetic(&format!("{what} ({samples} samples)"), values)?;
             let mut list = Vec::new();
             for k in 0..samples {
                 let v: Vec<f32> = (0..n).map(|_| standard_normal(&mut rng)).collect();
@@ -160,16 +174,18 @@ impl CalibrationSet {
         source: String,
         mut notes: Vec<String>,
     ) -> Result<CalibrationSet> {
-        // Stack each input's samples into one [total, ...] array.
+        // Stack each input's samples into one [total, ...] array, dropping the samples as
+        // each input is stacked and the stack once cut into batches: at most twice the data
+        // is held at once (what the synthetic data's budget check charges).
         let mut stacked = Vec::new();
-        for (spec, samples) in specs.iter().zip(&per_input) {
+        for (spec, samples) in specs.iter().zip(per_input) {
             ensure!(
                 !samples.is_empty(),
                 "calibration data '{source}' holds no sample for model input {}",
                 spec.describe()
             );
             let first = &samples[0];
-            for s in samples {
+            for s in &samples {
                 ensure!(
                     s.data.shape()[1..] == first.data.shape()[1..],
                     "calibration sample {} has shape {:?} but {} has {:?}: samples of input '{}' must share a shape",
@@ -183,6 +199,8 @@ impl CalibrationSet {
             let views: Vec<_> = samples.iter().map(|s| s.data.view()).collect();
             let all = ndarray::concatenate(Axis(0), &views)
                 .with_context(|| format!("stacking samples of input '{}'", spec.name))?;
+            drop(views);
+            drop(samples);
             stacked.push(all);
         }
         let mut total = stacked[0].shape()[0];
@@ -225,6 +243,7 @@ impl CalibrationSet {
             );
             start = end;
         }
+        drop(stacked);
         ensure!(
             !batches.is_empty(),
             "calibration data '{source}' has {total} samples, fewer than the model's fixed batch size {batch}"
@@ -406,6 +425,23 @@ fn read_images(
             files = &files[..max];
         }
     }
+    // Each image is resized to the model's fixed dims: check that before decoding any.
+    let fixed: Vec<usize> = specs[0]
+        .dims
+        .iter()
+        .skip(1)
+        .map(|d| match d {
+            InputDim::Fixed(v) => *v,
+            InputDim::Symbolic(_) => 1,
+        })
+        .collect();
+    let what = format!("calibration images for model input {}", specs[0].describe());
+    let per_image = element_count(&what, &fixed)? as u64;
+    opts.memory.check_elements(
+        &format!("{what} ({} images)", files.len()),
+        per_image.saturating_mul(files.len() as u64),
+        4,
+    )?;
     let loaded = image::load_images(files, &specs[0], &opts.image)
         .with_context(|| format!("calibration images '{source}'"))?;
     Ok(vec![loaded

@@ -125,6 +125,14 @@ pub struct CompressArgs {
     /// Number of synthetic validation batches (when no --eval data is given).
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub samples: usize,
+    /// Most memory one buffer sized from the model may take (synthetic inputs, calibration
+    /// batches, activations), e.g. `8G`, `512M` or bytes. Default: half of physical memory.
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
+    /// Go on when float weights hold NaN or inf (refused by default): the nodes reading them
+    /// stay float and the report names them.
+    #[arg(long)]
+    pub allow_nonfinite: bool,
     /// Stop each rule-driven pass after N rewrites (to bisect a bad rewrite).
     #[arg(long, value_name = "N", hide_short_help = true)]
     pub max_patches: Option<usize>,

@@ -6,6 +6,7 @@ use anyhow::{bail, ensure, Context, Result};
 use onnx_compress::calibrate::observe::Method;
 use onnx_compress::calibrate::params::ActScheme;
 use onnx_compress::hessian::{HessianOptions, Loss};
+use onnx_compress::limits::{parse_size, MemoryBudget};
 use onnx_compress::passes::equalize::{BiasCorrection, EqualizeOptions};
 use onnx_compress::passes::mixed_precision::{Budget, MixedPrecisionOptions, Selection};
 use onnx_compress::passes::prune::{self, PruneOptions};
@@ -257,5 +258,12 @@ pub fn compress_options(args: &CompressArgs) -> Result<CompressOptions> {
         gate,
         blame_layers: args.blame_layers,
         no_write_on_fail: args.no_write_on_fail,
+        memory: match &args.max_memory {
+            Some(size) => MemoryBudget::user(
+                parse_size(size).with_context(|| format!("--max-memory {size}"))?,
+            ),
+            None => MemoryBudget::default(),
+        },
+        allow_nonfinite: args.allow_nonfinite,
     })
 }

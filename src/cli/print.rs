@@ -29,6 +29,12 @@ pub fn summary(r: &RunReport) {
         "  nodes  {} -> {}",
         r.input.stats.nodes, r.output.stats.nodes
     );
+    for nf in &r.nonfinite_initializers {
+        println!(
+            "  warning: {}; the nodes reading it stay float (--allow-nonfinite)",
+            nf.describe()
+        );
+    }
     if r.passes.is_empty() {
         println!("  passes none (round trip)");
     }

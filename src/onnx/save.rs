@@ -1,5 +1,11 @@
 //! Writing ONNX files atomically (temp file + rename, so no partial or clobbered output), with
 //! optional external data for large models (protobuf cannot hold more than 2 GiB).
+//!
+//! Temp files sit beside their target, named `.<target file name>.tmp-<PID>-<random>`: a killed
+//! run leaves one recognisable file per target, and [`remove_stale_temp_files`] (called when a
+//! run starts writing to the same path) deletes those whose process is gone. A file whose PID
+//! is alive (a concurrent writer, or an unrelated process that reused the PID) is kept: losing
+//! a stale file's space is harmless, deleting a live writer's file is not.
 
 use crate::onnx::load::for_each_tensor_mut;
 use crate::onnx::proto::{tensor_proto::DataLocation, ModelProto, StringStringEntryProto};
@@ -52,7 +58,7 @@ pub fn save_proto(mut model: ModelProto, path: &Path, opts: &SaveOptions) -> Res
     let mut data_file = None;
     if opts.external_data {
         let location = format!("{file_name}.data");
-        let mut tmp = temp_file_in(dir)?;
+        let mut tmp = temp_file_for(&dir.join(&location))?;
         let mut offset = 0u64;
         for_each_tensor_mut(&mut model, &mut |t| {
             let Some(raw) = t.raw_data.as_ref() else {
@@ -83,7 +89,7 @@ pub fn save_proto(mut model: ModelProto, path: &Path, opts: &SaveOptions) -> Res
         data_file = Some((tmp, dir.join(location)));
     }
     let bytes = encode(&model)?;
-    let mut tmp = temp_file_in(dir)?;
+    let mut tmp = temp_file_for(path)?;
     tmp.write_all(&bytes)
         .with_context(|| format!("writing {}", path.display()))?;
     tmp.flush()?;
@@ -97,11 +103,31 @@ pub fn save_proto(mut model: ModelProto, path: &Path, opts: &SaveOptions) -> Res
     Ok(())
 }
 
-/// A temp file next to the output that becomes the output by rename. tempfile creates 0600 files
-/// (right for secrets, wrong here): ask for 0666 so the result gets the mode any new file would
-/// get under the user's umask (0644 usually), as `cp` or ORT's `onnx.save` would give.
-pub fn temp_file_in(dir: &Path) -> Result<tempfile::NamedTempFile> {
+/// The directory a target file lives in (`.` for a bare file name).
+fn parent_dir(target: &Path) -> &Path {
+    match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// `.<target file name>.tmp-`: what every temp file for `target` starts with.
+fn temp_prefix(target: &Path) -> Result<String> {
+    let name = target
+        .file_name()
+        .with_context(|| format!("output path {} has no file name", target.display()))?;
+    Ok(format!(".{}.tmp-", name.to_string_lossy()))
+}
+
+/// A temp file beside `target` that becomes it by rename, named
+/// `.<target file name>.tmp-<PID>-<random>`. tempfile creates 0600 files (right for secrets,
+/// wrong here): ask for 0666 so the result gets the mode any new file would get under the
+/// user's umask (0644 usually), as `cp` or ORT's `onnx.save` would give.
+pub fn temp_file_for(target: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = parent_dir(target);
+    let prefix = format!("{}{}-", temp_prefix(target)?, std::process::id());
     let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -110,4 +136,50 @@ pub fn temp_file_in(dir: &Path) -> Result<tempfile::NamedTempFile> {
     builder
         .tempfile_in(dir)
         .with_context(|| format!("cannot create a file in {}", dir.display()))
+}
+
+/// Whether process `pid` exists (on Linux: `/proc/<pid>`; elsewhere `kill(pid, 0)`, where
+/// EPERM still means it exists). Unknown counts as alive.
+fn process_alive(pid: u32) -> bool {
+    if Path::new("/proc/self").exists() {
+        return Path::new(&format!("/proc/{pid}")).exists();
+    }
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return true;
+        };
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    true
+}
+
+/// Delete temp files a killed run left for `target` (see the module docs): files named
+/// `.<target file name>.tmp-<PID>-...` whose process is gone. Best effort: what cannot be
+/// read or removed stays. Returns the removed paths.
+pub fn remove_stale_temp_files(target: &Path) -> Vec<std::path::PathBuf> {
+    let Ok(prefix) = temp_prefix(target) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(parent_dir(target)) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && !process_alive(pid) && std::fs::remove_file(entry.path()).is_ok() {
+            removed.push(entry.path());
+        }
+    }
+    removed
 }

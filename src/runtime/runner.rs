@@ -102,6 +102,8 @@ pub fn resolve_input_shapes(
             }
             (None, None) => bail!("input '{name}' declares no shape; give one explicitly"),
         };
+        // A shape no runtime could hold is an invalid model, not a wrapped-around size.
+        crate::limits::element_count(&format!("input '{name}'"), &shape)?;
         let elem_type = tt.elem_type();
         specs.push(InputSpec {
             name: name.to_string(),

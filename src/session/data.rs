@@ -4,6 +4,7 @@
 
 use crate::calibrate::{CalibrationSet, DataOptions, NamedBatch};
 use crate::ir::Model;
+use crate::limits::MemoryBudget;
 use crate::passes::PassContext;
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::ArrayD;
@@ -33,13 +34,18 @@ pub struct EvalData {
 }
 
 /// Read `--eval` (and its labels).
-pub fn load_eval(sources: &DataSources, model: &Model) -> Result<Option<EvalData>> {
+pub fn load_eval(
+    sources: &DataSources,
+    model: &Model,
+    memory: MemoryBudget,
+) -> Result<Option<EvalData>> {
     let Some(path) = &sources.eval else {
         ensure!(sources.eval_labels.is_none(), "--eval-labels needs --eval");
         return Ok(None);
     };
     let opts = DataOptions {
         image: sources.image.clone(),
+        memory,
         ..Default::default()
     };
     let set = CalibrationSet::load(path, model, &opts)
@@ -104,11 +110,13 @@ pub fn attach_calibration(
     model: &Model,
     input_shapes: &[(String, Vec<usize>)],
     seed: u64,
+    memory: MemoryBudget,
 ) -> Result<()> {
     let data_opts = DataOptions {
         max_samples: sources.calib_samples,
         input_shapes: input_shapes.to_vec(),
         image: sources.image.clone(),
+        memory,
         ..Default::default()
     };
     let calibration = match &sources.calib {

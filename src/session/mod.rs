@@ -3,7 +3,7 @@
 //! checks the fidelity gate (blaming layers when it fails) and returns the [`RunReport`].
 //!
 //! ```text
-//! load -> data (calib, eval) -> passes -> save -> validate -> gate [-> save] -> RunReport
+//! load -> preflight (memory budget, finite weights) -> data (calib, eval) -> passes -> save -> validate -> gate [-> save] -> RunReport
 //! ```
 //!
 //! The command line (`src/cli/`, not part of the library) only turns arguments into
@@ -15,6 +15,7 @@
 pub mod data;
 pub mod gate;
 pub mod inspect;
+pub mod preflight;
 pub mod report;
 pub mod write;
 
@@ -23,6 +24,7 @@ pub use report::{ModelSide, RunReport};
 
 use crate::ir::facts::model_stats;
 use crate::ir::Model;
+use crate::limits::MemoryBudget;
 use crate::onnx::{load, save};
 use crate::passes::PassContext;
 use crate::runtime::value_shapes;
@@ -59,6 +61,10 @@ pub struct CompressOptions {
     pub blame_layers: usize,
     /// Write nothing when the gate fails.
     pub no_write_on_fail: bool,
+    /// Every buffer sized from the model must fit (`--max-memory`).
+    pub memory: MemoryBudget,
+    /// Go on when float initializers hold NaN/inf, keeping the nodes reading them float.
+    pub allow_nonfinite: bool,
 }
 
 /// What a run produced.
@@ -92,6 +98,14 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// `<output>.data`, where external tensors go.
+fn data_file(output: &Path) -> PathBuf {
+    output.with_file_name(format!(
+        "{}.data",
+        output.file_name().unwrap_or_default().to_string_lossy()
+    ))
+}
+
 /// Check that every `--input-shape` names a graph input.
 fn check_input_shapes(model: &Model, shapes: &[(String, Vec<usize>)]) -> Result<()> {
     for (name, _) in shapes {
@@ -101,6 +115,27 @@ fn check_input_shapes(model: &Model, shapes: &[(String, Vec<usize>)]) -> Result<
         }
     }
     Ok(())
+}
+
+/// What the run will size from the model's inputs: synthetic validation batches without
+/// `--eval`, synthetic calibration samples without `--calib` when a pass calibrates.
+fn memory_plan(opts: &CompressOptions) -> preflight::MemoryPlan<'_> {
+    let runs = |pass: &str| opts.passes.iter().any(|p| *p == pass);
+    let calibrating = [
+        runs("quantize").then_some(opts.ctx.quantize.synthetic_samples),
+        (runs("mixed-precision") && opts.ctx.mixed.budget.is_some())
+            .then_some(opts.ctx.mixed.synthetic_samples),
+    ];
+    preflight::MemoryPlan {
+        budget: opts.memory,
+        input_shapes: &opts.input_shapes,
+        validation_samples: (opts.validate && opts.data.eval.is_none()).then_some(opts.samples),
+        calibration_samples: calibrating
+            .into_iter()
+            .flatten()
+            .max()
+            .filter(|_| opts.data.calib.is_none()),
+    }
 }
 
 /// Load a model for a run: the original proto (validation compares against it) and the IR.
@@ -122,17 +157,35 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         );
     }
     let bounds = &opts.gate;
+    // Temp files a killed run left for this output (never a live writer's).
+    save::remove_stale_temp_files(output);
+    save::remove_stale_temp_files(&data_file(output));
     let (original, info, mut model) = load_model(input)?;
     check_input_shapes(&model, &opts.input_shapes)?;
-    let stats_before = model_stats(
-        &model,
-        &value_shapes(&model, &original, &opts.input_shapes),
-    );
+    let nonfinite = preflight::nonfinite_initializers(&model);
+    if !opts.allow_nonfinite {
+        preflight::refuse_nonfinite(&nonfinite)?;
+    }
+    let mixed_runs = opts.passes.contains(&"mixed-precision") && opts.ctx.mixed.budget.is_some();
+    preflight::refuse_nonfinite_for_mixed_precision(&nonfinite, mixed_runs)?;
+    // Nothing sized from the model is allocated before it is known to fit.
+    preflight::check_inputs(&model, &memory_plan(opts))?;
+    let shapes_before = value_shapes(&model, &original, &opts.input_shapes);
+    preflight::check_values(&model, &shapes_before, &opts.memory)?;
+    let stats_before = model_stats(&model, &shapes_before);
 
     // Data problems surface before any work starts.
-    let eval_data = data::load_eval(&opts.data, &model)?;
+    let eval_data = data::load_eval(&opts.data, &model, opts.memory)?;
     let mut ctx = opts.ctx.clone();
-    data::attach_calibration(&mut ctx, &opts.data, &model, &opts.input_shapes, opts.seed)?;
+    preflight::keep_float(&mut ctx, &model, &nonfinite);
+    data::attach_calibration(
+        &mut ctx,
+        &opts.data,
+        &model,
+        &opts.input_shapes,
+        opts.seed,
+        opts.memory,
+    )?;
     let records = crate::pipeline::Pipeline::from_parts(opts.passes.clone(), ctx.clone()).run(&mut model)?;
 
     let out_proto = model.to_proto()?;
@@ -192,10 +245,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     } else {
         std::fs::metadata(output)?.len()
             + if save_opts.external_data {
-                std::fs::metadata(output.with_file_name(format!(
-                    "{}.data",
-                    output.file_name().unwrap_or_default().to_string_lossy()
-                )))
+                std::fs::metadata(data_file(output))
                 .map(|m| m.len())
                 .unwrap_or(0)
             } else {
@@ -221,6 +271,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
             stats: stats_after,
         },
         passes: records,
+        nonfinite_initializers: nonfinite,
         validation,
         gate,
         seconds_total: start.elapsed().as_secs_f64(),

@@ -8,6 +8,7 @@ use crate::validate::ValidationReport;
 use serde::Serialize;
 
 use super::gate::GateReport;
+use super::preflight::NonFinite;
 
 /// One side of the run: the input or the output model.
 #[derive(Debug, Serialize)]
@@ -25,6 +26,9 @@ pub struct RunReport {
     pub input: ModelSide,
     pub output: ModelSide,
     pub passes: Vec<PassRecord>,
+    /// Float initializers holding NaN/inf, kept float (`--allow-nonfinite`; absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nonfinite_initializers: Vec<NonFinite>,
     /// The side-by-side check in tract (absent with --no-validate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub validation: Option<ValidationReport>,

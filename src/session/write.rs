@@ -1,7 +1,8 @@
 //! Atomic writing of the run's text outputs (`--report` JSON, `--html`, `--save-recipe`): a temp
 //! file beside the target, renamed over it, so a failed or killed run never leaves a partial
-//! file. Files get the mode any new file gets under the user's umask, like the model itself
-//! ([`crate::onnx::save::temp_file_in`]).
+//! file. Files get the mode any new file gets under the user's umask, like the model itself,
+//! and their temp files the model's recognisable names ([`crate::onnx::save::temp_file_for`]);
+//! stale ones a killed run left for the same path are removed first.
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -14,11 +15,8 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 
 /// Write a text file atomically (temp file + rename).
 pub fn write_text(path: &Path, text: &str) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = crate::onnx::save::temp_file_in(dir)?;
+    crate::onnx::save::remove_stale_temp_files(path);
+    let mut tmp = crate::onnx::save::temp_file_for(path)?;
     std::io::Write::write_all(&mut tmp, text.as_bytes())?;
     // On failure, drop the temp file (PersistError holds it) so nothing is left behind.
     tmp.persist(path)

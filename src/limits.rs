@@ -1,0 +1,241 @@
+//! Resource limits: the memory budget every buffer sized from the model is checked against
+//! *before* it is allocated, and the one place element counts are computed.
+//!
+//! A model declares its own sizes (input dims, value shapes) and a hostile or broken one can
+//! declare dims of 2^31 or 2^40. Allocating first and failing later aborts the process
+//! (`memory allocation of 274877906944 bytes failed`, no error line, no cleanup) or grinds for
+//! minutes filling the buffer; so every such buffer asks [`MemoryBudget::check`] first.
+//!
+//! - Element counts: [`element_count`] multiplies dims with checked arithmetic; a product that
+//!   overflows `usize`/`i64` is an invalid model, never a wrap-around.
+//! - The budget: by default half of physical memory (`MemTotal` of `/proc/meminfo`; 4 GiB
+//!   when that cannot be read), or what `--max-memory` says ([`parse_size`]: `8G`, `512M`,
+//!   plain bytes).
+//! - Over budget: one line naming the buffer, its size, the budget and the fixes.
+//!
+//! Invariant: a check never allocates; refusing a 2^40-element input takes microseconds.
+
+use anyhow::{bail, Context, Result};
+use std::sync::OnceLock;
+
+/// The budget when physical memory cannot be read.
+const FALLBACK_BYTES: u64 = 4 << 30;
+
+/// What the user can do about a buffer over budget (appended to every refusal).
+pub const FIXES: &str = "fix the input's dims with --input-shape NAME:DIMS, use fewer samples (--calib-samples / --samples), or raise --max-memory";
+
+/// Most values one set of synthetic inputs may hold (2^27, 512 MiB of f32). Generating and
+/// running synthetic data is O(values): on the 2-core reference machine about 6 M values/s go
+/// through generation, observation and validation, so this keeps a run without data to
+/// seconds of work, where the memory budget alone would admit minutes (half of 16 GiB is 2^31
+/// values). A 1024x1024 RGB input is 50 M values for 16 samples; a bigger input needs real data.
+pub const SYNTHETIC_MAX_VALUES: u64 = 1 << 27;
+
+/// Refuse synthetic data of `values` values for `what` above [`SYNTHETIC_MAX_VALUES`].
+pub fn check_synthetic(what: &str, values: u64) -> Result<()> {
+    if values <= SYNTHETIC_MAX_VALUES {
+        return Ok(());
+    }
+    bail!(
+        "{what} is {values} values, above the {SYNTHETIC_MAX_VALUES} generated without data (seconds of work, not minutes): pass real data (--calib, --eval), fix the input's dims with --input-shape NAME:DIMS, or use fewer samples"
+    )
+}
+
+/// Where a budget's figure comes from (said in every refusal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetOrigin {
+    /// Half of physical memory.
+    HalfOfRam,
+    /// Physical memory could not be read.
+    Fallback,
+    /// `--max-memory`.
+    User,
+}
+
+/// Most bytes one buffer (or one group of buffers allocated together) may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryBudget {
+    pub bytes: u64,
+    pub origin: BudgetOrigin,
+}
+
+impl Default for MemoryBudget {
+    /// Half of physical memory, read once per process.
+    fn default() -> Self {
+        static DEFAULT: OnceLock<MemoryBudget> = OnceLock::new();
+        *DEFAULT.get_or_init(|| match physical_memory() {
+            Some(total) => MemoryBudget {
+                bytes: total / 2,
+                origin: BudgetOrigin::HalfOfRam,
+            },
+            None => MemoryBudget {
+                bytes: FALLBACK_BYTES,
+                origin: BudgetOrigin::Fallback,
+            },
+        })
+    }
+}
+
+impl MemoryBudget {
+    /// A budget the user gave (`--max-memory`).
+    pub fn user(bytes: u64) -> Self {
+        MemoryBudget {
+            bytes,
+            origin: BudgetOrigin::User,
+        }
+    }
+
+    /// Refuse `bytes` for `what` when over budget: `"{what} needs 128 GiB, above the memory
+    /// budget of 7.8 GiB (half of physical memory): {FIXES}"`.
+    pub fn check(&self, what: &str, bytes: u64) -> Result<()> {
+        if bytes <= self.bytes {
+            return Ok(());
+        }
+        let origin = match self.origin {
+            BudgetOrigin::HalfOfRam => "half of physical memory",
+            BudgetOrigin::Fallback => "physical memory unknown",
+            BudgetOrigin::User => "--max-memory",
+        };
+        bail!(
+            "{what} needs {}, above the memory budget of {} ({origin}): {FIXES}",
+            human_bytes(bytes),
+            human_bytes(self.bytes)
+        )
+    }
+
+    /// [`Self::check`] for `count` elements of `elem_bytes` each; an overflowing product is
+    /// over any budget.
+    pub fn check_elements(&self, what: &str, count: u64, elem_bytes: u64) -> Result<()> {
+        self.check(what, count.checked_mul(elem_bytes).unwrap_or(u64::MAX))
+    }
+}
+
+/// `MemTotal` of `/proc/meminfo`, in bytes.
+fn physical_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// The product of `dims`, or an error naming `what` when it overflows `usize` or `i64` (no
+/// runtime could hold such a tensor: the model is invalid).
+pub fn element_count(what: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| i64::try_from(n).is_ok())
+        .with_context(|| {
+            let shown: Vec<String> = dims.iter().map(usize::to_string).collect();
+            format!(
+                "{what} has shape [{}], whose element count overflows 64 bits: invalid model",
+                shown.join(", ")
+            )
+        })
+}
+
+/// A size like `8G`, `512M`, `64k`, `1.5GiB` or plain bytes (binary units: K = 1024).
+pub fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => bail!("size '{text}': unknown unit '{unit}' (use bytes or K, M, G, T)"),
+    };
+    let value: f64 = number
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite())
+        .with_context(|| format!("size '{text}' is not a number with an optional K, M, G or T"))?;
+    let bytes = value * (1u64 << shift) as f64;
+    if bytes < 1.0 || bytes >= u64::MAX as f64 {
+        bail!("size '{text}' is out of range");
+    }
+    Ok(bytes as u64)
+}
+
+/// `1536` -> `1.5 KiB`; exact bytes below 1 KiB.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("8G").unwrap(), 8 << 30);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size(" 64 kb ").unwrap(), 64 << 10);
+        for bad in ["", "G", "8X", "-1G", "0", "1e3", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn element_counts_refuse_overflow() {
+        assert_eq!(element_count("x", &[2, 3, 4]).unwrap(), 24);
+        assert_eq!(element_count("x", &[]).unwrap(), 1);
+        assert_eq!(element_count("x", &[1 << 31, 0]).unwrap(), 0);
+        let e = element_count("input 'x'", &[1 << 40, 1 << 40]).unwrap_err();
+        assert!(e.to_string().contains("input 'x'"), "{e}");
+        // Fits usize but not i64.
+        assert!(element_count("x", &[1 << 63]).is_err());
+    }
+
+    #[test]
+    fn budget_names_the_buffer_its_size_and_the_fix() {
+        let b = MemoryBudget::user(1 << 20);
+        b.check("x", 1 << 20).unwrap();
+        let e = b
+            .check("synthetic data for input 'x'", 3 << 29)
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "input 'x'",
+            "1.5 GiB",
+            "1.0 MiB",
+            "--max-memory",
+            "--input-shape",
+        ] {
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        assert!(b.check_elements("x", u64::MAX, 4).is_err());
+        assert!(MemoryBudget::default().bytes > 0);
+    }
+
+    #[test]
+    fn synthetic_work_is_bounded() {
+        check_synthetic("x", SYNTHETIC_MAX_VALUES).unwrap();
+        let e = check_synthetic("synthetic data for input 'x'", SYNTHETIC_MAX_VALUES + 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("input 'x'") && e.contains("--calib"), "{e}");
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(1000), "1000 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(128 << 30), "128.0 GiB");
+    }
+}

@@ -1,0 +1,267 @@
+//! Checks a run makes after loading the model and before any work: the buffers it will size
+//! from the model fit the memory budget, and the weights are finite.
+//!
+//! **Memory** ([`check_inputs`], [`check_values`]). Each graph input's size is its declared dims (symbolic ones
+//! at 1, or as `--input-shape` says), counted with checked arithmetic ([`element_count`]); then,
+//! before anything is allocated:
+//! - synthetic validation inputs: `--samples` batches of every input (without `--eval`);
+//! - synthetic calibration data: `synthetic_samples` samples of every float input (without
+//!   `--calib`, when `quantize` or `mixed-precision` may calibrate);
+//! - the largest value the model computes for one run at those shapes (observers, histograms,
+//!   Hessian probes and pruning matrices all hold at least one such activation per batch).
+//!
+//! Synthetic data is also bounded in work ([`crate::limits::SYNTHETIC_MAX_VALUES`]): its cost
+//! is linear in its values, and a declared dim under the memory budget could still take
+//! minutes. Each check names the input or value, its size and the limit (see
+//! [`crate::limits`]).
+//!
+//! **Non-finite weights** ([`nonfinite_initializers`]). A NaN or infinite float initializer
+//! makes the model's outputs non-finite already; quantizing it would round NaN into an int8
+//! value and validation would compare garbage. The default refuses ([`refuse_nonfinite`]);
+//! with `--allow-nonfinite` the run goes on and [`keep_float`] leaves every node reading such
+//! a tensor float, through the passes' own filters: quantize's `exclude_nodes` and mixed
+//! precision's `keep_fp32` (mixed precision itself is refused with such weights: the Hessian
+//! of a NaN loss ranks nothing, [`refuse_nonfinite_for_mixed_precision`]). Filtering by node rather than by tensor name survives passes that
+//! rename weights before quantization (fuse, equalize, prune give rewritten weights new names;
+//! the nodes keep theirs).
+
+use crate::ir::op::node_label;
+use crate::ir::Model;
+use crate::limits::{check_synthetic, element_count, MemoryBudget};
+use crate::onnx::proto::tensor_proto::DataType;
+use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
+use crate::onnx::proto::type_proto;
+use crate::onnx::tensor;
+use crate::passes::PassContext;
+use anyhow::{bail, Result};
+use serde::Serialize;
+use std::collections::{BTreeSet, HashMap};
+
+/// What the run will allocate from the model's sizes, as the checks need it.
+pub struct MemoryPlan<'a> {
+    pub budget: MemoryBudget,
+    pub input_shapes: &'a [(String, Vec<usize>)],
+    /// Synthetic validation batches, when validation runs without `--eval` data.
+    pub validation_samples: Option<usize>,
+    /// Synthetic calibration samples, when a calibrating pass runs without `--calib`.
+    pub calibration_samples: Option<usize>,
+}
+
+/// One graph input at the shape the run uses.
+struct SizedInput {
+    name: String,
+    shape: Vec<usize>,
+    elements: u64,
+    elem_bytes: u64,
+    float: bool,
+}
+
+fn shown(shape: &[usize]) -> String {
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    format!("[{}]", dims.join(", "))
+}
+
+/// The real graph inputs (not initializers) with a tensor shape, at the run's shapes.
+fn sized_inputs(model: &Model, input_shapes: &[(String, Vec<usize>)]) -> Result<Vec<SizedInput>> {
+    let mut out = Vec::new();
+    for v in &model.graph.inputs {
+        let name = v.name();
+        if model.graph.initializers.contains_key(name) {
+            continue;
+        }
+        let Some(type_proto::Value::TensorType(t)) =
+            v.r#type.as_ref().and_then(|t| t.value.as_ref())
+        else {
+            continue;
+        };
+        let Some(declared) = t.shape.as_ref() else {
+            continue;
+        };
+        let shape: Vec<usize> = match input_shapes.iter().find(|(n, _)| n == name) {
+            Some((_, user)) => user.clone(),
+            None => declared
+                .dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(Dim::DimValue(v)) if v >= 0 => v as usize,
+                    _ => 1,
+                })
+                .collect(),
+        };
+        let elements = element_count(&format!("model input '{name}'"), &shape)? as u64;
+        let dt = DataType::try_from(t.elem_type()).unwrap_or(DataType::Undefined);
+        out.push(SizedInput {
+            name: name.to_string(),
+            elements,
+            elem_bytes: (tensor::bits_per_element(dt).div_ceil(8)).max(1) as u64,
+            float: matches!(dt, DataType::Float | DataType::Float16 | DataType::Double),
+            shape,
+        });
+    }
+    Ok(out)
+}
+
+/// Refuse the run when a buffer sized from the graph inputs exceeds the budget (synthetic
+/// validation and calibration data), or an input's element count overflows. Reads declared
+/// shapes only: runs before any shape analysis.
+pub fn check_inputs(model: &Model, plan: &MemoryPlan) -> Result<()> {
+    let budget = &plan.budget;
+    for input in sized_inputs(model, plan.input_shapes)? {
+        let (name, shape) = (&input.name, shown(&input.shape));
+        if let Some(samples) = plan.validation_samples {
+            let samples = samples.max(1) as u64;
+            let what = format!("synthetic validation input '{name}' {shape} ({samples} batches)");
+            let values = input.elements.saturating_mul(samples);
+            budget.check_elements(&what, values, input.elem_bytes)?;
+            if input.float {
+                check_synthetic(&what, values)?;
+            }
+        }
+        if let (Some(samples), true) = (plan.calibration_samples, input.float) {
+            // One sample is the shape without its batch dim; f32 whatever the input's type.
+            let per_sample = element_count(
+                &format!("model input '{name}'"),
+                input.shape.get(1..).unwrap_or(&[]),
+            )? as u64;
+            let what = format!(
+                "synthetic calibration data for input '{name}' {shape} ({samples} samples)"
+            );
+            let values = per_sample.saturating_mul(samples as u64);
+            // Held twice while stacked into batches ([`crate::calibrate::CalibrationSet`]).
+            budget.check_elements(
+                &format!("{what}, held twice while batched"),
+                values.saturating_mul(2),
+                4,
+            )?;
+            check_synthetic(&what, values)?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuse the run when the largest value the model computes at the run's input shapes
+/// (`value_shapes`) exceeds the budget. Initializers are in memory already (the file bounds
+/// them) and are not counted.
+pub fn check_values(
+    model: &Model,
+    value_shapes: &HashMap<String, Vec<usize>>,
+    budget: &MemoryBudget,
+) -> Result<()> {
+    let largest = value_shapes
+        .iter()
+        .filter(|(name, _)| !model.graph.initializers.contains_key(name.as_str()))
+        .map(|(name, shape)| {
+            let n = element_count(&format!("value '{name}'"), shape).map(|n| n as u64);
+            (n.unwrap_or(u64::MAX), name, shape)
+        })
+        .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(a.1)));
+    if let Some((elements, name, shape)) = largest {
+        budget.check_elements(
+            &format!("value '{name}' {} (one run of the model)", shown(shape)),
+            elements,
+            4,
+        )?;
+    }
+    Ok(())
+}
+
+/// A float initializer holding NaN or infinite values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NonFinite {
+    pub tensor: String,
+    pub nan: usize,
+    pub inf: usize,
+}
+
+impl NonFinite {
+    /// `initializer 'w' has 3 NaN and 1 inf values`.
+    pub fn describe(&self) -> String {
+        let counts = match (self.nan, self.inf) {
+            (0, i) => format!("{i} inf value{}", plural(i)),
+            (n, 0) => format!("{n} NaN value{}", plural(n)),
+            (n, i) => format!("{n} NaN and {i} inf values"),
+        };
+        format!("initializer '{}' has {counts}", self.tensor)
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// Float initializers of the main graph holding NaN or ±inf, in graph order. Tensors that do
+/// not decode are left to the passes, which name them when they need their values.
+pub fn nonfinite_initializers(model: &Model) -> Vec<NonFinite> {
+    let mut out = Vec::new();
+    for (name, t) in &model.graph.initializers {
+        let float = matches!(
+            tensor::data_type(t),
+            Ok(DataType::Float | DataType::Float16 | DataType::Bfloat16 | DataType::Double)
+        );
+        let Some(values) = float.then(|| tensor::to_f64(t).ok()).flatten() else {
+            continue;
+        };
+        let nan = values.iter().filter(|v| v.is_nan()).count();
+        let inf = values.iter().filter(|v| v.is_infinite()).count();
+        if nan + inf > 0 {
+            out.push(NonFinite {
+                tensor: name.clone(),
+                nan,
+                inf,
+            });
+        }
+    }
+    out
+}
+
+/// The default: refuse a model with non-finite weights, naming the first (and how many more).
+pub fn refuse_nonfinite(found: &[NonFinite]) -> Result<()> {
+    let Some(first) = found.first() else {
+        return Ok(());
+    };
+    let more = match found.len() - 1 {
+        0 => String::new(),
+        n => format!(" (and {n} more initializer{})", plural(n)),
+    };
+    bail!(
+        "{}{more}: the model's outputs are already non-finite; --allow-nonfinite keeps such tensors float",
+        first.describe()
+    )
+}
+
+/// Mixed precision ranks layers by the Hessian of a loss on the model's outputs, which a
+/// non-finite weight makes NaN everywhere: no ranking exists, so a budget is refused up front.
+pub fn refuse_nonfinite_for_mixed_precision(found: &[NonFinite], mixed_runs: bool) -> Result<()> {
+    match found.first() {
+        Some(first) if mixed_runs => bail!(
+            "{}: mixed precision measures every layer through the model's outputs, which it makes non-finite; drop --avg-bits/--target-size (quantize keeps such layers float)",
+            first.describe()
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Keep every node reading a non-finite tensor float: quantize excludes it by label, mixed
+/// precision keeps it (and the tensor, when the weight is the one matched) fp32.
+pub fn keep_float(ctx: &mut PassContext, model: &Model, found: &[NonFinite]) {
+    let mut nodes = BTreeSet::new();
+    for nf in found {
+        ctx.mixed.keep_fp32.push(regex::escape(&nf.tensor));
+        for &(ix, _) in model.graph.consumers(&nf.tensor) {
+            nodes.insert(ix);
+        }
+    }
+    for ix in nodes {
+        let node = model.graph.node(ix);
+        ctx.quantize
+            .exclude_nodes
+            .push(regex::escape(node_label(node)));
+        if !node.name().is_empty() {
+            ctx.mixed.keep_fp32.push(regex::escape(node.name()));
+        }
+    }
+}
