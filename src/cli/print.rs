@@ -81,7 +81,14 @@ fn validation(v: &ValidationReport) {
     };
     let inputs = match v.input_source {
         InputSource::User => format!("{} batch(es) of given inputs", v.samples),
-        InputSource::Synthetic => format!("{} synthetic batch(es), seed {}", v.samples, v.seed),
+        InputSource::Calibration => format!(
+            "{} batch(es) of the calibration data (in-sample: no --eval given)",
+            v.samples
+        ),
+        InputSource::Synthetic => format!(
+            "{} synthetic batch(es), seed {} (random inputs: a smoke test, not a fidelity measure; give --eval or --calib)",
+            v.samples, v.seed
+        ),
     };
     match v.status {
         Status::Checked => println!("  validated in {} ({how}), {inputs}:", v.runtime),
@@ -122,6 +129,7 @@ fn validation(v: &ValidationReport) {
         if let Some(t) = o.top1_agreement {
             line += &format!("  top-1 agree {:.2}%", 100.0 * t);
         }
+        line += &format!("  ({})", v.input_source.tag());
         println!("{line}");
         if o.nonfinite_original > 0 {
             println!(

@@ -78,6 +78,26 @@ pub fn load_eval(
     Ok(Some(EvalData { inputs, labels }))
 }
 
+/// The first `max_samples` samples of a calibration set, one array per input (batches joined
+/// along the batch axis).
+pub fn joined(set: &CalibrationSet, max_samples: usize) -> Result<Vec<(String, ArrayD<f32>)>> {
+    set.input_names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let parts: Vec<_> = set.batches.iter().map(|b| b[i].view()).collect();
+            let all = ndarray::concatenate(ndarray::Axis(0), &parts)
+                .with_context(|| format!("joining calibration batches of '{name}'"))?;
+            let n = all.shape().first().copied().unwrap_or(0).min(max_samples);
+            Ok((
+                name.clone(),
+                all.slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..n))
+                    .to_owned(),
+            ))
+        })
+        .collect()
+}
+
 /// Integer class labels from a 1-D .npy (int64, int32 or uint8).
 pub fn read_labels(path: &Path) -> Result<Vec<i64>> {
     use ndarray_npy::ReadNpyExt;

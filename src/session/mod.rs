@@ -33,6 +33,10 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// At most this many calibration samples validate a run without `--eval` (the first ones):
+/// enough for a stable SQNR, bounded so validation stays a small multiple of one inference.
+pub const VALIDATION_CALIBRATION_SAMPLES: usize = 64;
+
 /// Everything one run needs, already parsed and checked for consistency.
 #[derive(Debug, Clone)]
 pub struct CompressOptions {
@@ -198,13 +202,23 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     if !defer_write {
         save::save_proto(out_proto.clone(), output, &save_opts)?;
     }
+    // Validation never judges a calibrated model on noise when real data was given: held-out
+    // `--eval` data first, else (in-sample) the calibration data, else synthetic inputs as a
+    // smoke test.
+    let calibration_inputs = match (&eval_data, &ctx.calibration) {
+        (None, Some(c)) if !c.synthetic => Some(data::joined(c, VALIDATION_CALIBRATION_SAMPLES)?),
+        _ => None,
+    };
     let validate_opts = ValidateOptions {
         seed: opts.seed,
         samples: opts.samples,
         input_shapes: opts.input_shapes.clone(),
-        inputs: eval_data.as_ref().map(|e| e.inputs.clone()),
+        in_sample: calibration_inputs.is_some(),
+        inputs: eval_data
+            .as_ref()
+            .map(|e| e.inputs.clone())
+            .or(calibration_inputs),
         labels: eval_data.as_ref().and_then(|e| e.labels.clone()),
-        ..Default::default()
     };
     let validation = opts.validate.then(|| {
         // The output is written: a validation that cannot run is reported, not a failure.

@@ -55,6 +55,9 @@ pub struct ValidateOptions {
     /// Class labels of the user inputs' rows: with them, classifier-like outputs (`[N, C]`)
     /// also report the accuracy of both models.
     pub labels: Option<Vec<i64>>,
+    /// The given `inputs` are the calibration data the output was fitted on (in-sample), not
+    /// held-out data: reported as [`InputSource::Calibration`].
+    pub in_sample: bool,
 }
 
 impl Default for ValidateOptions {
@@ -65,6 +68,7 @@ impl Default for ValidateOptions {
             input_shapes: Vec::new(),
             samples: 4,
             labels: None,
+            in_sample: false,
         }
     }
 }
@@ -104,8 +108,25 @@ pub enum Method {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InputSource {
+    /// Held-out inputs the user gave (`--eval`).
     User,
+    /// The calibration inputs (`--calib` without `--eval`): in-sample, the data the ranges
+    /// were fitted on; a fidelity measure, optimistic for held-out data.
+    Calibration,
+    /// Seeded standard-normal inputs: a smoke test that the output runs and matches in
+    /// structure, not a fidelity measure (a calibrated model is not meant for noise).
     Synthetic,
+}
+
+impl InputSource {
+    /// How the summary names the data on each metrics line.
+    pub fn tag(self) -> &'static str {
+        match self {
+            InputSource::User => "on held-out data",
+            InputSource::Calibration => "in-sample, on calibration data",
+            InputSource::Synthetic => "on synthetic noise: smoke test only",
+        }
+    }
 }
 
 /// Serialize a float as JSON `null` when it is not finite (JSON has no inf/NaN).
@@ -200,10 +221,10 @@ pub fn validate(
     } else {
         Method::Simulation
     };
-    let input_source = if opts.inputs.is_some() {
-        InputSource::User
-    } else {
-        InputSource::Synthetic
+    let input_source = match (&opts.inputs, opts.in_sample) {
+        (Some(_), false) => InputSource::User,
+        (Some(_), true) => InputSource::Calibration,
+        (None, _) => InputSource::Synthetic,
     };
     let user_batches = match &opts.inputs {
         Some(given) => split_user_inputs(original, given)?,

@@ -48,8 +48,11 @@ pub(super) fn validation(h: &mut String, r: &Value) {
     let samples = f64_at(v, &["samples"]).unwrap_or(0.0);
     let inputs_desc = match str_at(v, &["input_source"]) {
         Some("user") => format!("{samples:.0} batch(es) of given inputs (--eval)"),
+        Some("calibration") => format!(
+            "{samples:.0} batch(es) of the calibration data: in-sample (no --eval given), optimistic for held-out data"
+        ),
         Some("synthetic") => format!(
-            "{samples:.0} synthetic batch(es), seed {}",
+            "{samples:.0} synthetic batch(es), seed {}: random inputs, a smoke test, not a fidelity measure",
             v.get("seed").map(text).unwrap_or_default()
         ),
         _ => String::new(),
