@@ -122,7 +122,7 @@ pub struct CompressArgs {
     /// rounding, Hutchinson probes.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub seed: u64,
-    /// Number of synthetic validation batches (when no --eval data is given).
+    /// Number of synthetic validation batches (only without --eval and --calib data).
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub samples: usize,
     /// Most memory one buffer sized from the model may take (synthetic inputs, calibration
