@@ -165,7 +165,13 @@ fn run_case(case: &Case, root: &Path, timeout: Duration, max_memory: u64) -> Run
     };
     let seconds = started.elapsed().as_secs_f64();
     let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
-    let first_line = stderr.lines().next().unwrap_or("").chars().take(200).collect::<String>();
+    let first_line = stderr
+        .lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(200)
+        .collect::<String>();
     let code = status.and_then(|s| s.code());
     if let Some(signal) = status.and_then(|s| s.signal()) {
         let name = match signal {
@@ -178,7 +184,10 @@ fn run_case(case: &Case, root: &Path, timeout: Duration, max_memory: u64) -> Run
         failures.push((format!("killed by {name}"), first_line.clone()));
     }
     if stderr.contains("panicked") {
-        let at = stderr.lines().find(|l| l.contains("panicked")).unwrap_or("");
+        let at = stderr
+            .lines()
+            .find(|l| l.contains("panicked"))
+            .unwrap_or("");
         failures.push(("panic".into(), at.chars().take(200).collect()));
     }
     let mut accepted = false;
@@ -281,7 +290,9 @@ import onnx, onnxruntime as ort
 ort.set_default_logger_severity(4)
 
 def err(e):
-    return (type(e).__name__ + ": " + str(e)).splitlines()[0][:300] if str(e) else type(e).__name__
+    # One line; runtimes put the reason last, after a long location.
+    text = " ".join((type(e).__name__ + ": " + str(e)).split())
+    return text if len(text) <= 320 else text[:100] + " ... " + text[-220:]
 
 def load(path):
     so = ort.SessionOptions()
@@ -409,8 +420,14 @@ fn mutated_models_are_refused_cleanly_or_give_valid_outputs() {
         Some(i) => vec![i],
         None => (0..cases).collect(),
     };
-    let plan: Vec<Case> = indices.iter().map(|&i| Case::new(seed, i, &models)).collect();
-    let root = tempfile::Builder::new().prefix("fuzz_mutations").tempdir().unwrap();
+    let plan: Vec<Case> = indices
+        .iter()
+        .map(|&i| Case::new(seed, i, &models))
+        .collect();
+    let root = tempfile::Builder::new()
+        .prefix("fuzz_mutations")
+        .tempdir()
+        .unwrap();
 
     let started = Instant::now();
     let next = AtomicUsize::new(0);
@@ -442,8 +459,10 @@ fn mutated_models_are_refused_cleanly_or_give_valid_outputs() {
             continue;
         };
         if let Some(e) = &check.checker {
-            run.failures
-                .push(("exit 0 but onnx.checker rejects the output".into(), e.clone()));
+            run.failures.push((
+                "exit 0 but onnx.checker rejects the output".into(),
+                e.clone(),
+            ));
         }
         match (&check.ort_input, &check.ort_output) {
             (None, Some(e)) => run.failures.push((
@@ -503,11 +522,30 @@ fn mutated_models_are_refused_cleanly_or_give_valid_outputs() {
     for (k, [refused, ok, failed]) in &kinds {
         println!("| {} | {refused} | {ok} | {failed} |", k.name());
     }
+    // Within a class, one example per combination of mutation kinds: the causes differ.
     let mut report = String::new();
     for (class, cases) in &classes {
         report += &format!("\n{class}: {} case(s)\n", cases.len());
-        for (i, detail) in cases.iter().take(4) {
-            report += &format!("  {}\n", by_case[i].describe());
+        let mut by_kinds: BTreeMap<Vec<&str>, Vec<&(usize, String)>> = BTreeMap::new();
+        for c in cases {
+            let mut kinds: Vec<&str> = by_case[&c.0]
+                .mutated
+                .mutations
+                .iter()
+                .map(|m| m.kind.name())
+                .collect();
+            kinds.sort();
+            kinds.dedup();
+            by_kinds.entry(kinds).or_default().push(c);
+        }
+        for (kinds, cases) in &by_kinds {
+            let (i, detail) = cases[0];
+            report += &format!(
+                "  [{}] {} case(s), e.g. {}\n",
+                kinds.join(" + "),
+                cases.len(),
+                by_case[i].describe()
+            );
             if !detail.is_empty() {
                 report += &format!("    -> {detail}\n");
             }
@@ -533,7 +571,11 @@ fn mutated_models_are_refused_cleanly_or_give_valid_outputs() {
 fn nan_weight_is_refused_or_named() {
     let mut model = load_models().remove("digits_cnn").unwrap();
     let g = model.graph.as_mut().unwrap();
-    let conv = g.node.iter().find(|n| n.op_type.as_deref() == Some("Conv")).unwrap();
+    let conv = g
+        .node
+        .iter()
+        .find(|n| n.op_type.as_deref() == Some("Conv"))
+        .unwrap();
     let weight = conv.input[1].clone();
     let t = g
         .initializer
@@ -577,11 +619,23 @@ fn nan_weight_is_refused_or_named() {
 
 #[test]
 fn nonfinite_named_finds_the_tensor_beside_a_nonfinite_word() {
-    assert!(nonfinite_named(r#"{"warnings": ["tensor 'w' has 3 NaN values"]}"#, "w"));
-    assert!(nonfinite_named(r#"{"a": {"tensor": "w", "nonfinite": 3}}"#, "w"));
+    assert!(nonfinite_named(
+        r#"{"warnings": ["tensor 'w' has 3 NaN values"]}"#,
+        "w"
+    ));
+    assert!(nonfinite_named(
+        r#"{"a": {"tensor": "w", "nonfinite": 3}}"#,
+        "w"
+    ));
     assert!(nonfinite_named(r#"{"nonfinite_weights": ["w"]}"#, "w"));
     assert!(!nonfinite_named(r#"{"tensor": "w", "sqnr": 9.5}"#, "w"));
-    assert!(!nonfinite_named(r#"{"nonfinite": 3, "x": {"tensor": "w"}}"#, "w"));
-    assert!(!nonfinite_named(r#"{"tensor": "w", "note": "dominant channel"}"#, "w"));
+    assert!(!nonfinite_named(
+        r#"{"nonfinite": 3, "x": {"tensor": "w"}}"#,
+        "w"
+    ));
+    assert!(!nonfinite_named(
+        r#"{"tensor": "w", "note": "dominant channel"}"#,
+        "w"
+    ));
     assert!(!nonfinite_named("not json", "w"));
 }

@@ -14,9 +14,9 @@
 //! acts on the encoded model and therefore comes last.
 
 use onnx_compress::onnx::proto::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension::Value as Dim,
-    type_proto, AttributeProto, GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto,
-    TensorShapeProto, ValueInfoProto,
+    attribute_proto::AttributeType, tensor_proto::DataType,
+    tensor_shape_proto::dimension::Value as Dim, type_proto, AttributeProto, GraphProto,
+    ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorShapeProto, ValueInfoProto,
 };
 use prost::Message;
 use rand::Rng;
@@ -37,7 +37,7 @@ pub enum Kind {
     NodeInput,
     /// A node output duplicated: another node's output, a graph input, an initializer.
     NodeOutput,
-    /// A node reads the output of itself or of a node after it.
+    /// A node reads the output of itself or of a node that depends on it.
     Cycle,
     /// An attribute removed.
     AttributeRemoved,
@@ -275,7 +275,11 @@ fn shape_of(vi: &mut ValueInfoProto) -> Option<&mut TensorShapeProto> {
 }
 
 fn declared_dim(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
-    let initializers: Vec<String> = g.initializer.iter().map(|t| name(&t.name).to_string()).collect();
+    let initializers: Vec<String> = g
+        .initializer
+        .iter()
+        .map(|t| name(&t.name).to_string())
+        .collect();
     let list = match rng.random_range(0..10) {
         0..=6 => &mut g.input,
         7..=8 => &mut g.output,
@@ -307,8 +311,14 @@ fn declared_dim(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
         3 => (Dim::DimValue(1 << 40), "2^40".to_string()),
         4 => (Dim::DimValue(i64::MAX), "i64::MAX".to_string()),
         5 => (Dim::DimValue(100_000), "100000".to_string()),
-        6 => (Dim::DimParam("batch".into()), "symbolic 'batch'".to_string()),
-        _ => (Dim::DimParam("n".repeat(4096)), "a 4096-character symbolic name".to_string()),
+        6 => (
+            Dim::DimParam("batch".into()),
+            "symbolic 'batch'".to_string(),
+        ),
+        _ => (
+            Dim::DimParam("n".repeat(4096)),
+            "a 4096-character symbolic name".to_string(),
+        ),
     };
     shape.dim[i].value = Some(value);
     Some(format!("'{who}' declared dim {i} = {label}"))
@@ -378,7 +388,12 @@ fn initializer_type(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
 
 fn initializer_bytes(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
     let with_raw: Vec<usize> = (0..g.initializer.len())
-        .filter(|&i| g.initializer[i].raw_data.as_ref().is_some_and(|r| !r.is_empty()))
+        .filter(|&i| {
+            g.initializer[i]
+                .raw_data
+                .as_ref()
+                .is_some_and(|r| !r.is_empty())
+        })
         .collect();
     if with_raw.is_empty() {
         return None;
@@ -413,12 +428,16 @@ fn initializer_bytes(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
     };
     let after = raw.len();
     t.raw_data = Some(raw.into());
-    Some(format!("initializer '{who}' raw bytes {what}: {before} -> {after}"))
+    Some(format!(
+        "initializer '{who}' raw bytes {what}: {before} -> {after}"
+    ))
 }
 
 fn node_input(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
     let names = tensor_names(g);
-    let with_inputs: Vec<usize> = (0..g.node.len()).filter(|&i| !g.node[i].input.is_empty()).collect();
+    let with_inputs: Vec<usize> = (0..g.node.len())
+        .filter(|&i| !g.node[i].input.is_empty())
+        .collect();
     if with_inputs.is_empty() {
         return None;
     }
@@ -438,7 +457,9 @@ fn node_input(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
 }
 
 fn node_output(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
-    let with_outputs: Vec<usize> = (0..g.node.len()).filter(|&i| !g.node[i].output.is_empty()).collect();
+    let with_outputs: Vec<usize> = (0..g.node.len())
+        .filter(|&i| !g.node[i].output.is_empty())
+        .collect();
     if with_outputs.is_empty() {
         return None;
     }
@@ -459,7 +480,10 @@ fn node_output(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
             let n = &mut g.node[i];
             let dup = n.output[0].clone();
             n.output.push(dup.clone());
-            return Some(format!("node '{}' lists output '{dup}' twice", name(&n.name)));
+            return Some(format!(
+                "node '{}' lists output '{dup}' twice",
+                name(&n.name)
+            ));
         }
     };
     let n = &mut g.node[i];
@@ -473,30 +497,45 @@ fn node_output(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
 }
 
 fn cycle(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
-    let with_inputs: Vec<usize> = (0..g.node.len()).filter(|&i| !g.node[i].input.is_empty()).collect();
+    let with_inputs: Vec<usize> = (0..g.node.len())
+        .filter(|&i| !g.node[i].input.is_empty())
+        .collect();
     if with_inputs.is_empty() {
         return None;
     }
     let reader = *pick(rng, &with_inputs);
-    // A producer at or after the reader: the reader then depends on its own output.
-    let producers: Vec<usize> = (reader..g.node.len()).filter(|&j| !g.node[j].output.is_empty()).collect();
-    if producers.is_empty() {
+    // The reader itself and every node fed (transitively) by it: reading any of their
+    // outputs closes a loop through the reader.
+    let mut downstream = vec![reader];
+    let mut tensors: Vec<String> = g.node[reader].output.clone();
+    while let Some(t) = tensors.pop() {
+        for (j, n) in g.node.iter().enumerate() {
+            if !downstream.contains(&j) && n.input.contains(&t) {
+                downstream.push(j);
+                tensors.extend(n.output.iter().cloned());
+            }
+        }
+    }
+    downstream.retain(|&j| g.node[j].output.first().is_some_and(|o| !o.is_empty()));
+    if downstream.is_empty() {
         return None;
     }
-    let producer = *pick(rng, &producers);
+    let producer = *pick(rng, &downstream);
     let tensor = g.node[producer].output[0].clone();
     let producer_name = name(&g.node[producer].name).to_string();
     let n = &mut g.node[reader];
     let slot = rng.random_range(0..n.input.len());
     n.input[slot] = tensor.clone();
     Some(format!(
-        "node '{}' input {slot} reads '{tensor}' from node '{producer_name}' at or after it (a cycle)",
+        "node '{}' input {slot} reads '{tensor}' of node '{producer_name}', which depends on it (a cycle)",
         name(&n.name)
     ))
 }
 
 fn nodes_with_attributes(g: &GraphProto) -> Vec<usize> {
-    (0..g.node.len()).filter(|&i| !g.node[i].attribute.is_empty()).collect()
+    (0..g.node.len())
+        .filter(|&i| !g.node[i].attribute.is_empty())
+        .collect()
 }
 
 fn attribute_removed(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
@@ -522,7 +561,7 @@ fn attribute_type(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
             return None;
         }
         let at = rng.random_range(0..g.node.len());
-    let n = &mut g.node[at];
+        let n = &mut g.node[at];
         let (attr, label) = match rng.random_range(0..3) {
             0 => (ints_attr("kernel_shape", &[3, 3]), "kernel_shape [3, 3]"),
             1 => (int_attr("axis", 7), "axis 7"),
@@ -577,8 +616,21 @@ fn attribute_value(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
     let n = &mut g.node[*pick(rng, &nodes)];
     let k = rng.random_range(0..n.attribute.len());
     let a = &mut n.attribute[k];
-    let int = *pick(rng, &[0i64, -1, i64::MAX, i64::MIN, 1 << 31, 1 << 40, -(1 << 40)]);
-    let float = *pick(rng, &[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e38, -0.0, 1e-45]);
+    let int = *pick(
+        rng,
+        &[0i64, -1, i64::MAX, i64::MIN, 1 << 31, 1 << 40, -(1 << 40)],
+    );
+    let float = *pick(
+        rng,
+        &[
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e38,
+            -0.0,
+            1e-45,
+        ],
+    );
     let to = if !a.ints.is_empty() {
         if rng.random_range(0..4) == 0 {
             a.ints.clear();
@@ -654,7 +706,10 @@ fn op_swapped(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
         to = "Sigmoid";
     }
     n.op_type = Some(to.into());
-    Some(format!("node '{}' op {before} -> {to} (attributes kept)", name(&n.name)))
+    Some(format!(
+        "node '{}' op {before} -> {to} (attributes kept)",
+        name(&n.name)
+    ))
 }
 
 fn unknown_op(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
@@ -672,7 +727,11 @@ fn unknown_op(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
     ))
 }
 
-fn custom_domain(g: &mut GraphProto, rng: &mut impl Rng, imports: &mut Vec<String>) -> Option<String> {
+fn custom_domain(
+    g: &mut GraphProto,
+    rng: &mut impl Rng,
+    imports: &mut Vec<String>,
+) -> Option<String> {
     if g.node.is_empty() {
         return None;
     }
@@ -687,7 +746,11 @@ fn custom_domain(g: &mut GraphProto, rng: &mut impl Rng, imports: &mut Vec<Strin
         "node '{}' ({}) moved to domain com.example.fuzz ({})",
         name(&n.name),
         name(&n.op_type),
-        if imported { "imported at version 1" } else { "not imported" }
+        if imported {
+            "imported at version 1"
+        } else {
+            "not imported"
+        }
     ))
 }
 
@@ -732,12 +795,21 @@ fn external_data(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
     let t = &mut g.initializer[at];
     let location = *pick(
         rng,
-        &["fuzz_missing.bin", "../../../../etc/hostname", "/etc/hostname", "", "in.onnx"],
+        &[
+            "fuzz_missing.bin",
+            "../../../../etc/hostname",
+            "/etc/hostname",
+            "",
+            "in.onnx",
+        ],
     );
     t.external_data = vec![entry("location", location)];
     let mut what = format!("location '{location}'");
     if rng.random_bool(0.5) {
-        let offset = *pick(rng, &["0", "-1", "18446744073709551615", "abc", "1099511627776"]);
+        let offset = *pick(
+            rng,
+            &["0", "-1", "18446744073709551615", "abc", "1099511627776"],
+        );
         t.external_data.push(entry("offset", offset));
         what += &format!(", offset {offset}");
     }
@@ -753,7 +825,10 @@ fn external_data(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
     } else {
         what += " (data_location left DEFAULT, raw data kept)";
     }
-    Some(format!("initializer '{}' external data: {what}", name(&t.name)))
+    Some(format!(
+        "initializer '{}' external data: {what}",
+        name(&t.name)
+    ))
 }
 
 fn graph_output_removed(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
@@ -772,7 +847,11 @@ fn graph_output_renamed(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String
     if g.output.is_empty() {
         return None;
     }
-    let intermediate: Vec<String> = g.node.iter().flat_map(|n| n.output.iter().cloned()).collect();
+    let intermediate: Vec<String> = g
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().cloned())
+        .collect();
     let to = match rng.random_range(0..4) {
         0 if !g.input.is_empty() => name(&pick(rng, &g.input).name).to_string(),
         1 if !g.initializer.is_empty() => name(&pick(rng, &g.initializer).name).to_string(),
@@ -809,7 +888,10 @@ fn nonfinite(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
         index = rng.random_range(0..t.float_data.len());
         t.float_data[index] = value;
     }
-    Some(format!("initializer '{}' element {index} = {value}", name(&t.name)))
+    Some(format!(
+        "initializer '{}' element {index} = {value}",
+        name(&t.name)
+    ))
 }
 
 /// Whether `tensor` is still a float initializer holding a non-finite value.
