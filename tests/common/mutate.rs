@@ -645,11 +645,11 @@ fn attribute_value(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String> {
         format!("{int}")
     } else if a.f.is_some() {
         a.f = Some(float);
-        format!("{float}")
+        format!("{float:e}")
     } else if !a.floats.is_empty() {
         let i = rng.random_range(0..a.floats.len());
         a.floats[i] = float;
-        format!("floats[{i}] = {float}")
+        format!("floats[{i}] = {float:e}")
     } else if a.s.is_some() {
         a.s = Some(b"FUZZ_NOT_A_MODE".to_vec().into());
         "string 'FUZZ_NOT_A_MODE'".to_string()
@@ -847,10 +847,13 @@ fn graph_output_renamed(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String
     if g.output.is_empty() {
         return None;
     }
+    let k = rng.random_range(0..g.output.len());
+    let before = name(&g.output[k].name).to_string();
     let intermediate: Vec<String> = g
         .node
         .iter()
         .flat_map(|n| n.output.iter().cloned())
+        .filter(|t| *t != before)
         .collect();
     let to = match rng.random_range(0..4) {
         0 if !g.input.is_empty() => name(&pick(rng, &g.input).name).to_string(),
@@ -858,10 +861,7 @@ fn graph_output_renamed(g: &mut GraphProto, rng: &mut impl Rng) -> Option<String
         2 if !intermediate.is_empty() => pick(rng, &intermediate).clone(),
         _ => "fuzz_missing_output".to_string(),
     };
-    let k = rng.random_range(0..g.output.len());
-    let o = &mut g.output[k];
-    let before = name(&o.name).to_string();
-    o.name = Some(to.clone());
+    g.output[k].name = Some(to.clone());
     Some(format!("graph output '{before}' renamed to '{to}'"))
 }
 
