@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: small model builders, the fixture harness
 //! ([`fixtures`]), NaN-aware output comparison ([`compare`]), Python interop gating
-//! ([`python`]), testdata paths and the built binary.
+//! ([`python`]), structure-aware model mutations for fuzzing ([`mutate`]), testdata paths and the
+//! built binary.
 #![allow(dead_code)]
 
 use onnx_compress::ir::op;
@@ -141,5 +142,6 @@ pub mod compare;
 pub mod digits_mp;
 pub mod fixtures;
 pub mod fuse_builder;
+pub mod mutate;
 pub mod prune_trial;
 pub mod python;
