@@ -265,3 +265,78 @@ pub fn keep_float(ctx: &mut PassContext, model: &Model, found: &[NonFinite]) {
         }
     }
 }
+
+/// Graph outputs whose declared rank (or fixed dims) contradict what the graph computes, as
+/// tract infers it (`proto` is the model as loaded): ONNX shape inference rejects such a model,
+/// so its output would be rejected too. Only ranks and dims both sides know are compared.
+pub fn check_declared_outputs(
+    model: &Model,
+    proto: &crate::onnx::proto::ModelProto,
+    input_shapes: &[(String, Vec<usize>)],
+) -> Result<()> {
+    let Ok(inferred) = crate::runtime::infer_value_shapes(proto, input_shapes) else {
+        // A model tract cannot analyse keeps its declarations; later stages report it.
+        return Ok(());
+    };
+    let fixed = |v: &crate::onnx::proto::ValueInfoProto| match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(type_proto::Value::TensorType(tt)) => tt.shape.as_ref().is_some_and(|s| {
+            s.dim
+                .iter()
+                .all(|d| matches!(d.value, Some(Dim::DimValue(_))))
+        }),
+        _ => false,
+    };
+    let dims_known = model
+        .graph
+        .inputs
+        .iter()
+        .filter(|i| !model.graph.initializers.contains_key(i.name()))
+        .all(|i| fixed(i) || input_shapes.iter().any(|(n, _)| n == i.name()));
+    for out in &model.graph.outputs {
+        let Some(type_proto::Value::TensorType(tt)) =
+            out.r#type.as_ref().and_then(|t| t.value.as_ref())
+        else {
+            continue;
+        };
+        let Some(declared) = &tt.shape else { continue };
+        let Some(computed) = inferred
+            .iter()
+            .find(|v| v.name == out.name())
+            .and_then(|v| v.shape.clone())
+        else {
+            continue;
+        };
+        let show = |d: &[Option<i64>]| {
+            d.iter()
+                .map(|x| x.map_or("?".to_string(), |v| v.to_string()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let declared: Vec<Option<i64>> = declared
+            .dim
+            .iter()
+            .map(|d| match d.value {
+                Some(Dim::DimValue(v)) => Some(v),
+                _ => None,
+            })
+            .collect();
+        let computed: Vec<Option<i64>> = computed.iter().map(|d| d.map(|v| v as i64)).collect();
+        // A declared symbolic dim matches anything. Tract pins symbolic input dims to 1, so
+        // computed dims are compared only when every input dim is known.
+        let contradicts = declared.len() != computed.len()
+            || (dims_known
+                && declared
+                    .iter()
+                    .zip(&computed)
+                    .any(|(d, c)| matches!((d, c), (Some(d), Some(c)) if d != c)));
+        if contradicts {
+            bail!(
+                "graph output '{}' is declared [{}] but the graph computes [{}]: ONNX shape inference (and every runtime) rejects the model",
+                out.name(),
+                show(&declared),
+                show(&computed)
+            );
+        }
+    }
+    Ok(())
+}
