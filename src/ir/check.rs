@@ -8,6 +8,11 @@
 //! - The main graph has outputs; within each graph (subgraphs included) every value has one
 //!   producer: a node, a graph input or an initializer; before IR 4 every initializer is also
 //!   a graph input.
+//! - Initializers: a defined element type, no negative dims, values in exactly one field, raw
+//!   bytes matching dims x type. Declared graph inputs/outputs: no 0 or negative dims, and a
+//!   declared value that is a constant has its dims. Ops whose inputs share a type
+//!   (Add, Greater, Concat...) get inputs of one element type where the graph states them.
+//! - Every node's domain is imported (custom domains too); op_type is not empty.
 //! - Every node of a domain with schemas, in every graph: the op exists at the model's opset
 //!   (and is not deprecated there); input and output counts in the schema's range, required
 //!   inputs/outputs not empty; attributes known, of the schema's type, appearing once, required
@@ -148,6 +153,11 @@ fn check_graph(ctx: &Ctx, g: &GraphProto, outer_ranks: &HashMap<String, usize>) 
 fn check_initializers(g: &GraphProto) -> Result<()> {
     for t in &g.initializer {
         let name = t.name();
+        ensure!(
+            matches!(DataType::try_from(t.data_type()), Ok(dt) if dt != DataType::Undefined),
+            "initializer '{name}' has element type {}, which ONNX does not define",
+            t.data_type()
+        );
         ensure!(
             t.dims.iter().all(|&d| d >= 0),
             "initializer '{name}' has a negative dim in {:?}",
@@ -599,6 +609,18 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
         .and_then(|n| ranks.get(n).copied());
     // `ensure!(cond, fail(..))` passes the built error through unchanged.
     let fail = |what: String| anyhow::anyhow!("{}: {what}", who(node));
+    if op == "BatchNormalization" {
+        // tract's BatchNormalization rules abort the process (a panic it cannot unwind) on
+        // these: X needs a channel axis, the four statistics are vectors.
+        if let Some(r) = rank {
+            ensure!(r >= 2, fail(format!("input X has rank {r}; it needs at least 2 (N, C, ...)")));
+        }
+        for (k, what) in [(1, "scale"), (2, "B"), (3, "mean"), (4, "var")] {
+            if let Some(r) = node.input.get(k).and_then(|n| ranks.get(n)) {
+                ensure!(*r == 1, fail(format!("input {what} has rank {r}; it must be a vector (rank 1)")));
+            }
+        }
+    }
     if WINDOW_OPS.contains(&op) {
         if let Some(group) = node.attr_int("group")? {
             ensure!(
