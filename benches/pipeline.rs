@@ -63,8 +63,8 @@ fn main() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let out = tmp.path().join("out.onnx");
 
-    let original =
-        onnx_compress::ir::Model::load(&model_path).with_context(|| format!("loading {}", model_path.display()))?;
+    let original = onnx_compress::ir::Model::load(&model_path)
+        .with_context(|| format!("loading {}", model_path.display()))?;
     let calib = Arc::new(CalibrationSet::synthetic(
         &original,
         samples,
@@ -89,7 +89,11 @@ fn main() -> Result<()> {
     let mut rows: Vec<(String, (f64, f64))> = Vec::new();
     rows.push((
         "load (decode + IR)".into(),
-        time(iters, || (), |_| onnx_compress::ir::Model::load(&model_path))?,
+        time(
+            iters,
+            || (),
+            |_| onnx_compress::ir::Model::load(&model_path),
+        )?,
     ));
     rows.push((
         "save (IR -> proto, encode, atomic write)".into(),

@@ -143,10 +143,22 @@ fn comparison_fails_on_non_finite_values_on_one_side() {
 #[test]
 fn snapshots_tolerate_only_last_digit_float_rounding() {
     use common::fixtures::same_up_to_float_rounding as same;
-    assert!(same("float a6_s = {0.007000093},", "float a6_s = {0.007000092},", 1e-6));
-    assert!(!same("float a6_s = {0.007000093},", "float a6_s = {0.0070002},", 1e-6));
+    assert!(same(
+        "float a6_s = {0.007000093},",
+        "float a6_s = {0.007000092},",
+        1e-6
+    ));
+    assert!(!same(
+        "float a6_s = {0.007000093},",
+        "float a6_s = {0.0070002},",
+        1e-6
+    ));
     // Integers (quantized values, zero points, dims) must match exactly.
     assert!(!same("uint8 a6_z = {95},", "uint8 a6_z = {96},", 1e-6));
-    assert!(!same("int32[2] b = {1276, -1675}", "int32[2] b = {1276, -1675, 3}", 1e-6));
+    assert!(!same(
+        "int32[2] b = {1276, -1675}",
+        "int32[2] b = {1276, -1675, 3}",
+        1e-6
+    ));
     assert!(!same("Relu", "Clip", 1e-6));
 }

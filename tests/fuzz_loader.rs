@@ -5,8 +5,8 @@
 
 mod common;
 use common::*;
-use onnx_compress::ir::Model;
 use onnx_compress::ir::facts;
+use onnx_compress::ir::Model;
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -7,8 +7,8 @@ use onnx_compress::hessian::{
     self, hutchinson, sensitivity, sensitivity_with, HessianOptions, Loss,
 };
 use onnx_compress::ir::{op, Model};
-use onnx_compress::onnx::tensor;
 use onnx_compress::onnx::proto::ModelProto;
+use onnx_compress::onnx::tensor;
 use onnx_compress::runtime::Runner;
 
 const N: usize = 32;

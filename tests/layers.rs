@@ -48,7 +48,12 @@ fn crate_paths(text: &str) -> Vec<Vec<String>> {
                 .chars()
                 .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
                 .collect();
-            out.push(path.split("::").filter(|s| !s.is_empty()).map(String::from).collect());
+            out.push(
+                path.split("::")
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect(),
+            );
             rest = tail;
         }
     }
@@ -92,10 +97,18 @@ fn every_import_points_down_or_sideways_within_its_module() {
     let mut upward = Vec::new();
     for f in &files {
         let rel = f.strip_prefix(&src).unwrap();
-        let own = rel.components().next().unwrap().as_os_str().to_string_lossy();
+        let own = rel
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy();
         let own = own.trim_end_matches(".rs").to_string();
         let own_layer = layer_of(&own).unwrap_or_else(|| {
-            panic!("{}: module '{own}' has no layer in tests/layers.rs", rel.display())
+            panic!(
+                "{}: module '{own}' has no layer in tests/layers.rs",
+                rel.display()
+            )
         });
         for path in crate_paths(&std::fs::read_to_string(f).unwrap()) {
             let Some(target) = path.first() else { continue };
@@ -103,7 +116,10 @@ fn every_import_points_down_or_sideways_within_its_module() {
                 continue;
             }
             let Some(t) = layer_of(target) else {
-                upward.push(format!("{} uses crate::{target}, which has no layer", rel.display()));
+                upward.push(format!(
+                    "{} uses crate::{target}, which has no layer",
+                    rel.display()
+                ));
                 continue;
             };
             if t >= own_layer {
@@ -117,7 +133,11 @@ fn every_import_points_down_or_sideways_within_its_module() {
     }
     upward.sort();
     upward.dedup();
-    assert!(upward.is_empty(), "imports that do not point down:\n{}", upward.join("\n"));
+    assert!(
+        upward.is_empty(),
+        "imports that do not point down:\n{}",
+        upward.join("\n")
+    );
 }
 
 #[test]
@@ -145,7 +165,10 @@ fn no_two_files_import_each_other_in_a_loop() {
             let code = line.split("//").next().unwrap_or("");
             for (i, _) in code.match_indices("super::") {
                 let tail = &code[i + "super::".len()..];
-                let seg: String = tail.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                let seg: String = tail
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
                 let mut p = module_path.clone();
                 p.push(seg);
                 paths.push(p);
@@ -174,8 +197,10 @@ fn no_two_files_import_each_other_in_a_loop() {
                 0 => visit(m, edges, state, stack, loops),
                 1 => {
                     let at = stack.iter().position(|s| s == m).unwrap();
-                    let names: Vec<String> =
-                        stack[at..].iter().map(|p| p.display().to_string()).collect();
+                    let names: Vec<String> = stack[at..]
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect();
                     loops.push(format!("{} -> {}", names.join(" -> "), m.display()));
                 }
                 _ => {}
@@ -198,7 +223,9 @@ fn no_two_files_import_each_other_in_a_loop() {
 fn the_checker_sees_an_upward_import() {
     // The path extraction must see both `use` lines and inline paths, or the tests above
     // prove nothing.
-    let paths = crate_paths("use crate::session::gate;\nlet x = crate::report::html::esc(s); // crate::cli\n");
+    let paths = crate_paths(
+        "use crate::session::gate;\nlet x = crate::report::html::esc(s); // crate::cli\n",
+    );
     assert_eq!(
         paths,
         vec![

@@ -8,8 +8,8 @@ mod common;
 use ndarray::{Array1, ArrayD, Axis, IxDyn};
 use onnx_compress::ir::layer::{Layer, LayerKind};
 use onnx_compress::ir::{Model, Patch};
-use onnx_compress::onnx::tensor;
 use onnx_compress::onnx::proto::ModelProto;
+use onnx_compress::onnx::tensor;
 use onnx_compress::onnx::text::parse_model;
 use onnx_compress::passes::equalize::{
     self, empirical_bias_correction, equalizing_scales, fake_quant_int8, int8_sqnr_db, ChannelMap,

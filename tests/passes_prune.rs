@@ -5,12 +5,10 @@
 
 mod common;
 
-use onnx_compress::onnx::tensor;
 use onnx_compress::ir::Model;
+use onnx_compress::onnx::tensor;
 use onnx_compress::onnx::text::parse_model;
-use onnx_compress::passes::prune::{
-    self, dependency_groups, PruneOptions, Reconstruct,
-};
+use onnx_compress::passes::prune::{self, dependency_groups, PruneOptions, Reconstruct};
 use std::path::PathBuf;
 
 use common::prune_trial::*;

@@ -10,8 +10,8 @@ use common::builder::{self as builder, conv, Builder};
 use ndarray::{arr0, ArrayD};
 use onnx_compress::calibrate::{CalibrationSet, DataOptions};
 use onnx_compress::ir::{op, Model};
-use onnx_compress::onnx::tensor;
 use onnx_compress::onnx::proto::{ModelProto, NodeProto};
+use onnx_compress::onnx::tensor;
 use onnx_compress::passes::quantize::{quantize, QuantizeOptions};
 use onnx_compress::passes::PassStats;
 use std::process::Command;
@@ -883,8 +883,8 @@ fn a_bias_shared_by_two_convs_becomes_one_int32_bias_per_layer() {
 mod fixture_wiring {
     use super::common::compare::abs_diff_sums;
     use super::common::fixtures::{case_path, run_fixture, run_in_tract, synthetic_inputs};
-    use onnx_compress::onnx::tensor;
     use onnx_compress::onnx::proto::{ModelProto, NodeProto};
+    use onnx_compress::onnx::tensor;
 
     /// Run the fixture; bound its mean abs error on the harness inputs; return the result.
     fn run(case: &str, max_mean_abs_err: f64) -> ModelProto {

@@ -22,7 +22,13 @@ fn calib_only_validates_on_the_calibration_data_and_says_so() {
     );
     let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
     let (code, stdout, stderr) = run(&[
-        &s(&m), "-o", &s(&out), "--calib", &s(&calib), "--report", &s(&rep),
+        &s(&m),
+        "-o",
+        &s(&out),
+        "--calib",
+        &s(&calib),
+        "--report",
+        &s(&rep),
     ]);
     assert_eq!(code, 0, "{stderr}");
     let r = report(&rep);
@@ -32,18 +38,32 @@ fn calib_only_validates_on_the_calibration_data_and_says_so() {
     // The first 64 calibration samples, in one batch (the batch dim is symbolic).
     assert_eq!(v["outputs"][0]["shape"], serde_json::json!([64, 10]));
     assert!(stdout.contains("in-sample"), "{stdout}");
-    assert!(stdout.contains("(in-sample, on calibration data)"), "{stdout}");
+    assert!(
+        stdout.contains("(in-sample, on calibration data)"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("synthetic"), "{stdout}");
     let in_sample = v["outputs"][0]["sqnr_db"].as_f64().unwrap();
 
     // The same output measured on held-out data: the in-sample figure is within 3 dB.
     let (code, stdout, stderr) = run(&[
-        &s(&m), "-o", &s(&out), "--calib", &s(&calib), "--eval", &s(&x), "--eval-labels",
-        &s(&y), "--report", &s(&rep),
+        &s(&m),
+        "-o",
+        &s(&out),
+        "--calib",
+        &s(&calib),
+        "--eval",
+        &s(&x),
+        "--eval-labels",
+        &s(&y),
+        "--report",
+        &s(&rep),
     ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("(on held-out data)"), "{stdout}");
-    let held_out = report(&rep)["validation"]["outputs"][0]["sqnr_db"].as_f64().unwrap();
+    let held_out = report(&rep)["validation"]["outputs"][0]["sqnr_db"]
+        .as_f64()
+        .unwrap();
     assert!(
         (in_sample - held_out).abs() <= 3.0,
         "in-sample {in_sample:.1} dB vs held-out {held_out:.1} dB"
@@ -57,6 +77,12 @@ fn without_data_the_verdict_is_a_smoke_test() {
     let out = dir.path().join("q.onnx");
     let (code, stdout, stderr) = run(&[m.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("a smoke test, not a fidelity measure"), "{stdout}");
-    assert!(stdout.contains("(on synthetic noise: smoke test only)"), "{stdout}");
+    assert!(
+        stdout.contains("a smoke test, not a fidelity measure"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("(on synthetic noise: smoke test only)"),
+        "{stdout}"
+    );
 }

@@ -73,7 +73,8 @@ fn nonfinite_values_fail_the_gate_and_are_named() {
     assert_eq!(code, 0, "{stdout}");
     assert!(stdout.contains("FAILED"), "{stdout}");
     assert!(stdout.contains("NON-FINITE 16 of 128"), "{stdout}");
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(r["validation"]["status"], "failed");
     assert_eq!(r["validation"]["outputs"][0]["nonfinite_mismatches"], 16);
     assert_eq!(r["validation"]["outputs"][0]["compared"], 112);
@@ -90,7 +91,8 @@ fn nonfinite_values_fail_the_gate_and_are_named() {
     assert!(stdout.contains("gate   FAILED"), "{stdout}");
 
     // The advice names the unnamed Conv by its output tensor, and passing it back passes.
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let advice = &r["gate"]["with_advice"];
     assert_eq!(advice["passed"], true, "{}", r["gate"]);
     let excluded: Vec<&str> = advice["exclude_nodes"]
@@ -130,7 +132,10 @@ fn an_all_nan_candidate_never_scores_as_identical() {
     let r = validate(&original, &candidate, &opts).unwrap();
     assert_eq!(r.status, Status::Failed, "{r:?}");
     let o = &r.outputs[0];
-    assert_eq!((o.nonfinite_mismatches, o.compared, o.elements), (128, 0, 128));
+    assert_eq!(
+        (o.nonfinite_mismatches, o.compared, o.elements),
+        (128, 0, 128)
+    );
     assert!(o.sqnr_db.is_nan() && o.cosine.is_nan(), "{o:?}");
     let json = serde_json::to_value(&r).unwrap();
     assert_eq!(json["outputs"][0]["sqnr_db"], serde_json::Value::Null);

@@ -12,10 +12,7 @@ use onnx_compress::onnx::proto::{
     TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use onnx_compress::runtime::{infer_value_shapes, run_model, simulation_graph, Runner};
-use onnx_compress::validate::{
-    validate, Method, Status,
-    ValidateOptions,
-};
+use onnx_compress::validate::{validate, Method, Status, ValidateOptions};
 
 // ---------------------------------------------------------------- builder
 

@@ -26,8 +26,8 @@
 //! loudly that the ranges are then meaningless for real inputs.
 
 use super::image::{self, ImageOptions, IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS};
-pub use super::inputs::{model_inputs, InputDim, InputSpec};
 use super::inputs::with_shapes;
+pub use super::inputs::{model_inputs, InputDim, InputSpec};
 use crate::ir::Model;
 use crate::limits::{check_synthetic, element_count, MemoryBudget};
 use anyhow::{bail, ensure, Context, Result};
@@ -138,7 +138,10 @@ impl CalibrationSet {
                 }
             }
             // Generation is O(elements): bounded in work first, then in memory.
-            let what = format!("synthetic calibration data for model input {}", spec.describe());
+            let what = format!(
+                "synthetic calibration data for model input {}",
+                spec.describe()
+            );
             let n = element_count(&what, &shape)?;
             let values = (n as u64).saturating_mul(samples as u64);
             // Twice: the samples, then their stack (see `assemble`).

@@ -57,7 +57,10 @@ pub fn model_inputs(model: &Model) -> Result<Vec<InputSpec>> {
 
 /// Fix dims from user-given full shapes (same rank only; a mismatch is reported later as a
 /// data error against the declared shape).
-pub(crate) fn with_shapes(mut specs: Vec<InputSpec>, shapes: &[(String, Vec<usize>)]) -> Vec<InputSpec> {
+pub(crate) fn with_shapes(
+    mut specs: Vec<InputSpec>,
+    shapes: &[(String, Vec<usize>)],
+) -> Vec<InputSpec> {
     for spec in &mut specs {
         if let Some((_, shape)) = shapes.iter().find(|(n, _)| *n == spec.name) {
             if shape.len() == spec.dims.len() {

@@ -232,8 +232,7 @@ pub fn observe_model(
         .cloned()
         .collect();
     let mut runner: Option<(Vec<Vec<usize>>, Runner)> = None;
-    let progress =
-        crate::progress::Progress::bar("calibrating", calib.batches.len() as u64);
+    let progress = crate::progress::Progress::bar("calibrating", calib.batches.len() as u64);
     for (b, batch) in calib.batches.iter().enumerate() {
         progress.inc(1);
         for name in &inputs {

@@ -176,10 +176,20 @@ pub struct CompressArgs {
     pub reduce_range: bool,
     /// Names of the added Q/DQ tensors and nodes: compact ids (a7_s, w3_q, ...; ~1% smaller
     /// files) or descriptive ({tensor}_scale, {tensor}_QuantizeLinear, ...).
-    #[arg(long, value_enum, default_value = "compact", help_heading = "Quantization")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "compact",
+        help_heading = "Quantization"
+    )]
     pub names: NamesArg,
     /// Weight rounding: nearest or stochastic (seeded by --seed).
-    #[arg(long, value_enum, default_value = "nearest", help_heading = "Quantization")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "nearest",
+        help_heading = "Quantization"
+    )]
     pub rounding: RoundingArg,
     /// Leave every node of this op type in float (repeatable).
     #[arg(long = "exclude-op", value_name = "OP", help_heading = "Quantization")]
@@ -205,7 +215,12 @@ pub struct CompressArgs {
     pub absorb_high_bias: bool,
     /// Cross-layer equalization: auto (skipped when per-channel int8 weights follow, where it
     /// measured no better on average) or always. Naming `equalize` in --passes means always.
-    #[arg(long, value_enum, default_value = "auto", help_heading = "Equalization")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        help_heading = "Equalization"
+    )]
     pub equalize: EqualizeArg,
     /// Bias correction for quantized weights: off, empirical (needs --calib) or analytic (from
     /// the folded BatchNormalization statistics, data-free).
@@ -237,7 +252,12 @@ pub struct CompressArgs {
     #[arg(long, default_value_t = 1, value_name = "N", help_heading = "Pruning")]
     pub round_to: usize,
     /// Refit consumers after pruning: least-squares, bias or none.
-    #[arg(long, value_enum, default_value = "least-squares", help_heading = "Pruning")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "least-squares",
+        help_heading = "Pruning"
+    )]
     pub reconstruct: ReconstructArg,
 
     // ---- mixed precision ----
@@ -275,13 +295,23 @@ pub struct CompressArgs {
     )]
     pub hessian_samples: usize,
     /// Output comparison for the traces: auto (KL for classifier logits, MSE otherwise), kl, mse.
-    #[arg(long, value_enum, default_value = "auto", help_heading = "Mixed precision")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        help_heading = "Mixed precision"
+    )]
     pub hessian_loss: HessianLossArg,
     /// How precisions are chosen. joint: minimize the second-order loss of the actual
     /// quantization errors with cross-layer terms (3 extra runs of each layer's downstream part;
     /// measured better on the digits models, BENCHMARKS.md). trace: HAWQ-v2, minimize
     /// Σ Tr(H)/n·‖ΔW‖² exactly (per-layer additive).
-    #[arg(long, value_enum, default_value = "joint", help_heading = "Mixed precision")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "joint",
+        help_heading = "Mixed precision"
+    )]
     pub selection: SelectionArg,
     /// int4 weights in blocks of N values along the input-channel axis, one scale per block
     /// (ONNX block-wise DequantizeLinear, opset 21); layers whose input axis is shorter than N
@@ -418,7 +448,12 @@ pub struct ImageArgs {
     #[arg(long, value_name = "R,G,B", value_parser = parse_channel_values, help_heading = "Calibration images")]
     pub std: Option<ChannelValues>,
     /// Layout of the model's image input: nchw or nhwc; default: inferred (channel dim 1 or 3).
-    #[arg(long, value_name = "LAYOUT", value_enum, help_heading = "Calibration images")]
+    #[arg(
+        long,
+        value_name = "LAYOUT",
+        value_enum,
+        help_heading = "Calibration images"
+    )]
     pub layout: Option<LayoutArg>,
     /// Multiplies 0..255 pixel values before --mean/--std: a number or a fraction like 1/255.
     #[arg(long, value_name = "S", default_value = "1/255", value_parser = parse_scale, help_heading = "Calibration images")]

@@ -103,7 +103,8 @@ fn gate_bounds(args: &CompressArgs) -> Result<gate::Bounds> {
 /// The options of every pass (calibration data is attached by the session once the model is
 /// loaded).
 fn pass_context(args: &CompressArgs) -> Result<PassContext> {
-    let mut method = Method::parse(&args.method).with_context(|| format!("--method {}", args.method))?;
+    let mut method =
+        Method::parse(&args.method).with_context(|| format!("--method {}", args.method))?;
     if let Some(p) = args.percentile {
         ensure!(
             matches!(method, Method::Percentile(_)),
@@ -229,7 +230,10 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
 /// The main command's options for [`onnx_compress::session::compress`].
 pub fn compress_options(args: &CompressArgs) -> Result<CompressOptions> {
     let input = args.model.clone().context("no input model given")?;
-    let output = args.output.clone().context("no output path given (-o OUT)")?;
+    let output = args
+        .output
+        .clone()
+        .context("no output path given (-o OUT)")?;
     let passes = match &args.passes {
         Some(spec) => passes::select(spec)?,
         None => passes::default_pass_names(),

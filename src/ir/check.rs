@@ -233,7 +233,9 @@ fn check_declared_shapes(g: &GraphProto) -> Result<()> {
         .map(|v| ("input", v))
         .chain(g.output.iter().map(|v| ("output", v)))
     {
-        let Some(type_proto::Value::TensorType(tt)) = v.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+        let Some(type_proto::Value::TensorType(tt)) =
+            v.r#type.as_ref().and_then(|t| t.value.as_ref())
+        else {
             continue;
         };
         let Some(shape) = &tt.shape else { continue };
@@ -254,12 +256,17 @@ fn check_declared_shapes(g: &GraphProto) -> Result<()> {
         }
         if let Some(t) = initializers.get(v.name()) {
             let matches = dims.len() == t.dims.len()
-                && dims.iter().zip(&t.dims).all(|(d, &n)| d.is_none_or(|d| d == n));
+                && dims
+                    .iter()
+                    .zip(&t.dims)
+                    .all(|(d, &n)| d.is_none_or(|d| d == n));
             ensure!(
                 matches,
                 "graph {kind} '{}' is declared with shape {:?}, but it is a constant of dims {:?}",
                 v.name(),
-                dims.iter().map(|d| d.map_or("?".to_string(), |x| x.to_string())).collect::<Vec<_>>(),
+                dims.iter()
+                    .map(|d| d.map_or("?".to_string(), |x| x.to_string()))
+                    .collect::<Vec<_>>(),
                 t.dims
             );
         }
@@ -269,8 +276,23 @@ fn check_declared_shapes(g: &GraphProto) -> Result<()> {
 
 /// Ops whose inputs share one element type (ONNX type constraint `T` on every input).
 const SAME_TYPE_INPUTS: &[&str] = &[
-    "Add", "Sub", "Mul", "Div", "Greater", "Less", "Equal", "GreaterOrEqual", "LessOrEqual",
-    "Max", "Min", "Sum", "Mean", "And", "Or", "Xor", "Concat",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Greater",
+    "Less",
+    "Equal",
+    "GreaterOrEqual",
+    "LessOrEqual",
+    "Max",
+    "Min",
+    "Sum",
+    "Mean",
+    "And",
+    "Or",
+    "Xor",
+    "Concat",
 ];
 
 /// Inputs of the ops in [`SAME_TYPE_INPUTS`] whose element types the graph states
@@ -278,7 +300,9 @@ const SAME_TYPE_INPUTS: &[&str] = &[
 fn check_elementwise_types(g: &GraphProto) -> Result<()> {
     let mut types: HashMap<&str, i32> = HashMap::new();
     for v in &g.input {
-        if let Some(type_proto::Value::TensorType(tt)) = v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        if let Some(type_proto::Value::TensorType(tt)) =
+            v.r#type.as_ref().and_then(|t| t.value.as_ref())
+        {
             if let Some(e) = tt.elem_type {
                 types.insert(v.name(), e);
             }
@@ -613,11 +637,21 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
         // tract's BatchNormalization rules abort the process (a panic it cannot unwind) on
         // these: X needs a channel axis, the four statistics are vectors.
         if let Some(r) = rank {
-            ensure!(r >= 2, fail(format!("input X has rank {r}; it needs at least 2 (N, C, ...)")));
+            ensure!(
+                r >= 2,
+                fail(format!(
+                    "input X has rank {r}; it needs at least 2 (N, C, ...)"
+                ))
+            );
         }
         for (k, what) in [(1, "scale"), (2, "B"), (3, "mean"), (4, "var")] {
             if let Some(r) = node.input.get(k).and_then(|n| ranks.get(n)) {
-                ensure!(*r == 1, fail(format!("input {what} has rank {r}; it must be a vector (rank 1)")));
+                ensure!(
+                    *r == 1,
+                    fail(format!(
+                        "input {what} has rank {r}; it must be a vector (rank 1)"
+                    ))
+                );
             }
         }
     }

@@ -8,9 +8,9 @@
 
 use crate::ir::op::{self, Attrs};
 use crate::ir::{Graph, Model};
-use crate::onnx::tensor;
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::{type_proto, NodeProto, TensorProto, ValueInfoProto};
+use crate::onnx::tensor;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
@@ -198,10 +198,11 @@ pub fn const_scalar(graph: &Graph, name: &str) -> Option<f64> {
 /// Clip bounds from inputs (opset >= 11) or attributes (opset < 11); an absent bound is
 /// unbounded; `None` when a given bound is not a constant scalar.
 pub fn clip_bounds(graph: &Graph, n: &NodeProto) -> Option<(f64, f64)> {
-    let bound = |slot: usize, attr: &str, default: f64| match n.input.get(slot).filter(|s| !s.is_empty()) {
-        Some(name) => const_scalar(graph, name),
-        None => Some(n.attr_float(attr).ok()?.map_or(default, f64::from)),
-    };
+    let bound =
+        |slot: usize, attr: &str, default: f64| match n.input.get(slot).filter(|s| !s.is_empty()) {
+            Some(name) => const_scalar(graph, name),
+            None => Some(n.attr_float(attr).ok()?.map_or(default, f64::from)),
+        };
     Some((
         bound(1, "min", f64::NEG_INFINITY)?,
         bound(2, "max", f64::INFINITY)?,

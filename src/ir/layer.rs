@@ -10,8 +10,8 @@
 
 use crate::ir::op::Attrs;
 use crate::ir::Graph;
-use crate::onnx::tensor;
 use crate::onnx::proto::NodeProto;
+use crate::onnx::tensor;
 use anyhow::{Context, Result};
 use ndarray::ArrayD;
 use petgraph::stable_graph::NodeIndex;

@@ -35,11 +35,11 @@
 //! exact except MatMul+Add → Gemm, which lets the runtime fuse the bias add. `changes` counts
 //! applied patches plus deduplicated and removed initializers.
 
-use crate::ir::op::{self, Attrs};
-use crate::onnx::tensor;
-use crate::ir::{Graph, InSlot, Model, Patch};
-use crate::passes::constant_fold;
 use crate::ir::facts::static_rank;
+use crate::ir::op::{self, Attrs};
+use crate::ir::{Graph, InSlot, Model, Patch};
+use crate::onnx::tensor;
+use crate::passes::constant_fold;
 use crate::passes::rewrite::{rewrite, Rule};
 use crate::passes::{Pass, PassContext, PassStats};
 use anyhow::Result;

@@ -20,9 +20,9 @@
 //! refuses NaN and out-of-range values.
 
 use crate::ir::op::Attrs;
-use crate::onnx::tensor::{self, from_f32, from_i32, from_i64, raw_tensor};
 use crate::ir::{op, Graph, Patch};
 use crate::onnx::proto::{attribute_proto::AttributeType, tensor_proto::DataType, TensorProto};
+use crate::onnx::tensor::{self, from_f32, from_i32, from_i64, raw_tensor};
 use anyhow::Result;
 use ndarray::{ArrayD, Axis, IxDyn};
 use petgraph::stable_graph::NodeIndex;
@@ -139,8 +139,9 @@ fn fold(graph: &Graph, ix: NodeIndex, out: &str) -> Option<TensorProto> {
     match n.op_type() {
         "Constant" => return constant(n, out),
         "Shape" => {
-            let dims: Option<Vec<i64>> =
-                crate::ir::facts::static_shape(graph, n.input.first()?)?.into_iter().collect();
+            let dims: Option<Vec<i64>> = crate::ir::facts::static_shape(graph, n.input.first()?)?
+                .into_iter()
+                .collect();
             let dims = dims?;
             let r = dims.len() as i64;
             let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;

@@ -385,7 +385,11 @@ pub fn evaluate(
     }
     let mut all_nodes: Vec<String> = [rerun.input, rerun.output]
         .iter()
-        .flat_map(|m| m.graph.node_indices().map(|ix| node_label(m.graph.node(ix)).to_string()))
+        .flat_map(|m| {
+            m.graph
+                .node_indices()
+                .map(|ix| node_label(m.graph.node(ix)).to_string())
+        })
         .collect();
     all_nodes.sort();
     all_nodes.dedup();

@@ -70,7 +70,10 @@ pub fn sensitivity(opts: &SensitivityOptions) -> Result<(Vec<LayerSensitivity>, 
             .with_context(|| format!("--calib {}", p.display()))?,
         None => CalibrationSet::synthetic(&model, opts.calib_samples, opts.seed, &data_opts)?,
     };
-    crate::pipeline::Pipeline::new().fuse().cleanup().run(&mut model)?;
+    crate::pipeline::Pipeline::new()
+        .fuse()
+        .cleanup()
+        .run(&mut model)?;
     let layers = crate::hessian::sensitivity(&model, &calib.batches, &opts.hessian)?;
     Ok((layers, opts.calib.is_none()))
 }

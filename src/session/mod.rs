@@ -191,7 +191,8 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         opts.seed,
         opts.memory,
     )?;
-    let records = crate::pipeline::Pipeline::from_parts(opts.passes.clone(), ctx.clone()).run(&mut model)?;
+    let records =
+        crate::pipeline::Pipeline::from_parts(opts.passes.clone(), ctx.clone()).run(&mut model)?;
 
     let out_proto = model.to_proto()?;
     let save_opts = save::SaveOptions {
@@ -261,8 +262,8 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         std::fs::metadata(output)?.len()
             + if save_opts.external_data {
                 std::fs::metadata(data_file(output))
-                .map(|m| m.len())
-                .unwrap_or(0)
+                    .map(|m| m.len())
+                    .unwrap_or(0)
             } else {
                 0
             }

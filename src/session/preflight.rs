@@ -278,7 +278,11 @@ pub fn check_declared_outputs(
         // A model tract cannot analyse keeps its declarations; later stages report it.
         return Ok(());
     };
-    let fixed = |v: &crate::onnx::proto::ValueInfoProto| match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+    let fixed = |v: &crate::onnx::proto::ValueInfoProto| match v
+        .r#type
+        .as_ref()
+        .and_then(|t| t.value.as_ref())
+    {
         Some(type_proto::Value::TensorType(tt)) => tt.shape.as_ref().is_some_and(|s| {
             s.dim
                 .iter()

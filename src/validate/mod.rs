@@ -38,9 +38,7 @@ use serde::{Serialize, Serializer};
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::ModelProto;
 
-use crate::runtime::{
-    refusal, resolve_input_shapes, simulation_graph, InputSpec, Runner, RUNTIME,
-};
+use crate::runtime::{refusal, resolve_input_shapes, simulation_graph, InputSpec, Runner, RUNTIME};
 
 #[derive(Debug, Clone)]
 pub struct ValidateOptions {
@@ -584,7 +582,11 @@ impl Acc {
         OutputMetrics {
             name,
             shape,
-            max_abs_err: if nothing_compared { f64::NAN } else { self.max_abs },
+            max_abs_err: if nothing_compared {
+                f64::NAN
+            } else {
+                self.max_abs
+            },
             mean_abs_err: if nothing_compared {
                 f64::NAN
             } else if self.n == 0 {

@@ -8,8 +8,8 @@ use ndarray::{ArrayD, Axis};
 use onnx_compress::calibrate::{CalibrationSet, DataOptions};
 use onnx_compress::hessian::{self, HessianOptions, LayerSensitivity};
 use onnx_compress::ir::Model;
-use onnx_compress::onnx::tensor;
 use onnx_compress::onnx::proto::ModelProto;
+use onnx_compress::onnx::tensor;
 use onnx_compress::passes::mixed_precision::{
     apply_assignment, joint, round_trip, select, sensitivities, solve, Budget,
     MixedPrecisionOptions, Precision, Selection,

@@ -593,7 +593,8 @@ pub fn snapshot_body(run: &Run) -> String {
         }
         Layout::PruneGroups => {
             let model = Model::from_proto(run.original.clone()).unwrap();
-            let shapes = onnx_compress::runtime::value_shapes(&model, &model.to_proto().unwrap(), &[]);
+            let shapes =
+                onnx_compress::runtime::value_shapes(&model, &model.to_proto().unwrap(), &[]);
             let groups = prune::dependency_groups(&model.graph, &shapes).unwrap();
             prune::describe_groups(&model.graph, &groups)
         }
@@ -616,7 +617,9 @@ pub fn assert_snapshot(run: &Run) {
     let stored = path.parent().unwrap().join(format!("{case}.snap"));
     if let Ok(text) = std::fs::read_to_string(&stored) {
         if let Some(committed) = snap_body(&text) {
-            if committed != body.trim_end() && same_up_to_float_rounding(committed, body.trim_end(), 1e-6) {
+            if committed != body.trim_end()
+                && same_up_to_float_rounding(committed, body.trim_end(), 1e-6)
+            {
                 body = committed.to_string();
             }
         }

@@ -5,11 +5,11 @@
 #![allow(dead_code)]
 
 use onnx_compress::ir::op;
-use onnx_compress::onnx::tensor;
 use onnx_compress::onnx::proto::{
     tensor_proto::DataType, tensor_shape_proto, type_proto, GraphProto, ModelProto, NodeProto,
     OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
+use onnx_compress::onnx::tensor;
 use prost::Message;
 use std::path::{Path, PathBuf};
 

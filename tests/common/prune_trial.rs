@@ -23,7 +23,8 @@ pub fn read_f32(path: &Path) -> ArrayD<f32> {
 
 pub fn accuracy(model: &Model, x: &ArrayD<f32>, y: &[i64]) -> f64 {
     let proto = model.to_proto().unwrap();
-    let out = onnx_compress::runtime::run_model(&proto, &[("input".to_string(), x.clone())], &[]).unwrap();
+    let out = onnx_compress::runtime::run_model(&proto, &[("input".to_string(), x.clone())], &[])
+        .unwrap();
     let logits = &out[0].1;
     let correct = logits
         .axis_iter(Axis(0))

@@ -37,9 +37,6 @@ pub enum Walk {
     End,
 }
 
-
-
-
 fn fmt_bound(v: f64) -> String {
     if v.is_infinite() {
         if v > 0.0 { "inf" } else { "-inf" }.to_string()

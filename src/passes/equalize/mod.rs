@@ -89,8 +89,8 @@ pub use math::{equalizing_scales, fake_quant_int8, int8_sqnr_db, range_ratio, Ch
 use crate::ir::layer::{Layer, LayerKind};
 use crate::ir::op::Attrs;
 use crate::ir::{Graph, Model, Patch};
-use crate::onnx::tensor;
 use crate::onnx::proto::tensor_proto::DataType;
+use crate::onnx::tensor;
 use crate::passes::fuse::FoldedBn;
 use crate::passes::{Fact, Pass, PassContext, PassStats, Skip};
 use anyhow::{Context, Result};

@@ -166,7 +166,11 @@ pub(super) fn is_float(dt: DataType) -> bool {
 }
 
 /// `b'[c] = b[c] * s[c] + shift[c]`, with `shift = beta - mean * s` (so `(b - m) * s + beta`).
-pub(super) fn channel_bias(bias: Option<&ArrayD<f64>>, a: &BnAffine, c: usize) -> Result<ArrayD<f64>> {
+pub(super) fn channel_bias(
+    bias: Option<&ArrayD<f64>>,
+    a: &BnAffine,
+    c: usize,
+) -> Result<ArrayD<f64>> {
     let values: Vec<f64> = match bias {
         None => a.shift.clone(),
         Some(b) => {

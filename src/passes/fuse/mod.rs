@@ -86,8 +86,8 @@ mod fold;
 
 use crate::ir::facts::{declared_elem_type, static_rank};
 use crate::ir::op;
-use crate::onnx::tensor;
 use crate::ir::{Graph, InSlot, Model, Patch};
+use crate::onnx::tensor;
 use crate::passes::rewrite::{rewrite, Rule};
 use crate::passes::{Fact, Pass, PassContext, PassStats};
 use anyhow::Result;

@@ -21,8 +21,8 @@
 //! not just its rank inside its own layer. Without data every group has mean 1.
 
 use super::groups::{Group, Member};
-use crate::onnx::tensor;
 use crate::ir::Graph;
+use crate::onnx::tensor;
 use anyhow::{Context, Result};
 use ndarray::{ArrayD, Axis};
 use std::collections::HashMap;

@@ -24,8 +24,8 @@
 use crate::calibrate::params::{self, ActScheme, QParams};
 use crate::ir::op::{self, attr_int};
 use crate::ir::{Graph, InSlot, Patch};
-use crate::onnx::tensor;
 use crate::onnx::proto::{NodeProto, TensorProto};
+use crate::onnx::tensor;
 use anyhow::{bail, Context, Result};
 use ndarray::{ArrayD, Axis};
 use rand::{Rng, SeedableRng};

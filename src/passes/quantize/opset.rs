@@ -32,8 +32,8 @@
 use crate::ir::facts::declared_rank;
 use crate::ir::op::{self, Attrs};
 use crate::ir::{Model, Patch};
-use crate::onnx::tensor;
 use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
+use crate::onnx::tensor;
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::arr0;
 
@@ -364,7 +364,6 @@ fn find_affected(g: &GraphProto, from: i64) -> Option<String> {
     None
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,7 +382,10 @@ g (float[1,4,4,4] x) => (float[1,2] y1, float[1,2] y2)
     }
 
     fn node<'a>(m: &'a Model, name: &str) -> &'a NodeProto {
-        let ix = m.graph.node_indices().find(|&ix| m.graph.node(ix).name() == name);
+        let ix = m
+            .graph
+            .node_indices()
+            .find(|&ix| m.graph.node(ix).name() == name);
         m.graph.node(ix.unwrap())
     }
 
@@ -408,7 +410,10 @@ g (float[1,4,4,4] x) => (float[1,2] y1, float[1,2] y2)
             let axes = direct.graph.constant(&n.input[1]).unwrap();
             assert_eq!(tensor::to_i64(axes).unwrap(), vec![2, 3], "{name}");
         }
-        assert_eq!(node(&direct, "split").attr_int("num_outputs").unwrap(), Some(2));
+        assert_eq!(
+            node(&direct, "split").attr_int("num_outputs").unwrap(),
+            Some(2)
+        );
         assert!(notes.iter().any(|n| n.contains("from 11 to 13")));
         assert!(notes.iter().any(|n| n.contains("from 13 to 21")));
 

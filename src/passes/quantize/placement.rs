@@ -45,9 +45,9 @@ use super::QuantizeOptions;
 use crate::calibrate::observe::Observed;
 use crate::calibrate::params::{self, ActScheme, QParams};
 use crate::ir::op::{node_label, Attrs};
-use crate::onnx::tensor;
 use crate::ir::Graph;
 use crate::onnx::proto::NodeProto;
+use crate::onnx::tensor;
 use anyhow::{Context, Result};
 use indexmap::{IndexMap, IndexSet};
 use petgraph::stable_graph::NodeIndex;
@@ -508,7 +508,9 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
     }
 
     fn index(g: &Graph, name: &str) -> NodeIndex {
-        g.node_indices().find(|&ix| g.node(ix).name() == name).unwrap()
+        g.node_indices()
+            .find(|&ix| g.node(ix).name() == name)
+            .unwrap()
     }
 
     fn sorted(items: impl IntoIterator<Item = impl ToString>) -> Vec<String> {

@@ -49,8 +49,7 @@ use validation::validation;
 /// Render `report` and write it atomically to `path`.
 pub fn write(path: &Path, report: &RunReport) -> Result<()> {
     let page = render_report(report)?;
-    write_text(path, &page)
-        .with_context(|| format!("writing the HTML report {}", path.display()))
+    write_text(path, &page).with_context(|| format!("writing the HTML report {}", path.display()))
 }
 
 /// The page for a run report.
