@@ -1,0 +1,206 @@
+//! Load-time checks of what a graph states about its tensors, which ONNX shape and type
+//! inference (and so every runtime) would reject: initializer payloads (a defined element type,
+//! no negative dims, values in exactly one field, raw bytes matching dims x type), declared graph
+//! input/output dims (none 0 or negative; a declared constant has its dims), and one element
+//! type on the inputs of ops whose inputs share a type constraint (Add, Greater, Concat...).
+
+use super::who;
+use crate::onnx::proto::{tensor_proto::DataType, type_proto, GraphProto};
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::HashMap;
+
+/// Every initializer's payload is well formed: no negative dims, its values in exactly one
+/// field (raw bytes or one typed field, or external data), as many values as its dims hold.
+pub(super) fn check_initializers(g: &GraphProto) -> Result<()> {
+    for t in &g.initializer {
+        let name = t.name();
+        ensure!(
+            matches!(DataType::try_from(t.data_type()), Ok(dt) if dt != DataType::Undefined),
+            "initializer '{name}' has element type {}, which ONNX does not define",
+            t.data_type()
+        );
+        ensure!(
+            t.dims.iter().all(|&d| d >= 0),
+            "initializer '{name}' has a negative dim in {:?}",
+            t.dims
+        );
+        let fields = [
+            t.raw_data.is_some(),
+            !t.float_data.is_empty(),
+            !t.int32_data.is_empty(),
+            !t.string_data.is_empty(),
+            !t.int64_data.is_empty(),
+            !t.double_data.is_empty(),
+            !t.uint64_data.is_empty(),
+        ]
+        .iter()
+        .filter(|&&f| f)
+        .count();
+        ensure!(
+            fields <= 1,
+            "initializer '{name}' holds its values in {fields} fields (raw_data and a typed field); ONNX allows one"
+        );
+        if crate::onnx::tensor::is_external(t) || t.data_type() == DataType::String as i32 {
+            continue;
+        }
+        let count = t
+            .dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+            .with_context(|| format!("initializer '{name}' dims {:?} overflow", t.dims))?;
+        if let Some(raw) = &t.raw_data {
+            let bits = DataType::try_from(t.data_type())
+                .map(crate::onnx::tensor::bits_per_element)
+                .unwrap_or(0) as u64;
+            if bits > 0 {
+                let need = count.checked_mul(bits).map(|b| b.div_ceil(8));
+                ensure!(
+                    need == Some(raw.len() as u64),
+                    "initializer '{name}' has {} raw bytes, but dims {:?} of its type need {}",
+                    raw.len(),
+                    t.dims,
+                    need.map_or("more than 2^64".to_string(), |n| n.to_string())
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Declared graph inputs and outputs have no empty (0) dims, and a declared value that is an
+/// initializer has the initializer's rank and dims: ONNX shape inference (and so every
+/// runtime) rejects a model that contradicts itself there.
+pub(super) fn check_declared_shapes(g: &GraphProto) -> Result<()> {
+    use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
+    // Values whose dims the graph fixes: initializers and `Constant` nodes' `value` tensors.
+    let mut initializers: HashMap<&str, &crate::onnx::proto::TensorProto> =
+        g.initializer.iter().map(|t| (t.name(), t)).collect();
+    for n in &g.node {
+        if n.op_type() == "Constant" && (n.domain().is_empty() || n.domain() == "ai.onnx") {
+            if let (Some(out), Some(t)) = (
+                n.output.first(),
+                n.attribute
+                    .iter()
+                    .find(|a| a.name() == "value")
+                    .and_then(|a| a.t.as_ref()),
+            ) {
+                initializers.insert(out.as_str(), t);
+            }
+        }
+    }
+    for (kind, v) in g
+        .input
+        .iter()
+        .map(|v| ("input", v))
+        .chain(g.output.iter().map(|v| ("output", v)))
+    {
+        let Some(type_proto::Value::TensorType(tt)) =
+            v.r#type.as_ref().and_then(|t| t.value.as_ref())
+        else {
+            continue;
+        };
+        let Some(shape) = &tt.shape else { continue };
+        let dims: Vec<Option<i64>> = shape
+            .dim
+            .iter()
+            .map(|d| match d.value {
+                Some(Dim::DimValue(x)) => Some(x),
+                _ => None,
+            })
+            .collect();
+        if let Some(k) = dims.iter().position(|d| matches!(d, Some(x) if *x <= 0)) {
+            bail!(
+                "graph {kind} '{}' declares dim {k} = {}: an empty or negative dimension",
+                v.name(),
+                dims[k].unwrap_or(0)
+            );
+        }
+        if let Some(t) = initializers.get(v.name()) {
+            let matches = dims.len() == t.dims.len()
+                && dims
+                    .iter()
+                    .zip(&t.dims)
+                    .all(|(d, &n)| d.is_none_or(|d| d == n));
+            ensure!(
+                matches,
+                "graph {kind} '{}' is declared with shape {:?}, but it is a constant of dims {:?}",
+                v.name(),
+                dims.iter()
+                    .map(|d| d.map_or("?".to_string(), |x| x.to_string()))
+                    .collect::<Vec<_>>(),
+                t.dims
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Ops whose inputs share one element type (ONNX type constraint `T` on every input).
+const SAME_TYPE_INPUTS: &[&str] = &[
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Greater",
+    "Less",
+    "Equal",
+    "GreaterOrEqual",
+    "LessOrEqual",
+    "Max",
+    "Min",
+    "Sum",
+    "Mean",
+    "And",
+    "Or",
+    "Xor",
+    "Concat",
+];
+
+/// Inputs of the ops in [`SAME_TYPE_INPUTS`] whose element types the graph states
+/// (initializers, graph inputs) agree.
+pub(super) fn check_elementwise_types(g: &GraphProto) -> Result<()> {
+    let mut types: HashMap<&str, i32> = HashMap::new();
+    for v in &g.input {
+        if let Some(type_proto::Value::TensorType(tt)) =
+            v.r#type.as_ref().and_then(|t| t.value.as_ref())
+        {
+            if let Some(e) = tt.elem_type {
+                types.insert(v.name(), e);
+            }
+        }
+    }
+    for t in &g.initializer {
+        types.insert(t.name(), t.data_type());
+    }
+    for node in &g.node {
+        if !node.domain().is_empty() && node.domain() != "ai.onnx" {
+            continue;
+        }
+        if !SAME_TYPE_INPUTS.contains(&node.op_type()) {
+            continue;
+        }
+        let known: Vec<(&str, i32)> = node
+            .input
+            .iter()
+            .filter_map(|i| types.get(i.as_str()).map(|&e| (i.as_str(), e)))
+            .collect();
+        if let Some(((a, ta), (b, tb))) = known
+            .iter()
+            .zip(known.iter().skip(1))
+            .find(|((_, x), (_, y))| x != y)
+        {
+            let name = |e: i32| {
+                DataType::try_from(e).map_or(format!("type {e}"), |d| {
+                    crate::onnx::tensor::type_name(d).to_string()
+                })
+            };
+            bail!(
+                "{}: inputs '{a}' ({}) and '{b}' ({}) must have the same element type",
+                who(node),
+                name(*ta),
+                name(*tb)
+            );
+        }
+    }
+    Ok(())
+}
