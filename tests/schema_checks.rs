@@ -545,3 +545,30 @@ fn before_ir_4_initializers_are_graph_inputs() {
     g.input.push(value_info("b", &[4]));
     Model::from_proto(m).unwrap();
 }
+
+#[test]
+fn batch_normalization_training_mode_is_checked() {
+    let mut bn = node(
+        "BatchNormalization",
+        "bn",
+        &["x", "s", "b", "m", "v"],
+        &["y"],
+    );
+    bn.attribute
+        .push(onnx_compress::ir::op::attr_int("training_mode", i64::MAX));
+    let stats: Vec<_> = ["s", "b", "m", "v"]
+        .iter()
+        .enumerate()
+        .map(|(k, n)| f32_tensor(n, &[4], k as u32 + 1))
+        .collect();
+    let m = model(
+        vec![bn],
+        vec![value_info("x", &[1, 4, 2, 2])],
+        vec![value_info("y", &[1, 4, 2, 2])],
+        stats,
+    );
+    let e = onnx_compress::ir::Model::from_proto(m).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("node 'bn' (BatchNormalization)"), "{msg}");
+    assert!(msg.contains("training_mode"), "{msg}");
+}

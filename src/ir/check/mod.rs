@@ -441,6 +441,21 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
     // `ensure!(cond, fail(..))` passes the built error through unchanged.
     let fail = |what: String| anyhow::anyhow!("{}: {what}", who(node));
     if op == "BatchNormalization" {
+        if let Some(mode) = node.attr_int("training_mode")? {
+            ensure!(
+                mode == 0 || mode == 1,
+                fail(format!(
+                    "attribute 'training_mode' is {mode}, must be 0 or 1"
+                ))
+            );
+            ensure!(
+                mode == 0 || node.output.len() == 3,
+                fail(format!(
+                    "training_mode 1 needs 3 outputs (Y, running mean, running var), it has {}",
+                    node.output.len()
+                ))
+            );
+        }
         // tract's BatchNormalization rules abort the process (a panic it cannot unwind) on
         // these: X needs a channel axis, the four statistics are vectors.
         if let Some(r) = rank {
