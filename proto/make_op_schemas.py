@@ -11,6 +11,10 @@ DOMAIN is `-` for the default domain. FLAGS is `d` when that version deprecates 
 IN/OUT are `min:max` arities, max `*` when unbounded. INOPTS/OUTOPTS hold one letter per
 formal parameter (`s` single, `o` optional, `v` variadic), `-` when there are none.
 Each ATTR is `name:TYPE` with TYPE an AttributeProto type name, `!` appended when required.
+  types DOMAIN NAME SINCE PARAM...          element types each input formal parameter accepts
+follows every op record. Each PARAM is `TYPESTR|CODES`: TYPESTR the schema's type parameter
+(inputs sharing one must share an element type) or `_` for a fixed type; CODES the accepted
+TensorProto.DataType codes, comma-separated, or `*` when non-tensor types are accepted too.
 """
 import onnx
 import onnx.defs as defs
@@ -29,6 +33,28 @@ def arity(lo, hi):
 
 def options(params):
     return "".join(OPTION[p.option] for p in params) or "-"
+
+
+def elem_code(type_name):
+    """`tensor(float16)` -> TensorProto.FLOAT16's code; None for non-tensor types."""
+    if not (type_name.startswith("tensor(") and type_name.endswith(")")):
+        return None
+    try:
+        return onnx.TensorProto.DataType.Value(type_name[len("tensor("):-1].upper())
+    except ValueError:
+        return None
+
+
+def input_types(schema, param):
+    constraints = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
+    if param.type_str in constraints:
+        name, allowed = param.type_str, constraints[param.type_str]
+    else:
+        name, allowed = "_", [param.type_str]
+    codes = [elem_code(t) for t in allowed]
+    if not codes or any(c is None for c in codes):
+        return f"{name}|*"
+    return f"{name}|{','.join(str(c) for c in sorted(set(codes)))}"
 
 
 def main():
@@ -58,6 +84,7 @@ def main():
             options(s.outputs),
         ] + attrs
         print(" ".join(fields))
+        print(" ".join(["types", s.domain or "-", s.name, str(s.since_version)] + [input_types(s, p) for p in s.inputs]))
 
 
 if __name__ == "__main__":

@@ -572,3 +572,27 @@ fn batch_normalization_training_mode_is_checked() {
     assert!(msg.contains("node 'bn' (BatchNormalization)"), "{msg}");
     assert!(msg.contains("training_mode"), "{msg}");
 }
+
+#[test]
+fn input_element_types_follow_the_op_type_constraints() {
+    // Add's inputs share one type parameter: float plus int64 is refused, naming both.
+    let mut g = model(
+        vec![node("Add", "add", &["x", "k"], &["y"])],
+        vec![value_info("x", &[2])],
+        vec![value_info("y", &[2])],
+        vec![onnx_compress::onnx::tensor::from_i64("k", &[2], &[1, 2])],
+    );
+    let e = Model::from_proto(g.clone()).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("node 'add' (Add)"), "{msg}");
+    assert!(msg.contains("must have the same element type"), "{msg}");
+    // DequantizeLinear does not dequantize floats.
+    g.graph.as_mut().unwrap().node = vec![node("DequantizeLinear", "dq", &["x", "s"], &["y"])];
+    g.graph.as_mut().unwrap().initializer = vec![f32_tensor("s", &[], 1)];
+    let e = Model::from_proto(g).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("node 'dq' (DequantizeLinear): input 0 'x' is float"),
+        "{msg}"
+    );
+}

@@ -48,6 +48,18 @@ pub struct OpSchema {
     pub input_params: Vec<Param>,
     pub output_params: Vec<Param>,
     pub attributes: Vec<AttrSchema>,
+    /// Per input formal parameter: the element types it accepts.
+    pub input_types: Vec<ParamTypes>,
+}
+
+/// The element types one input formal parameter accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamTypes {
+    /// The schema's type parameter (`T`, `T1`...): inputs sharing one share an element type.
+    /// `None` for a fixed type.
+    pub type_param: Option<&'static str>,
+    /// Accepted `TensorProto.DataType` codes; `None` when non-tensor types are accepted too.
+    pub allowed: Option<Vec<i32>>,
 }
 
 impl OpSchema {
@@ -173,6 +185,7 @@ fn parse(text: &'static str) -> Result<Schemas, String> {
                         .map(|a| parse_attr(a))
                         .collect::<Option<_>>()
                         .ok_or_else(|| bad("attribute"))?,
+                    input_types: Vec::new(),
                 };
                 let versions = schemas
                     .ops
@@ -188,10 +201,44 @@ fn parse(text: &'static str) -> Result<Schemas, String> {
                 }
                 versions.push(schema);
             }
+            ["types", d, name, since, params @ ..] => {
+                let since: i64 = since.parse().map_err(|_| bad("since_version"))?;
+                let schema = schemas
+                    .ops
+                    .get_mut(domain(d))
+                    .and_then(|ops| ops.get_mut(name))
+                    .and_then(|versions| versions.last_mut())
+                    .filter(|v| v.since_version == since)
+                    .ok_or_else(|| bad("types without its op record"))?;
+                schema.input_types = params
+                    .iter()
+                    .map(|p| parse_param_types(p))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| bad("input types"))?;
+            }
             _ => return Err(bad("unknown record")),
         }
     }
     Ok(schemas)
+}
+
+/// `T|1,10,16`, `_|7` or `T|*`.
+fn parse_param_types(s: &'static str) -> Option<ParamTypes> {
+    let (param, codes) = s.split_once('|')?;
+    let allowed = if codes == "*" {
+        None
+    } else {
+        Some(
+            codes
+                .split(',')
+                .map(|c| c.parse().ok())
+                .collect::<Option<Vec<i32>>>()?,
+        )
+    };
+    Some(ParamTypes {
+        type_param: (param != "_").then_some(param),
+        allowed,
+    })
 }
 
 fn parse_arity(s: &str) -> Option<(usize, usize)> {

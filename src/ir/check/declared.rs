@@ -1,11 +1,13 @@
 //! Load-time checks of what a graph states about its tensors, which ONNX shape and type
 //! inference (and so every runtime) would reject: initializer payloads (a defined element type,
 //! no negative dims, values in exactly one field, raw bytes matching dims x type), declared graph
-//! input/output dims (none 0 or negative; a declared constant has its dims), and one element
-//! type on the inputs of ops whose inputs share a type constraint (Add, Greater, Concat...).
+//! input/output dims (none 0 or negative; a declared constant has its dims), and the element
+//! types the graph states for its values ([`stated_types`]) against each op's type
+//! constraints ([`check_input_types`]).
 
 use super::who;
-use crate::onnx::proto::{tensor_proto::DataType, type_proto, GraphProto};
+use crate::onnx::proto::{tensor_proto::DataType, type_proto, GraphProto, NodeProto};
+use crate::onnx::schema::{OpSchema, Param};
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
 
@@ -135,71 +137,98 @@ pub(super) fn check_declared_shapes(g: &GraphProto) -> Result<()> {
     Ok(())
 }
 
-/// Ops whose inputs share one element type (ONNX type constraint `T` on every input).
-const SAME_TYPE_INPUTS: &[&str] = &[
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Greater",
-    "Less",
-    "Equal",
-    "GreaterOrEqual",
-    "LessOrEqual",
-    "Max",
-    "Min",
-    "Sum",
-    "Mean",
-    "And",
-    "Or",
-    "Xor",
-    "Concat",
-];
-
-/// Inputs of the ops in [`SAME_TYPE_INPUTS`] whose element types the graph states
-/// (initializers, graph inputs) agree.
-pub(super) fn check_elementwise_types(g: &GraphProto) -> Result<()> {
-    let mut types: HashMap<&str, i32> = HashMap::new();
+/// Element types the graph states: graph inputs (declared), initializers and `Constant` outputs.
+pub(super) fn stated_types(g: &GraphProto) -> HashMap<String, i32> {
+    let mut types = HashMap::new();
     for v in &g.input {
         if let Some(type_proto::Value::TensorType(tt)) =
             v.r#type.as_ref().and_then(|t| t.value.as_ref())
         {
             if let Some(e) = tt.elem_type {
-                types.insert(v.name(), e);
+                types.insert(v.name().to_string(), e);
             }
         }
     }
     for t in &g.initializer {
-        types.insert(t.name(), t.data_type());
+        types.insert(t.name().to_string(), t.data_type());
     }
-    for node in &g.node {
-        if !node.domain().is_empty() && node.domain() != "ai.onnx" {
+    for n in &g.node {
+        if n.op_type() == "Constant" && (n.domain().is_empty() || n.domain() == "ai.onnx") {
+            if let (Some(out), Some(t)) = (
+                n.output.first(),
+                n.attribute
+                    .iter()
+                    .find(|a| a.name() == "value")
+                    .and_then(|a| a.t.as_ref()),
+            ) {
+                types.insert(out.clone(), t.data_type());
+            }
+        }
+    }
+    types
+}
+
+/// Inputs whose element type the graph states are of a type the op's schema accepts there,
+/// and inputs bound to one type parameter (`T` of Add's `A` and `B`) share it.
+pub(super) fn check_input_types(
+    node: &NodeProto,
+    schema: &OpSchema,
+    types: &HashMap<String, i32>,
+) -> Result<()> {
+    let params = &schema.input_types;
+    let name = |e: i32| {
+        DataType::try_from(e).map_or(format!("type {e}"), |d| {
+            crate::onnx::tensor::type_name(d).to_string()
+        })
+    };
+    let mut bound: HashMap<&str, (&str, i32)> = HashMap::new();
+    for (k, input) in node.input.iter().enumerate() {
+        if input.is_empty() {
             continue;
         }
-        if !SAME_TYPE_INPUTS.contains(&node.op_type()) {
+        let Some(&elem) = types.get(input) else {
             continue;
-        }
-        let known: Vec<(&str, i32)> = node
-            .input
-            .iter()
-            .filter_map(|i| types.get(i.as_str()).map(|&e| (i.as_str(), e)))
-            .collect();
-        if let Some(((a, ta), (b, tb))) = known
-            .iter()
-            .zip(known.iter().skip(1))
-            .find(|((_, x), (_, y))| x != y)
+        };
+        // A variadic last parameter covers every input from its position on.
+        let Some(p) = params.get(k.min(params.len().saturating_sub(1))) else {
+            continue;
+        };
+        if k >= params.len()
+            && !schema
+                .input_params
+                .last()
+                .is_some_and(|q| *q == Param::Variadic)
         {
-            let name = |e: i32| {
-                DataType::try_from(e).map_or(format!("type {e}"), |d| {
-                    crate::onnx::tensor::type_name(d).to_string()
-                })
-            };
-            bail!(
-                "{}: inputs '{a}' ({}) and '{b}' ({}) must have the same element type",
-                who(node),
-                name(*ta),
-                name(*tb)
-            );
+            continue;
+        }
+        if let Some(allowed) = &p.allowed {
+            if !allowed.contains(&elem) {
+                bail!(
+                    "{}: input {k} '{input}' is {}, which {} does not accept there (accepted: {})",
+                    who(node),
+                    name(elem),
+                    node.op_type(),
+                    allowed
+                        .iter()
+                        .map(|&e| name(e))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        if let Some(t) = p.type_param {
+            match bound.get(t) {
+                Some(&(first, e)) if e != elem => bail!(
+                    "{}: inputs '{first}' ({}) and '{input}' ({}) must have the same element type",
+                    who(node),
+                    name(e),
+                    name(elem)
+                ),
+                Some(_) => {}
+                None => {
+                    bound.insert(t, (input.as_str(), elem));
+                }
+            }
         }
     }
     Ok(())

@@ -10,8 +10,8 @@
 //!   a graph input.
 //! - Initializers: a defined element type, no negative dims, values in exactly one field, raw
 //!   bytes matching dims x type. Declared graph inputs/outputs: no 0 or negative dims, and a
-//!   declared value that is a constant has its dims. Ops whose inputs share a type
-//!   (Add, Greater, Concat...) get inputs of one element type where the graph states them.
+//!   declared value that is a constant has its dims. Inputs whose element type the graph
+//!   states (graph inputs, initializers, constants) match the op's type constraints.
 //! - Every node's domain is imported (custom domains too); op_type is not empty.
 //! - Every node of a domain with schemas, in every graph: the op exists at the model's opset
 //!   (and is not deprecated there); input and output counts in the schema's range, required
@@ -33,7 +33,7 @@ use anyhow::{bail, ensure, Context, Result};
 use std::collections::{HashMap, HashSet};
 
 mod declared;
-use declared::{check_declared_shapes, check_elementwise_types, check_initializers};
+use declared::{check_declared_shapes, check_initializers, check_input_types, stated_types};
 
 /// Check a model; see the module docs for what is checked.
 pub fn check_model(model: &ModelProto) -> Result<()> {
@@ -126,7 +126,6 @@ fn check_graph(ctx: &Ctx, g: &GraphProto, outer_ranks: &HashMap<String, usize>) 
     check_single_producers(g)?;
     check_initializers(g)?;
     check_declared_shapes(g)?;
-    check_elementwise_types(g)?;
     if ctx.ir_version < 4 {
         // Before IR 4 an initializer only gave a default value to a graph input.
         let inputs: HashSet<&str> = g.input.iter().map(|i| i.name()).collect();
@@ -139,8 +138,9 @@ fn check_graph(ctx: &Ctx, g: &GraphProto, outer_ranks: &HashMap<String, usize>) 
         }
     }
     let ranks = declared_ranks(g, outer_ranks);
+    let types = stated_types(g);
     for node in &g.node {
-        check_node(ctx, node, &ranks)?;
+        check_node(ctx, node, &ranks, &types)?;
         for a in &node.attribute {
             for sub in a.g.iter().chain(&a.graphs) {
                 check_graph(ctx, sub, &ranks)
@@ -213,7 +213,12 @@ fn declared_ranks(g: &GraphProto, outer: &HashMap<String, usize>) -> HashMap<Str
     ranks
 }
 
-fn check_node(ctx: &Ctx, node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> {
+fn check_node(
+    ctx: &Ctx,
+    node: &NodeProto,
+    ranks: &HashMap<String, usize>,
+    types: &HashMap<String, i32>,
+) -> Result<()> {
     let schemas = schema::schemas();
     let domain = canonical_domain(node.domain());
     let op = node.op_type();
@@ -259,6 +264,7 @@ fn check_node(ctx: &Ctx, node: &NodeProto, ranks: &HashMap<String, usize>) -> Re
     };
     check_counts(node, schema)?;
     check_attributes(node, schema)?;
+    check_input_types(node, schema, types)?;
     check_values(node, ranks)
 }
 
