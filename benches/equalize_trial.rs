@@ -54,6 +54,8 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     f64::INFINITY
                 };
+                // Written so that a NaN error also replaces the running maximum.
+                #[allow(clippy::neg_cmp_op_on_partial_ord)]
                 if !(e <= num) {
                     num = e;
                 }

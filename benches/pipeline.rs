@@ -11,7 +11,7 @@
 use anyhow::{Context, Result};
 use onnx_compress::calibrate::{observe, CalibrationSet, DataOptions};
 use onnx_compress::ir::Model;
-use onnx_compress::onnx::{load, save};
+use onnx_compress::onnx::save;
 use onnx_compress::passes::{self, PassContext};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

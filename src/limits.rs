@@ -106,7 +106,7 @@ impl MemoryBudget {
     /// [`Self::check`] for `count` elements of `elem_bytes` each; an overflowing product is
     /// over any budget.
     pub fn check_elements(&self, what: &str, count: u64, elem_bytes: u64) -> Result<()> {
-        self.check(what, count.checked_mul(elem_bytes).unwrap_or(u64::MAX))
+        self.check(what, count.saturating_mul(elem_bytes))
     }
 }
 

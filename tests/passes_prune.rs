@@ -25,13 +25,16 @@ fn fixture(name: &str) -> Model {
     Model::from_proto(parse_model(&text).unwrap()).unwrap()
 }
 
+/// (channels, zeroed, producer weights with their output axis) of one group.
+type ZeroedGroup = (usize, usize, Vec<(String, usize)>);
+
 /// Zero `k = n / 2` channels of every prunable group (channels `0..k`): the producers' output
 /// slices and biases, depthwise filters and biases, and per-channel constants (BN scale, shift
 /// and mean, not the variance). Each zeroed channel then carries exactly 0 to its consumers
 /// (Conv: 0·x + 0; BN: γ·(0 - 0)/σ + 0; Relu(0) = 0; Add/Concat/Split/Flatten move zeros), so
 /// removing those channels, and nothing else, leaves the outputs unchanged. Returns per group
 /// (channels, zeroed, producer weights with their output axis).
-fn zero_half_of_each_group(model: &mut Model) -> Vec<(usize, usize, Vec<(String, usize)>)> {
+fn zero_half_of_each_group(model: &mut Model) -> Vec<ZeroedGroup> {
     let shapes = onnx_compress::runtime::value_shapes(model, &model.to_proto().unwrap(), &[]);
     let groups = dependency_groups(&model.graph, &shapes).unwrap();
     let mut zeroed = Vec::new();

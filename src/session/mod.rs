@@ -124,7 +124,7 @@ fn check_input_shapes(model: &Model, shapes: &[(String, Vec<usize>)]) -> Result<
 /// What the run will size from the model's inputs: synthetic validation batches without
 /// `--eval`, synthetic calibration samples without `--calib` when a pass calibrates.
 fn memory_plan(opts: &CompressOptions) -> preflight::MemoryPlan<'_> {
-    let runs = |pass: &str| opts.passes.iter().any(|p| *p == pass);
+    let runs = |pass: &str| opts.passes.contains(&pass);
     let calibrating = [
         runs("quantize").then_some(opts.ctx.quantize.synthetic_samples),
         (runs("mixed-precision") && opts.ctx.mixed.budget.is_some())
