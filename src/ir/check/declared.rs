@@ -6,7 +6,7 @@
 //! constraints ([`check_input_types`]).
 
 use super::who;
-use crate::onnx::proto::{tensor_proto::DataType, type_proto, GraphProto, NodeProto};
+use crate::onnx::proto::{tensor_proto::DataType, type_proto, GraphProto, NodeProto, TensorProto};
 use crate::onnx::schema::{OpSchema, Param};
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
@@ -72,24 +72,25 @@ pub(super) fn check_initializers(g: &GraphProto) -> Result<()> {
 /// Declared graph inputs and outputs have no empty (0) dims, and a declared value that is an
 /// initializer has the initializer's rank and dims: ONNX shape inference (and so every
 /// runtime) rejects a model that contradicts itself there.
-pub(super) fn check_declared_shapes(g: &GraphProto) -> Result<()> {
-    use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
-    // Values whose dims the graph fixes: initializers and `Constant` nodes' `value` tensors.
-    let mut initializers: HashMap<&str, &crate::onnx::proto::TensorProto> =
+/// The tensors a graph fixes by name: initializers and standard `Constant` nodes' `value`.
+pub(super) fn graph_constants(g: &GraphProto) -> HashMap<&str, &TensorProto> {
+    let mut constants: HashMap<&str, &TensorProto> =
         g.initializer.iter().map(|t| (t.name(), t)).collect();
     for n in &g.node {
         if n.op_type() == "Constant" && (n.domain().is_empty() || n.domain() == "ai.onnx") {
-            if let (Some(out), Some(t)) = (
-                n.output.first(),
-                n.attribute
-                    .iter()
-                    .find(|a| a.name() == "value")
-                    .and_then(|a| a.t.as_ref()),
-            ) {
-                initializers.insert(out.as_str(), t);
+            let value = n.attribute.iter().find(|a| a.name() == "value");
+            if let (Some(out), Some(t)) = (n.output.first(), value.and_then(|a| a.t.as_ref())) {
+                constants.insert(out.as_str(), t);
             }
         }
     }
+    constants
+}
+
+pub(super) fn check_declared_shapes(g: &GraphProto) -> Result<()> {
+    use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
+    // Values whose dims the graph fixes.
+    let initializers = graph_constants(g);
     for (kind, v) in g
         .input
         .iter()
@@ -149,21 +150,8 @@ pub(super) fn stated_types(g: &GraphProto) -> HashMap<String, i32> {
             }
         }
     }
-    for t in &g.initializer {
-        types.insert(t.name().to_string(), t.data_type());
-    }
-    for n in &g.node {
-        if n.op_type() == "Constant" && (n.domain().is_empty() || n.domain() == "ai.onnx") {
-            if let (Some(out), Some(t)) = (
-                n.output.first(),
-                n.attribute
-                    .iter()
-                    .find(|a| a.name() == "value")
-                    .and_then(|a| a.t.as_ref()),
-            ) {
-                types.insert(out.clone(), t.data_type());
-            }
-        }
+    for (name, t) in graph_constants(g) {
+        types.insert(name.to_string(), t.data_type());
     }
     types
 }

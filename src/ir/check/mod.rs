@@ -33,7 +33,9 @@ use anyhow::{bail, ensure, Context, Result};
 use std::collections::{HashMap, HashSet};
 
 mod declared;
-use declared::{check_declared_shapes, check_initializers, check_input_types, stated_types};
+use declared::{
+    check_declared_shapes, check_initializers, check_input_types, graph_constants, stated_types,
+};
 
 /// Check a model; see the module docs for what is checked.
 pub fn check_model(model: &ModelProto) -> Result<()> {
@@ -201,14 +203,8 @@ fn declared_ranks(g: &GraphProto, outer: &HashMap<String, usize>) -> HashMap<Str
             ranks.insert(v.name().to_string(), shape.dim.len());
         }
     }
-    for t in &g.initializer {
-        ranks.insert(t.name().to_string(), t.dims.len());
-    }
-    for n in g.node.iter().filter(|n| n.op_type() == "Constant") {
-        if let (Some(out), Some(t)) = (n.output.first(), n.attr("value").and_then(|a| a.t.as_ref()))
-        {
-            ranks.insert(out.clone(), t.dims.len());
-        }
+    for (name, t) in graph_constants(g) {
+        ranks.insert(name.to_string(), t.dims.len());
     }
     ranks
 }
