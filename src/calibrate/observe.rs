@@ -47,9 +47,16 @@ pub enum Method {
     Percentile(f64),
     Entropy,
     Mse,
+    /// Chosen per tensor among the fixed methods by the error each choice causes at the
+    /// model's outputs (`passes::quantize::auto`). Where no choice can be scored, [`Observer::
+    /// finish`] falls back to [`Method::DEFAULT_FIXED`].
+    Auto,
 }
 
 impl Method {
+    /// The fixed method `auto` starts from and falls back to.
+    pub const DEFAULT_FIXED: Method = Method::Percentile(99.999);
+
     pub fn needs_histogram(&self) -> bool {
         !matches!(self, Method::MinMax)
     }
@@ -60,6 +67,7 @@ impl Method {
             Method::Percentile(p) => format!("percentile {p}"),
             Method::Entropy => "entropy".into(),
             Method::Mse => "mse".into(),
+            Method::Auto => "auto".into(),
         }
     }
 
@@ -70,6 +78,7 @@ impl Method {
             "minmax" | "min-max" => Method::MinMax,
             "entropy" | "kl" => Method::Entropy,
             "mse" => Method::Mse,
+            "auto" => Method::Auto,
             "percentile" => Method::Percentile(99.999),
             _ => {
                 if let Some(p) = s
@@ -86,7 +95,7 @@ impl Method {
                     Method::Percentile(p)
                 } else {
                     anyhow::bail!(
-                        "unknown calibration method '{s}'; use minmax, percentile[:P], entropy or mse"
+                        "unknown calibration method '{s}'; use auto, minmax, percentile[:P], entropy or mse"
                     )
                 }
             }
@@ -168,8 +177,13 @@ impl Observer {
         } else {
             (self.min, self.max)
         };
-        let (lo, hi) = match (opts.method, &self.hist) {
-            (Method::MinMax, _) | (_, None) => match (opts.moving_average, self.ema) {
+        let method = match opts.method {
+            Method::Auto => Method::DEFAULT_FIXED,
+            fixed => fixed,
+        };
+        let (lo, hi) = match (method, &self.hist) {
+            // `Auto` was resolved just above.
+            (Method::MinMax | Method::Auto, _) | (_, None) => match (opts.moving_average, self.ema) {
                 (Some(_), Some(e)) => e,
                 _ => (min, max),
             },
@@ -218,6 +232,20 @@ pub fn observe_model(
     calib: &CalibrationSet,
     opts: &ObserveOptions,
 ) -> Result<IndexMap<String, Observed>> {
+    Ok(observers(model, tensors, calib, opts)?
+        .into_iter()
+        .map(|(k, o)| (k, o.finish(opts)))
+        .collect())
+}
+
+/// The same run as [`observe_model`], returning the observers themselves, so that several
+/// methods can turn one observation into ranges (`auto` scores each).
+pub fn observers(
+    model: &ModelProto,
+    tensors: &[String],
+    calib: &CalibrationSet,
+    opts: &ObserveOptions,
+) -> Result<IndexMap<String, Observer>> {
     let mut observers: IndexMap<String, Observer> = tensors
         .iter()
         .map(|t| (t.clone(), Observer::new(opts.method.needs_histogram())))
@@ -267,10 +295,7 @@ pub fn observe_model(
             update(&mut observers, name, out, opts.moving_average);
         }
     }
-    Ok(observers
-        .into_iter()
-        .map(|(k, o)| (k, o.finish(opts)))
-        .collect())
+    Ok(observers)
 }
 
 fn update(obs: &mut IndexMap<String, Observer>, name: &str, a: &ArrayD<f32>, ma: Option<f32>) {

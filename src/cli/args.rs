@@ -151,17 +151,29 @@ pub struct CompressArgs {
     // Image preprocessing for png/jpg calibration (and --eval) data.
     #[command(flatten)]
     pub image: ImageArgs,
-    /// Activation range method: minmax, percentile, percentile:P, entropy, mse.
+    /// Activation range method: auto (each tensor's range chosen among the fixed methods by
+    /// the error it causes at the outputs on calibration samples), minmax, percentile,
+    /// percentile:P, entropy, mse.
     #[arg(
         long,
-        default_value = "percentile",
+        default_value = "auto",
         value_name = "METHOD",
         help_heading = "Quantization"
     )]
     pub method: String,
-    /// Percentile for --method percentile.
+    /// Percentile for --method percentile (alone, it selects that method).
     #[arg(long, value_name = "P", help_heading = "Quantization")]
     pub percentile: Option<f64>,
+    /// --method auto: calibration samples each candidate assignment is scored on.
+    #[arg(long, value_name = "N", default_value_t = 8, help_heading = "Quantization")]
+    pub auto_samples: usize,
+    /// --method auto: contiguous blocks of tensors refined one after the other (0: one method
+    /// for every tensor).
+    #[arg(long, value_name = "N", default_value_t = 4, help_heading = "Quantization")]
+    pub auto_blocks: usize,
+    /// --method auto: candidates tried per block besides its current one (1-3).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3), help_heading = "Quantization")]
+    pub auto_alternatives: u8,
     /// Moving-average min-max with this averaging constant (minmax only), e.g. 0.01.
     #[arg(long, value_name = "A", help_heading = "Quantization")]
     pub moving_average: Option<f32>,

@@ -107,7 +107,7 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         Method::parse(&args.method).with_context(|| format!("--method {}", args.method))?;
     if let Some(p) = args.percentile {
         ensure!(
-            matches!(method, Method::Percentile(_)),
+            matches!(method, Method::Percentile(_) | Method::Auto),
             "--percentile needs --method percentile"
         );
         method = Method::parse(&format!("percentile:{p}")).context("--percentile")?;
@@ -117,8 +117,14 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         BiasCorrectionArg::Empirical => BiasCorrection::Empirical,
         BiasCorrectionArg::Analytic => BiasCorrection::Analytic,
     };
+    ensure!(args.auto_samples > 0, "--auto-samples must be at least 1");
     let quantize = QuantizeOptions {
         method,
+        auto: onnx_compress::passes::quantize::auto::AutoOptions {
+            samples: args.auto_samples,
+            blocks: args.auto_blocks,
+            alternatives: args.auto_alternatives as usize,
+        },
         moving_average: args.moving_average,
         activation_scheme: if args.symmetric_activations {
             ActScheme::I8Symmetric

@@ -174,7 +174,7 @@ pub fn apply_assignment(
         if !selected.is_empty() {
             let qopts = QuantizeOptions::default();
             let plan = placement::plan(g, &qopts, &NodeSelection::Only(selected))?;
-            let ranges = materialize::calibrate(&plan, &work.to_proto()?, calib, &qopts)?;
+            let ranges = materialize::calibrate(&plan, &work, &work.to_proto()?, calib, &qopts)?;
             activations = Some((plan, ranges, qopts));
         }
     }

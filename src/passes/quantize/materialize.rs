@@ -24,13 +24,14 @@
 //! the original names (see [`super::insert`]); nothing is inserted for a tensor the plan does
 //! not mark.
 
+use super::auto;
 use super::insert::{self, BiasReport, Namer};
 use super::placement::Plan;
 use super::QuantizeOptions;
 use crate::calibrate::data::CalibrationSet;
-use crate::calibrate::observe::{observe_model, ObserveOptions, Observed};
+use crate::calibrate::observe::{observe_model, Method, ObserveOptions, Observed};
 use crate::calibrate::params::{ActScheme, QParams};
-use crate::ir::Graph;
+use crate::ir::{Graph, Model};
 use crate::onnx::proto::ModelProto;
 use anyhow::{Context, Result};
 use indexmap::IndexMap;
@@ -42,6 +43,8 @@ pub struct ActivationRanges {
     pub observed: IndexMap<String, Observed>,
     /// Quantization parameters from its sharing group's range.
     pub params: IndexMap<String, QParams>,
+    /// What `Method::Auto` chose and why (None for a fixed method).
+    pub auto: Option<auto::AutoReport>,
 }
 
 impl ActivationRanges {
@@ -55,13 +58,24 @@ impl ActivationRanges {
 }
 
 /// Observe every activation `plan` marks by running `observe_on` in tract over `calib`, with
-/// the options' method and activation scheme, and derive each group's parameters.
+/// the options' method and activation scheme, and derive each group's parameters. `float` is
+/// the model the plan was made on; `Method::Auto` scores its choices on it (see [`auto`]).
 pub fn calibrate(
     plan: &Plan,
+    float: &Model,
     observe_on: &ModelProto,
     calib: &CalibrationSet,
     opts: &QuantizeOptions,
 ) -> Result<ActivationRanges> {
+    if opts.method == Method::Auto {
+        let (observed, report) = auto::choose(plan, float, observe_on, calib, opts)?;
+        let params = plan.activation_params(&observed, opts.activation_scheme)?;
+        return Ok(ActivationRanges {
+            observed,
+            params,
+            auto: Some(report),
+        });
+    }
     let tensors: Vec<String> = plan.activations.iter().cloned().collect();
     let obs_opts = ObserveOptions {
         method: opts.method,
@@ -71,7 +85,11 @@ pub fn calibrate(
     let observed = observe_model(observe_on, &tensors, calib, &obs_opts)
         .context("observing activation ranges")?;
     let params = plan.activation_params(&observed, opts.activation_scheme)?;
-    Ok(ActivationRanges { observed, params })
+    Ok(ActivationRanges {
+        observed,
+        params,
+        auto: None,
+    })
 }
 
 /// Insert a Q/DQ pair for every marked activation, then an int32 bias for every marked bias

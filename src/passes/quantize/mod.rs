@@ -23,6 +23,7 @@
 //! Note for the validator: tract runs DequantizeLinear -> Conv -> QuantizeLinear in float, so
 //! its numbers are a simulation of the int8 kernels; ONNX Runtime fuses them into QLinearConv.
 
+pub mod auto;
 pub mod insert;
 pub mod materialize;
 pub mod opset;
@@ -44,6 +45,8 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone)]
 pub struct QuantizeOptions {
     pub method: Method,
+    /// How much scoring `Method::Auto` does.
+    pub auto: auto::AutoOptions,
     /// Moving-average min/max averaging constant (minmax only).
     pub moving_average: Option<f32>,
     pub activation_scheme: ActScheme,
@@ -75,8 +78,9 @@ pub struct QuantizeOptions {
 impl Default for QuantizeOptions {
     fn default() -> Self {
         QuantizeOptions {
-            // Same default as the CLI: robust to the rare outliers min-max would chase.
-            method: Method::Percentile(99.999),
+            // Same default as the CLI.
+            method: Method::Auto,
+            auto: auto::AutoOptions::default(),
             moving_average: None,
             activation_scheme: ActScheme::U8Asymmetric,
             per_channel: true,
@@ -333,7 +337,10 @@ pub fn quantize(
     };
     stats.notes.extend(calib.notes.iter().cloned());
     // Observed on the model as given: the opset upgrade changes no value.
-    let ranges = materialize::calibrate(&plan, &original, calib, opts)?;
+    let ranges = materialize::calibrate(&plan, &work, &original, calib, opts)?;
+    if let Some(auto) = &ranges.auto {
+        stats.notes.push(auto::summary(auto));
+    }
 
     if opts.bias_correction != crate::passes::equalize::BiasCorrection::Off {
         stats
@@ -400,6 +407,7 @@ pub fn quantize(
     }
     stats.details = json!({
         "method": opts.method.label(),
+        "auto": ranges.auto,
         "moving_average": opts.moving_average,
         "activation_scheme": opts.activation_scheme,
         "per_channel": opts.per_channel,

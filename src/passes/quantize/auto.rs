@@ -1,0 +1,687 @@
+//! `--method auto`: each activation's range chosen by the error it causes at the model's
+//! outputs, not by the tensor's own error.
+//!
+//! No fixed range method wins everywhere: percentile clips the few large values a ResNet's
+//! residual stream needs, min-max wastes levels on EfficientNet's outliers, MSE minimizes each
+//! tensor's own error and collapses a CTC recognizer. So `auto` observes every marked tensor
+//! once (exact min/max and a histogram, [`observers`]), derives one candidate range per fixed
+//! method from that observation ([`CANDIDATES`]), and scores assignments of candidates to
+//! tensors by the output error on calibration samples.
+//!
+//! The scoring graph is the float model with every marked weight replaced by its int8
+//! fake-quantized values and, after every marked activation `t`, a fake quantizer whose scale
+//! and zero point are graph inputs, so one tract plan scores any assignment:
+//! ```text
+//! before: a -> Conv(W) -> t -> Relu -> ...
+//! after:  a -> Conv(fq(W)) -> t -> Div(s_t) -> Round -> Add(z_t) -> Max(qmin) -> Min(qmax)
+//!           -> Sub(z_t) -> Mul(s_t) -> t' -> Relu -> ...          (s_t, z_t: graph inputs)
+//! ```
+//! That is `dq(q(t))` of ONNX's QuantizeLinear/DequantizeLinear in float (`qmin`, `qmax` are
+//! graph inputs too). Biases stay float (their int32 rounding is far below the activation
+//! error).
+//!
+//! Loss: per output, KL(reference || quantized) averaged over rows when the float output is a
+//! probability distribution over its last axis (every row non-negative, summing to 1), else
+//! the normalized squared error `Σ(y - ŷ)² / Σ y²` (what SQNR reports). Both are unitless;
+//! several outputs add up.
+//!
+//! The reference outputs come from the same plan with the identity quantizer (scale 2^-20,
+//! zero point 0, bounds ±f32::MAX: `dq(q(x))` then equals `x` up to 2^-21 absolute), so one tract
+//! plan is built, and the comparison sees the same float schedule on both sides.
+//!
+//! Search (deterministic: samples are scored in parallel, one per task, and summed in order):
+//! 1. every candidate applied to all tensors (one evaluation each); the best is the start;
+//! 2. the marked tensors, in topological order, are cut into [`AutoOptions::blocks`] contiguous
+//!    blocks; for each block in order, the next-best uniform candidates
+//!    ([`AutoOptions::alternatives`]) are tried on that block alone with the rest at the current
+//!    choice, and kept when one lowers the loss by more than [`MIN_GAIN`] (relative), so a
+//!    choice never rests on noise.
+//!
+//! The result is never worse on the scoring samples than the best fixed method. Tensors in a
+//! scale-sharing group still take the union of their members' ranges (see `Plan`).
+
+use super::insert;
+use super::placement::Plan;
+use super::QuantizeOptions;
+use crate::calibrate::data::CalibrationSet;
+use crate::calibrate::observe::{observers, Method, ObserveOptions, Observed, Observer};
+use crate::calibrate::params::{ActScheme, QParams};
+use crate::ir::Model;
+use crate::onnx::proto::tensor_proto::DataType;
+use crate::onnx::proto::{
+    type_proto, AttributeProto, ModelProto, NodeProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
+};
+use crate::onnx::tensor;
+use crate::runtime::Runner;
+use anyhow::{Context, Result};
+use indexmap::IndexMap;
+use ndarray::{ArrayD, Axis, Slice};
+use rayon::prelude::*;
+use serde::Serialize;
+
+/// The fixed methods `auto` chooses among. The first is the tie-break winner and the
+/// normalizer of multi-output losses.
+pub const CANDIDATES: [Method; 4] = [
+    Method::Percentile(99.999),
+    Method::MinMax,
+    Method::Percentile(99.99),
+    Method::Mse,
+];
+
+/// Smallest relative loss reduction that changes a block's choice.
+pub const MIN_GAIN: f64 = 0.005;
+
+/// How much scoring `auto` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutoOptions {
+    /// Calibration samples every assignment is scored on (the first ones).
+    pub samples: usize,
+    /// Contiguous blocks of tensors refined one after the other (0: uniform choice only).
+    pub blocks: usize,
+    /// Candidates tried on each block besides its current one: the best-scoring uniform
+    /// assignments after the start (1..=3).
+    pub alternatives: usize,
+}
+
+impl Default for AutoOptions {
+    fn default() -> Self {
+        // 4 uniform + 4 block assignments on 8 samples: about twice the forward passes of a
+        // 32-sample calibration, run on every core.
+        AutoOptions {
+            samples: 8,
+            blocks: 4,
+            alternatives: 1,
+        }
+    }
+}
+
+/// What `auto` chose and what each choice cost, for the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct AutoReport {
+    /// Samples each assignment was scored on, and how many assignments were scored.
+    pub samples: usize,
+    pub evaluations: usize,
+    /// `kl` / `nmse` per output.
+    pub losses: Vec<String>,
+    /// Loss of each fixed method applied to every tensor.
+    pub uniform: Vec<(String, f64)>,
+    /// The best of those (the starting point).
+    pub start: String,
+    pub blocks: Vec<BlockChoice>,
+    /// Loss of the final assignment.
+    pub loss: f64,
+    /// Per tensor: the method whose range it got.
+    pub tensors: Vec<(String, String)>,
+}
+
+/// One block of the refinement.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockChoice {
+    pub first: String,
+    pub last: String,
+    pub tensors: usize,
+    /// Loss with each candidate on this block (the rest at the choice so far).
+    pub tried: Vec<(String, f64)>,
+    pub chosen: String,
+    /// Relative loss reduction of the chosen candidate over the one the block had before.
+    pub gain: f64,
+}
+
+/// Observe `plan`'s activations on `observe_on` and choose each one's range (see the module
+/// docs). `float` is the model the plan was made on (weights by the plan's names).
+pub fn choose(
+    plan: &Plan,
+    float: &Model,
+    observe_on: &ModelProto,
+    calib: &CalibrationSet,
+    opts: &QuantizeOptions,
+) -> Result<(IndexMap<String, Observed>, AutoReport)> {
+    let tensors: Vec<String> = plan.activations.iter().cloned().collect();
+    let obs_opts = |method| ObserveOptions {
+        method,
+        moving_average: None,
+        scheme: opts.activation_scheme,
+    };
+    let seen: IndexMap<String, Observer> =
+        observers(observe_on, &tensors, calib, &obs_opts(Method::Auto))
+            .context("observing activation ranges")?;
+    let candidates: Vec<IndexMap<String, Observed>> = CANDIDATES
+        .iter()
+        .map(|&m| {
+            seen.iter()
+                .map(|(t, o)| (t.clone(), o.finish(&obs_opts(m))))
+                .collect()
+        })
+        .collect();
+    let scorer = Scorer::new(plan, float, calib, opts, &tensors)?;
+    let assign = |choice: &[usize]| -> IndexMap<String, Observed> {
+        tensors
+            .iter()
+            .zip(choice)
+            .map(|(t, &c)| (t.clone(), candidates[c][t]))
+            .collect()
+    };
+    let score_all = |choices: &[Vec<usize>]| -> Result<Vec<f64>> {
+        choices
+            .iter()
+            .map(|c| {
+                let params = plan.activation_params(&assign(c), opts.activation_scheme)?;
+                Ok(scorer.losses(&params)?.iter().sum())
+            })
+            .collect()
+    };
+
+    // 1. Uniform assignments.
+    let n = tensors.len();
+    let uniform: Vec<Vec<usize>> = (0..CANDIDATES.len()).map(|c| vec![c; n]).collect();
+    let uniform_losses = score_all(&uniform)?;
+    let mut evaluations = uniform.len();
+    let best = argmin(&uniform_losses);
+    let mut choice = uniform[best].clone();
+    let mut loss = uniform_losses[best];
+    let mut by_uniform_loss: Vec<usize> = (0..CANDIDATES.len()).collect();
+    by_uniform_loss.sort_by(|&a, &b| uniform_losses[a].total_cmp(&uniform_losses[b]));
+
+    // 2. Block refinement.
+    let mut blocks = Vec::new();
+    let count = opts.auto.blocks.min(n);
+    for b in 0..count {
+        let range = (b * n / count)..((b + 1) * n / count);
+        if range.is_empty() {
+            continue;
+        }
+        let current = choice[range.start];
+        let others: Vec<usize> = by_uniform_loss
+            .iter()
+            .copied()
+            .filter(|&c| c != current)
+            .take(opts.auto.alternatives.max(1))
+            .collect();
+        let trials: Vec<Vec<usize>> = others
+            .iter()
+            .map(|&c| {
+                let mut t = choice.clone();
+                t[range.clone()].iter_mut().for_each(|x| *x = c);
+                t
+            })
+            .collect();
+        let losses = score_all(&trials)?;
+        evaluations += trials.len();
+        let k = argmin(&losses);
+        let mut tried: Vec<(String, f64)> = vec![(CANDIDATES[current].label(), loss)];
+        tried.extend(others.iter().zip(&losses).map(|(&c, &l)| (CANDIDATES[c].label(), l)));
+        let gain = if loss > 0.0 { (loss - losses[k]) / loss } else { 0.0 };
+        let chosen = if gain > MIN_GAIN {
+            choice = trials[k].clone();
+            loss = losses[k];
+            others[k]
+        } else {
+            current
+        };
+        blocks.push(BlockChoice {
+            first: tensors[range.start].clone(),
+            last: tensors[range.end - 1].clone(),
+            tensors: range.len(),
+            tried,
+            chosen: CANDIDATES[chosen].label(),
+            gain: if chosen == current { 0.0 } else { gain },
+        });
+    }
+
+    let report = AutoReport {
+        samples: scorer.samples,
+        evaluations,
+        losses: scorer.kinds.iter().map(|k| k.label().to_string()).collect(),
+        uniform: CANDIDATES
+            .iter()
+            .zip(&uniform_losses)
+            .map(|(m, &l)| (m.label(), l))
+            .collect(),
+        start: CANDIDATES[best].label(),
+        blocks,
+        loss,
+        tensors: tensors
+            .iter()
+            .zip(&choice)
+            .map(|(t, &c)| (t.clone(), CANDIDATES[c].label()))
+            .collect(),
+    };
+    Ok((assign(&choice), report))
+}
+
+fn argmin(v: &[f64]) -> usize {
+    // First minimum wins ties; NaN never wins.
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x < v[best] || v[best].is_nan() {
+            best = i;
+        }
+    }
+    best
+}
+
+/// How one output's error is measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum LossKind {
+    Kl,
+    Nmse,
+}
+
+impl LossKind {
+    fn label(self) -> &'static str {
+        match self {
+            LossKind::Kl => "kl",
+            LossKind::Nmse => "nmse",
+        }
+    }
+
+    /// (numerator, denominator) of this output's loss on one feed.
+    fn partial(self, r: &ArrayD<f32>, q: &ArrayD<f32>) -> (f64, f64) {
+        match self {
+            LossKind::Nmse => r.iter().zip(q.iter()).fold((0.0, 0.0), |(n, d), (&a, &b)| {
+                (n + (a as f64 - b as f64).powi(2), d + (a as f64).powi(2))
+            }),
+            LossKind::Kl => {
+                let axis = Axis(r.ndim().saturating_sub(1));
+                r.lanes(axis)
+                    .into_iter()
+                    .zip(q.lanes(axis))
+                    .fold((0.0, 0.0), |(n, d), (pr, pq)| {
+                        (n + kl(pr.iter().copied(), pq.iter().copied()), d + 1.0)
+                    })
+            }
+        }
+    }
+
+    /// KL where the reference is a distribution over its last axis.
+    fn of(reference: &[ArrayD<f32>]) -> LossKind {
+        let is_distribution = reference.iter().all(|a| {
+            let Some(&last) = a.shape().last() else {
+                return false;
+            };
+            last >= 2
+                && a.iter().all(|&v| (0.0..=1.0 + 1e-6).contains(&v))
+                && a
+                    .lanes(Axis(a.ndim() - 1))
+                    .into_iter()
+                    .all(|row| (row.sum() - 1.0).abs() < 1e-3)
+        });
+        if is_distribution {
+            LossKind::Kl
+        } else {
+            LossKind::Nmse
+        }
+    }
+}
+
+/// The scoring graph in tract, its feeds and the reference outputs it is compared with.
+struct Scorer {
+    runner: Runner,
+    /// Model inputs of each scored sample (or batch, when the model fixes its batch size).
+    feeds: Vec<Vec<ArrayD<f32>>>,
+    /// Reference outputs of each feed.
+    reference: Vec<Vec<ArrayD<f32>>>,
+    kinds: Vec<LossKind>,
+    /// Marked tensors, in the order of the scale / zero-point inputs.
+    tensors: Vec<String>,
+    /// Samples in `feeds`.
+    samples: usize,
+    /// The scheme's integer bounds.
+    bounds: (f32, f32),
+}
+
+/// Scale of the identity quantizer (exact powers of two keep `x / s * s == x`).
+const IDENTITY_SCALE: f32 = 1.0 / (1u32 << 20) as f32;
+
+impl Scorer {
+    fn new(
+        plan: &Plan,
+        float: &Model,
+        calib: &CalibrationSet,
+        opts: &QuantizeOptions,
+        tensors: &[String],
+    ) -> Result<Scorer> {
+        // One sample per feed only where every input leaves its batch dimension free.
+        let splittable = crate::calibrate::data::model_inputs(float)
+            .map(|inputs| inputs.iter().all(|i| i.fixed_batch().is_none()))
+            .unwrap_or(false);
+        let feeds = first_samples(calib, opts.auto.samples, splittable);
+        anyhow::ensure!(!feeds.is_empty(), "auto: no calibration samples to score on");
+        let samples: usize = feeds.iter().map(|f| rows(f)).sum();
+        let mut shapes: Vec<(String, Vec<usize>)> = calib
+            .input_names
+            .iter()
+            .cloned()
+            .zip(feeds[0].iter().map(|a| a.shape().to_vec()))
+            .collect();
+        for t in tensors {
+            shapes.push((scale_input(t), vec![]));
+            shapes.push((zero_point_input(t), vec![]));
+        }
+        shapes.push((QMIN_INPUT.into(), vec![]));
+        shapes.push((QMAX_INPUT.into(), vec![]));
+        let (scoring, _) = crate::runtime::simulation_graph(&scoring_graph(plan, float, opts, tensors)?)?;
+        let runner =
+            Runner::new(&scoring, &shapes, &[]).context("auto: the scoring graph in tract")?;
+        let bounds = match opts.activation_scheme {
+            ActScheme::U8Asymmetric => (0.0, 255.0),
+            ActScheme::I8Symmetric => (-128.0, 127.0),
+        };
+        let mut scorer = Scorer {
+            runner,
+            feeds,
+            reference: Vec::new(),
+            kinds: Vec::new(),
+            tensors: tensors.to_vec(),
+            samples,
+            bounds,
+        };
+        let identity: Vec<(f32, f32)> = vec![(IDENTITY_SCALE, 0.0); tensors.len()];
+        scorer.reference = scorer
+            .run_all(&identity, (-f32::MAX, f32::MAX))
+            .context("auto: reference run")?;
+        scorer.kinds = (0..scorer.reference[0].len())
+            .map(|o| {
+                let outs: Vec<ArrayD<f32>> =
+                    scorer.reference.iter().map(|r| r[o].clone()).collect();
+                LossKind::of(&outs)
+            })
+            .collect();
+        Ok(scorer)
+    }
+
+    /// Outputs of every feed with per-tensor (scale, zero point) and integer bounds.
+    fn run_all(&self, params: &[(f32, f32)], bounds: (f32, f32)) -> Result<Vec<Vec<ArrayD<f32>>>> {
+        let extra = self.extra_inputs(params, bounds);
+        self.feeds
+            .par_iter()
+            .map(|feed| {
+                let mut inputs = feed.clone();
+                inputs.extend(extra.iter().cloned());
+                self.runner.run(&inputs)
+            })
+            .collect()
+    }
+
+    fn extra_inputs(&self, params: &[(f32, f32)], bounds: (f32, f32)) -> Vec<ArrayD<f32>> {
+        let mut extra = Vec::with_capacity(2 * params.len() + 2);
+        for &(s, z) in params {
+            extra.push(ArrayD::from_elem(vec![], s));
+            extra.push(ArrayD::from_elem(vec![], z));
+        }
+        extra.push(ArrayD::from_elem(vec![], bounds.0));
+        extra.push(ArrayD::from_elem(vec![], bounds.1));
+        extra
+    }
+
+    /// Loss of each output (over all scored feeds) under `params`.
+    fn losses(&self, params: &IndexMap<String, QParams>) -> Result<Vec<f64>> {
+        let flat: Vec<(f32, f32)> = self
+            .tensors
+            .iter()
+            .map(|t| {
+                let p = params
+                    .get(t)
+                    .with_context(|| format!("auto: no parameters for '{t}'"))?;
+                Ok((p.scale, p.zero_point as f32))
+            })
+            .collect::<Result<_>>()?;
+        let extra = self.extra_inputs(&flat, self.bounds);
+        // Per feed (num, den) per output, in parallel; summed in feed order afterwards so the
+        // result does not depend on the thread count.
+        let parts: Vec<Vec<(f64, f64)>> = self
+            .feeds
+            .par_iter()
+            .zip(self.reference.par_iter())
+            .map(|(feed, reference)| {
+                let mut inputs = feed.clone();
+                inputs.extend(extra.iter().cloned());
+                let outs = self.runner.run(&inputs).context("auto: scoring run")?;
+                Ok(self
+                    .kinds
+                    .iter()
+                    .enumerate()
+                    .map(|(o, kind)| kind.partial(&reference[o], &outs[o]))
+                    .collect())
+            })
+            .collect::<Result<_>>()?;
+        let mut totals = vec![(0.0f64, 0.0f64); self.kinds.len()];
+        for part in &parts {
+            for (t, p) in totals.iter_mut().zip(part) {
+                t.0 += p.0;
+                t.1 += p.1;
+            }
+        }
+        Ok(totals
+            .iter()
+            .map(|&(n, d)| if d > 0.0 { n / d } else { n })
+            .map(|l| if l.is_finite() { l } else { f64::INFINITY })
+            .collect())
+    }
+}
+
+fn rows(feed: &[ArrayD<f32>]) -> usize {
+    feed.first()
+        .and_then(|a| a.shape().first().copied())
+        .unwrap_or(1)
+}
+
+/// `KL(p || q)` of one row, with `q` floored so a zeroed probability costs a finite amount.
+fn kl(p: impl Iterator<Item = f32>, q: impl Iterator<Item = f32>) -> f64 {
+    const FLOOR: f64 = 1e-8;
+    p.zip(q)
+        .filter(|(a, _)| *a > 0.0)
+        .map(|(a, b)| {
+            let (a, b) = (a as f64, (b as f64).max(FLOOR));
+            a * (a / b).ln()
+        })
+        .sum()
+}
+
+/// The first `n` calibration samples, one feed per sample when the batches hold several and
+/// the model lets the batch size vary (so they score in parallel), else the first whole batches.
+fn first_samples(calib: &CalibrationSet, n: usize, splittable: bool) -> Vec<Vec<ArrayD<f32>>> {
+    let mut out = Vec::new();
+    let Some(first) = calib.batches.first() else {
+        return out;
+    };
+    let shapes = |b: &Vec<ArrayD<f32>>| b.iter().map(|a| a.shape().to_vec()).collect::<Vec<_>>();
+    let first_shapes = shapes(first);
+    for batch in &calib.batches {
+        if out.len() >= n.max(1) {
+            break;
+        }
+        if splittable && rows(batch) > 1 {
+            // Several samples stacked on axis 0 (how the data loader batches them).
+            for i in 0..rows(batch) {
+                if out.len() >= n.max(1) {
+                    break;
+                }
+                out.push(
+                    batch
+                        .iter()
+                        .map(|a| a.slice_axis(Axis(0), Slice::from(i..i + 1)).to_owned())
+                        .collect(),
+                );
+            }
+        } else if shapes(batch) == first_shapes {
+            // A batch of another shape would need a second tract plan.
+            out.push(batch.clone());
+        }
+    }
+    out
+}
+
+const QMIN_INPUT: &str = "::auto_qmin";
+const QMAX_INPUT: &str = "::auto_qmax";
+
+fn scale_input(t: &str) -> String {
+    format!("{t}::auto_scale")
+}
+
+fn zero_point_input(t: &str) -> String {
+    format!("{t}::auto_zero_point")
+}
+
+/// The float model with fake-quantized weights and a parametric fake quantizer after every
+/// marked activation (see the module docs).
+fn scoring_graph(
+    plan: &Plan,
+    float: &Model,
+    opts: &QuantizeOptions,
+    tensors: &[String],
+) -> Result<ModelProto> {
+    let mut work = float.clone();
+    let mut initializers = Vec::new();
+    for (w, mark) in &plan.weights {
+        if work.graph.constant(w).is_none() {
+            // Already stored at another precision by the caller (mixed precision).
+            continue;
+        }
+        let fq = insert::fake_quant(&work.graph, w, mark.axis, opts.reduce_range, opts.rounding)
+            .with_context(|| format!("auto: fake-quantizing weight '{w}'"))?;
+        initializers.push(tensor::from_f32(w, &fq));
+    }
+    work.graph.apply(crate::ir::Patch {
+        initializers,
+        ..Default::default()
+    })?;
+    let mut model = work.to_proto()?;
+    let graph = model.graph.as_mut().context("model has no graph")?;
+    let qmin_name = QMIN_INPUT.to_string();
+    let qmax_name = QMAX_INPUT.to_string();
+    let mut chains: IndexMap<String, Vec<NodeProto>> = IndexMap::new();
+    for t in tensors {
+        let (s, z) = (scale_input(t), zero_point_input(t));
+        graph.input.push(scalar_input(&s));
+        graph.input.push(scalar_input(&z));
+        let step = |k: &str| format!("{t}::auto_{k}");
+        let out = step("out");
+        let chain: [(&str, Vec<String>, String); 7] = [
+            ("Div", vec![t.clone(), s.clone()], step("div")),
+            ("Round", vec![step("div")], step("round")),
+            ("Add", vec![step("round"), z.clone()], step("add")),
+            ("Max", vec![step("add"), qmin_name.clone()], step("max")),
+            ("Min", vec![step("max"), qmax_name.clone()], step("min")),
+            ("Sub", vec![step("min"), z.clone()], step("sub")),
+            ("Mul", vec![step("sub"), s.clone()], out.clone()),
+        ];
+        let nodes = chains.entry(t.clone()).or_default();
+        for (op, inputs, output) in chain {
+            nodes.push(NodeProto {
+                op_type: Some(op.into()),
+                name: Some(output.clone()),
+                input: inputs,
+                output: vec![output],
+                attribute: Vec::<AttributeProto>::new(),
+                ..Default::default()
+            });
+        }
+        // Readers of `t` (not the chain itself) read the fake-quantized value.
+        for node in graph.node.iter_mut() {
+            for i in node.input.iter_mut() {
+                if i == t {
+                    *i = out.clone();
+                }
+            }
+        }
+        for o in graph.output.iter_mut() {
+            if o.name() == t {
+                o.name = Some(out.clone());
+            }
+        }
+    }
+    graph.input.push(scalar_input(&qmin_name));
+    graph.input.push(scalar_input(&qmax_name));
+    // Each chain right after its tensor's producer (graph inputs' chains first), so the node
+    // list stays topologically sorted.
+    let original = std::mem::take(&mut graph.node);
+    let mut placed: std::collections::HashSet<String> = Default::default();
+    let mut place = |name: &str, into: &mut Vec<NodeProto>| {
+        if let Some(chain) = chains.get(name) {
+            if placed.insert(name.to_string()) {
+                into.extend(chain.iter().cloned());
+            }
+        }
+    };
+    let mut sorted = Vec::with_capacity(original.len() + 7 * tensors.len());
+    let produced: std::collections::HashSet<String> = original
+        .iter()
+        .flat_map(|n| n.output.iter().cloned())
+        .collect();
+    for t in tensors {
+        if !produced.contains(t) {
+            place(t, &mut sorted);
+        }
+    }
+    for node in original {
+        let outputs = node.output.clone();
+        sorted.push(node);
+        for o in &outputs {
+            place(o, &mut sorted);
+        }
+    }
+    graph.node = sorted;
+    Ok(model)
+}
+
+fn scalar_input(name: &str) -> ValueInfoProto {
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(DataType::Float as i32),
+                shape: Some(TensorShapeProto { dim: vec![] }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// One line for the terminal: what won, against what, and where the choice mattered most.
+pub fn summary(r: &AutoReport) -> String {
+    let best_fixed = r
+        .uniform
+        .iter()
+        .map(|(_, l)| *l)
+        .fold(f64::INFINITY, f64::min);
+    let worst_fixed = r.uniform.iter().map(|(_, l)| *l).fold(0.0, f64::max);
+    let mut counts: IndexMap<&str, usize> = IndexMap::new();
+    for (_, m) in &r.tensors {
+        *counts.entry(m.as_str()).or_default() += 1;
+    }
+    let mix: Vec<String> = counts.iter().map(|(m, n)| format!("{m} x{n}")).collect();
+    let mut changed: Vec<&BlockChoice> = r.blocks.iter().filter(|b| b.gain > 0.0).collect();
+    changed.sort_by(|a, b| b.gain.total_cmp(&a.gain));
+    let mattered: Vec<String> = changed
+        .iter()
+        .take(3)
+        .map(|b| {
+            format!(
+                "'{}'..'{}' -> {} (-{:.0}%)",
+                b.first,
+                b.last,
+                b.chosen,
+                100.0 * b.gain
+            )
+        })
+        .collect();
+    format!(
+        "ranges chosen by output error (auto, {} on {} sample(s), {} assignments scored): {}; loss {:.3e} vs best fixed {:.3e} ({}), worst fixed {:.3e}{}",
+        r.losses.join("+"),
+        r.samples,
+        r.evaluations,
+        mix.join(", "),
+        r.loss,
+        best_fixed,
+        r.start,
+        worst_fixed,
+        if mattered.is_empty() {
+            String::new()
+        } else {
+            format!("; mattered most: {}", mattered.join(", "))
+        }
+    )
+}
