@@ -183,7 +183,8 @@ impl Observer {
         };
         let (lo, hi) = match (method, &self.hist) {
             // `Auto` was resolved just above.
-            (Method::MinMax | Method::Auto, _) | (_, None) => match (opts.moving_average, self.ema) {
+            (Method::MinMax | Method::Auto, _) | (_, None) => match (opts.moving_average, self.ema)
+            {
                 (Some(_), Some(e)) => e,
                 _ => (min, max),
             },

@@ -164,12 +164,18 @@ pub struct CompressArgs {
     /// Percentile for --method percentile (alone, it selects that method).
     #[arg(long, value_name = "P", help_heading = "Quantization")]
     pub percentile: Option<f64>,
-    /// --method auto: calibration samples each candidate assignment is scored on.
-    #[arg(long, value_name = "N", default_value_t = 8, help_heading = "Quantization")]
-    pub auto_samples: usize,
+    /// --method auto: calibration samples each candidate assignment is scored on (default:
+    /// enough for about twice the calibration's forward passes, 8 to 256).
+    #[arg(long, value_name = "N", help_heading = "Quantization")]
+    pub auto_samples: Option<usize>,
     /// --method auto: contiguous blocks of tensors refined one after the other (0: one method
     /// for every tensor).
-    #[arg(long, value_name = "N", default_value_t = 4, help_heading = "Quantization")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 4,
+        help_heading = "Quantization"
+    )]
     pub auto_blocks: usize,
     /// --method auto: candidates tried per block besides its current one (1-3).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3), help_heading = "Quantization")]

@@ -117,7 +117,10 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         BiasCorrectionArg::Empirical => BiasCorrection::Empirical,
         BiasCorrectionArg::Analytic => BiasCorrection::Analytic,
     };
-    ensure!(args.auto_samples > 0, "--auto-samples must be at least 1");
+    ensure!(
+        args.auto_samples != Some(0),
+        "--auto-samples must be at least 1"
+    );
     let quantize = QuantizeOptions {
         method,
         auto: onnx_compress::passes::quantize::auto::AutoOptions {

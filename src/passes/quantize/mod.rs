@@ -397,6 +397,7 @@ pub fn quantize(
                 "scale": p.scale,
                 "zero_point": p.zero_point,
                 "shared_with": if group != *t { Some(group) } else { None },
+                "method": ranges.auto.as_ref().and_then(|a| a.tensors.iter().find(|(n, _)| n == t)).map(|(_, m)| m.clone()),
             }))
         })
         .collect::<Result<Vec<_>>>()?;

@@ -42,6 +42,9 @@ pub(super) fn quantize_plots(h: &mut String, d: &Value) -> Result<()> {
     if !facts.is_empty() {
         let _ = writeln!(h, "<p>{}</p>", esc(&facts.join("; ")));
     }
+    if let Some(auto) = d.get("auto").filter(|a| a.is_object()) {
+        auto_tables(h, auto);
+    }
     let weights = arr(d, "weights");
     if !weights.is_empty() {
         let rows: Vec<Row> = weights
@@ -121,4 +124,56 @@ pub(super) fn quantize_plots(h: &mut String, d: &Value) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What `--method auto` scored: each fixed method on every tensor, then each block's trials.
+fn auto_tables(h: &mut String, auto: &Value) {
+    let _ = writeln!(
+        h,
+        "<h3>Range choice (auto): output loss ({}) on {} calibration sample(s), {} assignments scored</h3>",
+        esc(&arr(auto, "losses").iter().map(text).collect::<Vec<_>>().join(" + ")),
+        auto.get("samples").map(text).unwrap_or_default(),
+        auto.get("evaluations").map(text).unwrap_or_default()
+    );
+    h.push_str("<table><tr><th>every tensor with</th><th class=\"n\">loss</th></tr>");
+    for u in arr(auto, "uniform") {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td class=\"n\">{:.4e}</td></tr>",
+            esc(&u.get(0).map(text).unwrap_or_default()),
+            u.get(1).and_then(Value::as_f64).unwrap_or(f64::NAN)
+        );
+    }
+    let _ = write!(
+        h,
+        "<tr><td><b>chosen per block</b></td><td class=\"n\"><b>{:.4e}</b></td></tr></table>",
+        f64_at(auto, &["loss"]).unwrap_or(f64::NAN)
+    );
+    let blocks = arr(auto, "blocks");
+    if !blocks.is_empty() {
+        h.push_str("<table><tr><th>block (first .. last tensor)</th><th class=\"n\">tensors</th><th>tried (loss)</th><th>chosen</th><th class=\"n\">gain</th></tr>");
+        for b in blocks {
+            let tried: Vec<String> = arr(b, "tried")
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{} {:.3e}",
+                        t.get(0).map(text).unwrap_or_default(),
+                        t.get(1).and_then(Value::as_f64).unwrap_or(f64::NAN)
+                    )
+                })
+                .collect();
+            let _ = write!(
+                h,
+                "<tr><td>{} .. {}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td><td class=\"n\">{:.1}%</td></tr>",
+                esc(str_at(b, &["first"]).unwrap_or_default()),
+                esc(str_at(b, &["last"]).unwrap_or_default()),
+                b.get("tensors").map(text).unwrap_or_default(),
+                esc(&tried.join(", ")),
+                esc(str_at(b, &["chosen"]).unwrap_or_default()),
+                100.0 * f64_at(b, &["gain"]).unwrap_or(0.0)
+            );
+        }
+        h.push_str("</table>");
+    }
 }
