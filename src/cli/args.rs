@@ -178,7 +178,7 @@ pub struct CompressArgs {
     )]
     pub auto_blocks: usize,
     /// --method auto: candidates tried per block besides its current one (1-3).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3), help_heading = "Quantization")]
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=3), help_heading = "Quantization")]
     pub auto_alternatives: u8,
     /// Moving-average min-max with this averaging constant (minmax only), e.g. 0.01.
     #[arg(long, value_name = "A", help_heading = "Quantization")]

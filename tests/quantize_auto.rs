@@ -1,0 +1,114 @@
+//! `--method auto` (the default range method): on trained testdata models and held-out data it
+//! is never meaningfully worse than the best fixed method, its report accounts for every
+//! tensor, and its choice does not depend on the thread count.
+
+mod common;
+
+use common::digits_mp::{digits_model_with, fidelity, logits};
+use ndarray::ArrayD;
+use ndarray_npy::ReadNpyExt;
+use onnx_compress::calibrate::observe::Method;
+use onnx_compress::ir::Model;
+use onnx_compress::passes::quantize::{quantize, QuantizeOptions};
+use std::path::PathBuf;
+
+fn testdata(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(file)
+}
+
+fn held_out() -> (ArrayD<f32>, Vec<i64>) {
+    let x = ArrayD::<f32>::read_npy(std::fs::File::open(testdata("digits_test_x.npy")).unwrap())
+        .unwrap();
+    let y = ArrayD::<i64>::read_npy(std::fs::File::open(testdata("digits_test_y.npy")).unwrap())
+        .unwrap();
+    (x, y.iter().copied().collect())
+}
+
+fn quantized_with(file: &str, method: Method) -> (Model, Model, serde_json::Value) {
+    let (float, calib) = digits_model_with(file, 200);
+    let mut q = float.clone();
+    let opts = QuantizeOptions {
+        method,
+        ..Default::default()
+    };
+    let stats = quantize(&mut q, &opts, Some(&calib)).unwrap();
+    (float, q, stats.details)
+}
+
+/// (SQNR dB, accuracy %) of the quantized model's logits on the held-out digits.
+fn held_out_fidelity(float: &Model, q: &Model) -> (f64, f64) {
+    let (x, y) = held_out();
+    let reference = logits(&float.to_proto().unwrap(), &x);
+    let out = logits(&q.to_proto().unwrap(), &x);
+    let (_, sqnr, acc) = fidelity(&reference, &out, Some(&y));
+    (sqnr, 100.0 * acc)
+}
+
+#[test]
+fn auto_holds_the_best_fixed_method_on_held_out_digits() {
+    for file in ["digits_cnn.onnx", "digits_deep.onnx", "digits_smooth.onnx"] {
+        let mut fixed = Vec::new();
+        for method in [
+            Method::MinMax,
+            Method::Percentile(99.999),
+            Method::Mse,
+            Method::Entropy,
+        ] {
+            let (float, q, _) = quantized_with(file, method);
+            fixed.push((method.label(), held_out_fidelity(&float, &q)));
+        }
+        let (float, q, _) = quantized_with(file, Method::Auto);
+        let (sqnr, acc) = held_out_fidelity(&float, &q);
+        let best_sqnr = fixed.iter().map(|f| f.1 .0).fold(f64::MIN, f64::max);
+        let best_acc = fixed.iter().map(|f| f.1 .1).fold(f64::MIN, f64::max);
+        assert!(
+            sqnr >= best_sqnr - 0.3,
+            "{file}: auto {sqnr:.2} dB vs fixed {fixed:?}"
+        );
+        // 360 test digits: one sample is 0.28 points.
+        assert!(
+            acc >= best_acc - 0.3,
+            "{file}: auto accuracy {acc:.2}% vs fixed {fixed:?}"
+        );
+    }
+}
+
+#[test]
+fn auto_reports_every_tensor_and_never_scores_above_the_best_uniform_choice() {
+    let (_, _, details) = quantized_with("digits_deep.onnx", Method::Auto);
+    assert_eq!(details["method"], "auto");
+    let auto = &details["auto"];
+    let tensors = auto["tensors"].as_array().unwrap();
+    let activations = details["activations"].as_array().unwrap();
+    assert_eq!(tensors.len(), activations.len());
+    let uniform: Vec<f64> = auto["uniform"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u[1].as_f64().unwrap())
+        .collect();
+    assert_eq!(uniform.len(), 3 + 1);
+    let best = uniform.iter().copied().fold(f64::INFINITY, f64::min);
+    let loss = auto["loss"].as_f64().unwrap();
+    assert!(loss <= best, "final loss {loss} above best uniform {best}");
+    let blocks = auto["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), 4);
+    assert_eq!(auto["evaluations"].as_u64().unwrap(), 4 + 4 * 3);
+    let covered: u64 = blocks.iter().map(|b| b["tensors"].as_u64().unwrap()).sum();
+    assert_eq!(covered as usize, tensors.len());
+}
+
+#[test]
+fn auto_output_does_not_depend_on_the_thread_count() {
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let (_, q, _) = pool.install(|| quantized_with("digits_cnn.onnx", Method::Auto));
+        q.to_proto().unwrap()
+    };
+    assert_eq!(run(1), run(3));
+}
