@@ -7,12 +7,13 @@
 //! | target | int8 activations (`quantize`) | weight-only int8 (`weight-only`) |
 //! |---|---|---|
 //! | `generic` | today's maximal placement | the weight-heavy ops without integer kernels (LSTM, GRU, RNN, Gather tables) and any Conv/ConvTranspose/Gemm/MatMul weight the activation rules left float |
-//! | `tract` | none: activations stay float | every Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU/RNN/Gather weight |
+//! | `tract` | none: activations stay float | every Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU/RNN/Gather weight, in chunks of at most 4 MiB of float (what tract folds at load) |
 //!
 //! Evidence behind `tract` (issue 20, measured with tract-onnx 0.23.9): tract runs Q/DQ graphs
 //! in float, about 2x slower than fp32, and QLinearConv about 50x slower; DequantizeLinear of a
-//! constant is folded at load, so int8 weights cost nothing at run time and the file is ~4x
-//! smaller.
+//! constant is folded at load when its float output stays within 4 MiB (see
+//! [`Policy::split_weights_above`]), so int8 weights cost nothing at run time and the file is
+//! ~4x smaller.
 
 use serde::Serialize;
 
@@ -40,12 +41,21 @@ pub struct Policy {
     /// Ops whose constant float weights `weight-only` stores as int8 + DequantizeLinear (the
     /// rows of [`crate::passes::weight_only::RULES`] with these op types apply).
     pub weight_only_ops: &'static [&'static str],
+    /// Store a weight-only tensor whose float form exceeds this many bytes as chunks (each
+    /// dequantized on its own, then concatenated), `None` = one DequantizeLinear per tensor.
+    /// tract 0.23.9's constant folding (`PropConst`) skips a node whose output exceeds
+    /// max(its inputs, `CONST_FOLD_MEM_BUDGET` = 4 MiB): one DequantizeLinear of a 2.4 M value
+    /// int8 weight then runs at every inference (ResNet-18 `--target tract` measured 1.2x
+    /// slower than fp32 that way); chunks of at most 4 MiB fold, and so does their Concat
+    /// (output = inputs).
+    pub split_weights_above: Option<usize>,
 }
 
 const GENERIC: Policy = Policy {
     name: "generic",
     int8_activations: true,
     float_activations_because: "",
+    split_weights_above: None,
     // Conv/Gemm/MatMul weights the activation rules quantized are DequantizeLinear outputs by
     // the time `weight-only` runs, so only the ones they skipped (a constant A operand, an
     // excluded consumer's neighbour...) are still float constants here.
@@ -64,6 +74,7 @@ const GENERIC: Policy = Policy {
 const TRACT: Policy = Policy {
     name: "tract",
     int8_activations: false,
+    split_weights_above: Some(4 << 20),
     float_activations_because: "target tract: activations stay float (tract runs QuantizeLinear/DequantizeLinear graphs in float, measured ~2x slower than fp32); weights are stored int8 by weight-only",
     weight_only_ops: &[
         "LSTM",

@@ -29,12 +29,15 @@
 //! reading the weight's name (now a DequantizeLinear output); running the pass twice equals
 //! running it once (a quantized weight is no longer a constant). Changes counted: weights
 //! stored as int8. Sits after `quantize` in the pipeline, so in the `generic` policy only the
-//! weights the activation rules left float are touched.
+//! weights the activation rules left float are touched; after a budgeted `mixed-precision`
+//! run the layers it assigned (Conv/ConvTranspose/Gemm/MatMul, fp32 ones included) are left
+//! as it chose them.
 
 use super::quantize::insert::{self, Namer, Rounding, WeightReport};
 use super::quantize::opset;
 use super::target::Policy;
 use super::{Pass, PassContext, PassStats};
+use crate::ir::layer::Layer;
 use crate::ir::op::{is_standard_domain, node_label, Attrs};
 use crate::ir::{Graph, InSlot, Model};
 use crate::onnx::proto::tensor_proto::DataType;
@@ -89,73 +92,30 @@ fn dynamic_indices(g: &Graph, n: &NodeProto) -> bool {
 /// gate row (axis 1): the four LSTM gates' rows have ranges that differ by up to 4x in trained
 /// models, and one scale per direction would give the narrow gates a quarter of the levels.
 pub const RULES: &[Rule] = &[
+    row("LSTM", 1, Axis::Fixed(1)),
+    row("LSTM", 2, Axis::Fixed(1)),
+    row("GRU", 1, Axis::Fixed(1)),
+    row("GRU", 2, Axis::Fixed(1)),
+    row("RNN", 1, Axis::Fixed(1)),
+    row("RNN", 2, Axis::Fixed(1)),
     Rule {
-        op: "LSTM",
-        input: 1,
-        axis: Axis::Fixed(1),
-        also: None,
-    },
-    Rule {
-        op: "LSTM",
-        input: 2,
-        axis: Axis::Fixed(1),
-        also: None,
-    },
-    Rule {
-        op: "GRU",
-        input: 1,
-        axis: Axis::Fixed(1),
-        also: None,
-    },
-    Rule {
-        op: "GRU",
-        input: 2,
-        axis: Axis::Fixed(1),
-        also: None,
-    },
-    Rule {
-        op: "RNN",
-        input: 1,
-        axis: Axis::Fixed(1),
-        also: None,
-    },
-    Rule {
-        op: "RNN",
-        input: 2,
-        axis: Axis::Fixed(1),
-        also: None,
-    },
-    Rule {
-        op: "Gather",
-        input: 0,
-        axis: Axis::GatherAxis,
         also: Some(dynamic_indices),
+        ..row("Gather", 0, Axis::GatherAxis)
     },
-    Rule {
-        op: "Conv",
-        input: 1,
-        axis: Axis::Fixed(0),
-        also: None,
-    },
-    Rule {
-        op: "ConvTranspose",
-        input: 1,
-        axis: Axis::ConvTransposeW,
-        also: None,
-    },
-    Rule {
-        op: "Gemm",
-        input: 1,
-        axis: Axis::GemmB,
-        also: None,
-    },
-    Rule {
-        op: "MatMul",
-        input: 1,
-        axis: Axis::Last,
-        also: None,
-    },
+    row("Conv", 1, Axis::Fixed(0)),
+    row("ConvTranspose", 1, Axis::ConvTransposeW),
+    row("Gemm", 1, Axis::GemmB),
+    row("MatMul", 1, Axis::Last),
 ];
+
+const fn row(op: &'static str, input: usize, axis: Axis) -> Rule {
+    Rule {
+        op,
+        input,
+        axis,
+        also: None,
+    }
+}
 
 pub struct WeightOnly;
 
@@ -169,7 +129,10 @@ impl Pass for WeightOnly {
     }
 
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats> {
-        weight_only(model, ctx.target.policy(), &ctx.quantize)
+        // With a size budget, `mixed-precision` chose every layer's precision (fp32 included);
+        // those layers are its decision, not ours.
+        let mixed_ran = ctx.selected.contains(&"mixed-precision") && ctx.mixed.budget.is_some();
+        weight_only(model, ctx.target.policy(), &ctx.quantize, mixed_ran)
     }
 }
 
@@ -255,13 +218,17 @@ fn plan(
     g: &Graph,
     policy: &Policy,
     filter: &Filter,
+    skip_layers: bool,
     notes: &mut Vec<String>,
 ) -> Result<IndexMap<String, Ask>> {
     let mut asks: IndexMap<String, Vec<(petgraph::stable_graph::NodeIndex, usize, Ask)>> =
         IndexMap::new();
     for ix in g.topo_order()? {
         let n = g.node(ix);
-        if !is_standard_domain(n.domain()) || !policy.weight_only(n.op_type()) || !filter.allows(n)
+        if !is_standard_domain(n.domain())
+            || !policy.weight_only(n.op_type())
+            || !filter.allows(n)
+            || (skip_layers && Layer::of(g, ix).is_some())
         {
             continue;
         }
@@ -312,10 +279,22 @@ pub fn weight_only(
     model: &mut Model,
     policy: &Policy,
     opts: &super::quantize::QuantizeOptions,
+    mixed_precision_ran: bool,
 ) -> Result<PassStats> {
     let mut stats = PassStats::default();
     let filter = Filter::new(opts)?;
-    let chosen = plan(&model.graph, policy, &filter, &mut stats.notes)?;
+    if mixed_precision_ran {
+        stats.notes.push(
+            "mixed-precision set the precision of Conv/ConvTranspose/Gemm/MatMul layers; only the other rules apply".into(),
+        );
+    }
+    let chosen = plan(
+        &model.graph,
+        policy,
+        &filter,
+        mixed_precision_ran,
+        &mut stats.notes,
+    )?;
     if chosen.is_empty() {
         stats.notes.push(format!(
             "no float weight of at least {MIN_ELEMENTS} values matched a weight-only rule (target {}); model unchanged",
@@ -332,18 +311,25 @@ pub fn weight_only(
     let mut namer = Namer::new(opts.naming);
     let mut reports: Vec<WeightReport> = Vec::new();
     for (w, ask) in &chosen {
-        let (_, report) = insert::weight(
-            &mut work.graph,
-            &mut namer,
-            w,
-            ask.axis,
-            false,
-            &ask.node,
-            false,
-            Rounding::Nearest,
-        )
-        .with_context(|| format!("weight-only int8 of '{w}' (node '{}')", ask.node))?;
-        reports.push(report);
+        let parts = match policy.split_weights_above {
+            Some(limit) => split(&mut work.graph, w, ask.axis, limit)
+                .with_context(|| format!("splitting weight '{w}' (node '{}')", ask.node))?,
+            None => vec![w.clone()],
+        };
+        for part in &parts {
+            let (_, report) = insert::weight(
+                &mut work.graph,
+                &mut namer,
+                part,
+                ask.axis,
+                false,
+                &ask.node,
+                false,
+                Rounding::Nearest,
+            )
+            .with_context(|| format!("weight-only int8 of '{part}' (node '{}')", ask.node))?;
+            reports.push(report);
+        }
     }
     work.graph.remove_unused_initializers();
     stats.changes = reports.len();
@@ -376,4 +362,36 @@ pub fn weight_only(
     stats.details = json!({ "target": policy.name, "weights": reports });
     *model = work;
     Ok(stats)
+}
+
+/// Split float initializer `w` into chunks of at most `limit` bytes along `axis` (axis 0 when
+/// per-tensor), produced again as `w` by a Concat; returns the chunks' names, or `[w]` when it
+/// fits (see [`Policy::split_weights_above`]). Per-channel scales stay exact: the split runs
+/// along the channel axis, so every channel lies in one chunk.
+fn split(g: &mut Graph, w: &str, axis: Option<usize>, limit: usize) -> Result<Vec<String>> {
+    let t = g.constant(w).context("weight is not a constant")?;
+    let a = tensor::to_f32(t)?;
+    let bytes = a.len() * 4;
+    let axis = axis.unwrap_or(0);
+    let dim = a.shape()[axis];
+    if bytes <= limit || dim < 2 {
+        return Ok(vec![w.to_string()]);
+    }
+    let per_slice = bytes / dim;
+    let slices_per_chunk = (limit / per_slice.max(1)).max(1);
+    let mut names = Vec::new();
+    let mut chunks = Vec::new();
+    for (i, start) in (0..dim).step_by(slices_per_chunk).enumerate() {
+        let end = (start + slices_per_chunk).min(dim);
+        let name = g.fresh_name(&format!("{w}_part{i}"));
+        let part = a.slice_axis(ndarray::Axis(axis), ndarray::Slice::from(start..end));
+        chunks.push(tensor::from_f32(&name, &part.to_owned()));
+        names.push(name);
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut concat =
+        crate::ir::op::node("Concat", &g.fresh_name(&format!("{w}_concat")), &refs, &[w]);
+    crate::ir::op::set_attr(&mut concat, crate::ir::op::attr_int("axis", axis as i64));
+    insert::replace_constant(g, w, chunks, concat)?;
+    Ok(names)
 }
