@@ -56,6 +56,9 @@ pub const MIN_ELEMENTS: usize = 256;
 /// channel of e.g. an 8-wide embedding row would undo half the saving).
 pub const MIN_PER_CHANNEL: usize = 8;
 
+/// Weights listed in the terminal table (lowest SQNR first).
+const TABLE_ROWS: usize = 12;
+
 /// Where a rule's per-channel scales go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Axis {
@@ -333,7 +336,11 @@ pub fn weight_only(
     }
     work.graph.remove_unused_initializers();
     stats.changes = reports.len();
-    stats.table = reports
+    // The terminal shows the least accurate weights; the report keeps them all.
+    let mut shown: Vec<&WeightReport> = reports.iter().collect();
+    shown.sort_by(|a, b| a.sqnr_db.total_cmp(&b.sqnr_db));
+    shown.truncate(TABLE_ROWS);
+    stats.table = shown
         .iter()
         .map(|r| {
             format!(
