@@ -76,6 +76,11 @@ fn prune() {
 }
 
 #[test]
+fn weight_only() {
+    run_all("weight_only/");
+}
+
+#[test]
 fn quantize() {
     run_all("quantize/");
 }
