@@ -590,7 +590,9 @@ def make_recurrent(name):
 
 
 class Embedding(nn.Module):
-    """Token ids -> embedding table (Gather) -> mean over the sequence -> linear head."""
+    """Token ids -> embedding table (Gather) -> mean over the sequence -> linear head. The ids
+    come in as float and are cast to int64 in the graph (negative ids count from the end, as
+    Gather allows), so that every tool's synthetic float inputs are valid ids."""
 
     def __init__(self):
         super().__init__()
@@ -598,14 +600,16 @@ class Embedding(nn.Module):
         self.head = nn.Linear(32, 10)
 
     def forward(self, ids):
+        ids = ids.long()
+        ids = torch.where(ids < 0, ids + 500, ids)
         return self.head(self.table(ids).mean(dim=1))
 
 
 def make_embedding(name):
-    """int64 token ids read through a constant Gather table (an embedding)."""
+    """A Gather on a constant table (an embedding) read with run-time ids."""
     seed(12)
     model = Embedding().eval()
-    ids = torch.randint(0, 500, (1, 8))
+    ids = torch.randint(0, 500, (1, 8)).float()
     file = path(name)
     torch.onnx.export(
         model,
@@ -692,9 +696,9 @@ def write_readme(digits, deep, smooth):
         "initializers): bidirectional LSTM(16->32), GRU(64->24) with its state as input and "
         "output, Linear(24->10) on the last step; random weights | `x` f32[1,12,16], `h0` "
         "f32[1,1,24] | `y` f32[1,10], `hn` f32[1,1,24] |",
-        "| `embedding.onnx` | torch: Embedding(500, 32) (a Gather on a constant table), mean "
-        "over the sequence, Linear(32->10); random weights | `ids` i64[1,8] | `logits` "
-        "f32[1,10] |",
+        "| `embedding.onnx` | torch: ids cast to int64 in the graph (negative ones wrapped), "
+        "Embedding(500, 32) (a Gather on a constant table), mean over the sequence, "
+        "Linear(32->10); random weights | `ids` f32[1,8] | `logits` f32[1,10] |",
         "",
     ]
     with open(path("README.md"), "w") as f:
