@@ -36,6 +36,8 @@
 use super::quantize::insert::{self, Namer, Rounding, WeightReport};
 use super::quantize::opset;
 use super::target::Policy;
+#[cfg(test)]
+use super::target::Target;
 use super::{Pass, PassContext, PassStats};
 use crate::ir::layer::Layer;
 use crate::ir::op::{is_standard_domain, node_label, Attrs};
@@ -401,4 +403,111 @@ fn split(g: &mut Graph, w: &str, axis: Option<usize>, limit: usize) -> Result<Ve
     crate::ir::op::set_attr(&mut concat, crate::ir::op::attr_int("axis", axis as i64));
     insert::replace_constant(g, w, chunks, concat)?;
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::text::parse_model;
+
+    fn model(text: &str) -> Model {
+        Model::from_proto(parse_model(text).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn channel_axis_follows_the_layout_and_falls_back_to_per_tensor() {
+        let node = |op: &str, attrs: &[(&str, i64)]| {
+            let mut n = crate::ir::op::node(op, "n", &["a", "w"], &["y"]);
+            for (k, v) in attrs {
+                crate::ir::op::set_attr(&mut n, crate::ir::op::attr_int(k, *v));
+            }
+            n
+        };
+        let rule = |op: &str| RULES.iter().find(|r| r.op == op && r.input != 2).unwrap();
+        let axis = |op: &str, attrs: &[(&str, i64)], shape: &[usize]| {
+            channel_axis(rule(op), &node(op, attrs), shape).unwrap()
+        };
+        assert_eq!(axis("LSTM", &[], &[2, 64, 16]), Some(1));
+        assert_eq!(axis("Gemm", &[("transB", 1)], &[10, 32]), Some(0));
+        assert_eq!(axis("Gemm", &[], &[32, 10]), Some(1));
+        assert_eq!(axis("MatMul", &[], &[32, 10]), Some(1));
+        assert_eq!(axis("ConvTranspose", &[("group", 2)], &[8, 4, 3, 3]), None);
+        assert_eq!(axis("Gather", &[("axis", -2)], &[100, 16]), Some(0));
+        // 4 values per row: one scale per row would cost as much as it saves.
+        assert_eq!(axis("Gather", &[], &[100, 4]), None);
+    }
+
+    #[test]
+    fn split_chunks_along_the_channel_axis_and_concatenates_back_exactly() {
+        let values: Vec<String> = (0..48).map(|i| format!("{}.5", i - 24)).collect();
+        let m = model(&format!(
+            r#"<ir_version: 8, opset_import: ["" : 17]>
+g (float[2,4] x) => (float[2,12] y)
+< float[4,12] w = {{{}}} >
+{{
+   [mm] y = MatMul (x, w)
+}}"#,
+            values.join(", ")
+        ));
+        let mut g = m.graph;
+        let before = tensor::to_f32(g.constant("w").unwrap()).unwrap();
+        // 4 x 12 floats = 192 bytes; 80 bytes per chunk along axis 1 = 5 columns of 16 bytes.
+        let parts = split(&mut g, "w", Some(1), 80).unwrap();
+        assert_eq!(parts.len(), 3);
+        let widths: Vec<usize> = parts
+            .iter()
+            .map(|p| tensor::shape(g.constant(p).unwrap()).unwrap()[1])
+            .collect();
+        assert_eq!(widths, [5, 5, 2]);
+        let chunks: Vec<_> = parts
+            .iter()
+            .map(|p| tensor::to_f32(g.constant(p).unwrap()).unwrap())
+            .collect();
+        let views: Vec<_> = chunks.iter().map(|c| c.view()).collect();
+        let back = ndarray::concatenate(ndarray::Axis(1), &views).unwrap();
+        assert_eq!(back, before);
+        g.check().unwrap();
+        // Fits: left alone.
+        let mut g2 = model(
+            r#"<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,2] x) => (float[1,2] y)
+< float[2,2] w = {1.0, 2.0, 3.0, 4.0} >
+{
+   [mm] y = MatMul (x, w)
+}"#,
+        )
+        .graph;
+        assert_eq!(split(&mut g2, "w", Some(1), 80).unwrap(), ["w"]);
+    }
+
+    #[test]
+    fn tract_policy_splits_big_weights_and_generic_does_not() {
+        let text = |rows: usize| {
+            let vals: Vec<String> = (0..rows * 256)
+                .map(|i| format!("{}", (i % 7) as f32 - 3.0))
+                .collect();
+            format!(
+                r#"<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,256] x) => (float[1,{rows}] y)
+< float[{rows},256] w = {{{}}} >
+{{
+   [fc] y = Gemm <transB: int = 1> (x, w)
+}}"#,
+                vals.join(", ")
+            )
+        };
+        // 4200 rows x 256 floats = 4.1 MiB: above tract's 4 MiB folding budget.
+        let mut m = model(&text(4200));
+        let opts = super::super::quantize::QuantizeOptions::default();
+        let stats = weight_only(&mut m, Target::Tract.policy(), &opts, false).unwrap();
+        assert_eq!(stats.changes, 2, "two chunks: {:?}", stats.notes);
+        let concat = m
+            .graph
+            .node_indices()
+            .filter(|&ix| m.graph.node(ix).op_type() == "Concat");
+        assert_eq!(concat.count(), 1);
+        let mut m = model(&text(4200));
+        let stats = weight_only(&mut m, Target::Generic.policy(), &opts, false).unwrap();
+        assert_eq!(stats.changes, 1);
+    }
 }
