@@ -3,7 +3,8 @@
 `onnx.checker` (full check), load and run in ONNX Runtime (CPU) close to the fp32 model, and
 have every quantized Conv/Gemm/MatMul fused into an integer kernel (QLinearConv/QGemm/
 QLinearMatMul) by ORT's graph optimizer; digits_cnn also keeps its test accuracy (digits_cnn and
-digits_deep are calibrated and fed with the real digits data).
+digits_deep are calibrated and fed with the real digits data). Every model compressed with
+`--target tract` (weight-only int8) must also pass the full checker and run in ORT close to fp32.
 
 Builds nothing: uses the binary `cargo test` built (ONNX_COMPRESS_BIN, else
 $CARGO_TARGET_DIR/debug, else the target dir `cargo metadata` reports). Exit 0 on success or on a
@@ -35,6 +36,8 @@ except ImportError as e:  # a clean skip on a developer machine; a failure under
 # activation x activation MatMuls square the error, ~13 dB) and far above a broken graph (<= 0).
 MIN_SQNR_DB = 10.0
 MAX_ACC_DROP_POINTS = 1.0
+# Weight-only int8 (per-channel, ~40-50 dB per weight) keeps outputs far closer than full int8.
+MIN_TRACT_SQNR_DB = 25.0
 QUANT_COMPUTE = {"Conv", "Gemm", "MatMul"}
 INT_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul"}
 
@@ -98,6 +101,12 @@ def quantized_compute_nodes(model):
             and all(producer.get(x) == "DequantizeLinear" for x in n.input[:2])]
 
 
+def model_bytes(path):
+    """The model file plus its external-data sidecar (`<model>.data`), if any."""
+    side = path + ".data"
+    return os.path.getsize(path) + (os.path.getsize(side) if os.path.isfile(side) else 0)
+
+
 def compress(binary, model, out, extra):
     cmd = [binary, model, "-o", out, "-q", "--no-validate"] + extra
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -120,6 +129,7 @@ def main():
     t0 = time.time()
     failures = []
     rows = []
+    tract_rows = []
     models = sorted(f for f in os.listdir(TD) if f.endswith(".onnx"))
     with tempfile.TemporaryDirectory() as tmp:
         for f in models:
@@ -167,6 +177,44 @@ def main():
                 failures.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 row["error"] = True
 
+        # --target tract: int8 weights behind DequantizeLinear, float activations. Every output
+        # must pass the full checker, load and run in ORT close to fp32 (weight-only int8 is far
+        # more accurate than full int8: MIN_TRACT_SQNR_DB), hold no QuantizeLinear, and be
+        # smaller than the input wherever a weight was stored int8.
+        for f in models:
+            name = f[:-5]
+            src = os.path.join(TD, f)
+            out = os.path.join(tmp, name + ".tract.onnx")
+            row = {"model": name}
+            tract_rows.append(row)
+            try:
+                compress(binary, src, out, ["--target", "tract"])
+                qmodel = onnx.load(out)
+                onnx.checker.check_model(qmodel, full_check=True)
+                ops = [n.op_type for n in qmodel.graph.node]
+                if "QuantizeLinear" in ops:
+                    failures.append(f"{name} --target tract: QuantizeLinear in the output")
+                row["weights"] = ops.count("DequantizeLinear")
+                ref_s = session(src, optimize=False)
+                if name.startswith("digits_"):
+                    feeds = {ref_s.get_inputs()[0].name:
+                             np.load(os.path.join(TD, "digits_test_x.npy"))}
+                else:
+                    feeds = feeds_for(ref_s, seed=7)
+                ref = ref_s.run(None, feeds)
+                out_o = session(out, optimize=True).run(None, feeds)
+                row["sqnr"] = min(sqnr_db(r, q) for r, q in zip(ref, out_o))
+                row["ratio"] = model_bytes(out) / model_bytes(src)
+                if row["sqnr"] < MIN_TRACT_SQNR_DB:
+                    failures.append(f"{name} --target tract: SQNR vs fp32 in ORT "
+                                    f"{row['sqnr']:.1f} dB < {MIN_TRACT_SQNR_DB} dB")
+                if row["weights"] > 0 and row["ratio"] >= 1.0:
+                    failures.append(f"{name} --target tract: output is not smaller than the input")
+            except Exception as e:
+                failures.append(f"{name} --target tract: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:300]}")
+                row["error"] = True
+
         # digits: accuracy in ORT, default and --reduce-range, with/without graph optimization.
         x = np.load(os.path.join(TD, "digits_test_x.npy"))
         y = np.load(os.path.join(TD, "digits_test_y.npy"))
@@ -205,6 +253,12 @@ def main():
             continue
         print(f"{r['model']:16} {r['checker']:8} {r['sqnr']:8.1f} {r['sqnr_opt']:8.1f} "
               f"{r['quantized']:11d} {r['int_kernels']:11d}")
+    print(f"--target tract in ORT: {'model':16} {'int8 weights':>12} {'SQNR dB':>8} {'size':>7}")
+    for r in tract_rows:
+        if r.get("error"):
+            print(f"  {r['model']:16} FAILED")
+            continue
+        print(f"  {r['model']:36} {r['weights']:12d} {r['sqnr']:8.1f} {100 * r['ratio']:6.1f}%")
     print("digits_cnn test accuracy in ORT (360 samples): no graph opt / ORT_ENABLE_ALL")
     for label, a0, a1 in accs:
         print(f"  {label:22} {a0:6.2f}% {a1:6.2f}%")

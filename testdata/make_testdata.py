@@ -547,6 +547,88 @@ def make_digits_deep(name, label_smoothing=0.0):
 
 
 # ---------------------------------------------------------------- README
+class Recurrent(nn.Module):
+    """Bidirectional LSTM then a GRU carrying a streaming state, then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(16, 32, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(64, 24, batch_first=True)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x, h0):
+        y, _ = self.lstm(x)
+        y, hn = self.gru(y, h0)
+        return self.head(y[:, -1]), hn
+
+
+def make_recurrent(name):
+    """LSTM + GRU (weights W/R as initializers: exported with constant folding, which turns
+    torch's gate reordering into plain initializers), streaming GRU state in and out."""
+    seed(11)
+    model = Recurrent().eval()
+    x, h0 = torch.randn(1, 12, 16), torch.randn(1, 1, 24)
+    file = path(name)
+    torch.onnx.export(
+        model,
+        (x, h0),
+        file,
+        dynamo=False,
+        opset_version=OPSET,
+        do_constant_folding=True,
+        input_names=["x", "h0"],
+        output_names=["y", "hn"],
+    )
+    y, hn = check_and_run(file, {"x": x.numpy(), "h0": h0.numpy()})
+    with torch.no_grad():
+        ry, rhn = model(x, h0)
+    err = max(np.abs(y - ry.numpy()).max(), np.abs(hn - rhn.numpy()).max())
+    assert err < 1e-4, f"{name}: ort vs torch max abs err {err}"
+    hist = op_histogram(file)
+    assert hist.get("LSTM") == 1 and hist.get("GRU") == 1, hist
+    return file
+
+
+class Embedding(nn.Module):
+    """Token ids -> embedding table (Gather) -> mean over the sequence -> linear head. The ids
+    come in as float and are cast to int64 in the graph (negative ids count from the end, as
+    Gather allows), so that every tool's synthetic float inputs are valid ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(500, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, ids):
+        ids = ids.long()
+        ids = torch.where(ids < 0, ids + 500, ids)
+        return self.head(self.table(ids).mean(dim=1))
+
+
+def make_embedding(name):
+    """A Gather on a constant table (an embedding) read with run-time ids."""
+    seed(12)
+    model = Embedding().eval()
+    ids = torch.randint(0, 500, (1, 8)).float()
+    file = path(name)
+    torch.onnx.export(
+        model,
+        (ids,),
+        file,
+        dynamo=False,
+        opset_version=OPSET,
+        do_constant_folding=True,
+        input_names=["ids"],
+        output_names=["logits"],
+    )
+    (y,) = check_and_run(file, {"ids": ids.numpy()})
+    with torch.no_grad():
+        ref = model(ids).numpy()
+    assert np.abs(y - ref).max() < 1e-5
+    assert op_histogram(file).get("Gather") == 1
+    return file
+
+
 def write_readme(digits, deep, smooth):
     _, acc, ntrain, ncalib, ntest = digits
     _, deep_acc, deep_params, deep_pmax = deep
@@ -610,6 +692,13 @@ def write_readme(digits, deep, smooth):
         f"({ntrain} samples) and test) | | |",
         "| `digits_calib/000.npy` ... `031.npy` | the first 32 calibration samples, one per "
         "file, each f32[1,1,8,8] (for `--calib DIR`) | | |",
+        "| `recurrent.onnx` | torch (constant folding on, so LSTM/GRU weights are plain "
+        "initializers): bidirectional LSTM(16->32), GRU(64->24) with its state as input and "
+        "output, Linear(24->10) on the last step; random weights | `x` f32[1,12,16], `h0` "
+        "f32[1,1,24] | `y` f32[1,10], `hn` f32[1,1,24] |",
+        "| `embedding.onnx` | torch: ids cast to int64 in the graph (negative ones wrapped), "
+        "Embedding(500, 32) (a Gather on a constant table), mean over the sequence, "
+        "Linear(32->10); random weights | `ids` f32[1,8] | `logits` f32[1,10] |",
         "",
     ]
     with open(path("README.md"), "w") as f:
@@ -624,6 +713,8 @@ def main():
         make_mlp("mlp.onnx"),
         make_if_model("if_model.onnx"),
         make_external_data("external_data.onnx"),
+        make_recurrent("recurrent.onnx"),
+        make_embedding("embedding.onnx"),
     ]
     digits = make_digits("digits_cnn.onnx")
     files.append(digits[0])

@@ -76,6 +76,11 @@ fn prune() {
 }
 
 #[test]
+fn weight_only() {
+    run_all("weight_only/");
+}
+
+#[test]
 fn quantize() {
     run_all("quantize/");
 }
@@ -92,6 +97,7 @@ fn every_folder_is_driven_and_every_snapshot_has_its_fixture() {
         "mixed_precision",
         "prune",
         "quantize",
+        "weight_only",
     ];
     for dir in std::fs::read_dir(&root)
         .unwrap()

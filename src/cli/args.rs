@@ -226,6 +226,16 @@ pub struct CompressArgs {
         help_heading = "Quantization"
     )]
     pub include_nodes: Vec<String>,
+    /// The runtime the output is placed for: generic (int8 activations around every op with a
+    /// rule, int8 weights) or tract (int8 weights behind DequantizeLinear, which tract folds at
+    /// load; activations float, so the output runs at fp32 speed in a quarter of the bytes).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "generic",
+        help_heading = "Quantization"
+    )]
+    pub target: TargetArg,
 
     // ---- equalization ----
     /// Move biases past ReLU layers where activations stay linear (high-bias absorption).
@@ -385,6 +395,12 @@ pub struct CompressArgs {
 
 // The value enums. Variants carry no doc comments on purpose: clap would then list each value
 // with its text in `--help`, and the help snapshots show them inline.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TargetArg {
+    Generic,
+    Tract,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum NamesArg {

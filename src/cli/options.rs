@@ -11,6 +11,7 @@ use onnx_compress::passes::equalize::{BiasCorrection, EqualizeOptions};
 use onnx_compress::passes::mixed_precision::{Budget, MixedPrecisionOptions, Selection};
 use onnx_compress::passes::prune::{self, PruneOptions};
 use onnx_compress::passes::quantize::{Naming, QuantizeOptions, Rounding};
+use onnx_compress::passes::target::Target;
 use onnx_compress::passes::{self, PassContext};
 use onnx_compress::session::{gate, CompressOptions, DataSources};
 
@@ -232,6 +233,10 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         calibration: None,
         equalize,
         prune,
+        target: match args.target {
+            TargetArg::Generic => Target::Generic,
+            TargetArg::Tract => Target::Tract,
+        },
         ..Default::default()
     })
 }

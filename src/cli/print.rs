@@ -147,6 +147,19 @@ fn validation(v: &ValidationReport) {
             );
         }
     }
+    if let Some(l) = &v.latency {
+        println!(
+            "    latency in {}: original {:.2} ms, output {:.2} ms ({:.2}x {}; median of {} interleaved runs on a batch of {}, {})",
+            v.runtime,
+            l.original_ms,
+            l.candidate_ms,
+            if l.speedup >= 1.0 { l.speedup } else { 1.0 / l.speedup },
+            if l.speedup >= 1.0 { "faster" } else { "slower" },
+            l.runs,
+            l.batch_rows,
+            l.timed
+        );
+    }
     for r in &v.rewrites {
         println!("    simulation: {r}");
     }

@@ -12,6 +12,8 @@ pub mod mixed_precision;
 pub mod prune;
 pub mod quantize;
 pub mod rewrite;
+pub mod target;
+pub mod weight_only;
 
 use crate::ir::Model;
 use anyhow::{bail, Context, Result};
@@ -103,6 +105,9 @@ pub struct PassContext {
     pub selected: Vec<&'static str>,
     /// What earlier passes of this run established (filled by [`run_passes`]).
     pub facts: Facts,
+    /// The runtime the output is placed for: its [`target::Policy`] decides which ops get int8
+    /// activations (`quantize`) and which weights go weight-only.
+    pub target: target::Target,
 }
 
 /// Why a selected pass does not run in this pipeline: the note and details it records.
@@ -143,6 +148,10 @@ pub fn pipeline() -> Vec<Box<dyn Pass>> {
         Box::new(mixed_precision::MixedPrecision),
         // Last: uniform int8 observes the final float graph (after fusion/equalization).
         Box::new(quantize::Quantize),
+        // After quantize: stores as int8 the float weights left (LSTM/GRU/RNN, Gather tables,
+        // and under `--target tract` every weight, quantize being off there); the weights
+        // quantize took are DequantizeLinear outputs by then, no longer constants.
+        Box::new(weight_only::WeightOnly),
     ]
 }
 

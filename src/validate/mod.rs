@@ -30,6 +30,8 @@
 //!   serialize as JSON `null`.
 //! - for 2-D `[N, C]` outputs with `C > 1`, the fraction of rows whose argmax agrees.
 
+pub mod latency;
+
 use anyhow::{bail, Context, Result};
 use ndarray::ArrayD;
 use rand::{Rng, SeedableRng};
@@ -179,6 +181,10 @@ pub struct ValidationReport {
     pub samples: usize,
     pub seed: u64,
     pub outputs: Vec<OutputMetrics>,
+    /// Both models timed in tract on the first batch ([`latency`]); `None` when the
+    /// comparison did not run or timing failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency: Option<latency::Latency>,
 }
 
 impl ValidationReport {
@@ -196,6 +202,7 @@ impl ValidationReport {
             samples: 0,
             seed: 0,
             outputs: Vec::new(),
+            latency: None,
         }
     }
 }
@@ -248,6 +255,7 @@ pub fn validate(
         samples: 0,
         seed: opts.seed,
         outputs: Vec::new(),
+        latency: None,
     };
     let not_checked = |mut r: ValidationReport, status: Status, reason: String| {
         r.status = status;
@@ -364,6 +372,9 @@ pub fn validate(
             )
         })
         .collect();
+    if let Some(batch) = batches.first() {
+        report.latency = time_models(candidate, &shapes, &runner_o, &runner_c, batch, method);
+    }
     if failures.is_empty() {
         report.status = Status::Checked;
     } else {
@@ -371,6 +382,30 @@ pub fn validate(
         report.reason = Some(failures.join("; "));
     }
     Ok(report)
+}
+
+/// Latency of both models on `batch` ([`latency`]): the candidate as written when tract loads
+/// it as it is, else its simulation graph (`runner_c`). Timing is best effort: `None` on error.
+fn time_models(
+    candidate: &ModelProto,
+    shapes: &[(String, Vec<usize>)],
+    runner_o: &Runner,
+    runner_c: &Runner,
+    batch: &[ArrayD<f32>],
+    method: Method,
+) -> Option<latency::Latency> {
+    let as_written = match method {
+        Method::Direct => None,
+        Method::Simulation => Runner::new(candidate, shapes, &[]).ok(),
+    };
+    match &as_written {
+        Some(direct) => latency::measure(runner_o, direct, batch, "output as written"),
+        None if method == Method::Direct => {
+            latency::measure(runner_o, runner_c, batch, "output as written")
+        }
+        None => latency::measure(runner_o, runner_c, batch, "simulation graph"),
+    }
+    .ok()
 }
 
 /// Rows in a batch (leading dim of its first input).

@@ -262,10 +262,17 @@ pub fn apply_option(ctx: &mut PassContext, option: &str) -> Result<(), String> {
             }
         }
         "block-size" => ctx.mixed.block_size = Some(number()? as usize),
+        "target" => {
+            ctx.target = match word()? {
+                "generic" => onnx_compress::passes::target::Target::Generic,
+                "tract" => onnx_compress::passes::target::Target::Tract,
+                v => return Err(format!("target '{v}'")),
+            }
+        }
         _ => {
             return Err(format!(
                 "unknown option '{key}' (prune, prune-flops, prune-ranking, prune-criterion, \
-                 reconstruct, avg-bits, target-size, no-int4, no-fp16, selection, block-size)"
+                 reconstruct, avg-bits, target-size, no-int4, no-fp16, selection, block-size, target)"
             ))
         }
     }

@@ -110,6 +110,18 @@ impl Pass for Quantize {
         "calibrated int8 QDQ: per-channel int8 weights, uint8 activations, int32 biases"
     }
 
+    /// Off when the target's policy keeps activations float (`--target tract`).
+    fn is_enabled(&self, ctx: &PassContext) -> Result<(), crate::passes::Skip> {
+        let policy = ctx.target.policy();
+        if policy.int8_activations {
+            return Ok(());
+        }
+        Err(crate::passes::Skip {
+            note: policy.float_activations_because,
+            details: serde_json::Value::Null,
+        })
+    }
+
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats> {
         let mut opts = ctx.quantize.clone();
         // Analytic bias correction reads the BN statistics `fuse` folded in this run.

@@ -129,6 +129,22 @@ pub(super) fn validation(h: &mut String, r: &Value) {
         h.push_str("</table>\n");
         h.push_str("<p class=\"muted\">Errors compare the output model against the original on the same inputs. SQNR = 10·log10(signal power / error power): higher is better, ~6 dB per bit. Top-1 agreement: rows whose argmax is the same in both.</p>\n");
     }
+    if let Some(l) = v.get("latency").filter(|l| l.is_object()) {
+        let num = |k: &str| f64_at(l, &[k]).unwrap_or(f64::NAN);
+        let speedup = num("speedup");
+        let _ = writeln!(
+            h,
+            "<p>Latency in {}: original {:.2} ms, output {:.2} ms, <b>{:.2}x {}</b> (median of {:.0} interleaved runs on a batch of {:.0}, {}).</p>",
+            esc(runtime),
+            num("original_ms"),
+            num("candidate_ms"),
+            if speedup >= 1.0 { speedup } else { 1.0 / speedup },
+            if speedup >= 1.0 { "faster" } else { "slower" },
+            num("runs"),
+            num("batch_rows"),
+            esc(str_at(l, &["timed"]).unwrap_or("")),
+        );
+    }
     list(h, "Simulation rewrites", arr(v, "rewrites"));
     list(h, "Notes", arr(v, "notes"));
     h.push_str("</section>\n");

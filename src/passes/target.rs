@@ -1,0 +1,126 @@
+//! Runtime targets as data: one [`Policy`] per runtime the output is meant for, read by the
+//! passes that place quantization (`quantize` asks whether activations join an int8 region,
+//! `weight-only` which ops get their constant weights stored as int8 behind a
+//! DequantizeLinear). No pass tests `target == ...`; a new runtime (`ort`, `openvino`) is one
+//! more constant here and one more [`Target`] variant.
+//!
+//! | target | int8 activations (`quantize`) | weight-only int8 (`weight-only`) |
+//! |---|---|---|
+//! | `generic` | today's maximal placement | the weight-heavy ops without integer kernels (LSTM, GRU, RNN, Gather tables) and any Conv/ConvTranspose/Gemm/MatMul weight the activation rules left float |
+//! | `tract` | none: activations stay float | every Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU/RNN/Gather weight, in chunks of at most 4 MiB of float (what tract folds at load) |
+//!
+//! Evidence behind `tract` (issue 20, measured with tract-onnx 0.23.9): tract runs Q/DQ graphs
+//! in float, about 2x slower than fp32, and QLinearConv about 50x slower; DequantizeLinear of a
+//! constant is folded at load when its float output stays within 4 MiB (see
+//! [`Policy::split_weights_above`]), so int8 weights cost nothing at run time and the file is
+//! ~4x smaller.
+
+use serde::Serialize;
+
+/// The runtime an output is placed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// Maximal int8 placement (QDQ around every op with a rule), for any runtime.
+    #[default]
+    Generic,
+    /// Weights stored compressed, activations float: tract folds constant DequantizeLinear at
+    /// load and runs the float kernels.
+    Tract,
+}
+
+/// How one target places quantization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// The `--target` value.
+    pub name: &'static str,
+    /// Calibrated int8 activations around the ops the `quantize` rules cover.
+    pub int8_activations: bool,
+    /// Why activations stay float, when they do (the note of the skipped `quantize` pass).
+    pub float_activations_because: &'static str,
+    /// Ops whose constant float weights `weight-only` stores as int8 + DequantizeLinear (the
+    /// rows of [`crate::passes::weight_only::RULES`] with these op types apply).
+    pub weight_only_ops: &'static [&'static str],
+    /// Store a weight-only tensor whose float form exceeds this many bytes as chunks (each
+    /// dequantized on its own, then concatenated), `None` = one DequantizeLinear per tensor.
+    /// tract 0.23.9's constant folding (`PropConst`) skips a node whose output exceeds
+    /// max(its inputs, `CONST_FOLD_MEM_BUDGET` = 4 MiB): one DequantizeLinear of a 2.4 M value
+    /// int8 weight then runs at every inference (ResNet-18 `--target tract` measured 1.2x
+    /// slower than fp32 that way); chunks of at most 4 MiB fold, and so does their Concat
+    /// (output = inputs).
+    pub split_weights_above: Option<usize>,
+}
+
+const GENERIC: Policy = Policy {
+    name: "generic",
+    int8_activations: true,
+    float_activations_because: "",
+    split_weights_above: None,
+    // Conv/Gemm/MatMul weights the activation rules quantized are DequantizeLinear outputs by
+    // the time `weight-only` runs, so only the ones they skipped (a constant A operand, an
+    // excluded consumer's neighbour...) are still float constants here.
+    weight_only_ops: &[
+        "LSTM",
+        "GRU",
+        "RNN",
+        "Gather",
+        "Conv",
+        "ConvTranspose",
+        "Gemm",
+        "MatMul",
+    ],
+};
+
+const TRACT: Policy = Policy {
+    name: "tract",
+    int8_activations: false,
+    split_weights_above: Some(4 << 20),
+    float_activations_because: "target tract: activations stay float (tract runs QuantizeLinear/DequantizeLinear graphs in float, measured ~2x slower than fp32); weights are stored int8 by weight-only",
+    weight_only_ops: &[
+        "LSTM",
+        "GRU",
+        "RNN",
+        "Gather",
+        "Conv",
+        "ConvTranspose",
+        "Gemm",
+        "MatMul",
+    ],
+};
+
+impl Target {
+    /// This target's placement policy.
+    pub fn policy(self) -> &'static Policy {
+        match self {
+            Target::Generic => &GENERIC,
+            Target::Tract => &TRACT,
+        }
+    }
+}
+
+impl Policy {
+    /// Whether `weight-only` stores `op`'s constant weights as int8 under this policy.
+    pub fn weight_only(&self, op: &str) -> bool {
+        self.weight_only_ops.contains(&op)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ops without integer kernels anywhere we ship to, whose weights dominate recurrent and
+    /// embedding models (ddddocr's CRNN: the LSTM holds a third of the parameters).
+    const NO_INTEGER_KERNEL: &[&str] = &["LSTM", "GRU", "RNN", "Gather"];
+
+    #[test]
+    fn every_policy_covers_the_ops_without_integer_kernels() {
+        for t in [Target::Generic, Target::Tract] {
+            for op in NO_INTEGER_KERNEL {
+                assert!(t.policy().weight_only(op), "{op} under {}", t.policy().name);
+            }
+        }
+        assert!(Target::Generic.policy().int8_activations);
+        assert!(!Target::Tract.policy().int8_activations);
+    }
+}

@@ -1,0 +1,157 @@
+//! `--target` and the `weight-only` pass end to end: what the output holds, that tract loads it
+//! as written, its size, and the latency the report carries.
+
+mod common;
+use common::*;
+use serde_json::Value;
+
+fn compress(model: &str, extra: &[&str]) -> (tempfile::TempDir, std::path::PathBuf, Value, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let report = dir.path().join("report.json");
+    let src = testdata().join(model);
+    let mut args = vec![
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let (code, stdout, err) = run(&args);
+    assert_eq!(code, 0, "{model} {extra:?}: {err}");
+    let json = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    (dir, out, json, stdout)
+}
+
+fn op_types(path: &std::path::Path) -> Vec<String> {
+    let (m, _) = onnx_compress::onnx::load::read_model(path).unwrap();
+    m.graph
+        .unwrap()
+        .node
+        .iter()
+        .map(|n| n.op_type().to_string())
+        .collect()
+}
+
+fn pass<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no '{name}' record"))
+}
+
+#[test]
+fn target_tract_stores_weights_int8_keeps_activations_float_and_loads_in_tract() {
+    let (_dir, out, report, stdout) = compress("digits_deep.onnx", &["--target", "tract"]);
+    let ratio = report["size_ratio"].as_f64().unwrap();
+    assert!(ratio < 0.30, "output is {:.1}% of the input", 100.0 * ratio);
+    let ops = op_types(&out);
+    assert!(!ops.iter().any(|o| o == "QuantizeLinear"), "{ops:?}");
+    let weights = pass(&report, "weight-only")["details"]["weights"]
+        .as_array()
+        .unwrap()
+        .len();
+    // 11 Conv/Gemm layers; the stem's 216 values are below weight-only's 256-value minimum.
+    assert_eq!(weights, 10, "every other Conv/Gemm weight of digits_deep");
+    assert_eq!(
+        ops.iter().filter(|o| *o == "DequantizeLinear").count(),
+        weights
+    );
+    let q = pass(&report, "quantize");
+    assert_eq!(q["changes"], 0);
+    assert!(q["notes"][0].as_str().unwrap().contains("target tract"));
+    // tract loads the file as it is (not only the validator's simulation graph).
+    let (proto, _) = onnx_compress::onnx::load::read_model(&out).unwrap();
+    onnx_compress::runtime::Runner::new(&proto, &[("input".into(), vec![1, 1, 8, 8])], &[])
+        .expect("tract loads the --target tract output as written");
+    let v = &report["validation"];
+    assert_eq!(v["status"], "checked");
+    assert_eq!(v["latency"]["timed"], "output as written");
+    assert!(v["latency"]["speedup"].as_f64().unwrap() > 0.0);
+    assert!(stdout.contains("latency in tract"), "{stdout}");
+    for o in v["outputs"].as_array().unwrap() {
+        assert!(o["sqnr_db"].as_f64().unwrap() > 25.0, "{o}");
+    }
+}
+
+#[test]
+fn default_pipeline_stores_recurrent_weights_int8_and_keeps_state_float() {
+    let (_dir, out, report, _) = compress("recurrent.onnx", &[]);
+    let details = &pass(&report, "weight-only")["details"];
+    let mut nodes: Vec<&str> = details["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            assert_eq!(w["axis"], 1, "per gate row: {w}");
+            assert!(w["sqnr_db"].as_f64().unwrap() > 35.0, "{w}");
+            w["node"].as_str().unwrap()
+        })
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, ["/gru/GRU", "/gru/GRU", "/lstm/LSTM", "/lstm/LSTM"]);
+    // The recurrent ops read their W and R from DequantizeLinear; the state input and output
+    // stay float tensors of the graph.
+    let (m, _) = onnx_compress::onnx::load::read_model(&out).unwrap();
+    let g = m.graph.unwrap();
+    let producer = |v: &str| {
+        g.node
+            .iter()
+            .find(|n| n.output.iter().any(|o| o == v))
+            .map(|n| n.op_type().to_string())
+    };
+    for n in g
+        .node
+        .iter()
+        .filter(|n| matches!(n.op_type(), "LSTM" | "GRU"))
+    {
+        for k in [1, 2] {
+            assert_eq!(
+                producer(&n.input[k]).as_deref(),
+                Some("DequantizeLinear"),
+                "{}",
+                n.name()
+            );
+        }
+    }
+    let float = onnx_compress::onnx::proto::tensor_proto::DataType::Float as i32;
+    for v in g.input.iter().chain(&g.output) {
+        let elem = match &v.r#type.as_ref().unwrap().value {
+            Some(onnx_compress::onnx::proto::type_proto::Value::TensorType(t)) => t.elem_type(),
+            _ => panic!("{} is not a tensor", v.name()),
+        };
+        assert_eq!(elem, float, "{} stays float", v.name());
+    }
+    assert!(!g
+        .node
+        .iter()
+        .any(|n| n.op_type() == "QuantizeLinear" && n.input[0] == "h0"));
+    let v = &report["validation"];
+    assert_eq!(v["status"], "checked");
+    for o in v["outputs"].as_array().unwrap() {
+        assert!(o["sqnr_db"].as_f64().unwrap() > 30.0, "{o}");
+    }
+}
+
+#[test]
+fn weight_only_leaves_what_a_budgeted_mixed_precision_chose() {
+    // With a size budget mixed-precision decides every layer's precision (fp32 included):
+    // weight-only must not overrule it. features.4 (1024 weights, above weight-only's minimum)
+    // is kept fp32 on purpose.
+    let (_dir, _out, report, _) = compress(
+        "digits_cnn.onnx",
+        &[
+            "--avg-bits",
+            "16",
+            "--hessian-samples",
+            "4",
+            "--keep-fp32",
+            ".*features\\.4.*",
+        ],
+    );
+    let wo = pass(&report, "weight-only");
+    assert_eq!(wo["changes"], 0, "{wo}");
+}
