@@ -6,6 +6,7 @@
 
 pub mod cleanup;
 pub mod constant_fold;
+pub mod specialize;
 pub mod equalize;
 pub mod fuse;
 pub mod mixed_precision;
