@@ -545,18 +545,45 @@ fn fix_input_collapses_the_if_and_the_output_validates_in_tract() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(json["validation"]["status"], "checked");
-    assert_eq!(json["specialized"]["collapsed_ifs"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        json["specialized"]["collapsed_ifs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     let m = onnx_compress::ir::Model::load(&out).unwrap();
-    assert!(m.graph.node_indices().all(|ix| m.graph.node(ix).op_type() != "If"));
+    assert!(m
+        .graph
+        .node_indices()
+        .all(|ix| m.graph.node(ix).op_type() != "If"));
     assert!(!m.graph.is_graph_input("mode"));
-    assert!(m.graph.node_indices().any(|ix| m.graph.node(ix).op_type() == "QuantizeLinear"));
+    assert!(m
+        .graph
+        .node_indices()
+        .any(|ix| m.graph.node(ix).op_type() == "QuantizeLinear"));
 
     // Unfixed, the If's branches differ in shape: tract cannot check it.
-    let (code, stdout, _) = run(&[model.to_str().unwrap(), "-o", out.to_str().unwrap(), "--force"]);
+    let (code, stdout, _) = run(&[
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--force",
+    ]);
     assert_eq!(code, 0);
     assert!(stdout.contains("NOT validated"), "{stdout}");
     // A fix that is not an input, or of the wrong type, is one line naming it.
-    let (code, _, err) = run(&[model.to_str().unwrap(), "-o", out.to_str().unwrap(), "--force", "--fix-input", "mode=0.5"]);
+    let (code, _, err) = run(&[
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--force",
+        "--fix-input",
+        "mode=0.5",
+    ]);
     assert_eq!(code, 1);
-    assert!(err.contains("mode") && err.contains("whole number"), "{err}");
+    assert!(
+        err.contains("mode") && err.contains("whole number"),
+        "{err}"
+    );
 }

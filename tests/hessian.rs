@@ -294,7 +294,10 @@ fn responses_share_one_layout_across_outputs_and_predict_the_loss() {
     };
     // One candidate per layer: every weight scaled by 1.01 (a small change).
     let changed = |w: &ArrayD<f32>| w.mapv(|v| v * 1.01);
-    let s = sensitivity_with(&model, &[vec![x.clone().into()]], &opts, &|_, w| vec![changed(w)]).unwrap();
+    let s = sensitivity_with(&model, &[vec![x.clone().into()]], &opts, &|_, w| {
+        vec![changed(w)]
+    })
+    .unwrap();
     let u: Vec<&Vec<f32>> = s.iter().map(|l| &l.responses[0]).collect();
     let lens: Vec<usize> = u.iter().map(|v| v.len()).collect();
     assert_eq!(lens, vec![4 * 3 + 4 * 5; 3], "one layout for all");

@@ -28,7 +28,11 @@ type Batch = Vec<(String, ArrayD<f32>)>;
 fn feeds(batches: &[Batch]) -> Vec<onnx_compress::calibrate::NamedBatch> {
     batches
         .iter()
-        .map(|b| b.iter().map(|(n, a)| (n.clone(), a.clone().into())).collect())
+        .map(|b| {
+            b.iter()
+                .map(|(n, a)| (n.clone(), a.clone().into()))
+                .collect()
+        })
         .collect()
 }
 

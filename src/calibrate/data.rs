@@ -39,13 +39,13 @@
 //! with a batch axis get zeros (said in a note), and an integer scalar without data (a sample
 //! rate) is an error asking for `--fix-input` or `--calib`.
 
-use super::NamedBatch;
+pub use super::files::DataOptions;
 use super::files::{read_dir, read_file, Sample};
-use super::image::ImageOptions;
-use super::inputs::{assign_batch_axes, with_shapes};
 pub use super::inputs::{model_inputs, InputDim, InputSpec};
+use super::inputs::{model_inputs_with, with_shapes};
+use super::NamedBatch;
 use crate::ir::Model;
-use crate::limits::{check_synthetic, element_count, MemoryBudget};
+use crate::limits::{check_synthetic, element_count};
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::runtime::Feed;
 use anyhow::{bail, ensure, Context, Result};
@@ -54,36 +54,6 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr_lite::standard_normal;
 use std::path::Path;
-
-/// Options for reading calibration data.
-#[derive(Debug, Clone)]
-pub struct DataOptions {
-    /// Samples per inference batch when the model does not fix its batch size.
-    pub batch_size: usize,
-    /// Use at most this many samples (the first ones, in file order).
-    pub max_samples: Option<usize>,
-    /// Full shapes fixing symbolic input dims (`--input-shape`), by input name.
-    pub input_shapes: Vec<(String, Vec<usize>)>,
-    /// `--batch-axis NAME=AXIS|none`: the batch axis of named inputs (`None`: no batch axis).
-    pub batch_axes: Vec<(String, Option<usize>)>,
-    /// How image files (png/jpg) become tensors; ignored for .npy/.npz data.
-    pub image: ImageOptions,
-    /// Synthetic samples and decoded images, both sized from the model's dims, must fit.
-    pub memory: MemoryBudget,
-}
-
-impl Default for DataOptions {
-    fn default() -> Self {
-        DataOptions {
-            batch_size: 32,
-            max_samples: None,
-            input_shapes: Vec::new(),
-            batch_axes: Vec::new(),
-            image: ImageOptions::default(),
-            memory: MemoryBudget::default(),
-        }
-    }
-}
 
 /// Calibration inputs, checked against the model and cut into batches.
 #[derive(Debug, Clone)]
@@ -324,7 +294,10 @@ impl CalibrationSet {
         let counted: Vec<(&InputSpec, usize, usize)> = specs
             .iter()
             .zip(&stacked)
-            .filter_map(|(spec, a)| spec.batch_axis.map(|axis| (spec, a.shape()[axis], unit(spec))))
+            .filter_map(|(spec, a)| {
+                spec.batch_axis
+                    .map(|axis| (spec, a.shape()[axis], unit(spec)))
+            })
             .collect();
         let fixed_batch = specs.iter().any(|s| s.fixed_batch().is_some());
         let feeds = |rows: usize, unit: usize| if fixed_batch { rows / unit } else { rows };
@@ -370,7 +343,11 @@ impl CalibrationSet {
                 }
             }
         }
-        let per_batch = if fixed_batch { 1 } else { opts.batch_size.max(1) };
+        let per_batch = if fixed_batch {
+            1
+        } else {
+            opts.batch_size.max(1)
+        };
         let mut batches: Vec<Vec<Feed>> = Vec::new();
         let mut start = 0;
         while start < total {
@@ -409,10 +386,7 @@ impl CalibrationSet {
 
 /// The model's inputs with `--batch-axis` applied, then `--input-shape`.
 fn specs_for(model: &Model, opts: &DataOptions) -> Result<Vec<InputSpec>> {
-    let mut specs = model_inputs(model)?;
-    if !opts.batch_axes.is_empty() {
-        assign_batch_axes(&mut specs, &opts.batch_axes)?;
-    }
+    let specs = model_inputs_with(model, &opts.batch_axes)?;
     let specs = with_shapes(specs, &opts.input_shapes);
     ensure!(!specs.is_empty(), "the model has no inputs to calibrate");
     Ok(specs)

@@ -11,15 +11,44 @@
 //! other than the batch axis must match. Errors name the file (and key), the input, the expected
 //! and the found shape or type.
 
-use super::data::DataOptions;
-use super::image::{self, IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS};
+use super::image::{self, ImageOptions, IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS};
 use super::inputs::{InputDim, InputSpec};
-use crate::limits::element_count;
+use crate::limits::{element_count, MemoryBudget};
 use crate::runtime::Feed;
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::{NpzReader, ReadNpyExt};
 use std::path::{Path, PathBuf};
+
+/// Options for reading calibration data.
+#[derive(Debug, Clone)]
+pub struct DataOptions {
+    /// Samples per inference batch when the model does not fix its batch size.
+    pub batch_size: usize,
+    /// Use at most this many samples (the first ones, in file order).
+    pub max_samples: Option<usize>,
+    /// Full shapes fixing symbolic input dims (`--input-shape`), by input name.
+    pub input_shapes: Vec<(String, Vec<usize>)>,
+    /// `--batch-axis NAME=AXIS|none`: the batch axis of named inputs (`None`: no batch axis).
+    pub batch_axes: Vec<(String, Option<usize>)>,
+    /// How image files (png/jpg) become tensors; ignored for .npy/.npz data.
+    pub image: ImageOptions,
+    /// Synthetic samples and decoded images, both sized from the model's dims, must fit.
+    pub memory: MemoryBudget,
+}
+
+impl Default for DataOptions {
+    fn default() -> Self {
+        DataOptions {
+            batch_size: 32,
+            max_samples: None,
+            input_shapes: Vec::new(),
+            batch_axes: Vec::new(),
+            image: ImageOptions::default(),
+            memory: MemoryBudget::default(),
+        }
+    }
+}
 
 /// One input's value read from a file, with its batch axis (when the input has one).
 pub(crate) struct Sample {

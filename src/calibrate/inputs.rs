@@ -10,9 +10,11 @@
 //!    `batch` and `sequence`), the one that sits at axis 0 of every input holding it wins; if
 //!    none or more than one does, or a name appears twice in one input, the run stops and asks
 //!    for `--batch-axis`.
-//! 4. Otherwise (one input, unnamed or fixed dims, or an input without the shared name): the
-//!    first symbolic dim, else axis 0. So `[N, 3, 32, 32]` and `[1, 3, 32, 32]` batch on axis 0
-//!    as always, and silero's unnamed `state [2, ?, 128]` on axis 1.
+//! 4. Otherwise (one input, unnamed or fixed dims, or an input without the shared name): axis
+//!    0 when it is symbolic or fixed to 1, else the first symbolic dim, else the first dim fixed
+//!    to 1, else axis 0. So `[N, 3, 32, 32]`, `[1, 3, 32, 32]` and `[1, seq]` batch on axis 0
+//!    as always, silero's unnamed `state [2, ?, 128]` on axis 1, and its openvino export's
+//!    fixed `state [2, 1, 128]` on axis 1 too.
 //!
 //! An input without a batch axis takes the same value in every feed (checked when data is read).
 
@@ -76,6 +78,14 @@ impl InputSpec {
 /// The graph inputs the runtime feeds (graph inputs that are not initializers), in order, with
 /// batch axes from rules 2-4 of the module docs.
 pub fn model_inputs(model: &Model) -> Result<Vec<InputSpec>> {
+    model_inputs_with(model, &[])
+}
+
+/// [`model_inputs`] with `--batch-axis` overrides (rule 1) applied first.
+pub fn model_inputs_with(
+    model: &Model,
+    overrides: &[(String, Option<usize>)],
+) -> Result<Vec<InputSpec>> {
     let mut specs: Vec<InputSpec> = model
         .graph
         .inputs
@@ -83,16 +93,13 @@ pub fn model_inputs(model: &Model) -> Result<Vec<InputSpec>> {
         .filter(|v| !model.graph.initializers.contains_key(v.name()))
         .map(input_spec)
         .collect::<Result<_>>()?;
-    assign_batch_axes(&mut specs, &[])?;
+    assign_batch_axes(&mut specs, overrides)?;
     Ok(specs)
 }
 
 /// Sets every input's batch axis: `overrides` (`--batch-axis`, `None` = no batch axis) first,
 /// then the rules of the module docs.
-pub fn assign_batch_axes(
-    specs: &mut [InputSpec],
-    overrides: &[(String, Option<usize>)],
-) -> Result<()> {
+fn assign_batch_axes(specs: &mut [InputSpec], overrides: &[(String, Option<usize>)]) -> Result<()> {
     for (name, axis) in overrides {
         let spec = specs
             .iter()
@@ -122,11 +129,18 @@ pub fn assign_batch_axes(
                 .iter()
                 .position(|d| matches!(d, InputDim::Symbolic(s) if s == name))
         });
+        let leading = matches!(spec.dims[0], InputDim::Symbolic(_) | InputDim::Fixed(1));
         let first_symbolic = spec
             .dims
             .iter()
             .position(|d| matches!(d, InputDim::Symbolic(_)));
-        spec.batch_axis = Some(by_name.or(first_symbolic).unwrap_or(0));
+        let first_one = spec.dims.iter().position(|d| *d == InputDim::Fixed(1));
+        let fallback = if leading {
+            0
+        } else {
+            first_symbolic.or(first_one).unwrap_or(0)
+        };
+        spec.batch_axis = Some(by_name.unwrap_or(fallback));
     }
     Ok(())
 }

@@ -45,7 +45,10 @@ pub fn parse_batch_axis(spec: &str) -> Result<(String, Option<usize>)> {
     let (name, axis) = spec
         .rsplit_once('=')
         .with_context(|| format!("--batch-axis '{spec}': expected NAME=AXIS like state=1"))?;
-    ensure!(!name.is_empty(), "--batch-axis '{spec}': the input name is empty");
+    ensure!(
+        !name.is_empty(),
+        "--batch-axis '{spec}': the input name is empty"
+    );
     let axis = match axis.trim() {
         "none" => None,
         a => Some(a.parse::<usize>().with_context(|| {
@@ -61,15 +64,20 @@ pub fn parse_fix_input(spec: &str) -> Result<(String, Vec<f64>)> {
     let (name, values) = spec
         .split_once('=')
         .with_context(|| format!("--fix-input '{spec}': expected NAME=VALUE like sr=16000"))?;
-    ensure!(!name.is_empty(), "--fix-input '{spec}': the input name is empty");
+    ensure!(
+        !name.is_empty(),
+        "--fix-input '{spec}': the input name is empty"
+    );
     let values = values
         .split(',')
         .map(|v| match v.trim() {
             "true" => Ok(1.0),
             "false" => Ok(0.0),
-            v => v.parse::<f64>().ok().filter(|x| x.is_finite()).with_context(|| {
-                format!("--fix-input '{spec}': '{v}' is not a finite number")
-            }),
+            v => v
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .with_context(|| format!("--fix-input '{spec}': '{v}' is not a finite number")),
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((name.to_string(), values))

@@ -6,13 +6,13 @@
 
 pub mod cleanup;
 pub mod constant_fold;
-pub mod specialize;
 pub mod equalize;
 pub mod fuse;
 pub mod mixed_precision;
 pub mod prune;
 pub mod quantize;
 pub mod rewrite;
+pub mod specialize;
 
 use crate::ir::Model;
 use anyhow::{bail, Context, Result};

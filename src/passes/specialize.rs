@@ -70,7 +70,9 @@ pub fn fix_inputs(model: &mut ModelProto, fixes: &[(String, Vec<f64>)]) -> Resul
             .filter(|_| !graph.initializer.iter().any(|t| t.name() == name))
             .with_context(|| {
                 let inputs: Vec<&str> = graph.input.iter().map(|i| i.name()).collect();
-                format!("--fix-input names '{name}', which is not a graph input (inputs: {inputs:?})")
+                format!(
+                    "--fix-input names '{name}', which is not a graph input (inputs: {inputs:?})"
+                )
             })?;
         let input = graph.input.remove(pos);
         let Some(type_proto::Value::TensorType(tt)) =
@@ -183,7 +185,8 @@ fn encode(name: &str, dt: DataType, shape: &[usize], values: &[f64]) -> Result<T
     };
     Ok(match dt {
         DataType::Float => {
-            let a = ArrayD::from_shape_vec(IxDyn(shape), values.iter().map(|&v| v as f32).collect())?;
+            let a =
+                ArrayD::from_shape_vec(IxDyn(shape), values.iter().map(|&v| v as f32).collect())?;
             from_f32(name, &a)
         }
         DataType::Double => raw_tensor(
@@ -205,9 +208,17 @@ fn encode(name: &str, dt: DataType, shape: &[usize], values: &[f64]) -> Result<T
         DataType::Int32 => {
             let v = ints()?;
             in_range(&v, i32::MIN.into(), i32::MAX.into())?;
-            from_i32(name, shape, &v.iter().map(|&x| x as i32).collect::<Vec<_>>())
+            from_i32(
+                name,
+                shape,
+                &v.iter().map(|&x| x as i32).collect::<Vec<_>>(),
+            )
         }
-        DataType::Int16 | DataType::Uint16 | DataType::Int8 | DataType::Uint8 | DataType::Bool
+        DataType::Int16
+        | DataType::Uint16
+        | DataType::Int8
+        | DataType::Uint8
+        | DataType::Bool
         | DataType::Uint32 => {
             let v = ints()?;
             let (lo, hi, width) = match dt {
@@ -338,12 +349,18 @@ mod tests {
 
     #[test]
     fn values_take_the_declared_type_and_shape() {
-        assert_eq!(fixed_shape("sr", Some(&[]), 1).unwrap(), Vec::<usize>::new());
+        assert_eq!(
+            fixed_shape("sr", Some(&[]), 1).unwrap(),
+            Vec::<usize>::new()
+        );
         assert!(fixed_shape("sr", Some(&[]), 2).is_err());
         assert_eq!(fixed_shape("ids", Some(&[None]), 3).unwrap(), vec![3]);
         assert!(fixed_shape("m", Some(&[Some(2), None]), 4).is_err());
         let t = encode("sr", DataType::Int64, &[], &[16000.0]).unwrap();
-        assert_eq!(to_f64(&t).unwrap().iter().copied().collect::<Vec<_>>(), vec![16000.0]);
+        assert_eq!(
+            to_f64(&t).unwrap().iter().copied().collect::<Vec<_>>(),
+            vec![16000.0]
+        );
         assert!(encode("sr", DataType::Int64, &[], &[0.5]).is_err());
         assert!(encode("b", DataType::Uint8, &[], &[300.0]).is_err());
     }

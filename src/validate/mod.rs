@@ -38,7 +38,9 @@ use serde::{Serialize, Serializer};
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::ModelProto;
 
-use crate::runtime::{refusal, Feed, resolve_input_shapes, simulation_graph, InputSpec, Runner, RUNTIME};
+use crate::runtime::{
+    refusal, resolve_input_shapes, simulation_graph, Feed, InputSpec, Runner, RUNTIME,
+};
 
 #[derive(Debug, Clone)]
 pub struct ValidateOptions {
@@ -377,10 +379,7 @@ pub fn validate(
     Ok(report)
 }
 
-fn order_user_inputs(
-    specs: &[InputSpec],
-    given: &[(String, Feed)],
-) -> Result<Vec<Feed>> {
+fn order_user_inputs(specs: &[InputSpec], given: &[(String, Feed)]) -> Result<Vec<Feed>> {
     for (name, _) in given {
         if !specs.iter().any(|s| &s.name == name) {
             bail!("input '{name}' is not an input of the model");

@@ -27,12 +27,12 @@
 use super::groups::{Group, Member};
 use super::importance::AxisStats;
 use super::{Applied, PruneOptions, Reconstruct};
-use crate::runtime::Feed;
 use crate::ir::layer::{Layer, LayerKind};
 use crate::ir::op::{self, Attrs};
 use crate::ir::{Graph, Model, Patch};
 use crate::onnx::proto::ModelProto;
 use crate::onnx::tensor;
+use crate::runtime::Feed;
 use anyhow::{bail, Context, Result};
 use ndarray::{s, Array1, Array2, ArrayD, Axis, IxDyn};
 use petgraph::stable_graph::NodeIndex;
