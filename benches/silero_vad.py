@@ -9,7 +9,9 @@ samples, what the package's own wrapper feeds), `state` = the fp32 model's own s
 
 Calibration: one .npz per chunk (keys = input names) from one stream; held-out evaluation: a
 second stream with other sentences. For each model and variant the script runs
-`onnx-compress MODEL -o OUT --calib DIR [--fix-input sr=16000] --report R.json`, then streams the
+`onnx-compress MODEL -o OUT --calib DIR --report R.json`, and for the models with `sr` also with
+`--fix-input sr=16000 --input-shape input:1x576 --input-shape state:2x1x128` (the streaming shapes:
+they let the batch-of-one `If`s fold too), then streams the
 held-out audio through the fp32 and the compressed model in onnxruntime (each with its own state)
 and reports the size ratio, the validation status, and the speech F1 of the compressed model's
 decisions (prob > 0.5) against the fp32 model's decisions.
@@ -156,14 +158,16 @@ def main():
             np.savez(os.path.join(cdir, f"feed_{k:04d}.npz"), **feed)
         p_ref, _ = stream_run(ref, eval_chunks)
         d_ref = p_ref > 0.5
-        variants = [[]] + ([["--fix-input", f"sr={SR}"]] if has_sr else [])
+        fixed = ["--fix-input", f"sr={SR}", "--input-shape", f"input:1x{CHUNK + CONTEXT}",
+                 "--input-shape", "state:2x1x128"]
+        variants = [[]] + ([fixed] if has_sr else [])
         for extra in variants:
             tag = name.replace(".onnx", "") + ("_fixed" if extra else "")
             out = os.path.join(args.work, tag + ".int8.onnx")
             rep = os.path.join(args.work, tag + ".json")
             cmd = [args.bin, src, "-o", out, "--calib", cdir, "--report", rep, "--force"] + extra
             r = subprocess.run(cmd, capture_output=True, text=True)
-            row = {"model": name, "variant": " ".join(extra) or "-", "exit": r.returncode}
+            row = {"model": name, "variant": "fixed sr, shapes" if extra else "-", "exit": r.returncode}
             if r.returncode != 0:
                 row["error"] = (r.stderr.strip().splitlines() or ["?"])[-1][:200]
                 rows.append(row)

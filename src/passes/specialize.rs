@@ -20,11 +20,16 @@
 //!    rank-0 input, the declared element count for a fully fixed shape, any count for a rank-1
 //!    input with a symbolic length. Anything else is an error naming the input, the expected
 //!    and the given shape/type.
-//! 2. Until nothing changes: comparison and logic nodes whose inputs are all constant (`Equal`,
-//!    `Greater`, `Less`, `GreaterOrEqual`, `LessOrEqual`, `Not`, `And`, `Or`, `Xor`, on scalars
-//!    or small tensors, with ONNX broadcasting of a scalar) are replaced by initializers, and
-//!    every `If` whose condition is then constant is replaced by its taken branch, inlined
-//!    with fresh names (see `runtime::simulate`, which validation already uses).
+//! 2. Until nothing changes: small nodes whose inputs are all constant (`Equal`, `Greater`,
+//!    `Less`, `GreaterOrEqual`, `LessOrEqual`, `Not`, `And`, `Or`, `Xor` with a scalar
+//!    broadcast; `Gather` on axis 0, `Cast`, `Identity`, `Size`, `Reshape`, `Squeeze`,
+//!    `Unsqueeze`; at most 4096 elements) are replaced by initializers, and every `If` whose
+//!    condition is then constant is replaced by its taken branch, inlined with fresh names (see
+//!    `runtime::simulate`, which validation already uses).
+//! 3. When every remaining input has a fixed shape (declared, or given with `--input-shape`,
+//!    which is then written into the declared shape), `Shape` and `Size` of values whose shape
+//!    tract infers become constants too, and step 2 runs again: silero-vad's `If`s on
+//!    `Shape(x)[0] == 1` (squeeze the batch of one) collapse this way.
 //!
 //! The rest (the `Shape`/`Gather`/arithmetic chains that became constant, the `Identity`s left
 //! by inlining) is folded by the `cleanup` pass's constant folding as for any model.
@@ -56,7 +61,11 @@ pub struct Specialized {
 }
 
 /// Fix `fixes` (input name, values) in `model` and fold what becomes constant (module docs).
-pub fn fix_inputs(model: &mut ModelProto, fixes: &[(String, Vec<f64>)]) -> Result<Specialized> {
+pub fn fix_inputs(
+    model: &mut ModelProto,
+    fixes: &[(String, Vec<f64>)],
+    input_shapes: &[(String, Vec<usize>)],
+) -> Result<Specialized> {
     let graph = model.graph.as_mut().context("model has no graph")?;
     let mut out = Specialized {
         nodes_before: graph.node.len(),
@@ -103,17 +112,71 @@ pub fn fix_inputs(model: &mut ModelProto, fixes: &[(String, Vec<f64>)]) -> Resul
         ));
         graph.initializer.push(tensor);
     }
+    let shapes_fixed = pin_shapes(graph, input_shapes);
     loop {
+        let graph = model.graph.as_mut().context("model has no graph")?;
         let folded = fold_logic(graph)?;
         out.folded_nodes += folded;
         let collapsed = crate::runtime::simulate::fold_constant_ifs(graph)?;
-        if folded == 0 && collapsed.is_empty() {
+        let progress = folded > 0 || !collapsed.is_empty();
+        out.collapsed_ifs.extend(collapsed);
+        if progress {
+            continue;
+        }
+        let shaped = if shapes_fixed {
+            fold_shapes(model, input_shapes)?
+        } else {
+            0
+        };
+        out.folded_nodes += shaped;
+        if shaped == 0 {
             break;
         }
-        out.collapsed_ifs.extend(collapsed);
     }
-    out.nodes_after = graph.node.len();
+    out.nodes_after = model.graph.as_ref().map_or(0, |g| g.node.len());
     Ok(out)
+}
+
+/// Writes `--input-shape` into the declared input shapes; true when every remaining input's
+/// shape is then fully fixed (only then may `Shape` nodes fold: the sizes hold for every run).
+fn pin_shapes(graph: &mut GraphProto, input_shapes: &[(String, Vec<usize>)]) -> bool {
+    use crate::onnx::proto::tensor_shape_proto::Dimension;
+    let inits: std::collections::HashSet<String> = graph
+        .initializer
+        .iter()
+        .map(|t| t.name().to_string())
+        .collect();
+    let mut all_fixed = true;
+    for input in graph.input.iter_mut().filter(|i| !inits.contains(i.name())) {
+        let given = input_shapes
+            .iter()
+            .find(|(n, _)| n == input.name())
+            .map(|(_, s)| s);
+        let Some(type_proto::Value::TensorType(tt)) =
+            input.r#type.as_mut().and_then(|t| t.value.as_mut())
+        else {
+            all_fixed = false;
+            continue;
+        };
+        let Some(shape) = tt.shape.as_mut() else {
+            all_fixed = false;
+            continue;
+        };
+        if let Some(g) = given.filter(|g| g.len() == shape.dim.len()) {
+            shape.dim = g
+                .iter()
+                .map(|&d| Dimension {
+                    value: Some(Dim::DimValue(d as i64)),
+                    ..Default::default()
+                })
+                .collect();
+        }
+        all_fixed &= shape
+            .dim
+            .iter()
+            .all(|d| matches!(d.value, Some(Dim::DimValue(v)) if v > 0));
+    }
+    all_fixed
 }
 
 /// The shape the values take: rank 0 for a scalar, the declared shape when fully fixed, `[n]`
@@ -285,7 +348,8 @@ fn fold_logic(graph: &mut GraphProto) -> Result<usize> {
     Ok(folded)
 }
 
-/// The bool tensor a comparison/logic node computes from constant inputs, if it is one.
+/// The tensor a small constant-input node computes: comparisons and logic (bool), `Gather`,
+/// `Cast`, `Identity`, `Size`, `Squeeze`/`Unsqueeze` (axes as an input), on small tensors.
 fn eval_logic(
     node: &NodeProto,
     consts: &std::collections::HashMap<String, TensorProto>,
@@ -294,53 +358,242 @@ fn eval_logic(
         return None;
     }
     let op = node.op_type();
-    let arity = match op {
-        "Not" => 1,
-        "Equal" | "Greater" | "Less" | "GreaterOrEqual" | "LessOrEqual" | "And" | "Or" | "Xor" => 2,
-        _ => return None,
-    };
-    if node.input.len() != arity {
+    let known = [
+        "Not",
+        "Equal",
+        "Greater",
+        "Less",
+        "GreaterOrEqual",
+        "LessOrEqual",
+        "And",
+        "Or",
+        "Xor",
+        "Gather",
+        "Cast",
+        "Identity",
+        "Size",
+        "Squeeze",
+        "Unsqueeze",
+        "Reshape",
+    ];
+    if !known.contains(&op) || node.input.is_empty() {
         return None;
     }
-    let args: Vec<ArrayD<f64>> = node
+    let tensors: Vec<&TensorProto> = node
         .input
         .iter()
-        .map(|i| consts.get(i).and_then(|t| to_f64(t).ok()))
+        .map(|i| consts.get(i))
         .collect::<Option<_>>()?;
-    let result: ArrayD<bool> = if arity == 1 {
-        args[0].mapv(|v| v == 0.0)
-    } else {
-        let (a, b) = (&args[0], &args[1]);
-        // Equal shapes, or one side a single value (the scalar comparisons `If`s branch on).
-        let (a, b) = if a.shape() == b.shape() {
-            (a.clone(), b.clone())
-        } else if b.len() == 1 && a.ndim() >= b.ndim() {
-            (a.clone(), ArrayD::from_elem(a.raw_dim(), *b.iter().next()?))
-        } else if a.len() == 1 && b.ndim() >= a.ndim() {
-            (ArrayD::from_elem(b.raw_dim(), *a.iter().next()?), b.clone())
-        } else {
-            return None;
-        };
-        let f = |x: f64, y: f64| -> bool {
-            match op {
-                "Equal" => x == y,
-                "Greater" => x > y,
-                "Less" => x < y,
-                "GreaterOrEqual" => x >= y,
-                "LessOrEqual" => x <= y,
-                "And" => x != 0.0 && y != 0.0,
-                "Or" => x != 0.0 || y != 0.0,
-                _ => (x != 0.0) != (y != 0.0),
-            }
-        };
-        ndarray::Zip::from(&a).and(&b).map_collect(|&x, &y| f(x, y))
+    let args: Vec<ArrayD<f64>> = tensors
+        .iter()
+        .map(|t| to_f64(t).ok())
+        .collect::<Option<_>>()?;
+    let in_type = DataType::try_from(tensors[0].data_type()).ok()?;
+    let int_attr = |name: &str| {
+        node.attribute
+            .iter()
+            .find(|a| a.name() == name)
+            .and_then(|a| a.i)
     };
-    Some(raw_tensor(
-        &node.output[0],
-        DataType::Bool,
-        result.shape(),
-        result.iter().map(|&v| u8::from(v)).collect(),
-    ))
+    let axes = |a: &ArrayD<f64>, rank: usize| -> Option<Vec<usize>> {
+        let mut v: Vec<usize> = a
+            .iter()
+            .map(|&x| {
+                let x = x as i64;
+                let r = rank as i64;
+                let k = if x < 0 { x + r } else { x };
+                (0..r).contains(&k).then_some(k as usize)
+            })
+            .collect::<Option<_>>()?;
+        v.sort_unstable();
+        Some(v)
+    };
+    let (values, dt): (ArrayD<f64>, DataType) = match op {
+        "Identity" => (args[0].clone(), in_type),
+        "Size" => (
+            ndarray::arr0(args[0].len() as f64).into_dyn(),
+            DataType::Int64,
+        ),
+        "Cast" => {
+            let to = DataType::try_from(int_attr("to")? as i32).ok()?;
+            let v = match to {
+                DataType::Bool => args[0].mapv(|x| f64::from(u8::from(x != 0.0))),
+                DataType::Float | DataType::Double => args[0].clone(),
+                DataType::Int64 | DataType::Int32 => args[0].mapv(f64::trunc),
+                _ => return None,
+            };
+            (v, to)
+        }
+        "Gather" => {
+            let data = &args[0];
+            let idx = args.get(1)?;
+            let axis = axes(
+                &ndarray::arr1(&[int_attr("axis").unwrap_or(0) as f64]).into_dyn(),
+                data.ndim(),
+            )?[0];
+            let n = data.shape()[axis] as i64;
+            let picks: Vec<usize> = idx
+                .iter()
+                .map(|&x| {
+                    let k = if (x as i64) < 0 {
+                        x as i64 + n
+                    } else {
+                        x as i64
+                    };
+                    (0..n).contains(&k).then_some(k as usize)
+                })
+                .collect::<Option<_>>()?;
+            let taken = data.select(ndarray::Axis(axis), &picks);
+            // Output shape: data[:axis] + indices.shape + data[axis+1:].
+            let mut shape = data.shape()[..axis].to_vec();
+            shape.extend_from_slice(idx.shape());
+            shape.extend_from_slice(&data.shape()[axis + 1..]);
+            let flat: Vec<f64> = if axis == 0 {
+                taken.iter().copied().collect()
+            } else {
+                return None;
+            };
+            (ArrayD::from_shape_vec(IxDyn(&shape), flat).ok()?, in_type)
+        }
+        "Reshape" => {
+            let data = &args[0];
+            let spec = args.get(1)?;
+            let mut shape: Vec<i64> = spec.iter().map(|&x| x as i64).collect();
+            for (k, d) in shape.iter_mut().enumerate() {
+                if *d == 0 && int_attr("allowzero").unwrap_or(0) == 0 {
+                    *d = *data.shape().get(k)? as i64;
+                }
+            }
+            let known: i64 = shape.iter().filter(|&&d| d >= 0).product();
+            if let Some(free) = shape.iter_mut().find(|d| **d == -1) {
+                *free = (data.len() as i64).checked_div(known)?;
+            }
+            let shape: Vec<usize> = shape
+                .iter()
+                .map(|&d| usize::try_from(d).ok())
+                .collect::<Option<_>>()?;
+            (
+                data.clone().into_shape_with_order(IxDyn(&shape)).ok()?,
+                in_type,
+            )
+        }
+        "Squeeze" | "Unsqueeze" => {
+            let data = &args[0];
+            let ax = args.get(1)?;
+            let mut shape = data.shape().to_vec();
+            if op == "Squeeze" {
+                for &k in axes(ax, shape.len())?.iter().rev() {
+                    if shape[k] != 1 {
+                        return None;
+                    }
+                    shape.remove(k);
+                }
+            } else {
+                for k in axes(ax, shape.len() + ax.len())? {
+                    shape.insert(k, 1);
+                }
+            }
+            (
+                data.clone().into_shape_with_order(IxDyn(&shape)).ok()?,
+                in_type,
+            )
+        }
+        _ => (logic(op, &args)?, DataType::Bool),
+    };
+    if values.len() > 4096 {
+        return None;
+    }
+    let flat: Vec<f64> = values.iter().copied().collect();
+    encode(&node.output[0], dt, values.shape(), &flat).ok()
+}
+
+/// A comparison or logic op on constant values (ONNX broadcasting of a single value).
+fn logic(op: &str, args: &[ArrayD<f64>]) -> Option<ArrayD<f64>> {
+    let b01 = |v: bool| f64::from(u8::from(v));
+    if op == "Not" {
+        return Some(args[0].mapv(|v| b01(v == 0.0)));
+    }
+    let (a, b) = (args.first()?, args.get(1)?);
+    let (a, b) = if a.shape() == b.shape() {
+        (a.clone(), b.clone())
+    } else if b.len() == 1 && a.ndim() >= b.ndim() {
+        (a.clone(), ArrayD::from_elem(a.raw_dim(), *b.iter().next()?))
+    } else if a.len() == 1 && b.ndim() >= a.ndim() {
+        (ArrayD::from_elem(b.raw_dim(), *a.iter().next()?), b.clone())
+    } else {
+        return None;
+    };
+    let f = |x: f64, y: f64| -> bool {
+        match op {
+            "Equal" => x == y,
+            "Greater" => x > y,
+            "Less" => x < y,
+            "GreaterOrEqual" => x >= y,
+            "LessOrEqual" => x <= y,
+            "And" => x != 0.0 && y != 0.0,
+            "Or" => x != 0.0 || y != 0.0,
+            _ => (x != 0.0) != (y != 0.0),
+        }
+    };
+    Some(
+        ndarray::Zip::from(&a)
+            .and(&b)
+            .map_collect(|&x, &y| b01(f(x, y))),
+    )
+}
+
+/// `Shape` and `Size` of values whose shape tract infers completely (best effort: its partial
+/// analysis still types what precedes an `If` it cannot analyse) become int64 initializers.
+/// Only called when every input shape is fixed, so the shapes hold for every run.
+fn fold_shapes(model: &mut ModelProto, shapes: &[(String, Vec<usize>)]) -> Result<usize> {
+    let inferred = match crate::runtime::infer_value_shapes(model, shapes) {
+        Ok(v) => v,
+        Err(_) => return Ok(0),
+    };
+    let known: std::collections::HashMap<String, Vec<usize>> = inferred
+        .into_iter()
+        .filter_map(|v| {
+            let s: Option<Vec<usize>> = v.shape?.into_iter().collect();
+            Some((v.name, s?))
+        })
+        .collect();
+    let graph = model.graph.as_mut().context("model has no graph")?;
+    let mut folded = 0;
+    let mut kept = Vec::with_capacity(graph.node.len());
+    let mut new_inits = Vec::new();
+    for node in std::mem::take(&mut graph.node) {
+        let shape = node.input.first().and_then(|i| known.get(i));
+        let out = match (node.op_type(), shape, node.output.first()) {
+            ("Shape", Some(s), Some(o)) if node.domain().is_empty() => {
+                let r = s.len() as i64;
+                let attr = |n: &str| {
+                    node.attribute
+                        .iter()
+                        .find(|a| a.name() == n)
+                        .and_then(|a| a.i)
+                };
+                let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+                let start = clamp(attr("start").unwrap_or(0));
+                let end = clamp(attr("end").unwrap_or(r)).max(start);
+                let dims: Vec<i64> = s[start..end].iter().map(|&d| d as i64).collect();
+                Some(from_i64(o, &[dims.len()], &dims))
+            }
+            ("Size", Some(s), Some(o)) if node.domain().is_empty() => {
+                Some(from_i64(o, &[], &[s.iter().product::<usize>() as i64]))
+            }
+            _ => None,
+        };
+        match out {
+            Some(t) => {
+                new_inits.push(t);
+                folded += 1;
+            }
+            None => kept.push(node),
+        }
+    }
+    graph.node = kept;
+    graph.initializer.extend(new_inits);
+    Ok(folded)
 }
 
 #[cfg(test)]

@@ -171,8 +171,12 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     let specialized = if opts.fix_inputs.is_empty() {
         None
     } else {
-        let s = crate::passes::specialize::fix_inputs(&mut original, &opts.fix_inputs)
-            .with_context(|| format!("{}: --fix-input", input.display()))?;
+        let s = crate::passes::specialize::fix_inputs(
+            &mut original,
+            &opts.fix_inputs,
+            &opts.input_shapes,
+        )
+        .with_context(|| format!("{}: --fix-input", input.display()))?;
         model = Model::from_proto(original.clone())
             .with_context(|| format!("{}: the specialized model is invalid", input.display()))?;
         Some(s)
