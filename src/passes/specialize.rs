@@ -617,4 +617,43 @@ mod tests {
         assert!(encode("sr", DataType::Int64, &[], &[0.5]).is_err());
         assert!(encode("b", DataType::Uint8, &[], &[300.0]).is_err());
     }
+
+    #[test]
+    fn a_reshaped_gathered_sample_rate_folds_to_a_constant_condition() {
+        // silero_vad_op18_ifless: c = Equal(Gather(Reshape(sr, [1]), 0), 16000).
+        let node = |op: &str, ins: &[&str], out: &str| NodeProto {
+            op_type: Some(op.into()),
+            input: ins.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.into()],
+            ..Default::default()
+        };
+        let mut graph = GraphProto {
+            node: vec![
+                node("Reshape", &["sr", "one"], "r"),
+                node("Gather", &["r", "zero"], "g"),
+                node("Equal", &["g", "k"], "c"),
+            ],
+            initializer: vec![
+                from_i64("sr", &[], &[16000]),
+                from_i64("one", &[1], &[1]),
+                from_i64("zero", &[], &[0]),
+                from_i64("k", &[], &[16000]),
+            ],
+            ..Default::default()
+        };
+        let mut total = 0;
+        loop {
+            let n = fold_logic(&mut graph).unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        assert_eq!(total, 3);
+        assert!(graph.node.is_empty());
+        let c = graph.initializer.iter().find(|t| t.name() == "c").unwrap();
+        assert_eq!(c.data_type(), DataType::Bool as i32);
+        assert!(c.dims.is_empty(), "a scalar condition");
+        assert_eq!(to_f64(c).unwrap().iter().copied().collect::<Vec<_>>(), vec![1.0]);
+    }
 }
