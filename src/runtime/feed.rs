@@ -32,7 +32,7 @@ pub enum Feed {
     Bool(ArrayD<bool>),
 }
 
-/// Applies `$body` to the array inside any variant, rebuilding the same variant when `$wrap`.
+/// Applies `$body` to the array inside any variant (`wrap`: and rebuilds the same variant).
 macro_rules! each {
     ($feed:expr, $a:ident => $body:expr) => {
         match $feed {
@@ -330,7 +330,10 @@ mod tests {
     fn integers_convert_when_they_fit_and_floats_never_become_integers() {
         let ids = Feed::I32(ArrayD::from_shape_vec(IxDyn(&[2]), vec![3, 70000]).unwrap());
         let wide = ids.clone().convert(DataType::Int64).unwrap();
-        assert_eq!(wide.to_f64().as_slice().unwrap(), &[3.0, 70000.0]);
+        assert_eq!(
+            wide.to_f64().iter().copied().collect::<Vec<_>>(),
+            vec![3.0, 70000.0]
+        );
         let err = ids.convert(DataType::Int16).unwrap_err().to_string();
         assert!(err.contains("70000"), "{err}");
         let f = Feed::F32(ArrayD::zeros(IxDyn(&[1])));
@@ -348,7 +351,10 @@ mod tests {
         assert_eq!(col.shape(), &[2, 1]);
         let joined = Feed::concatenate(1, &[&col, &col]).unwrap();
         assert_eq!(joined.data_type(), DataType::Int64);
-        assert_eq!(joined.to_f64().as_slice().unwrap(), &[1.0, 1.0, 4.0, 4.0]);
+        assert_eq!(
+            joined.to_f64().iter().copied().collect::<Vec<_>>(),
+            vec![1.0, 1.0, 4.0, 4.0]
+        );
         let f = Feed::F32(ArrayD::zeros(IxDyn(&[2, 1])));
         assert!(Feed::concatenate(1, &[&col, &f]).is_err());
     }
