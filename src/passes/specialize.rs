@@ -654,6 +654,9 @@ mod tests {
         let c = graph.initializer.iter().find(|t| t.name() == "c").unwrap();
         assert_eq!(c.data_type(), DataType::Bool as i32);
         assert!(c.dims.is_empty(), "a scalar condition");
-        assert_eq!(to_f64(c).unwrap().iter().copied().collect::<Vec<_>>(), vec![1.0]);
+        assert_eq!(
+            to_f64(c).unwrap().iter().copied().collect::<Vec<_>>(),
+            vec![1.0]
+        );
     }
 }
