@@ -31,7 +31,7 @@ pub fn summary(r: &RunReport) {
     );
     if let Some(sp) = &r.specialized {
         println!(
-            "  fixed  {}: {} -> {} top-level nodes, {} comparison node(s) folded, {} If(s) collapsed",
+            "  fixed  {}: {} -> {} top-level nodes, {} constant node(s) folded, {} If(s) collapsed",
             sp.fixed.join(", "),
             sp.nodes_before,
             sp.nodes_after,

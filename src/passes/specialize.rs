@@ -51,7 +51,7 @@ use ndarray::{ArrayD, IxDyn};
 pub struct Specialized {
     /// `name = value (type)` per fixed input.
     pub fixed: Vec<String>,
-    /// Comparison/logic nodes folded to constants.
+    /// Nodes folded to constants (comparisons, logic, small index math, `Shape`/`Size`).
     pub folded_nodes: usize,
     /// One line per `If` replaced by its taken branch.
     pub collapsed_ifs: Vec<String>,
