@@ -71,7 +71,7 @@ fn main() -> Result<()> {
         0,
         &DataOptions::default(),
     )?);
-    let named: Vec<Vec<(String, ndarray::ArrayD<f32>)>> = calib.named_batches();
+    let named: Vec<onnx_compress::calibrate::NamedBatch> = calib.named_batches();
     let mut ctx = PassContext {
         calibration: Some(calib.clone()),
         ..Default::default()

@@ -705,7 +705,118 @@ def write_readme(digits, deep, smooth):
         f.write("\n".join(lines))
 
 
+# ---------------------------------------------------------------- 7. typed-input models (tests/models)
+def models_path(name):
+    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "models")
+    os.makedirs(d, exist_ok=True)
+    return os.path.join(d, name)
+
+
+def make_token_embed(name):
+    """int64 token ids [batch, seq] -> Gather(embedding [50, 8]) -> ReduceMean over seq
+    -> Add(MatMul(feat [batch, 4], W [4, 8])) -> MatMul(W2 [8, 3]) -> y [batch, 3].
+
+    The float path (feat) and the embedding path meet before the classifier; ids are fed as given.
+    """
+    rng = np.random.default_rng(7)
+    f32 = lambda a: a.astype(np.float32)  # noqa: E731
+    inits = [
+        numpy_helper.from_array(f32(rng.standard_normal((50, 8)) * 0.5), "emb"),
+        numpy_helper.from_array(f32(rng.standard_normal((4, 8)) * 0.5), "W"),
+        numpy_helper.from_array(f32(rng.standard_normal((8, 3)) * 0.5), "W2"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "seq_axis"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["tok"], name="embed", axis=0),
+        helper.make_node("ReduceMean", ["tok", "seq_axis"], ["pooled"], name="pool", keepdims=0),
+        helper.make_node("MatMul", ["feat", "W"], ["proj"], name="proj"),
+        helper.make_node("Add", ["pooled", "proj"], ["h"], name="add"),
+        helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+        helper.make_node("MatMul", ["hr", "W2"], ["y"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "token_embed",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 6]),
+            helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["batch", 4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                              producer_name="onnx-compress/make_testdata")
+    model.ir_version = 8
+    file = models_path(name)
+    onnx.save_model(model, file)
+    ids = rng.integers(0, 50, (2, 6)).astype(np.int64)
+    feat = rng.standard_normal((2, 4)).astype(np.float32)
+    (y,) = check_and_run(file, {"ids": ids, "feat": feat})
+    e = numpy_helper.to_array(inits[0])[ids].mean(axis=1)
+    ref = np.maximum(e + feat @ numpy_helper.to_array(inits[1]), 0) @ numpy_helper.to_array(inits[2])
+    assert np.allclose(y, ref, atol=1e-5), "token_embed mismatch"
+    return file
+
+
+def make_if_scalar(name):
+    """`mode` int64 scalar; cond = Equal(mode, 1).
+
+    then: Relu(Conv(x, W))                       [1, 4, 8, 8]
+    else: MaxPool(x, 2x2)                         [1, 3, 4, 4]   (another shape)
+    Only a fixed `mode` makes the output shape known: tract cannot analyse it otherwise.
+    """
+    rng = np.random.default_rng(8)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "W"),
+        numpy_helper.from_array(np.array(1, dtype=np.int64), "one"),
+    ]
+    then_g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W"], ["t_conv"], name="conv", kernel_shape=[3, 3],
+                             pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["t_conv"], ["t_out"], name="relu"),
+        ],
+        "then_branch", [],
+        [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [1, 4, 8, 8])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("MaxPool", ["x"], ["e_out"], name="pool", kernel_shape=[2, 2],
+                          strides=[2, 2])],
+        "else_branch", [],
+        [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [1, 3, 4, 4])],
+    )
+    nodes = [
+        helper.make_node("Equal", ["mode", "one"], ["cond"], name="is_one"),
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g,
+                         else_branch=else_g),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "if_scalar",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+            helper.make_tensor_value_info("mode", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                              producer_name="onnx-compress/make_testdata")
+    model.ir_version = 8
+    file = models_path(name)
+    onnx.save_model(model, file)
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    (y1,) = check_and_run(file, {"x": x, "mode": np.array(1, np.int64)})
+    (y0,) = check_and_run(file, {"x": x, "mode": np.array(0, np.int64)})
+    assert y1.shape == (1, 4, 8, 8) and y0.shape == (1, 3, 4, 4)
+    return file
+
+
 def main():
+    if "--typed-input-models" in sys.argv:
+        for f in [make_token_embed("token_embed.onnx"), make_if_scalar("if_scalar.onnx")]:
+            print(f"{os.path.basename(f):22s} {os.path.getsize(f):8d} B")
+        return 0
     files = [
         export_torch_model(ConvBnRelu, (1, 3, 16, 16), "conv_bn_relu.onnx", 1),
         export_torch_model(Residual, (1, 3, 16, 16), "residual.onnx", 2),
@@ -723,6 +834,7 @@ def main():
     smooth = make_digits_deep("digits_smooth.onnx", label_smoothing=0.1)
     files.append(smooth[0])
     write_readme(digits, deep, smooth)
+    files += [make_token_embed("token_embed.onnx"), make_if_scalar("if_scalar.onnx")]
     for f in files:
         h = hashlib.sha256(open(f, "rb").read()).hexdigest()[:12]
         hist = ", ".join(f"{k}:{v}" for k, v in sorted(op_histogram(f).items()))

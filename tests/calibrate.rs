@@ -57,8 +57,8 @@ fn directory_of_samples_and_batches_is_stacked_and_rebatched() {
     assert_eq!(c.samples, 6);
     let sizes: Vec<usize> = c.batches.iter().map(|b| b[0].shape()[0]).collect();
     assert_eq!(sizes, vec![4, 2]);
-    assert_eq!(c.batches[0][0][[0, 0, 0]], 1.0);
-    assert_eq!(c.batches[1][0][[1, 0, 0]], 3.0);
+    assert_eq!(c.batches[0][0].as_f32().unwrap()[[0, 0, 0]], 1.0);
+    assert_eq!(c.batches[1][0].as_f32().unwrap()[[1, 0, 0]], 3.0);
     assert!(c.notes.iter().any(|n| n.contains("float64")));
 }
 
@@ -88,7 +88,7 @@ fn multiple_inputs_by_file_name_or_npz_keys() {
     let c = CalibrationSet::load(d.path(), &m, &DataOptions::default()).unwrap();
     assert_eq!(c.samples, 3);
     assert_eq!(c.input_names, vec!["a", "b:0"]);
-    assert_eq!(c.batches[0][1][[0, 0]], 2.0);
+    assert_eq!(c.batches[0][1].as_f32().unwrap()[[0, 0]], 2.0);
 
     let z = tempfile::tempdir().unwrap();
     let p = z.path().join("s.npz");
@@ -123,7 +123,7 @@ fn bad_data_is_refused_naming_the_file_and_expectation() {
     write_npy(&p, &ArrayD::<i64>::zeros(IxDyn(&[2, 3]))).unwrap();
     let e = err(&p, &m);
     assert!(
-        e.contains("bad.npy") && e.contains("<i8") && e.contains("float32"),
+        e.contains("bad.npy") && e.contains("expected float data, found int64"),
         "{e}"
     );
     // Unreadable file.
@@ -186,4 +186,144 @@ fn testdata_digits_calib_dir_loads() {
     let c = CalibrationSet::load(&root.join("digits_calib"), &m, &DataOptions::default()).unwrap();
     assert_eq!(c.samples, 32);
     assert_eq!(c.batches[0][0].shape(), &[32, 1, 8, 8]);
+}
+
+/// `model` with input `k`'s dims named (`""` keeps a dim as it is) and its element type set.
+fn typed(
+    mut m: onnx_compress::onnx::proto::ModelProto,
+    k: usize,
+    names: &[&str],
+    elem: i32,
+) -> Model {
+    use onnx_compress::onnx::proto::{tensor_shape_proto::dimension::Value, type_proto};
+    let input = &mut m.graph.as_mut().unwrap().input[k];
+    let Some(type_proto::Value::TensorType(t)) = input.r#type.as_mut().unwrap().value.as_mut()
+    else {
+        panic!("tensor input")
+    };
+    t.elem_type = Some(elem);
+    for (d, n) in t.shape.as_mut().unwrap().dim.iter_mut().zip(names) {
+        if !n.is_empty() {
+            d.value = Some(Value::DimParam(n.to_string()));
+        }
+    }
+    Model::from_proto(m).unwrap()
+}
+
+const FLOAT: i32 = 1;
+const INT64: i32 = 7;
+
+/// `input` [batch, 3] and `state` [2, batch, 4] (silero-vad's layout) -> Identity each.
+fn streaming() -> Model {
+    let mut b = Builder::new(13);
+    b.input("input", &[-1, 3])
+        .input("state", &[2, -1, 4])
+        .output("y", &[-1, 3])
+        .output("s", &[2, -1, 4]);
+    b.node("Identity", "i", &["input"], &["y"], vec![]);
+    b.node("Identity", "j", &["state"], &["s"], vec![]);
+    let m = typed(b.proto(), 0, &["batch", ""], FLOAT);
+    typed(m.to_proto().unwrap(), 1, &["", "batch", ""], FLOAT)
+}
+
+#[test]
+fn stacked_archive_splits_each_input_on_its_shared_batch_axis() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("stacked.npz");
+    let mut z = NpzWriter::new(std::fs::File::create(&p).unwrap());
+    let state = ArrayD::from_shape_fn(IxDyn(&[2, 5, 4]), |i| i[1] as f32);
+    z.add_array("input", &arr(&[5, 3], 1.0)).unwrap();
+    z.add_array("state", &state).unwrap();
+    z.finish().unwrap();
+    let opts = DataOptions {
+        batch_size: 2,
+        ..Default::default()
+    };
+    let c = CalibrationSet::load(&p, &streaming(), &opts).unwrap();
+    assert_eq!(c.batch_axes, vec![Some(0), Some(1)]);
+    assert_eq!(c.samples, 5);
+    let shapes: Vec<Vec<usize>> = c.batches.iter().map(|b| b[1].shape().to_vec()).collect();
+    assert_eq!(shapes, vec![vec![2, 2, 4], vec![2, 2, 4], vec![2, 1, 4]]);
+    // Sample 2 of the state is the first of the second batch.
+    let second = c.batches[1][1].as_f32().unwrap();
+    assert_eq!(second[[0, 0, 0]], 2.0);
+}
+
+#[test]
+fn shared_dims_that_do_not_name_the_batch_are_an_error_with_the_hint() {
+    // a [seq, batch], c [batch, seq]: two shared names, neither leading everywhere.
+    let mut b = Builder::new(13);
+    b.input("a", &[-1, -1])
+        .input("c", &[-1, -1])
+        .output("y", &[-1, -1]);
+    b.node("Identity", "i", &["a"], &["y"], vec![]);
+    let m = typed(b.proto(), 0, &["seq", "batch"], FLOAT);
+    let m = typed(m.to_proto().unwrap(), 1, &["batch", "seq"], FLOAT);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.npz");
+    let mut z = NpzWriter::new(std::fs::File::create(&p).unwrap());
+    z.add_array("a", &arr(&[4, 2], 1.0)).unwrap();
+    z.add_array("c", &arr(&[2, 4], 1.0)).unwrap();
+    z.finish().unwrap();
+    let e = err(&p, &m);
+    assert!(e.contains("ambiguous") && e.contains("--batch-axis"), "{e}");
+    let opts = DataOptions {
+        batch_axes: vec![("a".into(), Some(1)), ("c".into(), Some(0))],
+        ..Default::default()
+    };
+    let c = CalibrationSet::load(&p, &m, &opts).unwrap();
+    assert_eq!(c.samples, 2);
+}
+
+#[test]
+fn integer_inputs_keep_their_type_and_float_data_for_them_is_refused() {
+    let mut b = Builder::new(13);
+    b.input("ids", &[-1, 3])
+        .input("sr", &[])
+        .output("y", &[-1, 3]);
+    b.node("Identity", "i", &["ids"], &["y"], vec![]);
+    let m = typed(b.proto(), 0, &["", ""], INT64);
+    let m = typed(m.to_proto().unwrap(), 1, &[], INT64);
+    let dir = tempfile::tempdir().unwrap();
+    for k in 0..3 {
+        let mut z =
+            NpzWriter::new(std::fs::File::create(dir.path().join(format!("f{k}.npz"))).unwrap());
+        let ids = ArrayD::from_shape_fn(IxDyn(&[1, 3]), |i| (k * 3 + i[1]) as i32);
+        z.add_array("ids", &ids).unwrap();
+        z.add_array("sr", &ndarray::arr0(16000i64)).unwrap();
+        z.finish().unwrap();
+    }
+    let c = CalibrationSet::load(dir.path(), &m, &DataOptions::default()).unwrap();
+    assert_eq!(c.batch_axes, vec![Some(0), None]);
+    let ids = &c.batches[0][0];
+    assert_eq!(ids.type_name(), "int64");
+    assert_eq!(
+        ids.to_f64().iter().copied().collect::<Vec<_>>(),
+        (0..9).map(f64::from).collect::<Vec<_>>()
+    );
+    assert_eq!(c.batches[0][1].describe_values(), "16000");
+
+    // A second sample rate in one file: no batch axis, so it must agree.
+    let mut z = NpzWriter::new(std::fs::File::create(dir.path().join("f9.npz")).unwrap());
+    z.add_array("ids", &ArrayD::from_elem(IxDyn(&[1, 3]), 1i64))
+        .unwrap();
+    z.add_array("sr", &ndarray::arr0(8000i64)).unwrap();
+    z.finish().unwrap();
+    let e = err(dir.path(), &m);
+    assert!(
+        e.contains("'sr'") && e.contains("--fix-input sr=VALUE"),
+        "{e}"
+    );
+
+    // Float data for an integer input names the input and both types.
+    let p = dir.path().join("bad.npz");
+    let mut z = NpzWriter::new(std::fs::File::create(&p).unwrap());
+    z.add_array("ids", &arr(&[1, 3], 1.0)).unwrap();
+    z.add_array("sr", &ndarray::arr0(16000i64)).unwrap();
+    z.finish().unwrap();
+    let e = err(&p, &m);
+    assert!(
+        e.contains("'ids'") && e.contains("expected int64 data, found float"),
+        "{e}"
+    );
 }

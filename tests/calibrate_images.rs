@@ -31,7 +31,11 @@ fn opts(image: ImageOptions) -> DataOptions {
 
 /// Every sample of a calibration set, stacked: [total, ...].
 fn all(set: &CalibrationSet) -> ArrayD<f32> {
-    let views: Vec<_> = set.batches.iter().map(|b| b[0].view()).collect();
+    let views: Vec<_> = set
+        .batches
+        .iter()
+        .map(|b| b[0].as_f32().unwrap().view())
+        .collect();
     ndarray::concatenate(ndarray::Axis(0), &views).unwrap()
 }
 

@@ -480,3 +480,110 @@ fn mixed_precision_prints_the_layer_table_and_reports_both_selections() {
     assert!(sel.get("joint").is_none(), "{sel}");
     assert!(!stdout.contains("ΔL int4"), "{stdout}");
 }
+
+fn typed_model(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/models")
+        .join(name)
+}
+
+#[test]
+fn int64_token_ids_calibrate_and_validate() {
+    use ndarray::{ArrayD, IxDyn};
+    let dir = tempfile::tempdir().unwrap();
+    let calib = dir.path().join("calib");
+    std::fs::create_dir(&calib).unwrap();
+    for k in 0..6 {
+        let f = std::fs::File::create(calib.join(format!("feed_{k}.npz"))).unwrap();
+        let mut z = ndarray_npy::NpzWriter::new(f);
+        let ids = ArrayD::from_shape_fn(IxDyn(&[1, 6]), |i| ((k * 7 + i[1] * 3) % 50) as i32);
+        let feat = ArrayD::from_shape_fn(IxDyn(&[1, 4]), |i| (i[1] as f32 - 1.5) * 0.7);
+        z.add_array("ids", &ids).unwrap();
+        z.add_array("feat", &feat).unwrap();
+        z.finish().unwrap();
+    }
+    let out = dir.path().join("out.onnx");
+    let (code, stdout, err) = run(&[
+        typed_model("token_embed.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("quantized 2 node(s)"), "{stdout}");
+    assert!(stdout.contains("validated in tract"), "{stdout}");
+}
+
+#[test]
+fn fix_input_collapses_the_if_and_the_output_validates_in_tract() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = dir.path().join("calib.npz");
+    let mut z = ndarray_npy::NpzWriter::new(std::fs::File::create(&calib).unwrap());
+    let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[4, 3, 8, 8]), |i| {
+        ((i[0] * 7 + i[1] * 5 + i[2] * 3 + i[3]) % 11) as f32 / 5.0 - 1.0
+    });
+    z.add_array("x", &x).unwrap();
+    z.finish().unwrap();
+    let model = typed_model("if_scalar.onnx");
+    let out = dir.path().join("out.onnx");
+    let report = dir.path().join("r.json");
+    let (code, stdout, err) = run(&[
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--fix-input",
+        "mode=1",
+        "--calib",
+        calib.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("1 If(s) collapsed"), "{stdout}");
+    assert!(stdout.contains("validated in tract"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json["validation"]["status"], "checked");
+    assert_eq!(
+        json["specialized"]["collapsed_ifs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let m = onnx_compress::ir::Model::load(&out).unwrap();
+    assert!(m
+        .graph
+        .node_indices()
+        .all(|ix| m.graph.node(ix).op_type() != "If"));
+    assert!(!m.graph.is_graph_input("mode"));
+    assert!(m
+        .graph
+        .node_indices()
+        .any(|ix| m.graph.node(ix).op_type() == "QuantizeLinear"));
+
+    // Unfixed, the If's branches differ in shape: tract cannot check it.
+    let (code, stdout, _) = run(&[
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--force",
+    ]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("NOT validated"), "{stdout}");
+    // A fix that is not an input, or of the wrong type, is one line naming it.
+    let (code, _, err) = run(&[
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--force",
+        "--fix-input",
+        "mode=0.5",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("mode") && err.contains("whole number"),
+        "{err}"
+    );
+}

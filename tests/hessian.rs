@@ -120,7 +120,7 @@ fn exact_traces(m: &ModelProto, kl: bool) -> (f64, f64) {
 
 fn estimate(m: &ModelProto, opts: &HessianOptions) -> Vec<(String, f64, f64)> {
     let model = Model::from_proto(m.clone()).unwrap();
-    sensitivity(&model, &[vec![input()]], opts)
+    sensitivity(&model, &[vec![input().into()]], opts)
         .unwrap()
         .into_iter()
         .map(|s| (s.weight, s.hessian_trace, s.hessian_trace_stderr))
@@ -243,7 +243,7 @@ fn residual_branch_values_come_from_upstream() {
         loss: Loss::Mse,
         ..Default::default()
     };
-    let s = sensitivity(&model, &[vec![x.clone()]], &opts).unwrap();
+    let s = sensitivity(&model, &[vec![x.clone().into()]], &opts).unwrap();
     // MSE with a linear map: w2's GGN trace = rows-mean of 6 * ‖a‖² (each output row sees a).
     let w1 = tensor::to_f64(&f32_tensor("w1", &[6, 6], 1))
         .unwrap()
@@ -294,7 +294,10 @@ fn responses_share_one_layout_across_outputs_and_predict_the_loss() {
     };
     // One candidate per layer: every weight scaled by 1.01 (a small change).
     let changed = |w: &ArrayD<f32>| w.mapv(|v| v * 1.01);
-    let s = sensitivity_with(&model, &[vec![x.clone()]], &opts, &|_, w| vec![changed(w)]).unwrap();
+    let s = sensitivity_with(&model, &[vec![x.clone().into()]], &opts, &|_, w| {
+        vec![changed(w)]
+    })
+    .unwrap();
     let u: Vec<&Vec<f32>> = s.iter().map(|l| &l.responses[0]).collect();
     let lens: Vec<usize> = u.iter().map(|v| v.len()).collect();
     assert_eq!(lens, vec![4 * 3 + 4 * 5; 3], "one layout for all");

@@ -24,6 +24,18 @@ use std::sync::Arc;
 /// One calibration batch: every model input by name.
 type Batch = Vec<(String, ArrayD<f32>)>;
 
+/// Float batches as the typed batches the passes take.
+fn feeds(batches: &[Batch]) -> Vec<onnx_compress::calibrate::NamedBatch> {
+    batches
+        .iter()
+        .map(|b| {
+            b.iter()
+                .map(|(n, a)| (n.clone(), a.clone().into()))
+                .collect()
+        })
+        .collect()
+}
+
 fn rng(seed: u64) -> rand_chacha::ChaCha8Rng {
     rand_chacha::ChaCha8Rng::seed_from_u64(seed)
 }
@@ -195,7 +207,7 @@ fn absorption_with_calibration_is_exact_on_the_data_and_skips_without_stats() {
         .collect();
     let opts = EqualizeOptions {
         absorb_high_bias: true,
-        calibration: Some(Arc::new(batches.clone())),
+        calibration: Some(Arc::new(feeds(&batches))),
         ..Default::default()
     };
     let (out, stats) = run_equalize(&orig, &opts);
@@ -332,7 +344,7 @@ fn fake_quantize(proto: &ModelProto, scheme: Scheme, calib: Option<&[Batch]>) ->
             .iter()
             .map(|(ix, _, q)| (g.node(*ix).name().to_string(), q.clone()))
             .collect();
-        empirical_bias_correction(&model, &named, c).unwrap()
+        empirical_bias_correction(&model, &named, &feeds(c)).unwrap()
     });
     let mut inits = Vec::new();
     for (k, (_, layer, q)) in quantized.iter().enumerate() {

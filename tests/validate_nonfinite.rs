@@ -126,7 +126,10 @@ fn an_all_nan_candidate_never_scores_as_identical() {
         &ArrayD::from_elem(IxDyn(&[1]), f32::NAN),
     ));
     let opts = ValidateOptions {
-        inputs: Some(vec![("x".into(), inputs(3).mapv(|v| v.max(0.5)))]),
+        inputs: Some(vec![vec![(
+            "x".into(),
+            inputs(3).mapv(|v| v.max(0.5)).into(),
+        )]]),
         ..Default::default()
     };
     let r = validate(&original, &candidate, &opts).unwrap();

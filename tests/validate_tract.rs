@@ -227,7 +227,7 @@ fn perturbed_copy_metrics_match_hand_computation() {
     let (a, b) = (matmul_model(&W), matmul_model(&w2));
     let x = vec![1.0, -2.0, 0.5, 3.0, -1.5, 0.25, 2.0, -0.5];
     let opts = ValidateOptions {
-        inputs: Some(vec![("x".into(), arr(&[2, 4], x.clone()))]),
+        inputs: Some(vec![vec![("x".into(), arr(&[2, 4], x.clone()).into())]]),
         ..Default::default()
     };
     let r = validate(&a, &b, &opts).unwrap();

@@ -1,18 +1,30 @@
 //! Calibration data: loading, checking against the model's inputs, batching.
 //!
-//! Accepted sources (`--calib PATH`):
+//! Accepted sources (`--calib PATH`, and `--eval PATH` the same way):
 //! - a directory of `.npy` files. A one-input model reads every `.npy` file (sorted by name);
 //!   a model with several inputs reads `<input>_NNN.npy` (input name as is, or with every
-//!   character outside `[A-Za-z0-9_.-]` replaced by `_`), and each input needs the same number
-//!   of samples;
+//!   character outside `[A-Za-z0-9_.-]` replaced by `_`);
 //! - a directory of `.npz` files, whose keys are the input names (a one-input model also
-//!   accepts an archive holding exactly one array under any key);
-//! - a single `.npy` file (one-input models) or a single `.npz` file.
+//!   accepts an archive holding exactly one array under any key): one file = one feed;
+//! - a single `.npy` file (one-input models) or a single `.npz` file (stacked feeds).
 //!
-//! Each array holds one sample (the input's shape without its leading batch dimension) or a
-//! batch (the full rank; the leading dimension counts samples). Dimensions the model fixes must
-//! match; symbolic ones may be anything but must agree across samples. float32 and float64
-//! arrays are accepted (float64 is narrowed).
+//! Every input has a batch axis or none ([`super::inputs`] gives the rules: `--batch-axis`, a
+//! symbolic dim the inputs share such as silero-vad's `batch` in `input [batch, sequence]` and
+//! `state [2, batch, 128]`, else the first symbolic dim, else axis 0; scalars have none). An
+//! array holds one sample (the declared rank less one: the batch axis is inserted) or a batch
+//! of the declared rank, split and joined along the batch axis. Dimensions the model fixes
+//! must match; symbolic ones may be anything but must agree across samples. Values keep their
+//! type ([`Feed`]): data is converted to the declared element type when exact (int32 ids for
+//! an int64 input, float64 narrowed to float32 with a note) and refused otherwise, naming the
+//! input, the expected and the found type. An input without a batch axis (e.g. a sample rate
+//! `sr`) takes one value in every file; files that disagree are an error pointing at
+//! `--fix-input`.
+//!
+//! Counting and batching: an input whose batch dim is fixed to `B` counts feeds of `B` rows
+//! (silero's openvino export fixes `input [1, 576]` and `state [2, 1, 128]`: a file matching
+//! that is one feed); every input must give the same count, else the error suggests
+//! `--batch-axis`. With any fixed batch dim each batch is one feed; otherwise batches hold
+//! `batch_size` samples.
 //!
 //! A single-input model with an image input (`[N, C, H, W]` or `[N, H, W, C]`, `C` 1 or 3) also
 //! reads a directory of `.png` / `.jpg` files or one image file, one sample per image, resized
@@ -22,67 +34,49 @@
 //! Everything is read and checked before any inference starts, so a bad file fails the run
 //! early with the file's path and what was expected.
 //!
-//! Without data, [`CalibrationSet::synthetic`] makes seeded standard-normal inputs and says
-//! loudly that the ranges are then meaningless for real inputs.
+//! Without data, [`CalibrationSet::synthetic`] makes seeded standard-normal float inputs and
+//! says loudly that the ranges are then meaningless for real inputs; integer and bool inputs
+//! with a batch axis get zeros (said in a note), and an integer scalar without data (a sample
+//! rate) is an error asking for `--fix-input` or `--calib`.
 
-use super::image::{self, ImageOptions, IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS};
-use super::inputs::with_shapes;
+pub use super::files::DataOptions;
+use super::files::{read_dir, read_file, Sample};
 pub use super::inputs::{model_inputs, InputDim, InputSpec};
+use super::inputs::{model_inputs_with, with_shapes};
+use super::NamedBatch;
 use crate::ir::Model;
-use crate::limits::{check_synthetic, element_count, MemoryBudget};
+use crate::limits::{check_synthetic, element_count};
+use crate::onnx::proto::tensor_proto::DataType;
+use crate::runtime::Feed;
 use anyhow::{bail, ensure, Context, Result};
-use ndarray::{ArrayD, Axis, IxDyn};
-use ndarray_npy::{NpzReader, ReadNpyExt};
+use ndarray::{ArrayD, IxDyn};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr_lite::standard_normal;
-use std::path::{Path, PathBuf};
-
-/// Options for reading calibration data.
-#[derive(Debug, Clone)]
-pub struct DataOptions {
-    /// Samples per inference batch when the model does not fix its batch size.
-    pub batch_size: usize,
-    /// Use at most this many samples (the first ones, in file order).
-    pub max_samples: Option<usize>,
-    /// Full shapes fixing symbolic input dims (`--input-shape`), by input name.
-    pub input_shapes: Vec<(String, Vec<usize>)>,
-    /// How image files (png/jpg) become tensors; ignored for .npy/.npz data.
-    pub image: ImageOptions,
-    /// Synthetic samples and decoded images, both sized from the model's dims, must fit.
-    pub memory: MemoryBudget,
-}
-
-impl Default for DataOptions {
-    fn default() -> Self {
-        DataOptions {
-            batch_size: 32,
-            max_samples: None,
-            input_shapes: Vec::new(),
-            image: ImageOptions::default(),
-            memory: MemoryBudget::default(),
-        }
-    }
-}
+use std::path::Path;
 
 /// Calibration inputs, checked against the model and cut into batches.
 #[derive(Debug, Clone)]
 pub struct CalibrationSet {
     /// Graph input names, in the order of each batch's arrays.
     pub input_names: Vec<String>,
-    /// Each batch holds one array per input with a leading batch dimension.
-    pub batches: Vec<Vec<ArrayD<f32>>>,
+    /// Each input's batch axis (`None`: the same whole value in every batch).
+    pub batch_axes: Vec<Option<usize>>,
+    /// Each batch holds one feed per input, in its declared element type.
+    pub batches: Vec<Vec<Feed>>,
     pub samples: usize,
     /// Where the data came from (path or "synthetic").
     pub source: String,
     /// True for generated data.
     pub synthetic: bool,
+    /// The model fixes a batch size: each batch is one feed of that size.
+    pub fixed_batch: bool,
     /// Remarks for the report (narrowed float64, truncated sample count, synthetic data...).
     pub notes: Vec<String>,
 }
 
 impl CalibrationSet {
-    /// The batches with each array paired with its input name (equalization and pruning).
+    /// The batches with each feed paired with its input name (equalization and pruning).
     pub fn named_batches(&self) -> Vec<crate::calibrate::NamedBatch> {
         self.batches
             .iter()
@@ -96,13 +90,50 @@ impl CalibrationSet {
             .collect()
     }
 
+    /// Rows of batch `b`: its size along the first batch axis (1 when no input has one).
+    pub fn rows(&self, b: usize) -> usize {
+        self.batch_axes
+            .iter()
+            .zip(&self.batches[b])
+            .find_map(|(axis, f)| axis.map(|a| f.shape()[a]))
+            .unwrap_or(1)
+    }
+
+    /// The first `max_samples` samples as validation batches: one batch joined along each
+    /// input's batch axis, or, where the model fixes its batch size, the first whole feeds.
+    pub fn rebatched(&self, max_samples: usize) -> Result<Vec<NamedBatch>> {
+        if self.fixed_batch {
+            let mut rows = 0;
+            let mut out = Vec::new();
+            for (b, batch) in self.named_batches().into_iter().enumerate() {
+                rows += self.rows(b);
+                if !out.is_empty() && rows > max_samples {
+                    break;
+                }
+                out.push(batch);
+            }
+            return Ok(out);
+        }
+        let mut joined = Vec::new();
+        for (i, name) in self.input_names.iter().enumerate() {
+            let value = match self.batch_axes[i] {
+                Some(axis) => {
+                    let parts: Vec<&Feed> = self.batches.iter().map(|b| &b[i]).collect();
+                    let all = Feed::concatenate(axis, &parts)
+                        .with_context(|| format!("joining calibration batches of '{name}'"))?;
+                    let n = all.shape()[axis].min(max_samples);
+                    all.slice_axis(axis, 0..n)
+                }
+                None => self.batches[0][i].clone(),
+            };
+            joined.push((name.clone(), value));
+        }
+        Ok(vec![joined])
+    }
+
     /// Read calibration data from a file or directory and check it against `model`.
     pub fn load(path: &Path, model: &Model, opts: &DataOptions) -> Result<CalibrationSet> {
-        let specs = with_shapes(model_inputs(model)?, &opts.input_shapes);
-        ensure!(
-            !specs.is_empty(),
-            "the model has no float inputs to calibrate"
-        );
+        let specs = specs_for(model, opts)?;
         let mut notes = Vec::new();
         let per_input: Vec<Vec<Sample>> = if path.is_dir() {
             read_dir(path, &specs, opts, &mut notes)?
@@ -117,18 +148,31 @@ impl CalibrationSet {
         Self::assemble(specs, per_input, opts, path.display().to_string(), notes)
     }
 
-    /// Seeded standard-normal inputs: `samples` samples; symbolic non-batch dims are refused.
+    /// Seeded standard-normal float inputs, zeros for integer and bool inputs: `samples`
+    /// samples; symbolic dims other than the batch axis are refused, and so is an integer
+    /// input without a batch axis (a sample rate: it needs `--fix-input` or real data).
     pub fn synthetic(model: &Model, samples: usize, seed: u64, opts: &DataOptions) -> Result<Self> {
-        let specs = with_shapes(model_inputs(model)?, &opts.input_shapes);
-        ensure!(
-            !specs.is_empty(),
-            "the model has no float inputs to calibrate"
-        );
+        let specs = specs_for(model, opts)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut per_input = Vec::new();
+        let mut notes = Vec::new();
         for spec in &specs {
+            let float = matches!(
+                spec.elem_type,
+                DataType::Float | DataType::Double | DataType::Float16
+            );
+            ensure!(
+                float || spec.batch_axis.is_some(),
+                "model input {} is a {} value with no batch axis and no data: fix it with --fix-input {}=VALUE or give --calib data",
+                spec.describe(),
+                spec.type_name(),
+                spec.name
+            );
             let mut shape = Vec::new();
-            for (i, d) in spec.dims.iter().enumerate().skip(1) {
+            for (i, d) in spec.dims.iter().enumerate() {
+                if Some(i) == spec.batch_axis {
+                    continue;
+                }
                 match d {
                     InputDim::Fixed(v) => shape.push(*v),
                     InputDim::Symbolic(s) => bail!(
@@ -151,21 +195,35 @@ impl CalibrationSet {
                 4,
             )?;
             check_synthetic(&format!("{what} ({samples} samples)"), values)?;
+            if !float {
+                notes.push(format!(
+                    "model input {} is fed zeros in the synthetic calibration data: give --calib with real values",
+                    spec.describe()
+                ));
+            }
             let mut list = Vec::new();
             for k in 0..samples {
-                let v: Vec<f32> = (0..n).map(|_| standard_normal(&mut rng)).collect();
-                let a = ArrayD::from_shape_vec(IxDyn(&shape), v).context("synthetic sample")?;
+                let data = if float {
+                    let v: Vec<f32> = (0..n).map(|_| standard_normal(&mut rng)).collect();
+                    let a = ArrayD::from_shape_vec(IxDyn(&shape), v).context("synthetic sample")?;
+                    Feed::F32(a).convert(spec.elem_type)?
+                } else {
+                    Feed::zeros(spec.elem_type, &shape)?
+                };
                 list.push(Sample {
-                    data: a.insert_axis(Axis(0)),
+                    data: match spec.batch_axis {
+                        Some(axis) => data.insert_axis(axis),
+                        None => data,
+                    },
                     origin: format!("synthetic #{k}"),
                 });
             }
             per_input.push(list);
         }
-        let note = format!(
+        notes.insert(0, format!(
             "WARNING: no calibration data given; ranges come from {samples} synthetic standard-normal samples (seed {seed}) and will not match real inputs: pass --calib DIR for a usable int8 model"
-        );
-        let mut set = Self::assemble(specs, per_input, opts, "synthetic".into(), vec![note])?;
+        ));
+        let mut set = Self::assemble(specs, per_input, opts, "synthetic".into(), notes)?;
         set.synthetic = true;
         Ok(set)
     }
@@ -177,9 +235,9 @@ impl CalibrationSet {
         source: String,
         mut notes: Vec<String>,
     ) -> Result<CalibrationSet> {
-        // Stack each input's samples into one [total, ...] array, dropping the samples as
-        // each input is stacked and the stack once cut into batches: at most twice the data
-        // is held at once (what the synthetic data's budget check charges).
+        // Join each input's samples along its batch axis, dropping the samples as each input is
+        // joined and the joined array once cut into batches: at most twice the data is held at
+        // once (what the synthetic data's budget check charges).
         let mut stacked = Vec::new();
         for (spec, samples) in specs.iter().zip(per_input) {
             ensure!(
@@ -188,33 +246,74 @@ impl CalibrationSet {
                 spec.describe()
             );
             let first = &samples[0];
+            let Some(axis) = spec.batch_axis else {
+                for s in &samples {
+                    ensure!(
+                        s.data == first.data,
+                        "model input {} has no batch axis, so every feed must hold the same value, but {} holds {} and {} holds {}: calibrate one value per run, fix it with --fix-input {}=VALUE, or give it a batch axis with --batch-axis {}=AXIS",
+                        spec.describe(),
+                        first.origin,
+                        first.data.describe_values(),
+                        s.origin,
+                        s.data.describe_values(),
+                        spec.name,
+                        spec.name
+                    );
+                }
+                stacked.push(first.data.clone());
+                continue;
+            };
+            let others = |shape: &[usize]| -> Vec<usize> {
+                shape
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != axis)
+                    .map(|(_, &d)| d)
+                    .collect()
+            };
             for s in &samples {
                 ensure!(
-                    s.data.shape()[1..] == first.data.shape()[1..],
-                    "calibration sample {} has shape {:?} but {} has {:?}: samples of input '{}' must share a shape",
+                    others(s.data.shape()) == others(first.data.shape()),
+                    "calibration sample {} has shape {:?} but {} has {:?}: samples of input '{}' must share a shape outside the batch axis {axis}",
                     s.origin,
-                    &s.data.shape()[1..],
+                    s.data.shape(),
                     first.origin,
-                    &first.data.shape()[1..],
+                    first.data.shape(),
                     spec.name
                 );
             }
-            let views: Vec<_> = samples.iter().map(|s| s.data.view()).collect();
-            let all = ndarray::concatenate(Axis(0), &views)
+            let parts: Vec<&Feed> = samples.iter().map(|s| &s.data).collect();
+            let all = Feed::concatenate(axis, &parts)
                 .with_context(|| format!("stacking samples of input '{}'", spec.name))?;
-            drop(views);
+            drop(parts);
             drop(samples);
             stacked.push(all);
         }
-        let mut total = stacked[0].shape()[0];
-        for (spec, a) in specs.iter().zip(&stacked) {
-            ensure!(
-                a.shape()[0] == total,
-                "calibration data '{source}': input '{}' has {} samples but '{}' has {total}; every input needs the same count",
-                spec.name,
-                a.shape()[0],
-                specs[0].name
-            );
+        // Count feeds: rows along the batch axis, in units of a fixed batch size.
+        let unit = |spec: &InputSpec| spec.fixed_batch().unwrap_or(1).max(1);
+        let counted: Vec<(&InputSpec, usize, usize)> = specs
+            .iter()
+            .zip(&stacked)
+            .filter_map(|(spec, a)| {
+                spec.batch_axis
+                    .map(|axis| (spec, a.shape()[axis], unit(spec)))
+            })
+            .collect();
+        let fixed_batch = specs.iter().any(|s| s.fixed_batch().is_some());
+        let feeds = |rows: usize, unit: usize| if fixed_batch { rows / unit } else { rows };
+        let mut total = counted.first().map(|&(_, r, u)| feeds(r, u)).unwrap_or(1);
+        if let Some(&(first, ..)) = counted.first() {
+            for &(spec, rows, u) in &counted {
+                ensure!(
+                    feeds(rows, u) == total,
+                    "calibration data '{source}': input {} has {} {} along its batch axis {} but {} has {total}; every input needs the same count: if a batch axis is wrong, pass --batch-axis NAME=AXIS",
+                    spec.describe(),
+                    feeds(rows, u),
+                    if fixed_batch { "feed(s)" } else { "samples" },
+                    spec.batch_axis.unwrap_or(0),
+                    first.describe(),
+                );
+            }
         }
         if let Some(max) = opts.max_samples {
             if total > max {
@@ -224,360 +323,73 @@ impl CalibrationSet {
                 total = max;
             }
         }
+        if fixed_batch && total == 0 {
+            if let Some(&(spec, rows, u)) = counted.first() {
+                bail!(
+                    "calibration data '{source}' has {rows} samples of input '{}', fewer than the model's fixed batch size {u}",
+                    spec.name
+                );
+            }
+        }
         ensure!(total > 0, "calibration data '{source}' holds no samples");
-        let fixed = specs.iter().find_map(|s| s.fixed_batch());
-        let batch = fixed.unwrap_or(opts.batch_size.max(1));
-        let mut batches: Vec<Vec<ArrayD<f32>>> = Vec::new();
+        // Leftover rows that do not fill a fixed batch.
+        if fixed_batch {
+            if let Some(&(_, rows, u)) = counted.first() {
+                let left = rows - (rows / u) * u;
+                if left > 0 && opts.max_samples.is_none_or(|m| m >= rows / u) {
+                    notes.push(format!(
+                        "the model fixes batch size {u}: the last {left} calibration sample(s) are not used"
+                    ));
+                }
+            }
+        }
+        let per_batch = if fixed_batch {
+            1
+        } else {
+            opts.batch_size.max(1)
+        };
+        let mut batches: Vec<Vec<Feed>> = Vec::new();
         let mut start = 0;
         while start < total {
-            let end = (start + batch).min(total);
-            if fixed.is_some() && end - start < batch {
-                notes.push(format!(
-                    "the model fixes batch size {batch}: the last {} calibration sample(s) are not used",
-                    end - start
-                ));
-                break;
-            }
+            let end = start.saturating_add(per_batch).min(total);
             batches.push(
-                stacked
+                specs
                     .iter()
-                    .map(|a| a.slice_axis(Axis(0), (start..end).into()).to_owned())
+                    .zip(&stacked)
+                    .map(|(spec, a)| match spec.batch_axis {
+                        Some(axis) => {
+                            let u = if fixed_batch { unit(spec) } else { 1 };
+                            a.slice_axis(axis, start * u..end * u)
+                        }
+                        None => a.clone(),
+                    })
                     .collect(),
             );
             start = end;
         }
         drop(stacked);
-        ensure!(
-            !batches.is_empty(),
-            "calibration data '{source}' has {total} samples, fewer than the model's fixed batch size {batch}"
-        );
-        Ok(CalibrationSet {
+        let batch_axes: Vec<Option<usize>> = specs.iter().map(|s| s.batch_axis).collect();
+        let mut set = CalibrationSet {
             input_names: specs.into_iter().map(|s| s.name).collect(),
-            samples: batches.iter().map(|b| b[0].shape()[0]).sum(),
+            batch_axes,
+            samples: 0,
             batches,
             source,
             synthetic: false,
+            fixed_batch,
             notes,
-        })
-    }
-}
-
-/// One array read from a file, already with a leading batch dimension.
-struct Sample {
-    data: ArrayD<f32>,
-    origin: String,
-}
-
-fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-fn read_dir(
-    dir: &Path,
-    specs: &[InputSpec],
-    opts: &DataOptions,
-    notes: &mut Vec<String>,
-) -> Result<Vec<Vec<Sample>>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading calibration directory '{}'", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    let ext = |p: &Path| image::extension(p);
-    if let Some(p) = files
-        .iter()
-        .find(|p| UNSUPPORTED_IMAGE_EXTENSIONS.contains(&ext(p).as_str()))
-    {
-        bail!(
-            "calibration image '{}' is a .{} file; only .png and .jpg/.jpeg images are read: convert it",
-            p.display(),
-            ext(p)
-        );
-    }
-    let images: Vec<PathBuf> = files
-        .iter()
-        .filter(|p| IMAGE_EXTENSIONS.contains(&ext(p).as_str()))
-        .cloned()
-        .collect();
-    let npy: Vec<&PathBuf> = files.iter().filter(|p| ext(p) == "npy").collect();
-    let npz: Vec<&PathBuf> = files.iter().filter(|p| ext(p) == "npz").collect();
-    if !images.is_empty() {
-        if let Some(array) = npy.first().or(npz.first()) {
-            bail!(
-                "calibration directory '{}' mixes images ('{}') and arrays ('{}'): keep one kind per directory",
-                dir.display(),
-                images[0].display(),
-                array.display()
-            );
-        }
-        return read_images(&images, &dir.display().to_string(), specs, opts, notes);
-    }
-    if npy.is_empty() && npz.is_empty() {
-        bail!(
-            "calibration directory '{}' holds no .npy or .npz files (nor .png/.jpg images)",
-            dir.display()
-        );
-    }
-    let mut per_input: Vec<Vec<Sample>> = specs.iter().map(|_| Vec::new()).collect();
-    for p in &npz {
-        for (k, s) in read_npz(p, specs, notes)?.into_iter().enumerate() {
-            per_input[k].push(s);
-        }
-    }
-    if specs.len() == 1 {
-        for p in &npy {
-            per_input[0].push(read_npy_sample(p, &specs[0], notes)?);
-        }
-    } else {
-        for p in &npy {
-            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-            let owner = specs.iter().position(|s| {
-                [s.name.clone(), sanitize(&s.name)].iter().any(|n| {
-                    stem.strip_prefix(n.as_str())
-                        .and_then(|rest| rest.strip_prefix('_'))
-                        .is_some_and(|num| {
-                            !num.is_empty() && num.chars().all(|c| c.is_ascii_digit())
-                        })
-                })
-            });
-            let Some(k) = owner else {
-                bail!(
-                    "calibration file '{}' does not name a model input: with several inputs, files must be called <input>_NNN.npy for inputs {}",
-                    p.display(),
-                    specs.iter().map(|s| format!("'{}'", s.name)).collect::<Vec<_>>().join(", ")
-                );
-            };
-            per_input[k].push(read_npy_sample(p, &specs[k], notes)?);
-        }
-    }
-    Ok(per_input)
-}
-
-fn read_file(
-    path: &Path,
-    specs: &[InputSpec],
-    opts: &DataOptions,
-    notes: &mut Vec<String>,
-) -> Result<Vec<Vec<Sample>>> {
-    let ext = image::extension(path);
-    if IMAGE_EXTENSIONS.contains(&ext.as_str()) {
-        return read_images(
-            &[path.to_path_buf()],
-            &path.display().to_string(),
-            specs,
-            opts,
-            notes,
-        );
-    }
-    match ext.as_str() {
-        "npy" => {
-            ensure!(
-                specs.len() == 1,
-                "calibration file '{}' is a single .npy array but the model has {} inputs; use an .npz with keys {} or a directory of <input>_NNN.npy files",
-                path.display(),
-                specs.len(),
-                specs.iter().map(|s| format!("'{}'", s.name)).collect::<Vec<_>>().join(", ")
-            );
-            Ok(vec![vec![read_npy_sample(path, &specs[0], notes)?]])
-        }
-        "npz" => Ok(read_npz(path, specs, notes)?
-            .into_iter()
-            .map(|s| vec![s])
-            .collect()),
-        e if UNSUPPORTED_IMAGE_EXTENSIONS.contains(&e) => bail!(
-            "calibration image '{}' is a .{e} file; only .png and .jpg/.jpeg images are read: convert it",
-            path.display()
-        ),
-        _ => bail!(
-            "calibration file '{}' is not a .npy, .npz, .png or .jpg file",
-            path.display()
-        ),
-    }
-}
-
-/// Images feed single-input models: one sample per file, the first `max_samples` files only.
-fn read_images(
-    files: &[PathBuf],
-    source: &str,
-    specs: &[InputSpec],
-    opts: &DataOptions,
-    notes: &mut Vec<String>,
-) -> Result<Vec<Vec<Sample>>> {
-    ensure!(
-        specs.len() == 1,
-        "calibration data '{source}' holds images, but images feed single-input models only and this model has {} inputs ({}); give .npy/.npz data instead",
-        specs.len(),
-        specs.iter().map(|s| s.describe()).collect::<Vec<_>>().join(", ")
-    );
-    let mut files = files;
-    if let Some(max) = opts.max_samples {
-        if files.len() > max {
-            notes.push(format!(
-                "using the first {max} of {} calibration images",
-                files.len()
-            ));
-            files = &files[..max];
-        }
-    }
-    // Each image is resized to the model's fixed dims: check that before decoding any.
-    let fixed: Vec<usize> = specs[0]
-        .dims
-        .iter()
-        .skip(1)
-        .map(|d| match d {
-            InputDim::Fixed(v) => *v,
-            InputDim::Symbolic(_) => 1,
-        })
-        .collect();
-    let what = format!("calibration images for model input {}", specs[0].describe());
-    let per_image = element_count(&what, &fixed)? as u64;
-    opts.memory.check_elements(
-        &format!("{what} ({} images)", files.len()),
-        per_image.saturating_mul(files.len() as u64),
-        4,
-    )?;
-    let loaded = image::load_images(files, &specs[0], &opts.image)
-        .with_context(|| format!("calibration images '{source}'"))?;
-    Ok(vec![loaded
-        .into_iter()
-        .map(|(data, origin)| Sample { data, origin })
-        .collect()])
-}
-
-/// Decode .npy bytes as f32 (float64 narrowed), or say which dtype the file holds.
-fn decode_npy(bytes: &[u8], origin: &str, notes: &mut Vec<String>) -> Result<ArrayD<f32>> {
-    if let Ok(a) = ArrayD::<f32>::read_npy(bytes) {
-        return Ok(a);
-    }
-    match ArrayD::<f64>::read_npy(bytes) {
-        Ok(a) => {
-            let note = "float64 calibration data narrowed to float32".to_string();
-            if !notes.contains(&note) {
-                notes.push(note);
-            }
-            Ok(a.mapv(|v| v as f32))
-        }
-        Err(e) => {
-            let descr = npy_descr(bytes).unwrap_or_else(|| "an unreadable header".into());
-            bail!("calibration file {origin} holds {descr}; expected a float32 (or float64) array ({e})")
-        }
-    }
-}
-
-/// The `descr` entry of an .npy header, e.g. `'<i8'`.
-fn npy_descr(bytes: &[u8]) -> Option<String> {
-    ensure_magic(bytes)?;
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
-    let at = text.find("'descr'")?;
-    let rest = &text[at + 7..];
-    let start = rest.find('\'')? + 1;
-    let end = start + rest[start..].find('\'')?;
-    Some(format!("dtype '{}'", &rest[start..end]))
-}
-
-fn ensure_magic(bytes: &[u8]) -> Option<()> {
-    (bytes.len() > 10 && &bytes[..6] == b"\x93NUMPY").then_some(())
-}
-
-/// Add a batch axis to a single sample, check fixed dims.
-fn fit(mut a: ArrayD<f32>, spec: &InputSpec, origin: &str) -> Result<Sample> {
-    let rank = spec.dims.len();
-    if a.ndim() + 1 == rank {
-        a = a.insert_axis(Axis(0));
-    }
-    ensure!(
-        a.ndim() == rank,
-        "calibration file {origin} has shape {:?}; model input {} expects one sample of rank {} or a batch of rank {rank}",
-        a.shape(),
-        spec.describe(),
-        rank.saturating_sub(1)
-    );
-    for (i, (d, &got)) in spec.dims.iter().zip(a.shape()).enumerate().skip(1) {
-        if let InputDim::Fixed(want) = d {
-            ensure!(
-                *want == got,
-                "calibration file {origin} has shape {:?}; model input {} needs size {want} at dimension {i}",
-                a.shape(),
-                spec.describe()
-            );
-        }
-    }
-    ensure!(
-        a.shape()[0] > 0,
-        "calibration file {origin} holds an empty batch"
-    );
-    ensure!(
-        a.iter().all(|v| v.is_finite()),
-        "calibration file {origin} holds NaN or infinite values"
-    );
-    Ok(Sample {
-        data: a,
-        origin: origin.to_string(),
-    })
-}
-
-fn read_npy_sample(path: &Path, spec: &InputSpec, notes: &mut Vec<String>) -> Result<Sample> {
-    let origin = format!("'{}'", path.display());
-    let bytes =
-        std::fs::read(path).with_context(|| format!("reading calibration file {origin}"))?;
-    let a = decode_npy(&bytes, &origin, notes)?;
-    fit(a, spec, &origin)
-}
-
-fn read_npz(path: &Path, specs: &[InputSpec], notes: &mut Vec<String>) -> Result<Vec<Sample>> {
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("opening calibration archive '{}'", path.display()))?;
-    let mut z = NpzReader::new(file)
-        .with_context(|| format!("reading calibration archive '{}'", path.display()))?;
-    let names = z
-        .names()
-        .with_context(|| format!("listing calibration archive '{}'", path.display()))?;
-    let mut out = Vec::new();
-    for spec in specs {
-        let key = names
-            .iter()
-            .find(|n| {
-                let n = n.strip_suffix(".npy").unwrap_or(n);
-                n == spec.name || n == sanitize(&spec.name)
-            })
-            .or_else(|| (specs.len() == 1 && names.len() == 1).then(|| &names[0]))
-            .with_context(|| {
-                format!(
-                    "calibration archive '{}' has no array for model input '{}' (keys: {:?})",
-                    path.display(),
-                    spec.name,
-                    names
-                )
-            })?
-            .clone();
-        let origin = format!("'{}' key '{key}'", path.display());
-        let a: ArrayD<f32> = match z.by_name::<ndarray::OwnedRepr<f32>, IxDyn>(&key) {
-            Ok(a) => a,
-            Err(_) => {
-                let b = z
-                    .by_name::<ndarray::OwnedRepr<f64>, IxDyn>(&key)
-                    .with_context(|| {
-                        format!("calibration array {origin} is not float32 or float64")
-                    })?;
-                let note = "float64 calibration data narrowed to float32".to_string();
-                if !notes.contains(&note) {
-                    notes.push(note);
-                }
-                b.mapv(|v| v as f32)
-            }
         };
-        out.push(fit(a, spec, &origin)?);
+        set.samples = (0..set.batches.len()).map(|b| set.rows(b)).sum();
+        Ok(set)
     }
-    Ok(out)
+}
+
+/// The model's inputs with `--batch-axis` applied, then `--input-shape`.
+fn specs_for(model: &Model, opts: &DataOptions) -> Result<Vec<InputSpec>> {
+    let specs = model_inputs_with(model, &opts.batch_axes)?;
+    let specs = with_shapes(specs, &opts.input_shapes);
+    ensure!(!specs.is_empty(), "the model has no inputs to calibrate");
+    Ok(specs)
 }
 
 /// A tiny standard-normal sampler (Box-Muller) so the crate needs no `rand_distr`.

@@ -1,7 +1,8 @@
-//! Calibration: reading representative inputs ([`data`]), observing tensor ranges over them in
+//! Calibration: reading representative inputs of any element type ([`data`], files in `files`), observing tensor ranges over them in
 //! one streaming tract run ([`observe`], with the histogram and its range math in
 //! [`histogram`]), and turning ranges into quantization parameters ([`params`]).
 pub mod data;
+pub(crate) mod files;
 pub mod histogram;
 pub mod image;
 pub mod inputs;
@@ -14,4 +15,4 @@ pub use observe::{Method, ObserveOptions, Observed};
 pub use params::{ActScheme, QParams};
 
 /// One batch of named graph inputs (what equalization and pruning consume).
-pub type NamedBatch = Vec<(String, ndarray::ArrayD<f32>)>;
+pub type NamedBatch = Vec<(String, crate::runtime::Feed)>;

@@ -270,7 +270,10 @@ pub fn observers(
                 .iter()
                 .position(|n| n == *name)
                 .expect("filtered above");
-            update(&mut observers, name, &batch[k], opts.moving_average);
+            // Integer and bool inputs pass through: only float values are observed.
+            if let Some(a) = batch[k].as_f32() {
+                update(&mut observers, name, a, opts.moving_average);
+            }
         }
         if extra.is_empty() {
             continue;

@@ -102,6 +102,16 @@ pub struct CompressArgs {
     /// Fix symbolic input dims, e.g. `--input-shape x:1x3x224x224` (repeatable).
     #[arg(long = "input-shape", value_name = "NAME:DIMS")]
     pub input_shapes: Vec<String>,
+    /// Specialize the model for one value of an input, e.g. `--fix-input sr=16000` or
+    /// `--fix-input ids=1,2,3` (typed by the input's element type; repeatable): the input
+    /// becomes a constant and what then is constant is folded, an `If` on it included.
+    #[arg(long = "fix-input", value_name = "NAME=VALUE")]
+    pub fix_inputs: Vec<String>,
+    /// The axis --calib/--eval data of an input is split and joined along, e.g.
+    /// `--batch-axis state=1`, or `NAME=none` for an input every feed gives whole (repeatable).
+    /// Default: the symbolic dim the inputs share, else the first symbolic dim, else axis 0.
+    #[arg(long = "batch-axis", value_name = "NAME=AXIS")]
+    pub batch_axes: Vec<String>,
     /// Write the run summary and validation as JSON.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,

@@ -41,6 +41,49 @@ pub fn parse_input_shapes(specs: &[String]) -> Result<Vec<(String, Vec<usize>)>>
     specs.iter().map(|s| parse_input_shape(s)).collect()
 }
 
+/// Parse `--batch-axis state=1` or `sr=none`.
+pub fn parse_batch_axis(spec: &str) -> Result<(String, Option<usize>)> {
+    let (name, axis) = spec
+        .rsplit_once('=')
+        .with_context(|| format!("--batch-axis '{spec}': expected NAME=AXIS like state=1"))?;
+    ensure!(
+        !name.is_empty(),
+        "--batch-axis '{spec}': the input name is empty"
+    );
+    let axis = match axis.trim() {
+        "none" => None,
+        a => Some(a.parse::<usize>().with_context(|| {
+            format!("--batch-axis '{spec}': '{a}' is not an axis (expected a number or none)")
+        })?),
+    };
+    Ok((name.to_string(), axis))
+}
+
+/// Parse `--fix-input sr=16000` or `ids=1,2,3` (`true`/`false` stand for 1/0); the values are
+/// typed against the input's element type once the model is read.
+pub fn parse_fix_input(spec: &str) -> Result<(String, Vec<f64>)> {
+    let (name, values) = spec
+        .split_once('=')
+        .with_context(|| format!("--fix-input '{spec}': expected NAME=VALUE like sr=16000"))?;
+    ensure!(
+        !name.is_empty(),
+        "--fix-input '{spec}': the input name is empty"
+    );
+    let values = values
+        .split(',')
+        .map(|v| match v.trim() {
+            "true" => Ok(1.0),
+            "false" => Ok(0.0),
+            v => v
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .with_context(|| format!("--fix-input '{spec}': '{v}' is not a finite number")),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((name.to_string(), values))
+}
+
 /// `--hessian-loss`.
 pub fn hessian_loss(v: HessianLossArg) -> Loss {
     match v {
@@ -267,7 +310,17 @@ pub fn compress_options(args: &CompressArgs) -> Result<CompressOptions> {
             image: args.image.options(),
             eval: args.eval.clone(),
             eval_labels: args.eval_labels.clone(),
+            batch_axes: args
+                .batch_axes
+                .iter()
+                .map(|s| parse_batch_axis(s))
+                .collect::<Result<_>>()?,
         },
+        fix_inputs: args
+            .fix_inputs
+            .iter()
+            .map(|s| parse_fix_input(s))
+            .collect::<Result<_>>()?,
         input_shapes,
         external_data: args.external_data,
         validate: !args.no_validate,

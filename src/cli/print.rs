@@ -29,6 +29,19 @@ pub fn summary(r: &RunReport) {
         "  nodes  {} -> {}",
         r.input.stats.nodes, r.output.stats.nodes
     );
+    if let Some(sp) = &r.specialized {
+        println!(
+            "  fixed  {}: {} -> {} top-level nodes, {} constant node(s) folded, {} If(s) collapsed",
+            sp.fixed.join(", "),
+            sp.nodes_before,
+            sp.nodes_after,
+            sp.folded_nodes,
+            sp.collapsed_ifs.len()
+        );
+        for line in &sp.collapsed_ifs {
+            println!("         {line}");
+        }
+    }
     for nf in &r.nonfinite_initializers {
         println!(
             "  warning: {}; the nodes reading it stay float (--allow-nonfinite)",

@@ -12,7 +12,7 @@ use super::submodel::{kl_outputs, sub_model, SubModel};
 use super::{layers, Candidates, HessianOptions, LayerSensitivity};
 use crate::ir::layer::Layer;
 use crate::ir::Model;
-use crate::runtime::{infer_value_shapes, Runner};
+use crate::runtime::{infer_value_shapes, Feed, Runner};
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::ArrayD;
 use rayon::prelude::*;
@@ -32,7 +32,7 @@ fn fnv(seed: u64, name: &str) -> u64 {
 /// each one array per model input (graph input order, initializer-backed inputs excluded).
 pub fn sensitivity(
     model: &Model,
-    calib: &[Vec<ArrayD<f32>>],
+    calib: &[Vec<Feed>],
     opts: &HessianOptions,
 ) -> Result<Vec<LayerSensitivity>> {
     sensitivity_with(model, calib, opts, &|_, _| Vec::new())
@@ -42,7 +42,7 @@ pub fn sensitivity(
 /// returns for it (in that order; see the module docs).
 pub fn sensitivity_with(
     model: &Model,
-    calib: &[Vec<ArrayD<f32>>],
+    calib: &[Vec<Feed>],
     opts: &HessianOptions,
     candidates: &Candidates,
 ) -> Result<Vec<LayerSensitivity>> {
@@ -98,7 +98,7 @@ pub fn sensitivity_with(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut values: Vec<HashMap<String, ArrayD<f32>>> = Vec::new();
+    let mut values: Vec<HashMap<String, Feed>> = Vec::new();
     let mut runners: Vec<(Vec<Vec<usize>>, Runner)> = Vec::new();
     for (b, batch) in calib.iter().enumerate() {
         let key: Vec<Vec<usize>> = batch.iter().map(|a| a.shape().to_vec()).collect();
@@ -116,13 +116,13 @@ pub fn sensitivity_with(
         let out = runner
             .run(batch)
             .with_context(|| format!("running calibration batch {b}"))?;
-        let mut map: HashMap<String, ArrayD<f32>> = input_names
+        let mut map: HashMap<String, Feed> = input_names
             .iter()
             .cloned()
             .zip(batch.iter().cloned())
             .collect();
         for (name, v) in runner.output_names().iter().zip(out) {
-            map.entry(name.clone()).or_insert(v);
+            map.entry(name.clone()).or_insert(Feed::F32(v));
         }
         values.push(map);
     }
@@ -135,7 +135,11 @@ pub fn sensitivity_with(
                     .graph
                     .outputs
                     .iter()
-                    .map(|o| v.get(o.name()).context("a graph output was not computed"))
+                    .map(|o| {
+                        v.get(o.name())
+                            .and_then(Feed::as_f32)
+                            .context("a graph output was not computed as float")
+                    })
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?,
@@ -173,7 +177,7 @@ pub fn sensitivity_with(
         let eps = opts.rel_eps * if rms > 0.0 { rms } else { 1.0 };
         // One runner per distinct set of input shapes.
         let mut runners: Vec<(Vec<Vec<usize>>, Runner)> = Vec::new();
-        let mut feeds: Vec<(usize, Vec<ArrayD<f32>>)> = Vec::new();
+        let mut feeds: Vec<(usize, Vec<Feed>)> = Vec::new();
         for vals in &values {
             let mut feed = Vec::with_capacity(sub.boundary.len() + 1);
             for b in &sub.boundary {
@@ -183,7 +187,7 @@ pub fn sensitivity_with(
                         .clone(),
                 );
             }
-            feed.push(w0.clone());
+            feed.push(Feed::F32(w0.clone()));
             let key: Vec<Vec<usize>> = feed.iter().map(|a| a.shape().to_vec()).collect();
             let pos = match runners.iter().position(|(k, _)| *k == key) {
                 Some(p) => p,
@@ -205,10 +209,10 @@ pub fn sensitivity_with(
             total_rows += rows(&out[0]);
             refs.push(out);
         }
-        let loss_at = |w: ArrayD<f32>, feeds: &mut Vec<(usize, Vec<ArrayD<f32>>)>| -> Result<f64> {
+        let loss_at = |w: ArrayD<f32>, feeds: &mut Vec<(usize, Vec<Feed>)>| -> Result<f64> {
             let mut total = 0f64;
             for ((pos, feed), r) in feeds.iter_mut().zip(&refs) {
-                *feed.last_mut().expect("weight input") = w.clone();
+                *feed.last_mut().expect("weight input") = Feed::F32(w.clone());
                 let out = runners[*pos].1.run(feed)?;
                 for (k, (a, b)) in r.iter().zip(&out).enumerate() {
                     total += loss_sum(a, b, sub.kl[k]);
@@ -225,7 +229,7 @@ pub fn sensitivity_with(
             );
             let mut outs = Vec::with_capacity(feeds.len());
             for (pos, feed) in feeds.iter_mut() {
-                *feed.last_mut().expect("weight input") = w.clone();
+                *feed.last_mut().expect("weight input") = Feed::F32(w.clone());
                 outs.push(runners[*pos].1.run(feed)?);
             }
             result.responses.push(response(&layout, sub, &refs, &outs));

@@ -12,6 +12,7 @@ pub mod mixed_precision;
 pub mod prune;
 pub mod quantize;
 pub mod rewrite;
+pub mod specialize;
 pub mod target;
 pub mod weight_only;
 

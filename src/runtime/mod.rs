@@ -2,6 +2,7 @@
 //! layers that observe data (calibrate, hessian), rewrite models (passes) and compare runs
 //! (validate).
 //!
+//! - [`feed`]: a graph input's value in its declared element type.
 //! - [`runner`]: load a `ModelProto` with pinned inputs, expose intermediate tensors, run.
 //! - [`simulate`]: the exact rewrites that let tract run what it cannot load as is (constant
 //!   `If`s inlined, constant weight `DequantizeLinear`/`Cast` folded to float).
@@ -9,12 +10,14 @@
 //! - [`shapes`]: declared shapes completed by tract's shape analysis.
 //! - `tensor`: payload decoding with the type checks and messages the runtime needs.
 
+pub mod feed;
 mod runner;
 pub mod shapes;
 pub(crate) mod simulate;
 mod support;
 mod tensor;
 
+pub use feed::{Feed, RunInput};
 pub use runner::{
     infer_value_shapes, resolve_input_shapes, run_model, InputSpec, Runner, ValueShape,
 };

@@ -10,10 +10,11 @@ use ndarray::ArrayD;
 use prost::Message;
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable,
-    IntoTensor, OutletId, TVec, Tensor, TypedRunnableModel,
+    IntoTensor, OutletId, TVec, TypedRunnableModel,
 };
 use tract_onnx::tract_hir::infer::Factoid;
 
+use super::feed::RunInput;
 use super::support::refusal;
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
@@ -318,13 +319,14 @@ impl Runner {
         })
     }
 
-    /// Runs one batch; `inputs` in the order of [`Runner::inputs`], as f32 (cast to each input's
-    /// declared type). Outputs in the order of [`Runner::output_names`], cast to f32.
-    pub fn run(&self, inputs: &[ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
+    /// Runs one batch; `inputs` in the order of [`Runner::inputs`], as f32 arrays or typed
+    /// [`Feed`](super::Feed)s (cast to each input's declared type; a feed of that type already
+    /// passes as is). Outputs in the order of [`Runner::output_names`], cast to f32.
+    pub fn run<I: RunInput>(&self, inputs: &[I]) -> Result<Vec<ArrayD<f32>>> {
         guard_tract(|| self.run_unguarded(inputs))
     }
 
-    fn run_unguarded(&self, inputs: &[ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
+    fn run_unguarded<I: RunInput>(&self, inputs: &[I]) -> Result<Vec<ArrayD<f32>>> {
         ensure!(
             inputs.len() == self.inputs.len(),
             "model takes {} inputs, got {}",
@@ -340,7 +342,7 @@ impl Runner {
                 arr.shape(),
                 spec.shape
             );
-            let t = Tensor::from(arr.clone());
+            let t = arr.to_tensor();
             let t = t
                 .cast_to_dt(datum_type(spec.elem_type)?)
                 .map_err(|e| anyhow!("{e:#}"))
@@ -387,9 +389,9 @@ impl Runner {
 
 /// One-shot run: inputs by name (every model input must be given; shapes taken from the arrays),
 /// returns `(name, value)` for the graph outputs then `extra_outputs`.
-pub fn run_model(
+pub fn run_model<I: RunInput + Clone>(
     model: &ModelProto,
-    inputs: &[(String, ArrayD<f32>)],
+    inputs: &[(String, I)],
     extra_outputs: &[String],
 ) -> Result<Vec<(String, ArrayD<f32>)>> {
     let shapes: Vec<(String, Vec<usize>)> = inputs

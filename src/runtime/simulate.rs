@@ -192,7 +192,7 @@ fn scalar_bool(t: &TensorProto) -> Result<bool> {
 }
 
 /// One sweep over the top-level graph folding every `If` with a constant condition.
-fn fold_constant_ifs(graph: &mut GraphProto) -> Result<Vec<String>> {
+pub(crate) fn fold_constant_ifs(graph: &mut GraphProto) -> Result<Vec<String>> {
     let consts = constants(graph);
     let mut taken = HashSet::new();
     all_names(graph, &mut taken);

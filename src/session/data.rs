@@ -7,7 +7,6 @@ use crate::ir::Model;
 use crate::limits::MemoryBudget;
 use crate::passes::PassContext;
 use anyhow::{bail, ensure, Context, Result};
-use ndarray::ArrayD;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -24,16 +23,19 @@ pub struct DataSources {
     pub eval: Option<PathBuf>,
     /// `--eval-labels`: class labels of the `--eval` samples.
     pub eval_labels: Option<PathBuf>,
+    /// `--batch-axis NAME=AXIS|none`: batch axes of `--calib` and `--eval` data.
+    pub batch_axes: Vec<(String, Option<usize>)>,
 }
 
-/// Held-out inputs joined into one batch per input, and their labels.
+/// Held-out inputs as validation batches (one joined batch, or whole feeds where the model
+/// fixes its batch size), and their labels.
 #[derive(Debug, Clone)]
 pub struct EvalData {
-    pub inputs: Vec<(String, ArrayD<f32>)>,
+    pub batches: Vec<NamedBatch>,
     pub labels: Option<Vec<i64>>,
 }
 
-/// Read `--eval` (and its labels).
+/// Read `--eval` (and its labels), with the batch axes `--batch-axis` gives.
 pub fn load_eval(
     sources: &DataSources,
     model: &Model,
@@ -44,23 +46,17 @@ pub fn load_eval(
         return Ok(None);
     };
     let opts = DataOptions {
+        batch_size: usize::MAX,
+        batch_axes: sources.batch_axes.clone(),
         image: sources.image.clone(),
         memory,
         ..Default::default()
     };
     let set = CalibrationSet::load(path, model, &opts)
         .with_context(|| format!("--eval {}", path.display()))?;
-    let inputs = set
-        .input_names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let parts: Vec<_> = set.batches.iter().map(|b| b[i].view()).collect();
-            let joined = ndarray::concatenate(ndarray::Axis(0), &parts)
-                .with_context(|| format!("--eval: joining batches of '{name}'"))?;
-            Ok((name.clone(), joined))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let batches = set
+        .rebatched(usize::MAX)
+        .with_context(|| format!("--eval {}", path.display()))?;
     let labels = match &sources.eval_labels {
         None => None,
         Some(p) => {
@@ -75,27 +71,7 @@ pub fn load_eval(
             Some(labels)
         }
     };
-    Ok(Some(EvalData { inputs, labels }))
-}
-
-/// The first `max_samples` samples of a calibration set, one array per input (batches joined
-/// along the batch axis).
-pub fn joined(set: &CalibrationSet, max_samples: usize) -> Result<Vec<(String, ArrayD<f32>)>> {
-    set.input_names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let parts: Vec<_> = set.batches.iter().map(|b| b[i].view()).collect();
-            let all = ndarray::concatenate(ndarray::Axis(0), &parts)
-                .with_context(|| format!("joining calibration batches of '{name}'"))?;
-            let n = all.shape().first().copied().unwrap_or(0).min(max_samples);
-            Ok((
-                name.clone(),
-                all.slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..n))
-                    .to_owned(),
-            ))
-        })
-        .collect()
+    Ok(Some(EvalData { batches, labels }))
 }
 
 /// Integer class labels from a 1-D .npy (int64, int32 or uint8).
@@ -135,6 +111,7 @@ pub fn attach_calibration(
     let data_opts = DataOptions {
         max_samples: sources.calib_samples,
         input_shapes: input_shapes.to_vec(),
+        batch_axes: sources.batch_axes.clone(),
         image: sources.image.clone(),
         memory,
         ..Default::default()

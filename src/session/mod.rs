@@ -51,6 +51,9 @@ pub struct CompressOptions {
     pub data: DataSources,
     /// Full shapes for inputs with symbolic dims (`--input-shape`), by input name.
     pub input_shapes: Vec<(String, Vec<usize>)>,
+    /// `--fix-input`: inputs made constants (values typed by the input's element type), then
+    /// folded; the specialized model is what the output is validated against.
+    pub fix_inputs: Vec<(String, Vec<f64>)>,
     /// Store tensors in `<output>.data` (also when the input used external data).
     pub external_data: bool,
     /// Run the side-by-side check in tract.
@@ -164,7 +167,20 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     // Temp files a killed run left for this output (never a live writer's).
     save::remove_stale_temp_files(output);
     save::remove_stale_temp_files(&data_file(output));
-    let (original, info, mut model) = load_model(input)?;
+    let (mut original, info, mut model) = load_model(input)?;
+    let specialized = if opts.fix_inputs.is_empty() {
+        None
+    } else {
+        let s = crate::passes::specialize::fix_inputs(
+            &mut original,
+            &opts.fix_inputs,
+            &opts.input_shapes,
+        )
+        .with_context(|| format!("{}: --fix-input", input.display()))?;
+        model = Model::from_proto(original.clone())
+            .with_context(|| format!("{}: the specialized model is invalid", input.display()))?;
+        Some(s)
+    };
     check_input_shapes(&model, &opts.input_shapes)?;
     let nonfinite = preflight::nonfinite_initializers(&model);
     if !opts.allow_nonfinite {
@@ -208,7 +224,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     // `--eval` data first, else (in-sample) the calibration data, else synthetic inputs as a
     // smoke test.
     let calibration_inputs = match (&eval_data, &ctx.calibration) {
-        (None, Some(c)) if !c.synthetic => Some(data::joined(c, VALIDATION_CALIBRATION_SAMPLES)?),
+        (None, Some(c)) if !c.synthetic => Some(c.rebatched(VALIDATION_CALIBRATION_SAMPLES)?),
         _ => None,
     };
     let validate_opts = ValidateOptions {
@@ -218,7 +234,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         in_sample: calibration_inputs.is_some(),
         inputs: eval_data
             .as_ref()
-            .map(|e| e.inputs.clone())
+            .map(|e| e.batches.clone())
             .or(calibration_inputs),
         labels: eval_data.as_ref().and_then(|e| e.labels.clone()),
     };
@@ -288,6 +304,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         },
         passes: records,
         nonfinite_initializers: nonfinite,
+        specialized,
         validation,
         gate,
         seconds_total: start.elapsed().as_secs_f64(),

@@ -29,6 +29,9 @@ pub struct RunReport {
     /// Float initializers holding NaN/inf, kept float (`--allow-nonfinite`; absent when none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nonfinite_initializers: Vec<NonFinite>,
+    /// What `--fix-input` fixed and folded (absent without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub specialized: Option<crate::passes::specialize::Specialized>,
     /// The side-by-side check in tract (absent with --no-validate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub validation: Option<ValidationReport>,

@@ -7,9 +7,9 @@
 //! DequantizeLinear of constants at load), otherwise as the validator's simulation graph, and
 //! [`Latency::timed`] says which. A measurement, never a verdict: nothing fails on it.
 
+use crate::runtime::Feed;
 use super::Runner;
 use anyhow::Result;
-use ndarray::ArrayD;
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -52,7 +52,7 @@ fn median_ms(mut v: Vec<Duration>) -> f64 {
 pub fn measure(
     original: &Runner,
     candidate: &Runner,
-    batch: &[ArrayD<f32>],
+    batch: &[Feed],
     timed: &'static str,
 ) -> Result<Latency> {
     original.run(batch)?;

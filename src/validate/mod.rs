@@ -40,12 +40,15 @@ use serde::{Serialize, Serializer};
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::ModelProto;
 
-use crate::runtime::{refusal, resolve_input_shapes, simulation_graph, InputSpec, Runner, RUNTIME};
+use crate::runtime::{
+    refusal, resolve_input_shapes, simulation_graph, Feed, InputSpec, Runner, RUNTIME,
+};
 
 #[derive(Debug, Clone)]
 pub struct ValidateOptions {
-    /// User inputs by name (one batch; shapes taken from the arrays). `None`: synthetic inputs.
-    pub inputs: Option<Vec<(String, ArrayD<f32>)>>,
+    /// User inputs: batches of typed values by input name (shapes taken from the first
+    /// batch; later ones must match it). `None`: synthetic inputs.
+    pub inputs: Option<Vec<crate::calibrate::NamedBatch>>,
     /// Seed of the synthetic inputs (ChaCha8).
     pub seed: u64,
     /// Concrete shapes for inputs with symbolic dims (full shapes, by input name).
@@ -232,7 +235,7 @@ pub fn validate(
         (None, _) => InputSource::Synthetic,
     };
     let user_batches = match &opts.inputs {
-        Some(given) => split_user_inputs(original, given)?,
+        Some(given) => given.clone(),
         None => Vec::new(),
     };
     let shapes: Vec<(String, Vec<usize>)> = match user_batches.first() {
@@ -315,7 +318,7 @@ pub fn validate(
             .map(|b| order_user_inputs(&specs, b))
             .collect::<Result<Vec<_>>>()?
     } else {
-        synthetic_batches(&specs, opts.seed, opts.samples)?
+        synthetic_batches(&specs, opts.seed, opts.samples, &mut report.notes)?
     };
     let labels = opts.labels.as_deref().filter(|_| opts.inputs.is_some());
     let mut label_at = 0usize;
@@ -352,7 +355,10 @@ pub fn validate(
                 accs[k].add_labels(r, c, labels.get(label_at..).unwrap_or(&[]));
             }
         }
-        label_at += batches_rows(batch);
+        label_at += out_o
+            .first()
+            .and_then(|o| o.shape().first().copied())
+            .unwrap_or(0);
     }
     report.samples = batches.len();
     report.outputs = pairs
@@ -391,7 +397,7 @@ fn time_models(
     shapes: &[(String, Vec<usize>)],
     runner_o: &Runner,
     runner_c: &Runner,
-    batch: &[ArrayD<f32>],
+    batch: &[Feed],
     method: Method,
 ) -> Option<latency::Latency> {
     let as_written = match method {
@@ -408,64 +414,8 @@ fn time_models(
     .ok()
 }
 
-/// Rows in a batch (leading dim of its first input).
-fn batches_rows(batch: &[ArrayD<f32>]) -> usize {
-    batch
-        .first()
-        .and_then(|a| a.shape().first().copied())
-        .unwrap_or(0)
-}
 
-/// User inputs as batches: when the model declares a fixed batch size `b` and the data has a
-/// multiple of `b` rows, the rows are fed `b` at a time; otherwise as one batch.
-fn split_user_inputs(
-    model: &ModelProto,
-    given: &[(String, ArrayD<f32>)],
-) -> Result<Vec<crate::calibrate::NamedBatch>> {
-    let graph = model.graph.as_ref().context("model has no graph")?;
-    let declared_batch = |name: &str| -> Option<usize> {
-        let vi = graph.input.iter().find(|v| v.name() == name)?;
-        let summary = crate::ir::facts::value_summary(vi);
-        match summary.shape?.first()? {
-            crate::ir::facts::Dim::Fixed(b) if *b > 0 => Some(*b),
-            _ => None,
-        }
-    };
-    let mut chunk = None;
-    for (name, a) in given {
-        let rows = a.shape().first().copied().unwrap_or(0);
-        match declared_batch(name) {
-            Some(b) if rows > b && rows % b == 0 => match chunk {
-                None => chunk = Some((b, rows)),
-                Some(c) if c == (b, rows) => {}
-                Some(_) => {
-                    bail!("inputs have different numbers of rows; cannot batch them together")
-                }
-            },
-            _ => return Ok(vec![given.to_vec()]),
-        }
-    }
-    let Some((b, rows)) = chunk else {
-        return Ok(vec![given.to_vec()]);
-    };
-    Ok((0..rows / b)
-        .map(|k| {
-            given
-                .iter()
-                .map(|(n, a)| {
-                    let part =
-                        a.slice_axis(ndarray::Axis(0), ndarray::Slice::from(k * b..(k + 1) * b));
-                    (n.clone(), part.to_owned())
-                })
-                .collect()
-        })
-        .collect())
-}
-
-fn order_user_inputs(
-    specs: &[InputSpec],
-    given: &[(String, ArrayD<f32>)],
-) -> Result<Vec<ArrayD<f32>>> {
+fn order_user_inputs(specs: &[InputSpec], given: &[(String, Feed)]) -> Result<Vec<Feed>> {
     for (name, _) in given {
         if !specs.iter().any(|s| &s.name == name) {
             bail!("input '{name}' is not an input of the model");
@@ -483,24 +433,34 @@ fn order_user_inputs(
         .collect()
 }
 
-/// `samples` batches of standard-normal values (Box–Muller over ChaCha8 seeded with `seed`).
+/// `samples` batches of standard-normal values (Box–Muller over ChaCha8 seeded with `seed`)
+/// for float inputs; integer and bool inputs get zeros (one note each in `notes`), except a
+/// rank-0 integer (a sample rate, a mode), which needs real values.
 fn synthetic_batches(
     specs: &[InputSpec],
     seed: u64,
     samples: usize,
-) -> Result<Vec<Vec<ArrayD<f32>>>> {
-    for s in specs {
-        let float = matches!(
+    notes: &mut Vec<String>,
+) -> Result<Vec<Vec<Feed>>> {
+    let is_float = |s: &InputSpec| {
+        matches!(
             DataType::try_from(s.elem_type),
             Ok(DataType::Float | DataType::Float16 | DataType::Double)
-        );
-        if !float {
+        )
+    };
+    for s in specs.iter().filter(|s| !is_float(s)) {
+        if s.shape.is_empty() {
             bail!(
-                "input '{}' is {}; synthetic inputs are only generated for float inputs, pass its values explicitly",
+                "input '{}' is a {} scalar; synthetic inputs cannot guess it: fix it with --fix-input {}=VALUE or pass --eval/--calib data",
                 s.name,
-                s.elem_type_name
+                s.elem_type_name,
+                s.name
             );
         }
+        notes.push(format!(
+            "input '{}' ({}) is fed zeros in the synthetic validation inputs",
+            s.name, s.elem_type_name
+        ));
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut normal = move || {
@@ -513,9 +473,15 @@ fn synthetic_batches(
             specs
                 .iter()
                 .map(|s| {
+                    if !is_float(s) {
+                        let dt = DataType::try_from(s.elem_type).unwrap_or(DataType::Int64);
+                        return Feed::zeros(dt, &s.shape)
+                            .with_context(|| format!("synthetic input '{}'", s.name));
+                    }
                     let n: usize = s.shape.iter().product();
                     let v: Vec<f32> = (0..n).map(|_| normal()).collect();
                     ArrayD::from_shape_vec(s.shape.clone(), v)
+                        .map(Feed::F32)
                         .with_context(|| format!("synthetic input '{}'", s.name))
                 })
                 .collect()

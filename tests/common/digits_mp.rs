@@ -83,7 +83,11 @@ pub fn fidelity(a: &ArrayD<f32>, b: &ArrayD<f32>, labels: Option<&[i64]>) -> (f6
 }
 
 pub fn calib_x(calib: &CalibrationSet) -> ArrayD<f32> {
-    let views: Vec<_> = calib.batches.iter().map(|b| b[0].view()).collect();
+    let views: Vec<_> = calib
+        .batches
+        .iter()
+        .map(|b| b[0].as_f32().unwrap().view())
+        .collect();
     ndarray::concatenate(Axis(0), &views).unwrap()
 }
 

@@ -54,7 +54,7 @@ pub fn prune_digits(flops: f64, reconstruct: Reconstruct) -> (f64, serde_json::V
     let opts = PruneOptions {
         flops,
         reconstruct,
-        calibration: Some(vec![("input".to_string(), calib)]),
+        calibration: Some(vec![("input".to_string(), calib.into())]),
         ..Default::default()
     };
     let st = prune::prune(&mut model, &opts).unwrap();
@@ -113,7 +113,7 @@ pub fn trial(
     cshape[0] = batch;
     let opts = PruneOptions {
         flops,
-        calibration: Some(vec![(input.to_string(), gaussian(&cshape, 1))]),
+        calibration: Some(vec![(input.to_string(), gaussian(&cshape, 1).into())]),
         input_shapes: shapes.clone(),
         ..Default::default()
     };

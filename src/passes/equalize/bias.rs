@@ -120,7 +120,7 @@ pub enum Reduce {
 pub fn channel_stats(
     model: &ModelProto,
     values: &[String],
-    calibration: &[Vec<(String, ArrayD<f32>)>],
+    calibration: &[crate::calibrate::NamedBatch],
     reduce: Reduce,
 ) -> Result<Vec<Vec<f64>>> {
     ensure!(!calibration.is_empty(), "no calibration batches");
@@ -201,7 +201,7 @@ pub fn channel_stats(
 pub fn input_channel_means(
     model: &Model,
     nodes: &[String],
-    calibration: &[Vec<(String, ArrayD<f32>)>],
+    calibration: &[crate::calibrate::NamedBatch],
 ) -> Result<Vec<Vec<f64>>> {
     let g = &model.graph;
     let values = nodes
@@ -228,7 +228,7 @@ pub fn input_channel_means(
 pub fn empirical_bias_correction(
     model: &Model,
     quantized: &[(String, ArrayD<f32>)],
-    calibration: &[Vec<(String, ArrayD<f32>)>],
+    calibration: &[crate::calibrate::NamedBatch],
 ) -> Result<Vec<(String, Vec<f64>)>> {
     let names: Vec<String> = quantized.iter().map(|(n, _)| n.clone()).collect();
     let means = input_channel_means(model, &names, calibration)?;

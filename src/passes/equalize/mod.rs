@@ -101,7 +101,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Calibration batches: each batch gives every model input by name.
-pub type Calibration = Arc<Vec<Vec<(String, ArrayD<f32>)>>>;
+pub type Calibration = Arc<Vec<crate::calibrate::NamedBatch>>;
 
 /// Options of the `equalize` pass (and of bias correction in `quantize`).
 #[derive(Debug, Clone)]

@@ -128,7 +128,7 @@ fn joint_candidates(
 /// every allowed precision but fp32 (in cheapest-first order): what [`select`] needs.
 pub fn sensitivities(
     model: &Model,
-    batches: &[Vec<ArrayD<f32>>],
+    batches: &[Vec<crate::runtime::Feed>],
     opts: &MixedPrecisionOptions,
 ) -> Result<Vec<LayerSensitivity>> {
     let keep = keep_patterns(opts)?;

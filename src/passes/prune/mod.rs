@@ -55,7 +55,6 @@ use crate::onnx::tensor;
 use crate::passes::{Pass, PassContext, PassStats};
 use anyhow::{Context, Result};
 use importance::AxisStats;
-use ndarray::ArrayD;
 use petgraph::stable_graph::NodeIndex;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
@@ -99,7 +98,7 @@ pub struct PruneOptions {
     pub reconstruct: Reconstruct,
     /// Calibration inputs by graph-input name, one batch each (data-aware scores and
     /// reconstruction need them).
-    pub calibration: Option<Vec<(String, ArrayD<f32>)>>,
+    pub calibration: Option<crate::calibrate::NamedBatch>,
     /// Concrete shapes for inputs with symbolic dims (shape inference and MAC counts).
     pub input_shapes: Vec<(String, Vec<usize>)>,
     /// Least-squares problems with more unknowns per output than this fall back to `Bias`.

@@ -32,6 +32,7 @@ use crate::ir::op::{self, Attrs};
 use crate::ir::{Graph, Model, Patch};
 use crate::onnx::proto::ModelProto;
 use crate::onnx::tensor;
+use crate::runtime::Feed;
 use anyhow::{bail, Context, Result};
 use ndarray::{s, Array1, Array2, ArrayD, Axis, IxDyn};
 use petgraph::stable_graph::NodeIndex;
@@ -41,7 +42,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 /// Original-model activations on the calibration batch.
 #[derive(Debug, Clone)]
 pub struct Calibration {
-    pub inputs: Vec<(String, ArrayD<f32>)>,
+    pub inputs: Vec<(String, Feed)>,
     /// Moments along the channel axis of every consumer input, by value name.
     pub stats: HashMap<String, AxisStats>,
     /// Consumer inputs and outputs, by value name.
@@ -55,7 +56,7 @@ pub struct Calibration {
 /// chunks of that size and the results concatenated along axis 0.
 pub fn run_batched(
     model: &ModelProto,
-    inputs: &[(String, ArrayD<f32>)],
+    inputs: &[(String, Feed)],
     extra: &[String],
 ) -> Result<Vec<(String, ArrayD<f32>)>> {
     use crate::onnx::proto::{tensor_shape_proto::dimension::Value as D, type_proto::Value};
@@ -84,15 +85,9 @@ pub fn run_batched(
     };
     let mut parts: Vec<Vec<(String, ArrayD<f32>)>> = Vec::new();
     for start in (0..total).step_by(chunk) {
-        let batch: Vec<(String, ArrayD<f32>)> = inputs
+        let batch: Vec<(String, Feed)> = inputs
             .iter()
-            .map(|(n, a)| {
-                (
-                    n.clone(),
-                    a.slice_axis(Axis(0), (start..start + chunk).into())
-                        .to_owned(),
-                )
-            })
+            .map(|(n, a)| (n.clone(), a.slice_axis(0, start..start + chunk)))
             .collect();
         parts.push(crate::runtime::run_model(model, &batch, extra)?);
     }
@@ -122,7 +117,7 @@ impl Calibration {
         original: &ModelProto,
         graph: &Graph,
         groups: &[Group],
-        inputs: &[(String, ArrayD<f32>)],
+        inputs: &[(String, Feed)],
     ) -> Result<Calibration> {
         let mut names = BTreeSet::new();
         let mut consumer_inputs = BTreeMap::new();

@@ -58,10 +58,10 @@ use crate::onnx::proto::{
     type_proto, AttributeProto, ModelProto, NodeProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use crate::onnx::tensor;
-use crate::runtime::Runner;
+use crate::runtime::{Feed, Runner};
 use anyhow::{Context, Result};
 use indexmap::IndexMap;
-use ndarray::{ArrayD, Axis, Slice};
+use ndarray::{ArrayD, Axis};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -403,7 +403,7 @@ impl LossKind {
 struct Scorer {
     runner: Runner,
     /// Model inputs of each scored sample (or batch, when the model fixes its batch size).
-    feeds: Vec<Vec<ArrayD<f32>>>,
+    feeds: Vec<Vec<Feed>>,
     /// Reference outputs of each feed.
     reference: Vec<Vec<ArrayD<f32>>>,
     kinds: Vec<LossKind>,
@@ -426,16 +426,11 @@ impl Scorer {
         opts: &QuantizeOptions,
         tensors: &[String],
     ) -> Result<Scorer> {
-        // One sample per feed only where every input leaves its batch dimension free.
-        let splittable = crate::calibrate::data::model_inputs(float)
-            .map(|inputs| inputs.iter().all(|i| i.fixed_batch().is_none()))
-            .unwrap_or(false);
-        let feeds = first_samples(calib, opts.auto.scored_samples(calib.samples), splittable);
+        let (feeds, samples) = first_samples(calib, opts.auto.scored_samples(calib.samples));
         anyhow::ensure!(
             !feeds.is_empty(),
             "auto: no calibration samples to score on"
         );
-        let samples: usize = feeds.iter().map(|f| rows(f)).sum();
         let mut shapes: Vec<(String, Vec<usize>)> = calib
             .input_names
             .iter()
@@ -492,14 +487,15 @@ impl Scorer {
             .collect()
     }
 
-    fn extra_inputs(&self, params: &[(f32, f32)], bounds: (f32, f32)) -> Vec<ArrayD<f32>> {
+    fn extra_inputs(&self, params: &[(f32, f32)], bounds: (f32, f32)) -> Vec<Feed> {
+        let scalar = |v: f32| Feed::from(ArrayD::from_elem(vec![], v));
         let mut extra = Vec::with_capacity(2 * params.len() + 2);
         for &(s, z) in params {
-            extra.push(ArrayD::from_elem(vec![], s));
-            extra.push(ArrayD::from_elem(vec![], z));
+            extra.push(scalar(s));
+            extra.push(scalar(z));
         }
-        extra.push(ArrayD::from_elem(vec![], bounds.0));
-        extra.push(ArrayD::from_elem(vec![], bounds.1));
+        extra.push(scalar(bounds.0));
+        extra.push(scalar(bounds.1));
         extra
     }
 
@@ -555,11 +551,6 @@ impl Scorer {
     }
 }
 
-fn rows(feed: &[ArrayD<f32>]) -> usize {
-    feed.first()
-        .and_then(|a| a.shape().first().copied())
-        .unwrap_or(1)
-}
 
 /// `KL(p || q)` of one row, with `q` floored so a zeroed probability costs a finite amount.
 fn kl(p: impl Iterator<Item = f32>, q: impl Iterator<Item = f32>) -> f64 {
@@ -573,38 +564,41 @@ fn kl(p: impl Iterator<Item = f32>, q: impl Iterator<Item = f32>) -> f64 {
         .sum()
 }
 
-/// The first `n` calibration samples, one feed per sample when the batches hold several and
-/// the model lets the batch size vary (so they score in parallel), else the first whole batches.
-fn first_samples(calib: &CalibrationSet, n: usize, splittable: bool) -> Vec<Vec<ArrayD<f32>>> {
-    let mut out = Vec::new();
-    let Some(first) = calib.batches.first() else {
-        return out;
+/// The first `n` calibration samples and how many they are: one feed per sample (cut along
+/// each input's batch axis) when the model lets the batch size vary, so they score in parallel;
+/// else the first whole batches of the shape of the first.
+fn first_samples(calib: &CalibrationSet, n: usize) -> (Vec<Vec<Feed>>, usize) {
+    let n = n.max(1);
+    let (mut out, mut samples) = (Vec::new(), 0);
+    let shapes = |b: &Vec<Feed>| b.iter().map(|f| f.shape().to_vec()).collect::<Vec<_>>();
+    let Some(first_shapes) = calib.batches.first().map(shapes) else {
+        return (out, 0);
     };
-    let shapes = |b: &Vec<ArrayD<f32>>| b.iter().map(|a| a.shape().to_vec()).collect::<Vec<_>>();
-    let first_shapes = shapes(first);
-    for batch in &calib.batches {
-        if out.len() >= n.max(1) {
+    for (b, batch) in calib.batches.iter().enumerate() {
+        if samples >= n {
             break;
         }
-        if splittable && rows(batch) > 1 {
-            // Several samples stacked on axis 0 (how the data loader batches them).
-            for i in 0..rows(batch) {
-                if out.len() >= n.max(1) {
-                    break;
-                }
+        let rows = calib.rows(b);
+        if !calib.fixed_batch && rows > 1 {
+            for i in 0..rows.min(n - samples) {
                 out.push(
                     batch
                         .iter()
-                        .map(|a| a.slice_axis(Axis(0), Slice::from(i..i + 1)).to_owned())
+                        .zip(&calib.batch_axes)
+                        .map(|(f, axis)| match axis {
+                            Some(a) => f.slice_axis(*a, i..i + 1),
+                            None => f.clone(),
+                        })
                         .collect(),
                 );
+                samples += 1;
             }
         } else if shapes(batch) == first_shapes {
-            // A batch of another shape would need a second tract plan.
             out.push(batch.clone());
+            samples += rows;
         }
     }
-    out
+    (out, samples)
 }
 
 const QMIN_INPUT: &str = "::auto_qmin";
