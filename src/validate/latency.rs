@@ -7,8 +7,8 @@
 //! DequantizeLinear of constants at load), otherwise as the validator's simulation graph, and
 //! [`Latency::timed`] says which. A measurement, never a verdict: nothing fails on it.
 
-use crate::runtime::Feed;
 use super::Runner;
+use crate::runtime::Feed;
 use anyhow::Result;
 use serde::Serialize;
 use std::time::{Duration, Instant};

@@ -414,7 +414,6 @@ fn time_models(
     .ok()
 }
 
-
 fn order_user_inputs(specs: &[InputSpec], given: &[(String, Feed)]) -> Result<Vec<Feed>> {
     for (name, _) in given {
         if !specs.iter().any(|s| &s.name == name) {

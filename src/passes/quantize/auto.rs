@@ -551,7 +551,6 @@ impl Scorer {
     }
 }
 
-
 /// `KL(p || q)` of one row, with `q` floored so a zeroed probability costs a finite amount.
 fn kl(p: impl Iterator<Item = f32>, q: impl Iterator<Item = f32>) -> f64 {
     const FLOOR: f64 = 1e-8;
