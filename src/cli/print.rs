@@ -42,6 +42,9 @@ pub fn summary(r: &RunReport) {
             println!("         {line}");
         }
     }
+    for c in &r.corrected_outputs {
+        println!("  note   {c}");
+    }
     for nf in &r.nonfinite_initializers {
         println!(
             "  warning: {}; the nodes reading it stay float (--allow-nonfinite)",

@@ -190,7 +190,8 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     preflight::refuse_nonfinite_for_mixed_precision(&nonfinite, mixed_runs)?;
     // Nothing sized from the model is allocated before it is known to fit.
     preflight::check_inputs(&model, &memory_plan(opts))?;
-    preflight::check_declared_outputs(&model, &original, &opts.input_shapes)?;
+    let corrected_outputs =
+        preflight::correct_declared_outputs(&mut model, &original, &opts.input_shapes)?;
     let shapes_before = value_shapes(&model, &original, &opts.input_shapes);
     preflight::check_values(&model, &shapes_before, &opts.memory)?;
     let stats_before = model_stats(&model, &shapes_before);
@@ -305,6 +306,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         passes: records,
         nonfinite_initializers: nonfinite,
         specialized,
+        corrected_outputs,
         validation,
         gate,
         seconds_total: start.elapsed().as_secs_f64(),

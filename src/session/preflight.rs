@@ -267,16 +267,20 @@ pub fn keep_float(ctx: &mut PassContext, model: &Model, found: &[NonFinite]) {
 }
 
 /// Graph outputs whose declared rank (or fixed dims) contradict what the graph computes, as
-/// tract infers it (`proto` is the model as loaded): ONNX shape inference rejects such a model,
-/// so its output would be rejected too. Only ranks and dims both sides know are compared.
-pub fn check_declared_outputs(
-    model: &Model,
+/// tract infers it (`proto` is the model as loaded), get the computed shape declared instead;
+/// one note each. ONNX shape inference (`onnx.checker` full check) rejects a contradicting
+/// declaration, ONNX Runtime loads it (ddddocr's shipped `common.onnx` declares its output
+/// [1, ?] and computes [1, 1, 8210]): the output keeps what runs and becomes valid. Only ranks
+/// and dims both sides know are compared.
+pub fn correct_declared_outputs(
+    model: &mut Model,
     proto: &crate::onnx::proto::ModelProto,
     input_shapes: &[(String, Vec<usize>)],
-) -> Result<()> {
+) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
     let Ok(inferred) = crate::runtime::infer_value_shapes(proto, input_shapes) else {
         // A model tract cannot analyse keeps its declarations; later stages report it.
-        return Ok(());
+        return Ok(notes);
     };
     let fixed = |v: &crate::onnx::proto::ValueInfoProto| match v
         .r#type
@@ -296,16 +300,17 @@ pub fn check_declared_outputs(
         .iter()
         .filter(|i| !model.graph.initializers.contains_key(i.name()))
         .all(|i| fixed(i) || input_shapes.iter().any(|(n, _)| n == i.name()));
-    for out in &model.graph.outputs {
+    for out in model.graph.outputs.iter_mut() {
+        let name = out.name().to_string();
         let Some(type_proto::Value::TensorType(tt)) =
-            out.r#type.as_ref().and_then(|t| t.value.as_ref())
+            out.r#type.as_mut().and_then(|t| t.value.as_mut())
         else {
             continue;
         };
-        let Some(declared) = &tt.shape else { continue };
+        let Some(declared) = &mut tt.shape else { continue };
         let Some(computed) = inferred
             .iter()
-            .find(|v| v.name == out.name())
+            .find(|v| v.name == name)
             .and_then(|v| v.shape.clone())
         else {
             continue;
@@ -334,13 +339,26 @@ pub fn check_declared_outputs(
                     .zip(&computed)
                     .any(|(d, c)| matches!((d, c), (Some(d), Some(c)) if d != c)));
         if contradicts {
-            bail!(
-                "graph output '{}' is declared [{}] but the graph computes [{}]: ONNX shape inference (and every runtime) rejects the model",
-                out.name(),
+            // Symbolic input dims were pinned to 1 for the inference: only dims it computed
+            // with every input known are declared as values.
+            let corrected: Vec<Option<i64>> = computed
+                .iter()
+                .map(|c| c.filter(|_| dims_known))
+                .collect();
+            notes.push(format!(
+                "graph output '{name}' is declared [{}] but the graph computes [{}]: declared [{}] in the output (ONNX shape inference rejects the contradiction)",
                 show(&declared),
-                show(&computed)
-            );
+                show(&computed),
+                show(&corrected)
+            ));
+            declared.dim = corrected
+                .iter()
+                .map(|c| crate::onnx::proto::tensor_shape_proto::Dimension {
+                    value: c.map(Dim::DimValue),
+                    ..Default::default()
+                })
+                .collect();
         }
     }
-    Ok(())
+    Ok(notes)
 }

@@ -29,6 +29,9 @@ pub struct RunReport {
     /// Float initializers holding NaN/inf, kept float (`--allow-nonfinite`; absent when none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nonfinite_initializers: Vec<NonFinite>,
+    /// Graph outputs whose contradicting declared shape was replaced by the computed one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub corrected_outputs: Vec<String>,
     /// What `--fix-input` fixed and folded (absent without it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub specialized: Option<crate::passes::specialize::Specialized>,
