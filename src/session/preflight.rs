@@ -286,7 +286,7 @@ pub fn check_declared_outputs(
         Some(type_proto::Value::TensorType(tt)) => tt.shape.as_ref().is_some_and(|s| {
             s.dim
                 .iter()
-                .all(|d| matches!(d.value, Some(Dim::DimValue(_))))
+                .all(|d| matches!(d.value, Some(Dim::DimValue(v)) if v >= 0))
         }),
         _ => false,
     };
@@ -320,7 +320,8 @@ pub fn check_declared_outputs(
             .dim
             .iter()
             .map(|d| match d.value {
-                Some(Dim::DimValue(v)) => Some(v),
+                // -1 is some exporters' way to write an unknown dim.
+                Some(Dim::DimValue(v)) if v >= 0 => Some(v),
                 _ => None,
             })
             .collect();

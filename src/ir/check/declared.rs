@@ -1,7 +1,8 @@
 //! Load-time checks of what a graph states about its tensors, which ONNX shape and type
 //! inference (and so every runtime) would reject: initializer payloads (a defined element type,
 //! no negative dims, values in exactly one field, raw bytes matching dims x type), declared graph
-//! input/output dims (none 0 or negative; a declared constant has its dims), and the element
+//! input/output dims (none 0 or negative but -1, which some exporters write for an unknown dim;
+//! a declared constant has its dims), and the element
 //! types the graph states for its values ([`stated_types`]) against each op's type
 //! constraints ([`check_input_types`]).
 
@@ -69,9 +70,6 @@ pub(super) fn check_initializers(g: &GraphProto) -> Result<()> {
     Ok(())
 }
 
-/// Declared graph inputs and outputs have no empty (0) dims, and a declared value that is an
-/// initializer has the initializer's rank and dims: ONNX shape inference (and so every
-/// runtime) rejects a model that contradicts itself there.
 /// The tensors a graph fixes by name: initializers and standard `Constant` nodes' `value`.
 pub(super) fn graph_constants(g: &GraphProto) -> HashMap<&str, &TensorProto> {
     let mut constants: HashMap<&str, &TensorProto> =
@@ -87,6 +85,9 @@ pub(super) fn graph_constants(g: &GraphProto) -> HashMap<&str, &TensorProto> {
     constants
 }
 
+/// Declared graph inputs and outputs have no empty (0) or negative dims (but -1, an unknown dim), and a declared value that is an
+/// initializer has the initializer's rank and dims: ONNX shape inference (and so every
+/// runtime) rejects a model that contradicts itself there.
 pub(super) fn check_declared_shapes(g: &GraphProto) -> Result<()> {
     use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
     // Values whose dims the graph fixes.
@@ -111,6 +112,9 @@ pub(super) fn check_declared_shapes(g: &GraphProto) -> Result<()> {
                 _ => None,
             })
             .collect();
+        // -1 is how some exporters (Paddle2ONNX, older tf2onnx) write an unknown dim;
+        // onnx.checker and runtimes read it so, and so does the IR (a symbolic dim).
+        let dims: Vec<Option<i64>> = dims.into_iter().map(|d| d.filter(|&x| x != -1)).collect();
         if let Some(k) = dims.iter().position(|d| matches!(d, Some(x) if *x <= 0)) {
             bail!(
                 "graph {kind} '{}' declares dim {k} = {}: an empty or negative dimension",

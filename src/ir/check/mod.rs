@@ -9,7 +9,7 @@
 //!   producer: a node, a graph input or an initializer; before IR 4 every initializer is also
 //!   a graph input.
 //! - Initializers: a defined element type, no negative dims, values in exactly one field, raw
-//!   bytes matching dims x type. Declared graph inputs/outputs: no 0 or negative dims, and a
+//!   bytes matching dims x type. Declared graph inputs/outputs: no 0 or negative dims (-1 reads as unknown), and a
 //!   declared value that is a constant has its dims. Inputs whose element type the graph
 //!   states (graph inputs, initializers, constants) match the op's type constraints.
 //! - Every node's domain is imported (custom domains too); op_type is not empty.
