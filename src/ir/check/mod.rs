@@ -9,9 +9,11 @@
 //!   producer: a node, a graph input or an initializer; before IR 4 every initializer is also
 //!   a graph input.
 //! - Initializers: a defined element type, no negative dims, values in exactly one field, raw
-//!   bytes matching dims x type. Declared graph inputs/outputs: no 0 or negative dims (-1 reads as unknown), and a
-//!   declared value that is a constant has its dims. Inputs whose element type the graph
-//!   states (graph inputs, initializers, constants) match the op's type constraints.
+//!   bytes matching dims x type. Declared graph inputs/outputs: no 0 or negative dims (-1
+//!   reads as unknown), and a declared value that is a constant has its dims.
+//! - Element types ([`types`]): inferred over every node's outputs, through subgraphs, equal
+//!   to what `value_info` and graph outputs declare; every input's known type matches the
+//!   op's type constraints (shared type parameters agree).
 //! - Every node's domain is imported (custom domains too); op_type is not empty.
 //! - Every node of a domain with schemas, in every graph: the op exists at the model's opset
 //!   (and is not deprecated there); input and output counts in the schema's range, required
@@ -33,9 +35,9 @@ use anyhow::{bail, ensure, Context, Result};
 use std::collections::{HashMap, HashSet};
 
 mod declared;
-use declared::{
-    check_declared_shapes, check_initializers, check_input_types, graph_constants, stated_types,
-};
+mod types;
+use declared::{check_declared_shapes, check_initializers, check_input_types, graph_constants};
+use types::ValueTypes;
 
 /// Check a model; see the module docs for what is checked.
 pub fn check_model(model: &ModelProto) -> Result<()> {
@@ -68,7 +70,8 @@ pub fn check_model(model: &ModelProto) -> Result<()> {
             .collect(),
         ir_version: ir,
     };
-    check_graph(&ctx, graph, &HashMap::new())
+    check_graph(&ctx, graph, &HashMap::new(), &HashMap::new())?;
+    Ok(())
 }
 
 struct Ctx {
@@ -122,9 +125,15 @@ fn who(node: &NodeProto) -> String {
     format!("node '{}' ({})", op::node_label(node), node.op_type())
 }
 
-/// Check one graph and its subgraphs. `outer_ranks` holds the declared ranks of values
-/// visible from enclosing graphs.
-fn check_graph(ctx: &Ctx, g: &GraphProto, outer_ranks: &HashMap<String, usize>) -> Result<()> {
+/// Check one graph and its subgraphs. `outer_ranks` and `outer_types` hold the declared ranks
+/// and known element types of values visible from enclosing graphs. Returns the element types
+/// of the graph's outputs, where known.
+fn check_graph(
+    ctx: &Ctx,
+    g: &GraphProto,
+    outer_ranks: &HashMap<String, usize>,
+    outer_types: &HashMap<String, i32>,
+) -> Result<Vec<Option<i32>>> {
     check_single_producers(g)?;
     check_initializers(g)?;
     check_declared_shapes(g)?;
@@ -140,17 +149,20 @@ fn check_graph(ctx: &Ctx, g: &GraphProto, outer_ranks: &HashMap<String, usize>) 
         }
     }
     let ranks = declared_ranks(g, outer_ranks);
-    let types = stated_types(g);
+    let mut types = ValueTypes::new(g, outer_types)?;
     for node in &g.node {
-        check_node(ctx, node, &ranks, &types)?;
+        let mut subgraph_outputs = HashMap::new();
         for a in &node.attribute {
             for sub in a.g.iter().chain(&a.graphs) {
-                check_graph(ctx, sub, &ranks)
+                let outputs = check_graph(ctx, sub, &ranks, &types.known)
                     .with_context(|| format!("in attribute '{}' of {}", a.name(), who(node)))?;
+                subgraph_outputs.insert(a.name().to_string(), outputs);
             }
         }
+        let schema = check_node(ctx, node, &ranks, &types.known)?;
+        types.add_node(node, schema, &subgraph_outputs)?;
     }
-    Ok(())
+    Ok(types.outputs(g))
 }
 
 /// Every value of the graph has one producer: a node output, a graph input or an
@@ -209,12 +221,14 @@ fn declared_ranks(g: &GraphProto, outer: &HashMap<String, usize>) -> HashMap<Str
     ranks
 }
 
+/// Check one node; returns its op's schema when it has one (a standard domain's op, not a
+/// model-local function).
 fn check_node(
     ctx: &Ctx,
     node: &NodeProto,
     ranks: &HashMap<String, usize>,
     types: &HashMap<String, i32>,
-) -> Result<()> {
+) -> Result<Option<&'static OpSchema>> {
     let schemas = schema::schemas();
     let domain = canonical_domain(node.domain());
     let op = node.op_type();
@@ -232,7 +246,7 @@ fn check_node(
             .functions
             .contains(&(domain.to_string(), op.to_string()))
     {
-        return Ok(());
+        return Ok(None);
     }
     let Some(opset) = ctx.opset(domain) else {
         bail!(
@@ -261,7 +275,8 @@ fn check_node(
     check_counts(node, schema)?;
     check_attributes(node, schema)?;
     check_input_types(node, schema, types)?;
-    check_values(node, ranks)
+    check_values(node, ranks)?;
+    Ok(Some(schema))
 }
 
 fn range_text((lo, hi): (usize, usize)) -> String {
