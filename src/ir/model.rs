@@ -28,8 +28,12 @@ impl Model {
     }
 
     /// Build the IR of a decoded model, after [`check::check_model`] (versions, schemas,
-    /// producers) so a model the tool cannot handle is refused before any work.
+    /// producers) so a model the tool cannot handle is refused before any work. Subgraph nodes
+    /// are put in topological order first ([`crate::ir::subgraph_order`]).
     pub fn from_proto(mut proto: ModelProto) -> Result<Model> {
+        if let Some(g) = proto.graph.as_mut() {
+            crate::ir::subgraph_order::sort_subgraphs(g)?;
+        }
         check::check_model(&proto)?;
         let gp = proto
             .graph
