@@ -266,7 +266,8 @@ pub fn keep_float(ctx: &mut PassContext, model: &Model, found: &[NonFinite]) {
     }
 }
 
-/// Graph outputs whose declared rank (or fixed dims) contradict what the graph computes, as
+/// Graph outputs and main-graph `value_info` whose declared rank (or fixed dims) contradict
+/// what the graph computes, as
 /// tract infers it (`proto` is the model as loaded): ONNX shape inference rejects such a model,
 /// so its output would be rejected too. Only ranks and dims both sides know are compared.
 pub fn check_declared_outputs(
@@ -296,7 +297,14 @@ pub fn check_declared_outputs(
         .iter()
         .filter(|i| !model.graph.initializers.contains_key(i.name()))
         .all(|i| fixed(i) || input_shapes.iter().any(|(n, _)| n == i.name()));
-    for out in &model.graph.outputs {
+    let value_info = proto.graph.iter().flat_map(|g| &g.value_info);
+    let declared_values = model
+        .graph
+        .outputs
+        .iter()
+        .map(|v| ("graph output", v))
+        .chain(value_info.map(|v| ("value_info", v)));
+    for (kind, out) in declared_values {
         let Some(type_proto::Value::TensorType(tt)) =
             out.r#type.as_ref().and_then(|t| t.value.as_ref())
         else {
@@ -336,7 +344,7 @@ pub fn check_declared_outputs(
                     .any(|(d, c)| matches!((d, c), (Some(d), Some(c)) if d != c)));
         if contradicts {
             bail!(
-                "graph output '{}' is declared [{}] but the graph computes [{}]: ONNX shape inference (and every runtime) rejects the model",
+                "{kind} '{}' is declared [{}] but the graph computes [{}]: ONNX shape inference (and every runtime) rejects the model",
                 out.name(),
                 show(&declared),
                 show(&computed)

@@ -85,7 +85,8 @@ pub(super) fn graph_constants(g: &GraphProto) -> HashMap<&str, &TensorProto> {
     constants
 }
 
-/// Declared graph inputs and outputs have no empty (0) or negative dims (but -1, an unknown dim), and a declared value that is an
+/// Declared graph inputs and outputs have no empty (0) or negative dims (but -1, an unknown
+/// dim), and a declared value (value_info too) that is an
 /// initializer has the initializer's rank and dims: ONNX shape inference (and so every
 /// runtime) rejects a model that contradicts itself there.
 pub(super) fn check_declared_shapes(g: &GraphProto) -> Result<()> {
@@ -95,8 +96,9 @@ pub(super) fn check_declared_shapes(g: &GraphProto) -> Result<()> {
     for (kind, v) in g
         .input
         .iter()
-        .map(|v| ("input", v))
-        .chain(g.output.iter().map(|v| ("output", v)))
+        .map(|v| ("graph input", v))
+        .chain(g.output.iter().map(|v| ("graph output", v)))
+        .chain(g.value_info.iter().map(|v| ("value_info", v)))
     {
         let Some(type_proto::Value::TensorType(tt)) =
             v.r#type.as_ref().and_then(|t| t.value.as_ref())
@@ -115,9 +117,10 @@ pub(super) fn check_declared_shapes(g: &GraphProto) -> Result<()> {
         // -1 is how some exporters (Paddle2ONNX, older tf2onnx) write an unknown dim;
         // onnx.checker and runtimes read it so, and so does the IR (a symbolic dim).
         let dims: Vec<Option<i64>> = dims.into_iter().map(|d| d.filter(|&x| x != -1)).collect();
-        if let Some(k) = dims.iter().position(|d| matches!(d, Some(x) if *x <= 0)) {
+        let empty_or_negative = dims.iter().position(|d| matches!(d, Some(x) if *x <= 0));
+        if let (Some(k), false) = (empty_or_negative, kind == "value_info") {
             bail!(
-                "graph {kind} '{}' declares dim {k} = {}: an empty or negative dimension",
+                "{kind} '{}' declares dim {k} = {}: an empty or negative dimension",
                 v.name(),
                 dims[k].unwrap_or(0)
             );
@@ -130,7 +133,7 @@ pub(super) fn check_declared_shapes(g: &GraphProto) -> Result<()> {
                     .all(|(d, &n)| d.is_none_or(|d| d == n));
             ensure!(
                 matches,
-                "graph {kind} '{}' is declared with shape {:?}, but it is a constant of dims {:?}",
+                "{kind} '{}' is declared with shape {:?}, but it is a constant of dims {:?}",
                 v.name(),
                 dims.iter()
                     .map(|d| d.map_or("?".to_string(), |x| x.to_string()))

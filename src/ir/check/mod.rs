@@ -501,7 +501,22 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
                 fail(format!("attribute 'group' is {group}, must be >= 1"))
             );
         }
-        let spatial = rank.filter(|&r| r >= 2).map(|r| r - 2);
+        // The spatial rank from input 0, else from the weight's rank, else from kernel_shape.
+        let weight = match op {
+            "Conv" | "ConvTranspose" | "ConvInteger" => Some(1),
+            "QLinearConv" => Some(3),
+            _ => None,
+        };
+        let weight_rank = weight
+            .and_then(|k| node.input.get(k))
+            .and_then(|w| ranks.get(w).copied());
+        let kernel = node.attr_ints("kernel_shape")?.map(|k| k.len() + 2);
+        let (spatial, source) = match (rank, weight_rank, kernel) {
+            (Some(r), _, _) => (Some(r), "input 0"),
+            (None, Some(r), _) => (Some(r), "the weight"),
+            (None, None, k) => (k, "kernel_shape"),
+        };
+        let spatial = spatial.filter(|&r| r >= 2).map(|r| r - 2);
         for (name, min, per_dim) in [
             ("kernel_shape", 1, 1),
             ("strides", 1, 1),
@@ -521,7 +536,7 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
                 ensure!(
                     values.len() == spatial * per_dim,
                     fail(format!(
-                        "attribute '{name}' has {} values, input 0 has {spatial} spatial dims (expected {})",
+                        "attribute '{name}' has {} values, {source} has {spatial} spatial dims (expected {})",
                         values.len(),
                         spatial * per_dim
                     ))

@@ -12,10 +12,11 @@
 //! - attributes and optional inputs set the rest: `Cast`'s `to`, `Constant`'s value,
 //!   `ConstantOfShape`'s `value`, `QuantizeLinear`'s zero point or `output_dtype` (else uint8),
 //!   the `dtype` of `EyeLike`/`Random*`;
-//! - `If` outputs are its branches' outputs (both branches must agree), `Loop` and `Scan`
-//!   outputs their body's.
+//! - `If` outputs are its branches' outputs (both branches must agree, and give as many
+//!   outputs as the node has), `Loop` and `Scan` outputs their body's.
 //!
-//! Invariants enforced: a declared element type is one ONNX defines; an inferred output type
+//! Invariants enforced: a declared element type is one ONNX defines; a constant (initializer
+//! or `Constant`) has the type its declaration states; an inferred output type
 //! equals the type declared for that value (`value_info`, graph outputs, subgraph outputs), as
 //! ONNX's "Inferred elem type differs from existing elem type" demands. Unknown stays unknown:
 //! custom domains, model-local functions and ops the rules do not cover infer nothing.
@@ -76,8 +77,19 @@ impl ValueTypes {
                 }
             }
         }
-        // Graph inputs, initializers and constants state their types outright.
-        known.extend(super::declared::stated_types(g));
+        // Graph inputs, initializers and constants state their types outright; a declaration
+        // of the same value must agree.
+        for (name, elem) in super::declared::stated_types(g) {
+            if let Some(&(kind, declared)) = declared.get(&name) {
+                ensure!(
+                    declared == elem,
+                    "'{name}' is a {} constant, but its {kind} declares {}",
+                    type_text(elem),
+                    type_text(declared)
+                );
+            }
+            known.insert(name, elem);
+        }
         Ok(ValueTypes { known, declared })
     }
 
@@ -196,22 +208,21 @@ fn output_types(
             (None, "RandomNormal" | "RandomUniform") => {
                 Some(dtype_attr("dtype")?.unwrap_or(DataType::Float as i32))
             }
-            (None, "If") => {
-                let branch = |name: &str| {
-                    subgraph_outputs
-                        .get(name)
-                        .and_then(|o| o.get(k).copied().flatten())
-                };
-                match (branch("then_branch"), branch("else_branch")) {
-                    (Some(a), Some(b)) if a != b => bail!(
-                        "{}: output {k} is {} in then_branch but {} in else_branch",
+            (None, "If") if k == 0 => {
+                let counts = ["then_branch", "else_branch"]
+                    .map(|b| subgraph_outputs.get(b).map(|o| o.len()));
+                for (branch, count) in ["then_branch", "else_branch"].iter().zip(counts) {
+                    ensure!(
+                        count.is_none_or(|c| c == node.output.len()),
+                        "{}: {branch} has {} output(s), the node {}",
                         who(node),
-                        type_text(a),
-                        type_text(b)
-                    ),
-                    (a, b) => a.or(b),
+                        count.unwrap_or(0),
+                        node.output.len()
+                    );
                 }
+                if_output(node, k, subgraph_outputs)?
             }
+            (None, "If") => if_output(node, k, subgraph_outputs)?,
             // Loop's body outputs: condition, then carried values and scan outputs.
             (None, "Loop") => subgraph_outputs
                 .get("body")
@@ -235,5 +246,27 @@ fn constant_type(node: &NodeProto) -> Option<i32> {
         "value_int" | "value_ints" => DataType::Int64 as i32,
         "value_string" | "value_strings" => DataType::String as i32,
         _ => return None,
+    })
+}
+
+/// The element type of `If` output `k`: its branches' (which must agree).
+fn if_output(
+    node: &NodeProto,
+    k: usize,
+    subgraph_outputs: &HashMap<String, Vec<Option<i32>>>,
+) -> Result<Option<i32>> {
+    let branch = |name: &str| {
+        subgraph_outputs
+            .get(name)
+            .and_then(|o| o.get(k).copied().flatten())
+    };
+    Ok(match (branch("then_branch"), branch("else_branch")) {
+        (Some(a), Some(b)) if a != b => bail!(
+            "{}: output {k} is {} in then_branch but {} in else_branch",
+            who(node),
+            type_text(a),
+            type_text(b)
+        ),
+        (a, b) => a.or(b),
     })
 }
