@@ -2,7 +2,7 @@
 
 use crate::ir::check;
 use crate::ir::graph::Graph;
-use crate::onnx::proto::{ModelProto, OperatorSetIdProto};
+use crate::onnx::proto::{GraphProto, ModelProto, OperatorSetIdProto, ValueInfoProto};
 use crate::onnx::{load, save};
 use anyhow::{Context, Result};
 use std::collections::HashSet;
@@ -48,7 +48,11 @@ impl Model {
 
     pub fn to_proto(&self) -> Result<ModelProto> {
         let mut proto = self.shell.clone();
-        proto.graph = Some(self.graph.to_proto()?);
+        let mut graph = self.graph.to_proto()?;
+        if proto.ir_version() < 4 {
+            initializers_as_inputs(&mut graph);
+        }
+        proto.graph = Some(graph);
         Ok(proto)
     }
 
@@ -78,4 +82,38 @@ impl Model {
             }),
         }
     }
+}
+
+/// Before IR 4 every initializer must also be a graph input (it gave the input's default).
+/// Passes add initializers (folded constants, quantization parameters): list them as inputs,
+/// typed and shaped from the tensor, after the existing ones.
+fn initializers_as_inputs(g: &mut GraphProto) {
+    use crate::onnx::proto::{tensor_shape_proto, type_proto, TensorShapeProto, TypeProto};
+    let listed: HashSet<String> = g.input.iter().map(|i| i.name().to_string()).collect();
+    let missing: Vec<ValueInfoProto> = g
+        .initializer
+        .iter()
+        .filter(|t| !listed.contains(t.name()))
+        .map(|t| ValueInfoProto {
+            name: Some(t.name().to_string()),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(t.data_type()),
+                    shape: Some(TensorShapeProto {
+                        dim: t
+                            .dims
+                            .iter()
+                            .map(|&d| tensor_shape_proto::Dimension {
+                                value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect();
+    g.input.extend(missing);
 }
