@@ -13,7 +13,8 @@
 //!   reads as unknown), and a declared value that is a constant has its dims.
 //! - Element types ([`types`]): inferred over every node's outputs, through subgraphs, equal
 //!   to what `value_info` and graph outputs declare; every input's known type matches the
-//!   op's type constraints (shared type parameters agree).
+//!   op's type constraints (shared type parameters agree). An `If` output's declared rank
+//!   agrees with its branches' when they agree.
 //! - Every node's domain is imported (custom domains too); op_type is not empty.
 //! - Every node of a domain with schemas, in every graph: the op exists at the model's opset
 //!   (and is not deprecated there); input and output counts in the schema's range, required
@@ -160,9 +161,39 @@ fn check_graph(
             }
         }
         let schema = check_node(ctx, node, &ranks, &types.known)?;
+        if node.op_type() == "If" && schema.is_some() {
+            check_if_ranks(node, &ranks)?;
+        }
         types.add_node(node, schema, &subgraph_outputs)?;
     }
     Ok(types.outputs(g))
+}
+
+/// An `If` output declared (value_info, graph output) with a rank both branches' declared
+/// outputs contradict: ONNX shape inference merges the branches' shapes into the node's.
+fn check_if_ranks(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> {
+    let branch_rank = |name: &str, k: usize| {
+        let g = node.attribute.iter().find(|a| a.name() == name)?.g.as_ref()?;
+        match g.output.get(k)?.r#type.as_ref()?.value.as_ref()? {
+            type_proto::Value::TensorType(t) => Some(t.shape.as_ref()?.dim.len()),
+            _ => None,
+        }
+    };
+    for (k, out) in node.output.iter().enumerate() {
+        let (Some(then_rank), Some(else_rank), Some(&declared)) = (
+            branch_rank("then_branch", k),
+            branch_rank("else_branch", k),
+            ranks.get(out),
+        ) else {
+            continue;
+        };
+        ensure!(
+            then_rank != else_rank || then_rank == declared,
+            "{}: output '{out}' is declared with rank {declared}, but both branches give rank {then_rank}",
+            who(node)
+        );
+    }
+    Ok(())
 }
 
 /// Every value of the graph has one producer: a node output, a graph input or an
