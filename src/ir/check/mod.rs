@@ -173,7 +173,12 @@ fn check_graph(
 /// outputs contradict: ONNX shape inference merges the branches' shapes into the node's.
 fn check_if_ranks(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> {
     let branch_rank = |name: &str, k: usize| {
-        let g = node.attribute.iter().find(|a| a.name() == name)?.g.as_ref()?;
+        let g = node
+            .attribute
+            .iter()
+            .find(|a| a.name() == name)?
+            .g
+            .as_ref()?;
         match g.output.get(k)?.r#type.as_ref()?.value.as_ref()? {
             type_proto::Value::TensorType(t) => Some(t.shape.as_ref()?.dim.len()),
             _ => None,
