@@ -29,10 +29,12 @@ impl Model {
 
     /// Build the IR of a decoded model, after [`check::check_model`] (versions, schemas,
     /// producers) so a model the tool cannot handle is refused before any work. Subgraph nodes
-    /// are put in topological order first ([`crate::ir::subgraph_order`]).
+    /// are put in topological order first ([`crate::ir::subgraph_order`]), and declared dims of
+    /// -1 become unknown ([`unset_minus_one_dims`]).
     pub fn from_proto(mut proto: ModelProto) -> Result<Model> {
         if let Some(g) = proto.graph.as_mut() {
             crate::ir::subgraph_order::sort_subgraphs(g)?;
+            unset_minus_one_dims(g);
         }
         check::check_model(&proto)?;
         let gp = proto
@@ -116,4 +118,34 @@ fn initializers_as_inputs(g: &mut GraphProto) {
         })
         .collect();
     g.input.extend(missing);
+}
+
+/// Declared dims of -1 (how Paddle2ONNX and older tf2onnx write a dynamic dim) become unknown
+/// dims, in every graph: runtimes read them so, but ONNX shape inference compares -1 with the
+/// dim it infers and rejects the model, so an output must not carry them.
+fn unset_minus_one_dims(g: &mut GraphProto) {
+    use crate::onnx::proto::{tensor_shape_proto::dimension::Value as Dim, type_proto};
+    for v in g
+        .input
+        .iter_mut()
+        .chain(&mut g.output)
+        .chain(&mut g.value_info)
+    {
+        if let Some(type_proto::Value::TensorType(t)) =
+            v.r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            for d in t.shape.iter_mut().flat_map(|s| s.dim.iter_mut()) {
+                if d.value == Some(Dim::DimValue(-1)) {
+                    d.value = None;
+                }
+            }
+        }
+    }
+    for node in &mut g.node {
+        for a in &mut node.attribute {
+            for sub in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                unset_minus_one_dims(sub);
+            }
+        }
+    }
 }

@@ -6,7 +6,7 @@
 //! - Each imported opset of a domain with schemas (`""`/`ai.onnx`, `ai.onnx.ml`, the preview
 //!   domains) within the range of the vendored schemas ([`crate::onnx::schema`]).
 //! - The main graph has outputs; within each graph (subgraphs included) every value has one
-//!   producer: a node, a graph input or an initializer; before IR 4 every initializer is also
+//!   producer: a node, a graph input or an initializer, and every graph output has one; before IR 4 every initializer is also
 //!   a graph input.
 //! - Initializers: a defined element type, no negative dims, values in exactly one field, raw
 //!   bytes matching dims x type. Declared graph inputs/outputs: no 0 or negative dims (-1
@@ -202,7 +202,8 @@ fn check_if_ranks(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()
 }
 
 /// Every value of the graph has one producer: a node output, a graph input or an
-/// initializer (an initializer may also be listed as a graph input: it is the default).
+/// initializer (an initializer may also be listed as a graph input: it is the default); every
+/// graph output has one in the graph itself.
 fn check_single_producers(g: &GraphProto) -> Result<()> {
     let mut producer: HashMap<&str, String> = HashMap::new();
     for input in &g.input {
@@ -234,6 +235,14 @@ fn check_single_producers(g: &GraphProto) -> Result<()> {
             }
             producer.insert(out, who(node));
         }
+    }
+    // onnx.checker wants every graph output produced inside its own graph (a subgraph's too).
+    for out in &g.output {
+        ensure!(
+            producer.contains_key(out.name()),
+            "graph output '{}' is not produced in its graph (by a node, an input or an initializer)",
+            out.name()
+        );
     }
     Ok(())
 }
