@@ -682,12 +682,9 @@ fn constants_agree_with_their_declared_types() {
 fn if_branches_give_as_many_outputs_as_the_node() {
     let mut m = if_model(node("Relu", "t", &["x"], &["b"]));
     let iff = &mut m.graph.as_mut().unwrap().node[0];
-    iff.attribute[0]
-        .g
-        .as_mut()
-        .unwrap()
-        .output
-        .push(value_info("x", &[1, 4]));
+    let then = iff.attribute[0].g.as_mut().unwrap();
+    then.node.push(node("Neg", "t2", &["x"], &["b2"]));
+    then.output.push(value_info("b2", &[1, 4]));
     assert_refused(
         m,
         &["node 'if' (If): then_branch has 2 output(s), the node 1"],
@@ -784,4 +781,30 @@ fn before_ir_4_an_output_lists_added_initializers_as_inputs() {
         .map(|i| i.name())
         .collect();
     assert_eq!(inputs, ["x", "extra"]);
+}
+
+#[test]
+fn subgraph_outputs_are_produced_in_their_graph() {
+    // Fuzz (silero-vad): the node giving an If branch's output removed.
+    let mut m = if_model(node("Relu", "t", &["x"], &["b"]));
+    m.graph.as_mut().unwrap().node[0].attribute[0]
+        .g
+        .as_mut()
+        .unwrap()
+        .node
+        .clear();
+    assert_refused(
+        m,
+        &["in attribute 'then_branch' of node 'if' (If): graph output 'b' is not produced in its graph"],
+    );
+}
+
+#[test]
+fn declared_dims_of_minus_one_are_not_written_back() {
+    // Fuzz (mobilenet_v3_small): an output declared [1, -1] where shape inference knows 1000.
+    let mut m = single("Relu");
+    m.graph.as_mut().unwrap().output[0] = value_info("y", &[1, -1]);
+    let out = Model::from_proto(m).unwrap().to_proto().unwrap();
+    let declared = format!("{:?}", out.graph.as_ref().unwrap().output[0]);
+    assert!(!declared.contains("DimValue(-1)"), "{declared}");
 }
