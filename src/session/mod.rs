@@ -12,6 +12,7 @@
 //! Invariants: the input file is never overwritten unless `force`; nothing is written when
 //! a step before saving fails; with `no_write_on_fail` and a failed gate nothing is written.
 
+mod branch_shapes;
 pub mod data;
 pub mod gate;
 pub mod inspect;

@@ -266,8 +266,9 @@ pub fn keep_float(ctx: &mut PassContext, model: &Model, found: &[NonFinite]) {
     }
 }
 
-/// Graph outputs and main-graph `value_info` whose declared rank (or fixed dims) contradict
-/// what the graph computes, as
+/// Graph outputs and `value_info` (main graph and `If` branches,
+/// [`super::branch_shapes`]) whose declared rank (or fixed dims) contradict what the graph
+/// computes, as
 /// tract infers it (`proto` is the model as loaded): ONNX shape inference rejects such a model,
 /// so its output would be rejected too. Only ranks and dims both sides know are compared.
 pub fn check_declared_outputs(
@@ -304,6 +305,19 @@ pub fn check_declared_outputs(
         .iter()
         .map(|v| ("graph output", v))
         .chain(value_info.map(|v| ("value_info", v)));
+    compare_declared(declared_values, &inferred, dims_known)?;
+    if let Some(graph) = &proto.graph {
+        super::branch_shapes::check_if_branches(proto, graph, &inferred, &HashMap::new())?;
+    }
+    Ok(())
+}
+
+/// Declared values whose rank (or, when `dims_known`, a fixed dim) contradicts `inferred`.
+pub(super) fn compare_declared<'a>(
+    declared_values: impl Iterator<Item = (&'static str, &'a crate::onnx::proto::ValueInfoProto)>,
+    inferred: &[crate::runtime::ValueShape],
+    dims_known: bool,
+) -> Result<()> {
     for (kind, out) in declared_values {
         let Some(type_proto::Value::TensorType(tt)) =
             out.r#type.as_ref().and_then(|t| t.value.as_ref())
