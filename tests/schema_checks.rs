@@ -808,3 +808,30 @@ fn declared_dims_of_minus_one_are_not_written_back() {
     let declared = format!("{:?}", out.graph.as_ref().unwrap().output[0]);
     assert!(!declared.contains("DimValue(-1)"), "{declared}");
 }
+
+#[test]
+fn cli_refuses_if_branch_shapes_the_branch_does_not_compute() {
+    // Fuzz seed 8 case 151: a branch output declared with other dims than its nodes give.
+    let mut m = if_model(node("Relu", "t", &["x"], &["b"]));
+    m.graph.as_mut().unwrap().node[0].attribute[0]
+        .g
+        .as_mut()
+        .unwrap()
+        .output = vec![value_info("b", &[1, 5])];
+    let dir = tempfile::tempdir().unwrap();
+    let input = write(dir.path(), "branch.onnx", &m);
+    let out = dir.path().join("out.onnx");
+    let (code, _, err) = run(&[
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-validate",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("in attribute 'then_branch' of node 'if' (If): graph output 'b' is declared [1, 5] but the graph computes [1, 4]"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

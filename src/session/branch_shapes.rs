@@ -149,9 +149,8 @@ fn value_info(name: &str, elem: i32, shape: &[Option<usize>]) -> ValueInfoProto 
                     dim: shape
                         .iter()
                         .map(|d| tensor_shape_proto::Dimension {
-                            value: d.map(|d| {
-                                tensor_shape_proto::dimension::Value::DimValue(d as i64)
-                            }),
+                            value: d
+                                .map(|d| tensor_shape_proto::dimension::Value::DimValue(d as i64)),
                             ..Default::default()
                         })
                         .collect(),
