@@ -181,7 +181,7 @@ fn output_types(
         let from_schema = param.and_then(|p| {
             p.type_param
                 .and_then(|t| bound.get(t).copied())
-                .or_else(|| match p.allowed.as_deref() {
+                .or(match p.allowed.as_deref() {
                     Some([only]) => Some(*only),
                     _ => None,
                 })
