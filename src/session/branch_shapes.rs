@@ -14,16 +14,17 @@
 //! Values the branch reads from enclosing graphs become its inputs, typed and shaped as the
 //! enclosing graph's analysis says (or initializers, copied). Nested `If`s are analysed the same
 //! way inside the branch model. Best effort: a branch that reads a value of unknown type, or
-//! that tract cannot analyse, is left alone. Comparison rules: [`super::preflight`]'s
-//! `compare_declared` (ranks always, dims when every input dim is known).
+//! that tract cannot analyse, is left alone. Comparison rules: [`compare_declared`] (ranks
+//! always, dims when every input dim is known), which the main graph's check in
+//! [`super::preflight`] uses too.
 
-use super::preflight::compare_declared;
+use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
 use crate::onnx::proto::{
     tensor_shape_proto, type_proto, GraphProto, ModelProto, NodeProto, TensorProto,
     TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use crate::runtime::ValueShape;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::collections::{HashMap, HashSet};
 
 /// Check every `If` branch of `graph` (see the module docs). `outer` holds the analysed
@@ -160,4 +161,60 @@ fn value_info(name: &str, elem: i32, shape: &[Option<usize>]) -> ValueInfoProto 
         }),
         ..Default::default()
     }
+}
+
+/// Declared values whose rank (or, when `dims_known`, a fixed dim) contradicts `inferred`.
+pub(super) fn compare_declared<'a>(
+    declared_values: impl Iterator<Item = (&'static str, &'a crate::onnx::proto::ValueInfoProto)>,
+    inferred: &[crate::runtime::ValueShape],
+    dims_known: bool,
+) -> Result<()> {
+    for (kind, out) in declared_values {
+        let Some(type_proto::Value::TensorType(tt)) =
+            out.r#type.as_ref().and_then(|t| t.value.as_ref())
+        else {
+            continue;
+        };
+        let Some(declared) = &tt.shape else { continue };
+        let Some(computed) = inferred
+            .iter()
+            .find(|v| v.name == out.name())
+            .and_then(|v| v.shape.clone())
+        else {
+            continue;
+        };
+        let show = |d: &[Option<i64>]| {
+            d.iter()
+                .map(|x| x.map_or("?".to_string(), |v| v.to_string()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let declared: Vec<Option<i64>> = declared
+            .dim
+            .iter()
+            .map(|d| match d.value {
+                // -1 is some exporters' way to write an unknown dim.
+                Some(Dim::DimValue(v)) if v >= 0 => Some(v),
+                _ => None,
+            })
+            .collect();
+        let computed: Vec<Option<i64>> = computed.iter().map(|d| d.map(|v| v as i64)).collect();
+        // A declared symbolic dim matches anything. Tract pins symbolic input dims to 1, so
+        // computed dims are compared only when every input dim is known.
+        let contradicts = declared.len() != computed.len()
+            || (dims_known
+                && declared
+                    .iter()
+                    .zip(&computed)
+                    .any(|(d, c)| matches!((d, c), (Some(d), Some(c)) if d != c)));
+        if contradicts {
+            bail!(
+                "{kind} '{}' is declared [{}] but the graph computes [{}]: ONNX shape inference (and every runtime) rejects the model",
+                out.name(),
+                show(&declared),
+                show(&computed)
+            );
+        }
+    }
+    Ok(())
 }
