@@ -13,8 +13,11 @@ formal parameter (`s` single, `o` optional, `v` variadic), `-` when there are no
 Each ATTR is `name:TYPE` with TYPE an AttributeProto type name, `!` appended when required.
   types DOMAIN NAME SINCE PARAM...          element types each input formal parameter accepts
 follows every op record. Each PARAM is `TYPESTR|CODES`: TYPESTR the schema's type parameter
-(inputs sharing one must share an element type) or `_` for a fixed type; CODES the accepted
+(inputs sharing one must share an element type) or `_` for a fixed type or a heterogeneous
+variadic (Loop's carried values: each has its own type); CODES the accepted
 TensorProto.DataType codes, comma-separated, or `*` when non-tensor types are accepted too.
+  otypes DOMAIN NAME SINCE PARAM...         the same for each output formal parameter
+follows the types record (an output sharing an input's type parameter has that input's type).
 """
 import onnx
 import onnx.defs as defs
@@ -45,12 +48,17 @@ def elem_code(type_name):
         return None
 
 
-def input_types(schema, param):
+def param_types(schema, param):
     constraints = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
     if param.type_str in constraints:
         name, allowed = param.type_str, constraints[param.type_str]
     else:
         name, allowed = "_", [param.type_str]
+    heterogeneous = (
+        param.option == defs.OpSchema.FormalParameterOption.Variadic and not param.is_homogeneous
+    )
+    if heterogeneous:
+        name = "_"  # each value of a heterogeneous variadic (Loop's V) has its own type
     codes = [elem_code(t) for t in allowed]
     if not codes or any(c is None for c in codes):
         return f"{name}|*"
@@ -84,7 +92,8 @@ def main():
             options(s.outputs),
         ] + attrs
         print(" ".join(fields))
-        print(" ".join(["types", s.domain or "-", s.name, str(s.since_version)] + [input_types(s, p) for p in s.inputs]))
+        print(" ".join(["types", s.domain or "-", s.name, str(s.since_version)] + [param_types(s, p) for p in s.inputs]))
+        print(" ".join(["otypes", s.domain or "-", s.name, str(s.since_version)] + [param_types(s, p) for p in s.outputs]))
 
 
 if __name__ == "__main__":

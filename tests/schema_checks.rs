@@ -596,3 +596,242 @@ fn input_element_types_follow_the_op_type_constraints() {
         "{msg}"
     );
 }
+
+/// `v` with element type `elem` instead of float.
+fn typed(
+    mut v: onnx_compress::onnx::proto::ValueInfoProto,
+    elem: i32,
+) -> onnx_compress::onnx::proto::ValueInfoProto {
+    use onnx_compress::onnx::proto::type_proto;
+    if let Some(type_proto::Value::TensorType(t)) = v.r#type.as_mut().and_then(|t| t.value.as_mut())
+    {
+        t.elem_type = Some(elem);
+    }
+    v
+}
+
+#[test]
+fn element_types_are_inferred_over_node_outputs() {
+    // Fuzz seed 6: a DequantizeLinear swapped in reads a node output that is float.
+    let m = model(
+        vec![
+            node("Relu", "r", &["x"], &["h"]),
+            node("DequantizeLinear", "dq", &["h", "s"], &["y"]),
+        ],
+        vec![value_info("x", &[2])],
+        vec![value_info("y", &[2])],
+        vec![f32_tensor("s", &[], 1)],
+    );
+    assert_refused(m, &["node 'dq' (DequantizeLinear): input 0 'h' is float"]);
+    // A declared output type the graph does not compute (Shape gives int64).
+    let mut shape = single("Shape");
+    shape.graph.as_mut().unwrap().output[0] = value_info("y", &[2]);
+    assert_refused(
+        shape,
+        &["node 'n' (Shape): output 'y' is int64, but its graph output declares float"],
+    );
+    let mut cast = single("Cast");
+    cast.graph.as_mut().unwrap().node[0]
+        .attribute
+        .push(op::attr_int("to", 7));
+    cast.graph.as_mut().unwrap().output[0] = typed(value_info("y", &[1, 4]), 7);
+    Model::from_proto(cast.clone()).unwrap();
+    cast.graph.as_mut().unwrap().value_info = vec![typed(value_info("y", &[1, 4]), 6)];
+    assert_refused(cast, &["output 'y' is int64", "declares int32"]);
+}
+
+#[test]
+fn element_types_are_inferred_through_if_branches() {
+    // The else branch casts to int64 but its output is declared float (fuzz: silero-vad).
+    let mut cast = node("Cast", "e", &["x"], &["b"]);
+    cast.attribute.push(op::attr_int("to", 7));
+    let mut m = if_model(node("Relu", "t", &["x"], &["b"]));
+    let iff = &mut m.graph.as_mut().unwrap().node[0];
+    iff.attribute[1].g.as_mut().unwrap().node = vec![cast];
+    assert_refused(
+        m.clone(),
+        &[
+            "in attribute 'else_branch' of node 'if' (If)",
+            "output 'b' is int64",
+        ],
+    );
+    // Both branches consistent but in disagreement with each other.
+    let iff = &mut m.graph.as_mut().unwrap().node[0];
+    iff.attribute[1].g.as_mut().unwrap().output = vec![typed(value_info("b", &[1, 4]), 7)];
+    assert_refused(
+        m,
+        &["node 'if' (If): output 0 is float in then_branch but int64 in else_branch"],
+    );
+}
+
+#[test]
+fn constants_agree_with_their_declared_types() {
+    let mut m = conv_relu();
+    let w = m.graph.as_ref().unwrap().initializer[0].name().to_string();
+    let declared = typed(value_info(&w, &[4, 3, 3, 3]), 7);
+    m.graph.as_mut().unwrap().value_info.push(declared);
+    assert_refused(
+        m,
+        &[&format!(
+            "'{w}' is a float constant, but its value_info declares int64"
+        )],
+    );
+}
+
+#[test]
+fn if_branches_give_as_many_outputs_as_the_node() {
+    let mut m = if_model(node("Relu", "t", &["x"], &["b"]));
+    let iff = &mut m.graph.as_mut().unwrap().node[0];
+    let then = iff.attribute[0].g.as_mut().unwrap();
+    then.node.push(node("Neg", "t2", &["x"], &["b2"]));
+    then.output.push(value_info("b2", &[1, 4]));
+    assert_refused(
+        m,
+        &["node 'if' (If): then_branch has 2 output(s), the node 1"],
+    );
+}
+
+#[test]
+fn if_output_rank_agrees_with_its_branches() {
+    let mut m = if_model(node("Relu", "t", &["x"], &["b"]));
+    m.graph.as_mut().unwrap().output = vec![value_info("y", &[1, 4, 1])];
+    assert_refused(
+        m,
+        &["node 'if' (If): output 'y' is declared with rank 3, but both branches give rank 2"],
+    );
+}
+
+#[test]
+fn unsorted_subgraph_nodes_are_sorted_and_cycles_refused() {
+    // Fuzz (silero-vad): two nodes of an If branch swapped; runtimes sort, onnx.checker does not.
+    let mut m = if_model(node("Relu", "t2", &["h"], &["b"]));
+    let iff = &mut m.graph.as_mut().unwrap().node[0];
+    iff.attribute[0]
+        .g
+        .as_mut()
+        .unwrap()
+        .node
+        .push(node("Neg", "t1", &["x"], &["h"]));
+    let loaded = Model::from_proto(m.clone()).unwrap();
+    let out = loaded.to_proto().unwrap();
+    let then_nodes: Vec<&str> = out.graph.as_ref().unwrap().node[0].attribute[0]
+        .g
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .map(|n| n.name())
+        .collect();
+    assert_eq!(then_nodes, ["t1", "t2"]);
+    let iff = &mut m.graph.as_mut().unwrap().node[0];
+    iff.attribute[0].g.as_mut().unwrap().node[1].input[0] = "b".into();
+    assert_refused(m, &["in subgraph 'branch' is on a cycle"]);
+}
+
+#[test]
+fn window_attribute_lengths_follow_the_weight_when_the_input_rank_is_unknown() {
+    // Fuzz (rapidocr): dilations of 3 values on a 2-D Conv whose input rank nothing declares.
+    let mut m = conv_relu();
+    m.graph.as_mut().unwrap().input[0] = value_info("x", &[]);
+    if let Some(onnx_compress::onnx::proto::type_proto::Value::TensorType(t)) =
+        m.graph.as_mut().unwrap().input[0]
+            .r#type
+            .as_mut()
+            .and_then(|t| t.value.as_mut())
+    {
+        t.shape = None;
+    }
+    Model::from_proto(m.clone()).unwrap();
+    conv(&mut m).attribute.retain(|a| a.name() != "dilations");
+    conv(&mut m)
+        .attribute
+        .push(op::attr_ints("dilations", &[1, 1, 1]));
+    assert_refused(
+        m,
+        &["attribute 'dilations' has 3 values, the weight has 2 spatial dims"],
+    );
+}
+
+#[test]
+fn declared_dim_of_minus_one_reads_as_unknown() {
+    // Paddle2ONNX writes -1 for a dynamic dim (rapidocr's models): onnx.checker and ORT accept it.
+    let mut m = single("Relu");
+    m.graph.as_mut().unwrap().input[0] = value_info("x", &[-1, 4]);
+    Model::from_proto(m.clone()).unwrap();
+    m.graph.as_mut().unwrap().input[0] = value_info("x", &[-2, 4]);
+    assert_refused(m, &["graph input 'x' declares dim 0 = -2"]);
+}
+
+#[test]
+fn before_ir_4_an_output_lists_added_initializers_as_inputs() {
+    let mut m = single("Relu");
+    m.ir_version = Some(3);
+    let mut model = Model::from_proto(m).unwrap();
+    model
+        .graph
+        .initializers
+        .insert("extra".into(), f32_tensor("extra", &[1], 2));
+    let out = model.to_proto().unwrap();
+    let inputs: Vec<&str> = out
+        .graph
+        .as_ref()
+        .unwrap()
+        .input
+        .iter()
+        .map(|i| i.name())
+        .collect();
+    assert_eq!(inputs, ["x", "extra"]);
+}
+
+#[test]
+fn subgraph_outputs_are_produced_in_their_graph() {
+    // Fuzz (silero-vad): the node giving an If branch's output removed.
+    let mut m = if_model(node("Relu", "t", &["x"], &["b"]));
+    m.graph.as_mut().unwrap().node[0].attribute[0]
+        .g
+        .as_mut()
+        .unwrap()
+        .node
+        .clear();
+    assert_refused(
+        m,
+        &["in attribute 'then_branch' of node 'if' (If): graph output 'b' is not produced in its graph"],
+    );
+}
+
+#[test]
+fn declared_dims_of_minus_one_are_not_written_back() {
+    // Fuzz (mobilenet_v3_small): an output declared [1, -1] where shape inference knows 1000.
+    let mut m = single("Relu");
+    m.graph.as_mut().unwrap().output[0] = value_info("y", &[1, -1]);
+    let out = Model::from_proto(m).unwrap().to_proto().unwrap();
+    let declared = format!("{:?}", out.graph.as_ref().unwrap().output[0]);
+    assert!(!declared.contains("DimValue(-1)"), "{declared}");
+}
+
+#[test]
+fn cli_refuses_if_branch_shapes_the_branch_does_not_compute() {
+    // Fuzz seed 8 case 151: a branch output declared with other dims than its nodes give.
+    let mut m = if_model(node("Relu", "t", &["x"], &["b"]));
+    m.graph.as_mut().unwrap().node[0].attribute[0]
+        .g
+        .as_mut()
+        .unwrap()
+        .output = vec![value_info("b", &[1, 5])];
+    let dir = tempfile::tempdir().unwrap();
+    let input = write(dir.path(), "branch.onnx", &m);
+    let out = dir.path().join("out.onnx");
+    let (code, _, err) = run(&[
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-validate",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("in attribute 'then_branch' of node 'if' (If): graph output 'b' is declared [1, 5] but the graph computes [1, 4]"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

@@ -5,6 +5,7 @@ pub mod graph;
 pub mod layer;
 pub mod model;
 pub mod op;
+pub mod subgraph_order;
 
 pub use graph::{Graph, InSlot, Patch, Source};
 pub use model::Model;

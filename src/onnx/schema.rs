@@ -4,7 +4,8 @@
 //! `proto/make_op_schemas.py` (its header names the onnx version) and embedded here, parsed
 //! once on first use. For each (domain, op, since_version) it holds the input/output arity, the
 //! kind of each formal parameter and the attributes with their type and whether they are
-//! required; it also holds the opset range each domain supports.
+//! required, and the element types each input and output formal parameter accepts (type
+//! parameters shared between them); it also holds the opset range each domain supports.
 //!
 //! A node resolves to the schema with the largest `since_version <= ` the model's opset for
 //! the node's domain, which is how ONNX itself versions operators. `"ai.onnx"` is an alias of
@@ -50,13 +51,16 @@ pub struct OpSchema {
     pub attributes: Vec<AttrSchema>,
     /// Per input formal parameter: the element types it accepts.
     pub input_types: Vec<ParamTypes>,
+    /// Per output formal parameter: the element types it may have (an output sharing an
+    /// input's type parameter has that input's type).
+    pub output_types: Vec<ParamTypes>,
 }
 
-/// The element types one input formal parameter accepts.
+/// The element types one formal parameter accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamTypes {
     /// The schema's type parameter (`T`, `T1`...): inputs sharing one share an element type.
-    /// `None` for a fixed type.
+    /// `None` for a fixed type, and for a heterogeneous variadic (Loop's carried values).
     pub type_param: Option<&'static str>,
     /// Accepted `TensorProto.DataType` codes; `None` when non-tensor types are accepted too.
     pub allowed: Option<Vec<i32>>,
@@ -186,6 +190,7 @@ fn parse(text: &'static str) -> Result<Schemas, String> {
                         .collect::<Option<_>>()
                         .ok_or_else(|| bad("attribute"))?,
                     input_types: Vec::new(),
+                    output_types: Vec::new(),
                 };
                 let versions = schemas
                     .ops
@@ -201,7 +206,7 @@ fn parse(text: &'static str) -> Result<Schemas, String> {
                 }
                 versions.push(schema);
             }
-            ["types", d, name, since, params @ ..] => {
+            [record @ ("types" | "otypes"), d, name, since, params @ ..] => {
                 let since: i64 = since.parse().map_err(|_| bad("since_version"))?;
                 let schema = schemas
                     .ops
@@ -210,11 +215,16 @@ fn parse(text: &'static str) -> Result<Schemas, String> {
                     .and_then(|versions| versions.last_mut())
                     .filter(|v| v.since_version == since)
                     .ok_or_else(|| bad("types without its op record"))?;
-                schema.input_types = params
+                let types = params
                     .iter()
                     .map(|p| parse_param_types(p))
                     .collect::<Option<_>>()
-                    .ok_or_else(|| bad("input types"))?;
+                    .ok_or_else(|| bad("parameter types"))?;
+                if *record == "types" {
+                    schema.input_types = types;
+                } else {
+                    schema.output_types = types;
+                }
             }
             _ => return Err(bad("unknown record")),
         }

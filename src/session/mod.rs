@@ -12,6 +12,7 @@
 //! Invariants: the input file is never overwritten unless `force`; nothing is written when
 //! a step before saving fails; with `no_write_on_fail` and a failed gate nothing is written.
 
+mod branch_shapes;
 pub mod data;
 pub mod gate;
 pub mod inspect;
@@ -192,6 +193,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     preflight::check_inputs(&model, &memory_plan(opts))?;
     let corrected_outputs =
         preflight::correct_declared_outputs(&mut model, &original, &opts.input_shapes)?;
+    preflight::check_declared_outputs(&model, &original, &opts.input_shapes)?;
     let shapes_before = value_shapes(&model, &original, &opts.input_shapes);
     preflight::check_values(&model, &shapes_before, &opts.memory)?;
     let stats_before = model_stats(&model, &shapes_before);

@@ -290,7 +290,7 @@ pub fn correct_declared_outputs(
         Some(type_proto::Value::TensorType(tt)) => tt.shape.as_ref().is_some_and(|s| {
             s.dim
                 .iter()
-                .all(|d| matches!(d.value, Some(Dim::DimValue(_))))
+                .all(|d| matches!(d.value, Some(Dim::DimValue(v)) if v >= 0))
         }),
         _ => false,
     };
@@ -307,7 +307,7 @@ pub fn correct_declared_outputs(
         else {
             continue;
         };
-        let Some(declared) = &mut tt.shape else { continue };
+        let Some(declared_shape) = &mut tt.shape else { continue };
         let Some(computed) = inferred
             .iter()
             .find(|v| v.name == name)
@@ -321,7 +321,7 @@ pub fn correct_declared_outputs(
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let declared: Vec<Option<i64>> = declared
+        let declared: Vec<Option<i64>> = declared_shape
             .dim
             .iter()
             .map(|d| match d.value {
@@ -351,7 +351,7 @@ pub fn correct_declared_outputs(
                 show(&computed),
                 show(&corrected)
             ));
-            declared.dim = corrected
+            declared_shape.dim = corrected
                 .iter()
                 .map(|c| crate::onnx::proto::tensor_shape_proto::Dimension {
                     value: c.map(Dim::DimValue),
@@ -361,4 +361,50 @@ pub fn correct_declared_outputs(
         }
     }
     Ok(notes)
+}
+
+/// Graph outputs and `value_info` (main graph and `If` branches,
+/// [`super::branch_shapes`]) whose declared rank (or fixed dims) contradict what the graph
+/// computes, as
+/// tract infers it (`proto` is the model as loaded): ONNX shape inference rejects such a model,
+/// so its output would be rejected too. Only ranks and dims both sides know are compared.
+pub fn check_declared_outputs(
+    model: &Model,
+    proto: &crate::onnx::proto::ModelProto,
+    input_shapes: &[(String, Vec<usize>)],
+) -> Result<()> {
+    let Ok(inferred) = crate::runtime::infer_value_shapes(proto, input_shapes) else {
+        // A model tract cannot analyse keeps its declarations; later stages report it.
+        return Ok(());
+    };
+    let fixed = |v: &crate::onnx::proto::ValueInfoProto| match v
+        .r#type
+        .as_ref()
+        .and_then(|t| t.value.as_ref())
+    {
+        Some(type_proto::Value::TensorType(tt)) => tt.shape.as_ref().is_some_and(|s| {
+            s.dim
+                .iter()
+                .all(|d| matches!(d.value, Some(Dim::DimValue(v)) if v >= 0))
+        }),
+        _ => false,
+    };
+    let dims_known = model
+        .graph
+        .inputs
+        .iter()
+        .filter(|i| !model.graph.initializers.contains_key(i.name()))
+        .all(|i| fixed(i) || input_shapes.iter().any(|(n, _)| n == i.name()));
+    let value_info = proto.graph.iter().flat_map(|g| &g.value_info);
+    let declared_values = model
+        .graph
+        .outputs
+        .iter()
+        .map(|v| ("graph output", v))
+        .chain(value_info.map(|v| ("value_info", v)));
+    super::branch_shapes::compare_declared(declared_values, &inferred, dims_known)?;
+    if let Some(graph) = &proto.graph {
+        super::branch_shapes::check_if_branches(proto, graph, &inferred, &HashMap::new())?;
+    }
+    Ok(())
 }

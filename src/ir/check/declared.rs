@@ -1,7 +1,8 @@
 //! Load-time checks of what a graph states about its tensors, which ONNX shape and type
 //! inference (and so every runtime) would reject: initializer payloads (a defined element type,
 //! no negative dims, values in exactly one field, raw bytes matching dims x type), declared graph
-//! input/output dims (none 0 or negative; a declared constant has its dims), and the element
+//! input/output dims (none 0 or negative but -1, which some exporters write for an unknown dim;
+//! a declared constant has its dims), and the element
 //! types the graph states for its values ([`stated_types`]) against each op's type
 //! constraints ([`check_input_types`]).
 
@@ -69,9 +70,6 @@ pub(super) fn check_initializers(g: &GraphProto) -> Result<()> {
     Ok(())
 }
 
-/// Declared graph inputs and outputs have no empty (0) dims, and a declared value that is an
-/// initializer has the initializer's rank and dims: ONNX shape inference (and so every
-/// runtime) rejects a model that contradicts itself there.
 /// The tensors a graph fixes by name: initializers and standard `Constant` nodes' `value`.
 pub(super) fn graph_constants(g: &GraphProto) -> HashMap<&str, &TensorProto> {
     let mut constants: HashMap<&str, &TensorProto> =
@@ -87,6 +85,10 @@ pub(super) fn graph_constants(g: &GraphProto) -> HashMap<&str, &TensorProto> {
     constants
 }
 
+/// Declared graph inputs and outputs have no empty (0) or negative dims (but -1, an unknown
+/// dim), and a declared value (value_info too) that is an
+/// initializer has the initializer's rank and dims: ONNX shape inference (and so every
+/// runtime) rejects a model that contradicts itself there.
 pub(super) fn check_declared_shapes(g: &GraphProto) -> Result<()> {
     use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
     // Values whose dims the graph fixes.
@@ -94,8 +96,9 @@ pub(super) fn check_declared_shapes(g: &GraphProto) -> Result<()> {
     for (kind, v) in g
         .input
         .iter()
-        .map(|v| ("input", v))
-        .chain(g.output.iter().map(|v| ("output", v)))
+        .map(|v| ("graph input", v))
+        .chain(g.output.iter().map(|v| ("graph output", v)))
+        .chain(g.value_info.iter().map(|v| ("value_info", v)))
     {
         let Some(type_proto::Value::TensorType(tt)) =
             v.r#type.as_ref().and_then(|t| t.value.as_ref())
@@ -111,9 +114,13 @@ pub(super) fn check_declared_shapes(g: &GraphProto) -> Result<()> {
                 _ => None,
             })
             .collect();
-        if let Some(k) = dims.iter().position(|d| matches!(d, Some(x) if *x <= 0)) {
+        // -1 is how some exporters (Paddle2ONNX, older tf2onnx) write an unknown dim;
+        // onnx.checker and runtimes read it so, and so does the IR (a symbolic dim).
+        let dims: Vec<Option<i64>> = dims.into_iter().map(|d| d.filter(|&x| x != -1)).collect();
+        let empty_or_negative = dims.iter().position(|d| matches!(d, Some(x) if *x <= 0));
+        if let (Some(k), false) = (empty_or_negative, kind == "value_info") {
             bail!(
-                "graph {kind} '{}' declares dim {k} = {}: an empty or negative dimension",
+                "{kind} '{}' declares dim {k} = {}: an empty or negative dimension",
                 v.name(),
                 dims[k].unwrap_or(0)
             );
@@ -126,7 +133,7 @@ pub(super) fn check_declared_shapes(g: &GraphProto) -> Result<()> {
                     .all(|(d, &n)| d.is_none_or(|d| d == n));
             ensure!(
                 matches,
-                "graph {kind} '{}' is declared with shape {:?}, but it is a constant of dims {:?}",
+                "{kind} '{}' is declared with shape {:?}, but it is a constant of dims {:?}",
                 v.name(),
                 dims.iter()
                     .map(|d| d.map_or("?".to_string(), |x| x.to_string()))

@@ -6,12 +6,15 @@
 //! - Each imported opset of a domain with schemas (`""`/`ai.onnx`, `ai.onnx.ml`, the preview
 //!   domains) within the range of the vendored schemas ([`crate::onnx::schema`]).
 //! - The main graph has outputs; within each graph (subgraphs included) every value has one
-//!   producer: a node, a graph input or an initializer; before IR 4 every initializer is also
+//!   producer: a node, a graph input or an initializer, and every graph output has one; before IR 4 every initializer is also
 //!   a graph input.
 //! - Initializers: a defined element type, no negative dims, values in exactly one field, raw
-//!   bytes matching dims x type. Declared graph inputs/outputs: no 0 or negative dims, and a
-//!   declared value that is a constant has its dims. Inputs whose element type the graph
-//!   states (graph inputs, initializers, constants) match the op's type constraints.
+//!   bytes matching dims x type. Declared graph inputs/outputs: no 0 or negative dims (-1
+//!   reads as unknown), and a declared value that is a constant has its dims.
+//! - Element types ([`types`]): inferred over every node's outputs, through subgraphs, equal
+//!   to what `value_info` and graph outputs declare; every input's known type matches the
+//!   op's type constraints (shared type parameters agree). An `If` output's declared rank
+//!   agrees with its branches' when they agree.
 //! - Every node's domain is imported (custom domains too); op_type is not empty.
 //! - Every node of a domain with schemas, in every graph: the op exists at the model's opset
 //!   (and is not deprecated there); input and output counts in the schema's range, required
@@ -33,9 +36,9 @@ use anyhow::{bail, ensure, Context, Result};
 use std::collections::{HashMap, HashSet};
 
 mod declared;
-use declared::{
-    check_declared_shapes, check_initializers, check_input_types, graph_constants, stated_types,
-};
+mod types;
+use declared::{check_declared_shapes, check_initializers, check_input_types, graph_constants};
+use types::ValueTypes;
 
 /// Check a model; see the module docs for what is checked.
 pub fn check_model(model: &ModelProto) -> Result<()> {
@@ -68,7 +71,8 @@ pub fn check_model(model: &ModelProto) -> Result<()> {
             .collect(),
         ir_version: ir,
     };
-    check_graph(&ctx, graph, &HashMap::new())
+    check_graph(&ctx, graph, &HashMap::new(), &HashMap::new())?;
+    Ok(())
 }
 
 struct Ctx {
@@ -122,9 +126,15 @@ fn who(node: &NodeProto) -> String {
     format!("node '{}' ({})", op::node_label(node), node.op_type())
 }
 
-/// Check one graph and its subgraphs. `outer_ranks` holds the declared ranks of values
-/// visible from enclosing graphs.
-fn check_graph(ctx: &Ctx, g: &GraphProto, outer_ranks: &HashMap<String, usize>) -> Result<()> {
+/// Check one graph and its subgraphs. `outer_ranks` and `outer_types` hold the declared ranks
+/// and known element types of values visible from enclosing graphs. Returns the element types
+/// of the graph's outputs, where known.
+fn check_graph(
+    ctx: &Ctx,
+    g: &GraphProto,
+    outer_ranks: &HashMap<String, usize>,
+    outer_types: &HashMap<String, i32>,
+) -> Result<Vec<Option<i32>>> {
     check_single_producers(g)?;
     check_initializers(g)?;
     check_declared_shapes(g)?;
@@ -140,21 +150,60 @@ fn check_graph(ctx: &Ctx, g: &GraphProto, outer_ranks: &HashMap<String, usize>) 
         }
     }
     let ranks = declared_ranks(g, outer_ranks);
-    let types = stated_types(g);
+    let mut types = ValueTypes::new(g, outer_types)?;
     for node in &g.node {
-        check_node(ctx, node, &ranks, &types)?;
+        let mut subgraph_outputs = HashMap::new();
         for a in &node.attribute {
             for sub in a.g.iter().chain(&a.graphs) {
-                check_graph(ctx, sub, &ranks)
+                let outputs = check_graph(ctx, sub, &ranks, &types.known)
                     .with_context(|| format!("in attribute '{}' of {}", a.name(), who(node)))?;
+                subgraph_outputs.insert(a.name().to_string(), outputs);
             }
         }
+        let schema = check_node(ctx, node, &ranks, &types.known)?;
+        if node.op_type() == "If" && schema.is_some() {
+            check_if_ranks(node, &ranks)?;
+        }
+        types.add_node(node, schema, &subgraph_outputs)?;
+    }
+    Ok(types.outputs(g))
+}
+
+/// An `If` output declared (value_info, graph output) with a rank both branches' declared
+/// outputs contradict: ONNX shape inference merges the branches' shapes into the node's.
+fn check_if_ranks(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> {
+    let branch_rank = |name: &str, k: usize| {
+        let g = node
+            .attribute
+            .iter()
+            .find(|a| a.name() == name)?
+            .g
+            .as_ref()?;
+        match g.output.get(k)?.r#type.as_ref()?.value.as_ref()? {
+            type_proto::Value::TensorType(t) => Some(t.shape.as_ref()?.dim.len()),
+            _ => None,
+        }
+    };
+    for (k, out) in node.output.iter().enumerate() {
+        let (Some(then_rank), Some(else_rank), Some(&declared)) = (
+            branch_rank("then_branch", k),
+            branch_rank("else_branch", k),
+            ranks.get(out),
+        ) else {
+            continue;
+        };
+        ensure!(
+            then_rank != else_rank || then_rank == declared,
+            "{}: output '{out}' is declared with rank {declared}, but both branches give rank {then_rank}",
+            who(node)
+        );
     }
     Ok(())
 }
 
 /// Every value of the graph has one producer: a node output, a graph input or an
-/// initializer (an initializer may also be listed as a graph input: it is the default).
+/// initializer (an initializer may also be listed as a graph input: it is the default); every
+/// graph output has one in the graph itself.
 fn check_single_producers(g: &GraphProto) -> Result<()> {
     let mut producer: HashMap<&str, String> = HashMap::new();
     for input in &g.input {
@@ -187,6 +236,14 @@ fn check_single_producers(g: &GraphProto) -> Result<()> {
             producer.insert(out, who(node));
         }
     }
+    // onnx.checker wants every graph output produced inside its own graph (a subgraph's too).
+    for out in &g.output {
+        ensure!(
+            producer.contains_key(out.name()),
+            "graph output '{}' is not produced in its graph (by a node, an input or an initializer)",
+            out.name()
+        );
+    }
     Ok(())
 }
 
@@ -209,12 +266,14 @@ fn declared_ranks(g: &GraphProto, outer: &HashMap<String, usize>) -> HashMap<Str
     ranks
 }
 
+/// Check one node; returns its op's schema when it has one (a standard domain's op, not a
+/// model-local function).
 fn check_node(
     ctx: &Ctx,
     node: &NodeProto,
     ranks: &HashMap<String, usize>,
     types: &HashMap<String, i32>,
-) -> Result<()> {
+) -> Result<Option<&'static OpSchema>> {
     let schemas = schema::schemas();
     let domain = canonical_domain(node.domain());
     let op = node.op_type();
@@ -232,7 +291,7 @@ fn check_node(
             .functions
             .contains(&(domain.to_string(), op.to_string()))
     {
-        return Ok(());
+        return Ok(None);
     }
     let Some(opset) = ctx.opset(domain) else {
         bail!(
@@ -261,7 +320,8 @@ fn check_node(
     check_counts(node, schema)?;
     check_attributes(node, schema)?;
     check_input_types(node, schema, types)?;
-    check_values(node, ranks)
+    check_values(node, ranks)?;
+    Ok(Some(schema))
 }
 
 fn range_text((lo, hi): (usize, usize)) -> String {
@@ -486,7 +546,22 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
                 fail(format!("attribute 'group' is {group}, must be >= 1"))
             );
         }
-        let spatial = rank.filter(|&r| r >= 2).map(|r| r - 2);
+        // The spatial rank from input 0, else from the weight's rank, else from kernel_shape.
+        let weight = match op {
+            "Conv" | "ConvTranspose" | "ConvInteger" => Some(1),
+            "QLinearConv" => Some(3),
+            _ => None,
+        };
+        let weight_rank = weight
+            .and_then(|k| node.input.get(k))
+            .and_then(|w| ranks.get(w).copied());
+        let kernel = node.attr_ints("kernel_shape")?.map(|k| k.len() + 2);
+        let (spatial, source) = match (rank, weight_rank, kernel) {
+            (Some(r), _, _) => (Some(r), "input 0"),
+            (None, Some(r), _) => (Some(r), "the weight"),
+            (None, None, k) => (k, "kernel_shape"),
+        };
+        let spatial = spatial.filter(|&r| r >= 2).map(|r| r - 2);
         for (name, min, per_dim) in [
             ("kernel_shape", 1, 1),
             ("strides", 1, 1),
@@ -506,7 +581,7 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
                 ensure!(
                     values.len() == spatial * per_dim,
                     fail(format!(
-                        "attribute '{name}' has {} values, input 0 has {spatial} spatial dims (expected {})",
+                        "attribute '{name}' has {} values, {source} has {spatial} spatial dims (expected {})",
                         values.len(),
                         spatial * per_dim
                     ))
