@@ -300,6 +300,14 @@ pub fn correct_declared_outputs(
         .iter()
         .filter(|i| !model.graph.initializers.contains_key(i.name()))
         .all(|i| fixed(i) || input_shapes.iter().any(|(n, _)| n == i.name()));
+    // Dims computed from `--input-shape` hold for that shape only: declared as values only
+    // when the model itself fixes every input.
+    let declared_inputs_fixed = model
+        .graph
+        .inputs
+        .iter()
+        .filter(|i| !model.graph.initializers.contains_key(i.name()))
+        .all(fixed);
     for out in model.graph.outputs.iter_mut() {
         let name = out.name().to_string();
         let Some(type_proto::Value::TensorType(tt)) =
@@ -343,7 +351,7 @@ pub fn correct_declared_outputs(
             // with every input known are declared as values.
             let corrected: Vec<Option<i64>> = computed
                 .iter()
-                .map(|c| c.filter(|_| dims_known))
+                .map(|c| c.filter(|_| dims_known && declared_inputs_fixed))
                 .collect();
             notes.push(format!(
                 "graph output '{name}' is declared [{}] but the graph computes [{}]: declared [{}] in the output (ONNX shape inference rejects the contradiction)",
