@@ -260,9 +260,22 @@ def make_ocr_rec(d, n_calib, n_eval):
                     "rapidocr preprocessing 3x48x320"}
 
 
+def negative_dims_to_named(src, dst):
+    import onnx
+    m = onnx.load(src)
+    for v in list(m.graph.input) + list(m.graph.output):
+        for i, dim in enumerate(v.type.tensor_type.shape.dim):
+            if dim.WhichOneof("value") == "dim_value" and dim.dim_value < 1:
+                dim.dim_param = "batch" if i == 0 else f"dim{i}"
+    onnx.save(m, dst)
+
+
 def make_ocr_cls(d, n_calib, n_eval):
-    shutil.copy(os.path.join(rapidocr_dir(), "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
-                os.path.join(d, "model.onnx"))
+    # paddle2onnx declares the dynamic batch as dim_value -1 (ONNX Runtime reads it as unknown,
+    # onnx-compress refuses it): model.onnx has it as a named dim, model.orig.onnx is untouched
+    src = os.path.join(rapidocr_dir(), "ch_ppocr_mobile_v2.0_cls_infer.onnx")
+    shutil.copy(src, os.path.join(d, "model.orig.onnx"))
+    negative_dims_to_named(src, os.path.join(d, "model.onnx"))
     rng = np.random.default_rng(500)
     def lines(n):
         ys, xs = [], []
@@ -283,7 +296,8 @@ def make_ocr_cls(d, n_calib, n_eval):
     np.save(os.path.join(d, "labels.npy"), ys)
     return {"task": "classifier", "input": "x", "input_shape": "x:1x3x48x192",
             "batch_dynamic": True,
-            "source": "rapidocr_onnxruntime ch_ppocr_mobile_v2.0_cls_infer.onnx (trained)",
+            "source": "rapidocr_onnxruntime ch_ppocr_mobile_v2.0_cls_infer.onnx (trained; "
+                      "declared batch dim -1 renamed to a symbolic dim)",
             "data": f"rendered text lines rotated 0/180 (label 0/1), {n_calib} calib / {n_eval} "
                     "eval, rapidocr preprocessing 3x48x192"}
 
@@ -358,7 +372,7 @@ def make_ddddocr(d, n_calib, n_eval):
         json.dump(charset, f, ensure_ascii=False)
     return {"task": "ctc_rec", "input": "input1", "input_shape": "input1:1x1x64x160",
             "batch_dynamic": False, "charset": "charset.json", "blank": 0,
-            "append_space": False, "seq_major": True,
+            "append_space": False, "seq_major": True, "case_insensitive": True,
             "source": "ddddocr common.onnx (trained, beta charset); output logits (T,1,C)",
             "data": f"rendered 4-6 char alnum strings, {n_calib} calib / {n_eval} eval, "
                     "gray 1x64x160 /255"}
