@@ -337,11 +337,23 @@ def make_ocr_det(d, calib_photos, eval_photos, n_calib, n_eval):
             "data": f"rendered 480x640 pages, {n_calib} calib / {n_eval} eval, (x/255-0.5)/0.5"}
 
 
+def drop_output_shapes(src, dst):
+    import onnx
+    m = onnx.load(src)
+    for v in m.graph.output:
+        v.type.tensor_type.ClearField("shape")
+    onnx.save(m, dst)
+
+
 def make_ddddocr(d, n_calib, n_eval):
     import ddddocr
     from ddddocr.models.charset_manager import CharsetManager
-    shutil.copy(os.path.join(os.path.dirname(ddddocr.__file__), "common.onnx"),
-                os.path.join(d, "model.onnx"))
+    # common.onnx declares its output [1, seqlen] but computes logits (seqlen, 1, classes):
+    # ONNX Runtime only warns, onnx-compress refuses. model.onnx drops the wrong declared output
+    # shape (element type kept); model.orig.onnx is untouched
+    src = os.path.join(os.path.dirname(ddddocr.__file__), "common.onnx")
+    shutil.copy(src, os.path.join(d, "model.orig.onnx"))
+    drop_output_shapes(src, os.path.join(d, "model.onnx"))
     cm = CharsetManager()
     cm.load_default_charset(beta=True)  # common.onnx is ddddocr's beta model
     charset = cm.get_charset()
@@ -373,7 +385,8 @@ def make_ddddocr(d, n_calib, n_eval):
     return {"task": "ctc_rec", "input": "input1", "input_shape": "input1:1x1x64x160",
             "batch_dynamic": False, "charset": "charset.json", "blank": 0,
             "append_space": False, "seq_major": True, "case_insensitive": True,
-            "source": "ddddocr common.onnx (trained, beta charset); output logits (T,1,C)",
+            "source": "ddddocr common.onnx (trained, beta charset; wrong declared output "
+                      "shape dropped); output logits (T,1,C)",
             "data": f"rendered 4-6 char alnum strings, {n_calib} calib / {n_eval} eval, "
                     "gray 1x64x160 /255"}
 
