@@ -188,7 +188,7 @@ def bench_model(a, name, d):
         if os.path.exists(dst):
             os.remove(dst)
         wall, err = run_tool(cmd, a.timeout)
-        m = {"wall_s": wall, "cmd": " ".join(cmd)}
+        m = {"wall_s": wall, "load_avg_1min": os.getloadavg()[0], "cmd": " ".join(cmd)}
         if err is None:
             try:
                 m.update(task.metrics(run_outputs(dst, ev, seq_major), ref))
@@ -296,8 +296,8 @@ def main():
             results = {r["model"]: r for r in json.load(f)}
     names = sorted(n for n in os.listdir(a.zoo)
                    if os.path.isfile(os.path.join(a.zoo, n, "meta.json")))
-    if a.only:
-        names = [n for n in names if n in a.only.split(",")]
+    if a.only:  # in the order given
+        names = [n for n in a.only.split(",") if n in names]
     if not a.table_only:
         for name in names:
             print(f"== {name}", file=sys.stderr, flush=True)
