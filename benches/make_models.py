@@ -105,8 +105,10 @@ TV = ["resnet18", "resnet50", "regnet_x_400mf", "squeezenet1_1", "mobilenet_v2",
 def build_tv(name):
     import torchvision.models as tvm
     if name == "vit_small":  # vit_b_16 is too slow for 2 cores; same family, 6 layers, width 384
-        return tvm.VisionTransformer(image_size=224, patch_size=16, num_layers=6, num_heads=6,
-                                     hidden_dim=384, mlp_dim=1536)
+        vit = tvm.VisionTransformer(image_size=224, patch_size=16, num_layers=6, num_heads=6,
+                                    hidden_dim=384, mlp_dim=1536)
+        vit.heads.head.reset_parameters()  # torchvision zero-inits the head: output would be 0
+        return vit
     return getattr(tvm, name)(weights=None)
 
 
