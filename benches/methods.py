@@ -152,6 +152,15 @@ class Task:
         return m
 
 
+def sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def run_tool(cmd, timeout):
     t0 = time.perf_counter()
     try:
@@ -192,8 +201,12 @@ def bench_model(a, name, d):
                 cmd += ["--input-shape", meta["input_shape"]]
         if os.path.exists(dst):
             os.remove(dst)
+        bin_sha256 = sha256(a.bin)
         wall, err = run_tool(cmd, a.timeout)
         m = {"wall_s": wall, "load_avg_1min": os.getloadavg()[0], "cmd": " ".join(cmd)}
+        if tool not in ("ort", "ort_per_tensor"):  # the binary may be replaced between runs
+            m["bin_sha256"] = bin_sha256
+
         if err is None:
             try:
                 m.update(task.metrics(run_outputs(dst, ev, seq_major), ref))
