@@ -255,7 +255,7 @@ fn quiet_prints_nothing_and_verbose_prints_pass_details() {
     let (code, stdout, err) = run_digits(&out, &rep, &["-v"]);
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("calibration: "), "{stdout}");
-    assert!(stdout.contains("method: auto"), "{stdout}");
+    assert!(stdout.contains("method: percentile"), "{stdout}");
     let (code, _, err) = run_digits(&out, &rep, &["-v", "-q"]);
     assert_ne!(code, 0);
     assert!(err.contains("cannot be used with"), "{err}");

@@ -161,12 +161,12 @@ pub struct CompressArgs {
     // Image preprocessing for png/jpg calibration (and --eval) data.
     #[command(flatten)]
     pub image: ImageArgs,
-    /// Activation range method: auto (each tensor's range chosen among the fixed methods by
-    /// the error it causes at the outputs on calibration samples), minmax, percentile,
-    /// percentile:P, entropy, mse.
+    /// Activation range method: percentile, percentile:P, minmax, mse, entropy, or auto (each
+    /// tensor's range chosen among percentile, minmax and mse by the error it causes at the
+    /// outputs on calibration samples).
     #[arg(
         long,
-        default_value = "auto",
+        default_value = "percentile",
         value_name = "METHOD",
         help_heading = "Quantization"
     )]
@@ -187,8 +187,8 @@ pub struct CompressArgs {
         help_heading = "Quantization"
     )]
     pub auto_blocks: usize,
-    /// --method auto: candidates tried per block besides its current one (1-3).
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=3), help_heading = "Quantization")]
+    /// --method auto: candidates tried per block besides its current one (1-2).
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2), help_heading = "Quantization")]
     pub auto_alternatives: u8,
     /// Moving-average min-max with this averaging constant (minmax only), e.g. 0.01.
     #[arg(long, value_name = "A", help_heading = "Quantization")]

@@ -315,7 +315,9 @@ pub fn correct_declared_outputs(
         else {
             continue;
         };
-        let Some(declared_shape) = &mut tt.shape else { continue };
+        let Some(declared_shape) = &mut tt.shape else {
+            continue;
+        };
         let Some(computed) = inferred
             .iter()
             .find(|v| v.name == name)

@@ -78,8 +78,9 @@ pub struct QuantizeOptions {
 impl Default for QuantizeOptions {
     fn default() -> Self {
         QuantizeOptions {
-            // Same default as the CLI.
-            method: Method::Auto,
+            // Same default as the CLI: robust to the rare outliers min-max would chase. `Auto`
+            // is opt-in until it holds the best fixed method everywhere (BENCHMARKS.md).
+            method: Method::Percentile(99.999),
             auto: auto::AutoOptions::default(),
             moving_average: None,
             activation_scheme: ActScheme::U8Asymmetric,
