@@ -282,7 +282,17 @@ fn integer_inputs_keep_their_type_and_float_data_for_them_is_refused() {
         .input("sr", &[])
         .output("y", &[-1, 3]);
     b.node("Identity", "i", &["ids"], &["y"], vec![]);
-    let m = typed(b.proto(), 0, &["", ""], INT64);
+    let mut proto = b.proto();
+    {
+        // The output is the ids themselves: declared int64 like them.
+        use onnx_compress::onnx::proto::type_proto;
+        let out = &mut proto.graph.as_mut().unwrap().output[0];
+        if let Some(type_proto::Value::TensorType(t)) = out.r#type.as_mut().unwrap().value.as_mut()
+        {
+            t.elem_type = Some(INT64);
+        }
+    }
+    let m = typed(proto, 0, &["", ""], INT64);
     let m = typed(m.to_proto().unwrap(), 1, &[], INT64);
     let dir = tempfile::tempdir().unwrap();
     for k in 0..3 {

@@ -326,7 +326,9 @@ impl Score {
     /// the paired per-feed differences (a one-feed score has no spread: the gain alone decides).
     fn reliably_below(&self, other: &Score) -> bool {
         let (a, b) = (self.loss(), other.loss());
-        if !(a < b * (1.0 - MIN_GAIN)) {
+        // NaN never gains.
+        let gains = a < b * (1.0 - MIN_GAIN);
+        if !gains {
             return false;
         }
         let n = self.per_feed.len().min(other.per_feed.len());
