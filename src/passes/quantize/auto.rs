@@ -18,8 +18,8 @@
 //! ```
 //! That is `dq(q(t)) = s (clamp(round(t / s) + z, qmin, qmax) - z)` of ONNX's QuantizeLinear /
 //! DequantizeLinear in float (Round's tie rule may differ from QuantizeLinear's half-to-even:
-//! one level on exact ties only). Biases stay float (their int32 rounding is far below the activation
-//! error).
+//! one level on exact ties only). Biases stay float (their int32 rounding is far below the
+//! activation error).
 //!
 //! Loss: per output, KL(reference || quantized) averaged over rows when the float output is a
 //! probability distribution over its last axis (every row non-negative, summing to 1), else
@@ -40,11 +40,13 @@
 //!
 //! "Reliably better" guards against fitting the scored samples: lower by more than
 //! [`MIN_GAIN`] (relative) overall and on each half of the samples (even and odd), and by more
-//! than [`RELIABLE_SIGMAS`] standard errors of the paired per-sample differences. (On 8 digits samples, unguarded block choices gained 9% there and
-//! lost 0.5 dB on held-out data.)
+//! than [`RELIABLE_SIGMAS`] standard errors of the paired per-sample differences. (On 8 digits
+//! samples, unguarded block choices gained 9% there and lost 0.5 dB on held-out data.)
 //!
-//! The result is never worse on the scoring samples than the best fixed method. Tensors in a
-//! scale-sharing group still take the union of their members' ranges (see `Plan`).
+//! The result is never worse on the scoring samples than its start (the default method unless
+//! another was reliably better). Tensors in a scale-sharing group still take the union of their
+//! members' ranges (see `Plan`). Where it wins and where it does not yet: BENCHMARKS.md, "Range
+//! methods on real architectures".
 
 use super::insert;
 use super::placement::Plan;
