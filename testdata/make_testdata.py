@@ -699,6 +699,10 @@ def write_readme(digits, deep, smooth):
         "| `embedding.onnx` | torch: ids cast to int64 in the graph (negative ones wrapped), "
         "Embedding(500, 32) (a Gather on a constant table), mean over the sequence, "
         "Linear(32->10); random weights | `ids` f32[1,8] | `logits` f32[1,10] |",
+        '| `tiny_gpt.onnx` | torch (benches/make_gpt.py classes): byte-level GPT, 2 pre-LayerNorm blocks, d_model 64, 4 heads, GELU (Erf) MLP, learned positions, context 32, trained 600 steps on generated stories; fp32 perplexity 1.607, next-byte accuracy 84.13% on `tiny_gpt_eval.npy` (onnxruntime) | `input_ids` i64[batch,sequence] | `logits` f32[batch,sequence,256] |',
+        '| `tiny_gpt_kv.onnx` | the same weights with a KV cache (one graph for prefill and decode; zero-length past for the first step) | `input_ids` i64[batch,sequence], `past_key_values.{0,1}.{key,value}` f32[batch,4,past_sequence,16] | `logits`, `present.{0,1}.{key,value}` f32[batch,4,total_sequence,16] |',
+        '| `tiny_gpt_calib/input_ids_000.npy` ... `015.npy` | 16 training windows, i64[1,32] each | | |',
+        '| `tiny_gpt_eval.npy` / `tiny_gpt_prompts.npy` | 64 held-out windows i64[64,33] (32 inputs + next byte) / 8 held-out 8-byte prompts i64[8,8] (24 greedy steps stay inside the context) | | |',
         "",
     ]
     with open(path("README.md"), "w") as f:
@@ -812,9 +816,53 @@ def make_if_scalar(name):
     return file
 
 
+# ---------------------------------------------------------------- 8. tiny language models
+def make_tiny_gpt():
+    """A byte-level GPT (2 pre-LayerNorm blocks, d_model 64, 4 heads, GELU MLP, learned positions,
+    context 32), trained for 600 steps on benches/make_gpt.py's generated stories, exported twice:
+
+      tiny_gpt.onnx     input_ids int64 [batch, sequence] -> logits [batch, sequence, 256]
+      tiny_gpt_kv.onnx  + past_key_values.{0,1}.{key,value} [batch, 4, past_sequence, 16] in,
+                        present.{0,1}.{key,value} out (the same weights)
+
+    plus tiny_gpt_calib/ (16 training windows, input_ids_NNN.npy [1, 32]), tiny_gpt_eval.npy
+    (64 held-out windows [64, 33]: 32 inputs and the next byte) and tiny_gpt_prompts.npy
+    (8 held-out 8-byte prompts: with 24 greedy steps they stay inside the 32-position context).
+    """
+    sys.path.insert(0, os.path.join(OUT, "..", "benches"))
+    import make_gpt
+
+    ctx = 32
+    train_data = np.frombuffer(make_gpt.generate_text(1, 300_000), np.uint8).astype(np.int64)
+    eval_data = np.frombuffer(make_gpt.generate_text(1001, 20_000), np.uint8).astype(np.int64)
+    seed(21)
+    model = make_gpt.GPT(layers=2, d=64, heads=4, ctx=ctx)
+    make_gpt.train(model, train_data, ctx, 0, seed=21, batch=32, lr=3e-3, log=lambda _: None, max_steps=600)
+    plain, kv = path("tiny_gpt.onnx"), path("tiny_gpt_kv.onnx")
+    make_gpt.export_plain(model, plain, ctx)
+    make_gpt.export_cache(model, kv)
+    calib = path("tiny_gpt_calib")
+    os.makedirs(calib, exist_ok=True)
+    rng = np.random.default_rng(21)
+    for k, i in enumerate(rng.integers(0, len(train_data) - ctx, 16)):
+        np.save(os.path.join(calib, f"input_ids_{k:03d}.npy"), train_data[i:i + ctx][None])
+    ev = make_gpt.windows(eval_data, ctx, ctx)[:64].astype(np.int64)
+    np.save(path("tiny_gpt_eval.npy"), ev)
+    np.save(path("tiny_gpt_prompts.npy"), np.stack([eval_data[i:i + 8] for i in range(0, 8 * 499, 499)]))
+    for f in (plain, kv):
+        onnx.checker.check_model(onnx.load(f), full_check=True)
+    ppl, acc = make_gpt.ort_perplexity(plain, ev)
+    print(f"tiny_gpt fp32 perplexity {ppl:.4f}, next-byte accuracy {acc * 100:.2f}% (onnxruntime, 64 windows)")
+    return [plain, kv]
+
+
 def main():
     if "--typed-input-models" in sys.argv:
         for f in [make_token_embed("token_embed.onnx"), make_if_scalar("if_scalar.onnx")]:
+            print(f"{os.path.basename(f):22s} {os.path.getsize(f):8d} B")
+        return 0
+    if "--language-models" in sys.argv:
+        for f in make_tiny_gpt():
             print(f"{os.path.basename(f):22s} {os.path.getsize(f):8d} B")
         return 0
     files = [
@@ -835,6 +883,7 @@ def main():
     files.append(smooth[0])
     write_readme(digits, deep, smooth)
     files += [make_token_embed("token_embed.onnx"), make_if_scalar("if_scalar.onnx")]
+    files += make_tiny_gpt()
     for f in files:
         h = hashlib.sha256(open(f, "rb").read()).hexdigest()[:12]
         hist = ", ".join(f"{k}:{v}" for k, v in sorted(op_histogram(f).items()))
