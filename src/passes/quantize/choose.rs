@@ -209,7 +209,7 @@ pub fn quantize(
         built[pick].name,
         scorer.loss_label(),
         built[pick].loss,
-        scorer.samples.len(),
+        scorer.rows,
         others.join(", ")
     );
     if let (Some(s), true) = (best_of(false), built[pick].dynamic) {
@@ -273,7 +273,7 @@ pub fn quantize(
                 "chosen": chosen.name,
                 "why": why,
                 "loss": scorer.loss_label(),
-                "samples": scorer.samples.len(),
+                "samples": scorer.rows,
                 "candidates": candidates,
             }),
         );
@@ -285,6 +285,8 @@ pub fn quantize(
 /// Scores candidates against the float model on a few calibration samples.
 struct Scorer {
     samples: Vec<Vec<Feed>>,
+    /// Rows (windows, images) in `samples`.
+    rows: usize,
     shapes: Vec<(String, Vec<usize>)>,
     reference: Vec<Vec<ArrayD<f32>>>,
     /// Language-model logits: KL of softmaxes; else normalized squared error.
@@ -293,12 +295,20 @@ struct Scorer {
 
 impl Scorer {
     fn new(reference: &crate::onnx::proto::ModelProto, calib: &CalibrationSet) -> Result<Scorer> {
-        let samples: Vec<Vec<Feed>> = calib
-            .batches
-            .iter()
-            .take(SCORED_SAMPLES)
-            .cloned()
-            .collect();
+        // Whole batches until SCORED_SAMPLES rows (a stacked .npy is one batch of many rows).
+        // Batches of the first batch's shapes only: one tract plan scores them all.
+        let shape_of = |b: &Vec<Feed>| b.iter().map(|f| f.shape().to_vec()).collect::<Vec<_>>();
+        let first_shapes = calib.batches.first().map(shape_of);
+        let (mut samples, mut rows) = (Vec::new(), 0);
+        for (b, batch) in calib.batches.iter().enumerate() {
+            if rows >= SCORED_SAMPLES {
+                break;
+            }
+            if Some(shape_of(batch)) == first_shapes {
+                samples.push(batch.clone());
+                rows += calib.rows(b);
+            }
+        }
         let first = samples.first().context("no calibration sample to score on")?;
         let shapes: Vec<(String, Vec<usize>)> = calib
             .input_names
@@ -318,6 +328,7 @@ impl Scorer {
                 .is_some_and(|o| o.iter().all(|a| a.ndim() == 3 && a.shape()[2] >= 2));
         Ok(Scorer {
             samples,
+            rows,
             shapes,
             reference,
             lm,
