@@ -207,7 +207,9 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
                     .parse()
                     .ok()
                     .filter(|a: &f32| (0.0..=1.0).contains(a))
-                    .with_context(|| format!("--smooth {a}: expected auto, off or a number in [0, 1]"))?;
+                    .with_context(|| {
+                        format!("--smooth {a}: expected auto, off or a number in [0, 1]")
+                    })?;
                 Smooth::Alpha(alpha)
             }
         },

@@ -76,7 +76,11 @@ fn argmax(v: &[f64]) -> usize {
 impl LanguageAcc {
     /// Add one batch: `tokens` `[B, T]`, logits `[B, T, V]` of the original and the output.
     pub fn add(&mut self, tokens: &ArrayD<i64>, original: &ArrayD<f32>, candidate: &ArrayD<f32>) {
-        let (b, t, v) = (original.shape()[0], original.shape()[1], original.shape()[2]);
+        let (b, t, v) = (
+            original.shape()[0],
+            original.shape()[1],
+            original.shape()[2],
+        );
         for w in 0..b {
             let lo = original.index_axis(Axis(0), w);
             let lc = candidate.index_axis(Axis(0), w);

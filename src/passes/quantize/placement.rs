@@ -543,9 +543,7 @@ fn transformer_rule(
         }
         // Attention products: only when measured to be harmless.
         "MatMul"
-            if dynamic(b)
-                && opts.attention_int8
-                && structure.attention_matmuls.contains(&ix) =>
+            if dynamic(b) && opts.attention_int8 && structure.attention_matmuls.contains(&ix) =>
         {
             plan.mark(a);
             plan.mark(b);

@@ -58,7 +58,10 @@ pub fn sites(g: &Graph) -> Result<Vec<Site>> {
                 .and_then(|t| tensor::shape(t).ok())
                 .is_some_and(|s| s.len() == 1)
         };
-        if !only_here(&gamma) || !rank1(&gamma) || beta.as_deref().is_some_and(|b| !only_here(b) || !rank1(b)) {
+        if !only_here(&gamma)
+            || !rank1(&gamma)
+            || beta.as_deref().is_some_and(|b| !only_here(b) || !rank1(b))
+        {
             continue;
         }
         let rank = g
@@ -86,8 +89,7 @@ pub fn sites(g: &Graph) -> Result<Vec<Site>> {
                     && slot == InSlot::Arg(0)
                     && m.input[0] == *x
                     && only_here(w)
-                    && g
-                        .constant(w)
+                    && g.constant(w)
                         .and_then(|t| tensor::shape(t).ok())
                         .is_some_and(|s| s.len() == 2);
                 if ok {
@@ -108,7 +110,11 @@ pub fn sites(g: &Graph) -> Result<Vec<Site>> {
 }
 
 /// Per-channel `max |x_j|` of every site's activation over the calibration batches.
-pub fn channel_maxima(model: &Model, sites: &[Site], calib: &CalibrationSet) -> Result<Vec<Vec<f32>>> {
+pub fn channel_maxima(
+    model: &Model,
+    sites: &[Site],
+    calib: &CalibrationSet,
+) -> Result<Vec<Vec<f32>>> {
     let proto = model.to_proto()?;
     let extra: Vec<String> = sites.iter().map(|s| s.output.clone()).collect();
     let mut maxima: Vec<Vec<f32>> = vec![Vec::new(); sites.len()];

@@ -174,7 +174,12 @@ fn is_decomposed_norm(g: &Graph, sqrt: NodeIndex) -> bool {
         Some((_, "ReduceMean")) => true,
         _ => false,
     };
-    let out = g.node(sqrt).output.first().map(String::as_str).unwrap_or("");
+    let out = g
+        .node(sqrt)
+        .output
+        .first()
+        .map(String::as_str)
+        .unwrap_or("");
     mean && g
         .consumers(out)
         .iter()
@@ -218,7 +223,9 @@ fn value_matmuls(g: &Graph, sm: NodeIndex) -> Vec<NodeIndex> {
                     "MatMul" if slot == crate::ir::InSlot::Arg(0) && two_activations(g, c) => {
                         out.push(c)
                     }
-                    "Dropout" | "Cast" | "Identity" => next.extend(n.output.iter().take(1).cloned()),
+                    "Dropout" | "Cast" | "Identity" => {
+                        next.extend(n.output.iter().take(1).cloned())
+                    }
                     _ => {}
                 }
             }
