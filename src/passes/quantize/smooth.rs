@@ -109,6 +109,9 @@ pub fn sites(g: &Graph) -> Result<Vec<Site>> {
     Ok(out)
 }
 
+/// Input shapes by name, as tract plans are pinned.
+type Shapes = Vec<(String, Vec<usize>)>;
+
 /// Per-channel `max |x_j|` of every site's activation over the calibration batches.
 pub fn channel_maxima(
     model: &Model,
@@ -119,9 +122,9 @@ pub fn channel_maxima(
     let extra: Vec<String> = sites.iter().map(|s| s.output.clone()).collect();
     let mut maxima: Vec<Vec<f32>> = vec![Vec::new(); sites.len()];
     // One tract plan per distinct batch shape (windows of one length share one).
-    let mut runners: Vec<(Vec<(String, Vec<usize>)>, Runner)> = Vec::new();
+    let mut runners: Vec<(Shapes, Runner)> = Vec::new();
     for batch in &calib.batches {
-        let shapes: Vec<(String, Vec<usize>)> = calib
+        let shapes: Shapes = calib
             .input_names
             .iter()
             .zip(batch)
