@@ -200,8 +200,9 @@ pub struct CompressArgs {
     #[arg(long, help_heading = "Quantization")]
     pub symmetric_activations: bool,
     /// Activation quantization: static (calibrated Q/DQ pairs), dynamic (DynamicQuantizeLinear +
-    /// MatMulInteger on linear layers, ranges taken at run time) or auto (transformers: the one
-    /// with the lower output error on calibration samples; other models: static).
+    /// MatMulInteger on linear layers, ranges taken at run time) or auto (transformers: both
+    /// scored by output error on calibration samples, dynamic kept unless static is clearly
+    /// better; other models: static).
     #[arg(
         long,
         value_enum,
