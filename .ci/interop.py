@@ -77,11 +77,16 @@ def session(path, optimize, opt_file=None, level=None):
 
 
 def feeds_for(sess, seed, batch=1):
+    """Random feeds: normals for float inputs, token-like ids in [0, 200) for integer ones."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for i in sess.get_inputs():
         shape = [d if isinstance(d, int) else batch for d in i.shape]
-        feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+        if i.type in ("tensor(int64)", "tensor(int32)"):
+            dtype = np.int64 if i.type == "tensor(int64)" else np.int32
+            feeds[i.name] = rng.integers(0, 200, shape).astype(dtype)
+        else:
+            feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
     return feeds
 
 
@@ -140,6 +145,8 @@ def main():
             trained = name.startswith("digits_")  # digits_cnn, digits_deep: real data
             if trained:
                 extra = ["--calib", os.path.join(TD, "digits_calib_x.npy")]
+            if name.startswith("tiny_gpt"):  # symbolic sequence: token windows to calibrate on
+                extra = ["--calib", os.path.join(TD, "tiny_gpt_calib")]
             row = {"model": name}
             rows.append(row)
             try:
