@@ -73,6 +73,9 @@ pub struct CalibrationSet {
     pub fixed_batch: bool,
     /// Remarks for the report (narrowed float64, truncated sample count, synthetic data...).
     pub notes: Vec<String>,
+    /// Set when the batches are a KV-cache decoder's steps ([`super::sequence`]): step-major
+    /// complete feeds, the prefills first.
+    pub sequence: Option<super::sequence::SequenceFacts>,
 }
 
 impl CalibrationSet {
@@ -101,7 +104,15 @@ impl CalibrationSet {
 
     /// The first `max_samples` samples as validation batches: one batch joined along each
     /// input's batch axis, or, where the model fixes its batch size, the first whole feeds.
+    ///
+    /// For a KV-cache decoder's steps, the prefills only (one shape: a zero-length past).
     pub fn rebatched(&self, max_samples: usize) -> Result<Vec<NamedBatch>> {
+        if let Some(seq) = &self.sequence {
+            let mut prefills = self.clone();
+            prefills.batches.truncate(seq.batches_per_step);
+            prefills.sequence = None;
+            return prefills.rebatched(max_samples);
+        }
         if self.fixed_batch {
             let mut rows = 0;
             let mut out = Vec::new();
@@ -133,7 +144,17 @@ impl CalibrationSet {
 
     /// Read calibration data from a file or directory and check it against `model`.
     pub fn load(path: &Path, model: &Model, opts: &DataOptions) -> Result<CalibrationSet> {
-        let specs = specs_for(model, opts)?;
+        Self::load_inputs(path, specs_for(model, opts)?, opts)
+    }
+
+    /// [`CalibrationSet::load`] for some of the model's inputs only (`specs`, e.g. the token
+    /// ids of a KV-cache decoder whose other inputs the driver builds).
+    pub fn load_inputs(
+        path: &Path,
+        specs: Vec<InputSpec>,
+        opts: &DataOptions,
+    ) -> Result<CalibrationSet> {
+        let specs = with_shapes(specs, &opts.input_shapes);
         let mut notes = Vec::new();
         let per_input: Vec<Vec<Sample>> = if path.is_dir() {
             read_dir(path, &specs, opts, &mut notes)?
@@ -378,6 +399,7 @@ impl CalibrationSet {
             synthetic: false,
             fixed_batch,
             notes,
+            sequence: None,
         };
         set.samples = (0..set.batches.len()).map(|b| set.rows(b)).sum();
         Ok(set)

@@ -30,6 +30,7 @@
 //!   serialize as JSON `null`.
 //! - for 2-D `[N, C]` outputs with `C > 1`, the fraction of rows whose argmax agrees.
 
+pub mod generate;
 pub mod latency;
 
 use anyhow::{bail, Context, Result};

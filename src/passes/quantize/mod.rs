@@ -61,6 +61,9 @@ pub struct QuantizeOptions {
     pub exclude_nodes: Vec<String>,
     /// When non-empty, only nodes matching one of these names / regexes are quantized.
     pub include_nodes: Vec<String>,
+    /// Tensors never given a Q/DQ pair whatever the placement marks (a KV-cache decoder's
+    /// state: past inputs and present outputs stay float unless `--quantize-cache`).
+    pub keep_float: Vec<String>,
     /// Synthetic samples when no calibration data is given.
     pub synthetic_samples: usize,
     pub seed: u64,
@@ -90,6 +93,7 @@ impl Default for QuantizeOptions {
             exclude_ops: vec![],
             exclude_nodes: vec![],
             include_nodes: vec![],
+            keep_float: vec![],
             synthetic_samples: 16,
             seed: 0,
             bias_correction: Default::default(),
@@ -293,6 +297,21 @@ pub(crate) fn unshare_biases(g: &mut crate::ir::Graph) -> Result<usize> {
     Ok(copies)
 }
 
+/// Unmark `names` (and the int32 biases whose input scale they would give: those stay float).
+fn keep_float(plan: &mut placement::Plan, names: &[String], notes: &mut Vec<String>) {
+    let kept: Vec<&String> = names.iter().filter(|t| plan.is_marked(t)).collect();
+    if kept.is_empty() {
+        return;
+    }
+    plan.activations.retain(|t| !names.contains(t));
+    plan.biases.retain(|_, mark| !names.contains(&mark.input));
+    notes.push(format!(
+        "{} KV-cache tensor(s) kept float ({}): --quantize-cache quantizes them",
+        kept.len(),
+        kept.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ")
+    ));
+}
+
 /// Quantize `model` in place (all or nothing).
 pub fn quantize(
     model: &mut Model,
@@ -325,7 +344,8 @@ pub fn quantize(
             "{copies} bias initializer(s) shared between layers were copied so that each layer gets its own int32 bias (scale s_in * s_w differs per layer)"
         ));
     }
-    let plan = placement::plan(&work.graph, opts, &placement::NodeSelection::All)?;
+    let mut plan = placement::plan(&work.graph, opts, &placement::NodeSelection::All)?;
+    keep_float(&mut plan, &opts.keep_float, &mut stats.notes);
     stats.notes.extend(plan.notes.iter().cloned());
     if plan.activations.is_empty() && plan.weights.is_empty() {
         stats
