@@ -207,10 +207,16 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     let eval_data = data::load_eval(&opts.data, &model, decoder.as_ref(), opts.memory)?;
     let mut ctx = opts.ctx.clone();
     preflight::keep_float(&mut ctx, &model, &nonfinite);
-    if let Some(d) = decoder.as_ref().filter(|_| !opts.quantize_cache) {
-        for p in &d.pairs {
-            ctx.quantize.keep_float.push(p.input.clone());
-            ctx.quantize.keep_float.push(p.output.clone());
+    if let Some(d) = &decoder {
+        // The next token is read off the logits by argmax: a uint8 grid there turns near ties
+        // into ties and flips tokens, for no integer kernel (ORT still runs the LM head as
+        // MatMulIntegerToFloat). gpt_kv: greedy agreement 83.8% -> 90.6% (BENCHMARKS.md).
+        ctx.quantize.keep_float.extend(d.logits.clone());
+        if !opts.quantize_cache {
+            for p in &d.pairs {
+                ctx.quantize.keep_float.push(p.input.clone());
+                ctx.quantize.keep_float.push(p.output.clone());
+            }
         }
     }
     data::attach_calibration(

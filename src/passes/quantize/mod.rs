@@ -62,7 +62,7 @@ pub struct QuantizeOptions {
     /// When non-empty, only nodes matching one of these names / regexes are quantized.
     pub include_nodes: Vec<String>,
     /// Tensors never given a Q/DQ pair whatever the placement marks (a KV-cache decoder's
-    /// state: past inputs and present outputs stay float unless `--quantize-cache`).
+    /// logits, and its state unless `--quantize-cache`).
     pub keep_float: Vec<String>,
     /// Synthetic samples when no calibration data is given.
     pub synthetic_samples: usize,
@@ -306,7 +306,7 @@ fn keep_float(plan: &mut placement::Plan, names: &[String], notes: &mut Vec<Stri
     plan.activations.retain(|t| !names.contains(t));
     plan.biases.retain(|_, mark| !names.contains(&mark.input));
     notes.push(format!(
-        "{} KV-cache tensor(s) kept float ({}): --quantize-cache quantizes them",
+        "{} tensor(s) kept float, a KV-cache decoder's logits and state ({}); --quantize-cache quantizes the state",
         kept.len(),
         kept.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ")
     ));
