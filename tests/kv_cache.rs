@@ -67,7 +67,10 @@ fn pairs_are_found_by_name_and_declared_pairs_are_checked() {
     );
     let missing = [StateDecl::parse("past_key_values.0.key=present.9.key").unwrap()];
     let err = detect_pairs(&model, &missing, &[]).unwrap_err().to_string();
-    assert!(err.contains("'present.9.key' is not a model output"), "{err}");
+    assert!(
+        err.contains("'present.9.key' is not a model output"),
+        "{err}"
+    );
 }
 
 /// Teacher forcing through the cache computes what the plain model computes on the whole
@@ -93,9 +96,7 @@ fn decode_steps_reproduce_the_full_window() {
         held_out: 0,
     };
     let proto = model.to_proto().unwrap();
-    let set = decoder
-        .expand(tokens, &proto, &seq, opts.memory)
-        .unwrap();
+    let set = decoder.expand(tokens, &proto, &seq, opts.memory).unwrap();
     let facts = set.sequence.clone().unwrap();
     assert_eq!(
         (facts.windows, facts.prefill_tokens, facts.decode_steps),
@@ -105,7 +106,11 @@ fn decode_steps_reproduce_the_full_window() {
     // Step-major: the prefills, then decode steps 1..=5; the last holds past 24, one token.
     assert_eq!(set.batches.len(), 6 * facts.batches_per_step);
     let last = set.batches.last().unwrap();
-    let k_ids = set.input_names.iter().position(|n| n == "input_ids").unwrap();
+    let k_ids = set
+        .input_names
+        .iter()
+        .position(|n| n == "input_ids")
+        .unwrap();
     let rows = last[k_ids].shape()[0];
     assert_eq!(last[k_ids].shape(), &[rows, 1]);
     let k_past = set
@@ -134,7 +139,10 @@ fn decode_steps_reproduce_the_full_window() {
             worst = worst.max((a - b).abs());
         }
     }
-    assert!(worst < 1e-3, "decode step vs full window: max |diff| {worst}");
+    assert!(
+        worst < 1e-3,
+        "decode step vs full window: max |diff| {worst}"
+    );
 }
 
 #[test]
@@ -207,7 +215,9 @@ fn kv_decoder_is_calibrated_step_by_step_and_validated_by_generation() {
     // The output as written loads and runs in tract, first step with a zero-length past.
     let mut feeds: Vec<(String, Feed)> = vec![(
         "input_ids".into(),
-        Feed::I64(ArrayD::from_shape_fn(IxDyn(&[1, 5]), |ix| 97 + ix[1] as i64)),
+        Feed::I64(ArrayD::from_shape_fn(IxDyn(&[1, 5]), |ix| {
+            97 + ix[1] as i64
+        })),
     )];
     for i in 0..2 {
         for k in ["key", "value"] {
@@ -252,11 +262,7 @@ print((a == b).mean())
             .args(["-c", &script])
             .output()
             .unwrap();
-        assert!(
-            o.status.success(),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let ort_agreement: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
         assert!(
             ort_agreement >= MIN_AGREEMENT,

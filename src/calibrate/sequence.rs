@@ -234,7 +234,10 @@ pub fn conventional_output<'a>(input: &str, outputs: &[&'a str]) -> Option<&'a s
 }
 
 fn quoted_list<'a>(names: impl Iterator<Item = &'a str>) -> String {
-    names.map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
+    names
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The state pairs of `model`: `declared` first (checked), then the naming conventions; in
@@ -589,9 +592,7 @@ impl Decoder {
                 }
                 Role::State(k) => states[*k].clone(),
                 Role::Mask { seq_axis } => build(past + (t1 - t0), *seq_axis, &|_| 1)?,
-                Role::Positions { seq_axis } => {
-                    build(t1 - t0, *seq_axis, &|i| (past + i) as i64)?
-                }
+                Role::Positions { seq_axis } => build(t1 - t0, *seq_axis, &|i| (past + i) as i64)?,
             });
         }
         Ok(out)

@@ -373,7 +373,11 @@ pub struct CompressArgs {
     /// A state pair fed back step by step: input IN takes output OUT of the previous step
     /// (`IN=OUT:AXIS` names the axis that grows); repeatable. Pairs named like
     /// past_key_values.N.key / present.N.key (or past* / present*) are found without it.
-    #[arg(long = "state", value_name = "IN=OUT", help_heading = "KV-cache decoders")]
+    #[arg(
+        long = "state",
+        value_name = "IN=OUT",
+        help_heading = "KV-cache decoders"
+    )]
     pub states: Vec<String>,
     /// Decode steps (one token each, present fed back as past) run after the prefill of each
     /// calibration window.

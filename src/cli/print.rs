@@ -2,11 +2,11 @@
 //! `inspect` description and the `sensitivity` table. Everything here prints what the library
 //! returned; nothing is computed.
 
+use onnx_compress::calibrate::sequence::PairSource;
 use onnx_compress::hessian::LayerSensitivity;
 use onnx_compress::session::gate::GateReport;
 use onnx_compress::session::inspect::Inspection;
 use onnx_compress::session::RunReport;
-use onnx_compress::calibrate::sequence::PairSource;
 use onnx_compress::validate::generate::DecoderReport;
 use onnx_compress::validate::{InputSource, Method, Status, ValidationReport};
 

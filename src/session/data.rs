@@ -4,11 +4,11 @@
 
 use crate::calibrate::sequence::{Decoder, SequenceOptions, StateDecl};
 use crate::calibrate::{CalibrationSet, DataOptions, NamedBatch};
-use crate::runtime::Feed;
-use crate::validate::generate::Prompts;
 use crate::ir::Model;
 use crate::limits::MemoryBudget;
 use crate::passes::PassContext;
+use crate::runtime::Feed;
+use crate::validate::generate::Prompts;
 use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -139,14 +139,8 @@ pub fn load_eval(
         prefill: None,
         held_out: 1,
     };
-    let set = load_set(
-        path,
-        model,
-        &opts,
-        decoder,
-        &sequence,
-    )
-    .with_context(|| format!("--eval {}", path.display()))?;
+    let set = load_set(path, model, &opts, decoder, &sequence)
+        .with_context(|| format!("--eval {}", path.display()))?;
     let batches = set
         .rebatched(usize::MAX)
         .with_context(|| format!("--eval {}", path.display()))?;

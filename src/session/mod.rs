@@ -268,7 +268,13 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         state_pairs: d.pairs.clone(),
         calibration: ctx.calibration.as_ref().and_then(|c| c.sequence.clone()),
         generation: (opts.validate && opts.generate_steps > 0).then(|| {
-            match data::prompts(&opts.data, d, eval_data.as_ref(), ctx.calibration.as_deref(), opts.generate_steps) {
+            match data::prompts(
+                &opts.data,
+                d,
+                eval_data.as_ref(),
+                ctx.calibration.as_deref(),
+                opts.generate_steps,
+            ) {
                 Ok(p) => generate::compare(&original, &out_proto, d, &p),
                 Err(e) => generate::GenerationReport::not_checked(format!("{e:#}")),
             }

@@ -113,7 +113,9 @@ impl Prompts {
         let steps = steps.min(len - 2);
         let p = len - 1 - steps;
         Ok(Prompts {
-            tokens: windows.slice_axis(0, 0..n.min(MAX_PROMPTS)).slice_axis(1, 0..p),
+            tokens: windows
+                .slice_axis(0, 0..n.min(MAX_PROMPTS))
+                .slice_axis(1, 0..p),
             steps,
             source: source.to_string(),
         })
@@ -181,14 +183,15 @@ pub fn greedy(model: &ModelProto, decoder: &Decoder, prompts: &Prompts) -> Resul
             .iter()
             .position(|n| n == logits_name)
             .with_context(|| format!("the run returned no output '{logits_name}'"))?;
-        let next = last_argmax(&outputs[k], rows)
-            .with_context(|| format!("output '{logits_name}'"))?;
+        let next =
+            last_argmax(&outputs[k], rows).with_context(|| format!("output '{logits_name}'"))?;
         for (row, t) in out.iter_mut().zip(&next) {
             row.push(*t);
         }
         states = decoder.next_states(runner.output_names(), &outputs, &states)?;
         past += len;
-        tokens = Feed::I64(ArrayD::from_shape_vec(IxDyn(&[rows, 1]), next)?).convert(spec.elem_type)?;
+        tokens =
+            Feed::I64(ArrayD::from_shape_vec(IxDyn(&[rows, 1]), next)?).convert(spec.elem_type)?;
     }
     Ok(out)
 }
@@ -241,7 +244,11 @@ pub fn agreement(reference: &[Vec<i64>], candidate: &[Vec<i64>]) -> (f64, Vec<f6
     } else {
         by_position.iter().sum::<f64>() / steps as f64
     };
-    let identical = reference.iter().zip(candidate).filter(|(r, c)| r == c).count();
+    let identical = reference
+        .iter()
+        .zip(candidate)
+        .filter(|(r, c)| r == c)
+        .count();
     let first: f64 = reference
         .iter()
         .zip(candidate)
