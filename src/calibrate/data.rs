@@ -55,6 +55,24 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr_lite::standard_normal;
 use std::path::Path;
 
+/// What calibration did with a KV-cache decoder ([`super::sequence`]; for the report).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SequenceFacts {
+    pub windows: usize,
+    pub window_tokens: usize,
+    pub prefill_tokens: usize,
+    pub decode_steps: usize,
+    /// Forward passes calibration observes: `windows * (1 + decode_steps)` sequences.
+    pub steps_observed: usize,
+    /// Batches per step in [`CalibrationSet::batches`] (step-major, the prefills first).
+    #[serde(skip)]
+    pub batches_per_step: usize,
+    /// The token windows as read (the first data input joined along its batch axis): prompts
+    /// for the generation check.
+    #[serde(skip)]
+    pub tokens: Option<Feed>,
+}
+
 /// Calibration inputs, checked against the model and cut into batches.
 #[derive(Debug, Clone)]
 pub struct CalibrationSet {
@@ -75,7 +93,7 @@ pub struct CalibrationSet {
     pub notes: Vec<String>,
     /// Set when the batches are a KV-cache decoder's steps ([`super::sequence`]): step-major
     /// complete feeds, the prefills first.
-    pub sequence: Option<super::sequence::SequenceFacts>,
+    pub sequence: Option<SequenceFacts>,
 }
 
 impl CalibrationSet {

@@ -44,6 +44,7 @@
 //! concatenated with the new keys), so the prefill needs no special case.
 
 use super::data::CalibrationSet;
+pub use super::data::SequenceFacts;
 use super::inputs::{model_inputs_with, InputDim, InputSpec};
 use crate::ir::Model;
 use crate::limits::MemoryBudget;
@@ -136,24 +137,6 @@ enum Role {
     Mask { seq_axis: usize },
     /// `position_ids`: `past .. past + new` along `seq_axis`.
     Positions { seq_axis: usize },
-}
-
-/// What calibration did with a KV-cache decoder (for the report).
-#[derive(Debug, Clone, Serialize)]
-pub struct SequenceFacts {
-    pub windows: usize,
-    pub window_tokens: usize,
-    pub prefill_tokens: usize,
-    pub decode_steps: usize,
-    /// Forward passes calibration observes: `windows * (1 + decode_steps)` sequences.
-    pub steps_observed: usize,
-    /// Batches per step in [`CalibrationSet::batches`] (step-major, the prefills first).
-    #[serde(skip)]
-    pub batches_per_step: usize,
-    /// The token windows as read (the first data input joined along its batch axis): prompts
-    /// for the generation check.
-    #[serde(skip)]
-    pub tokens: Option<Feed>,
 }
 
 /// Options of the calibration driver.
