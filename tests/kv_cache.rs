@@ -332,3 +332,63 @@ fn a_declared_pair_that_cannot_thread_is_one_line() {
         "{err}"
     );
 }
+
+/// Names no convention knows: `--state IN=OUT` declares the pairs, and everything runs as with
+/// the conventional names (same calibration steps, same generation check).
+#[test]
+fn declared_pairs_drive_a_model_with_other_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut m, _) = onnx_compress::onnx::load::read_model(&kv_model()).unwrap();
+    let rename = |name: &str| -> String {
+        if let Some(rest) = name.strip_prefix("past_key_values.") {
+            format!("cache_in_{}", rest.replace('.', "_"))
+        } else if let Some(rest) = name.strip_prefix("present.") {
+            format!("cache_out_{}", rest.replace('.', "_"))
+        } else {
+            name.to_string()
+        }
+    };
+    let g = m.graph.as_mut().unwrap();
+    for v in g.input.iter_mut().chain(g.output.iter_mut()) {
+        v.name = Some(rename(v.name()));
+    }
+    for n in &mut g.node {
+        for x in n.input.iter_mut().chain(n.output.iter_mut()) {
+            *x = rename(x);
+        }
+    }
+    let model = write(dir.path(), "renamed_kv.onnx", &m);
+    let out = dir.path().join("out.onnx");
+    let report = dir.path().join("report.json");
+    let mut args: Vec<String> = vec![
+        model.to_str().unwrap().into(),
+        "-o".into(),
+        out.to_str().unwrap().into(),
+        "--calib".into(),
+        testdata().join("tiny_gpt_calib").to_str().unwrap().into(),
+        "--report".into(),
+        report.to_str().unwrap().into(),
+    ];
+    for i in 0..2 {
+        for k in ["key", "value"] {
+            args.push("--state".into());
+            args.push(format!("cache_in_{i}_{k}=cache_out_{i}_{k}"));
+        }
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, stdout, err) = run(&refs);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("(0 by name, 4 by --state)"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let kv = &json["kv_cache"];
+    assert_eq!(kv["state_pairs"][3]["input"], "cache_in_1_value");
+    assert_eq!(kv["state_pairs"][3]["found_by"], "flag");
+    assert_eq!(kv["state_pairs"][3]["seq_axis"], 2);
+    assert_eq!(kv["calibration"]["steps_observed"], 80);
+    assert_eq!(
+        kv["generation"]["status"], "checked",
+        "{}",
+        kv["generation"]
+    );
+}
