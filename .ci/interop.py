@@ -344,7 +344,63 @@ def language_models(binary):
     return 0
 
 
+
+# ---- KV-cache decoder (appended): tiny_gpt_kv.onnx compressed with its token windows, then
+# greedy generation in ORT, threading present -> past, against the fp32 model on the held-out
+# prompts. The bound is tests/kv_cache.rs's MIN_AGREEMENT (its comment says why).
+KV_MIN_AGREEMENT = 0.75
+
+
+def kv_greedy(path, prompts, steps):
+    s = session(path, optimize=True)
+    names = [o.name for o in s.get_outputs()]
+    pasts = [i for i in s.get_inputs() if i.name.startswith("past_key_values")]
+    out = []
+    for p in prompts:
+        past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in pasts}
+        ids, toks = p[None].astype(np.int64), []
+        for _ in range(steps):
+            r = dict(zip(names, s.run(None, {"input_ids": ids, **past})))
+            t = int(r["logits"][0, -1].argmax())
+            toks.append(t)
+            past = {k: r[k.replace("past_key_values", "present")] for k in past}
+            ids = np.array([[t]], np.int64)
+        out.append(toks)
+    return np.array(out)
+
+
+def check_kv_cache(binary):
+    """Full checker, ORT load, present outputs float, greedy agreement >= KV_MIN_AGREEMENT."""
+    failures = []
+    src = os.path.join(TD, "tiny_gpt_kv.onnx")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "tiny_gpt_kv.onnx")
+        try:
+            compress(binary, src, out, ["--calib", os.path.join(TD, "tiny_gpt_calib")])
+            q = onnx.load(out)
+            onnx.checker.check_model(q, full_check=True)
+            producer = {o: n.op_type for n in q.graph.node for o in n.output}
+            for o in q.graph.output:
+                if o.name.startswith("present") and producer.get(o.name) == "DequantizeLinear":
+                    failures.append(f"tiny_gpt_kv: cache output {o.name} is quantized")
+            prompts = np.load(os.path.join(TD, "tiny_gpt_prompts.npy"))
+            ref, got = kv_greedy(src, prompts, 24), kv_greedy(out, prompts, 24)
+            agree = float((ref == got).mean())
+            print(f"tiny_gpt_kv in ORT: greedy agreement {100 * agree:.1f}% "
+                  f"({len(prompts)} prompts x 24 tokens)")
+            if agree < KV_MIN_AGREEMENT:
+                failures.append(f"tiny_gpt_kv: greedy agreement {agree:.3f} < {KV_MIN_AGREEMENT}")
+        except Exception as e:
+            failures.append(f"tiny_gpt_kv: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    for f in failures:
+        print("  - " + f)
+    return 1 if failures else 0
+
+
 if __name__ == "__main__":
     status = main()
-    lm_binary = find_binary()
-    sys.exit(max(status, language_models(lm_binary) if lm_binary else 1))
+    extra_binary = find_binary()
+    if extra_binary is None:
+        sys.exit(1)
+    status = max(status, language_models(extra_binary), check_kv_cache(extra_binary))
+    sys.exit(status)

@@ -55,6 +55,24 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr_lite::standard_normal;
 use std::path::Path;
 
+/// What calibration did with a KV-cache decoder ([`super::sequence`]; for the report).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SequenceFacts {
+    pub windows: usize,
+    pub window_tokens: usize,
+    pub prefill_tokens: usize,
+    pub decode_steps: usize,
+    /// Forward passes calibration observes: `windows * (1 + decode_steps)` sequences.
+    pub steps_observed: usize,
+    /// Batches per step in [`CalibrationSet::batches`] (step-major, the prefills first).
+    #[serde(skip)]
+    pub batches_per_step: usize,
+    /// The token windows as read (the first data input joined along its batch axis): prompts
+    /// for the generation check.
+    #[serde(skip)]
+    pub tokens: Option<Feed>,
+}
+
 /// Calibration inputs, checked against the model and cut into batches.
 #[derive(Debug, Clone)]
 pub struct CalibrationSet {
@@ -73,6 +91,9 @@ pub struct CalibrationSet {
     pub fixed_batch: bool,
     /// Remarks for the report (narrowed float64, truncated sample count, synthetic data...).
     pub notes: Vec<String>,
+    /// Set when the batches are a KV-cache decoder's steps ([`super::sequence`]): step-major
+    /// complete feeds, the prefills first.
+    pub sequence: Option<SequenceFacts>,
 }
 
 impl CalibrationSet {
@@ -101,7 +122,15 @@ impl CalibrationSet {
 
     /// The first `max_samples` samples as validation batches: one batch joined along each
     /// input's batch axis, or, where the model fixes its batch size, the first whole feeds.
+    ///
+    /// For a KV-cache decoder's steps, the prefills only (one shape: a zero-length past).
     pub fn rebatched(&self, max_samples: usize) -> Result<Vec<NamedBatch>> {
+        if let Some(seq) = &self.sequence {
+            let mut prefills = self.clone();
+            prefills.batches.truncate(seq.batches_per_step);
+            prefills.sequence = None;
+            return prefills.rebatched(max_samples);
+        }
         if self.fixed_batch {
             let mut rows = 0;
             let mut out = Vec::new();
@@ -133,7 +162,17 @@ impl CalibrationSet {
 
     /// Read calibration data from a file or directory and check it against `model`.
     pub fn load(path: &Path, model: &Model, opts: &DataOptions) -> Result<CalibrationSet> {
-        let specs = specs_for(model, opts)?;
+        Self::load_inputs(path, specs_for(model, opts)?, opts)
+    }
+
+    /// [`CalibrationSet::load`] for some of the model's inputs only (`specs`, e.g. the token
+    /// ids of a KV-cache decoder whose other inputs the driver builds).
+    pub fn load_inputs(
+        path: &Path,
+        specs: Vec<InputSpec>,
+        opts: &DataOptions,
+    ) -> Result<CalibrationSet> {
+        let specs = with_shapes(specs, &opts.input_shapes);
         let mut notes = Vec::new();
         let per_input: Vec<Vec<Sample>> = if path.is_dir() {
             read_dir(path, &specs, opts, &mut notes)?
@@ -378,6 +417,7 @@ impl CalibrationSet {
             synthetic: false,
             fixed_batch,
             notes,
+            sequence: None,
         };
         set.samples = (0..set.batches.len()).map(|b| set.rows(b)).sum();
         Ok(set)

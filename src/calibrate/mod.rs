@@ -1,6 +1,7 @@
 //! Calibration: reading representative inputs of any element type ([`data`], files in `files`), observing tensor ranges over them in
 //! one streaming tract run ([`observe`], with the histogram and its range math in
-//! [`histogram`]), and turning ranges into quantization parameters ([`params`]).
+//! [`histogram`]), and turning ranges into quantization parameters ([`params`]); a KV-cache
+//! decoder's windows are run prefill-then-decode-steps into complete feeds by [`sequence`].
 pub mod data;
 pub(crate) mod files;
 pub mod histogram;
@@ -8,6 +9,7 @@ pub mod image;
 pub mod inputs;
 pub mod observe;
 pub mod params;
+pub mod sequence;
 
 pub use data::{CalibrationSet, DataOptions};
 pub use image::{ImageOptions, Layout};

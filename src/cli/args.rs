@@ -394,6 +394,35 @@ pub struct CompressArgs {
     #[arg(long, value_name = "FILE")]
     pub eval_labels: Option<PathBuf>,
 
+    // ---- decoders with a KV cache ----
+    /// A state pair fed back step by step: input IN takes output OUT of the previous step
+    /// (`IN=OUT:AXIS` names the axis that grows); repeatable. Pairs named like
+    /// past_key_values.N.key / present.N.key (or past* / present*) are found without it.
+    #[arg(
+        long = "state",
+        value_name = "IN=OUT",
+        help_heading = "KV-cache decoders"
+    )]
+    pub states: Vec<String>,
+    /// Decode steps (one token each, present fed back as past) run after the prefill of each
+    /// calibration window.
+    #[arg(long, value_name = "N", default_value_t = onnx_compress::calibrate::sequence::DEFAULT_DECODE_STEPS, help_heading = "KV-cache decoders")]
+    pub decode_steps: usize,
+    /// Prefill length of each calibration window. Default: the window less --decode-steps.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = "KV-cache decoders")]
+    pub prefill: Option<u64>,
+    /// Greedy tokens both models generate per prompt to validate the output (0: no check).
+    #[arg(long, value_name = "N", default_value_t = onnx_compress::validate::generate::DEFAULT_GENERATE_STEPS, help_heading = "KV-cache decoders")]
+    pub generate_steps: usize,
+    /// Prompts for the generation check (token ids, .npy [N, p]). Default: the --eval windows,
+    /// else the calibration windows.
+    #[arg(long, value_name = "FILE", help_heading = "KV-cache decoders")]
+    pub prompts: Option<PathBuf>,
+    /// Quantize the cache tensors (past inputs, present outputs) too; by default they stay
+    /// float.
+    #[arg(long, help_heading = "KV-cache decoders")]
+    pub quantize_cache: bool,
+
     // ---- fidelity gate and verbosity ----
     /// Fail (exit 1) when the accuracy drops by more than POINTS percentage points (needs
     /// --eval-labels). A failed gate names the quantized layers most responsible.

@@ -5,6 +5,7 @@ use super::args::*;
 use anyhow::{bail, ensure, Context, Result};
 use onnx_compress::calibrate::observe::Method;
 use onnx_compress::calibrate::params::ActScheme;
+use onnx_compress::calibrate::sequence::{SequenceOptions, StateDecl};
 use onnx_compress::hessian::{HessianOptions, Loss};
 use onnx_compress::limits::{parse_size, MemoryBudget};
 use onnx_compress::passes::equalize::{BiasCorrection, EqualizeOptions};
@@ -335,6 +336,17 @@ pub fn compress_options(args: &CompressArgs) -> Result<CompressOptions> {
                 .iter()
                 .map(|s| parse_batch_axis(s))
                 .collect::<Result<_>>()?,
+            states: args
+                .states
+                .iter()
+                .map(|s| StateDecl::parse(s))
+                .collect::<Result<_>>()?,
+            sequence: SequenceOptions {
+                decode_steps: args.decode_steps,
+                prefill: args.prefill.map(|p| p as usize),
+                held_out: 0,
+            },
+            prompts: args.prompts.clone(),
         },
         fix_inputs: args
             .fix_inputs
@@ -356,5 +368,7 @@ pub fn compress_options(args: &CompressArgs) -> Result<CompressOptions> {
             None => MemoryBudget::default(),
         },
         allow_nonfinite: args.allow_nonfinite,
+        generate_steps: args.generate_steps,
+        quantize_cache: args.quantize_cache,
     })
 }

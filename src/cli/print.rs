@@ -2,10 +2,12 @@
 //! `inspect` description and the `sensitivity` table. Everything here prints what the library
 //! returned; nothing is computed.
 
+use onnx_compress::calibrate::sequence::PairSource;
 use onnx_compress::hessian::LayerSensitivity;
 use onnx_compress::session::gate::GateReport;
 use onnx_compress::session::inspect::Inspection;
 use onnx_compress::session::RunReport;
+use onnx_compress::validate::generate::DecoderReport;
 use onnx_compress::validate::{InputSource, Method, Status, ValidationReport};
 
 pub fn human_bytes(b: u64) -> String {
@@ -74,6 +76,9 @@ pub fn summary(r: &RunReport) {
     match &r.validation {
         None => println!("  validation skipped (--no-validate)"),
         Some(v) => validation(v),
+    }
+    if let Some(k) = &r.kv_cache {
+        kv_cache(k);
     }
     println!("  total {:.2}s", r.seconds_total);
 }
@@ -202,6 +207,55 @@ fn validation(v: &ValidationReport) {
     }
     for n in &v.notes {
         println!("    note: {n}");
+    }
+}
+
+fn kv_cache(k: &DecoderReport) {
+    let by_flag = k
+        .state_pairs
+        .iter()
+        .filter(|p| p.found_by == PairSource::Flag)
+        .count();
+    println!(
+        "  kv cache {} state pair(s) ({} by name, {by_flag} by --state): {}",
+        k.state_pairs.len(),
+        k.state_pairs.len() - by_flag,
+        k.state_pairs
+            .iter()
+            .map(|p| p.describe())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(c) = &k.calibration {
+        println!(
+            "    calibration ran the decoder: {} window(s) of {} tokens, each a prefill of {} then {} decode step(s): {} steps observed",
+            c.windows, c.window_tokens, c.prefill_tokens, c.decode_steps, c.steps_observed
+        );
+    }
+    match &k.generation {
+        None => println!("    generation check off (--generate-steps 0 or --no-validate)"),
+        Some(g) if g.status != Status::Checked => println!(
+            "    generation NOT checked: {}",
+            g.reason.as_deref().unwrap_or("unknown reason")
+        ),
+        Some(g) => {
+            let positions: Vec<String> = g
+                .by_position
+                .iter()
+                .map(|a| format!("{:.0}", 100.0 * a))
+                .collect();
+            println!(
+                "    greedy generation: {:.1}% of tokens agree with the original ({} prompt(s) of {} tokens x {} steps, from {}); {} identical continuation(s), first difference at step {:.1} on average",
+                100.0 * g.agreement,
+                g.prompts,
+                g.prompt_tokens,
+                g.steps,
+                g.source,
+                g.identical,
+                g.mean_first_divergence
+            );
+            println!("    agreement by position (%): {}", positions.join(" "));
+        }
     }
 }
 

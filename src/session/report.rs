@@ -38,6 +38,10 @@ pub struct RunReport {
     /// The side-by-side check in tract (absent with --no-validate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub validation: Option<ValidationReport>,
+    /// A KV-cache decoder's state pairs, how calibration ran it and the generation check
+    /// (absent for other models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_cache: Option<crate::validate::generate::DecoderReport>,
     /// The fidelity gate (absent without --max-drop / --min-sqnr / --min-agreement).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gate: Option<GateReport>,

@@ -32,6 +32,7 @@
 //! - for logits `[batch, seq, vocab]` of token windows (one integer input `[batch, seq]`):
 //!   next-token agreement, KL and perplexity on the windows' own next tokens ([`language`]).
 
+pub mod generate;
 pub mod language;
 pub mod latency;
 

@@ -577,7 +577,13 @@ fn first_samples(calib: &CalibrationSet, n: usize) -> (Vec<Vec<Feed>>, usize) {
         return (out, 0);
     };
     for (b, batch) in calib.batches.iter().enumerate() {
-        if samples >= n {
+        // One scoring plan: a KV-cache decoder's decode steps (other shapes) are not scored.
+        if samples >= n
+            || calib
+                .sequence
+                .as_ref()
+                .is_some_and(|s| b >= s.batches_per_step)
+        {
             break;
         }
         let rows = calib.rows(b);

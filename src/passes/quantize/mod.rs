@@ -66,6 +66,9 @@ pub struct QuantizeOptions {
     pub exclude_nodes: Vec<String>,
     /// When non-empty, only nodes matching one of these names / regexes are quantized.
     pub include_nodes: Vec<String>,
+    /// Tensors never given a Q/DQ pair whatever the placement marks (a KV-cache decoder's
+    /// logits, and its state unless `--quantize-cache`).
+    pub keep_float: Vec<String>,
     /// Synthetic samples when no calibration data is given.
     pub synthetic_samples: usize,
     pub seed: u64,
@@ -101,6 +104,7 @@ impl Default for QuantizeOptions {
             exclude_ops: vec![],
             exclude_nodes: vec![],
             include_nodes: vec![],
+            keep_float: vec![],
             synthetic_samples: 16,
             seed: 0,
             bias_correction: Default::default(),
@@ -307,6 +311,21 @@ pub(crate) fn unshare_biases(g: &mut crate::ir::Graph) -> Result<usize> {
     Ok(copies)
 }
 
+/// Unmark `names` (and the int32 biases whose input scale they would give: those stay float).
+fn keep_float(plan: &mut placement::Plan, names: &[String], notes: &mut Vec<String>) {
+    let kept: Vec<&String> = names.iter().filter(|t| plan.is_marked(t)).collect();
+    if kept.is_empty() {
+        return;
+    }
+    plan.activations.retain(|t| !names.contains(t));
+    plan.biases.retain(|_, mark| !names.contains(&mark.input));
+    notes.push(format!(
+        "{} tensor(s) kept float, a KV-cache decoder's logits and state ({}); --quantize-cache quantizes the state",
+        kept.len(),
+        kept.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ")
+    ));
+}
+
 /// Quantize `model` in place (all or nothing), with the activation mode of the options.
 pub fn quantize(
     model: &mut Model,
@@ -401,7 +420,8 @@ pub fn quantize_static(
             "{copies} bias initializer(s) shared between layers were copied so that each layer gets its own int32 bias (scale s_in * s_w differs per layer)"
         ));
     }
-    let plan = placement::plan(&work.graph, opts, &placement::NodeSelection::All)?;
+    let mut plan = placement::plan(&work.graph, opts, &placement::NodeSelection::All)?;
+    keep_float(&mut plan, &opts.keep_float, &mut stats.notes);
     stats.notes.extend(plan.notes.iter().cloned());
     if plan.activations.is_empty() && plan.weights.is_empty() {
         stats
