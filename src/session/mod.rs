@@ -217,6 +217,11 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
                 ctx.quantize.keep_float.push(p.input.clone());
                 ctx.quantize.keep_float.push(p.output.clone());
             }
+        } else {
+            // Transformer placement leaves the cache float; asked for, it gets its own range.
+            for p in &d.pairs {
+                ctx.quantize.force_activations.push(p.output.clone());
+            }
         }
     }
     data::attach_calibration(

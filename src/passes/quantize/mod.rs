@@ -69,6 +69,9 @@ pub struct QuantizeOptions {
     /// Tensors never given a Q/DQ pair whatever the placement marks (a KV-cache decoder's
     /// logits, and its state unless `--quantize-cache`).
     pub keep_float: Vec<String>,
+    /// Tensors quantized (own range) even where no placement rule marks them: a KV-cache
+    /// decoder's present outputs under `--quantize-cache` (static mode only).
+    pub force_activations: Vec<String>,
     /// Synthetic samples when no calibration data is given.
     pub synthetic_samples: usize,
     pub seed: u64,
@@ -105,6 +108,7 @@ impl Default for QuantizeOptions {
             exclude_nodes: vec![],
             include_nodes: vec![],
             keep_float: vec![],
+            force_activations: vec![],
             synthetic_samples: 16,
             seed: 0,
             bias_correction: Default::default(),
@@ -422,6 +426,25 @@ pub fn quantize_static(
     }
     let mut plan = placement::plan(&work.graph, opts, &placement::NodeSelection::All)?;
     keep_float(&mut plan, &opts.keep_float, &mut stats.notes);
+    let forced: Vec<&String> = opts
+        .force_activations
+        .iter()
+        .filter(|t| !plan.is_marked(t) && work.graph.producer_node(t).is_some())
+        .collect();
+    if !forced.is_empty() {
+        stats.notes.push(format!(
+            "{} tensor(s) quantized on request although no rule marks them ({})",
+            forced.len(),
+            forced
+                .iter()
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        for t in forced {
+            plan.activations.insert(t.clone());
+        }
+    }
     stats.notes.extend(plan.notes.iter().cloned());
     if plan.activations.is_empty() && plan.weights.is_empty() {
         stats
