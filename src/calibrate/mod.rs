@@ -1,8 +1,9 @@
 //! Calibration: reading representative inputs of any element type ([`data`], files in `files`), observing tensor ranges over them in
-//! one streaming tract run ([`observe`], with the histogram and its range math in
+//! one streaming tract run ([`observe`]; the Gram matrices `XᵀX` of layer inputs in [`gram`], with the histogram and its range math in
 //! [`histogram`]), and turning ranges into quantization parameters ([`params`]).
 pub mod data;
 pub(crate) mod files;
+pub mod gram;
 pub mod histogram;
 pub mod image;
 pub mod inputs;
