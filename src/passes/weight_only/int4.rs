@@ -139,7 +139,7 @@ fn sqnr_db(signal: f64, error: f64) -> f64 {
 }
 
 /// Store the planned layers as int4; returns the per-layer reports and notes.
-pub fn int4(
+pub(super) fn int4(
     model: &mut Model,
     filter: &Filter,
     opts: &super::WeightOnlyOptions,
