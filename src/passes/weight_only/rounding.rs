@@ -330,10 +330,10 @@ mod tests {
     }
 
     /// Correlated inputs with a few large channels, as in transformer activations.
-    fn data(rows: usize, k: usize, rng: &mut ChaCha8Rng) -> Array2<f64> {
-        let base = Array2::from_shape_fn((rows, 4), |_| normal(rng));
-        let mix = Array2::from_shape_fn((4, k), |_| normal(rng));
-        let mut x = base.dot(&mix) + Array2::from_shape_fn((rows, k), |_| 0.3 * normal(rng));
+    fn data(rows: usize, mix: &Array2<f64>, rng: &mut ChaCha8Rng) -> Array2<f64> {
+        let k = mix.ncols();
+        let base = Array2::from_shape_fn((rows, mix.nrows()), |_| normal(rng));
+        let mut x = base.dot(mix) + Array2::from_shape_fn((rows, k), |_| 0.3 * normal(rng));
         for r in 0..rows {
             x[[r, 3]] *= 8.0;
             x[[r, 17]] *= 5.0;
@@ -357,7 +357,8 @@ mod tests {
     #[test]
     fn output_error_equals_the_error_of_the_outputs() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
-        let x = data(64, 40, &mut rng);
+        let mix = Array2::from_shape_fn((4, 40), |_| normal(&mut rng));
+        let x = data(64, &mix, &mut rng);
         let w = Array2::from_shape_fn((6, 40), |_| normal(&mut rng));
         let g = x.t().dot(&x);
         let q = blockwise(&w, Some(&g), 16, |v, _| nearest_scale(v));
@@ -373,8 +374,9 @@ mod tests {
     fn clip_and_gptq_beat_nearest_on_held_out_rows() {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let k = 64;
-        let x = data(512, k, &mut rng);
-        let held = data(512, k, &mut rng);
+        let mix = Array2::from_shape_fn((4, k), |_| normal(&mut rng));
+        let x = data(512, &mix, &mut rng);
+        let held = data(512, &mix, &mut rng);
         let w = Array2::from_shape_fn((32, k), |_| normal(&mut rng) * 0.1);
         let g = x.t().dot(&x);
         let gh = held.t().dot(&held);
