@@ -251,8 +251,9 @@ pub struct CompressArgs {
     /// 4: store every MatMul/Gemm weight (the LM head included) as int4 in blocks of
     /// --block-size (default 32) along the input axis, activations float (no int8 activations),
     /// each layer rounded by GPTQ, a clipping search or round-to-nearest, whichever gives the
-    /// lowest output error on --calib; Gather tables and layers narrower than one block go int8.
-    /// For language models. Not with --target-size / --avg-bits.
+    /// lowest output error on --calib (layers fed by a LayerNormalization after an
+    /// activation-aware channel scaling folded into it); Gather tables and layers narrower than
+    /// one block go int8. For language models. Not with --target-size / --avg-bits.
     #[arg(long, value_name = "BITS", value_parser = ["4", "8"], help_heading = "Weight-only")]
     pub weight_bits: Option<String>,
     /// How int4 weights are written: matmulnbits (com.microsoft.MatMulNBits, run by ONNX
