@@ -79,8 +79,9 @@ fn eval_windows() -> ArrayD<i64> {
 fn logits(m: &ModelProto) -> ArrayD<f32> {
     let w = eval_windows();
     let ids = w.slice_axis(Axis(1), (0..32).into()).to_owned();
-    let out = onnx_compress::runtime::run_model(m, &[("input_ids".to_string(), Feed::I64(ids))], &[])
-        .unwrap();
+    let out =
+        onnx_compress::runtime::run_model(m, &[("input_ids".to_string(), Feed::I64(ids))], &[])
+            .unwrap();
     out.into_iter().next().unwrap().1
 }
 
@@ -120,7 +121,11 @@ fn int4_matmulnbits_output_is_small_loads_in_tract_and_beats_round_to_nearest() 
     );
     let m = load(&auto);
     assert_eq!(count(&m, "MatMulNBits"), LINEAR_LAYERS, "{stdout}");
-    assert_eq!(count(&m, "MatMul"), 4, "only the attention MatMuls (2 per block) stay");
+    assert_eq!(
+        count(&m, "MatMul"),
+        4,
+        "only the attention MatMuls (2 per block) stay"
+    );
     assert_eq!(count(&m, "QuantizeLinear"), 0);
     // Embedding tables: int8 weight-only behind DequantizeLinear.
     assert_eq!(count(&m, "DequantizeLinear"), 2);
@@ -131,7 +136,11 @@ fn int4_matmulnbits_output_is_small_loads_in_tract_and_beats_round_to_nearest() 
     // 21.1% measured: 64-wide layers, and the embeddings are 14% of the weights.
     assert!(ratio < 0.22, "output is {:.1}% of the input", 100.0 * ratio);
     // Validated in tract, and tract loads the file as written.
-    assert_eq!(report["validation"]["status"], "checked", "{}", report["validation"]);
+    assert_eq!(
+        report["validation"]["status"], "checked",
+        "{}",
+        report["validation"]
+    );
     onnx_compress::runtime::Runner::new(&m, &[("input_ids".into(), vec![1, 32])], &[])
         .expect("tract loads MatMulNBits as written");
     // Every layer's chosen rounding is at least as good as nearest on the calibration rows.
@@ -204,13 +213,19 @@ fn int4_block_dequantize_linear_format_is_opset_21_int4() {
         .iter()
         .filter(|n| {
             n.op_type() == "DequantizeLinear"
-                && n.attribute.iter().any(|a| a.name() == "block_size" && a.i() == 16)
+                && n.attribute
+                    .iter()
+                    .any(|a| a.name() == "block_size" && a.i() == 16)
         })
         .collect();
     assert_eq!(blocked.len(), LINEAR_LAYERS);
     let int4 = onnx_compress::onnx::proto::tensor_proto::DataType::Int4 as i32;
     for n in &blocked {
-        let w = g.initializer.iter().find(|t| t.name() == n.input[0]).unwrap();
+        let w = g
+            .initializer
+            .iter()
+            .find(|t| t.name() == n.input[0])
+            .unwrap();
         assert_eq!(w.data_type(), int4);
     }
     assert!(m

@@ -111,15 +111,12 @@ mod tests {
 
     #[test]
     fn gram_adds_rows_over_leading_axes() {
-        let x = ArrayD::from_shape_vec(IxDyn(&[2, 2, 3]), (0..12).map(|v| v as f32).collect())
-            .unwrap();
+        let x =
+            ArrayD::from_shape_vec(IxDyn(&[2, 2, 3]), (0..12).map(|v| v as f32).collect()).unwrap();
         let mut g = Gram::new(3);
         g.add("x", &x).unwrap();
         g.add("x", &x).unwrap();
-        let flat = x
-            .into_shape_with_order((4, 3))
-            .unwrap()
-            .mapv(f64::from);
+        let flat = x.into_shape_with_order((4, 3)).unwrap().mapv(f64::from);
         let want = flat.t().dot(&flat) * 2.0;
         assert_eq!(g.xtx, want);
         assert_eq!(g.rows, 8);

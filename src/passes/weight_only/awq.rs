@@ -56,7 +56,10 @@ pub fn groups(g: &Graph, sites: &[(String, usize)]) -> Vec<Group> {
             continue;
         }
         if n.output.first() != Some(input)
-            || n.output.iter().skip(1).any(|o| !o.is_empty() && g.use_count(o) > 0)
+            || n.output
+                .iter()
+                .skip(1)
+                .any(|o| !o.is_empty() && g.use_count(o) > 0)
             || g.is_graph_output(input)
         {
             continue;
@@ -83,7 +86,9 @@ pub fn groups(g: &Graph, sites: &[(String, usize)]) -> Vec<Group> {
             .map(|(j, _)| j)
             .collect();
         let all_sites = g.consumers(input).len() == readers.len()
-            && g.consumers(input).iter().all(|(_, slot)| *slot == InSlot::Arg(0));
+            && g.consumers(input)
+                .iter()
+                .all(|(_, slot)| *slot == InSlot::Arg(0));
         if !all_sites {
             continue;
         }
@@ -108,9 +113,9 @@ pub fn scales(gram: &Array2<f64>, rows: u64, alpha: f64) -> Array1<f64> {
         .iter()
         .map(|&r| if r > 0.0 { r.powf(alpha) } else { 1.0 })
         .collect();
-    let (lo, hi) = s
-        .iter()
-        .fold((f64::INFINITY, 0.0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = s.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &v| {
+        (lo.min(v), hi.max(v))
+    });
     let norm = (lo * hi).sqrt();
     if norm.is_finite() && norm > 0.0 {
         for v in &mut s {

@@ -314,7 +314,9 @@ pub fn candidates(
 /// The candidate with the lowest output error (the earliest on ties); `None` when `methods`
 /// gave none (GPTQ alone without data).
 pub fn best(cands: Vec<Candidate>) -> Option<Candidate> {
-    cands.into_iter().reduce(|a, b| if b.error < a.error { b } else { a })
+    cands
+        .into_iter()
+        .reduce(|a, b| if b.error < a.error { b } else { a })
 }
 
 #[cfg(test)]
@@ -386,8 +388,18 @@ mod tests {
             .iter()
             .map(|c| output_error(&w, &c.blocked, Some(&gh)))
             .collect();
-        assert!(c[1].error < c[0].error, "clip {} vs nearest {}", c[1].error, c[0].error);
-        assert!(c[2].error < c[1].error, "gptq {} vs clip {}", c[2].error, c[1].error);
+        assert!(
+            c[1].error < c[0].error,
+            "clip {} vs nearest {}",
+            c[1].error,
+            c[0].error
+        );
+        assert!(
+            c[2].error < c[1].error,
+            "gptq {} vs clip {}",
+            c[2].error,
+            c[1].error
+        );
         assert!(held_err[2] < 0.8 * held_err[0], "held-out {held_err:?}");
         for cand in &c {
             assert!(cand.blocked.codes.iter().all(|&q| (-8..=7).contains(&q)));
