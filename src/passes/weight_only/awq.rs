@@ -135,7 +135,7 @@ pub fn scale_gram(g: &Array2<f64>, s: &Array1<f64>) -> Array2<f64> {
     let inv = s.mapv(|v| 1.0 / v);
     let col = inv.view().insert_axis(ndarray::Axis(1));
     let row = inv.view().insert_axis(ndarray::Axis(0));
-    g * &col * &row
+    g * &col * row
 }
 
 /// The `α` with the lowest summed round-to-nearest output error over the group's weights (first
