@@ -187,6 +187,8 @@ pub(super) fn int4(
     // AWQ-class scaling of the LayerNorm-fed layers (only when the rounding is chosen freely:
     // a forced method is a baseline).
     let mut grams = grams;
+    let original = weights.clone();
+    let mut original_grams: std::collections::HashMap<String, Array2<f64>> = Default::default();
     let mut folds: Vec<(awq::Group, Array1<f64>)> = Vec::new();
     let mut alpha_of = vec![0.0; sites.len()];
     if let (Some(gr), None) = (grams.as_mut(), opts.rounding) {
@@ -205,6 +207,7 @@ pub(super) fn int4(
                 continue;
             }
             let gm = gr.get_mut(&grp.input).context("gram of a group input")?;
+            original_grams.insert(grp.input.clone(), gm.xtx.clone());
             let s = awq::scales(&gm.xtx, gm.rows, alpha);
             gm.xtx = awq::scale_gram(&gm.xtx, &s);
             for &i in &grp.sites {
@@ -213,42 +216,68 @@ pub(super) fn int4(
             }
             folds.push((grp, s));
         }
-        if !folds.is_empty() {
-            notes.push(format!(
-                "activation-aware scaling folded into {} LayerNorm(s): {}",
-                folds.len(),
-                folds
-                    .iter()
-                    .map(|(g, _)| format!("'{}' (α {})", g.node, alpha_of[g.sites[0]]))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
     }
+    // One layer's choice: the lowest output error among `methods`, with every candidate's SQNR.
+    let round = |w: &Array2<f64>, g: Option<&Array2<f64>>| {
+        let cands = rounding::candidates(w, g, block, &methods);
+        let signal = match g {
+            Some(g) => (w.dot(g) * w).sum(),
+            None => w.iter().map(|v| v * v).sum(),
+        };
+        let sq: Vec<(Method, f64)> = cands
+            .iter()
+            .map(|c| (c.method, sqnr_db(signal, c.error)))
+            .collect();
+        // A forced GPTQ without data has no candidate: fall back to clip, said below.
+        let best = match rounding::best(cands) {
+            Some(b) => b,
+            None => rounding::best(rounding::candidates(w, g, block, &[Method::Clip]))
+                .expect("clip always gives a candidate"),
+        };
+        (best, sq)
+    };
     // Parallel over layers, collected in order: the same bytes whatever the thread count.
-    let chosen: Vec<(Candidate, Vec<(Method, f64)>)> = sites
+    let mut chosen: Vec<(Candidate, Vec<(Method, f64)>)> = sites
         .par_iter()
         .zip(weights.par_iter())
-        .map(|(s, w)| {
-            let g = grams.as_ref().map(|gr| &gr[&s.input].xtx);
-            let cands = rounding::candidates(w, g, block, &methods);
-            let signal = match g {
-                Some(g) => (w.dot(g) * w).sum(),
-                None => w.iter().map(|v| v * v).sum(),
-            };
-            let sq = cands
+        .map(|(s, w)| round(w, grams.as_ref().map(|gr| &gr[&s.input].xtx)))
+        .collect();
+    // The scaling was searched with round-to-nearest; a LayerNorm keeps it only when its
+    // readers' final roundings (GPTQ included) are better with it than without.
+    let unscaled: Vec<Vec<(Candidate, Vec<(Method, f64)>)>> = folds
+        .par_iter()
+        .map(|(grp, _)| {
+            grp.sites
                 .iter()
-                .map(|c| (c.method, sqnr_db(signal, c.error)))
-                .collect();
-            // A forced GPTQ without data has no candidate: fall back to clip, said below.
-            let best = match rounding::best(cands) {
-                Some(b) => b,
-                None => rounding::best(rounding::candidates(w, g, block, &[Method::Clip]))
-                    .expect("clip always gives a candidate"),
-            };
-            (best, sq)
+                .map(|&i| round(&original[i], Some(&original_grams[&grp.input])))
+                .collect()
         })
         .collect();
+    let mut kept = Vec::new();
+    for ((grp, sc), plain) in folds.into_iter().zip(unscaled) {
+        let with: f64 = grp.sites.iter().map(|&i| chosen[i].0.error).sum();
+        let without: f64 = plain.iter().map(|c| c.0.error).sum();
+        if without <= with {
+            for (&i, c) in grp.sites.iter().zip(plain) {
+                chosen[i] = c;
+                alpha_of[i] = 0.0;
+            }
+        } else {
+            kept.push((grp, sc));
+        }
+    }
+    let folds = kept;
+    if !folds.is_empty() {
+        notes.push(format!(
+            "activation-aware scaling folded into {} LayerNorm(s): {}",
+            folds.len(),
+            folds
+                .iter()
+                .map(|(g, _)| format!("'{}' (α {})", g.node, alpha_of[g.sites[0]]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     if opts.rounding == Some(Method::Gptq) && grams.is_none() {
         notes.push("--weight-rounding gptq needs --calib; used clip instead".into());
     }
