@@ -70,6 +70,9 @@ struct Site {
     n: usize,
 }
 
+/// One layer's rounding and the output SQNR of every candidate.
+type Choice = (Candidate, Vec<(Method, f64)>);
+
 /// What one layer got, for the report.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerReport {
@@ -237,14 +240,14 @@ pub(super) fn int4(
         (best, sq)
     };
     // Parallel over layers, collected in order: the same bytes whatever the thread count.
-    let mut chosen: Vec<(Candidate, Vec<(Method, f64)>)> = sites
+    let mut chosen: Vec<Choice> = sites
         .par_iter()
         .zip(weights.par_iter())
         .map(|(s, w)| round(w, grams.as_ref().map(|gr| &gr[&s.input].xtx)))
         .collect();
     // The scaling was searched with round-to-nearest; a LayerNorm keeps it only when its
     // readers' final roundings (GPTQ included) are better with it than without.
-    let unscaled: Vec<Vec<(Candidate, Vec<(Method, f64)>)>> = folds
+    let unscaled: Vec<Vec<Choice>> = folds
         .par_iter()
         .map(|(grp, _)| {
             grp.sites
