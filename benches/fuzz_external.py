@@ -61,6 +61,10 @@ def prepare(folder):
     """Export the torchvision models (random weights, fixed seed) and copy the packaged ones."""
     import torch
     import torchvision
+
+    # benches/silero_vad.py shares the package's name: import the package, not that file.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
     import silero_vad
     import rapidocr_onnxruntime
 

@@ -239,3 +239,78 @@ mod tests {
         assert_eq!(human_bytes(128 << 30), "128.0 GiB");
     }
 }
+
+/// Deadlines for work that may never finish on a hostile model: tract's analysis and plan
+/// building, where symbolic-dim expressions can grow without bound (a Shape -> Cast chain fed a
+/// rewired value kept tract's constant propagation busy for minutes, all inside one call that
+/// cannot be interrupted). Such work registers a [`Watched`] deadline; the binary runs a
+/// watchdog thread that ends the process with one error line past it ([`overdue`]). Library
+/// callers without a watchdog are unaffected.
+pub mod watch {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    static ACTIVE: Mutex<Vec<(u64, Instant, Duration, &'static str)>> = Mutex::new(Vec::new());
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+
+    /// Floor of the analysis budget, whatever the model's size.
+    pub const ANALYSIS_BASE: Duration = Duration::from_secs(20);
+    /// Extra analysis time per MiB of model (tract packs weights while it builds a plan).
+    pub const ANALYSIS_PER_MIB: Duration = Duration::from_millis(100);
+
+    /// The time tract may take to analyse and plan a model of `model_bytes`: 20 s plus 0.1 s
+    /// per MiB (ViT-B/16, 330 MiB: 53 s; it takes a few seconds on the reference machine).
+    pub fn analysis_budget(model_bytes: u64) -> Duration {
+        ANALYSIS_BASE + ANALYSIS_PER_MIB * (model_bytes >> 20) as u32
+    }
+
+    /// A registered deadline, removed when dropped.
+    #[must_use]
+    pub struct Watched(u64);
+
+    impl Drop for Watched {
+        fn drop(&mut self) {
+            if let Ok(mut active) = ACTIVE.lock() {
+                active.retain(|(id, ..)| *id != self.0);
+            }
+        }
+    }
+
+    /// Register `what` (e.g. "tract's analysis of the model") with `budget` from now.
+    pub fn start(what: &'static str, budget: Duration) -> Watched {
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut active) = ACTIVE.lock() {
+            active.push((id, Instant::now() + budget, budget, what));
+        }
+        Watched(id)
+    }
+
+    /// The first registered work past its deadline: what it is and its budget.
+    pub fn overdue() -> Option<(&'static str, Duration)> {
+        let now = Instant::now();
+        let active = ACTIVE.lock().ok()?;
+        active
+            .iter()
+            .find(|(_, deadline, ..)| *deadline <= now)
+            .map(|&(_, _, budget, what)| (what, budget))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn deadlines_expire_and_leave_when_dropped() {
+            let w = start("slow work", Duration::ZERO);
+            assert_eq!(overdue().map(|(what, _)| what), Some("slow work"));
+            drop(w);
+            let _w = start("fast work", Duration::from_secs(3600));
+            assert!(overdue().is_none_or(|(what, _)| what != "fast work"));
+            assert_eq!(
+                analysis_budget(330 << 20),
+                Duration::from_secs(20) + Duration::from_millis(33_000)
+            );
+        }
+    }
+}

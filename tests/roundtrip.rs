@@ -128,6 +128,14 @@ fn external_data_round_trip_and_resave() {
     assert!(d.path().join("ext.onnx.data").exists());
     let (reloaded, info) = load::read_model(&ext).unwrap();
     assert!(info.had_external_data);
+    let on_disk = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
+    let data = on_disk(&d.path().join("ext.onnx.data"));
+    assert!(data > 0);
+    assert_eq!(
+        (info.file_bytes, info.external_bytes),
+        (on_disk(&ext) + data, data),
+        "the size on disk counts the external data file"
+    );
     assert!(
         reloaded == conv_relu(),
         "external data must load back to the same tensors"

@@ -835,3 +835,44 @@ fn cli_refuses_if_branch_shapes_the_branch_does_not_compute() {
     );
     assert!(!out.exists());
 }
+
+/// A rank declared inside an `If` branch that its producer contradicts (a Relu of a rank-4
+/// Conv output declared rank 3): ONNX shape inference rejects it, so the tool refuses it,
+/// naming the value and the node, where tract could not analyse the branch.
+#[test]
+fn rank_declared_in_a_branch_contradicting_its_producer() {
+    let bytes = std::fs::read(testdata().join("if_model.onnx")).unwrap();
+    let mut m = onnx_compress::onnx::load::decode(&bytes).unwrap();
+    let iff = nodes(&mut m)
+        .iter_mut()
+        .find(|n| n.op_type() == "If")
+        .unwrap();
+    let then = iff
+        .attribute
+        .iter_mut()
+        .find(|a| a.name() == "then_branch")
+        .and_then(|a| a.g.as_mut())
+        .unwrap();
+    let out = &mut then.output[0];
+    let Some(onnx_compress::onnx::proto::type_proto::Value::TensorType(t)) =
+        out.r#type.as_mut().and_then(|t| t.value.as_mut())
+    else {
+        panic!("t_out has a tensor type")
+    };
+    t.shape.as_mut().unwrap().dim.pop();
+    assert_refused(m, &["'t_out'", "rank 3", "rank 4", "Relu"]);
+}
+
+/// Unsqueeze axes from a constant input that name one axis twice are refused.
+#[test]
+fn unsqueeze_axes_repeated() {
+    let mut m = single("Unsqueeze");
+    let g = m.graph.as_mut().unwrap();
+    g.initializer.push(onnx_compress::onnx::tensor::from_i64(
+        "axes",
+        &[2],
+        &[0, -4],
+    ));
+    g.node[0].input.push("axes".into());
+    assert_refused(m, &["Unsqueeze", "more than once"]);
+}

@@ -199,6 +199,31 @@ pub struct CompressArgs {
     /// Symmetric int8 activations instead of asymmetric uint8.
     #[arg(long, help_heading = "Quantization")]
     pub symmetric_activations: bool,
+    /// Activation quantization: static (calibrated Q/DQ pairs), dynamic (DynamicQuantizeLinear +
+    /// MatMulInteger on linear layers, ranges taken at run time) or auto (transformers: both
+    /// scored by output error on calibration samples, dynamic kept unless static is clearly
+    /// better; other models: static).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        help_heading = "Quantization"
+    )]
+    pub activations: ActivationsArg,
+    /// Transformers: SmoothQuant migration of activation outliers into the weights after each
+    /// LayerNorm: auto (none, 0.5 or 0.75, whichever gives the lowest output error on
+    /// calibration samples), off, or a strength in [0, 1].
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "auto|off|ALPHA",
+        help_heading = "Quantization"
+    )]
+    pub smooth: String,
+    /// Transformers: also quantize the attention products (Q x K^T, attention x V), which auto
+    /// otherwise keeps float unless they measure harmless.
+    #[arg(long, help_heading = "Quantization")]
+    pub int8_attention: bool,
     /// 7-bit weights, for ONNX Runtime's u8xs8 kernels on x86 CPUs without VNNI.
     #[arg(long, help_heading = "Quantization")]
     pub reduce_range: bool,
@@ -449,6 +474,13 @@ pub enum WeightRoundingArg {
     Nearest,
     Clip,
     Gptq,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ActivationsArg {
+    Static,
+    Dynamic,
+    Auto,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

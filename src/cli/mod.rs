@@ -44,7 +44,25 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// End the process with one error line when registered work (tract's analysis) outlives its
+/// budget ([`onnx_compress::limits::watch`]): nothing has been written yet, since outputs are
+/// only renamed into place at the end of a run.
+fn start_watchdog(input: Option<&std::path::Path>) {
+    let input = input.map_or("the model".to_string(), |p| p.display().to_string());
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        if let Some((what, budget)) = onnx_compress::limits::watch::overdue() {
+            eprintln!(
+                "error: {input}: {what} did not finish within {} s (tract's shape expressions for this model grow without bound; check the model with onnx.checker, or fix its input dims with --input-shape)",
+                budget.as_secs()
+            );
+            std::process::exit(1);
+        }
+    });
+}
+
 fn compress(args: &CompressArgs) -> Result<()> {
+    start_watchdog(args.model.as_deref());
     onnx_compress::progress::set_enabled(!args.quiet);
     onnx_compress::progress::set_verbose(args.verbose);
     let opts = options::compress_options(args)?;

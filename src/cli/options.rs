@@ -10,7 +10,7 @@ use onnx_compress::limits::{parse_size, MemoryBudget};
 use onnx_compress::passes::equalize::{BiasCorrection, EqualizeOptions};
 use onnx_compress::passes::mixed_precision::{Budget, MixedPrecisionOptions, Selection};
 use onnx_compress::passes::prune::{self, PruneOptions};
-use onnx_compress::passes::quantize::{Naming, QuantizeOptions, Rounding};
+use onnx_compress::passes::quantize::{ActivationMode, Naming, QuantizeOptions, Rounding, Smooth};
 use onnx_compress::passes::target::Target;
 use onnx_compress::passes::weight_only::{self, WeightOnlyOptions};
 use onnx_compress::passes::{self, PassContext};
@@ -193,6 +193,26 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         naming: match args.names {
             NamesArg::Descriptive => Naming::Descriptive,
             NamesArg::Compact => Naming::Compact,
+        },
+        activations: match args.activations {
+            ActivationsArg::Static => ActivationMode::Static,
+            ActivationsArg::Dynamic => ActivationMode::Dynamic,
+            ActivationsArg::Auto => ActivationMode::Auto,
+        },
+        attention_int8: args.int8_attention,
+        smooth: match args.smooth.as_str() {
+            "auto" => Smooth::Auto,
+            "off" => Smooth::Off,
+            a => {
+                let alpha: f32 = a
+                    .parse()
+                    .ok()
+                    .filter(|a: &f32| (0.0..=1.0).contains(a))
+                    .with_context(|| {
+                        format!("--smooth {a}: expected auto, off or a number in [0, 1]")
+                    })?;
+                Smooth::Alpha(alpha)
+            }
         },
         ..Default::default()
     };

@@ -153,6 +153,27 @@ fn validation(v: &ValidationReport) {
                 "", o.nonfinite_original
             );
         }
+        if let Some(l) = &o.language {
+            let mut line = format!(
+                "    {:<16} next-token agreement {:.2}% over {} positions, KL {:.2e}",
+                "",
+                100.0 * l.next_token_agreement,
+                l.positions,
+                l.mean_kl
+            );
+            if let (Some(a), Some(b), Some(d)) = (
+                l.perplexity_original,
+                l.perplexity_candidate,
+                l.perplexity_change,
+            ) {
+                line += &format!(
+                    "; perplexity {a:.4} -> {b:.4} ({:+.3}%) on {} next tokens",
+                    100.0 * d,
+                    l.targets
+                );
+            }
+            println!("{line}");
+        }
         if let (Some(a), Some(b)) = (o.accuracy_original, o.accuracy_candidate) {
             println!(
                 "    {:<16} accuracy {:.2}% -> {:.2}% ({:+.2} points)",

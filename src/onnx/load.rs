@@ -11,11 +11,16 @@ use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 
-/// Whether a model came with external data (callers keep that layout on save by default).
+/// Whether a model came with external data (callers keep that layout on save by default), and
+/// its size on disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LoadInfo {
     pub had_external_data: bool,
+    /// The model file plus every external data file it references (each counted once): what
+    /// the model costs on disk, so size ratios compare like with like.
     pub file_bytes: u64,
+    /// The external data files' part of `file_bytes`.
+    pub external_bytes: u64,
 }
 
 /// Decode a model file and inline its external data, without building the IR.
@@ -28,13 +33,14 @@ pub fn read_model(path: &Path) -> Result<(ModelProto, LoadInfo)> {
     } else {
         base
     };
-    let had_external_data = inline_external_data(&mut model, base)
+    let external_bytes = inline_external_data(&mut model, base)
         .with_context(|| format!("{}: external data", path.display()))?;
     Ok((
         model,
         LoadInfo {
-            had_external_data,
-            file_bytes: bytes.len() as u64,
+            had_external_data: external_bytes.is_some(),
+            file_bytes: bytes.len() as u64 + external_bytes.unwrap_or(0),
+            external_bytes: external_bytes.unwrap_or(0),
         },
     ))
 }
@@ -158,7 +164,9 @@ pub fn external_path(base: &Path, location: &str) -> Result<PathBuf> {
     Ok(canon)
 }
 
-fn inline_external_data(model: &mut ModelProto, base: &Path) -> Result<bool> {
+/// Inline every external tensor; returns the total size of the distinct external files read,
+/// or `None` when the model has no external data.
+fn inline_external_data(model: &mut ModelProto, base: &Path) -> Result<Option<u64>> {
     let mut files: HashMap<PathBuf, std::fs::File> = HashMap::new();
     let mut any = false;
     for_each_tensor_mut(model, &mut |t| {
@@ -214,5 +222,12 @@ fn inline_external_data(model: &mut ModelProto, base: &Path) -> Result<bool> {
         t.external_data.clear();
         Ok(())
     })?;
-    Ok(any)
+    if !any {
+        return Ok(None);
+    }
+    let mut total = 0;
+    for file in files.values() {
+        total += file.metadata()?.len();
+    }
+    Ok(Some(total))
 }

@@ -270,6 +270,10 @@ impl Runner {
         input_shapes: &[(String, Vec<usize>)],
         extra_outputs: &[String],
     ) -> Result<Self> {
+        let _deadline = crate::limits::watch::start(
+            "tract's analysis of the model",
+            crate::limits::watch::analysis_budget(model.encoded_len() as u64),
+        );
         guard_tract(|| Self::new_unguarded(model, input_shapes, extra_outputs))
     }
 
@@ -438,6 +442,10 @@ pub fn infer_value_shapes(
     model: &ModelProto,
     input_shapes: &[(String, Vec<usize>)],
 ) -> Result<Vec<ValueShape>> {
+    let _deadline = crate::limits::watch::start(
+        "tract's analysis of the model",
+        crate::limits::watch::analysis_budget(model.encoded_len() as u64),
+    );
     guard_tract(|| infer_value_shapes_unguarded(model, input_shapes))
 }
 

@@ -272,7 +272,49 @@ pub fn keep_float(ctx: &mut PassContext, model: &Model, found: &[NonFinite]) {
 /// declaration, ONNX Runtime loads it (ddddocr's shipped `common.onnx` declares its output
 /// [1, ?] and computes [1, 1, 8210]): the output keeps what runs and becomes valid. Only ranks
 /// and dims both sides know are compared.
+///
+/// Where tract cannot compute an output (`If` branches fed by symbolic values), the ranks
+/// inferred over the graph ([`crate::ir::check::check_model_ranks`]) still catch a declared
+/// rank that contradicts the producer: that output is declared with the inferred rank and
+/// unknown dims, which ONNX shape inference fills in itself.
 pub fn correct_declared_outputs(
+    model: &mut Model,
+    proto: &crate::onnx::proto::ModelProto,
+    input_shapes: &[(String, Vec<usize>)],
+) -> Result<Vec<String>> {
+    let mut notes = correct_outputs_by_tract(model, proto, input_shapes)?;
+    let found = proto
+        .graph
+        .as_ref()
+        .and_then(|g| crate::ir::check::check_model_ranks(g).ok())
+        .unwrap_or_default();
+    for c in found {
+        let Some(out) = model
+            .graph
+            .outputs
+            .iter_mut()
+            .find(|o| o.name() == c.output)
+        else {
+            continue;
+        };
+        let Some(type_proto::Value::TensorType(tt)) =
+            out.r#type.as_mut().and_then(|t| t.value.as_mut())
+        else {
+            continue;
+        };
+        if let Some(shape) = tt.shape.as_mut().filter(|s| s.dim.len() != c.inferred) {
+            // onnx.checker wants a main-graph output's shape present: the rank, dims unknown.
+            shape.dim = vec![Default::default(); c.inferred];
+            notes.push(format!(
+                "graph output '{}' is declared with rank {} but the graph computes rank {}: declared with {} unknown dims in the output (ONNX shape inference rejects the contradiction)",
+                c.output, c.declared, c.inferred, c.inferred
+            ));
+        }
+    }
+    Ok(notes)
+}
+
+fn correct_outputs_by_tract(
     model: &mut Model,
     proto: &crate::onnx::proto::ModelProto,
     input_shapes: &[(String, Vec<usize>)],

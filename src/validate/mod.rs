@@ -29,7 +29,10 @@
 //!   compared, SQNR, cosine and the errors are NaN (never "identical"). Non-finite numbers
 //!   serialize as JSON `null`.
 //! - for 2-D `[N, C]` outputs with `C > 1`, the fraction of rows whose argmax agrees.
+//! - for logits `[batch, seq, vocab]` of token windows (one integer input `[batch, seq]`):
+//!   next-token agreement, KL and perplexity on the windows' own next tokens ([`language`]).
 
+pub mod language;
 pub mod latency;
 
 use anyhow::{bail, Context, Result};
@@ -167,6 +170,9 @@ pub struct OutputMetrics {
     /// With labels: fraction of rows whose argmax is the label, for each model.
     pub accuracy_original: Option<f64>,
     pub accuracy_candidate: Option<f64>,
+    /// Language-model logits of token windows: next-token agreement and perplexity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub language: Option<language::LanguageMetrics>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -351,6 +357,14 @@ pub fn validate(
             }
             shapes_out[k] = r.shape().to_vec();
             accs[k].add(r, c);
+            if let [Feed::I64(tokens)] = batch.as_slice() {
+                if language::applies(tokens.shape(), r.shape()) {
+                    accs[k]
+                        .language
+                        .get_or_insert_with(Default::default)
+                        .add(tokens, r, c);
+                }
+            }
             if let Some(labels) = labels {
                 accs[k].add_labels(r, c, labels.get(label_at..).unwrap_or(&[]));
             }
@@ -505,6 +519,7 @@ struct Acc {
     nonfinite: usize,
     nonfinite_original: usize,
     elements: usize,
+    language: Option<language::LanguageAcc>,
 }
 
 fn argmax(row: impl Iterator<Item = f32>) -> usize {
@@ -605,6 +620,7 @@ impl Acc {
                 .then(|| self.correct_o as f64 / self.labelled as f64),
             accuracy_candidate: (self.labelled > 0)
                 .then(|| self.correct_c as f64 / self.labelled as f64),
+            language: self.language.as_ref().map(language::LanguageAcc::finish),
         }
     }
 }

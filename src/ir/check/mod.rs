@@ -15,6 +15,8 @@
 //!   to what `value_info` and graph outputs declare; every input's known type matches the
 //!   op's type constraints (shared type parameters agree). An `If` output's declared rank
 //!   agrees with its branches' when they agree.
+//! - Ranks ([`ranks`]): inferred over node outputs through subgraphs, equal to what value_info
+//!   and subgraph outputs declare (main-graph outputs are corrected by the session instead).
 //! - Every node's domain is imported (custom domains too); op_type is not empty.
 //! - Every node of a domain with schemas, in every graph: the op exists at the model's opset
 //!   (and is not deprecated there); input and output counts in the schema's range, required
@@ -36,8 +38,10 @@ use anyhow::{bail, ensure, Context, Result};
 use std::collections::{HashMap, HashSet};
 
 mod declared;
+mod ranks;
 mod types;
 use declared::{check_declared_shapes, check_initializers, check_input_types, graph_constants};
+pub use ranks::{check_model_ranks, RankContradiction};
 use types::ValueTypes;
 
 /// Check a model; see the module docs for what is checked.
@@ -72,6 +76,8 @@ pub fn check_model(model: &ModelProto) -> Result<()> {
         ir_version: ir,
     };
     check_graph(&ctx, graph, &HashMap::new(), &HashMap::new())?;
+    // Main-graph output contradictions are the session's to correct (see `ranks`).
+    check_model_ranks(graph)?;
     Ok(())
 }
 

@@ -118,7 +118,7 @@ fn scalar_zp(name: &str, scheme: ActScheme, zp: i32) -> TensorProto {
     }
 }
 
-fn scale_tensor(name: &str, scales: &[f32], per_axis: bool) -> TensorProto {
+pub(crate) fn scale_tensor(name: &str, scales: &[f32], per_axis: bool) -> TensorProto {
     let shape: Vec<usize> = if per_axis { vec![scales.len()] } else { vec![] };
     let a = ArrayD::from_shape_vec(ndarray::IxDyn(&shape), scales.to_vec())
         .expect("scale shape matches its length");
@@ -227,7 +227,7 @@ fn name_seed(seed: u64, name: &str) -> u64 {
 }
 
 /// The int8 values and per-channel parameters of a float weight (no graph change).
-fn quantize_values(
+pub(crate) fn quantize_values(
     a: &ArrayD<f32>,
     axis: Option<usize>,
     w: &str,
@@ -273,7 +273,7 @@ fn quantize_values(
 }
 
 /// The dequantized values of `q` in logical order.
-fn dequantize_values(q: &ArrayD<i8>, qps: &[QParams], axis: Option<usize>) -> Vec<f32> {
+pub(crate) fn dequantize_values(q: &ArrayD<i8>, qps: &[QParams], axis: Option<usize>) -> Vec<f32> {
     let inner: usize = axis.map_or(1, |ax| q.shape()[ax + 1..].iter().product());
     q.iter()
         .enumerate()

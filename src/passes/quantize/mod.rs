@@ -24,10 +24,14 @@
 //! its numbers are a simulation of the int8 kernels; ONNX Runtime fuses them into QLinearConv.
 
 pub mod auto;
+pub mod choose;
+pub mod dynamic;
 pub mod insert;
 pub mod materialize;
 pub mod opset;
 pub mod placement;
+pub mod smooth;
+pub mod transformer;
 
 use crate::calibrate::data::{CalibrationSet, DataOptions};
 use crate::calibrate::observe::{Method, Observed};
@@ -36,6 +40,7 @@ use crate::ir::Model;
 use crate::onnx::tensor;
 use crate::passes::{Pass, PassContext, PassStats};
 use anyhow::{Context, Result};
+pub use choose::{ActivationMode, Smooth};
 use indexmap::IndexMap;
 pub use insert::{Naming, Rounding};
 use serde_json::json;
@@ -73,6 +78,12 @@ pub struct QuantizeOptions {
     pub input_shapes: Vec<(String, Vec<usize>)>,
     /// Names of the added Q/DQ tensors and nodes.
     pub naming: Naming,
+    /// In a transformer: also quantize the attention products (Q x K^T, attention x V).
+    pub attention_int8: bool,
+    /// Static (calibrated Q/DQ), dynamic (run-time ranges) or auto ([`choose`]).
+    pub activations: ActivationMode,
+    /// SmoothQuant migration on transformers ([`smooth`]).
+    pub smooth: Smooth,
 }
 
 impl Default for QuantizeOptions {
@@ -96,6 +107,9 @@ impl Default for QuantizeOptions {
             bn_stats: BTreeMap::new(),
             input_shapes: Vec::new(),
             naming: Naming::Compact,
+            attention_int8: false,
+            activations: ActivationMode::Auto,
+            smooth: Smooth::Auto,
         }
     }
 }
@@ -299,20 +313,82 @@ pub(crate) fn unshare_biases(g: &mut crate::ir::Graph) -> Result<usize> {
     Ok(copies)
 }
 
-/// Quantize `model` in place (all or nothing).
+/// Quantize `model` in place (all or nothing), with the activation mode of the options.
 pub fn quantize(
     model: &mut Model,
     opts: &QuantizeOptions,
     calibration: Option<&CalibrationSet>,
 ) -> Result<PassStats> {
-    let mut stats = PassStats::default();
-    let already = model.graph.node_indices().any(|ix| {
+    if already_quantized(model) {
+        let mut stats = PassStats::default();
+        stats.notes.push(
+            "the model already holds QuantizeLinear/DequantizeLinear nodes; left unchanged".into(),
+        );
+        return Ok(stats);
+    }
+    // Transformers go through the chooser (smoothing strengths, and static vs dynamic under
+    // auto); other graphs take the forced or static path unchanged.
+    choose::quantize(model, opts, calibration)
+}
+
+fn already_quantized(model: &Model) -> bool {
+    model.graph.node_indices().any(|ix| {
         matches!(
             model.graph.node(ix).op_type(),
-            "QuantizeLinear" | "DequantizeLinear"
+            "QuantizeLinear" | "DequantizeLinear" | "DynamicQuantizeLinear" | "MatMulInteger"
         )
+    })
+}
+
+/// Dynamic activations on the plan's linear layers ([`dynamic`]); no calibration.
+pub fn quantize_dynamic(model: &mut Model, opts: &QuantizeOptions) -> Result<PassStats> {
+    let mut stats = PassStats::default();
+    let mut work = model.clone();
+    stats.notes.extend(opset::upgrade(
+        &mut work,
+        opset::PER_CHANNEL,
+        &opts.input_shapes,
+    )?);
+    let plan = placement::plan(&work.graph, opts, &placement::NodeSelection::All)?;
+    stats.notes.extend(plan.notes.iter().cloned());
+    let mut namer = insert::Namer::new(opts.naming);
+    let layers = dynamic::rewrite(&mut work.graph, &plan, opts, &mut namer)?;
+    if layers.is_empty() {
+        stats
+            .notes
+            .push("no linear layer (MatMul/Gemm with a constant 2-D weight) to quantize dynamically; model unchanged".into());
+        return Ok(stats);
+    }
+    stats.changes = layers.len();
+    let worst = layers
+        .iter()
+        .min_by(|a, b| a.weight.sqnr_db.total_cmp(&b.weight.sqnr_db));
+    stats.notes.push(format!(
+        "dynamic activations on {} linear layer(s): DynamicQuantizeLinear + MatMulInteger, per-channel int8 weights{}",
+        layers.len(),
+        worst
+            .map(|w| format!("; lowest weight SQNR {:.1} dB ('{}')", w.weight.sqnr_db, w.weight.tensor))
+            .unwrap_or_default()
+    ));
+    stats.details = json!({
+        "activations": "dynamic",
+        "per_channel": opts.per_channel,
+        "reduce_range": opts.reduce_range,
+        "naming": opts.naming,
+        "layers": layers,
     });
-    if already {
+    *model = work;
+    Ok(stats)
+}
+
+/// Static (calibrated Q/DQ) quantization of `model` in place (all or nothing).
+pub fn quantize_static(
+    model: &mut Model,
+    opts: &QuantizeOptions,
+    calibration: Option<&CalibrationSet>,
+) -> Result<PassStats> {
+    let mut stats = PassStats::default();
+    if already_quantized(model) {
         stats.notes.push(
             "the model already holds QuantizeLinear/DequantizeLinear nodes; left unchanged".into(),
         );

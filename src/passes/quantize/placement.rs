@@ -36,6 +36,11 @@
 //! - Everything else (Softmax, other Sigmoids, Tanh, LayerNormalization, BatchNormalization, ...)
 //!   stays float; it reads the dequantized value of a marked input.
 //!
+//! In a transformer (see [`super::transformer`]: a layer norm or an attention unit is present)
+//! these rules give way to the transformer table: linear layers only (`MatMul`/`Gemm` with a
+//! constant 2-D weight: activation input and per-channel weight marked, output float), the
+//! attention products only with [`QuantizeOptions::attention_int8`], nothing else.
+//!
 //! User filters: `exclude_ops`, `exclude_nodes` (exact names or regexes), and `include_nodes`
 //! (when given, only matching nodes are quantized). A caller that already knows its nodes
 //! (`mixed-precision`: the readers of its int8/int4 weights) passes them as a
@@ -101,6 +106,8 @@ pub struct Plan {
     /// Outputs of Relu/Clip units fused into their producer (non-negative, zero point 0 when
     /// their group stays non-negative, which is what lets ORT drop the Relu into QLinearConv).
     fused: IndexSet<String>,
+    /// The graph was recognised as a transformer and placed by its table.
+    pub transformer: bool,
 }
 
 impl Plan {
@@ -343,6 +350,11 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions, selection: &NodeSelection) -> Res
     let filter = Filter::new(opts, selection)?;
     let mut plan = Plan::default();
     let dynamic = |v: &str| !v.is_empty() && g.constant(v).is_none();
+    let structure = super::transformer::Structure::find(g);
+    if structure.is_transformer() {
+        plan.transformer = true;
+        plan.notes.push(structure.describe());
+    }
     for ix in g.topo_order()? {
         let n = g.node(ix);
         let (name, op) = (node_label(n).to_string(), n.op_type().to_string());
@@ -352,6 +364,12 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions, selection: &NodeSelection) -> Res
         let input = |k: usize| n.input.get(k).map(String::as_str).unwrap_or("");
         let output = n.output.first().map(String::as_str).unwrap_or("");
         let per_channel = |axis: usize| opts.per_channel.then_some(axis);
+        if plan.transformer {
+            if transformer_rule(g, ix, &structure, opts, &mut plan)? {
+                plan.nodes.push((name, op));
+            }
+            continue;
+        }
         let quantized = match op.as_str() {
             "Conv" | "ConvTranspose" => {
                 let (x, w, b) = (input(0), input(1), input(2));
@@ -480,6 +498,59 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions, selection: &NodeSelection) -> Res
         }
     }
     Ok(plan)
+}
+
+/// The transformer table ([`super::transformer::RULES`]) for node `ix`: marks its tensors and
+/// says whether it is quantized.
+fn transformer_rule(
+    g: &Graph,
+    ix: NodeIndex,
+    structure: &super::transformer::Structure,
+    opts: &QuantizeOptions,
+    plan: &mut Plan,
+) -> Result<bool> {
+    let n = g.node(ix);
+    let name = node_label(n).to_string();
+    let input = |k: usize| n.input.get(k).map(String::as_str).unwrap_or("");
+    let dynamic = |v: &str| !v.is_empty() && g.constant(v).is_none();
+    let rank = |v: &str| {
+        g.constant(v)
+            .and_then(|t| tensor::shape(t).ok())
+            .map(|s| s.len())
+    };
+    let per_channel = |axis: usize| opts.per_channel.then_some(axis);
+    let (a, b) = (input(0), input(1));
+    if !dynamic(a) {
+        return Ok(false);
+    }
+    Ok(match n.op_type() {
+        // Linear layer: int8 input and per-channel weight (output channels on the last axis).
+        "MatMul" if rank(b) == Some(2) => {
+            let marked = plan.mark_weight(g, b, per_channel(1), true, &name);
+            if marked {
+                plan.mark(a);
+            }
+            marked
+        }
+        "Gemm" if rank(b) == Some(2) => {
+            let trans_b = n.attr_int("transB")?.unwrap_or(0) == 1;
+            let axis = per_channel(if trans_b { 0 } else { 1 });
+            let marked = plan.mark_weight(g, b, axis, true, &name);
+            if marked {
+                plan.mark(a);
+            }
+            marked
+        }
+        // Attention products: only when measured to be harmless.
+        "MatMul"
+            if dynamic(b) && opts.attention_int8 && structure.attention_matmuls.contains(&ix) =>
+        {
+            plan.mark(a);
+            plan.mark(b);
+            true
+        }
+        _ => false,
+    })
 }
 
 #[cfg(test)]
