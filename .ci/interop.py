@@ -397,10 +397,61 @@ def check_kv_cache(binary):
     return 1 if failures else 0
 
 
+# --weight-bits 4 (int4 weight-only for language models): the tiny GPT compressed with its
+# calibration windows, as MatMulNBits (default) and as opset-21 block-wise DequantizeLinear,
+# must pass the full checker, run in ORT, and give logits close to fp32 on the held-out windows
+# (int4 on a random-weight GPT: ~20 dB; a broken packing or scale layout gives <= 0 dB).
+MIN_INT4_SQNR_DB = 12.0
+
+
+def int4_check(binary):
+    failures, rows = [], []
+    src = os.path.join(TD, "tiny_gpt.onnx")
+    ids = np.load(os.path.join(TD, "tiny_gpt_eval.npy"))[:, :32]
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = session(src, optimize=False).run(None, {"input_ids": ids})[0]
+        for fmt in ("matmulnbits", "dq"):
+            out = os.path.join(tmp, f"tiny_gpt_int4_{fmt}.onnx")
+            try:
+                compress(binary, src, out, ["--weight-bits", "4", "--weight-format", fmt,
+                                            "--calib", os.path.join(TD, "tiny_gpt_calib")])
+                qmodel = onnx.load(out)
+                onnx.checker.check_model(qmodel, full_check=True)
+                ops = [n.op_type for n in qmodel.graph.node]
+                got = session(out, optimize=True).run(None, {"input_ids": ids})[0]
+                db = sqnr_db(ref, got)
+                ratio = model_bytes(out) / model_bytes(src)
+                rows.append((fmt, ops.count("MatMulNBits"), db, ratio))
+                if db < MIN_INT4_SQNR_DB:
+                    failures.append(f"tiny_gpt --weight-bits 4 ({fmt}): logits SQNR vs fp32 in ORT "
+                                    f"{db:.1f} dB < {MIN_INT4_SQNR_DB} dB")
+                if fmt == "matmulnbits" and ops.count("MatMulNBits") == 0:
+                    failures.append("tiny_gpt --weight-bits 4: no MatMulNBits in the output")
+            except Exception as e:
+                failures.append(f"tiny_gpt --weight-bits 4 ({fmt}): {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:300]}")
+    print(f"--weight-bits 4 in ORT: {'format':12} {'MatMulNBits':>11} {'SQNR dB':>8} {'size':>7}")
+    for fmt, n, db, ratio in rows:
+        print(f"  {fmt:34} {n:11d} {db:8.1f} {100 * ratio:6.1f}%")
+    return failures
+
+
+def check_int4(binary):
+    failures = int4_check(binary)
+    if failures:
+        print("interop (int4): FAIL")
+        for f in failures:
+            print("  - " + f)
+        return 1
+    print("interop (int4): OK")
+    return 0
+
+
 if __name__ == "__main__":
     status = main()
     extra_binary = find_binary()
     if extra_binary is None:
         sys.exit(1)
-    status = max(status, language_models(extra_binary), check_kv_cache(extra_binary))
+    status = max(status, language_models(extra_binary), check_kv_cache(extra_binary),
+                 check_int4(extra_binary))
     sys.exit(status)

@@ -1,9 +1,11 @@
 //! Calibration: reading representative inputs of any element type ([`data`], files in `files`), observing tensor ranges over them in
 //! one streaming tract run ([`observe`], with the histogram and its range math in
-//! [`histogram`]), and turning ranges into quantization parameters ([`params`]); a KV-cache
-//! decoder's windows are run prefill-then-decode-steps into complete feeds by [`sequence`].
+//! [`histogram`]; the Gram matrices `XᵀX` of layer inputs in [`gram`]), and turning ranges into
+//! quantization parameters ([`params`]); a KV-cache decoder's windows are run
+//! prefill-then-decode-steps into complete feeds by [`sequence`].
 pub mod data;
 pub(crate) mod files;
+pub mod gram;
 pub mod histogram;
 pub mod image;
 pub mod inputs;

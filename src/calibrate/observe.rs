@@ -260,10 +260,7 @@ pub fn observers(
         .filter(|t| !calib.input_names.contains(t))
         .cloned()
         .collect();
-    let mut runner: Option<(Vec<Vec<usize>>, Runner)> = None;
-    let progress = crate::progress::Progress::bar("calibrating", calib.batches.len() as u64);
-    for (b, batch) in calib.batches.iter().enumerate() {
-        progress.inc(1);
+    stream(model, &extra, calib, "calibrating", |_, batch, outs| {
         for name in &inputs {
             let k = calib
                 .input_names
@@ -275,7 +272,31 @@ pub fn observers(
                 update(&mut observers, name, a, opts.moving_average);
             }
         }
+        for (name, out) in extra.iter().zip(outs) {
+            update(&mut observers, name, out, opts.moving_average);
+        }
+        Ok(())
+    })?;
+    Ok(observers)
+}
+
+/// Run the model over every calibration batch once with `extra` tensors as extra outputs, and
+/// hand each batch (its feeds, then the `extra` values in order) to `f`. One tract plan serves
+/// all batches of the same shapes; with no `extra` tensor nothing runs (`outs` is empty).
+/// Shared by range observation and the Gram matrices of [`super::gram`].
+pub fn stream(
+    model: &ModelProto,
+    extra: &[String],
+    calib: &CalibrationSet,
+    label: &str,
+    mut f: impl FnMut(usize, &[crate::runtime::Feed], &[ArrayD<f32>]) -> Result<()>,
+) -> Result<()> {
+    let mut runner: Option<(Vec<Vec<usize>>, Runner)> = None;
+    let progress = crate::progress::Progress::bar(label, calib.batches.len() as u64);
+    for (b, batch) in calib.batches.iter().enumerate() {
+        progress.inc(1);
         if extra.is_empty() {
+            f(b, batch, &[])?;
             continue;
         }
         let shapes: Vec<Vec<usize>> = batch.iter().map(|a| a.shape().to_vec()).collect();
@@ -286,7 +307,7 @@ pub fn observers(
                 .cloned()
                 .zip(shapes.iter().cloned())
                 .collect();
-            let r = Runner::new(model, &named, &extra)
+            let r = Runner::new(model, &named, extra)
                 .context("preparing the calibration run in tract")?;
             runner = Some((shapes, r));
         }
@@ -295,11 +316,9 @@ pub fn observers(
             .run(batch)
             .with_context(|| format!("calibration batch {b}"))?;
         let skip = outs.len() - extra.len();
-        for (name, out) in extra.iter().zip(&outs[skip..]) {
-            update(&mut observers, name, out, opts.moving_average);
-        }
+        f(b, batch, &outs[skip..])?;
     }
-    Ok(observers)
+    Ok(())
 }
 
 fn update(obs: &mut IndexMap<String, Observer>, name: &str, a: &ArrayD<f32>, ma: Option<f32>) {

@@ -272,6 +272,30 @@ pub struct CompressArgs {
     )]
     pub target: TargetArg,
 
+    // ---- weight-only ----
+    /// 4: store every MatMul/Gemm weight (the LM head included) as int4 in blocks of
+    /// --block-size (default 32) along the input axis, activations float (no int8 activations),
+    /// each layer rounded by GPTQ, a clipping search or round-to-nearest, whichever gives the
+    /// lowest output error on --calib (layers fed by a LayerNormalization after an
+    /// activation-aware channel scaling folded into it); Gather tables and layers narrower than
+    /// one block go int8. For language models. Not with --target-size / --avg-bits.
+    #[arg(long, value_name = "BITS", value_parser = ["4", "8"], help_heading = "Weight-only")]
+    pub weight_bits: Option<String>,
+    /// How int4 weights are written: matmulnbits (com.microsoft.MatMulNBits, run by ONNX
+    /// Runtime and by tract on its Q4_0 kernels) or dq (opset-21 block-wise DequantizeLinear of
+    /// INT4, ONNX Runtime only: tract 0.23.9 cannot load INT4).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "matmulnbits",
+        help_heading = "Weight-only"
+    )]
+    pub weight_format: WeightFormatArg,
+    /// int4 rounding: auto (per layer, the lowest output error on --calib) or one of nearest,
+    /// clip, gptq for every layer.
+    #[arg(long, value_enum, default_value = "auto", help_heading = "Weight-only")]
+    pub weight_rounding: WeightRoundingArg,
+
     // ---- equalization ----
     /// Move biases past ReLU layers where activations stay linear (high-bias absorption).
     #[arg(long, help_heading = "Equalization")]
@@ -378,7 +402,7 @@ pub struct CompressArgs {
     pub selection: SelectionArg,
     /// int4 weights in blocks of N values along the input-channel axis, one scale per block
     /// (ONNX block-wise DequantizeLinear, opset 21); layers whose input axis is shorter than N
-    /// stay per output channel. Default: per output channel.
+    /// stay per output channel. Default: per output channel (with --weight-bits 4: 32).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..), help_heading = "Mixed precision")]
     pub block_size: Option<u64>,
     /// Print the size-vs-sensitivity frontier (minimum ΣΩ, and the joint selection's predicted
@@ -464,6 +488,21 @@ pub struct CompressArgs {
 pub enum TargetArg {
     Generic,
     Tract,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WeightFormatArg {
+    #[value(name = "matmulnbits")]
+    MatMulNBits,
+    Dq,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WeightRoundingArg {
+    Auto,
+    Nearest,
+    Clip,
+    Gptq,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

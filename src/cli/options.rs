@@ -13,6 +13,7 @@ use onnx_compress::passes::mixed_precision::{Budget, MixedPrecisionOptions, Sele
 use onnx_compress::passes::prune::{self, PruneOptions};
 use onnx_compress::passes::quantize::{ActivationMode, Naming, QuantizeOptions, Rounding, Smooth};
 use onnx_compress::passes::target::Target;
+use onnx_compress::passes::weight_only::{self, WeightOnlyOptions};
 use onnx_compress::passes::{self, PassContext};
 use onnx_compress::session::{gate, CompressOptions, DataSources};
 
@@ -290,7 +291,9 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         },
         ..Default::default()
     };
+    let weight_only = weight_only_options(args, &mixed)?;
     Ok(PassContext {
+        weight_only,
         mixed,
         max_patches: args.max_patches,
         quantize,
@@ -302,6 +305,35 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
             TargetArg::Tract => Target::Tract,
         },
         ..Default::default()
+    })
+}
+
+/// `--weight-bits`, `--weight-format`, `--weight-rounding`, `--block-size`.
+fn weight_only_options(
+    args: &CompressArgs,
+    mixed: &MixedPrecisionOptions,
+) -> Result<WeightOnlyOptions> {
+    let bits = match args.weight_bits.as_deref() {
+        Some("4") => 4,
+        _ => 8,
+    };
+    ensure!(
+        bits != 4 || mixed.budget.is_none(),
+        "--weight-bits 4 stores every linear layer as int4; it does not combine with a mixed-precision budget (--target-size / --avg-bits)"
+    );
+    Ok(WeightOnlyOptions {
+        bits,
+        format: match args.weight_format {
+            WeightFormatArg::MatMulNBits => weight_only::Format::MatMulNBits,
+            WeightFormatArg::Dq => weight_only::Format::DequantizeLinear,
+        },
+        block_size: args.block_size.map_or(32, |b| b as usize),
+        rounding: match args.weight_rounding {
+            WeightRoundingArg::Auto => None,
+            WeightRoundingArg::Nearest => Some(weight_only::Method::Nearest),
+            WeightRoundingArg::Clip => Some(weight_only::Method::Clip),
+            WeightRoundingArg::Gptq => Some(weight_only::Method::Gptq),
+        },
     })
 }
 

@@ -106,6 +106,8 @@ pub struct PassContext {
     pub selected: Vec<&'static str>,
     /// What earlier passes of this run established (filled by [`run_passes`]).
     pub facts: Facts,
+    /// Options of `weight-only` (`--weight-bits 4`: int4 linear layers).
+    pub weight_only: weight_only::WeightOnlyOptions,
     /// The runtime the output is placed for: its [`target::Policy`] decides which ops get int8
     /// activations (`quantize`) and which weights go weight-only.
     pub target: target::Target,

@@ -5,7 +5,8 @@
 //! - nodes outside the standard domain: tract looks ops up by `op_type` only, so
 //!   `com.example::Relu` would run as ONNX Relu. `ai.onnx.ml` is accepted only for the five ops
 //!   tract implements from it (LinearRegressor, LinearClassifier, TreeEnsembleClassifier,
-//!   Normalizer, CategoryMapper);
+//!   Normalizer, CategoryMapper), and `com.microsoft` only for `MatMulNBits` (4 or 2 bits, no
+//!   `g_idx`), which tract implements;
 //! - op types tract has no builder for (`Loop`, sequence ops, ...): tract would insert a
 //!   placeholder that fails later with a less useful message;
 //! - element types tract has no `DatumType` for (bf16, float8, int4/uint4, int2/uint2, float4,
@@ -144,6 +145,22 @@ impl<'a> Scope<'a> {
         match domain {
             "" | "ai.onnx" => {}
             "ai.onnx.ml" if ML_OPS.contains(&op) => {}
+            // tract-onnx 0.23.9 implements MatMulNBits (4- and 2-bit, constant B/scales/zero
+            // points, no g_idx; block 32 runs on its Q4_0 kernels): `weight-only --weight-bits 4`.
+            "com.microsoft" if op == "MatMulNBits" => {
+                let bits = attr_int(n, "bits").unwrap_or(4);
+                if bits != 4 && bits != 2 {
+                    return Some(format!(
+                        "node {label}: MatMulNBits with bits = {bits}; tract 0.23.9 runs 4 and 2 only"
+                    ));
+                }
+                if n.input.get(4).is_some_and(|g| !g.is_empty()) {
+                    return Some(format!(
+                        "node {label}: MatMulNBits with g_idx (act-order); tract 0.23.9 refuses it"
+                    ));
+                }
+                return None;
+            }
             _ => {
                 let how = if self.registered.contains(op) {
                     format!("would run it as its own '{op}', ignoring the domain")

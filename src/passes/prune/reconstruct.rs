@@ -182,8 +182,10 @@ pub struct Outcome {
     pub rel_error_plain: f64,
 }
 
-/// Dense Cholesky solve of `G X = B` (G symmetric positive definite, row-major `n x n`).
-fn cholesky_solve(mut g: Array2<f64>, mut b: Array2<f64>) -> Option<Array2<f64>> {
+/// Lower Cholesky factor `L` of a symmetric positive definite `G = L Lᵀ` (zeros above the
+/// diagonal), `None` when `G` is not numerically positive definite. Also used by the int4
+/// rounding of `weight-only` (GPTQ's inverse-Hessian factor).
+pub fn cholesky(mut g: Array2<f64>) -> Option<Array2<f64>> {
     let n = g.nrows();
     for j in 0..n {
         let mut d = g[[j, j]];
@@ -202,7 +204,17 @@ fn cholesky_solve(mut g: Array2<f64>, mut b: Array2<f64>) -> Option<Array2<f64>>
             }
             g[[i, j]] = v / d;
         }
+        for i in 0..j {
+            g[[i, j]] = 0.0;
+        }
     }
+    Some(g)
+}
+
+/// Dense Cholesky solve of `G X = B` (G symmetric positive definite, row-major `n x n`).
+pub fn cholesky_solve(g: Array2<f64>, mut b: Array2<f64>) -> Option<Array2<f64>> {
+    let n = g.nrows();
+    let g = cholesky(g)?;
     let m = b.ncols();
     // forward: L z = b
     for i in 0..n {

@@ -136,6 +136,12 @@ impl Pass for Quantize {
     /// Off when the target's policy keeps activations float (`--target tract`).
     fn is_enabled(&self, ctx: &PassContext) -> Result<(), crate::passes::Skip> {
         let policy = ctx.target.policy();
+        if ctx.weight_only.bits == 4 {
+            return Err(crate::passes::Skip {
+                note: "--weight-bits 4: int4 weight-only, activations stay float",
+                details: serde_json::Value::Null,
+            });
+        }
         if policy.int8_activations {
             return Ok(());
         }

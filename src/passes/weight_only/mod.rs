@@ -32,6 +32,20 @@
 //! weights the activation rules left float are touched; after a budgeted `mixed-precision`
 //! run the layers it assigned (Conv/ConvTranspose/Gemm/MatMul, fp32 ones included) are left
 //! as it chose them.
+//!
+//! **`--weight-bits 4`** ([`WeightOnlyOptions::bits`]): first the MatMul/Gemm weights (the LM
+//! head included) go int4 in blocks along their input axis, as `com.microsoft.MatMulNBits` or
+//! opset-21 block-wise DequantizeLinear, rounded by GPTQ, a clipping search or
+//! round-to-nearest, whichever gives the lowest layer output error on the calibration data
+//! ([`int4`], numerics in [`rounding`]); `quantize` is skipped (activations float); then the
+//! rules above store what is left (Gather tables, layers narrower than one block) as int8.
+
+pub mod awq;
+pub mod int4;
+pub mod rounding;
+
+pub use int4::Format;
+pub use rounding::Method;
 
 use super::quantize::insert::{self, Namer, Rounding, WeightReport};
 use super::quantize::opset;
@@ -122,6 +136,30 @@ const fn row(op: &'static str, input: usize, axis: Axis) -> Rule {
     }
 }
 
+/// Options of `weight-only`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightOnlyOptions {
+    /// 8: the int8 rules only; 4: int4 MatMul/Gemm weights first ([`int4`]).
+    pub bits: u32,
+    /// How int4 weights are written.
+    pub format: Format,
+    /// int4 values per scale, along the input axis.
+    pub block_size: usize,
+    /// Force one int4 rounding; `None`: the lowest output error per layer.
+    pub rounding: Option<Method>,
+}
+
+impl Default for WeightOnlyOptions {
+    fn default() -> Self {
+        WeightOnlyOptions {
+            bits: 8,
+            format: Format::MatMulNBits,
+            block_size: 32,
+            rounding: None,
+        }
+    }
+}
+
 pub struct WeightOnly;
 
 impl Pass for WeightOnly {
@@ -137,8 +175,84 @@ impl Pass for WeightOnly {
         // With a size budget, `mixed-precision` chose every layer's precision (fp32 included);
         // those layers are its decision, not ours.
         let mixed_ran = ctx.selected.contains(&"mixed-precision") && ctx.mixed.budget.is_some();
-        weight_only(model, ctx.target.policy(), &ctx.quantize, mixed_ran)
+        if ctx.weight_only.bits != 4 {
+            return weight_only(model, ctx.target.policy(), &ctx.quantize, mixed_ran);
+        }
+        let filter = Filter::new(&ctx.quantize)?;
+        let (layers, notes) = int4::int4(
+            model,
+            &filter,
+            &ctx.weight_only,
+            ctx.quantize.naming,
+            ctx.calibration.as_deref(),
+        )?;
+        let mut stats = weight_only(model, ctx.target.policy(), &ctx.quantize, mixed_ran)?;
+        stats.notes.splice(0..0, notes);
+        Ok(merge_int4(stats, layers, &ctx.weight_only))
     }
+}
+
+/// The int8 pass's stats with the int4 layers in front: changes, a note, table rows, details.
+fn merge_int4(
+    mut stats: PassStats,
+    layers: Vec<int4::LayerReport>,
+    opts: &WeightOnlyOptions,
+) -> PassStats {
+    if layers.is_empty() {
+        return stats;
+    }
+    let mut counts: IndexMap<Method, usize> = IndexMap::new();
+    for l in &layers {
+        *counts.entry(l.method).or_default() += 1;
+    }
+    let chosen = |l: &int4::LayerReport| {
+        l.sqnr_db
+            .iter()
+            .find(|(m, _)| *m == l.method)
+            .map_or(f64::NAN, |s| s.1)
+    };
+    stats.notes.insert(
+        0,
+        format!(
+            "{} linear layer(s) stored int4 ({}, block {}), rounding by lowest output error: {}; activations float",
+            layers.len(),
+            match opts.format {
+                Format::MatMulNBits => "com.microsoft.MatMulNBits",
+                Format::DequantizeLinear => "block-wise DequantizeLinear, opset 21",
+            },
+            opts.block_size,
+            counts
+                .iter()
+                .map(|(m, c)| format!("{c} {}", m.label()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    let mut rows: Vec<String> = layers
+        .iter()
+        .map(|l| {
+            let nearest = l
+                .sqnr_db
+                .iter()
+                .find(|(m, _)| *m == Method::Nearest)
+                .map_or("-".to_string(), |s| format!("{:.1}", s.1));
+            format!(
+                "{:<32} {:>5}x{:<5} int4 {:<8} output SQNR {:>5.1} dB (nearest {nearest})",
+                l.node,
+                l.k,
+                l.n,
+                l.method.label(),
+                chosen(l)
+            )
+        })
+        .collect();
+    rows.truncate(TABLE_ROWS);
+    rows.append(&mut stats.table);
+    stats.table = rows;
+    stats.changes += layers.len();
+    let int8 = std::mem::take(&mut stats.details);
+    stats.details = json!({ "int4": { "format": opts.format, "block_size": opts.block_size, "layers": layers }, "int8": int8 });
+    stats
 }
 
 /// What one weight's row asks for: the per-channel axis (`None` = per-tensor) and the node.

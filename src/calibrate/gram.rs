@@ -1,0 +1,126 @@
+//! Gram matrices of layer inputs over the calibration set, in one streaming run.
+//!
+//! For a linear layer `y = x W` (MatMul / Gemm, `x` with `K` features on its last axis), the
+//! output error of a perturbed weight `W + ΔW` summed over the calibration positions is
+//! `Σ_rows ‖x ΔW‖² = tr(ΔWᵀ G ΔW)` with `G = Xᵀ X`, `X` every calibration row of `x` stacked
+//! (`[rows, K]`). `G` is all the int4 rounding search of `weight-only` needs from the data
+//! (GPTQ's Hessian is `2G`); it is accumulated batch by batch ([`super::observe::stream`]: one
+//! tract run, the activations never kept), in f64, in batch order, so it does not depend on the
+//! thread count (tensors are accumulated in parallel, each by one thread).
+//!
+//! A tensor that is a graph input is read from the data; integer tensors are refused by name.
+
+use super::data::CalibrationSet;
+use crate::onnx::proto::ModelProto;
+use anyhow::{bail, ensure, Result};
+use indexmap::IndexMap;
+use ndarray::{Array2, ArrayD};
+use rayon::prelude::*;
+
+/// `Xᵀ X` of one tensor's rows (its last axis is the feature axis).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gram {
+    /// `[K, K]`, symmetric.
+    pub xtx: Array2<f64>,
+    /// Rows accumulated (calibration positions).
+    pub rows: u64,
+}
+
+impl Gram {
+    pub fn new(k: usize) -> Gram {
+        Gram {
+            xtx: Array2::zeros((k, k)),
+            rows: 0,
+        }
+    }
+
+    /// Add the rows of `x` (any rank >= 1, features on the last axis).
+    pub fn add(&mut self, name: &str, x: &ArrayD<f32>) -> Result<()> {
+        let k = self.xtx.nrows();
+        ensure!(
+            x.ndim() >= 1 && x.shape()[x.ndim() - 1] == k,
+            "tensor '{name}' has shape {:?}; expected {k} features on its last axis",
+            x.shape()
+        );
+        let rows = x.len() / k.max(1);
+        let flat = x
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order((rows, k))?;
+        let x64 = flat.mapv(f64::from);
+        self.xtx += &x64.t().dot(&x64);
+        self.rows += rows as u64;
+        Ok(())
+    }
+}
+
+/// The Gram matrix of each `(tensor, K)` over every calibration batch of `model`.
+pub fn gram_matrices(
+    model: &ModelProto,
+    tensors: &[(String, usize)],
+    calib: &CalibrationSet,
+) -> Result<IndexMap<String, Gram>> {
+    let mut grams: IndexMap<String, Gram> = tensors
+        .iter()
+        .map(|(t, k)| (t.clone(), Gram::new(*k)))
+        .collect();
+    let extra: Vec<String> = grams
+        .keys()
+        .filter(|t| !calib.input_names.contains(t))
+        .cloned()
+        .collect();
+    super::observe::stream(model, &extra, calib, "layer inputs", |_, batch, outs| {
+        let mut values: Vec<(&str, &ArrayD<f32>)> = Vec::new();
+        for (k, name) in calib.input_names.iter().enumerate() {
+            if grams.contains_key(name) {
+                match batch[k].as_f32() {
+                    Some(a) => values.push((name, a)),
+                    None => bail!(
+                        "input '{name}' is {}; a linear layer's input must be float",
+                        batch[k].type_name()
+                    ),
+                }
+            }
+        }
+        values.extend(extra.iter().map(String::as_str).zip(outs));
+        // Each tensor's matrix is updated by one thread, batches in order: deterministic.
+        let updates: Vec<(usize, &ArrayD<f32>)> = values
+            .into_iter()
+            .filter_map(|(n, a)| grams.get_index_of(n).map(|i| (i, a)))
+            .collect();
+        let mut slots: Vec<(&String, &mut Gram)> = grams.iter_mut().collect();
+        slots
+            .par_iter_mut()
+            .enumerate()
+            .try_for_each(|(i, (name, gram))| {
+                for (j, a) in &updates {
+                    if *j == i {
+                        gram.add(name, a)?;
+                    }
+                }
+                Ok::<(), anyhow::Error>(())
+            })
+    })?;
+    Ok(grams)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::IxDyn;
+
+    #[test]
+    fn gram_adds_rows_over_leading_axes() {
+        let x =
+            ArrayD::from_shape_vec(IxDyn(&[2, 2, 3]), (0..12).map(|v| v as f32).collect()).unwrap();
+        let mut g = Gram::new(3);
+        g.add("x", &x).unwrap();
+        g.add("x", &x).unwrap();
+        let flat = x.into_shape_with_order((4, 3)).unwrap().mapv(f64::from);
+        let want = flat.t().dot(&flat) * 2.0;
+        assert_eq!(g.xtx, want);
+        assert_eq!(g.rows, 8);
+        let wrong = ArrayD::<f32>::zeros(IxDyn(&[2, 4]));
+        assert!(g.add("y", &wrong).is_err());
+    }
+}
