@@ -278,13 +278,17 @@ fn trained_models_meet_the_accuracy_bar() {
     ] {
         let model = Model::load(&testdata(name)).unwrap();
         let x = read_f32(&testdata("digits_test_x.npy"));
-        let y: ndarray::ArrayD<i64> =
-            ndarray_npy::read_npy(testdata("digits_test_y.npy")).unwrap();
+        let y: ndarray::ArrayD<i64> = ndarray_npy::read_npy(testdata("digits_test_y.npy")).unwrap();
         let base = accuracy(&model, &x, &y.iter().copied().collect::<Vec<_>>());
         for (flops, allowed) in [(0.3, 1.0), (0.5, 5.0)] {
             let (acc, before, after) = prune_default(name, flops);
-            eprintln!("{name}: {base:.2}% -> {acc:.2}% at {flops} of MACs removed ({before} -> {after})");
-            assert!(after <= (1.0 - flops) * before + 1.0, "{name}: MACs {before} -> {after}");
+            eprintln!(
+                "{name}: {base:.2}% -> {acc:.2}% at {flops} of MACs removed ({before} -> {after})"
+            );
+            assert!(
+                after <= (1.0 - flops) * before + 1.0,
+                "{name}: MACs {before} -> {after}"
+            );
             if acc < base - allowed {
                 failures.push(format!("{name} at {flops}: {base:.2}% -> {acc:.2}%"));
             }

@@ -5,8 +5,12 @@
 //!    input slices, residual Adds merging groups, Concat offsets, Flatten->Gemm blocks).
 //!    Groups touching anything the pass cannot rewrite exactly are unprunable, with reasons.
 //! 2. **Importance** ([`importance`]): normalized filter norms, BN `|gamma|`, and (with
-//!    calibration data) a consumer-output score per channel.
-//! 3. **Plan**: remove the least important channels until the target is met: a fraction of
+//!    calibration data) a consumer-output score per channel. The default criterion `loss`
+//!    instead gives each group a removal order and a cost per step (`obs`): the exact
+//!    least-squares cost of removing the channel at its consumers with the kept inputs refit
+//!    (greedy, Schur-complement updates of the inverse input Gram matrix), as relative squared
+//!    consumer error times the consumer's measured output sensitivity (`sensitivity`).
+//! 3. **Plan**: remove the least important (cheapest) channels until the target is met: a fraction of
 //!    the channels of prunable groups (`ratio`) or of the model's MACs (`flops`; greedy by
 //!    score per MAC saved). Ranking is global (scores are comparable across groups, see
 //!    `importance`) or per layer (the same fraction everywhere). Every group keeps at least
@@ -36,15 +40,15 @@
 //! # Files
 //!
 //! This file holds the options, the pass and its driver [`prune`]; [`groups`] step 1,
-//! [`importance`] step 2, `planner` step 3 (the MAC model and the greedy allocation),
+//! [`importance`] step 2 (`obs` and `sensitivity` for criterion `loss`), `planner` step 3 (the MAC model and the greedy allocation),
 //! `slicer` step 4, [`reconstruct`] step 5.
 
 pub mod groups;
 pub mod importance;
 mod obs;
 mod planner;
-mod sensitivity;
 pub mod reconstruct;
+mod sensitivity;
 mod slicer;
 
 pub use groups::{analyze, dependency_groups, describe_groups, Group, Member, Seg, Shapes};
@@ -319,7 +323,8 @@ pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
             .collect();
         let total: f64 = scores[g.id].iter().sum();
         let lost: f64 = r.iter().map(|&c| scores[g.id][c]).sum();
-        // Predicted relative squared output error summed over the consumers (criterion loss).
+        // Predicted output loss (criterion loss): the removed steps' costs, i.e. each
+        // consumer's relative squared error times its measured sensitivity, summed.
         let predicted: Option<f64> = curves[g.id]
             .as_ref()
             .map(|c| c.step_cost.iter().take(r.len()).sum());
@@ -340,7 +345,7 @@ pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
             "unprunable_reasons": g.unprunable,
             "importance_total": total,
             "importance_removed": lost,
-            "predicted_rel_sq_error": predicted,
+            "predicted_output_loss": predicted,
             "consumer_rel_error": err,
         }));
     }

@@ -25,7 +25,9 @@
 //! ```
 //!
 //! Limits: consumers with more than `max_obs_unknowns` design columns (e.g. a 3x3 conv over 512
-//! channels) use the block-diagonal part of `G` only (removal with the channel's mean folded
+//! channels), or more than 2 columns per calibration row (a Gemm after global pooling reading
+//! 256 channels from 32 samples: any refit would be over-fitted), use the block-diagonal part
+//! of `G` only (removal with the channel's mean folded
 //! into the bias, no cross-channel refit): the cost is then an upper bound. Consumers that are
 //! not 2-D Conv (`group = 1`, explicit pads) / Gemm / MatMul, or whose activations are missing,
 //! make the group fall back to the `combined` criterion (noted).
@@ -45,6 +47,10 @@ pub struct Curve {
     pub order: Vec<usize>,
     pub step_cost: Vec<f64>,
 }
+
+/// A consumer gets the no-refit (block-diagonal) model when its design has more than this
+/// many columns per calibration row.
+const MAX_UNKNOWNS_PER_ROW: usize = 2;
 
 /// One consumer's second-order model.
 struct Consumer {
@@ -179,64 +185,88 @@ fn consumer_model(
     let bias = layer.bias_f32(graph)?;
     let intercept = !matches!(layer.kind, LayerKind::MatMul);
     // Design rows (chunked) and the weight as [d x o].
-    let (rows_of, d, wmat, cin): (Box<dyn Fn(usize, usize) -> Array2<f64>>, usize, Array2<f64>, usize) =
-        match layer.kind {
-            LayerKind::Conv { group: 1 } => {
-                let Some(c) = conv2d_attrs(node, &layer.weight_shape) else {
-                    return Ok(None);
-                };
-                if x.ndim() != 4 || y.ndim() != 4 {
-                    return Ok(None);
-                }
-                let (n, oh, ow) = (y.shape()[0], y.shape()[2], y.shape()[3]);
-                let cin = x.shape()[1];
-                let d = cin * c.kh * c.kw;
-                let o = layer.weight_shape[0];
-                let rows = max_rows.min(8 * (d + 1)).max(256);
-                let pos = positions(n, oh, ow, rows);
-                let wm = w.to_shape((o, d)).context("conv weight")?.t().mapv(f64::from);
-                let x = x.clone();
-                (
-                    Box::new(move |lo, hi| {
-                        if lo >= pos.len() {
-                            return Array2::zeros((0, d));
-                        }
-                        im2col(&x, &c, &pos[lo..hi.min(pos.len())])
-                    }),
-                    d,
-                    wm,
-                    cin,
-                )
+    #[allow(clippy::type_complexity)]
+    let (rows_of, d, wmat, cin, n_rows): (
+        Box<dyn Fn(usize, usize) -> Array2<f64>>,
+        usize,
+        Array2<f64>,
+        usize,
+        usize,
+    ) = match layer.kind {
+        LayerKind::Conv { group: 1 } => {
+            let Some(c) = conv2d_attrs(node, &layer.weight_shape) else {
+                return Ok(None);
+            };
+            if x.ndim() != 4 || y.ndim() != 4 {
+                return Ok(None);
             }
-            LayerKind::Gemm { trans_b } => {
-                let k = *x.shape().last().context("scalar input")?;
-                let rows_x = x.len() / k.max(1);
-                let a = x.to_shape((rows_x, k))?.mapv(f64::from);
-                let w2 = w.view().into_dimensionality::<ndarray::Ix2>()?;
-                let wm = if trans_b { w2.t().mapv(f64::from) } else { w2.mapv(f64::from) };
-                (
-                    Box::new(move |lo, hi| a.slice(s![lo.min(rows_x)..hi.min(rows_x), ..]).to_owned()),
-                    k,
-                    wm,
-                    k,
-                )
-            }
-            LayerKind::MatMul if w.ndim() == 2 => {
-                let k = *x.shape().last().context("scalar input")?;
-                let rows_x = x.len() / k.max(1);
-                let a = x.to_shape((rows_x, k))?.mapv(f64::from);
-                let wm = w.view().into_dimensionality::<ndarray::Ix2>()?.mapv(f64::from);
-                (
-                    Box::new(move |lo, hi| a.slice(s![lo.min(rows_x)..hi.min(rows_x), ..]).to_owned()),
-                    k,
-                    wm,
-                    k,
-                )
-            }
-            _ => return Ok(None),
-        };
+            let (n, oh, ow) = (y.shape()[0], y.shape()[2], y.shape()[3]);
+            let cin = x.shape()[1];
+            let d = cin * c.kh * c.kw;
+            let o = layer.weight_shape[0];
+            let rows = max_rows.min(8 * (d + 1)).max(256);
+            let pos = positions(n, oh, ow, rows);
+            let n_rows = pos.len();
+            let wm = w
+                .to_shape((o, d))
+                .context("conv weight")?
+                .t()
+                .mapv(f64::from);
+            let x = x.clone();
+            (
+                Box::new(move |lo, hi| {
+                    if lo >= pos.len() {
+                        return Array2::zeros((0, d));
+                    }
+                    im2col(&x, &c, &pos[lo..hi.min(pos.len())])
+                }),
+                d,
+                wm,
+                cin,
+                n_rows,
+            )
+        }
+        LayerKind::Gemm { trans_b } => {
+            let k = *x.shape().last().context("scalar input")?;
+            let rows_x = x.len() / k.max(1);
+            let a = x.to_shape((rows_x, k))?.mapv(f64::from);
+            let w2 = w.view().into_dimensionality::<ndarray::Ix2>()?;
+            let wm = if trans_b {
+                w2.t().mapv(f64::from)
+            } else {
+                w2.mapv(f64::from)
+            };
+            (
+                Box::new(move |lo, hi| a.slice(s![lo.min(rows_x)..hi.min(rows_x), ..]).to_owned()),
+                k,
+                wm,
+                k,
+                rows_x,
+            )
+        }
+        LayerKind::MatMul if w.ndim() == 2 => {
+            let k = *x.shape().last().context("scalar input")?;
+            let rows_x = x.len() / k.max(1);
+            let a = x.to_shape((rows_x, k))?.mapv(f64::from);
+            let wm = w
+                .view()
+                .into_dimensionality::<ndarray::Ix2>()?
+                .mapv(f64::from);
+            (
+                Box::new(move |lo, hi| a.slice(s![lo.min(rows_x)..hi.min(rows_x), ..]).to_owned()),
+                k,
+                wm,
+                k,
+                rows_x,
+            )
+        }
+        _ => return Ok(None),
+    };
     if wmat.nrows() != d || d == 0 {
-        bail!("internal: weight rows {} vs design columns {d}", wmat.nrows());
+        bail!(
+            "internal: weight rows {} vs design columns {d}",
+            wmat.nrows()
+        );
     }
     let o = wmat.ncols();
     let dd = d + usize::from(intercept);
@@ -250,7 +280,13 @@ fn consumer_model(
         }
     }
     let q = d / cin.max(1);
-    let full = dd <= max_unknowns;
+    // The refit only generalizes with enough rows per unknown (a Gemm after global pooling has
+    // one row per calibration sample): with far fewer rows than unknowns the in-sample cost of
+    // removal with refit is ~0 for almost any set, so the no-refit model is the honest one.
+    // (Mildly under-determined systems keep the refit model: the ridge term and the held-out
+    // choice in `reconstruct` keep such refits useful, e.g. digits_cnn's Gemm, 33 unknowns
+    // from 32 rows.)
+    let full = dd <= max_unknowns && dd <= MAX_UNKNOWNS_PER_ROW * n_rows;
     let chunk = 2048;
     let mut rows = 0usize;
     let mut g = if full {
@@ -373,7 +409,10 @@ pub fn curves(
                 if !cache.contains_key(node) {
                     let c = consumer_model(graph, *node, cal, max_rows, max_unknowns)
                         .with_context(|| {
-                            format!("second-order model of {}", super::groups::label(graph, *node))
+                            format!(
+                                "second-order model of {}",
+                                super::groups::label(graph, *node)
+                            )
                         })?;
                     cache.insert(*node, c);
                 }
@@ -449,7 +488,8 @@ mod tests {
     fn removal_cost_is_the_refit_residual() {
         let (m, d, o) = (200, 6, 3);
         let a = Array2::from_shape_fn((m, d), |(i, j)| {
-            (((i * 7919 + j * 104729) % 1000) as f64 / 500.0 - 1.0) + 0.3 * (j as f64) * ((i % 5) as f64)
+            (((i * 7919 + j * 104729) % 1000) as f64 / 500.0 - 1.0)
+                + 0.3 * (j as f64) * ((i % 5) as f64)
         });
         let w = Array2::from_shape_fn((d, o), |(i, j)| ((i * 3 + j * 5) % 7) as f64 - 3.0);
         let g = a.t().dot(&a);
@@ -458,7 +498,11 @@ mod tests {
         for i in 0..d {
             for j in 0..d {
                 let want = if i == j { 1.0 } else { 0.0 };
-                assert!((id[[i, j]] - want).abs() < 1e-8, "G H != I at {i},{j}: {}", id[[i, j]]);
+                assert!(
+                    (id[[i, j]] - want).abs() < 1e-8,
+                    "G H != I at {i},{j}: {}",
+                    id[[i, j]]
+                );
             }
         }
         let mut c = Consumer {

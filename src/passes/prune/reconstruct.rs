@@ -273,7 +273,10 @@ pub(super) struct Conv2d {
     dil: [usize; 2],
 }
 
-pub(super) fn conv2d_attrs(node: &crate::onnx::proto::NodeProto, wshape: &[usize]) -> Option<Conv2d> {
+pub(super) fn conv2d_attrs(
+    node: &crate::onnx::proto::NodeProto,
+    wshape: &[usize],
+) -> Option<Conv2d> {
     if wshape.len() != 4 {
         return None;
     }

@@ -85,11 +85,15 @@ pub fn consumer_sensitivity(
         let Some(y0) = cal.acts.get(y_name).map(|a| rows(a, n)) else {
             continue;
         };
-        let Some(w) = model.graph.constant(wname).and_then(|t| tensor::to_f32(t).ok()) else {
+        let Some(w) = model
+            .graph
+            .constant(wname)
+            .and_then(|t| tensor::to_f32(t).ok())
+        else {
             continue;
         };
-        let rms = (w.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / w.len().max(1) as f64)
-            .sqrt();
+        let rms =
+            (w.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / w.len().max(1) as f64).sqrt();
         let mut state = fnv(wname);
         let wp = w.mapv(|v| {
             state ^= state << 13;
@@ -111,7 +115,10 @@ pub fn consumer_sensitivity(
         let run = match run_batched(&m.to_proto()?, &sub, &extra) {
             Ok(r) => r,
             Err(e) => {
-                notes.push(format!("sensitivity of {}: run failed: {e:#}", label(&model.graph, ix)));
+                notes.push(format!(
+                    "sensitivity of {}: run failed: {e:#}",
+                    label(&model.graph, ix)
+                ));
                 continue;
             }
         };
