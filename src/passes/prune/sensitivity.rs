@@ -12,9 +12,10 @@
 //! `[N, C>1]` outputs, half squared error otherwise), averaged over the rows. A predicted
 //! consumer error `r` then costs `s_k * r` of output loss, comparable across layers.
 //!
-//! Cost: one model run per consumer on at most `SAMPLES` calibration samples. Example
-//! (digits_cnn): `Conv 'features.2' s = 0.9`, `Gemm 'fc' s = 0.2` (an error at the first
-//! pointwise conv costs four times more than the same relative error at the logits).
+//! Cost: one model run per consumer on at most `SAMPLES` calibration samples. Measured on
+//! digits_cnn (fused, 32 samples): `Conv 'features.2' s = 0.22`, `Conv 'features.4' s = 0.019`,
+//! `Gemm 'fc' s = 0.43`: the same relative error costs ten times more at the first pointwise
+//! conv than at the second.
 
 use super::groups::{label, Group, Member};
 use super::reconstruct::{run_batched, Calibration};
