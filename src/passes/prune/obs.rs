@@ -313,9 +313,9 @@ fn consumer_model(
             aa.slice_mut(s![.., ..d]).assign(&a);
             ndarray::linalg::general_mat_mul(1.0, &aa.t(), &aa, 1.0, &mut g);
         } else {
-            for ch in 0..cin {
+            for (ch, dg) in diag.iter_mut().enumerate() {
                 let blk = a.slice(s![.., ch * q..(ch + 1) * q]);
-                diag[ch] += &blk.t().dot(&blk);
+                *dg += &blk.t().dot(&blk);
             }
             for (j, col) in a.columns().into_iter().enumerate() {
                 sums[j] += col.sum();
@@ -378,6 +378,7 @@ pub fn median(sens: &BTreeMap<NodeIndex, f64>) -> f64 {
 
 /// Cost curves of every prunable group (`None`: fall back to the old criterion, with a note).
 /// `steps[g]` is how many channels group `g` may lose at most.
+#[allow(clippy::too_many_arguments)]
 pub fn curves(
     graph: &Graph,
     groups: &[Group],
