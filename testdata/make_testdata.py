@@ -546,6 +546,84 @@ def make_digits_deep(name, label_smoothing=0.0):
     return file, ort_acc, params, p_max
 
 
+
+# ---------------------------------------------------------------- 8b. held-out pruning models
+class DigitsVgg(nn.Module):
+    """A plain VGG-style digits classifier (no residuals, no depthwise), for pruning tests.
+
+    Conv3x3(1->32)-BN-ReLU, Conv3x3(32->32)-BN-ReLU, MaxPool 2 (8x8 -> 4x4),
+    Conv3x3(32->64)-BN-ReLU, Conv3x3(64->64)-BN-ReLU, MaxPool 2 (-> 2x2), Flatten (256),
+    Gemm(256->128)-ReLU, Gemm(128->10).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            cbr(1, 32), cbr(32, 32), nn.MaxPool2d(2),
+            cbr(32, 64), cbr(64, 64), nn.MaxPool2d(2),
+        )
+        self.fc1 = nn.Linear(256, 128)
+        self.fc2 = nn.Linear(128, 10)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.fc2(self.relu(self.fc1(torch.flatten(self.features(x), 1))))
+
+
+class DigitsResWide(nn.Module):
+    """A residual digits classifier with a wide 1x1 head, for pruning tests.
+
+    stem Conv3x3(1->32); basic block (two Conv3x3 32->32 + identity); Conv3x3 stride 2
+    (32->64); basic block (two Conv3x3 64->64 + identity); wide head Conv1x1(64->256)-BN-ReLU;
+    GAP; Gemm(256->10). BN after every conv.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(1, 32)
+        self.b1_a = cbr(32, 32)
+        self.b1_b = cbr(32, 32, act=None)
+        self.down = cbr(32, 64, s=2)
+        self.b2_a = cbr(64, 64)
+        self.b2_b = cbr(64, 64, act=None)
+        self.head = cbr(64, 256, k=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(256, 10)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.relu(x + self.b1_b(self.b1_a(x)))
+        x = self.down(x)
+        x = self.relu(x + self.b2_b(self.b2_a(x)))
+        x = self.head(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def make_digits_heldout(cls, name, s, n_bn):
+    """Models never used to tune the prune pass: same splits and recipe as digits_cnn, own
+    seed; writes only `name`. Returns (file, fp32 test accuracy)."""
+    seed(s)
+    x_train, y_train, _x_calib, x_test, y_test = digits_split()
+    saved = path("digits_test_x.npy")
+    if os.path.exists(saved):
+        assert np.array_equal(np.load(saved), x_test), f"{name}: test split differs"
+    model = cls()
+    train_digits(model, x_train, y_train, gen_seed=s, epochs=40)
+    with torch.no_grad():
+        torch_logits = model(torch.from_numpy(x_test)).numpy()
+    torch_acc = float((torch_logits.argmax(1) == y_test).mean())
+    file = path(name)
+    export(model, torch.from_numpy(x_test[:1]), file, dynamic_batch=True)
+    assert count_bn(file) == n_bn, f"{name}: expected {n_bn} unfused BatchNormalization nodes"
+    (logits,) = check_and_run(file, {"input": x_test})
+    ort_acc = float((logits.argmax(1) == y_test).mean())
+    assert np.abs(logits - torch_logits).max() < 1e-3, f"{name}: ort vs torch logits"
+    assert abs(ort_acc - torch_acc) < 1e-9, f"{name}: ort {ort_acc} vs torch {torch_acc}"
+    assert ort_acc >= 0.95, f"{name}: test accuracy {ort_acc} < 0.95"
+    return file, ort_acc
+
+
 # ---------------------------------------------------------------- README
 class Recurrent(nn.Module):
     """Bidirectional LSTM then a GRU carrying a streaming state, then a linear head."""
@@ -629,7 +707,7 @@ def make_embedding(name):
     return file
 
 
-def write_readme(digits, deep, smooth):
+def write_readme(digits, deep, smooth, heldout=()):
     _, acc, ntrain, ncalib, ntest = digits
     _, deep_acc, deep_params, deep_pmax = deep
     _, smooth_acc, _, smooth_pmax = smooth
@@ -686,6 +764,7 @@ def write_readme(digits, deep, smooth):
         f"confidence is realistic (mean top-1 probability {smooth_pmax:.4f}). **fp32 test "
         f"accuracy (onnxruntime): {smooth_acc * 100:.2f}%** | "
         "`input` f32[N,1,8,8] (dynamic `N`) | `logits` f32[N,10] |",
+        *[heldout_row(f, acc) for f, acc in heldout],
         f"| `digits_test_x.npy` / `digits_test_y.npy` | test split: f32[{ntest},1,8,8] / "
         f"i64[{ntest}] labels | | |",
         f"| `digits_calib_x.npy` | calibration split, f32[{ncalib},1,8,8] (disjoint from train "
@@ -856,10 +935,38 @@ def make_tiny_gpt():
     return [plain, kv]
 
 
+def heldout_row(file, acc):
+    what = {
+        "digits_vgg.onnx": "plain VGG-style: Conv3x3(1->32), Conv3x3(32->32), MaxPool, "
+        "Conv3x3(32->64), Conv3x3(64->64), MaxPool, Flatten(256), Gemm(256->128)-ReLU-"
+        "Gemm(128->10); BN+ReLU after every conv (4, unfused)",
+        "digits_reswide.onnx": "residual with a wide head: stem Conv3x3(1->32), basic block "
+        "(2x Conv3x3 32->32 + identity), Conv3x3 stride 2 (32->64), basic block (2x Conv3x3 "
+        "64->64 + identity), head Conv1x1(64->256)-BN-ReLU, GAP, Gemm(256->10); BN after every "
+        "conv (7, unfused)",
+    }[os.path.basename(file)]
+    return (f"| `{os.path.basename(file)}` | **trained**, held out from tuning the prune pass "
+            f"(issue 16; same splits, Adam 40 epochs, own seed): {what}. **fp32 test accuracy "
+            f"(onnxruntime): {acc * 100:.2f}%** | `input` f32[N,1,8,8] (dynamic `N`) | "
+            "`logits` f32[N,10] |")
+
+
+def make_prune_models():
+    """The held-out pruning models (issue 16), after every other digits model."""
+    return [
+        make_digits_heldout(DigitsVgg, "digits_vgg.onnx", 11, 4),
+        make_digits_heldout(DigitsResWide, "digits_reswide.onnx", 12, 7),
+    ]
+
+
 def main():
     if "--typed-input-models" in sys.argv:
         for f in [make_token_embed("token_embed.onnx"), make_if_scalar("if_scalar.onnx")]:
             print(f"{os.path.basename(f):22s} {os.path.getsize(f):8d} B")
+        return 0
+    if "--prune-models" in sys.argv:
+        for f, acc in make_prune_models():
+            print(f"{os.path.basename(f):22s} {os.path.getsize(f):8d} B  test accuracy {acc * 100:.2f}%")
         return 0
     if "--language-models" in sys.argv:
         for f in make_tiny_gpt():
@@ -881,7 +988,9 @@ def main():
     files.append(deep[0])
     smooth = make_digits_deep("digits_smooth.onnx", label_smoothing=0.1)
     files.append(smooth[0])
-    write_readme(digits, deep, smooth)
+    heldout = make_prune_models()  # after the other digits models: own seeds, same splits
+    files += [f for f, _ in heldout]
+    write_readme(digits, deep, smooth, heldout)
     files += [make_token_embed("token_embed.onnx"), make_if_scalar("if_scalar.onnx")]
     files += make_tiny_gpt()
     for f in files:

@@ -1,7 +1,9 @@
 //! Pass `prune`: on every `tests/fixtures/prune` group fixture (their group snapshots are
 //! checked by `tests/fixtures.rs`), pruning channels that carry zeros removes exactly those
 //! and keeps the outputs; accuracy on the trained digits classifier (30% of MACs pruned with
-//! reconstruction loses at most 2 points and beats plain removal); testdata models stay close.
+//! reconstruction loses at most 2 points and beats plain removal); testdata models stay close;
+//! the issue-16 bar with default options (criterion `loss`) on every trained digits model,
+//! including `digits_vgg` and `digits_reswide`, which were never used to tune the pass.
 
 mod common;
 
@@ -227,4 +229,70 @@ fn testdata_models_prune_and_stay_close() {
         let cos = trial(&testdata(name), "input", &shape, 16, 0.3, 5);
         assert!(cos > 0.95, "{name}: cosine {cos}");
     }
+}
+
+// ---- issue 16: the bar on trained models, default options ----------------------------------
+
+/// `fuse,cleanup,prune` as the CLI runs them, default prune options, the first 32 calibration
+/// samples (the CLI's `--calib-samples` default). Returns (accuracy, MACs before, after).
+fn prune_default(name: &str, flops: f64) -> (f64, f64, f64) {
+    use onnx_compress::passes::{run_passes, PassContext};
+    let mut model = Model::load(&testdata(name)).unwrap();
+    let calib = read_f32(&testdata("digits_calib_x.npy"));
+    let calib = calib
+        .slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..32))
+        .to_owned();
+    let ctx = PassContext {
+        prune: PruneOptions {
+            flops,
+            calibration: Some(vec![("input".to_string(), calib.into())]),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let records = run_passes(&mut model, &["fuse", "cleanup", "prune"], &ctx).unwrap();
+    model.graph.check().unwrap();
+    let d = &records.last().unwrap().details;
+    let x = read_f32(&testdata("digits_test_x.npy"));
+    let y: ndarray::ArrayD<i64> = ndarray_npy::read_npy(testdata("digits_test_y.npy")).unwrap();
+    let y: Vec<i64> = y.iter().copied().collect();
+    (
+        accuracy(&model, &x, &y),
+        d["macs_before"].as_f64().unwrap(),
+        d["macs_after"].as_f64().unwrap(),
+    )
+}
+
+/// Issue 16's bar: removing 30% of the MACs loses at most 1 point of test accuracy, 50% at
+/// most 5 points, with default options, on every trained digits model (two of them,
+/// `digits_vgg` and `digits_reswide`, were made after the pass was written and never tuned on).
+#[test]
+fn trained_models_meet_the_accuracy_bar() {
+    let mut failures = Vec::new();
+    for name in [
+        "digits_cnn.onnx",
+        "digits_deep.onnx",
+        "digits_smooth.onnx",
+        "digits_vgg.onnx",
+        "digits_reswide.onnx",
+    ] {
+        let model = Model::load(&testdata(name)).unwrap();
+        let x = read_f32(&testdata("digits_test_x.npy"));
+        let y: ndarray::ArrayD<i64> = ndarray_npy::read_npy(testdata("digits_test_y.npy")).unwrap();
+        let base = accuracy(&model, &x, &y.iter().copied().collect::<Vec<_>>());
+        for (flops, allowed) in [(0.3, 1.0), (0.5, 5.0)] {
+            let (acc, before, after) = prune_default(name, flops);
+            eprintln!(
+                "{name}: {base:.2}% -> {acc:.2}% at {flops} of MACs removed ({before} -> {after})"
+            );
+            assert!(
+                after <= (1.0 - flops) * before + 1.0,
+                "{name}: MACs {before} -> {after}"
+            );
+            if acc < base - allowed {
+                failures.push(format!("{name} at {flops}: {base:.2}% -> {acc:.2}%"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "accuracy bar missed: {failures:?}");
 }

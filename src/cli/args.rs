@@ -324,8 +324,10 @@ pub struct CompressArgs {
     /// Rank channels over all layers (global) or within each layer (per-layer).
     #[arg(long, value_enum, default_value = "global", help_heading = "Pruning")]
     pub prune_ranking: RankingArg,
-    /// Channel importance: l1, l2, bn-gamma, activation or combined.
-    #[arg(long, value_enum, default_value = "combined", help_heading = "Pruning")]
+    /// Channel criterion: loss (second-order cost of removal with least-squares refit,
+    /// per-group cost curves; needs --calib, else combined), l1, l2, bn-gamma, activation or
+    /// combined.
+    #[arg(long, value_enum, default_value = "loss", help_heading = "Pruning")]
     pub prune_criterion: CriterionArg,
     /// Never remove more than this fraction of one layer's channels.
     #[arg(
@@ -550,6 +552,7 @@ pub enum CriterionArg {
     BnGamma,
     Activation,
     Combined,
+    Loss,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

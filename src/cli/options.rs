@@ -252,6 +252,7 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
             CriterionArg::BnGamma => prune::Criterion::BnGamma,
             CriterionArg::Activation => prune::Criterion::Activation,
             CriterionArg::Combined => prune::Criterion::Combined,
+            CriterionArg::Loss => prune::Criterion::Loss,
         },
         max_fraction: args.prune_max_fraction,
         round_to: args.round_to.max(1),

@@ -39,8 +39,12 @@ pub enum Criterion {
     /// Data-aware consumer-output score (L2 without calibration data).
     Activation,
     /// L2 + BN gamma + data-aware, each normalized.
-    #[default]
     Combined,
+    /// Second-order cost of removal with optimal least-squares refit of the consumers
+    /// (per-group cost curves, see `obs`); `Combined` without calibration data and for groups
+    /// whose consumers have no second-order model.
+    #[default]
+    Loss,
 }
 
 /// Per-index first and second moments of an activation along its channel axis.
@@ -224,7 +228,7 @@ pub fn group_scores(
                 parts.extend(data)
             }
         }
-        Criterion::Combined => {
+        Criterion::Combined | Criterion::Loss => {
             parts.extend(norms);
             parts.extend(gammas);
             parts.extend(data);

@@ -5,8 +5,12 @@
 //!    input slices, residual Adds merging groups, Concat offsets, Flatten->Gemm blocks).
 //!    Groups touching anything the pass cannot rewrite exactly are unprunable, with reasons.
 //! 2. **Importance** ([`importance`]): normalized filter norms, BN `|gamma|`, and (with
-//!    calibration data) a consumer-output score per channel.
-//! 3. **Plan**: remove the least important channels until the target is met: a fraction of
+//!    calibration data) a consumer-output score per channel. The default criterion `loss`
+//!    instead gives each group a removal order and a cost per step (`obs`): the exact
+//!    least-squares cost of removing the channel at its consumers with the kept inputs refit
+//!    (greedy, Schur-complement updates of the inverse input Gram matrix), as relative squared
+//!    consumer error times the consumer's measured output sensitivity (`sensitivity`).
+//! 3. **Plan**: remove the least important (cheapest) channels until the target is met: a fraction of
 //!    the channels of prunable groups (`ratio`) or of the model's MACs (`flops`; greedy by
 //!    score per MAC saved). Ranking is global (scores are comparable across groups, see
 //!    `importance`) or per layer (the same fraction everywhere). Every group keeps at least
@@ -36,18 +40,20 @@
 //! # Files
 //!
 //! This file holds the options, the pass and its driver [`prune`]; [`groups`] step 1,
-//! [`importance`] step 2, `planner` step 3 (the MAC model and the greedy allocation),
+//! [`importance`] step 2 (`obs` and `sensitivity` for criterion `loss`), `planner` step 3 (the MAC model and the greedy allocation),
 //! `slicer` step 4, [`reconstruct`] step 5.
 
 pub mod groups;
 pub mod importance;
+mod obs;
 mod planner;
 pub mod reconstruct;
+mod sensitivity;
 mod slicer;
 
 pub use groups::{analyze, dependency_groups, describe_groups, Group, Member, Seg, Shapes};
 pub use importance::Criterion;
-pub use planner::{plan, MacModelHandle, Plan};
+pub use planner::{plan, plan_curves, MacModelHandle, Plan};
 pub use slicer::{apply, Applied};
 
 use crate::ir::Model;
@@ -103,8 +109,11 @@ pub struct PruneOptions {
     pub input_shapes: Vec<(String, Vec<usize>)>,
     /// Least-squares problems with more unknowns per output than this fall back to `Bias`.
     pub max_ls_unknowns: usize,
-    /// Rows (samples x positions) used per least-squares fit.
+    /// Rows (samples x positions) used per least-squares fit (and per Gram matrix).
     pub max_ls_rows: usize,
+    /// Criterion `loss`: consumers with more design columns than this use the block-diagonal
+    /// part of their Gram matrix only (no cross-channel refit in the cost).
+    pub max_obs_unknowns: usize,
 }
 
 impl Default for PruneOptions {
@@ -113,7 +122,7 @@ impl Default for PruneOptions {
             ratio: 0.0,
             flops: 0.0,
             ranking: Ranking::Global,
-            criterion: Criterion::Combined,
+            criterion: Criterion::Loss,
             max_fraction: 0.9,
             round_to: 1,
             reconstruct: Reconstruct::LeastSquares,
@@ -121,6 +130,7 @@ impl Default for PruneOptions {
             input_shapes: Vec::new(),
             max_ls_unknowns: 2304,
             max_ls_rows: 16384,
+            max_obs_unknowns: 1200,
         }
     }
 }
@@ -200,7 +210,70 @@ pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
         })
         .collect::<Result<_>>()?;
     let mm = MacModelHandle::new(model, &analysis, &shapes);
-    let plan = plan(groups, &scores, &mm, opts);
+    // Criterion `loss`: second-order cost curves where every consumer has a model.
+    let mut sens_report: Vec<serde_json::Value> = Vec::new();
+    let mut fallback_scale = 1.0;
+    let curves: Vec<Option<obs::Curve>> = match (&calib, opts.criterion) {
+        (Some(cal), Criterion::Loss) => {
+            let sens = sensitivity::consumer_sensitivity(model, groups, cal, &mut st.notes)?;
+            sens_report = sens
+                .iter()
+                .map(|(ix, s)| json!({"node": groups::label(&model.graph, *ix), "sensitivity": s}))
+                .collect();
+            fallback_scale = obs::median(&sens);
+            let steps: Vec<usize> = groups
+                .iter()
+                .map(|g| planner::max_removable(g, opts))
+                .collect();
+            obs::curves(
+                &model.graph,
+                groups,
+                cal,
+                &steps,
+                opts.max_ls_rows,
+                opts.max_obs_unknowns,
+                &sens,
+                &mut st.notes,
+            )?
+        }
+        (None, Criterion::Loss) => {
+            st.notes.push(
+                "criterion loss needs calibration data: ranked by the combined criterion"
+                    .to_string(),
+            );
+            vec![None; groups.len()]
+        }
+        _ => vec![None; groups.len()],
+    };
+    let plan = if curves.iter().any(Option::is_some) {
+        let mut order = Vec::with_capacity(groups.len());
+        let mut cost = Vec::with_capacity(groups.len());
+        for g in groups {
+            match &curves[g.id] {
+                Some(c) => {
+                    order.push(c.order.clone());
+                    cost.push(c.step_cost.clone());
+                }
+                None => {
+                    let mut idx: Vec<usize> = (0..g.channels).collect();
+                    if g.prunable() {
+                        idx.sort_by(|&a, &b| {
+                            scores[g.id][a].total_cmp(&scores[g.id][b]).then(a.cmp(&b))
+                        });
+                    }
+                    cost.push(
+                        idx.iter()
+                            .map(|&c| fallback_scale * scores[g.id][c])
+                            .collect(),
+                    );
+                    order.push(idx);
+                }
+            }
+        }
+        plan_curves(groups, order, cost, &mm, opts)
+    } else {
+        plan(groups, &scores, &mm, opts)
+    };
     let params_before: usize = model
         .graph
         .initializers
@@ -250,6 +323,11 @@ pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
             .collect();
         let total: f64 = scores[g.id].iter().sum();
         let lost: f64 = r.iter().map(|&c| scores[g.id][c]).sum();
+        // Predicted output loss (criterion loss): the removed steps' costs, i.e. each
+        // consumer's relative squared error times its measured sensitivity, summed.
+        let predicted: Option<f64> = curves[g.id]
+            .as_ref()
+            .map(|c| c.step_cost.iter().take(r.len()).sum());
         let err: Option<f64> = g
             .members
             .iter()
@@ -267,6 +345,7 @@ pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
             "unprunable_reasons": g.unprunable,
             "importance_total": total,
             "importance_removed": lost,
+            "predicted_output_loss": predicted,
             "consumer_rel_error": err,
         }));
     }
@@ -292,6 +371,7 @@ pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
     st.details = json!({
         "groups": rows,
         "reconstruction": recon_rows,
+        "consumer_sensitivity": sens_report,
         "macs_before": plan.macs_before,
         "macs_after": plan.macs_after,
         "params_before": params_before,

@@ -6,9 +6,13 @@
 //! channels keeps at least `max(1, ceil((1 - max_fraction) * c))` of them, and steps down in
 //! multiples of `round_to` when it has at least `2 * round_to` channels.
 //!
-//! The allocation removes the least important channels first (ties: lower index first) until
-//! the target is met: a fraction of the prunable channels (`ratio`) or of the modeled MACs
-//! (`flops`, greedy by score per MAC saved); globally, or the same fraction per layer.
+//! Each group comes with a removal order and the cost of each step along it: the channel
+//! scores sorted ascending (ties: lower index first) for the importance criteria, or the
+//! second-order cost curve of criterion `loss` (see `obs`). The allocation removes channels
+//! until the target is met: a fraction of the prunable channels (`ratio`) or of the modeled
+//! MACs (`flops`); globally (greedy by cost per channel or per MAC saved, looking up to
+//! `LOOKAHEAD` steps ahead in each group so a curve that is cheap after one expensive step is
+//! not passed over), or the same fraction per layer.
 
 use super::groups::{self, Group, Seg, Shapes};
 use super::{PruneOptions, Ranking};
@@ -24,10 +28,15 @@ pub struct Plan {
     pub macs_after: u64,
 }
 
+/// Steps a group's cost curve is looked ahead by the global allocation.
+const LOOKAHEAD: usize = 4;
+
 struct MacModel {
     /// (node MACs, segments in, segments out, depthwise)
     heavy: Vec<(f64, Vec<Seg>, Vec<Seg>, bool)>,
     other: f64,
+    /// Heavy nodes touching each group id.
+    touching: std::collections::HashMap<usize, Vec<usize>>,
 }
 
 impl MacModel {
@@ -47,7 +56,53 @@ impl MacModel {
             .filter_map(|ix| node_macs(g.node(ix), shapes))
             .map(|m| m as f64)
             .sum();
-        MacModel { heavy, other }
+        let mut touching: std::collections::HashMap<usize, Vec<usize>> = Default::default();
+        for (i, (_, ins, outs, _)) in heavy.iter().enumerate() {
+            let mut gs: Vec<usize> = ins
+                .iter()
+                .chain(outs)
+                .filter_map(|s| match s {
+                    Seg::Group(g) => Some(*g),
+                    Seg::Fixed(_) => None,
+                })
+                .collect();
+            gs.sort_unstable();
+            gs.dedup();
+            for g in gs {
+                touching.entry(g).or_default().push(i);
+            }
+        }
+        MacModel {
+            heavy,
+            other,
+            touching,
+        }
+    }
+
+    fn node_macs(&self, i: usize, kept: &[usize], orig: &[usize]) -> f64 {
+        let (m, ins, outs, dw) = &self.heavy[i];
+        let (ki, oi) = Self::width(ins, kept, orig);
+        let (ko, oo) = Self::width(outs, kept, orig);
+        let fi = if oi > 0.0 { ki / oi } else { 1.0 };
+        let fo = if oo > 0.0 { ko / oo } else { 1.0 };
+        if *dw {
+            m * fi
+        } else {
+            m * fi * fo
+        }
+    }
+
+    /// MACs saved by changing group `g` to `next` kept channels (only its nodes change).
+    fn gain(&self, kept: &mut [usize], orig: &[usize], g: usize, next: usize) -> f64 {
+        let Some(nodes) = self.touching.get(&g) else {
+            return 0.0;
+        };
+        let before: f64 = nodes.iter().map(|&i| self.node_macs(i, kept, orig)).sum();
+        let old = kept[g];
+        kept[g] = next;
+        let after: f64 = nodes.iter().map(|&i| self.node_macs(i, kept, orig)).sum();
+        kept[g] = old;
+        before - after
     }
 
     fn width(segs: &[Seg], kept: &[usize], orig: &[usize]) -> (f64, f64) {
@@ -59,20 +114,8 @@ impl MacModel {
 
     fn total(&self, kept: &[usize], orig: &[usize]) -> f64 {
         self.other
-            + self
-                .heavy
-                .iter()
-                .map(|(m, i, o, dw)| {
-                    let (ki, oi) = Self::width(i, kept, orig);
-                    let (ko, oo) = Self::width(o, kept, orig);
-                    let fi = if oi > 0.0 { ki / oi } else { 1.0 };
-                    let fo = if oo > 0.0 { ko / oo } else { 1.0 };
-                    if *dw {
-                        m * fi
-                    } else {
-                        m * fi * fo
-                    }
-                })
+            + (0..self.heavy.len())
+                .map(|i| self.node_macs(i, kept, orig))
                 .sum::<f64>()
     }
 }
@@ -96,24 +139,62 @@ fn next_keep(kept: usize, c: usize, opts: &PruneOptions) -> Option<usize> {
     (next >= lo && next >= 1 && next < kept).then_some(next)
 }
 
-/// Plan the removal: which channels of which groups (see the module docs).
+/// Most channels group `g` may lose (0 for unprunable groups).
+pub fn max_removable(g: &Group, opts: &PruneOptions) -> usize {
+    if g.prunable() {
+        g.channels - min_keep(g.channels, opts)
+    } else {
+        0
+    }
+}
+
+/// Plan the removal by channel scores: each group's channels least important first (ties:
+/// lower index first), a step costs the removed channels' scores (see the module docs).
 pub fn plan(
     groups: &[Group],
     scores: &[Vec<f64>],
     macs: &MacModelHandle,
     opts: &PruneOptions,
 ) -> Plan {
+    let mut order = Vec::with_capacity(groups.len());
+    let mut cost = Vec::with_capacity(groups.len());
+    for g in groups {
+        let mut idx: Vec<usize> = (0..g.channels).collect();
+        if g.prunable() {
+            idx.sort_by(|&a, &b| scores[g.id][a].total_cmp(&scores[g.id][b]).then(a.cmp(&b)));
+        }
+        cost.push(idx.iter().map(|&c| scores[g.id][c]).collect());
+        order.push(idx);
+    }
+    allocate(groups, order, cost, macs, opts, 1)
+}
+
+/// Plan the removal along given orders: `order[g]` lists (a prefix of) group `g`'s channels
+/// in removal order, `step_cost[g][i]` is the cost of removing `order[g][i]` after the ones
+/// before it. Channels missing from `order[g]` are never removed.
+pub fn plan_curves(
+    groups: &[Group],
+    order: Vec<Vec<usize>>,
+    step_cost: Vec<Vec<f64>>,
+    macs: &MacModelHandle,
+    opts: &PruneOptions,
+) -> Plan {
+    allocate(groups, order, step_cost, macs, opts, LOOKAHEAD)
+}
+
+fn allocate(
+    groups: &[Group],
+    order: Vec<Vec<usize>>,
+    step_cost: Vec<Vec<f64>>,
+    macs: &MacModelHandle,
+    opts: &PruneOptions,
+    lookahead: usize,
+) -> Plan {
     let orig: Vec<usize> = groups.iter().map(|g| g.channels).collect();
-    // Channels of each prunable group, least important first (ties: lower index first).
-    let order: Vec<Vec<usize>> = groups
+    // Never past the end of a curve.
+    let floor: Vec<usize> = groups
         .iter()
-        .map(|g| {
-            let mut idx: Vec<usize> = (0..g.channels).collect();
-            if g.prunable() {
-                idx.sort_by(|&a, &b| scores[g.id][a].total_cmp(&scores[g.id][b]).then(a.cmp(&b)));
-            }
-            idx
-        })
+        .map(|g| g.channels - order[g.id].len().min(g.channels))
         .collect();
     let mm = &macs.0;
     let macs_before = mm.total(&orig, &orig);
@@ -143,35 +224,36 @@ pub fn plan(
     match opts.ranking {
         Ranking::Global => {
             while !done(&kept) {
-                let now = if by_flops {
-                    mm.total(&kept, &orig)
-                } else {
-                    0.0
-                };
                 let mut best: Option<(f64, usize, usize)> = None;
                 for g in groups.iter().filter(|g| g.prunable()) {
-                    let Some(next) = next_keep(kept[g.id], g.channels, opts) else {
-                        continue;
-                    };
-                    let k = kept[g.id] - next;
-                    let removed_before = g.channels - kept[g.id];
-                    let cost: f64 = order[g.id][removed_before..removed_before + k]
-                        .iter()
-                        .map(|&c| scores[g.id][c])
-                        .sum();
-                    let gain = if by_flops {
-                        let mut trial = kept.clone();
-                        trial[g.id] = next;
-                        now - mm.total(&trial, &orig)
-                    } else {
-                        k as f64
-                    };
-                    if gain <= 0.0 {
-                        continue;
-                    }
-                    let prio = cost / gain;
-                    if best.is_none_or(|(p, _, _)| prio < p) {
-                        best = Some((prio, g.id, next));
+                    // Up to LOOKAHEAD steps: the best average cost per unit gained.
+                    let mut k_now = kept[g.id];
+                    let mut cost = 0.0;
+                    for _ in 0..lookahead {
+                        let Some(next) = next_keep(k_now, g.channels, opts) else {
+                            break;
+                        };
+                        if next < floor[g.id] {
+                            break;
+                        }
+                        let removed_before = g.channels - k_now;
+                        cost += step_cost[g.id][removed_before..g.channels - next]
+                            .iter()
+                            .sum::<f64>();
+                        // Cumulative, from the current kept count.
+                        let gain = if by_flops {
+                            mm.gain(&mut kept, &orig, g.id, next)
+                        } else {
+                            (kept[g.id] - next) as f64
+                        };
+                        k_now = next;
+                        if gain <= 0.0 {
+                            continue;
+                        }
+                        let prio = cost / gain;
+                        if best.is_none_or(|(p, _, _)| prio < p) {
+                            best = Some((prio, g.id, next));
+                        }
                     }
                 }
                 match best {
@@ -191,7 +273,7 @@ pub fn plan(
                         let want = g.channels - (r * g.channels as f64).floor() as usize;
                         let mut k = g.channels;
                         while let Some(n) = next_keep(k, g.channels, opts) {
-                            if k <= want {
+                            if k <= want || n < floor[g.id] {
                                 break;
                             }
                             k = n;

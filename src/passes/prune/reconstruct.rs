@@ -277,15 +277,18 @@ fn rel_err(a: &Array2<f64>, w: &Array2<f64>, b: &Array1<f64>, y: &Array2<f64>) -
     }
 }
 
-struct Conv2d {
-    kh: usize,
-    kw: usize,
+pub(super) struct Conv2d {
+    pub(super) kh: usize,
+    pub(super) kw: usize,
     strides: [usize; 2],
     pads: [usize; 2],
     dil: [usize; 2],
 }
 
-fn conv2d_attrs(node: &crate::onnx::proto::NodeProto, wshape: &[usize]) -> Option<Conv2d> {
+pub(super) fn conv2d_attrs(
+    node: &crate::onnx::proto::NodeProto,
+    wshape: &[usize],
+) -> Option<Conv2d> {
     if wshape.len() != 4 {
         return None;
     }
@@ -317,17 +320,31 @@ fn conv2d_attrs(node: &crate::onnx::proto::NodeProto, wshape: &[usize]) -> Optio
     })
 }
 
-/// Sampled rows: `(n, oy, ox)` positions, evenly spaced, at most `max`.
-fn positions(n: usize, oh: usize, ow: usize, max: usize) -> Vec<(usize, usize, usize)> {
+/// Sampled rows: `(n, oy, ox)` positions, at most `max`, spread over samples and the image
+/// (sorted). Not evenly spaced: a step that is a multiple of the width would sample one image
+/// column only (e.g. step 8 on 8x8 maps, all at `ox = 0`, the background of a digit). The
+/// positions are `i * P mod total` for a prime `P` not dividing `total`: distinct, deterministic
+/// and without such aliasing.
+pub(super) fn positions(n: usize, oh: usize, ow: usize, max: usize) -> Vec<(usize, usize, usize)> {
     let total = n * oh * ow;
-    let step = total.div_ceil(max.max(1)).max(1);
-    (0..total)
-        .step_by(step)
+    let take = total.min(max.max(1));
+    let p: Vec<usize> = if take == total {
+        (0..total).collect()
+    } else {
+        let prime = [1_000_003usize, 998_244_353, 1_000_000_007]
+            .into_iter()
+            .find(|q| !total.is_multiple_of(*q))
+            .unwrap_or(1);
+        let mut v: Vec<usize> = (0..take).map(|i| (i * prime) % total).collect();
+        v.sort_unstable();
+        v
+    };
+    p.into_iter()
         .map(|p| (p / (oh * ow), (p / ow) % oh, p % ow))
         .collect()
 }
 
-fn im2col(x: &ArrayD<f32>, c: &Conv2d, pos: &[(usize, usize, usize)]) -> Array2<f64> {
+pub(super) fn im2col(x: &ArrayD<f32>, c: &Conv2d, pos: &[(usize, usize, usize)]) -> Array2<f64> {
     let (ch, h, w) = (x.shape()[1], x.shape()[2], x.shape()[3]);
     let d = ch * c.kh * c.kw;
     let mut a = Array2::<f64>::zeros((pos.len(), d));
