@@ -60,6 +60,16 @@ pub fn gram_matrices(
     tensors: &[(String, usize)],
     calib: &CalibrationSet,
 ) -> Result<IndexMap<String, Gram>> {
+    // K x K f64 per layer input, all held at once: checked before any is allocated (a 16384-
+    // wide input alone is 2 GiB). The run's `--max-memory` does not reach the passes; the
+    // process default (half of RAM) does.
+    let bytes = tensors.iter().fold(0u64, |acc, (_, k)| {
+        acc.saturating_add((*k as u64).saturating_mul(*k as u64).saturating_mul(8))
+    });
+    crate::limits::MemoryBudget::default().check(
+        "the linear layers' input Gram matrices (K x K f64 each)",
+        bytes,
+    )?;
     let mut grams: IndexMap<String, Gram> = tensors
         .iter()
         .map(|(t, k)| (t.clone(), Gram::new(*k)))
