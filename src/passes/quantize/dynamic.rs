@@ -29,7 +29,6 @@
 use super::insert::{self, Namer, WeightReport};
 use super::placement::Plan;
 use super::QuantizeOptions;
-use crate::calibrate::params;
 use crate::ir::op::{self, attr_int, node_label, Attrs};
 use crate::ir::{Graph, Patch};
 use crate::onnx::tensor;
@@ -95,21 +94,8 @@ pub fn rewrite(
             let a = if trans_b { a.reversed_axes() } else { a };
             let a = a.as_standard_layout().to_owned();
             let axis = opts.per_channel.then_some(1);
-            let (q, qps, zero_channels) =
-                insert::quantize_values(&a, axis, &w, opts.reduce_range, opts.rounding);
-            let deq = insert::dequantize_values(&q, &qps, axis);
-            let orig: Vec<f32> = a.iter().copied().collect();
-            let scales: Vec<f32> = qps.iter().map(|p| p.scale).collect();
-            let report = WeightReport {
-                tensor: w.clone(),
-                node: label.clone(),
-                axis,
-                channels: scales.len(),
-                min_scale: scales.iter().copied().fold(f32::INFINITY, f32::min),
-                max_scale: scales.iter().copied().fold(0.0, f32::max),
-                zero_channels,
-                sqnr_db: params::sqnr_db(&orig, &deq),
-            };
+            let (q, scales, report) =
+                insert::quantize_reported(&a, axis, &w, &label, opts.reduce_range, opts.rounding);
             let [wq, ws, wz] = namer.take(
                 g,
                 'w',

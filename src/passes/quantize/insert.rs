@@ -272,6 +272,33 @@ pub(crate) fn quantize_values(
     (q, qps, zero_channels)
 }
 
+/// [`quantize_values`]: the codes, the per-channel scales and the weight's report row (scales, dead
+/// channels, SQNR of the dequantized values against the float ones).
+pub(crate) fn quantize_reported(
+    a: &ArrayD<f32>,
+    axis: Option<usize>,
+    w: &str,
+    node: &str,
+    reduce_range: bool,
+    rounding: Rounding,
+) -> (ArrayD<i8>, Vec<f32>, WeightReport) {
+    let (q, qps, zero_channels) = quantize_values(a, axis, w, reduce_range, rounding);
+    let deq = dequantize_values(&q, &qps, axis);
+    let orig: Vec<f32> = a.iter().copied().collect();
+    let scales: Vec<f32> = qps.iter().map(|p| p.scale).collect();
+    let report = WeightReport {
+        tensor: w.to_string(),
+        node: node.to_string(),
+        axis,
+        channels: scales.len(),
+        min_scale: scales.iter().copied().fold(f32::INFINITY, f32::min),
+        max_scale: scales.iter().copied().fold(0.0, f32::max),
+        zero_channels,
+        sqnr_db: params::sqnr_db(&orig, &deq),
+    };
+    (q, scales, report)
+}
+
 /// The dequantized values of `q` in logical order.
 pub(crate) fn dequantize_values(q: &ArrayD<i8>, qps: &[QParams], axis: Option<usize>) -> Vec<f32> {
     let inner: usize = axis.map_or(1, |ax| q.shape()[ax + 1..].iter().product());
@@ -328,20 +355,7 @@ pub fn weight(
             );
         }
     }
-    let (q, qps, zero_channels) = quantize_values(&a, axis, w, reduce_range, rounding);
-    let deq = dequantize_values(&q, &qps, axis);
-    let orig: Vec<f32> = a.iter().copied().collect();
-    let scales: Vec<f32> = qps.iter().map(|p| p.scale).collect();
-    let report = WeightReport {
-        tensor: w.to_string(),
-        node: node.to_string(),
-        axis,
-        channels: scales.len(),
-        min_scale: scales.iter().copied().fold(f32::INFINITY, f32::min),
-        max_scale: scales.iter().copied().fold(0.0, f32::max),
-        zero_channels,
-        sqnr_db: params::sqnr_db(&orig, &deq),
-    };
+    let (q, scales, report) = quantize_reported(&a, axis, w, node, reduce_range, rounding);
     let shape = a.shape().to_vec();
     let [wq, s, zp, dqn] = namer.take(
         g,
