@@ -324,24 +324,7 @@ fn correct_outputs_by_tract(
         // A model tract cannot analyse keeps its declarations; later stages report it.
         return Ok(notes);
     };
-    let fixed = |v: &crate::onnx::proto::ValueInfoProto| match v
-        .r#type
-        .as_ref()
-        .and_then(|t| t.value.as_ref())
-    {
-        Some(type_proto::Value::TensorType(tt)) => tt.shape.as_ref().is_some_and(|s| {
-            s.dim
-                .iter()
-                .all(|d| matches!(d.value, Some(Dim::DimValue(v)) if v >= 0))
-        }),
-        _ => false,
-    };
-    let dims_known = model
-        .graph
-        .inputs
-        .iter()
-        .filter(|i| !model.graph.initializers.contains_key(i.name()))
-        .all(|i| fixed(i) || input_shapes.iter().any(|(n, _)| n == i.name()));
+    let dims_known = input_dims_known(model, input_shapes);
     // Dims computed from `--input-shape` hold for that shape only: declared as values only
     // when the model itself fixes every input.
     let declared_inputs_fixed = model
@@ -349,7 +332,7 @@ fn correct_outputs_by_tract(
         .inputs
         .iter()
         .filter(|i| !model.graph.initializers.contains_key(i.name()))
-        .all(fixed);
+        .all(declares_fixed_dims);
     for out in model.graph.outputs.iter_mut() {
         let name = out.name().to_string();
         let Some(type_proto::Value::TensorType(tt)) =
@@ -429,24 +412,7 @@ pub fn check_declared_outputs(
         // A model tract cannot analyse keeps its declarations; later stages report it.
         return Ok(());
     };
-    let fixed = |v: &crate::onnx::proto::ValueInfoProto| match v
-        .r#type
-        .as_ref()
-        .and_then(|t| t.value.as_ref())
-    {
-        Some(type_proto::Value::TensorType(tt)) => tt.shape.as_ref().is_some_and(|s| {
-            s.dim
-                .iter()
-                .all(|d| matches!(d.value, Some(Dim::DimValue(v)) if v >= 0))
-        }),
-        _ => false,
-    };
-    let dims_known = model
-        .graph
-        .inputs
-        .iter()
-        .filter(|i| !model.graph.initializers.contains_key(i.name()))
-        .all(|i| fixed(i) || input_shapes.iter().any(|(n, _)| n == i.name()));
+    let dims_known = input_dims_known(model, input_shapes);
     let value_info = proto.graph.iter().flat_map(|g| &g.value_info);
     let declared_values = model
         .graph
@@ -459,4 +425,27 @@ pub fn check_declared_outputs(
         super::branch_shapes::check_if_branches(proto, graph, &inferred, &HashMap::new())?;
     }
     Ok(())
+}
+
+/// Whether `v` declares a tensor shape whose every dim is a value.
+fn declares_fixed_dims(v: &crate::onnx::proto::ValueInfoProto) -> bool {
+    match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(type_proto::Value::TensorType(tt)) => tt.shape.as_ref().is_some_and(|s| {
+            s.dim
+                .iter()
+                .all(|d| matches!(d.value, Some(Dim::DimValue(v)) if v >= 0))
+        }),
+        _ => false,
+    }
+}
+
+/// Whether every non-constant input's dims are known: declared as values, or given by
+/// `--input-shape` (only then are dims computed from them comparable with declared ones).
+fn input_dims_known(model: &Model, input_shapes: &[(String, Vec<usize>)]) -> bool {
+    model
+        .graph
+        .inputs
+        .iter()
+        .filter(|i| !model.graph.initializers.contains_key(i.name()))
+        .all(|i| declares_fixed_dims(i) || input_shapes.iter().any(|(n, _)| n == i.name()))
 }
