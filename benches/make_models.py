@@ -99,7 +99,8 @@ def image_batch(rng, photos, n, size=224):
 # ----------------------------------------------------------------------------- torchvision
 
 TV = ["resnet18", "resnet50", "regnet_x_400mf", "squeezenet1_1", "mobilenet_v2",
-      "mobilenet_v3_small", "efficientnet_b0", "densenet121", "vit_small"]
+      "mobilenet_v3_small", "efficientnet_b0", "densenet121", "vit_small", "convnext_tiny",
+      "shufflenet_v2_x1_0"]
 
 
 def build_tv(name):
