@@ -121,6 +121,8 @@ pub struct Observer {
     pub count: u64,
     ema: Option<(f32, f32)>,
     pub hist: Option<Histogram>,
+    /// Mean square of each observed batch, in order (see [`Observed::quiet_mean_square`]).
+    batch_mean_squares: Vec<f64>,
 }
 
 /// The chosen range of one tensor.
@@ -131,6 +133,13 @@ pub struct Observed {
     /// The range the method chose (before widening to include 0).
     pub lo: f32,
     pub hi: f32,
+    /// The 10th percentile over calibration batches of each batch's mean square (0 when
+    /// nothing was observed): how loud the quiet tenth of the data is. A grid whose step is
+    /// large against it loses those batches entirely (audio silence under a speech-sized
+    /// scale), which the whole-tensor range cannot show. One batch is one feed when the model
+    /// fixes its batch size, else `batch_size` samples together.
+    #[serde(skip)]
+    pub quiet_mean_square: f64,
 }
 
 impl Observer {
@@ -141,6 +150,7 @@ impl Observer {
             count: 0,
             ema: None,
             hist: with_histogram.then(Histogram::default),
+            batch_mean_squares: Vec::new(),
         }
     }
 
@@ -160,6 +170,9 @@ impl Observer {
         self.min = self.min.min(bmin);
         self.max = self.max.max(bmax);
         self.count += data.len() as u64;
+        let finite = data.iter().filter(|v| v.is_finite());
+        let (sum, n) = finite.fold((0.0f64, 0usize), |(s, n), &v| (s + (v as f64).powi(2), n + 1));
+        self.batch_mean_squares.push(sum / n.max(1) as f64);
         if let Some(c) = moving_average {
             self.ema = Some(match self.ema {
                 None => (bmin, bmax),
@@ -216,8 +229,21 @@ impl Observer {
             }
             (Method::Mse, Some(h)) => mse_range(h, min, max, opts.scheme),
         };
-        Observed { min, max, lo, hi }
+        Observed {
+            min,
+            max,
+            lo,
+            hi,
+            quiet_mean_square: quiet_mean_square(&self.batch_mean_squares),
+        }
     }
+}
+
+/// The 10th percentile (nearest rank, rounding down) of the per-batch mean squares.
+fn quiet_mean_square(per_batch: &[f64]) -> f64 {
+    let mut v: Vec<f64> = per_batch.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 10).copied().unwrap_or(0.0)
 }
 
 /// Largest fraction of values the entropy threshold may clip. KL degenerates on discrete,

@@ -9,8 +9,10 @@
 //!
 //! Folded ops: `Constant` (value, value_float(s), value_int(s)); `Shape` of a value with a
 //! fully static declared shape (start/end honoured); and, on constant float/double/int64/int32
-//! tensors: `Gather`, `Unsqueeze`, `Squeeze`, `Concat`, `Reshape`, `Cast` (between those
-//! four types), `Add`, `Sub`, `Mul`, `Div`. Inputs and output are limited to
+//! tensors: `Gather`, `Slice`, `Unsqueeze`, `Squeeze`, `Concat`, `Reshape`, `Cast` (between
+//! those four types), `Add`, `Sub`, `Mul`, `Div`. `Slice` and `Concat` also fold the gate
+//! reordering PyTorch writes in front of an exported LSTM/GRU (`W[0:128]`, `W[384:512]`, ...
+//! joined again), so that the recurrent weights reach the weight-only pass as initializers. Inputs and output are limited to
 //! [`MAX_FOLD_ELEMENTS`] elements: this is for shape computations, not for duplicating weights.
 //!
 //! Numerics match a float32 runtime exactly: `+ − × ÷` are computed in f64 and rounded once
@@ -294,6 +296,11 @@ fn fold(graph: &Graph, ix: NodeIndex, out: &str) -> Option<TensorProto> {
                 }
             }
         }
+        "Slice" => slice(n, arg(0)?, &|i| match arg(i) {
+            Some(Val::I(a, _)) => Some(Some(a.iter().copied().collect())),
+            Some(Val::F(..)) => None,
+            None => Some(None),
+        })?,
         "Cast" => {
             let to = DataType::try_from(i32::try_from(n.attr_int("to").ok()??).ok()?).ok()?;
             cast(arg(0)?, to)?
@@ -305,6 +312,63 @@ fn fold(graph: &Graph, ix: NodeIndex, out: &str) -> Option<TensorProto> {
         return None;
     }
     Some(result.encode(out))
+}
+
+/// `Slice` on a constant: starts/ends/axes/steps from inputs 1..=4 (opset 10+) or from the
+/// attributes (opset 1-9). ONNX clamping: a negative index counts from the end; with a positive
+/// step start and end clamp to `[0, dim]`, with a negative step to `[0, dim-1]` and `[-1, dim-1]`.
+fn slice(
+    n: &crate::onnx::proto::NodeProto,
+    data: Val,
+    ints: &dyn Fn(usize) -> Option<Option<Vec<i64>>>,
+) -> Option<Val> {
+    let rank = data.shape().len();
+    let (starts, ends, axes, steps) = if n.input.len() > 1 {
+        (ints(1)??, ints(2)??, ints(3)?, ints(4)?)
+    } else {
+        (
+            n.attr_ints("starts").ok()??,
+            n.attr_ints("ends").ok()??,
+            n.attr_ints("axes").ok()?,
+            None,
+        )
+    };
+    let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
+    let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+    if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+        return None;
+    }
+    let mut picks: Vec<Option<Vec<usize>>> = vec![None; rank];
+    for k in 0..starts.len() {
+        let axis = norm_axis(axes[k], rank)?;
+        let (step, dim) = (steps[k], data.shape()[axis] as i64);
+        if step == 0 || picks[axis].is_some() {
+            return None;
+        }
+        let from_end = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
+        let (start, end) = if step > 0 {
+            (from_end(starts[k]).clamp(0, dim), from_end(ends[k]).clamp(0, dim))
+        } else {
+            (
+                from_end(starts[k]).clamp(0, dim - 1),
+                from_end(ends[k]).clamp(-1, dim - 1),
+            )
+        };
+        let mut idx = Vec::new();
+        let mut i = start;
+        while (step > 0 && i < end) || (step < 0 && i > end) {
+            idx.push(i as usize);
+            i = i.checked_add(step)?;
+        }
+        picks[axis] = Some(idx);
+    }
+    let mut out = data;
+    for (axis, idx) in picks.iter().enumerate() {
+        if let Some(idx) = idx {
+            out = map_val!(out, a => Some(a.select(Axis(axis), idx)));
+        }
+    }
+    Some(out)
 }
 
 fn constant(n: &crate::onnx::proto::NodeProto, out: &str) -> Option<TensorProto> {
@@ -477,5 +541,26 @@ mod tests {
         assert_eq!(r.iter().copied().collect::<Vec<_>>(), vec![-2, 2]);
         let nan = Val::F(ndarray::arr1(&[f64::NAN]).into_dyn(), DataType::Float);
         assert!(cast(nan, DataType::Int32).is_none());
+    }
+
+    #[test]
+    fn slice_clamps_like_numpy() {
+        // Expected values are numpy's: x = arange(10); x[-3:100], x[8:1:-3], x[5:-100:-2].
+        let x = Val::I(ndarray::Array1::from_iter(0..10i64).into_dyn(), DataType::Int64);
+        let node = crate::onnx::proto::NodeProto {
+            input: vec!["x".into(), "s".into(), "e".into(), "a".into(), "p".into()],
+            ..Default::default()
+        };
+        let run = |start: i64, end: i64, step: i64| -> Vec<i64> {
+            let ints = |i: usize| Some(Some(vec![[0, start, end, 0, step][i]]));
+            match slice(&node, x.clone(), &ints).unwrap() {
+                Val::I(a, _) => a.iter().copied().collect(),
+                Val::F(..) => panic!("int result expected"),
+            }
+        };
+        assert_eq!(run(-3, 100, 1), vec![7, 8, 9]);
+        assert_eq!(run(8, 1, -3), vec![8, 5, 2]);
+        assert_eq!(run(5, -100, -2), vec![5, 3, 1]);
+        assert_eq!(run(i64::MIN, i64::MAX, 4), vec![0, 4, 8]);
     }
 }

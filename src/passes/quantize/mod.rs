@@ -336,6 +336,54 @@ fn keep_float(plan: &mut placement::Plan, names: &[String], notes: &mut Vec<Stri
     ));
 }
 
+/// Smallest SQNR an activation's int8 grid may leave on the quiet tenth of the calibration
+/// batches. Measured on silero-vad (BENCHMARKS.md): the waveform, its STFT and the magnitude
+/// sit at 2-10 dB there (silence under a speech-sized step) and cost most of the speech-F1 loss;
+/// every other activation of that model, and of the image models, sits above 27 dB.
+pub const QUIET_MIN_SQNR_DB: f64 = 20.0;
+
+/// An activation [`keep_quiet_float`] left float.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuietTensor {
+    pub tensor: String,
+    pub scale: f32,
+    /// `10 log10(ms_quiet / (s^2 / 12))`: uniform rounding noise of step `s` against the mean
+    /// square of the quiet tenth of the batches ([`Observed::quiet_mean_square`]).
+    pub quiet_sqnr_db: f64,
+}
+
+/// Unmark the activations whose grid is too coarse for the quiet part of the data (below
+/// [`QUIET_MIN_SQNR_DB`]), with the int32 biases that would take their scale. Exact zeros are
+/// exact on every grid, so a tensor whose quiet batches are all zero is left quantized.
+fn keep_quiet_float(
+    plan: &mut placement::Plan,
+    ranges: &materialize::ActivationRanges,
+) -> Result<Vec<QuietTensor>> {
+    let mut quiet = Vec::new();
+    for t in &plan.activations {
+        let Some(o) = ranges.observed.get(t) else {
+            continue;
+        };
+        let scale = ranges.params_of(t)?.scale;
+        let noise = (scale as f64).powi(2) / 12.0;
+        if o.quiet_mean_square <= 0.0 || noise <= 0.0 {
+            continue;
+        }
+        let db = 10.0 * (o.quiet_mean_square / noise).log10();
+        if db < QUIET_MIN_SQNR_DB {
+            quiet.push(QuietTensor {
+                tensor: t.clone(),
+                scale,
+                quiet_sqnr_db: db,
+            });
+        }
+    }
+    let names: Vec<&String> = quiet.iter().map(|q| &q.tensor).collect();
+    plan.activations.retain(|t| !names.contains(&t));
+    plan.biases.retain(|_, mark| !names.contains(&&mark.input));
+    Ok(quiet)
+}
+
 /// Quantize `model` in place (all or nothing), with the activation mode of the options.
 pub fn quantize(
     model: &mut Model,
@@ -479,6 +527,24 @@ pub fn quantize_static(
     if let Some(auto) = &ranges.auto {
         stats.notes.push(auto::summary(auto));
     }
+    let quiet = keep_quiet_float(&mut plan, &ranges)?;
+    if !quiet.is_empty() {
+        stats.notes.push(format!(
+            "{} activation(s) kept float: on the quietest tenth of the calibration batches their int8 step leaves less than {QUIET_MIN_SQNR_DB} dB SQNR (a wide dynamic range, e.g. audio and its spectrum around silence): {}; the layers reading them keep int8 weights",
+            quiet.len(),
+            quiet
+                .iter()
+                .map(|q| format!("'{}' {:.1} dB", q.tensor, q.quiet_sqnr_db))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if plan.activations.is_empty() && plan.weights.is_empty() {
+        stats
+            .notes
+            .push("no node matched a quantization rule; model unchanged".into());
+        return Ok(stats);
+    }
 
     if opts.bias_correction != crate::passes::equalize::BiasCorrection::Off {
         stats
@@ -560,6 +626,7 @@ pub fn quantize_static(
             "synthetic": calib.synthetic,
         },
         "quantized_nodes": per_op,
+        "kept_float_quiet": quiet,
         "activations": act_reports,
         "weights": weight_reports,
         "biases": bias_reports,
