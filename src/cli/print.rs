@@ -34,7 +34,11 @@ pub fn summary(r: &RunReport) {
     if let Some(sp) = &r.specialized {
         println!(
             "  fixed  {}: {} -> {} top-level nodes, {} constant node(s) folded, {} If(s) collapsed",
-            sp.fixed.join(", "),
+            if sp.fixed.is_empty() {
+                "input shapes (--input-shape)".to_string()
+            } else {
+                sp.fixed.join(", ")
+            },
             sp.nodes_before,
             sp.nodes_after,
             sp.folded_nodes,

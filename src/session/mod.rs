@@ -174,7 +174,26 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     save::remove_stale_temp_files(&data_file(output));
     let (mut original, info, mut model) = load_model(input)?;
     let specialized = if opts.fix_inputs.is_empty() {
-        None
+        // Without --fix-input, --input-shape alone may still settle `If`s on shapes (silero's
+        // `Shape(x)[0] == 1`, squeezing a batch of one): the same specialization with nothing
+        // fixed, kept only when it collapsed an `If`, so other models stay byte-identical.
+        let mut shaped = original.clone();
+        let has_if = original
+            .graph
+            .as_ref()
+            .is_some_and(|g| g.node.iter().any(|n| n.op_type() == "If"));
+        match (has_if && !opts.input_shapes.is_empty())
+            .then(|| crate::passes::specialize::fix_inputs(&mut shaped, &[], &opts.input_shapes))
+        {
+            Some(Ok(s)) if !s.collapsed_ifs.is_empty() => {
+                model = Model::from_proto(shaped.clone()).with_context(|| {
+                    format!("{}: the shape-specialized model is invalid", input.display())
+                })?;
+                original = shaped;
+                Some(s)
+            }
+            _ => None,
+        }
     } else {
         let s = crate::passes::specialize::fix_inputs(
             &mut original,

@@ -173,8 +173,21 @@ pub fn apply_assignment(
         let selected: HashSet<_> = readers.into_iter().filter(|ix| !unnamed(ix)).collect();
         if !selected.is_empty() {
             let qopts = QuantizeOptions::default();
-            let plan = placement::plan(g, &qopts, &NodeSelection::Only(selected))?;
+            let mut plan = placement::plan(g, &qopts, &NodeSelection::Only(selected))?;
             let ranges = materialize::calibrate(&plan, &work, &work.to_proto()?, calib, &qopts)?;
+            // The same rule as the quantize pass: a grid too coarse for the quiet batches.
+            let quiet = crate::passes::quantize::keep_quiet_float(&mut plan, &ranges)?;
+            if !quiet.is_empty() {
+                notes.push(format!(
+                    "{} activation(s) kept float, their int8 step too coarse for the quietest tenth of the calibration batches: {}",
+                    quiet.len(),
+                    quiet
+                        .iter()
+                        .map(|q| format!("'{}' {:.1} dB", q.tensor, q.quiet_sqnr_db))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
             activations = Some((plan, ranges, qopts));
         }
     }

@@ -355,7 +355,7 @@ pub struct QuietTensor {
 /// Unmark the activations whose grid is too coarse for the quiet part of the data (below
 /// [`QUIET_MIN_SQNR_DB`]), with the int32 biases that would take their scale. Exact zeros are
 /// exact on every grid, so a tensor whose quiet batches are all zero is left quantized.
-fn keep_quiet_float(
+pub(crate) fn keep_quiet_float(
     plan: &mut placement::Plan,
     ranges: &materialize::ActivationRanges,
 ) -> Result<Vec<QuietTensor>> {
