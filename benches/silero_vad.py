@@ -8,10 +8,12 @@ samples, what the package's own wrapper feeds), `state` = the fp32 model's own s
 (zeros at the start) and `sr` = 16000 where the model has that input.
 
 Calibration: one .npz per chunk (keys = input names) from one stream; held-out evaluation: a
-second stream with other sentences. For each model and variant the script runs
-`onnx-compress MODEL -o OUT --calib DIR --report R.json`, and for the models with `sr` also with
-`--fix-input sr=16000 --input-shape input:1x576 --input-shape state:2x1x128` (the streaming shapes:
-they let the batch-of-one `If`s fold too), then streams the
+second stream with other sentences. For each model the script runs
+`onnx-compress MODEL -o OUT --calib DIR --report R.json`; for the models with `sr` or symbolic
+shapes also with `--input-shape input:1x576 --input-shape state:2x1x128` (the streaming shapes:
+they let the batch-of-one `If`s fold) and `--fix-input sr=16000` where the model has `sr`; and
+each of those again with `--target-size 0.4` (a size budget the mixed-precision pass spends on
+the layers whose Hessian says they need it). Then it streams the
 held-out audio through the fp32 and the compressed model in onnxruntime (each with its own state)
 and reports the size ratio, the validation status, and the speech F1 of the compressed model's
 decisions (prob > 0.5) against the fp32 model's decisions.
@@ -28,6 +30,7 @@ import tempfile
 import wave
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from scipy.signal import resample_poly
 
@@ -158,16 +161,25 @@ def main():
             np.savez(os.path.join(cdir, f"feed_{k:04d}.npz"), **feed)
         p_ref, _ = stream_run(ref, eval_chunks)
         d_ref = p_ref > 0.5
-        fixed = ["--fix-input", f"sr={SR}", "--input-shape", f"input:1x{CHUNK + CONTEXT}",
-                 "--input-shape", "state:2x1x128"]
-        variants = [[]] + ([fixed] if has_sr else [])
-        for extra in variants:
-            tag = name.replace(".onnx", "") + ("_fixed" if extra else "")
+        shapes = ["--input-shape", f"input:1x{CHUNK + CONTEXT}", "--input-shape", "state:2x1x128"]
+        symbolic = any(d.dim_param for i in onnx.load(src).graph.input
+                       for d in i.type.tensor_type.shape.dim)
+        # Plain --calib; the streaming shapes (with sr fixed where the model has it), which
+        # collapse the shape-dependent Ifs; and each of those with a 40% size budget spent by
+        # the Hessian-guided mixed-precision pass.
+        streaming = (["--fix-input", f"sr={SR}"] if has_sr else []) + shapes
+        variants = [("-", [])]
+        if has_sr or symbolic:
+            variants.append(("fixed sr, shapes" if has_sr else "shapes", streaming))
+        variants += [(v + ", --target-size 0.4" if v != "-" else "--target-size 0.4",
+                      e + ["--target-size", "0.4"]) for v, e in list(variants)]
+        for label, extra in variants:
+            tag = name.replace(".onnx", "") + "_" + "".join(c if c.isalnum() else "_" for c in label)
             out = os.path.join(args.work, tag + ".int8.onnx")
             rep = os.path.join(args.work, tag + ".json")
             cmd = [args.bin, src, "-o", out, "--calib", cdir, "--report", rep, "--force"] + extra
             r = subprocess.run(cmd, capture_output=True, text=True)
-            row = {"model": name, "variant": "fixed sr, shapes" if extra else "-", "exit": r.returncode}
+            row = {"model": name, "variant": label, "exit": r.returncode}
             if r.returncode != 0:
                 row["error"] = (r.stderr.strip().splitlines() or ["?"])[-1][:200]
                 rows.append(row)
