@@ -895,6 +895,65 @@ def make_if_scalar(name):
     return file
 
 
+def make_if_batch(name):
+    """`x` float [n, 3, 8, 8] (symbolic batch); cond = Equal(Shape(x)[0], 1), as silero-vad's
+    batch-of-one `If`s test.
+
+    then: Relu(Conv(x, W))                 [n, 4, 8, 8]
+    else: MaxPool(Relu(Conv(x, W)), 2x2)   [n, 4, 4, 4]   (another shape)
+    Only a fixed input shape (`--input-shape x:1x3x8x8`) settles the branch for tract.
+    """
+    rng = np.random.default_rng(9)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "W"),
+        numpy_helper.from_array(np.array(1, dtype=np.int64), "one"),
+        numpy_helper.from_array(np.array(0, dtype=np.int64), "zero"),
+    ]
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    then_g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W"], ["t_conv"], name="t_conv", **conv),
+            helper.make_node("Relu", ["t_conv"], ["t_out"], name="t_relu"),
+        ],
+        "then_branch", [],
+        [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, ["n", 4, 8, 8])],
+    )
+    else_g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W"], ["e_conv"], name="e_conv", **conv),
+            helper.make_node("Relu", ["e_conv"], ["e_relu"], name="e_relu"),
+            helper.make_node("MaxPool", ["e_relu"], ["e_out"], name="e_pool", kernel_shape=[2, 2],
+                             strides=[2, 2]),
+        ],
+        "else_branch", [],
+        [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, ["n", 4, 4, 4])],
+    )
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], name="batch", axis=0),
+        helper.make_node("Equal", ["batch", "one"], ["cond"], name="is_one"),
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g,
+                         else_branch=else_g),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "if_batch",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                              producer_name="onnx-compress/make_testdata")
+    model.ir_version = 8
+    file = models_path(name)
+    onnx.save_model(model, file)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    (y1,) = check_and_run(file, {"x": x[:1]})
+    (y2,) = check_and_run(file, {"x": x})
+    assert y1.shape == (1, 4, 8, 8) and y2.shape == (2, 4, 4, 4)
+    return file
+
+
 # ---------------------------------------------------------------- 8. tiny language models
 def make_tiny_gpt():
     """A byte-level GPT (2 pre-LayerNorm blocks, d_model 64, 4 heads, GELU MLP, learned positions,
@@ -961,7 +1020,8 @@ def make_prune_models():
 
 def main():
     if "--typed-input-models" in sys.argv:
-        for f in [make_token_embed("token_embed.onnx"), make_if_scalar("if_scalar.onnx")]:
+        for f in [make_token_embed("token_embed.onnx"), make_if_scalar("if_scalar.onnx"),
+                  make_if_batch("if_batch.onnx")]:
             print(f"{os.path.basename(f):22s} {os.path.getsize(f):8d} B")
         return 0
     if "--prune-models" in sys.argv:

@@ -587,3 +587,58 @@ fn fix_input_collapses_the_if_and_the_output_validates_in_tract() {
         "{err}"
     );
 }
+
+#[test]
+fn input_shape_alone_collapses_an_if_on_the_batch_size() {
+    // Intent: `If(Shape(x)[0] == 1)` (silero-vad squeezing a batch of one) cannot be analysed
+    // by tract with a symbolic batch; `--input-shape x:1x3x8x8` with no `--fix-input` settles
+    // the condition, the If collapses to its then-branch, the Conv is quantized and the output
+    // validates. Without the shape the model is left as it was (no If collapsed).
+    let dir = tempfile::tempdir().unwrap();
+    let calib = dir.path().join("calib");
+    std::fs::create_dir(&calib).unwrap();
+    for k in 0..4 {
+        let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[1, 3, 8, 8]), |i| {
+            ((k * 7 + i[1] * 5 + i[2] * 3 + i[3]) % 11) as f32 / 5.0 - 1.0
+        });
+        ndarray_npy::write_npy(calib.join(format!("x_{k}.npy")), &x).unwrap();
+    }
+    let model = typed_model("if_batch.onnx");
+    let out = dir.path().join("out.onnx");
+    let report = dir.path().join("r.json");
+    let (code, stdout, err) = run(&[
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--input-shape",
+        "x:1x3x8x8",
+        "--calib",
+        calib.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("input shapes (--input-shape)"), "{stdout}");
+    assert!(stdout.contains("1 If(s) collapsed"), "{stdout}");
+    assert!(stdout.contains("validated in tract"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json["validation"]["status"], "checked");
+    let m = onnx_compress::ir::Model::load(&out).unwrap();
+    let ops: Vec<String> = m
+        .graph
+        .node_indices()
+        .map(|ix| m.graph.node(ix).op_type().to_string())
+        .collect();
+    assert!(!ops.iter().any(|o| o == "If" || o == "MaxPool"), "{ops:?}");
+    assert!(ops.iter().any(|o| o == "QuantizeLinear"), "{ops:?}");
+
+    let (code, stdout, _) = run(&[
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--force",
+    ]);
+    assert_eq!(code, 0);
+    assert!(!stdout.contains("collapsed"), "{stdout}");
+}

@@ -1163,3 +1163,50 @@ mod fixture_wiring {
         );
     }
 }
+
+/// Calibration batches of one sample each: `quiet` of them at amplitude 1e-3, the others at 1.
+fn loud_and_quiet_calibration(m: &Model, quiet: usize) -> CalibrationSet {
+    let n = 20;
+    let x = ArrayD::<f32>::from_shape_fn(ndarray::IxDyn(&[n, 3, 8, 8]), |ix| {
+        let amp = if ix[0] < quiet { 1e-3 } else { 1.0 };
+        amp * ((ix[1] * 64 + ix[2] * 8 + ix[3] + 7 * ix[0]) as f32).sin()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("calib.npy");
+    ndarray_npy::write_npy(&p, &x).unwrap();
+    let opts = DataOptions {
+        batch_size: 1,
+        ..Default::default()
+    };
+    CalibrationSet::load(&p, m, &opts).unwrap()
+}
+
+#[test]
+fn an_activation_too_coarse_for_the_quiet_batches_stays_float() {
+    // Intent: a tenth or more of the batches 60 dB below the rest (silence between speech):
+    // the input's int8 step is larger than those batches' values, so x keeps no Q/DQ pair, the
+    // Conv keeps its int8 weight and a float bias, and the report names x. With every batch
+    // loud, x is quantized as before.
+    let m = conv_relu_model(false);
+    let calib = loud_and_quiet_calibration(&m, 3);
+    let mut q = m.clone();
+    let stats = quantize(&mut q, &QuantizeOptions::default(), Some(&calib)).unwrap();
+    q.graph.check().unwrap();
+    assert!(!is_qdq(&q, "x"), "x should stay float");
+    let conv = nodes(&q).into_iter().find(|n| n.op_type() == "Conv").unwrap();
+    assert_eq!(conv.input[0], "x");
+    assert_eq!(producer(&q, &conv.input[1]).unwrap().op_type(), "DequantizeLinear");
+    assert!(producer(&q, &conv.input[2]).is_none(), "bias stays a float initializer");
+    let quiet = stats.details["kept_float_quiet"].as_array().unwrap();
+    assert!(quiet.iter().any(|t| t["tensor"] == "x"), "{quiet:?}");
+    let db = quiet[0]["quiet_sqnr_db"].as_f64().unwrap();
+    // Step 2/255 against values of rms 7e-4: 10 log10(5e-7 / (s^2/12)) is about -10 dB.
+    assert!(db < 0.0 && db > -20.0, "{db}");
+    assert!(stats.notes.iter().any(|n| n.contains("kept float") && n.contains("'x'")));
+
+    let calib = loud_and_quiet_calibration(&m, 0);
+    let mut q = m.clone();
+    let stats = quantize(&mut q, &QuantizeOptions::default(), Some(&calib)).unwrap();
+    assert!(is_qdq(&q, "x"));
+    assert_eq!(stats.details["kept_float_quiet"].as_array().unwrap().len(), 0);
+}
