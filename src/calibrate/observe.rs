@@ -171,7 +171,9 @@ impl Observer {
         self.max = self.max.max(bmax);
         self.count += data.len() as u64;
         let finite = data.iter().filter(|v| v.is_finite());
-        let (sum, n) = finite.fold((0.0f64, 0usize), |(s, n), &v| (s + (v as f64).powi(2), n + 1));
+        let (sum, n) = finite.fold((0.0f64, 0usize), |(s, n), &v| {
+            (s + (v as f64).powi(2), n + 1)
+        });
         self.batch_mean_squares.push(sum / n.max(1) as f64);
         if let Some(c) = moving_average {
             self.ema = Some(match self.ema {

@@ -347,7 +347,10 @@ fn slice(
         }
         let from_end = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
         let (start, end) = if step > 0 {
-            (from_end(starts[k]).clamp(0, dim), from_end(ends[k]).clamp(0, dim))
+            (
+                from_end(starts[k]).clamp(0, dim),
+                from_end(ends[k]).clamp(0, dim),
+            )
         } else {
             (
                 from_end(starts[k]).clamp(0, dim - 1),
@@ -546,7 +549,10 @@ mod tests {
     #[test]
     fn slice_clamps_like_numpy() {
         // Expected values are numpy's: x = arange(10); x[-3:100], x[8:1:-3], x[5:-100:-2].
-        let x = Val::I(ndarray::Array1::from_iter(0..10i64).into_dyn(), DataType::Int64);
+        let x = Val::I(
+            ndarray::Array1::from_iter(0..10i64).into_dyn(),
+            DataType::Int64,
+        );
         let node = crate::onnx::proto::NodeProto {
             input: vec!["x".into(), "s".into(), "e".into(), "a".into(), "p".into()],
             ..Default::default()

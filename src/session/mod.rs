@@ -187,7 +187,10 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         {
             Some(Ok(s)) if !s.collapsed_ifs.is_empty() => {
                 model = Model::from_proto(shaped.clone()).with_context(|| {
-                    format!("{}: the shape-specialized model is invalid", input.display())
+                    format!(
+                        "{}: the shape-specialized model is invalid",
+                        input.display()
+                    )
                 })?;
                 original = shaped;
                 Some(s)
