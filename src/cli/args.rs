@@ -99,7 +99,9 @@ pub struct CompressArgs {
     /// Default: the full pipeline.
     #[arg(long, value_name = "LIST")]
     pub passes: Option<String>,
-    /// Fix symbolic input dims, e.g. `--input-shape x:1x3x224x224` (repeatable).
+    /// Fix symbolic input dims, e.g. `--input-shape x:1x3x224x224` (repeatable). When every
+    /// input's shape is then fixed, `If`s on shapes (a batch of one squeezed) collapse to their
+    /// taken branch, as with --fix-input
     #[arg(long = "input-shape", value_name = "NAME:DIMS")]
     pub input_shapes: Vec<String>,
     /// Specialize the model for one value of an input, e.g. `--fix-input sr=16000` or
