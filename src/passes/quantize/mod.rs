@@ -9,6 +9,8 @@
 //! ([`opset`]); (2) per-op rules mark tensors ([`placement`]); (3) one streaming tract run over
 //! the calibration data observes every marked activation ([`materialize::calibrate`]);
 //! (4) tensors that share a scale (Concat, pass-through ops) take the union of their ranges;
+//! an activation whose int8 step leaves the quietest tenth of the calibration batches below
+//! [`QUIET_MIN_SQNR_DB`] stays float ([`keep_quiet_float`]: audio around silence);
 //! (5) [`insert::weight`] adds a DQ per weight (int8 symmetric, per-channel on the
 //! output-channel axis), then [`materialize::insert()`] one Q/DQ pair per activation and a DQ
 //! per bias (int32, scale `s_in * s_w[c]`). Steps 3-5 are shared with `mixed-precision`.
