@@ -251,6 +251,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     let out_proto = model.to_proto()?;
     let save_opts = save::SaveOptions {
         external_data: opts.external_data || info.had_external_data,
+        sources: info.mapped.clone(),
         ..Default::default()
     };
     // With no_write_on_fail the file is written only once the gate has passed.

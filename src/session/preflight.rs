@@ -203,11 +203,9 @@ pub fn nonfinite_initializers(model: &Model) -> Vec<NonFinite> {
             tensor::data_type(t),
             Ok(DataType::Float | DataType::Float16 | DataType::Bfloat16 | DataType::Double)
         );
-        let Some(values) = float.then(|| tensor::to_f64(t).ok()).flatten() else {
+        let Some((nan, inf)) = float.then(|| tensor::count_nonfinite(t).ok()).flatten() else {
             continue;
         };
-        let nan = values.iter().filter(|v| v.is_nan()).count();
-        let inf = values.iter().filter(|v| v.is_infinite()).count();
         if nan + inf > 0 {
             out.push(NonFinite {
                 tensor: name.clone(),
