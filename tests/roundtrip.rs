@@ -122,6 +122,7 @@ fn external_data_round_trip_and_resave() {
         &save::SaveOptions {
             external_data: true,
             external_threshold: 0,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -1,18 +1,24 @@
 //! Writing ONNX files atomically (temp file + rename, so no partial or clobbered output), with
 //! optional external data for large models (protobuf cannot hold more than 2 GiB).
 //!
+//! A payload that is still a view of a mapped input file ([`crate::onnx::load::MappedFile`])
+//! is copied file to file (`copy_file_range`: the kernel moves the pages, often without
+//! reading them, and the process never touches them), so an untouched 2 GiB model is written at
+//! the speed of `cp`.
+//!
 //! Temp files sit beside their target, named `.<target file name>.tmp-<PID>-<random>`: a killed
 //! run leaves one recognisable file per target, and [`remove_stale_temp_files`] (called when a
 //! run starts writing to the same path) deletes those whose process is gone. A file whose PID
 //! is alive (a concurrent writer, or an unrelated process that reused the PID) is kept: losing
 //! a stale file's space is harmless, deleting a live writer's file is not.
 
-use crate::onnx::load::for_each_tensor_mut;
+use crate::onnx::load::{for_each_tensor_mut, MappedFile};
 use crate::onnx::proto::{tensor_proto::DataLocation, ModelProto, StringStringEntryProto};
 use anyhow::{bail, Context, Result};
 use prost::Message;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Protobuf's hard limit for one message.
 pub const PROTOBUF_LIMIT: usize = 2 * 1024 * 1024 * 1024 - 1;
@@ -22,6 +28,8 @@ pub struct SaveOptions {
     /// Store tensors of at least `external_threshold` bytes in `<output file name>.data`.
     pub external_data: bool,
     pub external_threshold: usize,
+    /// Input files payloads may still be views of (copied file to file when they are).
+    pub sources: Vec<Arc<MappedFile>>,
 }
 
 impl Default for SaveOptions {
@@ -29,6 +37,7 @@ impl Default for SaveOptions {
         SaveOptions {
             external_data: false,
             external_threshold: 1024,
+            sources: Vec::new(),
         }
     }
 }
@@ -70,7 +79,14 @@ pub fn save_proto(mut model: ModelProto, path: &Path, opts: &SaveOptions) -> Res
             // Align each tensor to 4 KiB so runtimes can memory-map it.
             let padded = offset.div_ceil(4096) * 4096;
             tmp.write_all(&vec![0u8; (padded - offset) as usize])?;
-            tmp.write_all(raw)?;
+            let source = opts
+                .sources
+                .iter()
+                .find_map(|m| m.locate(raw).map(|at| (m, at)));
+            match source {
+                Some((m, at)) => copy_payload(&m.file, at, tmp.as_file_mut(), raw)?,
+                None => tmp.write_all(raw)?,
+            }
             let entry = |k: &str, v: String| StringStringEntryProto {
                 key: Some(k.into()),
                 value: Some(v),
@@ -100,6 +116,45 @@ pub fn save_proto(mut model: ModelProto, path: &Path, opts: &SaveOptions) -> Res
     }
     tmp.persist(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Append `payload`, which is `src[at..at + payload.len()]`, to `dst` by `copy_file_range`;
+/// what the kernel will not copy that way (another file system, an old kernel) is written
+/// from memory.
+fn copy_payload(
+    src: &std::fs::File,
+    at: u64,
+    dst: &mut std::fs::File,
+    payload: &[u8],
+) -> Result<()> {
+    let mut done = 0usize;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::io::AsRawFd;
+        let mut off_in = at as libc::loff_t;
+        while done < payload.len() {
+            // SAFETY: both descriptors are open files owned by the caller; `off_in` is a valid
+            // pointer for the call; a null output offset appends at `dst`'s position.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    dst.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    payload.len() - done,
+                    0,
+                )
+            };
+            if n <= 0 {
+                break;
+            }
+            done += n as usize;
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (src, at);
+    dst.write_all(&payload[done..])?;
     Ok(())
 }
 

@@ -141,6 +141,26 @@ fn check_len(t: &TensorProto, got: usize, n: usize, field: &str) -> Result<()> {
     Ok(())
 }
 
+/// NaN and ±inf counts of a real-valued tensor. float32 is read in place (a weight of a 2 GiB
+/// model is not decoded into a copy twice its size); other types go through [`to_f64`].
+pub fn count_nonfinite(t: &TensorProto) -> Result<(usize, usize)> {
+    let count = |values: &mut dyn Iterator<Item = f64>| {
+        values.fold((0, 0), |(nan, inf), v| {
+            (nan + v.is_nan() as usize, inf + v.is_infinite() as usize)
+        })
+    };
+    if data_type(t)? == DataType::Float {
+        if let Some(r) = raw(t, 4, element_count(t)?)? {
+            return Ok(count(
+                &mut r
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64),
+            ));
+        }
+    }
+    Ok(count(&mut to_f64(t)?.iter().copied()))
+}
+
 /// Decode any real-valued tensor to f64 (exact for every type up to 32 bits and for f64).
 pub fn to_f64(t: &TensorProto) -> Result<ArrayD<f64>> {
     let dt = data_type(t)?;

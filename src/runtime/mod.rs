@@ -8,6 +8,7 @@
 //!   `If`s inlined, constant weight `DequantizeLinear`/`Cast` folded to float).
 //! - [`support`]: what tract would misread or cannot load, as a one-line reason.
 //! - [`shapes`]: declared shapes completed by tract's shape analysis.
+//! - [`weightless`]: a copy for shape analysis with the large weights as inputs.
 //! - `tensor`: payload decoding with the type checks and messages the runtime needs.
 
 pub mod feed;
@@ -16,12 +17,13 @@ pub mod shapes;
 pub(crate) mod simulate;
 mod support;
 mod tensor;
+pub mod weightless;
 
 pub use feed::{Feed, RunInput};
 pub use runner::{
     infer_value_shapes, resolve_input_shapes, run_model, InputSpec, Runner, ValueShape,
 };
-pub use shapes::value_shapes;
+pub use shapes::{value_shapes, value_shapes_given};
 pub use simulate::simulation_graph;
 pub use support::refusal;
 

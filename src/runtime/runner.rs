@@ -161,6 +161,8 @@ fn load(model: &ModelProto) -> Result<InferenceModel> {
     let bytes = model.encode_to_vec();
     let pb = tract_onnx::pb::ModelProto::decode(bytes.as_slice())
         .context("re-reading the model as tract's protobuf")?;
+    // Each copy of the weights is dropped as soon as the next exists (a 2 GiB model).
+    drop(bytes);
     tract_onnx::onnx()
         .with_ignore_value_info(true)
         .model_for_proto_model(&pb)
@@ -453,6 +455,9 @@ fn infer_value_shapes_unguarded(
     model: &ModelProto,
     input_shapes: &[(String, Vec<usize>)],
 ) -> Result<Vec<ValueShape>> {
+    // Shapes only: the large weights go in as inputs, not copied into tract.
+    let light = super::weightless::shape_analysis_copy(model);
+    let model = light.as_ref().map_or(model, |l| &l.model);
     let (specs, _) = resolve_input_shapes(model, input_shapes)?;
     let mut im = load(model)?;
     pin_inputs(&mut im, &specs)?;
@@ -505,6 +510,7 @@ fn infer_value_shapes_unguarded(
     }
     let mut out: Vec<ValueShape> = specs
         .iter()
+        .filter(|s| !light.as_ref().is_some_and(|l| l.lifted.contains(&s.name)))
         .map(|s| ValueShape {
             name: s.name.clone(),
             elem_type: DataType::try_from(s.elem_type).ok(),

@@ -18,6 +18,7 @@ pub mod gate;
 pub mod inspect;
 pub mod preflight;
 pub mod report;
+pub mod timings;
 pub mod write;
 
 pub use data::{DataSources, EvalData};
@@ -28,7 +29,7 @@ use crate::ir::Model;
 use crate::limits::MemoryBudget;
 use crate::onnx::{load, save};
 use crate::passes::PassContext;
-use crate::runtime::value_shapes;
+use crate::runtime::{value_shapes, value_shapes_given};
 use crate::validate::{self, generate, ValidateOptions, ValidationReport};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -172,7 +173,9 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     // Temp files a killed run left for this output (never a live writer's).
     save::remove_stale_temp_files(output);
     save::remove_stale_temp_files(&data_file(output));
+    let mut phases = timings::Phases::start();
     let (mut original, info, mut model) = load_model(input)?;
+    phases.mark("load");
     let specialized = if opts.fix_inputs.is_empty() {
         // Without --fix-input, --input-shape alone may still settle `If`s on shapes (silero's
         // `Shape(x)[0] == 1`, squeezing a batch of one): the same specialization with nothing
@@ -217,12 +220,19 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     preflight::refuse_nonfinite_for_mixed_precision(&nonfinite, mixed_runs)?;
     // Nothing sized from the model is allocated before it is known to fit.
     preflight::check_inputs(&model, &memory_plan(opts))?;
-    let corrected_outputs =
-        preflight::correct_declared_outputs(&mut model, &original, &opts.input_shapes)?;
-    preflight::check_declared_outputs(&model, &original, &opts.input_shapes)?;
-    let shapes_before = value_shapes(&model, &original, &opts.input_shapes);
+    // One analysis of the input in tract serves the checks and the shapes.
+    let inferred = crate::runtime::infer_value_shapes(&original, &opts.input_shapes).ok();
+    let corrected_outputs = preflight::correct_declared_outputs(
+        &mut model,
+        &original,
+        inferred.as_deref(),
+        &opts.input_shapes,
+    )?;
+    preflight::check_declared_outputs(&model, &original, inferred.as_deref(), &opts.input_shapes)?;
+    let shapes_before = value_shapes_given(&model, &original, &opts.input_shapes, inferred);
     preflight::check_values(&model, &shapes_before, &opts.memory)?;
     let stats_before = model_stats(&model, &shapes_before);
+    phases.mark("preflight");
 
     // Data problems surface before any work starts.
     let decoder = data::decoder(&opts.data, &model, &opts.input_shapes)?;
@@ -255,12 +265,15 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         opts.seed,
         opts.memory,
     )?;
+    phases.mark("data");
     let records =
         crate::pipeline::Pipeline::from_parts(opts.passes.clone(), ctx.clone()).run(&mut model)?;
+    phases.mark("passes");
 
     let out_proto = model.to_proto()?;
     let save_opts = save::SaveOptions {
         external_data: opts.external_data || info.had_external_data,
+        sources: info.mapped.clone(),
         ..Default::default()
     };
     // With no_write_on_fail the file is written only once the gate has passed.
@@ -268,6 +281,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     if !defer_write {
         save::save_proto(out_proto.clone(), output, &save_opts)?;
     }
+    phases.mark("save");
     // Validation never judges a calibrated model on noise when real data was given: held-out
     // `--eval` data first, else (in-sample) the calibration data, else synthetic inputs as a
     // smoke test.
@@ -307,6 +321,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
             }
         }),
     });
+    phases.mark("validate");
     let gate = bounds
         .is_active()
         .then(|| -> Result<gate::GateReport> {
@@ -331,6 +346,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
             ))
         })
         .transpose()?;
+    phases.mark("gate");
     let gate_failed = gate.as_ref().is_some_and(|g| !g.passed);
     if defer_write && !gate_failed {
         save::save_proto(out_proto.clone(), output, &save_opts)?;
@@ -352,6 +368,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         &model,
         &value_shapes(&model, &out_proto, &opts.input_shapes),
     );
+    phases.mark("report");
     let report = RunReport {
         tool: "onnx-compress".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -374,6 +391,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         kv_cache,
         gate,
         seconds_total: start.elapsed().as_secs_f64(),
+        timings: phases.done,
     };
     Ok(Outcome { report, written })
 }

@@ -33,6 +33,7 @@ use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
 use crate::onnx::proto::type_proto;
 use crate::onnx::tensor;
 use crate::passes::PassContext;
+use crate::runtime::ValueShape;
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::collections::{BTreeSet, HashMap};
@@ -202,11 +203,9 @@ pub fn nonfinite_initializers(model: &Model) -> Vec<NonFinite> {
             tensor::data_type(t),
             Ok(DataType::Float | DataType::Float16 | DataType::Bfloat16 | DataType::Double)
         );
-        let Some(values) = float.then(|| tensor::to_f64(t).ok()).flatten() else {
+        let Some((nan, inf)) = float.then(|| tensor::count_nonfinite(t).ok()).flatten() else {
             continue;
         };
-        let nan = values.iter().filter(|v| v.is_nan()).count();
-        let inf = values.iter().filter(|v| v.is_infinite()).count();
         if nan + inf > 0 {
             out.push(NonFinite {
                 tensor: name.clone(),
@@ -277,12 +276,19 @@ pub fn keep_float(ctx: &mut PassContext, model: &Model, found: &[NonFinite]) {
 /// inferred over the graph ([`crate::ir::check::check_model_ranks`]) still catch a declared
 /// rank that contradicts the producer: that output is declared with the inferred rank and
 /// unknown dims, which ONNX shape inference fills in itself.
+///
+/// `inferred` is tract's analysis of `proto` (`None`: tract could not analyse it).
 pub fn correct_declared_outputs(
     model: &mut Model,
     proto: &crate::onnx::proto::ModelProto,
+    inferred: Option<&[ValueShape]>,
     input_shapes: &[(String, Vec<usize>)],
 ) -> Result<Vec<String>> {
-    let mut notes = correct_outputs_by_tract(model, proto, input_shapes)?;
+    let mut notes = match inferred {
+        Some(inferred) => correct_outputs_by_tract(model, inferred, input_shapes)?,
+        // A model tract cannot analyse keeps its declarations; later stages report it.
+        None => Vec::new(),
+    };
     let found = proto
         .graph
         .as_ref()
@@ -316,14 +322,10 @@ pub fn correct_declared_outputs(
 
 fn correct_outputs_by_tract(
     model: &mut Model,
-    proto: &crate::onnx::proto::ModelProto,
+    inferred: &[ValueShape],
     input_shapes: &[(String, Vec<usize>)],
 ) -> Result<Vec<String>> {
     let mut notes = Vec::new();
-    let Ok(inferred) = crate::runtime::infer_value_shapes(proto, input_shapes) else {
-        // A model tract cannot analyse keeps its declarations; later stages report it.
-        return Ok(notes);
-    };
     let dims_known = input_dims_known(model, input_shapes);
     // Dims computed from `--input-shape` hold for that shape only: declared as values only
     // when the model itself fixes every input.
@@ -403,13 +405,16 @@ fn correct_outputs_by_tract(
 /// computes, as
 /// tract infers it (`proto` is the model as loaded): ONNX shape inference rejects such a model,
 /// so its output would be rejected too. Only ranks and dims both sides know are compared.
+///
+/// `inferred` is tract's analysis of `proto` (`None`: tract could not analyse it, and the
+/// model keeps its declarations; later stages report it).
 pub fn check_declared_outputs(
     model: &Model,
     proto: &crate::onnx::proto::ModelProto,
+    inferred: Option<&[ValueShape]>,
     input_shapes: &[(String, Vec<usize>)],
 ) -> Result<()> {
-    let Ok(inferred) = crate::runtime::infer_value_shapes(proto, input_shapes) else {
-        // A model tract cannot analyse keeps its declarations; later stages report it.
+    let Some(inferred) = inferred else {
         return Ok(());
     };
     let dims_known = input_dims_known(model, input_shapes);

@@ -47,4 +47,6 @@ pub struct RunReport {
     pub gate: Option<GateReport>,
     pub size_ratio: f64,
     pub seconds_total: f64,
+    /// Wall seconds and peak memory per phase of the run, in order.
+    pub timings: Vec<super::timings::Phase>,
 }

@@ -220,6 +220,9 @@ impl ValidationReport {
 /// Compares `candidate` against `original` in tract (see the module docs). `Err` only for bad
 /// options (unknown input names, non-float inputs without user values, wrong shapes) or a model
 /// without a graph; everything tract cannot do is a `not_checked` report.
+/// Inputs larger than this (encoded bytes) are validated one model at a time, without latency.
+pub const ONE_MODEL_AT_A_TIME_ABOVE: u64 = 256 << 20;
+
 pub fn validate(
     original: &ModelProto,
     candidate: &ModelProto,
@@ -297,17 +300,46 @@ pub fn validate(
             ),
         );
     }
+    let batches = if opts.inputs.is_some() {
+        user_batches
+            .iter()
+            .map(|b| order_user_inputs(&specs, b))
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        synthetic_batches(&specs, opts.seed, opts.samples, &mut report.notes)?
+    };
     let runner_o = match Runner::new(&sim_o, &shapes, &[]) {
         Ok(r) => r,
         Err(e) => return not_checked(report, Status::NotChecked, format!("original: {e:#}")),
     };
+    let names_o = runner_o.output_names().to_vec();
+    // A large model is run one at a time: the original's outputs first, then its weights
+    // are dropped before the candidate's are loaded (tract holds a copy of each).
+    let one_at_a_time = prost::Message::encoded_len(original) as u64 > ONE_MODEL_AT_A_TIME_ABOVE;
+    let mut runner_o = Some(runner_o);
+    let mut stored_o: Vec<Vec<ArrayD<f32>>> = Vec::new();
+    if one_at_a_time {
+        let r = runner_o.take().expect("runner present");
+        for batch in &batches {
+            match r.run(batch) {
+                Ok(o) => stored_o.push(o),
+                Err(e) => {
+                    return not_checked(report, Status::NotChecked, format!("original: {e:#}"))
+                }
+            }
+        }
+        report.notes.push(format!(
+            "validated one model at a time (the input is above {} MiB): latency not timed",
+            ONE_MODEL_AT_A_TIME_ABOVE >> 20
+        ));
+    }
     let runner_c = match Runner::new(&sim_c, &shapes, &[]) {
         Ok(r) => r,
         Err(e) => return not_checked(report, Status::NotChecked, format!("candidate: {e:#}")),
     };
     // Candidate output index for each original output, by name.
     let mut pairs = Vec::new();
-    for (i, name) in runner_o.output_names().iter().enumerate() {
+    for (i, name) in names_o.iter().enumerate() {
         match runner_c.output_names().iter().position(|n| n == name) {
             Some(j) => pairs.push((i, j)),
             None => {
@@ -319,24 +351,21 @@ pub fn validate(
             }
         }
     }
-    let batches = if opts.inputs.is_some() {
-        user_batches
-            .iter()
-            .map(|b| order_user_inputs(&specs, b))
-            .collect::<Result<Vec<_>>>()?
-    } else {
-        synthetic_batches(&specs, opts.seed, opts.samples, &mut report.notes)?
-    };
     let labels = opts.labels.as_deref().filter(|_| opts.inputs.is_some());
     let mut label_at = 0usize;
     let mut accs: Vec<Acc> = pairs.iter().map(|_| Acc::default()).collect();
     let mut shapes_out: Vec<Vec<usize>> = vec![Vec::new(); pairs.len()];
     let progress = crate::progress::Progress::bar("validating", batches.len() as u64);
-    for batch in &batches {
+    for (b, batch) in batches.iter().enumerate() {
         progress.inc(1);
-        let out_o = match runner_o.run(batch) {
-            Ok(o) => o,
-            Err(e) => return not_checked(report, Status::NotChecked, format!("original: {e:#}")),
+        let out_o = match &runner_o {
+            Some(r) => match r.run(batch) {
+                Ok(o) => o,
+                Err(e) => {
+                    return not_checked(report, Status::NotChecked, format!("original: {e:#}"))
+                }
+            },
+            None => std::mem::take(&mut stored_o[b]),
         };
         let out_c = match runner_c.run(batch) {
             Ok(o) => o,
@@ -345,7 +374,7 @@ pub fn validate(
         for (k, &(i, j)) in pairs.iter().enumerate() {
             let (r, c) = (&out_o[i], &out_c[j]);
             if r.shape() != c.shape() {
-                let name = &runner_o.output_names()[i];
+                let name = &names_o[i];
                 return not_checked(
                     report,
                     Status::Mismatch,
@@ -380,7 +409,7 @@ pub fn validate(
         .iter()
         .zip(accs)
         .zip(shapes_out)
-        .map(|((&(i, _), acc), shape)| acc.finish(runner_o.output_names()[i].clone(), shape))
+        .map(|((&(i, _), acc), shape)| acc.finish(names_o[i].clone(), shape))
         .collect();
     let failures: Vec<String> = report
         .outputs
@@ -393,8 +422,8 @@ pub fn validate(
             )
         })
         .collect();
-    if let Some(batch) = batches.first() {
-        report.latency = time_models(candidate, &shapes, &runner_o, &runner_c, batch, method);
+    if let (Some(batch), Some(runner_o)) = (batches.first(), &runner_o) {
+        report.latency = time_models(candidate, &shapes, runner_o, &runner_c, batch, method);
     }
     if failures.is_empty() {
         report.status = Status::Checked;
