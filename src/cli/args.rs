@@ -315,9 +315,15 @@ pub struct CompressArgs {
     pub bias_correction: BiasCorrectionArg,
 
     // ---- pruning ----
-    /// Remove this fraction of the channels of prunable groups (e.g. 0.3).
-    #[arg(long, value_name = "FRACTION", help_heading = "Pruning")]
-    pub prune: Option<f64>,
+    /// Remove this fraction of the channels of prunable groups (e.g. 0.3). `auto` (with
+    /// --target-size): channels and bits share the one size budget; how much each group is
+    /// pruned and each layer's precision are chosen together by the same second-order loss
+    /// model (levels of 0-60% of the weights pruned are weighed against precision alone, the
+    /// least predicted loss wins; the report has the size frontier, predicted and measured).
+    /// Without `auto`, --target-size spends its budget on precisions only, after any pruning
+    /// asked for with --prune-flops.
+    #[arg(long, value_name = "FRACTION|auto", help_heading = "Pruning")]
+    pub prune: Option<String>,
     /// Remove this fraction of the MACs (e.g. 0.3 keeps at most 70%); wins over --prune.
     #[arg(long, value_name = "FRACTION", help_heading = "Pruning")]
     pub prune_flops: Option<f64>,
@@ -351,8 +357,9 @@ pub struct CompressArgs {
 
     // ---- mixed precision ----
     /// Size budget for Hessian-guided mixed precision: bytes of weights (e.g. 2000000) or a
-    /// fraction of the fp32 weight bytes (e.g. 0.2). Enables the mixed-precision pass.
-    #[arg(long, value_name = "BYTES|RATIO", help_heading = "Mixed precision")]
+    /// fraction of the fp32 weight bytes (e.g. 0.2 or 20%). Enables the mixed-precision pass;
+    /// with --prune auto, pruning shares the budget.
+    #[arg(long, value_name = "BYTES|RATIO|PERCENT", help_heading = "Mixed precision")]
     pub target_size: Option<String>,
     /// Budget as average bits per weight (e.g. 4.5). Enables the mixed-precision pass.
     #[arg(
