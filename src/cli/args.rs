@@ -316,12 +316,14 @@ pub struct CompressArgs {
 
     // ---- pruning ----
     /// Remove this fraction of the channels of prunable groups (e.g. 0.3). `auto` (with
-    /// --target-size): channels and bits share the one size budget; how much each group is
-    /// pruned and each layer's precision are chosen together by the same second-order loss
-    /// model (levels of 0-60% of the weights pruned are weighed against precision alone, the
-    /// least predicted loss wins; the report has the size frontier, predicted and measured).
-    /// Without `auto`, --target-size spends its budget on precisions only, after any pruning
-    /// asked for with --prune-flops.
+    /// --target-size and --calib): channels and bits share the one size budget. Plans that prune
+    /// 0-60% of the weights (channels chosen by predicted loss per weight) each get the
+    /// precisions that minimize the Hessian-predicted loss in the bytes left; each plan is built
+    /// and measured on the calibration data, and the least measured loss wins (0% = precision
+    /// alone, so never worse on that data). The report has every plan and the size frontier,
+    /// predicted and measured. A flag rather than automatic, so plain --target-size runs stay as
+    /// they were and the extra model runs are asked for. Without `auto`, --target-size spends its
+    /// budget on precisions only, after any pruning asked for with --prune-flops.
     #[arg(long, value_name = "FRACTION|auto", help_heading = "Pruning")]
     pub prune: Option<String>,
     /// Remove this fraction of the MACs (e.g. 0.3 keeps at most 70%); wins over --prune.
