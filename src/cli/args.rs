@@ -361,7 +361,11 @@ pub struct CompressArgs {
     /// Size budget for Hessian-guided mixed precision: bytes of weights (e.g. 2000000) or a
     /// fraction of the fp32 weight bytes (e.g. 0.2 or 20%). Enables the mixed-precision pass;
     /// with --prune auto, pruning shares the budget.
-    #[arg(long, value_name = "BYTES|RATIO|PERCENT", help_heading = "Mixed precision")]
+    #[arg(
+        long,
+        value_name = "BYTES|RATIO|PERCENT",
+        help_heading = "Mixed precision"
+    )]
     pub target_size: Option<String>,
     /// Budget as average bits per weight (e.g. 4.5). Enables the mixed-precision pass.
     #[arg(

@@ -99,9 +99,14 @@ pub fn hessian_loss(v: HessianLossArg) -> Loss {
 /// `20%`).
 fn parse_budget(spec: &str) -> Result<Budget> {
     if let Some(pct) = spec.trim().strip_suffix('%') {
-        let v: f64 = pct.trim().parse().ok().filter(|v: &f64| *v > 0.0 && *v < 100.0).with_context(|| {
-            format!("--target-size '{spec}': expected a percentage in (0, 100), e.g. 15%")
-        })?;
+        let v: f64 = pct
+            .trim()
+            .parse()
+            .ok()
+            .filter(|v: &f64| *v > 0.0 && *v < 100.0)
+            .with_context(|| {
+                format!("--target-size '{spec}': expected a percentage in (0, 100), e.g. 15%")
+            })?;
         return Ok(Budget::Ratio(v / 100.0));
     }
     let v: f64 = spec.trim().parse().with_context(|| {
@@ -251,14 +256,19 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
             );
             (None, true)
         }
-        Some(v) => (
-            Some(v.parse::<f64>().ok().with_context(|| {
-                format!("--prune {v}: expected a fraction in [0, 1) or auto")
-            })?),
-            false,
-        ),
+        Some(v) => {
+            (
+                Some(v.parse::<f64>().ok().with_context(|| {
+                    format!("--prune {v}: expected a fraction in [0, 1) or auto")
+                })?),
+                false,
+            )
+        }
     };
-    for (flag, v) in [("--prune", prune_ratio), ("--prune-flops", args.prune_flops)] {
+    for (flag, v) in [
+        ("--prune", prune_ratio),
+        ("--prune-flops", args.prune_flops),
+    ] {
         if let Some(v) = v {
             ensure!(
                 (0.0..1.0).contains(&v),

@@ -349,7 +349,11 @@ impl MacModelHandle {
 
     /// Per heavy node: the kept fraction of its input and of its output channels under `kept`
     /// (depthwise nodes: the output fraction is the input's), for the plan `plan`'s groups.
-    pub fn kept_fractions(&self, groups: &[Group], plan: &Plan) -> Vec<(NodeIndex, f64, f64, bool)> {
+    pub fn kept_fractions(
+        &self,
+        groups: &[Group],
+        plan: &Plan,
+    ) -> Vec<(NodeIndex, f64, f64, bool)> {
         let mm = &self.0;
         let orig: Vec<usize> = groups.iter().map(|g| g.channels).collect();
         let kept: Vec<usize> = groups

@@ -57,6 +57,12 @@ pub const LEVELS: [f64; 13] = [
 /// Sizes of the reported frontier, as fractions of the fp32 weight bytes (the budget is added).
 pub const FRONTIER: [f64; 8] = [0.08, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3];
 
+/// Planned precision per weight name.
+pub type Precisions = Vec<(String, Precision)>;
+
+/// Measures plan `level index` with the given precisions: the loss, `None` when it cannot run.
+pub type Measure<'a> = dyn FnMut(usize, &[(String, Precision)]) -> Result<Option<f64>> + 'a;
+
 /// One pruning level's plan under one byte budget.
 #[derive(Debug, Clone, Serialize)]
 pub struct Candidate {
@@ -177,7 +183,7 @@ impl Levels {
         layers: &[LayerOptions],
         budget: u64,
         block: Option<usize>,
-    ) -> Option<(u64, f64, Vec<(String, Precision)>)> {
+    ) -> Option<(u64, f64, Precisions)> {
         let classes: Vec<Vec<(u64, f64)>> = layers
             .iter()
             .map(|l| {
@@ -187,7 +193,12 @@ impl Levels {
                 let frac = n as f64 / n0.max(1) as f64;
                 l.options
                     .iter()
-                    .map(|&(p, loss)| (bytes_at(shape, l.out_axis, l.in_axis, p, block), frac * loss))
+                    .map(|&(p, loss)| {
+                        (
+                            bytes_at(shape, l.out_axis, l.in_axis, p, block),
+                            frac * loss,
+                        )
+                    })
                     .collect()
             })
             .collect();
@@ -206,7 +217,7 @@ impl Levels {
         layers: &[LayerOptions],
         budget: u64,
         block: Option<usize>,
-        measure: &mut dyn FnMut(usize, &[(String, Precision)]) -> Result<Option<f64>>,
+        measure: &mut Measure,
     ) -> Result<Vec<Candidate>> {
         let mut out = Vec::new();
         for (i, (level, plan, prune_loss)) in self.plans.iter().enumerate() {
@@ -238,7 +249,7 @@ impl Levels {
         fp32_bytes: u64,
         budget: u64,
         block: Option<usize>,
-        measure: &mut dyn FnMut(usize, &[(String, Precision)]) -> Result<Option<f64>>,
+        measure: &mut Measure,
     ) -> Result<Vec<FrontierPoint>> {
         let mut sizes: Vec<u64> = FRONTIER
             .iter()
@@ -304,7 +315,9 @@ pub fn plan_for_size(
     let budget = match req.mixed.budget {
         Some(Budget::Bytes(b)) => b,
         Some(Budget::Ratio(r)) => (r * fp32_bytes as f64).floor() as u64,
-        _ => bail!("--prune auto needs a --target-size budget (bytes or a fraction), not --avg-bits"),
+        _ => {
+            bail!("--prune auto needs a --target-size budget (bytes or a fraction), not --avg-bits")
+        }
     };
     let block = req.mixed.block_size;
     let params = MacModelHandle::params(model, analysis);
@@ -324,8 +337,11 @@ pub fn plan_for_size(
             .iter()
             .enumerate()
             .map(|(k, (name, _))| {
-                let parts: Vec<&crate::runtime::Feed> =
-                    req.named.iter().filter_map(|b| b.get(k).map(|x| &x.1)).collect();
+                let parts: Vec<&crate::runtime::Feed> = req
+                    .named
+                    .iter()
+                    .filter_map(|b| b.get(k).map(|x| &x.1))
+                    .collect();
                 crate::runtime::Feed::concatenate(0, &parts)
                     .ok()
                     .map(|f| (name.clone(), f))
@@ -352,7 +368,7 @@ pub fn plan_for_size(
         if let Some(v) = seen.get(&key) {
             return Ok(*v);
         }
-        if !built.contains_key(&i) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = built.entry(i) {
             let plan = &lv.plans[i].1;
             let mut m = model.clone();
             let ok = if plan.remove.iter().any(|r| !r.is_empty()) {
@@ -360,13 +376,20 @@ pub fn plan_for_size(
                     if opts.reconstruct == Reconstruct::None {
                         return Ok(());
                     }
-                    reconstruct::reconstruct(&model.graph, &mut m, &applied, cal, opts, &mut Vec::new())
-                        .map(|_| ())
+                    reconstruct::reconstruct(
+                        &model.graph,
+                        &mut m,
+                        &applied,
+                        cal,
+                        opts,
+                        &mut Vec::new(),
+                    )
+                    .map(|_| ())
                 })
             } else {
                 Ok(())
             };
-            built.insert(i, ok.ok().map(|_| m));
+            slot.insert(ok.ok().map(|_| m));
         }
         let Some(base) = &built[&i] else {
             return Ok(None);
@@ -380,7 +403,9 @@ pub fn plan_for_size(
             if *p == Precision::Fp32 {
                 continue;
             }
-            let Some(t) = m.graph.constant(w) else { continue };
+            let Some(t) = m.graph.constant(w) else {
+                continue;
+            };
             let d = round_trip_in(&tensor::to_f32(t)?, l.out_axis, l.in_axis, *p, block);
             inits.push(tensor::from_f32(w, &d));
         }
@@ -401,7 +426,9 @@ pub fn plan_for_size(
                 loss += loss_sum(a0, a1, a0.ndim() == 2 && a0.shape()[1] > 1);
             }
         }
-        let loss = (loss / rows.max(1) as f64).is_finite().then_some(loss / rows.max(1) as f64);
+        let loss = (loss / rows.max(1) as f64)
+            .is_finite()
+            .then_some(loss / rows.max(1) as f64);
         seen.insert(key, loss);
         Ok(loss)
     };
@@ -463,12 +490,17 @@ pub fn size_table(r: &SizePlanReport) -> Vec<String> {
             opt(c.predicted_quant),
             opt(c.predicted),
             opt(c.measured),
-            if c.level == r.chosen_level { "chosen" } else { "" }
+            if c.level == r.chosen_level {
+                "chosen"
+            } else {
+                ""
+            }
         ));
     }
-    lines.push(format!(
+    lines.push(
         "size frontier (weight bytes; best plan per size with pruning, and precision only):"
-    ));
+            .to_string(),
+    );
     lines.push(format!(
         "{:>10} {:>7} {:>7} {:>10} {:>10} {:>12} {:>12}",
         "bytes", "% fp32", "pruned", "predicted", "measured", "pred. prec.", "meas. prec."
