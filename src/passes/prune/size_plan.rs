@@ -519,3 +519,47 @@ pub fn size_table(r: &SizePlanReport) -> Vec<String> {
     }
     lines
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(level: f64, predicted: Option<f64>, measured: Option<f64>) -> Candidate {
+        Candidate {
+            level,
+            channels_removed: 0,
+            macs_after: 0,
+            predicted_prune: 0.0,
+            predicted_quant: predicted,
+            predicted,
+            bytes: predicted.map(|_| 1),
+            measured,
+            precisions: vec![],
+        }
+    }
+
+    #[test]
+    fn choice_is_the_least_measured_loss_among_plans_that_fit() {
+        // Level 0.2 predicts best, but measures worse than level 0.1.
+        let c = [
+            cand(0.0, Some(5e-4), Some(7e-4)),
+            cand(0.1, Some(2e-4), Some(1e-4)),
+            cand(0.2, Some(1e-6), Some(4e-4)),
+            // Does not fit: never chosen, whatever it measured.
+            cand(0.3, None, Some(1e-9)),
+        ];
+        assert_eq!(choose(&c), Some(1));
+        // Nothing measured: the least predicted loss.
+        let c: Vec<Candidate> = c.iter().map(|x| cand(x.level, x.predicted, None)).collect();
+        assert_eq!(choose(&c), Some(2));
+        // Ties go to less pruning; nothing fits: none.
+        assert_eq!(
+            choose(&[
+                cand(0.0, Some(1.0), Some(1.0)),
+                cand(0.1, Some(1.0), Some(1.0))
+            ]),
+            Some(0)
+        );
+        assert_eq!(choose(&[cand(0.0, None, None)]), None);
+    }
+}
