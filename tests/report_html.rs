@@ -316,3 +316,33 @@ fn page_is_written_atomically() {
     let page = std::fs::read_to_string(&page_path).unwrap();
     assert!(page.starts_with("<!DOCTYPE html>") && !page.contains("stale"));
 }
+
+#[test]
+fn size_plan_section_from_synthetic_details() {
+    let mut r = synthetic_report("conv1");
+    r["passes"][2]["details"]["size_plan"] = json!({
+        "budget_bytes": 1500, "fp32_bytes": 10000, "chosen_level": 0.25,
+        "candidates": [
+            {"level": 0.0, "channels_removed": 0, "macs_after": 100, "predicted_prune": 0.0,
+             "predicted_quant": 5.0e-4, "predicted": 5.0e-4, "bytes": 1490, "measured": 7.0e-4},
+            {"level": 0.25, "channels_removed": 9, "macs_after": 80, "predicted_prune": 1.0e-6,
+             "predicted_quant": 2.0e-5, "predicted": 2.1e-5, "bytes": 1480, "measured": 2.5e-5},
+            {"level": 0.6, "channels_removed": 20, "macs_after": 40, "predicted_prune": 1.0e-5,
+             "predicted_quant": null, "predicted": null, "bytes": null, "measured": null}],
+        "frontier": [
+            {"bytes": 800, "fraction": 0.08, "level": 0.6, "predicted": 1.0e-3, "measured": 2.0e-3,
+             "predicted_precision_only": null, "measured_precision_only": null},
+            {"bytes": 1500, "fraction": 0.15, "level": 0.25, "predicted": 2.1e-5, "measured": 2.5e-5,
+             "predicted_precision_only": 5.0e-4, "measured_precision_only": 7.0e-4}]
+    });
+    let page = html::render(&r).unwrap();
+    let s = section(&page, "pass-prune").expect("prune section");
+    assert!(s.contains("One size budget for channels and bits"), "{s}");
+    assert!(s.contains("15.0% of fp32"), "{s}");
+    // The chosen row is marked, an infeasible level shows dashes, the frontier has both rows.
+    assert!(s.contains("2.500e-5</td><td>chosen"), "{s}");
+    assert!(s.contains("<td class=\"n\">60%</td><td class=\"n\">20</td><td class=\"n\">-</td>"));
+    assert!(s.contains("Size frontier") && s.contains("7.000e-4"));
+    // Channels per group and the frontier plot.
+    assert_eq!(s.matches("<svg").count(), 2);
+}

@@ -317,9 +317,17 @@ pub struct CompressArgs {
     pub bias_correction: BiasCorrectionArg,
 
     // ---- pruning ----
-    /// Remove this fraction of the channels of prunable groups (e.g. 0.3).
-    #[arg(long, value_name = "FRACTION", help_heading = "Pruning")]
-    pub prune: Option<f64>,
+    /// Remove this fraction of the channels of prunable groups (e.g. 0.3). `auto` (with
+    /// --target-size and --calib): channels and bits share the one size budget. Plans that prune
+    /// 0-60% of the weights (channels chosen by predicted loss per weight) each get the
+    /// precisions that minimize the Hessian-predicted loss in the bytes left; each plan is built
+    /// and measured on the calibration data, and the least measured loss wins (0% = precision
+    /// alone, so never worse on that data). The report has every plan and the size frontier,
+    /// predicted and measured. A flag rather than automatic, so plain --target-size runs stay as
+    /// they were and the extra model runs are asked for. Without `auto`, --target-size spends its
+    /// budget on precisions only, after any pruning asked for with --prune-flops.
+    #[arg(long, value_name = "FRACTION|auto", help_heading = "Pruning")]
+    pub prune: Option<String>,
     /// Remove this fraction of the MACs (e.g. 0.3 keeps at most 70%); wins over --prune.
     #[arg(long, value_name = "FRACTION", help_heading = "Pruning")]
     pub prune_flops: Option<f64>,
@@ -353,8 +361,13 @@ pub struct CompressArgs {
 
     // ---- mixed precision ----
     /// Size budget for Hessian-guided mixed precision: bytes of weights (e.g. 2000000) or a
-    /// fraction of the fp32 weight bytes (e.g. 0.2). Enables the mixed-precision pass.
-    #[arg(long, value_name = "BYTES|RATIO", help_heading = "Mixed precision")]
+    /// fraction of the fp32 weight bytes (e.g. 0.2 or 20%). Enables the mixed-precision pass;
+    /// with --prune auto, pruning shares the budget.
+    #[arg(
+        long,
+        value_name = "BYTES|RATIO|PERCENT",
+        help_heading = "Mixed precision"
+    )]
     pub target_size: Option<String>,
     /// Budget as average bits per weight (e.g. 4.5). Enables the mixed-precision pass.
     #[arg(

@@ -95,8 +95,20 @@ pub fn hessian_loss(v: HessianLossArg) -> Loss {
     }
 }
 
-/// `--target-size`: whole bytes (`2000000`) or a fraction of the fp32 weight bytes (`0.2`).
+/// `--target-size`: whole bytes (`2000000`) or a fraction of the fp32 weight bytes (`0.2` or
+/// `20%`).
 fn parse_budget(spec: &str) -> Result<Budget> {
+    if let Some(pct) = spec.trim().strip_suffix('%') {
+        let v: f64 = pct
+            .trim()
+            .parse()
+            .ok()
+            .filter(|v: &f64| *v > 0.0 && *v < 100.0)
+            .with_context(|| {
+                format!("--target-size '{spec}': expected a percentage in (0, 100), e.g. 15%")
+            })?;
+        return Ok(Budget::Ratio(v / 100.0));
+    }
     let v: f64 = spec.trim().parse().with_context(|| {
         format!("--target-size '{spec}': expected bytes (e.g. 2000000) or a ratio (e.g. 0.2)")
     })?;
@@ -231,7 +243,32 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
                 .is_some_and(|p| p.split(',').any(|n| n.trim() == "equalize")),
         ..Default::default()
     };
-    for (flag, v) in [("--prune", args.prune), ("--prune-flops", args.prune_flops)] {
+    let (prune_ratio, fit_size) = match args.prune.as_deref().map(str::trim) {
+        None => (None, false),
+        Some("auto") => {
+            ensure!(
+                args.target_size.is_some(),
+                "--prune auto shares a size budget between channels and bits: give it one with --target-size (e.g. 15% or bytes)"
+            );
+            ensure!(
+                args.prune_flops.is_none(),
+                "--prune auto chooses how much to prune; it does not combine with --prune-flops"
+            );
+            (None, true)
+        }
+        Some(v) => {
+            (
+                Some(v.parse::<f64>().ok().with_context(|| {
+                    format!("--prune {v}: expected a fraction in [0, 1) or auto")
+                })?),
+                false,
+            )
+        }
+    };
+    for (flag, v) in [
+        ("--prune", prune_ratio),
+        ("--prune-flops", args.prune_flops),
+    ] {
         if let Some(v) = v {
             ensure!(
                 (0.0..1.0).contains(&v),
@@ -240,7 +277,8 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         }
     }
     let prune = PruneOptions {
-        ratio: args.prune.unwrap_or(0.0),
+        ratio: prune_ratio.unwrap_or(0.0),
+        fit_size,
         flops: args.prune_flops.unwrap_or(0.0),
         ranking: match args.prune_ranking {
             RankingArg::PerLayer => prune::Ranking::PerLayer,

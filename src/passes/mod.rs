@@ -63,6 +63,10 @@ pub enum Fact {
     FoldedBn(BTreeMap<String, FoldedBn>),
     /// `equalize` rescaled (and may have shifted) these nodes' outputs.
     Rescaled(Vec<String>),
+    /// `prune` planned channels and precisions under one size budget (`--prune auto`): this is
+    /// the budget in weight bytes of the *unpruned* layers' fraction, which `mixed-precision`
+    /// then spends on the pruned model (a ratio would otherwise apply to the smaller model).
+    WeightBudget(u64),
 }
 
 /// Typed facts handed from pass to pass within one run (and only that run: they describe
@@ -72,6 +76,9 @@ pub struct Facts {
     /// BN statistics of the layers BNs were folded into; `None` until `fuse` runs. Layers that
     /// equalization rescaled are dropped: their BN statistics no longer describe them.
     pub folded_bn: Option<BTreeMap<String, FoldedBn>>,
+    /// The weight-byte budget `prune`'s size plan fixed for `mixed-precision` (see
+    /// [`Fact::WeightBudget`]).
+    pub weight_budget_bytes: Option<u64>,
 }
 
 impl Facts {
@@ -83,6 +90,7 @@ impl Facts {
                     m.retain(|node, _| !nodes.contains(node));
                 }
             }
+            Fact::WeightBudget(b) => self.weight_budget_bytes = Some(*b),
         }
     }
 }

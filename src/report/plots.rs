@@ -4,7 +4,8 @@
 //! - [`hbars`]: one row per layer (names on the left, readable however long the model's node
 //!   names are), each row holding bars (`Segment`) and dots (`Mark`) on a shared x axis that
 //!   can be logarithmic;
-//! - [`xy`]: a line of points (a Pareto frontier) with one highlighted point.
+//! - [`xy`]: a line of points (a Pareto frontier) with one highlighted point; [`xy_lines`]
+//!   several such lines on shared axes (e.g. predicted and measured, with and without pruning).
 //!
 //! Logarithmic axes are drawn as linear axes over `log10(value)` with labels printed as
 //! `10^v`: one code path for both scales, and decade ticks stay round numbers.
@@ -324,6 +325,97 @@ pub fn xy(
         chart
             .draw_series(pts.iter().map(|&p| Circle::new(p, 3, BLUE.filled())))
             .map_err(err)?;
+        if let Some(p) = hl {
+            chart
+                .draw_series(std::iter::once(Circle::new(p, 7, RED.filled())))
+                .map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    Ok(svg)
+}
+
+/// One line of an [`xy_lines`] chart: its points, colour, and whether it is dashed (drawn as
+/// dots only, without a connecting line).
+pub struct Series {
+    pub points: Vec<(f64, f64)>,
+    pub color: RGBColor,
+    pub dots_only: bool,
+}
+
+/// Several lines on shared axes (each sorted by x), `highlight` drawn larger in red; with
+/// `log_y`, points with y <= 0 are skipped.
+pub fn xy_lines(
+    series: &[Series],
+    highlight: Option<(f64, f64)>,
+    x_label: &str,
+    y_label: &str,
+    log_y: bool,
+) -> Result<String> {
+    let map = |&(x, y): &(f64, f64)| (x, to_axis(y, log_y));
+    let lines: Vec<Vec<(f64, f64)>> = series
+        .iter()
+        .map(|s| {
+            let mut pts: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .map(map)
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+            pts
+        })
+        .collect();
+    let hl = highlight
+        .map(|p| map(&p))
+        .filter(|(x, y)| x.is_finite() && y.is_finite());
+    let all: Vec<(f64, f64)> = lines.iter().flatten().chain(hl.iter()).copied().collect();
+    let xs: Vec<f64> = all.iter().map(|p| p.0).collect();
+    let ys: Vec<f64> = all.iter().map(|p| p.1).collect();
+    let (x0, x1) = axis_range(&xs, false, false);
+    let (y0, y1) = axis_range(&ys, log_y, false);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, 380)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .margin(12)
+            .margin_right(30)
+            .x_label_area_size(44)
+            .y_label_area_size(80)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_labels(8)
+            .y_labels(if log_y {
+                (y1 - y0).round() as usize + 1
+            } else {
+                8
+            })
+            .x_label_formatter(&|v| compact(*v))
+            .y_label_formatter(&|v| tick(*v, log_y))
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .label_style(("sans-serif", 15))
+            .axis_desc_style(("sans-serif", 16))
+            .light_line_style(WHITE.mix(0.0))
+            .bold_line_style(LIGHT_GREY.mix(0.6))
+            .draw()
+            .map_err(err)?;
+        for (s, pts) in series.iter().zip(&lines) {
+            if !s.dots_only {
+                chart
+                    .draw_series(std::iter::once(PathElement::new(
+                        pts.clone(),
+                        s.color.stroke_width(2),
+                    )))
+                    .map_err(err)?;
+            }
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, s.color.filled())))
+                .map_err(err)?;
+        }
         if let Some(p) = hl {
             chart
                 .draw_series(std::iter::once(Circle::new(p, 7, RED.filled())))

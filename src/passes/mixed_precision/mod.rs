@@ -72,7 +72,8 @@ pub use emit::apply_assignment;
 pub use knapsack::{pareto, solve, Solution};
 pub use precision::{Budget, MixedPrecisionOptions, Precision, Selection};
 pub use select::{
-    select, sensitivities, JointSummary, LayerChoice, MixedPrecisionReport, ParetoPoint,
+    bytes_at, layer_options, select, sensitivities, JointSummary, LayerChoice, LayerOptions,
+    MixedPrecisionReport, ParetoPoint,
 };
 pub use table::table;
 pub use weights::{
@@ -99,7 +100,17 @@ impl Pass for MixedPrecision {
     }
 
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats> {
-        mixed_precision(model, &ctx.mixed, ctx.calibration.as_deref())
+        match ctx.facts.weight_budget_bytes {
+            // `prune --prune auto` planned for this budget in bytes of the unpruned model.
+            Some(bytes) if ctx.mixed.budget.is_some() => {
+                let opts = MixedPrecisionOptions {
+                    budget: Some(Budget::Bytes(bytes)),
+                    ..ctx.mixed.clone()
+                };
+                mixed_precision(model, &opts, ctx.calibration.as_deref())
+            }
+            _ => mixed_precision(model, &ctx.mixed, ctx.calibration.as_deref()),
+        }
     }
 }
 

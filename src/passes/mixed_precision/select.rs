@@ -310,3 +310,88 @@ pub fn select(
         pareto,
     })
 }
+
+/// One layer's precision options for a plan made elsewhere (e.g. `prune`'s size plan): the
+/// predicted loss of the layer alone at each allowed precision, in the units of the Hessian
+/// machinery's label-free loss (mean per output row).
+#[derive(Debug, Clone)]
+pub struct LayerOptions {
+    pub node: String,
+    pub weight: String,
+    pub weight_shape: Vec<usize>,
+    pub out_axis: usize,
+    pub in_axis: usize,
+    /// `(precision, predicted loss)`, cheapest first; fp32 (loss 0) last.
+    pub options: Vec<(Precision, f64)>,
+}
+
+/// Every layer's [`LayerOptions`]: with responses (joint selection) the per-layer second-order
+/// term `½‖ũ_{l,b}‖²`, else HAWQ-v2's `½ Ω_b`.
+pub fn layer_options(
+    model: &Model,
+    sens: &[LayerSensitivity],
+    opts: &MixedPrecisionOptions,
+) -> Result<Vec<LayerOptions>> {
+    let keep = keep_patterns(opts)?;
+    let mut out = Vec::with_capacity(sens.len());
+    for s in sens {
+        let w = tensor::to_f32(
+            model
+                .graph
+                .constant(&s.weight)
+                .with_context(|| format!("weight '{}' is not a constant", s.weight))?,
+        )?;
+        let kept = full_match(&keep, &s.node) || full_match(&keep, &s.weight);
+        let allowed = allowed_precisions(kept, opts);
+        let with_responses = s.responses.len() + 1 == allowed.len();
+        let options = allowed
+            .iter()
+            .enumerate()
+            .map(|(k, &p)| {
+                let loss = if p == Precision::Fp32 {
+                    0.0
+                } else if with_responses {
+                    0.5 * s.responses[k]
+                        .iter()
+                        .map(|&v| f64::from(v).powi(2))
+                        .sum::<f64>()
+                } else {
+                    let d = round_trip_in(&w, s.out_axis, s.in_axis, p, opts.block_size);
+                    let err2: f64 = w
+                        .iter()
+                        .zip(d.iter())
+                        .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+                        .sum();
+                    0.5 * s.trace_per_param.max(0.0) * err2
+                };
+                (p, loss)
+            })
+            .collect();
+        out.push(LayerOptions {
+            node: s.node.clone(),
+            weight: s.weight.clone(),
+            weight_shape: w.shape().to_vec(),
+            out_axis: s.out_axis,
+            in_axis: s.in_axis,
+            options,
+        });
+    }
+    Ok(out)
+}
+
+/// Bytes written for a weight of `shape` at precision `p` (block-wise int4 where
+/// [`int4_block`] applies), as the selection counts them.
+pub fn bytes_at(
+    shape: &[usize],
+    out_axis: usize,
+    in_axis: usize,
+    p: Precision,
+    block: Option<usize>,
+) -> u64 {
+    let n: usize = shape.iter().product();
+    let channels = shape.get(out_axis).copied().unwrap_or(1);
+    match (p, int4_block(shape, in_axis, block)) {
+        (Precision::Int4, Some(b)) => blocked_int4_bytes(shape, in_axis, b),
+        _ => weight_bytes(n, channels, p),
+    }
+}

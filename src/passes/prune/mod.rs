@@ -49,6 +49,7 @@ mod obs;
 mod planner;
 pub mod reconstruct;
 mod sensitivity;
+pub mod size_plan;
 mod slicer;
 
 pub use groups::{analyze, dependency_groups, describe_groups, Group, Member, Seg, Shapes};
@@ -58,8 +59,9 @@ pub use slicer::{apply, Applied};
 
 use crate::ir::Model;
 use crate::onnx::tensor;
+use crate::passes::mixed_precision::MixedPrecisionOptions;
 use crate::passes::{Pass, PassContext, PassStats};
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use importance::AxisStats;
 use petgraph::stable_graph::NodeIndex;
 use serde_json::json;
@@ -114,6 +116,9 @@ pub struct PruneOptions {
     /// Criterion `loss`: consumers with more design columns than this use the block-diagonal
     /// part of their Gram matrix only (no cross-channel refit in the cost).
     pub max_obs_unknowns: usize,
+    /// `--prune auto`: how much to prune is planned together with the layers' precisions under
+    /// `mixed-precision`'s size budget ([`size_plan`]); `ratio` and `flops` are then unused.
+    pub fit_size: bool,
 }
 
 impl Default for PruneOptions {
@@ -131,6 +136,7 @@ impl Default for PruneOptions {
             max_ls_unknowns: 2304,
             max_ls_rows: 16384,
             max_obs_unknowns: 1200,
+            fit_size: false,
         }
     }
 }
@@ -145,14 +151,52 @@ impl Pass for Prune {
         "structured channel pruning by dependency groups, with least-squares reconstruction"
     }
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats> {
-        prune(model, &ctx.prune)
+        if !ctx.prune.fit_size {
+            return prune(model, &ctx.prune);
+        }
+        ensure!(
+            ctx.mixed.budget.is_some() && ctx.selected.contains(&"mixed-precision"),
+            "--prune auto plans channels and precisions under one size budget: it needs --target-size and the mixed-precision pass"
+        );
+        let calib = ctx
+            .calibration
+            .as_deref()
+            .filter(|c| !c.synthetic && ctx.prune.calibration.is_some())
+            .context("--prune auto needs calibration data (--calib): the plan is scored on it")?;
+        prune_with(
+            model,
+            &ctx.prune,
+            Some(SizeRequest {
+                mixed: &ctx.mixed,
+                batches: &calib.batches,
+                named: calib.named_batches(),
+            }),
+        )
     }
+}
+
+/// What `--prune auto` plans against: the size budget and Hessian options of
+/// `mixed-precision`, and the calibration batches its sensitivities are measured on.
+pub struct SizeRequest<'a> {
+    pub mixed: &'a MixedPrecisionOptions,
+    pub batches: &'a [Vec<crate::runtime::Feed>],
+    /// The same batches with their input names: the candidates are measured on them.
+    pub named: Vec<crate::calibrate::NamedBatch>,
 }
 
 /// Run the `prune` pass on a model.
 pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
+    prune_with(model, opts, None)
+}
+
+/// [`prune`], or with `size` the joint channel and precision plan of [`size_plan`].
+pub fn prune_with(
+    model: &mut Model,
+    opts: &PruneOptions,
+    size: Option<SizeRequest>,
+) -> Result<PassStats> {
     let mut st = PassStats::default();
-    if opts.ratio <= 0.0 && opts.flops <= 0.0 {
+    if size.is_none() && opts.ratio <= 0.0 && opts.flops <= 0.0 {
         st.notes
             .push("no pruning target (ratio 0, flops 0): nothing done".to_string());
         return Ok(st);
@@ -245,6 +289,7 @@ pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
         }
         _ => vec![None; groups.len()],
     };
+    let mut size_report = None;
     let plan = if curves.iter().any(Option::is_some) {
         let mut order = Vec::with_capacity(groups.len());
         let mut cost = Vec::with_capacity(groups.len());
@@ -270,7 +315,20 @@ pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
                 }
             }
         }
-        plan_curves(groups, order, cost, &mm, opts)
+        match (&size, &calib) {
+            (Some(req), Some(cal)) => {
+                let (plan, budget, report) =
+                    size_plan::plan_for_size(model, &analysis, &order, &cost, cal, opts, req)?;
+                st.facts.push(crate::passes::Fact::WeightBudget(budget));
+                size_report = Some(report);
+                plan
+            }
+            _ => plan_curves(groups, order, cost, &mm, opts),
+        }
+    } else if size.is_some() {
+        anyhow::bail!(
+            "--prune auto needs the loss criterion's cost curves (default --prune-criterion loss, with --calib); none could be computed"
+        );
     } else {
         plan(groups, &scores, &mm, opts)
     };
@@ -378,5 +436,10 @@ pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
         "params_after": params_after,
         "channels_removed": removed,
     });
+    if let Some(r) = size_report {
+        st.notes.push(size_plan::size_note(&r));
+        st.table = size_plan::size_table(&r);
+        st.details["size_plan"] = serde_json::to_value(&r)?;
+    }
     Ok(st)
 }

@@ -18,6 +18,7 @@ use super::groups::{self, Group, Seg, Shapes};
 use super::{PruneOptions, Ranking};
 use crate::ir::facts::node_macs;
 use crate::ir::Model;
+use petgraph::stable_graph::NodeIndex;
 
 /// Channels to remove, per group id (sorted group-channel indices).
 #[derive(Debug, Clone, Default)]
@@ -34,26 +35,35 @@ const LOOKAHEAD: usize = 4;
 struct MacModel {
     /// (node MACs, segments in, segments out, depthwise)
     heavy: Vec<(f64, Vec<Seg>, Vec<Seg>, bool)>,
+    /// The node of each `heavy` entry.
+    nodes: Vec<NodeIndex>,
     other: f64,
     /// Heavy nodes touching each group id.
     touching: std::collections::HashMap<usize, Vec<usize>>,
 }
 
 impl MacModel {
-    fn new(model: &Model, analysis: &groups::Analysis, shapes: &Shapes) -> MacModel {
+    /// `cost` of a node: its MACs, or (for a size target) its weight's element count.
+    fn new(
+        model: &Model,
+        analysis: &groups::Analysis,
+        cost: &dyn Fn(NodeIndex) -> Option<u64>,
+    ) -> MacModel {
         let g = &model.graph;
         let mut heavy = Vec::new();
+        let mut nodes = Vec::new();
         let mut counted = std::collections::HashSet::new();
         for h in &analysis.heavy {
-            if let Some(m) = node_macs(g.node(h.node), shapes) {
+            if let Some(m) = cost(h.node) {
                 heavy.push((m as f64, h.inputs.clone(), h.outputs.clone(), h.depthwise));
+                nodes.push(h.node);
                 counted.insert(h.node);
             }
         }
         let other = g
             .node_indices()
             .filter(|ix| !counted.contains(ix))
-            .filter_map(|ix| node_macs(g.node(ix), shapes))
+            .filter_map(cost)
             .map(|m| m as f64)
             .sum();
         let mut touching: std::collections::HashMap<usize, Vec<usize>> = Default::default();
@@ -74,6 +84,7 @@ impl MacModel {
         }
         MacModel {
             heavy,
+            nodes,
             other,
             touching,
         }
@@ -318,6 +329,53 @@ pub struct MacModelHandle(MacModel);
 
 impl MacModelHandle {
     pub fn new(model: &Model, analysis: &groups::Analysis, shapes: &Shapes) -> Self {
-        MacModelHandle(MacModel::new(model, analysis, shapes))
+        let g = &model.graph;
+        MacModelHandle(MacModel::new(model, analysis, &|ix| {
+            node_macs(g.node(ix), shapes)
+        }))
+    }
+
+    /// The same model counting weight elements instead of MACs (a node's weight shrinks by the
+    /// same fractions as its MACs): with it, `flops` in [`plan_curves`] is a fraction of the
+    /// weights of the heavy nodes, and the allocation is by cost per weight removed.
+    pub fn params(model: &Model, analysis: &groups::Analysis) -> Self {
+        let g = &model.graph;
+        MacModelHandle(MacModel::new(model, analysis, &|ix| {
+            let w = g.node(ix).input.get(1)?;
+            let t = g.constant(w)?;
+            crate::onnx::tensor::element_count(t).ok().map(|n| n as u64)
+        }))
+    }
+
+    /// Per heavy node: the kept fraction of its input and of its output channels under `kept`
+    /// (depthwise nodes: the output fraction is the input's), for the plan `plan`'s groups.
+    pub fn kept_fractions(
+        &self,
+        groups: &[Group],
+        plan: &Plan,
+    ) -> Vec<(NodeIndex, f64, f64, bool)> {
+        let mm = &self.0;
+        let orig: Vec<usize> = groups.iter().map(|g| g.channels).collect();
+        let kept: Vec<usize> = groups
+            .iter()
+            .map(|g| g.channels - plan.remove[g.id].len())
+            .collect();
+        mm.heavy
+            .iter()
+            .zip(&mm.nodes)
+            .map(|((_, ins, outs, dw), &ix)| {
+                let (ki, oi) = MacModel::width(ins, &kept, &orig);
+                let (ko, oo) = MacModel::width(outs, &kept, &orig);
+                let fi = if oi > 0.0 { ki / oi } else { 1.0 };
+                let fo = if *dw {
+                    fi
+                } else if oo > 0.0 {
+                    ko / oo
+                } else {
+                    1.0
+                };
+                (ix, fi, fo, *dw)
+            })
+            .collect()
     }
 }
