@@ -267,7 +267,7 @@ pub struct CompressArgs {
     #[arg(
         long,
         value_enum,
-        default_value = "generic",
+        default_value = "ort",
         help_heading = "Quantization"
     )]
     pub target: TargetArg,
@@ -488,6 +488,8 @@ pub struct CompressArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TargetArg {
+    Ort,
+    Openvino,
     Generic,
     Tract,
 }

@@ -27,6 +27,21 @@ pub enum Target {
     /// Weights stored compressed, activations float: tract folds constant DequantizeLinear at
     /// load and runs the float kernels.
     Tract,
+    /// ONNX Runtime (CPU): int8 only where a QLinear kernel is faster than float plus the
+    /// Q/DQ it needs.
+    Ort,
+    /// OpenVINO (CPU): NNCF-style placement, int8 on the activation inputs of the heavy ops.
+    Openvino,
+}
+
+/// What one boundary of an int8 region costs, in MACs an int8 kernel must save to break even:
+/// `fixed_macs + macs_per_value * values crossing it`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BoundaryCost {
+    /// Per boundary (node dispatch of the Q or DQ and of the layout Transpose).
+    pub fixed_macs: u64,
+    /// Per value crossing it (quantize or dequantize, transpose).
+    pub macs_per_value: u64,
 }
 
 /// How one target places quantization.
@@ -49,6 +64,20 @@ pub struct Policy {
     /// slower than fp32 that way); chunks of at most 4 MiB fold, and so does their Concat
     /// (output = inputs).
     pub split_weights_above: Option<usize>,
+    /// Quantize the outputs of the heavy ops (and what reads them, by the `quantize` rules):
+    /// QDQ between consecutive layers, which ORT fuses into QLinearConv chains. `false` = only
+    /// the activation inputs of Conv/ConvTranspose/Gemm/MatMul get Q/DQ (OpenVINO's low
+    /// precision transformations then decide the output precision themselves).
+    pub int8_outputs: bool,
+    /// A Conv/ConvTranspose/Gemm/MatMul stays in the int8 region only when its MACs pay for
+    /// the region boundaries it sits on (`None` = always): the int8 kernel saves time per MAC,
+    /// while each boundary (an input produced, or an output read, by a float op such as
+    /// HardSwish) costs a QuantizeLinear or DequantizeLinear and, in ORT, a layout Transpose.
+    pub boundary_cost: Option<BoundaryCost>,
+    /// In a graph the transformer table places (a layer norm or attention is present), still
+    /// quantize its Conv layers by the CNN rules (a conv backbone before a transformer neck,
+    /// as in PP-OCRv4's recognizer).
+    pub convs_in_transformers: bool,
 }
 
 const GENERIC: Policy = Policy {
@@ -56,6 +85,9 @@ const GENERIC: Policy = Policy {
     int8_activations: true,
     float_activations_because: "",
     split_weights_above: None,
+    int8_outputs: true,
+    boundary_cost: None,
+    convs_in_transformers: false,
     // Conv/Gemm/MatMul weights the activation rules quantized are DequantizeLinear outputs by
     // the time `weight-only` runs, so only the ones they skipped (a constant A operand, an
     // excluded consumer's neighbour...) are still float constants here.
@@ -71,10 +103,48 @@ const GENERIC: Policy = Policy {
     ],
 };
 
+/// Op types whose constant weights every policy stores int8 behind a DequantizeLinear (no
+/// integer kernel anywhere).
+const NO_INTEGER_KERNEL_OPS: &[&str] = &["LSTM", "GRU", "RNN", "Gather"];
+
+const ORT: Policy = Policy {
+    name: "ort",
+    int8_activations: true,
+    float_activations_because: "",
+    split_weights_above: None,
+    // A Conv left float keeps its float weight: ORT does not constant-fold DequantizeLinear
+    // (it keeps Q/DQ for its fusions), so DQ(W) -> Conv runs the DQ at every inference and
+    // loses the NCHWc float kernels (PP-OCRv4 rec: float Conv time 17.0 ms -> 32.4 ms).
+    weight_only_ops: NO_INTEGER_KERNEL_OPS,
+    int8_outputs: true,
+    boundary_cost: Some(ORT_BOUNDARY_COST),
+    convs_in_transformers: true,
+};
+
+/// See [`Policy::boundary_cost`] and the module table.
+const ORT_BOUNDARY_COST: BoundaryCost = BoundaryCost {
+    fixed_macs: 400_000,
+    macs_per_value: 150,
+};
+
+const OPENVINO: Policy = Policy {
+    name: "openvino",
+    int8_activations: true,
+    float_activations_because: "",
+    split_weights_above: None,
+    weight_only_ops: NO_INTEGER_KERNEL_OPS,
+    int8_outputs: false,
+    boundary_cost: None,
+    convs_in_transformers: true,
+};
+
 const TRACT: Policy = Policy {
     name: "tract",
     int8_activations: false,
     split_weights_above: Some(4 << 20),
+    int8_outputs: true,
+    boundary_cost: None,
+    convs_in_transformers: false,
     float_activations_because: "target tract: activations stay float (tract runs QuantizeLinear/DequantizeLinear graphs in float, measured ~2x slower than fp32); weights are stored int8 by weight-only",
     weight_only_ops: &[
         "LSTM",
@@ -94,6 +164,8 @@ impl Target {
         match self {
             Target::Generic => &GENERIC,
             Target::Tract => &TRACT,
+            Target::Ort => &ORT,
+            Target::Openvino => &OPENVINO,
         }
     }
 }
@@ -115,7 +187,7 @@ mod tests {
 
     #[test]
     fn every_policy_covers_the_ops_without_integer_kernels() {
-        for t in [Target::Generic, Target::Tract] {
+        for t in [Target::Generic, Target::Tract, Target::Ort, Target::Openvino] {
             for op in NO_INTEGER_KERNEL {
                 assert!(t.policy().weight_only(op), "{op} under {}", t.policy().name);
             }

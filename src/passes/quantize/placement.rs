@@ -108,6 +108,21 @@ pub struct Plan {
     fused: IndexSet<String>,
     /// The graph was recognised as a transformer and placed by its table.
     pub transformer: bool,
+    /// Heavy ops the target's speed rule ([`crate::passes::target::Policy::min_macs_per_value`])
+    /// left float, for the report.
+    pub kept_float: Vec<KeptFloat>,
+}
+
+/// A heavy op left float because its int8 kernel would not pay for its Q/DQ on the target.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct KeptFloat {
+    pub node: String,
+    pub op: String,
+    pub macs: u64,
+    /// Values crossing the int8 region's boundary at this op (input and/or output).
+    pub values: u64,
+    /// What those boundaries cost, in MACs an int8 kernel must save to break even.
+    pub boundary_macs: u64,
 }
 
 impl Plan {
@@ -231,6 +246,8 @@ impl Plan {
 
 /// Name / op filters from the options, and the caller's node selection.
 struct Filter<'a> {
+    /// Mark heavy-op outputs ([`crate::passes::target::Policy::int8_outputs`]).
+    outputs: bool,
     exclude_ops: Vec<String>,
     exclude: Vec<Regex>,
     include: Vec<Regex>,
@@ -246,6 +263,7 @@ fn anchored(pattern: &str) -> Result<Regex> {
 impl<'a> Filter<'a> {
     fn new(opts: &QuantizeOptions, selection: &'a NodeSelection) -> Result<Filter<'a>> {
         Ok(Filter {
+            outputs: opts.target.policy().int8_outputs,
             exclude_ops: opts.exclude_ops.clone(),
             exclude: opts
                 .exclude_nodes
@@ -328,6 +346,9 @@ fn gates_only_muls(g: &Graph, value: &str, filter: &Filter) -> bool {
 
 /// Mark the output of a compute node, or of its fused activation.
 fn mark_output(g: &Graph, plan: &mut Plan, ix: NodeIndex, filter: &Filter) {
+    if !filter.outputs {
+        return;
+    }
     let Some(y) = g.node(ix).output.first().filter(|y| !y.is_empty()) else {
         return;
     };
@@ -345,8 +366,114 @@ fn mark_output(g: &Graph, plan: &mut Plan, ix: NodeIndex, filter: &Filter) {
     }
 }
 
-/// Build the plan for the whole graph, quantizing only nodes in `selection`.
+/// Build the plan for the whole graph, quantizing only nodes in `selection` (no value shapes:
+/// the target's speed rule does not apply).
 pub fn plan(g: &Graph, opts: &QuantizeOptions, selection: &NodeSelection) -> Result<Plan> {
+    plan_with_shapes(g, opts, selection, None)
+}
+
+/// [`plan`] with value shapes, which the target's speed rule
+/// ([`crate::passes::target::Policy::min_macs_per_value`]) needs.
+pub fn plan_with_shapes(
+    g: &Graph,
+    opts: &QuantizeOptions,
+    selection: &NodeSelection,
+    shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
+) -> Result<Plan> {
+    let policy = opts.target.policy();
+    let (Some(cost), Some(shapes)) = (policy.boundary_cost, shapes) else {
+        return plan_once(g, opts, selection, &HashSet::new());
+    };
+    // Drop the heavy ops whose saving does not pay for their region boundaries, re-plan, and
+    // repeat: a dropped layer turns its neighbours' shared tensors into boundaries, so a
+    // region either pays for itself as a whole or goes float. Each round only adds to `slow`,
+    // so this ends after at most one round per heavy op.
+    let mut slow: HashSet<NodeIndex> = HashSet::new();
+    let mut kept_float = Vec::new();
+    loop {
+        let mut plan = plan_once(g, opts, selection, &slow)?;
+        let dropped = unprofitable(g, &plan, cost, shapes);
+        if dropped.is_empty() {
+            plan.kept_float = kept_float;
+            return Ok(plan);
+        }
+        for (ix, k) in dropped {
+            slow.insert(ix);
+            kept_float.push(k);
+        }
+    }
+}
+
+/// The heavy ops of `plan` whose MACs are below the cost of the Q/DQ (and layout changes) at
+/// their region boundaries: an input produced outside the int8 region, an output read outside
+/// it. Each boundary costs `fixed_macs + macs_per_value * values`, in MACs an int8 kernel
+/// would have to save to break even.
+fn unprofitable(
+    g: &Graph,
+    plan: &Plan,
+    cost: crate::passes::target::BoundaryCost,
+    shapes: &std::collections::HashMap<String, Vec<usize>>,
+) -> Vec<(NodeIndex, KeptFloat)> {
+    let int8: HashSet<&str> = plan.nodes.iter().map(|(n, _)| n.as_str()).collect();
+    let in_region = |ix: NodeIndex| int8.contains(node_label(g.node(ix)));
+    let count = |v: &str| shapes.get(v).map(|s| s.iter().product::<usize>() as u64);
+    let mut out = Vec::new();
+    for ix in g.node_indices() {
+        let n = g.node(ix);
+        if !matches!(n.op_type(), "Conv" | "ConvTranspose" | "Gemm" | "MatMul") || !in_region(ix)
+        {
+            continue;
+        }
+        let Some(macs) = crate::ir::facts::node_macs(n, shapes) else {
+            continue;
+        };
+        let (Some(x), Some(mut y)) = (n.input.first(), n.output.first().cloned()) else {
+            continue;
+        };
+        // A fused Relu/Clip is part of the unit: its output is where the region goes on.
+        if let [(act, crate::ir::InSlot::Arg(0))] = g.consumers(&y) {
+            if matches!(g.node(*act).op_type(), "Relu" | "Clip") && in_region(*act) {
+                y = g.node(*act).output.first().cloned().unwrap_or(y);
+            }
+        }
+        let input_boundary = g.producer_node(x).is_none_or(|p| !in_region(p));
+        let output_boundary =
+            g.is_graph_output(&y) || g.consumers(&y).iter().any(|&(c, _)| !in_region(c));
+        let mut values = 0;
+        let mut boundary_macs = 0u64;
+        for (is_boundary, v) in [(input_boundary, x.as_str()), (output_boundary, y.as_str())] {
+            if is_boundary {
+                let k = count(v).unwrap_or(0);
+                values += k;
+                boundary_macs = boundary_macs
+                    .saturating_add(cost.fixed_macs)
+                    .saturating_add(cost.macs_per_value.saturating_mul(k));
+            }
+        }
+        if macs < boundary_macs {
+            out.push((
+                ix,
+                KeptFloat {
+                    node: node_label(n).to_string(),
+                    op: n.op_type().to_string(),
+                    macs,
+                    values,
+                    boundary_macs,
+                },
+            ));
+        }
+    }
+    out
+}
+
+/// One placement round; the heavy ops in `slow` stay float.
+fn plan_once(
+    g: &Graph,
+    opts: &QuantizeOptions,
+    selection: &NodeSelection,
+    slow: &HashSet<NodeIndex>,
+) -> Result<Plan> {
+    let policy = opts.target.policy();
     let filter = Filter::new(opts, selection)?;
     let mut plan = Plan::default();
     let dynamic = |v: &str| !v.is_empty() && g.constant(v).is_none();
@@ -364,7 +491,11 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions, selection: &NodeSelection) -> Res
         let input = |k: usize| n.input.get(k).map(String::as_str).unwrap_or("");
         let output = n.output.first().map(String::as_str).unwrap_or("");
         let per_channel = |axis: usize| opts.per_channel.then_some(axis);
-        if plan.transformer {
+        if slow.contains(&ix) {
+            continue;
+        }
+        let conv = matches!(op.as_str(), "Conv" | "ConvTranspose");
+        if plan.transformer && !(conv && policy.convs_in_transformers) {
             if transformer_rule(g, ix, &structure, opts, &mut plan)? {
                 plan.nodes.push((name, op));
             }
