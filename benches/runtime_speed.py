@@ -14,7 +14,7 @@ For each model and target: `onnx-compress MODEL -o OUT --target T --calib calib.
 --no-validate` (plus `--input-shape` from meta.json), then
 - ORT: fp32 and every output in one process, ORT_ENABLE_ALL, 1 intra-op thread, batch 1; the
   sessions run interleaved (fp32, out1, out2, ... then again) `--runs` times after a warm-up;
-  the speedup is median(fp32) / median(output);
+  the speedup is the median over rounds of fp32 time / output time in that round;
 - OpenVINO CPU: the same, compiled with 1 stream, 1 thread, LATENCY hint, static batch-1 shape;
   the `runtimePrecision` rt_info of the compiled runtime graph tells how many Convolution /
   MatMul / FullyConnected layers run u8/i8 (column `int8 layers`);
@@ -79,7 +79,9 @@ def ort_session(path, threads=1):
 
 
 def interleaved_medians(runners, runs):
-    """Median seconds of each runner, all run in turn `runs` times after 3 warm-ups each."""
+    """All runners in turn, `runs` rounds after 3 warm-ups each: per runner, (median seconds,
+    median over rounds of runner 0's time / this runner's time). The ratio is taken within a
+    round, so load from other processes that drifts between rounds cancels."""
     for r in runners:
         for _ in range(3):
             r()
@@ -89,7 +91,8 @@ def interleaved_medians(runners, runs):
             t0 = time.perf_counter()
             r()
             times[k].append(time.perf_counter() - t0)
-    return [float(np.median(t)) for t in times]
+    base = np.array(times[0])
+    return [(float(np.median(t)), float(np.median(base / np.array(t)))) for t in times]
 
 
 def ort_speed(paths, x, runs):
@@ -152,7 +155,7 @@ def main():
     ap.add_argument("--zoo", default="/work/zoo")
     ap.add_argument("--targets", default="generic,ort,openvino")
     ap.add_argument("--runtimes", default="ort,openvino")
-    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--out", default="/tmp/runtime_speed")
     ap.add_argument("--reuse", action="store_true", help="keep outputs already in --out")
     ap.add_argument("--json")
@@ -174,12 +177,12 @@ def main():
         res = {t: {"sqnr_db": sqnr_db(ref, ort_outputs(o, x))} for t, o in zip(targets, outs)}
         if "ort" in runtimes:
             meds = ort_speed([e["path"]] + outs, x, a.runs)
-            for t, m in zip(targets, meds[1:]):
-                res[t].update(ort_ms=1000 * m, ort_fp32_ms=1000 * meds[0], ort_speedup=meds[0] / m)
+            for t, (m, r) in zip(targets, meds[1:]):
+                res[t].update(ort_ms=1000 * m, ort_fp32_ms=1000 * meds[0][0], ort_speedup=r)
         if "openvino" in runtimes:
             meds, layers = ov_speed([e["path"]] + outs, x, a.runs)
-            for t, m, l in zip(targets, meds[1:], layers[1:]):
-                res[t].update(ov_ms=1000 * m, ov_fp32_ms=1000 * meds[0], ov_speedup=meds[0] / m,
+            for t, (m, r), l in zip(targets, meds[1:], layers[1:]):
+                res[t].update(ov_ms=1000 * m, ov_fp32_ms=1000 * meds[0][0], ov_speedup=r,
                               ov_int8_layers=f"{l[0]}/{l[1]}")
         for t in targets:
             rows.append(dict(model=e["name"], target=t, **res[t]))

@@ -78,6 +78,10 @@ pub struct Policy {
     /// quantize its Conv layers by the CNN rules (a conv backbone before a transformer neck,
     /// as in PP-OCRv4's recognizer).
     pub convs_in_transformers: bool,
+    /// `--activations auto` may pick dynamic activations (DynamicQuantizeLinear +
+    /// MatMulInteger) on a transformer. OpenVINO runs those in float around an integer MatMul
+    /// and is faster with calibrated FakeQuantize (static) placement.
+    pub dynamic_activations: bool,
 }
 
 const GENERIC: Policy = Policy {
@@ -88,6 +92,7 @@ const GENERIC: Policy = Policy {
     int8_outputs: true,
     boundary_cost: None,
     convs_in_transformers: false,
+    dynamic_activations: true,
     // Conv/Gemm/MatMul weights the activation rules quantized are DequantizeLinear outputs by
     // the time `weight-only` runs, so only the ones they skipped (a constant A operand, an
     // excluded consumer's neighbour...) are still float constants here.
@@ -119,6 +124,7 @@ const ORT: Policy = Policy {
     int8_outputs: true,
     boundary_cost: Some(ORT_BOUNDARY_COST),
     convs_in_transformers: true,
+    dynamic_activations: true,
 };
 
 /// See [`Policy::boundary_cost`] and the module table.
@@ -136,6 +142,7 @@ const OPENVINO: Policy = Policy {
     int8_outputs: false,
     boundary_cost: None,
     convs_in_transformers: true,
+    dynamic_activations: false,
 };
 
 const TRACT: Policy = Policy {
@@ -145,6 +152,7 @@ const TRACT: Policy = Policy {
     int8_outputs: true,
     boundary_cost: None,
     convs_in_transformers: false,
+    dynamic_activations: true,
     float_activations_because: "target tract: activations stay float (tract runs QuantizeLinear/DequantizeLinear graphs in float, measured ~2x slower than fp32); weights are stored int8 by weight-only",
     weight_only_ops: &[
         "LSTM",

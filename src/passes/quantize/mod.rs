@@ -180,10 +180,11 @@ fn target_section(opts: &QuantizeOptions, plan: &placement::Plan) -> serde_json:
             "node": k.node,
             "op": k.op,
             "macs": k.macs,
+            "region_macs": k.region_macs,
             "boundary_values": k.values,
             "why": format!(
-                "{} MACs, below the {} its int8 region boundaries ({} values through Q/DQ) cost on target {}",
-                k.macs, k.boundary_macs, k.values, policy.name
+                "its int8 region does {} MACs, below the {} its boundaries ({} values through Q/DQ) cost on target {}",
+                k.region_macs, k.boundary_macs, k.values, policy.name
             ),
         })).collect::<Vec<_>>(),
     })
@@ -491,10 +492,22 @@ pub fn quantize_static(
         }
     }
     stats.notes.extend(plan.notes.iter().cloned());
+    if !plan.kept_float.is_empty() {
+        let macs: u64 = plan.kept_float.iter().map(|k| k.macs).sum();
+        stats.notes.push(format!(
+            "target {}: {} layer(s) ({:.1} M MACs) kept float, in int8 regions whose Q/DQ boundaries would cost more than their integer kernels save (report: quantize details.target)",
+            opts.target.policy().name,
+            plan.kept_float.len(),
+            macs as f64 / 1e6
+        ));
+    }
     if plan.activations.is_empty() && plan.weights.is_empty() {
         stats
             .notes
             .push("no node matched a quantization rule; model unchanged".into());
+        if !plan.kept_float.is_empty() {
+            stats.details = json!({ "target": target_section(opts, &plan) });
+        }
         return Ok(stats);
     }
 
