@@ -1,13 +1,36 @@
 //! Runtime targets as data: one [`Policy`] per runtime the output is meant for, read by the
 //! passes that place quantization (`quantize` asks whether activations join an int8 region,
+//! which region boundaries are worth their Q/DQ, whether layer outputs are quantized;
 //! `weight-only` which ops get their constant weights stored as int8 behind a
-//! DequantizeLinear). No pass tests `target == ...`; a new runtime (`ort`, `openvino`) is one
-//! more constant here and one more [`Target`] variant.
+//! DequantizeLinear). No pass tests `target == ...`; a new runtime is one more constant here
+//! and one more [`Target`] variant. The CLI default is `ort`; the library default stays
+//! `generic` (today's placement, byte-identical outputs).
 //!
 //! | target | int8 activations (`quantize`) | weight-only int8 (`weight-only`) |
 //! |---|---|---|
+//! | `ort` | the `quantize` rules, then per int8 region: kept only when its Conv/Gemm/MatMul MACs exceed the cost of its boundaries ([`ORT_BOUNDARY_COST`]); a transformer's Conv layers by the CNN rules, calibrated (static) | LSTM, GRU, RNN, Gather only (a DQ before a float Conv runs at every inference in ORT) |
+//! | `openvino` | Q/DQ only on the activation inputs of Conv/ConvTranspose/Gemm/MatMul (NNCF's placement), static on transformers too | LSTM, GRU, RNN, Gather |
 //! | `generic` | today's maximal placement | the weight-heavy ops without integer kernels (LSTM, GRU, RNN, Gather tables) and any Conv/ConvTranspose/Gemm/MatMul weight the activation rules left float |
 //! | `tract` | none: activations stay float | every Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU/RNN/Gather weight, in chunks of at most 4 MiB of float (what tract folds at load) |
+//!
+//! Evidence behind `ort` (ONNX Runtime 1.32 CPU, 1 thread, batch 1, `benches/runtime_speed.py`,
+//! BENCHMARKS.md "Runtime targets"): under `generic`, MobileNetV3-small ran at 0.80x fp32 and
+//! PP-OCR cls at 0.64x. Profiles of the ORT-optimized graphs: QLinearConv saves little on
+//! these thin layers (MobileNetV3-small: 2.4 ms QLinearConv vs 3.2 ms Conv in profile), while
+//! every HardSwish (no integer kernel) splits the int8 region and costs a DequantizeLinear, a
+//! QuantizeLinear and NHWC<->NCHW Transposes (18 Transposes, 29 Q, 30 DQ). Boundary cost
+//! constants: at 100k MACs + 40 per value MobileNetV3-small kept part int8 and measured 0.63x;
+//! at 400k + 150 its regions all go float (1.0x) while ResNet-18, ConvNeXt, MobileNetV2,
+//! ShuffleNetV2 and EfficientNet-B0 keep their single large region. PP-OCRv4 rec: `generic`
+//! placed it by the transformer table (dynamic MatMul only) with its conv weights
+//! weight-only, and ORT then ran the float Convs 1.9x slower (17.0 -> 32.4 ms: DQ at every
+//! run, no NCHWc kernels); `ort` quantizes its convs statically.
+//!
+//! Evidence behind `openvino` (OpenVINO 2026.4 CPU plugin): the runtime graph's
+//! `runtimePrecision` shows u8 convolutions either way; quantizing only the heavy ops' inputs
+//! lets the low-precision transformations choose output precisions themselves, and static
+//! activations replace the dynamic MatMul that OpenVINO ran in float (ConvNeXt-tiny under
+//! `generic`: 0/59 int8 layers, 0.42x; under `openvino`: 59/59).
 //!
 //! Evidence behind `tract` (issue 20, measured with tract-onnx 0.23.9): tract runs Q/DQ graphs
 //! in float, about 2x slower than fp32, and QLinearConv about 50x slower; DequantizeLinear of a
@@ -127,8 +150,8 @@ const ORT: Policy = Policy {
     dynamic_activations: true,
 };
 
-/// See [`Policy::boundary_cost`] and the module table.
-const ORT_BOUNDARY_COST: BoundaryCost = BoundaryCost {
+/// See [`Policy::boundary_cost`] and the module docs (measured on MobileNetV3-small).
+pub const ORT_BOUNDARY_COST: BoundaryCost = BoundaryCost {
     fixed_macs: 400_000,
     macs_per_value: 150,
 };

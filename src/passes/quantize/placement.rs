@@ -41,6 +41,17 @@
 //! constant 2-D weight: activation input and per-channel weight marked, output float), the
 //! attention products only with [`QuantizeOptions::attention_int8`], nothing else.
 //!
+//! The target's policy ([`crate::passes::target::Policy`]) then adjusts this placement:
+//! - `int8_outputs = false` (OpenVINO): heavy ops' outputs are not marked, only their
+//!   activation inputs (and what pass-through ops carry);
+//! - `convs_in_transformers`: in a transformer graph, Conv/ConvTranspose still take the CNN
+//!   rule above;
+//! - `boundary_cost` (ORT): the quantized nodes form regions (connected where one reads what
+//!   another writes); a region whose Conv/Gemm/MatMul MACs are below
+//!   `boundaries x fixed_macs + macs_per_value x values crossing them` goes float as a whole,
+//!   and the placement is redone without it until every region pays (each round only removes
+//!   layers, so this ends). The removed layers are listed in [`Plan::kept_float`].
+//!
 //! User filters: `exclude_ops`, `exclude_nodes` (exact names or regexes), and `include_nodes`
 //! (when given, only matching nodes are quantized). A caller that already knows its nodes
 //! (`mixed-precision`: the readers of its int8/int4 weights) passes them as a
