@@ -218,7 +218,12 @@ mod tests {
 
     #[test]
     fn every_policy_covers_the_ops_without_integer_kernels() {
-        for t in [Target::Generic, Target::Tract, Target::Ort, Target::Openvino] {
+        for t in [
+            Target::Generic,
+            Target::Tract,
+            Target::Ort,
+            Target::Openvino,
+        ] {
             for op in NO_INTEGER_KERNEL {
                 assert!(t.policy().weight_only(op), "{op} under {}", t.policy().name);
             }

@@ -126,10 +126,13 @@ pub fn quantize(
     let policy = opts.target.policy();
     let static_only = !policy.dynamic_activations
         || policy.convs_in_transformers
-        && model.graph.node_indices().any(|ix| {
-            let n = model.graph.node(ix);
-            n.op_type() == "Conv" && n.input.get(1).is_some_and(|w| model.graph.constant(w).is_some())
-        });
+            && model.graph.node_indices().any(|ix| {
+                let n = model.graph.node(ix);
+                n.op_type() == "Conv"
+                    && n.input
+                        .get(1)
+                        .is_some_and(|w| model.graph.constant(w).is_some())
+            });
     let modes: &[bool] = match opts.activations {
         ActivationMode::Auto if static_only => &[false],
         ActivationMode::Static => &[false],

@@ -393,7 +393,13 @@ pub fn plan_with_shapes(
     selection: &NodeSelection,
     shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
 ) -> Result<Plan> {
-    plan_with_cost(g, opts, selection, shapes, opts.target.policy().boundary_cost)
+    plan_with_cost(
+        g,
+        opts,
+        selection,
+        shapes,
+        opts.target.policy().boundary_cost,
+    )
 }
 
 /// [`plan_with_shapes`] with the boundary cost given (the policy's, or a test's).
@@ -493,7 +499,10 @@ fn unprofitable(
             }
         }
         for y in n.output.iter().filter(|y| plan.is_marked(y)) {
-            let outside = g.consumers(y).iter().any(|&(c, _)| !member_set.contains(&c));
+            let outside = g
+                .consumers(y)
+                .iter()
+                .any(|&(c, _)| !member_set.contains(&c));
             if g.is_graph_output(y) || outside {
                 b.insert(y.clone());
             }
@@ -850,7 +859,10 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
         // Two regions split by the HardSwish: {conv_a, relu_a} and {conv_b}, 128 MACs each
         // (4 x 2 x 16 and 2 x 4 x 16), each with two boundaries of 32 + 64 = 96 values.
         let free = plan_at(0, 1);
-        assert_eq!(sorted(free.nodes.iter().map(|n| &n.0)), ["conv_a", "conv_b", "relu_a"]);
+        assert_eq!(
+            sorted(free.nodes.iter().map(|n| &n.0)),
+            ["conv_a", "conv_b", "relu_a"]
+        );
         assert!(free.kept_float.is_empty());
         // 2 per value: 192 > 128 MACs, both stay float, and the report says why.
         let dear = plan_at(0, 2);
