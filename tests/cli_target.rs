@@ -155,3 +155,34 @@ fn weight_only_leaves_what_a_budgeted_mixed_precision_chose() {
     let wo = pass(&report, "weight-only");
     assert_eq!(wo["changes"], 0, "{wo}");
 }
+
+#[test]
+fn default_target_is_ort_and_the_report_says_what_it_kept_float() {
+    // digits_deep's layers are far too small for ONNX Runtime's int8 kernels to pay for their
+    // Q/DQ: under the default target every int8 region goes float, and the report lists why.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let report = dir.path().join("report.json");
+    let src = testdata().join("digits_deep.onnx");
+    let (code, _, err) = run_as_is(&[
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let target = &pass(&report, "quantize")["details"]["target"];
+    assert_eq!(target["name"], "ort", "{target}");
+    let kept = target["kept_float"].as_array().unwrap();
+    assert!(!kept.is_empty(), "{target}");
+    for k in kept {
+        assert!(k["region_macs"].as_u64().unwrap() > 0, "{k}");
+        assert!(k["why"].as_str().unwrap().contains("target ort"), "{k}");
+    }
+    assert!(!op_types(&out).iter().any(|o| o == "QuantizeLinear"));
+    // The same run under --target generic quantizes.
+    let (_d, generic, _, _) = compress("digits_deep.onnx", &["--target", "generic"]);
+    assert!(op_types(&generic).iter().any(|o| o == "QuantizeLinear"));
+}

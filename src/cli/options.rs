@@ -179,7 +179,14 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         args.auto_samples != Some(0),
         "--auto-samples must be at least 1"
     );
+    let target = match args.target {
+        TargetArg::Generic => Target::Generic,
+        TargetArg::Tract => Target::Tract,
+        TargetArg::Ort => Target::Ort,
+        TargetArg::Openvino => Target::Openvino,
+    };
     let quantize = QuantizeOptions {
+        target,
         method,
         auto: onnx_compress::passes::quantize::auto::AutoOptions {
             samples: args.auto_samples,
@@ -339,10 +346,7 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         calibration: None,
         equalize,
         prune,
-        target: match args.target {
-            TargetArg::Generic => Target::Generic,
-            TargetArg::Tract => Target::Tract,
-        },
+        target,
         ..Default::default()
     })
 }

@@ -1,13 +1,36 @@
 //! Runtime targets as data: one [`Policy`] per runtime the output is meant for, read by the
 //! passes that place quantization (`quantize` asks whether activations join an int8 region,
+//! which region boundaries are worth their Q/DQ, whether layer outputs are quantized;
 //! `weight-only` which ops get their constant weights stored as int8 behind a
-//! DequantizeLinear). No pass tests `target == ...`; a new runtime (`ort`, `openvino`) is one
-//! more constant here and one more [`Target`] variant.
+//! DequantizeLinear). No pass tests `target == ...`; a new runtime is one more constant here
+//! and one more [`Target`] variant. The CLI default is `ort`; the library default stays
+//! `generic` (today's placement, byte-identical outputs).
 //!
 //! | target | int8 activations (`quantize`) | weight-only int8 (`weight-only`) |
 //! |---|---|---|
+//! | `ort` | the `quantize` rules, then per int8 region: kept only when its Conv/Gemm/MatMul MACs exceed the cost of its boundaries ([`ORT_BOUNDARY_COST`]); a transformer's Conv layers by the CNN rules, calibrated (static) | LSTM, GRU, RNN, Gather only (a DQ before a float Conv runs at every inference in ORT) |
+//! | `openvino` | Q/DQ only on the activation inputs of Conv/ConvTranspose/Gemm/MatMul (NNCF's placement), static on transformers too | LSTM, GRU, RNN, Gather |
 //! | `generic` | today's maximal placement | the weight-heavy ops without integer kernels (LSTM, GRU, RNN, Gather tables) and any Conv/ConvTranspose/Gemm/MatMul weight the activation rules left float |
 //! | `tract` | none: activations stay float | every Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU/RNN/Gather weight, in chunks of at most 4 MiB of float (what tract folds at load) |
+//!
+//! Evidence behind `ort` (ONNX Runtime 1.32 CPU, 1 thread, batch 1, `benches/runtime_speed.py`,
+//! BENCHMARKS.md "Runtime targets"): under `generic`, MobileNetV3-small ran at 0.80x fp32 and
+//! PP-OCR cls at 0.64x. Profiles of the ORT-optimized graphs: QLinearConv saves little on
+//! these thin layers (MobileNetV3-small: 2.4 ms QLinearConv vs 3.2 ms Conv in profile), while
+//! every HardSwish (no integer kernel) splits the int8 region and costs a DequantizeLinear, a
+//! QuantizeLinear and NHWC<->NCHW Transposes (18 Transposes, 29 Q, 30 DQ). Boundary cost
+//! constants: at 100k MACs + 40 per value MobileNetV3-small kept part int8 and measured 0.63x;
+//! at 400k + 150 its regions all go float (1.0x) while ResNet-18, ConvNeXt, MobileNetV2,
+//! ShuffleNetV2 and EfficientNet-B0 keep their single large region. PP-OCRv4 rec: `generic`
+//! placed it by the transformer table (dynamic MatMul only) with its conv weights
+//! weight-only, and ORT then ran the float Convs 1.9x slower (17.0 -> 32.4 ms: DQ at every
+//! run, no NCHWc kernels); `ort` quantizes its convs statically.
+//!
+//! Evidence behind `openvino` (OpenVINO 2026.4 CPU plugin): the runtime graph's
+//! `runtimePrecision` shows u8 convolutions either way; quantizing only the heavy ops' inputs
+//! lets the low-precision transformations choose output precisions themselves, and static
+//! activations replace the dynamic MatMul that OpenVINO ran in float (ConvNeXt-tiny under
+//! `generic`: 0/59 int8 layers, 0.42x; under `openvino`: 59/59).
 //!
 //! Evidence behind `tract` (issue 20, measured with tract-onnx 0.23.9): tract runs Q/DQ graphs
 //! in float, about 2x slower than fp32, and QLinearConv about 50x slower; DequantizeLinear of a
@@ -27,6 +50,21 @@ pub enum Target {
     /// Weights stored compressed, activations float: tract folds constant DequantizeLinear at
     /// load and runs the float kernels.
     Tract,
+    /// ONNX Runtime (CPU): int8 only where a QLinear kernel is faster than float plus the
+    /// Q/DQ it needs.
+    Ort,
+    /// OpenVINO (CPU): NNCF-style placement, int8 on the activation inputs of the heavy ops.
+    Openvino,
+}
+
+/// What one boundary of an int8 region costs, in MACs an int8 kernel must save to break even:
+/// `fixed_macs + macs_per_value * values crossing it`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BoundaryCost {
+    /// Per boundary (node dispatch of the Q or DQ and of the layout Transpose).
+    pub fixed_macs: u64,
+    /// Per value crossing it (quantize or dequantize, transpose).
+    pub macs_per_value: u64,
 }
 
 /// How one target places quantization.
@@ -49,6 +87,24 @@ pub struct Policy {
     /// slower than fp32 that way); chunks of at most 4 MiB fold, and so does their Concat
     /// (output = inputs).
     pub split_weights_above: Option<usize>,
+    /// Quantize the outputs of the heavy ops (and what reads them, by the `quantize` rules):
+    /// QDQ between consecutive layers, which ORT fuses into QLinearConv chains. `false` = only
+    /// the activation inputs of Conv/ConvTranspose/Gemm/MatMul get Q/DQ (OpenVINO's low
+    /// precision transformations then decide the output precision themselves).
+    pub int8_outputs: bool,
+    /// A Conv/ConvTranspose/Gemm/MatMul stays in the int8 region only when its MACs pay for
+    /// the region boundaries it sits on (`None` = always): the int8 kernel saves time per MAC,
+    /// while each boundary (an input produced, or an output read, by a float op such as
+    /// HardSwish) costs a QuantizeLinear or DequantizeLinear and, in ORT, a layout Transpose.
+    pub boundary_cost: Option<BoundaryCost>,
+    /// In a graph the transformer table places (a layer norm or attention is present), still
+    /// quantize its Conv layers by the CNN rules (a conv backbone before a transformer neck,
+    /// as in PP-OCRv4's recognizer).
+    pub convs_in_transformers: bool,
+    /// `--activations auto` may pick dynamic activations (DynamicQuantizeLinear +
+    /// MatMulInteger) on a transformer. OpenVINO runs those in float around an integer MatMul
+    /// and is faster with calibrated FakeQuantize (static) placement.
+    pub dynamic_activations: bool,
 }
 
 const GENERIC: Policy = Policy {
@@ -56,6 +112,10 @@ const GENERIC: Policy = Policy {
     int8_activations: true,
     float_activations_because: "",
     split_weights_above: None,
+    int8_outputs: true,
+    boundary_cost: None,
+    convs_in_transformers: false,
+    dynamic_activations: true,
     // Conv/Gemm/MatMul weights the activation rules quantized are DequantizeLinear outputs by
     // the time `weight-only` runs, so only the ones they skipped (a constant A operand, an
     // excluded consumer's neighbour...) are still float constants here.
@@ -71,10 +131,51 @@ const GENERIC: Policy = Policy {
     ],
 };
 
+/// Op types whose constant weights every policy stores int8 behind a DequantizeLinear (no
+/// integer kernel anywhere).
+const NO_INTEGER_KERNEL_OPS: &[&str] = &["LSTM", "GRU", "RNN", "Gather"];
+
+const ORT: Policy = Policy {
+    name: "ort",
+    int8_activations: true,
+    float_activations_because: "",
+    split_weights_above: None,
+    // A Conv left float keeps its float weight: ORT does not constant-fold DequantizeLinear
+    // (it keeps Q/DQ for its fusions), so DQ(W) -> Conv runs the DQ at every inference and
+    // loses the NCHWc float kernels (PP-OCRv4 rec: float Conv time 17.0 ms -> 32.4 ms).
+    weight_only_ops: NO_INTEGER_KERNEL_OPS,
+    int8_outputs: true,
+    boundary_cost: Some(ORT_BOUNDARY_COST),
+    convs_in_transformers: true,
+    dynamic_activations: true,
+};
+
+/// See [`Policy::boundary_cost`] and the module docs (measured on MobileNetV3-small).
+pub const ORT_BOUNDARY_COST: BoundaryCost = BoundaryCost {
+    fixed_macs: 400_000,
+    macs_per_value: 150,
+};
+
+const OPENVINO: Policy = Policy {
+    name: "openvino",
+    int8_activations: true,
+    float_activations_because: "",
+    split_weights_above: None,
+    weight_only_ops: NO_INTEGER_KERNEL_OPS,
+    int8_outputs: false,
+    boundary_cost: None,
+    convs_in_transformers: true,
+    dynamic_activations: false,
+};
+
 const TRACT: Policy = Policy {
     name: "tract",
     int8_activations: false,
     split_weights_above: Some(4 << 20),
+    int8_outputs: true,
+    boundary_cost: None,
+    convs_in_transformers: false,
+    dynamic_activations: true,
     float_activations_because: "target tract: activations stay float (tract runs QuantizeLinear/DequantizeLinear graphs in float, measured ~2x slower than fp32); weights are stored int8 by weight-only",
     weight_only_ops: &[
         "LSTM",
@@ -94,6 +195,8 @@ impl Target {
         match self {
             Target::Generic => &GENERIC,
             Target::Tract => &TRACT,
+            Target::Ort => &ORT,
+            Target::Openvino => &OPENVINO,
         }
     }
 }
@@ -115,7 +218,12 @@ mod tests {
 
     #[test]
     fn every_policy_covers_the_ops_without_integer_kernels() {
-        for t in [Target::Generic, Target::Tract] {
+        for t in [
+            Target::Generic,
+            Target::Tract,
+            Target::Ort,
+            Target::Openvino,
+        ] {
             for op in NO_INTEGER_KERNEL {
                 assert!(t.policy().weight_only(op), "{op} under {}", t.policy().name);
             }

@@ -266,6 +266,8 @@ pub fn apply_option(ctx: &mut PassContext, option: &str) -> Result<(), String> {
             ctx.target = match word()? {
                 "generic" => onnx_compress::passes::target::Target::Generic,
                 "tract" => onnx_compress::passes::target::Target::Tract,
+                "ort" => onnx_compress::passes::target::Target::Ort,
+                "openvino" => onnx_compress::passes::target::Target::Openvino,
                 v => return Err(format!("target '{v}'")),
             }
         }

@@ -121,7 +121,20 @@ pub fn quantize(
             &synthetic
         }
     };
+    // A target without dynamic activations, or a conv backbone under a transformer neck (PP-OCRv4 rec) that the target quantizes by the
+    // CNN rules needs calibrated ranges: dynamic activations only cover linear layers.
+    let policy = opts.target.policy();
+    let static_only = !policy.dynamic_activations
+        || policy.convs_in_transformers
+            && model.graph.node_indices().any(|ix| {
+                let n = model.graph.node(ix);
+                n.op_type() == "Conv"
+                    && n.input
+                        .get(1)
+                        .is_some_and(|w| model.graph.constant(w).is_some())
+            });
     let modes: &[bool] = match opts.activations {
+        ActivationMode::Auto if static_only => &[false],
         ActivationMode::Static => &[false],
         ActivationMode::Dynamic => &[true],
         ActivationMode::Auto => &[false, true],

@@ -92,6 +92,8 @@ pub struct QuantizeOptions {
     pub activations: ActivationMode,
     /// SmoothQuant migration on transformers ([`smooth`]).
     pub smooth: Smooth,
+    /// The runtime the placement is for ([`crate::passes::target::Policy`]).
+    pub target: crate::passes::target::Target,
 }
 
 impl Default for QuantizeOptions {
@@ -120,6 +122,7 @@ impl Default for QuantizeOptions {
             attention_int8: false,
             activations: ActivationMode::Auto,
             smooth: Smooth::Auto,
+            target: Default::default(),
         }
     }
 }
@@ -155,6 +158,7 @@ impl Pass for Quantize {
 
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats> {
         let mut opts = ctx.quantize.clone();
+        opts.target = ctx.target;
         // Analytic bias correction reads the BN statistics `fuse` folded in this run.
         if opts.bn_stats.is_empty() {
             opts.bn_stats = match &ctx.facts.folded_bn {
@@ -164,6 +168,28 @@ impl Pass for Quantize {
         }
         quantize(model, &opts, ctx.calibration.as_deref())
     }
+}
+
+/// What the target's policy changed in the placement, for the report: the heavy ops its speed
+/// rule kept float (with their MACs and the values a Q/DQ pair would touch).
+fn target_section(opts: &QuantizeOptions, plan: &placement::Plan) -> serde_json::Value {
+    let policy = opts.target.policy();
+    json!({
+        "name": policy.name,
+        "int8_outputs": policy.int8_outputs,
+        "boundary_cost": policy.boundary_cost,
+        "kept_float": plan.kept_float.iter().map(|k| json!({
+            "node": k.node,
+            "op": k.op,
+            "macs": k.macs,
+            "region_macs": k.region_macs,
+            "boundary_values": k.values,
+            "why": format!(
+                "its int8 region does {} MACs, below the {} its boundaries ({} values through Q/DQ) cost on target {}",
+                k.region_macs, k.boundary_macs, k.values, policy.name
+            ),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// Empirical bias correction (Nagel et al. 2019, sec. 4.2): add `-(dq(q(W)) - W)·E[x]` to each
@@ -480,7 +506,21 @@ pub fn quantize_static(
             "{copies} bias initializer(s) shared between layers were copied so that each layer gets its own int32 bias (scale s_in * s_w differs per layer)"
         ));
     }
-    let mut plan = placement::plan(&work.graph, opts, &placement::NodeSelection::All)?;
+    // The target's speed rule needs activation shapes (MACs per value of each heavy op).
+    let shapes = match opts.target.policy().boundary_cost {
+        Some(_) => Some(crate::runtime::shapes::value_shapes(
+            &work,
+            &work.to_proto()?,
+            &opts.input_shapes,
+        )),
+        None => None,
+    };
+    let mut plan = placement::plan_with_shapes(
+        &work.graph,
+        opts,
+        &placement::NodeSelection::All,
+        shapes.as_ref(),
+    )?;
     keep_float(&mut plan, &opts.keep_float, &mut stats.notes);
     let forced: Vec<&String> = opts
         .force_activations
@@ -502,10 +542,22 @@ pub fn quantize_static(
         }
     }
     stats.notes.extend(plan.notes.iter().cloned());
+    if !plan.kept_float.is_empty() {
+        let macs: u64 = plan.kept_float.iter().map(|k| k.macs).sum();
+        stats.notes.push(format!(
+            "target {}: {} layer(s) ({:.1} M MACs) kept float, in int8 regions whose Q/DQ boundaries would cost more than their integer kernels save (report: quantize details.target)",
+            opts.target.policy().name,
+            plan.kept_float.len(),
+            macs as f64 / 1e6
+        ));
+    }
     if plan.activations.is_empty() && plan.weights.is_empty() {
         stats
             .notes
             .push("no node matched a quantization rule; model unchanged".into());
+        if !plan.kept_float.is_empty() {
+            stats.details = json!({ "target": target_section(opts, &plan) });
+        }
         return Ok(stats);
     }
 
@@ -613,6 +665,7 @@ pub fn quantize_static(
         *per_op.entry(op.clone()).or_default() += 1;
     }
     stats.details = json!({
+        "target": target_section(opts, &plan),
         "method": opts.method.label(),
         "auto": ranges.auto,
         "moving_average": opts.moving_average,

@@ -41,6 +41,17 @@
 //! constant 2-D weight: activation input and per-channel weight marked, output float), the
 //! attention products only with [`QuantizeOptions::attention_int8`], nothing else.
 //!
+//! The target's policy ([`crate::passes::target::Policy`]) then adjusts this placement:
+//! - `int8_outputs = false` (OpenVINO): heavy ops' outputs are not marked, only their
+//!   activation inputs (and what pass-through ops carry);
+//! - `convs_in_transformers`: in a transformer graph, Conv/ConvTranspose still take the CNN
+//!   rule above;
+//! - `boundary_cost` (ORT): the quantized nodes form regions (connected where one reads what
+//!   another writes); a region whose Conv/Gemm/MatMul MACs are below
+//!   `boundaries x fixed_macs + macs_per_value x values crossing them` goes float as a whole,
+//!   and the placement is redone without it until every region pays (each round only removes
+//!   layers, so this ends). The removed layers are listed in [`Plan::kept_float`].
+//!
 //! User filters: `exclude_ops`, `exclude_nodes` (exact names or regexes), and `include_nodes`
 //! (when given, only matching nodes are quantized). A caller that already knows its nodes
 //! (`mixed-precision`: the readers of its int8/int4 weights) passes them as a
@@ -108,6 +119,23 @@ pub struct Plan {
     fused: IndexSet<String>,
     /// The graph was recognised as a transformer and placed by its table.
     pub transformer: bool,
+    /// Heavy ops the target's speed rule ([`crate::passes::target::Policy::min_macs_per_value`])
+    /// left float, for the report.
+    pub kept_float: Vec<KeptFloat>,
+}
+
+/// A heavy op left float because its int8 kernel would not pay for its Q/DQ on the target.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct KeptFloat {
+    pub node: String,
+    pub op: String,
+    pub macs: u64,
+    /// MACs of all heavy ops of the int8 region it was in.
+    pub region_macs: u64,
+    /// Values crossing that region's boundaries.
+    pub values: u64,
+    /// What those boundaries cost, in MACs the region's int8 kernels must save to break even.
+    pub boundary_macs: u64,
 }
 
 impl Plan {
@@ -231,6 +259,8 @@ impl Plan {
 
 /// Name / op filters from the options, and the caller's node selection.
 struct Filter<'a> {
+    /// Mark heavy-op outputs ([`crate::passes::target::Policy::int8_outputs`]).
+    outputs: bool,
     exclude_ops: Vec<String>,
     exclude: Vec<Regex>,
     include: Vec<Regex>,
@@ -246,6 +276,7 @@ fn anchored(pattern: &str) -> Result<Regex> {
 impl<'a> Filter<'a> {
     fn new(opts: &QuantizeOptions, selection: &'a NodeSelection) -> Result<Filter<'a>> {
         Ok(Filter {
+            outputs: opts.target.policy().int8_outputs,
             exclude_ops: opts.exclude_ops.clone(),
             exclude: opts
                 .exclude_nodes
@@ -328,6 +359,9 @@ fn gates_only_muls(g: &Graph, value: &str, filter: &Filter) -> bool {
 
 /// Mark the output of a compute node, or of its fused activation.
 fn mark_output(g: &Graph, plan: &mut Plan, ix: NodeIndex, filter: &Filter) {
+    if !filter.outputs {
+        return;
+    }
     let Some(y) = g.node(ix).output.first().filter(|y| !y.is_empty()) else {
         return;
     };
@@ -345,8 +379,171 @@ fn mark_output(g: &Graph, plan: &mut Plan, ix: NodeIndex, filter: &Filter) {
     }
 }
 
-/// Build the plan for the whole graph, quantizing only nodes in `selection`.
+/// Build the plan for the whole graph, quantizing only nodes in `selection` (no value shapes:
+/// the target's speed rule does not apply).
 pub fn plan(g: &Graph, opts: &QuantizeOptions, selection: &NodeSelection) -> Result<Plan> {
+    plan_with_shapes(g, opts, selection, None)
+}
+
+/// [`plan`] with value shapes, which the target's speed rule
+/// ([`crate::passes::target::Policy::min_macs_per_value`]) needs.
+pub fn plan_with_shapes(
+    g: &Graph,
+    opts: &QuantizeOptions,
+    selection: &NodeSelection,
+    shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
+) -> Result<Plan> {
+    plan_with_cost(
+        g,
+        opts,
+        selection,
+        shapes,
+        opts.target.policy().boundary_cost,
+    )
+}
+
+/// [`plan_with_shapes`] with the boundary cost given (the policy's, or a test's).
+fn plan_with_cost(
+    g: &Graph,
+    opts: &QuantizeOptions,
+    selection: &NodeSelection,
+    shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
+    cost: Option<crate::passes::target::BoundaryCost>,
+) -> Result<Plan> {
+    let (Some(cost), Some(shapes)) = (cost, shapes) else {
+        return plan_once(g, opts, selection, &HashSet::new());
+    };
+    // Drop the heavy ops whose saving does not pay for their region boundaries, re-plan, and
+    // repeat: a dropped layer turns its neighbours' shared tensors into boundaries, so a
+    // region either pays for itself as a whole or goes float. Each round only adds to `slow`,
+    // so this ends after at most one round per heavy op.
+    let mut slow: HashSet<NodeIndex> = HashSet::new();
+    let mut kept_float = Vec::new();
+    loop {
+        let mut plan = plan_once(g, opts, selection, &slow)?;
+        let dropped = unprofitable(g, &plan, cost, shapes);
+        if dropped.is_empty() {
+            plan.kept_float = kept_float;
+            return Ok(plan);
+        }
+        for (ix, k) in dropped {
+            slow.insert(ix);
+            kept_float.push(k);
+        }
+    }
+}
+
+/// The heavy ops of the int8 regions of `plan` that do not pay for their boundaries. A region
+/// is a connected set of quantized nodes (joined where one reads what another writes); its
+/// boundaries are the tensors that enter it from outside (graph inputs, float producers: a
+/// QuantizeLinear each) and those it hands to float readers or graph outputs (a
+/// DequantizeLinear each). Each boundary costs `fixed_macs + macs_per_value * values`, in MACs
+/// the region's int8 kernels must save to break even; a region whose heavy ops do fewer MACs
+/// than that goes float as a whole. Deciding per region, not per layer, keeps a cheap layer
+/// inside a long int8 chain (it adds no boundary) and drops isolated islands together.
+fn unprofitable(
+    g: &Graph,
+    plan: &Plan,
+    cost: crate::passes::target::BoundaryCost,
+    shapes: &std::collections::HashMap<String, Vec<usize>>,
+) -> Vec<(NodeIndex, KeptFloat)> {
+    let int8: HashSet<&str> = plan.nodes.iter().map(|(n, _)| n.as_str()).collect();
+    let members: Vec<NodeIndex> = g
+        .node_indices()
+        .filter(|&ix| int8.contains(node_label(g.node(ix))))
+        .collect();
+    let member_set: HashSet<NodeIndex> = members.iter().copied().collect();
+    // Union-find over the region's nodes, joined through the tensors they share.
+    let mut parent: std::collections::HashMap<NodeIndex, NodeIndex> =
+        members.iter().map(|&ix| (ix, ix)).collect();
+    fn root(
+        parent: &mut std::collections::HashMap<NodeIndex, NodeIndex>,
+        ix: NodeIndex,
+    ) -> NodeIndex {
+        let mut r = ix;
+        while parent[&r] != r {
+            r = parent[&r];
+        }
+        parent.insert(ix, r);
+        r
+    }
+    for &ix in &members {
+        for y in &g.node(ix).output {
+            for &(c, _) in g.consumers(y) {
+                if member_set.contains(&c) {
+                    let (a, b) = (root(&mut parent, ix), root(&mut parent, c));
+                    if a != b {
+                        parent.insert(b.max(a), a.min(b));
+                    }
+                }
+            }
+        }
+    }
+    let count = |v: &str| {
+        shapes
+            .get(v)
+            .map(|s| s.iter().product::<usize>() as u64)
+            .unwrap_or(0)
+    };
+    // Per region: MACs of its heavy ops, boundary tensors (each counted once).
+    let mut macs: IndexMap<NodeIndex, u64> = IndexMap::new();
+    let mut boundaries: IndexMap<NodeIndex, IndexSet<String>> = IndexMap::new();
+    for &ix in &members {
+        let r = root(&mut parent, ix);
+        let n = g.node(ix);
+        *macs.entry(r).or_default() += crate::ir::facts::node_macs(n, shapes).unwrap_or(0);
+        let b = boundaries.entry(r).or_default();
+        for x in n.input.iter().filter(|x| plan.is_marked(x)) {
+            if g.producer_node(x).is_none_or(|p| !member_set.contains(&p)) {
+                b.insert(x.clone());
+            }
+        }
+        for y in n.output.iter().filter(|y| plan.is_marked(y)) {
+            let outside = g
+                .consumers(y)
+                .iter()
+                .any(|&(c, _)| !member_set.contains(&c));
+            if g.is_graph_output(y) || outside {
+                b.insert(y.clone());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for &ix in &members {
+        let n = g.node(ix);
+        if !matches!(n.op_type(), "Conv" | "ConvTranspose" | "Gemm" | "MatMul") {
+            continue;
+        }
+        let r = root(&mut parent, ix);
+        let values: u64 = boundaries[&r].iter().map(|t| count(t)).sum();
+        let boundary_macs = (boundaries[&r].len() as u64)
+            .saturating_mul(cost.fixed_macs)
+            .saturating_add(cost.macs_per_value.saturating_mul(values));
+        if macs[&r] < boundary_macs {
+            out.push((
+                ix,
+                KeptFloat {
+                    node: node_label(n).to_string(),
+                    op: n.op_type().to_string(),
+                    macs: crate::ir::facts::node_macs(n, shapes).unwrap_or(0),
+                    region_macs: macs[&r],
+                    values,
+                    boundary_macs,
+                },
+            ));
+        }
+    }
+    out
+}
+
+/// One placement round; the heavy ops in `slow` stay float.
+fn plan_once(
+    g: &Graph,
+    opts: &QuantizeOptions,
+    selection: &NodeSelection,
+    slow: &HashSet<NodeIndex>,
+) -> Result<Plan> {
+    let policy = opts.target.policy();
     let filter = Filter::new(opts, selection)?;
     let mut plan = Plan::default();
     let dynamic = |v: &str| !v.is_empty() && g.constant(v).is_none();
@@ -364,7 +561,11 @@ pub fn plan(g: &Graph, opts: &QuantizeOptions, selection: &NodeSelection) -> Res
         let input = |k: usize| n.input.get(k).map(String::as_str).unwrap_or("");
         let output = n.output.first().map(String::as_str).unwrap_or("");
         let per_channel = |axis: usize| opts.per_channel.then_some(axis);
-        if plan.transformer {
+        if slow.contains(&ix) {
+            continue;
+        }
+        let conv = matches!(op.as_str(), "Conv" | "ConvTranspose");
+        if plan.transformer && !(conv && policy.convs_in_transformers) {
             if transformer_rule(g, ix, &structure, opts, &mut plan)? {
                 plan.nodes.push((name, op));
             }
@@ -612,6 +813,77 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
         let a = plan(&g, &opts, &only_a).unwrap();
         assert_eq!(sorted(a.nodes.iter().map(|n| &n.0)), ["conv_a"]);
         assert_eq!(sorted(&a.activations), ["a0", "x"]);
+    }
+
+    /// x -> conv_a -> relu_a -> HardSwish -> conv_b -> y: conv_a's output region ends at the
+    /// HardSwish (no integer kernel), conv_b reads it and writes the graph output.
+    const ISLAND: &str = r#"<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,2,4,4] x) => (float[1,2,4,4] y)
+<
+   float[4,2,1,1] wa = {-0.25, -0.82, 0.32, 0.86, 0.5, -0.4, 0.3, 0.2},
+   float[2,4,1,1] wb = {-1.21, 1.45, 1.33, -1.69, 0.3, 0.2, -0.1, 0.4}
+>
+{
+   [conv_a] a0 = Conv (x, wa)
+   [relu_a] a = Relu (a0)
+   [hs] h = HardSwish (a)
+   [conv_b] y = Conv (h, wb)
+}"#;
+
+    #[test]
+    fn boundary_cost_keeps_float_the_layers_that_do_not_pay_for_their_qdq() {
+        use crate::passes::target::BoundaryCost;
+        let g = Model::from_proto(crate::onnx::text::parse_model(ISLAND).unwrap())
+            .unwrap()
+            .graph;
+        let shapes: std::collections::HashMap<String, Vec<usize>> = [
+            ("x", vec![1, 2, 4, 4]),
+            ("a0", vec![1, 4, 4, 4]),
+            ("a", vec![1, 4, 4, 4]),
+            ("h", vec![1, 4, 4, 4]),
+            ("y", vec![1, 2, 4, 4]),
+            ("wa", vec![4, 2, 1, 1]),
+            ("wb", vec![2, 4, 1, 1]),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let opts = QuantizeOptions::default();
+        let plan_at = |fixed_macs, macs_per_value| {
+            let cost = BoundaryCost {
+                fixed_macs,
+                macs_per_value,
+            };
+            plan_with_cost(&g, &opts, &NodeSelection::All, Some(&shapes), Some(cost)).unwrap()
+        };
+        // Two regions split by the HardSwish: {conv_a, relu_a} and {conv_b}, 128 MACs each
+        // (4 x 2 x 16 and 2 x 4 x 16), each with two boundaries of 32 + 64 = 96 values.
+        let free = plan_at(0, 1);
+        assert_eq!(
+            sorted(free.nodes.iter().map(|n| &n.0)),
+            ["conv_a", "conv_b", "relu_a"]
+        );
+        assert!(free.kept_float.is_empty());
+        // 2 per value: 192 > 128 MACs, both stay float, and the report says why.
+        let dear = plan_at(0, 2);
+        assert!(dear.nodes.is_empty(), "{:?}", dear.nodes);
+        assert!(dear.activations.is_empty());
+        let kept: Vec<(&str, u64, u64, u64)> = dear
+            .kept_float
+            .iter()
+            .map(|k| (k.node.as_str(), k.region_macs, k.values, k.boundary_macs))
+            .collect();
+        assert_eq!(kept, [("conv_a", 128, 96, 192), ("conv_b", 128, 96, 192)]);
+        // A fixed cost alone: 2 x 65 = 130 > 128.
+        assert!(plan_at(65, 0).nodes.is_empty());
+        assert_eq!(plan_at(64, 0).nodes.len(), 3);
+        // Without shapes the rule cannot judge and the generic placement stands.
+        let cost = Some(BoundaryCost {
+            fixed_macs: u64::MAX,
+            macs_per_value: 0,
+        });
+        let unknown = plan_with_cost(&g, &opts, &NodeSelection::All, None, cost).unwrap();
+        assert_eq!(unknown.nodes, free.nodes);
     }
 
     #[test]
