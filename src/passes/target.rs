@@ -3,8 +3,9 @@
 //! which region boundaries are worth their Q/DQ, whether layer outputs are quantized;
 //! `weight-only` which ops get their constant weights stored as int8 behind a
 //! DequantizeLinear). No pass tests `target == ...`; a new runtime is one more constant here
-//! and one more [`Target`] variant. The CLI default is `ort`; the library default stays
-//! `generic` (today's placement, byte-identical outputs).
+//! and one more [`Target`] variant. The default (CLI and library) is `generic`
+//! (today's placement, byte-identical outputs); `ort` and `openvino` are opt-in until their speed
+//! is measured on an idle machine (issue 20's table in BENCHMARKS.md was taken at load ~12).
 //!
 //! | target | int8 activations (`quantize`) | weight-only int8 (`weight-only`) |
 //! |---|---|---|
