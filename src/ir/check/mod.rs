@@ -38,10 +38,11 @@ use anyhow::{bail, ensure, Context, Result};
 use std::collections::{HashMap, HashSet};
 
 mod declared;
+mod dims;
 mod ranks;
 mod types;
 use declared::{check_declared_shapes, check_initializers, check_input_types, graph_constants};
-pub use ranks::{check_model_ranks, RankContradiction};
+pub use ranks::{check_model_ranks, Contradictions, DimContradiction, RankContradiction};
 use types::ValueTypes;
 
 /// Check a model; see the module docs for what is checked.
