@@ -141,14 +141,58 @@ fn rules<'s>(
         .map(|(k, _)| input(k))
         .collect();
     match node.op_type() {
-        "Relu" | "LeakyRelu" | "PRelu" | "Sigmoid" | "Tanh" | "Exp" | "Log" | "Sqrt" | "Neg"
-        | "Abs" | "Erf" | "Cast" | "CastLike" | "Identity" | "Softmax" | "LogSoftmax"
-        | "Hardmax" | "Clip" | "HardSigmoid" | "HardSwish" | "Gelu" | "Not" | "Floor" | "Ceil"
-        | "Round" | "Reciprocal" | "Sin" | "Cos" | "Tan" | "Elu" | "Selu" | "Softplus"
-        | "Softsign" | "Sign" | "IsNaN" | "IsInf" | "InstanceNormalization" | "LRN"
-        | "QuantizeLinear" | "DequantizeLinear" | "CumSum" | "Mish" | "Celu"
-        | "ThresholdedRelu" | "Shrink" | "BitwiseNot" | "Trilu" | "ScatterND"
-        | "ScatterElements" | "ReverseSequence" | "Dropout" | "BatchNormalization"
+        "Relu"
+        | "LeakyRelu"
+        | "PRelu"
+        | "Sigmoid"
+        | "Tanh"
+        | "Exp"
+        | "Log"
+        | "Sqrt"
+        | "Neg"
+        | "Abs"
+        | "Erf"
+        | "Cast"
+        | "CastLike"
+        | "Identity"
+        | "Softmax"
+        | "LogSoftmax"
+        | "Hardmax"
+        | "Clip"
+        | "HardSigmoid"
+        | "HardSwish"
+        | "Gelu"
+        | "Not"
+        | "Floor"
+        | "Ceil"
+        | "Round"
+        | "Reciprocal"
+        | "Sin"
+        | "Cos"
+        | "Tan"
+        | "Elu"
+        | "Selu"
+        | "Softplus"
+        | "Softsign"
+        | "Sign"
+        | "IsNaN"
+        | "IsInf"
+        | "InstanceNormalization"
+        | "LRN"
+        | "QuantizeLinear"
+        | "DequantizeLinear"
+        | "CumSum"
+        | "Mish"
+        | "Celu"
+        | "ThresholdedRelu"
+        | "Shrink"
+        | "BitwiseNot"
+        | "Trilu"
+        | "ScatterND"
+        | "ScatterElements"
+        | "ReverseSequence"
+        | "Dropout"
+        | "BatchNormalization"
         | "LayerNormalization" => same(),
         "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" | "Sum" | "Mean" | "Equal"
         | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or" | "Xor"
@@ -221,9 +265,9 @@ fn rules<'s>(
                     .map(|&a| normal_axis(a, x.len()))
                     .collect::<Option<Vec<_>>>()?,
                 // Without axes, every dim of 1 goes: known only when every dim is.
-                None if x.iter().all(|d| d.is_some()) => (0..x.len())
-                    .filter(|&i| x[i] == Some(1))
-                    .collect(),
+                None if x.iter().all(|d| d.is_some()) => {
+                    (0..x.len()).filter(|&i| x[i] == Some(1)).collect()
+                }
                 None => return None,
             };
             Some(
@@ -304,9 +348,9 @@ fn rules<'s>(
             }
             Some(d)
         })),
-        "ConstantOfShape" => Rule::One(
-            ints(0).map(|s| s.into_iter().map(|v| (v >= 0).then_some(v)).collect()),
-        ),
+        "ConstantOfShape" => {
+            Rule::One(ints(0).map(|s| s.into_iter().map(|v| (v >= 0).then_some(v)).collect()))
+        }
         "Expand" => Rule::One(input(0).zip(ints(1)).and_then(|(x, s)| {
             let shape: Dims = s.into_iter().map(|v| (v >= 0).then_some(v)).collect();
             broadcast(&[x, &shape])
@@ -353,7 +397,10 @@ fn rules<'s>(
                 Some(_) => ints(4)?,
                 None => vec![1; starts.len()],
             };
-            if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+            if ends.len() != starts.len()
+                || axes.len() != starts.len()
+                || steps.len() != starts.len()
+            {
                 return None;
             }
             let mut d = x.clone();
@@ -430,8 +477,16 @@ fn matmul(a: Option<&Dims>, b: Option<&Dims>) -> Option<Dims> {
     if a.is_empty() || b.is_empty() {
         return None;
     }
-    let a2: Dims = if a.len() == 1 { vec![Some(1), a[0]] } else { a.clone() };
-    let b2: Dims = if b.len() == 1 { vec![b[0], Some(1)] } else { b.clone() };
+    let a2: Dims = if a.len() == 1 {
+        vec![Some(1), a[0]]
+    } else {
+        a.clone()
+    };
+    let b2: Dims = if b.len() == 1 {
+        vec![b[0], Some(1)]
+    } else {
+        b.clone()
+    };
     let batch = broadcast(&[&a2[..a2.len() - 2].to_vec(), &b2[..b2.len() - 2].to_vec()])?;
     let mut out = batch;
     if a.len() > 1 {
@@ -507,6 +562,31 @@ mod tests {
         let c: Dims = vec![Some(1), Some(1)];
         assert_eq!(broadcast(&[&c, &b]), Some(vec![Some(1), Some(1)]));
         assert_eq!(broadcast(&[&c, &a]), Some(vec![None, Some(128)]));
+    }
+
+    #[test]
+    fn conv_gives_batch_weight_channels_and_window_extents() {
+        // Fuzz seed 4 case 5 (silero-vad op18): a 1-D Conv [?, 64, 1] * [1, 64, 1] -> [?, 1, 1].
+        let mut conv = NodeProto {
+            op_type: Some("Conv".into()),
+            input: vec!["x".into(), "w".into()],
+            output: vec!["y".into()],
+            ..Default::default()
+        };
+        let shapes = HashMap::from([
+            ("x".to_string(), vec![None, Some(64), Some(1)]),
+            ("w".to_string(), vec![Some(1), Some(64), Some(1)]),
+        ]);
+        let dims = |n: &NodeProto| node_dims(n, &shapes, &HashMap::new());
+        assert_eq!(dims(&conv), vec![Some(vec![None, Some(1), Some(1)])]);
+        // floor((1 + 2 + 2 - 3) / 2) + 1 = 2 with a kernel of 2 dilated by 2 (extent 3).
+        conv.attribute = vec![
+            crate::ir::op::attr_ints("pads", &[2, 2]),
+            crate::ir::op::attr_ints("strides", &[2]),
+            crate::ir::op::attr_ints("kernel_shape", &[2]),
+            crate::ir::op::attr_ints("dilations", &[2]),
+        ];
+        assert_eq!(dims(&conv), vec![Some(vec![None, Some(1), Some(2)])]);
     }
 
     #[test]

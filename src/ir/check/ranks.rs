@@ -132,7 +132,10 @@ fn check_ranks<'a>(
                 }
                 resolved.insert(out.clone());
                 // The rank rule decides the rank; the dims rule refines it when they agree.
-                let got: Option<Dims> = match (ranks.get(slot).cloned().flatten(), dims.get(slot).cloned().flatten()) {
+                let got: Option<Dims> = match (
+                    ranks.get(slot).cloned().flatten(),
+                    dims.get(slot).cloned().flatten(),
+                ) {
                     (Some(r), Some(d)) if r.len() == d.len() => Some(merge(&r, &d)),
                     (Some(r), _) => Some(r),
                     (None, _) => None,
@@ -193,7 +196,10 @@ fn check_ranks<'a>(
             break;
         }
     }
-    Ok(g.output.iter().map(|o| shapes.get(o.name()).cloned()).collect())
+    Ok(g.output
+        .iter()
+        .map(|o| shapes.get(o.name()).cloned())
+        .collect())
 }
 
 /// `first`'s known dims, `second`'s where `first` has none (same rank).
@@ -259,16 +265,18 @@ fn node_ranks<'a>(
         };
         return Ok(match (of("then_branch"), of("else_branch")) {
             (Some(t), Some(e)) => (0..n_out)
-                .map(|k| match (t.get(k).cloned().flatten(), e.get(k).cloned().flatten()) {
-                    // Dims the branches disagree on are unknown (ONNX's union of shapes).
-                    (Some(a), Some(b)) if a.len() == b.len() => Some(
-                        a.iter()
-                            .zip(&b)
-                            .map(|(x, y)| if x == y { *x } else { None })
-                            .collect(),
-                    ),
-                    _ => None,
-                })
+                .map(
+                    |k| match (t.get(k).cloned().flatten(), e.get(k).cloned().flatten()) {
+                        // Dims the branches disagree on are unknown (ONNX's union of shapes).
+                        (Some(a), Some(b)) if a.len() == b.len() => Some(
+                            a.iter()
+                                .zip(&b)
+                                .map(|(x, y)| if x == y { *x } else { None })
+                                .collect(),
+                        ),
+                        _ => None,
+                    },
+                )
                 .collect(),
             _ => vec![None; n_out],
         });
@@ -557,7 +565,14 @@ mod tests {
             vec![vi("y", 3)],
         );
         assert_eq!(
-            check_ranks(&g, &HashMap::new(), &HashMap::new(), &mut Contradictions::default(), false).unwrap(),
+            check_ranks(
+                &g,
+                &HashMap::new(),
+                &HashMap::new(),
+                &mut Contradictions::default(),
+                false
+            )
+            .unwrap(),
             vec![Some(vec![Some(2); 3])]
         );
         // A value_info contradiction is refused; a main-graph output's is returned.
@@ -605,16 +620,29 @@ mod tests {
             vec![vi("x", 3), vi("cond", 0)],
             vec![vi("s", 2)],
         );
-        let e = check_ranks(&g, &HashMap::new(), &HashMap::new(), &mut Contradictions::default(), false)
-            .unwrap_err()
-            .to_string();
+        let e = check_ranks(
+            &g,
+            &HashMap::new(),
+            &HashMap::new(),
+            &mut Contradictions::default(),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("'s'") && e.contains("(If)"), "{e}");
         let ok = graph(
             vec![iff.clone()],
             vec![vi("x", 3), vi("cond", 0)],
             vec![vi("s", 3)],
         );
-        assert!(check_ranks(&ok, &HashMap::new(), &HashMap::new(), &mut Contradictions::default(), false).is_ok());
+        assert!(check_ranks(
+            &ok,
+            &HashMap::new(),
+            &HashMap::new(),
+            &mut Contradictions::default(),
+            false
+        )
+        .is_ok());
         // Declared inside a branch: always refused.
         let mut inner = iff;
         if let Some(g) = inner.attribute[0].g.as_mut() {
@@ -634,6 +662,13 @@ mod tests {
             vec![vi("a", 3)],
             vec![vi("y", 1), vi("z", 4)],
         );
-        assert!(check_ranks(&g, &HashMap::new(), &HashMap::new(), &mut Contradictions::default(), false).is_ok());
+        assert!(check_ranks(
+            &g,
+            &HashMap::new(),
+            &HashMap::new(),
+            &mut Contradictions::default(),
+            false
+        )
+        .is_ok());
     }
 }
