@@ -15,6 +15,10 @@
 //! minutes. Each check names the input or value, its size and the limit (see
 //! [`crate::limits`]).
 //!
+//! **Declared shapes** ([`correct_declared_outputs`], [`check_declared_outputs`]): graph
+//! outputs and declared dims that contradict what the graph computes are corrected (ONNX
+//! Runtime loads them, `onnx.checker` does not); other contradictions tract finds are refused.
+//!
 //! **Non-finite weights** ([`nonfinite_initializers`]). A NaN or infinite float initializer
 //! makes the model's outputs non-finite already; quantizing it would round NaN into an int8
 //! value and validation would compare garbage. The default refuses ([`refuse_nonfinite`]);
@@ -277,7 +281,9 @@ pub fn keep_float(ctx: &mut PassContext, model: &Model, found: &[NonFinite]) {
 /// Where tract cannot compute an output (`If` branches fed by symbolic values), the ranks
 /// inferred over the graph ([`crate::ir::check::check_model_ranks`]) still catch a declared
 /// rank that contradicts the producer: that output is declared with the inferred rank and
-/// unknown dims, which ONNX shape inference fills in itself.
+/// unknown dims, which ONNX shape inference fills in itself. Declared dims the same inference
+/// contradicts, anywhere in the model (`If` branches included), are declared unknown
+/// ([`correct_declared_dims`]).
 pub fn correct_declared_outputs(
     model: &mut Model,
     proto: &crate::onnx::proto::ModelProto,

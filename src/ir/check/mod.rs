@@ -17,6 +17,8 @@
 //!   agrees with its branches' when they agree.
 //! - Ranks ([`ranks`]): inferred over node outputs through subgraphs, equal to what value_info
 //!   and subgraph outputs declare (main-graph outputs are corrected by the session instead).
+//!   Dims ([`dims`]) are inferred alongside; a contradicting declared dim is returned for the
+//!   session to declare unknown, not refused.
 //! - Every node's domain is imported (custom domains too); op_type is not empty.
 //! - Every node of a domain with schemas, in every graph: the op exists at the model's opset
 //!   (and is not deprecated there); input and output counts in the schema's range, required

@@ -1,4 +1,5 @@
-//! Ranks inferred over node outputs, through subgraphs, against the ranks the model declares.
+//! Ranks (and dims, [`super::dims`]) inferred over node outputs, through subgraphs, against
+//! the shapes the model declares.
 //!
 //! ONNX shape inference (run by `onnx.checker` with `full_check` and by every runtime at load)
 //! rejects a model whose declared shape of a value has another rank than the value's inferred
@@ -23,6 +24,11 @@
 //! `keepdims`; Reshape, Expand and ConstantOfShape by the length of a constant shape input;
 //! Concat and Split keep their rank; LSTM/GRU/RNN give Y rank 4 and the states rank 3;
 //! Constant its tensor's rank; If the rank both branches' outputs agree on.
+//!
+//! **Dims** ride along: where [`super::dims`] knows an output's dims (and agrees on the rank),
+//! the value carries them downstream; a declared dim that differs from a known inferred one is
+//! returned as a [`DimContradiction`], never an error, for the session to declare unknown
+//! (ONNX Runtime loads such a model, only `onnx.checker` rejects it).
 //!
 //! A value's rank, once inferred, is compared with every declaration of it in the graph
 //! (graph outputs, value_info, a subgraph's own outputs); declared-only values (graph inputs,
