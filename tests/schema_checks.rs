@@ -949,6 +949,31 @@ for p in sys.argv[1:]:
     }
 }
 
+/// An `If` branch output nothing types (its producer is a custom-domain op, its declaration
+/// has no type) while the other branch's is float: ONNX type inference fails to merge them
+/// ("Mismatched type: inferred=0 declared=1"), and ONNX Runtime rejects `com.microsoft`'s
+/// unknown `Identity`. Fuzz seed 10, silero_vad case 32.
+#[test]
+fn if_branch_output_untyped_from_a_custom_op_against_a_typed_branch() {
+    let mut custom = node("Identity", "t", &["x"], &["b"]);
+    custom.domain = Some("com.microsoft".into());
+    let mut m = if_model(custom);
+    set_opset(&mut m, "com.microsoft", 1);
+    Model::from_proto(m.clone()).unwrap();
+    then_branch(&mut m).output = vec![onnx_compress::onnx::proto::ValueInfoProto {
+        name: Some("b".into()),
+        ..Default::default()
+    }];
+    assert_refused(
+        m,
+        &[
+            "node 'if' (If): then_branch output 'b' has no declared type",
+            "node 't' (Identity) of domain 'com.microsoft'",
+            "else_branch gives float",
+        ],
+    );
+}
+
 /// A rank declared inside an `If` branch that its producer contradicts (a Relu of a rank-4
 /// Conv output declared rank 3): ONNX shape inference rejects it, so the tool refuses it,
 /// naming the value and the node, where tract could not analyse the branch.
