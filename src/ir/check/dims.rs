@@ -310,12 +310,12 @@ fn rules<'s>(
             let a = usize::try_from(a).ok().filter(|&a| a <= x.len())?;
             Some(vec![product(&x[..a]), product(&x[a..])])
         })),
-        "Shape" => Rule::One(input(0).and_then(|x| {
+        "Shape" => Rule::One(input(0).map(|x| {
             let r = x.len() as i64;
             let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r);
             let start = clamp(attr_int("start").unwrap_or(0));
             let end = clamp(attr_int("end").unwrap_or(r));
-            Some(vec![Some((end - start).max(0))])
+            vec![Some((end - start).max(0))]
         })),
         "Size" => Rule::One(Some(vec![])),
         "Reshape" => Rule::One(input(0).zip(ints(1)).and_then(|(x, shape)| {
