@@ -1001,6 +1001,23 @@ fn rank_declared_in_a_branch_contradicting_its_producer() {
     assert_refused(m, &["'t_out'", "rank 3", "rank 4", "Relu"]);
 }
 
+/// Slice's constant starts and ends of different lengths (fuzz seed 12, silero_vad case 5: a
+/// Constant in an `If` branch grown to 2 values): ONNX and ONNX Runtime reject it.
+#[test]
+fn slice_constant_inputs_of_different_lengths() {
+    let mut m = single("Slice");
+    let g = m.graph.as_mut().unwrap();
+    g.initializer
+        .push(onnx_compress::onnx::tensor::from_i64("starts", &[1], &[0]));
+    g.initializer
+        .push(onnx_compress::onnx::tensor::from_i64("ends", &[2], &[2, 2]));
+    g.node[0].input.extend(["starts".into(), "ends".into()]);
+    assert_refused(
+        m,
+        &["node 'n' (Slice): constant input 'starts' has 1 value(s) but 'ends' has 2"],
+    );
+}
+
 /// Unsqueeze axes from a constant input that name one axis twice are refused.
 #[test]
 fn unsqueeze_axes_repeated() {

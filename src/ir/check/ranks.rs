@@ -348,6 +348,25 @@ fn input_ranks_to_outputs<'a>(
             }
         }
     }
+    // Slice's constant starts, ends, axes and steps give one value per sliced axis (ONNX:
+    // "Incorrect or missing input value for starts and ends").
+    if node.op_type() == "Slice" {
+        let lengths: Vec<(&str, usize)> = ["starts", "ends", "axes", "steps"]
+            .iter()
+            .enumerate()
+            .filter_map(|(k, name)| ints(k + 1).map(|v| (*name, v.len())))
+            .collect();
+        if let Some(((a, la), (b, lb))) = lengths
+            .iter()
+            .flat_map(|x| lengths.iter().map(move |y| (*x, *y)))
+            .find(|((_, la), (_, lb))| la != lb)
+        {
+            bail!(
+                "{}: constant input '{a}' has {la} value(s) but '{b}' has {lb}: they must have one per sliced axis",
+                who(node)
+            );
+        }
+    }
     let keepdims = node.attr_int("keepdims").ok().flatten().unwrap_or(1) != 0;
     let same = |r: Option<usize>| vec![r; n_out];
     let one = |r: Option<usize>| {
