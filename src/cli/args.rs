@@ -269,7 +269,12 @@ pub struct CompressArgs {
     /// openvino (Q/DQ on the activation inputs of Conv/Gemm/MatMul only, as OpenVINO's
     /// low-precision transformations expect) or tract (int8 weights behind DequantizeLinear, which tract folds at
     /// load; activations float, so the output runs at fp32 speed in a quarter of the bytes).
-    #[arg(long, value_enum, default_value = "generic", help_heading = "Quantization")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "generic",
+        help_heading = "Quantization"
+    )]
     pub target: TargetArg,
 
     // ---- weight-only ----

@@ -15,6 +15,10 @@
 //! minutes. Each check names the input or value, its size and the limit (see
 //! [`crate::limits`]).
 //!
+//! **Declared shapes** ([`correct_declared_outputs`], [`check_declared_outputs`]): graph
+//! outputs and declared dims that contradict what the graph computes are corrected (ONNX
+//! Runtime loads them, `onnx.checker` does not); other contradictions tract finds are refused.
+//!
 //! **Non-finite weights** ([`nonfinite_initializers`]). A NaN or infinite float initializer
 //! makes the model's outputs non-finite already; quantizing it would round NaN into an int8
 //! value and validation would compare garbage. The default refuses ([`refuse_nonfinite`]);
@@ -25,12 +29,13 @@
 //! rename weights before quantization (fuse, equalize, prune give rewritten weights new names;
 //! the nodes keep theirs).
 
+use crate::ir::check::DimContradiction;
 use crate::ir::op::node_label;
 use crate::ir::Model;
 use crate::limits::{check_synthetic, element_count, MemoryBudget};
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
-use crate::onnx::proto::type_proto;
+use crate::onnx::proto::{type_proto, ModelProto};
 use crate::onnx::tensor;
 use crate::passes::PassContext;
 use crate::runtime::ValueShape;
@@ -275,7 +280,9 @@ pub fn keep_float(ctx: &mut PassContext, model: &Model, found: &[NonFinite]) {
 /// Where tract cannot compute an output (`If` branches fed by symbolic values), the ranks
 /// inferred over the graph ([`crate::ir::check::check_model_ranks`]) still catch a declared
 /// rank that contradicts the producer: that output is declared with the inferred rank and
-/// unknown dims, which ONNX shape inference fills in itself.
+/// unknown dims, which ONNX shape inference fills in itself. Declared dims the same inference
+/// contradicts, anywhere in the model (`If` branches included), are declared unknown
+/// ([`correct_declared_dims`]).
 ///
 /// `inferred` is tract's analysis of `proto` (`None`: tract could not analyse it).
 pub fn correct_declared_outputs(
@@ -294,7 +301,8 @@ pub fn correct_declared_outputs(
         .as_ref()
         .and_then(|g| crate::ir::check::check_model_ranks(g).ok())
         .unwrap_or_default();
-    for c in found {
+    notes.extend(correct_declared_dims(model, &found.dims)?);
+    for c in found.ranks {
         let Some(out) = model
             .graph
             .outputs
@@ -318,6 +326,110 @@ pub fn correct_declared_outputs(
         }
     }
     Ok(notes)
+}
+
+/// Declared dims (graph outputs and value_info, in the main graph and every subgraph) that
+/// contradict the dim their producer gives, as inferred over the graph
+/// ([`crate::ir::check::DimContradiction`]), are declared unknown; one note each. ONNX
+/// Runtime loads such a model (it warns and merges leniently), `onnx.checker` rejects it
+/// ("Inferred shape and existing shape differ in dimension 1: (1) vs (17)"): the output keeps
+/// what runs and becomes valid. Unknown rather than the inferred value: dropping a
+/// declaration can never contradict anything.
+fn correct_declared_dims(model: &mut Model, found: &[DimContradiction]) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    if found.is_empty() {
+        return Ok(notes);
+    }
+    let mut cleared = Vec::new();
+    clear_dims(&mut model.graph.outputs, found, &mut cleared);
+    clear_dims(&mut model.graph.value_info, found, &mut cleared);
+    let nodes: Vec<_> = model.graph.node_indices().collect();
+    for ix in nodes {
+        let node = model.graph.node(ix);
+        if !crate::ir::graph::has_subgraphs(node) {
+            continue;
+        }
+        let mut changed = node.clone();
+        let before = cleared.len();
+        for a in &mut changed.attribute {
+            for g in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                clear_dims_in_graph(g, found, &mut cleared);
+            }
+        }
+        if cleared.len() > before {
+            model.graph.replace_node(ix, changed)?;
+        }
+    }
+    for c in cleared {
+        notes.push(format!(
+            "value '{}' (output of {}) is declared with dim {} = {}, but its producer gives {}: declared unknown in the output (ONNX shape inference rejects the contradiction)",
+            c.value, c.node, c.axis, c.declared, c.inferred
+        ));
+    }
+    Ok(notes)
+}
+
+/// [`clear_dims`] over `g`'s outputs and value_info and its nodes' subgraphs.
+fn clear_dims_in_graph(
+    g: &mut crate::onnx::proto::GraphProto,
+    found: &[DimContradiction],
+    cleared: &mut Vec<DimContradiction>,
+) {
+    clear_dims(&mut g.output, found, cleared);
+    clear_dims(&mut g.value_info, found, cleared);
+    for n in &mut g.node {
+        for a in &mut n.attribute {
+            for sub in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                clear_dims_in_graph(sub, found, cleared);
+            }
+        }
+    }
+}
+
+/// Each declaration in `decls` of a contradicted value whose dim still holds the declared
+/// value gets that dim unset; what was cleared is appended to `cleared`.
+fn clear_dims(
+    decls: &mut [crate::onnx::proto::ValueInfoProto],
+    found: &[DimContradiction],
+    cleared: &mut Vec<DimContradiction>,
+) {
+    for v in decls.iter_mut() {
+        let name = v.name().to_string();
+        let Some(type_proto::Value::TensorType(tt)) =
+            v.r#type.as_mut().and_then(|t| t.value.as_mut())
+        else {
+            continue;
+        };
+        let Some(shape) = tt.shape.as_mut() else {
+            continue;
+        };
+        for c in found.iter().filter(|c| c.value == name) {
+            if let Some(d) = shape.dim.get_mut(c.axis) {
+                if d.value == Some(Dim::DimValue(c.declared)) {
+                    *d = Default::default();
+                    cleared.push(c.clone());
+                }
+            }
+        }
+    }
+}
+
+/// `proto` with the contradicting dims [`correct_declared_dims`] clears declared unknown, so
+/// the checks below compare what the output will declare.
+fn with_dims_cleared(proto: &ModelProto) -> Option<ModelProto> {
+    let found = proto
+        .graph
+        .as_ref()
+        .and_then(|g| crate::ir::check::check_model_ranks(g).ok())?
+        .dims;
+    if found.is_empty() {
+        return None;
+    }
+    let mut fixed = proto.clone();
+    if let Some(g) = fixed.graph.as_mut() {
+        clear_dims_in_graph(g, &found, &mut Vec::new());
+    }
+    Some(fixed)
 }
 
 fn correct_outputs_by_tract(
@@ -414,7 +526,14 @@ pub fn check_declared_outputs(
     inferred: Option<&[ValueShape]>,
     input_shapes: &[(String, Vec<usize>)],
 ) -> Result<()> {
-    let Some(inferred) = inferred else {
+    // Declarations as the output will carry them; the model is analysed again only when
+    // that changed a declaration (a contradicting dim cleared).
+    let fixed = with_dims_cleared(proto);
+    let reanalysed = fixed
+        .as_ref()
+        .map(|f| crate::runtime::infer_value_shapes(f, input_shapes).ok());
+    let proto = fixed.as_ref().unwrap_or(proto);
+    let Some(inferred) = reanalysed.unwrap_or_else(|| inferred.map(<[ValueShape]>::to_vec)) else {
         return Ok(());
     };
     let dims_known = input_dims_known(model, input_shapes);

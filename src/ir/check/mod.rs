@@ -17,6 +17,8 @@
 //!   agrees with its branches' when they agree.
 //! - Ranks ([`ranks`]): inferred over node outputs through subgraphs, equal to what value_info
 //!   and subgraph outputs declare (main-graph outputs are corrected by the session instead).
+//!   Dims ([`dims`]) are inferred alongside; a contradicting declared dim is returned for the
+//!   session to declare unknown, not refused.
 //! - Every node's domain is imported (custom domains too); op_type is not empty.
 //! - Every node of a domain with schemas, in every graph: the op exists at the model's opset
 //!   (and is not deprecated there); input and output counts in the schema's range, required
@@ -38,10 +40,11 @@ use anyhow::{bail, ensure, Context, Result};
 use std::collections::{HashMap, HashSet};
 
 mod declared;
+mod dims;
 mod ranks;
 mod types;
 use declared::{check_declared_shapes, check_initializers, check_input_types, graph_constants};
-pub use ranks::{check_model_ranks, RankContradiction};
+pub use ranks::{check_model_ranks, Contradictions, DimContradiction, RankContradiction};
 use types::ValueTypes;
 
 /// Check a model; see the module docs for what is checked.
@@ -169,10 +172,65 @@ fn check_graph(
         let schema = check_node(ctx, node, &ranks, &types.known)?;
         if node.op_type() == "If" && schema.is_some() {
             check_if_ranks(node, &ranks)?;
+            check_if_outputs_typed(node, &subgraph_outputs)?;
         }
         types.add_node(node, schema, &subgraph_outputs)?;
     }
     Ok(types.outputs(g))
+}
+
+/// An `If` branch output that nothing types (no declaration, produced by a node of a domain
+/// without ONNX schemas) while the other branch's output has a type: ONNX type inference merges
+/// the two and fails ("Mismatched type: inferred=0 declared=1"); ONNX Runtime loads it only
+/// when it knows the custom op. Fuzz (silero-vad): a branch's `Identity` moved to
+/// `com.microsoft`. Both branches untyped is accepted by ONNX, so it is here.
+fn check_if_outputs_typed(
+    node: &NodeProto,
+    subgraph_outputs: &HashMap<String, Vec<Option<i32>>>,
+) -> Result<()> {
+    let branches = ["then_branch", "else_branch"];
+    for (this, other) in [(0, 1), (1, 0)] {
+        let Some(branch) = node
+            .attribute
+            .iter()
+            .find(|a| a.name() == branches[this])
+            .and_then(|a| a.g.as_ref())
+        else {
+            continue;
+        };
+        let types = |b: usize, k: usize| {
+            subgraph_outputs
+                .get(branches[b])
+                .and_then(|o| o.get(k).copied().flatten())
+        };
+        for (k, out) in branch.output.iter().enumerate() {
+            if types(this, k).is_some() || types(other, k).is_none() {
+                continue;
+            }
+            let Some(producer) = branch
+                .node
+                .iter()
+                .find(|n| n.output.iter().any(|o| o == out.name()))
+            else {
+                continue;
+            };
+            let domain = canonical_domain(producer.domain());
+            if schema::schemas().knows_domain(domain) {
+                continue;
+            }
+            bail!(
+                "{}: {} output '{}' has no declared type and its producer, {} of domain {}, has no ONNX schema, while {} gives {}: ONNX type inference cannot merge them (declare the output's type)",
+                who(node),
+                branches[this],
+                out.name(),
+                who(producer),
+                domain_display(domain),
+                branches[other],
+                types::type_text(types(other, k).unwrap_or_default())
+            );
+        }
+    }
+    Ok(())
 }
 
 /// An `If` output declared (value_info, graph output) with a rank both branches' declared

@@ -1,4 +1,5 @@
-//! Ranks inferred over node outputs, through subgraphs, against the ranks the model declares.
+//! Ranks (and dims, [`super::dims`]) inferred over node outputs, through subgraphs, against
+//! the shapes the model declares.
 //!
 //! ONNX shape inference (run by `onnx.checker` with `full_check` and by every runtime at load)
 //! rejects a model whose declared shape of a value has another rank than the value's inferred
@@ -24,6 +25,11 @@
 //! Concat and Split keep their rank; LSTM/GRU/RNN give Y rank 4 and the states rank 3;
 //! Constant its tensor's rank; If the rank both branches' outputs agree on.
 //!
+//! **Dims** ride along: where [`super::dims`] knows an output's dims (and agrees on the rank),
+//! the value carries them downstream; a declared dim that differs from a known inferred one is
+//! returned as a [`DimContradiction`], never an error, for the session to declare unknown
+//! (ONNX Runtime loads such a model, only `onnx.checker` rejects it).
+//!
 //! A value's rank, once inferred, is compared with every declaration of it in the graph
 //! (graph outputs, value_info, a subgraph's own outputs); declared-only values (graph inputs,
 //! values whose producer has no rule) carry their declared rank downstream, as ONNX merges
@@ -33,8 +39,10 @@
 //! not refused.
 
 use super::declared::graph_constants;
+use super::dims::{node_dims, Dims};
 use super::who;
 use crate::ir::op::Attrs;
+use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
 use crate::onnx::proto::{type_proto, GraphProto, NodeProto, TensorProto};
 use anyhow::{bail, Result};
 use std::collections::{HashMap, HashSet};
@@ -47,25 +55,46 @@ pub struct RankContradiction {
     pub inferred: usize,
 }
 
+/// A declared dim (graph output or value_info, in any graph) that differs from the dim its
+/// producer gives ([`super::dims`]). ONNX Runtime loads such a model ("lenient merge"),
+/// `onnx.checker` does not: the session declares the dim unknown instead of refusing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DimContradiction {
+    pub value: String,
+    /// The producing node, as errors name it: `node 'c1' (Conv)`.
+    pub node: String,
+    pub axis: usize,
+    pub declared: i64,
+    pub inferred: i64,
+}
+
+/// What [`check_model_ranks`] found that the session corrects rather than refuses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Contradictions {
+    pub ranks: Vec<RankContradiction>,
+    pub dims: Vec<DimContradiction>,
+}
+
 /// Check the main graph and its subgraphs (see the module docs); contradicting main-graph
-/// output declarations are returned, every other contradiction is an error.
-pub fn check_model_ranks(g: &GraphProto) -> Result<Vec<RankContradiction>> {
-    let mut found = Vec::new();
-    check_ranks(g, &HashMap::new(), &HashMap::new(), Some(&mut found))?;
+/// output ranks and every contradicting declared dim are returned, every other rank
+/// contradiction is an error.
+pub fn check_model_ranks(g: &GraphProto) -> Result<Contradictions> {
+    let mut found = Contradictions::default();
+    check_ranks(g, &HashMap::new(), &HashMap::new(), &mut found, true)?;
     Ok(found)
 }
 
-/// Check `g` and its subgraphs; `outer` holds the ranks of values visible from enclosing graphs;
-/// `outputs_found` (main graph only) collects contradicting graph-output declarations instead
-/// of refusing them. Returns the ranks of `g`'s outputs (for an enclosing `If`).
+/// Check `g` and its subgraphs; `outer` holds the shapes of values visible from enclosing
+/// graphs; `main` says whether contradicting graph-output ranks are collected (main graph)
+/// instead of refused. Returns the shapes of `g`'s outputs (for an enclosing `If`).
 fn check_ranks<'a>(
     g: &'a GraphProto,
-    outer: &HashMap<String, usize>,
+    outer: &HashMap<String, Dims>,
     outer_constants: &HashMap<&'a str, &'a TensorProto>,
-    mut outputs_found: Option<&mut Vec<RankContradiction>>,
-) -> Result<Vec<Option<usize>>> {
-    let declared = declared_ranks(g);
-    let graph_outputs: HashSet<&str> = g.output.iter().map(|o| o.name()).collect();
+    found: &mut Contradictions,
+    main: bool,
+) -> Result<Vec<Option<Dims>>> {
+    let declared = declared_shapes(g);
     let produced: HashSet<&str> = g
         .node
         .iter()
@@ -75,13 +104,13 @@ fn check_ranks<'a>(
     // Constants of enclosing graphs are visible here too (axes read from an outer Constant).
     let mut constants = outer_constants.clone();
     constants.extend(graph_constants(g));
-    let mut ranks = outer.clone();
+    let mut shapes = outer.clone();
     for (name, t) in &constants {
-        ranks.insert(name.to_string(), t.dims.len());
+        shapes.insert(name.to_string(), t.dims.iter().map(|&d| Some(d)).collect());
     }
     for v in &g.input {
-        if let Some(&r) = declared.get(v.name()) {
-            ranks.insert(v.name().to_string(), r);
+        if let Some((_, d)) = declared.get(v.name()).and_then(|d| d.first()) {
+            shapes.insert(v.name().to_string(), d.clone());
         }
     }
     // Nodes in any order (subgraphs are sorted later at load): repeat until nothing changes.
@@ -101,42 +130,72 @@ fn check_ranks<'a>(
             }
             done[k] = true;
             progress = true;
-            let inferred = node_ranks(node, &ranks, &constants)?;
+            let ranks = node_ranks(node, &shapes, &constants, found)?;
+            let dims = node_dims(node, &shapes, &constants);
             for (slot, out) in node.output.iter().enumerate() {
                 if out.is_empty() {
                     continue;
                 }
                 resolved.insert(out.clone());
-                let got = inferred.get(slot).copied().flatten();
-                match (got, declared.get(out.as_str())) {
-                    (Some(r), Some(&d)) if r != d && graph_outputs.contains(out.as_str()) => {
-                        match outputs_found.as_deref_mut() {
-                            Some(found) => {
-                                found.push(RankContradiction {
+                // The rank rule decides the rank; the dims rule refines it when they agree.
+                let got: Option<Dims> = match (
+                    ranks.get(slot).cloned().flatten(),
+                    dims.get(slot).cloned().flatten(),
+                ) {
+                    (Some(r), Some(d)) if r.len() == d.len() => Some(merge(&r, &d)),
+                    (Some(r), _) => Some(r),
+                    (None, _) => None,
+                };
+                let decls = declared.get(out.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+                let Some(mut r) = got else {
+                    // Declared-only values carry their declaration downstream, as ONNX merges.
+                    if let Some((_, d)) = decls.first() {
+                        shapes.insert(out.clone(), d.clone());
+                    }
+                    continue;
+                };
+                for (is_output, d) in decls {
+                    if r.len() != d.len() {
+                        match (is_output, main) {
+                            (true, true) => {
+                                found.ranks.push(RankContradiction {
                                     output: out.clone(),
-                                    declared: d,
-                                    inferred: r,
+                                    declared: d.len(),
+                                    inferred: r.len(),
                                 });
-                                ranks.insert(out.clone(), r);
+                                continue;
                             }
-                            None => bail!(
-                                "subgraph output '{out}' (of {}) is declared with rank {d}, but its producer gives rank {r}",
-                                who(node)
+                            (true, false) => bail!(
+                                "subgraph output '{out}' (of {}) is declared with rank {}, but its producer gives rank {}",
+                                who(node),
+                                d.len(),
+                                r.len()
+                            ),
+                            (false, _) => bail!(
+                                "value '{out}' (output of {}) is declared with rank {}, but its producer gives rank {}",
+                                who(node),
+                                d.len(),
+                                r.len()
                             ),
                         }
                     }
-                    (Some(r), Some(&d)) if r != d => bail!(
-                        "value '{out}' (output of {}) is declared with rank {d}, but its producer gives rank {r}",
-                        who(node)
-                    ),
-                    (Some(r), _) => {
-                        ranks.insert(out.clone(), r);
+                    for (axis, (i, dd)) in r.iter().zip(d).enumerate() {
+                        if let (Some(i), Some(dd)) = (i, dd) {
+                            if i != dd {
+                                found.dims.push(DimContradiction {
+                                    value: out.clone(),
+                                    node: who(node),
+                                    axis,
+                                    declared: *dd,
+                                    inferred: *i,
+                                });
+                            }
+                        }
                     }
-                    (None, Some(&d)) => {
-                        ranks.insert(out.clone(), d);
-                    }
-                    (None, None) => {}
+                    // As ONNX merges: inferred dims first, declared ones fill the gaps.
+                    r = merge(&r, d);
                 }
+                shapes.insert(out.clone(), r);
             }
         }
         if !progress {
@@ -145,45 +204,107 @@ fn check_ranks<'a>(
     }
     Ok(g.output
         .iter()
-        .map(|o| ranks.get(o.name()).copied())
+        .map(|o| shapes.get(o.name()).cloned())
         .collect())
 }
 
-/// Ranks declared for values of `g` (graph inputs and outputs, value_info) with a shape.
-fn declared_ranks(g: &GraphProto) -> HashMap<&str, usize> {
-    let mut out = HashMap::new();
-    for v in g.input.iter().chain(&g.output).chain(&g.value_info) {
+/// `first`'s known dims, `second`'s where `first` has none (same rank).
+fn merge(first: &Dims, second: &Dims) -> Dims {
+    first.iter().zip(second).map(|(a, b)| a.or(*b)).collect()
+}
+
+/// Shapes declared for values of `g` (graph inputs and outputs, value_info; a value may be
+/// declared more than once), each marked whether it is a graph output's; `-1` and symbolic
+/// dims are unknown.
+fn declared_shapes(g: &GraphProto) -> HashMap<&str, Vec<(bool, Dims)>> {
+    let mut out: HashMap<&str, Vec<(bool, Dims)>> = HashMap::new();
+    let outputs = g.output.iter().map(|v| (true, v));
+    let others = g.input.iter().chain(&g.value_info).map(|v| (false, v));
+    for (is_output, v) in outputs.chain(others) {
         let shape = v.r#type.as_ref().and_then(|t| match &t.value {
             Some(type_proto::Value::TensorType(t)) => t.shape.as_ref(),
             _ => None,
         });
         if let Some(s) = shape {
-            out.insert(v.name(), s.dim.len());
+            let dims = s
+                .dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(Dim::DimValue(v)) if v >= 0 => Some(v),
+                    _ => None,
+                })
+                .collect();
+            out.entry(v.name()).or_default().push((is_output, dims));
         }
     }
     out
 }
 
-/// The ranks of `node`'s outputs, where its rule and its inputs' ranks fix them.
+/// The shapes of `node`'s outputs where its rule and its inputs' ranks fix the rank: unknown
+/// dims, except `If`, whose outputs take the dims both branches agree on.
 fn node_ranks<'a>(
     node: &'a NodeProto,
-    ranks: &HashMap<String, usize>,
+    shapes: &HashMap<String, Dims>,
     constants: &HashMap<&'a str, &'a TensorProto>,
-) -> Result<Vec<Option<usize>>> {
+    found: &mut Contradictions,
+) -> Result<Vec<Option<Dims>>> {
     let n_out = node.output.len();
     if !(node.domain().is_empty() || node.domain() == "ai.onnx") {
         return Ok(vec![None; n_out]);
     }
-    // Subgraph bodies are checked whatever the op; `If` also gives its outputs' ranks.
+    // Subgraph bodies are checked whatever the op; `If` also gives its outputs' shapes.
     let mut branches = Vec::new();
     for a in &node.attribute {
         for sub in a.g.iter().chain(&a.graphs) {
             branches.push((
                 a.name().to_string(),
-                check_ranks(sub, ranks, constants, None)?,
+                check_ranks(sub, shapes, constants, found, false)?,
             ));
         }
     }
+    if node.op_type() == "If" {
+        let of = |name: &str| {
+            branches
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, r)| r.clone())
+        };
+        return Ok(match (of("then_branch"), of("else_branch")) {
+            (Some(t), Some(e)) => (0..n_out)
+                .map(
+                    |k| match (t.get(k).cloned().flatten(), e.get(k).cloned().flatten()) {
+                        // Dims the branches disagree on are unknown (ONNX's union of shapes).
+                        (Some(a), Some(b)) if a.len() == b.len() => Some(
+                            a.iter()
+                                .zip(&b)
+                                .map(|(x, y)| if x == y { *x } else { None })
+                                .collect(),
+                        ),
+                        _ => None,
+                    },
+                )
+                .collect(),
+            _ => vec![None; n_out],
+        });
+    }
+    let ranks: HashMap<&str, usize> = node
+        .input
+        .iter()
+        .filter_map(|i| shapes.get(i.as_str()).map(|s| (i.as_str(), s.len())))
+        .collect();
+    Ok(input_ranks_to_outputs(node, &ranks, constants)?
+        .into_iter()
+        .map(|r| r.map(|r| vec![None; r]))
+        .collect())
+}
+
+/// The ranks of `node`'s outputs, where its rule and its inputs' ranks fix them.
+fn input_ranks_to_outputs<'a>(
+    node: &'a NodeProto,
+    ranks: &HashMap<&str, usize>,
+    constants: &HashMap<&'a str, &'a TensorProto>,
+) -> Result<Vec<Option<usize>>> {
+    let n_out = node.output.len();
     let rank = |k: usize| -> Option<usize> {
         node.input
             .get(k)
@@ -225,6 +346,25 @@ fn node_ranks<'a>(
             if dedup_len(&normal) != normal.len() {
                 bail!("{}: axes {list:?} name an axis more than once", who(node));
             }
+        }
+    }
+    // Slice's constant starts, ends, axes and steps give one value per sliced axis (ONNX:
+    // "Incorrect or missing input value for starts and ends").
+    if node.op_type() == "Slice" {
+        let lengths: Vec<(&str, usize)> = ["starts", "ends", "axes", "steps"]
+            .iter()
+            .enumerate()
+            .filter_map(|(k, name)| ints(k + 1).map(|v| (*name, v.len())))
+            .collect();
+        if let Some(((a, la), (b, lb))) = lengths
+            .iter()
+            .flat_map(|x| lengths.iter().map(move |y| (*x, *y)))
+            .find(|((_, la), (_, lb))| la != lb)
+        {
+            bail!(
+                "{}: constant input '{a}' has {la} value(s) but '{b}' has {lb}: they must have one per sliced axis",
+                who(node)
+            );
         }
     }
     let keepdims = node.attr_int("keepdims").ok().flatten().unwrap_or(1) != 0;
@@ -375,25 +515,6 @@ fn node_ranks<'a>(
             .find(|a| a.name() == "value")
             .and_then(|a| a.t.as_ref())
             .map(|t| t.dims.len())),
-        "If" => {
-            let of = |name: &str| {
-                branches
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, r)| r.clone())
-            };
-            match (of("then_branch"), of("else_branch")) {
-                (Some(t), Some(e)) => (0..n_out)
-                    .map(
-                        |k| match (t.get(k).copied().flatten(), e.get(k).copied().flatten()) {
-                            (Some(a), Some(b)) if a == b => Some(a),
-                            _ => None,
-                        },
-                    )
-                    .collect(),
-                _ => vec![None; n_out],
-            }
-        }
         _ => vec![None; n_out],
     })
 }
@@ -469,8 +590,15 @@ mod tests {
             vec![vi("y", 3)],
         );
         assert_eq!(
-            check_ranks(&g, &HashMap::new(), &HashMap::new(), None).unwrap(),
-            vec![Some(3)]
+            check_ranks(
+                &g,
+                &HashMap::new(),
+                &HashMap::new(),
+                &mut Contradictions::default(),
+                false
+            )
+            .unwrap(),
+            vec![Some(vec![Some(2); 3])]
         );
         // A value_info contradiction is refused; a main-graph output's is returned.
         let mut bad = graph(g.node.clone(), g.input.clone(), vec![vi("y", 3)]);
@@ -482,7 +610,7 @@ mod tests {
         );
         let out = graph(g.node.clone(), g.input.clone(), vec![vi("y", 2)]);
         assert_eq!(
-            check_model_ranks(&out).unwrap(),
+            check_model_ranks(&out).unwrap().ranks,
             vec![RankContradiction {
                 output: "y".into(),
                 declared: 2,
@@ -517,16 +645,29 @@ mod tests {
             vec![vi("x", 3), vi("cond", 0)],
             vec![vi("s", 2)],
         );
-        let e = check_ranks(&g, &HashMap::new(), &HashMap::new(), None)
-            .unwrap_err()
-            .to_string();
+        let e = check_ranks(
+            &g,
+            &HashMap::new(),
+            &HashMap::new(),
+            &mut Contradictions::default(),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("'s'") && e.contains("(If)"), "{e}");
         let ok = graph(
             vec![iff.clone()],
             vec![vi("x", 3), vi("cond", 0)],
             vec![vi("s", 3)],
         );
-        assert!(check_ranks(&ok, &HashMap::new(), &HashMap::new(), None).is_ok());
+        assert!(check_ranks(
+            &ok,
+            &HashMap::new(),
+            &HashMap::new(),
+            &mut Contradictions::default(),
+            false
+        )
+        .is_ok());
         // Declared inside a branch: always refused.
         let mut inner = iff;
         if let Some(g) = inner.attribute[0].g.as_mut() {
@@ -546,6 +687,13 @@ mod tests {
             vec![vi("a", 3)],
             vec![vi("y", 1), vi("z", 4)],
         );
-        assert!(check_ranks(&g, &HashMap::new(), &HashMap::new(), None).is_ok());
+        assert!(check_ranks(
+            &g,
+            &HashMap::new(),
+            &HashMap::new(),
+            &mut Contradictions::default(),
+            false
+        )
+        .is_ok());
     }
 }
