@@ -158,12 +158,12 @@ fn weight_only_leaves_what_a_budgeted_mixed_precision_chose() {
 
 #[test]
 fn target_ort_says_what_it_kept_float() {
-    // digits_deep's layers are far too small for ONNX Runtime's int8 kernels to pay for their
+    // digits_cnn's layers are far too small for ONNX Runtime's int8 kernels to pay for their
     // Q/DQ: under --target ort every int8 region goes float, and the report lists why.
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.onnx");
     let report = dir.path().join("report.json");
-    let src = testdata().join("digits_deep.onnx");
+    let src = testdata().join("digits_cnn.onnx");
     let (code, _, err) = run(&[
         src.to_str().unwrap(),
         "-o",
@@ -185,6 +185,6 @@ fn target_ort_says_what_it_kept_float() {
     }
     assert!(!op_types(&out).iter().any(|o| o == "QuantizeLinear"));
     // The default (generic) quantizes the same model.
-    let (_d, generic, _, _) = compress("digits_deep.onnx", &[]);
+    let (_d, generic, _, _) = compress("digits_cnn.onnx", &[]);
     assert!(op_types(&generic).iter().any(|o| o == "QuantizeLinear"));
 }
