@@ -11,7 +11,7 @@ fn main() {
     }
     if let Err(e) = cli::main_with_args(std::env::args_os().collect()) {
         // One line: the whole cause chain, outermost first.
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", cli::error_line(&e));
         std::process::exit(1);
     }
 }

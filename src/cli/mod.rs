@@ -17,6 +17,23 @@ pub fn command() -> clap::Command {
     Cli::command().args_override_self(true)
 }
 
+/// Longest error line printed: tract's messages can carry a debug dump of its graph patch
+/// (kilobytes over many lines); the cause chain before it says what went wrong.
+const ERROR_LINE_MAX_CHARS: usize = 1500;
+
+/// The whole cause chain of `e` as one line (outermost first): line breaks inside a message
+/// become spaces, and a line past [`ERROR_LINE_MAX_CHARS`] is cut with a marker.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let flat = format!("{e:#}")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    match flat.char_indices().nth(ERROR_LINE_MAX_CHARS) {
+        Some((cut, _)) => format!("{} ... (cut)", &flat[..cut]),
+        None => flat,
+    }
+}
+
 /// Parse the process arguments (expanding `--config` recipes) and run.
 pub fn main_with_args(args: Vec<std::ffi::OsString>) -> Result<()> {
     use clap::FromArgMatches;
@@ -123,4 +140,24 @@ fn inspect(args: &InspectArgs) -> Result<()> {
     }
     print::inspection(&insp);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_is_one_bounded_line() {
+        let e = anyhow::anyhow!("Trying to substitute\nModelPatch {{\n  a\r\n}}")
+            .context("preparing the calibration run");
+        assert_eq!(
+            error_line(&e),
+            "preparing the calibration run: Trying to substitute ModelPatch { a }"
+        );
+        let long = anyhow::anyhow!("{}", "x ".repeat(5000));
+        let line = error_line(&long);
+        assert!(!line.contains('\n'));
+        assert!(line.ends_with("... (cut)"));
+        assert!(line.chars().count() <= ERROR_LINE_MAX_CHARS + 10);
+    }
 }
