@@ -472,6 +472,65 @@ fn slice_len(n: i64, start: i64, end: i64, step: i64) -> Option<i64> {
     Some(len.max(0))
 }
 
+/// Where `node`'s operands disagree on a dim they must share, as ONNX shape inference
+/// checks it (the reduction dim of MatMul and Gemm, Conv's input channels against the
+/// weight's times `group`): what is wrong, for a one-line refusal. Only dims known on both
+/// sides are compared. ONNX Runtime and `onnx.checker` reject such a model; inside an `If`
+/// branch tract never sees it, so it would otherwise be re-emitted.
+pub(super) fn operand_mismatch(node: &NodeProto, shapes: &HashMap<String, Dims>) -> Option<String> {
+    if !(node.domain().is_empty() || node.domain() == "ai.onnx") {
+        return None;
+    }
+    let input = |k: usize| -> Option<&Dims> {
+        let name = node.input.get(k).filter(|i| !i.is_empty())?;
+        shapes.get(name.as_str())
+    };
+    let (a, b) = (input(0)?, input(1)?);
+    let differ = |x: Option<i64>, y: Option<i64>| matches!((x, y), (Some(x), Some(y)) if x != y);
+    let show = |d: &Dims| {
+        d.iter()
+            .map(|x| x.map_or("?".to_string(), |v| v.to_string()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (what, x, y) = match node.op_type() {
+        "MatMul" | "MatMulInteger" if !a.is_empty() && !b.is_empty() => {
+            let k_a = a[a.len() - 1];
+            let k_b = if b.len() == 1 { b[0] } else { b[b.len() - 2] };
+            ("reduction dim", k_a, k_b)
+        }
+        "Gemm" if a.len() == 2 && b.len() == 2 => {
+            let t = |name: &str| {
+                node.attr_int(name)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|v| v as i32 != 0)
+            };
+            let k_a = if t("transA") { a[0] } else { a[1] };
+            let k_b = if t("transB") { b[1] } else { b[0] };
+            ("reduction dim", k_a, k_b)
+        }
+        "Conv" if a.len() >= 3 && b.len() == a.len() => {
+            let group = node.attr_int("group").ok().flatten().unwrap_or(1);
+            (
+                "input channels (weight's times group)",
+                a[1],
+                b[1].map(|c| c * group),
+            )
+        }
+        _ => return None,
+    };
+    differ(x, y).then(|| {
+        format!(
+            "its operands disagree on the {what}: {} vs {} (input shapes [{}] and [{}])",
+            x.unwrap_or_default(),
+            y.unwrap_or_default(),
+            show(a),
+            show(b)
+        )
+    })
+}
+
 fn matmul(a: Option<&Dims>, b: Option<&Dims>) -> Option<Dims> {
     let (a, b) = (a?, b?);
     if a.is_empty() || b.is_empty() {
@@ -562,6 +621,56 @@ mod tests {
         let c: Dims = vec![Some(1), Some(1)];
         assert_eq!(broadcast(&[&c, &b]), Some(vec![Some(1), Some(1)]));
         assert_eq!(broadcast(&[&c, &a]), Some(vec![None, Some(128)]));
+    }
+
+    #[test]
+    fn operands_that_disagree_on_a_shared_dim_are_named() {
+        let node = |op: &str, attrs: Vec<crate::onnx::proto::AttributeProto>| NodeProto {
+            op_type: Some(op.into()),
+            input: vec!["a".into(), "b".into()],
+            output: vec!["y".into()],
+            attribute: attrs,
+            ..Default::default()
+        };
+        let int = |name: &str, v: i64| crate::onnx::proto::AttributeProto {
+            name: Some(name.into()),
+            i: Some(v),
+            r#type: Some(crate::onnx::proto::attribute_proto::AttributeType::Int as i32),
+            ..Default::default()
+        };
+        let shapes = |a: Dims, b: Dims| HashMap::from([("a".to_string(), a), ("b".to_string(), b)]);
+        // Gemm with transB: B [N, K].
+        let gemm = node("Gemm", vec![int("transB", 1)]);
+        let wrong = shapes(vec![None, Some(64)], vec![Some(512), Some(128)]);
+        let msg = operand_mismatch(&gemm, &wrong).expect("64 vs 128");
+        assert!(msg.contains("64 vs 128"), "{msg}");
+        let right = shapes(vec![None, Some(128)], vec![Some(512), Some(128)]);
+        assert_eq!(operand_mismatch(&gemm, &right), None);
+        // MatMul: unknown dims are never a contradiction.
+        let mm = node("MatMul", vec![]);
+        assert!(
+            operand_mismatch(&mm, &shapes(vec![None, Some(3)], vec![Some(4), Some(2)])).is_some()
+        );
+        assert_eq!(
+            operand_mismatch(&mm, &shapes(vec![None, None], vec![Some(4), Some(2)])),
+            None
+        );
+        assert_eq!(
+            operand_mismatch(&mm, &shapes(vec![Some(4)], vec![Some(4)])),
+            None
+        );
+        // Conv: input channels = weight's channels times group.
+        let conv = node("Conv", vec![int("group", 4)]);
+        let ok = shapes(
+            vec![None, Some(8), Some(5)],
+            vec![Some(8), Some(2), Some(3)],
+        );
+        assert_eq!(operand_mismatch(&conv, &ok), None);
+        let bad = shapes(
+            vec![None, Some(6), Some(5)],
+            vec![Some(8), Some(2), Some(3)],
+        );
+        assert!(operand_mismatch(&conv, &bad).is_some());
     }
 
     #[test]

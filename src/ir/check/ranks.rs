@@ -39,7 +39,7 @@
 //! not refused.
 
 use super::declared::graph_constants;
-use super::dims::{node_dims, Dims};
+use super::dims::{node_dims, operand_mismatch, Dims};
 use super::who;
 use crate::ir::op::Attrs;
 use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
@@ -131,6 +131,9 @@ fn check_ranks<'a>(
             done[k] = true;
             progress = true;
             let ranks = node_ranks(node, &shapes, &constants, found)?;
+            if let Some(wrong) = operand_mismatch(node, &shapes) {
+                bail!("{}: {wrong}", who(node));
+            }
             let dims = node_dims(node, &shapes, &constants);
             for (slot, out) in node.output.iter().enumerate() {
                 if out.is_empty() {
