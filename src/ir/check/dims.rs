@@ -201,18 +201,16 @@ fn rules<'s>(
         }
         "Conv" => Rule::One(conv(node, input(0), input(1), attr_ints)),
         "MatMul" | "MatMulInteger" => Rule::One(matmul(input(0), input(1))),
-        "Gemm" => {
-            // ONNX reads transA/transB through an `int` cast: only the low 32 bits count.
-            let t = |name: &str| attr_int(name).is_some_and(|v| v as i32 != 0);
-            Rule::One(match (input(0), input(1)) {
-                (Some(a), Some(b)) if a.len() == 2 && b.len() == 2 => {
-                    let m = if t("transA") { a[1] } else { a[0] };
-                    let n = if t("transB") { b[0] } else { b[1] };
-                    Some(vec![m, n])
-                }
-                _ => None,
-            })
-        }
+        "Gemm" => Rule::One(match (input(0), input(1)) {
+            (Some(a), Some(b)) if a.len() == 2 && b.len() == 2 => {
+                let (ta, tb) = (gemm_flag(node, "transA"), gemm_flag(node, "transB"));
+                Some(vec![
+                    if ta { a[1] } else { a[0] },
+                    if tb { b[0] } else { b[1] },
+                ])
+            }
+            _ => None,
+        }),
         "Gather" => Rule::One(input(0).zip(input(1)).and_then(|(data, idx)| {
             let axis = normal_axis(attr_int("axis").unwrap_or(0), data.len())?;
             let mut d = data[..axis].to_vec();
@@ -472,6 +470,14 @@ fn slice_len(n: i64, start: i64, end: i64, step: i64) -> Option<i64> {
     Some(len.max(0))
 }
 
+/// Gemm's `transA`/`transB`, read as ONNX does: through an `int` cast, only the low 32 bits count.
+fn gemm_flag(node: &NodeProto, name: &str) -> bool {
+    node.attr_int(name)
+        .ok()
+        .flatten()
+        .is_some_and(|v| v as i32 != 0)
+}
+
 /// Where `node`'s operands disagree on a dim they must share, as ONNX shape inference
 /// checks it (the reduction dim of MatMul and Gemm, Conv's input channels against the
 /// weight's times `group`): what is wrong, for a one-line refusal. Only dims known on both
@@ -500,14 +506,9 @@ pub(super) fn operand_mismatch(node: &NodeProto, shapes: &HashMap<String, Dims>)
             ("reduction dim", k_a, k_b)
         }
         "Gemm" if a.len() == 2 && b.len() == 2 => {
-            let t = |name: &str| {
-                node.attr_int(name)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|v| v as i32 != 0)
-            };
-            let k_a = if t("transA") { a[0] } else { a[1] };
-            let k_b = if t("transB") { b[1] } else { b[0] };
+            let (ta, tb) = (gemm_flag(node, "transA"), gemm_flag(node, "transB"));
+            let k_a = if ta { a[0] } else { a[1] };
+            let k_b = if tb { b[1] } else { b[0] };
             ("reduction dim", k_a, k_b)
         }
         "Conv" if a.len() >= 3 && b.len() == a.len() => {
