@@ -37,6 +37,61 @@ use std::collections::HashMap;
 /// A value's shape: its rank, and each dim where known.
 pub(super) type Dims = Vec<Option<i64>>;
 
+/// Ops whose output 0 has input 0's shape, whatever the attributes (ONNX shape inference
+/// copies it): shared by the dims rules and the rank rules ([`super::ranks`]).
+pub(super) const SAME_SHAPE_OPS: &[&str] = &[
+    "Relu",
+    "LeakyRelu",
+    "PRelu",
+    "Sigmoid",
+    "Tanh",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Neg",
+    "Abs",
+    "Erf",
+    "Cast",
+    "CastLike",
+    "Identity",
+    "Softmax",
+    "LogSoftmax",
+    "Hardmax",
+    "Clip",
+    "HardSigmoid",
+    "HardSwish",
+    "Gelu",
+    "Not",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Reciprocal",
+    "Sin",
+    "Cos",
+    "Tan",
+    "Elu",
+    "Selu",
+    "Softplus",
+    "Softsign",
+    "Sign",
+    "IsNaN",
+    "IsInf",
+    "InstanceNormalization",
+    "LRN",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "CumSum",
+    "Mish",
+    "Celu",
+    "ThresholdedRelu",
+    "Shrink",
+    "BitwiseNot",
+    "Trilu",
+    "ScatterND",
+    "ScatterElements",
+    "ReverseSequence",
+];
+
 /// The dims of `node`'s outputs where a rule fixes them (see the module docs).
 pub(super) fn node_dims(
     node: &NodeProto,
@@ -141,59 +196,11 @@ fn rules<'s>(
         .map(|(k, _)| input(k))
         .collect();
     match node.op_type() {
-        "Relu"
-        | "LeakyRelu"
-        | "PRelu"
-        | "Sigmoid"
-        | "Tanh"
-        | "Exp"
-        | "Log"
-        | "Sqrt"
-        | "Neg"
-        | "Abs"
-        | "Erf"
-        | "Cast"
-        | "CastLike"
-        | "Identity"
-        | "Softmax"
-        | "LogSoftmax"
-        | "Hardmax"
-        | "Clip"
-        | "HardSigmoid"
-        | "HardSwish"
-        | "Gelu"
-        | "Not"
-        | "Floor"
-        | "Ceil"
-        | "Round"
-        | "Reciprocal"
-        | "Sin"
-        | "Cos"
-        | "Tan"
-        | "Elu"
-        | "Selu"
-        | "Softplus"
-        | "Softsign"
-        | "Sign"
-        | "IsNaN"
-        | "IsInf"
-        | "InstanceNormalization"
-        | "LRN"
-        | "QuantizeLinear"
-        | "DequantizeLinear"
-        | "CumSum"
-        | "Mish"
-        | "Celu"
-        | "ThresholdedRelu"
-        | "Shrink"
-        | "BitwiseNot"
-        | "Trilu"
-        | "ScatterND"
-        | "ScatterElements"
-        | "ReverseSequence"
-        | "Dropout"
-        | "BatchNormalization"
-        | "LayerNormalization" => same(),
+        op if SAME_SHAPE_OPS.contains(&op)
+            || matches!(op, "Dropout" | "BatchNormalization" | "LayerNormalization") =>
+        {
+            same()
+        }
         "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" | "Sum" | "Mean" | "Equal"
         | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or" | "Xor"
         | "Where" | "Mod" | "BitShift" | "BitwiseAnd" | "BitwiseOr" | "BitwiseXor" => {

@@ -39,7 +39,7 @@
 //! not refused.
 
 use super::declared::graph_constants;
-use super::dims::{node_dims, operand_mismatch, Dims};
+use super::dims::{node_dims, operand_mismatch, Dims, SAME_SHAPE_OPS};
 use super::who;
 use crate::ir::op::Attrs;
 use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
@@ -384,74 +384,30 @@ fn input_ranks_to_outputs<'a>(
         .map(rank)
         .collect();
     Ok(match node.op_type() {
-        "Relu"
-        | "LeakyRelu"
-        | "PRelu"
-        | "Sigmoid"
-        | "Tanh"
-        | "Exp"
-        | "Log"
-        | "Sqrt"
-        | "Neg"
-        | "Abs"
-        | "Erf"
-        | "Cast"
-        | "CastLike"
-        | "Identity"
-        | "Softmax"
-        | "LogSoftmax"
-        | "Hardmax"
-        | "Clip"
-        | "HardSigmoid"
-        | "HardSwish"
-        | "Gelu"
-        | "Not"
-        | "Floor"
-        | "Ceil"
-        | "Round"
-        | "Reciprocal"
-        | "Sin"
-        | "Cos"
-        | "Tan"
-        | "Elu"
-        | "Selu"
-        | "Softplus"
-        | "Softsign"
-        | "Sign"
-        | "IsNaN"
-        | "IsInf"
-        | "InstanceNormalization"
-        | "LRN"
-        | "QuantizeLinear"
-        | "DequantizeLinear"
-        | "CumSum"
-        | "Mish"
-        | "Celu"
-        | "ThresholdedRelu"
-        | "Shrink"
-        | "Conv"
-        | "ConvTranspose"
-        | "ConvInteger"
-        | "AveragePool"
-        | "LpPool"
-        | "GlobalAveragePool"
-        | "GlobalMaxPool"
-        | "GlobalLpPool"
-        | "Slice"
-        | "Pad"
-        | "Tile"
-        | "Transpose"
-        | "ReverseSequence"
-        | "DepthToSpace"
-        | "SpaceToDepth"
-        | "Resize"
-        | "Upsample"
-        | "Trilu"
-        | "ScatterND"
-        | "ScatterElements"
-        | "GatherElements"
-        | "Compress"
-        | "BitwiseNot" => {
+        // Rank-preserving: the same-shape ops, and ops that keep the rank but change dims.
+        op if SAME_SHAPE_OPS.contains(&op)
+            || matches!(
+                op,
+                "Conv"
+                    | "ConvTranspose"
+                    | "ConvInteger"
+                    | "AveragePool"
+                    | "LpPool"
+                    | "GlobalAveragePool"
+                    | "GlobalMaxPool"
+                    | "GlobalLpPool"
+                    | "Slice"
+                    | "Pad"
+                    | "Tile"
+                    | "Transpose"
+                    | "DepthToSpace"
+                    | "SpaceToDepth"
+                    | "Resize"
+                    | "Upsample"
+                    | "GatherElements"
+                    | "Compress"
+            ) =>
+        {
             if node.op_type() == "Compress" && node.attr_int("axis").ok().flatten().is_none() {
                 one(Some(1))
             } else {
