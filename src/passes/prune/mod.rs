@@ -184,6 +184,28 @@ pub struct SizeRequest<'a> {
     pub named: Vec<crate::calibrate::NamedBatch>,
 }
 
+/// Wall seconds of the pass's phases, in order, for `details.timings` (where the time goes).
+struct PhaseClock {
+    last: std::time::Instant,
+    done: Vec<serde_json::Value>,
+}
+
+impl PhaseClock {
+    fn start() -> Self {
+        PhaseClock {
+            last: std::time::Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    /// Close the phase that ran since the previous mark.
+    fn mark(&mut self, name: &str) {
+        let now = std::time::Instant::now();
+        self.done.push(json!({"phase": name, "seconds": (now - self.last).as_secs_f64()}));
+        self.last = now;
+    }
+}
+
 /// Run the `prune` pass on a model.
 pub fn prune(model: &mut Model, opts: &PruneOptions) -> Result<PassStats> {
     prune_with(model, opts, None)
@@ -196,6 +218,7 @@ pub fn prune_with(
     size: Option<SizeRequest>,
 ) -> Result<PassStats> {
     let mut st = PassStats::default();
+    let mut clock = PhaseClock::start();
     if size.is_none() && opts.ratio <= 0.0 && opts.flops <= 0.0 {
         st.notes
             .push("no pruning target (ratio 0, flops 0): nothing done".to_string());
@@ -204,6 +227,7 @@ pub fn prune_with(
     let shapes = crate::runtime::value_shapes(model, &model.to_proto()?, &opts.input_shapes);
     let analysis = analyze(&model.graph, &shapes)?;
     let groups = &analysis.groups;
+    clock.mark("groups");
     // Calibration run on the original: consumer inputs (moments, reconstruction inputs) and
     // consumer outputs (reconstruction targets).
     let original = model.to_proto()?;
@@ -230,6 +254,7 @@ pub fn prune_with(
                 .to_string(),
         );
     }
+    clock.mark("calibration run");
     let empty = HashMap::new();
     let moments: &HashMap<String, AxisStats> = calib.as_ref().map(|c| &c.stats).unwrap_or(&empty);
     let empty_e = HashMap::new();
@@ -254,6 +279,7 @@ pub fn prune_with(
         })
         .collect::<Result<_>>()?;
     let mm = MacModelHandle::new(model, &analysis, &shapes);
+    clock.mark("importance");
     // Criterion `loss`: second-order cost curves where every consumer has a model.
     let mut sens_report: Vec<serde_json::Value> = Vec::new();
     let mut fallback_scale = 1.0;
@@ -265,6 +291,7 @@ pub fn prune_with(
                 .map(|(ix, s)| json!({"node": groups::label(&model.graph, *ix), "sensitivity": s}))
                 .collect();
             fallback_scale = obs::median(&sens);
+            clock.mark("sensitivity");
             let steps: Vec<usize> = groups
                 .iter()
                 .map(|g| planner::max_removable(g, opts))
@@ -289,6 +316,7 @@ pub fn prune_with(
         }
         _ => vec![None; groups.len()],
     };
+    clock.mark("cost curves");
     let mut size_report = None;
     let plan = if curves.iter().any(Option::is_some) {
         let mut order = Vec::with_capacity(groups.len());
@@ -339,8 +367,10 @@ pub fn prune_with(
         .map(|t| tensor::element_count(t).unwrap_or(0))
         .sum();
     let removed: usize = plan.remove.iter().map(Vec::len).sum();
+    clock.mark("plan");
     let before_graph = model.graph.clone();
     let applied = apply(&mut model.graph, groups, &plan)?;
+    clock.mark("slice");
     let mut recon: BTreeMap<NodeIndex, reconstruct::Outcome> = BTreeMap::new();
     if removed > 0 {
         if let Some(cal) = &calib {
@@ -356,6 +386,7 @@ pub fn prune_with(
             }
         }
     }
+    clock.mark("reconstruction");
     let params_after: usize = model
         .graph
         .initializers
@@ -435,6 +466,7 @@ pub fn prune_with(
         "params_before": params_before,
         "params_after": params_after,
         "channels_removed": removed,
+        "timings": clock.done,
     });
     if let Some(r) = size_report {
         st.notes.push(size_plan::size_note(&r));
