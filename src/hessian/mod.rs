@@ -58,6 +58,7 @@ use std::collections::HashSet;
 pub use driver::{sensitivity, sensitivity_with};
 pub use loss::{hutchinson, loss_sum};
 pub use response::response_dim;
+pub(crate) use submodel::{sub_model, value_info, SubModel};
 
 /// How outputs are compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]

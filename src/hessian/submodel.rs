@@ -19,16 +19,17 @@ use petgraph::Direction;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// The part of a model downstream of one weight, with upstream values as inputs.
-pub(super) struct SubModel {
-    pub(super) proto: ModelProto,
+pub(crate) struct SubModel {
+    pub(crate) proto: ModelProto,
     /// Upstream values fed as inputs (in input order), before the weight (last input).
-    pub(super) boundary: Vec<String>,
-    pub(super) kl: Vec<bool>,
+    pub(crate) boundary: Vec<String>,
+    pub(crate) kl: Vec<bool>,
     /// The graph outputs it computes (indices into the model's outputs), in its output order.
-    pub(super) outputs: Vec<usize>,
+    pub(crate) outputs: Vec<usize>,
 }
 
-fn value_info(name: &str, elem: i32, shape: Option<&[usize]>) -> ValueInfoProto {
+/// A graph input or output declaration: element type, optional fixed shape.
+pub(crate) fn value_info(name: &str, elem: i32, shape: Option<&[usize]>) -> ValueInfoProto {
     ValueInfoProto {
         name: Some(name.to_string()),
         r#type: Some(TypeProto {
@@ -70,7 +71,7 @@ pub(super) fn kl_outputs(model: &Model, loss: Loss, shapes: &[Vec<usize>]) -> Ve
         .collect()
 }
 
-pub(super) fn sub_model(
+pub(crate) fn sub_model(
     model: &Model,
     layer: &Layer,
     elem_types: &HashMap<String, i32>,

@@ -43,11 +43,13 @@
 //! [`importance`] step 2 (`obs` and `sensitivity` for criterion `loss`), `planner` step 3 (the MAC model and the greedy allocation),
 //! `slicer` step 4, [`reconstruct`] step 5.
 
+mod batches;
 pub mod groups;
 pub mod importance;
 mod obs;
 mod planner;
 pub mod reconstruct;
+mod segments;
 mod sensitivity;
 pub mod size_plan;
 mod slicer;
@@ -231,12 +233,36 @@ pub fn prune_with(
     // Calibration run on the original: consumer inputs (moments, reconstruction inputs) and
     // consumer outputs (reconstruction targets).
     let original = model.to_proto()?;
+    // Criterion `loss`: the consumers' downstream parts, whose inputs the calibration run keeps.
+    let downstream = match &opts.calibration {
+        Some(c) if opts.criterion == Criterion::Loss => {
+            let shapes: Vec<(String, Vec<usize>)> = c
+                .iter()
+                .map(|(n, a)| (n.clone(), a.shape().to_vec()))
+                .collect();
+            let elem: HashMap<String, i32> = crate::runtime::infer_value_shapes(&original, &shapes)
+                .map(|v| {
+                    v.into_iter()
+                        .filter_map(|v| v.elem_type.map(|t| (v.name, t as i32)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            sensitivity::Downstream::plan(model, groups, &elem)
+        }
+        _ => sensitivity::Downstream::none(),
+    };
     let calib = match &opts.calibration {
         Some(c)
             if opts.criterion != Criterion::L1 && opts.criterion != Criterion::L2
                 || opts.reconstruct != Reconstruct::None =>
         {
-            match reconstruct::Calibration::collect(&original, &model.graph, groups, c) {
+            match reconstruct::Calibration::collect(
+                &original,
+                &model.graph,
+                groups,
+                c,
+                &downstream.boundaries(),
+            ) {
                 Ok(cal) => Some(cal),
                 Err(e) => {
                     st.notes.push(format!(
@@ -285,7 +311,13 @@ pub fn prune_with(
     let mut fallback_scale = 1.0;
     let curves: Vec<Option<obs::Curve>> = match (&calib, opts.criterion) {
         (Some(cal), Criterion::Loss) => {
-            let sens = sensitivity::consumer_sensitivity(model, groups, cal, &mut st.notes)?;
+            let sens = sensitivity::consumer_sensitivity(
+                model,
+                groups,
+                cal,
+                &downstream,
+                &mut st.notes,
+            )?;
             sens_report = sens
                 .iter()
                 .map(|(ix, s)| json!({"node": groups::label(&model.graph, *ix), "sensitivity": s}))

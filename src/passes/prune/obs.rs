@@ -40,6 +40,7 @@ use crate::ir::Graph;
 use anyhow::{bail, Context, Result};
 use ndarray::{s, Array2, Axis};
 use petgraph::stable_graph::NodeIndex;
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 /// A group's removal order and the marginal (normalized) cost of each step.
@@ -390,94 +391,130 @@ pub fn curves(
     notes: &mut Vec<String>,
 ) -> Result<Vec<Option<Curve>>> {
     let s_of = |n: NodeIndex| sens.get(&n).copied().unwrap_or_else(|| median(sens));
-    let mut cache: BTreeMap<NodeIndex, Option<Consumer>> = BTreeMap::new();
-    let mut out = Vec::with_capacity(groups.len());
-    for g in groups {
-        if !g.prunable() || steps[g.id] == 0 {
-            out.push(None);
-            continue;
-        }
-        // (consumer node, offset in weight input channels)
-        let mut cons: Vec<(NodeIndex, usize, usize)> = Vec::new();
-        let mut ok = true;
+    let progress = crate::progress::Progress::bar("cost curves", groups.len() as u64);
+    // Every consumer's model, built side by side (each from its own activations).
+    let mut wanted: Vec<NodeIndex> = Vec::new();
+    for g in groups.iter().filter(|g| g.prunable() && steps[g.id] > 0) {
         for m in &g.members {
-            if let Member::Consumer {
-                node,
-                offset,
-                block,
-                ..
-            } = m
-            {
-                if !cache.contains_key(node) {
-                    let c = consumer_model(graph, *node, cal, max_rows, max_unknowns)
-                        .with_context(|| {
-                            format!(
-                                "second-order model of {}",
-                                super::groups::label(graph, *node)
-                            )
-                        })?;
-                    cache.insert(*node, c);
+            if let Member::Consumer { node, .. } = m {
+                if !wanted.contains(node) {
+                    wanted.push(*node);
                 }
-                if cache[node].is_none() {
-                    ok = false;
-                }
-                cons.push((*node, *offset, *block));
             }
         }
-        if !ok || cons.is_empty() {
-            notes.push(format!(
-                "group {}: no second-order model for its consumers, ranked by the combined criterion",
-                g.id
-            ));
-            out.push(None);
-            continue;
-        }
-        // Per-consumer state, cloned: this group's removals must not leak into other groups'.
-        let mut states: Vec<(Consumer, usize, usize)> = cons
-            .iter()
-            .map(|&(n, off, blk)| {
-                let c = cache[&n].as_ref().expect("checked");
-                (
-                    Consumer {
-                        hinv: c.hinv.clone(),
-                        diag: c.diag.clone(),
-                        w: c.w.clone(),
-                        q: c.q,
-                        norm: c.norm * s_of(n),
-                    },
-                    off,
-                    blk,
+    }
+    let built: Vec<Result<Option<Consumer>>> = wanted
+        .par_iter()
+        .map(|&node| {
+            consumer_model(graph, node, cal, max_rows, max_unknowns).with_context(|| {
+                format!(
+                    "second-order model of {}",
+                    super::groups::label(graph, node)
                 )
             })
-            .collect();
-        let mut alive = vec![true; g.channels];
-        let mut curve = Curve::default();
-        // Weight input channels of group channel `c` at one consumer.
-        let chans = |off: usize, blk: usize, c: usize| -> Vec<usize> {
-            (0..blk).map(|k| (off + c) * blk + k).collect()
-        };
-        for _ in 0..steps[g.id] {
-            let mut best: Option<(f64, usize)> = None;
-            for c in (0..g.channels).filter(|&c| alive[c]) {
-                let cost: f64 = states
-                    .iter()
-                    .map(|(st, off, blk)| st.cost(&chans(*off, *blk, c)))
-                    .sum();
-                if best.is_none_or(|(b, _)| cost < b) {
-                    best = Some((cost, c));
-                }
-            }
-            let Some((cost, c)) = best else { break };
-            alive[c] = false;
-            curve.order.push(c);
-            curve.step_cost.push(cost);
-            for (st, off, blk) in &mut states {
-                st.remove(&chans(*off, *blk, c));
-            }
-        }
-        out.push(Some(curve));
+        })
+        .collect();
+    let mut cache: BTreeMap<NodeIndex, Option<Consumer>> = BTreeMap::new();
+    for (node, c) in wanted.into_iter().zip(built) {
+        cache.insert(node, c?);
+    }
+    // Each group's greedy removal works on its own copies: groups side by side.
+    let per_group: Vec<(Option<Curve>, Option<String>)> = groups
+        .par_iter()
+        .map(|g| {
+            let r = group_curve(g, steps[g.id], &cache, &s_of);
+            progress.inc(1);
+            r
+        })
+        .collect();
+    let mut out = Vec::with_capacity(groups.len());
+    for (curve, note) in per_group {
+        notes.extend(note);
+        out.push(curve);
     }
     Ok(out)
+}
+
+/// One group's cost curve from its consumers' models (`None` with a note when one is missing).
+fn group_curve(
+    g: &Group,
+    steps: usize,
+    cache: &BTreeMap<NodeIndex, Option<Consumer>>,
+    s_of: &(dyn Fn(NodeIndex) -> f64 + Sync),
+) -> (Option<Curve>, Option<String>) {
+    if !g.prunable() || steps == 0 {
+        return (None, None);
+    }
+    // (consumer node, offset in weight input channels)
+    let mut cons: Vec<(NodeIndex, usize, usize)> = Vec::new();
+    let mut ok = true;
+    for m in &g.members {
+        if let Member::Consumer {
+            node,
+            offset,
+            block,
+            ..
+        } = m
+        {
+            if cache.get(node).is_none_or(Option::is_none) {
+                ok = false;
+            }
+            cons.push((*node, *offset, *block));
+        }
+    }
+    if !ok || cons.is_empty() {
+        return (
+            None,
+            Some(format!(
+                "group {}: no second-order model for its consumers, ranked by the combined criterion",
+                g.id
+            )),
+        );
+    }
+    // Per-consumer state, cloned: this group's removals must not leak into other groups'.
+    let mut states: Vec<(Consumer, usize, usize)> = cons
+        .iter()
+        .map(|&(n, off, blk)| {
+            let c = cache[&n].as_ref().expect("checked");
+            (
+                Consumer {
+                    hinv: c.hinv.clone(),
+                    diag: c.diag.clone(),
+                    w: c.w.clone(),
+                    q: c.q,
+                    norm: c.norm * s_of(n),
+                },
+                off,
+                blk,
+            )
+        })
+        .collect();
+    let mut alive = vec![true; g.channels];
+    let mut curve = Curve::default();
+    // Weight input channels of group channel `c` at one consumer.
+    let chans = |off: usize, blk: usize, c: usize| -> Vec<usize> {
+        (0..blk).map(|k| (off + c) * blk + k).collect()
+    };
+    for _ in 0..steps {
+        let mut best: Option<(f64, usize)> = None;
+        for c in (0..g.channels).filter(|&c| alive[c]) {
+            let cost: f64 = states
+                .iter()
+                .map(|(st, off, blk)| st.cost(&chans(*off, *blk, c)))
+                .sum();
+            if best.is_none_or(|(b, _)| cost < b) {
+                best = Some((cost, c));
+            }
+        }
+        let Some((cost, c)) = best else { break };
+        alive[c] = false;
+        curve.order.push(c);
+        curve.step_cost.push(cost);
+        for (st, off, blk) in &mut states {
+            st.remove(&chans(*off, *blk, c));
+        }
+    }
+    (Some(curve), None)
 }
 
 #[cfg(test)]

@@ -21,16 +21,18 @@
 //! so); `Reconstruct::Bias` uses `bias`. MatMul has no bias: no intercept, no `bias` fold.
 //! Consumers with more unknowns than `max_ls_unknowns` fall back to `bias`; non-2-D convs,
 //! `auto_pad = SAME_*` and ConvTranspose consumers are not reconstructed (plain removal, noted).
-//! Reconstruction is sequential in topological order: one tract run of the partially refit
-//! model per consumer.
+//! Reconstruction is sequential in topological order; each consumer's input comes from
+//! `segments::Forward`, which runs every node of the pruned model once over the whole refit.
 
 use super::groups::{Group, Member};
 use super::importance::AxisStats;
+use super::segments::Forward;
 use super::{Applied, PruneOptions, Reconstruct};
 use crate::ir::layer::{Layer, LayerKind};
 use crate::ir::op::{self, Attrs};
 use crate::ir::{Graph, Model, Patch};
 use crate::onnx::proto::ModelProto;
+pub use super::batches::run_batched;
 use crate::onnx::tensor;
 use crate::runtime::Feed;
 use anyhow::{bail, Context, Result};
@@ -49,57 +51,8 @@ pub struct Calibration {
     pub acts: HashMap<String, ArrayD<f32>>,
     /// Mean over positions of `sum_o y_o^2` for every consumer output, by value name.
     pub out_energy: HashMap<String, f64>,
-}
-
-/// Run `model` on calibration inputs with extra outputs. When the model declares a fixed batch
-/// dimension smaller than the calibration batch (e.g. `[1,3,224,224]`), the batch is run in
-/// chunks of that size and the results concatenated along axis 0.
-pub fn run_batched(
-    model: &ModelProto,
-    inputs: &[(String, Feed)],
-    extra: &[String],
-) -> Result<Vec<(String, ArrayD<f32>)>> {
-    use crate::onnx::proto::{tensor_shape_proto::dimension::Value as D, type_proto::Value};
-    let graph = model.graph.as_ref().context("model has no graph")?;
-    let declared = |name: &str| -> Option<usize> {
-        let vi = graph.input.iter().find(|i| i.name() == name)?;
-        let Some(Value::TensorType(t)) = vi.r#type.as_ref()?.value.as_ref() else {
-            return None;
-        };
-        match t.shape.as_ref()?.dim.first()?.value {
-            Some(D::DimValue(v)) if v > 0 => Some(v as usize),
-            _ => None,
-        }
-    };
-    let total = inputs
-        .first()
-        .map(|(_, a)| a.shape().first().copied().unwrap_or(1))
-        .unwrap_or(1);
-    let chunk = inputs
-        .iter()
-        .filter_map(|(n, _)| declared(n))
-        .min()
-        .filter(|&b| b < total && total.is_multiple_of(b));
-    let Some(chunk) = chunk else {
-        return crate::runtime::run_model(model, inputs, extra);
-    };
-    let mut parts: Vec<Vec<(String, ArrayD<f32>)>> = Vec::new();
-    for start in (0..total).step_by(chunk) {
-        let batch: Vec<(String, Feed)> = inputs
-            .iter()
-            .map(|(n, a)| (n.clone(), a.slice_axis(0, start..start + chunk)))
-            .collect();
-        parts.push(crate::runtime::run_model(model, &batch, extra)?);
-    }
-    let first = parts.first().context("empty calibration batch")?;
-    (0..first.len())
-        .map(|i| {
-            let views: Vec<_> = parts.iter().map(|p| p[i].1.view()).collect();
-            let joined = ndarray::concatenate(Axis(0), &views)
-                .with_context(|| format!("joining calibration outputs of '{}'", first[i].0))?;
-            Ok((first[i].0.clone(), joined))
-        })
-        .collect()
+    /// The graph outputs, by name (the sensitivity runs' reference).
+    pub outputs: Vec<(String, ArrayD<f32>)>,
 }
 
 /// Channel axis of a consumer's input (Conv: 1, Gemm/MatMul: last).
@@ -112,14 +65,21 @@ fn in_channel_axis(op: &str, rank: usize) -> usize {
 
 impl Calibration {
     /// Run the original model once, exposing every consumer input and output of the
-    /// prunable groups.
+    /// prunable groups, and the values named in `also` (kept in `acts`).
     pub fn collect(
         original: &ModelProto,
         graph: &Graph,
         groups: &[Group],
         inputs: &[(String, Feed)],
+        also: &BTreeSet<String>,
     ) -> Result<Calibration> {
-        let mut names = BTreeSet::new();
+        let input_names: std::collections::HashSet<&str> =
+            inputs.iter().map(|(n, _)| n.as_str()).collect();
+        let mut names: BTreeSet<String> = also
+            .iter()
+            .filter(|n| !input_names.contains(n.as_str()))
+            .cloned()
+            .collect();
         let mut consumer_inputs = BTreeMap::new();
         let mut consumer_outputs = BTreeMap::new();
         for g in groups.iter().filter(|g| g.prunable()) {
@@ -143,6 +103,11 @@ impl Calibration {
             .collect();
         let run = run_batched(original, inputs, &extra)
             .context("running the original model on the calibration data")?;
+        let graph_outputs: Vec<(String, ArrayD<f32>)> = run
+            .iter()
+            .filter(|(n, _)| outputs.contains(n.as_str()))
+            .cloned()
+            .collect();
         let acts: HashMap<String, ArrayD<f32>> =
             run.into_iter().filter(|(n, _)| names.contains(n)).collect();
         let mut stats = HashMap::new();
@@ -168,6 +133,7 @@ impl Calibration {
             stats,
             acts,
             out_energy,
+            outputs: graph_outputs,
         })
     }
 }
@@ -185,7 +151,12 @@ pub struct Outcome {
 /// Lower Cholesky factor `L` of a symmetric positive definite `G = L Lᵀ` (zeros above the
 /// diagonal), `None` when `G` is not numerically positive definite. Also used by the int4
 /// rounding of `weight-only` (GPTQ's inverse-Hessian factor).
+///
+/// Column by column; the rows below the diagonal of one column are independent and are
+/// computed in parallel for large matrices (each element by the same sequence of operations
+/// whatever the thread count).
 pub fn cholesky(mut g: Array2<f64>) -> Option<Array2<f64>> {
+    use rayon::prelude::*;
     let n = g.nrows();
     for j in 0..n {
         let mut d = g[[j, j]];
@@ -197,12 +168,20 @@ pub fn cholesky(mut g: Array2<f64>) -> Option<Array2<f64>> {
         }
         let d = d.sqrt();
         g[[j, j]] = d;
-        for i in j + 1..n {
-            let mut v = g[[i, j]];
+        let (head, mut tail) = g.view_mut().split_at(Axis(0), j + 1);
+        let gj = head.row(j);
+        let update = |mut row: ndarray::ArrayViewMut1<f64>| {
+            let mut v = row[j];
             for k in 0..j {
-                v -= g[[i, k]] * g[[j, k]];
+                v -= row[k] * gj[k];
             }
-            g[[i, j]] = v / d;
+            row[j] = v / d;
+        };
+        if (n - j) * j >= PARALLEL_WORK {
+            let rows: Vec<_> = tail.outer_iter_mut().collect();
+            rows.into_par_iter().for_each(update);
+        } else {
+            tail.outer_iter_mut().for_each(update);
         }
         for i in 0..j {
             g[[i, j]] = 0.0;
@@ -211,32 +190,58 @@ pub fn cholesky(mut g: Array2<f64>) -> Option<Array2<f64>> {
     Some(g)
 }
 
+/// Multiply-adds above which a loop is split over threads (below, rayon's overhead dominates).
+const PARALLEL_WORK: usize = 1 << 16;
+
 /// Dense Cholesky solve of `G X = B` (G symmetric positive definite, row-major `n x n`).
+/// The substitutions work on whole rows of `B` (every column of a row by the same operations,
+/// in the same order as one column at a time).
 pub fn cholesky_solve(g: Array2<f64>, mut b: Array2<f64>) -> Option<Array2<f64>> {
     let n = g.nrows();
     let g = cholesky(g)?;
-    let m = b.ncols();
     // forward: L z = b
     for i in 0..n {
-        for c in 0..m {
-            let mut v = b[[i, c]];
-            for k in 0..i {
-                v -= g[[i, k]] * b[[k, c]];
-            }
-            b[[i, c]] = v / g[[i, i]];
+        let (done, mut rest) = b.view_mut().split_at(Axis(0), i);
+        let mut row = rest.row_mut(0);
+        for k in 0..i {
+            row.scaled_add(-g[[i, k]], &done.row(k));
         }
+        row.mapv_inplace(|v| v / g[[i, i]]);
     }
     // backward: L^T x = z
     for i in (0..n).rev() {
-        for c in 0..m {
-            let mut v = b[[i, c]];
-            for k in i + 1..n {
-                v -= g[[k, i]] * b[[k, c]];
-            }
-            b[[i, c]] = v / g[[i, i]];
+        let (mut upto, below) = b.view_mut().split_at(Axis(0), i + 1);
+        let mut row = upto.row_mut(i);
+        for k in i + 1..n {
+            row.scaled_add(-g[[k, i]], &below.row(k - i - 1));
         }
+        row.mapv_inplace(|v| v / g[[i, i]]);
     }
     b.iter().all(|v| v.is_finite()).then_some(b)
+}
+
+/// `(AᵀA, AᵀY)` accumulated over blocks of rows computed in parallel and summed in block
+/// order (the same sums whatever the thread count).
+fn normal_equations(a: &Array2<f64>, y: &Array2<f64>) -> (Array2<f64>, Array2<f64>) {
+    use rayon::prelude::*;
+    const ROWS: usize = 1024;
+    let m = a.nrows();
+    let blocks: Vec<(Array2<f64>, Array2<f64>)> = (0..m.div_ceil(ROWS))
+        .into_par_iter()
+        .map(|b| {
+            let r = b * ROWS..((b + 1) * ROWS).min(m);
+            let ab = a.slice(s![r.clone(), ..]);
+            let yb = y.slice(s![r, ..]);
+            (ab.t().dot(&ab), ab.t().dot(&yb))
+        })
+        .collect();
+    let mut g = Array2::<f64>::zeros((a.ncols(), a.ncols()));
+    let mut rhs = Array2::<f64>::zeros((a.ncols(), y.ncols()));
+    for (gb, rb) in blocks {
+        g += &gb;
+        rhs += &rb;
+    }
+    (g, rhs)
 }
 
 /// Ridge least squares with optional intercept: returns `(W [d x o], b [o])`.
@@ -249,13 +254,12 @@ pub fn ridge(
     let cols = d + usize::from(intercept);
     let mut aa = Array2::<f64>::ones((m, cols));
     aa.slice_mut(s![.., ..d]).assign(a);
-    let mut g = aa.t().dot(&aa);
+    let (mut g, rhs) = normal_equations(&aa, y);
     let trace: f64 = (0..cols).map(|i| g[[i, i]]).sum();
     let lambda = 1e-3 * trace / cols as f64 + 1e-12;
     for i in 0..cols {
         g[[i, i]] += lambda;
     }
-    let rhs = aa.t().dot(y);
     let x = cholesky_solve(g, rhs)?;
     let w = x.slice(s![..d, ..]).to_owned();
     let b = if intercept {
@@ -420,28 +424,58 @@ pub fn reconstruct(
     notes: &mut Vec<String>,
 ) -> Result<BTreeMap<NodeIndex, Outcome>> {
     // Sequential, in topological order: each consumer is fit on the inputs the pruned model
-    // produces *after* the upstream consumers were refit (one tract run per consumer).
+    // produces *after* the upstream consumers were refit. `segments::Forward` runs each node
+    // once for all of them; where it cannot (a value of unknown type, a part tract refuses),
+    // the whole pruned model runs for that consumer, as it used to.
     let order: Vec<NodeIndex> = model
         .graph
         .topo_order()?
         .into_iter()
         .filter(|ix| applied.consumers.contains_key(ix))
         .collect();
+    let elem: HashMap<String, i32> = {
+        let shapes: Vec<(String, Vec<usize>)> = cal
+            .inputs
+            .iter()
+            .map(|(n, a)| (n.clone(), a.shape().to_vec()))
+            .collect();
+        crate::runtime::infer_value_shapes(&model.to_proto()?, &shapes)
+            .map(|v| {
+                v.into_iter()
+                    .filter_map(|v| v.elem_type.map(|t| (v.name, t as i32)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let chunk = super::batches::chunk_size(&model.to_proto()?, &cal.inputs);
+    let mut forward = Forward::new(&cal.inputs, elem, chunk);
+    let mut whole_runs = 0usize;
+    let progress = crate::progress::Progress::bar("refitting", order.len() as u64);
     let mut out = BTreeMap::new();
     for ix in order {
+        progress.inc(1);
         let (_, removed_in) = &applied.consumers[&ix];
         let label = super::groups::label(before, ix);
         let x_name = model.graph.node(ix).input[0].clone();
-        let pruned = model.to_proto()?;
-        let extra: Vec<String> = if model.graph.is_graph_output(&x_name) {
-            vec![]
-        } else {
-            vec![x_name.clone()]
+        let x = match forward.value(model, &x_name) {
+            Ok(x) => x,
+            Err(_) => {
+                whole_runs += 1;
+                let pruned = model.to_proto()?;
+                let extra: Vec<String> = if model.graph.is_graph_output(&x_name) {
+                    vec![]
+                } else {
+                    vec![x_name.clone()]
+                };
+                let run = run_batched(&pruned, &cal.inputs, &extra)
+                    .context("running the pruned model on the calibration data")?;
+                run.into_iter()
+                    .find(|(n, _)| *n == x_name)
+                    .map(|(_, a)| a)
+                    .context("the pruned model did not compute the consumer input")?
+            }
         };
-        let run = run_batched(&pruned, &cal.inputs, &extra)
-            .context("running the pruned model on the calibration data")?;
-        let xp: HashMap<String, ArrayD<f32>> =
-            run.into_iter().filter(|(n, _)| *n == x_name).collect();
+        let xp: HashMap<String, ArrayD<f32>> = HashMap::from([(x_name.clone(), x)]);
         match refit(before, model, ix, removed_in, applied, cal, &xp, opts) {
             Ok(Some(o)) => {
                 out.insert(ix, o);
@@ -451,6 +485,11 @@ pub fn reconstruct(
             )),
             Err(e) => notes.push(format!("{label}: not reconstructed: {e:#}")),
         }
+    }
+    if whole_runs > 0 {
+        notes.push(format!(
+            "reconstruction: {whole_runs} consumer input(s) computed by running the whole pruned model (not by parts)"
+        ));
     }
     Ok(out)
 }
