@@ -296,3 +296,61 @@ fn trained_models_meet_the_accuracy_bar() {
     }
     assert!(failures.is_empty(), "accuracy bar missed: {failures:?}");
 }
+
+// ---- issue 17: the same bytes on 1 or N threads ----------------------------------------------
+
+/// The CLI's prune run (criterion `loss`, least-squares reconstruction) on a residual model with
+/// 1 and with 2 rayon threads: the calibration chunks, the sensitivity runs, the cost curves
+/// and the reconstruction's parts run side by side, and the output must not depend on it. The
+/// reconstruction must also have computed every consumer input by parts (no whole-model
+/// fallback), which is what makes it cost one forward pass.
+#[test]
+fn prune_output_is_the_same_on_1_and_2_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |threads: usize| -> (Vec<u8>, serde_json::Value) {
+        let out = dir.path().join(format!("t{threads}.onnx"));
+        let report = dir.path().join(format!("t{threads}.json"));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-compress"))
+            .args([
+                testdata("digits_reswide.onnx").to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--passes",
+                "fuse,cleanup,prune",
+                "--prune-flops",
+                "0.3",
+                "--calib",
+                testdata("digits_calib_x.npy").to_str().unwrap(),
+                "--no-validate",
+                "--report",
+                report.to_str().unwrap(),
+            ])
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let json = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        (std::fs::read(&out).unwrap(), json)
+    };
+    let (one, report) = run(1);
+    let (two, _) = run(2);
+    assert!(one == two, "1 and 2 threads gave different models");
+    let prune = report["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "prune")
+        .unwrap();
+    let notes = prune["notes"].to_string();
+    assert!(prune["changes"].as_u64().unwrap() > 0, "{notes}");
+    assert!(!notes.contains("whole pruned model"), "{notes}");
+    let recon = prune["details"]["reconstruction"].as_array().unwrap();
+    assert!(!recon.is_empty(), "no consumer was reconstructed: {notes}");
+    let phases: Vec<&str> = prune["details"]["timings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["phase"].as_str().unwrap())
+        .collect();
+    assert!(phases.contains(&"reconstruction"), "{phases:?}");
+}

@@ -236,18 +236,19 @@ pub fn prune_with(
     // Criterion `loss`: the consumers' downstream parts, whose inputs the calibration run keeps.
     let downstream = match &opts.calibration {
         Some(c) if opts.criterion == Criterion::Loss => {
-            let shapes: Vec<(String, Vec<usize>)> = c
+            let calib_shapes: Vec<(String, Vec<usize>)> = c
                 .iter()
                 .map(|(n, a)| (n.clone(), a.shape().to_vec()))
                 .collect();
-            let elem: HashMap<String, i32> = crate::runtime::infer_value_shapes(&original, &shapes)
+            let elem: HashMap<String, i32> =
+                crate::runtime::infer_value_shapes(&original, &calib_shapes)
                 .map(|v| {
                     v.into_iter()
                         .filter_map(|v| v.elem_type.map(|t| (v.name, t as i32)))
                         .collect()
                 })
                 .unwrap_or_default();
-            sensitivity::Downstream::plan(model, groups, &elem)
+            sensitivity::Downstream::plan(model, groups, &elem, &shapes)
         }
         _ => sensitivity::Downstream::none(),
     };

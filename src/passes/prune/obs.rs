@@ -68,41 +68,22 @@ struct Consumer {
     norm: f64,
 }
 
-/// Cholesky inverse of a symmetric positive definite matrix (`None` when not SPD).
+/// Cholesky inverse of a symmetric positive definite matrix (`None` when not SPD):
+/// `G = L Lᵀ` (`reconstruct::cholesky`), `L⁻¹` by forward substitution on whole rows, then
+/// `H = L⁻ᵀ L⁻¹`.
 fn spd_inverse(g: &Array2<f64>) -> Option<Array2<f64>> {
     let n = g.nrows();
-    let mut l = g.clone();
-    for j in 0..n {
-        let mut d = l[[j, j]];
-        for k in 0..j {
-            d -= l[[j, k]] * l[[j, k]];
-        }
-        if !(d > 0.0 && d.is_finite()) {
-            return None;
-        }
-        let d = d.sqrt();
-        l[[j, j]] = d;
-        let (head, mut tail) = l.view_mut().split_at(Axis(0), j + 1);
-        let lj = head.row(j);
-        for mut row in tail.outer_iter_mut() {
-            let mut v = row[j];
-            for k in 0..j {
-                v -= row[k] * lj[k];
-            }
-            row[j] = v / d;
-        }
-    }
-    // L^-1 (lower triangular), then H = L^-T L^-1.
+    let l = super::reconstruct::cholesky(g.clone())?;
+    // Row i of L⁻¹: (e_i - sum_{k<i} L[i,k] row_k) / L[i,i].
     let mut li = Array2::<f64>::zeros((n, n));
-    for c in 0..n {
-        li[[c, c]] = 1.0 / l[[c, c]];
-        for i in c + 1..n {
-            let mut v = 0.0;
-            for k in c..i {
-                v -= l[[i, k]] * li[[k, c]];
-            }
-            li[[i, c]] = v / l[[i, i]];
+    for i in 0..n {
+        let (done, mut rest) = li.view_mut().split_at(Axis(0), i);
+        let mut row = rest.row_mut(0);
+        row[i] = 1.0;
+        for k in 0..i {
+            row.scaled_add(-l[[i, k]], &done.row(k));
         }
+        row.mapv_inplace(|v| v / l[[i, i]]);
     }
     let h = li.t().dot(&li);
     h.iter().all(|v| v.is_finite()).then_some(h)
@@ -206,7 +187,7 @@ fn consumer_model(
             let cin = x.shape()[1];
             let d = cin * c.kh * c.kw;
             let o = layer.weight_shape[0];
-            let rows = max_rows.min(8 * (d + 1)).max(256);
+            let rows = super::reconstruct::design_rows(d, max_rows);
             let pos = positions(n, oh, ow, rows);
             let n_rows = pos.len();
             let wm = w

@@ -373,6 +373,18 @@ pub(super) fn im2col(x: &ArrayD<f32>, c: &Conv2d, pos: &[(usize, usize, usize)])
     a
 }
 
+/// Sampled rows for a conv consumer with `d` design columns: 8 per unknown up to 4096 rows,
+/// then 4 per unknown (at least 4096), at most `max_rows`, at least 256. The Gram matrix costs
+/// `rows · d²`: wide consumers (DenseNet's 1x1 convs over 1000 channels, ResNet's 3x3 convs over
+/// 128-256) would otherwise dominate the pass, and 4 rows per unknown with the ridge term and
+/// the held-out check still fit well.
+pub(super) fn design_rows(d: usize, max_rows: usize) -> usize {
+    max_rows
+        .min(8 * (d + 1))
+        .min((4 * (d + 1)).max(4096))
+        .max(256)
+}
+
 fn complement(n: usize, removed: &[usize]) -> Vec<usize> {
     (0..n)
         .filter(|i| removed.binary_search(i).is_err())
@@ -547,7 +559,7 @@ fn refit(
             let (n, oh, ow) = (yo.shape()[0], yo.shape()[2], yo.shape()[3]);
             let cin = xpr.shape()[1];
             let d = cin * c.kh * c.kw;
-            let rows = opts.max_ls_rows.min(8 * (d + 1)).max(256);
+            let rows = design_rows(d, opts.max_ls_rows);
             let pos = positions(n, oh, ow, rows);
             let a = im2col(xpr, &c, &pos);
             let mut y = Array2::<f64>::zeros((pos.len(), o));
