@@ -39,12 +39,20 @@ pub fn chunk_size(model: &ModelProto, inputs: &[(String, Feed)]) -> usize {
         let Some(Value::TensorType(t)) = vi.r#type.as_ref()?.value.as_ref() else {
             return Some(None);
         };
-        match t.shape.as_ref().and_then(|s| s.dim.first()).and_then(|d| d.value.as_ref()) {
+        match t
+            .shape
+            .as_ref()
+            .and_then(|s| s.dim.first())
+            .and_then(|d| d.value.as_ref())
+        {
             Some(D::DimValue(v)) if *v > 0 => Some(Some(*v as usize)),
             _ => Some(None),
         }
     };
-    let fixed = inputs.iter().filter_map(|(n, _)| declared(n).flatten()).min();
+    let fixed = inputs
+        .iter()
+        .filter_map(|(n, _)| declared(n).flatten())
+        .min();
     match fixed {
         Some(b) if b < total && total.is_multiple_of(b) => b,
         Some(_) => total,
@@ -132,10 +140,10 @@ pub fn run_chunked(
         })
         .collect::<Result<_>>()?;
     // Per sample only if every output carries the chunk on axis 0; else run the batch whole.
-    let per_sample = parts.iter().zip(&ranges).all(|(outs, r)| {
-        outs.iter()
-            .all(|o| o.ndim() > 0 && o.shape()[0] == r.len())
-    });
+    let per_sample = parts
+        .iter()
+        .zip(&ranges)
+        .all(|(outs, r)| outs.iter().all(|o| o.ndim() > 0 && o.shape()[0] == r.len()));
     if !per_sample {
         return crate::runtime::run_model(model, inputs, extra);
     }

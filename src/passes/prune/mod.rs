@@ -203,7 +203,8 @@ impl PhaseClock {
     /// Close the phase that ran since the previous mark.
     fn mark(&mut self, name: &str) {
         let now = std::time::Instant::now();
-        self.done.push(json!({"phase": name, "seconds": (now - self.last).as_secs_f64()}));
+        self.done
+            .push(json!({"phase": name, "seconds": (now - self.last).as_secs_f64()}));
         self.last = now;
     }
 }
@@ -242,12 +243,12 @@ pub fn prune_with(
                 .collect();
             let elem: HashMap<String, i32> =
                 crate::runtime::infer_value_shapes(&original, &calib_shapes)
-                .map(|v| {
-                    v.into_iter()
-                        .filter_map(|v| v.elem_type.map(|t| (v.name, t as i32)))
-                        .collect()
-                })
-                .unwrap_or_default();
+                    .map(|v| {
+                        v.into_iter()
+                            .filter_map(|v| v.elem_type.map(|t| (v.name, t as i32)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
             sensitivity::Downstream::plan(model, groups, &elem, &shapes)
         }
         _ => sensitivity::Downstream::none(),
@@ -312,13 +313,8 @@ pub fn prune_with(
     let mut fallback_scale = 1.0;
     let curves: Vec<Option<obs::Curve>> = match (&calib, opts.criterion) {
         (Some(cal), Criterion::Loss) => {
-            let sens = sensitivity::consumer_sensitivity(
-                model,
-                groups,
-                cal,
-                &downstream,
-                &mut st.notes,
-            )?;
+            let sens =
+                sensitivity::consumer_sensitivity(model, groups, cal, &downstream, &mut st.notes)?;
             sens_report = sens
                 .iter()
                 .map(|(ix, s)| json!({"node": groups::label(&model.graph, *ix), "sensitivity": s}))

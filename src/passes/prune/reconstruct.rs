@@ -24,6 +24,7 @@
 //! Reconstruction is sequential in topological order; each consumer's input comes from
 //! `segments::Forward`, which runs every node of the pruned model once over the whole refit.
 
+pub use super::batches::run_batched;
 use super::groups::{Group, Member};
 use super::importance::AxisStats;
 use super::segments::Forward;
@@ -32,7 +33,6 @@ use crate::ir::layer::{Layer, LayerKind};
 use crate::ir::op::{self, Attrs};
 use crate::ir::{Graph, Model, Patch};
 use crate::onnx::proto::ModelProto;
-pub use super::batches::run_batched;
 use crate::onnx::tensor;
 use crate::runtime::Feed;
 use anyhow::{bail, Context, Result};

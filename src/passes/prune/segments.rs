@@ -42,7 +42,12 @@ pub struct Forward {
 
 /// Every name a node reads: its inputs and what its subgraphs capture.
 fn reads(node: &crate::onnx::proto::NodeProto) -> BTreeSet<String> {
-    let mut r: BTreeSet<String> = node.input.iter().filter(|s| !s.is_empty()).cloned().collect();
+    let mut r: BTreeSet<String> = node
+        .input
+        .iter()
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .collect();
     for sub in subgraphs(node) {
         r.extend(free_names(sub));
     }
@@ -173,9 +178,7 @@ impl Forward {
         // Forget values no node that has yet to run reads (graph inputs stay).
         let ran = &self.ran;
         self.store.retain(|k, _| {
-            k == name
-                || g.is_graph_input(k)
-                || g.consumers(k).iter().any(|(c, _)| !ran.contains(c))
+            k == name || g.is_graph_input(k) || g.consumers(k).iter().any(|(c, _)| !ran.contains(c))
         });
         Ok(())
     }

@@ -109,7 +109,12 @@ impl Downstream {
             .iter()
             .map(|ix| match (subs.get(ix), total > 0.0) {
                 (Some(s), true) => {
-                    let nodes = s.proto.graph.as_ref().map(|g| g.node.as_slice()).unwrap_or(&[]);
+                    let nodes = s
+                        .proto
+                        .graph
+                        .as_ref()
+                        .map(|g| g.node.as_slice())
+                        .unwrap_or(&[]);
                     macs(&mut nodes.iter()) / total
                 }
                 _ => 1.0,
