@@ -398,7 +398,10 @@ struct Conv2d {
     kh: usize,
     kw: usize,
     strides: [usize; 2],
+    /// Begin pads (H, W).
     pads: [usize; 2],
+    /// Begin + end pads (H, W): the output size.
+    pad_total: [usize; 2],
     dil: [usize; 2],
 }
 
@@ -433,16 +436,20 @@ fn conv2d(node: &crate::onnx::proto::NodeProto, wshape: &[usize]) -> Option<Conv
     if pads.len() != 2 * spatial || pads.iter().any(|&p| p < 0) {
         return None;
     }
-    let pads = if spatial == 1 {
-        [0, pads[0] as usize]
+    let (pads, pad_total) = if spatial == 1 {
+        ([0, pads[0] as usize], [0, (pads[0] + pads[1]) as usize])
     } else {
-        [pads[0] as usize, pads[1] as usize]
+        (
+            [pads[0] as usize, pads[1] as usize],
+            [(pads[0] + pads[2]) as usize, (pads[1] + pads[3]) as usize],
+        )
     };
     Some(Conv2d {
         kh,
         kw,
         strides: two(ints("strides"), 1)?,
         pads,
+        pad_total,
         dil: two(ints("dilations"), 1)?,
     })
 }
@@ -515,10 +522,10 @@ fn positions(x: &[usize], c: &Conv2d, max: usize) -> Vec<(usize, usize, usize)> 
     let s = four(x);
     let out = |i: usize, k: usize, st: usize, p: usize, d: usize| -> usize {
         let span = d * (k - 1) + 1;
-        (i + 2 * p).saturating_sub(span) / st.max(1) + 1
+        (i + p).saturating_sub(span) / st.max(1) + 1
     };
-    let oh = out(s[2], c.kh, c.strides[0], c.pads[0], c.dil[0]);
-    let ow = out(s[3], c.kw, c.strides[1], c.pads[1], c.dil[1]);
+    let oh = out(s[2], c.kh, c.strides[0], c.pad_total[0], c.dil[0]);
+    let ow = out(s[3], c.kw, c.strides[1], c.pad_total[1], c.dil[1]);
     let total = s[0] * oh * ow;
     let take = total.min(max.max(1));
     let idx: Vec<usize> = if take == total {
