@@ -8,6 +8,8 @@ For every zoo model (benches/make_models.py layout: model.onnx, calib.npy, eval.
 labels) four runs of `BIN model.onnx -o OUT -q --no-validate --calib calib.npy --report R` with
 the default range method:
     rtn_w8a8   (no flag: the default output)
+    rtn_w8a8_static  --activations static (what adaround is compared with on a transformer,
+               where the default may choose dynamic activations)
     ada_w8a8   --rounding adaround
     rtn_w4a8   --w4a8                       (int4 weights except the first and last layer)
     ada_w4a8   --w4a8 --rounding adaround
@@ -29,6 +31,8 @@ from methods import Task, run_outputs, run_tool  # noqa: E402
 
 CONFIGS = {
     "rtn_w8a8": [],
+    # adaround needs static activations; on a transformer the default may pick dynamic ones
+    "rtn_w8a8_static": ["--activations", "static"],
     "ada_w8a8": ["--rounding", "adaround"],
     "rtn_w4a8": ["--w4a8"],
     "ada_w4a8": ["--w4a8", "--rounding", "adaround"],

@@ -142,7 +142,7 @@ fn cli_w4a8_adaround_keeps_digits_accuracy_where_nearest_loses_sqnr() {
         .graph
         .initializers
         .values()
-        .filter(|t| t.data_type == onnx_compress::onnx::proto::tensor_proto::DataType::Int4 as i32)
+        .filter(|t| t.data_type == Some(onnx_compress::onnx::proto::tensor_proto::DataType::Int4 as i32))
         .count();
     assert!(int4 >= 9, "{int4} INT4 initializers");
     let (rtn_db, rtn_acc) = held_out_fidelity(&float, &rtn);
