@@ -1205,4 +1205,52 @@ mod tests {
         let d = c.dequantized();
         assert!((d[[0, 1]] + 0.4).abs() < 1e-6);
     }
+
+    /// The im2col rows at every output position, times the weight, equal a direct grouped,
+    /// strided, dilated, asymmetrically padded convolution.
+    #[test]
+    fn patches_reproduce_a_direct_convolution() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let (n, cin, h, w, groups, cout, kh, kw) = (2, 4, 7, 6, 2, 6, 3, 2);
+        let c = Conv2d {
+            kh,
+            kw,
+            strides: [2, 1],
+            pads: [1, 0],
+            pad_total: [1, 1],
+            dil: [1, 2],
+        };
+        let x = ArrayD::from_shape_fn(IxDyn(&[n, cin, h, w]), |_| rng.random::<f32>() - 0.5);
+        let cg = cin / groups;
+        let wt = ArrayD::from_shape_fn(IxDyn(&[cout, cg, kh, kw]), |_| rng.random::<f32>() - 0.5);
+        let pos = positions(x.shape(), &c, usize::MAX);
+        // Output size: H: (7 + 1 - 3) / 2 + 1 = 3, W: (6 + 1 - 3) / 1 + 1 = 5.
+        assert_eq!(pos.len(), n * 3 * 5);
+        let og = cout / groups;
+        for gi in 0..groups {
+            let a = patches(&x, &c, gi, cg, &pos);
+            for (r, &(b, oy, ox)) in pos.iter().enumerate() {
+                for o in gi * og..(gi + 1) * og {
+                    let mut direct = 0f64;
+                    for ci in 0..cg {
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let iy = (oy * 2 + ky) as isize - 1;
+                                let ix = (ox + 2 * kx) as isize;
+                                if iy < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                direct += f64::from(wt[[o, ci, ky, kx]])
+                                    * f64::from(x[[b, gi * cg + ci, iy as usize, ix as usize]]);
+                            }
+                        }
+                    }
+                    let via: f64 = (0..cg * kh * kw)
+                        .map(|j| a[[r, j]] * f64::from(wt.as_slice().unwrap()[o * cg * kh * kw + j]))
+                        .sum();
+                    assert!((via - direct).abs() < 1e-9, "{via} vs {direct}");
+                }
+            }
+        }
+    }
 }
