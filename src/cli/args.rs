@@ -256,12 +256,12 @@ pub struct CompressArgs {
     #[arg(long, value_name = "SECONDS", help_heading = "Quantization")]
     pub adaround_budget: Option<f64>,
     /// W4A8: int4 Conv/Gemm/MatMul weights (per channel, opset-21 DequantizeLinear of INT4, for
-    /// ONNX Runtime) with int8 activations; the first and the last layer keep int8 weights
-    /// (--w4a8-all-layers: those too). Not --weight-bits 4, which is int4 weight-only with float
-    /// activations for language models.
+    /// ONNX Runtime) with int8 activations; the first and the last layer and depthwise convs
+    /// keep int8 weights (--w4a8-all-layers: those too). Not --weight-bits 4, which is int4
+    /// weight-only with float activations for language models.
     #[arg(long, help_heading = "Quantization")]
     pub w4a8: bool,
-    /// With --w4a8: int4 weights in the first and the last layer too.
+    /// With --w4a8: int4 weights in the first and the last layer and depthwise convs too.
     #[arg(long, requires = "w4a8", help_heading = "Quantization")]
     pub w4a8_all_layers: bool,
     /// Leave every node of this op type in float (repeatable).
