@@ -136,14 +136,22 @@ fn cli_w4a8_adaround_keeps_digits_accuracy_where_nearest_loses_sqnr() {
     let rtn = out("rtn.onnx", &["--w4a8"]);
     let learned = out(
         "ada.onnx",
-        &["--w4a8", "--rounding", "adaround", "--adaround-iterations", "300"],
+        &[
+            "--w4a8",
+            "--rounding",
+            "adaround",
+            "--adaround-iterations",
+            "300",
+        ],
     );
     // int4 weights are written as INT4 DequantizeLinear (opset 21).
     let int4 = learned
         .graph
         .initializers
         .values()
-        .filter(|t| t.data_type == Some(onnx_compress::onnx::proto::tensor_proto::DataType::Int4 as i32))
+        .filter(|t| {
+            t.data_type == Some(onnx_compress::onnx::proto::tensor_proto::DataType::Int4 as i32)
+        })
         .count();
     assert!(int4 >= 9, "{int4} INT4 initializers");
     let (rtn_db, rtn_acc) = held_out_fidelity(&float, &rtn);
@@ -152,7 +160,10 @@ fn cli_w4a8_adaround_keeps_digits_accuracy_where_nearest_loses_sqnr() {
         ada_acc >= fp32_acc - 0.5,
         "W4A8 adaround accuracy {ada_acc:.2}% vs fp32 {fp32_acc:.2}%"
     );
-    assert!(ada_acc >= rtn_acc, "adaround {ada_acc:.2}% < nearest {rtn_acc:.2}%");
+    assert!(
+        ada_acc >= rtn_acc,
+        "adaround {ada_acc:.2}% < nearest {rtn_acc:.2}%"
+    );
     assert!(
         ada_db > rtn_db + 2.0,
         "W4A8 logits SQNR: adaround {ada_db:.2} dB vs nearest {rtn_db:.2} dB"

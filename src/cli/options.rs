@@ -246,7 +246,8 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         ..Default::default()
     };
     ensure!(
-        args.adaround_budget.is_none_or(|s| s.is_finite() && s > 0.0),
+        args.adaround_budget
+            .is_none_or(|s| s.is_finite() && s > 0.0),
         "--adaround-budget must be a positive number of seconds"
     );
     ensure!(

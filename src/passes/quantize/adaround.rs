@@ -491,7 +491,10 @@ fn patches(
     cg: usize,
     pos: &[(usize, usize, usize)],
 ) -> Array2<f64> {
-    let x4 = x.view().into_shape_with_order(four(x.shape())).expect("rank 3 or 4");
+    let x4 = x
+        .view()
+        .into_shape_with_order(four(x.shape()))
+        .expect("rank 3 or 4");
     let (h, w) = (x4.shape()[2], x4.shape()[3]);
     let k = cg * c.kh * c.kw;
     let mut a = Array2::<f64>::zeros((pos.len(), k));
@@ -755,7 +758,8 @@ fn learn_rows(
                 *a = beta1 * *a + (1.0 - beta1) * gv;
                 let bb = &mut m2[[i, j]];
                 *bb = beta2 * *bb + (1.0 - beta2) * gv * gv;
-                v[[i, j]] -= opts.learning_rate * (m1[[i, j]] / c1) / ((m2[[i, j]] / c2).sqrt() + eps);
+                v[[i, j]] -=
+                    opts.learning_rate * (m1[[i, j]] / c1) / ((m2[[i, j]] / c2).sqrt() + eps);
             }
         }
     }
@@ -872,8 +876,10 @@ pub fn learn(
             .iter()
             .map(|t| 3 * 8 * (t.groups * t.features * t.features) as u64)
             .sum();
-        crate::limits::MemoryBudget::default()
-            .check("adaround's Gram matrices (3 x K x K f64 per layer group)", bytes)?;
+        crate::limits::MemoryBudget::default().check(
+            "adaround's Gram matrices (3 x K x K f64 per layer group)",
+            bytes,
+        )?;
         let t0 = Instant::now();
         let names: Vec<&str> = stage_tasks.iter().map(|t| t.node.as_str()).collect();
         let (quant_proto, q_inputs) = simulated(work, plan, ranges, &codes, opts, &names)?;
@@ -916,23 +922,26 @@ pub fn learn(
                 runners = Some((shapes, rf, rq));
             }
             let (_, rf, rq) = runners.as_ref().expect("set above");
-            let value = |r: &Runner, names: &[String], extra: &[String]| -> Result<Vec<ArrayD<f32>>> {
-                let outs = r.run(batch).with_context(|| format!("calibration batch {bi}"))?;
-                let skip = outs.len() - extra.len();
-                names
-                    .iter()
-                    .map(|n| match calib.input_names.iter().position(|x| x == n) {
-                        Some(k) => batch[k]
-                            .as_f32()
-                            .cloned()
-                            .with_context(|| format!("input '{n}' of a layer is not float")),
-                        None => {
-                            let i = extra.iter().position(|x| x == n).expect("listed above");
-                            Ok(outs[skip + i].clone())
-                        }
-                    })
-                    .collect()
-            };
+            let value =
+                |r: &Runner, names: &[String], extra: &[String]| -> Result<Vec<ArrayD<f32>>> {
+                    let outs = r
+                        .run(batch)
+                        .with_context(|| format!("calibration batch {bi}"))?;
+                    let skip = outs.len() - extra.len();
+                    names
+                        .iter()
+                        .map(|n| match calib.input_names.iter().position(|x| x == n) {
+                            Some(k) => batch[k]
+                                .as_f32()
+                                .cloned()
+                                .with_context(|| format!("input '{n}' of a layer is not float")),
+                            None => {
+                                let i = extra.iter().position(|x| x == n).expect("listed above");
+                                Ok(outs[skip + i].clone())
+                            }
+                        })
+                        .collect()
+                };
             let xf = value(rf, &f_inputs, &f_extra)?;
             let xq = value(rq, &q_inputs, &q_extra)?;
             grams
@@ -946,7 +955,8 @@ pub fn learn(
         for (t, gr) in stage_tasks.iter().zip(grams) {
             let t1 = Instant::now();
             let bits = if int4.contains(&t.weight) { 4 } else { 8 };
-            let (row, learned) = learn_layer(t, gr, work, &codes[&t.weight], bits, iterations, ada, opts)?;
+            let (row, learned) =
+                learn_layer(t, gr, work, &codes[&t.weight], bits, iterations, ada, opts)?;
             let mut row = row;
             row.stage = stage;
             row.seconds = t1.elapsed().as_secs_f64();
@@ -986,7 +996,12 @@ fn learn_layer(
     opts: &QuantizeOptions,
 ) -> Result<(LayerRounding, Codes)> {
     let rows = gr.rows.max(1) as f64;
-    for m in gr.qq.iter_mut().chain(gr.fq.iter_mut()).chain(gr.ff.iter_mut()) {
+    for m in gr
+        .qq
+        .iter_mut()
+        .chain(gr.fq.iter_mut())
+        .chain(gr.ff.iter_mut())
+    {
         *m /= rows;
     }
     let w = t.layer.weight_f32(&work.graph)?;
@@ -1186,7 +1201,16 @@ mod tests {
         let near = Array2::from_shape_fn((o, k), |(i, j)| {
             (w[[i, j]] / scale[i]).round_ties_even().clamp(-qmax, qmax) * scale[i]
         });
-        let q = learn_rows(&w, &scale, &g, &b, -qmax, qmax, 500, &AdaRoundOptions::default());
+        let q = learn_rows(
+            &w,
+            &scale,
+            &g,
+            &b,
+            -qmax,
+            qmax,
+            500,
+            &AdaRoundOptions::default(),
+        );
         let wt = Array2::from_shape_fn((o, k), |(i, j)| q[[i, j]] * scale[i]);
         let direct = |m: &Array2<f64>| -> f64 {
             let d = x.dot(&(m - &w).t());
@@ -1205,8 +1229,8 @@ mod tests {
 
     #[test]
     fn int4_nearest_codes_use_seven_levels() {
-        let a = ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![0.7, -0.35, 0.1, 0.0, 0.0, 0.0])
-            .unwrap();
+        let a =
+            ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![0.7, -0.35, 0.1, 0.0, 0.0, 0.0]).unwrap();
         let c = Codes::nearest(&a, Some(0), 4, false);
         assert_eq!(c.values, vec![7, -4, 1, 0, 0, 0]);
         assert!((c.scales[0] - 0.1).abs() < 1e-7);
@@ -1254,7 +1278,9 @@ mod tests {
                         }
                     }
                     let via: f64 = (0..cg * kh * kw)
-                        .map(|j| a[[r, j]] * f64::from(wt.as_slice().unwrap()[o * cg * kh * kw + j]))
+                        .map(|j| {
+                            a[[r, j]] * f64::from(wt.as_slice().unwrap()[o * cg * kh * kw + j])
+                        })
                         .sum();
                     assert!((via - direct).abs() < 1e-9, "{via} vs {direct}");
                 }

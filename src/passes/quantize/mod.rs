@@ -515,11 +515,9 @@ pub fn quantize_static(
     }
     if opts.w4a8.is_some() {
         // int4 DequantizeLinear needs opset 21 (after the bias copies, as mixed-precision).
-        stats.notes.extend(opset::upgrade(
-            &mut work,
-            opset::INT4,
-            &opts.input_shapes,
-        )?);
+        stats
+            .notes
+            .extend(opset::upgrade(&mut work, opset::INT4, &opts.input_shapes)?);
     }
     // The target's speed rule needs activation shapes (MACs per value of each heavy op).
     let shapes = match opts.target.policy().boundary_cost {
