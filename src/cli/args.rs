@@ -238,7 +238,9 @@ pub struct CompressArgs {
         help_heading = "Quantization"
     )]
     pub names: NamesArg,
-    /// Weight rounding: nearest or stochastic (seeded by --seed).
+    /// Weight rounding: nearest, stochastic (seeded by --seed) or adaround (Conv/Gemm/MatMul
+    /// weights: each layer's rounding learned to reproduce the float layer's output on --calib,
+    /// inputs from the quantized upstream model; costs minutes, the report says how long).
     #[arg(
         long,
         value_enum,
@@ -246,6 +248,22 @@ pub struct CompressArgs {
         help_heading = "Quantization"
     )]
     pub rounding: RoundingArg,
+    /// Adam iterations per layer of --rounding adaround.
+    #[arg(long, default_value_t = 1000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Quantization")]
+    pub adaround_iterations: u64,
+    /// Time budget of --rounding adaround's optimization in seconds: fewer iterations per layer
+    /// (by a fixed cost model, so the output stays deterministic).
+    #[arg(long, value_name = "SECONDS", help_heading = "Quantization")]
+    pub adaround_budget: Option<f64>,
+    /// W4A8: int4 Conv/Gemm/MatMul weights (per channel, opset-21 DequantizeLinear of INT4, for
+    /// ONNX Runtime) with int8 activations; the first and the last layer and depthwise convs
+    /// keep int8 weights (--w4a8-all-layers: those too). Not --weight-bits 4, which is int4
+    /// weight-only with float activations for language models.
+    #[arg(long, help_heading = "Quantization")]
+    pub w4a8: bool,
+    /// With --w4a8: int4 weights in the first and the last layer and depthwise convs too.
+    #[arg(long, requires = "w4a8", help_heading = "Quantization")]
+    pub w4a8_all_layers: bool,
     /// Leave every node of this op type in float (repeatable).
     #[arg(long = "exclude-op", value_name = "OP", help_heading = "Quantization")]
     pub exclude_ops: Vec<String>,
@@ -544,6 +562,7 @@ pub enum NamesArg {
 pub enum RoundingArg {
     Nearest,
     Stochastic,
+    Adaround,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -11,6 +11,7 @@ use onnx_compress::limits::{parse_size, MemoryBudget};
 use onnx_compress::passes::equalize::{BiasCorrection, EqualizeOptions};
 use onnx_compress::passes::mixed_precision::{Budget, MixedPrecisionOptions, Selection};
 use onnx_compress::passes::prune::{self, PruneOptions};
+use onnx_compress::passes::quantize::adaround::{AdaRoundOptions, W4a8};
 use onnx_compress::passes::quantize::{ActivationMode, Naming, QuantizeOptions, Rounding, Smooth};
 use onnx_compress::passes::target::Target;
 use onnx_compress::passes::weight_only::{self, WeightOnlyOptions};
@@ -203,8 +204,16 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         reduce_range: args.reduce_range,
         rounding: match args.rounding {
             RoundingArg::Stochastic => Rounding::Stochastic { seed: args.seed },
-            RoundingArg::Nearest => Rounding::Nearest,
+            RoundingArg::Nearest | RoundingArg::Adaround => Rounding::Nearest,
         },
+        adaround: (args.rounding == RoundingArg::Adaround).then(|| AdaRoundOptions {
+            iterations: args.adaround_iterations as usize,
+            budget_seconds: args.adaround_budget,
+            ..Default::default()
+        }),
+        w4a8: args.w4a8.then_some(W4a8 {
+            all_layers: args.w4a8_all_layers,
+        }),
         exclude_ops: args.exclude_ops.clone(),
         exclude_nodes: args.exclude_nodes.clone(),
         include_nodes: args.include_nodes.clone(),
@@ -236,6 +245,15 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         },
         ..Default::default()
     };
+    ensure!(
+        args.adaround_budget
+            .is_none_or(|s| s.is_finite() && s > 0.0),
+        "--adaround-budget must be a positive number of seconds"
+    );
+    ensure!(
+        !(args.w4a8 && args.weight_bits.is_some()),
+        "--w4a8 (int4 weights, int8 activations) and --weight-bits (weight-only, float activations) exclude each other"
+    );
     ensure!(
         args.bias_correction != BiasCorrectionArg::Empirical || args.calib.is_some(),
         "--bias-correction empirical needs calibration data (--calib)"

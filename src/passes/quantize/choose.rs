@@ -123,8 +123,11 @@ pub fn quantize(
     };
     // A target without dynamic activations, or a conv backbone under a transformer neck (PP-OCRv4 rec) that the target quantizes by the
     // CNN rules needs calibrated ranges: dynamic activations only cover linear layers.
+    // Learned rounding and W4A8 need calibrated int8 activations (static).
     let policy = opts.target.policy();
     let static_only = !policy.dynamic_activations
+        || opts.adaround.is_some()
+        || opts.w4a8.is_some()
         || policy.convs_in_transformers
             && model.graph.node_indices().any(|ix| {
                 let n = model.graph.node(ix);
@@ -154,8 +157,11 @@ pub fn quantize(
     } else {
         Vec::new()
     };
+    let single = modes.len() * alphas.len() == 1 && !opts.attention_int8;
+    // Candidates are compared with nearest rounding; learned rounding runs once, on the pick.
     let linear_only = QuantizeOptions {
         attention_int8: false,
+        adaround: if single { opts.adaround.clone() } else { None },
         ..opts.clone()
     };
     let build = |alpha: Option<f32>,
@@ -178,7 +184,6 @@ pub fn quantize(
         stats.notes.splice(0..0, notes);
         Ok((m, stats))
     };
-    let single = modes.len() * alphas.len() == 1 && !opts.attention_int8;
     let scorer = if single {
         None
     } else {
@@ -263,6 +268,7 @@ pub fn quantize(
     if attention && opts.activations != ActivationMode::Dynamic {
         let with_attention = QuantizeOptions {
             attention_int8: true,
+            adaround: None,
             ..opts.clone()
         };
         let alpha = built[pick].alpha;
@@ -304,7 +310,17 @@ pub fn quantize(
         })
         .collect();
     let chosen = built.swap_remove(pick);
-    let mut stats = chosen.stats;
+    let (chosen_model, mut stats) = match &opts.adaround {
+        Some(_) => build(
+            chosen.alpha,
+            chosen.dynamic,
+            &QuantizeOptions {
+                attention_int8: chosen.name.contains("int8 attention"),
+                ..opts.clone()
+            },
+        )?,
+        None => (chosen.model, chosen.stats),
+    };
     stats.notes.push(why.clone());
     if let serde_json::Value::Object(map) = &mut stats.details {
         map.insert(
@@ -318,7 +334,7 @@ pub fn quantize(
             }),
         );
     }
-    *model = chosen.model;
+    *model = chosen_model;
     Ok(stats)
 }
 

@@ -25,6 +25,7 @@
 //! Note for the validator: tract runs DequantizeLinear -> Conv -> QuantizeLinear in float, so
 //! its numbers are a simulation of the int8 kernels; ONNX Runtime fuses them into QLinearConv.
 
+pub mod adaround;
 pub mod auto;
 pub mod choose;
 pub mod dynamic;
@@ -62,6 +63,10 @@ pub struct QuantizeOptions {
     /// 7-bit weights ([-63, 63]).
     pub reduce_range: bool,
     pub rounding: Rounding,
+    /// Learned weight rounding of Conv/Gemm/MatMul weights ([`adaround`]); `None` = `rounding`.
+    pub adaround: Option<adaround::AdaRoundOptions>,
+    /// int4 Conv/Gemm/MatMul weights with int8 activations ([`adaround::W4a8`]).
+    pub w4a8: Option<adaround::W4a8>,
     /// Op types left float, on top of the ops no rule covers.
     pub exclude_ops: Vec<String>,
     /// Node names or regexes (full match) left float.
@@ -108,6 +113,8 @@ impl Default for QuantizeOptions {
             per_channel: true,
             reduce_range: false,
             rounding: Rounding::Nearest,
+            adaround: None,
+            w4a8: None,
             exclude_ops: vec![],
             exclude_nodes: vec![],
             include_nodes: vec![],
@@ -506,6 +513,12 @@ pub fn quantize_static(
             "{copies} bias initializer(s) shared between layers were copied so that each layer gets its own int32 bias (scale s_in * s_w differs per layer)"
         ));
     }
+    if opts.w4a8.is_some() {
+        // int4 DequantizeLinear needs opset 21 (after the bias copies, as mixed-precision).
+        stats
+            .notes
+            .extend(opset::upgrade(&mut work, opset::INT4, &opts.input_shapes)?);
+    }
     // The target's speed rule needs activation shapes (MACs per value of each heavy op).
     let shapes = match opts.target.policy().boundary_cost {
         Some(_) => Some(crate::runtime::shapes::value_shapes(
@@ -606,22 +619,32 @@ pub fn quantize_static(
             .push(correct_biases(&mut work, &plan, opts, calib)?);
     }
 
+    // int4 weights and learned rounding decide the codes before insertion (None: the default
+    // per-weight rounding of `insert::weight`).
+    let decided = adaround::decide(&work, &plan, &ranges, calib, opts)?;
+    if let Some(d) = &decided {
+        stats.notes.extend(d.notes.iter().cloned());
+    }
+
     // Insertion: weights, then activations, then biases (which need both scales).
     let g = &mut work.graph;
     let mut namer = insert::Namer::new(opts.naming);
     let mut weight_scales: IndexMap<String, Vec<f32>> = IndexMap::new();
     let mut weight_reports = Vec::new();
     for (w, mark) in &plan.weights {
-        let (scales, report) = insert::weight(
-            g,
-            &mut namer,
-            w,
-            mark.axis,
-            mark.zero_point,
-            &mark.node,
-            opts.reduce_range,
-            opts.rounding,
-        )
+        let (scales, report) = match decided.as_ref().and_then(|d| d.codes.get(w)) {
+            Some(codes) => adaround::insert_weight(g, &mut namer, w, mark, codes),
+            None => insert::weight(
+                g,
+                &mut namer,
+                w,
+                mark.axis,
+                mark.zero_point,
+                &mark.node,
+                opts.reduce_range,
+                opts.rounding,
+            ),
+        }
         .with_context(|| format!("node '{}'", mark.node))?;
         weight_scales.insert(w.clone(), scales);
         weight_reports.push(report);
@@ -686,6 +709,9 @@ pub fn quantize_static(
         "weights": weight_reports,
         "biases": bias_reports,
     });
+    if let Some(d) = decided {
+        stats.details["weight_codes"] = d.details;
+    }
     let worst = weight_reports
         .iter()
         .min_by(|a, b| a.sqnr_db.total_cmp(&b.sqnr_db));

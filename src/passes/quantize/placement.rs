@@ -565,7 +565,9 @@ fn plan_once(
             continue;
         }
         let conv = matches!(op.as_str(), "Conv" | "ConvTranspose");
-        if plan.transformer && !(conv && policy.convs_in_transformers) {
+        // W4A8 asks for int4 Conv weights with int8 activations whatever the target.
+        let cnn_convs = policy.convs_in_transformers || opts.w4a8.is_some();
+        if plan.transformer && !(conv && cnn_convs) {
             if transformer_rule(g, ix, &structure, opts, &mut plan)? {
                 plan.nodes.push((name, op));
             }

@@ -1,0 +1,1290 @@
+//! Learned weight rounding (`--rounding adaround`) and int4 weights with int8 activations
+//! (`--w4a8`) for the `quantize` pass.
+//!
+//! **AdaRound** (Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training
+//! Quantization"). For each Conv/Gemm/MatMul weight, viewed per group as `W [O, K]` (a Conv's
+//! `K = Cin/group · kh · kw`, in im2col order), with the per-channel scale `s` of the usual
+//! symmetric grid (`s = max|w| / qmax`, unchanged by this pass):
+//! ```text
+//! W~ = s · clamp(floor(W / s) + h(V), qmin, qmax),   h(V) = clamp(σ(V)(ζ - γ) + γ, 0, 1)
+//! loss = E_rows ‖W~ x_q - W x_f‖² + λ Σ (1 - |2h(V) - 1|^β)      ζ = 1.1, γ = -0.1
+//! ```
+//! `x_q` is the layer's input in the quantized model (int8 activations, upstream weights already
+//! rounded: layers are processed in [`AdaRoundOptions::stages`] stages in topological order and
+//! each stage reads its inputs from the model with every earlier stage's learned weights, as
+//! AIMET does), `x_f` the same input in the float model: the target is the float layer's
+//! output. The reconstruction term needs only Gram matrices of the rows (`G_qq = E[x_q x_qᵀ]`,
+//! `G_fq = E[x_f x_qᵀ]`, `G_ff = E[x_f x_fᵀ]`, accumulated in f64 over every calibration batch,
+//! Conv positions subsampled to at most [`AdaRoundOptions::max_rows`] per layer):
+//! `E‖W~ x_q - W x_f‖² = tr(W~ G_qq W~ᵀ) - 2 tr(W~ (W G_fq)ᵀ) + tr(W G_ff Wᵀ)`, gradient
+//! `2 (W~ G_qq - W G_fq)`. Each output row is an independent problem (its own `V`, Adam state
+//! and loss share only `G_qq`), optimized with hand-written gradients: Adam (lr 0.01), no
+//! regularizer for the first 20% of the iterations, then `β` annealed 20 -> 2 (cosine) with
+//! `λ = 0.01`; `V` starts where `h(V)` equals the fractional part (`W~ = W`). Hardening takes
+//! `h = [V >= 0]`. A row keeps round-to-nearest when that gives a lower reconstruction error
+//! (so the learned layer is never worse than nearest on the calibration rows).
+//!
+//! **W4A8**: Conv/Gemm/MatMul weights int4 (symmetric, `qmax = 7`, per channel), int8
+//! activations as usual; the first and the last quantized layer (topological order) and the
+//! depthwise convs keep int8 weights unless [`W4a8::all_layers`]. int4 weights are written as opset-21
+//! `DequantizeLinear` of INT4 (ONNX Runtime runs them; validation in tract goes through the
+//! simulation graph, which dequantizes constant weights ahead of time). Works with either
+//! rounding.
+//!
+//! ```text
+//! before: x -> Conv(W) -> y
+//! after:  x -> Q -> DQ -> Conv(DQ(W_int4 | W_int8, s[c], axis 0), DQ(B_int32)) -> Q -> DQ -> y
+//! ```
+//!
+//! Invariants: only the integer codes change (scales, placement, activation ranges are the
+//! quantize pass's); outputs are deterministic whatever the thread count (Gram matrices are
+//! accumulated per layer in batch order; rows are optimized in fixed chunks of
+//! [`CHUNK_ROWS`], each by one thread; the time budget is turned into an iteration count by a
+//! fixed cost model, never by the clock).
+
+use super::insert::{self, Namer, WeightReport};
+use super::materialize::{self, ActivationRanges};
+use super::placement::{Plan, WeightMark};
+use super::QuantizeOptions;
+use crate::calibrate::data::CalibrationSet;
+use crate::calibrate::params;
+use crate::ir::layer::{Layer, LayerKind};
+use crate::ir::op::{self, attr_int, Attrs};
+use crate::ir::{Graph, Model, Patch};
+use crate::onnx::tensor;
+use crate::runtime::Runner;
+use anyhow::{Context, Result};
+use indexmap::{IndexMap, IndexSet};
+use ndarray::{s, Array1, Array2, ArrayD, Axis, IxDyn};
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// Rows optimized together by one thread (fixed, so results do not depend on the thread count).
+pub const CHUNK_ROWS: usize = 8;
+
+/// Assumed multiply-add rate (per second) of the optimization, used only to turn
+/// `--adaround-budget` into iteration counts deterministically (measured ~1-2 G/s on the
+/// 2-core bench machine, BENCHMARKS.md).
+pub const ASSUMED_MACS_PER_SECOND: f64 = 1.0e9;
+
+/// Options of the learned rounding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaRoundOptions {
+    /// Adam iterations per layer (fewer where the time budget asks).
+    pub iterations: usize,
+    /// Weight of the rounding regularizer.
+    pub lambda: f64,
+    /// Adam step size on `V`.
+    pub learning_rate: f64,
+    /// Layers are processed in this many stages (topological order); each stage reads its
+    /// inputs from the model quantized with every earlier stage's learned weights. Each stage
+    /// costs two runs over the calibration data.
+    pub stages: usize,
+    /// Most im2col rows (output positions) per layer in the Gram matrices; spread evenly over
+    /// the calibration batches.
+    pub max_rows: usize,
+    /// Most input features `K` (per group) a layer may have to be learned (its Gram matrices
+    /// take `3 K² · 8` bytes); wider layers keep round-to-nearest.
+    pub max_features: usize,
+    /// Seconds the optimization should take (all layers), turned into iterations by
+    /// [`ASSUMED_MACS_PER_SECOND`]; `None` = [`Self::iterations`] everywhere.
+    pub budget_seconds: Option<f64>,
+}
+
+impl Default for AdaRoundOptions {
+    fn default() -> Self {
+        AdaRoundOptions {
+            iterations: 1000,
+            lambda: 0.01,
+            learning_rate: 0.01,
+            stages: 4,
+            max_rows: 16384,
+            max_features: 4096,
+            budget_seconds: None,
+        }
+    }
+}
+
+/// int4 weights with int8 activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct W4a8 {
+    /// Also the first and the last quantized layer and the depthwise convs (default: they keep
+    /// int8 weights).
+    pub all_layers: bool,
+}
+
+/// A weight's integer codes and scales, decided before insertion.
+#[derive(Debug, Clone)]
+pub struct Codes {
+    pub bits: u32,
+    pub axis: Option<usize>,
+    pub shape: Vec<usize>,
+    /// Logical (row-major) order.
+    pub values: Vec<i8>,
+    /// One per channel along `axis`, or one.
+    pub scales: Vec<f32>,
+}
+
+impl Codes {
+    /// Round to nearest (half to even) on the symmetric grid of `bits` (int8 as
+    /// [`insert::quantize_values`] does it, so W8 with nearest codes is the default output).
+    pub fn nearest(a: &ArrayD<f32>, axis: Option<usize>, bits: u32, reduce_range: bool) -> Codes {
+        let qmax = qmax(bits, reduce_range);
+        let channels: Vec<f32> = match axis {
+            Some(ax) => a
+                .axis_iter(Axis(ax))
+                .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())))
+                .collect(),
+            None => vec![a.iter().fold(0f32, |m, v| m.max(v.abs()))],
+        };
+        let scales: Vec<f32> = channels
+            .iter()
+            .map(|&m| {
+                if bits == 8 {
+                    params::weight_params(m, reduce_range).scale
+                } else {
+                    let s = m / qmax as f32;
+                    if s.is_finite() && s > 0.0 {
+                        s
+                    } else {
+                        1.0
+                    }
+                }
+            })
+            .collect();
+        let inner: usize = axis.map_or(1, |ax| a.shape()[ax + 1..].iter().product());
+        let values = a
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let c = axis.map_or(0, |_| (i / inner.max(1)) % scales.len());
+                (v / scales[c])
+                    .round_ties_even()
+                    .clamp(-qmax as f32, qmax as f32) as i8
+            })
+            .collect();
+        Codes {
+            bits,
+            axis,
+            shape: a.shape().to_vec(),
+            values,
+            scales,
+        }
+    }
+
+    fn channel_of(&self, i: usize) -> usize {
+        match self.axis {
+            Some(ax) => {
+                let inner: usize = self.shape[ax + 1..].iter().product();
+                (i / inner.max(1)) % self.scales.len()
+            }
+            None => 0,
+        }
+    }
+
+    pub fn dequantized(&self) -> ArrayD<f32> {
+        let v: Vec<f32> = self
+            .values
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| q as f32 * self.scales[self.channel_of(i)])
+            .collect();
+        ArrayD::from_shape_vec(IxDyn(&self.shape), v).expect("codes match their shape")
+    }
+}
+
+fn qmax(bits: u32, reduce_range: bool) -> i32 {
+    match (bits, reduce_range) {
+        (8, false) => 127,
+        (8, true) => 63,
+        _ => 7,
+    }
+}
+
+/// What learning did to one layer, for the report. Errors are `E_rows ‖W~ x_q - W x_f‖²`
+/// over the calibration rows the layer was fitted on; SQNR is `tr(W G_ff Wᵀ) / error`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerRounding {
+    pub node: String,
+    pub weight: String,
+    pub bits: u32,
+    pub stage: usize,
+    /// `learned`, or why not (`nearest: ...`).
+    pub status: String,
+    pub features: usize,
+    pub rows: u64,
+    pub iterations: usize,
+    pub nearest_error: f64,
+    pub learned_error: f64,
+    pub nearest_sqnr_db: f64,
+    pub learned_sqnr_db: f64,
+    /// Codes that differ from round-to-nearest.
+    pub flipped: usize,
+    pub seconds: f64,
+}
+
+/// The learned rounding's report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AdaRoundReport {
+    pub iterations: usize,
+    pub lambda: f64,
+    pub stages: usize,
+    pub max_rows: usize,
+    pub budget_seconds: Option<f64>,
+    /// Wall seconds: data (the runs over the calibration set) and optimization.
+    pub data_seconds: f64,
+    pub optimize_seconds: f64,
+    pub layers: Vec<LayerRounding>,
+}
+
+/// The weights of `plan` that go int4 under W4A8: Conv/Gemm/MatMul weights, without the first
+/// and the last such layer in topological order and without depthwise convs, unless
+/// `all_layers`.
+pub fn int4_weights(g: &Graph, plan: &Plan, w4a8: W4a8) -> Result<IndexSet<String>> {
+    let mut ordered = Vec::new();
+    for ix in g.topo_order()? {
+        let Some(layer) = Layer::of(g, ix) else {
+            continue;
+        };
+        if matches!(layer.kind, LayerKind::ConvTranspose { .. }) {
+            continue;
+        }
+        // Depthwise convs keep int8: a handful of weights per channel (9 or 25) leave int4 no
+        // room to average its error out, and they are a small share of the bytes. Measured on
+        // PP-OCRv4 rec (BENCHMARKS.md): at int4 their output SQNR sat at -12..+2 dB.
+        if layer.is_depthwise() && !w4a8.all_layers {
+            continue;
+        }
+        if plan
+            .weights
+            .get(&layer.weight)
+            .is_some_and(|m| m.node == g.node(ix).name())
+            && !ordered.contains(&layer.weight)
+        {
+            ordered.push(layer.weight.clone());
+        }
+    }
+    let n = ordered.len();
+    Ok(ordered
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| w4a8.all_layers || (*i != 0 && *i + 1 != n))
+        .map(|(_, w)| w)
+        .collect())
+}
+
+/// Round-to-nearest codes of every weight of `plan` (int4 for the weights in `int4`).
+pub fn nearest_codes(
+    g: &Graph,
+    plan: &Plan,
+    int4: &IndexSet<String>,
+    reduce_range: bool,
+) -> Result<IndexMap<String, Codes>> {
+    plan.weights
+        .iter()
+        .map(|(w, mark)| {
+            let t = g
+                .constant(w)
+                .with_context(|| format!("weight '{w}' is not a constant initializer"))?;
+            let a = tensor::to_f32(t).with_context(|| format!("decoding weight '{w}'"))?;
+            let bits = if int4.contains(w) { 4 } else { 8 };
+            Ok((w.clone(), Codes::nearest(&a, mark.axis, bits, reduce_range)))
+        })
+        .collect()
+}
+
+/// Write weight `w` from its decided codes (int8 or int4 `DequantizeLinear`, the same names and
+/// layout as [`insert::weight`]); returns the scales (for int32 biases) and the report row.
+pub fn insert_weight(
+    g: &mut Graph,
+    namer: &mut Namer,
+    w: &str,
+    mark: &WeightMark,
+    codes: &Codes,
+) -> Result<(Vec<f32>, WeightReport)> {
+    let t = g
+        .constant(w)
+        .with_context(|| format!("weight '{w}' is not a constant initializer"))?;
+    let a = tensor::to_f32(t).with_context(|| format!("decoding weight '{w}'"))?;
+    let deq = codes.dequantized();
+    let orig: Vec<f32> = a.iter().copied().collect();
+    let report = WeightReport {
+        tensor: w.to_string(),
+        node: mark.node.clone(),
+        axis: codes.axis,
+        channels: codes.scales.len(),
+        min_scale: codes.scales.iter().copied().fold(f32::INFINITY, f32::min),
+        max_scale: codes.scales.iter().copied().fold(0.0, f32::max),
+        zero_channels: match codes.axis {
+            Some(ax) => a
+                .axis_iter(Axis(ax))
+                .filter(|c| c.iter().all(|&v| v == 0.0))
+                .count(),
+            None => usize::from(a.iter().all(|&v| v == 0.0)),
+        },
+        sqnr_db: params::sqnr_db(&orig, deq.as_slice().expect("standard layout")),
+    };
+    let [wq, s, zp, dqn] = namer.take(
+        g,
+        'w',
+        w,
+        [
+            ("quantized", "q"),
+            ("scale", "s"),
+            ("zero_point", "z"),
+            ("DequantizeLinear", "DQ"),
+        ],
+    );
+    let zp_shape: Vec<usize> = if codes.axis.is_some() {
+        vec![codes.scales.len()]
+    } else {
+        vec![]
+    };
+    let zeros = vec![0i8; zp_shape.iter().product()];
+    let int = |name: &str, shape: &[usize], v: &[i8]| match codes.bits {
+        8 => tensor::from_i8(name, shape, v),
+        _ => tensor::from_4bit(name, shape, v, true),
+    };
+    let mut initializers = vec![
+        int(&wq, &codes.shape, &codes.values),
+        insert::scale_tensor(&s, &codes.scales, codes.axis.is_some()),
+    ];
+    let mut dq = if mark.zero_point {
+        initializers.push(int(&zp, &zp_shape, &zeros));
+        op::node("DequantizeLinear", &dqn, &[&wq, &s, &zp], &[w])
+    } else {
+        op::node("DequantizeLinear", &dqn, &[&wq, &s], &[w])
+    };
+    if let Some(ax) = codes.axis {
+        op::set_attr(&mut dq, attr_int("axis", ax as i64));
+    }
+    insert::replace_constant(g, w, initializers, dq)?;
+    Ok((codes.scales.clone(), report))
+}
+
+/// The float model with every weight of `plan` replaced by its dequantized `codes` and the
+/// plan's activations and biases quantized: what the quantized model computes, in a form
+/// tract runs (no int4 tensor), and the first input of each of `nodes` in it (a graph input
+/// read by a quantized node is renamed to its dequantized copy).
+fn simulated(
+    work: &Model,
+    plan: &Plan,
+    ranges: &ActivationRanges,
+    codes: &IndexMap<String, Codes>,
+    opts: &QuantizeOptions,
+    nodes: &[&str],
+) -> Result<(crate::onnx::proto::ModelProto, Vec<String>)> {
+    let mut m = work.clone();
+    let g = &mut m.graph;
+    let mut scales = IndexMap::new();
+    for (w, c) in codes {
+        g.apply(Patch {
+            initializers: vec![tensor::from_f32(w, &c.dequantized())],
+            ..Default::default()
+        })?;
+        scales.insert(w.clone(), c.scales.clone());
+    }
+    let mut namer = Namer::new(insert::Naming::Compact);
+    materialize::insert(g, &mut namer, plan, ranges, &scales, opts.activation_scheme)?;
+    let inputs = nodes
+        .iter()
+        .map(|n| {
+            let ix = g
+                .node_indices()
+                .find(|&ix| g.node(ix).name() == *n)
+                .with_context(|| format!("node '{n}' not in the quantized model"))?;
+            Ok(g.node(ix).input[0].clone())
+        })
+        .collect::<Result<_>>()?;
+    let (proto, _) = crate::runtime::simulation_graph(&m.to_proto()?)?;
+    Ok((proto, inputs))
+}
+
+/// How a layer's rows are read from its input tensor.
+#[derive(Debug, Clone, Copy)]
+struct Conv2d {
+    kh: usize,
+    kw: usize,
+    strides: [usize; 2],
+    /// Begin pads (H, W).
+    pads: [usize; 2],
+    /// Begin + end pads (H, W): the output size.
+    pad_total: [usize; 2],
+    dil: [usize; 2],
+}
+
+fn conv2d(node: &crate::onnx::proto::NodeProto, wshape: &[usize]) -> Option<Conv2d> {
+    let auto = node
+        .attr_string("auto_pad")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    if !(auto.is_empty() || auto == "NOTSET" || auto == "VALID") {
+        return None;
+    }
+    let ints = |n: &str| node.attr_ints(n).ok().flatten();
+    let spatial = wshape.len() - 2;
+    let (kh, kw) = match spatial {
+        1 => (1, wshape[2]),
+        2 => (wshape[2], wshape[3]),
+        _ => return None,
+    };
+    let two = |v: Option<Vec<i64>>, d: i64| -> Option<[usize; 2]> {
+        let v = v.unwrap_or(vec![d; spatial]);
+        if v.len() != spatial || v.iter().any(|&x| x < 0) {
+            return None;
+        }
+        Some(if spatial == 1 {
+            [d as usize, v[0] as usize]
+        } else {
+            [v[0] as usize, v[1] as usize]
+        })
+    };
+    let pads = ints("pads").unwrap_or(vec![0; 2 * spatial]);
+    if pads.len() != 2 * spatial || pads.iter().any(|&p| p < 0) {
+        return None;
+    }
+    let (pads, pad_total) = if spatial == 1 {
+        ([0, pads[0] as usize], [0, (pads[0] + pads[1]) as usize])
+    } else {
+        (
+            [pads[0] as usize, pads[1] as usize],
+            [(pads[0] + pads[2]) as usize, (pads[1] + pads[3]) as usize],
+        )
+    };
+    Some(Conv2d {
+        kh,
+        kw,
+        strides: two(ints("strides"), 1)?,
+        pads,
+        pad_total,
+        dil: two(ints("dilations"), 1)?,
+    })
+}
+
+/// One layer to learn: its matrix view and where its rows come from.
+struct Task {
+    weight: String,
+    node: String,
+    layer: Layer,
+    conv: Option<Conv2d>,
+    groups: usize,
+    /// Per group: `[rows of the group, K]`.
+    features: usize,
+    stage: usize,
+}
+
+/// Gram matrices of one layer, per group (each `[K, K]`, f64, divided by the row count at the
+/// end).
+struct Grams {
+    qq: Vec<Array2<f64>>,
+    fq: Vec<Array2<f64>>,
+    ff: Vec<Array2<f64>>,
+    rows: u64,
+}
+
+/// The im2col rows of group `gi` of `x` (NCHW or NCL) at the sampled positions.
+fn patches(
+    x: &ArrayD<f32>,
+    c: &Conv2d,
+    gi: usize,
+    cg: usize,
+    pos: &[(usize, usize, usize)],
+) -> Array2<f64> {
+    let x4 = x
+        .view()
+        .into_shape_with_order(four(x.shape()))
+        .expect("rank 3 or 4");
+    let (h, w) = (x4.shape()[2], x4.shape()[3]);
+    let k = cg * c.kh * c.kw;
+    let mut a = Array2::<f64>::zeros((pos.len(), k));
+    for (r, &(n, oy, ox)) in pos.iter().enumerate() {
+        for ci in 0..cg {
+            for ky in 0..c.kh {
+                let iy = (oy * c.strides[0] + ky * c.dil[0]) as isize - c.pads[0] as isize;
+                if iy < 0 || iy as usize >= h {
+                    continue;
+                }
+                for kx in 0..c.kw {
+                    let ix = (ox * c.strides[1] + kx * c.dil[1]) as isize - c.pads[1] as isize;
+                    if ix < 0 || ix as usize >= w {
+                        continue;
+                    }
+                    a[[r, (ci * c.kh + ky) * c.kw + kx]] =
+                        f64::from(x4[[n, gi * cg + ci, iy as usize, ix as usize]]);
+                }
+            }
+        }
+    }
+    a
+}
+
+fn four(shape: &[usize]) -> Vec<usize> {
+    if shape.len() == 3 {
+        vec![shape[0], shape[1], 1, shape[2]]
+    } else {
+        shape.to_vec()
+    }
+}
+
+/// Output positions of a conv over `x` (rank 3 or 4), at most `max` of them, spread by a prime
+/// stride (deterministic, no aliasing with the image width).
+fn positions(x: &[usize], c: &Conv2d, max: usize) -> Vec<(usize, usize, usize)> {
+    let s = four(x);
+    let out = |i: usize, k: usize, st: usize, p: usize, d: usize| -> usize {
+        let span = d * (k - 1) + 1;
+        (i + p).saturating_sub(span) / st.max(1) + 1
+    };
+    let oh = out(s[2], c.kh, c.strides[0], c.pad_total[0], c.dil[0]);
+    let ow = out(s[3], c.kw, c.strides[1], c.pad_total[1], c.dil[1]);
+    let total = s[0] * oh * ow;
+    let take = total.min(max.max(1));
+    let idx: Vec<usize> = if take == total {
+        (0..total).collect()
+    } else {
+        let prime = [1_000_003usize, 998_244_353]
+            .into_iter()
+            .find(|q| !total.is_multiple_of(*q))
+            .unwrap_or(1);
+        let mut v: Vec<usize> = (0..take).map(|i| (i * prime) % total).collect();
+        v.sort_unstable();
+        v
+    };
+    idx.into_iter()
+        .map(|p| (p / (oh * ow), (p / ow) % oh, p % ow))
+        .collect()
+}
+
+impl Task {
+    /// Add one batch's rows (`xf` float input, `xq` quantized input).
+    fn add(&self, grams: &mut Grams, xf: &ArrayD<f32>, xq: &ArrayD<f32>, max: usize) -> Result<()> {
+        anyhow::ensure!(
+            xf.shape() == xq.shape(),
+            "node '{}': float input {:?} and quantized input {:?} differ in shape",
+            self.node,
+            xf.shape(),
+            xq.shape()
+        );
+        let k = self.features;
+        let mut update = |gi: usize, f: &Array2<f64>, q: &Array2<f64>| {
+            grams.qq[gi] += &q.t().dot(q);
+            grams.fq[gi] += &f.t().dot(q);
+            grams.ff[gi] += &f.t().dot(f);
+        };
+        match self.conv {
+            Some(c) => {
+                anyhow::ensure!(
+                    matches!(xf.ndim(), 3 | 4),
+                    "node '{}': conv input of rank {}",
+                    self.node,
+                    xf.ndim()
+                );
+                let cg = self.layer.weight_shape[1];
+                let pos = positions(xf.shape(), &c, max);
+                for gi in 0..self.groups {
+                    let f = patches(xf, &c, gi, cg, &pos);
+                    let q = patches(xq, &c, gi, cg, &pos);
+                    update(gi, &f, &q);
+                }
+                grams.rows += pos.len() as u64;
+            }
+            None => {
+                anyhow::ensure!(
+                    xf.ndim() >= 1 && xf.shape()[xf.ndim() - 1] == k,
+                    "node '{}': input {:?} has no {k} features on its last axis",
+                    self.node,
+                    xf.shape()
+                );
+                let rows = xf.len() / k.max(1);
+                let flat = |x: &ArrayD<f32>| -> Result<Array2<f64>> {
+                    Ok(x.as_standard_layout()
+                        .into_owned()
+                        .into_shape_with_order((rows, k))?
+                        .mapv(f64::from))
+                };
+                let (f, q) = (flat(xf)?, flat(xq)?);
+                // Linear layers: rows subsampled by the same prime stride when too many.
+                let take: Vec<usize> = if rows <= max {
+                    (0..rows).collect()
+                } else {
+                    let mut v: Vec<usize> = (0..max).map(|i| (i * 1_000_003) % rows).collect();
+                    v.sort_unstable();
+                    v
+                };
+                let (f, q) = if take.len() == rows {
+                    (f, q)
+                } else {
+                    (f.select(Axis(0), &take), q.select(Axis(0), &take))
+                };
+                update(0, &f, &q);
+                grams.rows += take.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// The weight as `[groups][O/groups, K]` f64 matrices, and each row's output channel.
+    fn matrices(&self, w: &ArrayD<f32>) -> Vec<(Array2<f64>, Vec<usize>)> {
+        let o = self.layer.out_channels();
+        let k = self.features;
+        let full: Array2<f64> = match self.layer.kind {
+            LayerKind::Conv { .. } => w
+                .view()
+                .into_shape_with_order((o, k))
+                .expect("conv weight [O, K]")
+                .mapv(f64::from),
+            LayerKind::Gemm { trans_b: true } => w
+                .view()
+                .into_shape_with_order((o, k))
+                .expect("[N, K]")
+                .mapv(f64::from),
+            _ => w
+                .view()
+                .into_shape_with_order((k, o))
+                .expect("[K, N]")
+                .t()
+                .mapv(f64::from),
+        };
+        let og = o / self.groups;
+        (0..self.groups)
+            .map(|gi| {
+                (
+                    full.slice(s![gi * og..(gi + 1) * og, ..]).to_owned(),
+                    (gi * og..(gi + 1) * og).collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// The flat index in the weight tensor of row `o`, feature `j`.
+    fn flat_index(&self, o: usize, j: usize) -> usize {
+        let k = self.features;
+        match self.layer.kind {
+            LayerKind::Conv { .. } | LayerKind::Gemm { trans_b: true } => o * k + j,
+            _ => j * self.layer.out_channels() + o,
+        }
+    }
+}
+
+const ZETA: f64 = 1.1;
+const GAMMA: f64 = -0.1;
+
+fn sigmoid(v: f64) -> f64 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+fn soft(v: f64) -> f64 {
+    (sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+}
+
+/// `E‖W~ x_q - W x_f‖²` per row of `wt` (`b = W G_fq`, `c` = per-row `w G_ff wᵀ`).
+fn row_errors(wt: &Array2<f64>, qq: &Array2<f64>, b: &Array2<f64>, c: &Array1<f64>) -> Vec<f64> {
+    let wg = wt.dot(qq);
+    (0..wt.nrows())
+        .map(|r| {
+            let quad = wt.row(r).dot(&wg.row(r));
+            let cross = wt.row(r).dot(&b.row(r));
+            (quad - 2.0 * cross + c[r]).max(0.0)
+        })
+        .collect()
+}
+
+/// One chunk of rows: learn the rounding; returns the hardened integer codes.
+#[allow(clippy::too_many_arguments)]
+fn learn_rows(
+    w: &Array2<f64>,
+    scale: &[f64],
+    qq: &Array2<f64>,
+    b: &Array2<f64>,
+    qmin: f64,
+    qmax: f64,
+    iterations: usize,
+    opts: &AdaRoundOptions,
+) -> Array2<f64> {
+    let (r, k) = w.dim();
+    let floor = Array2::from_shape_fn((r, k), |(i, j)| (w[[i, j]] / scale[i]).floor());
+    let mut v = Array2::from_shape_fn((r, k), |(i, j)| {
+        let rest = (w[[i, j]] / scale[i] - floor[[i, j]]).clamp(1e-6, 1.0 - 1e-6);
+        // h(V) = rest  <=>  σ(V) = (rest - γ) / (ζ - γ)
+        let p = (rest - GAMMA) / (ZETA - GAMMA);
+        (p / (1.0 - p)).ln()
+    });
+    let (mut m1, mut m2) = (Array2::<f64>::zeros((r, k)), Array2::<f64>::zeros((r, k)));
+    let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8);
+    let warm = (iterations as f64 * 0.2) as usize;
+    let mut wt = Array2::<f64>::zeros((r, k));
+    for it in 0..iterations {
+        let h = v.mapv(soft);
+        for i in 0..r {
+            for j in 0..k {
+                wt[[i, j]] = scale[i] * (floor[[i, j]] + h[[i, j]]).clamp(qmin, qmax);
+            }
+        }
+        // d rec / d W~ = 2 (W~ G_qq - W G_fq)
+        let mut grad = wt.dot(qq);
+        grad -= b;
+        grad *= 2.0;
+        let beta = if it >= warm && iterations > warm {
+            let t = (it - warm) as f64 / (iterations - warm) as f64;
+            2.0 + 0.5 * (20.0 - 2.0) * (1.0 + (t * std::f64::consts::PI).cos())
+        } else {
+            0.0
+        };
+        let t = (it + 1) as i32;
+        let (c1, c2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+        for i in 0..r {
+            for j in 0..k {
+                let x = floor[[i, j]] + h[[i, j]];
+                let vij = v[[i, j]];
+                let sg = sigmoid(vij);
+                let hin = sg * (ZETA - GAMMA) + GAMMA;
+                let dh_dv = if hin > 0.0 && hin < 1.0 {
+                    (ZETA - GAMMA) * sg * (1.0 - sg)
+                } else {
+                    0.0
+                };
+                let mut dh = if x > qmin && x < qmax {
+                    grad[[i, j]] * scale[i]
+                } else {
+                    0.0
+                };
+                if beta > 0.0 {
+                    // d/dh λ(1 - |2h - 1|^β) = -2λβ |2h - 1|^(β-1) sign(2h - 1)
+                    let u = 2.0 * h[[i, j]] - 1.0;
+                    dh -= 2.0 * opts.lambda * beta * u.abs().powf(beta - 1.0) * u.signum();
+                }
+                let gv = dh * dh_dv;
+                let a = &mut m1[[i, j]];
+                *a = beta1 * *a + (1.0 - beta1) * gv;
+                let bb = &mut m2[[i, j]];
+                *bb = beta2 * *bb + (1.0 - beta2) * gv * gv;
+                v[[i, j]] -=
+                    opts.learning_rate * (m1[[i, j]] / c1) / ((m2[[i, j]] / c2).sqrt() + eps);
+            }
+        }
+    }
+    Array2::from_shape_fn((r, k), |(i, j)| {
+        (floor[[i, j]] + if v[[i, j]] >= 0.0 { 1.0 } else { 0.0 }).clamp(qmin, qmax)
+    })
+}
+
+/// Learn the rounding of the plan's Conv/Gemm/MatMul weights (all of them, int8 or int4 as
+/// `int4` says). Returns the codes of every weight of the plan (round-to-nearest where not
+/// learned) and the report.
+pub fn learn(
+    work: &Model,
+    plan: &Plan,
+    ranges: &ActivationRanges,
+    calib: &CalibrationSet,
+    opts: &QuantizeOptions,
+    ada: &AdaRoundOptions,
+    int4: &IndexSet<String>,
+) -> Result<(IndexMap<String, Codes>, AdaRoundReport)> {
+    let g = &work.graph;
+    let mut codes = nearest_codes(g, plan, int4, opts.reduce_range)?;
+    let mut layers_report = Vec::new();
+    // Tasks in topological order.
+    let mut tasks = Vec::new();
+    for ix in g.topo_order()? {
+        let Some(layer) = Layer::of(g, ix) else {
+            continue;
+        };
+        let node = g.node(ix).name().to_string();
+        let Some(mark) = plan.weights.get(&layer.weight) else {
+            continue;
+        };
+        if mark.node != node || tasks.iter().any(|t: &Task| t.weight == layer.weight) {
+            continue;
+        }
+        let bits = if int4.contains(&layer.weight) { 4 } else { 8 };
+        let skip = |why: &str| LayerRounding {
+            node: node.clone(),
+            weight: layer.weight.clone(),
+            bits,
+            stage: 0,
+            status: format!("nearest: {why}"),
+            features: 0,
+            rows: 0,
+            iterations: 0,
+            nearest_error: f64::NAN,
+            learned_error: f64::NAN,
+            nearest_sqnr_db: f64::NAN,
+            learned_sqnr_db: f64::NAN,
+            flipped: 0,
+            seconds: 0.0,
+        };
+        if node.is_empty() {
+            layers_report.push(skip("unnamed node"));
+            continue;
+        }
+        let (conv, groups, features) = match layer.kind {
+            LayerKind::Conv { group } => match conv2d(g.node(ix), &layer.weight_shape) {
+                Some(c) => (Some(c), group, layer.weight_shape[1..].iter().product()),
+                None => {
+                    layers_report.push(skip("conv form not covered (auto_pad SAME or 3-D)"));
+                    continue;
+                }
+            },
+            LayerKind::Gemm { .. } | LayerKind::MatMul => (None, 1, layer.in_channels()),
+            LayerKind::ConvTranspose { .. } => {
+                layers_report.push(skip("ConvTranspose"));
+                continue;
+            }
+        };
+        if features > ada.max_features {
+            layers_report.push(skip(&format!(
+                "{features} input features per group, above {}",
+                ada.max_features
+            )));
+            continue;
+        }
+        tasks.push(Task {
+            weight: layer.weight.clone(),
+            node,
+            layer,
+            conv,
+            groups,
+            features,
+            stage: 0,
+        });
+    }
+    let stages = ada.stages.clamp(1, tasks.len().max(1));
+    let n_tasks = tasks.len();
+    for (i, t) in tasks.iter_mut().enumerate() {
+        t.stage = i * stages / n_tasks.max(1);
+    }
+    // Iterations: the budget spread in proportion to nothing but cost (one count for all).
+    let macs_per_iteration: f64 = tasks
+        .iter()
+        .map(|t| (t.layer.out_channels() * t.features * t.features) as f64 * 2.0)
+        .sum();
+    let iterations = match ada.budget_seconds {
+        Some(s) if macs_per_iteration > 0.0 => {
+            ((s * ASSUMED_MACS_PER_SECOND / macs_per_iteration) as usize).clamp(10, ada.iterations)
+        }
+        _ => ada.iterations,
+    };
+    let float_proto = work.to_proto()?;
+    let (mut data_seconds, mut optimize_seconds) = (0.0, 0.0);
+    let max_batch_rows = ada.max_rows.div_ceil(calib.batches.len().max(1)).max(1);
+    for stage in 0..stages {
+        let stage_tasks: Vec<&Task> = tasks.iter().filter(|t| t.stage == stage).collect();
+        if stage_tasks.is_empty() {
+            continue;
+        }
+        let bytes: u64 = stage_tasks
+            .iter()
+            .map(|t| 3 * 8 * (t.groups * t.features * t.features) as u64)
+            .sum();
+        crate::limits::MemoryBudget::default().check(
+            "adaround's Gram matrices (3 x K x K f64 per layer group)",
+            bytes,
+        )?;
+        let t0 = Instant::now();
+        let names: Vec<&str> = stage_tasks.iter().map(|t| t.node.as_str()).collect();
+        let (quant_proto, q_inputs) = simulated(work, plan, ranges, &codes, opts, &names)?;
+        let f_inputs: Vec<String> = stage_tasks
+            .iter()
+            .map(|t| g.node(t.layer.node).input[0].clone())
+            .collect();
+        // Graph inputs come from the batch, everything else is an extra output of the run.
+        let not_input = |n: &&String| !calib.input_names.contains(n);
+        let f_extra: Vec<String> = f_inputs.iter().filter(not_input).cloned().collect();
+        let q_extra: Vec<String> = q_inputs.iter().filter(not_input).cloned().collect();
+        let mut grams: Vec<Grams> = stage_tasks
+            .iter()
+            .map(|t| Grams {
+                qq: vec![Array2::zeros((t.features, t.features)); t.groups],
+                fq: vec![Array2::zeros((t.features, t.features)); t.groups],
+                ff: vec![Array2::zeros((t.features, t.features)); t.groups],
+                rows: 0,
+            })
+            .collect();
+        let mut runners: Option<(Vec<Vec<usize>>, Runner, Runner)> = None;
+        let progress = crate::progress::Progress::bar(
+            &format!("adaround data {}/{stages}", stage + 1),
+            calib.batches.len() as u64,
+        );
+        for (bi, batch) in calib.batches.iter().enumerate() {
+            progress.inc(1);
+            let shapes: Vec<Vec<usize>> = batch.iter().map(|a| a.shape().to_vec()).collect();
+            if runners.as_ref().is_none_or(|(s, _, _)| *s != shapes) {
+                let named: Vec<(String, Vec<usize>)> = calib
+                    .input_names
+                    .iter()
+                    .cloned()
+                    .zip(shapes.iter().cloned())
+                    .collect();
+                let rf = Runner::new(&float_proto, &named, &f_extra)
+                    .context("adaround: preparing the float run in tract")?;
+                let rq = Runner::new(&quant_proto, &named, &q_extra)
+                    .context("adaround: preparing the quantized run in tract")?;
+                runners = Some((shapes, rf, rq));
+            }
+            let (_, rf, rq) = runners.as_ref().expect("set above");
+            let value =
+                |r: &Runner, names: &[String], extra: &[String]| -> Result<Vec<ArrayD<f32>>> {
+                    let outs = r
+                        .run(batch)
+                        .with_context(|| format!("calibration batch {bi}"))?;
+                    let skip = outs.len() - extra.len();
+                    names
+                        .iter()
+                        .map(|n| match calib.input_names.iter().position(|x| x == n) {
+                            Some(k) => batch[k]
+                                .as_f32()
+                                .cloned()
+                                .with_context(|| format!("input '{n}' of a layer is not float")),
+                            None => {
+                                let i = extra.iter().position(|x| x == n).expect("listed above");
+                                Ok(outs[skip + i].clone())
+                            }
+                        })
+                        .collect()
+                };
+            let xf = value(rf, &f_inputs, &f_extra)?;
+            let xq = value(rq, &q_inputs, &q_extra)?;
+            grams
+                .par_iter_mut()
+                .zip(stage_tasks.par_iter())
+                .enumerate()
+                .try_for_each(|(i, (gr, t))| t.add(gr, &xf[i], &xq[i], max_batch_rows))?;
+        }
+        drop(progress);
+        data_seconds += t0.elapsed().as_secs_f64();
+        for (t, gr) in stage_tasks.iter().zip(grams) {
+            let t1 = Instant::now();
+            let bits = if int4.contains(&t.weight) { 4 } else { 8 };
+            let (row, learned) =
+                learn_layer(t, gr, work, &codes[&t.weight], bits, iterations, ada, opts)?;
+            let mut row = row;
+            row.stage = stage;
+            row.seconds = t1.elapsed().as_secs_f64();
+            optimize_seconds += row.seconds;
+            codes.insert(t.weight.clone(), learned);
+            layers_report.push(row);
+        }
+    }
+    // Report rows in graph order of the plan's weights.
+    let order: Vec<&String> = plan.weights.keys().collect();
+    layers_report.sort_by_key(|r| order.iter().position(|w| **w == r.weight));
+    Ok((
+        codes,
+        AdaRoundReport {
+            iterations,
+            lambda: ada.lambda,
+            stages,
+            max_rows: ada.max_rows,
+            budget_seconds: ada.budget_seconds,
+            data_seconds,
+            optimize_seconds,
+            layers: layers_report,
+        },
+    ))
+}
+
+/// Learn one layer from its Gram matrices; returns its report row and codes.
+#[allow(clippy::too_many_arguments)]
+fn learn_layer(
+    t: &Task,
+    mut gr: Grams,
+    work: &Model,
+    nearest: &Codes,
+    bits: u32,
+    iterations: usize,
+    ada: &AdaRoundOptions,
+    opts: &QuantizeOptions,
+) -> Result<(LayerRounding, Codes)> {
+    let rows = gr.rows.max(1) as f64;
+    for m in gr
+        .qq
+        .iter_mut()
+        .chain(gr.fq.iter_mut())
+        .chain(gr.ff.iter_mut())
+    {
+        *m /= rows;
+    }
+    let w = t.layer.weight_f32(&work.graph)?;
+    let qmax = qmax(bits, opts.reduce_range) as f64;
+    let scale_of = |o: usize| -> f64 {
+        f64::from(nearest.scales[if nearest.scales.len() == 1 { 0 } else { o }])
+    };
+    let mut out = nearest.clone();
+    let (mut err_near, mut err_learn, mut energy, mut flipped) = (0.0, 0.0, 0.0, 0usize);
+    let progress = crate::progress::Progress::bar(
+        &format!("adaround {}", t.node),
+        (t.layer.out_channels().div_ceil(CHUNK_ROWS)) as u64,
+    );
+    for (gi, (wg, outs)) in t.matrices(&w).into_iter().enumerate() {
+        let qq = &gr.qq[gi];
+        let b = wg.dot(&gr.fq[gi]);
+        let c: Array1<f64> = {
+            let wf = wg.dot(&gr.ff[gi]);
+            (0..wg.nrows()).map(|r| wg.row(r).dot(&wf.row(r))).collect()
+        };
+        // Round-to-nearest as the quantize pass does it, in the same matrix view.
+        let near = Array2::from_shape_fn(wg.dim(), |(i, j)| {
+            nearest.values[t.flat_index(outs[i], j)] as f64 * scale_of(outs[i])
+        });
+        let chunks: Vec<usize> = (0..wg.nrows()).step_by(CHUNK_ROWS).collect();
+        let learned: Vec<Array2<f64>> = chunks
+            .par_iter()
+            .map(|&r0| {
+                let r1 = (r0 + CHUNK_ROWS).min(wg.nrows());
+                let scales: Vec<f64> = (r0..r1).map(|r| scale_of(outs[r])).collect();
+                let q = learn_rows(
+                    &wg.slice(s![r0..r1, ..]).to_owned(),
+                    &scales,
+                    qq,
+                    &b.slice(s![r0..r1, ..]).to_owned(),
+                    -qmax,
+                    qmax,
+                    iterations,
+                    ada,
+                );
+                progress.inc(1);
+                q
+            })
+            .collect();
+        let q = ndarray::concatenate(
+            Axis(0),
+            &learned.iter().map(|a| a.view()).collect::<Vec<_>>(),
+        )?;
+        let wt = Array2::from_shape_fn(q.dim(), |(i, j)| q[[i, j]] * scale_of(outs[i]));
+        let e_near = row_errors(&near, qq, &b, &c);
+        let e_learn = row_errors(&wt, qq, &b, &c);
+        for (i, &o) in outs.iter().enumerate() {
+            energy += c[i];
+            err_near += e_near[i];
+            if e_learn[i] < e_near[i] {
+                err_learn += e_learn[i];
+                for j in 0..wg.ncols() {
+                    let idx = t.flat_index(o, j);
+                    let v = q[[i, j]] as i8;
+                    if out.values[idx] != v {
+                        flipped += 1;
+                    }
+                    out.values[idx] = v;
+                }
+            } else {
+                err_learn += e_near[i];
+            }
+        }
+    }
+    let db = |e: f64| 10.0 * (energy / e.max(1e-300)).log10();
+    Ok((
+        LayerRounding {
+            node: t.node.clone(),
+            weight: t.weight.clone(),
+            bits,
+            stage: 0,
+            status: "learned".into(),
+            features: t.features,
+            rows: gr.rows,
+            iterations,
+            nearest_error: err_near,
+            learned_error: err_learn,
+            nearest_sqnr_db: db(err_near),
+            learned_sqnr_db: db(err_learn),
+            flipped,
+            seconds: 0.0,
+        },
+        out,
+    ))
+}
+
+/// The codes [`decide`] settled on, with the report's notes and details.
+pub struct Decided {
+    pub codes: IndexMap<String, Codes>,
+    pub notes: Vec<String>,
+    pub details: serde_json::Value,
+}
+
+/// When `--w4a8` or `--rounding adaround` is on: every weight's codes (int4 or int8, learned or
+/// nearest) and what the report says about them; `None` otherwise (the default insertion).
+pub fn decide(
+    work: &Model,
+    plan: &Plan,
+    ranges: &ActivationRanges,
+    calib: &CalibrationSet,
+    opts: &QuantizeOptions,
+) -> Result<Option<Decided>> {
+    if opts.adaround.is_none() && opts.w4a8.is_none() {
+        return Ok(None);
+    }
+    let g = &work.graph;
+    let int4 = match opts.w4a8 {
+        Some(w) => int4_weights(g, plan, w)?,
+        None => IndexSet::new(),
+    };
+    let mut notes = Vec::new();
+    if let Some(w) = opts.w4a8 {
+        notes.push(format!(
+            "W4A8: {} of {} weight(s) int4 per channel{}, int8 activations",
+            int4.len(),
+            plan.weights.len(),
+            if w.all_layers {
+                ""
+            } else {
+                " (first and last layer and depthwise convs kept int8)"
+            }
+        ));
+    }
+    let (codes, report) = match &opts.adaround {
+        Some(ada) => {
+            let (codes, report) = learn(work, plan, ranges, calib, opts, ada, &int4)?;
+            notes.push(summary(&report));
+            if opts.bias_correction != crate::passes::equalize::BiasCorrection::Off {
+                notes.push(
+                    "bias correction measured the round-to-nearest weights, before adaround".into(),
+                );
+            }
+            (codes, Some(report))
+        }
+        None => (nearest_codes(g, plan, &int4, opts.reduce_range)?, None),
+    };
+    let details = serde_json::json!({
+        "w4a8": opts.w4a8.map(|w| serde_json::json!({
+            "all_layers": w.all_layers,
+            "int4_weights": int4.iter().collect::<Vec<_>>(),
+        })),
+        "adaround": report,
+    });
+    Ok(Some(Decided {
+        codes,
+        notes,
+        details,
+    }))
+}
+
+/// One line for the run summary.
+pub fn summary(r: &AdaRoundReport) -> String {
+    let learned: Vec<&LayerRounding> = r.layers.iter().filter(|l| l.status == "learned").collect();
+    let gain = |l: &&LayerRounding| l.learned_sqnr_db - l.nearest_sqnr_db;
+    let mean_gain = learned.iter().map(gain).sum::<f64>() / learned.len().max(1) as f64;
+    format!(
+        "adaround: {} of {} layer(s) learned ({} iterations, {} stage(s)), layer output SQNR +{:.2} dB on average over round-to-nearest; cost {:.1} s ({:.1} s data, {:.1} s optimization)",
+        learned.len(),
+        r.layers.len(),
+        r.iterations,
+        r.stages,
+        mean_gain,
+        r.data_seconds + r.optimize_seconds,
+        r.data_seconds,
+        r.optimize_seconds
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// On a random correlated layer, learned rounding beats nearest on the exact output error,
+    /// and the Gram-form error equals the error computed on the rows directly.
+    #[test]
+    fn learned_rows_beat_nearest_and_the_gram_form_is_exact() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (o, k, n) = (6usize, 12usize, 400usize);
+        let base = Array2::from_shape_fn((n, 3), |_| rng.random::<f64>() - 0.5);
+        let mix = Array2::from_shape_fn((3, k), |_| rng.random::<f64>() - 0.5);
+        let x = base.dot(&mix) + Array2::from_shape_fn((n, k), |_| 0.05 * rng.random::<f64>());
+        let w = Array2::from_shape_fn((o, k), |_| rng.random::<f64>() - 0.5);
+        let qmax = 7.0;
+        let scale: Vec<f64> = (0..o)
+            .map(|r| w.row(r).iter().fold(0f64, |m, v| m.max(v.abs())) / qmax)
+            .collect();
+        let g = x.t().dot(&x) / n as f64;
+        let b = w.dot(&g);
+        let c: Array1<f64> = (0..o).map(|r| w.row(r).dot(&w.dot(&g).row(r))).collect();
+        let near = Array2::from_shape_fn((o, k), |(i, j)| {
+            (w[[i, j]] / scale[i]).round_ties_even().clamp(-qmax, qmax) * scale[i]
+        });
+        let q = learn_rows(
+            &w,
+            &scale,
+            &g,
+            &b,
+            -qmax,
+            qmax,
+            500,
+            &AdaRoundOptions::default(),
+        );
+        let wt = Array2::from_shape_fn((o, k), |(i, j)| q[[i, j]] * scale[i]);
+        let direct = |m: &Array2<f64>| -> f64 {
+            let d = x.dot(&(m - &w).t());
+            d.iter().map(|v| v * v).sum::<f64>() / n as f64
+        };
+        let gram = |m: &Array2<f64>| -> f64 { row_errors(m, &g, &b, &c).iter().sum() };
+        assert!((gram(&near) - direct(&near)).abs() <= 1e-9 * direct(&near).max(1.0));
+        assert!(q.iter().all(|v| v.fract() == 0.0 && v.abs() <= qmax));
+        assert!(
+            direct(&wt) < 0.8 * direct(&near),
+            "learned {} vs nearest {}",
+            direct(&wt),
+            direct(&near)
+        );
+    }
+
+    #[test]
+    fn int4_nearest_codes_use_seven_levels() {
+        let a =
+            ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![0.7, -0.35, 0.1, 0.0, 0.0, 0.0]).unwrap();
+        let c = Codes::nearest(&a, Some(0), 4, false);
+        assert_eq!(c.values, vec![7, -4, 1, 0, 0, 0]);
+        assert!((c.scales[0] - 0.1).abs() < 1e-7);
+        let d = c.dequantized();
+        assert!((d[[0, 1]] + 0.4).abs() < 1e-6);
+    }
+
+    /// The im2col rows at every output position, times the weight, equal a direct grouped,
+    /// strided, dilated, asymmetrically padded convolution.
+    #[test]
+    fn patches_reproduce_a_direct_convolution() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let (n, cin, h, w, groups, cout, kh, kw) = (2, 4, 7, 6, 2, 6, 3, 2);
+        let c = Conv2d {
+            kh,
+            kw,
+            strides: [2, 1],
+            pads: [1, 0],
+            pad_total: [1, 1],
+            dil: [1, 2],
+        };
+        let x = ArrayD::from_shape_fn(IxDyn(&[n, cin, h, w]), |_| rng.random::<f32>() - 0.5);
+        let cg = cin / groups;
+        let wt = ArrayD::from_shape_fn(IxDyn(&[cout, cg, kh, kw]), |_| rng.random::<f32>() - 0.5);
+        let pos = positions(x.shape(), &c, usize::MAX);
+        // Output size: H: (7 + 1 - 3) / 2 + 1 = 3, W: (6 + 1 - 3) / 1 + 1 = 5.
+        assert_eq!(pos.len(), n * 3 * 5);
+        let og = cout / groups;
+        for gi in 0..groups {
+            let a = patches(&x, &c, gi, cg, &pos);
+            for (r, &(b, oy, ox)) in pos.iter().enumerate() {
+                for o in gi * og..(gi + 1) * og {
+                    let mut direct = 0f64;
+                    for ci in 0..cg {
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let iy = (oy * 2 + ky) as isize - 1;
+                                let ix = (ox + 2 * kx) as isize;
+                                if iy < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                direct += f64::from(wt[[o, ci, ky, kx]])
+                                    * f64::from(x[[b, gi * cg + ci, iy as usize, ix as usize]]);
+                            }
+                        }
+                    }
+                    let via: f64 = (0..cg * kh * kw)
+                        .map(|j| {
+                            a[[r, j]] * f64::from(wt.as_slice().unwrap()[o * cg * kh * kw + j])
+                        })
+                        .sum();
+                    assert!((via - direct).abs() < 1e-9, "{via} vs {direct}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! `--rounding adaround` and `--w4a8` on trained testdata models: the learned rounding lowers
+//! every layer's output error below round-to-nearest's, W4A8 with adaround keeps the digits
+//! accuracy where round-to-nearest W4A8 loses it, the result does not depend on the thread
+//! count, and the default output is untouched.
+
+mod common;
+
+use common::digits_mp::{digits_model_with, fidelity, logits};
+use ndarray::ArrayD;
+use ndarray_npy::ReadNpyExt;
+use onnx_compress::ir::Model;
+use onnx_compress::passes::quantize::adaround::{AdaRoundOptions, W4a8};
+use onnx_compress::passes::quantize::{quantize, QuantizeOptions};
+use std::path::PathBuf;
+
+fn testdata(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(file)
+}
+
+fn held_out() -> (ArrayD<f32>, Vec<i64>) {
+    let x = ArrayD::<f32>::read_npy(std::fs::File::open(testdata("digits_test_x.npy")).unwrap())
+        .unwrap();
+    let y = ArrayD::<i64>::read_npy(std::fs::File::open(testdata("digits_test_y.npy")).unwrap())
+        .unwrap();
+    (x, y.iter().copied().collect())
+}
+
+fn ada(iterations: usize) -> AdaRoundOptions {
+    AdaRoundOptions {
+        iterations,
+        ..Default::default()
+    }
+}
+
+fn quantized(file: &str, opts: &QuantizeOptions) -> (Model, Model, serde_json::Value) {
+    let (float, calib) = digits_model_with(file, 200);
+    let mut q = float.clone();
+    let stats = quantize(&mut q, opts, Some(&calib)).unwrap();
+    (float, q, stats.details)
+}
+
+#[test]
+fn adaround_lowers_every_layers_output_error_below_nearest() {
+    for w4a8 in [None, Some(W4a8::default())] {
+        let opts = QuantizeOptions {
+            adaround: Some(ada(300)),
+            w4a8,
+            ..Default::default()
+        };
+        let (_, _, details) = quantized("digits_cnn.onnx", &opts);
+        let layers = details["weight_codes"]["adaround"]["layers"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert_eq!(layers.len(), 6, "{layers:?}");
+        for l in &layers {
+            assert_eq!(l["status"], "learned", "{l}");
+            let (near, learned) = (
+                l["nearest_error"].as_f64().unwrap(),
+                l["learned_error"].as_f64().unwrap(),
+            );
+            assert!(
+                learned < near,
+                "w4a8 {w4a8:?}, layer {}: learned error {learned} not below nearest {near}",
+                l["node"]
+            );
+            assert!(l["flipped"].as_u64().unwrap() > 0, "{l}");
+        }
+        // Under W4A8 the first and the last layer keep int8.
+        let bits: Vec<u64> = layers.iter().map(|l| l["bits"].as_u64().unwrap()).collect();
+        if w4a8.is_some() {
+            // ... and so do the depthwise convs (layers 2 and 4).
+            assert_eq!(bits, vec![8, 8, 4, 8, 4, 8]);
+        } else {
+            assert!(bits.iter().all(|&b| b == 8));
+        }
+    }
+}
+
+#[test]
+fn adaround_does_not_depend_on_the_thread_count() {
+    let opts = QuantizeOptions {
+        adaround: Some(ada(60)),
+        w4a8: Some(W4a8::default()),
+        ..Default::default()
+    };
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let (_, q, _) = quantized("digits_deep.onnx", &opts);
+            q.to_proto().unwrap()
+        })
+    };
+    assert_eq!(run(1), run(3));
+}
+
+/// (SQNR dB, accuracy %) of `q`'s logits on the held-out digits.
+fn held_out_fidelity(float: &Model, q: &Model) -> (f64, f64) {
+    let (x, y) = held_out();
+    let (_, sqnr, acc) = fidelity(
+        &logits(&float.to_proto().unwrap(), &x),
+        &logits(&q.to_proto().unwrap(), &x),
+        Some(&y),
+    );
+    (sqnr, 100.0 * acc)
+}
+
+#[test]
+fn cli_w4a8_adaround_keeps_digits_accuracy_where_nearest_loses_sqnr() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = testdata("digits_deep.onnx");
+    let calib = testdata("digits_calib_x.npy");
+    let out = |name: &str, extra: &[&str]| -> Model {
+        let path = dir.path().join(name);
+        let mut args = vec![
+            model.to_str().unwrap(),
+            "-o",
+            path.to_str().unwrap(),
+            "-q",
+            "--no-validate",
+            "--calib",
+            calib.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (code, _, err) = common::run(&args);
+        assert_eq!(code, 0, "{err}");
+        Model::load(&path).unwrap()
+    };
+    let float = Model::load(&model).unwrap();
+    let (_, fp32_acc) = held_out_fidelity(&float, &float);
+    let rtn = out("rtn.onnx", &["--w4a8"]);
+    let learned = out(
+        "ada.onnx",
+        &[
+            "--w4a8",
+            "--rounding",
+            "adaround",
+            "--adaround-iterations",
+            "300",
+        ],
+    );
+    // int4 weights are written as INT4 DequantizeLinear (opset 21).
+    let int4 = learned
+        .graph
+        .initializers
+        .values()
+        .filter(|t| {
+            t.data_type == Some(onnx_compress::onnx::proto::tensor_proto::DataType::Int4 as i32)
+        })
+        .count();
+    assert!(int4 >= 9, "{int4} INT4 initializers");
+    let (rtn_db, rtn_acc) = held_out_fidelity(&float, &rtn);
+    let (ada_db, ada_acc) = held_out_fidelity(&float, &learned);
+    assert!(
+        ada_acc >= fp32_acc - 0.5,
+        "W4A8 adaround accuracy {ada_acc:.2}% vs fp32 {fp32_acc:.2}%"
+    );
+    assert!(
+        ada_acc >= rtn_acc,
+        "adaround {ada_acc:.2}% < nearest {rtn_acc:.2}%"
+    );
+    assert!(
+        ada_db > rtn_db + 2.0,
+        "W4A8 logits SQNR: adaround {ada_db:.2} dB vs nearest {rtn_db:.2} dB"
+    );
+}
+
+#[test]
+fn cli_refuses_w4a8_with_weight_only_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.onnx");
+    let (code, _, err) = common::run(&[
+        testdata("digits_cnn.onnx").to_str().unwrap(),
+        "-o",
+        path.to_str().unwrap(),
+        "--w4a8",
+        "--weight-bits",
+        "4",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--w4a8"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
