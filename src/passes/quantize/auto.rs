@@ -90,11 +90,13 @@ pub const CANDIDATES: [Method; 3] = [Method::Percentile(99.999), Method::MinMax,
 /// Smallest relative loss reduction that changes a block's choice.
 pub const MIN_GAIN: f64 = 0.005;
 
-/// Smallest relative loss reduction that moves the uniform start away from the default method:
-/// 7% of a squared-error loss is 0.3 dB of SQNR, the margin issue 14's bar allows. Smaller
-/// predicted gains are within the noise of 16-200 scored samples (digits CNN: mse 5% lower
-/// cross-fitted KL on 200 samples, 0.5 dB lower SQNR on the 360 held-out digits).
-pub const UNIFORM_MIN_GAIN: f64 = 0.07;
+/// Smallest relative loss reduction that moves the uniform start away from the default method.
+/// Set on testdata's digits CNN, so not an untuned figure: there mse's cross-fitted loss is
+/// 10.6% lower than percentile's on 200 samples, and its SQNR 0.45 dB lower on the 360
+/// held-out digits; PP-OCR cls, where mse is 3.6 dB better on held-out lines, shows 47%.
+/// Predicted gains this small are within the noise of the scored samples and of the
+/// calibration / held-out shift.
+pub const UNIFORM_MIN_GAIN: f64 = 0.15;
 
 /// Bounds of the derived number of scored samples (see [`AutoOptions::samples`]).
 pub const MIN_SAMPLES: usize = 16;
@@ -282,11 +284,9 @@ pub fn choose(
             .total_cmp(&uniform_scores[b].loss())
     });
     // Three candidates leave little to overfit and their scores are out of sample, so the
-    // lowest loss wins unless within UNIFORM_MIN_GAIN of the default. No standard-error guard:
-    // per-sample losses are heavy-tailed (a few samples near a decision boundary or with a
-    // rare large activation carry most of the loss, on held-out data too), so on SqueezeNet 1.1
-    // min-max's 37% lower cross-fitted loss was not 1 standard error better on 16 samples, and
-    // it is the best method on the held-out photos.
+    // lowest loss wins unless within UNIFORM_MIN_GAIN of the default; no standard-error guard
+    // (with a 2-sigma guard on in-sample scores, PP-OCR cls kept percentile, 3.6 dB under mse
+    // on held-out lines).
     let mut best = 0;
     if let Some(&lowest) = by_uniform_loss.first() {
         if uniform_scores[lowest].loss() < uniform_scores[best].loss() * (1.0 - UNIFORM_MIN_GAIN)
@@ -391,12 +391,23 @@ struct Score {
 }
 
 impl Score {
+    /// The number of feeds times the geometric mean of the per-feed losses (equal to their sum
+    /// when every feed has the same loss, below it otherwise). Per-sample losses are
+    /// heavy-tailed: summed, the one or two calibration samples whose rare large activation a
+    /// range from the other fold clips decide the choice (ResNet-18, MobileNetV3-small: the
+    /// cross-fitted sum preferred min-max 3x, which lost 1.5 and 1.0 dB on the held-out
+    /// photos); the geometric mean asks which range serves the typical sample.
     fn loss(&self) -> f64 {
-        self.per_feed.iter().sum()
+        let n = self.per_feed.len();
+        if n == 0 {
+            return 0.0;
+        }
+        let mean_log = self.per_feed.iter().map(|&l| log_loss(l)).sum::<f64>() / n as f64;
+        n as f64 * mean_log.exp()
     }
 
     /// Lower by more than [`MIN_GAIN`] and by more than `sigmas` standard errors of the paired
-    /// per-feed differences (a one-feed score has no spread: the gain alone decides).
+    /// per-feed log-ratios (a one-feed score has no spread: the gain alone decides).
     fn reliably_below(&self, other: &Score, sigmas: f64) -> bool {
         let (a, b) = (self.loss(), other.loss());
         // NaN never gains.
@@ -409,12 +420,17 @@ impl Score {
             return true;
         }
         let d: Vec<f64> = (0..n)
-            .map(|i| self.per_feed[i] - other.per_feed[i])
+            .map(|i| log_loss(self.per_feed[i]) - log_loss(other.per_feed[i]))
             .collect();
         let mean = d.iter().sum::<f64>() / n as f64;
         let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
         mean < -sigmas * (var / n as f64).sqrt()
     }
+}
+
+/// `ln` of one feed's loss, floored so an exact output (loss 0) stays finite.
+fn log_loss(l: f64) -> f64 {
+    l.max(1e-30).ln()
 }
 
 /// How many standard errors a paired improvement must clear to change a block's choice.
