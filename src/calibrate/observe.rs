@@ -289,10 +289,7 @@ pub fn observers_by_fold(
     calib: &CalibrationSet,
     opts: &ObserveOptions,
     folds: usize,
-) -> Result<(
-    IndexMap<String, Observer>,
-    Vec<IndexMap<String, Observer>>,
-)> {
+) -> Result<(IndexMap<String, Observer>, Vec<IndexMap<String, Observer>>)> {
     let fresh = || -> IndexMap<String, Observer> {
         tensors
             .iter()

@@ -258,7 +258,8 @@ pub fn choose(
             .iter()
             .map(|c| {
                 let params = if folds == 0 {
-                    vec![plan.activation_params(&assign_from(&candidates, c), opts.activation_scheme)?]
+                    vec![plan
+                        .activation_params(&assign_from(&candidates, c), opts.activation_scheme)?]
                 } else {
                     (0..folds)
                         .map(|f| {
@@ -289,8 +290,7 @@ pub fn choose(
     // on held-out lines).
     let mut best = 0;
     if let Some(&lowest) = by_uniform_loss.first() {
-        if uniform_scores[lowest].loss() < uniform_scores[best].loss() * (1.0 - UNIFORM_MIN_GAIN)
-        {
+        if uniform_scores[lowest].loss() < uniform_scores[best].loss() * (1.0 - UNIFORM_MIN_GAIN) {
             best = lowest;
         }
     }
@@ -551,9 +551,7 @@ impl Scorer {
         tensors: &[String],
         elements_per_sample: f64,
     ) -> Result<Scorer> {
-        let n = opts
-            .auto
-            .scored_samples(calib.samples, elements_per_sample);
+        let n = opts.auto.scored_samples(calib.samples, elements_per_sample);
         let (feeds, batch_of, samples) = scored_feeds(calib, n);
         anyhow::ensure!(
             !feeds.is_empty(),
@@ -658,7 +656,11 @@ impl Scorer {
             .zip(self.batch_of.par_iter())
             .map(|((feed, reference), &batch)| {
                 let mut inputs = feed.clone();
-                inputs.extend(extras[(batch % FOLDS).min(extras.len() - 1)].iter().cloned());
+                inputs.extend(
+                    extras[(batch % FOLDS).min(extras.len() - 1)]
+                        .iter()
+                        .cloned(),
+                );
                 let outs = self.runner.run(&inputs).context("auto: scoring run")?;
                 Ok(self
                     .kinds
