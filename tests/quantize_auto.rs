@@ -1,6 +1,7 @@
-//! `--method auto` (the default range method): on trained testdata models and held-out data it
-//! is never meaningfully worse than the best fixed method, its report accounts for every
-//! tensor, and its choice does not depend on the thread count.
+//! `--method auto` (opt-in range method): on trained testdata models and held-out data it
+//! is never meaningfully worse than the best fixed method, every sample is scored with ranges
+//! estimated without it, its report accounts for every tensor, and its choice does not depend
+//! on the thread count.
 
 mod common;
 
@@ -27,7 +28,11 @@ fn held_out() -> (ArrayD<f32>, Vec<i64>) {
 }
 
 fn quantized_with(file: &str, method: Method) -> (Model, Model, serde_json::Value) {
-    let (float, calib) = digits_model_with(file, 200);
+    quantized_on(file, method, 200)
+}
+
+fn quantized_on(file: &str, method: Method, samples: usize) -> (Model, Model, serde_json::Value) {
+    let (float, calib) = digits_model_with(file, samples);
     let mut q = float.clone();
     let opts = QuantizeOptions {
         method,
@@ -102,6 +107,22 @@ fn auto_reports_every_tensor_and_never_scores_above_its_start() {
     assert_eq!(auto["evaluations"].as_u64().unwrap(), 3 + 4 * 2);
     let covered: u64 = blocks.iter().map(|b| b["tensors"].as_u64().unwrap()).sum();
     assert_eq!(covered as usize, tensors.len());
+}
+
+#[test]
+fn auto_cross_fits_even_a_single_calibration_batch() {
+    // 200 samples in batches of 64: four batches, two folds. 40 samples: one batch, cut in two.
+    for samples in [200, 40] {
+        let (_, _, details) = quantized_on("digits_cnn.onnx", Method::Auto, samples);
+        let auto = &details["auto"];
+        assert_eq!(auto["cross_fitted"], true, "{samples} samples");
+        // A tiny model: the scoring budget affords every calibration sample.
+        assert_eq!(auto["samples"].as_u64().unwrap(), samples.min(256) as u64);
+        assert!(auto["elements_per_sample"].as_f64().unwrap() > 64.0);
+    }
+    // One sample cannot be split: scored in sample, and said so.
+    let (_, _, details) = quantized_on("digits_cnn.onnx", Method::Auto, 1);
+    assert_eq!(details["auto"]["cross_fitted"], false);
 }
 
 #[test]

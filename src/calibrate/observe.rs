@@ -275,10 +275,29 @@ pub fn observers(
     calib: &CalibrationSet,
     opts: &ObserveOptions,
 ) -> Result<IndexMap<String, Observer>> {
-    let mut observers: IndexMap<String, Observer> = tensors
-        .iter()
-        .map(|t| (t.clone(), Observer::new(opts.method.needs_histogram())))
-        .collect();
+    Ok(observers_by_fold(model, tensors, calib, opts, 0)?.0)
+}
+
+/// The same run as [`observers`], also keeping `folds` observers per tensor that each see only
+/// the calibration batches `b` with `b % folds == fold` (none when `folds` is 0), so that a
+/// range estimated on one fold can be scored on the others' data (`auto`'s cross-fitting).
+/// One model run per batch, whatever `folds`.
+#[allow(clippy::type_complexity)]
+pub fn observers_by_fold(
+    model: &ModelProto,
+    tensors: &[String],
+    calib: &CalibrationSet,
+    opts: &ObserveOptions,
+    folds: usize,
+) -> Result<(IndexMap<String, Observer>, Vec<IndexMap<String, Observer>>)> {
+    let fresh = || -> IndexMap<String, Observer> {
+        tensors
+            .iter()
+            .map(|t| (t.clone(), Observer::new(opts.method.needs_histogram())))
+            .collect()
+    };
+    let mut observers = fresh();
+    let mut by_fold: Vec<IndexMap<String, Observer>> = (0..folds).map(|_| fresh()).collect();
     let inputs: Vec<&String> = tensors
         .iter()
         .filter(|t| calib.input_names.contains(t))
@@ -288,7 +307,8 @@ pub fn observers(
         .filter(|t| !calib.input_names.contains(t))
         .cloned()
         .collect();
-    stream(model, &extra, calib, "calibrating", |_, batch, outs| {
+    stream(model, &extra, calib, "calibrating", |b, batch, outs| {
+        let mut seen: Vec<(&str, &ArrayD<f32>)> = Vec::with_capacity(tensors.len());
         for name in &inputs {
             let k = calib
                 .input_names
@@ -297,15 +317,21 @@ pub fn observers(
                 .expect("filtered above");
             // Integer and bool inputs pass through: only float values are observed.
             if let Some(a) = batch[k].as_f32() {
-                update(&mut observers, name, a, opts.moving_average);
+                seen.push((name.as_str(), a));
             }
         }
         for (name, out) in extra.iter().zip(outs) {
-            update(&mut observers, name, out, opts.moving_average);
+            seen.push((name.as_str(), out));
+        }
+        for (name, a) in seen {
+            update(&mut observers, name, a, opts.moving_average);
+            if folds > 0 {
+                update(&mut by_fold[b % folds], name, a, opts.moving_average);
+            }
         }
         Ok(())
     })?;
-    Ok(observers)
+    Ok((observers, by_fold))
 }
 
 /// Run the model over every calibration batch once with `extra` tensors as extra outputs, and

@@ -176,8 +176,8 @@ pub struct CompressArgs {
     /// Percentile for --method percentile (alone, it selects that method).
     #[arg(long, value_name = "P", help_heading = "Quantization")]
     pub percentile: Option<f64>,
-    /// --method auto: calibration samples each candidate assignment is scored on (default:
-    /// enough for about twice the calibration's forward passes, 8 to 256).
+    /// --method auto: calibration samples each candidate assignment is scored on (default: as
+    /// many as a fixed activation-element budget affords, 16 to 256: all of them on small models).
     #[arg(long, value_name = "N", help_heading = "Quantization")]
     pub auto_samples: Option<usize>,
     /// --method auto: contiguous blocks of tensors refined one after the other (0: one method
