@@ -2,6 +2,7 @@
 //! layers that observe data (calibrate, hessian), rewrite models (passes) and compare runs
 //! (validate).
 //!
+//! - `by_reference`: large untouched weights handed to tract as references to the mapped input.
 //! - [`feed`]: a graph input's value in its declared element type.
 //! - [`runner`]: load a `ModelProto` with pinned inputs, expose intermediate tensors, run.
 //! - [`simulate`]: the exact rewrites that let tract run what it cannot load as is (constant
@@ -11,6 +12,7 @@
 //! - [`weightless`]: a copy for shape analysis with the large weights as inputs.
 //! - `tensor`: payload decoding with the type checks and messages the runtime needs.
 
+mod by_reference;
 pub mod feed;
 mod runner;
 pub mod shapes;

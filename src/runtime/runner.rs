@@ -9,8 +9,8 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use ndarray::ArrayD;
 use prost::Message;
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable,
-    IntoTensor, OutletId, TVec, TypedRunnableModel,
+    DatumType, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, IntoTensor,
+    OutletId, TVec, TypedRunnableModel,
 };
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -156,18 +156,35 @@ fn onnx_code(dt: DatumType) -> Option<DataType> {
     })
 }
 
-/// Parses `model` with tract (value_info ignored), without pinning anything.
+/// Parses `model` with tract (value_info ignored), without pinning anything. Large untouched
+/// weights go by reference to the mapped input ([`super::by_reference`]), not through the encoding.
 fn load(model: &ModelProto) -> Result<InferenceModel> {
-    let bytes = model.encode_to_vec();
+    let mut onnx = tract_onnx::onnx().with_ignore_value_info(true);
+    let referenced = super::by_reference::with_references(model);
+    let (proto, dir) = match referenced {
+        Some((light, dir, resolver)) => {
+            onnx.provider = Arc::new(resolver);
+            (std::borrow::Cow::Owned(light), Some(dir))
+        }
+        None => (std::borrow::Cow::Borrowed(model), None),
+    };
+    let bytes = proto.encode_to_vec();
+    drop(proto);
     let pb = tract_onnx::pb::ModelProto::decode(bytes.as_slice())
         .context("re-reading the model as tract's protobuf")?;
     // Each copy of the weights is dropped as soon as the next exists (a 2 GiB model).
     drop(bytes);
-    tract_onnx::onnx()
-        .with_ignore_value_info(true)
-        .model_for_proto_model(&pb)
+    let dir = dir.as_ref().and_then(|d| d.to_str());
+    let parsed = onnx
+        .parse(&pb, dir)
         .map_err(|e| anyhow!("{e:#}"))
-        .context("tract 0.23.9 could not load the model")
+        .context("tract 0.23.9 could not load the model")?;
+    ensure!(
+        parsed.unresolved_inputs.is_empty(),
+        "tract 0.23.9 could not load the model: unresolved inputs {:?}",
+        parsed.unresolved_inputs
+    );
+    Ok(parsed.model)
 }
 
 fn pin_inputs(im: &mut InferenceModel, specs: &[InputSpec]) -> Result<()> {
