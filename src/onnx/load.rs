@@ -16,12 +16,7 @@ use bytes::Bytes;
 use prost::Message;
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
-
-/// Every mapping still alive in the process, so [`mapped_origin`] can tell where a payload came
-/// from without threading the load's `LoadInfo` through every caller that hands a model to a
-/// runtime. Weak: a mapping lives as long as its payloads do, not longer.
-static LIVE_MAPPINGS: Mutex<Vec<Weak<MappedFile>>> = Mutex::new(Vec::new());
+use std::sync::Arc;
 
 /// A read-only mapping of one input file, shared by the payloads that are views of it.
 #[derive(Debug)]
@@ -55,16 +50,11 @@ impl MappedFile {
         // the module docs); another process truncating the file mid-run is outside what a
         // model file can do to us.
         let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
-        let mapped = Arc::new(MappedFile {
+        Some(Arc::new(MappedFile {
             path: path.to_path_buf(),
             file,
             map,
-        });
-        if let Ok(mut live) = LIVE_MAPPINGS.lock() {
-            live.retain(|w| w.strong_count() > 0);
-            live.push(Arc::downgrade(&mapped));
-        }
-        Some(mapped)
+        }))
     }
 
     /// The bytes `[start, end)` of the file as a payload sharing the mapping.
@@ -80,11 +70,6 @@ impl MappedFile {
         self.map.len() as u64
     }
 
-    /// The whole file's bytes, as mapped when it was opened.
-    pub fn bytes(&self) -> &[u8] {
-        &self.map
-    }
-
     /// The offset in this file where `payload` starts, when `payload` is a view of it.
     pub fn locate(&self, payload: &[u8]) -> Option<u64> {
         let base = self.map.as_ptr() as usize;
@@ -92,18 +77,6 @@ impl MappedFile {
         (start >= base && start + payload.len() <= base + self.map.len())
             .then(|| (start - base) as u64)
     }
-}
-
-/// The input file `payload` is an unchanged view of, and its offset there: `None` for a payload
-/// a pass wrote or one read from a pipe.
-pub fn mapped_origin(payload: &[u8]) -> Option<(Arc<MappedFile>, u64)> {
-    if payload.is_empty() {
-        return None;
-    }
-    let live = LIVE_MAPPINGS.lock().ok()?;
-    live.iter()
-        .filter_map(Weak::upgrade)
-        .find_map(|m| m.locate(payload).map(|offset| (m, offset)))
 }
 
 /// Whether a model came with external data (callers keep that layout on save by default), and

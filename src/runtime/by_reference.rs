@@ -1,72 +1,46 @@
-//! Weights handed to tract by reference: a large payload that is still an untouched view of a
-//! memory-mapped input file reaches tract as an ONNX external-data reference into that file,
-//! and tract's data resolver copies it from our mapping straight into its own tensor.
+//! Weights handed to tract by reference: every large payload reaches tract as an ONNX
+//! external-data reference, and tract's data resolver (ours) copies it from our `Bytes`
+//! straight into its own tensor.
 //!
 //! Why: tract takes a protobuf. Encoding our `ModelProto` copies every weight (our encoding),
 //! decoding copies it again (tract's protobuf), and tract's tensors are the third copy: on a
-//! 2 GiB model the first two were 4 GiB of transient memory per tract load. By reference, the
-//! encoded model is a few kilobytes and each weight is copied once.
+//! 2 GiB model the first two were 4 GiB of transient memory per tract load (the original's for
+//! calibration and validation, the simulation graph's folded float weights for validation).
+//! By reference, the encoded model is a few kilobytes and each weight is copied once.
 //!
 //! ```text
-//! before: initializer W { raw_data: <view of model.onnx.data at 1024, 256 MiB> }
+//! before: initializer W { raw_data: <256 MiB> }
 //! after:  initializer W { data_location: EXTERNAL,
-//!                         external_data: { location: "model.onnx.data", offset: "1024",
-//!                                          length: "268435456" } }
+//!                         external_data: { location: ".", offset: "3", length: "268435456" } }
 //! ```
 //!
-//! Conditions: payloads of at least [`MIN_BYTES`] that [`mapped_origin`] finds in a live
-//! mapping whose file is in the chosen directory (tract resolves every location against one
-//! model directory: the directory holding most such bytes). Payloads a pass wrote, and small
-//! ones, stay inline. The resolver serves bytes from the mapping, not from the path: the path
-//! only has to exist for tract's checks, so an output renamed over the input cannot change
-//! what tract reads.
+//! The reference is not a file: tract only requires the location to resolve, inside the model
+//! directory it was given, to something that exists, so the location is that directory itself
+//! (`.`, an anchor that always exists) and the offset is the payload's index in the table the
+//! resolver serves. Nothing is read from disk, so an output renamed over the input cannot change
+//! what tract sees. Conditions: payloads of at least [`MIN_BYTES`]; smaller ones stay inline.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
+use bytes::Bytes;
 use tract_onnx::data_resolver::ModelDataResolver;
 use tract_onnx::tract_hir::internal::{ensure, format_err, TractResult};
 
-use crate::onnx::load::{for_each_tensor_mut, mapped_origin, MappedFile};
+use crate::onnx::load::for_each_tensor_mut;
 use crate::onnx::proto::tensor_proto::DataLocation;
 use crate::onnx::proto::{ModelProto, StringStringEntryProto};
 
 /// Smaller payloads are cheaper to copy through the encoding than to look up.
 pub const MIN_BYTES: usize = 64 * 1024;
 
-/// `model` with its large untouched payloads as references, the directory they are relative
-/// to, and the resolver that serves them; `None` when no payload qualifies.
-pub(crate) fn with_references(model: &ModelProto) -> Option<(ModelProto, PathBuf, MappedResolver)> {
+/// `model` with its large payloads as references, the directory they are relative to, and the
+/// resolver that serves them; `None` when no payload qualifies or no anchor directory resolves.
+pub(crate) fn with_references(model: &ModelProto) -> Option<(ModelProto, PathBuf, PayloadTable)> {
+    let anchor = std::env::temp_dir().canonicalize().ok()?;
     let mut light = model.clone();
-    // One pass to find the directory holding most referenced bytes, one to rewrite.
-    let mut bytes_by_dir: HashMap<PathBuf, u64> = HashMap::new();
+    let mut payloads: Vec<Bytes> = Vec::new();
     let _ = for_each_tensor_mut(&mut light, &mut |t| {
-        let raw = t.raw_data.as_deref().unwrap_or_default();
-        if let Some((file, _)) = origin(raw) {
-            if let Some(dir) = canonical_dir(&file.path) {
-                *bytes_by_dir.entry(dir).or_default() += raw.len() as u64;
-            }
-        }
-        Ok(())
-    });
-    let dir = bytes_by_dir
-        .into_iter()
-        .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(&a.0)))?
-        .0;
-    let mut files: HashMap<PathBuf, Arc<MappedFile>> = HashMap::new();
-    let _ = for_each_tensor_mut(&mut light, &mut |t| {
-        let raw_len = t.raw_data.as_ref().map_or(0, |r| r.len());
-        let Some((file, offset)) = origin(t.raw_data.as_deref().unwrap_or_default()) else {
-            return Ok(());
-        };
-        let Some(canonical) = std::fs::canonicalize(&file.path).ok() else {
-            return Ok(());
-        };
-        if canonical.parent() != Some(dir.as_path()) {
-            return Ok(());
-        }
-        let Some(location) = canonical.file_name().and_then(|n| n.to_str()) else {
+        let Some(raw) = t.raw_data.take_if(|r| r.len() >= MIN_BYTES) else {
             return Ok(());
         };
         let entry = |key: &str, value: String| StringStringEntryProto {
@@ -74,56 +48,53 @@ pub(crate) fn with_references(model: &ModelProto) -> Option<(ModelProto, PathBuf
             value: Some(value),
         };
         t.external_data = vec![
-            entry("location", location.to_string()),
-            entry("offset", offset.to_string()),
-            entry("length", raw_len.to_string()),
+            entry("location", ".".into()),
+            entry("offset", payloads.len().to_string()),
+            entry("length", raw.len().to_string()),
         ];
         t.data_location = Some(DataLocation::External as i32);
-        t.raw_data = None;
-        files.insert(canonical, file);
+        payloads.push(raw);
         Ok(())
     });
-    Some((light, dir, MappedResolver { files }))
+    if payloads.is_empty() {
+        return None;
+    }
+    let table = PayloadTable {
+        anchor: anchor.clone(),
+        payloads,
+    };
+    Some((light, anchor, table))
 }
 
-fn origin(payload: &[u8]) -> Option<(Arc<MappedFile>, u64)> {
-    (payload.len() >= MIN_BYTES)
-        .then(|| mapped_origin(payload))
-        .flatten()
+/// Serves tract's external-data reads from the payloads the references were made from.
+pub(crate) struct PayloadTable {
+    anchor: PathBuf,
+    payloads: Vec<Bytes>,
 }
 
-fn canonical_dir(path: &Path) -> Option<PathBuf> {
-    std::fs::canonicalize(path)
-        .ok()?
-        .parent()
-        .map(Path::to_path_buf)
-}
-
-/// Serves tract's external-data reads from the mappings the references were made from.
-pub(crate) struct MappedResolver {
-    files: HashMap<PathBuf, Arc<MappedFile>>,
-}
-
-impl ModelDataResolver for MappedResolver {
+impl ModelDataResolver for PayloadTable {
     fn read_bytes_from_path(
         &self,
         buf: &mut Vec<u8>,
         p: &Path,
-        offset: usize,
+        index: usize,
         length: Option<usize>,
     ) -> TractResult<()> {
-        let file = self
-            .files
-            .get(p)
-            .ok_or_else(|| format_err!("{} is not a mapped input file", p.display()))?;
-        let bytes = file.bytes();
-        let end = length.map_or(bytes.len(), |l| offset.saturating_add(l));
         ensure!(
-            offset <= end && end <= bytes.len(),
-            "external data range {offset}..{end} is out of bounds ({} bytes)",
-            bytes.len()
+            p == self.anchor,
+            "external data {} is not a reference this run made",
+            p.display()
         );
-        buf.extend_from_slice(&bytes[offset..end]);
+        let payload = self
+            .payloads
+            .get(index)
+            .ok_or_else(|| format_err!("payload reference {index} is out of range"))?;
+        ensure!(
+            length.is_none_or(|l| l == payload.len()),
+            "payload reference {index} has {} bytes, not {length:?}",
+            payload.len()
+        );
+        buf.extend_from_slice(payload);
         Ok(())
     }
 }

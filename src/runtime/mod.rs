@@ -2,7 +2,7 @@
 //! layers that observe data (calibrate, hessian), rewrite models (passes) and compare runs
 //! (validate).
 //!
-//! - `by_reference`: large untouched weights handed to tract as references to the mapped input.
+//! - `by_reference`: large weights handed to tract by reference, not through the encoding.
 //! - [`feed`]: a graph input's value in its declared element type.
 //! - [`runner`]: load a `ModelProto` with pinned inputs, expose intermediate tensors, run.
 //! - [`simulate`]: the exact rewrites that let tract run what it cannot load as is (constant

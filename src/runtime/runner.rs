@@ -157,7 +157,7 @@ fn onnx_code(dt: DatumType) -> Option<DataType> {
 }
 
 /// Parses `model` with tract (value_info ignored), without pinning anything. Large untouched
-/// weights go by reference to the mapped input ([`super::by_reference`]), not through the encoding.
+/// weights go by reference ([`super::by_reference`]), not through the encoding.
 fn load(model: &ModelProto) -> Result<InferenceModel> {
     let mut onnx = tract_onnx::onnx().with_ignore_value_info(true);
     let referenced = super::by_reference::with_references(model);
