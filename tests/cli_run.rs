@@ -642,3 +642,42 @@ fn input_shape_alone_collapses_an_if_on_the_batch_size() {
     assert_eq!(code, 0);
     assert!(!stdout.contains("collapsed"), "{stdout}");
 }
+
+#[test]
+fn calibrated_int8_is_the_same_whatever_the_thread_count() {
+    let d = tempfile::tempdir().unwrap();
+    let t = testdata();
+    let m = t.join("digits_deep.onnx");
+    let calib = t.join("digits_calib_x.npy");
+    for method in ["percentile", "auto"] {
+        let mut bytes = Vec::new();
+        for threads in ["1", "2"] {
+            let out = d.path().join(format!("{method}_{threads}.onnx"));
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-compress"))
+                .args([
+                    m.to_str().unwrap(),
+                    "-o",
+                    out.to_str().unwrap(),
+                    "--calib",
+                    calib.to_str().unwrap(),
+                    "--method",
+                    method,
+                    "--no-validate",
+                    "-q",
+                ])
+                .env("RAYON_NUM_THREADS", threads)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{method} {threads}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            bytes.push(std::fs::read(&out).unwrap());
+        }
+        assert!(
+            bytes[0] == bytes[1],
+            "--method {method}: 1 and 2 threads give different outputs"
+        );
+    }
+}
