@@ -423,7 +423,7 @@ fn conv2d(node: &crate::onnx::proto::NodeProto, wshape: &[usize]) -> Option<Conv
         return None;
     }
     let ints = |n: &str| node.attr_ints(n).ok().flatten();
-    let spatial = wshape.len() - 2;
+    let spatial = wshape.len().checked_sub(2)?;
     let (kh, kw) = match spatial {
         1 => (1, wshape[2]),
         2 => (wshape[2], wshape[3]),
