@@ -14,8 +14,51 @@ use super::data::CalibrationSet;
 use crate::onnx::proto::ModelProto;
 use anyhow::{bail, ensure, Result};
 use indexmap::IndexMap;
-use ndarray::{Array2, ArrayD};
+use ndarray::{Array2, ArrayD, ArrayView4};
 use rayon::prelude::*;
+
+/// How a conv reads its input: kernel (H, W), strides, begin pads and dilations (H, W).
+#[derive(Debug, Clone, Copy)]
+pub struct ConvWindow {
+    pub kernel: [usize; 2],
+    pub strides: [usize; 2],
+    pub pads: [usize; 2],
+    pub dil: [usize; 2],
+}
+
+/// The im2col rows of a conv's input `x` (NCHW) at the output positions `pos` (sample, y, x),
+/// over the input channels `channels` (one group): row `r` holds, for each channel, kernel row
+/// and kernel column in that order, the input value the kernel tap reads (0 in the padding).
+/// The Gram matrix of a conv layer is that of these rows.
+pub fn conv_patches(
+    x: ArrayView4<f32>,
+    c: &ConvWindow,
+    channels: std::ops::Range<usize>,
+    pos: &[(usize, usize, usize)],
+) -> Array2<f64> {
+    let (h, w) = (x.shape()[2], x.shape()[3]);
+    let [kh, kw] = c.kernel;
+    let mut a = Array2::<f64>::zeros((pos.len(), channels.len() * kh * kw));
+    for (r, &(n, oy, ox)) in pos.iter().enumerate() {
+        for (ci, channel) in channels.clone().enumerate() {
+            for ky in 0..kh {
+                let iy = (oy * c.strides[0] + ky * c.dil[0]) as isize - c.pads[0] as isize;
+                if iy < 0 || iy as usize >= h {
+                    continue;
+                }
+                for kx in 0..kw {
+                    let ix = (ox * c.strides[1] + kx * c.dil[1]) as isize - c.pads[1] as isize;
+                    if ix < 0 || ix as usize >= w {
+                        continue;
+                    }
+                    a[[r, (ci * kh + ky) * kw + kx]] =
+                        f64::from(x[[n, channel, iy as usize, ix as usize]]);
+                }
+            }
+        }
+    }
+    a
+}
 
 /// `Xᵀ X` of one tensor's rows (its last axis is the feature axis).
 #[derive(Debug, Clone, PartialEq)]

@@ -29,6 +29,7 @@ use super::groups::{Group, Member};
 use super::importance::AxisStats;
 use super::segments::Forward;
 use super::{Applied, PruneOptions, Reconstruct};
+use crate::calibrate::gram::{conv_patches, ConvWindow};
 use crate::ir::layer::{Layer, LayerKind};
 use crate::ir::op::{self, Attrs};
 use crate::ir::{Graph, Model, Patch};
@@ -349,28 +350,17 @@ pub(super) fn positions(n: usize, oh: usize, ow: usize, max: usize) -> Vec<(usiz
 }
 
 pub(super) fn im2col(x: &ArrayD<f32>, c: &Conv2d, pos: &[(usize, usize, usize)]) -> Array2<f64> {
-    let (ch, h, w) = (x.shape()[1], x.shape()[2], x.shape()[3]);
-    let d = ch * c.kh * c.kw;
-    let mut a = Array2::<f64>::zeros((pos.len(), d));
-    for (r, &(n, oy, ox)) in pos.iter().enumerate() {
-        for ci in 0..ch {
-            for ky in 0..c.kh {
-                let iy = (oy * c.strides[0] + ky * c.dil[0]) as isize - c.pads[0] as isize;
-                if iy < 0 || iy as usize >= h {
-                    continue;
-                }
-                for kx in 0..c.kw {
-                    let ix = (ox * c.strides[1] + kx * c.dil[1]) as isize - c.pads[1] as isize;
-                    if ix < 0 || ix as usize >= w {
-                        continue;
-                    }
-                    a[[r, (ci * c.kh + ky) * c.kw + kx]] =
-                        f64::from(x[[n, ci, iy as usize, ix as usize]]);
-                }
-            }
-        }
-    }
-    a
+    let x4 = x
+        .view()
+        .into_dimensionality::<ndarray::Ix4>()
+        .expect("conv2d_attrs admits rank-4 weights only, so inputs are NCHW");
+    let window = ConvWindow {
+        kernel: [c.kh, c.kw],
+        strides: c.strides,
+        pads: c.pads,
+        dil: c.dil,
+    };
+    conv_patches(x4, &window, 0..x.shape()[1], pos)
 }
 
 /// Sampled rows for a conv consumer with `d` design columns: 8 per unknown up to 4096 rows,

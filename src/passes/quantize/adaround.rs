@@ -47,6 +47,7 @@ use super::materialize::{self, ActivationRanges};
 use super::placement::{Plan, WeightMark};
 use super::QuantizeOptions;
 use crate::calibrate::data::CalibrationSet;
+use crate::calibrate::gram::{conv_patches, ConvWindow};
 use crate::calibrate::params;
 use crate::ir::layer::{Layer, LayerKind};
 use crate::ir::op::{self, attr_int, Attrs};
@@ -494,29 +495,16 @@ fn patches(
     let x4 = x
         .view()
         .into_shape_with_order(four(x.shape()))
-        .expect("rank 3 or 4");
-    let (h, w) = (x4.shape()[2], x4.shape()[3]);
-    let k = cg * c.kh * c.kw;
-    let mut a = Array2::<f64>::zeros((pos.len(), k));
-    for (r, &(n, oy, ox)) in pos.iter().enumerate() {
-        for ci in 0..cg {
-            for ky in 0..c.kh {
-                let iy = (oy * c.strides[0] + ky * c.dil[0]) as isize - c.pads[0] as isize;
-                if iy < 0 || iy as usize >= h {
-                    continue;
-                }
-                for kx in 0..c.kw {
-                    let ix = (ox * c.strides[1] + kx * c.dil[1]) as isize - c.pads[1] as isize;
-                    if ix < 0 || ix as usize >= w {
-                        continue;
-                    }
-                    a[[r, (ci * c.kh + ky) * c.kw + kx]] =
-                        f64::from(x4[[n, gi * cg + ci, iy as usize, ix as usize]]);
-                }
-            }
-        }
-    }
-    a
+        .expect("rank 3 or 4")
+        .into_dimensionality::<ndarray::Ix4>()
+        .expect("four dims");
+    let window = ConvWindow {
+        kernel: [c.kh, c.kw],
+        strides: c.strides,
+        pads: c.pads,
+        dil: c.dil,
+    };
+    conv_patches(x4, &window, gi * cg..(gi + 1) * cg, pos)
 }
 
 fn four(shape: &[usize]) -> Vec<usize> {
