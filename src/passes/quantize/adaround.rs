@@ -879,6 +879,16 @@ pub fn learn(
         let not_input = |n: &&String| !calib.input_names.contains(n);
         let f_extra: Vec<String> = f_inputs.iter().filter(not_input).cloned().collect();
         let q_extra: Vec<String> = q_inputs.iter().filter(not_input).cloned().collect();
+        for t in &stage_tasks {
+            let elements = (t.features as u64)
+                .saturating_mul(t.features as u64)
+                .saturating_mul(3 * t.groups as u64);
+            crate::limits::MemoryBudget::default().check_elements(
+                &format!("adaround: the input Gram matrices of node '{}'", t.node),
+                elements,
+                8,
+            )?;
+        }
         let mut grams: Vec<Grams> = stage_tasks
             .iter()
             .map(|t| Grams {
