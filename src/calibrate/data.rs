@@ -111,6 +111,19 @@ impl CalibrationSet {
             .collect()
     }
 
+    /// Each input's batch axis by name, when a batch may be cut into single rows (the model does
+    /// not fix its batch size and the batches are not KV-cache steps): what validation runs
+    /// row by row.
+    pub fn row_axes(&self) -> Option<Vec<(String, Option<usize>)>> {
+        (!self.fixed_batch && self.sequence.is_none()).then(|| {
+            self.input_names
+                .iter()
+                .cloned()
+                .zip(self.batch_axes.iter().copied())
+                .collect()
+        })
+    }
+
     /// Rows of batch `b`: its size along the first batch axis (1 when no input has one).
     pub fn rows(&self, b: usize) -> usize {
         self.batch_axes

@@ -42,6 +42,8 @@ pub struct DataSources {
 pub struct EvalData {
     pub batches: Vec<NamedBatch>,
     pub labels: Option<Vec<i64>>,
+    /// Each input's batch axis, when the batches may be cut into rows ([`CalibrationSet::row_axes`]).
+    pub row_axes: Option<Vec<(String, Option<usize>)>>,
     /// A KV-cache decoder's token windows (prompts for the generation check).
     pub tokens: Option<Feed>,
 }
@@ -162,6 +164,7 @@ pub fn load_eval(
     Ok(Some(EvalData {
         batches,
         labels,
+        row_axes: set.row_axes(),
         tokens,
     }))
 }

@@ -299,6 +299,11 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
             .map(|e| e.batches.clone())
             .or(calibration_inputs),
         labels: eval_data.as_ref().and_then(|e| e.labels.clone()),
+        row_axes: match (&eval_data, &ctx.calibration) {
+            (Some(e), _) => e.row_axes.clone(),
+            (None, Some(c)) if !c.synthetic => c.row_axes(),
+            _ => None,
+        },
     };
     let validation = opts.validate.then(|| {
         // The output is written: a validation that cannot run is reported, not a failure.

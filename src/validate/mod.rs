@@ -39,6 +39,7 @@ pub mod latency;
 use anyhow::{bail, Context, Result};
 use ndarray::ArrayD;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use serde::{Serialize, Serializer};
 
 use crate::onnx::proto::tensor_proto::DataType;
@@ -65,6 +66,11 @@ pub struct ValidateOptions {
     /// The given `inputs` are the calibration data the output was fitted on (in-sample), not
     /// held-out data: reported as [`InputSource::Calibration`].
     pub in_sample: bool,
+    /// Each user input's batch axis (`None`: given whole to every row), when the given batches
+    /// may be cut into single rows: both models then run one row at a time, rows on all cores,
+    /// and latency is timed at batch 1. `None` (the model fixes its batch size, KV-cache
+    /// steps): each given batch runs as it is.
+    pub row_axes: Option<Vec<(String, Option<usize>)>>,
 }
 
 impl Default for ValidateOptions {
@@ -76,6 +82,7 @@ impl Default for ValidateOptions {
             samples: 4,
             labels: None,
             in_sample: false,
+            row_axes: None,
         }
     }
 }
@@ -244,9 +251,10 @@ pub fn validate(
         (Some(_), true) => InputSource::Calibration,
         (None, _) => InputSource::Synthetic,
     };
-    let user_batches = match &opts.inputs {
-        Some(given) => given.clone(),
-        None => Vec::new(),
+    let user_batches = match (&opts.inputs, &opts.row_axes) {
+        (Some(given), Some(axes)) => given.iter().flat_map(|b| rows_of(b, axes)).collect(),
+        (Some(given), None) => given.clone(),
+        (None, _) => Vec::new(),
     };
     let shapes: Vec<(String, Vec<usize>)> = match user_batches.first() {
         Some(first) => first
@@ -356,53 +364,60 @@ pub fn validate(
     let mut accs: Vec<Acc> = pairs.iter().map(|_| Acc::default()).collect();
     let mut shapes_out: Vec<Vec<usize>> = vec![Vec::new(); pairs.len()];
     let progress = crate::progress::Progress::bar("validating", batches.len() as u64);
-    for (b, batch) in batches.iter().enumerate() {
-        progress.inc(1);
-        let out_o = match &runner_o {
-            Some(r) => match r.run(batch) {
-                Ok(o) => o,
-                Err(e) => {
-                    return not_checked(report, Status::NotChecked, format!("original: {e:#}"))
+    // Batches run side by side (the original and the candidate too), a window at a time so
+    // that only a window's outputs are held; metrics are summed in batch order, so they are
+    // the same whatever the thread count.
+    let window = 4 * rayon::current_num_threads().max(1);
+    for start in (0..batches.len()).step_by(window) {
+        let end = (start + window).min(batches.len());
+        let stored: Vec<Option<Vec<ArrayD<f32>>>> = (start..end)
+            .map(|b| runner_o.is_none().then(|| std::mem::take(&mut stored_o[b])))
+            .collect();
+        let outputs: Vec<std::result::Result<RunPair, String>> = (start..end)
+            .into_par_iter()
+            .zip(stored)
+            .map(|(b, stored)| run_pair(runner_o.as_ref(), &runner_c, &batches[b], stored))
+            .collect();
+        for (b, result) in (start..end).zip(outputs) {
+            progress.inc(1);
+            let batch = &batches[b];
+            let (out_o, out_c) = match result {
+                Ok(pair) => pair,
+                Err(reason) => return not_checked(report, Status::NotChecked, reason),
+            };
+            for (k, &(i, j)) in pairs.iter().enumerate() {
+                let (r, c) = (&out_o[i], &out_c[j]);
+                if r.shape() != c.shape() {
+                    let name = &names_o[i];
+                    return not_checked(
+                        report,
+                        Status::Mismatch,
+                        format!(
+                            "output '{name}': original shape {:?}, candidate {:?}",
+                            r.shape(),
+                            c.shape()
+                        ),
+                    );
                 }
-            },
-            None => std::mem::take(&mut stored_o[b]),
-        };
-        let out_c = match runner_c.run(batch) {
-            Ok(o) => o,
-            Err(e) => return not_checked(report, Status::NotChecked, format!("candidate: {e:#}")),
-        };
-        for (k, &(i, j)) in pairs.iter().enumerate() {
-            let (r, c) = (&out_o[i], &out_c[j]);
-            if r.shape() != c.shape() {
-                let name = &names_o[i];
-                return not_checked(
-                    report,
-                    Status::Mismatch,
-                    format!(
-                        "output '{name}': original shape {:?}, candidate {:?}",
-                        r.shape(),
-                        c.shape()
-                    ),
-                );
-            }
-            shapes_out[k] = r.shape().to_vec();
-            accs[k].add(r, c);
-            if let [Feed::I64(tokens)] = batch.as_slice() {
-                if language::applies(tokens.shape(), r.shape()) {
-                    accs[k]
-                        .language
-                        .get_or_insert_with(Default::default)
-                        .add(tokens, r, c);
+                shapes_out[k] = r.shape().to_vec();
+                accs[k].add(r, c);
+                if let [Feed::I64(tokens)] = batch.as_slice() {
+                    if language::applies(tokens.shape(), r.shape()) {
+                        accs[k]
+                            .language
+                            .get_or_insert_with(Default::default)
+                            .add(tokens, r, c);
+                    }
+                }
+                if let Some(labels) = labels {
+                    accs[k].add_labels(r, c, labels.get(label_at..).unwrap_or(&[]));
                 }
             }
-            if let Some(labels) = labels {
-                accs[k].add_labels(r, c, labels.get(label_at..).unwrap_or(&[]));
-            }
+            label_at += out_o
+                .first()
+                .and_then(|o| o.shape().first().copied())
+                .unwrap_or(0);
         }
-        label_at += out_o
-            .first()
-            .and_then(|o| o.shape().first().copied())
-            .unwrap_or(0);
     }
     report.samples = batches.len();
     report.outputs = pairs
@@ -432,6 +447,67 @@ pub fn validate(
         report.reason = Some(failures.join("; "));
     }
     Ok(report)
+}
+
+/// The original's and the candidate's outputs on one batch.
+type RunPair = (Vec<ArrayD<f32>>, Vec<ArrayD<f32>>);
+
+/// Run both models on `batch` side by side (the original's outputs may be `stored` already);
+/// an error names the model that failed.
+fn run_pair(
+    original: Option<&Runner>,
+    candidate: &Runner,
+    batch: &[Feed],
+    stored: Option<Vec<ArrayD<f32>>>,
+) -> std::result::Result<RunPair, String> {
+    let (out_o, out_c) = rayon::join(
+        || match (stored, original) {
+            (Some(o), _) => Ok(o),
+            (None, Some(r)) => r.run(batch),
+            (None, None) => Err(anyhow::anyhow!("no outputs")),
+        },
+        || candidate.run(batch),
+    );
+    let out_o = out_o.map_err(|e| format!("original: {e:#}"))?;
+    let out_c = out_c.map_err(|e| format!("candidate: {e:#}"))?;
+    Ok((out_o, out_c))
+}
+
+/// `batch` cut into single rows along each input's axis (inputs without one are given whole to
+/// every row). A batch whose inputs disagree on their row count stays whole.
+fn rows_of(
+    batch: &crate::calibrate::NamedBatch,
+    axes: &[(String, Option<usize>)],
+) -> Vec<crate::calibrate::NamedBatch> {
+    let axis_of = |name: &str| {
+        axes.iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, a)| *a)
+    };
+    let counts: Vec<usize> = batch
+        .iter()
+        .filter_map(|(n, f)| axis_of(n).and_then(|a| f.shape().get(a).copied()))
+        .collect();
+    let Some(&rows) = counts.first() else {
+        return vec![batch.clone()];
+    };
+    if rows <= 1 || counts.iter().any(|&c| c != rows) {
+        return vec![batch.clone()];
+    }
+    (0..rows)
+        .map(|r| {
+            batch
+                .iter()
+                .map(|(n, f)| {
+                    let feed = match axis_of(n) {
+                        Some(a) => f.slice_axis(a, r..r + 1),
+                        None => f.clone(),
+                    };
+                    (n.clone(), feed)
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Latency of both models on `batch` ([`latency`]): the candidate as written when tract loads
