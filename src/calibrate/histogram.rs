@@ -45,10 +45,32 @@ impl Default for Histogram {
 
 impl Histogram {
     pub fn add(&mut self, data: &[f32]) {
-        let amax = data.iter().fold(0f32, |m, &v| m.max(v.abs()));
+        self.add_parts(&[data]);
+    }
+
+    /// [`Histogram::add`] of the concatenation of `parts` (one batch observed in pieces): the
+    /// same counts and the same range, without joining them.
+    pub fn add_parts(&mut self, parts: &[&[f32]]) {
+        let amax = parts
+            .iter()
+            .fold(0f32, |m, p| p.iter().fold(m, |m, &v| m.max(v.abs())));
+        self.add_parts_within(parts, amax, |_| {});
+    }
+
+    /// [`Histogram::add_parts`] when the largest |x| of the parts (NaN ignored) is known
+    /// already, handing every value to `each` in order on the way (the observer's sum of
+    /// squares rides along): one pass over the values.
+    pub(super) fn add_parts_within(
+        &mut self,
+        parts: &[&[f32]],
+        amax: f32,
+        mut each: impl FnMut(f32),
+    ) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         if amax == 0.0 && self.r == 0.0 {
-            self.pending_zeros += data.len() as u64;
-            self.exact_zeros += data.len() as u64;
+            parts.iter().for_each(|p| p.iter().for_each(|&v| each(v)));
+            self.pending_zeros += len as u64;
+            self.exact_zeros += len as u64;
             return;
         }
         if self.r == 0.0 {
@@ -60,16 +82,30 @@ impl Histogram {
         }
         let w = self.r / FINE_BINS as f32;
         let top = 2 * FINE_BINS - 1;
-        for &v in data {
-            self.exact_zeros += (v == 0.0) as u64;
-            let i = ((v + self.r) / w).floor();
-            let i = if i.is_nan() {
-                continue;
-            } else {
-                (i.max(0.0) as usize).min(top)
-            };
-            self.counts[i] += 1;
+        // The bin of x is floor((x + r) / w) clamped to [0, top]; for a non-negative quotient
+        // a truncating cast is the floor, and a negative one lands in bin 0 either way (no libm
+        // call per value). Exact zeros (half of a ReLU output) all share one bin: counted
+        // apart and added once, not incremented one by one on the same counter.
+        let bin = |v: f32| -> Option<usize> {
+            let x = (v + self.r) / w;
+            (!x.is_nan()).then(|| (x.max(0.0) as usize).min(top))
+        };
+        let zero_bin = bin(0.0);
+        let mut zeros = 0u64;
+        for part in parts {
+            for &v in *part {
+                each(v);
+                if v == 0.0 {
+                    zeros += 1;
+                } else if let Some(i) = bin(v) {
+                    self.counts[i] += 1;
+                }
+            }
         }
+        if let Some(i) = zero_bin {
+            self.counts[i] += zeros;
+        }
+        self.exact_zeros += zeros;
     }
 
     /// Double the range, merging pairs of bins on each side of 0.

@@ -156,34 +156,44 @@ impl Observer {
     }
 
     pub fn update(&mut self, data: &[f32], moving_average: Option<f32>) {
-        if data.is_empty() {
+        self.update_parts(&[data], moving_average);
+    }
+
+    /// [`Observer::update`] with one batch given as consecutive `parts` (the batch's rows run
+    /// in pieces side by side): every fold runs over the parts in order, so the result is the
+    /// one `update` gives on their concatenation, bit for bit.
+    pub fn update_parts(&mut self, parts: &[&[f32]], moving_average: Option<f32>) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len == 0 {
             return;
         }
-        let (bmin, bmax) = data
-            .iter()
-            .filter(|v| !v.is_nan())
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-                (a.min(v), b.max(v))
-            });
+        let (bmin, bmax) = min_max(parts);
         if bmin > bmax {
             return;
         }
+        // The sum of squares of the finite values, in their order, rides along the histogram's
+        // pass when there is one.
+        let (mut sum, mut n) = (0.0f64, 0usize);
+        let mut add_square = |v: f32| {
+            if v.is_finite() {
+                sum += (v as f64).powi(2);
+                n += 1;
+            }
+        };
+        match &mut self.hist {
+            // max |x| over the non-NaN values, which min and max already bound.
+            Some(h) => h.add_parts_within(parts, 0f32.max(bmax).max(-bmin), add_square),
+            None => parts.iter().for_each(|p| p.iter().for_each(|&v| add_square(v))),
+        }
         self.min = self.min.min(bmin);
         self.max = self.max.max(bmax);
-        self.count += data.len() as u64;
-        let finite = data.iter().filter(|v| v.is_finite());
-        let (sum, n) = finite.fold((0.0f64, 0usize), |(s, n), &v| {
-            (s + (v as f64).powi(2), n + 1)
-        });
+        self.count += len as u64;
         self.batch_mean_squares.push(sum / n.max(1) as f64);
         if let Some(c) = moving_average {
             self.ema = Some(match self.ema {
                 None => (bmin, bmax),
                 Some((a, b)) => (a + c * (bmin - a), b + c * (bmax - b)),
             });
-        }
-        if let Some(h) = &mut self.hist {
-            h.add(data);
         }
     }
 
@@ -240,6 +250,51 @@ impl Observer {
             quiet_mean_square: quiet_mean_square(&self.batch_mean_squares),
         }
     }
+}
+
+/// Min and max of the non-NaN values of `parts` ((inf, -inf) when there are none), equal to
+/// the sequential fold `(a.min(v), b.max(v))` over the values in order. Eight running lanes
+/// instead of one chain, so the compiler vectorizes it; min and max are exact whatever the
+/// order, except that `f32::min` may pick either of +0 and -0: when an extreme is 0 and both
+/// zeros occur, the extreme is taken again from the sequential fold.
+fn min_max(parts: &[&[f32]]) -> (f32, f32) {
+    const LANES: usize = 8;
+    let (mut lo, mut hi) = ([f32::INFINITY; LANES], [f32::NEG_INFINITY; LANES]);
+    let (mut pos_zero, mut neg_zero) = (false, false);
+    for part in parts {
+        let chunks = part.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for k in 0..LANES {
+                lo[k] = lo[k].min(c[k]);
+                hi[k] = hi[k].max(c[k]);
+            }
+        }
+        for &v in rest {
+            lo[0] = lo[0].min(v);
+            hi[0] = hi[0].max(v);
+        }
+    }
+    let bmin = lo.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+    let bmax = hi.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    if bmin == 0.0 || bmax == 0.0 {
+        for part in parts {
+            for &v in *part {
+                pos_zero |= v.to_bits() == 0;
+                neg_zero |= v.to_bits() == 0x8000_0000;
+            }
+        }
+    }
+    if pos_zero && neg_zero {
+        return parts
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |acc, p| {
+                p.iter()
+                    .filter(|v| !v.is_nan())
+                    .fold(acc, |(a, b), &v| (a.min(v), b.max(v)))
+            });
+    }
+    (bmin, bmax)
 }
 
 /// The 10th percentile (nearest rank, rounding down) of the per-batch mean squares.
@@ -308,8 +363,9 @@ pub fn observers_by_fold(
         .filter(|t| !calib.input_names.contains(t))
         .cloned()
         .collect();
-    stream(model, &extra, calib, "calibrating", |b, batch, outs| {
-        let mut seen: Vec<(&str, &ArrayD<f32>)> = Vec::with_capacity(tensors.len());
+    stream_in_parts(model, &extra, calib, "calibrating", |b, batch, parts| {
+        // Each tensor's values as consecutive pieces of the batch, in row order.
+        let mut seen: Vec<(&str, Vec<&ArrayD<f32>>)> = Vec::with_capacity(tensors.len());
         for name in &inputs {
             let k = calib
                 .input_names
@@ -318,18 +374,19 @@ pub fn observers_by_fold(
                 .expect("filtered above");
             // Integer and bool inputs pass through: only float values are observed.
             if let Some(a) = batch[k].as_f32() {
-                seen.push((name.as_str(), a));
+                seen.push((name.as_str(), vec![a]));
             }
         }
-        for (name, out) in extra.iter().zip(outs) {
-            seen.push((name.as_str(), out));
+        for (t, name) in extra.iter().enumerate() {
+            seen.push((name.as_str(), parts.iter().map(|p| &p[t]).collect()));
         }
         // Each observer sees its tensor's batches in order whatever the thread count; only
         // different tensors' updates run side by side (the histogram work is most of a
         // calibration's CPU time on models with many large activations).
-        let values: std::collections::HashMap<&str, &ArrayD<f32>> = seen.into_iter().collect();
+        let values: std::collections::HashMap<&str, &Vec<&ArrayD<f32>>> =
+            seen.iter().map(|(n, v)| (*n, v)).collect();
         let fold = (folds > 0).then(|| &mut by_fold[b % folds]);
-        let mut work: Vec<(&mut Observer, &ArrayD<f32>)> = observers
+        let mut work: Vec<(&mut Observer, &Vec<&ArrayD<f32>>)> = observers
             .iter_mut()
             .chain(fold.into_iter().flat_map(|f| f.iter_mut()))
             .filter_map(|(name, o)| values.get(name.as_str()).map(|a| (o, *a)))
@@ -382,11 +439,137 @@ pub fn stream(
     Ok(())
 }
 
-fn update(o: &mut Observer, a: &ArrayD<f32>, ma: Option<f32>) {
-    match a.as_slice() {
-        Some(s) => o.update(s, ma),
-        None => o.update(&a.iter().copied().collect::<Vec<_>>(), ma),
+/// Rows of a calibration batch are run as at most this many pieces side by side (a fixed
+/// number, not the thread count, so that every tract run, and so every observed value, is the
+/// same with 1 or N threads).
+pub const BATCH_PIECES: usize = 4;
+thread_local!{ static T0: std::cell::Cell<std::time::Instant> = std::cell::Cell::new(std::time::Instant::now()); }
+
+/// Row ranges of a batch of `rows` rows: at most [`BATCH_PIECES`] consecutive pieces of
+/// `ceil(rows / pieces)` rows, the last one shorter when they do not divide.
+fn pieces(rows: usize) -> Vec<std::ops::Range<usize>> {
+    let n = BATCH_PIECES.min(rows).max(1);
+    let size = rows.div_ceil(n).max(1);
+    (0..rows.max(1))
+        .step_by(size)
+        .map(|start| start..(start + size).min(rows.max(1)))
+        .collect()
+}
+
+/// [`stream`], with each batch's rows run as consecutive pieces ([`pieces`]) on all cores;
+/// `f` gets the batch and, per piece in row order, the `extra` values. A batch is run whole
+/// when the model fixes its batch size or the batches are KV-cache steps. One tract plan per
+/// piece shape (usually one: 32 rows are 4 x 8), shared by the threads.
+pub fn stream_in_parts(
+    model: &ModelProto,
+    extra: &[String],
+    calib: &CalibrationSet,
+    label: &str,
+    mut f: impl FnMut(usize, &[crate::runtime::Feed], &[Vec<ArrayD<f32>>]) -> Result<()>,
+) -> Result<()> {
+    type Shapes = Vec<Vec<usize>>;
+    let mut runners: Vec<(Shapes, Runner)> = Vec::new();
+    let whole = calib.fixed_batch || calib.sequence.is_some();
+    let progress = crate::progress::Progress::bar(label, calib.batches.len() as u64);
+    for (b, batch) in calib.batches.iter().enumerate() {
+        progress.inc(1);
+        if extra.is_empty() {
+            f(b, batch, &[])?;
+            continue;
+        }
+        T0.with(|t| t.set(std::time::Instant::now()));
+        let ranges = if whole {
+            vec![0..calib.rows(b)]
+        } else {
+            pieces(calib.rows(b))
+        };
+        let feeds: Vec<Vec<crate::runtime::Feed>> = if ranges.len() == 1 {
+            vec![batch.clone()]
+        } else {
+            ranges
+                .iter()
+                .map(|r| {
+                    batch
+                        .iter()
+                        .zip(&calib.batch_axes)
+                        .map(|(feed, axis)| match axis {
+                            Some(a) => feed.slice_axis(*a, r.clone()),
+                            None => feed.clone(),
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let shapes_of = |p: &[crate::runtime::Feed]| -> Shapes {
+            p.iter().map(|a| a.shape().to_vec()).collect()
+        };
+        let mut missing: Vec<Shapes> = Vec::new();
+        for p in &feeds {
+            let s = shapes_of(p);
+            if !runners.iter().any(|(have, _)| *have == s) && !missing.contains(&s) {
+                missing.push(s);
+            }
+        }
+        let built = missing
+            .into_par_iter()
+            .map(|shapes| {
+                let named: Vec<(String, Vec<usize>)> = calib
+                    .input_names
+                    .iter()
+                    .cloned()
+                    .zip(shapes.iter().cloned())
+                    .collect();
+                Runner::new(model, &named, extra)
+                    .context("preparing the calibration run in tract")
+                    .map(|r| (shapes, r))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        runners.extend(built);
+        let runners = &runners;
+        let outs = feeds
+            .par_iter()
+            .map(|p| {
+                let s = shapes_of(p);
+                let (_, r) = runners
+                    .iter()
+                    .find(|(have, _)| *have == s)
+                    .expect("built above");
+                let mut outs = r
+                    .run(p)
+                    .with_context(|| format!("calibration batch {b}"))?;
+                let skip = outs.len() - extra.len();
+                Ok(outs.split_off(skip))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        drop(feeds);
+        let t_run = T0.with(|t| t.get().elapsed());
+        let t = std::time::Instant::now();
+        f(b, batch, &outs)?;
+        if std::env::var_os("OC_TIMING").is_some() { eprintln!("batch {b}: build+run {:.3}s, observe {:.3}s", t_run.as_secs_f64(), t.elapsed().as_secs_f64()); }
     }
+    Ok(())
+}
+
+/// Feed one batch, given as consecutive pieces, to an observer (a piece not in standard
+/// layout is copied first).
+fn update(o: &mut Observer, pieces: &[&ArrayD<f32>], ma: Option<f32>) {
+    let owned: Vec<Option<Vec<f32>>> = pieces
+        .iter()
+        .map(|a| {
+            a.as_slice()
+                .is_none()
+                .then(|| a.iter().copied().collect())
+        })
+        .collect();
+    let slices: Vec<&[f32]> = pieces
+        .iter()
+        .zip(&owned)
+        .map(|(a, copy)| match copy {
+            Some(c) => c.as_slice(),
+            None => a.as_slice().expect("standard layout"),
+        })
+        .collect();
+    o.update_parts(&slices, ma);
 }
 
 #[cfg(test)]
