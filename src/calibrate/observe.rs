@@ -443,7 +443,6 @@ pub fn stream(
 /// number, not the thread count, so that every tract run, and so every observed value, is the
 /// same with 1 or N threads).
 pub const BATCH_PIECES: usize = 4;
-thread_local!{ static T0: std::cell::Cell<std::time::Instant> = std::cell::Cell::new(std::time::Instant::now()); }
 
 /// Row ranges of a batch of `rows` rows: at most [`BATCH_PIECES`] consecutive pieces of
 /// `ceil(rows / pieces)` rows, the last one shorter when they do not divide.
@@ -477,7 +476,6 @@ pub fn stream_in_parts(
             f(b, batch, &[])?;
             continue;
         }
-        T0.with(|t| t.set(std::time::Instant::now()));
         let ranges = if whole {
             vec![0..calib.rows(b)]
         } else {
@@ -542,10 +540,7 @@ pub fn stream_in_parts(
             })
             .collect::<Result<Vec<_>>>()?;
         drop(feeds);
-        let t_run = T0.with(|t| t.get().elapsed());
-        let t = std::time::Instant::now();
         f(b, batch, &outs)?;
-        if std::env::var_os("OC_TIMING").is_some() { eprintln!("batch {b}: build+run {:.3}s, observe {:.3}s", t_run.as_secs_f64(), t.elapsed().as_secs_f64()); }
     }
     Ok(())
 }
