@@ -644,6 +644,42 @@ fn input_shape_alone_collapses_an_if_on_the_batch_size() {
 }
 
 #[test]
+fn validation_metrics_are_the_same_whatever_the_thread_count() {
+    // Validation runs the calibration rows on all cores; the metrics are summed in row order.
+    let d = tempfile::tempdir().unwrap();
+    let t = testdata();
+    let mut validations = Vec::new();
+    for threads in ["1", "2"] {
+        let out = d.path().join(format!("v_{threads}.onnx"));
+        let report = d.path().join(format!("v_{threads}.json"));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-compress"))
+            .args([
+                t.join("digits_cnn.onnx").to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--calib",
+                t.join("digits_calib_x.npy").to_str().unwrap(),
+                "--report",
+                report.to_str().unwrap(),
+                "-q",
+            ])
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let v = &r["validation"];
+        assert_eq!(v["status"], "checked", "{v}");
+        // 64 calibration rows, each run on its own; latency timed at batch 1.
+        assert_eq!(v["samples"], 64, "{v}");
+        assert_eq!(v["latency"]["batch_rows"], 1, "{v}");
+        validations.push(v["outputs"].clone());
+    }
+    assert_eq!(validations[0], validations[1]);
+}
+
+#[test]
 fn calibrated_int8_is_the_same_whatever_the_thread_count() {
     let d = tempfile::tempdir().unwrap();
     let t = testdata();

@@ -589,6 +589,85 @@ mod tests {
     }
 
     #[test]
+    fn pieces_of_a_batch_observe_like_the_whole_batch_bit_for_bit() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut batch: Vec<f32> = (0..1003).map(|_| normal(&mut rng) * 3.0).collect();
+        // Exact zeros of both signs, a NaN and an infinity: the values where folds could
+        // depend on order or on where a piece starts.
+        batch[5] = 0.0;
+        batch[17] = -0.0;
+        batch[400] = f32::NAN;
+        batch[999] = f32::INFINITY;
+        let relu: Vec<f32> = batch.iter().map(|v| v.max(0.0)).collect();
+        for data in [&batch, &relu] {
+            for method in [Method::MinMax, Method::Percentile(99.9), Method::Entropy] {
+                let opts = ObserveOptions {
+                    method,
+                    moving_average: Some(0.01),
+                    ..Default::default()
+                };
+                let mut whole = Observer::new(method.needs_histogram());
+                let mut pieces = whole.clone();
+                // Two batches, the second wider (the histogram doubles its range).
+                let wider: Vec<f32> = data.iter().map(|v| v * 4.0).collect();
+                for d in [data, &wider] {
+                    whole.update(d, opts.moving_average);
+                    let parts: Vec<&[f32]> = d.chunks(251).collect();
+                    pieces.update_parts(&parts, opts.moving_average);
+                }
+                let (a, b) = (whole.finish(&opts), pieces.finish(&opts));
+                assert_eq!(a.min.to_bits(), b.min.to_bits());
+                assert_eq!(a.max.to_bits(), b.max.to_bits());
+                assert_eq!(a.lo.to_bits(), b.lo.to_bits(), "{method:?}");
+                assert_eq!(a.hi.to_bits(), b.hi.to_bits(), "{method:?}");
+                assert_eq!(
+                    a.quiet_mean_square.to_bits(),
+                    b.quiet_mean_square.to_bits()
+                );
+                assert_eq!(whole.count, pieces.count);
+            }
+        }
+    }
+
+    #[test]
+    fn min_max_in_lanes_is_the_sequential_fold() {
+        let seq = |d: &[f32]| {
+            d.iter()
+                .filter(|v| !v.is_nan())
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                    (a.min(v), b.max(v))
+                })
+        };
+        let cases: Vec<Vec<f32>> = vec![
+            vec![],
+            vec![f32::NAN; 9],
+            vec![0.0, -0.0, 0.0, -0.0, 0.0, -0.0, 0.0, -0.0, -0.0, 0.0],
+            vec![-0.0; 17],
+            (0..37).map(|i| (i as f32 - 18.0).max(0.0)).collect(),
+            (0..37).map(|i| -(i as f32)).chain([-0.0, f32::NAN]).collect(),
+        ];
+        for d in &cases {
+            let (lo, hi) = min_max(&[d.as_slice()]);
+            let (a, b) = seq(d);
+            assert_eq!((lo.to_bits(), hi.to_bits()), (a.to_bits(), b.to_bits()), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn pieces_cover_the_rows_in_order() {
+        assert_eq!(pieces(32), vec![0..8, 8..16, 16..24, 24..32]);
+        assert_eq!(pieces(5), vec![0..2, 2..4, 4..5]);
+        assert_eq!(pieces(1), vec![0..1]);
+        for rows in 1..70 {
+            let p = pieces(rows);
+            assert!(p.len() <= BATCH_PIECES);
+            assert_eq!(p.first().unwrap().start, 0);
+            assert_eq!(p.last().unwrap().end, rows);
+            assert!(p.windows(2).all(|w| w[0].end == w[1].start));
+        }
+    }
+
+    #[test]
     fn minmax_is_exact() {
         let batches = vec![vec![0.5, -1.25, 3.0], vec![7.5, -0.1], vec![2.0]];
         let r = observe_batches(&batches, &ObserveOptions::default());

@@ -730,3 +730,39 @@ impl Acc {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array;
+
+    #[test]
+    fn a_batch_is_cut_into_rows_along_each_inputs_axis() {
+        let x = Feed::F32(Array::from_shape_fn((3, 2), |(i, j)| (10 * i + j) as f32).into_dyn());
+        // `state [2, batch]`: its batch axis is 1; `sr` is given whole.
+        let state = Feed::F32(Array::from_shape_fn((2, 3), |(i, j)| (i + 100 * j) as f32).into_dyn());
+        let sr = Feed::I64(ndarray::arr0(16000i64).into_dyn());
+        let batch = vec![
+            ("x".to_string(), x),
+            ("state".to_string(), state),
+            ("sr".to_string(), sr),
+        ];
+        let axes = vec![
+            ("x".to_string(), Some(0)),
+            ("state".to_string(), Some(1)),
+            ("sr".to_string(), None),
+        ];
+        let rows = rows_of(&batch, &axes);
+        assert_eq!(rows.len(), 3);
+        for (r, row) in rows.iter().enumerate() {
+            assert_eq!(row[0].1.shape(), &[1, 2]);
+            assert_eq!(row[0].1.as_f32().unwrap()[[0, 1]], (10 * r + 1) as f32);
+            assert_eq!(row[1].1.shape(), &[2, 1]);
+            assert_eq!(row[1].1.as_f32().unwrap()[[1, 0]], (1 + 100 * r) as f32);
+            assert_eq!(row[2].1.shape(), &[] as &[usize]);
+        }
+        // Inputs that disagree on their row count: the batch stays whole.
+        let short = vec![("x".to_string(), Some(0)), ("state".to_string(), Some(0))];
+        assert_eq!(rows_of(&batch, &short).len(), 1);
+    }
+}
