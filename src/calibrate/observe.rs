@@ -183,7 +183,9 @@ impl Observer {
         match &mut self.hist {
             // max |x| over the non-NaN values, which min and max already bound.
             Some(h) => h.add_parts_within(parts, 0f32.max(bmax).max(-bmin), add_square),
-            None => parts.iter().for_each(|p| p.iter().for_each(|&v| add_square(v))),
+            None => parts
+                .iter()
+                .for_each(|p| p.iter().for_each(|&v| add_square(v))),
         }
         self.min = self.min.min(bmin);
         self.max = self.max.max(bmax);
@@ -477,7 +479,7 @@ pub fn stream_in_parts(
             continue;
         }
         let ranges = if whole {
-            vec![0..calib.rows(b)]
+            std::iter::once(0..calib.rows(b)).collect()
         } else {
             pieces(calib.rows(b))
         };
@@ -532,9 +534,7 @@ pub fn stream_in_parts(
                     .iter()
                     .find(|(have, _)| *have == s)
                     .expect("built above");
-                let mut outs = r
-                    .run(p)
-                    .with_context(|| format!("calibration batch {b}"))?;
+                let mut outs = r.run(p).with_context(|| format!("calibration batch {b}"))?;
                 let skip = outs.len() - extra.len();
                 Ok(outs.split_off(skip))
             })
@@ -550,11 +550,7 @@ pub fn stream_in_parts(
 fn update(o: &mut Observer, pieces: &[&ArrayD<f32>], ma: Option<f32>) {
     let owned: Vec<Option<Vec<f32>>> = pieces
         .iter()
-        .map(|a| {
-            a.as_slice()
-                .is_none()
-                .then(|| a.iter().copied().collect())
-        })
+        .map(|a| a.as_slice().is_none().then(|| a.iter().copied().collect()))
         .collect();
     let slices: Vec<&[f32]> = pieces
         .iter()
@@ -620,10 +616,7 @@ mod tests {
                 assert_eq!(a.max.to_bits(), b.max.to_bits());
                 assert_eq!(a.lo.to_bits(), b.lo.to_bits(), "{method:?}");
                 assert_eq!(a.hi.to_bits(), b.hi.to_bits(), "{method:?}");
-                assert_eq!(
-                    a.quiet_mean_square.to_bits(),
-                    b.quiet_mean_square.to_bits()
-                );
+                assert_eq!(a.quiet_mean_square.to_bits(), b.quiet_mean_square.to_bits());
                 assert_eq!(whole.count, pieces.count);
             }
         }
@@ -644,12 +637,19 @@ mod tests {
             vec![0.0, -0.0, 0.0, -0.0, 0.0, -0.0, 0.0, -0.0, -0.0, 0.0],
             vec![-0.0; 17],
             (0..37).map(|i| (i as f32 - 18.0).max(0.0)).collect(),
-            (0..37).map(|i| -(i as f32)).chain([-0.0, f32::NAN]).collect(),
+            (0..37)
+                .map(|i| -(i as f32))
+                .chain([-0.0, f32::NAN])
+                .collect(),
         ];
         for d in &cases {
             let (lo, hi) = min_max(&[d.as_slice()]);
             let (a, b) = seq(d);
-            assert_eq!((lo.to_bits(), hi.to_bits()), (a.to_bits(), b.to_bits()), "{d:?}");
+            assert_eq!(
+                (lo.to_bits(), hi.to_bits()),
+                (a.to_bits(), b.to_bits()),
+                "{d:?}"
+            );
         }
     }
 

@@ -479,11 +479,7 @@ fn rows_of(
     batch: &crate::calibrate::NamedBatch,
     axes: &[(String, Option<usize>)],
 ) -> Vec<crate::calibrate::NamedBatch> {
-    let axis_of = |name: &str| {
-        axes.iter()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, a)| *a)
-    };
+    let axis_of = |name: &str| axes.iter().find(|(n, _)| n == name).and_then(|(_, a)| *a);
     let counts: Vec<usize> = batch
         .iter()
         .filter_map(|(n, f)| axis_of(n).and_then(|a| f.shape().get(a).copied()))
@@ -740,7 +736,8 @@ mod tests {
     fn a_batch_is_cut_into_rows_along_each_inputs_axis() {
         let x = Feed::F32(Array::from_shape_fn((3, 2), |(i, j)| (10 * i + j) as f32).into_dyn());
         // `state [2, batch]`: its batch axis is 1; `sr` is given whole.
-        let state = Feed::F32(Array::from_shape_fn((2, 3), |(i, j)| (i + 100 * j) as f32).into_dyn());
+        let state =
+            Feed::F32(Array::from_shape_fn((2, 3), |(i, j)| (i + 100 * j) as f32).into_dyn());
         let sr = Feed::I64(ndarray::arr0(16000i64).into_dyn());
         let batch = vec![
             ("x".to_string(), x),
