@@ -316,14 +316,24 @@ pub fn validate(
     } else {
         synthetic_batches(&specs, opts.seed, opts.samples, &mut report.notes)?
     };
-    let runner_o = match Runner::new(&sim_o, &shapes, &[]) {
+    // A large model is run one at a time: the original's outputs first, then its weights
+    // are dropped before the candidate's are loaded (tract holds a copy of each). Otherwise
+    // both are built side by side (tract's analysis of one model runs on one core).
+    let one_at_a_time = prost::Message::encoded_len(original) as u64 > ONE_MODEL_AT_A_TIME_ABOVE;
+    let (built_o, built_c) = if one_at_a_time {
+        (Runner::new(&sim_o, &shapes, &[]), None)
+    } else {
+        let (o, c) = rayon::join(
+            || Runner::new(&sim_o, &shapes, &[]),
+            || Runner::new(&sim_c, &shapes, &[]),
+        );
+        (o, Some(c))
+    };
+    let runner_o = match built_o {
         Ok(r) => r,
         Err(e) => return not_checked(report, Status::NotChecked, format!("original: {e:#}")),
     };
     let names_o = runner_o.output_names().to_vec();
-    // A large model is run one at a time: the original's outputs first, then its weights
-    // are dropped before the candidate's are loaded (tract holds a copy of each).
-    let one_at_a_time = prost::Message::encoded_len(original) as u64 > ONE_MODEL_AT_A_TIME_ABOVE;
     let mut runner_o = Some(runner_o);
     let mut stored_o: Vec<Vec<ArrayD<f32>>> = Vec::new();
     if one_at_a_time {
@@ -341,7 +351,8 @@ pub fn validate(
             ONE_MODEL_AT_A_TIME_ABOVE >> 20
         ));
     }
-    let runner_c = match Runner::new(&sim_c, &shapes, &[]) {
+    let built_c = built_c.unwrap_or_else(|| Runner::new(&sim_c, &shapes, &[]));
+    let runner_c = match built_c {
         Ok(r) => r,
         Err(e) => return not_checked(report, Status::NotChecked, format!("candidate: {e:#}")),
     };
