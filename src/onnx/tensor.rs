@@ -288,8 +288,23 @@ pub fn to_f64(t: &TensorProto) -> Result<ArrayD<f64>> {
         .with_context(|| format!("tensor '{}': shape {:?}", t.name(), shape))
 }
 
-/// Decode any real-valued tensor to f32.
+/// Decode any real-valued tensor to f32. A float32 payload is read straight into the result
+/// (no f64 copy twice its size), and its mapped pages are released once read: the decoded copy
+/// is what the caller works on.
 pub fn to_f32(t: &TensorProto) -> Result<ArrayD<f32>> {
+    if data_type(t)? == DataType::Float {
+        let n = element_count(t)?;
+        if let Some(r) = raw(t, 4, n)? {
+            let values: Vec<f32> = r
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            crate::onnx::load::release_pages(r);
+            let shape = shape(t)?;
+            return ArrayD::from_shape_vec(IxDyn(&shape), values)
+                .with_context(|| format!("tensor '{}': shape {:?}", t.name(), shape));
+        }
+    }
     Ok(to_f64(t)?.mapv(|v| v as f32))
 }
 

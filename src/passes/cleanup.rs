@@ -38,6 +38,7 @@
 use crate::ir::facts::static_rank;
 use crate::ir::op::{self, Attrs};
 use crate::ir::{Graph, InSlot, Model, Patch};
+use crate::onnx::proto::TensorProto;
 use crate::onnx::tensor;
 use crate::passes::constant_fold;
 use crate::passes::rewrite::{rewrite, Rule};
@@ -258,15 +259,17 @@ fn dedup_initializers(graph: &mut Graph) -> Result<usize> {
     groups.sort_by_key(|g| order[&g[0]]);
     let mut shunts = Vec::new();
     for group in groups {
-        let mut seen: Vec<(Vec<u8>, String)> = Vec::new();
+        // Compared field by field, not by encoding: a clone shares the payload (`Bytes`), so
+        // a bucket of large same-shaped weights is not copied, and unequal payloads usually
+        // differ in their first bytes.
+        let mut seen: Vec<(TensorProto, String)> = Vec::new();
         for name in group {
             let mut t = graph.initializers[&name].clone();
             t.name = None;
             t.doc_string = None;
-            let key = t.encode_to_vec();
-            match seen.iter().find(|(k, _)| *k == key) {
+            match seen.iter().find(|(k, _)| *k == t) {
                 Some((_, keep)) => shunts.push((name, keep.clone())),
-                None => seen.push((key, name)),
+                None => seen.push((t, name)),
             }
         }
     }

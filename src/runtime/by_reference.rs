@@ -95,6 +95,8 @@ impl ModelDataResolver for PayloadTable {
             payload.len()
         );
         buf.extend_from_slice(payload);
+        // tract now holds its own copy: the input file's pages need not stay resident too.
+        crate::onnx::load::release_pages(payload);
         Ok(())
     }
 }

@@ -26,7 +26,7 @@ pub use runner::{
     infer_value_shapes, resolve_input_shapes, run_model, InputSpec, Runner, ValueShape,
 };
 pub use shapes::{value_shapes, value_shapes_given};
-pub use simulate::simulation_graph;
+pub use simulate::{simulation_graph, simulation_graph_with, WeightFolding};
 pub use support::refusal;
 
 /// The runtime every check runs in.

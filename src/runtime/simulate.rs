@@ -29,9 +29,30 @@ use crate::onnx::proto::attribute_proto::AttributeType;
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::{AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto};
 
+/// Which constant `DequantizeLinear`s rewrite 2 folds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFolding {
+    /// Every one: the graph holds float weights only.
+    AheadOfTime,
+    /// Only those tract 0.23.9 cannot load (sub-byte or 16-bit integers, block-wise, f16/bf16
+    /// scales, an `output_dtype`). tract folds the rest at load with the same formula
+    /// (`f32(x) - f32(zp)` then `* scale`, exact for these integers), so the numbers are the
+    /// same, and no float copy of the weights exists on our side beside tract's own: on a large
+    /// model that copy was a whole model's worth of memory.
+    OnlyWhatTractCannotLoad,
+}
+
 /// Builds the simulation graph of `model` (see the module docs) and returns it with one note per
 /// kind of rewrite applied (empty when the model is returned unchanged).
 pub fn simulation_graph(model: &ModelProto) -> Result<(ModelProto, Vec<String>)> {
+    simulation_graph_with(model, WeightFolding::AheadOfTime)
+}
+
+/// [`simulation_graph`], folding the constant `DequantizeLinear`s `folding` says.
+pub fn simulation_graph_with(
+    model: &ModelProto,
+    folding: WeightFolding,
+) -> Result<(ModelProto, Vec<String>)> {
     let mut model = model.clone();
     let mut notes = Vec::new();
     let Some(graph) = model.graph.as_mut() else {
@@ -44,7 +65,7 @@ pub fn simulation_graph(model: &ModelProto) -> Result<(ModelProto, Vec<String>)>
         }
         notes.extend(folded);
     }
-    let (dq, casts) = fold_constant_weights(graph)?;
+    let (dq, casts) = fold_constant_weights(graph, folding)?;
     if dq > 0 {
         notes.push(format!(
             "dequantized {dq} weight initializer{} ahead of time (DequantizeLinear of constants \
@@ -363,13 +384,17 @@ fn dims_usize(t: &TensorProto) -> Result<Vec<usize>> {
 
 /// Folds constant `DequantizeLinear` and `Cast(to=float)` of constant narrow floats; returns the
 /// counts (dequantized, cast).
-fn fold_constant_weights(graph: &mut GraphProto) -> Result<(usize, usize)> {
+fn fold_constant_weights(graph: &mut GraphProto, folding: WeightFolding) -> Result<(usize, usize)> {
     let mut consts = constants(graph);
     let (mut dq, mut casts) = (0, 0);
     let mut kept = Vec::with_capacity(graph.node.len());
     for node in std::mem::take(&mut graph.node) {
         let folded = if node.domain().is_empty() && node.op_type() == "DequantizeLinear" {
-            fold_dq(&node, &consts)?
+            if folding == WeightFolding::OnlyWhatTractCannotLoad && tract_loads_dq(&node, &consts) {
+                None
+            } else {
+                fold_dq(&node, &consts)?
+            }
         } else if node.domain().is_empty() && node.op_type() == "Cast" {
             fold_cast(&node, &consts)?
         } else {
@@ -390,6 +415,18 @@ fn fold_constant_weights(graph: &mut GraphProto) -> Result<(usize, usize)> {
     }
     graph.node = kept;
     Ok((dq, casts))
+}
+
+/// Whether tract 0.23.9 runs this `DequantizeLinear` itself: 8- or 32-bit integer input, f32
+/// scale, per-tensor or per-axis, no `output_dtype` other than float.
+fn tract_loads_dq(node: &NodeProto, consts: &HashMap<String, TensorProto>) -> bool {
+    let dtype = |i: usize| node.input.get(i).and_then(|s| consts.get(s)).map(data_type);
+    matches!(
+        dtype(0),
+        Some(DataType::Int8 | DataType::Uint8 | DataType::Int32)
+    ) && dtype(1) == Some(DataType::Float)
+        && attr_int(node, "block_size").unwrap_or(0) == 0
+        && attr_int(node, "output_dtype").is_none_or(|v| v == 0 || v == DataType::Float as i64)
 }
 
 fn fold_dq(node: &NodeProto, consts: &HashMap<String, TensorProto>) -> Result<Option<TensorProto>> {
@@ -502,6 +539,88 @@ fn drop_unused_constants(graph: &mut GraphProto) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const CONV_INT8: &str = r#"
+<
+   ir_version: 8,
+   opset_import: ["" : 17]
+>
+g (float[1,2,4,4] x) => (float[1,3,4,4] y)
+<
+   int8[3,2,1,1] w0_q = {-127, -81, 127, 34, -127, -20},
+   float[3] w0_s = {0.0065354328, 0.0047244094, 0.0063779526},
+   int32[3] b3_q = {-66, -1270, 605},
+   float[3] b3_s = {0.00015245414, 0.000110207824, 0.00014878056},
+   uint8[3,2,1,1] u_q = {1, 200, 7, 255, 0, 3},
+   float u_s = {0.01},
+   uint8 u_z = {128}
+>
+{
+   [w0_DQ] w = DequantizeLinear <axis: int = 0> (w0_q, w0_s)
+   [b3_DQ] b = DequantizeLinear <axis: int = 0> (b3_q, b3_s)
+   [u_DQ] u = DequantizeLinear (u_q, u_s, u_z)
+   [conv] h = Conv (x, w, b)
+   [conv2] y = Conv (x, u)
+   [add] z = Add (h, y)
+}
+"#;
+
+    #[test]
+    fn tract_folds_loadable_weights_to_the_same_numbers() {
+        let model = crate::onnx::text::parse_model(
+            &CONV_INT8.replace("=> (float[1,3,4,4] y)", "=> (float[1,3,4,4] z)"),
+        )
+        .unwrap();
+        let (ahead, _) = simulation_graph_with(&model, WeightFolding::AheadOfTime).unwrap();
+        let (left, notes) =
+            simulation_graph_with(&model, WeightFolding::OnlyWhatTractCannotLoad).unwrap();
+        let dq = |m: &ModelProto| {
+            let g = m.graph.as_ref().unwrap();
+            g.node
+                .iter()
+                .filter(|n| n.op_type() == "DequantizeLinear")
+                .count()
+        };
+        assert_eq!((dq(&ahead), dq(&left)), (0, 3));
+        assert!(notes.is_empty(), "{notes:?}");
+        let x = ndarray::ArrayD::from_shape_fn(vec![1, 2, 4, 4], |i| {
+            (i[1] * 16 + i[2] * 4 + i[3]) as f32 * 0.37 - 5.0
+        });
+        let run = |m: &ModelProto| {
+            crate::runtime::run_model(m, &[("x".to_string(), x.clone())], &[]).unwrap()[0]
+                .1
+                .clone()
+        };
+        let (a, b) = (run(&ahead), run(&left));
+        let bits = |v: &ndarray::ArrayD<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b));
+    }
+
+    #[test]
+    fn what_tract_cannot_load_is_still_folded() {
+        let text = CONV_INT8
+            .replace("ir_version: 8", "ir_version: 10")
+            .replace("\"\" : 17", "\"\" : 21")
+            .replace(
+                "float[3] w0_s = {0.0065354328, 0.0047244094, 0.0063779526}",
+                "float[3,1,1,1] w0_s = {0.0065354328, 0.0047244094, 0.0063779526}",
+            )
+            .replace(
+                "DequantizeLinear <axis: int = 0> (w0_q",
+                "DequantizeLinear <axis: int = 1, block_size: int = 2> (w0_q",
+            );
+        let model = crate::onnx::text::parse_model(&text).unwrap();
+        let (left, _) =
+            simulation_graph_with(&model, WeightFolding::OnlyWhatTractCannotLoad).unwrap();
+        let g = left.graph.as_ref().unwrap();
+        let kept: Vec<&str> = g
+            .node
+            .iter()
+            .filter(|n| n.op_type() == "DequantizeLinear")
+            .map(|n| n.name())
+            .collect();
+        assert_eq!(kept, ["b3_DQ", "u_DQ"]);
+    }
 
     #[test]
     fn dequantize_per_axis_and_blocked() {

@@ -211,6 +211,10 @@ pub fn nonfinite_initializers(model: &Model) -> Vec<NonFinite> {
         let Some((nan, inf)) = float.then(|| tensor::count_nonfinite(t).ok()).flatten() else {
             continue;
         };
+        // Scanned once: a mapped weight's pages need not stay resident until a pass reads it.
+        if let Some(raw) = &t.raw_data {
+            crate::onnx::load::release_pages(raw);
+        }
         if nan + inf > 0 {
             out.push(NonFinite {
                 tensor: name.clone(),

@@ -2,11 +2,14 @@
 //! inputs and compare every output.
 //!
 //! The validator never compares against a run it cannot trust:
-//! 1. Both models go through [`simulation_graph`]: constant `If`s are inlined, constant weight
+//! 1. Both models go through [`crate::runtime::simulation_graph`]: constant `If`s are inlined, constant weight
 //!    `DequantizeLinear`s (int8/uint8/int4/uint4/int2/uint2/int16/uint16/int32, per-tensor,
 //!    per-axis, block-wise) become float initializers computed here with the ONNX formula, and
 //!    f16 weights feeding `Cast(to=float)` are widened ahead of time. These rewrites are exact;
-//!    activation Q/DQ pairs stay and tract runs them in f32.
+//!    activation Q/DQ pairs stay and tract runs them in f32. Above
+//!    [`ONE_MODEL_AT_A_TIME_ABOVE`], the 8- and 32-bit weight `DequantizeLinear`s tract can load
+//!    are left to tract, which folds them with the same formula: no float copy of the weights
+//!    on our side beside tract's.
 //! 2. What is left is scanned for anything tract 0.23.9 would misread or cannot load
 //!    (see `support.rs`): non-standard domains, missing ops (`Loop`, sequences), element types
 //!    without a tract `DatumType`, block-wise / f16-scale / 16-bit / `output_dtype` Q/DQ on
@@ -46,7 +49,8 @@ use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::ModelProto;
 
 use crate::runtime::{
-    refusal, resolve_input_shapes, simulation_graph, Feed, InputSpec, Runner, RUNTIME,
+    refusal, resolve_input_shapes, simulation_graph_with, Feed, InputSpec, Runner, WeightFolding,
+    RUNTIME,
 };
 
 #[derive(Debug, Clone)]
@@ -235,10 +239,20 @@ pub fn validate(
     candidate: &ModelProto,
     opts: &ValidateOptions,
 ) -> Result<ValidationReport> {
-    let (sim_o, rw_o) =
-        simulation_graph(original).context("building the original's simulation graph")?;
-    let (sim_c, rw_c) =
-        simulation_graph(candidate).context("building the candidate's simulation graph")?;
+    // A large model is run one at a time: the original's outputs first, then its weights
+    // are dropped before the candidate's are loaded (tract holds a copy of each). Its int8
+    // weights are dequantized by tract at load, not by us ahead of time: the same numbers
+    // without a float copy of the model on our side next to tract's.
+    let one_at_a_time = prost::Message::encoded_len(original) as u64 > ONE_MODEL_AT_A_TIME_ABOVE;
+    let folding = if one_at_a_time {
+        WeightFolding::OnlyWhatTractCannotLoad
+    } else {
+        WeightFolding::AheadOfTime
+    };
+    let (sim_o, rw_o) = simulation_graph_with(original, folding)
+        .context("building the original's simulation graph")?;
+    let (sim_c, rw_c) = simulation_graph_with(candidate, folding)
+        .context("building the candidate's simulation graph")?;
     let mut rewrites: Vec<String> = rw_o.iter().map(|r| format!("original: {r}")).collect();
     rewrites.extend(rw_c.iter().map(|r| format!("candidate: {r}")));
     let method = if rewrites.is_empty() {
