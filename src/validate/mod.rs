@@ -330,10 +330,8 @@ pub fn validate(
     } else {
         synthetic_batches(&specs, opts.seed, opts.samples, &mut report.notes)?
     };
-    // A large model is run one at a time: the original's outputs first, then its weights
-    // are dropped before the candidate's are loaded (tract holds a copy of each). Otherwise
-    // both are built side by side (tract's analysis of one model runs on one core).
-    let one_at_a_time = prost::Message::encoded_len(original) as u64 > ONE_MODEL_AT_A_TIME_ABOVE;
+    // Unless the model is run one at a time (above), both plans are built side by side
+    // (tract's analysis of one model runs on one core).
     let (built_o, built_c) = if one_at_a_time {
         (Runner::new(&sim_o, &shapes, &[]), None)
     } else {
