@@ -58,8 +58,11 @@ const MAX_UNKNOWNS_PER_ROW: usize = 2;
 struct Consumer {
     /// `H = G^-1` (full), or `None` when only the block diagonal of `G` is kept.
     hinv: Option<Array2<f64>>,
-    /// Block-diagonal Gram blocks by input channel (the fallback), centered.
-    diag: Vec<Array2<f64>>,
+    /// Without `hinv`: the cost of removing each weight input channel alone,
+    /// `tr(W_c^T G_cc W_c)` with the centered block-diagonal Gram block `G_cc`. Without a
+    /// refit a removal does not change the other channels' costs, so they are computed once
+    /// per consumer instead of at every greedy step of every group that reads it.
+    diag_cost: Vec<f64>,
     /// `[d (+1)] x o` weights (bias row last when present).
     w: Array2<f64>,
     /// Design columns per weight input channel.
@@ -109,18 +112,16 @@ impl Consumer {
     fn cost(&self, chans: &[usize]) -> f64 {
         let c = match &self.hinv {
             Some(h) => {
+                // Only the `b x b` block of H is read (not `b` whole rows of it): this runs for
+                // every alive channel of every consumer at every greedy step.
                 let cols = self.cols(chans);
                 let wb = self.w.select(Axis(0), &cols);
-                let hb = h.select(Axis(0), &cols).select(Axis(1), &cols);
+                let hb = Array2::from_shape_fn((cols.len(), cols.len()), |(i, j)| {
+                    h[[cols[i], cols[j]]]
+                });
                 quad_inv(&hb, &wb).unwrap_or(f64::INFINITY)
             }
-            None => chans
-                .iter()
-                .map(|&ch| {
-                    let wb = self.w.select(Axis(0), &self.cols(&[ch]));
-                    (&self.diag[ch].dot(&wb) * &wb).sum()
-                })
-                .sum(),
+            None => chans.iter().map(|&ch| self.diag_cost[ch]).sum(),
         };
         c.max(0.0) * self.norm
     }
@@ -320,7 +321,7 @@ fn consumer_model(
         };
         Ok(Some(Consumer {
             hinv: Some(hinv),
-            diag,
+            diag_cost: Vec::new(),
             w: wfull,
             q,
             norm,
@@ -337,9 +338,17 @@ fn consumer_model(
                 }
             }
         }
+        let diag_cost = diag
+            .iter()
+            .enumerate()
+            .map(|(ch, blk)| {
+                let wb = wfull.slice(s![ch * q..(ch + 1) * q, ..]);
+                (&blk.dot(&wb) * &wb).sum()
+            })
+            .collect();
         Ok(Some(Consumer {
             hinv: None,
-            diag,
+            diag_cost,
             w: wfull,
             q,
             norm,
@@ -460,7 +469,7 @@ fn group_curve(
             (
                 Consumer {
                     hinv: c.hinv.clone(),
-                    diag: c.diag.clone(),
+                    diag_cost: c.diag_cost.clone(),
                     w: c.w.clone(),
                     q: c.q,
                     norm: c.norm * s_of(n),
@@ -527,7 +536,7 @@ mod tests {
         }
         let mut c = Consumer {
             hinv: Some(h),
-            diag: vec![],
+            diag_cost: vec![],
             w: w.clone(),
             q: 1,
             norm: 1.0,
