@@ -71,25 +71,11 @@ struct Consumer {
     norm: f64,
 }
 
-/// Cholesky inverse of a symmetric positive definite matrix (`None` when not SPD):
-/// `G = L Lᵀ` (`reconstruct::cholesky`), `L⁻¹` by forward substitution on whole rows, then
-/// `H = L⁻ᵀ L⁻¹`.
+/// Cholesky inverse of a symmetric positive definite matrix (`None` when not SPD), blocked
+/// for large matrices (`solve`); small ones (the greedy steps' `b x b` blocks) go through the
+/// unblocked routine.
 fn spd_inverse(g: &Array2<f64>) -> Option<Array2<f64>> {
-    let n = g.nrows();
-    let l = super::reconstruct::cholesky(g.clone())?;
-    // Row i of L⁻¹: (e_i - sum_{k<i} L[i,k] row_k) / L[i,i].
-    let mut li = Array2::<f64>::zeros((n, n));
-    for i in 0..n {
-        let (done, mut rest) = li.view_mut().split_at(Axis(0), i);
-        let mut row = rest.row_mut(0);
-        row[i] = 1.0;
-        for k in 0..i {
-            row.scaled_add(-l[[i, k]], &done.row(k));
-        }
-        row.mapv_inplace(|v| v / l[[i, i]]);
-    }
-    let h = li.t().dot(&li);
-    h.iter().all(|v| v.is_finite()).then_some(h)
+    super::solve::spd_inverse_blocked(g)
 }
 
 /// `tr(W_B^T M^-1 W_B)` for a small SPD `M` (b x b) and `W_B` (b x o); `None` if singular.
