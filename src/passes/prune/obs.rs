@@ -280,7 +280,7 @@ fn consumer_model(
         if full {
             let mut aa = Array2::<f64>::ones((a.nrows(), dd));
             aa.slice_mut(s![.., ..d]).assign(&a);
-            ndarray::linalg::general_mat_mul(1.0, &aa.t(), &aa, 1.0, &mut g);
+            super::solve::add_gram_lower(aa.view(), &mut g);
         } else {
             for (ch, dg) in diag.iter_mut().enumerate() {
                 let blk = a.slice(s![.., ch * q..(ch + 1) * q]);
@@ -297,6 +297,7 @@ fn consumer_model(
     }
     let norm = 1.0 / (rows as f64 * energy);
     if full {
+        super::solve::mirror_lower(&mut g);
         let trace: f64 = (0..dd).map(|i| g[[i, i]]).sum();
         let lambda = 1e-4 * trace / dd as f64 + 1e-12;
         for i in 0..dd {

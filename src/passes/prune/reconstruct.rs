@@ -207,7 +207,10 @@ fn normal_equations(a: &Array2<f64>, y: &Array2<f64>) -> (Array2<f64>, Array2<f6
             let r = b * ROWS..((b + 1) * ROWS).min(m);
             let ab = a.slice(s![r.clone(), ..]);
             let yb = y.slice(s![r, ..]);
-            (ab.t().dot(&ab), ab.t().dot(&yb))
+            // The lower block triangle only (half the work), mirrored after the sum.
+            let mut gb = Array2::<f64>::zeros((a.ncols(), a.ncols()));
+            super::solve::add_gram_lower(ab, &mut gb);
+            (gb, ab.t().dot(&yb))
         })
         .collect();
     let mut g = Array2::<f64>::zeros((a.ncols(), a.ncols()));
@@ -216,6 +219,7 @@ fn normal_equations(a: &Array2<f64>, y: &Array2<f64>) -> (Array2<f64>, Array2<f6
         g += &gb;
         rhs += &rb;
     }
+    super::solve::mirror_lower(&mut g);
     (g, rhs)
 }
 

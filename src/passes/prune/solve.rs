@@ -20,7 +20,7 @@
 
 use super::reconstruct::cholesky;
 use ndarray::linalg::general_mat_mul;
-use ndarray::{s, Array2, ArrayViewMut1, Axis};
+use ndarray::{s, Array2, ArrayView2, ArrayViewMut1, Axis};
 use rayon::prelude::*;
 
 /// Panel width.
@@ -154,6 +154,37 @@ pub fn spd_inverse_blocked(g: &Array2<f64>) -> Option<Array2<f64>> {
     h.iter().all(|v| v.is_finite()).then_some(h)
 }
 
+/// `G += AᵀA` on the lower block triangle of `G` only (panels of [`NB`] columns; blocks above
+/// the diagonal panels are left as they are): half the multiply-adds of the full product. Each
+/// element is the same sum, in the same order, as in the full product `AᵀA` (the product's
+/// reduction over rows is cut the same way whatever the size of the output block), so after
+/// [`mirror_lower`] `G` is bit-identical to `G += AᵀA`.
+pub fn add_gram_lower(a: ArrayView2<f64>, g: &mut Array2<f64>) {
+    let n = a.ncols();
+    let mut j = 0;
+    while j < n {
+        let w = NB.min(n - j);
+        general_mat_mul(
+            1.0,
+            &a.slice(s![.., j..]).t(),
+            &a.slice(s![.., j..j + w]),
+            1.0,
+            &mut g.slice_mut(s![j.., j..j + w]),
+        );
+        j += w;
+    }
+}
+
+/// Copy the strict lower triangle of a square matrix onto its upper triangle.
+pub fn mirror_lower(g: &mut Array2<f64>) {
+    let n = g.nrows();
+    for i in 0..n {
+        for j in i + 1..n {
+            g[[i, j]] = g[[j, i]];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +222,23 @@ mod tests {
                 assert!((id[[i, j]] - want).abs() < 1e-6, "G H != I at {i},{j}");
             }
         }
+    }
+
+    /// The half Gram matrix, mirrored, is the full product bit for bit, also when accumulated.
+    #[test]
+    fn half_gram_is_the_full_product() {
+        let a = Array2::from_shape_fn((700, 2 * NB + 17), |(i, j)| {
+            ((i * 31 + j * 17) % 101) as f64 / 7.0 - 6.0
+        });
+        let b = a.mapv(|v| v * 0.37 + 1.0);
+        let mut full = Array2::<f64>::zeros((a.ncols(), a.ncols()));
+        general_mat_mul(1.0, &a.t(), &a, 1.0, &mut full);
+        general_mat_mul(1.0, &b.t(), &b, 1.0, &mut full);
+        let mut half = Array2::<f64>::zeros((a.ncols(), a.ncols()));
+        add_gram_lower(a.view(), &mut half);
+        add_gram_lower(b.view(), &mut half);
+        mirror_lower(&mut half);
+        assert!(half == full);
     }
 
     #[test]
