@@ -59,15 +59,21 @@ pub fn cholesky_blocked(mut g: Array2<f64>) -> Option<Array2<f64>> {
                 }
             });
         }
-        // G22 -= L21 L21ᵀ (the whole square: one product; the upper half is never read).
+        // G22 -= L21 L21ᵀ on the lower block triangle (the upper one is never read).
         let panel = g.slice(s![k + b.., k..k + b]).to_owned();
-        general_mat_mul(
-            -1.0,
-            &panel,
-            &panel.t(),
-            1.0,
-            &mut g.slice_mut(s![k + b.., k + b..]),
-        );
+        let m = panel.nrows();
+        let mut j = 0;
+        while j < m {
+            let w = NB.min(m - j);
+            general_mat_mul(
+                -1.0,
+                &panel.slice(s![j.., ..]),
+                &panel.slice(s![j..j + w, ..]).t(),
+                1.0,
+                &mut g.slice_mut(s![k + b + j.., k + b + j..k + b + j + w]),
+            );
+            j += w;
+        }
         k += b;
     }
     for i in 0..n {
@@ -78,16 +84,25 @@ pub fn cholesky_blocked(mut g: Array2<f64>) -> Option<Array2<f64>> {
 
 /// Solve `L Z = B` in place (`L` lower triangular with a nonzero diagonal).
 pub fn forward_blocked(l: &Array2<f64>, b: &mut Array2<f64>) {
+    forward_cols(l, b, false);
+}
+
+/// [`forward_blocked`]; with `lower_rhs` (B lower triangular, e.g. the identity, so that Z
+/// is too) the columns right of each panel are skipped: they hold zeros and stay zero.
+fn forward_cols(l: &Array2<f64>, b: &mut Array2<f64>, lower_rhs: bool) {
     let n = l.nrows();
+    let o = b.ncols();
     let mut k = 0;
     while k < n {
         let w = NB.min(n - k);
+        let cols = if lower_rhs { (k + w).min(o) } else { o };
         // Substitution inside the panel, on whole rows of B.
         for i in k..k + w {
             let (done, mut rest) = b.view_mut().split_at(Axis(0), i);
             let mut row = rest.row_mut(0);
+            let mut row = row.slice_mut(s![..cols]);
             for t in k..i {
-                row.scaled_add(-l[[i, t]], &done.row(t));
+                row.scaled_add(-l[[i, t]], &done.row(t).slice(s![..cols]));
             }
             row.mapv_inplace(|v| v / l[[i, i]]);
         }
@@ -96,9 +111,9 @@ pub fn forward_blocked(l: &Array2<f64>, b: &mut Array2<f64>) {
             general_mat_mul(
                 -1.0,
                 &l.slice(s![k + w.., k..k + w]),
-                &top.slice(s![k.., ..]),
+                &top.slice(s![k.., ..cols]),
                 1.0,
-                &mut bottom,
+                &mut bottom.slice_mut(s![.., ..cols]),
             );
         }
         k += w;
@@ -143,14 +158,17 @@ pub fn cholesky_solve_blocked(g: Array2<f64>, mut b: Array2<f64>) -> Option<Arra
     b.iter().all(|v| v.is_finite()).then_some(b)
 }
 
-/// `G⁻¹ = L⁻ᵀ L⁻¹` of a symmetric positive definite `G` (`None` when not SPD): exactly
-/// symmetric, since both halves come from one product.
+/// `G⁻¹ = L⁻ᵀ L⁻¹` of a symmetric positive definite `G` (`None` when not SPD), exactly
+/// symmetric.
 pub fn spd_inverse_blocked(g: &Array2<f64>) -> Option<Array2<f64>> {
     let n = g.nrows();
     let l = cholesky_blocked(g.clone())?;
     let mut li = Array2::<f64>::eye(n);
-    forward_blocked(&l, &mut li);
-    let h = li.t().dot(&li);
+    forward_cols(&l, &mut li, true);
+    // H = L⁻ᵀL⁻¹ is the Gram matrix of L⁻¹: its lower half, mirrored.
+    let mut h = Array2::<f64>::zeros((n, n));
+    add_gram_lower(li.view(), &mut h);
+    mirror_lower(&mut h);
     h.iter().all(|v| v.is_finite()).then_some(h)
 }
 
