@@ -42,15 +42,18 @@
 //! This file holds the options, the pass and its driver [`prune`]; [`groups`] step 1,
 //! [`importance`] step 2 (`obs` and `sensitivity` for criterion `loss`), `planner` step 3 (the MAC model and the greedy allocation),
 //! `slicer` step 4, [`reconstruct`] step 5 (`segments`: the pruned model's values, each node
-//! run once). `batches` runs a model on the calibration batch in fixed chunks on every core.
+//! run once). `batches` runs a model on the calibration batch in fixed chunks on every core;
+//! `solve` holds the blocked dense solves.
 //!
 //! # Cost
 //!
 //! One run of the original model (consumer inputs and outputs kept), one run per consumer of
-//! the part downstream of it (sensitivity, on a sample budget), one Gram matrix per consumer
-//! (cost curves, consumers and groups in parallel), and for reconstruction one run of the
-//! pruned model by parts plus one ridge fit per consumer. `details.timings` gives the wall
-//! seconds of each phase.
+//! the part downstream of it (sensitivity, on a sample budget of 5 whole-model runs), one
+//! Gram matrix per consumer (cost curves, consumers and groups in parallel), and for
+//! reconstruction one run of the pruned model by parts plus one ridge fit per consumer. Gram
+//! matrices are built on their lower half and the Cholesky factors, solves and inverses are
+//! blocked (`solve`), so the dense algebra runs as matrix products. `details.timings` gives
+//! the wall and CPU seconds of each phase.
 
 mod batches;
 pub mod groups;

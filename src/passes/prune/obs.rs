@@ -102,9 +102,8 @@ impl Consumer {
                 // every alive channel of every consumer at every greedy step.
                 let cols = self.cols(chans);
                 let wb = self.w.select(Axis(0), &cols);
-                let hb = Array2::from_shape_fn((cols.len(), cols.len()), |(i, j)| {
-                    h[[cols[i], cols[j]]]
-                });
+                let hb =
+                    Array2::from_shape_fn((cols.len(), cols.len()), |(i, j)| h[[cols[i], cols[j]]]);
                 quad_inv(&hb, &wb).unwrap_or(f64::INFINITY)
             }
             None => chans.iter().map(|&ch| self.diag_cost[ch]).sum(),
