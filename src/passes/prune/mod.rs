@@ -42,15 +42,18 @@
 //! This file holds the options, the pass and its driver [`prune`]; [`groups`] step 1,
 //! [`importance`] step 2 (`obs` and `sensitivity` for criterion `loss`), `planner` step 3 (the MAC model and the greedy allocation),
 //! `slicer` step 4, [`reconstruct`] step 5 (`segments`: the pruned model's values, each node
-//! run once). `batches` runs a model on the calibration batch in fixed chunks on every core.
+//! run once). `batches` runs a model on the calibration batch in fixed chunks on every core;
+//! `solve` holds the blocked dense solves.
 //!
 //! # Cost
 //!
 //! One run of the original model (consumer inputs and outputs kept), one run per consumer of
-//! the part downstream of it (sensitivity, on a sample budget), one Gram matrix per consumer
-//! (cost curves, consumers and groups in parallel), and for reconstruction one run of the
-//! pruned model by parts plus one ridge fit per consumer. `details.timings` gives the wall
-//! seconds of each phase.
+//! the part downstream of it (sensitivity, on a sample budget of 5 whole-model runs), one
+//! Gram matrix per consumer (cost curves, consumers and groups in parallel), and for
+//! reconstruction one run of the pruned model by parts plus one ridge fit per consumer. Gram
+//! matrices are built on their lower half and the Cholesky factors, solves and inverses are
+//! blocked (`solve`), so the dense algebra runs as matrix products. `details.timings` gives
+//! the wall and CPU seconds of each phase.
 
 mod batches;
 pub mod groups;
@@ -62,6 +65,7 @@ mod segments;
 mod sensitivity;
 pub mod size_plan;
 mod slicer;
+mod solve;
 
 pub use groups::{analyze, dependency_groups, describe_groups, Group, Member, Seg, Shapes};
 pub use importance::Criterion;
@@ -195,16 +199,31 @@ pub struct SizeRequest<'a> {
     pub named: Vec<crate::calibrate::NamedBatch>,
 }
 
-/// Wall seconds of the pass's phases, in order, for `details.timings` (where the time goes).
+/// Wall and CPU seconds of the pass's phases, in order, for `details.timings` (where the time
+/// goes; CPU seconds are the process's user + system time, the steadier figure on a shared
+/// machine).
 struct PhaseClock {
     last: std::time::Instant,
+    last_cpu: f64,
     done: Vec<serde_json::Value>,
+}
+
+/// User + system CPU seconds of this process so far (0 where `getrusage` fails).
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: `getrusage` only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 impl PhaseClock {
     fn start() -> Self {
         PhaseClock {
             last: std::time::Instant::now(),
+            last_cpu: process_cpu_seconds(),
             done: Vec::new(),
         }
     }
@@ -212,9 +231,14 @@ impl PhaseClock {
     /// Close the phase that ran since the previous mark.
     fn mark(&mut self, name: &str) {
         let now = std::time::Instant::now();
-        self.done
-            .push(json!({"phase": name, "seconds": (now - self.last).as_secs_f64()}));
+        let cpu = process_cpu_seconds();
+        self.done.push(json!({
+            "phase": name,
+            "seconds": (now - self.last).as_secs_f64(),
+            "cpu_seconds": cpu - self.last_cpu,
+        }));
         self.last = now;
+        self.last_cpu = cpu;
     }
 }
 

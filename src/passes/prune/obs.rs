@@ -58,8 +58,11 @@ const MAX_UNKNOWNS_PER_ROW: usize = 2;
 struct Consumer {
     /// `H = G^-1` (full), or `None` when only the block diagonal of `G` is kept.
     hinv: Option<Array2<f64>>,
-    /// Block-diagonal Gram blocks by input channel (the fallback), centered.
-    diag: Vec<Array2<f64>>,
+    /// Without `hinv`: the cost of removing each weight input channel alone,
+    /// `tr(W_c^T G_cc W_c)` with the centered block-diagonal Gram block `G_cc`. Without a
+    /// refit a removal does not change the other channels' costs, so they are computed once
+    /// per consumer instead of at every greedy step of every group that reads it.
+    diag_cost: Vec<f64>,
     /// `[d (+1)] x o` weights (bias row last when present).
     w: Array2<f64>,
     /// Design columns per weight input channel.
@@ -68,25 +71,11 @@ struct Consumer {
     norm: f64,
 }
 
-/// Cholesky inverse of a symmetric positive definite matrix (`None` when not SPD):
-/// `G = L Lᵀ` (`reconstruct::cholesky`), `L⁻¹` by forward substitution on whole rows, then
-/// `H = L⁻ᵀ L⁻¹`.
+/// Cholesky inverse of a symmetric positive definite matrix (`None` when not SPD), blocked
+/// for large matrices (`solve`); small ones (the greedy steps' `b x b` blocks) go through the
+/// unblocked routine.
 fn spd_inverse(g: &Array2<f64>) -> Option<Array2<f64>> {
-    let n = g.nrows();
-    let l = super::reconstruct::cholesky(g.clone())?;
-    // Row i of L⁻¹: (e_i - sum_{k<i} L[i,k] row_k) / L[i,i].
-    let mut li = Array2::<f64>::zeros((n, n));
-    for i in 0..n {
-        let (done, mut rest) = li.view_mut().split_at(Axis(0), i);
-        let mut row = rest.row_mut(0);
-        row[i] = 1.0;
-        for k in 0..i {
-            row.scaled_add(-l[[i, k]], &done.row(k));
-        }
-        row.mapv_inplace(|v| v / l[[i, i]]);
-    }
-    let h = li.t().dot(&li);
-    h.iter().all(|v| v.is_finite()).then_some(h)
+    super::solve::spd_inverse_blocked(g)
 }
 
 /// `tr(W_B^T M^-1 W_B)` for a small SPD `M` (b x b) and `W_B` (b x o); `None` if singular.
@@ -109,18 +98,15 @@ impl Consumer {
     fn cost(&self, chans: &[usize]) -> f64 {
         let c = match &self.hinv {
             Some(h) => {
+                // Only the `b x b` block of H is read (not `b` whole rows of it): this runs for
+                // every alive channel of every consumer at every greedy step.
                 let cols = self.cols(chans);
                 let wb = self.w.select(Axis(0), &cols);
-                let hb = h.select(Axis(0), &cols).select(Axis(1), &cols);
+                let hb =
+                    Array2::from_shape_fn((cols.len(), cols.len()), |(i, j)| h[[cols[i], cols[j]]]);
                 quad_inv(&hb, &wb).unwrap_or(f64::INFINITY)
             }
-            None => chans
-                .iter()
-                .map(|&ch| {
-                    let wb = self.w.select(Axis(0), &self.cols(&[ch]));
-                    (&self.diag[ch].dot(&wb) * &wb).sum()
-                })
-                .sum(),
+            None => chans.iter().map(|&ch| self.diag_cost[ch]).sum(),
         };
         c.max(0.0) * self.norm
     }
@@ -293,7 +279,7 @@ fn consumer_model(
         if full {
             let mut aa = Array2::<f64>::ones((a.nrows(), dd));
             aa.slice_mut(s![.., ..d]).assign(&a);
-            ndarray::linalg::general_mat_mul(1.0, &aa.t(), &aa, 1.0, &mut g);
+            super::solve::add_gram_lower(aa.view(), &mut g);
         } else {
             for (ch, dg) in diag.iter_mut().enumerate() {
                 let blk = a.slice(s![.., ch * q..(ch + 1) * q]);
@@ -310,6 +296,7 @@ fn consumer_model(
     }
     let norm = 1.0 / (rows as f64 * energy);
     if full {
+        super::solve::mirror_lower(&mut g);
         let trace: f64 = (0..dd).map(|i| g[[i, i]]).sum();
         let lambda = 1e-4 * trace / dd as f64 + 1e-12;
         for i in 0..dd {
@@ -320,7 +307,7 @@ fn consumer_model(
         };
         Ok(Some(Consumer {
             hinv: Some(hinv),
-            diag,
+            diag_cost: Vec::new(),
             w: wfull,
             q,
             norm,
@@ -337,9 +324,17 @@ fn consumer_model(
                 }
             }
         }
+        let diag_cost = diag
+            .iter()
+            .enumerate()
+            .map(|(ch, blk)| {
+                let wb = wfull.slice(s![ch * q..(ch + 1) * q, ..]);
+                (&blk.dot(&wb) * &wb).sum()
+            })
+            .collect();
         Ok(Some(Consumer {
             hinv: None,
-            diag,
+            diag_cost,
             w: wfull,
             q,
             norm,
@@ -460,7 +455,7 @@ fn group_curve(
             (
                 Consumer {
                     hinv: c.hinv.clone(),
-                    diag: c.diag.clone(),
+                    diag_cost: c.diag_cost.clone(),
                     w: c.w.clone(),
                     q: c.q,
                     norm: c.norm * s_of(n),
@@ -527,7 +522,7 @@ mod tests {
         }
         let mut c = Consumer {
             hinv: Some(h),
-            diag: vec![],
+            diag_cost: vec![],
             w: w.clone(),
             q: 1,
             norm: 1.0,

@@ -6,7 +6,8 @@
 //! (design rows `A`, the consumer's actual new inputs, so upstream changes are accounted for):
 //!
 //! `[W' b'] = argmin ||[A 1] [W' b']^T - Y||^2 + lambda ||.||^2`, `lambda = 1e-3 trace(G)/d`
-//! with `G = [A 1]^T [A 1]` (ridge, He et al. 2017 / ThiNet style, solved by Cholesky in f64).
+//! with `G = [A 1]^T [A 1]` (ridge, He et al. 2017 / ThiNet style, solved by blocked Cholesky in
+//! f64, `solve`).
 //!
 //! Candidates, judged on held-out rows (every 5th row is kept out of the fit):
 //! - `plain`: the sliced weights as they are;
@@ -194,33 +195,6 @@ pub fn cholesky(mut g: Array2<f64>) -> Option<Array2<f64>> {
 /// Multiply-adds above which a loop is split over threads (below, rayon's overhead dominates).
 const PARALLEL_WORK: usize = 1 << 16;
 
-/// Dense Cholesky solve of `G X = B` (G symmetric positive definite, row-major `n x n`).
-/// The substitutions work on whole rows of `B` (every column of a row by the same operations,
-/// in the same order as one column at a time).
-pub fn cholesky_solve(g: Array2<f64>, mut b: Array2<f64>) -> Option<Array2<f64>> {
-    let n = g.nrows();
-    let g = cholesky(g)?;
-    // forward: L z = b
-    for i in 0..n {
-        let (done, mut rest) = b.view_mut().split_at(Axis(0), i);
-        let mut row = rest.row_mut(0);
-        for k in 0..i {
-            row.scaled_add(-g[[i, k]], &done.row(k));
-        }
-        row.mapv_inplace(|v| v / g[[i, i]]);
-    }
-    // backward: L^T x = z
-    for i in (0..n).rev() {
-        let (mut upto, below) = b.view_mut().split_at(Axis(0), i + 1);
-        let mut row = upto.row_mut(i);
-        for k in i + 1..n {
-            row.scaled_add(-g[[k, i]], &below.row(k - i - 1));
-        }
-        row.mapv_inplace(|v| v / g[[i, i]]);
-    }
-    b.iter().all(|v| v.is_finite()).then_some(b)
-}
-
 /// `(AᵀA, AᵀY)` accumulated over blocks of rows computed in parallel and summed in block
 /// order (the same sums whatever the thread count).
 fn normal_equations(a: &Array2<f64>, y: &Array2<f64>) -> (Array2<f64>, Array2<f64>) {
@@ -233,7 +207,10 @@ fn normal_equations(a: &Array2<f64>, y: &Array2<f64>) -> (Array2<f64>, Array2<f6
             let r = b * ROWS..((b + 1) * ROWS).min(m);
             let ab = a.slice(s![r.clone(), ..]);
             let yb = y.slice(s![r, ..]);
-            (ab.t().dot(&ab), ab.t().dot(&yb))
+            // The lower block triangle only (half the work), mirrored after the sum.
+            let mut gb = Array2::<f64>::zeros((a.ncols(), a.ncols()));
+            super::solve::add_gram_lower(ab, &mut gb);
+            (gb, ab.t().dot(&yb))
         })
         .collect();
     let mut g = Array2::<f64>::zeros((a.ncols(), a.ncols()));
@@ -242,6 +219,7 @@ fn normal_equations(a: &Array2<f64>, y: &Array2<f64>) -> (Array2<f64>, Array2<f6
         g += &gb;
         rhs += &rb;
     }
+    super::solve::mirror_lower(&mut g);
     (g, rhs)
 }
 
@@ -261,7 +239,7 @@ pub fn ridge(
     for i in 0..cols {
         g[[i, i]] += lambda;
     }
-    let x = cholesky_solve(g, rhs)?;
+    let x = super::solve::cholesky_solve_blocked(g, rhs)?;
     let w = x.slice(s![..d, ..]).to_owned();
     let b = if intercept {
         x.row(d).to_owned()
