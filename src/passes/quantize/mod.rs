@@ -487,6 +487,20 @@ pub fn quantize_dynamic(model: &mut Model, opts: &QuantizeOptions) -> Result<Pas
     Ok(stats)
 }
 
+/// Conv nodes (labels) whose constant weight needs per-(channel, tap) scales.
+fn tap_scaled_convs(
+    g: &crate::ir::Graph,
+) -> Vec<(String, crate::passes::weight_only::taps::TapGain)> {
+    g.node_indices()
+        .filter(|&ix| g.node(ix).op_type() == "Conv")
+        .filter_map(|ix| {
+            let n = g.node(ix);
+            let gain = crate::passes::weight_only::taps::judge_constant(g, n.input.get(1)?)?;
+            Some((crate::ir::op::node_label(n).to_string(), gain))
+        })
+        .collect()
+}
+
 /// Static (calibrated Q/DQ) quantization of `model` in place (all or nothing).
 pub fn quantize_static(
     model: &mut Model,
@@ -513,6 +527,29 @@ pub fn quantize_static(
             "{copies} bias initializer(s) shared between layers were copied so that each layer gets its own int32 bias (scale s_in * s_w differs per layer)"
         ));
     }
+    // Conv weights one scale per channel serves badly (a dominant kernel tap) stay float here;
+    // `weight-only` stores them with per-(channel, tap) scales (see `weight_only::taps`).
+    let tap_convs = tap_scaled_convs(&work.graph);
+    let with_taps_excluded;
+    let opts = if tap_convs.is_empty() {
+        opts
+    } else {
+        stats.notes.push(format!(
+            "{} Conv layer(s) left float: one scale per output channel leaves their weights below {} dB SQNR (a dominant kernel tap, e.g. a reparameterized kernel); weight-only stores them int8 with one scale per (channel, tap) where the target allows: {}",
+            tap_convs.len(),
+            crate::passes::weight_only::taps::MAX_PER_CHANNEL_SQNR_DB,
+            tap_convs
+                .iter()
+                .map(|(n, g)| format!("'{n}' {:.1} -> {:.1} dB", g.per_channel_db, g.per_tap_db))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        let mut o = opts.clone();
+        o.exclude_nodes
+            .extend(tap_convs.iter().map(|(n, _)| regex::escape(n)));
+        with_taps_excluded = o;
+        &with_taps_excluded
+    };
     if opts.w4a8.is_some() {
         // int4 DequantizeLinear needs opset 21 (after the bias copies, as mixed-precision).
         stats

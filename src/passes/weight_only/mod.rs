@@ -41,8 +41,10 @@
 //! rules above store what is left (Gather tables, layers narrower than one block) as int8.
 
 pub mod awq;
+pub mod captured;
 pub mod int4;
 pub mod rounding;
+pub mod taps;
 
 pub use int4::Format;
 pub use rounding::Method;
@@ -260,6 +262,8 @@ fn merge_int4(
 struct Ask {
     axis: Option<usize>,
     node: String,
+    /// The reader is a Conv: per-(channel, tap) scales may apply ([`taps`]).
+    conv: bool,
 }
 
 /// The channel axis `rule` gives weight `shape` on node `n`.
@@ -364,6 +368,7 @@ fn plan(
             let ask = Ask {
                 axis,
                 node: node_label(n).to_string(),
+                conv: n.op_type() == "Conv",
             };
             asks.entry(w.clone())
                 .or_default()
@@ -407,21 +412,35 @@ pub fn weight_only(
             "mixed-precision set the precision of Conv/ConvTranspose/Gemm/MatMul layers; only the other rules apply".into(),
         );
     }
+    // Weights read inside If/Loop/Scan bodies ([`captured`]): only models with bodies pay for
+    // the copy.
+    let mut hoisted = None;
+    let mut in_bodies = IndexMap::new();
+    if model
+        .graph
+        .node_indices()
+        .any(|ix| crate::ir::graph::has_subgraphs(model.graph.node(ix)))
+    {
+        let mut m = model.clone();
+        let rule_ok = |op: &str| policy.weight_only(op) && op != "Gather";
+        in_bodies = captured::prepare(&mut m.graph, &rule_ok, &mut stats.notes)?;
+        hoisted = Some(m);
+    }
     let chosen = plan(
-        &model.graph,
+        hoisted.as_ref().map_or(&model.graph, |m| &m.graph),
         policy,
         &filter,
         mixed_precision_ran,
         &mut stats.notes,
     )?;
-    if chosen.is_empty() {
+    if chosen.is_empty() && in_bodies.is_empty() {
         stats.notes.push(format!(
             "no float weight of at least {MIN_ELEMENTS} values matched a weight-only rule (target {}); model unchanged",
             policy.name
         ));
         return Ok(stats);
     }
-    let mut work = model.clone();
+    let mut work = hoisted.unwrap_or_else(|| model.clone());
     stats.notes.extend(opset::upgrade(
         &mut work,
         opset::PER_CHANNEL,
@@ -429,7 +448,13 @@ pub fn weight_only(
     )?);
     let mut namer = Namer::new(opts.naming);
     let mut reports: Vec<WeightReport> = Vec::new();
+    let mut per_tap = 0;
     for (w, ask) in &chosen {
+        if ask.conv && taps::judge_constant(&work.graph, w).is_some() {
+            reports.push(taps::insert(&mut work.graph, w, &ask.node)?);
+            per_tap += 1;
+            continue;
+        }
         let parts = match policy.split_weights_above {
             Some(limit) => split(&mut work.graph, w, ask.axis, limit)
                 .with_context(|| format!("splitting weight '{w}' (node '{}')", ask.node))?,
@@ -449,6 +474,37 @@ pub fn weight_only(
             .with_context(|| format!("weight-only int8 of '{part}' (node '{}')", ask.node))?;
             reports.push(report);
         }
+    }
+    for (w, c) in &in_bodies {
+        if c.conv && taps::judge_constant(&work.graph, w).is_some() {
+            reports.push(taps::insert(&mut work.graph, w, &c.node)?);
+            per_tap += 1;
+            continue;
+        }
+        let (_, report) = insert::weight(
+            &mut work.graph,
+            &mut namer,
+            w,
+            c.axis,
+            false,
+            &c.node,
+            false,
+            Rounding::Nearest,
+        )
+        .with_context(|| format!("weight-only int8 of '{w}' (read inside a body)"))?;
+        reports.push(report);
+    }
+    if !in_bodies.is_empty() {
+        stats.notes.push(format!(
+            "{} weight(s) read inside If/Loop/Scan bodies stored int8 in the main graph (the bodies read them by name; activations inside bodies float)",
+            in_bodies.len()
+        ));
+    }
+    if per_tap > 0 {
+        stats.notes.push(format!(
+            "{per_tap} Conv weight(s) with one dominant kernel tap stored with one scale per (output channel, tap) (Cast·Mul, float compute): their per-channel int8 SQNR is below {} dB",
+            taps::MAX_PER_CHANNEL_SQNR_DB
+        ));
     }
     work.graph.remove_unused_initializers();
     stats.changes = reports.len();
