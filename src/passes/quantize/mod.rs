@@ -34,6 +34,7 @@ pub mod materialize;
 pub mod opset;
 pub mod placement;
 pub mod smooth;
+pub mod specialized;
 pub mod transformer;
 
 use crate::calibrate::data::{CalibrationSet, DataOptions};
@@ -437,6 +438,15 @@ pub fn quantize(
     choose::quantize(model, opts, calibration)
 }
 
+/// Whether the main graph holds an `If` (the only reason tract refuses a model it otherwise
+/// runs that specializing can remove).
+fn has_if(proto: &crate::onnx::proto::ModelProto) -> bool {
+    proto
+        .graph
+        .as_ref()
+        .is_some_and(|g| g.node.iter().any(|n| n.op_type() == "If"))
+}
+
 fn already_quantized(model: &Model) -> bool {
     model.graph.node_indices().any(|ix| {
         matches!(
@@ -626,8 +636,44 @@ pub fn quantize_static(
         }
     };
     stats.notes.extend(calib.notes.iter().cloned());
+    let mut observed_on: Option<String> = None;
     // Observed on the model as given: the opset upgrade changes no value.
-    let ranges = materialize::calibrate(&plan, &work, &original, calib, opts)?;
+    let ranges = match materialize::calibrate(&plan, &work, &original, calib, opts) {
+        Ok(r) => r,
+        // tract cannot run the model as given (its `If`s): observe on a copy specialized to
+        // the calibration data instead ([`specialized`]); the output keeps every input.
+        Err(e) if has_if(&original) => {
+            let s = specialized::for_observation(&original, calib).with_context(|| {
+                format!("observing on the model failed ({e:#}); on a copy specialized to the calibration data")
+            })?;
+            let present = specialized::main_graph_names(&s.proto);
+            let missing: Vec<String> = plan
+                .activations
+                .iter()
+                .filter(|t| !present.contains(*t))
+                .cloned()
+                .collect();
+            plan.activations.retain(|t| !missing.contains(t));
+            plan.biases.retain(|_, mark| !missing.contains(&mark.input));
+            stats.notes.push(format!(
+                "activation ranges observed on a copy specialized to the calibration data ({}; {} If(s) collapsed), one sample per run: tract cannot analyse the model's If(s) as given; the output keeps every input and branch{}",
+                s.describe(),
+                s.collapsed_ifs,
+                if missing.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; {} tensor(s) that are constants there stay float",
+                        missing.len()
+                    )
+                }
+            ));
+            observed_on = Some(s.describe());
+            materialize::calibrate(&plan, &work, &s.proto, &s.calib, opts)
+                .context("observing on the specialized copy")?
+        }
+        Err(e) => return Err(e),
+    };
     if let Some(auto) = &ranges.auto {
         stats.notes.push(auto::summary(auto));
     }
@@ -746,6 +792,9 @@ pub fn quantize_static(
         "weights": weight_reports,
         "biases": bias_reports,
     });
+    if let Some(o) = observed_on {
+        stats.details["calibration"]["observed_on_specialized_copy"] = json!(o);
+    }
     if let Some(d) = decided {
         stats.details["weight_codes"] = d.details;
     }
