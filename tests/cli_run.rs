@@ -754,7 +754,13 @@ fn plain_calib_on_an_if_model_observes_and_validates_on_a_specialized_copy() {
     assert!(g.node.iter().any(|n| n.op_type() == "QuantizeLinear"));
     let branch = g.node.iter().find(|n| n.op_type() == "If").unwrap();
     for a in &branch.attribute {
-        let ops: Vec<&str> = a.g.as_ref().unwrap().node.iter().map(|n| n.op_type()).collect();
+        let ops: Vec<&str> =
+            a.g.as_ref()
+                .unwrap()
+                .node
+                .iter()
+                .map(|n| n.op_type())
+                .collect();
         assert!(!ops.contains(&"Constant"), "{}: {ops:?}", a.name());
     }
     if common::python::require_python(&["onnx", "onnxruntime", "numpy"], "if_weights ORT") {
@@ -782,10 +788,6 @@ print("ok")
             .args(["-c", &script])
             .output()
             .unwrap();
-        assert!(
-            o.status.success(),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
 }

@@ -68,17 +68,22 @@ fn is_config(dt: DataType) -> bool {
     )
 }
 
+/// `(input, values)` per fixed input, as `specialize::fix_inputs` takes them.
+pub type Fixes = Vec<(String, Vec<f64>)>;
+/// `(input, full shape)` per remaining input.
+pub type Shapes = Vec<(String, Vec<usize>)>;
+
 /// The fixes and sample shapes of `calib` (module docs), without specializing anything.
-pub fn fixes_and_shapes(
-    calib: &CalibrationSet,
-) -> Result<(Vec<(String, Vec<f64>)>, Vec<(String, Vec<usize>)>)> {
+pub fn fixes_and_shapes(calib: &CalibrationSet) -> Result<(Fixes, Shapes)> {
     ensure!(!calib.batches.is_empty(), "no calibration batches");
     let mut fixes = Vec::new();
     let mut shapes = Vec::new();
     for (i, name) in calib.input_names.iter().enumerate() {
         let feed = &calib.batches[0][i];
         match calib.batch_axes[i] {
-            None if is_config(feed.data_type()) && feed.shape().iter().product::<usize>() <= MAX_FIXED_VALUES => {
+            None if is_config(feed.data_type())
+                && feed.shape().iter().product::<usize>() <= MAX_FIXED_VALUES =>
+            {
                 let values: Vec<f64> = feed.to_f64().iter().copied().collect();
                 for b in &calib.batches[1..] {
                     ensure!(
@@ -153,7 +158,10 @@ pub fn for_observation(original: &ModelProto, calib: &CalibrationSet) -> Result<
         .map(|(n, s)| {
             format!(
                 "{n}: {}",
-                s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")
+                s.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("x")
             )
         })
         .collect();

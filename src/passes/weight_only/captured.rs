@@ -104,9 +104,8 @@ fn constant_value(n: &NodeProto) -> Option<&TensorProto> {
 
 /// Whether `t` is a finite float tensor worth storing as int8.
 fn big_finite(t: &TensorProto) -> bool {
-    tensor::to_f32(t).is_ok_and(|a| {
-        a.len() >= super::MIN_ELEMENTS && a.iter().all(|v| v.is_finite())
-    })
+    tensor::to_f32(t)
+        .is_ok_and(|a| a.len() >= super::MIN_ELEMENTS && a.iter().all(|v| v.is_finite()))
 }
 
 /// Follow `name` through layout ops inside the bodies: `Some(direct readers)` (rule rows
@@ -156,7 +155,10 @@ pub fn prepare(
     rule_ok: &dyn Fn(&str) -> bool,
     notes: &mut Vec<String>,
 ) -> Result<IndexMap<String, Captured>> {
-    if !g.node_indices().any(|ix| subgraphs(g.node(ix)).next().is_some()) {
+    if !g
+        .node_indices()
+        .any(|ix| subgraphs(g.node(ix)).next().is_some())
+    {
         return Ok(IndexMap::new());
     }
     let (nodes, body_outputs) = body_nodes(g);
@@ -180,7 +182,8 @@ pub fn prepare(
                 n.op_type() == "Conv",
             ),
             None => {
-                let per_row = shape.iter().product::<usize>() / shape.first().copied().unwrap_or(1).max(1);
+                let per_row =
+                    shape.iter().product::<usize>() / shape.first().copied().unwrap_or(1).max(1);
                 (
                     (shape.len() >= 2 && per_row >= super::MIN_PER_CHANNEL).then_some(0),
                     format!("layout ops on '{w}' inside a body"),
@@ -217,7 +220,9 @@ pub fn prepare(
     let mut hoist: IndexMap<String, TensorProto> = IndexMap::new();
     for n in &nodes {
         let Some(t) = constant_value(n) else { continue };
-        let Some(name) = n.output.first() else { continue };
+        let Some(name) = n.output.first() else {
+            continue;
+        };
         if main_names.contains(name) || defined.get(name.as_str()) != Some(&1) || !big_finite(t) {
             continue;
         }
