@@ -39,6 +39,8 @@ pub struct ForObservation {
     pub fixed: Vec<String>,
     pub shapes: Vec<String>,
     pub collapsed_ifs: usize,
+    /// One line per `If` folded to the branch the data takes.
+    pub collapsed: Vec<String>,
     /// Fixes and shapes as `specialize::fix_inputs` takes them (validation reuses them).
     pub fixes: Vec<(String, Vec<f64>)>,
     pub input_shapes: Vec<(String, Vec<usize>)>,
@@ -171,6 +173,7 @@ pub fn for_observation(original: &ModelProto, calib: &CalibrationSet) -> Result<
         fixed,
         shapes,
         collapsed_ifs: s.collapsed_ifs.len(),
+        collapsed: s.collapsed_ifs.clone(),
         fixes,
         input_shapes,
     })

@@ -300,3 +300,104 @@ fn drop_constants(b: &mut GraphProto, names: &HashSet<String>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::Model;
+    use crate::onnx::proto::{attribute_proto::AttributeType, AttributeProto};
+    use ndarray::{ArrayD, Dimension};
+
+    fn values(shape: &[usize], seed: usize) -> ArrayD<f32> {
+        ArrayD::from_shape_fn(shape.to_vec(), |ix| {
+            let k = ix.slice().iter().fold(seed, |a, &i| a * 31 + i);
+            ((k * 2654435761) % 1000) as f32 / 1000.0 - 0.5
+        })
+    }
+
+    /// then: `a = Add(Conv(x, W), M)`, `ty = Conv(a, Wc)` with `Wc` a Constant in the body;
+    /// else: `ey = Conv(x, Concat(Wa, Wb))`. `M` is read by an Add: it stays float.
+    fn if_model() -> Model {
+        let mut m = crate::onnx::text::parse_model(
+            r#"<ir_version: 8, opset_import: ["" : 17]>
+            g (float[1,8,9] x, bool c) => (float[1,32,8] y) {
+              y = If (c) <
+                then_branch = g1 () => (float[1,32,8] ty) {
+                  t1 = Conv (x, W)
+                  a = Add (t1, M)
+                  ty = Conv (a, Wc)
+                },
+                else_branch = g2 () => (float[1,32,8] ey) {
+                  k = Concat <axis = 0> (Wa, Wb)
+                  ey = Conv (x, k)
+                }
+              >
+            }"#,
+        )
+        .unwrap();
+        let g = m.graph.as_mut().unwrap();
+        for (name, shape, seed) in [
+            ("W", vec![32, 8, 2], 1),
+            ("Wa", vec![16, 8, 2], 2),
+            ("Wb", vec![16, 8, 2], 3),
+            ("M", vec![1, 32, 8], 4),
+        ] {
+            g.initializer
+                .push(tensor::from_f32(name, &values(&shape, seed)));
+        }
+        let then = g.node[0].attribute[0].g.as_mut().unwrap();
+        let mut wc = crate::ir::op::node("Constant", "wc", &[], &["Wc"]);
+        wc.attribute.push(AttributeProto {
+            name: Some("value".into()),
+            r#type: Some(AttributeType::Tensor as i32),
+            t: Some(tensor::from_f32("Wc", &values(&[32, 32, 1], 5))),
+            ..Default::default()
+        });
+        then.node.insert(0, wc);
+        Model::from_proto(m).unwrap()
+    }
+
+    #[test]
+    fn weights_used_in_bodies_are_found_through_layout_ops_and_constants_hoisted() {
+        let mut m = if_model();
+        let mut notes = Vec::new();
+        let chosen = prepare(&mut m.graph, &|_| true, &mut notes).unwrap();
+        let names: Vec<&str> = chosen.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["W", "Wa", "Wb", "Wc"], "M is read by an Add");
+        assert!(chosen["W"].conv && chosen["Wc"].conv);
+        assert_eq!(chosen["Wa"].axis, Some(0));
+        assert!(!chosen["Wa"].conv, "read through a Concat");
+        // Wc moved to the main graph; the body reads it by name.
+        assert!(m.graph.constant("Wc").is_some());
+        let holder = m.graph.node_indices().next().unwrap();
+        let then = m.graph.node(holder).attribute[0].g.as_ref().unwrap();
+        assert!(then.node.iter().all(|n| n.op_type() != "Constant"));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        // Idempotent: a second look hoists nothing more and finds the same weights.
+        let again = prepare(&mut m.graph, &|_| true, &mut notes).unwrap();
+        assert_eq!(
+            again.keys().collect::<Vec<_>>(),
+            chosen.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(notes.len(), 1);
+    }
+
+    #[test]
+    fn weight_only_stores_body_weights_int8_in_the_main_graph() {
+        let mut m = if_model();
+        let policy = crate::passes::target::Target::Generic.policy();
+        let stats = super::super::weight_only(&mut m, policy, &Default::default(), false).unwrap();
+        assert_eq!(stats.changes, 4, "{:?}", stats.notes);
+        for w in ["W", "Wa", "Wb", "Wc"] {
+            let p = m.graph.producer_node(w).expect(w);
+            assert_eq!(m.graph.node(p).op_type(), "DequantizeLinear", "{w}");
+        }
+        assert!(
+            m.graph.constant("M").is_some(),
+            "M stays a float initializer"
+        );
+        // Once stored, nothing is left to do.
+        let again = super::super::weight_only(&mut m, policy, &Default::default(), false).unwrap();
+        assert_eq!(again.changes, 0);
+    }
+}

@@ -178,7 +178,21 @@ impl Pass for WeightOnly {
         // those layers are its decision, not ours.
         let mixed_ran = ctx.selected.contains(&"mixed-precision") && ctx.mixed.budget.is_some();
         if ctx.weight_only.bits != 4 {
-            return weight_only(model, ctx.target.policy(), &ctx.quantize, mixed_ran);
+            // Which branches the calibration data reaches, said before the bodies change.
+            let reached = ctx
+                .calibration
+                .as_deref()
+                .filter(|c| !c.synthetic)
+                .and_then(|c| branches_reached(model, c));
+            let mut stats = weight_only(model, ctx.target.policy(), &ctx.quantize, mixed_ran)?;
+            if stats
+                .details
+                .get("in_bodies")
+                .is_some_and(|n| n.as_u64() > Some(0))
+            {
+                stats.notes.extend(reached);
+            }
+            return Ok(stats);
         }
         let filter = Filter::new(&ctx.quantize)?;
         let (layers, notes) = int4::int4(
@@ -192,6 +206,31 @@ impl Pass for WeightOnly {
         stats.notes.splice(0..0, notes);
         Ok(merge_int4(stats, layers, &ctx.weight_only))
     }
+}
+
+/// One note naming the `If` branches the calibration data takes (the `If`s a copy specialized
+/// to it folds, [`crate::passes::quantize::specialized`]); `None` without `If`s or when the
+/// data fixes nothing that folds one.
+fn branches_reached(
+    model: &Model,
+    calib: &crate::calibrate::data::CalibrationSet,
+) -> Option<String> {
+    if !model
+        .graph
+        .node_indices()
+        .any(|ix| model.graph.node(ix).op_type() == "If")
+    {
+        return None;
+    }
+    let proto = model.to_proto().ok()?;
+    let s = crate::passes::quantize::specialized::for_observation(&proto, calib).ok()?;
+    (!s.collapsed.is_empty()).then(|| {
+        format!(
+            "branches the calibration data ({}) takes: {}; the other branches of these If(s) are reached by none of it; in every branch only the weights are int8 (activations float)",
+            s.describe(),
+            s.collapsed.join("; ")
+        )
+    })
 }
 
 /// The int8 pass's stats with the int4 layers in front: changes, a note, table rows, details.
@@ -519,10 +558,12 @@ pub fn weight_only(
                 "{:<32} {:<24} {:>10}  SQNR {:>5.1} dB",
                 r.tensor,
                 r.node,
-                r.axis.map_or("per-tensor".to_string(), |a| format!(
-                    "axis {a} x{}",
-                    r.channels
-                )),
+                match (r.axis, r.channels) {
+                    (Some(a), c) => format!("axis {a} x{c}"),
+                    // [`taps`]: one scale per (output channel, kernel position).
+                    (None, c) if c > 1 => format!("per tap x{c}"),
+                    _ => "per-tensor".to_string(),
+                },
                 r.sqnr_db
             )
         })
@@ -539,6 +580,9 @@ pub fn weight_only(
             .unwrap_or_default()
     ));
     stats.details = json!({ "target": policy.name, "weights": reports });
+    if !in_bodies.is_empty() {
+        stats.details["in_bodies"] = json!(in_bodies.len());
+    }
     *model = work;
     Ok(stats)
 }
