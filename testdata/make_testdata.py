@@ -895,6 +895,75 @@ def make_if_scalar(name):
     return file
 
 
+def make_if_weights(name):
+    """`mode` int64 scalar; a Conv before an `If` on `mode == 1` whose branches hold the weights
+    (silero_vad.onnx's layout: all weights inside branches on the sample rate).
+
+    main: h = Relu(Conv(x, W0))                                   [1, 8, 8, 8]
+    then: Wt = Constant [16, 8, 3, 3]; Relu(Conv(h, Wt))           [1, 16, 8, 8]
+    else: MaxPool(Conv(h, We), 2x2), We a main-graph initializer  [1, 16, 4, 4]  (another shape)
+    tract cannot analyse it unless `mode` is fixed.
+    """
+    rng = np.random.default_rng(9)
+    w0 = (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
+    wt = (rng.standard_normal((16, 8, 3, 3)) * 0.15).astype(np.float32)
+    we = (rng.standard_normal((16, 8, 3, 3)) * 0.15).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(w0, "W0"),
+        numpy_helper.from_array(we, "We"),
+        numpy_helper.from_array(np.array(1, dtype=np.int64), "one"),
+    ]
+    then_g = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["Wt"], name="wt_const",
+                             value=numpy_helper.from_array(wt, "Wt")),
+            helper.make_node("Conv", ["h", "Wt"], ["t_conv"], name="conv_then",
+                             kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["t_conv"], ["t_out"], name="relu_then"),
+        ],
+        "then_branch", [],
+        [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [1, 16, 8, 8])],
+    )
+    else_g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["h", "We"], ["e_conv"], name="conv_else",
+                             kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+            helper.make_node("MaxPool", ["e_conv"], ["e_out"], name="pool_else",
+                             kernel_shape=[2, 2], strides=[2, 2]),
+        ],
+        "else_branch", [],
+        [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [1, 16, 4, 4])],
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "W0"], ["c0"], name="conv0", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["h"], name="relu0"),
+        helper.make_node("Equal", ["mode", "one"], ["cond"], name="is_one"),
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g,
+                         else_branch=else_g),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "if_weights",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+            helper.make_tensor_value_info("mode", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                              producer_name="onnx-compress/make_testdata")
+    model.ir_version = 8
+    file = models_path(name)
+    onnx.save_model(model, file)
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    (y1,) = check_and_run(file, {"x": x, "mode": np.array(1, np.int64)})
+    (y0,) = check_and_run(file, {"x": x, "mode": np.array(0, np.int64)})
+    assert y1.shape == (1, 16, 8, 8) and y0.shape == (1, 16, 4, 4)
+    return file
+
+
 def make_if_batch(name):
     """`x` float [n, 3, 8, 8] (symbolic batch); cond = Equal(Shape(x)[0], 1), as silero-vad's
     batch-of-one `If`s test.
@@ -1023,6 +1092,10 @@ def main():
         for f in [make_token_embed("token_embed.onnx"), make_if_scalar("if_scalar.onnx"),
                   make_if_batch("if_batch.onnx")]:
             print(f"{os.path.basename(f):22s} {os.path.getsize(f):8d} B")
+        return 0
+    if "--branch-weight-models" in sys.argv:
+        f = make_if_weights("if_weights.onnx")
+        print(f"{os.path.basename(f):22s} {os.path.getsize(f):8d} B")
         return 0
     if "--prune-models" in sys.argv:
         for f, acc in make_prune_models():

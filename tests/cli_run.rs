@@ -717,3 +717,113 @@ fn calibrated_int8_is_the_same_whatever_the_thread_count() {
         );
     }
 }
+
+/// `tests/models/if_weights.onnx` (make_testdata.py --branch-weight-models): a Conv, then an
+/// `If` on the int64 scalar `mode == 1` whose branches hold the weights (a Constant inside
+/// `then`, a main-graph initializer read by `else`) and give different shapes, so tract cannot
+/// analyse it. Plain `--calib` (mode = 1 in every feed, nothing fixed): the main graph's
+/// activations are observed on a copy specialized to mode = 1, both branches' weights are
+/// stored int8 in the main graph, the interface is unchanged, and validation says it compared
+/// copies specialized to the calibration data.
+#[test]
+fn plain_calib_on_an_if_model_observes_and_validates_on_a_specialized_copy() {
+    use ndarray::{ArrayD, IxDyn};
+    let dir = tempfile::tempdir().unwrap();
+    let calib = dir.path().join("calib");
+    std::fs::create_dir(&calib).unwrap();
+    for k in 0..6 {
+        let f = std::fs::File::create(calib.join(format!("feed_{k}.npz"))).unwrap();
+        let mut z = ndarray_npy::NpzWriter::new(f);
+        let x = ArrayD::from_shape_fn(IxDyn(&[1, 3, 8, 8]), |i| {
+            ((k * 5 + i[1] * 7 + i[2] * 3 + i[3]) % 13) as f32 / 6.0 - 1.0
+        });
+        z.add_array("x", &x).unwrap();
+        z.add_array("mode", &ndarray::arr0(1i64)).unwrap();
+        z.finish().unwrap();
+    }
+    let out = dir.path().join("out.onnx");
+    let report = dir.path().join("r.json");
+    let (code, stdout, err) = run(&[
+        typed_model("if_weights.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        stdout.contains("activation ranges observed on a copy specialized to the calibration data (mode = 1 (int64), x: 1x3x8x8; 1 If(s) collapsed)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("2 weight(s) read inside If/Loop/Scan bodies stored int8"),
+        "{stdout}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json["validation"]["status"], "checked", "{json}");
+    let first_note = json["validation"]["notes"][0].as_str().unwrap();
+    assert!(
+        first_note.starts_with("validated on copies of the input and the output specialized to the calibration data (mode = 1 (int64), x: 1x3x8x8"),
+        "{first_note}"
+    );
+    assert!(first_note.contains("were not checked"), "{first_note}");
+
+    // The interface is the original's; the main graph holds the Q/DQ of the Conv before the
+    // If and a DequantizeLinear for each branch weight; the bodies read them by name and hold
+    // no Constant any more.
+    let m = onnx_compress::onnx::load::read_model(&out).unwrap().0;
+    let g = m.graph.as_ref().unwrap();
+    let inputs: Vec<&str> = g.input.iter().map(|i| i.name()).collect();
+    assert_eq!(inputs, ["x", "mode"]);
+    let produced_by = |name: &str| {
+        g.node
+            .iter()
+            .find(|n| n.output.iter().any(|o| o == name))
+            .map(|n| n.op_type().to_string())
+    };
+    for w in ["Wt", "We", "W0"] {
+        assert_eq!(produced_by(w).as_deref(), Some("DequantizeLinear"), "{w}");
+    }
+    assert!(g.node.iter().any(|n| n.op_type() == "QuantizeLinear"));
+    let branch = g.node.iter().find(|n| n.op_type() == "If").unwrap();
+    for a in &branch.attribute {
+        let ops: Vec<&str> =
+            a.g.as_ref()
+                .unwrap()
+                .node
+                .iter()
+                .map(|n| n.op_type())
+                .collect();
+        assert!(!ops.contains(&"Constant"), "{}: {ops:?}", a.name());
+    }
+    if common::python::require_python(&["onnx", "onnxruntime", "numpy"], "if_weights ORT") {
+        // Both branches still run in ONNX Runtime, close to the original's.
+        let script = format!(
+            r#"
+import numpy as np, onnx, onnxruntime as ort
+onnx.checker.check_model(onnx.load(r"{out}"), full_check=True)
+a = ort.InferenceSession(r"{src}", providers=["CPUExecutionProvider"])
+b = ort.InferenceSession(r"{out}", providers=["CPUExecutionProvider"])
+x = np.load(r"{feed}")["x"]  # data like the calibration's (the Q/DQ ranges clip beyond)
+for mode, shape in ((1, (1, 16, 8, 8)), (0, (1, 16, 4, 4))):
+    ya = a.run(None, {{"x": x, "mode": np.array(mode, np.int64)}})[0]
+    yb = b.run(None, {{"x": x, "mode": np.array(mode, np.int64)}})[0]
+    assert yb.shape == shape, yb.shape
+    err = float(np.abs(ya - yb).max() / np.abs(ya).max())
+    assert err < 0.1, (mode, err)
+print("ok")
+"#,
+            src = typed_model("if_weights.onnx").display(),
+            out = out.display(),
+            feed = calib.join("feed_3.npz").display()
+        );
+        let o = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}

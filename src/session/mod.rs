@@ -18,6 +18,7 @@ pub mod gate;
 pub mod inspect;
 pub mod preflight;
 pub mod report;
+pub mod specialized_validation;
 pub mod timings;
 pub mod write;
 
@@ -149,6 +150,14 @@ fn memory_plan(opts: &CompressOptions) -> preflight::MemoryPlan<'_> {
             .max()
             .filter(|_| opts.data.calib.is_none()),
     }
+}
+
+/// Whether the main graph holds an `If`.
+fn has_if(proto: &crate::onnx::proto::ModelProto) -> bool {
+    proto
+        .graph
+        .as_ref()
+        .is_some_and(|g| g.node.iter().any(|n| n.op_type() == "If"))
 }
 
 /// Load a model for a run: the original proto (validation compares against it) and the IR.
@@ -307,8 +316,24 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     };
     let validation = opts.validate.then(|| {
         // The output is written: a validation that cannot run is reported, not a failure.
-        validate::validate(&original, &out_proto, &validate_opts)
-            .unwrap_or_else(|e| ValidationReport::not_checked(format!("{e:#}")))
+        let direct = validate::validate(&original, &out_proto, &validate_opts)
+            .unwrap_or_else(|e| ValidationReport::not_checked(format!("{e:#}")));
+        // tract cannot analyse the `If`s: compare both specialized to the calibration data.
+        match (&direct.status, &ctx.calibration) {
+            (validate::Status::NotChecked, Some(c))
+                if !c.synthetic && eval_data.is_none() && has_if(&original) =>
+            {
+                specialized_validation::validate(&original, &out_proto, c, &validate_opts)
+                    .unwrap_or_else(|e| {
+                        let mut r = direct.clone();
+                        r.notes.push(format!(
+                            "validation on copies specialized to the calibration data failed too: {e:#}"
+                        ));
+                        r
+                    })
+            }
+            _ => direct,
+        }
     });
     let kv_cache = decoder.as_ref().map(|d| generate::DecoderReport {
         state_pairs: d.pairs.clone(),

@@ -34,6 +34,7 @@ pub mod materialize;
 pub mod opset;
 pub mod placement;
 pub mod smooth;
+pub mod specialized;
 pub mod transformer;
 
 use crate::calibrate::data::{CalibrationSet, DataOptions};
@@ -437,6 +438,15 @@ pub fn quantize(
     choose::quantize(model, opts, calibration)
 }
 
+/// Whether the main graph holds an `If` (the only reason tract refuses a model it otherwise
+/// runs that specializing can remove).
+fn has_if(proto: &crate::onnx::proto::ModelProto) -> bool {
+    proto
+        .graph
+        .as_ref()
+        .is_some_and(|g| g.node.iter().any(|n| n.op_type() == "If"))
+}
+
 fn already_quantized(model: &Model) -> bool {
     model.graph.node_indices().any(|ix| {
         matches!(
@@ -487,6 +497,20 @@ pub fn quantize_dynamic(model: &mut Model, opts: &QuantizeOptions) -> Result<Pas
     Ok(stats)
 }
 
+/// Conv nodes (labels) whose constant weight needs per-(channel, tap) scales.
+fn tap_scaled_convs(
+    g: &crate::ir::Graph,
+) -> Vec<(String, crate::passes::weight_only::taps::TapGain)> {
+    g.node_indices()
+        .filter(|&ix| g.node(ix).op_type() == "Conv")
+        .filter_map(|ix| {
+            let n = g.node(ix);
+            let gain = crate::passes::weight_only::taps::judge_constant(g, n.input.get(1)?)?;
+            Some((crate::ir::op::node_label(n).to_string(), gain))
+        })
+        .collect()
+}
+
 /// Static (calibrated Q/DQ) quantization of `model` in place (all or nothing).
 pub fn quantize_static(
     model: &mut Model,
@@ -513,6 +537,29 @@ pub fn quantize_static(
             "{copies} bias initializer(s) shared between layers were copied so that each layer gets its own int32 bias (scale s_in * s_w differs per layer)"
         ));
     }
+    // Conv weights one scale per channel serves badly (a dominant kernel tap) stay float here;
+    // `weight-only` stores them with per-(channel, tap) scales (see `weight_only::taps`).
+    let tap_convs = tap_scaled_convs(&work.graph);
+    let with_taps_excluded;
+    let opts = if tap_convs.is_empty() {
+        opts
+    } else {
+        stats.notes.push(format!(
+            "{} Conv layer(s) left float: one scale per output channel leaves their weights below {} dB SQNR (a dominant kernel tap, e.g. a reparameterized kernel); weight-only stores them int8 with one scale per (channel, tap) where the target allows: {}",
+            tap_convs.len(),
+            crate::passes::weight_only::taps::MAX_PER_CHANNEL_SQNR_DB,
+            tap_convs
+                .iter()
+                .map(|(n, g)| format!("'{n}' {:.1} -> {:.1} dB", g.per_channel_db, g.per_tap_db))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        let mut o = opts.clone();
+        o.exclude_nodes
+            .extend(tap_convs.iter().map(|(n, _)| regex::escape(n)));
+        with_taps_excluded = o;
+        &with_taps_excluded
+    };
     if opts.w4a8.is_some() {
         // int4 DequantizeLinear needs opset 21 (after the bias copies, as mixed-precision).
         stats
@@ -589,8 +636,44 @@ pub fn quantize_static(
         }
     };
     stats.notes.extend(calib.notes.iter().cloned());
+    let mut observed_on: Option<String> = None;
     // Observed on the model as given: the opset upgrade changes no value.
-    let ranges = materialize::calibrate(&plan, &work, &original, calib, opts)?;
+    let ranges = match materialize::calibrate(&plan, &work, &original, calib, opts) {
+        Ok(r) => r,
+        // tract cannot run the model as given (its `If`s): observe on a copy specialized to
+        // the calibration data instead ([`specialized`]); the output keeps every input.
+        Err(e) if has_if(&original) => {
+            let s = specialized::for_observation(&original, calib).with_context(|| {
+                format!("observing on the model failed ({e:#}); on a copy specialized to the calibration data")
+            })?;
+            let present = specialized::main_graph_names(&s.proto);
+            let missing: Vec<String> = plan
+                .activations
+                .iter()
+                .filter(|t| !present.contains(*t))
+                .cloned()
+                .collect();
+            plan.activations.retain(|t| !missing.contains(t));
+            plan.biases.retain(|_, mark| !missing.contains(&mark.input));
+            stats.notes.push(format!(
+                "activation ranges observed on a copy specialized to the calibration data ({}; {} If(s) collapsed), one sample per run: tract cannot analyse the model's If(s) as given; the output keeps every input and branch{}",
+                s.describe(),
+                s.collapsed_ifs,
+                if missing.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; {} tensor(s) that are constants there stay float",
+                        missing.len()
+                    )
+                }
+            ));
+            observed_on = Some(s.describe());
+            materialize::calibrate(&plan, &work, &s.proto, &s.calib, opts)
+                .context("observing on the specialized copy")?
+        }
+        Err(e) => return Err(e),
+    };
     if let Some(auto) = &ranges.auto {
         stats.notes.push(auto::summary(auto));
     }
@@ -709,6 +792,9 @@ pub fn quantize_static(
         "weights": weight_reports,
         "biases": bias_reports,
     });
+    if let Some(o) = observed_on {
+        stats.details["calibration"]["observed_on_specialized_copy"] = json!(o);
+    }
     if let Some(d) = decided {
         stats.details["weight_codes"] = d.details;
     }

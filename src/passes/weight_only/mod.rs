@@ -41,8 +41,10 @@
 //! rules above store what is left (Gather tables, layers narrower than one block) as int8.
 
 pub mod awq;
+pub mod captured;
 pub mod int4;
 pub mod rounding;
+pub mod taps;
 
 pub use int4::Format;
 pub use rounding::Method;
@@ -176,7 +178,21 @@ impl Pass for WeightOnly {
         // those layers are its decision, not ours.
         let mixed_ran = ctx.selected.contains(&"mixed-precision") && ctx.mixed.budget.is_some();
         if ctx.weight_only.bits != 4 {
-            return weight_only(model, ctx.target.policy(), &ctx.quantize, mixed_ran);
+            // Which branches the calibration data reaches, said before the bodies change.
+            let reached = ctx
+                .calibration
+                .as_deref()
+                .filter(|c| !c.synthetic)
+                .and_then(|c| branches_reached(model, c));
+            let mut stats = weight_only(model, ctx.target.policy(), &ctx.quantize, mixed_ran)?;
+            if stats
+                .details
+                .get("in_bodies")
+                .is_some_and(|n| n.as_u64() > Some(0))
+            {
+                stats.notes.extend(reached);
+            }
+            return Ok(stats);
         }
         let filter = Filter::new(&ctx.quantize)?;
         let (layers, notes) = int4::int4(
@@ -190,6 +206,31 @@ impl Pass for WeightOnly {
         stats.notes.splice(0..0, notes);
         Ok(merge_int4(stats, layers, &ctx.weight_only))
     }
+}
+
+/// One note naming the `If` branches the calibration data takes (the `If`s a copy specialized
+/// to it folds, [`crate::passes::quantize::specialized`]); `None` without `If`s or when the
+/// data fixes nothing that folds one.
+fn branches_reached(
+    model: &Model,
+    calib: &crate::calibrate::data::CalibrationSet,
+) -> Option<String> {
+    if !model
+        .graph
+        .node_indices()
+        .any(|ix| model.graph.node(ix).op_type() == "If")
+    {
+        return None;
+    }
+    let proto = model.to_proto().ok()?;
+    let s = crate::passes::quantize::specialized::for_observation(&proto, calib).ok()?;
+    (!s.collapsed.is_empty()).then(|| {
+        format!(
+            "branches the calibration data ({}) takes: {}; the other branches of these If(s) are reached by none of it; in every branch only the weights are int8 (activations float)",
+            s.describe(),
+            s.collapsed.join("; ")
+        )
+    })
 }
 
 /// The int8 pass's stats with the int4 layers in front: changes, a note, table rows, details.
@@ -260,6 +301,8 @@ fn merge_int4(
 struct Ask {
     axis: Option<usize>,
     node: String,
+    /// The reader is a Conv: per-(channel, tap) scales may apply ([`taps`]).
+    conv: bool,
 }
 
 /// The channel axis `rule` gives weight `shape` on node `n`.
@@ -364,6 +407,7 @@ fn plan(
             let ask = Ask {
                 axis,
                 node: node_label(n).to_string(),
+                conv: n.op_type() == "Conv",
             };
             asks.entry(w.clone())
                 .or_default()
@@ -407,21 +451,35 @@ pub fn weight_only(
             "mixed-precision set the precision of Conv/ConvTranspose/Gemm/MatMul layers; only the other rules apply".into(),
         );
     }
+    // Weights read inside If/Loop/Scan bodies ([`captured`]): only models with bodies pay for
+    // the copy.
+    let mut hoisted = None;
+    let mut in_bodies = IndexMap::new();
+    if model
+        .graph
+        .node_indices()
+        .any(|ix| crate::ir::graph::has_subgraphs(model.graph.node(ix)))
+    {
+        let mut m = model.clone();
+        let rule_ok = |op: &str| policy.weight_only(op) && op != "Gather";
+        in_bodies = captured::prepare(&mut m.graph, &rule_ok, &mut stats.notes)?;
+        hoisted = Some(m);
+    }
     let chosen = plan(
-        &model.graph,
+        hoisted.as_ref().map_or(&model.graph, |m| &m.graph),
         policy,
         &filter,
         mixed_precision_ran,
         &mut stats.notes,
     )?;
-    if chosen.is_empty() {
+    if chosen.is_empty() && in_bodies.is_empty() {
         stats.notes.push(format!(
             "no float weight of at least {MIN_ELEMENTS} values matched a weight-only rule (target {}); model unchanged",
             policy.name
         ));
         return Ok(stats);
     }
-    let mut work = model.clone();
+    let mut work = hoisted.unwrap_or_else(|| model.clone());
     stats.notes.extend(opset::upgrade(
         &mut work,
         opset::PER_CHANNEL,
@@ -429,7 +487,13 @@ pub fn weight_only(
     )?);
     let mut namer = Namer::new(opts.naming);
     let mut reports: Vec<WeightReport> = Vec::new();
+    let mut per_tap = 0;
     for (w, ask) in &chosen {
+        if ask.conv && taps::judge_constant(&work.graph, w).is_some() {
+            reports.push(taps::insert(&mut work.graph, w, &ask.node)?);
+            per_tap += 1;
+            continue;
+        }
         let parts = match policy.split_weights_above {
             Some(limit) => split(&mut work.graph, w, ask.axis, limit)
                 .with_context(|| format!("splitting weight '{w}' (node '{}')", ask.node))?,
@@ -450,6 +514,37 @@ pub fn weight_only(
             reports.push(report);
         }
     }
+    for (w, c) in &in_bodies {
+        if c.conv && taps::judge_constant(&work.graph, w).is_some() {
+            reports.push(taps::insert(&mut work.graph, w, &c.node)?);
+            per_tap += 1;
+            continue;
+        }
+        let (_, report) = insert::weight(
+            &mut work.graph,
+            &mut namer,
+            w,
+            c.axis,
+            false,
+            &c.node,
+            false,
+            Rounding::Nearest,
+        )
+        .with_context(|| format!("weight-only int8 of '{w}' (read inside a body)"))?;
+        reports.push(report);
+    }
+    if !in_bodies.is_empty() {
+        stats.notes.push(format!(
+            "{} weight(s) read inside If/Loop/Scan bodies stored int8 in the main graph (the bodies read them by name; activations inside bodies float)",
+            in_bodies.len()
+        ));
+    }
+    if per_tap > 0 {
+        stats.notes.push(format!(
+            "{per_tap} Conv weight(s) with one dominant kernel tap stored with one scale per (output channel, tap) (Cast·Mul, float compute): their per-channel int8 SQNR is below {} dB",
+            taps::MAX_PER_CHANNEL_SQNR_DB
+        ));
+    }
     work.graph.remove_unused_initializers();
     stats.changes = reports.len();
     // The terminal shows the least accurate weights; the report keeps them all.
@@ -463,10 +558,12 @@ pub fn weight_only(
                 "{:<32} {:<24} {:>10}  SQNR {:>5.1} dB",
                 r.tensor,
                 r.node,
-                r.axis.map_or("per-tensor".to_string(), |a| format!(
-                    "axis {a} x{}",
-                    r.channels
-                )),
+                match (r.axis, r.channels) {
+                    (Some(a), c) => format!("axis {a} x{c}"),
+                    // [`taps`]: one scale per (output channel, kernel position).
+                    (None, c) if c > 1 => format!("per tap x{c}"),
+                    _ => "per-tensor".to_string(),
+                },
                 r.sqnr_db
             )
         })
@@ -483,6 +580,9 @@ pub fn weight_only(
             .unwrap_or_default()
     ));
     stats.details = json!({ "target": policy.name, "weights": reports });
+    if !in_bodies.is_empty() {
+        stats.details["in_bodies"] = json!(in_bodies.len());
+    }
     *model = work;
     Ok(stats)
 }

@@ -1,0 +1,191 @@
+//! Observing a model tract cannot analyse (an `If` whose branches give different shapes, on a
+//! sample rate or a batch of one) on a copy specialized to what the calibration data says.
+//!
+//! ```text
+//! model:        graph (float[b, n] input, float[2, b, 128] state, int64 sr) {
+//!                 out = If(sr == 16000) then {...16 kHz net, If(Shape(x)[0] == 1)...} else {...}
+//!               }
+//! calibration:  400 files, each input [1, 576], state [2, 1, 128], sr = 16000
+//! observed on:  specialize::fix_inputs(model, sr = 16000, input 1x576, state 2x1x128)
+//!               = the 16 kHz net inlined, the batch-of-one Ifs folded: a flat graph
+//! ```
+//! The specialization is the one `--fix-input` / `--input-shape` make
+//! ([`crate::passes::specialize`]): fixed values are the calibration inputs that have no batch
+//! axis and hold an integer or bool value of at most [`MAX_FIXED_VALUES`] values (a sample
+//! rate, a mode flag; the same in every feed by construction of the calibration set); shapes
+//! are those of one calibration sample (every batch cut into samples of batch size one, the
+//! streaming shape of the files). Tensors of the main graph keep their names in the copy, so the
+//! ranges observed there are the ranges of the original's tensors on that data. The model
+//! written keeps its interface: every input, every branch.
+//!
+//! Used only when observing on the model itself fails (see `quantize_static`), so models tract
+//! can run are observed exactly as before.
+
+use crate::calibrate::data::CalibrationSet;
+use crate::onnx::proto::tensor_proto::DataType;
+use crate::onnx::proto::ModelProto;
+use anyhow::{ensure, Context, Result};
+use std::collections::HashSet;
+
+/// Calibration inputs without a batch axis holding more values than this are not fixed.
+pub const MAX_FIXED_VALUES: usize = 16;
+
+/// The specialized copy and the calibration data cut to fit it.
+#[derive(Debug, Clone)]
+pub struct ForObservation {
+    pub proto: ModelProto,
+    pub calib: CalibrationSet,
+    /// `name = value` per fixed input, `name: AxB` per input shape (for the report).
+    pub fixed: Vec<String>,
+    pub shapes: Vec<String>,
+    pub collapsed_ifs: usize,
+    /// One line per `If` folded to the branch the data takes.
+    pub collapsed: Vec<String>,
+    /// Fixes and shapes as `specialize::fix_inputs` takes them (validation reuses them).
+    pub fixes: Vec<(String, Vec<f64>)>,
+    pub input_shapes: Vec<(String, Vec<usize>)>,
+}
+
+impl ForObservation {
+    /// One line saying what the copy was specialized to.
+    pub fn describe(&self) -> String {
+        let mut parts = self.fixed.clone();
+        parts.extend(self.shapes.iter().cloned());
+        parts.join(", ")
+    }
+}
+
+fn is_config(dt: DataType) -> bool {
+    matches!(
+        dt,
+        DataType::Int64
+            | DataType::Int32
+            | DataType::Int16
+            | DataType::Int8
+            | DataType::Uint8
+            | DataType::Uint16
+            | DataType::Uint32
+            | DataType::Uint64
+            | DataType::Bool
+    )
+}
+
+/// `(input, values)` per fixed input, as `specialize::fix_inputs` takes them.
+pub type Fixes = Vec<(String, Vec<f64>)>;
+/// `(input, full shape)` per remaining input.
+pub type Shapes = Vec<(String, Vec<usize>)>;
+
+/// The fixes and sample shapes of `calib` (module docs), without specializing anything.
+pub fn fixes_and_shapes(calib: &CalibrationSet) -> Result<(Fixes, Shapes)> {
+    ensure!(!calib.batches.is_empty(), "no calibration batches");
+    let mut fixes = Vec::new();
+    let mut shapes = Vec::new();
+    for (i, name) in calib.input_names.iter().enumerate() {
+        let feed = &calib.batches[0][i];
+        match calib.batch_axes[i] {
+            None if is_config(feed.data_type())
+                && feed.shape().iter().product::<usize>() <= MAX_FIXED_VALUES =>
+            {
+                let values: Vec<f64> = feed.to_f64().iter().copied().collect();
+                for b in &calib.batches[1..] {
+                    ensure!(
+                        b[i].to_f64().iter().copied().collect::<Vec<_>>() == values,
+                        "calibration input '{name}' holds different values in different feeds; observing needs one value"
+                    );
+                }
+                fixes.push((name.clone(), values));
+            }
+            None => shapes.push((name.clone(), feed.shape().to_vec())),
+            Some(axis) => {
+                let mut s = feed.shape().to_vec();
+                s[axis] = 1;
+                shapes.push((name.clone(), s));
+            }
+        }
+    }
+    Ok((fixes, shapes))
+}
+
+/// Specialize `original` to `calib` and cut `calib` into batches of one sample (module docs).
+pub fn for_observation(original: &ModelProto, calib: &CalibrationSet) -> Result<ForObservation> {
+    let (fixes, input_shapes) = fixes_and_shapes(calib)?;
+    let mut proto = original.clone();
+    let s = crate::passes::specialize::fix_inputs(&mut proto, &fixes, &input_shapes)
+        .context("specializing a copy to the calibration data")?;
+    let fixed_names: HashSet<&str> = fixes.iter().map(|(n, _)| n.as_str()).collect();
+    let keep: Vec<usize> = (0..calib.input_names.len())
+        .filter(|&i| !fixed_names.contains(calib.input_names[i].as_str()))
+        .collect();
+    let mut batches = Vec::new();
+    for (b, batch) in calib.batches.iter().enumerate() {
+        for r in 0..calib.rows(b) {
+            let row: Vec<_> = keep
+                .iter()
+                .map(|&i| match calib.batch_axes[i] {
+                    Some(axis) => batch[i].slice_axis(axis, r..r + 1),
+                    None => batch[i].clone(),
+                })
+                .collect();
+            for (&i, f) in keep.iter().zip(&row) {
+                let want = &input_shapes
+                    .iter()
+                    .find(|(n, _)| *n == calib.input_names[i])
+                    .context("input shape")?
+                    .1;
+                ensure!(
+                    f.shape() == want.as_slice(),
+                    "calibration input '{}' has samples of shape {:?} and {:?}; observing on a specialized copy needs one shape",
+                    calib.input_names[i],
+                    want,
+                    f.shape()
+                );
+            }
+            batches.push(row);
+        }
+    }
+    let calib_rows = CalibrationSet {
+        input_names: keep.iter().map(|&i| calib.input_names[i].clone()).collect(),
+        batch_axes: keep.iter().map(|&i| calib.batch_axes[i]).collect(),
+        batches,
+        samples: calib.samples,
+        source: calib.source.clone(),
+        synthetic: calib.synthetic,
+        fixed_batch: true,
+        notes: Vec::new(),
+        sequence: None,
+    };
+    let fixed = s.fixed.clone();
+    let shapes = input_shapes
+        .iter()
+        .map(|(n, s)| {
+            format!(
+                "{n}: {}",
+                s.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("x")
+            )
+        })
+        .collect();
+    Ok(ForObservation {
+        proto,
+        calib: calib_rows,
+        fixed,
+        shapes,
+        collapsed_ifs: s.collapsed_ifs.len(),
+        collapsed: s.collapsed_ifs.clone(),
+        fixes,
+        input_shapes,
+    })
+}
+
+/// Every value name of `proto`'s main graph (inputs, initializers, node outputs).
+pub fn main_graph_names(proto: &ModelProto) -> HashSet<String> {
+    let mut names = HashSet::new();
+    if let Some(g) = &proto.graph {
+        names.extend(g.input.iter().map(|v| v.name().to_string()));
+        names.extend(g.initializer.iter().map(|t| t.name().to_string()));
+        names.extend(g.node.iter().flat_map(|n| n.output.iter().cloned()));
+    }
+    names
+}
