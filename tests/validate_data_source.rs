@@ -35,8 +35,10 @@ fn calib_only_validates_on_the_calibration_data_and_says_so() {
     let v = &r["validation"];
     assert_eq!(v["input_source"], "calibration", "{v}");
     assert_eq!(v["status"], "checked");
-    // The first 64 calibration samples, in one batch (the batch dim is symbolic).
-    assert_eq!(v["outputs"][0]["shape"], serde_json::json!([64, 10]));
+    // The first 64 calibration samples, run row by row (the batch dim is symbolic).
+    assert_eq!(v["samples"], 64, "{v}");
+    assert_eq!(v["outputs"][0]["shape"], serde_json::json!([1, 10]));
+    assert_eq!(v["outputs"][0]["elements"], 640, "{v}");
     assert!(stdout.contains("in-sample"), "{stdout}");
     assert!(
         stdout.contains("(in-sample, on calibration data)"),

@@ -8,10 +8,8 @@
 //! files (outputs are written beside and renamed over), so a mapping stays valid for the run;
 //! what cannot be mapped (a pipe, an empty file) is read into memory instead.
 //!
-//! Mapped pages a run has read count in its resident memory until the kernel needs them back.
-//! [`release_pages`] drops them once a payload has been read through (the non-finite scan,
-//! tract's copy of a weight), so a large model is not resident twice, once as our mapping and
-//! once as tract's tensors.
+//! Mapped pages a run has read count in its resident memory: [`crate::onnx::pages`] drops
+//! them once a payload has been read through.
 
 use crate::onnx::proto::{
     tensor_proto::DataLocation, GraphProto, ModelProto, NodeProto, TensorProto,
@@ -21,42 +19,14 @@ use bytes::Bytes;
 use prost::Message;
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
 /// A read-only mapping of one input file, shared by the payloads that are views of it.
 #[derive(Debug)]
 pub struct MappedFile {
     pub path: PathBuf,
     pub file: std::fs::File,
-    map: memmap2::Mmap,
-}
-
-/// Every mapping still alive, so [`release_pages`] can tell a view of one from heap memory.
-static LIVE_MAPPINGS: Mutex<Vec<Weak<MappedFile>>> = Mutex::new(Vec::new());
-
-/// Drops this process's resident pages behind `payload` when it is a view of a mapped input
-/// file; anything else (heap bytes) is left alone. The bytes stay valid: the mapping is shared
-/// and read-only, so the next read faults them back in from the page cache unchanged.
-pub fn release_pages(payload: &[u8]) {
-    if payload.is_empty() {
-        return;
-    }
-    let live = LIVE_MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
-    for file in live.iter().filter_map(Weak::upgrade) {
-        if let Some(offset) = file.locate(payload) {
-            // SAFETY: MADV_DONTNEED on a shared read-only file mapping only drops page-table
-            // entries; nothing can observe it but a page fault re-reading the same file bytes
-            // (the tool never writes its inputs, see the module docs). A failure is harmless.
-            let _ = unsafe {
-                file.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    offset as usize,
-                    payload.len(),
-                )
-            };
-            return;
-        }
-    }
+    map: Arc<memmap2::Mmap>,
 }
 
 /// A range of a mapped file, the owner behind a payload's [`Bytes`].
@@ -82,16 +52,13 @@ impl MappedFile {
         // SAFETY: the mapping is read-only and the tool never writes its input files (see
         // the module docs); another process truncating the file mid-run is outside what a
         // model file can do to us.
-        let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
-        let mapped = Arc::new(MappedFile {
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.ok()?);
+        crate::onnx::pages::register(&map);
+        Some(Arc::new(MappedFile {
             path: path.to_path_buf(),
             file,
             map,
-        });
-        let mut live = LIVE_MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
-        live.retain(|m| m.strong_count() > 0);
-        live.push(Arc::downgrade(&mapped));
-        Some(mapped)
+        }))
     }
 
     /// The bytes `[start, end)` of the file as a payload sharing the mapping.
@@ -380,11 +347,11 @@ mod tests {
         let mapped = MappedFile::open(&path, std::fs::File::open(&path).unwrap()).unwrap();
         let payload = mapped.slice(100, data.len());
         assert_eq!(&payload[..], &data[100..]);
-        release_pages(&payload);
+        crate::onnx::pages::release_pages(&payload);
         assert_eq!(&payload[..], &data[100..]);
         // Heap bytes are never advised: they keep their contents.
         let heap = data.clone();
-        release_pages(&heap);
+        crate::onnx::pages::release_pages(&heap);
         assert_eq!(heap, data);
     }
 }

@@ -4,6 +4,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 pub mod load;
+pub mod pages;
 pub mod save;
 pub mod schema;
 pub mod tensor;

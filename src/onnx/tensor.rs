@@ -299,7 +299,7 @@ pub fn to_f32(t: &TensorProto) -> Result<ArrayD<f32>> {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            crate::onnx::load::release_pages(r);
+            crate::onnx::pages::release_pages(r);
             let shape = shape(t)?;
             return ArrayD::from_shape_vec(IxDyn(&shape), values)
                 .with_context(|| format!("tensor '{}': shape {:?}", t.name(), shape));

@@ -96,7 +96,7 @@ impl ModelDataResolver for PayloadTable {
         );
         buf.extend_from_slice(payload);
         // tract now holds its own copy: the input file's pages need not stay resident too.
-        crate::onnx::load::release_pages(payload);
+        crate::onnx::pages::release_pages(payload);
         Ok(())
     }
 }

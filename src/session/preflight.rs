@@ -213,7 +213,7 @@ pub fn nonfinite_initializers(model: &Model) -> Vec<NonFinite> {
         };
         // Scanned once: a mapped weight's pages need not stay resident until a pass reads it.
         if let Some(raw) = &t.raw_data {
-            crate::onnx::load::release_pages(raw);
+            crate::onnx::pages::release_pages(raw);
         }
         if nan + inf > 0 {
             out.push(NonFinite {

@@ -65,7 +65,7 @@ mod segments;
 mod sensitivity;
 pub mod size_plan;
 mod slicer;
-mod solve;
+pub mod solve;
 
 pub use groups::{analyze, dependency_groups, describe_groups, Group, Member, Seg, Shapes};
 pub use importance::Criterion;

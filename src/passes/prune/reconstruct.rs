@@ -150,51 +150,6 @@ pub struct Outcome {
     pub rel_error_plain: f64,
 }
 
-/// Lower Cholesky factor `L` of a symmetric positive definite `G = L Lᵀ` (zeros above the
-/// diagonal), `None` when `G` is not numerically positive definite. Also used by the int4
-/// rounding of `weight-only` (GPTQ's inverse-Hessian factor).
-///
-/// Column by column; the rows below the diagonal of one column are independent and are
-/// computed in parallel for large matrices (each element by the same sequence of operations
-/// whatever the thread count).
-pub fn cholesky(mut g: Array2<f64>) -> Option<Array2<f64>> {
-    use rayon::prelude::*;
-    let n = g.nrows();
-    for j in 0..n {
-        let mut d = g[[j, j]];
-        for k in 0..j {
-            d -= g[[j, k]] * g[[j, k]];
-        }
-        if d.is_nan() || d <= 0.0 || !d.is_finite() {
-            return None;
-        }
-        let d = d.sqrt();
-        g[[j, j]] = d;
-        let (head, mut tail) = g.view_mut().split_at(Axis(0), j + 1);
-        let gj = head.row(j);
-        let update = |mut row: ndarray::ArrayViewMut1<f64>| {
-            let mut v = row[j];
-            for k in 0..j {
-                v -= row[k] * gj[k];
-            }
-            row[j] = v / d;
-        };
-        if (n - j) * j >= PARALLEL_WORK {
-            let rows: Vec<_> = tail.outer_iter_mut().collect();
-            rows.into_par_iter().for_each(update);
-        } else {
-            tail.outer_iter_mut().for_each(update);
-        }
-        for i in 0..j {
-            g[[i, j]] = 0.0;
-        }
-    }
-    Some(g)
-}
-
-/// Multiply-adds above which a loop is split over threads (below, rayon's overhead dominates).
-const PARALLEL_WORK: usize = 1 << 16;
-
 /// `(AᵀA, AᵀY)` accumulated over blocks of rows computed in parallel and summed in block
 /// order (the same sums whatever the thread count).
 fn normal_equations(a: &Array2<f64>, y: &Array2<f64>) -> (Array2<f64>, Array2<f64>) {

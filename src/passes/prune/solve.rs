@@ -3,7 +3,7 @@
 //!
 //! The pass factors one Gram matrix per consumer for the cost curves (`obs`: `H = G⁻¹`, `d`
 //! up to 1200) and one per refit consumer (`reconstruct`: ridge normal equations, `d` up to
-//! 2304). Column-by-column Cholesky (`reconstruct::cholesky`) spends `d³/6` multiply-adds in a
+//! 2304). Column-by-column Cholesky ([`cholesky`]) spends `d³/6` multiply-adds in a
 //! scalar loop; here the matrix is cut into panels of [`NB`] columns:
 //!
 //! ```text
@@ -18,7 +18,6 @@
 //! thread count: each element is computed by the same operations whatever the thread count
 //! (rows are split over threads, never a sum).
 
-use super::reconstruct::cholesky;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array2, ArrayView2, ArrayViewMut1, Axis};
 use rayon::prelude::*;
@@ -202,6 +201,52 @@ pub fn mirror_lower(g: &mut Array2<f64>) {
         }
     }
 }
+
+/// Lower Cholesky factor `L` of a symmetric positive definite `G = L Lᵀ` (zeros above the
+/// diagonal), `None` when `G` is not numerically positive definite. Also used by the int4
+/// rounding of `weight-only` (GPTQ's inverse-Hessian factor).
+///
+/// Column by column; the rows below the diagonal of one column are independent and are
+/// computed in parallel for large matrices (each element by the same sequence of operations
+/// whatever the thread count).
+pub fn cholesky(mut g: Array2<f64>) -> Option<Array2<f64>> {
+    use rayon::prelude::*;
+    let n = g.nrows();
+    for j in 0..n {
+        let mut d = g[[j, j]];
+        for k in 0..j {
+            d -= g[[j, k]] * g[[j, k]];
+        }
+        if d.is_nan() || d <= 0.0 || !d.is_finite() {
+            return None;
+        }
+        let d = d.sqrt();
+        g[[j, j]] = d;
+        let (head, mut tail) = g.view_mut().split_at(Axis(0), j + 1);
+        let gj = head.row(j);
+        let update = |mut row: ndarray::ArrayViewMut1<f64>| {
+            let mut v = row[j];
+            for k in 0..j {
+                v -= row[k] * gj[k];
+            }
+            row[j] = v / d;
+        };
+        if (n - j) * j >= CHOLESKY_PARALLEL_WORK {
+            let rows: Vec<_> = tail.outer_iter_mut().collect();
+            rows.into_par_iter().for_each(update);
+        } else {
+            tail.outer_iter_mut().for_each(update);
+        }
+        for i in 0..j {
+            g[[i, j]] = 0.0;
+        }
+    }
+    Some(g)
+}
+
+/// Multiply-adds above which a Cholesky column is split over threads (below, rayon's
+/// overhead dominates).
+const CHOLESKY_PARALLEL_WORK: usize = 1 << 16;
 
 #[cfg(test)]
 mod tests {

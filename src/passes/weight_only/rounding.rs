@@ -23,7 +23,7 @@
 //! Deterministic: plain loops in a fixed order, no threads here (layers run in parallel, each
 //! on one thread).
 
-use crate::passes::prune::reconstruct::cholesky;
+use crate::passes::prune::solve::cholesky;
 use ndarray::{s, Array2, ArrayView1, ArrayView2};
 use serde::Serialize;
 
