@@ -15,15 +15,10 @@ use common::builder::Builder;
 use onnx_compress::onnx::{load, save};
 use std::process::Command;
 
-#[test]
-fn external_data_copy_never_holds_the_weights_twice() {
-    let d = tempfile::tempdir().unwrap();
-    let k = 4896; // 4896^2 float32 = 96 MB
-    let mut b = Builder::new(17);
-    b.input("x", &[1, k as i64]).output("y", &[1, k as i64]);
-    b.randn("w", &[k, k], 0.01);
-    b.node("MatMul", "mm", &["x", "w"], &["y"], vec![]);
-    let input = d.path().join("big.onnx");
+/// `b` saved as `dir/big.onnx` with its weights in `big.onnx.data`; the path and the bytes of
+/// both files.
+fn save_external(b: Builder, dir: &std::path::Path) -> (std::path::PathBuf, u64) {
+    let input = dir.join("big.onnx");
     save::save_proto(
         b.proto(),
         &input,
@@ -34,10 +29,20 @@ fn external_data_copy_never_holds_the_weights_twice() {
     )
     .unwrap();
     drop(b);
-    let model_bytes = std::fs::metadata(&input).unwrap().len()
-        + std::fs::metadata(d.path().join("big.onnx.data"))
-            .unwrap()
-            .len();
+    let bytes = std::fs::metadata(&input).unwrap().len()
+        + std::fs::metadata(dir.join("big.onnx.data")).unwrap().len();
+    (input, bytes)
+}
+
+#[test]
+fn external_data_copy_never_holds_the_weights_twice() {
+    let d = tempfile::tempdir().unwrap();
+    let k = 4896; // 4896^2 float32 = 96 MB
+    let mut b = Builder::new(17);
+    b.input("x", &[1, k as i64]).output("y", &[1, k as i64]);
+    b.randn("w", &[k, k], 0.01);
+    b.node("MatMul", "mm", &["x", "w"], &["y"], vec![]);
+    let (input, model_bytes) = save_external(b, d.path());
     assert!(model_bytes > 90_000_000);
 
     let output = d.path().join("out.onnx");
@@ -117,21 +122,7 @@ fn external_data_int8_run_stays_below_twice_the_model() {
         b.node("Relu", &format!("relu{i}"), &[&mm], &[&out], vec![]);
         prev = out;
     }
-    let input = d.path().join("big.onnx");
-    save::save_proto(
-        b.proto(),
-        &input,
-        &save::SaveOptions {
-            external_data: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    drop(b);
-    let model_bytes = std::fs::metadata(&input).unwrap().len()
-        + std::fs::metadata(d.path().join("big.onnx.data"))
-            .unwrap()
-            .len();
+    let (input, model_bytes) = save_external(b, d.path());
     assert!(model_bytes > 300_000_000);
     let calib = d.path().join("calib.npy");
     let x = ndarray::Array2::from_shape_fn((8, k), |(i, j)| ((i * 31 + j * 7) % 17) as f32 - 8.0);

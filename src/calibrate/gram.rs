@@ -26,6 +26,30 @@ pub struct ConvWindow {
     pub dil: [usize; 2],
 }
 
+/// Sampled rows: `(n, oy, ox)` positions, at most `max`, spread over samples and the image
+/// (sorted). Not evenly spaced: a step that is a multiple of the width would sample one image
+/// column only (e.g. step 8 on 8x8 maps, all at `ox = 0`, the background of a digit). The
+/// positions are `i * P mod total` for a prime `P` not dividing `total`: distinct, deterministic
+/// and without such aliasing.
+pub fn positions(n: usize, oh: usize, ow: usize, max: usize) -> Vec<(usize, usize, usize)> {
+    let total = n * oh * ow;
+    let take = total.min(max.max(1));
+    let p: Vec<usize> = if take == total {
+        (0..total).collect()
+    } else {
+        let prime = [1_000_003usize, 998_244_353, 1_000_000_007]
+            .into_iter()
+            .find(|q| !total.is_multiple_of(*q))
+            .unwrap_or(1);
+        let mut v: Vec<usize> = (0..take).map(|i| (i * prime) % total).collect();
+        v.sort_unstable();
+        v
+    };
+    p.into_iter()
+        .map(|p| (p / (oh * ow), (p / ow) % oh, p % ow))
+        .collect()
+}
+
 /// The im2col rows of a conv's input `x` (NCHW) at the output positions `pos` (sample, y, x),
 /// over the input channels `channels` (one group): row `r` holds, for each channel, kernel row
 /// and kernel column in that order, the input value the kernel tap reads (0 in the padding).

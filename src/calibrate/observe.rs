@@ -401,9 +401,9 @@ pub fn observers_by_fold(
 }
 
 /// Run the model over every calibration batch once with `extra` tensors as extra outputs, and
-/// hand each batch (its feeds, then the `extra` values in order) to `f`. One tract plan serves
-/// all batches of the same shapes; with no `extra` tensor nothing runs (`outs` is empty).
-/// Shared by range observation and the Gram matrices of [`super::gram`].
+/// hand each batch (its feeds, then the `extra` values in order) to `f`. Batches run whole (the
+/// Gram matrices of [`super::gram`] sum rows in batch order); with no `extra` tensor nothing
+/// runs (`outs` is empty).
 pub fn stream(
     model: &ModelProto,
     extra: &[String],
@@ -411,34 +411,9 @@ pub fn stream(
     label: &str,
     mut f: impl FnMut(usize, &[crate::runtime::Feed], &[ArrayD<f32>]) -> Result<()>,
 ) -> Result<()> {
-    let mut runner: Option<(Vec<Vec<usize>>, Runner)> = None;
-    let progress = crate::progress::Progress::bar(label, calib.batches.len() as u64);
-    for (b, batch) in calib.batches.iter().enumerate() {
-        progress.inc(1);
-        if extra.is_empty() {
-            f(b, batch, &[])?;
-            continue;
-        }
-        let shapes: Vec<Vec<usize>> = batch.iter().map(|a| a.shape().to_vec()).collect();
-        if runner.as_ref().is_none_or(|(s, _)| *s != shapes) {
-            let named: Vec<(String, Vec<usize>)> = calib
-                .input_names
-                .iter()
-                .cloned()
-                .zip(shapes.iter().cloned())
-                .collect();
-            let r = Runner::new(model, &named, extra)
-                .context("preparing the calibration run in tract")?;
-            runner = Some((shapes, r));
-        }
-        let (_, r) = runner.as_ref().expect("set above");
-        let outs = r
-            .run(batch)
-            .with_context(|| format!("calibration batch {b}"))?;
-        let skip = outs.len() - extra.len();
-        f(b, batch, &outs[skip..])?;
-    }
-    Ok(())
+    run_batches(model, extra, calib, label, true, |b, batch, parts| {
+        f(b, batch, parts.first().map(Vec::as_slice).unwrap_or(&[]))
+    })
 }
 
 /// Rows of a calibration batch are run as at most this many pieces side by side (a fixed
@@ -466,11 +441,25 @@ pub fn stream_in_parts(
     extra: &[String],
     calib: &CalibrationSet,
     label: &str,
+    f: impl FnMut(usize, &[crate::runtime::Feed], &[Vec<ArrayD<f32>>]) -> Result<()>,
+) -> Result<()> {
+    let whole = calib.fixed_batch || calib.sequence.is_some();
+    run_batches(model, extra, calib, label, whole, f)
+}
+
+/// [`stream_in_parts`], or every batch whole when `whole`. Plans are kept only for the shapes
+/// the current batch needs (usually all batches but a shorter last one share them), so a large
+/// model never holds tract copies for shapes it is done with.
+fn run_batches(
+    model: &ModelProto,
+    extra: &[String],
+    calib: &CalibrationSet,
+    label: &str,
+    whole: bool,
     mut f: impl FnMut(usize, &[crate::runtime::Feed], &[Vec<ArrayD<f32>>]) -> Result<()>,
 ) -> Result<()> {
     type Shapes = Vec<Vec<usize>>;
     let mut runners: Vec<(Shapes, Runner)> = Vec::new();
-    let whole = calib.fixed_batch || calib.sequence.is_some();
     let progress = crate::progress::Progress::bar(label, calib.batches.len() as u64);
     for (b, batch) in calib.batches.iter().enumerate() {
         progress.inc(1);
@@ -503,13 +492,18 @@ pub fn stream_in_parts(
         let shapes_of = |p: &[crate::runtime::Feed]| -> Shapes {
             p.iter().map(|a| a.shape().to_vec()).collect()
         };
-        let mut missing: Vec<Shapes> = Vec::new();
+        let mut needed: Vec<Shapes> = Vec::new();
         for p in &feeds {
             let s = shapes_of(p);
-            if !runners.iter().any(|(have, _)| *have == s) && !missing.contains(&s) {
-                missing.push(s);
+            if !needed.contains(&s) {
+                needed.push(s);
             }
         }
+        runners.retain(|(have, _)| needed.contains(have));
+        let missing: Vec<Shapes> = needed
+            .into_iter()
+            .filter(|s| !runners.iter().any(|(have, _)| have == s))
+            .collect();
         let built = missing
             .into_par_iter()
             .map(|shapes| {

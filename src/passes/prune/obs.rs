@@ -34,7 +34,8 @@
 //! make the group fall back to the `combined` criterion (noted).
 
 use super::groups::{Group, Member};
-use super::reconstruct::{conv2d_attrs, im2col, positions, Calibration};
+use super::reconstruct::{conv2d_attrs, im2col, Calibration};
+use crate::calibrate::gram::positions;
 use crate::ir::layer::{Layer, LayerKind};
 use crate::ir::Graph;
 use anyhow::{bail, Context, Result};

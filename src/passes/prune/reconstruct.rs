@@ -30,7 +30,7 @@ use super::groups::{Group, Member};
 use super::importance::AxisStats;
 use super::segments::Forward;
 use super::{Applied, PruneOptions, Reconstruct};
-use crate::calibrate::gram::{conv_patches, ConvWindow};
+use crate::calibrate::gram::{conv_patches, positions, ConvWindow};
 use crate::ir::layer::{Layer, LayerKind};
 use crate::ir::op::{self, Attrs};
 use crate::ir::{Graph, Model, Patch};
@@ -256,30 +256,6 @@ pub(super) fn conv2d_attrs(
         pads: [pd[0] as usize, pd[1] as usize],
         dil: [dl[0] as usize, dl[1] as usize],
     })
-}
-
-/// Sampled rows: `(n, oy, ox)` positions, at most `max`, spread over samples and the image
-/// (sorted). Not evenly spaced: a step that is a multiple of the width would sample one image
-/// column only (e.g. step 8 on 8x8 maps, all at `ox = 0`, the background of a digit). The
-/// positions are `i * P mod total` for a prime `P` not dividing `total`: distinct, deterministic
-/// and without such aliasing.
-pub(super) fn positions(n: usize, oh: usize, ow: usize, max: usize) -> Vec<(usize, usize, usize)> {
-    let total = n * oh * ow;
-    let take = total.min(max.max(1));
-    let p: Vec<usize> = if take == total {
-        (0..total).collect()
-    } else {
-        let prime = [1_000_003usize, 998_244_353, 1_000_000_007]
-            .into_iter()
-            .find(|q| !total.is_multiple_of(*q))
-            .unwrap_or(1);
-        let mut v: Vec<usize> = (0..take).map(|i| (i * prime) % total).collect();
-        v.sort_unstable();
-        v
-    };
-    p.into_iter()
-        .map(|p| (p / (oh * ow), (p / ow) % oh, p % ow))
-        .collect()
 }
 
 pub(super) fn im2col(x: &ArrayD<f32>, c: &Conv2d, pos: &[(usize, usize, usize)]) -> Array2<f64> {

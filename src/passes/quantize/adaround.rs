@@ -515,8 +515,8 @@ fn four(shape: &[usize]) -> Vec<usize> {
     }
 }
 
-/// Output positions of a conv over `x` (rank 3 or 4), at most `max` of them, spread by a prime
-/// stride (deterministic, no aliasing with the image width).
+/// Output positions of a conv over `x` (rank 3 or 4), at most `max` of them
+/// ([`crate::calibrate::gram::positions`]).
 fn positions(x: &[usize], c: &Conv2d, max: usize) -> Vec<(usize, usize, usize)> {
     let s = four(x);
     let out = |i: usize, k: usize, st: usize, p: usize, d: usize| -> usize {
@@ -525,22 +525,7 @@ fn positions(x: &[usize], c: &Conv2d, max: usize) -> Vec<(usize, usize, usize)> 
     };
     let oh = out(s[2], c.kh, c.strides[0], c.pad_total[0], c.dil[0]);
     let ow = out(s[3], c.kw, c.strides[1], c.pad_total[1], c.dil[1]);
-    let total = s[0] * oh * ow;
-    let take = total.min(max.max(1));
-    let idx: Vec<usize> = if take == total {
-        (0..total).collect()
-    } else {
-        let prime = [1_000_003usize, 998_244_353]
-            .into_iter()
-            .find(|q| !total.is_multiple_of(*q))
-            .unwrap_or(1);
-        let mut v: Vec<usize> = (0..take).map(|i| (i * prime) % total).collect();
-        v.sort_unstable();
-        v
-    };
-    idx.into_iter()
-        .map(|p| (p / (oh * ow), (p / ow) % oh, p % ow))
-        .collect()
+    crate::calibrate::gram::positions(s[0], oh, ow, max)
 }
 
 impl Task {
