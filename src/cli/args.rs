@@ -226,6 +226,17 @@ pub struct CompressArgs {
     /// otherwise keeps float unless they measure harmless.
     #[arg(long, help_heading = "Quantization")]
     pub int8_attention: bool,
+    /// Models with If branches holding Conv/Gemm/MatMul (silero-vad): Q/DQ on the activations
+    /// inside the branches the calibration data takes (on), or float activations there with
+    /// int8 weights only (off).
+    #[arg(
+        long,
+        value_name = "on|off",
+        default_value = "on",
+        value_parser = ["on", "off"],
+        help_heading = "Quantization"
+    )]
+    pub body_activations: String,
     /// 7-bit weights, for ONNX Runtime's u8xs8 kernels on x86 CPUs without VNNI.
     #[arg(long, help_heading = "Quantization")]
     pub reduce_range: bool,

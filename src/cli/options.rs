@@ -229,6 +229,7 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
             ActivationsArg::Auto => ActivationMode::Auto,
         },
         attention_int8: args.int8_attention,
+        body_activations: args.body_activations == "on",
         smooth: match args.smooth.as_str() {
             "auto" => Smooth::Auto,
             "off" => Smooth::Off,

@@ -63,6 +63,8 @@ pub struct Namer {
     next: usize,
     /// Names in use, read from the graph once: every name added afterwards comes from here.
     taken: Option<std::collections::HashSet<String>>,
+    /// Compact ids whose names are taken are skipped (not suffixed): set by [`Namer::avoiding`].
+    skip_taken_ids: bool,
 }
 
 impl Namer {
@@ -71,6 +73,23 @@ impl Namer {
             naming,
             ..Default::default()
         }
+    }
+
+    /// A namer that avoids `taken` (every name of a model, all scopes: see
+    /// [`super::bodies`]) and skips compact ids already used there, so a second quantization
+    /// stage over the same model gets `a12_q` rather than `a0_q_1`.
+    pub fn avoiding(naming: Naming, taken: std::collections::HashSet<String>) -> Namer {
+        Namer {
+            naming,
+            next: 0,
+            taken: Some(taken),
+            skip_taken_ids: true,
+        }
+    }
+
+    /// Every name this namer has handed out or avoids.
+    pub fn is_taken(&self, name: &str) -> bool {
+        self.taken.as_ref().is_some_and(|t| t.contains(name))
     }
 
     /// Fresh names for the parts of quantized value `base`; `kind` is `'a'`, `'w'` or `'b'`,
@@ -82,12 +101,29 @@ impl Namer {
         base: &str,
         parts: [(&str, &str); N],
     ) -> [String; N] {
+        let naming = self.naming;
+        // Names defined inside the graph's If/Loop/Scan bodies count as taken too: a body value
+        // of the same name as a new main-graph value would shadow it (invalid ONNX).
+        let taken = self.taken.get_or_insert_with(|| {
+            let mut names: std::collections::HashSet<String> =
+                g.all_names().into_iter().map(String::from).collect();
+            for ix in g.node_indices() {
+                for sub in crate::ir::graph::subgraphs(g.node(ix)) {
+                    body_names(sub, &mut names);
+                }
+            }
+            names
+        });
+        if self.skip_taken_ids && naming == Naming::Compact {
+            while parts
+                .iter()
+                .any(|(_, short)| taken.contains(&format!("{kind}{}_{short}", self.next)))
+            {
+                self.next += 1;
+            }
+        }
         let id = self.next;
         self.next += 1;
-        let naming = self.naming;
-        let taken = self
-            .taken
-            .get_or_insert_with(|| g.all_names().into_iter().map(String::from).collect());
         let names: Vec<String> = parts
             .iter()
             .map(|(long, short)| {
@@ -108,6 +144,25 @@ impl Namer {
             })
             .collect();
         <[String; N]>::try_from(names).expect("one name per part")
+    }
+}
+
+/// Every name a body defines or reads (inputs, initializers, node names and outputs), at any
+/// depth.
+pub(crate) fn body_names(
+    b: &crate::onnx::proto::GraphProto,
+    names: &mut std::collections::HashSet<String>,
+) {
+    names.extend(b.input.iter().map(|v| v.name().to_string()));
+    names.extend(b.output.iter().map(|v| v.name().to_string()));
+    names.extend(b.initializer.iter().map(|t| t.name().to_string()));
+    for n in &b.node {
+        names.insert(n.name().to_string());
+        names.extend(n.output.iter().cloned());
+        names.extend(n.input.iter().cloned());
+        for sub in crate::ir::graph::subgraphs(n) {
+            body_names(sub, names);
+        }
     }
 }
 
@@ -169,7 +224,9 @@ pub fn activation(
             .add
             .push(op::node("DequantizeLinear", &dqn, &[&t_q, &s, &zp], &[t]));
         patch.anchor = Some(prod);
-    } else if g.is_graph_input(t) {
+    } else if g.is_graph_input(t) || g.source(t) == Some(crate::ir::graph::Source::Outer) {
+        // A graph input, or inside a body a value of an enclosing graph: neither can be
+        // renamed here, so this graph's readers are rewired to the dequantized copy.
         patch
             .add
             .push(op::node("QuantizeLinear", &qn, &[t, &s, &zp], &[&t_q]));

@@ -27,6 +27,7 @@
 
 pub mod adaround;
 pub mod auto;
+pub mod bodies;
 pub mod choose;
 pub mod dynamic;
 pub mod insert;
@@ -100,6 +101,8 @@ pub struct QuantizeOptions {
     pub smooth: Smooth,
     /// The runtime the placement is for ([`crate::passes::target::Policy`]).
     pub target: crate::passes::target::Target,
+    /// Activation Q/DQ inside the `If` branches the calibration data takes ([`bodies`]).
+    pub body_activations: bool,
 }
 
 impl Default for QuantizeOptions {
@@ -131,6 +134,7 @@ impl Default for QuantizeOptions {
             activations: ActivationMode::Auto,
             smooth: Smooth::Auto,
             target: Default::default(),
+            body_activations: true,
         }
     }
 }
@@ -511,8 +515,27 @@ fn tap_scaled_convs(
         .collect()
 }
 
-/// Static (calibrated Q/DQ) quantization of `model` in place (all or nothing).
+/// Static (calibrated Q/DQ) quantization of `model` in place (all or nothing): the main graph,
+/// then the `If` branches the calibration data takes ([`bodies`], only for models with a body
+/// holding a Conv/Gemm/MatMul).
 pub fn quantize_static(
+    model: &mut Model,
+    opts: &QuantizeOptions,
+    calibration: Option<&CalibrationSet>,
+) -> Result<PassStats> {
+    let before = if bodies::has_heavy_bodies(&model.graph) && !already_quantized(model) {
+        Some(model.to_proto()?)
+    } else {
+        None
+    };
+    let mut stats = quantize_main_graph(model, opts, calibration)?;
+    if let Some(original) = before {
+        bodies::quantize(model, &original, opts, calibration, &mut stats)?;
+    }
+    Ok(stats)
+}
+
+fn quantize_main_graph(
     model: &mut Model,
     opts: &QuantizeOptions,
     calibration: Option<&CalibrationSet>,

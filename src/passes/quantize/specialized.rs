@@ -25,7 +25,7 @@ use crate::calibrate::data::CalibrationSet;
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::ModelProto;
 use anyhow::{ensure, Context, Result};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// Calibration inputs without a batch axis holding more values than this are not fixed.
 pub const MAX_FIXED_VALUES: usize = 16;
@@ -188,4 +188,129 @@ pub fn main_graph_names(proto: &ModelProto) -> HashSet<String> {
         names.extend(g.node.iter().flat_map(|n| n.output.iter().cloned()));
     }
     names
+}
+
+/// An `If` branch a specialized copy inlined, and where its values went.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InlinedBranch {
+    /// From the main graph down: per `If`, its first output (unique in the model) and the
+    /// branch attribute (`then_branch` / `else_branch`).
+    pub path: Vec<(String, String)>,
+    /// `If 'name' then_branch` (nested: joined with " > "), for notes.
+    pub label: String,
+    /// Body value or node name -> its name in the copy, for the values found there produced by
+    /// the same op at the same output slot (or the same initializer).
+    pub names: HashMap<String, String>,
+}
+
+/// The branches `copy` (`original` specialized by [`crate::passes::specialize::fix_inputs`])
+/// inlined, each with its values' names in the copy.
+///
+/// The fold ([`crate::runtime::simulate`]) inlines a taken branch of `If` `base` (its node name,
+/// else its first output, as named in the graph holding it) under the prefix
+/// `base/then/` or `base/else/` (`_k` appended on a clash). Every mapped name is checked: the
+/// copy must produce it by a node of the same op type, named `prefix + node name`, at the same
+/// output slot. A value that fails the check (a clash, a node folded to a constant) is left out,
+/// so its tensor is never given another tensor's range. Nested `If`s are followed inside the
+/// branches found.
+pub fn inlined_branches(original: &ModelProto, copy: &ModelProto) -> Vec<InlinedBranch> {
+    let (Some(g), Some(c)) = (&original.graph, &copy.graph) else {
+        return Vec::new();
+    };
+    let mut produced: HashMap<&str, (&crate::onnx::proto::NodeProto, usize)> = HashMap::new();
+    for n in &c.node {
+        for (k, o) in n.output.iter().enumerate() {
+            produced.insert(o.as_str(), (n, k));
+        }
+    }
+    let initializers: HashSet<&str> = c.initializer.iter().map(|t| t.name()).collect();
+    let mut out = Vec::new();
+    walk_ifs(
+        g,
+        &HashMap::new(),
+        &[],
+        "",
+        &produced,
+        &initializers,
+        &mut out,
+    );
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn walk_ifs(
+    g: &crate::onnx::proto::GraphProto,
+    renamed: &HashMap<String, String>,
+    path: &[(String, String)],
+    label: &str,
+    produced: &HashMap<&str, (&crate::onnx::proto::NodeProto, usize)>,
+    initializers: &HashSet<&str>,
+    out: &mut Vec<InlinedBranch>,
+) {
+    let in_copy = |name: &str| renamed.get(name).cloned().unwrap_or_else(|| name.to_string());
+    for n in g.node.iter().filter(|n| n.op_type() == "If") {
+        let Some(first) = n.output.first() else {
+            continue;
+        };
+        let base = if n.name().is_empty() {
+            in_copy(first)
+        } else {
+            in_copy(n.name())
+        };
+        for a in &n.attribute {
+            let Some(body) = a.g.as_ref() else { continue };
+            let short = match a.name() {
+                "then_branch" => "then",
+                "else_branch" => "else",
+                _ => continue,
+            };
+            let prefix = format!("{base}/{short}/");
+            let mut names = HashMap::new();
+            let mut found = false;
+            for bn in &body.node {
+                let node_name = format!("{prefix}{}", bn.name());
+                for (k, o) in bn.output.iter().enumerate().filter(|(_, o)| !o.is_empty()) {
+                    let want = format!("{prefix}{o}");
+                    let same = produced.get(want.as_str()).is_some_and(|(cn, ck)| {
+                        *ck == k
+                            && cn.op_type() == bn.op_type()
+                            && (bn.name().is_empty() || cn.name() == node_name)
+                    });
+                    if same {
+                        names.insert(o.clone(), want);
+                        found = true;
+                    }
+                }
+                if !bn.name().is_empty() {
+                    names.insert(bn.name().to_string(), node_name);
+                }
+            }
+            for t in &body.initializer {
+                let want = format!("{prefix}{}", t.name());
+                if initializers.contains(want.as_str()) {
+                    names.insert(t.name().to_string(), want);
+                    found = true;
+                }
+            }
+            if !found {
+                continue;
+            }
+            let mut p = path.to_vec();
+            p.push((first.clone(), a.name().to_string()));
+            let here = format!(
+                "{label}{}If '{}' {}",
+                if label.is_empty() { "" } else { " > " },
+                crate::ir::op::node_label(n),
+                a.name()
+            );
+            let mut all = renamed.clone();
+            all.extend(names.iter().map(|(k, v)| (k.clone(), v.clone())));
+            walk_ifs(body, &all, &p, &here, produced, initializers, out);
+            out.push(InlinedBranch {
+                path: p,
+                label: here,
+                names,
+            });
+        }
+    }
 }

@@ -535,7 +535,7 @@ pub fn weight_only(
     }
     if !in_bodies.is_empty() {
         stats.notes.push(format!(
-            "{} weight(s) read inside If/Loop/Scan bodies stored int8 in the main graph (the bodies read them by name; activations inside bodies float)",
+            "{} weight(s) read inside If/Loop/Scan bodies stored int8 in the main graph (the bodies read them by name)",
             in_bodies.len()
         ));
     }
