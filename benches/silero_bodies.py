@@ -49,6 +49,7 @@ def session(path, threads=None):
 
 
 def timed_stream(sess, feeds, has_sr, sr):
+    has_sr = has_sr and any(i.name == "sr" for i in sess.get_inputs())
     state = np.zeros((2, 1, 128), np.float32)
     srv = np.array(sr, np.int64)
     t = time.perf_counter()

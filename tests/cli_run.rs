@@ -722,9 +722,8 @@ fn calibrated_int8_is_the_same_whatever_the_thread_count() {
 /// `If` on the int64 scalar `mode == 1` whose branches hold the weights (a Constant inside
 /// `then`, a main-graph initializer read by `else`) and give different shapes, so tract cannot
 /// analyse it. Plain `--calib` (mode = 1 in every feed, nothing fixed): the main graph's
-/// activations are observed on a copy specialized to mode = 1, the taken branch's weight is
-/// stored int8 inside it (its activations get Q/DQ there: `tests/if_bodies.rs`), the other
-/// branch's in the main graph, the interface is unchanged, and validation says it compared
+/// activations are observed on a copy specialized to mode = 1, both branches' weights are
+/// stored int8 in the main graph, the interface is unchanged, and validation says it compared
 /// copies specialized to the calibration data.
 #[test]
 fn plain_calib_on_an_if_model_observes_and_validates_on_a_specialized_copy() {
@@ -759,7 +758,7 @@ fn plain_calib_on_an_if_model_observes_and_validates_on_a_specialized_copy() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("1 weight(s) read inside If/Loop/Scan bodies stored int8"),
+        stdout.contains("2 weight(s) read inside If/Loop/Scan bodies stored int8"),
         "{stdout}"
     );
     let json: serde_json::Value =
@@ -773,8 +772,8 @@ fn plain_calib_on_an_if_model_observes_and_validates_on_a_specialized_copy() {
     assert!(first_note.contains("were not checked"), "{first_note}");
 
     // The interface is the original's; the main graph holds the Q/DQ of the Conv before the
-    // If and a DequantizeLinear for the else-branch weight, which reads it by name; the
-    // then-branch dequantizes its own; the bodies hold no Constant any more.
+    // If and a DequantizeLinear for each branch weight; the bodies read them by name and hold
+    // no Constant any more.
     let m = onnx_compress::onnx::load::read_model(&out).unwrap().0;
     let g = m.graph.as_ref().unwrap();
     let inputs: Vec<&str> = g.input.iter().map(|i| i.name()).collect();
@@ -785,7 +784,7 @@ fn plain_calib_on_an_if_model_observes_and_validates_on_a_specialized_copy() {
             .find(|n| n.output.iter().any(|o| o == name))
             .map(|n| n.op_type().to_string())
     };
-    for w in ["We", "W0"] {
+    for w in ["Wt", "We", "W0"] {
         assert_eq!(produced_by(w).as_deref(), Some("DequantizeLinear"), "{w}");
     }
     assert!(g.node.iter().any(|n| n.op_type() == "QuantizeLinear"));

@@ -1,6 +1,6 @@
-//! Activation Q/DQ inside `If` branches (`passes/quantize/bodies.rs`): the branch the
-//! calibration data takes gets Q/DQ with the main graph's rules, the other stays float, the
-//! output runs in ONNX Runtime, and no added name is defined twice across scopes.
+//! Activation Q/DQ inside `If` branches (`passes/quantize/bodies.rs`, `--body-activations on`):
+//! the branch the calibration data takes gets Q/DQ with the main graph's rules, the other stays
+//! float, the output runs in ONNX Runtime, and no added name is defined twice across scopes.
 mod common;
 use common::*;
 use onnx_compress::onnx::proto::{
@@ -72,6 +72,8 @@ fn the_taken_branch_gets_activation_qdq_and_the_other_stays_float() {
         calib.to_str().unwrap(),
         "--report",
         report.to_str().unwrap(),
+        "--body-activations",
+        "on",
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(
@@ -170,8 +172,8 @@ print("ok")
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
 
-    // --body-activations off: the bodies keep float activations and every weight is stored by
-    // weight-only in the main graph, as before this stage existed.
+    // By default (--body-activations off) the bodies keep float activations and every weight
+    // is stored by weight-only in the main graph, as before this stage existed.
     let off = dir.path().join("off.onnx");
     let (code, stdout, err) = run(&[
         typed_model("if_weights.onnx").to_str().unwrap(),
@@ -179,8 +181,6 @@ print("ok")
         off.to_str().unwrap(),
         "--calib",
         calib.to_str().unwrap(),
-        "--body-activations",
-        "off",
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(
@@ -313,6 +313,8 @@ fn added_names_are_unique_across_the_main_graph_and_every_body() {
         out.to_str().unwrap(),
         "--calib",
         calib.to_str().unwrap(),
+        "--body-activations",
+        "on",
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(

@@ -19,17 +19,21 @@
 //! Steps, per branch the calibration data takes (found in the specialized copy of
 //! [`super::specialized`], [`specialized::inlined_branches`], nested `If`s followed):
 //! 1. the body becomes a [`Graph`] of its own (outer names visible); the `Constant`s it feeds to
-//!    a Conv/ConvTranspose/Gemm/MatMul weight or bias input are seen as initializers;
+//!    a Conv/ConvTranspose/Gemm/MatMul weight or bias input are seen as initializers, and so
+//!    are the float initializers of the enclosing graph that this body alone reads
+//!    (silero_vad_op18_ifless keeps its branch weights in the main graph);
 //! 2. [`placement`] marks it with the options of the main graph. Left float: layers whose weight
 //!    one scale per channel serves badly (weight-only's per-tap scales, as in the main graph),
-//!    layers whose weight comes from an enclosing graph (it is stored by weight-only there; a
-//!    DequantizeLinear inside the body would need a second copy), and tensors the copy does not
-//!    hold (folded to constants, or a name the check of `inlined_branches` rejected);
+//!    layers whose weight is an enclosing graph's constant that others read too (weight-only
+//!    stores it there; a DequantizeLinear inside the body would need a second copy), and tensors
+//!    the copy does not hold (folded to constants, or a name the check of `inlined_branches`
+//!    rejected);
 //! 3. the marked tensors are observed on the copy under their copy names (one tract run per
 //!    branch; `--method auto` takes its fixed fallback here: its scoring runs the model as
 //!    given), each sharing group takes the union of its ranges, and [`super::keep_quiet_float`]
 //!    applies as in the main graph;
-//! 4. the used `Constant`s become body initializers and [`insert`] adds the weight, activation
+//! 4. the used `Constant`s become body initializers (the used enclosing initializers move into
+//!    the body and leave the enclosing graph) and [`insert`] adds the weight, activation
 //!    and bias Q/DQ inside the body, so ONNX Runtime's QDQ fusion sees the whole unit in one
 //!    graph. A value of an enclosing graph read by a quantized layer gets its Q/DQ inside the
 //!    body (its producer is not in the body; other readers are not touched).
@@ -41,6 +45,14 @@
 //! Names: every name added here avoids every name of the model, in all scopes
 //! ([`insert::Namer::avoiding`]); [`check_new_names`] then checks that each is defined exactly
 //! once in the whole model, so no body value shadows or collides with another scope's.
+//!
+//! Off by default (`QuantizeOptions::body_activations`, `--body-activations on`): on
+//! silero_vad_op18_ifless it costs 0.19 point of speech F1 (0.9960 -> 0.9941: a 0.59-point drop
+//! against fp32, past the 0.5-point bar; its LSTM is Gemms), on silero_vad.onnx 0.06
+//! point with no change in ONNX Runtime time. (op18 runs faster with it, 1.48x instead of
+//! 1.80x fp32's time, because its branch weights then sit in the body where ORT fuses them;
+//! both layouts pay for DequantizeLinears of weights run at every inference: BENCHMARKS.md,
+//! silero section.)
 //!
 //! Invariants: models without an `If` whose body holds a heavy op never reach this code (their
 //! outputs are unchanged); running twice equals running once (the pass leaves a model that
@@ -75,6 +87,9 @@ pub fn has_heavy_bodies(g: &Graph) -> bool {
     g.node_indices()
         .any(|ix| subgraphs(g.node(ix)).any(holds_heavy))
 }
+
+/// The note of a run that leaves activations inside bodies float (`body_activations` off).
+pub const LEFT_FLOAT: &str = "activations inside If/Loop/Scan bodies left float (the default; --body-activations on gives the branches the calibration data takes activation Q/DQ); weight-only stores their weights int8";
 
 /// What happened to one body, for the note and `details.bodies`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -127,8 +142,13 @@ pub fn quantize(
     stats: &mut PassStats,
 ) -> Result<()> {
     if !opts.body_activations {
+        stats.notes.push(LEFT_FLOAT.into());
+        return Ok(());
+    }
+    if original.ir_version() < 4 {
+        // Below IR 4 an initializer must also be a graph input, which an If body cannot have.
         stats.notes.push(
-            "activations inside If/Loop/Scan bodies left float (--body-activations off); weight-only stores their weights int8".into(),
+            "activations inside If bodies left float: IR version below 4 (a body cannot hold the int8 weights as initializers)".into(),
         );
         return Ok(());
     }
@@ -210,11 +230,24 @@ pub fn quantize(
         .iter()
         .map(|r| {
             format!(
-                "{}: {} activation Q/DQ pair(s), {} weight(s), {} bias(es){}",
+                "{}: {} activation Q/DQ pair(s), {} weight(s), {} bias(es){}{}",
                 r.body,
                 r.activation_pairs,
                 r.weights,
                 r.biases,
+                if r.kept_float_quiet.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; {} activation(s) kept float as too quiet for an int8 grid ({})",
+                        r.kept_float_quiet.len(),
+                        r.kept_float_quiet
+                            .iter()
+                            .map(|q| format!("'{}' {:.1} dB", q.tensor, q.quiet_sqnr_db))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                },
                 if r.layers_left_float.is_empty() {
                     String::new()
                 } else {
@@ -284,7 +317,19 @@ fn walk(
         let scope = g.scope_names();
         let mut changed = false;
         let mut records = Vec::new();
-        for a in node.attribute.iter_mut() {
+        let mut moved_out: Vec<String> = Vec::new();
+        // Free names of each body, to see which initializers only one body reads.
+        let free: Vec<std::collections::BTreeSet<String>> = node
+            .attribute
+            .iter()
+            .map(|a| {
+                a.g.iter()
+                    .chain(a.graphs.iter())
+                    .flat_map(crate::ir::graph::free_names)
+                    .collect()
+            })
+            .collect();
+        for (k, a) in node.attribute.iter_mut().enumerate() {
             let attr = a.name().to_string();
             let Some(body) = a.g.as_mut() else { continue };
             if !holds_heavy(body) {
@@ -293,13 +338,22 @@ fn walk(
             let mut p = path.to_vec();
             p.push((first.clone(), attr.clone()));
             let Some(branch) = stage.branches.iter().find(|b| b.path == p).cloned() else {
+                // The copy inlined the other branch, or kept the If (a condition the fixed
+                // inputs and shapes do not decide, e.g. one computed from the data).
+                let other_taken = stage.branches.iter().any(|b| {
+                    b.path.len() == p.len() && b.path[..path.len()] == *path && b.path[path.len()].0 == first
+                });
                 records.push(BodyRecord::float(
                     format!(
                         "{label}{}If '{}' {attr}",
                         if label.is_empty() { "" } else { " > " },
                         node_label(g.node(ix))
                     ),
-                    "no calibration feed takes it (the copy specialized to the data does not hold it)",
+                    if other_taken {
+                        "no calibration feed takes it (the copy specialized to the data holds the other branch)"
+                    } else {
+                        "the calibration data does not decide its condition (the copy specialized to the data keeps the If), so no range inside it can be observed"
+                    },
                 ));
                 continue;
             };
@@ -307,7 +361,22 @@ fn walk(
             names.extend(branch.names.iter().map(|(k, v)| (k.clone(), v.clone())));
             let mut bg = Graph::from_proto(body.clone(), scope.clone())
                 .with_context(|| format!("{}: reading the body", branch.label))?;
-            let record = quantize_body(&mut bg, &names, outer_constants, &branch.label, stage)?;
+            let others: HashSet<String> = free
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != k)
+                .flat_map(|(_, f)| f.iter().cloned())
+                .collect();
+            let movable = movable_initializers(g, ix, body, &others);
+            let (record, moved) = quantize_body(
+                &mut bg,
+                &names,
+                outer_constants,
+                &movable,
+                &branch.label,
+                stage,
+            )?;
+            moved_out.extend(moved);
             let body_changed = record.float_because.is_none();
             records.push(record);
             let mut inner_constants = outer_constants.clone();
@@ -331,10 +400,44 @@ fn walk(
         if changed {
             g.replace_node(ix, node)
                 .with_context(|| format!("If '{}': replacing its bodies", node_label(g.node(ix))))?;
+            // Initializers that moved into a body (read by it alone) leave this graph, so the
+            // body's name shadows nothing.
+            for m in &moved_out {
+                if g.consumers(m).is_empty() {
+                    g.initializers.shift_remove(m);
+                }
+            }
             changed_any = true;
         }
     }
     Ok(changed_any)
+}
+
+/// Float initializers of `g` that only `body` (of node `ix`) reads: no other node, no other
+/// body of `ix` (`others`: their free names), no graph output. Such a weight can move into the
+/// body, where a DequantizeLinear next to its layer lets ONNX Runtime fuse the unit
+/// (silero_vad_op18_ifless keeps its branch weights in the main graph).
+fn movable_initializers(
+    g: &Graph,
+    ix: petgraph::stable_graph::NodeIndex,
+    body: &GraphProto,
+    others: &HashSet<String>,
+) -> IndexMap<String, crate::onnx::proto::TensorProto> {
+    crate::ir::graph::free_names(body)
+        .into_iter()
+        .filter(|n| !others.contains(n) && !g.is_graph_input(n) && !g.is_graph_output(n))
+        .filter(|n| {
+            g.consumers(n)
+                .iter()
+                .all(|&(c, slot)| c == ix && slot == crate::ir::InSlot::Capture)
+        })
+        .filter_map(|n| {
+            let t = g.initializers.get(&n)?;
+            (crate::onnx::tensor::data_type(t).ok()
+                == Some(crate::onnx::proto::tensor_proto::DataType::Float))
+            .then(|| (n.clone(), t.clone()))
+        })
+        .collect()
 }
 
 /// The weight and bias inputs of the heavy ops of `g` that are `Constant` node outputs.
@@ -388,13 +491,16 @@ fn constants_to_initializers(g: &mut Graph, names: &HashSet<String>) -> Result<(
     g.apply(patch)
 }
 
+/// Quantize one taken body in place (module docs, steps 1-4). Returns its record and the
+/// initializers of the enclosing graph it took in (`movable`, used as weights or biases).
 fn quantize_body(
     bg: &mut Graph,
     names: &HashMap<String, String>,
     outer_constants: &HashSet<String>,
+    movable: &IndexMap<String, crate::onnx::proto::TensorProto>,
     label: &str,
     stage: &mut Stage,
-) -> Result<BodyRecord> {
+) -> Result<(BodyRecord, Vec<String>)> {
     let opts = stage.opts;
     // Where a body value (or an enclosing graph's) is observed in the copy.
     let (main_values, copy_values) = (&stage.main_values, &stage.copy_values);
@@ -408,7 +514,12 @@ fn quantize_body(
 
     // 1. Planning view: the heavy ops' Constant weights and biases as initializers.
     let mut pg = bg.clone();
-    constants_to_initializers(&mut pg, &heavy_constant_inputs(&pg))?;
+    let heavy_inputs = heavy_constant_inputs(&pg);
+    constants_to_initializers(&mut pg, &heavy_inputs)?;
+    pg.apply(Patch {
+        initializers: movable.values().cloned().collect(),
+        ..Default::default()
+    })?;
     // 2. Layers left float, then placement with the main graph's rules.
     let mut left_float = Vec::new();
     for ix in pg.topo_order()? {
@@ -424,10 +535,13 @@ fn quantize_body(
                 node_label(n).to_string(),
                 "its weight takes per-(channel, tap) scales (weight-only)",
             ));
-        } else if pg.source(w) == Some(Source::Outer) && outer_constants.contains(w) {
+        } else if !movable.contains_key(w)
+            && pg.source(w) == Some(Source::Outer)
+            && outer_constants.contains(w)
+        {
             left_float.push((
                 node_label(n).to_string(),
-                "its weight is a constant of an enclosing graph (stored int8 there by weight-only)",
+                "its weight is a constant of an enclosing graph that other nodes read too (stored int8 there by weight-only)",
             ));
         }
     }
@@ -473,7 +587,7 @@ fn quantize_body(
     }
     if plan.activations.is_empty() {
         record.float_because = Some("no tensor of it matched a quantization rule".into());
-        return Ok(record);
+        return Ok((record, Vec::new()));
     }
 
     // 3. Observation on the copy, under the copy's names.
@@ -496,7 +610,7 @@ fn quantize_body(
             record.float_because = Some(format!(
                 "observing it on the specialized copy failed ({e:#})"
             ));
-            return Ok(record);
+            return Ok((record, Vec::new()));
         }
     };
     let observed: IndexMap<String, Observed> = plan
@@ -521,7 +635,7 @@ fn quantize_body(
     if plan.activations.is_empty() {
         record.float_because =
             Some("every marked tensor is too quiet for an int8 grid (kept float)".into());
-        return Ok(record);
+        return Ok((record, Vec::new()));
     }
 
     // 4. Insertion into the body itself.
@@ -532,6 +646,15 @@ fn quantize_body(
         .cloned()
         .collect();
     constants_to_initializers(bg, &used)?;
+    let moved: Vec<String> = movable
+        .keys()
+        .filter(|n| used.contains(*n))
+        .cloned()
+        .collect();
+    bg.apply(Patch {
+        initializers: moved.iter().map(|n| movable[n].clone()).collect(),
+        ..Default::default()
+    })?;
     let mut weight_scales: IndexMap<String, Vec<f32>> = IndexMap::new();
     for (w, mark) in &plan.weights {
         let (scales, _) = insert::weight(
@@ -560,7 +683,7 @@ fn quantize_body(
     record.activation_pairs = plan.activations.len();
     record.weights = plan.weights.len();
     record.biases = biases.len();
-    Ok(record)
+    Ok((record, moved))
 }
 
 /// Static shapes of the body's values, from tract's analysis of the copy (for the target's
@@ -572,7 +695,7 @@ fn body_shapes(
     copy: &specialized::ForObservation,
 ) -> HashMap<String, Vec<usize>> {
     let copy_shapes = cache.get_or_insert_with(|| {
-        crate::runtime::runner::infer_value_shapes(&copy.proto, &copy.input_shapes)
+        crate::runtime::infer_value_shapes(&copy.proto, &copy.input_shapes)
             .map(|values| {
                 values
                     .into_iter()

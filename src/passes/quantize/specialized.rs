@@ -314,3 +314,79 @@ fn walk_ifs(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::op::node;
+    use crate::onnx::proto::{attribute_proto::AttributeType, AttributeProto, GraphProto};
+
+    fn model(nodes: Vec<crate::onnx::proto::NodeProto>) -> ModelProto {
+        ModelProto {
+            graph: Some(GraphProto {
+                node: nodes,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn with_branches(
+        mut n: crate::onnx::proto::NodeProto,
+        then_b: Vec<crate::onnx::proto::NodeProto>,
+    ) -> crate::onnx::proto::NodeProto {
+        for (name, nodes) in [("then_branch", then_b), ("else_branch", vec![])] {
+            n.attribute.push(AttributeProto {
+                name: Some(name.into()),
+                r#type: Some(AttributeType::Graph as i32),
+                g: Some(GraphProto {
+                    node: nodes,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        n
+    }
+
+    #[test]
+    fn inlined_values_map_only_when_op_name_and_slot_match() {
+        // Original: If 'branch' { then: conv_then(x) -> t; relu_then(t) -> u; inner If 'sq' }.
+        // Copy: the then-branch inlined under "branch/then/", except 'u', whose name is taken
+        // by a node of another op (a clash the fold resolves with a suffix): left out.
+        let inner = with_branches(
+            node("If", "sq", &["c2"], &["v"]),
+            vec![node("Squeeze", "s", &["u"], &["w"])],
+        );
+        let original = model(vec![with_branches(
+            node("If", "branch", &["c"], &["y"]),
+            vec![
+                node("Conv", "conv_then", &["x", "W"], &["t"]),
+                node("Relu", "relu_then", &["t"], &["u"]),
+                inner,
+            ],
+        )]);
+        let copy = model(vec![
+            node("Conv", "branch/then/conv_then", &["x", "W"], &["branch/then/t"]),
+            node("Sigmoid", "other", &["x"], &["branch/then/u"]),
+            node("Relu", "branch/then/relu_then", &["branch/then/t"], &["branch/then/u_1"]),
+            node("Squeeze", "branch/then/sq/then/s", &["branch/then/u_1"], &["branch/then/sq/then/w"]),
+        ]);
+        let found = inlined_branches(&original, &copy);
+        assert_eq!(found.len(), 2, "{found:?}");
+        let outer = found.iter().find(|b| b.path.len() == 1).unwrap();
+        assert_eq!(outer.label, "If 'branch' then_branch");
+        assert_eq!(outer.names.get("t").map(String::as_str), Some("branch/then/t"));
+        assert!(!outer.names.contains_key("u"));
+        let inner = found.iter().find(|b| b.path.len() == 2).unwrap();
+        assert_eq!(
+            inner.path,
+            vec![
+                ("y".to_string(), "then_branch".to_string()),
+                ("v".to_string(), "then_branch".to_string())
+            ]
+        );
+        assert_eq!(inner.label, "If 'branch' then_branch > If 'sq' then_branch");
+        assert_eq!(inner.names.get("w").map(String::as_str), Some("branch/then/sq/then/w"));
+    }
+}

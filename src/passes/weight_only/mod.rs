@@ -226,7 +226,7 @@ fn branches_reached(
     let s = crate::passes::quantize::specialized::for_observation(&proto, calib).ok()?;
     (!s.collapsed.is_empty()).then(|| {
         format!(
-            "branches the calibration data ({}) takes: {}; the other branches of these If(s) are reached by none of it; in every branch only the weights are int8 (activations float)",
+            "branches the calibration data ({}) takes: {}; the other branches of these If(s) are reached by none of it; weights read inside branches are int8 in every branch (activations inside them: see quantize's note)",
             s.describe(),
             s.collapsed.join("; ")
         )
