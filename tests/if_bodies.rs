@@ -4,8 +4,8 @@
 mod common;
 use common::*;
 use onnx_compress::onnx::proto::{
-    attribute_proto::AttributeType, tensor_proto::DataType, type_proto, AttributeProto,
-    GraphProto, ModelProto, TensorProto, TypeProto, ValueInfoProto,
+    attribute_proto::AttributeType, tensor_proto::DataType, type_proto, AttributeProto, GraphProto,
+    ModelProto, TensorProto, TypeProto, ValueInfoProto,
 };
 use std::path::{Path, PathBuf};
 
@@ -122,7 +122,8 @@ fn the_taken_branch_gets_activation_qdq_and_the_other_stays_float() {
     assert_eq!(json["validation"]["status"], "checked", "{json}");
     let first_note = json["validation"]["notes"][0].as_str().unwrap();
     assert!(
-        first_note.contains("the copies hold If 'branch' then_branch with 2 activation Q/DQ pair(s)"),
+        first_note
+            .contains("the copies hold If 'branch' then_branch with 2 activation Q/DQ pair(s)"),
         "{first_note}"
     );
     let quantize = json["passes"]
@@ -255,7 +256,9 @@ fn clashing_model() -> ModelProto {
         (nodes, prev)
     };
     let mut conv_t = node("Conv", "conv_then", &["h", "Wt"], &["t_conv"]);
-    conv_t.attribute.push(onnx_compress::ir::op::attr_ints("pads", &[1, 1, 1, 1]));
+    conv_t
+        .attribute
+        .push(onnx_compress::ir::op::attr_ints("pads", &[1, 1, 1, 1]));
     let mut then_nodes = vec![
         constant("wt_const", f32_tensor("Wt", &[8, 8, 3, 3], 7)),
         conv_t,
@@ -279,7 +282,9 @@ fn clashing_model() -> ModelProto {
         ..Default::default()
     };
     let mut conv0 = node("Conv", "conv0", &["x", "W0", "B0"], &["c0"]);
-    conv0.attribute.push(onnx_compress::ir::op::attr_ints("pads", &[1, 1, 1, 1]));
+    conv0
+        .attribute
+        .push(onnx_compress::ir::op::attr_ints("pads", &[1, 1, 1, 1]));
     let mut iff = node("If", "branch", &["cond"], &["y"]);
     iff.attribute.push(graph_attr("then_branch", then_g));
     iff.attribute.push(graph_attr("else_branch", else_g));

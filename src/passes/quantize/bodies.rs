@@ -341,7 +341,9 @@ fn walk(
                 // The copy inlined the other branch, or kept the If (a condition the fixed
                 // inputs and shapes do not decide, e.g. one computed from the data).
                 let other_taken = stage.branches.iter().any(|b| {
-                    b.path.len() == p.len() && b.path[..path.len()] == *path && b.path[path.len()].0 == first
+                    b.path.len() == p.len()
+                        && b.path[..path.len()] == *path
+                        && b.path[path.len()].0 == first
                 });
                 records.push(BodyRecord::float(
                     format!(
@@ -381,14 +383,7 @@ fn walk(
             records.push(record);
             let mut inner_constants = outer_constants.clone();
             inner_constants.extend(bg.initializers.keys().cloned());
-            let nested = walk(
-                &mut bg,
-                &p,
-                &branch.label,
-                &names,
-                &inner_constants,
-                stage,
-            )?;
+            let nested = walk(&mut bg, &p, &branch.label, &names, &inner_constants, stage)?;
             if body_changed || nested {
                 *body = bg
                     .to_proto()
@@ -398,8 +393,9 @@ fn walk(
         }
         stage.records.extend(records);
         if changed {
-            g.replace_node(ix, node)
-                .with_context(|| format!("If '{}': replacing its bodies", node_label(g.node(ix))))?;
+            g.replace_node(ix, node).with_context(|| {
+                format!("If '{}': replacing its bodies", node_label(g.node(ix)))
+            })?;
             // Initializers that moved into a body (read by it alone) leave this graph, so the
             // body's name shadows nothing.
             for m in &moved_out {
@@ -857,7 +853,10 @@ mod tests {
         let mut after = before.clone();
         after.remove("a0_q");
         let err = check_new_names(&g, &after).unwrap_err().to_string();
-        assert!(err.contains("'a0_q' added inside an If body is defined 2 times"), "{err}");
+        assert!(
+            err.contains("'a0_q' added inside an If body is defined 2 times"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -247,7 +247,12 @@ fn walk_ifs(
     initializers: &HashSet<&str>,
     out: &mut Vec<InlinedBranch>,
 ) {
-    let in_copy = |name: &str| renamed.get(name).cloned().unwrap_or_else(|| name.to_string());
+    let in_copy = |name: &str| {
+        renamed
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| name.to_string())
+    };
     for n in g.node.iter().filter(|n| n.op_type() == "If") {
         let Some(first) = n.output.first() else {
             continue;
@@ -367,16 +372,34 @@ mod tests {
             ],
         )]);
         let copy = model(vec![
-            node("Conv", "branch/then/conv_then", &["x", "W"], &["branch/then/t"]),
+            node(
+                "Conv",
+                "branch/then/conv_then",
+                &["x", "W"],
+                &["branch/then/t"],
+            ),
             node("Sigmoid", "other", &["x"], &["branch/then/u"]),
-            node("Relu", "branch/then/relu_then", &["branch/then/t"], &["branch/then/u_1"]),
-            node("Squeeze", "branch/then/sq/then/s", &["branch/then/u_1"], &["branch/then/sq/then/w"]),
+            node(
+                "Relu",
+                "branch/then/relu_then",
+                &["branch/then/t"],
+                &["branch/then/u_1"],
+            ),
+            node(
+                "Squeeze",
+                "branch/then/sq/then/s",
+                &["branch/then/u_1"],
+                &["branch/then/sq/then/w"],
+            ),
         ]);
         let found = inlined_branches(&original, &copy);
         assert_eq!(found.len(), 2, "{found:?}");
         let outer = found.iter().find(|b| b.path.len() == 1).unwrap();
         assert_eq!(outer.label, "If 'branch' then_branch");
-        assert_eq!(outer.names.get("t").map(String::as_str), Some("branch/then/t"));
+        assert_eq!(
+            outer.names.get("t").map(String::as_str),
+            Some("branch/then/t")
+        );
         assert!(!outer.names.contains_key("u"));
         let inner = found.iter().find(|b| b.path.len() == 2).unwrap();
         assert_eq!(
@@ -387,6 +410,9 @@ mod tests {
             ]
         );
         assert_eq!(inner.label, "If 'branch' then_branch > If 'sq' then_branch");
-        assert_eq!(inner.names.get("w").map(String::as_str), Some("branch/then/sq/then/w"));
+        assert_eq!(
+            inner.names.get("w").map(String::as_str),
+            Some("branch/then/sq/then/w")
+        );
     }
 }
