@@ -6,8 +6,8 @@ Audio, chunking, calibration feeds and F1 are those of benches/silero_vad.py (es
 between silence and noise; 576-sample chunks with the fp32 model's own streaming state; F1 of the
 compressed model's decisions (prob > 0.5) against the fp32 model's on a held-out stream).
 
-Variants per model: plain `--calib` (body activations on, the default), plain with
-`--body-activations off`, and, where the model has `sr`, `--fix-input sr=16000` with the
+Variants per model: plain `--calib` (body activations off, the default), plain with
+`--body-activations on`, and, where the model has `sr`, `--fix-input sr=16000` with the
 streaming shapes (tract validates directly there).
 
 Speed: the held-out stream's first N chunks run through the fp32 model and the output in one
@@ -112,7 +112,8 @@ def main():
         d_ref = p_ref > 0.5
         shapes = ["--input-shape", f"input:1x{bench.CHUNK + bench.CONTEXT}",
                   "--input-shape", "state:2x1x128"]
-        variants = [("plain", []), ("plain, --body-activations off", ["--body-activations", "off"])]
+        variants = [("plain (body activations off, the default)", []),
+                    ("plain, --body-activations on", ["--body-activations", "on"])]
         if has_sr:
             variants.append(("--fix-input sr=16000 + shapes", ["--fix-input", f"sr={bench.SR}"] + shapes))
         for label, extra in variants:
