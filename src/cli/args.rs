@@ -229,7 +229,7 @@ pub struct CompressArgs {
     /// Models with If branches holding Conv/Gemm/MatMul (silero-vad): Q/DQ on the activations
     /// inside the branches the calibration data takes (on), or float activations there with
     /// int8 weights only (off, the default: on costs silero_vad_op18_ifless 0.19 point of
-    /// speech F1, past the bar; BENCHMARKS.md).
+    /// speech F1; BENCHMARKS.md).
     #[arg(
         long,
         value_name = "on|off",

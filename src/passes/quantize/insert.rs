@@ -10,8 +10,9 @@
 //! The producer's output is renamed, so every reader (quantized or float, subgraph captures and
 //! a graph output named `t` included) reads the dequantized value under the original name
 //! (ORT's choice: all consumers read the DQ output, which is also what lets ORT fuse
-//! DQ -> op -> Q into QLinear kernels). A graph input `x` cannot be renamed: its node readers
-//! are rewired to `x_dequantized` (subgraph captures keep reading the float input).
+//! DQ -> op -> Q into QLinear kernels). A graph input `x` cannot be renamed, nor, inside an
+//! `If` body, a value of an enclosing graph: its node readers are rewired to `x_dequantized`
+//! (subgraph captures keep reading the float value).
 //!
 //! Weight `w` (constant float initializer): replaced by `w_quantized` (int8), `w_scale`
 //! (`[C]` per channel or scalar), `w_zero_point` (int8 zeros; left out for Conv weights, see

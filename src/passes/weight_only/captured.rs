@@ -31,7 +31,10 @@
 //!
 //! Why here: nothing else in the pipeline looks inside bodies, so before this the three
 //! silero-vad models whose compute sits in `If` branches left every weight float (99.9-100% of
-//! their bytes). Activations inside bodies stay float.
+//! their bytes). Activations inside bodies stay float, unless `quantize` gave a taken branch
+//! its own Q/DQ (`--body-activations on`, [`crate::passes::quantize::bodies`]): that branch's
+//! quantized weights are then body initializers behind their own DequantizeLinear, no longer
+//! candidates here.
 //!
 //! Invariants: bodies are unchanged except for the hoisted `Constant`s; running twice equals
 //! running once (a stored weight is a DequantizeLinear or Mul output, no longer a constant).
