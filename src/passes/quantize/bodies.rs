@@ -82,6 +82,12 @@ fn holds_heavy(b: &GraphProto) -> bool {
         .any(|n| HEAVY.contains(&n.op_type()) || subgraphs(n).any(holds_heavy))
 }
 
+/// Whether a node of `g` holds a body (If/Loop/Scan).
+pub fn has_bodies(g: &Graph) -> bool {
+    g.node_indices()
+        .any(|ix| subgraphs(g.node(ix)).next().is_some())
+}
+
 /// Whether a node of `g` holds a body (any depth) with a Conv/ConvTranspose/Gemm/MatMul.
 pub fn has_heavy_bodies(g: &Graph) -> bool {
     g.node_indices()
@@ -772,6 +778,8 @@ pub fn definitions(g: &Graph) -> HashMap<String, usize> {
 
 /// Every name of `g` (all scopes) not in `before` is defined exactly once in the whole model:
 /// a new Q/DQ, scale or zero-point name neither shadows nor collides with any other scope's.
+/// `quantize` (both stages) and `weight-only` check their additions with it on models with
+/// bodies.
 pub fn check_new_names(g: &Graph, before: &HashSet<String>) -> Result<()> {
     let mut clashes: Vec<(String, usize)> = definitions(g)
         .into_iter()
@@ -780,7 +788,7 @@ pub fn check_new_names(g: &Graph, before: &HashSet<String>) -> Result<()> {
     clashes.sort();
     if let Some((name, count)) = clashes.first() {
         bail!(
-            "internal: name '{name}' added inside an If body is defined {count} times across the main graph and its bodies ({} such name(s))",
+            "internal: name '{name}' added by this pass is defined {count} times across the main graph and its bodies ({} such name(s))",
             clashes.len()
         );
     }
@@ -854,7 +862,7 @@ mod tests {
         after.remove("a0_q");
         let err = check_new_names(&g, &after).unwrap_err().to_string();
         assert!(
-            err.contains("'a0_q' added inside an If body is defined 2 times"),
+            err.contains("'a0_q' added by this pass is defined 2 times"),
             "{err}"
         );
     }

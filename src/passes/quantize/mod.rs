@@ -525,6 +525,8 @@ pub fn quantize_static(
     opts: &QuantizeOptions,
     calibration: Option<&CalibrationSet>,
 ) -> Result<PassStats> {
+    // Names in every scope before, to check that no name this pass adds is defined twice.
+    let names_before = bodies::has_bodies(&model.graph).then(|| bodies::model_names(&model.graph));
     let heavy_bodies = bodies::has_heavy_bodies(&model.graph) && !already_quantized(model);
     let before = if heavy_bodies && opts.body_activations {
         Some(model.to_proto()?)
@@ -536,6 +538,9 @@ pub fn quantize_static(
         bodies::quantize(model, &original, opts, calibration, &mut stats)?;
     } else if heavy_bodies {
         stats.notes.push(bodies::LEFT_FLOAT.into());
+    }
+    if let Some(before) = names_before {
+        bodies::check_new_names(&model.graph, &before)?;
     }
     Ok(stats)
 }

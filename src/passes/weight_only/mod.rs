@@ -184,7 +184,13 @@ impl Pass for WeightOnly {
                 .as_deref()
                 .filter(|c| !c.synthetic)
                 .and_then(|c| branches_reached(model, c));
+            let names_before = crate::passes::quantize::bodies::has_bodies(&model.graph)
+                .then(|| crate::passes::quantize::bodies::model_names(&model.graph));
             let mut stats = weight_only(model, ctx.target.policy(), &ctx.quantize, mixed_ran)?;
+            if let Some(before) = names_before {
+                // No DequantizeLinear name may shadow or collide with a body's.
+                crate::passes::quantize::bodies::check_new_names(&model.graph, &before)?;
+            }
             if stats
                 .details
                 .get("in_bodies")
