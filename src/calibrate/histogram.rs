@@ -20,6 +20,10 @@ use crate::calibrate::params::{activation_params, ActScheme};
 /// Bins per sign in the fine histogram.
 pub const FINE_BINS: usize = 8192;
 
+/// Values from which one batch's counts are split over four sets of counters (below it,
+/// zeroing them costs more than it saves).
+const SPLIT_COUNTS_FROM: usize = 1 << 15;
+
 /// Signed histogram over `[-r, r]` with adaptive doubling.
 #[derive(Debug, Clone)]
 pub struct Histogram {
@@ -54,21 +58,14 @@ impl Histogram {
         let amax = parts
             .iter()
             .fold(0f32, |m, p| p.iter().fold(m, |m, &v| m.max(v.abs())));
-        self.add_parts_within(parts, amax, |_| {});
+        self.add_parts_within(parts, amax);
     }
 
     /// [`Histogram::add_parts`] when the largest |x| of the parts (NaN ignored) is known
-    /// already, handing every value to `each` in order on the way (the observer's sum of
-    /// squares rides along): one pass over the values.
-    pub(super) fn add_parts_within(
-        &mut self,
-        parts: &[&[f32]],
-        amax: f32,
-        mut each: impl FnMut(f32),
-    ) {
+    /// already.
+    pub(super) fn add_parts_within(&mut self, parts: &[&[f32]], amax: f32) {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if amax == 0.0 && self.r == 0.0 {
-            parts.iter().for_each(|p| p.iter().for_each(|&v| each(v)));
             self.pending_zeros += len as u64;
             self.exact_zeros += len as u64;
             return;
@@ -80,30 +77,78 @@ impl Histogram {
         while amax > self.r {
             self.double();
         }
-        let w = self.r / FINE_BINS as f32;
+        let (r, w) = (self.r, self.r / FINE_BINS as f32);
         let top = 2 * FINE_BINS - 1;
         // The bin of x is floor((x + r) / w) clamped to [0, top]; for a non-negative quotient
         // a truncating cast is the floor, and a negative one lands in bin 0 either way (no libm
-        // call per value). Exact zeros (half of a ReLU output) all share one bin: counted
-        // apart and added once, not incremented one by one on the same counter.
-        let bin = |v: f32| -> Option<usize> {
-            let x = (v + self.r) / w;
-            (!x.is_nan()).then(|| (x.max(0.0) as usize).min(top))
+        // call per value). NaN goes to a discard slot past the last bin. Exact zeros fall in
+        // the bin of 0 like any value and are also counted apart, without a branch (a ReLU
+        // output's zeros come in no predictable order).
+        let discard = 2 * FINE_BINS;
+        // In f32 and clamped before the cast (the same integer as clamping after it), so that
+        // a block of values converts in vector registers.
+        let bin = |v: f32| -> usize {
+            let x = (v + r) / w;
+            if x.is_nan() {
+                discard
+            } else {
+                x.max(0.0).min(top as f32) as i32 as usize
+            }
         };
-        let zero_bin = bin(0.0);
         let mut zeros = 0u64;
-        for part in parts {
-            for &v in *part {
-                each(v);
-                if v == 0.0 {
-                    zeros += 1;
-                } else if let Some(i) = bin(v) {
-                    self.counts[i] += 1;
+        if len < SPLIT_COUNTS_FROM {
+            for part in parts {
+                for &v in *part {
+                    zeros += (v == 0.0) as u64;
+                    let i = bin(v);
+                    if i != discard {
+                        self.counts[i] += 1;
+                    }
                 }
             }
-        }
-        if let Some(i) = zero_bin {
-            self.counts[i] += zeros;
+        } else {
+            // Four sets of counters taking consecutive values in turn, summed at the end
+            // (integer counts: exact in any order): values falling in one bin one after the
+            // other (the zeros of a ReLU, a saturated tail) no longer wait on each other's
+            // increment of the same counter.
+            const WAYS: usize = 4;
+            const BLOCK: usize = 8;
+            let stride = 2 * FINE_BINS + 1;
+            let mut ways = vec![0u32; WAYS * stride];
+            let flush = |ways: &mut Vec<u32>, counts: &mut Vec<u64>| {
+                for k in 0..WAYS {
+                    for (c, &x) in counts
+                        .iter_mut()
+                        .zip(&ways[k * stride..k * stride + top + 1])
+                    {
+                        *c += x as u64;
+                    }
+                }
+                ways.iter_mut().for_each(|x| *x = 0);
+            };
+            for part in parts {
+                // At most u32::MAX values per counter between flushes.
+                for chunk in part.chunks(1 << 30) {
+                    let blocks = chunk.chunks_exact(BLOCK);
+                    let rest = blocks.remainder();
+                    for b in blocks {
+                        // Bins of a block first (vectorized), then the increments.
+                        let mut at = [0usize; BLOCK];
+                        for k in 0..BLOCK {
+                            zeros += (b[k] == 0.0) as u64;
+                            at[k] = bin(b[k]);
+                        }
+                        for (k, &i) in at.iter().enumerate() {
+                            ways[(k % WAYS) * stride + i] += 1;
+                        }
+                    }
+                    for &v in rest {
+                        zeros += (v == 0.0) as u64;
+                        ways[bin(v)] += 1;
+                    }
+                    flush(&mut ways, &mut self.counts);
+                }
+            }
         }
         self.exact_zeros += zeros;
     }

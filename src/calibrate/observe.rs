@@ -167,30 +167,18 @@ impl Observer {
         if len == 0 {
             return;
         }
-        let (bmin, bmax) = min_max(parts);
+        let (bmin, bmax, squares) = scan(parts);
         if bmin > bmax {
             return;
         }
-        // The sum of squares of the finite values, in their order, rides along the histogram's
-        // pass when there is one.
-        let (mut sum, mut n) = (0.0f64, 0usize);
-        let mut add_square = |v: f32| {
-            if v.is_finite() {
-                sum += (v as f64).powi(2);
-                n += 1;
-            }
-        };
-        match &mut self.hist {
+        if let Some(h) = &mut self.hist {
             // max |x| over the non-NaN values, which min and max already bound.
-            Some(h) => h.add_parts_within(parts, 0f32.max(bmax).max(-bmin), add_square),
-            None => parts
-                .iter()
-                .for_each(|p| p.iter().for_each(|&v| add_square(v))),
+            h.add_parts_within(parts, 0f32.max(bmax).max(-bmin));
         }
         self.min = self.min.min(bmin);
         self.max = self.max.max(bmax);
         self.count += len as u64;
-        self.batch_mean_squares.push(sum / n.max(1) as f64);
+        self.batch_mean_squares.push(squares.mean());
         if let Some(c) = moving_average {
             self.ema = Some(match self.ema {
                 None => (bmin, bmax),
@@ -255,30 +243,63 @@ impl Observer {
 }
 
 /// Min and max of the non-NaN values of `parts` ((inf, -inf) when there are none), equal to
-/// the sequential fold `(a.min(v), b.max(v))` over the values in order. Eight running lanes
-/// instead of one chain, so the compiler vectorizes it; min and max are exact whatever the
-/// order, except that `f32::min` may pick either of +0 and -0: when an extreme is 0 and both
-/// zeros occur, the extreme is taken again from the sequential fold.
-fn min_max(parts: &[&[f32]]) -> (f32, f32) {
+/// the sequential fold `(a.min(v), b.max(v))` over the values in order, and the mean square of
+/// the finite values, in one pass. Eight running lanes instead of one chain, so the compiler
+/// vectorizes it:
+/// - min and max are exact whatever the order, except that `f32::min` may pick either of +0
+///   and -0: when an extreme is 0 and both zeros occur, the extreme is taken again from the
+///   sequential fold;
+/// - the squares (f64) go to eight running sums, value `i` of the batch (counted across the
+///   parts) to sum `i % 8`, added in lane order at the end: the same figure however the batch
+///   is cut into parts, and no chain of one add per value (a single running sum waits an
+///   add's latency on every value).
+fn scan(parts: &[&[f32]]) -> (f32, f32, SquareSum) {
     const LANES: usize = 8;
     let (mut lo, mut hi) = ([f32::INFINITY; LANES], [f32::NEG_INFINITY; LANES]);
-    let (mut pos_zero, mut neg_zero) = (false, false);
+    let mut sum = SquareSum::default();
+    let mut seen = 0usize;
     for part in parts {
-        let chunks = part.chunks_exact(LANES);
-        let rest = chunks.remainder();
+        // One at a time up to the next multiple of 8, so that whole blocks start on lane 0.
+        let head = ((LANES - seen % LANES) % LANES).min(part.len());
+        let (first, rest) = part.split_at(head);
+        for &v in first {
+            lo[0] = lo[0].min(v);
+            hi[0] = hi[0].max(v);
+            sum.add(seen % LANES, v);
+            seen += 1;
+        }
+        let chunks = rest.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        let (mut squares, mut finite) = (sum.squares, 0usize);
         for c in chunks {
             for k in 0..LANES {
                 lo[k] = lo[k].min(c[k]);
                 hi[k] = hi[k].max(c[k]);
+                // A non-finite value adds +0 (a sum of squares is never -0, so +0 changes
+                // nothing): no branch.
+                let ok = c[k].is_finite();
+                squares[k] += if ok {
+                    (c[k] as f64) * (c[k] as f64)
+                } else {
+                    0.0
+                };
+                finite += ok as usize;
             }
         }
-        for &v in rest {
+        sum.squares = squares;
+        sum.finite += finite;
+        seen += rest.len() - tail.len();
+        for &v in tail {
             lo[0] = lo[0].min(v);
             hi[0] = hi[0].max(v);
+            sum.add(seen % LANES, v);
+            seen += 1;
         }
     }
+    let squares = sum;
     let bmin = lo.iter().fold(f32::INFINITY, |a, &v| a.min(v));
     let bmax = hi.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    let (mut pos_zero, mut neg_zero) = (false, false);
     if bmin == 0.0 || bmax == 0.0 {
         for part in parts {
             for &v in *part {
@@ -288,15 +309,37 @@ fn min_max(parts: &[&[f32]]) -> (f32, f32) {
         }
     }
     if pos_zero && neg_zero {
-        return parts
+        let (a, b) = parts
             .iter()
             .fold((f32::INFINITY, f32::NEG_INFINITY), |acc, p| {
                 p.iter()
                     .filter(|v| !v.is_nan())
                     .fold(acc, |(a, b), &v| (a.min(v), b.max(v)))
             });
+        return (a, b, squares);
     }
-    (bmin, bmax)
+    (bmin, bmax, squares)
+}
+/// Running sums of squares (f64) of a batch's finite values in eight lanes, and their count
+/// (see [`scan`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct SquareSum {
+    squares: [f64; 8],
+    finite: usize,
+}
+
+impl SquareSum {
+    fn add(&mut self, lane: usize, v: f32) {
+        if v.is_finite() {
+            self.squares[lane] += (v as f64) * (v as f64);
+            self.finite += 1;
+        }
+    }
+
+    /// Mean square of the finite values (0 when there is none): the lanes added in order.
+    fn mean(&self) -> f64 {
+        self.squares.iter().fold(0.0, |a, &s| a + s) / self.finite.max(1) as f64
+    }
 }
 
 /// The 10th percentile (nearest rank, rounding down) of the per-batch mean squares.
@@ -637,7 +680,7 @@ mod tests {
                 .collect(),
         ];
         for d in &cases {
-            let (lo, hi) = min_max(&[d.as_slice()]);
+            let (lo, hi, _) = scan(&[d.as_slice()]);
             let (a, b) = seq(d);
             assert_eq!(
                 (lo.to_bits(), hi.to_bits()),
