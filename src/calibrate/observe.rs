@@ -270,22 +270,7 @@ fn scan(parts: &[&[f32]]) -> (f32, f32, SquareSum) {
         }
         let chunks = rest.chunks_exact(LANES);
         let tail = chunks.remainder();
-        let (mut squares, mut finite) = (sum.squares, 0usize);
-        for c in chunks {
-            for k in 0..LANES {
-                lo[k] = lo[k].min(c[k]);
-                hi[k] = hi[k].max(c[k]);
-                // A non-finite value adds +0 (a sum of squares is never -0, so +0 changes
-                // nothing): no branch.
-                let ok = c[k].is_finite();
-                squares[k] += if ok {
-                    (c[k] as f64) * (c[k] as f64)
-                } else {
-                    0.0
-                };
-                finite += ok as usize;
-            }
-        }
+        let (squares, finite) = blocks(chunks, &mut lo, &mut hi, sum.squares);
         sum.squares = squares;
         sum.finite += finite;
         seen += rest.len() - tail.len();
@@ -320,6 +305,85 @@ fn scan(parts: &[&[f32]]) -> (f32, f32, SquareSum) {
     }
     (bmin, bmax, squares)
 }
+/// [`scan`]'s blocks of eight: lane `k` of `lo`/`hi` folds value `k` of every block with
+/// `f32::min`/`max`, lane `k` of `squares` adds its square in f64 when it is finite. Returns the
+/// lanes and how many values were finite.
+#[cfg(target_arch = "x86_64")]
+fn blocks(
+    chunks: std::slice::ChunksExact<'_, f32>,
+    lo: &mut [f32; 8],
+    hi: &mut [f32; 8],
+    squares: [f64; 8],
+) -> ([f64; 8], usize) {
+    use std::arch::x86_64::*;
+    let mut finite = 0usize;
+    let mut out = squares;
+    // SAFETY: SSE2 is part of the x86_64 baseline; every load and store is an unaligned one
+    // of exactly 4 f32 or 2 f64 lanes inside an array or a chunk of 8.
+    // `minps(v, m)`/`maxps(v, m)` return `m` when `v` is NaN, as `f32::min`/`max` skip NaN;
+    // a non-finite value is zeroed before squaring (it adds +0, which changes no sum of
+    // squares), so every lane holds the same sum as the scalar fold.
+    unsafe {
+        let mut l = [_mm_loadu_ps(lo.as_ptr()), _mm_loadu_ps(lo.as_ptr().add(4))];
+        let mut h = [_mm_loadu_ps(hi.as_ptr()), _mm_loadu_ps(hi.as_ptr().add(4))];
+        let mut q = [
+            _mm_loadu_pd(out.as_ptr()),
+            _mm_loadu_pd(out.as_ptr().add(2)),
+            _mm_loadu_pd(out.as_ptr().add(4)),
+            _mm_loadu_pd(out.as_ptr().add(6)),
+        ];
+        let abs_mask = _mm_castsi128_ps(_mm_set1_epi32(0x7fff_ffff));
+        let inf = _mm_set1_ps(f32::INFINITY);
+        for c in chunks {
+            for half in 0..2 {
+                let v = _mm_loadu_ps(c.as_ptr().add(4 * half));
+                l[half] = _mm_min_ps(v, l[half]);
+                h[half] = _mm_max_ps(v, h[half]);
+                let ok = _mm_cmplt_ps(_mm_and_ps(v, abs_mask), inf);
+                finite += _mm_movemask_ps(ok).count_ones() as usize;
+                let v = _mm_and_ps(v, ok);
+                let low = _mm_cvtps_pd(v);
+                let high = _mm_cvtps_pd(_mm_movehl_ps(v, v));
+                q[2 * half] = _mm_add_pd(q[2 * half], _mm_mul_pd(low, low));
+                q[2 * half + 1] = _mm_add_pd(q[2 * half + 1], _mm_mul_pd(high, high));
+            }
+        }
+        _mm_storeu_ps(lo.as_mut_ptr(), l[0]);
+        _mm_storeu_ps(lo.as_mut_ptr().add(4), l[1]);
+        _mm_storeu_ps(hi.as_mut_ptr(), h[0]);
+        _mm_storeu_ps(hi.as_mut_ptr().add(4), h[1]);
+        for (k, lanes) in q.iter().enumerate() {
+            _mm_storeu_pd(out.as_mut_ptr().add(2 * k), *lanes);
+        }
+    }
+    (out, finite)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn blocks(
+    chunks: std::slice::ChunksExact<'_, f32>,
+    lo: &mut [f32; 8],
+    hi: &mut [f32; 8],
+    squares: [f64; 8],
+) -> ([f64; 8], usize) {
+    let (mut out, mut finite) = (squares, 0usize);
+    for c in chunks {
+        for k in 0..8 {
+            lo[k] = lo[k].min(c[k]);
+            hi[k] = hi[k].max(c[k]);
+            // A non-finite value adds +0 (a sum of squares is never -0): no branch.
+            let ok = c[k].is_finite();
+            out[k] += if ok {
+                (c[k] as f64) * (c[k] as f64)
+            } else {
+                0.0
+            };
+            finite += ok as usize;
+        }
+    }
+    (out, finite)
+}
+
 /// Running sums of squares (f64) of a batch's finite values in eight lanes, and their count
 /// (see [`scan`]).
 #[derive(Debug, Clone, Copy, Default)]
