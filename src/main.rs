@@ -9,6 +9,8 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Tract runs allocate and free their activations over and over: keep the freed memory.
+    onnx_compress::runtime::allocator::keep_freed_memory();
     if let Err(e) = cli::main_with_args(std::env::args_os().collect()) {
         // One line: the whole cause chain, outermost first.
         eprintln!("error: {}", cli::error_line(&e));

@@ -20,6 +20,56 @@ use crate::calibrate::params::{activation_params, ActScheme};
 /// Bins per sign in the fine histogram.
 pub const FINE_BINS: usize = 8192;
 
+/// Values from which one batch's counts are split over four sets of counters (below it,
+/// zeroing them costs more than it saves).
+const SPLIT_COUNTS_FROM: usize = 1 << 15;
+
+/// The bins of eight values (as [`Histogram::add_parts_within`]'s `bin`: `(v + r) / w` clamped
+/// to `[0, 2 FINE_BINS - 1]` and truncated, NaN to `discard`) and how many are exact zeros,
+/// four at a time in SSE2 registers: `addps`/`divps` round as `addss`/`divss` do, `maxps` and
+/// `minps` against 0 and the top bin clamp as `f32::max`/`min` do on a non-NaN value, and the
+/// NaN lanes are replaced by `discard`, so the bins are those of the scalar code.
+#[cfg(target_arch = "x86_64")]
+fn block_bins(b: &[f32; 8], r: f32, w: f32, discard: usize) -> ([u32; 8], u64) {
+    use std::arch::x86_64::*;
+    let mut at = [0u32; 8];
+    let mut zeros = 0u64;
+    // SAFETY: SSE2 is part of the x86_64 baseline; loads and stores are unaligned ones on
+    // arrays of exactly 4 lanes per step.
+    unsafe {
+        let (vr, vw) = (_mm_set1_ps(r), _mm_set1_ps(w));
+        let (zero, top) = (_mm_setzero_ps(), _mm_set1_ps((2 * FINE_BINS - 1) as f32));
+        let nan_bin = _mm_set1_epi32(discard as i32);
+        for h in 0..2 {
+            let v = _mm_loadu_ps(b.as_ptr().add(4 * h));
+            let x = _mm_div_ps(_mm_add_ps(v, vr), vw);
+            let nan = _mm_castps_si128(_mm_cmpunord_ps(x, x));
+            let i = _mm_cvttps_epi32(_mm_min_ps(_mm_max_ps(x, zero), top));
+            let i = _mm_or_si128(_mm_and_si128(nan, nan_bin), _mm_andnot_si128(nan, i));
+            _mm_storeu_si128(at.as_mut_ptr().add(4 * h) as *mut __m128i, i);
+            zeros += _mm_movemask_ps(_mm_cmpeq_ps(v, zero)).count_ones() as u64;
+        }
+    }
+    (at, zeros)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn block_bins(b: &[f32; 8], r: f32, w: f32, discard: usize) -> ([u32; 8], u64) {
+    let top = (2 * FINE_BINS - 1) as f32;
+    let mut at = [0u32; 8];
+    let mut zeros = 0u64;
+    for k in 0..8 {
+        let x = (b[k] + r) / w;
+        at[k] = if x.is_nan() {
+            discard as u32
+        } else {
+            x.max(0.0).min(top) as u32
+        };
+        zeros += (b[k] == 0.0) as u64;
+    }
+    (at, zeros)
+}
+
 /// Signed histogram over `[-r, r]` with adaptive doubling.
 #[derive(Debug, Clone)]
 pub struct Histogram {
@@ -54,21 +104,14 @@ impl Histogram {
         let amax = parts
             .iter()
             .fold(0f32, |m, p| p.iter().fold(m, |m, &v| m.max(v.abs())));
-        self.add_parts_within(parts, amax, |_| {});
+        self.add_parts_within(parts, amax);
     }
 
     /// [`Histogram::add_parts`] when the largest |x| of the parts (NaN ignored) is known
-    /// already, handing every value to `each` in order on the way (the observer's sum of
-    /// squares rides along): one pass over the values.
-    pub(super) fn add_parts_within(
-        &mut self,
-        parts: &[&[f32]],
-        amax: f32,
-        mut each: impl FnMut(f32),
-    ) {
+    /// already.
+    pub(super) fn add_parts_within(&mut self, parts: &[&[f32]], amax: f32) {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if amax == 0.0 && self.r == 0.0 {
-            parts.iter().for_each(|p| p.iter().for_each(|&v| each(v)));
             self.pending_zeros += len as u64;
             self.exact_zeros += len as u64;
             return;
@@ -80,30 +123,74 @@ impl Histogram {
         while amax > self.r {
             self.double();
         }
-        let w = self.r / FINE_BINS as f32;
+        let (r, w) = (self.r, self.r / FINE_BINS as f32);
         let top = 2 * FINE_BINS - 1;
         // The bin of x is floor((x + r) / w) clamped to [0, top]; for a non-negative quotient
         // a truncating cast is the floor, and a negative one lands in bin 0 either way (no libm
-        // call per value). Exact zeros (half of a ReLU output) all share one bin: counted
-        // apart and added once, not incremented one by one on the same counter.
-        let bin = |v: f32| -> Option<usize> {
-            let x = (v + self.r) / w;
-            (!x.is_nan()).then(|| (x.max(0.0) as usize).min(top))
+        // call per value). NaN goes to a discard slot past the last bin. Exact zeros fall in
+        // the bin of 0 like any value and are also counted apart, without a branch (a ReLU
+        // output's zeros come in no predictable order).
+        let discard = 2 * FINE_BINS;
+        // In f32 and clamped before the cast (the same integer as clamping after it), so that
+        // a block of values converts in vector registers.
+        let bin = |v: f32| -> usize {
+            let x = (v + r) / w;
+            if x.is_nan() {
+                discard
+            } else {
+                x.max(0.0).min(top as f32) as i32 as usize
+            }
         };
-        let zero_bin = bin(0.0);
         let mut zeros = 0u64;
-        for part in parts {
-            for &v in *part {
-                each(v);
-                if v == 0.0 {
-                    zeros += 1;
-                } else if let Some(i) = bin(v) {
-                    self.counts[i] += 1;
+        if len < SPLIT_COUNTS_FROM {
+            for part in parts {
+                for &v in *part {
+                    zeros += (v == 0.0) as u64;
+                    let i = bin(v);
+                    if i != discard {
+                        self.counts[i] += 1;
+                    }
                 }
             }
-        }
-        if let Some(i) = zero_bin {
-            self.counts[i] += zeros;
+        } else {
+            // Four sets of counters taking consecutive values in turn, summed at the end
+            // (integer counts: exact in any order): values falling in one bin one after the
+            // other (the zeros of a ReLU, a saturated tail) no longer wait on each other's
+            // increment of the same counter.
+            const WAYS: usize = 4;
+            const BLOCK: usize = 8;
+            let stride = 2 * FINE_BINS + 1;
+            let mut ways = vec![0u32; WAYS * stride];
+            let flush = |ways: &mut Vec<u32>, counts: &mut Vec<u64>| {
+                for k in 0..WAYS {
+                    for (c, &x) in counts
+                        .iter_mut()
+                        .zip(&ways[k * stride..k * stride + top + 1])
+                    {
+                        *c += x as u64;
+                    }
+                }
+                ways.iter_mut().for_each(|x| *x = 0);
+            };
+            for part in parts {
+                // At most u32::MAX values per counter between flushes.
+                for chunk in part.chunks(1 << 30) {
+                    let blocks = chunk.chunks_exact(BLOCK);
+                    let rest = blocks.remainder();
+                    for b in blocks {
+                        let (at, z) = block_bins(b.try_into().expect("a block"), r, w, discard);
+                        zeros += z;
+                        for (k, &i) in at.iter().enumerate() {
+                            ways[(k % WAYS) * stride + i as usize] += 1;
+                        }
+                    }
+                    for &v in rest {
+                        zeros += (v == 0.0) as u64;
+                        ways[bin(v)] += 1;
+                    }
+                    flush(&mut ways, &mut self.counts);
+                }
+            }
         }
         self.exact_zeros += zeros;
     }
@@ -326,6 +413,50 @@ pub fn mse_range(h: &Histogram, min: f32, max: f32, scheme: ActScheme) -> (f32, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_bins_are_the_scalar_bins() {
+        // The scalar bin, as written before the vector version.
+        let (r, top, discard) = (3.7f32, 2 * FINE_BINS - 1, 2 * FINE_BINS);
+        let w = r / FINE_BINS as f32;
+        let scalar = |v: f32| -> usize {
+            let x = (v + r) / w;
+            if x.is_nan() {
+                discard
+            } else {
+                (x.max(0.0) as usize).min(top)
+            }
+        };
+        let mut values = vec![
+            0.0,
+            -0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            r,
+            -r,
+            2.0 * r,
+            -2.0 * r,
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE,
+        ];
+        // Values on and next to bin edges, where rounding decides.
+        for k in [-8192i32, -4097, -1, 1, 17, 4095, 8191] {
+            let edge = k as f32 * w;
+            values.extend([edge, f32::from_bits(edge.to_bits() + 1), edge * 0.999_999_9]);
+        }
+        values.extend((0..400).map(|i| ((i as f32) * 0.37).sin() * 4.5));
+        while values.len() % 8 != 0 {
+            values.push(1.0);
+        }
+        for b in values.chunks_exact(8) {
+            let (at, zeros) = block_bins(b.try_into().unwrap(), r, w, discard);
+            for (k, &v) in b.iter().enumerate() {
+                assert_eq!(at[k] as usize, scalar(v), "value {v}");
+            }
+            assert_eq!(zeros, b.iter().filter(|&&v| v == 0.0).count() as u64);
+        }
+    }
 
     #[test]
     fn histogram_doubling_keeps_every_count() {

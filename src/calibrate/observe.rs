@@ -167,30 +167,18 @@ impl Observer {
         if len == 0 {
             return;
         }
-        let (bmin, bmax) = min_max(parts);
+        let (bmin, bmax, squares) = scan(parts);
         if bmin > bmax {
             return;
         }
-        // The sum of squares of the finite values, in their order, rides along the histogram's
-        // pass when there is one.
-        let (mut sum, mut n) = (0.0f64, 0usize);
-        let mut add_square = |v: f32| {
-            if v.is_finite() {
-                sum += (v as f64).powi(2);
-                n += 1;
-            }
-        };
-        match &mut self.hist {
+        if let Some(h) = &mut self.hist {
             // max |x| over the non-NaN values, which min and max already bound.
-            Some(h) => h.add_parts_within(parts, 0f32.max(bmax).max(-bmin), add_square),
-            None => parts
-                .iter()
-                .for_each(|p| p.iter().for_each(|&v| add_square(v))),
+            h.add_parts_within(parts, 0f32.max(bmax).max(-bmin));
         }
         self.min = self.min.min(bmin);
         self.max = self.max.max(bmax);
         self.count += len as u64;
-        self.batch_mean_squares.push(sum / n.max(1) as f64);
+        self.batch_mean_squares.push(squares.mean());
         if let Some(c) = moving_average {
             self.ema = Some(match self.ema {
                 None => (bmin, bmax),
@@ -255,30 +243,48 @@ impl Observer {
 }
 
 /// Min and max of the non-NaN values of `parts` ((inf, -inf) when there are none), equal to
-/// the sequential fold `(a.min(v), b.max(v))` over the values in order. Eight running lanes
-/// instead of one chain, so the compiler vectorizes it; min and max are exact whatever the
-/// order, except that `f32::min` may pick either of +0 and -0: when an extreme is 0 and both
-/// zeros occur, the extreme is taken again from the sequential fold.
-fn min_max(parts: &[&[f32]]) -> (f32, f32) {
+/// the sequential fold `(a.min(v), b.max(v))` over the values in order, and the mean square of
+/// the finite values, in one pass. Eight running lanes instead of one chain, so the compiler
+/// vectorizes it:
+/// - min and max are exact whatever the order, except that `f32::min` may pick either of +0
+///   and -0: when an extreme is 0 and both zeros occur, the extreme is taken again from the
+///   sequential fold;
+/// - the squares (f64) go to eight running sums, value `i` of the batch (counted across the
+///   parts) to sum `i % 8`, added in lane order at the end: the same figure however the batch
+///   is cut into parts, and no chain of one add per value (a single running sum waits an
+///   add's latency on every value).
+fn scan(parts: &[&[f32]]) -> (f32, f32, SquareSum) {
     const LANES: usize = 8;
     let (mut lo, mut hi) = ([f32::INFINITY; LANES], [f32::NEG_INFINITY; LANES]);
-    let (mut pos_zero, mut neg_zero) = (false, false);
+    let mut sum = SquareSum::default();
+    let mut seen = 0usize;
     for part in parts {
-        let chunks = part.chunks_exact(LANES);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for k in 0..LANES {
-                lo[k] = lo[k].min(c[k]);
-                hi[k] = hi[k].max(c[k]);
-            }
-        }
-        for &v in rest {
+        // One at a time up to the next multiple of 8, so that whole blocks start on lane 0.
+        let head = ((LANES - seen % LANES) % LANES).min(part.len());
+        let (first, rest) = part.split_at(head);
+        for &v in first {
             lo[0] = lo[0].min(v);
             hi[0] = hi[0].max(v);
+            sum.add(seen % LANES, v);
+            seen += 1;
+        }
+        let chunks = rest.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        let (squares, finite) = blocks(chunks, &mut lo, &mut hi, sum.squares);
+        sum.squares = squares;
+        sum.finite += finite;
+        seen += rest.len() - tail.len();
+        for &v in tail {
+            lo[0] = lo[0].min(v);
+            hi[0] = hi[0].max(v);
+            sum.add(seen % LANES, v);
+            seen += 1;
         }
     }
+    let squares = sum;
     let bmin = lo.iter().fold(f32::INFINITY, |a, &v| a.min(v));
     let bmax = hi.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    let (mut pos_zero, mut neg_zero) = (false, false);
     if bmin == 0.0 || bmax == 0.0 {
         for part in parts {
             for &v in *part {
@@ -288,15 +294,116 @@ fn min_max(parts: &[&[f32]]) -> (f32, f32) {
         }
     }
     if pos_zero && neg_zero {
-        return parts
+        let (a, b) = parts
             .iter()
             .fold((f32::INFINITY, f32::NEG_INFINITY), |acc, p| {
                 p.iter()
                     .filter(|v| !v.is_nan())
                     .fold(acc, |(a, b), &v| (a.min(v), b.max(v)))
             });
+        return (a, b, squares);
     }
-    (bmin, bmax)
+    (bmin, bmax, squares)
+}
+/// [`scan`]'s blocks of eight: lane `k` of `lo`/`hi` folds value `k` of every block with
+/// `f32::min`/`max`, lane `k` of `squares` adds its square in f64 when it is finite. Returns the
+/// lanes and how many values were finite.
+#[cfg(target_arch = "x86_64")]
+fn blocks(
+    chunks: std::slice::ChunksExact<'_, f32>,
+    lo: &mut [f32; 8],
+    hi: &mut [f32; 8],
+    squares: [f64; 8],
+) -> ([f64; 8], usize) {
+    use std::arch::x86_64::*;
+    let mut finite = 0usize;
+    let mut out = squares;
+    // SAFETY: SSE2 is part of the x86_64 baseline; every load and store is an unaligned one
+    // of exactly 4 f32 or 2 f64 lanes inside an array or a chunk of 8.
+    // `minps(v, m)`/`maxps(v, m)` return `m` when `v` is NaN, as `f32::min`/`max` skip NaN;
+    // a non-finite value is zeroed before squaring (it adds +0, which changes no sum of
+    // squares), so every lane holds the same sum as the scalar fold.
+    unsafe {
+        let mut l = [_mm_loadu_ps(lo.as_ptr()), _mm_loadu_ps(lo.as_ptr().add(4))];
+        let mut h = [_mm_loadu_ps(hi.as_ptr()), _mm_loadu_ps(hi.as_ptr().add(4))];
+        let mut q = [
+            _mm_loadu_pd(out.as_ptr()),
+            _mm_loadu_pd(out.as_ptr().add(2)),
+            _mm_loadu_pd(out.as_ptr().add(4)),
+            _mm_loadu_pd(out.as_ptr().add(6)),
+        ];
+        let abs_mask = _mm_castsi128_ps(_mm_set1_epi32(0x7fff_ffff));
+        let inf = _mm_set1_ps(f32::INFINITY);
+        for c in chunks {
+            for half in 0..2 {
+                let v = _mm_loadu_ps(c.as_ptr().add(4 * half));
+                l[half] = _mm_min_ps(v, l[half]);
+                h[half] = _mm_max_ps(v, h[half]);
+                let ok = _mm_cmplt_ps(_mm_and_ps(v, abs_mask), inf);
+                finite += _mm_movemask_ps(ok).count_ones() as usize;
+                let v = _mm_and_ps(v, ok);
+                let low = _mm_cvtps_pd(v);
+                let high = _mm_cvtps_pd(_mm_movehl_ps(v, v));
+                q[2 * half] = _mm_add_pd(q[2 * half], _mm_mul_pd(low, low));
+                q[2 * half + 1] = _mm_add_pd(q[2 * half + 1], _mm_mul_pd(high, high));
+            }
+        }
+        _mm_storeu_ps(lo.as_mut_ptr(), l[0]);
+        _mm_storeu_ps(lo.as_mut_ptr().add(4), l[1]);
+        _mm_storeu_ps(hi.as_mut_ptr(), h[0]);
+        _mm_storeu_ps(hi.as_mut_ptr().add(4), h[1]);
+        for (k, lanes) in q.iter().enumerate() {
+            _mm_storeu_pd(out.as_mut_ptr().add(2 * k), *lanes);
+        }
+    }
+    (out, finite)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn blocks(
+    chunks: std::slice::ChunksExact<'_, f32>,
+    lo: &mut [f32; 8],
+    hi: &mut [f32; 8],
+    squares: [f64; 8],
+) -> ([f64; 8], usize) {
+    let (mut out, mut finite) = (squares, 0usize);
+    for c in chunks {
+        for k in 0..8 {
+            lo[k] = lo[k].min(c[k]);
+            hi[k] = hi[k].max(c[k]);
+            // A non-finite value adds +0 (a sum of squares is never -0): no branch.
+            let ok = c[k].is_finite();
+            out[k] += if ok {
+                (c[k] as f64) * (c[k] as f64)
+            } else {
+                0.0
+            };
+            finite += ok as usize;
+        }
+    }
+    (out, finite)
+}
+
+/// Running sums of squares (f64) of a batch's finite values in eight lanes, and their count
+/// (see [`scan`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct SquareSum {
+    squares: [f64; 8],
+    finite: usize,
+}
+
+impl SquareSum {
+    fn add(&mut self, lane: usize, v: f32) {
+        if v.is_finite() {
+            self.squares[lane] += (v as f64) * (v as f64);
+            self.finite += 1;
+        }
+    }
+
+    /// Mean square of the finite values (0 when there is none): the lanes added in order.
+    fn mean(&self) -> f64 {
+        self.squares.iter().fold(0.0, |a, &s| a + s) / self.finite.max(1) as f64
+    }
 }
 
 /// The 10th percentile (nearest rank, rounding down) of the per-batch mean squares.
@@ -637,7 +744,7 @@ mod tests {
                 .collect(),
         ];
         for d in &cases {
-            let (lo, hi) = min_max(&[d.as_slice()]);
+            let (lo, hi, _) = scan(&[d.as_slice()]);
             let (a, b) = seq(d);
             assert_eq!(
                 (lo.to_bits(), hi.to_bits()),

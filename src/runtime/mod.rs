@@ -2,6 +2,7 @@
 //! layers that observe data (calibrate, hessian), rewrite models (passes) and compare runs
 //! (validate).
 //!
+//! - [`allocator`]: the C allocator keeps freed activations for the next run.
 //! - `by_reference`: large weights handed to tract by reference, not through the encoding.
 //! - [`feed`]: a graph input's value in its declared element type.
 //! - [`runner`]: load a `ModelProto` with pinned inputs, expose intermediate tensors, run.
@@ -12,6 +13,7 @@
 //! - [`weightless`]: a copy for shape analysis with the large weights as inputs.
 //! - `tensor`: payload decoding with the type checks and messages the runtime needs.
 
+pub mod allocator;
 mod by_reference;
 pub mod feed;
 mod runner;
