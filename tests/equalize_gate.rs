@@ -102,11 +102,20 @@ fn gate_keeps_pairs_that_help_and_drops_pairs_that_hurt() {
             }
             if kept {
                 assert!(
-                    p["scale_max"].as_f64().unwrap() > 1.0 || p["scale_min"].as_f64().unwrap() < 1.0
+                    p["scale_max"].as_f64().unwrap() > 1.0
+                        || p["scale_min"].as_f64().unwrap() < 1.0
                 );
             } else {
-                assert_eq!(p["scale_min"].as_f64(), Some(1.0), "{file}: dropped but rescaled");
-                assert_eq!(p["scale_max"].as_f64(), Some(1.0), "{file}: dropped but rescaled");
+                assert_eq!(
+                    p["scale_min"].as_f64(),
+                    Some(1.0),
+                    "{file}: dropped but rescaled"
+                );
+                assert_eq!(
+                    p["scale_max"].as_f64(),
+                    Some(1.0),
+                    "{file}: dropped but rescaled"
+                );
             }
         }
         let (none, loss) = (

@@ -259,7 +259,9 @@ pub const GATE_SIGMAS: f64 = 1.0;
 /// PP-OCR cls and the zoo digits nets (BENCHMARKS.md says so), checked on the others.
 fn reliably_lower(a: &Score, b: &Score) -> bool {
     let n = a.per_feed.len().min(b.per_feed.len());
-    if n == 0 || !(total(a) < total(b) * (1.0 - MIN_GAIN)) {
+    // NaN never gains.
+    let gains = total(a) < total(b) * (1.0 - MIN_GAIN);
+    if n == 0 || !gains {
         return false;
     }
     if n < 2 {

@@ -416,10 +416,7 @@ pub fn run_gated(
     // The float outputs every candidate is judged against, measured before anything changes
     // (only when there is something to judge).
     let judge = match gate {
-        Some(g)
-            if !pairs.is_empty()
-                || g.quantize.bias_correction == BiasCorrection::Measured =>
-        {
+        Some(g) if !pairs.is_empty() || g.quantize.bias_correction == BiasCorrection::Measured => {
             Some(gate::Judge::new(model, g.calib, &g.quantize)?)
         }
         _ => None,
