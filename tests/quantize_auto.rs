@@ -107,6 +107,25 @@ fn auto_reports_every_tensor_and_never_scores_above_its_start() {
     assert_eq!(auto["evaluations"].as_u64().unwrap(), 3 + 4 * 2);
     let covered: u64 = blocks.iter().map(|b| b["tensors"].as_u64().unwrap()).sum();
     assert_eq!(covered as usize, tensors.len());
+    // Per tensor: what won (the same as `tensors`), by how much (its block's margin: positive
+    // where the block changed), and the range each candidate gives it.
+    let choices = auto["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), tensors.len());
+    for (c, t) in choices.iter().zip(tensors) {
+        assert_eq!(c["tensor"], t[0]);
+        assert_eq!(c["method"], t[1]);
+        let block = &blocks[c["block"].as_u64().unwrap() as usize];
+        assert_eq!(block["chosen"], c["method"]);
+        if block["gain"].as_f64().unwrap() > 0.0 {
+            assert!(c["loss_margin"].as_f64().unwrap() > 0.0, "{c}");
+        }
+        assert_eq!(c["widths"].as_array().unwrap().len(), 3);
+        let moved = c["moved"].as_f64().unwrap();
+        assert!(
+            moved >= 0.0 && (c["method"] != start || moved == 0.0),
+            "{c}"
+        );
+    }
 }
 
 #[test]

@@ -335,8 +335,11 @@ pub struct CompressArgs {
     /// Move biases past ReLU layers where activations stay linear (high-bias absorption).
     #[arg(long, help_heading = "Equalization")]
     pub absorb_high_bias: bool,
-    /// Cross-layer equalization: auto (skipped when per-channel int8 weights follow, where it
-    /// measured no better on average) or always. Naming `equalize` in --passes means always.
+    /// Cross-layer equalization: auto (skipped when per-channel int8 weights follow; before
+    /// per-tensor weights, with --calib each pair is kept only where it lowers the quantized
+    /// output error on the calibration data, without --calib every pair), measured (that gate
+    /// before per-channel weights too), always (every pair) or off. Naming `equalize` in
+    /// --passes means always.
     #[arg(
         long,
         value_enum,
@@ -344,8 +347,9 @@ pub struct CompressArgs {
         help_heading = "Equalization"
     )]
     pub equalize: EqualizeArg,
-    /// Bias correction for quantized weights: off, empirical (needs --calib) or analytic (from
-    /// the folded BatchNormalization statistics, data-free).
+    /// Bias correction for quantized weights: off, empirical (needs --calib), analytic (from
+    /// the folded BatchNormalization statistics, data-free) or auto (empirical, kept per layer
+    /// only where it lowers the quantized output error on --calib; off without --calib).
     #[arg(long, value_enum, default_value = "off", help_heading = "Equalization")]
     pub bias_correction: BiasCorrectionArg,
 
@@ -580,7 +584,9 @@ pub enum RoundingArg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EqualizeArg {
     Auto,
+    Measured,
     Always,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -588,6 +594,7 @@ pub enum BiasCorrectionArg {
     Off,
     Empirical,
     Analytic,
+    Auto,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

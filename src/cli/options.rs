@@ -175,6 +175,8 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         BiasCorrectionArg::Off => BiasCorrection::Off,
         BiasCorrectionArg::Empirical => BiasCorrection::Empirical,
         BiasCorrectionArg::Analytic => BiasCorrection::Analytic,
+        BiasCorrectionArg::Auto if args.calib.is_some() => BiasCorrection::Measured,
+        BiasCorrectionArg::Auto => BiasCorrection::Off,
     };
     ensure!(
         args.auto_samples != Some(0),
@@ -259,16 +261,26 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         args.bias_correction != BiasCorrectionArg::Empirical || args.calib.is_some(),
         "--bias-correction empirical needs calibration data (--calib)"
     );
+    ensure!(
+        args.equalize != EqualizeArg::Measured || args.calib.is_some(),
+        "--equalize measured needs calibration data (--calib)"
+    );
+    // Naming `equalize` in --passes means always.
+    let named = args
+        .passes
+        .as_deref()
+        .is_some_and(|p| p.split(',').any(|n| n.trim() == "equalize"));
     let equalize = EqualizeOptions {
         absorb_high_bias: args.absorb_high_bias,
-        // Naming `equalize` in --passes means always.
-        with_per_channel: args.equalize == EqualizeArg::Always
-            || args
-                .passes
-                .as_deref()
-                .is_some_and(|p| p.split(',').any(|n| n.trim() == "equalize")),
+        rescale: args.equalize != EqualizeArg::Off,
+        // Needs calibration data at run time; without it every pair is applied.
+        measured: args.equalize == EqualizeArg::Measured
+            || (args.equalize == EqualizeArg::Auto && !named),
+        with_per_channel: matches!(args.equalize, EqualizeArg::Always | EqualizeArg::Measured)
+            || named,
         ..Default::default()
     };
+
     let (prune_ratio, fit_size) = match args.prune.as_deref().map(str::trim) {
         None => (None, false),
         Some("auto") => {

@@ -38,6 +38,10 @@ pub enum BiasCorrection {
     Empirical,
     /// `E[x]` from folded BN statistics (ReLU of a normal), where known.
     Analytic,
+    /// Empirical, kept per layer only where it lowers the quantized model's output error on
+    /// the calibration data (applied by the `equalize` pass's measured gate, see
+    /// [`super::gate`], not by `quantize`).
+    Measured,
 }
 
 impl std::str::FromStr for BiasCorrection {
@@ -47,7 +51,10 @@ impl std::str::FromStr for BiasCorrection {
             "off" => BiasCorrection::Off,
             "empirical" => BiasCorrection::Empirical,
             "analytic" => BiasCorrection::Analytic,
-            other => anyhow::bail!("unknown bias correction '{other}' (empirical, analytic, off)"),
+            "measured" => BiasCorrection::Measured,
+            other => anyhow::bail!(
+                "unknown bias correction '{other}' (empirical, analytic, measured, off)"
+            ),
         })
     }
 }

@@ -57,6 +57,16 @@
 //! [`empirical_bias_correction`] (or [`bias_correction_delta`] with [`relu_normal_mean`] for
 //! `analytic`) according to `EqualizeOptions::bias_correction`.
 //!
+//! # Measured gate (`measured`, with calibration data and a `quantize` pass after)
+//! Every pair, every absorption and (with [`BiasCorrection::Measured`]) every layer's bias
+//! correction is kept only where it lowers the quantized model's output error on the
+//! calibration data, judged by quantizing candidates exactly as the run's `quantize` pass will
+//! ([`gate`]: start from none unless all is reliably better, then toggle graph-order groups of
+//! at most [`gate::MAX_GROUPS`]). Before per-channel weights only a measured bias correction
+//! runs, unless `with_per_channel`. Each pair's `gate` (`kept`, `loss_change`: the relative
+//! output-loss change its group brought when tried) is in the report, the totals in
+//! `details.gate`; the terminal names the groups whose verdict changed the loss most.
+//!
 //! # Report
 //! `details.pairs[]`: `l1`, `l2`, `via` (op types between), `channels`, `range_ratio_before` /
 //! `range_ratio_after` (max/min of L1's output channel ranges), `scale_min` / `scale_max` (of
@@ -77,6 +87,7 @@
 
 pub mod bias;
 mod chain;
+pub mod gate;
 pub mod math;
 
 pub use bias::{
@@ -121,6 +132,13 @@ pub struct EqualizeOptions {
     /// Also run when per-channel quantization follows (the pipeline skips it then, see
     /// [`EQUALIZE_SKIPPED`]).
     pub with_per_channel: bool,
+    /// Rescale pairs at all (`--equalize off`: no; the pass then only runs for a measured bias
+    /// correction).
+    pub rescale: bool,
+    /// Keep each pair (and each absorption) only where it lowers the quantized model's output
+    /// error on the calibration data ([`gate`]); needs calibration data and a `quantize` pass
+    /// later in the run, else every pair is applied as without it.
+    pub measured: bool,
 }
 
 impl Default for EqualizeOptions {
@@ -133,6 +151,8 @@ impl Default for EqualizeOptions {
             bn_stats: BTreeMap::new(),
             calibration: None,
             with_per_channel: false,
+            rescale: true,
+            measured: false,
         }
     }
 }
@@ -149,11 +169,20 @@ impl Pass for Equalize {
     }
 
     /// Before per-channel int8 weights, equalization steps aside unless asked for
-    /// ([`EQUALIZE_SKIPPED`] says why).
+    /// ([`EQUALIZE_SKIPPED`] says why); a measured bias correction still runs then (alone).
     fn is_enabled(&self, ctx: &PassContext) -> Result<(), Skip> {
+        let bias_gate =
+            gating(ctx).is_some() && ctx.quantize.bias_correction == BiasCorrection::Measured;
+        if !ctx.equalize.rescale && !bias_gate {
+            return Err(Skip {
+                note: "skipped: --equalize off",
+                details: json!({ "skipped": "off" }),
+            });
+        }
         if ctx.selected.contains(&"quantize")
             && ctx.quantize.per_channel
             && !ctx.equalize.with_per_channel
+            && !bias_gate
         {
             return Err(Skip {
                 note: EQUALIZE_SKIPPED,
@@ -165,27 +194,82 @@ impl Pass for Equalize {
 
     /// High-bias absorption reads the BN statistics `fuse` folded in this run (when it ran).
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats> {
-        match &ctx.facts.folded_bn {
-            Some(folded) => {
-                let mut opts = ctx.equalize.clone();
-                opts.bn_stats = folded.clone();
-                run(model, &opts)
+        let mut opts = ctx.equalize.clone();
+        if let Some(folded) = &ctx.facts.folded_bn {
+            opts.bn_stats = folded.clone();
+        }
+        let rescale = opts.rescale
+            && !(ctx.selected.contains(&"quantize")
+                && ctx.quantize.per_channel
+                && !opts.with_per_channel);
+        match gating(ctx) {
+            Some((calib, quantize)) => {
+                let gate = Gating {
+                    calib,
+                    quantize,
+                    rescale,
+                    pairs: opts.measured,
+                };
+                run_gated(model, &opts, Some(&gate))
             }
-            None => run(model, &ctx.equalize),
+            None => run(model, &opts),
         }
     }
+}
+
+/// What the measured gate needs from the run: its calibration data and the options of the
+/// `quantize` pass that follows.
+pub struct Gating<'a> {
+    pub calib: &'a crate::calibrate::CalibrationSet,
+    pub quantize: crate::passes::quantize::QuantizeOptions,
+    /// Whether pairs may be rescaled at all (not before per-channel weights unless asked).
+    pub rescale: bool,
+    /// Gate the pairs (and absorption); else apply them all as without the gate.
+    pub pairs: bool,
+}
+
+/// The calibration data and quantize options when this run can measure (calibration data, a
+/// `quantize` pass that runs and sees the whole model: no size budget) and something asks for
+/// a measurement (`measured` pairs or a measured bias correction).
+fn gating(
+    ctx: &PassContext,
+) -> Option<(
+    &crate::calibrate::CalibrationSet,
+    crate::passes::quantize::QuantizeOptions,
+)> {
+    let asked = ctx.equalize.measured || ctx.quantize.bias_correction == BiasCorrection::Measured;
+    let calib = ctx.calibration.as_deref()?;
+    if !asked
+        || calib.synthetic
+        || !ctx.selected.contains(&"quantize")
+        || ctx.mixed.budget.is_some()
+        || !ctx.target.policy().int8_activations
+        || ctx.weight_only.bits == 4
+    {
+        return None;
+    }
+    let mut q = ctx.quantize.clone();
+    q.target = ctx.target;
+    if q.bn_stats.is_empty() {
+        if let Some(folded) = &ctx.facts.folded_bn {
+            q.bn_stats = folded.clone();
+        }
+    }
+    Some((calib, q))
 }
 
 /// Why the default pipeline leaves equalization out before per-channel quantization.
 pub const EQUALIZE_SKIPPED: &str = "skipped: per-channel int8 weights follow, which already give every output channel its own scale; rescaling channels then mostly moves range between activations, and measured against no equalization it cost 0.4 dB output SQNR on ResNet-18 and EfficientNet-B0 while gaining 0.6 dB on MobileNetV2 (BENCHMARKS.md). Run it anyway with --equalize always (or name it in --passes)";
 
 /// One layer's working copy.
+#[derive(Clone)]
 struct State {
     layer: Layer,
     map: ChannelMap,
     name: String,
     w0: ArrayD<f64>,
     w: ArrayD<f64>,
+    b0: Option<Vec<f64>>,
     b: Option<Vec<f64>>,
 }
 
@@ -233,6 +317,7 @@ fn load(graph: &Graph, ix: NodeIndex) -> std::result::Result<State, String> {
         name,
         w0: w.clone(),
         w,
+        b0: b.clone(),
         b,
     })
 }
@@ -245,8 +330,34 @@ fn finite_or_null(v: f64) -> serde_json::Value {
     }
 }
 
-/// Run the pass on `model` (what [`Equalize::run`] does).
+/// Run the pass on `model` with every pair applied (what [`Equalize::run`] does without
+/// calibration data).
 pub fn run(model: &mut Model, opts: &EqualizeOptions) -> Result<PassStats> {
+    run_gated(model, opts, None)
+}
+
+/// Run the pass on `model`; with `gate`, pairs (when `gate.pairs`), absorptions and a
+/// [`BiasCorrection::Measured`] bias correction are kept only where they measurably lower the
+/// quantized model's output error ([`gate`]).
+pub fn run_gated(
+    model: &mut Model,
+    opts: &EqualizeOptions,
+    gate: Option<&Gating>,
+) -> Result<PassStats> {
+    if let Some(g) = gate {
+        if !g.rescale {
+            let judge = gate::Judge::new(model, g.calib, &g.quantize)?;
+            let mut notes = Vec::new();
+            let (corrected, details) = measured_bias_correction(model, g, &judge, &mut notes)?;
+            return Ok(PassStats {
+                changes: corrected,
+                notes,
+                table: vec![],
+                facts: vec![],
+                details: json!({ "rescaled": false, "gate": details }),
+            });
+        }
+    }
     let graph = &model.graph;
     let mut states: BTreeMap<NodeIndex, State> = BTreeMap::new();
     let mut pairs: Vec<Pair> = Vec::new();
@@ -302,6 +413,14 @@ pub fn run(model: &mut Model, opts: &EqualizeOptions) -> Result<PassStats> {
         pairs.push(p);
     }
     states.retain(|ix, _| pairs.iter().any(|p| p.l1 == *ix || p.l2 == *ix));
+    // The float outputs every candidate is judged against, measured before anything changes
+    // (only when there is something to judge).
+    let judge = match gate {
+        Some(g) if !pairs.is_empty() || g.quantize.bias_correction == BiasCorrection::Measured => {
+            Some(gate::Judge::new(model, g.calib, &g.quantize)?)
+        }
+        _ => None,
+    };
 
     // Sweeps.
     let mut total: Vec<Vec<f64>> = pairs
@@ -342,27 +461,130 @@ pub fn run(model: &mut Model, opts: &EqualizeOptions) -> Result<PassStats> {
             opts.tolerance
         ));
     }
+    let mut gate_details = serde_json::Map::new();
+    let pair_gate = match (gate, &judge) {
+        (Some(g), Some(judge)) if g.pairs => Some(judge),
+        _ => None,
+    };
+    let mut kept = vec![true; pairs.len()];
+    let mut cle_decision: Option<gate::Decision> = None;
+    if !already_equal {
+        match pair_gate {
+            Some(judge) if !pairs.is_empty() => {
+                let d = {
+                    let base: &Model = model;
+                    let build = |kept: &[bool]| -> Result<Model> {
+                        let mut st = states.clone();
+                        apply_pairs(&mut st, &pairs, &total, kept)?;
+                        let mut m = base.clone();
+                        write_back(&mut m.graph, &mut st)?;
+                        Ok(m)
+                    };
+                    gate::decide(judge, pairs.len(), build).context("measuring equalization")?
+                };
+                apply_pairs(&mut states, &pairs, &total, &d.kept)?;
+                write_back(&mut model.graph, &mut states)?;
+                kept = d.kept.clone();
+                notes.push(gate_note("equalization", "pair", judge, &d, |k| {
+                    format!(
+                        "'{}' -> '{}'",
+                        states[&pairs[k].l1].name, states[&pairs[k].l2].name
+                    )
+                }));
+                gate_details.insert("pairs".into(), decision_json(&d));
+                cle_decision = Some(d);
+            }
+            _ => write_back(&mut model.graph, &mut states)?,
+        }
+    }
+    // The scales each pair actually got (1 where the gate dropped it).
+    let total: Vec<Vec<f64>> = total
+        .into_iter()
+        .zip(&kept)
+        .map(|(t, &k)| if k { t } else { vec![1.0; t.len()] })
+        .collect();
     let rescaled: Vec<bool> = total
         .iter()
         .map(|t| !already_equal && t.iter().any(|v| v.ln().abs() >= opts.tolerance))
         .collect();
-    if !already_equal {
-        write_back(&mut model.graph, &mut states)?;
-    }
 
     // High-bias absorption.
     let mut absorbed: Vec<Option<serde_json::Value>> = vec![None; pairs.len()];
+    let mut absorb_verdicts: Vec<Option<serde_json::Value>> = vec![None; pairs.len()];
     if opts.absorb_high_bias {
-        absorb(
-            model,
-            opts,
-            &pairs,
-            &total,
-            &mut states,
-            &mut absorbed,
-            &mut notes,
-        )?;
-        write_back(&mut model.graph, &mut states)?;
+        match pair_gate {
+            Some(judge) => {
+                let base = states.clone();
+                let mut all = states.clone();
+                let mut absorbed_all = vec![None; pairs.len()];
+                let shifts = absorb(
+                    model,
+                    opts,
+                    &pairs,
+                    &total,
+                    &mut all,
+                    &mut absorbed_all,
+                    &mut notes,
+                )?;
+                let units: Vec<usize> = (0..pairs.len()).filter(|&k| shifts[k].is_some()).collect();
+                if !units.is_empty() {
+                    let d = {
+                        let base_model: &Model = model;
+                        let build = |on: &[bool]| -> Result<Model> {
+                            let mut st = base.clone();
+                            apply_shifts(&mut st, &pairs, &shifts, &units, on)?;
+                            let mut m = base_model.clone();
+                            write_back(&mut m.graph, &mut st)?;
+                            Ok(m)
+                        };
+                        gate::decide(judge, units.len(), build)
+                            .context("measuring high-bias absorption")?
+                    };
+                    apply_shifts(&mut states, &pairs, &shifts, &units, &d.kept)?;
+                    write_back(&mut model.graph, &mut states)?;
+                    for (u, &k) in units.iter().enumerate() {
+                        if d.kept[u] {
+                            absorbed[k] = absorbed_all[k].take();
+                        }
+                        absorb_verdicts[k] = Some(verdict_json(&d, u));
+                    }
+                    notes.push(gate_note("high-bias absorption", "pair", judge, &d, |u| {
+                        let k = units[u];
+                        format!(
+                            "'{}' -> '{}'",
+                            states[&pairs[k].l1].name, states[&pairs[k].l2].name
+                        )
+                    }));
+                    gate_details.insert("absorption".into(), decision_json(&d));
+                }
+            }
+            None => {
+                absorb(
+                    model,
+                    opts,
+                    &pairs,
+                    &total,
+                    &mut states,
+                    &mut absorbed,
+                    &mut notes,
+                )?;
+                write_back(&mut model.graph, &mut states)?;
+            }
+        }
+    }
+
+    // Measured bias correction (on the equalized, absorbed model).
+    let mut corrected = 0;
+    if let (Some(g), Some(judge)) = (gate, &judge) {
+        if g.quantize.bias_correction == BiasCorrection::Measured {
+            let (n, details) = measured_bias_correction(model, g, judge, &mut notes)?;
+            corrected = n;
+            if let serde_json::Value::Object(m) = details {
+                gate_details.extend(m);
+            }
+        }
+        gate_details.insert("samples".into(), json!(judge.samples));
+        gate_details.insert("losses".into(), json!(judge.losses()));
     }
 
     let graph = &model.graph;
@@ -395,26 +617,220 @@ pub fn run(model: &mut Model, opts: &EqualizeOptions) -> Result<PassStats> {
             if let Some(a) = &absorbed[k] {
                 v["absorbed"] = a.clone();
             }
+            if let Some(d) = &cle_decision {
+                v["gate"] = verdict_json(d, k);
+            }
+            if let Some(a) = &absorb_verdicts[k] {
+                v["absorption_gate"] = a.clone();
+            }
             Ok(v)
         })
         .collect::<Result<_>>()?;
-    let changes =
-        rescaled.iter().filter(|&&r| r).count() + absorbed.iter().filter(|a| a.is_some()).count();
+    let changes = rescaled.iter().filter(|&&r| r).count()
+        + absorbed.iter().filter(|a| a.is_some()).count()
+        + corrected;
     // Their BN statistics no longer describe the rescaled (and maybe shifted) outputs.
-    let rescaled_nodes = pairs.iter().map(|p| states[&p.l1].name.clone()).collect();
+    let rescaled_nodes = pairs
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| gate.is_none() || rescaled[*k] || absorbed[*k].is_some())
+        .map(|(_, p)| states[&p.l1].name.clone())
+        .collect();
+    let mut details = json!({
+        "pairs": report,
+        "excluded": excluded,
+        "sweeps": if pairs.is_empty() { 0 } else { sweeps },
+        "converged": converged,
+        "last_max_log_scale": last_max,
+    });
+    if !gate_details.is_empty() {
+        details["gate"] = serde_json::Value::Object(gate_details);
+    }
     Ok(PassStats {
         changes,
         notes,
         table: vec![],
         facts: vec![Fact::Rescaled(rescaled_nodes)],
-        details: json!({
-            "pairs": report,
-            "excluded": excluded,
-            "sweeps": if pairs.is_empty() { 0 } else { sweeps },
-            "converged": converged,
-            "last_max_log_scale": last_max,
-        }),
+        details,
     })
+}
+
+/// Reset every layer to its loaded weights and apply the total scales of the `kept` pairs
+/// (each pair is an exact rescaling on its own, so any subset is).
+fn apply_pairs(
+    states: &mut BTreeMap<NodeIndex, State>,
+    pairs: &[Pair],
+    total: &[Vec<f64>],
+    kept: &[bool],
+) -> Result<()> {
+    for st in states.values_mut() {
+        st.w = st.w0.clone();
+        st.b = st.b0.clone();
+    }
+    for (k, p) in pairs.iter().enumerate() {
+        if !kept[k] {
+            continue;
+        }
+        let inv: Vec<f64> = total[k].iter().map(|v| 1.0 / v).collect();
+        let st1 = states.get_mut(&p.l1).context("state of L1")?;
+        st1.map.scale_out(&mut st1.w, &inv)?;
+        if let Some(b) = st1.b.as_mut() {
+            b.iter_mut().zip(&inv).for_each(|(b, f)| *b *= f);
+        }
+        let st2 = states.get_mut(&p.l2).context("state of L2")?;
+        st2.map.scale_in(&mut st2.w, &total[k])?;
+    }
+    Ok(())
+}
+
+/// Apply the absorption shifts of the units (`units[u]` is a pair index) that are `on`.
+fn apply_shifts(
+    states: &mut BTreeMap<NodeIndex, State>,
+    pairs: &[Pair],
+    shifts: &[Option<Shift>],
+    units: &[usize],
+    on: &[bool],
+) -> Result<()> {
+    for (u, &k) in units.iter().enumerate() {
+        let (true, Some(shift)) = (on[u], &shifts[k]) else {
+            continue;
+        };
+        let st1 = states.get_mut(&pairs[k].l1).context("state of L1")?;
+        let b1 = st1.b.get_or_insert_with(|| vec![0.0; shift.c.len()]);
+        b1.iter_mut().zip(&shift.c).for_each(|(b, v)| *b -= v);
+        let st2 = states.get_mut(&pairs[k].l2).context("state of L2")?;
+        let b2 = st2.b.get_or_insert_with(|| vec![0.0; shift.add.len()]);
+        b2.iter_mut().zip(&shift.add).for_each(|(b, v)| *b += v);
+    }
+    Ok(())
+}
+
+/// Bias correction kept per layer where it measurably helps; returns the layers corrected and
+/// the report section.
+fn measured_bias_correction(
+    model: &mut Model,
+    g: &Gating,
+    judge: &gate::Judge,
+    notes: &mut Vec<String>,
+) -> Result<(usize, serde_json::Value)> {
+    let deltas: Vec<(String, String, Vec<f64>)> = gate::bias_deltas(model, &g.quantize, g.calib)?
+        .into_iter()
+        .filter(|(_, _, d)| d.iter().any(|&v| v != 0.0))
+        .collect();
+    if deltas.is_empty() {
+        notes.push("measured bias correction: no quantized layer with its own bias".into());
+        return Ok((0, json!({ "bias_correction": { "layers": [] } })));
+    }
+    let selected = |on: &[bool]| -> Vec<(&str, &[f64])> {
+        deltas
+            .iter()
+            .zip(on)
+            .filter(|(_, o)| **o)
+            .map(|((_, b, d), _)| (b.as_str(), d.as_slice()))
+            .collect()
+    };
+    let d = {
+        let base: &Model = model;
+        gate::decide(judge, deltas.len(), |on| {
+            gate::with_bias_deltas(base, &selected(on))
+        })
+        .context("measuring bias correction")?
+    };
+    *model = gate::with_bias_deltas(model, &selected(&d.kept))?;
+    notes.push(gate_note("bias correction", "layer", judge, &d, |k| {
+        format!("'{}'", deltas[k].0)
+    }));
+    let mut section = decision_json(&d);
+    section["layers"] = deltas
+        .iter()
+        .enumerate()
+        .map(|(k, (node, _, delta))| {
+            let mut v = verdict_json(&d, k);
+            v["node"] = json!(node);
+            v["max_abs_delta"] = json!(delta.iter().fold(0.0f64, |m, x| m.max(x.abs())));
+            v
+        })
+        .collect();
+    Ok((
+        d.kept.iter().filter(|&&k| k).count(),
+        json!({ "bias_correction": section }),
+    ))
+}
+
+/// A decision's totals for the report.
+fn decision_json(d: &gate::Decision) -> serde_json::Value {
+    json!({
+        "kept": d.kept.iter().filter(|&&k| k).count(),
+        "of": d.kept.len(),
+        "start": d.start,
+        "loss_none": finite_or_null(d.loss_none),
+        "loss_all": finite_or_null(d.loss_all),
+        "loss": finite_or_null(d.loss),
+        "evaluations": d.evaluations,
+    })
+}
+
+/// Unit `k`'s verdict: kept, and the relative output-loss change its group brought when tried.
+fn verdict_json(d: &gate::Decision, k: usize) -> serde_json::Value {
+    let g = d.group_of(k);
+    json!({
+        "kept": d.kept[k],
+        "loss_change": g.map(|g| finite_or_null(g.loss_change())),
+        "group": g.filter(|g| g.last > g.first).map(|g| [g.first, g.last]),
+    })
+}
+
+/// One terminal line: how many units were kept, the loss without, with all and chosen, and the
+/// units whose verdict mattered most.
+fn gate_note(
+    what: &str,
+    unit: &str,
+    judge: &gate::Judge,
+    d: &gate::Decision,
+    name: impl Fn(usize) -> String,
+) -> String {
+    let pct = |a: f64, b: f64| if b > 0.0 { 100.0 * (a - b) / b } else { 0.0 };
+    let mut groups: Vec<&gate::GroupVerdict> = d.groups.iter().collect();
+    groups.sort_by(|a, b| b.loss_change().abs().total_cmp(&a.loss_change().abs()));
+    let mattered: Vec<String> = groups
+        .iter()
+        .take(3)
+        .map(|g| {
+            let who = if g.last > g.first {
+                format!("{}..{}", name(g.first), name(g.last))
+            } else {
+                name(g.first)
+            };
+            format!(
+                "{who} {} ({:+.1}%)",
+                if g.kept { "kept" } else { "dropped" },
+                100.0 * g.loss_change()
+            )
+        })
+        .collect();
+    format!(
+        "measured {what}: kept on {} of {} {unit}(s) by output error on {} calibration sample(s) ({}): loss {:.3e} without, {:.3e} with all, {:.3e} chosen ({:+.1}%){}",
+        d.kept.iter().filter(|&&k| k).count(),
+        d.kept.len(),
+        judge.samples,
+        judge.losses().join("+"),
+        d.loss_none,
+        d.loss_all,
+        d.loss,
+        pct(d.loss, d.loss_none),
+        if mattered.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", mattered.join(", "))
+        }
+    )
+}
+
+/// One pair's high-bias shift: `c` leaves L1's bias, `add = W2·c` joins L2's.
+#[derive(Debug, Clone)]
+struct Shift {
+    c: Vec<f64>,
+    add: Vec<f64>,
 }
 
 /// Move `c_i` from L1's bias to L2's bias for every ReLU pair with known statistics.
@@ -426,8 +842,9 @@ fn absorb(
     states: &mut BTreeMap<NodeIndex, State>,
     absorbed: &mut [Option<serde_json::Value>],
     notes: &mut Vec<String>,
-) -> Result<()> {
+) -> Result<Vec<Option<Shift>>> {
     let graph = &model.graph;
+    let mut applied: Vec<Option<Shift>> = vec![None; pairs.len()];
     // Which pairs qualify, and where their shift comes from.
     let mut shifts: Vec<Option<(Vec<f64>, &'static str)>> = vec![None; pairs.len()];
     let mut need_data: Vec<usize> = Vec::new();
@@ -519,8 +936,9 @@ fn absorb(
             "max_shift": c.iter().copied().fold(0.0f64, f64::max),
             "border_effects": p.border_effects,
         }));
+        applied[k] = Some(Shift { c, add });
     }
-    Ok(())
+    Ok(applied)
 }
 
 /// Store every layer's working weight and bias as f32 initializers: in place when the layer

@@ -177,8 +177,31 @@ pub struct AutoReport {
     pub loss: f64,
     /// Per tensor: the method whose range it got.
     pub tensors: Vec<(String, String)>,
+    /// Per tensor: what won, by how much, and how far its range moved ([`TensorChoice`]).
+    pub choices: Vec<TensorChoice>,
     /// Wall time of the observation run, of building the scoring plan, and of the scoring.
     pub seconds: AutoSeconds,
+}
+
+/// One tensor's choice. Choices are scored per block of tensors, so the loss margin is its
+/// block's: the loss of the best other candidate tried on the block relative to the chosen
+/// one's (positive: the chosen one won by that much; negative: a lower loss was not reliably
+/// lower, or the tensor is outside every block and kept the start).
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorChoice {
+    pub tensor: String,
+    pub method: String,
+    /// Index into [`AutoReport::blocks`].
+    pub block: Option<usize>,
+    pub loss_margin: f64,
+    /// Width `hi - lo` of the range each candidate gives this tensor (whole calibration set).
+    pub widths: Vec<(String, f32)>,
+    /// `|ln(chosen width / start width)|`: how far the choice moved this tensor's range from
+    /// the uniform start's.
+    pub moved: f64,
+    /// `moved` times its block's relative gain: ranks the tensors where the choice mattered
+    /// most (the terminal names the first few).
+    pub mattered: f64,
 }
 
 /// Where `auto`'s time goes.
@@ -353,6 +376,60 @@ pub fn choose(
     }
     let loss = current_score.loss();
     let uniform_losses: Vec<f64> = uniform_scores.iter().map(Score::loss).collect();
+    let choices: Vec<TensorChoice> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let block = (0..blocks.len()).find(|&b| {
+                let range = (b * n / count)..((b + 1) * n / count);
+                range.contains(&i)
+            });
+            let c = choice[i];
+            let width = |k: usize| candidates[k][t].hi - candidates[k][t].lo;
+            let (loss_margin, gain) = match block.map(|b| &blocks[b]) {
+                Some(b) => {
+                    let chosen = b
+                        .tried
+                        .iter()
+                        .find(|(m, _)| *m == b.chosen)
+                        .map(|x| x.1)
+                        .unwrap_or(f64::NAN);
+                    let other = b
+                        .tried
+                        .iter()
+                        .filter(|(m, _)| *m != b.chosen)
+                        .map(|x| x.1)
+                        .fold(f64::INFINITY, f64::min);
+                    let margin = if chosen > 0.0 && other.is_finite() {
+                        (other - chosen) / chosen
+                    } else {
+                        0.0
+                    };
+                    (margin, b.gain)
+                }
+                None => (0.0, 0.0),
+            };
+            let (w, w0) = (width(c) as f64, width(best) as f64);
+            let moved = if w > 0.0 && w0 > 0.0 {
+                (w / w0).ln().abs()
+            } else {
+                0.0
+            };
+            TensorChoice {
+                tensor: t.clone(),
+                method: CANDIDATES[c].label(),
+                block,
+                loss_margin,
+                widths: CANDIDATES
+                    .iter()
+                    .enumerate()
+                    .map(|(k, m)| (m.label(), width(k)))
+                    .collect(),
+                moved,
+                mattered: moved * gain,
+            }
+        })
+        .collect();
 
     let seconds = AutoSeconds {
         observe: observed_at,
@@ -379,6 +456,7 @@ pub fn choose(
             .zip(&choice)
             .map(|(t, &c)| (t.clone(), CANDIDATES[c].label()))
             .collect(),
+        choices,
     };
     Ok((assign_from(&candidates, &choice), report))
 }
@@ -386,8 +464,8 @@ pub fn choose(
 /// One assignment's loss, split by scored feed (each feed's share of the normalized loss), so
 /// two assignments can be compared sample by sample.
 #[derive(Debug, Clone)]
-struct Score {
-    per_feed: Vec<f64>,
+pub(crate) struct Score {
+    pub(crate) per_feed: Vec<f64>,
 }
 
 impl Score {
@@ -470,13 +548,13 @@ fn two_folds(calib: &CalibrationSet) -> std::borrow::Cow<'_, CalibrationSet> {
 
 /// How one output's error is measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum LossKind {
+pub(crate) enum LossKind {
     Kl,
     Nmse,
 }
 
 impl LossKind {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             LossKind::Kl => "kl",
             LossKind::Nmse => "nmse",
@@ -484,7 +562,7 @@ impl LossKind {
     }
 
     /// (numerator, denominator) of this output's loss on one feed.
-    fn partial(self, r: &ArrayD<f32>, q: &ArrayD<f32>) -> (f64, f64) {
+    pub(crate) fn partial(self, r: &ArrayD<f32>, q: &ArrayD<f32>) -> (f64, f64) {
         match self {
             LossKind::Nmse => r.iter().zip(q.iter()).fold((0.0, 0.0), |(n, d), (&a, &b)| {
                 (n + (a as f64 - b as f64).powi(2), d + (a as f64).powi(2))
@@ -502,7 +580,7 @@ impl LossKind {
     }
 
     /// KL where the reference is a distribution over its last axis.
-    fn of(reference: &[ArrayD<f32>]) -> LossKind {
+    pub(crate) fn of(reference: &[ArrayD<f32>]) -> LossKind {
         let is_distribution = reference.iter().all(|a| {
             let Some(&last) = a.shape().last() else {
                 return false;
@@ -670,8 +748,17 @@ impl Scorer {
                     .collect())
             })
             .collect::<Result<_>>()?;
-        let mut den = vec![0.0f64; self.kinds.len()];
-        for part in &parts {
+        Ok(Score::normalized(&parts, self.kinds.len()))
+    }
+}
+
+impl Score {
+    /// Per feed, `Σ_o num_o(feed) / den_o` from each feed's `(num, den)` per output, where
+    /// `den_o` sums over every feed (so the per-feed shares add up to the total normalized
+    /// loss).
+    pub(crate) fn normalized(parts: &[Vec<(f64, f64)>], outputs: usize) -> Score {
+        let mut den = vec![0.0f64; outputs];
+        for part in parts {
             for (d, p) in den.iter_mut().zip(part) {
                 *d += p.1;
             }
@@ -686,7 +773,7 @@ impl Scorer {
                     .sum()
             })
             .collect();
-        Ok(Score { per_feed })
+        Score { per_feed }
     }
 }
 
@@ -707,7 +794,10 @@ fn kl(p: impl Iterator<Item = f32>, q: impl Iterator<Item = f32>) -> f64 {
 /// size vary, taken in turn from each batch (row 0 of every batch, then row 1, ...) so both
 /// cross-fitting folds are scored alike; else whole batches of the shape of the first, in
 /// order.
-fn scored_feeds(calib: &CalibrationSet, n: usize) -> (Vec<Vec<Feed>>, Vec<usize>, usize) {
+pub(crate) fn scored_feeds(
+    calib: &CalibrationSet,
+    n: usize,
+) -> (Vec<Vec<Feed>>, Vec<usize>, usize) {
     let n = n.max(1);
     let (mut out, mut batch_of, mut samples) = (Vec::new(), Vec::new(), 0);
     let shapes = |b: &Vec<Feed>| b.iter().map(|f| f.shape().to_vec()).collect::<Vec<_>>();
@@ -931,8 +1021,35 @@ pub fn summary(r: &AutoReport) -> String {
             )
         })
         .collect();
+    let mut ranked: Vec<&TensorChoice> = r.choices.iter().filter(|c| c.mattered > 0.0).collect();
+    ranked.sort_by(|a, b| b.mattered.total_cmp(&a.mattered));
+    let tensors: Vec<String> = ranked
+        .iter()
+        .take(3)
+        .map(|c| {
+            let start = c
+                .widths
+                .iter()
+                .find(|(m, _)| *m == r.start)
+                .map(|x| x.1)
+                .unwrap_or(f32::NAN);
+            let chosen = c
+                .widths
+                .iter()
+                .find(|(m, _)| *m == c.method)
+                .map(|x| x.1)
+                .unwrap_or(f32::NAN);
+            format!(
+                "'{}' {} (range x{:.2} of {})",
+                c.tensor,
+                c.method,
+                chosen / start,
+                r.start
+            )
+        })
+        .collect();
     format!(
-        "ranges chosen by output error (auto, {} on {} sample(s){}, {} assignments scored in {:.1}s + {:.1}s to build the scoring plan): {}; loss {:.3e}, best single method {:.3e} ({}), worst {:.3e}; started from {}{}",
+        "ranges chosen by output error (auto, {} on {} sample(s){}, {} assignments scored in {:.1}s + {:.1}s to build the scoring plan): {}; loss {:.3e}, best single method {:.3e} ({}), worst {:.3e}; started from {}{}{}",
         r.losses.join("+"),
         r.samples,
         if r.cross_fitted {
@@ -953,6 +1070,11 @@ pub fn summary(r: &AutoReport) -> String {
             String::new()
         } else {
             format!("; mattered most: {}", mattered.join(", "))
+        },
+        if tensors.is_empty() {
+            String::new()
+        } else {
+            format!("; tensors whose range moved most there: {}", tensors.join(", "))
         }
     )
 }

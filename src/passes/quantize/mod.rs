@@ -729,7 +729,12 @@ fn quantize_main_graph(
         return Ok(stats);
     }
 
-    if opts.bias_correction != crate::passes::equalize::BiasCorrection::Off {
+    // `Measured` is applied per layer by `equalize`'s gate before this pass.
+    if matches!(
+        opts.bias_correction,
+        crate::passes::equalize::BiasCorrection::Empirical
+            | crate::passes::equalize::BiasCorrection::Analytic
+    ) {
         stats
             .notes
             .push(correct_biases(&mut work, &plan, opts, calib)?);
