@@ -106,6 +106,21 @@ pub struct Policy {
     /// MatMulInteger) on a transformer. OpenVINO runs those in float around an integer MatMul
     /// and is faster with calibrated FakeQuantize (static) placement.
     pub dynamic_activations: bool,
+    /// Rewrites run before placement so that ops without an integer kernel become ops with
+    /// one ([`crate::passes::quantize::decompose::RULES`], by name): HardSwish and HardSigmoid
+    /// into Add/Clip/Mul.
+    pub decompose: &'static [&'static str],
+    /// `Add`/`Mul` of an int8 value and a scalar constant join the int8 region: a positive
+    /// gain is absorbed into the DequantizeLinear scale (no op), other constants are stored as
+    /// exact uint8 values (QLinearAdd/QLinearMul in ONNX Runtime). See
+    /// [`crate::passes::quantize::scalar`].
+    pub scalar_operands: bool,
+    /// Ops that carry their input's int8 grid on this target, on top of the placement's
+    /// pass-through list (they only select values).
+    pub pass_through: &'static [&'static str],
+    /// `Shape` nodes read the int8 tensor instead of its DequantizeLinear output (same shape),
+    /// so a shape computation is no region boundary and runs no DequantizeLinear.
+    pub shape_reads_int8: bool,
 }
 
 const GENERIC: Policy = Policy {
@@ -117,6 +132,10 @@ const GENERIC: Policy = Policy {
     boundary_cost: None,
     convs_in_transformers: false,
     dynamic_activations: true,
+    decompose: &[],
+    scalar_operands: false,
+    pass_through: &[],
+    shape_reads_int8: false,
     // Conv/Gemm/MatMul weights the activation rules quantized are DequantizeLinear outputs by
     // the time `weight-only` runs, so only the ones they skipped (a constant A operand, an
     // excluded consumer's neighbour...) are still float constants here.
@@ -149,6 +168,16 @@ const ORT: Policy = Policy {
     boundary_cost: Some(ORT_BOUNDARY_COST),
     convs_in_transformers: true,
     dynamic_activations: true,
+    // HardSwish/HardSigmoid decompositions and scalar operands make MobileNetV3-small and
+    // PP-OCRv4 rec entirely int8 in ORT (QLinearAdd/QLinearMul, no float op left), but
+    // measured: MobileNetV3-small 0.90-0.98x fp32 (float: 1.0x; its depthwise and stem
+    // QLinearConvs are slower than ORT's NCHWc float kernels), PP-OCRv4 rec 2.1-2.3x at 7-9 dB
+    // SQNR instead of 19 dB (BENCHMARKS.md "Runtime targets, third run"): off until a
+    // fidelity guard chooses them per model.
+    decompose: &[],
+    scalar_operands: false,
+    pass_through: &["Slice"],
+    shape_reads_int8: true,
 };
 
 /// See [`Policy::boundary_cost`] and the module docs (measured on MobileNetV3-small).
@@ -167,6 +196,10 @@ const OPENVINO: Policy = Policy {
     boundary_cost: None,
     convs_in_transformers: true,
     dynamic_activations: false,
+    decompose: &[],
+    scalar_operands: false,
+    pass_through: &[],
+    shape_reads_int8: false,
 };
 
 const TRACT: Policy = Policy {
@@ -177,6 +210,10 @@ const TRACT: Policy = Policy {
     boundary_cost: None,
     convs_in_transformers: false,
     dynamic_activations: true,
+    decompose: &[],
+    scalar_operands: false,
+    pass_through: &[],
+    shape_reads_int8: false,
     float_activations_because: "target tract: activations stay float (tract runs QuantizeLinear/DequantizeLinear graphs in float, measured ~2x slower than fp32); weights are stored int8 by weight-only",
     weight_only_ops: &[
         "LSTM",

@@ -105,6 +105,8 @@ pub fn insert(
     for t in &plan.activations {
         insert::activation(g, namer, t, &ranges.params_of(t)?, scheme)?;
     }
+    super::scalar::insert_constants(g, namer, plan)?;
+    super::scalar::insert_scaled(g, namer, plan, ranges, scheme)?;
     let mut biases = Vec::new();
     for (b, mark) in &plan.biases {
         let Some(s_w) = weight_scales.get(&mark.weight) else {
@@ -116,4 +118,44 @@ pub fn insert(
         biases.push(report);
     }
     Ok(biases)
+}
+
+/// Rewire every `Shape(t)`, `t` a DequantizeLinear output, to read the DequantizeLinear's int8
+/// input: the same shape without running the DequantizeLinear (see
+/// [`crate::passes::target::Policy::shape_reads_int8`]).
+pub fn shapes_read_int8(g: &mut Graph) -> Result<()> {
+    let rewires: Vec<_> = g
+        .node_indices()
+        .filter(|&ix| g.node(ix).op_type() == "Shape")
+        .filter_map(|ix| {
+            let t = g.node(ix).input.first()?;
+            let dq = g.producer_node(t)?;
+            let dq = g.node(dq);
+            (dq.op_type() == "DequantizeLinear").then(|| (ix, dq.input.first().cloned()))
+        })
+        .filter_map(|(ix, q)| Some((ix, q?)))
+        .collect();
+    let mut touched = Vec::new();
+    for (ix, q) in rewires {
+        let mut node = g.node(ix).clone();
+        touched.push(node.input[0].clone());
+        node.input[0] = q;
+        g.replace_node(ix, node)
+            .context("letting a Shape read the int8 tensor")?;
+    }
+    // A DequantizeLinear only Shapes read is dead now (ONNX Runtime would still run it).
+    let dead: Vec<_> = touched
+        .iter()
+        .filter(|t| g.use_count(t) == 0)
+        .filter_map(|t| g.producer_node(t))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if !dead.is_empty() {
+        g.apply(crate::ir::Patch {
+            remove: dead,
+            ..Default::default()
+        })?;
+    }
+    Ok(())
 }

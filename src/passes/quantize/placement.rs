@@ -122,6 +122,12 @@ pub struct Plan {
     /// Heavy ops the target's speed rule ([`crate::passes::target::Policy::min_macs_per_value`])
     /// left float, for the report.
     pub kept_float: Vec<KeptFloat>,
+    /// `y = Mul(t, k)`, `k` a positive scalar constant, `t` marked: `y -> (t, k)`. `y` counts as
+    /// marked but gets no Q/DQ pair: it is `t`'s int8 value read through a DequantizeLinear of
+    /// scale `k s_t` ([`super::scalar`]).
+    pub scaled: IndexMap<String, (String, f32)>,
+    /// Scalar constants read by int8 `Add`/`Mul` nodes, stored as exact uint8 values.
+    pub constants: IndexSet<String>,
 }
 
 /// A heavy op left float because its int8 kernel would not pay for its Q/DQ on the target.
@@ -140,13 +146,36 @@ pub struct KeptFloat {
 
 impl Plan {
     pub fn is_marked(&self, t: &str) -> bool {
-        self.activations.contains(t)
+        self.activations.contains(t) || self.scaled.contains_key(t)
     }
 
     fn mark(&mut self, t: &str) {
-        if !t.is_empty() {
+        if !t.is_empty() && !self.scaled.contains_key(t) {
             self.activations.insert(t.to_string());
         }
+    }
+
+    /// The activation a scaled value reads and the product of the gains along the way.
+    pub fn scaled_base(&self, y: &str) -> Option<(String, f32)> {
+        let (mut t, mut gain) = (y.to_string(), 1.0f32);
+        while let Some((base, k)) = self.scaled.get(&t) {
+            t = base.clone();
+            gain *= k;
+        }
+        self.activations.contains(&t).then_some((t, gain))
+    }
+
+    /// Drop the scaled values whose activation is no longer marked (kept float after
+    /// calibration), with the int32 biases that would take their scale.
+    pub fn settle_scaled(&mut self) {
+        let gone: Vec<String> = self
+            .scaled
+            .keys()
+            .filter(|y| self.scaled_base(y).is_none())
+            .cloned()
+            .collect();
+        self.scaled.retain(|y, _| !gone.contains(y));
+        self.biases.retain(|_, mark| !gone.contains(&mark.input));
     }
 
     /// Quantization parameters of every marked activation: each sharing group takes the union
@@ -324,6 +353,20 @@ const PASS_THROUGH: &[&str] = &[
 ];
 const OWN_RANGE: &[&str] = &["AveragePool", "GlobalAveragePool", "Relu", "Clip"];
 
+/// The single value of a one-element float constant of rank 0 or 1 (a scalar operand: the
+/// result keeps the other operand's shape).
+fn scalar_value(g: &Graph, value: &str) -> Option<f32> {
+    let t = g.constant(value)?;
+    if tensor::data_type(t).ok() != Some(crate::onnx::proto::tensor_proto::DataType::Float) {
+        return None;
+    }
+    if tensor::shape(t).ok()?.len() > 1 {
+        return None;
+    }
+    let a = tensor::to_f32(t).ok()?;
+    (a.len() == 1).then(|| a.iter().copied().next())?
+}
+
 /// The Relu/Clip reading `value` as its only reader, if it may be fused with the producer.
 fn fused_activation(g: &Graph, value: &str, filter: &Filter) -> Option<NodeIndex> {
     if g.is_graph_output(value) {
@@ -421,7 +464,13 @@ fn plan_with_cost(
     let mut kept_float = Vec::new();
     loop {
         let mut plan = plan_once(g, opts, selection, &slow)?;
-        let dropped = unprofitable(g, &plan, cost, shapes);
+        let dropped = unprofitable(
+            g,
+            &plan,
+            opts.target.policy().shape_reads_int8,
+            cost,
+            shapes,
+        );
         if dropped.is_empty() {
             plan.kept_float = kept_float;
             return Ok(plan);
@@ -444,6 +493,7 @@ fn plan_with_cost(
 fn unprofitable(
     g: &Graph,
     plan: &Plan,
+    plan_shape_reads_int8: bool,
     cost: crate::passes::target::BoundaryCost,
     shapes: &std::collections::HashMap<String, Vec<usize>>,
 ) -> Vec<(NodeIndex, KeptFloat)> {
@@ -453,6 +503,7 @@ fn unprofitable(
         .filter(|&ix| int8.contains(node_label(g.node(ix))))
         .collect();
     let member_set: HashSet<NodeIndex> = members.iter().copied().collect();
+    let shape_free = plan_shape_reads_int8;
     // Union-find over the region's nodes, joined through the tensors they share.
     let mut parent: std::collections::HashMap<NodeIndex, NodeIndex> =
         members.iter().map(|&ix| (ix, ix)).collect();
@@ -499,10 +550,11 @@ fn unprofitable(
             }
         }
         for y in n.output.iter().filter(|y| plan.is_marked(y)) {
-            let outside = g
-                .consumers(y)
-                .iter()
-                .any(|&(c, _)| !member_set.contains(&c));
+            // A Shape reading the value needs no DequantizeLinear where the target lets it
+            // read the int8 tensor.
+            let outside = g.consumers(y).iter().any(|&(c, _)| {
+                !member_set.contains(&c) && !(shape_free && g.node(c).op_type() == "Shape")
+            });
             if g.is_graph_output(y) || outside {
                 b.insert(y.clone());
             }
@@ -567,13 +619,43 @@ fn plan_once(
         let conv = matches!(op.as_str(), "Conv" | "ConvTranspose");
         // W4A8 asks for int4 Conv weights with int8 activations whatever the target.
         let cnn_convs = policy.convs_in_transformers || opts.w4a8.is_some();
-        if plan.transformer && !(conv && cnn_convs) {
+        // A conv backbone's elementwise ops (activations, scalar gains, pools, residual Adds) in
+        // a transformer graph take the CNN rules too where the target quantizes scalar
+        // operands; its layout ops and linear layers keep the transformer table.
+        let backbone_op = policy.scalar_operands
+            && cnn_convs
+            && !matches!(op.as_str(), "MatMul" | "Gemm")
+            && !PASS_THROUGH.contains(&op.as_str())
+            && !policy.pass_through.contains(&op.as_str());
+        if plan.transformer && !(conv && cnn_convs) && !backbone_op {
             if transformer_rule(g, ix, &structure, opts, &mut plan)? {
                 plan.nodes.push((name, op));
             }
             continue;
         }
+        // `(constant input slot, value)` of an Add/Mul of a marked value and a scalar constant.
+        let scalar_operand = if policy.scalar_operands && n.input.len() == 2 {
+            (0..2)
+                .find(|&k| g.constant(input(k)).is_some())
+                .filter(|&k| plan.is_marked(input(1 - k)))
+                .and_then(|k| scalar_value(g, input(k)).map(|v| (k, v)))
+                .filter(|(_, v)| v.is_finite())
+        } else {
+            None
+        };
         let quantized = match op.as_str() {
+            "Mul" if !output.is_empty() && scalar_operand.is_some_and(|(_, v)| v > 0.0) => {
+                let (k, v) = scalar_operand.expect("checked");
+                plan.scaled
+                    .insert(output.to_string(), (input(1 - k).to_string(), v));
+                true
+            }
+            "Add" | "Mul" if scalar_operand.is_some() => {
+                let (k, _) = scalar_operand.expect("checked");
+                plan.constants.insert(input(k).to_string());
+                mark_output(g, &mut plan, ix, &filter);
+                true
+            }
             "Conv" | "ConvTranspose" => {
                 let (x, w, b) = (input(0), input(1), input(2));
                 if !dynamic(x) || g.constant(w).is_none() {
@@ -680,7 +762,10 @@ fn plan_once(
                 }
                 true
             }
-            o if PASS_THROUGH.contains(&o) && plan.is_marked(input(0)) && !output.is_empty() => {
+            o if (PASS_THROUGH.contains(&o) || policy.pass_through.contains(&o))
+                && plan.is_marked(input(0))
+                && !output.is_empty() =>
+            {
                 plan.mark(output);
                 plan.share(input(0), output);
                 true
@@ -886,6 +971,63 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
         });
         let unknown = plan_with_cost(&g, &opts, &NodeSelection::All, None, cost).unwrap();
         assert_eq!(unknown.nodes, free.nodes);
+    }
+
+    /// conv_a -> HardSwish as the `ort` target decomposes it -> Slice -> conv_b.
+    const GATED: &str = r#"<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,2,4,4] x) => (float[1,2,4,4] y)
+<
+   float[4,2,1,1] wa = {-0.25, -0.82, 0.32, 0.86, 0.5, -0.4, 0.3, 0.2},
+   float[2,4,1,1] wb = {-1.21, 1.45, 1.33, -1.69, 0.3, 0.2, -0.1, 0.4},
+   float three = {3.0}, float zero = {0.0}, float six = {6.0}, float sixth = {0.16666667},
+   int64[1] s0 = {0}, int64[1] s1 = {4}, int64[1] ax = {1}
+>
+{
+   [conv_a] a = Conv (x, wa)
+   [shift] s = Add (a, three)
+   [clip] c = Clip (s, zero, six)
+   [gain] gate = Mul (c, sixth)
+   [gated] h = Mul (a, gate)
+   [slice] hs = Slice (h, s0, s1, ax)
+   [conv_b] y = Conv (hs, wb)
+}"#;
+
+    #[test]
+    fn ort_quantizes_scalar_operands_and_absorbs_positive_gains() {
+        use crate::passes::target::Target;
+        let g = Model::from_proto(crate::onnx::text::parse_model(GATED).unwrap())
+            .unwrap()
+            .graph;
+        let ort = QuantizeOptions {
+            target: Target::Ort,
+            ..QuantizeOptions::default()
+        };
+        // No boundary cost: the rules alone.
+        let p = plan_with_cost(&g, &ort, &NodeSelection::All, None, None).unwrap();
+        assert_eq!(
+            sorted(p.nodes.iter().map(|n| &n.0)),
+            ["clip", "conv_a", "conv_b", "gain", "gated", "shift", "slice"]
+        );
+        // The Clip is fused into the Add's output range; the gain is no Q/DQ pair of its own.
+        assert_eq!(sorted(&p.activations), ["a", "c", "h", "hs", "x", "y"]);
+        assert_eq!(p.scaled.get("gate"), Some(&("c".to_string(), 0.16666667)));
+        assert_eq!(p.scaled_base("gate"), Some(("c".to_string(), 0.16666667)));
+        assert_eq!(sorted(&p.constants), ["three"]);
+        assert!(p.is_marked("gate"));
+        // The Slice carries its input's grid.
+        assert_eq!(p.group("hs"), p.group("h"));
+
+        // `generic` keeps today's placement: no scalar operands, the Slice float.
+        let generic = plan_with_cost(&g, &QuantizeOptions::default(), &NodeSelection::All, None, None)
+            .unwrap();
+        assert_eq!(sorted(generic.nodes.iter().map(|n| &n.0)), ["conv_a", "conv_b"]);
+        assert!(generic.scaled.is_empty() && generic.constants.is_empty());
+
+        // A gain whose activation calibration left float goes, with nothing reading its scale.
+        let mut settled = p.clone();
+        settled.activations.shift_remove("c");
+        settled.settle_scaled();
+        assert!(settled.scaled.is_empty());
     }
 
     #[test]
