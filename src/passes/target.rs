@@ -3,13 +3,12 @@
 //! which region boundaries are worth their Q/DQ, whether layer outputs are quantized;
 //! `weight-only` which ops get their constant weights stored as int8 behind a
 //! DequantizeLinear). No pass tests `target == ...`; a new runtime is one more constant here
-//! and one more [`Target`] variant. The default (CLI and library) is `generic`
-//! (today's placement, byte-identical outputs); `ort` and `openvino` are opt-in until their speed
-//! is measured on an idle machine (issue 20's table in BENCHMARKS.md was taken at load ~12).
+//! and one more [`Target`] variant. The CLI default is `ort`; the library default stays
+//! `generic` (today's placement, byte-identical outputs).
 //!
 //! | target | int8 activations (`quantize`) | weight-only int8 (`weight-only`) |
 //! |---|---|---|
-//! | `ort` | the `quantize` rules, then per int8 region: kept only when its Conv/Gemm/MatMul MACs exceed the cost of its boundaries ([`ORT_BOUNDARY_COST`]); a transformer's Conv layers by the CNN rules, calibrated (static) | LSTM, GRU, RNN, Gather only (a DQ before a float Conv runs at every inference in ORT) |
+//! | `ort` | the `quantize` rules plus Slice as a pass-through op and Shape reading the int8 tensor, then per int8 region: kept only when its Conv/Gemm/MatMul MACs exceed the cost of its boundaries ([`ORT_BOUNDARY_COST`]); a transformer's Conv layers by the CNN rules, calibrated (static) | LSTM, GRU, RNN, Gather only (a DQ before a float Conv runs at every inference in ORT) |
 //! | `openvino` | Q/DQ only on the activation inputs of Conv/ConvTranspose/Gemm/MatMul (NNCF's placement), static on transformers too | LSTM, GRU, RNN, Gather |
 //! | `generic` | today's maximal placement | the weight-heavy ops without integer kernels (LSTM, GRU, RNN, Gather tables) and any Conv/ConvTranspose/Gemm/MatMul weight the activation rules left float |
 //! | `tract` | none: activations stay float | every Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU/RNN/Gather weight, in chunks of at most 4 MiB of float (what tract folds at load) |
@@ -26,6 +25,18 @@
 //! placed it by the transformer table (dynamic MatMul only) with its conv weights
 //! weight-only, and ORT then ran the float Convs 1.9x slower (17.0 -> 32.4 ms: DQ at every
 //! run, no NCHWc kernels); `ort` quantizes its convs statically.
+//!
+//! Second round (BENCHMARKS.md "Third run", CPU-time ratios): ShuffleNetV2 splits channels
+//! with two Slices and recomputes its reshape targets from `Shape` at every run (dynamic
+//! batch); a float Slice ended each int8 region, and each Shape of a dequantized tensor ran a
+//! DequantizeLinear and counted as a region boundary, so the region rule left 42 of 57 layers
+//! float (1.15x). With Slice carrying its input's grid (ORT runs it on uint8) and Shape reading
+//! the int8 tensor: 57/57 int8, 1.41x. Measured and left off (`decompose`, `scalar_operands`):
+//! HardSwish/HardSigmoid decomposed into QLinearAdd/QLinearMul (see
+//! [`crate::passes::quantize::decompose`]) make MobileNetV3-small entirely int8 in ORT, yet
+//! 0.90-0.98x fp32 (its stem and depthwise QLinearConvs are slower than ORT's NCHWc float
+//! kernels, which fuse HardSwish), and PP-OCRv4 rec 2.1-2.3x but at 7-9 dB SQNR (19 dB float
+//! backbone); SiLU stays QLinearSigmoid + QLinearMul (EfficientNet-B0 1.05x; float SiLU 0.84x).
 //!
 //! Evidence behind `openvino` (OpenVINO 2026.4 CPU plugin): the runtime graph's
 //! `runtimePrecision` shows u8 convolutions either way; quantizing only the heavy ops' inputs

@@ -367,6 +367,29 @@ g (float[1,2] x) => (float[1,2] y)
     }
 
     #[test]
+    fn conv_affine_folds_the_scalar_gain_and_shift_into_the_conv() {
+        let g = apply(
+            r#"<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,1,2,2] x) => (float[1,2,2,2] y)
+<float[2,1,1,1] w = {1.0, -2.0}, float[2] b = {0.5, 0.25}, float k = {3.0}, float s = {-1.0}>
+{
+   [conv] c = Conv (x, w, b)
+   m = Mul (k, c)
+   y = Add (m, s)
+}"#,
+            &["conv-affine"],
+        );
+        assert_eq!(ops(&g), ["Conv"]);
+        let conv = g.node(g.node_indices().next().unwrap());
+        assert_eq!(conv.output[0], "y");
+        let w = tensor::to_f32(g.constant(&conv.input[1]).unwrap()).unwrap();
+        let b = tensor::to_f32(g.constant(&conv.input[2]).unwrap()).unwrap();
+        assert_eq!(w.iter().copied().collect::<Vec<_>>(), [3.0, -6.0]);
+        // 3 * 0.5 - 1 and 3 * 0.25 - 1.
+        assert_eq!(b.iter().copied().collect::<Vec<_>>(), [0.5, -0.25]);
+    }
+
+    #[test]
     fn hard_sigmoid_and_hard_swish_expand_only_when_listed() {
         let text = r#"<ir_version: 8, opset_import: ["" : 17]>
 g (float[1,2] x) => (float[1,2] y)

@@ -51,6 +51,16 @@
 //!   `boundaries x fixed_macs + macs_per_value x values crossing them` goes float as a whole,
 //!   and the placement is redone without it until every region pays (each round only removes
 //!   layers, so this ends). The removed layers are listed in [`Plan::kept_float`].
+//!   A `Shape` reading a region's value is no boundary where `shape_reads_int8` lets it read
+//!   the int8 tensor;
+//! - `pass_through` (ORT: `Slice`): more ops that carry their input's grid;
+//! - `scalar_operands` (off in every shipped policy, measured in target.rs): `Mul(t, k)` with
+//!   `t` marked and `k > 0` a scalar constant is [`Plan::scaled`] (no Q/DQ of its own: a
+//!   DequantizeLinear of `t`'s int8 value with scale `k s_t`); `Add`/`Mul` of a marked value and
+//!   another scalar constant marks its output (or fused Relu/Clip) and stores the constant as an
+//!   exact uint8 value ([`Plan::constants`], see [`super::scalar`]). In a transformer graph
+//!   these elementwise rules then also apply to the conv backbone (not to linear layers or
+//!   layout ops).
 //!
 //! User filters: `exclude_ops`, `exclude_nodes` (exact names or regexes), and `include_nodes`
 //! (when given, only matching nodes are quantized). A caller that already knows its nodes
@@ -64,6 +74,7 @@ use crate::ir::op::{node_label, Attrs};
 use crate::ir::Graph;
 use crate::onnx::proto::NodeProto;
 use crate::onnx::tensor;
+use crate::passes::target::Policy;
 use anyhow::{Context, Result};
 use indexmap::{IndexMap, IndexSet};
 use petgraph::stable_graph::NodeIndex;
@@ -303,9 +314,13 @@ fn anchored(pattern: &str) -> Result<Regex> {
 }
 
 impl<'a> Filter<'a> {
-    fn new(opts: &QuantizeOptions, selection: &'a NodeSelection) -> Result<Filter<'a>> {
+    fn new(
+        opts: &QuantizeOptions,
+        policy: &Policy,
+        selection: &'a NodeSelection,
+    ) -> Result<Filter<'a>> {
         Ok(Filter {
-            outputs: opts.target.policy().int8_outputs,
+            outputs: policy.int8_outputs,
             exclude_ops: opts.exclude_ops.clone(),
             exclude: opts
                 .exclude_nodes
@@ -436,13 +451,8 @@ pub fn plan_with_shapes(
     selection: &NodeSelection,
     shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
 ) -> Result<Plan> {
-    plan_with_cost(
-        g,
-        opts,
-        selection,
-        shapes,
-        opts.target.policy().boundary_cost,
-    )
+    let policy = opts.target.policy();
+    plan_with_cost(g, opts, selection, shapes, policy.boundary_cost, policy)
 }
 
 /// [`plan_with_shapes`] with the boundary cost given (the policy's, or a test's).
@@ -452,9 +462,10 @@ fn plan_with_cost(
     selection: &NodeSelection,
     shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
     cost: Option<crate::passes::target::BoundaryCost>,
+    policy: &Policy,
 ) -> Result<Plan> {
     let (Some(cost), Some(shapes)) = (cost, shapes) else {
-        return plan_once(g, opts, selection, &HashSet::new());
+        return plan_once(g, opts, policy, selection, &HashSet::new());
     };
     // Drop the heavy ops whose saving does not pay for their region boundaries, re-plan, and
     // repeat: a dropped layer turns its neighbours' shared tensors into boundaries, so a
@@ -463,11 +474,11 @@ fn plan_with_cost(
     let mut slow: HashSet<NodeIndex> = HashSet::new();
     let mut kept_float = Vec::new();
     loop {
-        let mut plan = plan_once(g, opts, selection, &slow)?;
+        let mut plan = plan_once(g, opts, policy, selection, &slow)?;
         let dropped = unprofitable(
             g,
             &plan,
-            opts.target.policy().shape_reads_int8,
+            policy.shape_reads_int8,
             cost,
             shapes,
         );
@@ -592,11 +603,11 @@ fn unprofitable(
 fn plan_once(
     g: &Graph,
     opts: &QuantizeOptions,
+    policy: &Policy,
     selection: &NodeSelection,
     slow: &HashSet<NodeIndex>,
 ) -> Result<Plan> {
-    let policy = opts.target.policy();
-    let filter = Filter::new(opts, selection)?;
+    let filter = Filter::new(opts, policy, selection)?;
     let mut plan = Plan::default();
     let dynamic = |v: &str| !v.is_empty() && g.constant(v).is_none();
     let structure = super::transformer::Structure::find(g);
@@ -941,7 +952,15 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
                 fixed_macs,
                 macs_per_value,
             };
-            plan_with_cost(&g, &opts, &NodeSelection::All, Some(&shapes), Some(cost)).unwrap()
+            plan_with_cost(
+                &g,
+                &opts,
+                &NodeSelection::All,
+                Some(&shapes),
+                Some(cost),
+                opts.target.policy(),
+            )
+            .unwrap()
         };
         // Two regions split by the HardSwish: {conv_a, relu_a} and {conv_b}, 128 MACs each
         // (4 x 2 x 16 and 2 x 4 x 16), each with two boundaries of 32 + 64 = 96 values.
@@ -969,7 +988,8 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
             fixed_macs: u64::MAX,
             macs_per_value: 0,
         });
-        let unknown = plan_with_cost(&g, &opts, &NodeSelection::All, None, cost).unwrap();
+        let unknown =
+            plan_with_cost(&g, &opts, &NodeSelection::All, None, cost, opts.target.policy()).unwrap();
         assert_eq!(unknown.nodes, free.nodes);
     }
 
@@ -1002,8 +1022,13 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
             target: Target::Ort,
             ..QuantizeOptions::default()
         };
-        // No boundary cost: the rules alone.
-        let p = plan_with_cost(&g, &ort, &NodeSelection::All, None, None).unwrap();
+        // The ORT policy with its scalar-operand rows switched on (they are measured but off in
+        // `ort`, see target.rs); no boundary cost: the rules alone.
+        let int8_everywhere = Policy {
+            scalar_operands: true,
+            ..*Target::Ort.policy()
+        };
+        let p = plan_with_cost(&g, &ort, &NodeSelection::All, None, None, &int8_everywhere).unwrap();
         assert_eq!(
             sorted(p.nodes.iter().map(|n| &n.0)),
             ["clip", "conv_a", "conv_b", "gain", "gated", "shift", "slice"]
@@ -1018,8 +1043,10 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
         assert_eq!(p.group("hs"), p.group("h"));
 
         // `generic` keeps today's placement: no scalar operands, the Slice float.
-        let generic = plan_with_cost(&g, &QuantizeOptions::default(), &NodeSelection::All, None, None)
-            .unwrap();
+        let defaults = QuantizeOptions::default();
+        let generic =
+            plan_with_cost(&g, &defaults, &NodeSelection::All, None, None, defaults.target.policy())
+                .unwrap();
         assert_eq!(sorted(generic.nodes.iter().map(|n| &n.0)), ["conv_a", "conv_b"]);
         assert!(generic.scaled.is_empty() && generic.constants.is_empty());
 
