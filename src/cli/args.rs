@@ -287,12 +287,7 @@ pub struct CompressArgs {
     /// low-precision transformations expect), generic (int8 activations around every op with a
     /// rule, int8 weights) or tract (int8 weights behind DequantizeLinear, which tract folds at
     /// load; activations float, so the output runs at fp32 speed in a quarter of the bytes).
-    #[arg(
-        long,
-        value_enum,
-        default_value = "ort",
-        help_heading = "Quantization"
-    )]
+    #[arg(long, value_enum, default_value = "ort", help_heading = "Quantization")]
     pub target: TargetArg,
 
     // ---- weight-only ----

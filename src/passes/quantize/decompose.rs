@@ -218,7 +218,8 @@ fn hard_swish_div(g: &Graph, ix: NodeIndex) -> Result<Option<Patch>> {
         return Ok(None);
     };
     let div = g.node(div_ix);
-    if div.input.first() != Some(product) || div.input.get(1).and_then(|v| scalar(g, v)) != Some(6.0)
+    if div.input.first() != Some(product)
+        || div.input.get(1).and_then(|v| scalar(g, v)) != Some(6.0)
     {
         return Ok(None);
     }

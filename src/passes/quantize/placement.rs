@@ -475,13 +475,7 @@ fn plan_with_cost(
     let mut kept_float = Vec::new();
     loop {
         let mut plan = plan_once(g, opts, policy, selection, &slow)?;
-        let dropped = unprofitable(
-            g,
-            &plan,
-            policy.shape_reads_int8,
-            cost,
-            shapes,
-        );
+        let dropped = unprofitable(g, &plan, policy.shape_reads_int8, cost, shapes);
         if dropped.is_empty() {
             plan.kept_float = kept_float;
             return Ok(plan);
@@ -988,8 +982,15 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
             fixed_macs: u64::MAX,
             macs_per_value: 0,
         });
-        let unknown =
-            plan_with_cost(&g, &opts, &NodeSelection::All, None, cost, opts.target.policy()).unwrap();
+        let unknown = plan_with_cost(
+            &g,
+            &opts,
+            &NodeSelection::All,
+            None,
+            cost,
+            opts.target.policy(),
+        )
+        .unwrap();
         assert_eq!(unknown.nodes, free.nodes);
     }
 
@@ -1028,7 +1029,8 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
             scalar_operands: true,
             ..*Target::Ort.policy()
         };
-        let p = plan_with_cost(&g, &ort, &NodeSelection::All, None, None, &int8_everywhere).unwrap();
+        let p =
+            plan_with_cost(&g, &ort, &NodeSelection::All, None, None, &int8_everywhere).unwrap();
         assert_eq!(
             sorted(p.nodes.iter().map(|n| &n.0)),
             ["clip", "conv_a", "conv_b", "gain", "gated", "shift", "slice"]
@@ -1044,10 +1046,19 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
 
         // `generic` keeps today's placement: no scalar operands, the Slice float.
         let defaults = QuantizeOptions::default();
-        let generic =
-            plan_with_cost(&g, &defaults, &NodeSelection::All, None, None, defaults.target.policy())
-                .unwrap();
-        assert_eq!(sorted(generic.nodes.iter().map(|n| &n.0)), ["conv_a", "conv_b"]);
+        let generic = plan_with_cost(
+            &g,
+            &defaults,
+            &NodeSelection::All,
+            None,
+            None,
+            defaults.target.policy(),
+        )
+        .unwrap();
+        assert_eq!(
+            sorted(generic.nodes.iter().map(|n| &n.0)),
+            ["conv_a", "conv_b"]
+        );
         assert!(generic.scaled.is_empty() && generic.constants.is_empty());
 
         // A gain whose activation calibration left float goes, with nothing reading its scale.
