@@ -159,3 +159,47 @@ pub fn shapes_read_int8(g: &mut Graph) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn graph(text: &str) -> Graph {
+        Model::from_proto(crate::onnx::text::parse_model(text).unwrap())
+            .unwrap()
+            .graph
+    }
+
+    #[test]
+    fn a_shape_reads_the_int8_tensor_and_an_unread_dequantize_goes() {
+        let mut g = graph(
+            r#"<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,2] x) => (int64[2] s, float[1,2] y)
+<float sc = {0.1}, uint8 zp = {0}>
+{
+   q = QuantizeLinear (x, sc, zp)
+   d = DequantizeLinear (q, sc, zp)
+   s = Shape (d)
+   q2 = QuantizeLinear (x, sc, zp)
+   d2 = DequantizeLinear (q2, sc, zp)
+   s2 = Shape (d2)
+   y = Relu (d2)
+}"#,
+        );
+        shapes_read_int8(&mut g).unwrap();
+        let ops: Vec<(String, Vec<String>)> = g
+            .topo_order()
+            .unwrap()
+            .into_iter()
+            .map(|ix| (g.node(ix).op_type().to_string(), g.node(ix).input.clone()))
+            .collect();
+        // `d` was read only by its Shape: gone; `d2` still feeds the Relu.
+        assert!(g.producer_node("d").is_none());
+        assert!(g.producer_node("d2").is_some());
+        for (op, inputs) in &ops {
+            if op == "Shape" {
+                assert!(inputs[0] == "q" || inputs[0] == "q2", "{inputs:?}");
+            }
+        }
+    }
+}
