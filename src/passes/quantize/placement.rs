@@ -558,7 +558,8 @@ fn unprofitable(
             // A Shape reading the value needs no DequantizeLinear where the target lets it
             // read the int8 tensor.
             let outside = g.consumers(y).iter().any(|&(c, _)| {
-                !member_set.contains(&c) && !(shape_free && g.node(c).op_type() == "Shape")
+                let free_shape = shape_free && g.node(c).op_type() == "Shape";
+                !(member_set.contains(&c) || free_shape)
             });
             if g.is_graph_output(y) || outside {
                 b.insert(y.clone());
