@@ -157,19 +157,18 @@ fn weight_only_leaves_what_a_budgeted_mixed_precision_chose() {
 }
 
 #[test]
-fn target_ort_says_what_it_kept_float() {
+fn default_target_is_ort_and_the_report_says_what_it_kept_float() {
     // digits_cnn's layers are far too small for ONNX Runtime's int8 kernels to pay for their
-    // Q/DQ: under --target ort every int8 region goes float, and the report lists why.
+    // Q/DQ: under the default target (ort) every int8 region goes float, and the report lists
+    // why.
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.onnx");
     let report = dir.path().join("report.json");
     let src = testdata().join("digits_cnn.onnx");
-    let (code, _, err) = run(&[
+    let (code, _, err) = run_as_is(&[
         src.to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
-        "--target",
-        "ort",
         "--report",
         report.to_str().unwrap(),
     ]);
@@ -184,7 +183,7 @@ fn target_ort_says_what_it_kept_float() {
         assert!(k["why"].as_str().unwrap().contains("target ort"), "{k}");
     }
     assert!(!op_types(&out).iter().any(|o| o == "QuantizeLinear"));
-    // The default (generic) quantizes the same model.
-    let (_d, generic, _, _) = compress("digits_cnn.onnx", &[]);
+    // The same run under --target generic quantizes.
+    let (_d, generic, _, _) = compress("digits_cnn.onnx", &["--target", "generic"]);
     assert!(op_types(&generic).iter().any(|o| o == "QuantizeLinear"));
 }

@@ -124,7 +124,13 @@ fn run_case(case: &Case, root: &Path, timeout: Duration, max_memory: u64) -> Run
     let report = dir.join("report.json");
 
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_onnx-compress"));
-    cmd.arg(&input).arg("-o").arg(&output).arg("-q");
+    // The int8 path is what the mutations probe: under the CLI default (`ort`) testdata's tiny
+    // models stay float and a mutated constant nobody reads would pass through untouched.
+    cmd.arg(&input)
+        .arg("-o")
+        .arg(&output)
+        .arg("-q")
+        .args(["--target", "generic"]);
     if !case.full_pipeline {
         cmd.args(["--passes", "fuse,cleanup,quantize", "--no-validate"]);
     }

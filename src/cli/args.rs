@@ -293,18 +293,13 @@ pub struct CompressArgs {
         help_heading = "Quantization"
     )]
     pub include_nodes: Vec<String>,
-    /// The runtime the output is placed for: generic (int8 activations around every op with a
-    /// rule, int8 weights), ort (int8 where ONNX Runtime's integer kernels pay for their Q/DQ;
-    /// layer regions too small to do so stay float with fp32 weights, the report says which),
+    /// The runtime the output is placed for: ort (default: int8 where ONNX Runtime's integer
+    /// kernels pay for their Q/DQ; layer regions too small to do so stay float, the report says which),
     /// openvino (Q/DQ on the activation inputs of Conv/Gemm/MatMul only, as OpenVINO's
-    /// low-precision transformations expect) or tract (int8 weights behind DequantizeLinear, which tract folds at
+    /// low-precision transformations expect), generic (int8 activations around every op with a
+    /// rule, int8 weights) or tract (int8 weights behind DequantizeLinear, which tract folds at
     /// load; activations float, so the output runs at fp32 speed in a quarter of the bytes).
-    #[arg(
-        long,
-        value_enum,
-        default_value = "generic",
-        help_heading = "Quantization"
-    )]
+    #[arg(long, value_enum, default_value = "ort", help_heading = "Quantization")]
     pub target: TargetArg,
 
     // ---- weight-only ----

@@ -3,13 +3,12 @@
 //! which region boundaries are worth their Q/DQ, whether layer outputs are quantized;
 //! `weight-only` which ops get their constant weights stored as int8 behind a
 //! DequantizeLinear). No pass tests `target == ...`; a new runtime is one more constant here
-//! and one more [`Target`] variant. The default (CLI and library) is `generic`
-//! (today's placement, byte-identical outputs); `ort` and `openvino` are opt-in until their speed
-//! is measured on an idle machine (issue 20's table in BENCHMARKS.md was taken at load ~12).
+//! and one more [`Target`] variant. The CLI default is `ort`; the library default stays
+//! `generic` (today's placement, byte-identical outputs).
 //!
 //! | target | int8 activations (`quantize`) | weight-only int8 (`weight-only`) |
 //! |---|---|---|
-//! | `ort` | the `quantize` rules, then per int8 region: kept only when its Conv/Gemm/MatMul MACs exceed the cost of its boundaries ([`ORT_BOUNDARY_COST`]); a transformer's Conv layers by the CNN rules, calibrated (static) | LSTM, GRU, RNN, Gather only (a DQ before a float Conv runs at every inference in ORT) |
+//! | `ort` | the `quantize` rules plus Slice as a pass-through op and Shape reading the int8 tensor, then per int8 region: kept only when its Conv/Gemm/MatMul MACs exceed the cost of its boundaries ([`ORT_BOUNDARY_COST`]); a transformer's Conv layers by the CNN rules, calibrated (static) | LSTM, GRU, RNN, Gather only (a DQ before a float Conv runs at every inference in ORT) |
 //! | `openvino` | Q/DQ only on the activation inputs of Conv/ConvTranspose/Gemm/MatMul (NNCF's placement), static on transformers too | LSTM, GRU, RNN, Gather |
 //! | `generic` | today's maximal placement | the weight-heavy ops without integer kernels (LSTM, GRU, RNN, Gather tables) and any Conv/ConvTranspose/Gemm/MatMul weight the activation rules left float |
 //! | `tract` | none: activations stay float | every Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU/RNN/Gather weight, in chunks of at most 4 MiB of float (what tract folds at load) |
@@ -26,6 +25,18 @@
 //! placed it by the transformer table (dynamic MatMul only) with its conv weights
 //! weight-only, and ORT then ran the float Convs 1.9x slower (17.0 -> 32.4 ms: DQ at every
 //! run, no NCHWc kernels); `ort` quantizes its convs statically.
+//!
+//! Second round (BENCHMARKS.md "Third run", CPU-time ratios): ShuffleNetV2 splits channels
+//! with two Slices and recomputes its reshape targets from `Shape` at every run (dynamic
+//! batch); a float Slice ended each int8 region, and each Shape of a dequantized tensor ran a
+//! DequantizeLinear and counted as a region boundary, so the region rule left 42 of 57 layers
+//! float (1.15x). With Slice carrying its input's grid (ORT runs it on uint8) and Shape reading
+//! the int8 tensor: 57/57 int8, 1.41x. Measured and left off (`decompose`, `scalar_operands`):
+//! HardSwish/HardSigmoid decomposed into QLinearAdd/QLinearMul (see
+//! [`crate::passes::quantize::decompose`]) make MobileNetV3-small entirely int8 in ORT, yet
+//! 0.90-0.98x fp32 (its stem and depthwise QLinearConvs are slower than ORT's NCHWc float
+//! kernels, which fuse HardSwish), and PP-OCRv4 rec 2.1-2.3x but at 7-9 dB SQNR (19 dB float
+//! backbone); SiLU stays QLinearSigmoid + QLinearMul (EfficientNet-B0 1.05x; float SiLU 0.84x).
 //!
 //! Evidence behind `openvino` (OpenVINO 2026.4 CPU plugin): the runtime graph's
 //! `runtimePrecision` shows u8 convolutions either way; quantizing only the heavy ops' inputs
@@ -106,6 +117,21 @@ pub struct Policy {
     /// MatMulInteger) on a transformer. OpenVINO runs those in float around an integer MatMul
     /// and is faster with calibrated FakeQuantize (static) placement.
     pub dynamic_activations: bool,
+    /// Rewrites run before placement so that ops without an integer kernel become ops with
+    /// one ([`crate::passes::quantize::decompose::RULES`], by name): HardSwish and HardSigmoid
+    /// into Add/Clip/Mul.
+    pub decompose: &'static [&'static str],
+    /// `Add`/`Mul` of an int8 value and a scalar constant join the int8 region: a positive
+    /// gain is absorbed into the DequantizeLinear scale (no op), other constants are stored as
+    /// exact uint8 values (QLinearAdd/QLinearMul in ONNX Runtime). See
+    /// [`crate::passes::quantize::scalar`].
+    pub scalar_operands: bool,
+    /// Ops that carry their input's int8 grid on this target, on top of the placement's
+    /// pass-through list (they only select values).
+    pub pass_through: &'static [&'static str],
+    /// `Shape` nodes read the int8 tensor instead of its DequantizeLinear output (same shape),
+    /// so a shape computation is no region boundary and runs no DequantizeLinear.
+    pub shape_reads_int8: bool,
 }
 
 const GENERIC: Policy = Policy {
@@ -117,6 +143,10 @@ const GENERIC: Policy = Policy {
     boundary_cost: None,
     convs_in_transformers: false,
     dynamic_activations: true,
+    decompose: &[],
+    scalar_operands: false,
+    pass_through: &[],
+    shape_reads_int8: false,
     // Conv/Gemm/MatMul weights the activation rules quantized are DequantizeLinear outputs by
     // the time `weight-only` runs, so only the ones they skipped (a constant A operand, an
     // excluded consumer's neighbour...) are still float constants here.
@@ -149,6 +179,16 @@ const ORT: Policy = Policy {
     boundary_cost: Some(ORT_BOUNDARY_COST),
     convs_in_transformers: true,
     dynamic_activations: true,
+    // HardSwish/HardSigmoid decompositions and scalar operands make MobileNetV3-small and
+    // PP-OCRv4 rec entirely int8 in ORT (QLinearAdd/QLinearMul, no float op left), but
+    // measured: MobileNetV3-small 0.90-0.98x fp32 (float: 1.0x; its depthwise and stem
+    // QLinearConvs are slower than ORT's NCHWc float kernels), PP-OCRv4 rec 2.1-2.3x at 7-9 dB
+    // SQNR instead of 19 dB (BENCHMARKS.md "Runtime targets, third run"): off until a
+    // fidelity guard chooses them per model.
+    decompose: &[],
+    scalar_operands: false,
+    pass_through: &["Slice"],
+    shape_reads_int8: true,
 };
 
 /// See [`Policy::boundary_cost`] and the module docs (measured on MobileNetV3-small).
@@ -167,6 +207,10 @@ const OPENVINO: Policy = Policy {
     boundary_cost: None,
     convs_in_transformers: true,
     dynamic_activations: false,
+    decompose: &[],
+    scalar_operands: false,
+    pass_through: &[],
+    shape_reads_int8: false,
 };
 
 const TRACT: Policy = Policy {
@@ -177,6 +221,10 @@ const TRACT: Policy = Policy {
     boundary_cost: None,
     convs_in_transformers: false,
     dynamic_activations: true,
+    decompose: &[],
+    scalar_operands: false,
+    pass_through: &[],
+    shape_reads_int8: false,
     float_activations_because: "target tract: activations stay float (tract runs QuantizeLinear/DequantizeLinear graphs in float, measured ~2x slower than fp32); weights are stored int8 by weight-only",
     weight_only_ops: &[
         "LSTM",

@@ -126,7 +126,21 @@ pub fn testdata_models() -> Vec<PathBuf> {
 }
 
 /// Run the built binary; (exit code, stdout, stderr).
+/// Run the CLI. A main-command run that names no `--target` gets `--target generic`: the
+/// default `ort` leaves testdata's tiny models float (their int8 regions are too small to pay
+/// for their Q/DQ in ONNX Runtime), and these tests are about the int8 placement itself.
+/// `run_as_is` runs exactly what it is given (the default-target tests use it).
 pub fn run(args: &[&str]) -> (i32, String, String) {
+    let main_command = args.iter().any(|a| *a == "-o" || *a == "--output");
+    let mut args = args.to_vec();
+    if main_command && !args.iter().any(|a| a.starts_with("--target")) {
+        args.extend(["--target", "generic"]);
+    }
+    run_as_is(&args)
+}
+
+/// Run the CLI with exactly `args`.
+pub fn run_as_is(args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-compress"))
         .args(args)
         .output()

@@ -105,6 +105,8 @@ pub fn insert(
     for t in &plan.activations {
         insert::activation(g, namer, t, &ranges.params_of(t)?, scheme)?;
     }
+    super::scalar::insert_constants(g, namer, plan)?;
+    super::scalar::insert_scaled(g, namer, plan, ranges, scheme)?;
     let mut biases = Vec::new();
     for (b, mark) in &plan.biases {
         let Some(s_w) = weight_scales.get(&mark.weight) else {
@@ -116,4 +118,88 @@ pub fn insert(
         biases.push(report);
     }
     Ok(biases)
+}
+
+/// Rewire every `Shape(t)`, `t` a DequantizeLinear output, to read the DequantizeLinear's int8
+/// input: the same shape without running the DequantizeLinear (see
+/// [`crate::passes::target::Policy::shape_reads_int8`]).
+pub fn shapes_read_int8(g: &mut Graph) -> Result<()> {
+    let rewires: Vec<_> = g
+        .node_indices()
+        .filter(|&ix| g.node(ix).op_type() == "Shape")
+        .filter_map(|ix| {
+            let t = g.node(ix).input.first()?;
+            let dq = g.producer_node(t)?;
+            let dq = g.node(dq);
+            (dq.op_type() == "DequantizeLinear").then(|| (ix, dq.input.first().cloned()))
+        })
+        .filter_map(|(ix, q)| Some((ix, q?)))
+        .collect();
+    let mut touched = Vec::new();
+    for (ix, q) in rewires {
+        let mut node = g.node(ix).clone();
+        touched.push(node.input[0].clone());
+        node.input[0] = q;
+        g.replace_node(ix, node)
+            .context("letting a Shape read the int8 tensor")?;
+    }
+    // A DequantizeLinear only Shapes read is dead now (ONNX Runtime would still run it).
+    let dead: Vec<_> = touched
+        .iter()
+        .filter(|t| g.use_count(t) == 0)
+        .filter_map(|t| g.producer_node(t))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if !dead.is_empty() {
+        g.apply(crate::ir::Patch {
+            remove: dead,
+            ..Default::default()
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn graph(text: &str) -> Graph {
+        Model::from_proto(crate::onnx::text::parse_model(text).unwrap())
+            .unwrap()
+            .graph
+    }
+
+    #[test]
+    fn a_shape_reads_the_int8_tensor_and_an_unread_dequantize_goes() {
+        let mut g = graph(
+            r#"<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,2] x) => (int64[2] s, float[1,2] y)
+<float sc = {0.1}, uint8 zp = {0}>
+{
+   q = QuantizeLinear (x, sc, zp)
+   d = DequantizeLinear (q, sc, zp)
+   s = Shape (d)
+   q2 = QuantizeLinear (x, sc, zp)
+   d2 = DequantizeLinear (q2, sc, zp)
+   s2 = Shape (d2)
+   y = Relu (d2)
+}"#,
+        );
+        shapes_read_int8(&mut g).unwrap();
+        let ops: Vec<(String, Vec<String>)> = g
+            .topo_order()
+            .unwrap()
+            .into_iter()
+            .map(|ix| (g.node(ix).op_type().to_string(), g.node(ix).input.clone()))
+            .collect();
+        // `d` was read only by its Shape: gone; `d2` still feeds the Relu.
+        assert!(g.producer_node("d").is_none());
+        assert!(g.producer_node("d2").is_some());
+        for (op, inputs) in &ops {
+            if op == "Shape" {
+                assert!(inputs[0] == "q" || inputs[0] == "q2", "{inputs:?}");
+            }
+        }
+    }
 }

@@ -29,11 +29,13 @@ pub mod adaround;
 pub mod auto;
 pub mod bodies;
 pub mod choose;
+pub mod decompose;
 pub mod dynamic;
 pub mod insert;
 pub mod materialize;
 pub mod opset;
 pub mod placement;
+pub mod scalar;
 pub mod smooth;
 pub mod specialized;
 pub mod transformer;
@@ -444,6 +446,36 @@ pub fn quantize(
     choose::quantize(model, opts, calibration)
 }
 
+/// The target's decompositions ([`crate::passes::target::Policy::decompose`]) applied to a
+/// copy of `model` (opset raised first: the rules write Clip bounds as inputs), with a note
+/// counting them; `None` when the target lists none or none matches.
+fn decompose(model: &Model, opts: &QuantizeOptions) -> Result<Option<(Model, String)>> {
+    let rules = decompose::rules(opts.target.policy().decompose);
+    if rules.is_empty() {
+        return Ok(None);
+    }
+    let mut m = model.clone();
+    opset::upgrade(&mut m, opset::PER_CHANNEL, &opts.input_shapes)?;
+    let counts = crate::passes::rewrite::rewrite(&mut m.graph, &rules, None)
+        .context("target decompositions")?;
+    let applied: Vec<String> = counts
+        .iter()
+        .filter(|(_, c)| *c > 0)
+        .map(|(n, c)| format!("{n} x{c}"))
+        .collect();
+    if applied.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((
+        m,
+        format!(
+            "target {}: ops without an integer kernel rewritten into ops with one before placement ({})",
+            opts.target.policy().name,
+            applied.join(", ")
+        ),
+    )))
+}
+
 /// Whether the main graph holds an `If` (the only reason tract refuses a model it otherwise
 /// runs that specializing can remove).
 fn has_if(proto: &crate::onnx::proto::ModelProto) -> bool {
@@ -557,8 +589,19 @@ fn quantize_main_graph(
         );
         return Ok(stats);
     }
-    let original = model.to_proto()?;
-    let mut work = model.clone();
+    // The target's decompositions (HardSwish, HardSigmoid into ops with integer kernels) come
+    // first: calibration observes the decomposed graph, whose pieces the placement quantizes.
+    let decomposed;
+    let model_in: &Model = match decompose(model, opts)? {
+        Some((m, note)) => {
+            stats.notes.push(note);
+            decomposed = m;
+            &decomposed
+        }
+        None => model,
+    };
+    let original = model_in.to_proto()?;
+    let mut work = model_in.clone();
     stats.notes.extend(opset::upgrade(
         &mut work,
         opset::PER_CHANNEL,
@@ -671,7 +714,7 @@ fn quantize_main_graph(
     stats.notes.extend(calib.notes.iter().cloned());
     let mut observed_on: Option<String> = None;
     // Observed on the model as given: the opset upgrade changes no value.
-    let ranges = match materialize::calibrate(&plan, &work, &original, calib, opts) {
+    let mut ranges = match materialize::calibrate(&plan, &work, &original, calib, opts) {
         Ok(r) => r,
         // tract cannot run the model as given (its `If`s): observe on a copy specialized to
         // the calibration data instead ([`specialized`]); the output keeps every input.
@@ -711,6 +754,9 @@ fn quantize_main_graph(
         stats.notes.push(auto::summary(auto));
     }
     let quiet = keep_quiet_float(&mut plan, &ranges)?;
+    plan.settle_scaled();
+    let scaled = scalar::scaled_params(&plan, &ranges.params);
+    ranges.params.extend(scaled);
     if !quiet.is_empty() {
         stats.notes.push(format!(
             "{} activation(s) kept float: on the quietest tenth of the calibration batches their int8 step leaves less than {QUIET_MIN_SQNR_DB} dB SQNR (a wide dynamic range, e.g. audio and its spectrum around silence): {}; the layers reading them keep int8 weights",
@@ -779,6 +825,9 @@ fn quantize_main_graph(
         &weight_scales,
         opts.activation_scheme,
     )?;
+    if opts.target.policy().shape_reads_int8 {
+        materialize::shapes_read_int8(g)?;
+    }
     stats.changes += plan.activations.len() + bias_reports.len();
     g.remove_unused_initializers();
     let act_reports = plan

@@ -51,6 +51,16 @@
 //!   `boundaries x fixed_macs + macs_per_value x values crossing them` goes float as a whole,
 //!   and the placement is redone without it until every region pays (each round only removes
 //!   layers, so this ends). The removed layers are listed in [`Plan::kept_float`].
+//!   A `Shape` reading a region's value is no boundary where `shape_reads_int8` lets it read
+//!   the int8 tensor;
+//! - `pass_through` (ORT: `Slice`): more ops that carry their input's grid;
+//! - `scalar_operands` (off in every shipped policy, measured in target.rs): `Mul(t, k)` with
+//!   `t` marked and `k > 0` a scalar constant is [`Plan::scaled`] (no Q/DQ of its own: a
+//!   DequantizeLinear of `t`'s int8 value with scale `k s_t`); `Add`/`Mul` of a marked value and
+//!   another scalar constant marks its output (or fused Relu/Clip) and stores the constant as an
+//!   exact uint8 value ([`Plan::constants`], see [`super::scalar`]). In a transformer graph
+//!   these elementwise rules then also apply to the conv backbone (not to linear layers or
+//!   layout ops).
 //!
 //! User filters: `exclude_ops`, `exclude_nodes` (exact names or regexes), and `include_nodes`
 //! (when given, only matching nodes are quantized). A caller that already knows its nodes
@@ -64,6 +74,7 @@ use crate::ir::op::{node_label, Attrs};
 use crate::ir::Graph;
 use crate::onnx::proto::NodeProto;
 use crate::onnx::tensor;
+use crate::passes::target::Policy;
 use anyhow::{Context, Result};
 use indexmap::{IndexMap, IndexSet};
 use petgraph::stable_graph::NodeIndex;
@@ -122,6 +133,12 @@ pub struct Plan {
     /// Heavy ops the target's speed rule ([`crate::passes::target::Policy::min_macs_per_value`])
     /// left float, for the report.
     pub kept_float: Vec<KeptFloat>,
+    /// `y = Mul(t, k)`, `k` a positive scalar constant, `t` marked: `y -> (t, k)`. `y` counts as
+    /// marked but gets no Q/DQ pair: it is `t`'s int8 value read through a DequantizeLinear of
+    /// scale `k s_t` ([`super::scalar`]).
+    pub scaled: IndexMap<String, (String, f32)>,
+    /// Scalar constants read by int8 `Add`/`Mul` nodes, stored as exact uint8 values.
+    pub constants: IndexSet<String>,
 }
 
 /// A heavy op left float because its int8 kernel would not pay for its Q/DQ on the target.
@@ -140,13 +157,36 @@ pub struct KeptFloat {
 
 impl Plan {
     pub fn is_marked(&self, t: &str) -> bool {
-        self.activations.contains(t)
+        self.activations.contains(t) || self.scaled.contains_key(t)
     }
 
     fn mark(&mut self, t: &str) {
-        if !t.is_empty() {
+        if !t.is_empty() && !self.scaled.contains_key(t) {
             self.activations.insert(t.to_string());
         }
+    }
+
+    /// The activation a scaled value reads and the product of the gains along the way.
+    pub fn scaled_base(&self, y: &str) -> Option<(String, f32)> {
+        let (mut t, mut gain) = (y.to_string(), 1.0f32);
+        while let Some((base, k)) = self.scaled.get(&t) {
+            t = base.clone();
+            gain *= k;
+        }
+        self.activations.contains(&t).then_some((t, gain))
+    }
+
+    /// Drop the scaled values whose activation is no longer marked (kept float after
+    /// calibration), with the int32 biases that would take their scale.
+    pub fn settle_scaled(&mut self) {
+        let gone: Vec<String> = self
+            .scaled
+            .keys()
+            .filter(|y| self.scaled_base(y).is_none())
+            .cloned()
+            .collect();
+        self.scaled.retain(|y, _| !gone.contains(y));
+        self.biases.retain(|_, mark| !gone.contains(&mark.input));
     }
 
     /// Quantization parameters of every marked activation: each sharing group takes the union
@@ -274,9 +314,13 @@ fn anchored(pattern: &str) -> Result<Regex> {
 }
 
 impl<'a> Filter<'a> {
-    fn new(opts: &QuantizeOptions, selection: &'a NodeSelection) -> Result<Filter<'a>> {
+    fn new(
+        opts: &QuantizeOptions,
+        policy: &Policy,
+        selection: &'a NodeSelection,
+    ) -> Result<Filter<'a>> {
         Ok(Filter {
-            outputs: opts.target.policy().int8_outputs,
+            outputs: policy.int8_outputs,
             exclude_ops: opts.exclude_ops.clone(),
             exclude: opts
                 .exclude_nodes
@@ -323,6 +367,20 @@ const PASS_THROUGH: &[&str] = &[
     "Identity",
 ];
 const OWN_RANGE: &[&str] = &["AveragePool", "GlobalAveragePool", "Relu", "Clip"];
+
+/// The single value of a one-element float constant of rank 0 or 1 (a scalar operand: the
+/// result keeps the other operand's shape).
+fn scalar_value(g: &Graph, value: &str) -> Option<f32> {
+    let t = g.constant(value)?;
+    if tensor::data_type(t).ok() != Some(crate::onnx::proto::tensor_proto::DataType::Float) {
+        return None;
+    }
+    if tensor::shape(t).ok()?.len() > 1 {
+        return None;
+    }
+    let a = tensor::to_f32(t).ok()?;
+    (a.len() == 1).then(|| a.iter().copied().next())?
+}
 
 /// The Relu/Clip reading `value` as its only reader, if it may be fused with the producer.
 fn fused_activation(g: &Graph, value: &str, filter: &Filter) -> Option<NodeIndex> {
@@ -393,13 +451,8 @@ pub fn plan_with_shapes(
     selection: &NodeSelection,
     shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
 ) -> Result<Plan> {
-    plan_with_cost(
-        g,
-        opts,
-        selection,
-        shapes,
-        opts.target.policy().boundary_cost,
-    )
+    let policy = opts.target.policy();
+    plan_with_cost(g, opts, selection, shapes, policy.boundary_cost, policy)
 }
 
 /// [`plan_with_shapes`] with the boundary cost given (the policy's, or a test's).
@@ -409,9 +462,10 @@ fn plan_with_cost(
     selection: &NodeSelection,
     shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
     cost: Option<crate::passes::target::BoundaryCost>,
+    policy: &Policy,
 ) -> Result<Plan> {
     let (Some(cost), Some(shapes)) = (cost, shapes) else {
-        return plan_once(g, opts, selection, &HashSet::new());
+        return plan_once(g, opts, policy, selection, &HashSet::new());
     };
     // Drop the heavy ops whose saving does not pay for their region boundaries, re-plan, and
     // repeat: a dropped layer turns its neighbours' shared tensors into boundaries, so a
@@ -420,8 +474,8 @@ fn plan_with_cost(
     let mut slow: HashSet<NodeIndex> = HashSet::new();
     let mut kept_float = Vec::new();
     loop {
-        let mut plan = plan_once(g, opts, selection, &slow)?;
-        let dropped = unprofitable(g, &plan, cost, shapes);
+        let mut plan = plan_once(g, opts, policy, selection, &slow)?;
+        let dropped = unprofitable(g, &plan, policy.shape_reads_int8, cost, shapes);
         if dropped.is_empty() {
             plan.kept_float = kept_float;
             return Ok(plan);
@@ -444,6 +498,7 @@ fn plan_with_cost(
 fn unprofitable(
     g: &Graph,
     plan: &Plan,
+    plan_shape_reads_int8: bool,
     cost: crate::passes::target::BoundaryCost,
     shapes: &std::collections::HashMap<String, Vec<usize>>,
 ) -> Vec<(NodeIndex, KeptFloat)> {
@@ -453,6 +508,7 @@ fn unprofitable(
         .filter(|&ix| int8.contains(node_label(g.node(ix))))
         .collect();
     let member_set: HashSet<NodeIndex> = members.iter().copied().collect();
+    let shape_free = plan_shape_reads_int8;
     // Union-find over the region's nodes, joined through the tensors they share.
     let mut parent: std::collections::HashMap<NodeIndex, NodeIndex> =
         members.iter().map(|&ix| (ix, ix)).collect();
@@ -499,10 +555,12 @@ fn unprofitable(
             }
         }
         for y in n.output.iter().filter(|y| plan.is_marked(y)) {
-            let outside = g
-                .consumers(y)
-                .iter()
-                .any(|&(c, _)| !member_set.contains(&c));
+            // A Shape reading the value needs no DequantizeLinear where the target lets it
+            // read the int8 tensor.
+            let outside = g.consumers(y).iter().any(|&(c, _)| {
+                let free_shape = shape_free && g.node(c).op_type() == "Shape";
+                !(member_set.contains(&c) || free_shape)
+            });
             if g.is_graph_output(y) || outside {
                 b.insert(y.clone());
             }
@@ -540,11 +598,11 @@ fn unprofitable(
 fn plan_once(
     g: &Graph,
     opts: &QuantizeOptions,
+    policy: &Policy,
     selection: &NodeSelection,
     slow: &HashSet<NodeIndex>,
 ) -> Result<Plan> {
-    let policy = opts.target.policy();
-    let filter = Filter::new(opts, selection)?;
+    let filter = Filter::new(opts, policy, selection)?;
     let mut plan = Plan::default();
     let dynamic = |v: &str| !v.is_empty() && g.constant(v).is_none();
     let structure = super::transformer::Structure::find(g);
@@ -567,13 +625,43 @@ fn plan_once(
         let conv = matches!(op.as_str(), "Conv" | "ConvTranspose");
         // W4A8 asks for int4 Conv weights with int8 activations whatever the target.
         let cnn_convs = policy.convs_in_transformers || opts.w4a8.is_some();
-        if plan.transformer && !(conv && cnn_convs) {
+        // A conv backbone's elementwise ops (activations, scalar gains, pools, residual Adds) in
+        // a transformer graph take the CNN rules too where the target quantizes scalar
+        // operands; its layout ops and linear layers keep the transformer table.
+        let backbone_op = policy.scalar_operands
+            && cnn_convs
+            && !matches!(op.as_str(), "MatMul" | "Gemm")
+            && !PASS_THROUGH.contains(&op.as_str())
+            && !policy.pass_through.contains(&op.as_str());
+        if plan.transformer && !(conv && cnn_convs) && !backbone_op {
             if transformer_rule(g, ix, &structure, opts, &mut plan)? {
                 plan.nodes.push((name, op));
             }
             continue;
         }
+        // `(constant input slot, value)` of an Add/Mul of a marked value and a scalar constant.
+        let scalar_operand = if policy.scalar_operands && n.input.len() == 2 {
+            (0..2)
+                .find(|&k| g.constant(input(k)).is_some())
+                .filter(|&k| plan.is_marked(input(1 - k)))
+                .and_then(|k| scalar_value(g, input(k)).map(|v| (k, v)))
+                .filter(|(_, v)| v.is_finite())
+        } else {
+            None
+        };
         let quantized = match op.as_str() {
+            "Mul" if !output.is_empty() && scalar_operand.is_some_and(|(_, v)| v > 0.0) => {
+                let (k, v) = scalar_operand.expect("checked");
+                plan.scaled
+                    .insert(output.to_string(), (input(1 - k).to_string(), v));
+                true
+            }
+            "Add" | "Mul" if scalar_operand.is_some() => {
+                let (k, _) = scalar_operand.expect("checked");
+                plan.constants.insert(input(k).to_string());
+                mark_output(g, &mut plan, ix, &filter);
+                true
+            }
             "Conv" | "ConvTranspose" => {
                 let (x, w, b) = (input(0), input(1), input(2));
                 if !dynamic(x) || g.constant(w).is_none() {
@@ -680,7 +768,10 @@ fn plan_once(
                 }
                 true
             }
-            o if PASS_THROUGH.contains(&o) && plan.is_marked(input(0)) && !output.is_empty() => {
+            o if (PASS_THROUGH.contains(&o) || policy.pass_through.contains(&o))
+                && plan.is_marked(input(0))
+                && !output.is_empty() =>
+            {
                 plan.mark(output);
                 plan.share(input(0), output);
                 true
@@ -856,7 +947,15 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
                 fixed_macs,
                 macs_per_value,
             };
-            plan_with_cost(&g, &opts, &NodeSelection::All, Some(&shapes), Some(cost)).unwrap()
+            plan_with_cost(
+                &g,
+                &opts,
+                &NodeSelection::All,
+                Some(&shapes),
+                Some(cost),
+                opts.target.policy(),
+            )
+            .unwrap()
         };
         // Two regions split by the HardSwish: {conv_a, relu_a} and {conv_b}, 128 MACs each
         // (4 x 2 x 16 and 2 x 4 x 16), each with two boundaries of 32 + 64 = 96 values.
@@ -884,8 +983,90 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
             fixed_macs: u64::MAX,
             macs_per_value: 0,
         });
-        let unknown = plan_with_cost(&g, &opts, &NodeSelection::All, None, cost).unwrap();
+        let unknown = plan_with_cost(
+            &g,
+            &opts,
+            &NodeSelection::All,
+            None,
+            cost,
+            opts.target.policy(),
+        )
+        .unwrap();
         assert_eq!(unknown.nodes, free.nodes);
+    }
+
+    /// conv_a -> HardSwish as the `ort` target decomposes it -> Slice -> conv_b.
+    const GATED: &str = r#"<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,2,4,4] x) => (float[1,2,4,4] y)
+<
+   float[4,2,1,1] wa = {-0.25, -0.82, 0.32, 0.86, 0.5, -0.4, 0.3, 0.2},
+   float[2,4,1,1] wb = {-1.21, 1.45, 1.33, -1.69, 0.3, 0.2, -0.1, 0.4},
+   float three = {3.0}, float zero = {0.0}, float six = {6.0}, float sixth = {0.16666667},
+   int64[1] s0 = {0}, int64[1] s1 = {4}, int64[1] ax = {1}
+>
+{
+   [conv_a] a = Conv (x, wa)
+   [shift] s = Add (a, three)
+   [clip] c = Clip (s, zero, six)
+   [gain] gate = Mul (c, sixth)
+   [gated] h = Mul (a, gate)
+   [slice] hs = Slice (h, s0, s1, ax)
+   [conv_b] y = Conv (hs, wb)
+}"#;
+
+    #[test]
+    fn ort_quantizes_scalar_operands_and_absorbs_positive_gains() {
+        use crate::passes::target::Target;
+        let g = Model::from_proto(crate::onnx::text::parse_model(GATED).unwrap())
+            .unwrap()
+            .graph;
+        let ort = QuantizeOptions {
+            target: Target::Ort,
+            ..QuantizeOptions::default()
+        };
+        // The ORT policy with its scalar-operand rows switched on (they are measured but off in
+        // `ort`, see target.rs); no boundary cost: the rules alone.
+        let int8_everywhere = Policy {
+            scalar_operands: true,
+            ..*Target::Ort.policy()
+        };
+        let p =
+            plan_with_cost(&g, &ort, &NodeSelection::All, None, None, &int8_everywhere).unwrap();
+        assert_eq!(
+            sorted(p.nodes.iter().map(|n| &n.0)),
+            ["clip", "conv_a", "conv_b", "gain", "gated", "shift", "slice"]
+        );
+        // The Clip is fused into the Add's output range; the gain is no Q/DQ pair of its own.
+        assert_eq!(sorted(&p.activations), ["a", "c", "h", "hs", "x", "y"]);
+        assert_eq!(p.scaled.get("gate"), Some(&("c".to_string(), 0.16666667)));
+        assert_eq!(p.scaled_base("gate"), Some(("c".to_string(), 0.16666667)));
+        assert_eq!(sorted(&p.constants), ["three"]);
+        assert!(p.is_marked("gate"));
+        // The Slice carries its input's grid.
+        assert_eq!(p.group("hs"), p.group("h"));
+
+        // `generic` keeps today's placement: no scalar operands, the Slice float.
+        let defaults = QuantizeOptions::default();
+        let generic = plan_with_cost(
+            &g,
+            &defaults,
+            &NodeSelection::All,
+            None,
+            None,
+            defaults.target.policy(),
+        )
+        .unwrap();
+        assert_eq!(
+            sorted(generic.nodes.iter().map(|n| &n.0)),
+            ["conv_a", "conv_b"]
+        );
+        assert!(generic.scaled.is_empty() && generic.constants.is_empty());
+
+        // A gain whose activation calibration left float goes, with nothing reading its scale.
+        let mut settled = p.clone();
+        settled.activations.shift_remove("c");
+        settled.settle_scaled();
+        assert!(settled.scaled.is_empty());
     }
 
     #[test]
