@@ -106,7 +106,7 @@ pub fn insert(
         insert::activation(g, namer, t, &ranges.params_of(t)?, scheme)?;
     }
     super::scalar::insert_constants(g, namer, plan)?;
-    super::scalar::insert_scaled(g, namer, plan, ranges, scheme)?;
+    super::scalar::insert_scaled(g, namer, plan, |t| ranges.params_of(t), scheme)?;
     let mut biases = Vec::new();
     for (b, mark) in &plan.biases {
         let Some(s_w) = weight_scales.get(&mark.weight) else {

@@ -19,7 +19,6 @@
 //! PP-OCR's learnable scales after each activation).
 
 use super::insert::Namer;
-use super::materialize::ActivationRanges;
 use super::placement::Plan;
 use crate::calibrate::params::{ActScheme, QParams};
 use crate::ir::{op, Graph, Patch};
@@ -90,19 +89,20 @@ fn quantized_of(g: &Graph, t: &str) -> Option<String> {
 }
 
 /// Replace each `y = Mul(t, k)` of `plan.scaled` by a DequantizeLinear of `t`'s int8 value
-/// with scale `k s_t` (the plan's activations must be inserted already).
+/// with scale `k s_t` (the plan's activations must be inserted already); `params_of` gives
+/// `t`'s activation parameters.
 pub fn insert_scaled(
     g: &mut Graph,
     namer: &mut Namer,
     plan: &Plan,
-    ranges: &ActivationRanges,
+    params_of: impl Fn(&str) -> Result<QParams>,
     scheme: ActScheme,
 ) -> Result<()> {
     for y in plan.scaled.keys() {
         let Some((base, gain)) = plan.scaled_base(y) else {
             continue;
         };
-        let p = ranges.params_of(&base)?;
+        let p = params_of(&base)?;
         let q = quantized_of(g, &base)
             .with_context(|| format!("no QuantizeLinear output behind '{base}' for '{y}'"))?;
         let Some(mul) = g.producer_node(y) else {
