@@ -200,6 +200,25 @@ impl CalibrationSet {
         Self::assemble(specs, per_input, opts, path.display().to_string(), notes)
     }
 
+    /// `given`, or (when the user gave no data) [`Self::synthetic`] feeds with the default
+    /// data options: what a pass that needs some calibration data runs on.
+    pub fn given_or_synthetic<'a>(
+        given: Option<&'a CalibrationSet>,
+        model: &Model,
+        samples: usize,
+        seed: u64,
+    ) -> Result<std::borrow::Cow<'a, CalibrationSet>> {
+        Ok(match given {
+            Some(c) => std::borrow::Cow::Borrowed(c),
+            None => std::borrow::Cow::Owned(Self::synthetic(
+                model,
+                samples,
+                seed,
+                &DataOptions::default(),
+            )?),
+        })
+    }
+
     /// Seeded standard-normal float inputs, zeros for integer and bool inputs: `samples`
     /// samples; symbolic dims other than the batch axis are refused, and so is an integer
     /// input without a batch axis (a sample rate: it needs `--fix-input` or real data).

@@ -81,7 +81,7 @@ pub use weights::{
     weight_bytes,
 };
 
-use crate::calibrate::data::{CalibrationSet, DataOptions};
+use crate::calibrate::data::CalibrationSet;
 use crate::ir::Model;
 use crate::passes::{Pass, PassContext, PassStats};
 use anyhow::{Context, Result};
@@ -139,19 +139,13 @@ pub fn mixed_precision(
         );
         return Ok(stats);
     }
-    let synthetic;
-    let calib = match calibration {
-        Some(c) => c,
-        None => {
-            synthetic = CalibrationSet::synthetic(
-                model,
-                opts.synthetic_samples,
-                opts.hessian.seed,
-                &DataOptions::default(),
-            )?;
-            &synthetic
-        }
-    };
+    let calib = CalibrationSet::given_or_synthetic(
+        calibration,
+        model,
+        opts.synthetic_samples,
+        opts.hessian.seed,
+    )?;
+    let calib = &*calib;
     stats.notes.extend(calib.notes.iter().cloned());
     let sens = sensitivities(model, &calib.batches, opts).context("estimating Hessian traces")?;
     if sens.is_empty() {

@@ -61,7 +61,7 @@
 use super::materialize::{self, ActivationRanges};
 use super::placement::{self, NodeSelection};
 use super::{insert, specialized, QuantizeOptions, QuietTensor};
-use crate::calibrate::data::{CalibrationSet, DataOptions};
+use crate::calibrate::data::CalibrationSet;
 use crate::calibrate::observe::{observe_model, Method, ObserveOptions, Observed};
 use crate::ir::graph::subgraphs;
 use crate::ir::op::node_label;
@@ -158,19 +158,9 @@ pub fn quantize(
         );
         return Ok(());
     }
-    let synthetic;
-    let calib = match calibration {
-        Some(c) => c,
-        None => {
-            synthetic = CalibrationSet::synthetic(
-                model,
-                opts.synthetic_samples,
-                opts.seed,
-                &DataOptions::default(),
-            )?;
-            &synthetic
-        }
-    };
+    let calib =
+        CalibrationSet::given_or_synthetic(calibration, model, opts.synthetic_samples, opts.seed)?;
+    let calib = &*calib;
     let copy = match specialized::for_observation(original, calib) {
         Ok(s) => s,
         Err(e) => {

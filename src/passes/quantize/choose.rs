@@ -33,7 +33,7 @@
 //! why, every candidate's loss) for the report.
 
 use super::{quantize_dynamic, quantize_static, QuantizeOptions};
-use crate::calibrate::data::{CalibrationSet, DataOptions};
+use crate::calibrate::data::CalibrationSet;
 use crate::ir::Model;
 use crate::passes::PassStats;
 use crate::runtime::{simulation_graph, Feed, Runner};
@@ -108,19 +108,9 @@ pub fn quantize(
             _ => quantize_static(model, opts, calibration),
         };
     }
-    let synthetic;
-    let calib = match calibration {
-        Some(c) => c,
-        None => {
-            synthetic = CalibrationSet::synthetic(
-                model,
-                opts.synthetic_samples,
-                opts.seed,
-                &DataOptions::default(),
-            )?;
-            &synthetic
-        }
-    };
+    let calib =
+        CalibrationSet::given_or_synthetic(calibration, model, opts.synthetic_samples, opts.seed)?;
+    let calib = &*calib;
     // A target without dynamic activations, or a conv backbone under a transformer neck (PP-OCRv4 rec) that the target quantizes by the
     // CNN rules needs calibrated ranges: dynamic activations only cover linear layers.
     // Learned rounding and W4A8 need calibrated int8 activations (static).

@@ -40,7 +40,7 @@ pub mod smooth;
 pub mod specialized;
 pub mod transformer;
 
-use crate::calibrate::data::{CalibrationSet, DataOptions};
+use crate::calibrate::data::CalibrationSet;
 use crate::calibrate::observe::{Method, Observed};
 use crate::calibrate::params::ActScheme;
 use crate::ir::Model;
@@ -698,19 +698,9 @@ fn quantize_main_graph(
     }
 
     // Calibration.
-    let synthetic;
-    let calib = match calibration {
-        Some(c) => c,
-        None => {
-            synthetic = CalibrationSet::synthetic(
-                model,
-                opts.synthetic_samples,
-                opts.seed,
-                &DataOptions::default(),
-            )?;
-            &synthetic
-        }
-    };
+    let calib =
+        CalibrationSet::given_or_synthetic(calibration, model, opts.synthetic_samples, opts.seed)?;
+    let calib = &*calib;
     stats.notes.extend(calib.notes.iter().cloned());
     let mut observed_on: Option<String> = None;
     // Observed on the model as given: the opset upgrade changes no value.
