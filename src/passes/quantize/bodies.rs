@@ -540,11 +540,12 @@ fn quantize_body(
     let mut o = opts.clone();
     o.exclude_nodes
         .extend(left_float.iter().map(|(n, _)| regex::escape(n)));
-    let shapes = if o.target.policy().boundary_cost.is_some() {
-        Some(body_shapes(&pg, &in_copy, &mut stage.shapes, stage.copy))
-    } else {
-        None
-    };
+    let shapes =
+        if o.target.policy().boundary_cost.is_some() || o.target.policy().float_layers.is_some() {
+            Some(body_shapes(&pg, &in_copy, &mut stage.shapes, stage.copy))
+        } else {
+            None
+        };
     let mut plan = placement::plan_with_shapes(&pg, &o, &NodeSelection::All, shapes.as_ref())?;
     let missing: Vec<String> = plan
         .activations

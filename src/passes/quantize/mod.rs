@@ -200,10 +200,16 @@ fn target_section(opts: &QuantizeOptions, plan: &placement::Plan) -> serde_json:
             "macs": k.macs,
             "region_macs": k.region_macs,
             "boundary_values": k.values,
-            "why": format!(
-                "its int8 region does {} MACs, below the {} its boundaries ({} values through Q/DQ) cost on target {}",
-                k.region_macs, k.boundary_macs, k.values, policy.name
-            ),
+            "rule": k.rule,
+            "why": match k.rule {
+                "region" => format!(
+                    "its int8 region does {} MACs, below the {} its boundaries ({} values through Q/DQ) cost on target {}",
+                    k.region_macs, k.boundary_macs, k.values, policy.name
+                ),
+                "depthwise" => format!("a depthwise convolution: its float kernel is faster than the integer one on target {}", policy.name),
+                "few MACs" => format!("{} MACs, below the {} MACs from which an integer kernel is faster on target {}", k.macs, policy.float_layers.map_or(0, |f| f.conv_min_macs), policy.name),
+                _ => format!("its weight holds fewer than {} values: an integer kernel saves nothing on target {}", policy.float_layers.map_or(0, |f| f.linear_min_weights), policy.name),
+            },
         })).collect::<Vec<_>>(),
     })
 }
@@ -643,13 +649,14 @@ fn quantize_main_graph(
             .extend(opset::upgrade(&mut work, opset::INT4, &opts.input_shapes)?);
     }
     // The target's speed rule needs activation shapes (MACs per value of each heavy op).
-    let shapes = match opts.target.policy().boundary_cost {
-        Some(_) => Some(crate::runtime::shapes::value_shapes(
+    let policy = opts.target.policy();
+    let shapes = match policy.boundary_cost.is_some() || policy.float_layers.is_some() {
+        true => Some(crate::runtime::shapes::value_shapes(
             &work,
             &work.to_proto()?,
             &opts.input_shapes,
         )),
-        None => None,
+        false => None,
     };
     let mut plan = placement::plan_with_shapes(
         &work.graph,
@@ -681,7 +688,7 @@ fn quantize_main_graph(
     if !plan.kept_float.is_empty() {
         let macs: u64 = plan.kept_float.iter().map(|k| k.macs).sum();
         stats.notes.push(format!(
-            "target {}: {} layer(s) ({:.1} M MACs) kept float, in int8 regions whose Q/DQ boundaries would cost more than their integer kernels save (report: quantize details.target)",
+            "target {}: {} layer(s) ({:.1} M MACs) kept float, where their integer kernels would not pay (report: quantize details.target)",
             opts.target.policy().name,
             plan.kept_float.len(),
             macs as f64 / 1e6

@@ -153,6 +153,11 @@ pub struct KeptFloat {
     pub values: u64,
     /// What those boundaries cost, in MACs the region's int8 kernels must save to break even.
     pub boundary_macs: u64,
+    /// Which rule kept it float: `"region"` (its region did not pay for its boundaries,
+    /// [`crate::passes::target::Policy::boundary_cost`]), or one of the per-layer rules of
+    /// [`crate::passes::target::Policy::float_layers`]: `"depthwise"`, `"few MACs"`,
+    /// `"few weights"`.
+    pub rule: &'static str,
 }
 
 impl Plan {
@@ -464,15 +469,18 @@ fn plan_with_cost(
     cost: Option<crate::passes::target::BoundaryCost>,
     policy: &Policy,
 ) -> Result<Plan> {
+    // The layers the target keeps float one by one leave the placement first, so the regions
+    // (and what their boundaries cost) are formed without them.
+    let (mut slow, mut kept_float) = float_layers(g, policy, shapes);
     let (Some(cost), Some(shapes)) = (cost, shapes) else {
-        return plan_once(g, opts, policy, selection, &HashSet::new());
+        let mut plan = plan_once(g, opts, policy, selection, &slow)?;
+        plan.kept_float = kept_float;
+        return Ok(plan);
     };
     // Drop the heavy ops whose saving does not pay for their region boundaries, re-plan, and
     // repeat: a dropped layer turns its neighbours' shared tensors into boundaries, so a
     // region either pays for itself as a whole or goes float. Each round only adds to `slow`,
     // so this ends after at most one round per heavy op.
-    let mut slow: HashSet<NodeIndex> = HashSet::new();
-    let mut kept_float = Vec::new();
     loop {
         let mut plan = plan_once(g, opts, policy, selection, &slow)?;
         let dropped = unprofitable(g, &plan, policy.shape_reads_int8, cost, shapes);
@@ -485,6 +493,98 @@ fn plan_with_cost(
             kept_float.push(k);
         }
     }
+}
+
+/// Whether `n`'s output, or that of the Relu/Clip that alone reads it, is read only by
+/// Conv/ConvTranspose/Gemm/MatMul nodes (and is no graph output).
+fn feeds_only_heavy_ops(g: &Graph, n: &NodeProto) -> bool {
+    let Some(mut y) = n.output.first().filter(|y| !y.is_empty()) else {
+        return false;
+    };
+    if let [(ix, _)] = g.consumers(y) {
+        let act = g.node(*ix);
+        if matches!(act.op_type(), "Relu" | "Clip")
+            && crate::ir::op::is_standard_domain(act.domain())
+        {
+            match act.output.first() {
+                Some(o) => y = o,
+                None => return false,
+            }
+        }
+    }
+    let readers = g.consumers(y);
+    !g.is_graph_output(y)
+        && !readers.is_empty()
+        && readers.iter().all(|&(ix, _)| {
+            let r = g.node(ix);
+            crate::ir::op::is_standard_domain(r.domain())
+                && matches!(r.op_type(), "Conv" | "ConvTranspose" | "Gemm" | "MatMul")
+        })
+}
+
+/// The heavy ops the target keeps float one by one ([`Policy::float_layers`]), in graph order:
+/// depthwise convolutions, convolutions below the MAC floor (needs `shapes`; without them the
+/// MAC rule does not apply) and linear layers with a small constant weight.
+fn float_layers(
+    g: &Graph,
+    policy: &Policy,
+    shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
+) -> (HashSet<NodeIndex>, Vec<KeptFloat>) {
+    let mut slow = HashSet::new();
+    let mut kept = Vec::new();
+    let Some(rule) = policy.float_layers else {
+        return (slow, kept);
+    };
+    let weight_shape = |n: &NodeProto| {
+        n.input
+            .get(1)
+            .and_then(|w| g.constant(w))
+            .and_then(|t| tensor::shape(t).ok())
+    };
+    for ix in g.node_indices() {
+        let n = g.node(ix);
+        if !crate::ir::op::is_standard_domain(n.domain()) {
+            continue;
+        }
+        let macs = shapes.and_then(|s| crate::ir::facts::node_macs(n, s));
+        let depthwise = n.op_type() == "Conv"
+            && n.attr_int("group").ok().flatten().unwrap_or(1) > 1
+            && weight_shape(n).is_some_and(|w| w.get(1) == Some(&1));
+        // A depthwise conv whose output (through a Relu/Clip) only feeds heavy ops sits inside
+        // an int8 chain (MobileNetV2's inverted residual): float there costs a layout reorder
+        // at each end and doubles the bytes of the expanded tensors (MobileNetV2 1.31x ->
+        // 1.18x measured), so it stays int8 whatever its MACs.
+        if depthwise && feeds_only_heavy_ops(g, n) {
+            continue;
+        }
+        let why = match n.op_type() {
+            "Conv" if rule.depthwise && depthwise => Some("depthwise"),
+            "Conv" | "ConvTranspose" if macs.is_some_and(|m| m < rule.conv_min_macs) => {
+                Some("few MACs")
+            }
+            "Gemm" | "MatMul"
+                if weight_shape(n).is_some_and(|w| {
+                    (w.iter().product::<usize>() as u64) < rule.linear_min_weights
+                }) =>
+            {
+                Some("few weights")
+            }
+            _ => None,
+        };
+        if let Some(why) = why {
+            slow.insert(ix);
+            kept.push(KeptFloat {
+                node: node_label(n).to_string(),
+                op: n.op_type().to_string(),
+                macs: macs.unwrap_or(0),
+                region_macs: macs.unwrap_or(0),
+                values: 0,
+                boundary_macs: 0,
+                rule: why,
+            });
+        }
+    }
+    (slow, kept)
 }
 
 /// The heavy ops of the int8 regions of `plan` that do not pay for their boundaries. A region
@@ -587,6 +687,7 @@ fn unprofitable(
                     region_macs: macs[&r],
                     values,
                     boundary_macs,
+                    rule: "region",
                 },
             ));
         }
