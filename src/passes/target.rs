@@ -238,7 +238,7 @@ const OPENVINO: Policy = Policy {
 /// pointwise convolutions below 1 M MACs 0.74-0.82x, 1-2 M 1.02x, 2-4 M 1.34x).
 pub const OPENVINO_FLOAT_LAYERS: FloatLayers = FloatLayers {
     depthwise: true,
-    conv_min_macs: 2_000_000,
+    conv_min_macs: 1_500_000,
     linear_min_weights: 16_384,
 };
 
