@@ -310,4 +310,17 @@ mod tests {
         assert!(Target::Generic.policy().int8_activations);
         assert!(!Target::Tract.policy().int8_activations);
     }
+
+    #[test]
+    fn only_openvino_keeps_layers_float_one_by_one() {
+        // ORT, generic and tract outputs do not change with the per-layer rule.
+        for t in [Target::Generic, Target::Tract, Target::Ort] {
+            assert_eq!(t.policy().float_layers, None, "{}", t.policy().name);
+        }
+        let f = Target::Openvino
+            .policy()
+            .float_layers
+            .expect("openvino rule");
+        assert!(f.depthwise && f.conv_min_macs > 0 && f.linear_min_weights > 0);
+    }
 }
