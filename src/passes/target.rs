@@ -9,7 +9,7 @@
 //! | target | int8 activations (`quantize`) | weight-only int8 (`weight-only`) |
 //! |---|---|---|
 //! | `ort` | the `quantize` rules plus Slice as a pass-through op and Shape reading the int8 tensor, then per int8 region: kept only when its Conv/Gemm/MatMul MACs exceed the cost of its boundaries ([`ORT_BOUNDARY_COST`]); a transformer's Conv layers by the CNN rules, calibrated (static) | LSTM, GRU, RNN, Gather only (a DQ before a float Conv runs at every inference in ORT) |
-//! | `openvino` | Q/DQ only on the activation inputs of Conv/ConvTranspose/Gemm/MatMul (NNCF's placement), static on transformers too | LSTM, GRU, RNN, Gather |
+//! | `openvino` | Q/DQ only on the activation inputs of Conv/ConvTranspose/Gemm/MatMul (NNCF's placement), static on transformers too; kept float one by one ([`OPENVINO_FLOAT_LAYERS`]): depthwise convs unless their output (through a Relu/Clip) only feeds heavy ops, convs below 1.5 M MACs, Gemm/MatMul with fewer than 16384 weight values | LSTM, GRU, RNN, Gather |
 //! | `generic` | today's maximal placement | the weight-heavy ops without integer kernels (LSTM, GRU, RNN, Gather tables) and any Conv/ConvTranspose/Gemm/MatMul weight the activation rules left float |
 //! | `tract` | none: activations stay float | every Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU/RNN/Gather weight, in chunks of at most 4 MiB of float (what tract folds at load) |
 //!
@@ -43,6 +43,25 @@
 //! lets the low-precision transformations choose output precisions themselves, and static
 //! activations replace the dynamic MatMul that OpenVINO ran in float (ConvNeXt-tiny under
 //! `generic`: 0/59 int8 layers, 0.42x; under `openvino`: 59/59).
+//!
+//! Per-layer rule of `openvino` (BENCHMARKS.md "Runtime targets: openvino per-layer rule"):
+//! OpenVINO runs the fp32 file's float layers in bf16 by default on a CPU with AVX512-BF16
+//! (the benchmark machine's), so an int8 kernel competes with a bf16 one, not an f32 one.
+//! Per-layer profiles (`PERF_COUNT`, fp32 file and `openvino` output interleaved) over six
+//! CNNs (MobileNetV3-small, PP-OCR cls, EfficientNet-B0, ShuffleNetV2, MobileNetV2,
+//! ResNet-18), u8 time against the fp32 file's: depthwise convs 0.65-0.94x as fast in every
+//! model and MAC range; pointwise convs below 1 M MACs 0.74-0.82x, 1-2 M 1.02x, 2-4 M 1.34x,
+//! above 4 M 1.6-3x; linear layers 1.3-1.7x from 0.6 M weights (PP-OCR cls's 400-weight FC
+//! 1.07x, noise). Keeping the depthwise convs float: EfficientNet-B0 1.09x -> 1.14x,
+//! MobileNetV3-small 0.98-1.03x -> 1.02-1.05x, but MobileNetV2 1.31x -> 1.18x: there the
+//! depthwise conv sits between two int8 pointwise convs behind a Relu6, and float costs a
+//! layout reorder at each end and bf16 instead of u8 expanded tensors (+300 us of Reorders
+//! in its profile), hence the chain exception. PP-OCR cls (largest conv 1.23 M MACs, all
+//! layers float): 0.79x -> 1.0x (an all-float file; int8 cannot pay on layers this thin).
+//! The stem conv (3 input channels, plus the input's FakeQuantize and reorder) measured no
+//! better float on four models and stays under the MAC rule only. Untuned checks: ResNet-50,
+//! RegNetX-400MF, DenseNet-121 and SqueezeNet 1.1 have no layer the rule touches at 1.5 M
+//! (byte-identical outputs; at a 2 M floor 2-16 of their layers went float, 1-2% slower).
 //!
 //! Evidence behind `tract` (issue 20, measured with tract-onnx 0.23.9): tract runs Q/DQ graphs
 //! in float, about 2x slower than fp32, and QLinearConv about 50x slower; DequantizeLinear of a
