@@ -496,8 +496,9 @@ fn plan_with_cost(
 }
 
 /// Whether `n`'s output, or that of the Relu/Clip that alone reads it, is read only by
-/// Conv/ConvTranspose/Gemm/MatMul nodes (and is no graph output).
-fn feeds_only_heavy_ops(g: &Graph, n: &NodeProto) -> bool {
+/// Conv/ConvTranspose/Gemm/MatMul nodes that stay int8 (not in `float`), and is no graph
+/// output.
+fn feeds_only_int8_heavy_ops(g: &Graph, n: &NodeProto, float: &HashSet<NodeIndex>) -> bool {
     let Some(mut y) = n.output.first().filter(|y| !y.is_empty()) else {
         return false;
     };
@@ -519,6 +520,7 @@ fn feeds_only_heavy_ops(g: &Graph, n: &NodeProto) -> bool {
             let r = g.node(ix);
             crate::ir::op::is_standard_domain(r.domain())
                 && matches!(r.op_type(), "Conv" | "ConvTranspose" | "Gemm" | "MatMul")
+                && !float.contains(&ix)
         })
 }
 
@@ -541,22 +543,51 @@ fn float_layers(
             .and_then(|w| g.constant(w))
             .and_then(|t| tensor::shape(t).ok())
     };
-    for ix in g.node_indices() {
-        let n = g.node(ix);
-        if !crate::ir::op::is_standard_domain(n.domain()) {
-            continue;
-        }
-        let macs = shapes.and_then(|s| crate::ir::facts::node_macs(n, s));
-        let depthwise = n.op_type() == "Conv"
+    let depthwise = |n: &NodeProto| {
+        n.op_type() == "Conv"
             && n.attr_int("group").ok().flatten().unwrap_or(1) > 1
-            && weight_shape(n).is_some_and(|w| w.get(1) == Some(&1));
-        // A depthwise conv whose output (through a Relu/Clip) only feeds heavy ops sits inside
-        // an int8 chain (MobileNetV2's inverted residual): float there costs a layout reorder
-        // at each end and doubles the bytes of the expanded tensors (MobileNetV2 1.31x ->
-        // 1.18x measured), so it stays int8 whatever its MACs.
-        if depthwise && feeds_only_heavy_ops(g, n) {
-            continue;
+            && weight_shape(n).is_some_and(|w| w.get(1) == Some(&1))
+    };
+    // Two rounds: the other layers first, then the depthwise convs, which depend on them.
+    let mut rows = Vec::new();
+    for dw_round in [false, true] {
+        for ix in g.node_indices() {
+            let n = g.node(ix);
+            if !crate::ir::op::is_standard_domain(n.domain()) || depthwise(n) != dw_round {
+                continue;
+            }
+            // A depthwise conv whose output (through a Relu/Clip) only feeds heavy ops that
+            // stay int8 sits inside an int8 chain (MobileNetV2's inverted residual): float
+            // there costs a layout reorder at each end and doubles the bytes of the expanded
+            // tensors (MobileNetV2 1.31x -> 1.18x measured), so it stays int8 whatever its
+            // MACs. Where those readers are float themselves (PP-OCR cls), it follows them.
+            if dw_round && feeds_only_int8_heavy_ops(g, n, &slow) {
+                continue;
+            }
+            if let Some(row) = float_layer(g, n, ix, rule, shapes, dw_round, &weight_shape) {
+                slow.insert(ix);
+                rows.push((ix, row));
+            }
         }
+    }
+    // Report in graph (index) order.
+    rows.sort_by_key(|(ix, _)| *ix);
+    kept.extend(rows.into_iter().map(|(_, k)| k));
+    (slow, kept)
+}
+
+/// Why node `n` stays float under the per-layer rule, if it does.
+fn float_layer(
+    _g: &Graph,
+    n: &NodeProto,
+    _ix: NodeIndex,
+    rule: crate::passes::target::FloatLayers,
+    shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
+    depthwise: bool,
+    weight_shape: &dyn Fn(&NodeProto) -> Option<Vec<usize>>,
+) -> Option<KeptFloat> {
+    {
+        let macs = shapes.and_then(|s| crate::ir::facts::node_macs(n, s));
         let why = match n.op_type() {
             "Conv" if rule.depthwise && depthwise => Some("depthwise"),
             "Conv" | "ConvTranspose" if macs.is_some_and(|m| m < rule.conv_min_macs) => {
@@ -571,20 +602,16 @@ fn float_layers(
             }
             _ => None,
         };
-        if let Some(why) = why {
-            slow.insert(ix);
-            kept.push(KeptFloat {
-                node: node_label(n).to_string(),
-                op: n.op_type().to_string(),
-                macs: macs.unwrap_or(0),
-                region_macs: macs.unwrap_or(0),
-                values: 0,
-                boundary_macs: 0,
-                rule: why,
-            });
-        }
+        why.map(|why| KeptFloat {
+            node: node_label(n).to_string(),
+            op: n.op_type().to_string(),
+            macs: macs.unwrap_or(0),
+            region_macs: macs.unwrap_or(0),
+            values: 0,
+            boundary_macs: 0,
+            rule: why,
+        })
     }
-    (slow, kept)
 }
 
 /// The heavy ops of the int8 regions of `plan` that do not pay for their boundaries. A region
