@@ -132,7 +132,28 @@ pub struct Policy {
     /// `Shape` nodes read the int8 tensor instead of its DequantizeLinear output (same shape),
     /// so a shape computation is no region boundary and runs no DequantizeLinear.
     pub shape_reads_int8: bool,
+    /// Measure, in tract on calibration samples, what each layer the `scalar_operands` rules
+    /// add to the int8 region costs in output SQNR, and keep only those that fit within a
+    /// margin of the placement without them ([`crate::passes::quantize::guard`]). `None` =
+    /// every placement the rules make is kept (the other rows' behaviour).
+    pub guard: Option<FidelityGuard>,
 }
+
+/// Settings of the fidelity guard ([`crate::passes::quantize::guard`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct FidelityGuard {
+    /// Output SQNR the kept optional layers together may cost against the conservative
+    /// placement, in hundredths of a dB (50 = the 0.5 dB fidelity margin).
+    pub margin_centi_db: u32,
+    /// Calibration samples each measurement runs (the first of the set, in order).
+    pub samples: usize,
+}
+
+/// See [`Policy::guard`].
+pub const DEFAULT_GUARD: FidelityGuard = FidelityGuard {
+    margin_centi_db: 50,
+    samples: 16,
+};
 
 const GENERIC: Policy = Policy {
     name: "generic",
@@ -147,6 +168,7 @@ const GENERIC: Policy = Policy {
     scalar_operands: false,
     pass_through: &[],
     shape_reads_int8: false,
+    guard: None,
     // Conv/Gemm/MatMul weights the activation rules quantized are DequantizeLinear outputs by
     // the time `weight-only` runs, so only the ones they skipped (a constant A operand, an
     // excluded consumer's neighbour...) are still float constants here.
@@ -189,6 +211,7 @@ const ORT: Policy = Policy {
     scalar_operands: false,
     pass_through: &["Slice"],
     shape_reads_int8: true,
+    guard: None,
 };
 
 /// See [`Policy::boundary_cost`] and the module docs (measured on MobileNetV3-small).
@@ -211,6 +234,7 @@ const OPENVINO: Policy = Policy {
     scalar_operands: false,
     pass_through: &[],
     shape_reads_int8: false,
+    guard: None,
 };
 
 const TRACT: Policy = Policy {
@@ -225,6 +249,7 @@ const TRACT: Policy = Policy {
     scalar_operands: false,
     pass_through: &[],
     shape_reads_int8: false,
+    guard: None,
     float_activations_because: "target tract: activations stay float (tract runs QuantizeLinear/DequantizeLinear graphs in float, measured ~2x slower than fp32); weights are stored int8 by weight-only",
     weight_only_ops: &[
         "LSTM",

@@ -451,8 +451,8 @@ pub fn plan_with_shapes(
     selection: &NodeSelection,
     shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
 ) -> Result<Plan> {
-    let policy = opts.target.policy();
-    plan_with_cost(g, opts, selection, shapes, policy.boundary_cost, policy)
+    let policy = opts.policy();
+    plan_with_cost(g, opts, selection, shapes, policy.boundary_cost, &policy)
 }
 
 /// [`plan_with_shapes`] with the boundary cost given (the policy's, or a test's).
@@ -464,14 +464,29 @@ fn plan_with_cost(
     cost: Option<crate::passes::target::BoundaryCost>,
     policy: &Policy,
 ) -> Result<Plan> {
+    plan_seeded(g, opts, selection, shapes, cost, policy, &HashSet::new())
+}
+
+/// [`plan_with_shapes`] under `policy` (the target's, or a variant of it the fidelity guard
+/// compares with, [`super::guard`]) with the nodes in `float` left float from the start; `cost`
+/// `None` places without the boundary rule.
+pub(crate) fn plan_seeded(
+    g: &Graph,
+    opts: &QuantizeOptions,
+    selection: &NodeSelection,
+    shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
+    cost: Option<crate::passes::target::BoundaryCost>,
+    policy: &Policy,
+    float: &HashSet<NodeIndex>,
+) -> Result<Plan> {
     let (Some(cost), Some(shapes)) = (cost, shapes) else {
-        return plan_once(g, opts, policy, selection, &HashSet::new());
+        return plan_once(g, opts, policy, selection, float);
     };
     // Drop the heavy ops whose saving does not pay for their region boundaries, re-plan, and
     // repeat: a dropped layer turns its neighbours' shared tensors into boundaries, so a
     // region either pays for itself as a whole or goes float. Each round only adds to `slow`,
     // so this ends after at most one round per heavy op.
-    let mut slow: HashSet<NodeIndex> = HashSet::new();
+    let mut slow: HashSet<NodeIndex> = float.clone();
     let mut kept_float = Vec::new();
     loop {
         let mut plan = plan_once(g, opts, policy, selection, &slow)?;
