@@ -22,17 +22,22 @@
 //! `e = Σ (y - ŷ)² / Σ y²` over all outputs and samples against the float model (SQNR =
 //! -10 log10 e).
 //!
-//! Selection: `e_0` = no group allowed (the conservative placement), `e_g` = only group `g`
-//! allowed; its cost is `c_g = max(0, e_g - e_0)` and its saving `m_g` = its MACs. Groups are
-//! taken in increasing `c_g / m_g` (ties: graph order) while `Σ c_g <= e_0 (10^(margin/10) - 1)`
-//! (a group that does not fit is skipped, later cheaper ones still tried). The chosen set is
+//! Selection: `e_c` = the conservative placement (the pass's plan under the conservative
+//! policy), `e_0` = the target's rules with no group allowed (the optional elementwise rules
+//! around the conservative layers already cost something), `e_g` = only group `g` allowed; its
+//! cost is `c_g = max(0, e_g - e_0)` and its saving `m_g` = its MACs. Groups are taken in
+//! increasing `c_g / m_g` (ties: graph order) while `e_0 + Σ c_g <= e_c 10^(margin/10)` (a
+//! group that does not fit is skipped, later cheaper ones still tried). When none is kept the
+//! pass places by the conservative policy on the graph as given (no decomposition): today's
+//! output for the target, byte for byte. The chosen set is
 //! then placed with the boundary rule (a region that does not pay for its Q/DQ goes float,
 //! which only removes error) and measured; if it misses `e_0 10^(margin/10)` (the errors did
 //! not add up), the last half of the chosen groups is dropped and it is measured again, at most
 //! [`MAX_VERIFICATIONS`] times, then none is kept.
 //!
-//! Cost: `2 + groups + at most MAX_VERIFICATIONS` tract plans (the float reference, `e_0`, one
-//! per group, the checks), each run on `samples` samples (in parallel, summed in sample order:
+//! Cost: `3 + groups + at most MAX_VERIFICATIONS` tract plans (the float reference, the
+//! conservative placement, `e_0`, one per group, the checks; 2 when the conservative output is
+//! all float, which no int8 layer can match within a relative margin), each run on `samples` samples (in parallel, summed in sample order:
 //! the choice does not depend on the thread count). Ranges are those the pass observed on the
 //! whole calibration set; the measurement is in sample (the calibration data).
 
@@ -102,6 +107,7 @@ impl GuardReport {
         let macs = |gs: &[&GroupReport]| gs.iter().map(|g| g.macs).sum::<u64>() as f64 / 1e6;
         let worst = reverted
             .iter()
+            .filter(|g| g.cost_db.is_finite())
             .max_by(|a, b| a.cost_db.total_cmp(&b.cost_db))
             .map(|g| format!(" (costliest: '{}' {:.2} dB)", g.nodes[0], g.cost_db))
             .unwrap_or_default();
@@ -376,6 +382,41 @@ pub fn choose(
         )
     };
     let e_cons = meter.error(&candidates.conservative)?;
+    let db = |e: f64| {
+        if e > 0.0 {
+            -10.0 * e.log10()
+        } else {
+            f64::INFINITY
+        }
+    };
+    if e_cons <= 0.0 {
+        // The conservative output is exact (all float): any int8 layer is past a relative
+        // margin, nothing to measure.
+        let groups = candidates
+            .groups
+            .iter()
+            .map(|grp| GroupReport {
+                nodes: grp
+                    .iter()
+                    .map(|&ix| node_label(g.node(ix)).to_string())
+                    .collect(),
+                macs: 0,
+                sqnr_alone_db: f64::NAN,
+                cost_db: f64::NAN,
+                kept: false,
+            })
+            .collect();
+        let report = GuardReport {
+            margin_db: f64::from(settings.margin_centi_db) / 100.0,
+            samples,
+            conservative_sqnr_db: f64::INFINITY,
+            optional_rules_sqnr_db: f64::NAN,
+            chosen_sqnr_db: f64::INFINITY,
+            tract_plans: meter.plans,
+            groups,
+        };
+        return Ok((None, report));
+    }
     let e0 = meter.error(&variant(&[], None)?)?;
     let mut costs = Vec::new();
     let mut alone = Vec::new();
@@ -424,13 +465,6 @@ pub fn choose(
             (None, e_cons)
         }
     };
-    let db = |e: f64| {
-        if e > 0.0 {
-            -10.0 * e.log10()
-        } else {
-            f64::INFINITY
-        }
-    };
     let groups = candidates
         .groups
         .iter()
@@ -463,6 +497,92 @@ pub fn choose(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::calibrate::files::DataOptions;
+    use crate::passes::target::DEFAULT_GUARD;
+
+    /// x -> conv_c -> conv_a -> conv_b -> y. conv_c zeroes channel 0 and passes channel 1;
+    /// conv_a's first row reads channel 1 at weight 0.001 beside a 1000 (per-channel int8
+    /// rounds the 0.001 to 0, so y = 1000 a[0] = x[1] becomes 0: harmful); conv_b's int8 input,
+    /// weight and output sit on grids proportional to conv_c's (harmless).
+    const CHAIN: &str = r#"<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,2,4,4] x) => (float[1,1,4,4] y)
+<
+   float[2,2,1,1] wc = {0.0, 0.0, 0.0, 1.0},
+   float[2,2,1,1] wa = {1000.0, 0.001, 0.0, 0.001},
+   float[1,2,1,1] wb = {1000.0, 0.0}
+>
+{
+   [conv_c] c = Conv (x, wc)
+   [conv_a] a = Conv (c, wa)
+   [conv_b] y = Conv (a, wb)
+}"#;
+
+    #[test]
+    fn guard_reverts_the_harmful_layer_and_keeps_the_harmless_one() {
+        let model = Model::from_proto(crate::onnx::text::parse_model(CHAIN).unwrap()).unwrap();
+        let g = &model.graph;
+        let ix = |name: &str| {
+            g.node_indices()
+                .find(|&i| node_label(g.node(i)) == name)
+                .unwrap()
+        };
+        let (c, a, b) = (ix("conv_c"), ix("conv_a"), ix("conv_b"));
+        let opts = QuantizeOptions::default();
+        let policy = opts.policy();
+        let full = placement::plan(g, &opts, &NodeSelection::All).unwrap();
+        let conservative = placement::plan_seeded(
+            g,
+            &opts,
+            &NodeSelection::All,
+            None,
+            None,
+            &policy,
+            &[a, b].into_iter().collect(),
+        )
+        .unwrap();
+        let candidates = Candidates {
+            conservative,
+            groups: vec![vec![a], vec![b]],
+            base: [c].into_iter().collect(),
+            all_heavy: vec![c, a, b],
+        };
+        let calib = CalibrationSet::synthetic(&model, 16, 7, &DataOptions::default()).unwrap();
+        let observe = candidates.observed_tensors(&full);
+        let proto = model.to_proto().unwrap();
+        let ranges = materialize::calibrate(&observe, &model, &proto, &calib, &opts).unwrap();
+        let run = || {
+            choose(
+                &model,
+                &opts,
+                DEFAULT_GUARD,
+                &candidates,
+                None,
+                &ranges.observed,
+                &calib,
+            )
+            .unwrap()
+        };
+        let (plan, report) = run();
+        let plan = plan.expect("conv_b is kept");
+        let int8: Vec<&str> = plan.nodes.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(int8.contains(&"conv_b") && int8.contains(&"conv_c"), "{int8:?}");
+        assert!(!int8.contains(&"conv_a"), "{int8:?}");
+        let kept: Vec<bool> = report.groups.iter().map(|g| g.kept).collect();
+        assert_eq!(kept, [false, true]);
+        assert!(report.groups[0].cost_db > 10.0, "{report:?}");
+        assert!(report.groups[1].cost_db < 0.5, "{report:?}");
+        assert!(report.chosen_sqnr_db >= report.conservative_sqnr_db - 0.5);
+        // 2 + 1 + 2 groups + 1 check.
+        assert_eq!(report.tract_plans, 6);
+        // Same choice and numbers with one thread (samples are summed in order).
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let (_, again) = pool.install(run);
+        assert_eq!(
+            serde_json::to_string(&again).unwrap(),
+            serde_json::to_string(&report).unwrap()
+        );
+    }
 
     #[test]
     fn select_takes_cheapest_per_mac_within_budget() {
