@@ -38,6 +38,17 @@
 //! kernels, which fuse HardSwish), and PP-OCRv4 rec 2.1-2.3x but at 7-9 dB SQNR (19 dB float
 //! backbone); SiLU stays QLinearSigmoid + QLinearMul (EfficientNet-B0 1.05x; float SiLU 0.84x).
 //!
+//! The fidelity guard ([`Policy::guard`], [`crate::passes::quantize::guard`]) measures in tract
+//! what each layer those rules add costs and keeps only what fits 0.5 dB of the conservative
+//! placement; it is `None` in every row. Measured with it on in `ort` (decompositions and
+//! scalar operands on, BENCHMARKS.md "Fidelity guard"): all eight issue-20 models byte-identical
+//! to `ort` without it. PP-OCRv4 rec: every one of its 17 optional layer groups is past the
+//! margin on its own once the optional elementwise rules are on (the int8 learnable-affine and
+//! HardSwish outputs of the first blocks cost most), so the guard falls back to today's
+//! placement after 20 tract plans (+47 s); MobileNetV3-small's conservative output is all
+//! float (exact), which no int8 layer matches within a relative margin. Same bytes, more time:
+//! left off.
+//!
 //! Evidence behind `openvino` (OpenVINO 2026.4 CPU plugin): the runtime graph's
 //! `runtimePrecision` shows u8 convolutions either way; quantizing only the heavy ops' inputs
 //! lets the low-precision transformations choose output precisions themselves, and static
@@ -205,8 +216,9 @@ const ORT: Policy = Policy {
     // PP-OCRv4 rec entirely int8 in ORT (QLinearAdd/QLinearMul, no float op left), but
     // measured: MobileNetV3-small 0.90-0.98x fp32 (float: 1.0x; its depthwise and stem
     // QLinearConvs are slower than ORT's NCHWc float kernels), PP-OCRv4 rec 2.1-2.3x at 7-9 dB
-    // SQNR instead of 19 dB (BENCHMARKS.md "Runtime targets, third run"): off until a
-    // fidelity guard chooses them per model.
+    // SQNR instead of 19 dB (BENCHMARKS.md "Runtime targets, third run"). With the fidelity
+    // guard (`guard: Some(DEFAULT_GUARD)`) every issue-20 model came out byte-identical to this
+    // row, PP-OCRv4 rec after 47 s of measuring (BENCHMARKS.md "Fidelity guard"): off.
     decompose: &[],
     scalar_operands: false,
     pass_through: &["Slice"],

@@ -566,7 +566,10 @@ g (float[1,2,4,4] x) => (float[1,1,4,4] y)
         let (plan, report) = run();
         let plan = plan.expect("conv_b is kept");
         let int8: Vec<&str> = plan.nodes.iter().map(|(n, _)| n.as_str()).collect();
-        assert!(int8.contains(&"conv_b") && int8.contains(&"conv_c"), "{int8:?}");
+        assert!(
+            int8.contains(&"conv_b") && int8.contains(&"conv_c"),
+            "{int8:?}"
+        );
         assert!(!int8.contains(&"conv_a"), "{int8:?}");
         let kept: Vec<bool> = report.groups.iter().map(|g| g.kept).collect();
         assert_eq!(kept, [false, true]);
@@ -576,7 +579,10 @@ g (float[1,2,4,4] x) => (float[1,1,4,4] y)
         // 2 + 1 + 2 groups + 1 check.
         assert_eq!(report.tract_plans, 6);
         // Same choice and numbers with one thread (samples are summed in order).
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
         let (_, again) = pool.install(run);
         assert_eq!(
             serde_json::to_string(&again).unwrap(),

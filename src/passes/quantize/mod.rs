@@ -787,7 +787,9 @@ fn quantize_main_graph(
             }
             Err(e) => (
                 None,
-                format!("fidelity guard could not measure ({e:#}); the conservative placement is kept"),
+                format!(
+                    "fidelity guard could not measure ({e:#}); the conservative placement is kept"
+                ),
             ),
         };
         let Some(mut chosen) = chosen else {
