@@ -14,24 +14,26 @@
 //! after (Conv_a measured harmful):    x -> Conv_a -> HardSwish pieces (float) -> Q/DQ -> Conv_b -> ...
 //! ```
 //!
-//! Groups: the heavy ops (Conv/ConvTranspose/Gemm/MatMul) int8 under the target's policy but
-//! float under its conservative form (`scalar_operands` off); with more than [`MAX_GROUPS`],
-//! consecutive ones (graph order) form one group. Every measurement is the placement with a
+//! Groups: each heavy op (Conv/ConvTranspose/Gemm/MatMul) int8 under the target's policy but
+//! float under its conservative form (`scalar_operands` off), with the optional elementwise
+//! nodes that follow it in graph order (its HardSwish pieces, scalar gains and shifts);
+//! optional elementwise nodes after a conservative heavy op form a group of their own (no
+//! MACs). With more than [`MAX_GROUPS`], consecutive ones form one group. Every measurement is the placement with a
 //! set of groups allowed int8 (the others float, no boundary rule), its Q/DQ inserted exactly
 //! as the pass does, run in tract on the first `samples` calibration samples; its error is
 //! `e = Σ (y - ŷ)² / Σ y²` over all outputs and samples against the float model (SQNR =
 //! -10 log10 e).
 //!
 //! Selection: `e_c` = the conservative placement (the pass's plan under the conservative
-//! policy), `e_0` = the target's rules with no group allowed (the optional elementwise rules
-//! around the conservative layers already cost something), `e_g` = only group `g` allowed; its
+//! policy), `e_0` = the target's rules with no group allowed (on the decomposed graph; the
+//! conservative placement up to the decompositions' float rewrites), `e_g` = only group `g` allowed; its
 //! cost is `c_g = max(0, e_g - e_0)` and its saving `m_g` = its MACs. Groups are taken in
 //! increasing `c_g / m_g` (ties: graph order) while `e_0 + Σ c_g <= e_c 10^(margin/10)` (a
 //! group that does not fit is skipped, later cheaper ones still tried). When none is kept the
 //! pass places by the conservative policy on the graph as given (no decomposition): today's
 //! output for the target, byte for byte. The chosen set is
 //! then placed with the boundary rule (a region that does not pay for its Q/DQ goes float,
-//! which only removes error) and measured; if it misses `e_0 10^(margin/10)` (the errors did
+//! which only removes error) and measured; if it misses `e_c 10^(margin/10)` (the errors did
 //! not add up), the last half of the chosen groups is dropped and it is measured again, at most
 //! [`MAX_VERIFICATIONS`] times, then none is kept.
 //!
@@ -135,6 +137,14 @@ fn heavy_int8(g: &crate::ir::Graph, plan: &Plan) -> HashSet<NodeIndex> {
         .filter(|(_, op)| HEAVY.contains(&op.as_str()))
         .map(|(n, _)| n.as_str())
         .collect();
+    g.node_indices()
+        .filter(|&ix| names.contains(node_label(g.node(ix))))
+        .collect()
+}
+
+/// Every node `plan` quantizes, as node indices of `g`.
+fn plan_nodes(g: &crate::ir::Graph, plan: &Plan) -> HashSet<NodeIndex> {
+    let names: HashSet<&str> = plan.nodes.iter().map(|(n, _)| n.as_str()).collect();
     g.node_indices()
         .filter(|&ix| names.contains(node_label(g.node(ix))))
         .collect()
@@ -265,7 +275,8 @@ pub struct Candidates {
     groups: Vec<Vec<NodeIndex>>,
     /// Heavy ops int8 in the conservative plan.
     base: HashSet<NodeIndex>,
-    /// Every heavy op of the graph.
+    /// Every heavy op of the graph, then every optional elementwise node: what a placement
+    /// may leave float.
     all_heavy: Vec<NodeIndex>,
 }
 
@@ -289,20 +300,44 @@ impl Candidates {
         )?;
         let base = heavy_int8(g, &conservative);
         let full_heavy = heavy_int8(g, full);
+        let (full_nodes, cons_nodes) = (plan_nodes(g, full), plan_nodes(g, &conservative));
         let order = g.topo_order()?;
-        let optional: Vec<NodeIndex> = order
+        // Units in graph order: an optional heavy op with the optional elementwise nodes after
+        // it (its HardSwish pieces, scalar gains and shifts), or such nodes after a heavy op
+        // that is not optional (a unit of their own, no MACs).
+        let mut units: Vec<Vec<NodeIndex>> = Vec::new();
+        let mut current: Option<usize> = None;
+        for &ix in &order {
+            if HEAVY.contains(&g.node(ix).op_type()) {
+                current = None;
+                if full_heavy.contains(&ix) && !base.contains(&ix) {
+                    units.push(vec![ix]);
+                    current = Some(units.len() - 1);
+                }
+            } else if full_nodes.contains(&ix) && !cons_nodes.contains(&ix) {
+                match current {
+                    Some(u) => units[u].push(ix),
+                    None => {
+                        units.push(vec![ix]);
+                        current = Some(units.len() - 1);
+                    }
+                }
+            }
+        }
+        let heavy_units = units
             .iter()
-            .copied()
-            .filter(|ix| full_heavy.contains(ix) && !base.contains(ix))
-            .collect();
-        if optional.is_empty() {
+            .filter(|u| u.iter().any(|&ix| HEAVY.contains(&g.node(ix).op_type())))
+            .count();
+        if heavy_units == 0 {
             return Ok(None);
         }
-        let per = optional.len().div_ceil(MAX_GROUPS);
-        let groups = optional.chunks(per).map(|c| c.to_vec()).collect();
+        let optional: Vec<NodeIndex> = units.iter().flatten().copied().collect();
+        let per = units.len().div_ceil(MAX_GROUPS);
+        let groups = units.chunks(per).map(|c| c.concat()).collect();
         let all_heavy = order
             .into_iter()
             .filter(|&ix| HEAVY.contains(&g.node(ix).op_type()))
+            .chain(optional)
             .collect();
         Ok(Some(Candidates {
             conservative,
@@ -425,6 +460,7 @@ pub fn choose(
         .iter()
         .map(|grp| {
             grp.iter()
+                .filter(|&&ix| HEAVY.contains(&g.node(ix).op_type()))
                 .map(|&ix| {
                     shapes
                         .and_then(|s| crate::ir::facts::node_macs(g.node(ix), s))
