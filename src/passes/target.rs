@@ -41,13 +41,14 @@
 //! The fidelity guard ([`Policy::guard`], [`crate::passes::quantize::guard`]) measures in tract
 //! what each layer those rules add costs and keeps only what fits 0.5 dB of the conservative
 //! placement; it is `None` in every row. Measured with it on in `ort` (decompositions and
-//! scalar operands on, BENCHMARKS.md "Fidelity guard"): all eight issue-20 models byte-identical
-//! to `ort` without it. PP-OCRv4 rec: every one of its 17 optional layer groups is past the
-//! margin on its own once the optional elementwise rules are on (the int8 learnable-affine and
-//! HardSwish outputs of the first blocks cost most), so the guard falls back to today's
-//! placement after 20 tract plans (+47 s); MobileNetV3-small's conservative output is all
-//! float (exact), which no int8 layer matches within a relative margin. Same bytes, more time:
-//! left off.
+//! scalar operands on, BENCHMARKS.md "Fidelity guard"): seven of the eight issue-20 models
+//! byte-identical to `ort` (MobileNetV3-small's conservative output is all float, which no int8
+//! layer matches within a relative margin; six have no optional layer). PP-OCRv4 rec: 19
+//! groups measured (25 tract plans, +50 s), 2 kept, whose regions the boundary rule then drops:
+//! today's 4 int8 convs on the decomposed graph (conv-affine folded), 18.85 dB / 1.35x against
+//! `ort`'s 19.12 dB / 1.25x in the same run, one measurement at load 8-10. Not switched on yet:
+//! the speed comes from the float rewrites, not from a kept int8 layer, and one run is not a
+//! default (see BENCHMARKS.md for what is left to check).
 //!
 //! Evidence behind `openvino` (OpenVINO 2026.4 CPU plugin): the runtime graph's
 //! `runtimePrecision` shows u8 convolutions either way; quantizing only the heavy ops' inputs
@@ -217,8 +218,9 @@ const ORT: Policy = Policy {
     // measured: MobileNetV3-small 0.90-0.98x fp32 (float: 1.0x; its depthwise and stem
     // QLinearConvs are slower than ORT's NCHWc float kernels), PP-OCRv4 rec 2.1-2.3x at 7-9 dB
     // SQNR instead of 19 dB (BENCHMARKS.md "Runtime targets, third run"). With the fidelity
-    // guard (`guard: Some(DEFAULT_GUARD)`) every issue-20 model came out byte-identical to this
-    // row, PP-OCRv4 rec after 47 s of measuring (BENCHMARKS.md "Fidelity guard"): off.
+    // guard (`guard: Some(DEFAULT_GUARD)`) seven issue-20 models came out byte-identical and
+    // PP-OCRv4 rec 1.35x / 18.85 dB (vs 1.25x / 19.12 dB) after 50 s of measuring, in one run
+    // (BENCHMARKS.md "Fidelity guard"): off until repeated.
     decompose: &[],
     scalar_operands: false,
     pass_through: &["Slice"],
