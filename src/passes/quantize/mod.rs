@@ -31,6 +31,7 @@ pub mod bodies;
 pub mod choose;
 pub mod decompose;
 pub mod dynamic;
+pub mod guard;
 pub mod insert;
 pub mod materialize;
 pub mod opset;
@@ -107,6 +108,21 @@ pub struct QuantizeOptions {
     /// by default: on silero_vad_op18_ifless it costs 0.19 point of speech F1 (0.9960 ->
     /// 0.9941, past the 0.5-point bar; see [`bodies`]).
     pub body_activations: bool,
+    /// Place by the target's conservative form (its optional rules and decompositions off,
+    /// [`guard::conservative`]): the fidelity guard's fallback when it keeps no optional layer.
+    pub conservative: bool,
+}
+
+impl QuantizeOptions {
+    /// The placement policy this run follows: the target's, or its conservative form.
+    pub fn policy(&self) -> crate::passes::target::Policy {
+        let p = *self.target.policy();
+        if self.conservative {
+            guard::conservative(&p)
+        } else {
+            p
+        }
+    }
 }
 
 impl Default for QuantizeOptions {
@@ -139,6 +155,7 @@ impl Default for QuantizeOptions {
             smooth: Smooth::Auto,
             target: Default::default(),
             body_activations: false,
+            conservative: false,
         }
     }
 }
@@ -456,7 +473,7 @@ pub fn quantize(
 /// copy of `model` (opset raised first: the rules write Clip bounds as inputs), with a note
 /// counting them; `None` when the target lists none or none matches.
 fn decompose(model: &Model, opts: &QuantizeOptions) -> Result<Option<(Model, String)>> {
-    let rules = decompose::rules(opts.target.policy().decompose);
+    let rules = decompose::rules(opts.policy().decompose);
     if rules.is_empty() {
         return Ok(None);
     }
@@ -649,7 +666,7 @@ fn quantize_main_graph(
             .extend(opset::upgrade(&mut work, opset::INT4, &opts.input_shapes)?);
     }
     // The target's speed rule needs activation shapes (MACs per value of each heavy op).
-    let policy = opts.target.policy();
+    let policy = opts.policy();
     let shapes = match policy.boundary_cost.is_some() || policy.float_layers.is_some() {
         true => Some(crate::runtime::shapes::value_shapes(
             &work,
@@ -685,6 +702,12 @@ fn quantize_main_graph(
         }
     }
     stats.notes.extend(plan.notes.iter().cloned());
+    // The fidelity guard compares the plan with its conservative form: both are observed.
+    let guarded = match opts.policy().guard {
+        Some(settings) => guard::Candidates::find(&work.graph, opts, &plan, shapes.as_ref())?
+            .map(|c| (settings, c)),
+        None => None,
+    };
     if !plan.kept_float.is_empty() {
         let macs: u64 = plan.kept_float.iter().map(|k| k.macs).sum();
         stats.notes.push(format!(
@@ -711,7 +734,9 @@ fn quantize_main_graph(
     stats.notes.extend(calib.notes.iter().cloned());
     let mut observed_on: Option<String> = None;
     // Observed on the model as given: the opset upgrade changes no value.
-    let mut ranges = match materialize::calibrate(&plan, &work, &original, calib, opts) {
+    let observe_plan = guarded.as_ref().map(|(_, c)| c.observed_tensors(&plan));
+    let observe = observe_plan.as_ref().unwrap_or(&plan);
+    let mut ranges = match materialize::calibrate(observe, &work, &original, calib, opts) {
         Ok(r) => r,
         // tract cannot run the model as given (its `If`s): observe on a copy specialized to
         // the calibration data instead ([`specialized`]); the output keeps every input.
@@ -749,6 +774,52 @@ fn quantize_main_graph(
     };
     if let Some(auto) = &ranges.auto {
         stats.notes.push(auto::summary(auto));
+    }
+    let mut guard_report = None;
+    if let Some((settings, candidates)) = &guarded {
+        let chosen = guard::choose(
+            &work,
+            opts,
+            *settings,
+            candidates,
+            shapes.as_ref(),
+            &ranges.observed,
+            calib,
+        );
+        let (chosen, note) = match chosen {
+            Ok((p, report)) => {
+                let note = report.summary();
+                guard_report = Some(report);
+                (p, note)
+            }
+            Err(e) => (
+                None,
+                format!(
+                    "fidelity guard could not measure ({e:#}); the conservative placement is kept"
+                ),
+            ),
+        };
+        let Some(mut chosen) = chosen else {
+            // No optional layer kept: the conservative placement on the graph as given (no
+            // decomposition), which is today's placement for the target.
+            let mut conservative = opts.clone();
+            conservative.conservative = true;
+            let mut fallback = quantize_main_graph(model, &conservative, calibration)?;
+            fallback.notes.insert(0, note);
+            if let Some(r) = guard_report {
+                fallback.details["guard"] = json!(r);
+            }
+            return Ok(fallback);
+        };
+        keep_float(&mut chosen, &opts.keep_float, &mut Vec::new());
+        for t in &opts.force_activations {
+            if plan.activations.contains(t) {
+                chosen.activations.insert(t.clone());
+            }
+        }
+        stats.notes.push(note);
+        plan = chosen;
+        ranges.params = plan.activation_params(&ranges.observed, opts.activation_scheme)?;
     }
     let quiet = keep_quiet_float(&mut plan, &ranges)?;
     plan.settle_scaled();
@@ -822,7 +893,7 @@ fn quantize_main_graph(
         &weight_scales,
         opts.activation_scheme,
     )?;
-    if opts.target.policy().shape_reads_int8 {
+    if opts.policy().shape_reads_int8 {
         materialize::shapes_read_int8(g)?;
     }
     stats.changes += plan.activations.len() + bias_reports.len();
@@ -876,6 +947,9 @@ fn quantize_main_graph(
         "weights": weight_reports,
         "biases": bias_reports,
     });
+    if let Some(r) = guard_report {
+        stats.details["guard"] = json!(r);
+    }
     if let Some(o) = observed_on {
         stats.details["calibration"]["observed_on_specialized_copy"] = json!(o);
     }

@@ -456,8 +456,8 @@ pub fn plan_with_shapes(
     selection: &NodeSelection,
     shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
 ) -> Result<Plan> {
-    let policy = opts.target.policy();
-    plan_with_cost(g, opts, selection, shapes, policy.boundary_cost, policy)
+    let policy = opts.policy();
+    plan_with_cost(g, opts, selection, shapes, policy.boundary_cost, &policy)
 }
 
 /// [`plan_with_shapes`] with the boundary cost given (the policy's, or a test's).
@@ -469,9 +469,25 @@ fn plan_with_cost(
     cost: Option<crate::passes::target::BoundaryCost>,
     policy: &Policy,
 ) -> Result<Plan> {
+    plan_seeded(g, opts, selection, shapes, cost, policy, &HashSet::new())
+}
+
+/// [`plan_with_shapes`] under `policy` (the target's, or a variant of it the fidelity guard
+/// compares with, [`super::guard`]) with the nodes in `float` left float from the start; `cost`
+/// `None` places without the boundary rule.
+pub(crate) fn plan_seeded(
+    g: &Graph,
+    opts: &QuantizeOptions,
+    selection: &NodeSelection,
+    shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
+    cost: Option<crate::passes::target::BoundaryCost>,
+    policy: &Policy,
+    float: &HashSet<NodeIndex>,
+) -> Result<Plan> {
     // The layers the target keeps float one by one leave the placement first, so the regions
     // (and what their boundaries cost) are formed without them.
     let (mut slow, mut kept_float) = float_layers(g, policy, shapes);
+    slow.extend(float.iter().copied());
     let (Some(cost), Some(shapes)) = (cost, shapes) else {
         let mut plan = plan_once(g, opts, policy, selection, &slow)?;
         plan.kept_float = kept_float;
