@@ -49,8 +49,8 @@ use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::ModelProto;
 
 use crate::runtime::{
-    refusal, resolve_input_shapes, simulation_graph_with, Feed, InputSpec, Runner, WeightFolding,
-    RUNTIME,
+    fake_quant_as_float_ops, refusal, resolve_input_shapes, simulation_graph_with, Feed, InputSpec,
+    Runner, WeightFolding, RUNTIME,
 };
 
 #[derive(Debug, Clone)]
@@ -228,6 +228,15 @@ impl ValidationReport {
     }
 }
 
+/// The candidate's rewrite note for `n` activation Q/DQ pairs run as float ops.
+fn fake_quant_note(n: usize) -> String {
+    format!(
+        "simulated {n} activation QuantizeLinear->DequantizeLinear pair{} with float ops \
+         (the same numbers as tract's QuantizeLinear)",
+        if n == 1 { "" } else { "s" }
+    )
+}
+
 /// Compares `candidate` against `original` in tract (see the module docs). `Err` only for bad
 /// options (unknown input names, non-float inputs without user values, wrong shapes) or a model
 /// without a graph; everything tract cannot do is a `not_checked` report.
@@ -251,8 +260,14 @@ pub fn validate(
     };
     let (sim_o, rw_o) = simulation_graph_with(original, folding)
         .context("building the original's simulation graph")?;
-    let (sim_c, rw_c) = simulation_graph_with(candidate, folding)
+    let (mut sim_c, mut rw_c) = simulation_graph_with(candidate, folding)
         .context("building the candidate's simulation graph")?;
+    // Activation Q/DQ pairs as float ops (bit-exact, see `runtime::simulate`); undone if tract
+    // refuses the result.
+    let mut fake_quant = fake_quant_as_float_ops(&mut sim_c)?;
+    if let Some((n, _)) = &fake_quant {
+        rw_c.push(fake_quant_note(*n));
+    }
     let mut rewrites: Vec<String> = rw_o.iter().map(|r| format!("original: {r}")).collect();
     rewrites.extend(rw_c.iter().map(|r| format!("candidate: {r}")));
     let method = if rewrites.is_empty() {
@@ -364,6 +379,20 @@ pub fn validate(
         ));
     }
     let built_c = built_c.unwrap_or_else(|| Runner::new(&sim_c, &shapes, &[]));
+    let built_c = match (built_c, fake_quant.take()) {
+        (Err(_), Some((n, undo))) => {
+            undo.undo(&mut sim_c);
+            let note = format!("candidate: {}", fake_quant_note(n));
+            report.rewrites.retain(|r| *r != note);
+            report.notes.push(
+                "tract refused the activation QuantizeLinear/DequantizeLinear pairs as float \
+                 ops: the candidate ran with tract's own QuantizeLinear"
+                    .into(),
+            );
+            Runner::new(&sim_c, &shapes, &[])
+        }
+        (built, _) => built,
+    };
     let runner_c = match built_c {
         Ok(r) => r,
         Err(e) => return not_checked(report, Status::NotChecked, format!("candidate: {e:#}")),
