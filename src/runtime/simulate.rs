@@ -21,25 +21,26 @@
 //! Activation `QuantizeLinear`/`DequantizeLinear` pairs are left alone: tract runs them in f32.
 //!
 //! Opt-in, for the graphs that are only run ([`fake_quant_as_float_ops`]; validation): a
-//! per-tensor activation `QuantizeLinear` whose output only feeds `DequantizeLinear`s with the
-//! same zero point becomes float ops tract vectorizes and fuses into the producing
-//! convolution's kernel, where its own `QuantizeLinear` is a scalar loop into a u8 tensor (half
-//! of efficientnet_b0's validation CPU). Before / after (`r = 1 / s_q` in f32, as tract's
-//! `QuantizeLinear` takes it; `M = 1.5 * 2^23`):
+//! per-tensor 8-bit `QuantizeLinear` with constant scale and zero point becomes float ops tract
+//! vectorizes (and fuses into one pass, or into the producing convolution's kernel) and a
+//! `Cast`, where tract's own `QuantizeLinear` is a scalar loop (half of efficientnet_b0's
+//! validation CPU). Before / after (`r = 1 / s` in f32, as tract's `QuantizeLinear` takes it;
+//! `M = 1.5 * 2^23`; `[lo, hi]` the integer type's range):
 //! ```text
-//! q = QuantizeLinear(x, s_q, zp)           v = Mul(x, r)
-//! y = DequantizeLinear(q, s_d, zp)         c = Min(Max(v, lo - zp), hi - zp)
-//!                                          n = Sub(Add(c, M), M)
-//!                                          y = Mul(n, s_d)
+//! q = QuantizeLinear(x, s, zp)             v = Mul(x, r)
+//!                                          c = Min(Max(v, lo - zp), hi - zp)
+//!                                          n = Sub(Add(c, M), M - zp)
+//!                                          q = Cast<to = uint8|int8>(n)
 //! ```
-//! tract computes `y = f32(clamp(i32(round_half_even(x * r)) + zp, lo, hi) - zp) * s_d`. For
-//! `x * r` finite and below `2^31 - 256` in magnitude both give the same bits: rounding commutes
-//! with a clamp to integer bounds; `c + M` lies in `[2^23, 2^24)` where the f32 spacing is 1, so
-//! the sum rounds `c` half to even (`M` is even) and `- M` is exact; `n` is an integer in
-//! `[lo - zp, hi - zp]` (a zero is +0, as tract's integer difference converts), so `n * s_d`
-//! is tract's product. Outside that domain they differ on purpose: NaN gives `(lo - zp) * s_d`
-//! (f32 `max` drops NaN) where tract gives 0, and `|x * r| >= 2^31 - zp` saturates (as the ONNX
-//! spec says) where tract's `i32 + zp` wraps around.
+//! tract computes `q = clamp(i32(round_half_even(x * r)) + zp, lo, hi)`. For `x * r` finite
+//! and below `2^31 - 256` in magnitude both give the same integer: rounding commutes with a
+//! clamp to integer bounds; `c + M` lies in `[2^23, 2^24)` where the f32 spacing is 1, so the sum
+//! rounds `c` half to even (`M` is even); `- (M - zp)` is exact. The `DequantizeLinear`s stay
+//! as they are (tract's own, exact), so their consumers see the same tensors: scalar scale
+//! multiplications tract would move into a following convolution are not introduced. Outside
+//! that domain they differ on purpose: NaN gives `lo` (f32 `max` drops NaN) where tract gives
+//! `zp`, and `|x * r| >= 2^31 - zp` saturates (as the ONNX spec says) where tract's `i32 + zp`
+//! wraps around.
 
 use std::collections::{HashMap, HashSet};
 
@@ -600,159 +601,82 @@ impl FakeQuantUndo {
     }
 }
 
-/// The opt-in rewrite of the module docs, in place: every activation `QuantizeLinear` ->
-/// `DequantizeLinear` pair it can prove exact becomes `Mul`, `Max`, `Min`, `Add`, `Sub`, `Mul`
-/// on floats. Returns how many `QuantizeLinear`s were replaced and how to undo it (`None`: the
-/// model is unchanged). Output names of the `DequantizeLinear`s are kept; the int8 tensors
-/// disappear. New initializers are appended (scalars only).
+/// The opt-in rewrite of the module docs, in place: every per-tensor 8-bit `QuantizeLinear`
+/// with constant parameters becomes `Mul`, `Max`, `Min`, `Add`, `Sub` on floats and a `Cast`
+/// to its integer type, writing the same output name. Returns how many were replaced and how to
+/// undo it (`None`: the model is unchanged). New initializers are appended (scalars only).
 pub fn fake_quant_as_float_ops(model: &mut ModelProto) -> Result<Option<(usize, FakeQuantUndo)>> {
     let Some(graph) = model.graph.as_mut() else {
         bail!("model has no graph");
     };
     let consts = constant_refs(graph);
-    // Names read by a subgraph or a graph output: such a `QuantizeLinear` output must stay.
-    let mut escaping: HashSet<String> = graph.output.iter().map(|v| v.name().to_string()).collect();
-    for n in &graph.node {
-        for a in &n.attribute {
-            for g in a.g.iter().chain(a.graphs.iter()) {
-                used_names(g, &mut escaping);
-            }
-        }
-    }
-    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, n) in graph.node.iter().enumerate() {
-        for input in &n.input {
-            readers.entry(input.as_str()).or_default().push(i);
-        }
-    }
-    // Quantize node index -> its plan; dequantize node index -> its scale.
-    let mut plans: HashMap<usize, FloatFakeQuant> = HashMap::new();
-    let mut dequantizers: HashMap<usize, (usize, f32)> = HashMap::new();
-    for (i, q) in graph.node.iter().enumerate() {
-        let Some(plan) = plan_fake_quant(q, &consts) else {
-            continue;
-        };
-        let out = q.output[0].as_str();
-        if escaping.contains(out) {
-            continue;
-        }
-        let Some(users) = readers.get(out).filter(|u| !u.is_empty()) else {
-            continue;
-        };
-        let mut scales = Vec::new();
-        for &u in users {
-            match dequantizer_scale(&graph.node[u], out, plan.zero_point, &consts) {
-                Some(s) if !scales.iter().any(|&(v, _)| v == u) => scales.push((u, s)),
-                _ => {
-                    scales.clear();
-                    break;
-                }
-            }
-        }
-        if scales.is_empty() {
-            continue;
-        }
-        for (u, s) in scales {
-            dequantizers.insert(u, (i, s));
-        }
-        plans.insert(i, plan);
-    }
+    let plans: HashMap<usize, FloatFakeQuant> = graph
+        .node
+        .iter()
+        .enumerate()
+        .filter_map(|(i, q)| plan_fake_quant(q, &consts).map(|p| (i, p)))
+        .collect();
     if plans.is_empty() {
         return Ok(None);
     }
-    let mut taken = HashSet::new();
-    all_names(graph, &mut taken);
     let undo = FakeQuantUndo {
         nodes: graph.node.clone(),
         initializers: graph.initializer.len(),
         value_info: graph.value_info.clone(),
     };
-    let gone: HashSet<String> = plans
-        .keys()
-        .map(|&i| graph.node[i].output[0].clone())
-        .collect();
+    let mut taken = HashSet::new();
+    all_names(graph, &mut taken);
     let mut inits = Vec::new();
-    // The rounded integer `n` of each replaced `QuantizeLinear`, by node index.
-    let mut rounded: HashMap<usize, String> = HashMap::new();
     let count = plans.len();
-    let mut nodes = Vec::with_capacity(graph.node.len() + 4 * count);
+    let mut nodes = Vec::with_capacity(graph.node.len() + 5 * count);
     for (i, node) in std::mem::take(&mut graph.node).into_iter().enumerate() {
-        if let Some(plan) = plans.get(&i) {
-            let base = if node.name().is_empty() {
-                node.output[0].clone()
-            } else {
-                node.name().to_string()
-            };
-            let zp = plan.zero_point as f32;
-            let r = scalar(
-                &mut taken,
-                &mut inits,
-                format!("{base}/fq_recip_scale"),
-                plan.recip_scale,
-            )?;
-            let lo = scalar(
-                &mut taken,
-                &mut inits,
-                format!("{base}/fq_lo"),
-                plan.lo as f32 - zp,
-            )?;
-            let hi = scalar(
-                &mut taken,
-                &mut inits,
-                format!("{base}/fq_hi"),
-                plan.hi as f32 - zp,
-            )?;
-            let m = scalar(
-                &mut taken,
-                &mut inits,
-                format!("{base}/fq_magic"),
-                ROUNDING_MAGIC,
-            )?;
-            let mut prev = node.input[0].clone();
-            for (op, operand) in [
-                ("Mul", r),
-                ("Max", lo),
-                ("Min", hi),
-                ("Add", m.clone()),
-                ("Sub", m),
-            ] {
-                let out = fresh_name(&mut taken, format!("{base}/fq_{}", op.to_lowercase()));
-                nodes.push(NodeProto {
-                    name: Some(out.clone()),
-                    op_type: Some(op.into()),
-                    input: vec![prev, operand],
-                    output: vec![out.clone()],
-                    ..Default::default()
-                });
-                prev = out;
-            }
-            rounded.insert(i, prev);
-        } else if let Some(&(q, s)) = dequantizers.get(&i) {
-            let n = rounded
-                .get(&q)
-                .cloned()
-                .context("a DequantizeLinear precedes its QuantizeLinear")?;
-            let base = if node.name().is_empty() {
-                node.output[0].clone()
-            } else {
-                node.name().to_string()
-            };
-            let s = scalar(&mut taken, &mut inits, format!("{base}/fq_scale"), s)?;
+        let Some(plan) = plans.get(&i) else {
+            nodes.push(node);
+            continue;
+        };
+        let base = if node.name().is_empty() {
+            node.output[0].clone()
+        } else {
+            node.name().to_string()
+        };
+        let zp = plan.zero_point as f32;
+        let mut operand =
+            |what: &str, v: f32| scalar(&mut taken, &mut inits, format!("{base}/fq_{what}"), v);
+        let steps = [
+            ("Mul", operand("recip_scale", plan.recip_scale)?),
+            ("Max", operand("lo", plan.lo as f32 - zp)?),
+            ("Min", operand("hi", plan.hi as f32 - zp)?),
+            ("Add", operand("magic", ROUNDING_MAGIC)?),
+            ("Sub", operand("magic_less_zp", ROUNDING_MAGIC - zp)?),
+        ];
+        let mut prev = node.input[0].clone();
+        for (op, operand) in steps {
+            let out = fresh_name(&mut taken, format!("{base}/fq_{}", op.to_lowercase()));
             nodes.push(NodeProto {
-                name: node.name.clone(),
-                op_type: Some("Mul".into()),
-                input: vec![n, s],
-                output: vec![node.output[0].clone()],
+                name: Some(out.clone()),
+                op_type: Some(op.into()),
+                input: vec![prev, operand],
+                output: vec![out.clone()],
                 ..Default::default()
             });
-        } else {
-            nodes.push(node);
+            prev = out;
         }
+        nodes.push(NodeProto {
+            name: node.name.clone(),
+            op_type: Some("Cast".into()),
+            input: vec![prev],
+            output: vec![node.output[0].clone()],
+            attribute: vec![AttributeProto {
+                name: Some("to".into()),
+                r#type: Some(AttributeType::Int as i32),
+                i: Some(plan.dtype as i64),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
     }
     graph.node = nodes;
     graph.initializer.extend(inits);
-    // The int8 tensors are gone: drop what was declared about them.
-    graph.value_info.retain(|v| !gone.contains(v.name()));
     Ok(Some((count, undo)))
 }
 
@@ -787,9 +711,10 @@ struct FloatFakeQuant {
     zero_point: i64,
     lo: i64,
     hi: i64,
+    dtype: DataType,
 }
 
-/// A constant one-element tensor of `dtype`, decoded.
+/// The constant one-element tensor at input `slot` of `node`.
 fn one_value<'a>(
     node: &NodeProto,
     slot: usize,
@@ -833,38 +758,8 @@ fn plan_fake_quant(q: &NodeProto, consts: &HashMap<&str, &TensorProto>) -> Optio
         zero_point,
         lo,
         hi,
+        dtype,
     })
-}
-
-/// The scale of `d` when it is a per-tensor `DequantizeLinear` of `q` (slot 0 only) with
-/// zero point `zero_point` and an f32 output.
-fn dequantizer_scale(
-    d: &NodeProto,
-    q: &str,
-    zero_point: i64,
-    consts: &HashMap<&str, &TensorProto>,
-) -> Option<f32> {
-    if !(d.domain().is_empty() && d.op_type() == "DequantizeLinear") {
-        return None;
-    }
-    if d.input.first().map(String::as_str) != Some(q)
-        || d.input.iter().skip(1).any(|i| i == q)
-        || d.output.len() != 1
-        || d.output[0].is_empty()
-    {
-        return None;
-    }
-    if attr_int(d, "block_size").unwrap_or(0) != 0
-        || attr_int(d, "output_dtype").is_some_and(|v| v != 0 && v != DataType::Float as i64)
-    {
-        return None;
-    }
-    let scale = one_value(d, 1, consts).filter(|t| data_type(t) == DataType::Float)?;
-    let zp = match d.input.get(2).filter(|z| !z.is_empty()) {
-        None => 0,
-        Some(_) => decode_ints(one_value(d, 2, consts)?).ok()?[0],
-    };
-    (zp == zero_point).then(|| decode_floats(scale).ok().map(|v| v[0]))?
 }
 
 #[cfg(test)]
@@ -1034,32 +929,12 @@ g (float[1,2,4,4] x) => (float[1,3,4,4] y)
         }
     }
 
-    /// Pairs that cannot be proved exact stay: a zero point that differs between Q and DQ, a
-    /// per-axis scale, a Q output read by another op, a Q output that is a graph output.
+    /// What tract's `QuantizeLinear` kernel does not take per tensor stays: per-axis scales,
+    /// a scale that is a graph input.
     #[test]
-    fn fake_quant_leaves_what_it_cannot_prove() {
-        let cases = [
-            ("[d] y = DequantizeLinear (q, s, zp2)", "uint8 zp2 = {1}"),
-            (
-                "[d] y = DequantizeLinear (q, s, zp)\n  [e] z = Cast <to: int = 1> (q)",
-                "",
-            ),
-        ];
-        for (dq, extra) in cases {
-            let comma = if extra.is_empty() { "" } else { ", " };
-            let text = format!(
-                "<ir_version: 8, opset_import: [\"\" : 17]>\n\
-                 g (float[4] x) => (float[4] y) <float s = {{0.5}}, uint8 zp = {{2}}{comma}{extra}>\n\
-                 {{\n  [q] q = QuantizeLinear (x, s, zp)\n  {dq}\n}}"
-            );
-            let mut model = crate::onnx::text::parse_model(&text).unwrap();
-            assert!(
-                fake_quant_as_float_ops(&mut model).unwrap().is_none(),
-                "{text}"
-            );
-        }
+    fn fake_quant_leaves_per_axis_and_computed_scales() {
         let text = "<ir_version: 8, opset_import: [\"\" : 17]>\n\
-             g (float[2,4] x) => (float[2,4] y, uint8[2,4] q) <float[2] s = {0.5, 0.25}, uint8[2] zp = {2, 3}, float t = {0.5}, uint8 z = {1}>\n\
+             g (float[2,4] x, float t) => (float[2,4] y, uint8[2,4] q2) <float[2] s = {0.5, 0.25}, uint8[2] zp = {2, 3}, uint8 z = {1}>\n\
              {\n  [q] q = QuantizeLinear <axis: int = 0> (x, s, zp)\n  [d] y = DequantizeLinear <axis: int = 0> (q, s, zp)\n  [q2] q2 = QuantizeLinear (x, t, z)\n}";
         let mut model = crate::onnx::text::parse_model(text).unwrap();
         assert!(fake_quant_as_float_ops(&mut model).unwrap().is_none());

@@ -228,11 +228,11 @@ impl ValidationReport {
     }
 }
 
-/// The candidate's rewrite note for `n` activation Q/DQ pairs run as float ops.
+/// The rewrite note for `n` activation `QuantizeLinear`s run as float ops.
 fn fake_quant_note(n: usize) -> String {
     format!(
-        "simulated {n} activation QuantizeLinear->DequantizeLinear pair{} with float ops \
-         (the same numbers as tract's QuantizeLinear)",
+        "ran {n} activation QuantizeLinear{} as float ops and a Cast (the same integers as \
+         tract's QuantizeLinear for finite inputs)",
         if n == 1 { "" } else { "s" }
     )
 }
@@ -262,8 +262,8 @@ pub fn validate(
         .context("building the original's simulation graph")?;
     let (mut sim_c, mut rw_c) = simulation_graph_with(candidate, folding)
         .context("building the candidate's simulation graph")?;
-    // Activation Q/DQ pairs as float ops (bit-exact, see `runtime::simulate`); undone if tract
-    // refuses the result.
+    // Activation QuantizeLinears as float ops (bit-exact, see `runtime::simulate`); undone if
+    // tract refuses the result.
     let mut fake_quant = fake_quant_as_float_ops(&mut sim_c)?;
     if let Some((n, _)) = &fake_quant {
         rw_c.push(fake_quant_note(*n));
@@ -385,8 +385,8 @@ pub fn validate(
             let note = format!("candidate: {}", fake_quant_note(n));
             report.rewrites.retain(|r| *r != note);
             report.notes.push(
-                "tract refused the activation QuantizeLinear/DequantizeLinear pairs as float \
-                 ops: the candidate ran with tract's own QuantizeLinear"
+                "tract refused the activation QuantizeLinears as float ops: the candidate \
+                 ran with tract's own QuantizeLinear"
                     .into(),
             );
             Runner::new(&sim_c, &shapes, &[])
