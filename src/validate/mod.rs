@@ -6,7 +6,10 @@
 //!    `DequantizeLinear`s (int8/uint8/int4/uint4/int2/uint2/int16/uint16/int32, per-tensor,
 //!    per-axis, block-wise) become float initializers computed here with the ONNX formula, and
 //!    f16 weights feeding `Cast(to=float)` are widened ahead of time. These rewrites are exact;
-//!    activation Q/DQ pairs stay and tract runs them in f32. Above
+//!    the candidate's per-tensor activation `QuantizeLinear`s then become float ops and a
+//!    `Cast` tract vectorizes ([`crate::runtime::fake_quant_as_float_ops`]: the same integers
+//!    as tract's scalar kernel for finite inputs; undone when tract refuses the result), and
+//!    the `DequantizeLinear`s stay tract's. Above
 //!    [`ONE_MODEL_AT_A_TIME_ABOVE`], the 8- and 32-bit weight `DequantizeLinear`s tract can load
 //!    are left to tract, which folds them with the same formula: no float copy of the weights
 //!    on our side beside tract's.
