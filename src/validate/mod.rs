@@ -263,14 +263,23 @@ pub fn validate(
     };
     let (sim_o, rw_o) = simulation_graph_with(original, folding)
         .context("building the original's simulation graph")?;
-    let (mut sim_c, mut rw_c) = simulation_graph_with(candidate, folding)
+    let (mut sim_c, rw_c) = simulation_graph_with(candidate, folding)
         .context("building the candidate's simulation graph")?;
     // Activation QuantizeLinears as float ops (bit-exact, see `runtime::simulate`); undone if
     // tract refuses the result.
+    // An exact speed-up, not a rewrite the candidate needs: a note, `method` stays.
     let mut fake_quant = fake_quant_as_float_ops(&mut sim_c)?;
-    if let Some((n, _)) = &fake_quant {
-        rw_c.push(fake_quant_note(*n));
-    }
+    let fake_quant_notes: Vec<String> = fake_quant
+        .iter()
+        .map(|(n, _)| format!("candidate: {}", fake_quant_note(*n)))
+        .collect();
+    let timed_as = |method: Method| {
+        if fake_quant_notes.is_empty() {
+            method
+        } else {
+            Method::Simulation
+        }
+    };
     let mut rewrites: Vec<String> = rw_o.iter().map(|r| format!("original: {r}")).collect();
     rewrites.extend(rw_c.iter().map(|r| format!("candidate: {r}")));
     let method = if rewrites.is_empty() {
@@ -295,7 +304,8 @@ pub fn validate(
             .collect(),
         None => opts.input_shapes.clone(),
     };
-    let (specs, notes) = resolve_input_shapes(original, &shapes)?;
+    let (specs, mut notes) = resolve_input_shapes(original, &shapes)?;
+    notes.extend(fake_quant_notes.iter().cloned());
     let mut report = ValidationReport {
         status: Status::NotChecked,
         method,
@@ -386,7 +396,7 @@ pub fn validate(
         (Err(_), Some((n, undo))) => {
             undo.undo(&mut sim_c);
             let note = format!("candidate: {}", fake_quant_note(n));
-            report.rewrites.retain(|r| *r != note);
+            report.notes.retain(|r| *r != note);
             report.notes.push(
                 "tract refused the activation QuantizeLinears as float ops: the candidate \
                  ran with tract's own QuantizeLinear"
@@ -493,6 +503,8 @@ pub fn validate(
         })
         .collect();
     if let (Some(batch), Some(runner_o)) = (batches.first(), &runner_o) {
+        // The candidate is timed as written when the float QuantizeLinears were used.
+        let method = timed_as(method);
         report.latency = time_models(candidate, &shapes, runner_o, &runner_c, batch, method);
     }
     if failures.is_empty() {
