@@ -28,7 +28,9 @@ pub use runner::{
     infer_value_shapes, resolve_input_shapes, run_model, InputSpec, Runner, ValueShape,
 };
 pub use shapes::{value_shapes, value_shapes_given};
-pub use simulate::{simulation_graph, simulation_graph_with, WeightFolding};
+pub use simulate::{
+    fake_quant_as_float_ops, simulation_graph, simulation_graph_with, WeightFolding,
+};
 pub use support::refusal;
 
 /// The runtime every check runs in.

@@ -6,7 +6,10 @@
 //!    `DequantizeLinear`s (int8/uint8/int4/uint4/int2/uint2/int16/uint16/int32, per-tensor,
 //!    per-axis, block-wise) become float initializers computed here with the ONNX formula, and
 //!    f16 weights feeding `Cast(to=float)` are widened ahead of time. These rewrites are exact;
-//!    activation Q/DQ pairs stay and tract runs them in f32. Above
+//!    the candidate's per-tensor activation `QuantizeLinear`s then become float ops and a
+//!    `Cast` tract vectorizes ([`crate::runtime::fake_quant_as_float_ops`]: the same integers
+//!    as tract's scalar kernel for finite inputs; undone when tract refuses the result), and
+//!    the `DequantizeLinear`s stay tract's. Above
 //!    [`ONE_MODEL_AT_A_TIME_ABOVE`], the 8- and 32-bit weight `DequantizeLinear`s tract can load
 //!    are left to tract, which folds them with the same formula: no float copy of the weights
 //!    on our side beside tract's.
@@ -49,8 +52,8 @@ use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::ModelProto;
 
 use crate::runtime::{
-    refusal, resolve_input_shapes, simulation_graph_with, Feed, InputSpec, Runner, WeightFolding,
-    RUNTIME,
+    fake_quant_as_float_ops, refusal, resolve_input_shapes, simulation_graph_with, Feed, InputSpec,
+    Runner, WeightFolding, RUNTIME,
 };
 
 #[derive(Debug, Clone)]
@@ -228,6 +231,15 @@ impl ValidationReport {
     }
 }
 
+/// The rewrite note for `n` activation `QuantizeLinear`s run as float ops.
+fn fake_quant_note(n: usize) -> String {
+    format!(
+        "ran {n} activation QuantizeLinear{} as float ops and a Cast (the same integers as \
+         tract's QuantizeLinear for finite inputs)",
+        if n == 1 { "" } else { "s" }
+    )
+}
+
 /// Compares `candidate` against `original` in tract (see the module docs). `Err` only for bad
 /// options (unknown input names, non-float inputs without user values, wrong shapes) or a model
 /// without a graph; everything tract cannot do is a `not_checked` report.
@@ -251,8 +263,23 @@ pub fn validate(
     };
     let (sim_o, rw_o) = simulation_graph_with(original, folding)
         .context("building the original's simulation graph")?;
-    let (sim_c, rw_c) = simulation_graph_with(candidate, folding)
+    let (mut sim_c, rw_c) = simulation_graph_with(candidate, folding)
         .context("building the candidate's simulation graph")?;
+    // Activation QuantizeLinears as float ops (bit-exact, see `runtime::simulate`); undone if
+    // tract refuses the result.
+    // An exact speed-up, not a rewrite the candidate needs: a note, `method` stays.
+    let mut fake_quant = fake_quant_as_float_ops(&mut sim_c)?;
+    let fake_quant_notes: Vec<String> = fake_quant
+        .iter()
+        .map(|(n, _)| format!("candidate: {}", fake_quant_note(*n)))
+        .collect();
+    let timed_as = |method: Method| {
+        if fake_quant_notes.is_empty() {
+            method
+        } else {
+            Method::Simulation
+        }
+    };
     let mut rewrites: Vec<String> = rw_o.iter().map(|r| format!("original: {r}")).collect();
     rewrites.extend(rw_c.iter().map(|r| format!("candidate: {r}")));
     let method = if rewrites.is_empty() {
@@ -277,7 +304,8 @@ pub fn validate(
             .collect(),
         None => opts.input_shapes.clone(),
     };
-    let (specs, notes) = resolve_input_shapes(original, &shapes)?;
+    let (specs, mut notes) = resolve_input_shapes(original, &shapes)?;
+    notes.extend(fake_quant_notes.iter().cloned());
     let mut report = ValidationReport {
         status: Status::NotChecked,
         method,
@@ -364,6 +392,20 @@ pub fn validate(
         ));
     }
     let built_c = built_c.unwrap_or_else(|| Runner::new(&sim_c, &shapes, &[]));
+    let built_c = match (built_c, fake_quant.take()) {
+        (Err(_), Some((n, undo))) => {
+            undo.undo(&mut sim_c);
+            let note = format!("candidate: {}", fake_quant_note(n));
+            report.notes.retain(|r| *r != note);
+            report.notes.push(
+                "tract refused the activation QuantizeLinears as float ops: the candidate \
+                 ran with tract's own QuantizeLinear"
+                    .into(),
+            );
+            Runner::new(&sim_c, &shapes, &[])
+        }
+        (built, _) => built,
+    };
     let runner_c = match built_c {
         Ok(r) => r,
         Err(e) => return not_checked(report, Status::NotChecked, format!("candidate: {e:#}")),
@@ -461,6 +503,8 @@ pub fn validate(
         })
         .collect();
     if let (Some(batch), Some(runner_o)) = (batches.first(), &runner_o) {
+        // The candidate is timed as written when the float QuantizeLinears were used.
+        let method = timed_as(method);
         report.latency = time_models(candidate, &shapes, runner_o, &runner_c, batch, method);
     }
     if failures.is_empty() {
