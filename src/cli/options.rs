@@ -215,6 +215,7 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         }),
         w4a8: args.w4a8.then_some(W4a8 {
             all_layers: args.w4a8_all_layers,
+            block_size: args.block_size.map(|b| b as usize),
         }),
         exclude_ops: args.exclude_ops.clone(),
         exclude_nodes: args.exclude_nodes.clone(),
