@@ -1213,6 +1213,12 @@ pub fn decide(
         None => IndexSet::new(),
     };
     let mut notes = Vec::new();
+    if opts.w4a8.is_some() && opts.target.policy().boundary_cost.is_some() {
+        notes.push(format!(
+            "W4A8: target {}'s speed rule (thin int8 regions kept float) is off: every layer the rules cover is quantized, for size",
+            opts.target.policy().name
+        ));
+    }
     if let Some(w) = opts.w4a8 {
         notes.push(format!(
             "W4A8: {} of {} weight(s) int4 {}{}, int8 activations",
