@@ -9,11 +9,24 @@
 //! W~ = s · clamp(floor(W / s) + h(V), qmin, qmax),   h(V) = clamp(σ(V)(ζ - γ) + γ, 0, 1)
 //! loss = E_rows ‖W~ x_q - W x_f‖² + λ Σ (1 - |2h(V) - 1|^β)      ζ = 1.1, γ = -0.1
 //! ```
-//! `x_q` is the layer's input in the quantized model (int8 activations, upstream weights already
-//! rounded: layers are processed in [`AdaRoundOptions::stages`] stages in topological order and
-//! each stage reads its inputs from the model with every earlier stage's learned weights, as
-//! AIMET does), `x_f` the same input in the float model: the target is the float layer's
-//! output. The reconstruction term needs only Gram matrices of the rows (`G_qq = E[x_q x_qᵀ]`,
+//! `x_f` is the layer's input in the float model: the target is the float layer's output. `x_q`
+//! is, by default ([`AdaRoundInputs::Float`]), `x_f` itself: each layer's rounding is fitted to
+//! its own float input, all layers from one run over the calibration data. With
+//! [`AdaRoundInputs::Quantized`] (`--adaround-inputs quantized`) it is the layer's input in the
+//! quantized model (int8 activations, upstream weights already rounded: layers are processed in
+//! [`AdaRoundOptions::stages`] stages in topological order and each stage reads its inputs from
+//! the model with every earlier stage's learned weights, as AIMET does), so the rounding also
+//! corrects upstream error. Measured (BENCHMARKS.md "Block-wise W4A8"): quantized inputs won on
+//! a 6-layer digits CNN (25.2 vs 21.3 dB at W4A8) but collapsed PP-OCRv4 rec (47 layers, 4
+//! stages: 0.8% characters vs 98.7% with float inputs) and lost on a 11-layer digits net, so
+//! float inputs are the default.
+//!
+//! **Block-wise int4** (`--w4a8 --block-size N`): one scale per block of `N` values along the
+//! weight's input axis (ONNX opset-21 block-wise `DequantizeLinear`, `axis` = input axis,
+//! `block_size` = N), `s_b = max_b |w| / 7`; AdaRound above uses the scale of each element.
+//! Blocked layers keep float biases (no single weight scale per output channel for an int32
+//! bias). PP-OCRv4 rec at W4A8: per-channel int4 0.2% characters, blocks of 16 96.4% with
+//! nearest rounding, 98.7% with learned rounding. The reconstruction term needs only Gram matrices of the rows (`G_qq = E[x_q x_qᵀ]`,
 //! `G_fq = E[x_f x_qᵀ]`, `G_ff = E[x_f x_fᵀ]`, accumulated in f64 over every calibration batch,
 //! Conv positions subsampled to at most [`AdaRoundOptions::max_rows`] per layer):
 //! `E‖W~ x_q - W x_f‖² = tr(W~ G_qq W~ᵀ) - 2 tr(W~ (W G_fq)ᵀ) + tr(W G_ff Wᵀ)`, gradient
@@ -90,6 +103,25 @@ pub struct AdaRoundOptions {
     /// Seconds the optimization should take (all layers), turned into iterations by
     /// [`ASSUMED_MACS_PER_SECOND`]; `None` = [`Self::iterations`] everywhere.
     pub budget_seconds: Option<f64>,
+    /// Which input the learned layer is fitted on (`--adaround-inputs`).
+    pub inputs: AdaRoundInputs,
+}
+
+/// The input `x_q` of the reconstruction `‖W~ x_q - W x_f‖²`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdaRoundInputs {
+    /// `x_q = x_f`: each layer's rounding fitted to the float model's own input (one run over
+    /// the calibration data, no stages). The default: it never let the learned model collapse
+    /// (BENCHMARKS.md "Block-wise W4A8").
+    #[default]
+    Float,
+    /// `x_q` from the quantized upstream model (AdaRound's and AIMET's asymmetric
+    /// reconstruction: the rounding also corrects upstream error), in
+    /// [`AdaRoundOptions::stages`] stages. Within a stage a layer is fitted to inputs computed
+    /// with the stage's upstream layers still rounded to nearest; on PP-OCRv4 rec at W4A8 the
+    /// corrections then no longer match and the model collapsed (3.4 dB, 0.8% characters).
+    Quantized,
 }
 
 impl Default for AdaRoundOptions {
@@ -102,6 +134,7 @@ impl Default for AdaRoundOptions {
             max_rows: 16384,
             max_features: 4096,
             budget_seconds: None,
+            inputs: AdaRoundInputs::Float,
         }
     }
 }
@@ -304,6 +337,8 @@ pub struct LayerRounding {
 /// The learned rounding's report.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AdaRoundReport {
+    /// Which input each layer was fitted on.
+    pub inputs: AdaRoundInputs,
     pub iterations: usize,
     pub lambda: f64,
     pub stages: usize,
@@ -647,10 +682,18 @@ impl Task {
             xq.shape()
         );
         let k = self.features;
+        // Float inputs: the three Gram matrices are one.
+        let same = std::ptr::eq(xf, xq);
         let mut update = |gi: usize, f: &Array2<f64>, q: &Array2<f64>| {
-            grams.qq[gi] += &q.t().dot(q);
-            grams.fq[gi] += &f.t().dot(q);
-            grams.ff[gi] += &f.t().dot(f);
+            let ff = f.t().dot(f);
+            if same {
+                grams.qq[gi] += &ff;
+                grams.fq[gi] += &ff;
+            } else {
+                grams.qq[gi] += &q.t().dot(q);
+                grams.fq[gi] += &f.t().dot(q);
+            }
+            grams.ff[gi] += &ff;
         };
         match self.conv {
             Some(c) => {
@@ -930,7 +973,12 @@ pub fn learn(
             stage: 0,
         });
     }
-    let stages = ada.stages.clamp(1, tasks.len().max(1));
+    let quantized_inputs = ada.inputs == AdaRoundInputs::Quantized;
+    let stages = if quantized_inputs {
+        ada.stages.clamp(1, tasks.len().max(1))
+    } else {
+        1
+    };
     let n_tasks = tasks.len();
     for (i, t) in tasks.iter_mut().enumerate() {
         t.stage = i * stages / n_tasks.max(1);
@@ -964,7 +1012,11 @@ pub fn learn(
         )?;
         let t0 = Instant::now();
         let names: Vec<&str> = stage_tasks.iter().map(|t| t.node.as_str()).collect();
-        let (quant_proto, q_inputs) = simulated(work, plan, ranges, &codes, opts, &names)?;
+        let quantized = if quantized_inputs {
+            Some(simulated(work, plan, ranges, &codes, opts, &names)?)
+        } else {
+            None
+        };
         let f_inputs: Vec<String> = stage_tasks
             .iter()
             .map(|t| g.node(t.layer.node).input[0].clone())
@@ -972,7 +1024,10 @@ pub fn learn(
         // Graph inputs come from the batch, everything else is an extra output of the run.
         let not_input = |n: &&String| !calib.input_names.contains(n);
         let f_extra: Vec<String> = f_inputs.iter().filter(not_input).cloned().collect();
-        let q_extra: Vec<String> = q_inputs.iter().filter(not_input).cloned().collect();
+        let q_extra: Vec<String> = quantized
+            .as_ref()
+            .map(|(_, q_inputs)| q_inputs.iter().filter(not_input).cloned().collect())
+            .unwrap_or_default();
         for t in &stage_tasks {
             let elements = (t.features as u64)
                 .saturating_mul(t.features as u64)
@@ -992,7 +1047,7 @@ pub fn learn(
                 rows: 0,
             })
             .collect();
-        let mut runners: Option<(Vec<Vec<usize>>, Runner, Runner)> = None;
+        let mut runners: Option<(Vec<Vec<usize>>, Runner, Option<Runner>)> = None;
         let progress = crate::progress::Progress::bar(
             &format!("adaround data {}/{stages}", stage + 1),
             calib.batches.len() as u64,
@@ -1009,8 +1064,13 @@ pub fn learn(
                     .collect();
                 let rf = Runner::new(&float_proto, &named, &f_extra)
                     .context("adaround: preparing the float run in tract")?;
-                let rq = Runner::new(&quant_proto, &named, &q_extra)
-                    .context("adaround: preparing the quantized run in tract")?;
+                let rq = match &quantized {
+                    Some((quant_proto, _)) => Some(
+                        Runner::new(quant_proto, &named, &q_extra)
+                            .context("adaround: preparing the quantized run in tract")?,
+                    ),
+                    None => None,
+                };
                 runners = Some((shapes, rf, rq));
             }
             let (_, rf, rq) = runners.as_ref().expect("set above");
@@ -1035,7 +1095,11 @@ pub fn learn(
                         .collect()
                 };
             let xf = value(rf, &f_inputs, &f_extra)?;
-            let xq = value(rq, &q_inputs, &q_extra)?;
+            let xq = match (rq, &quantized) {
+                (Some(rq), Some((_, q_inputs))) => Some(value(rq, q_inputs, &q_extra)?),
+                _ => None,
+            };
+            let xq = xq.as_ref().unwrap_or(&xf);
             grams
                 .par_iter_mut()
                 .zip(stage_tasks.par_iter())
@@ -1063,6 +1127,7 @@ pub fn learn(
     Ok((
         codes,
         AdaRoundReport {
+            inputs: ada.inputs,
             iterations,
             lambda: ada.lambda,
             stages,
@@ -1274,9 +1339,13 @@ pub fn summary(r: &AdaRoundReport) -> String {
     let gain = |l: &&LayerRounding| l.learned_sqnr_db - l.nearest_sqnr_db;
     let mean_gain = learned.iter().map(gain).sum::<f64>() / learned.len().max(1) as f64;
     format!(
-        "adaround: {} of {} layer(s) learned ({} iterations, {} stage(s)), layer output SQNR +{:.2} dB on average over round-to-nearest; cost {:.1} s ({:.1} s data, {:.1} s optimization)",
+        "adaround: {} of {} layer(s) learned on {} inputs ({} iterations, {} stage(s)), layer output SQNR +{:.2} dB on average over round-to-nearest; cost {:.1} s ({:.1} s data, {:.1} s optimization)",
         learned.len(),
         r.layers.len(),
+        match r.inputs {
+            AdaRoundInputs::Float => "float",
+            AdaRoundInputs::Quantized => "quantized-upstream",
+        },
         r.iterations,
         r.stages,
         mean_gain,
