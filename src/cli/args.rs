@@ -267,9 +267,15 @@ pub struct CompressArgs {
     /// (by a fixed cost model, so the output stays deterministic).
     #[arg(long, value_name = "SECONDS", help_heading = "Quantization")]
     pub adaround_budget: Option<f64>,
-    /// W4A8: int4 Conv/Gemm/MatMul weights (per channel, opset-21 DequantizeLinear of INT4, for
-    /// ONNX Runtime) with int8 activations; the first and the last layer and depthwise convs
-    /// keep int8 weights (--w4a8-all-layers: those too). Not --weight-bits 4, which is int4
+    /// What --rounding adaround fits each layer on: float (the float model's input to the layer,
+    /// one run over --calib) or quantized (the input in the quantized upstream model, as AIMET;
+    /// also corrects upstream error, in 4 stages, slower; collapsed PP-OCRv4 rec at W4A8).
+    #[arg(long, value_enum, default_value = "float", help_heading = "Quantization")]
+    pub adaround_inputs: AdaroundInputsArg,
+    /// W4A8: int4 Conv/Gemm/MatMul weights (per channel, or per block of --block-size N input
+    /// values; opset-21 DequantizeLinear of INT4, for ONNX Runtime) with int8 activations on
+    /// every layer the rules cover; the first and the last layer and depthwise convs keep int8
+    /// weights (--w4a8-all-layers: those too). Not --weight-bits 4, which is int4
     /// weight-only with float activations for language models.
     #[arg(long, help_heading = "Quantization")]
     pub w4a8: bool,
@@ -451,7 +457,8 @@ pub struct CompressArgs {
     pub selection: SelectionArg,
     /// int4 weights in blocks of N values along the input-channel axis, one scale per block
     /// (ONNX block-wise DequantizeLinear, opset 21); layers whose input axis is shorter than N
-    /// stay per output channel. Default: per output channel (with --weight-bits 4: 32).
+    /// stay per output channel. Default: per output channel (with --weight-bits 4: 32). Also
+    /// applies to --w4a8's int4 weights (their biases then stay float).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..), help_heading = "Mixed precision")]
     pub block_size: Option<u64>,
     /// Print the size-vs-sensitivity frontier (minimum ΣΩ, and the joint selection's predicted
@@ -567,6 +574,12 @@ pub enum ActivationsArg {
 pub enum NamesArg {
     Compact,
     Descriptive,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AdaroundInputsArg {
+    Float,
+    Quantized,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

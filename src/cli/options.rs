@@ -11,7 +11,7 @@ use onnx_compress::limits::{parse_size, MemoryBudget};
 use onnx_compress::passes::equalize::{BiasCorrection, EqualizeOptions};
 use onnx_compress::passes::mixed_precision::{Budget, MixedPrecisionOptions, Selection};
 use onnx_compress::passes::prune::{self, PruneOptions};
-use onnx_compress::passes::quantize::adaround::{AdaRoundOptions, W4a8};
+use onnx_compress::passes::quantize::adaround::{AdaRoundInputs, AdaRoundOptions, W4a8};
 use onnx_compress::passes::quantize::{ActivationMode, Naming, QuantizeOptions, Rounding, Smooth};
 use onnx_compress::passes::target::Target;
 use onnx_compress::passes::weight_only::{self, WeightOnlyOptions};
@@ -211,10 +211,15 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         adaround: (args.rounding == RoundingArg::Adaround).then(|| AdaRoundOptions {
             iterations: args.adaround_iterations as usize,
             budget_seconds: args.adaround_budget,
+            inputs: match args.adaround_inputs {
+                AdaroundInputsArg::Float => AdaRoundInputs::Float,
+                AdaroundInputsArg::Quantized => AdaRoundInputs::Quantized,
+            },
             ..Default::default()
         }),
         w4a8: args.w4a8.then_some(W4a8 {
             all_layers: args.w4a8_all_layers,
+            block_size: args.block_size.map(|b| b as usize),
         }),
         exclude_ops: args.exclude_ops.clone(),
         exclude_nodes: args.exclude_nodes.clone(),

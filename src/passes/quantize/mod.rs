@@ -878,10 +878,13 @@ fn quantize_main_graph(
                 &mark.node,
                 opts.reduce_range,
                 opts.rounding,
-            ),
+            )
+            .map(|(scales, report)| (Some(scales), report)),
         }
         .with_context(|| format!("node '{}'", mark.node))?;
-        weight_scales.insert(w.clone(), scales);
+        if let Some(scales) = scales {
+            weight_scales.insert(w.clone(), scales);
+        }
         weight_reports.push(report);
         stats.changes += 1;
     }

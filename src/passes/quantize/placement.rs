@@ -457,7 +457,10 @@ pub fn plan_with_shapes(
     shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
 ) -> Result<Plan> {
     let policy = opts.policy();
-    plan_with_cost(g, opts, selection, shapes, policy.boundary_cost, &policy)
+    // `--w4a8` asks for int4 weights on every layer (size): the speed rule would keep the thin
+    // layers float, with float weights.
+    let cost = policy.boundary_cost.filter(|_| opts.w4a8.is_none());
+    plan_with_cost(g, opts, selection, shapes, cost, &policy)
 }
 
 /// [`plan_with_shapes`] with the boundary cost given (the policy's, or a test's).
