@@ -270,7 +270,12 @@ pub struct CompressArgs {
     /// What --rounding adaround fits each layer on: float (the float model's input to the layer,
     /// one run over --calib) or quantized (the input in the quantized upstream model, as AIMET;
     /// also corrects upstream error, in 4 stages, slower; collapsed PP-OCRv4 rec at W4A8).
-    #[arg(long, value_enum, default_value = "float", help_heading = "Quantization")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "float",
+        help_heading = "Quantization"
+    )]
     pub adaround_inputs: AdaroundInputsArg,
     /// W4A8: int4 Conv/Gemm/MatMul weights (per channel, or per block of --block-size N input
     /// values; opset-21 DequantizeLinear of INT4, for ONNX Runtime) with int8 activations on

@@ -1189,8 +1189,9 @@ fn learn_layer(
             .par_iter()
             .map(|&r0| {
                 let r1 = (r0 + CHUNK_ROWS).min(wg.nrows());
-                let scales =
-                    Array2::from_shape_fn((r1 - r0, wg.ncols()), |(r, j)| scale_of(outs[r0 + r], j));
+                let scales = Array2::from_shape_fn((r1 - r0, wg.ncols()), |(r, j)| {
+                    scale_of(outs[r0 + r], j)
+                });
                 let q = learn_rows(
                     &wg.slice(s![r0..r1, ..]).to_owned(),
                     &scales,
