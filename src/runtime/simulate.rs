@@ -144,32 +144,17 @@ pub(crate) fn node_label(node: &NodeProto) -> String {
 /// Constant tensors visible in the top-level graph: initializers and `Constant` nodes with a
 /// `value` tensor attribute.
 fn constants(graph: &GraphProto) -> HashMap<String, TensorProto> {
-    let mut map: HashMap<String, TensorProto> = graph
-        .initializer
-        .iter()
-        .map(|t| (t.name().to_string(), t.clone()))
-        .collect();
-    // An initializer that is also a graph input can be overridden by the caller: not a constant.
-    for i in &graph.input {
-        map.remove(i.name());
-    }
-    for node in &graph.node {
-        if node.op_type() == "Constant" && node.domain().is_empty() {
-            if let (Some(out), Some(t)) = (
-                node.output.first(),
-                attr(node, "value").and_then(|a| a.t.as_ref()),
-            ) {
-                map.insert(out.clone(), t.clone());
-            }
-        }
-    }
-    map
+    constant_refs(graph)
+        .into_iter()
+        .map(|(name, t)| (name.to_string(), t.clone()))
+        .collect()
 }
 
 /// [`constants`] by reference (no copy of the weights).
 fn constant_refs(graph: &GraphProto) -> HashMap<&str, &TensorProto> {
     let mut map: HashMap<&str, &TensorProto> =
         graph.initializer.iter().map(|t| (t.name(), t)).collect();
+    // An initializer that is also a graph input can be overridden by the caller: not a constant.
     for i in &graph.input {
         map.remove(i.name());
     }
