@@ -258,7 +258,7 @@ const ORT: Policy = Policy {
     // guard (`guard: Some(DEFAULT_GUARD)`) seven issue-20 models came out byte-identical and
     // PP-OCRv4 rec 1.35x / 18.85 dB (vs 1.25x / 19.12 dB) after 50 s of measuring, in one run
     // (BENCHMARKS.md "Fidelity guard"): off until repeated.
-    decompose: &[],
+    decompose: &["conv-affine", "batch-shapes"],
     scalar_operands: false,
     pass_through: &["Slice"],
     shape_reads_int8: true,
