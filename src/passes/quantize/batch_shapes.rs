@@ -54,6 +54,9 @@ enum Sym {
     Batch,
 }
 
+/// Full shapes of the graph inputs, by name (what tract's analysis pins).
+type InputShapes = Vec<(String, Vec<usize>)>;
+
 /// A shape integer tensor: its elements and whether it is a scalar (rank 0) or 1-D.
 type Ints = (Vec<Sym>, bool);
 
@@ -131,7 +134,7 @@ fn computed_operands(g: &Graph, ix: NodeIndex) -> Option<Vec<usize>> {
 
 /// Input shapes for each of [`BATCHES`], or `None` unless every real input declares a shape
 /// with a symbolic dim 0 and fixed dims elsewhere.
-fn batch_pins(g: &Graph) -> Option<Vec<Vec<(String, Vec<usize>)>>> {
+fn batch_pins(g: &Graph) -> Option<Vec<InputShapes>> {
     let mut fixed: Vec<(String, Vec<usize>)> = Vec::new();
     for input in g
         .inputs
