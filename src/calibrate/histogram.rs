@@ -502,7 +502,18 @@ mod tests {
         let mut v: Vec<f32> = (0..90_000)
             .map(|i| ((i as f32) * 0.731).sin() * (1.0 + (i / 10_000) as f32 * 3.0))
             .collect();
-        v.extend([0.0, -0.0, 0.25, -0.25, 1.0 / 4096.0, -1.0 / 8192.0, 1.0, -1.0, 2.0, 64.0]);
+        v.extend([
+            0.0,
+            -0.0,
+            0.25,
+            -0.25,
+            1.0 / 4096.0,
+            -1.0 / 8192.0,
+            1.0,
+            -1.0,
+            2.0,
+            64.0,
+        ]);
         let mut whole = Histogram::default();
         whole.add(&v);
         for size in [1usize, 7, 4096, 40_000] {
@@ -510,13 +521,21 @@ mod tests {
             for piece in v.chunks(size) {
                 h.add(piece);
             }
-            assert_eq!((h.r, &h.counts), (whole.r, &whole.counts), "pieces of {size}");
+            assert_eq!(
+                (h.r, &h.counts),
+                (whole.r, &whole.counts),
+                "pieces of {size}"
+            );
             assert_eq!(h.exact_zeros, whole.exact_zeros);
             let mut rev = Histogram::default();
             for piece in v.chunks(size).rev() {
                 rev.add(piece);
             }
-            assert_eq!((rev.r, &rev.counts), (whole.r, &whole.counts), "reversed {size}");
+            assert_eq!(
+                (rev.r, &rev.counts),
+                (whole.r, &whole.counts),
+                "reversed {size}"
+            );
         }
         // r is the smallest power of two above max |x|.
         let amax = v.iter().fold(0f32, |m, x| m.max(x.abs()));

@@ -314,6 +314,7 @@ impl Observer {
 ///   parts) to sum `i % 8`, added in lane order at the end: the same figure however the batch
 ///   is cut into parts, and no chain of one add per value (a single running sum waits an
 ///   add's latency on every value).
+#[cfg(test)]
 fn scan(parts: &[&[f32]]) -> (f32, f32, SquareSum) {
     scan_from(parts, SquareSum::default(), 0)
 }
@@ -541,47 +542,53 @@ pub fn observers_by_fold(
         .filter(|t| !calib.input_names.contains(t))
         .cloned()
         .collect();
-    stream_in_parts(model, &extra, calib, "calibrating", |b, batch, group, parts| {
-        // Each tensor's values as consecutive pieces of the batch, in row order: the graph
-        // inputs whole with the batch's first group of pieces, the extra outputs per piece.
-        let mut seen: Vec<(&str, Vec<&ArrayD<f32>>)> = Vec::with_capacity(tensors.len());
-        if group.first {
-            for name in &inputs {
-                let k = calib
-                    .input_names
-                    .iter()
-                    .position(|n| n == *name)
-                    .expect("filtered above");
-                // Integer and bool inputs pass through: only float values are observed.
-                if let Some(a) = batch[k].as_f32() {
-                    seen.push((name.as_str(), vec![a]));
+    stream_in_parts(
+        model,
+        &extra,
+        calib,
+        "calibrating",
+        |b, batch, group, parts| {
+            // Each tensor's values as consecutive pieces of the batch, in row order: the graph
+            // inputs whole with the batch's first group of pieces, the extra outputs per piece.
+            let mut seen: Vec<(&str, Vec<&ArrayD<f32>>)> = Vec::with_capacity(tensors.len());
+            if group.first {
+                for name in &inputs {
+                    let k = calib
+                        .input_names
+                        .iter()
+                        .position(|n| n == *name)
+                        .expect("filtered above");
+                    // Integer and bool inputs pass through: only float values are observed.
+                    if let Some(a) = batch[k].as_f32() {
+                        seen.push((name.as_str(), vec![a]));
+                    }
                 }
             }
-        }
-        for (t, name) in extra.iter().enumerate() {
-            seen.push((name.as_str(), parts.iter().map(|p| &p[t]).collect()));
-        }
-        // Each observer sees its tensor's pieces in order whatever the thread count; only
-        // different tensors' updates run side by side (the histogram work is most of a
-        // calibration's CPU time on models with many large activations).
-        let values: std::collections::HashMap<&str, &Vec<&ArrayD<f32>>> =
-            seen.iter().map(|(n, v)| (*n, v)).collect();
-        let fold = (folds > 0).then(|| &mut by_fold[b % folds]);
-        let mut work: Vec<(&mut Observer, Option<&Vec<&ArrayD<f32>>>)> = observers
-            .iter_mut()
-            .chain(fold.into_iter().flat_map(|f| f.iter_mut()))
-            .map(|(name, o)| (o, values.get(name.as_str()).copied()))
-            .collect();
-        work.par_iter_mut().for_each(|(o, a)| {
-            if let Some(a) = a {
-                add_pieces(o, a);
+            for (t, name) in extra.iter().enumerate() {
+                seen.push((name.as_str(), parts.iter().map(|p| &p[t]).collect()));
             }
-            if group.last {
-                o.end_batch(opts.moving_average);
-            }
-        });
-        Ok(())
-    })?;
+            // Each observer sees its tensor's pieces in order whatever the thread count; only
+            // different tensors' updates run side by side (the histogram work is most of a
+            // calibration's CPU time on models with many large activations).
+            let values: std::collections::HashMap<&str, &Vec<&ArrayD<f32>>> =
+                seen.iter().map(|(n, v)| (*n, v)).collect();
+            let fold = (folds > 0).then(|| &mut by_fold[b % folds]);
+            let mut work: Vec<(&mut Observer, Option<&Vec<&ArrayD<f32>>>)> = observers
+                .iter_mut()
+                .chain(fold.into_iter().flat_map(|f| f.iter_mut()))
+                .map(|(name, o)| (o, values.get(name.as_str()).copied()))
+                .collect();
+            work.par_iter_mut().for_each(|(o, a)| {
+                if let Some(a) = a {
+                    add_pieces(o, a);
+                }
+                if group.last {
+                    o.end_batch(opts.moving_average);
+                }
+            });
+            Ok(())
+        },
+    )?;
     Ok((observers, by_fold))
 }
 
@@ -830,7 +837,11 @@ mod tests {
                     pieces.update_parts(&parts, opts.moving_average);
                     again.update_parts(&parts, opts.moving_average);
                 }
-                let (a, b, c) = (whole.finish(&opts), pieces.finish(&opts), again.finish(&opts));
+                let (a, b, c) = (
+                    whole.finish(&opts),
+                    pieces.finish(&opts),
+                    again.finish(&opts),
+                );
                 // Same cut, same bits.
                 assert_eq!(format!("{b:?}"), format!("{c:?}"));
                 // Another cut: the same values (only which zero an extreme of 0 carries may
