@@ -1,12 +1,18 @@
 //! The calibration histogram and the range math of the histogram methods (which method uses
 //! what is in [`super::observe`]).
 //!
-//! Histogram range: adaptive re-binning, so the data is read once. The histogram covers
-//! `[-r, r]` with `2 * FINE_BINS` bins; `r` starts at the first batch's max |x| and doubles
-//! whenever a batch exceeds it, merging pairs of bins (exact: bin edges stay aligned and 0 stays
-//! an edge). The data therefore covers at least half the bins (>= 8192 of width <= max|x|/4096
-//! per side), fine enough that the methods' own binnings (2048 bins for entropy) are resampled
-//! from it with sub-bin error.
+//! Histogram range: adaptive re-binning, so the data is read once, in pieces of any size. The
+//! histogram covers `[-r, r]` with `2 * FINE_BINS` bins of width `w = r / FINE_BINS`; `r` is a
+//! power of two, the smallest one `> max|x|` seen so far (at least [`MIN_RANGE`]), and doubles
+//! whenever a piece exceeds it, merging pairs of bins. The data therefore covers at least half
+//! the bins (>= 4096 of width < max|x|/4096 per side), fine enough that the methods' own
+//! binnings (2048 bins for entropy) are resampled from it with sub-bin error.
+//!
+//! The counts do not depend on how the values are cut into pieces, nor on their order: since `w`
+//! is a power of two, `x / w` is exact in f32 and the bin `floor(x / w) + FINE_BINS` (clamped to
+//! the bins) is exact; doubling maps bin `FINE_BINS + k` to `FINE_BINS + floor(k / 2)`, which is
+//! `floor(x / 2w)`, the bin the value would have had on the wider grid. So calibration can
+//! stream a batch row by row (bounded memory) and get the histogram of the whole batch.
 //!
 //! - [`Histogram::quantile`]: the `q` quantile of the signed distribution, interpolated
 //!   linearly inside a bin.
@@ -24,27 +30,54 @@ pub const FINE_BINS: usize = 8192;
 /// zeroing them costs more than it saves).
 const SPLIT_COUNTS_FROM: usize = 1 << 15;
 
-/// The bins of eight values (as [`Histogram::add_parts_within`]'s `bin`: `(v + r) / w` clamped
-/// to `[0, 2 FINE_BINS - 1]` and truncated, NaN to `discard`) and how many are exact zeros,
-/// four at a time in SSE2 registers: `addps`/`divps` round as `addss`/`divss` do, `maxps` and
-/// `minps` against 0 and the top bin clamp as `f32::max`/`min` do on a non-NaN value, and the
-/// NaN lanes are replaced by `discard`, so the bins are those of the scalar code.
+/// Smallest histogram range: a piece whose max |x| is below it (but not 0) gets this range, so
+/// that `w` stays a normal power of two and `x / w` exact.
+pub const MIN_RANGE: f32 = 1.0 / (1u64 << 62) as f32 / (1u64 << 38) as f32;
+
+/// The smallest power of two `> amax` (at least [`MIN_RANGE`]); `amax` itself when it is not
+/// finite. Strictly above, so that no finite value is clamped into an end bin (where doubling
+/// would not map it to its bin on the wider grid).
+fn pow2_above(amax: f32) -> f32 {
+    if !amax.is_finite() {
+        return amax;
+    }
+    let mut r = MIN_RANGE;
+    while r <= amax {
+        r *= 2.0;
+    }
+    r
+}
+
+/// The bins of eight values (as [`Histogram::add_parts_within`]'s `bin`: `floor(v * inv_w)`
+/// clamped to `[-FINE_BINS, FINE_BINS - 1]`, plus `FINE_BINS`, NaN to `discard`) and how many
+/// are exact zeros, four at a time in SSE2 registers: `mulps` by a power of two is exact as
+/// `mulss` is, `maxps`/`minps` clamp as `f32::max`/`min` do on a non-NaN value, the floor is a
+/// truncation corrected by one where it rounded up (negative non-integers), and the NaN lanes
+/// are replaced by `discard`, so the bins are those of the scalar code.
 #[cfg(target_arch = "x86_64")]
-fn block_bins(b: &[f32; 8], r: f32, w: f32, discard: usize) -> ([u32; 8], u64) {
+fn block_bins(b: &[f32; 8], inv_w: f32, discard: usize) -> ([u32; 8], u64) {
     use std::arch::x86_64::*;
     let mut at = [0u32; 8];
     let mut zeros = 0u64;
     // SAFETY: SSE2 is part of the x86_64 baseline; loads and stores are unaligned ones on
     // arrays of exactly 4 lanes per step.
     unsafe {
-        let (vr, vw) = (_mm_set1_ps(r), _mm_set1_ps(w));
-        let (zero, top) = (_mm_setzero_ps(), _mm_set1_ps((2 * FINE_BINS - 1) as f32));
+        let vi = _mm_set1_ps(inv_w);
+        let (low, top) = (
+            _mm_set1_ps(-(FINE_BINS as f32)),
+            _mm_set1_ps((FINE_BINS - 1) as f32),
+        );
+        let (zero, offset) = (_mm_setzero_ps(), _mm_set1_epi32(FINE_BINS as i32));
         let nan_bin = _mm_set1_epi32(discard as i32);
         for h in 0..2 {
             let v = _mm_loadu_ps(b.as_ptr().add(4 * h));
-            let x = _mm_div_ps(_mm_add_ps(v, vr), vw);
+            let x = _mm_mul_ps(v, vi);
             let nan = _mm_castps_si128(_mm_cmpunord_ps(x, x));
-            let i = _mm_cvttps_epi32(_mm_min_ps(_mm_max_ps(x, zero), top));
+            let x = _mm_min_ps(_mm_max_ps(x, low), top);
+            let t = _mm_cvttps_epi32(x);
+            // -1 where the truncation is above x.
+            let up = _mm_castps_si128(_mm_cmpgt_ps(_mm_cvtepi32_ps(t), x));
+            let i = _mm_add_epi32(_mm_add_epi32(t, up), offset);
             let i = _mm_or_si128(_mm_and_si128(nan, nan_bin), _mm_andnot_si128(nan, i));
             _mm_storeu_si128(at.as_mut_ptr().add(4 * h) as *mut __m128i, i);
             zeros += _mm_movemask_ps(_mm_cmpeq_ps(v, zero)).count_ones() as u64;
@@ -54,20 +87,26 @@ fn block_bins(b: &[f32; 8], r: f32, w: f32, discard: usize) -> ([u32; 8], u64) {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn block_bins(b: &[f32; 8], r: f32, w: f32, discard: usize) -> ([u32; 8], u64) {
-    let top = (2 * FINE_BINS - 1) as f32;
+fn block_bins(b: &[f32; 8], inv_w: f32, discard: usize) -> ([u32; 8], u64) {
     let mut at = [0u32; 8];
     let mut zeros = 0u64;
     for k in 0..8 {
-        let x = (b[k] + r) / w;
-        at[k] = if x.is_nan() {
-            discard as u32
-        } else {
-            x.max(0.0).min(top) as u32
-        };
+        at[k] = scalar_bin(b[k], inv_w, discard) as u32;
         zeros += (b[k] == 0.0) as u64;
     }
     (at, zeros)
+}
+
+/// The bin of one value (see [`block_bins`]).
+fn scalar_bin(v: f32, inv_w: f32, discard: usize) -> usize {
+    let x = v * inv_w;
+    if x.is_nan() {
+        return discard;
+    }
+    let x = x.max(-(FINE_BINS as f32)).min((FINE_BINS - 1) as f32);
+    let t = x as i32;
+    let floor = if (t as f32) > x { t - 1 } else { t };
+    (floor + FINE_BINS as i32) as usize
 }
 
 /// Signed histogram over `[-r, r]` with adaptive doubling.
@@ -117,30 +156,20 @@ impl Histogram {
             return;
         }
         if self.r == 0.0 {
-            self.r = amax;
+            self.r = pow2_above(amax);
             self.counts[FINE_BINS] += std::mem::take(&mut self.pending_zeros);
         }
-        while amax > self.r {
+        while amax >= self.r && self.r.is_finite() {
             self.double();
         }
-        let (r, w) = (self.r, self.r / FINE_BINS as f32);
-        let top = 2 * FINE_BINS - 1;
-        // The bin of x is floor((x + r) / w) clamped to [0, top]; for a non-negative quotient
-        // a truncating cast is the floor, and a negative one lands in bin 0 either way (no libm
-        // call per value). NaN goes to a discard slot past the last bin. Exact zeros fall in
-        // the bin of 0 like any value and are also counted apart, without a branch (a ReLU
-        // output's zeros come in no predictable order).
+        let inv_w = FINE_BINS as f32 / self.r;
+        // The bin of x is floor(x / w) + FINE_BINS clamped to the bins (exact: w is a power of
+        // two). NaN goes to a discard slot past the last bin. Exact zeros fall in the bin of 0
+        // like any value and are also counted apart, without a branch (a ReLU output's zeros
+        // come in no predictable order).
         let discard = 2 * FINE_BINS;
-        // In f32 and clamped before the cast (the same integer as clamping after it), so that
-        // a block of values converts in vector registers.
-        let bin = |v: f32| -> usize {
-            let x = (v + r) / w;
-            if x.is_nan() {
-                discard
-            } else {
-                x.max(0.0).min(top as f32) as i32 as usize
-            }
-        };
+        let top = 2 * FINE_BINS - 1;
+        let bin = |v: f32| scalar_bin(v, inv_w, discard);
         let mut zeros = 0u64;
         if len < SPLIT_COUNTS_FROM {
             for part in parts {
@@ -178,7 +207,7 @@ impl Histogram {
                     let blocks = chunk.chunks_exact(BLOCK);
                     let rest = blocks.remainder();
                     for b in blocks {
-                        let (at, z) = block_bins(b.try_into().expect("a block"), r, w, discard);
+                        let (at, z) = block_bins(b.try_into().expect("a block"), inv_w, discard);
                         zeros += z;
                         for (k, &i) in at.iter().enumerate() {
                             ways[(k % WAYS) * stride + i as usize] += 1;
@@ -415,17 +444,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn block_bins_are_the_scalar_bins() {
-        // The scalar bin, as written before the vector version.
-        let (r, top, discard) = (3.7f32, 2 * FINE_BINS - 1, 2 * FINE_BINS);
+    fn block_bins_are_the_floor_of_x_over_w() {
+        let (r, discard) = (4.0f32, 2 * FINE_BINS);
         let w = r / FINE_BINS as f32;
-        let scalar = |v: f32| -> usize {
-            let x = (v + r) / w;
-            if x.is_nan() {
-                discard
-            } else {
-                (x.max(0.0) as usize).min(top)
+        let inv_w = 1.0 / w;
+        // The bin in f64 (exact here): floor(v / w) + FINE_BINS, clamped.
+        let exact = |v: f32| -> usize {
+            if v.is_nan() {
+                return discard;
             }
+            let f = (v as f64 / w as f64).floor();
+            (f.clamp(-(FINE_BINS as f64), (FINE_BINS - 1) as f64) as i64 + FINE_BINS as i64)
+                as usize
         };
         let mut values = vec![
             0.0,
@@ -439,23 +469,78 @@ mod tests {
             -2.0 * r,
             f32::MIN_POSITIVE,
             -f32::MIN_POSITIVE,
+            -1e-30,
         ];
         // Values on and next to bin edges, where rounding decides.
         for k in [-8192i32, -4097, -1, 1, 17, 4095, 8191] {
             let edge = k as f32 * w;
-            values.extend([edge, f32::from_bits(edge.to_bits() + 1), edge * 0.999_999_9]);
+            values.extend([
+                edge,
+                f32::from_bits(edge.to_bits() + 1),
+                f32::from_bits(edge.to_bits() - 1),
+                edge * 0.999_999_9,
+            ]);
         }
         values.extend((0..400).map(|i| ((i as f32) * 0.37).sin() * 4.5));
         while values.len() % 8 != 0 {
             values.push(1.0);
         }
         for b in values.chunks_exact(8) {
-            let (at, zeros) = block_bins(b.try_into().unwrap(), r, w, discard);
+            let (at, zeros) = block_bins(b.try_into().unwrap(), inv_w, discard);
             for (k, &v) in b.iter().enumerate() {
-                assert_eq!(at[k] as usize, scalar(v), "value {v}");
+                assert_eq!(at[k] as usize, exact(v), "value {v}");
+                assert_eq!(scalar_bin(v, inv_w, discard), exact(v), "value {v}");
             }
             assert_eq!(zeros, b.iter().filter(|&&v| v == 0.0).count() as u64);
         }
+    }
+
+    #[test]
+    fn counts_do_not_depend_on_pieces_or_their_order() {
+        // Growing magnitudes (several doublings), both zeros, values on bin edges of the first
+        // grids, and more than SPLIT_COUNTS_FROM values in one piece (the vector path).
+        let mut v: Vec<f32> = (0..90_000)
+            .map(|i| ((i as f32) * 0.731).sin() * (1.0 + (i / 10_000) as f32 * 3.0))
+            .collect();
+        v.extend([
+            0.0,
+            -0.0,
+            0.25,
+            -0.25,
+            1.0 / 4096.0,
+            -1.0 / 8192.0,
+            1.0,
+            -1.0,
+            2.0,
+            64.0,
+        ]);
+        let mut whole = Histogram::default();
+        whole.add(&v);
+        for size in [1usize, 7, 4096, 40_000] {
+            let mut h = Histogram::default();
+            for piece in v.chunks(size) {
+                h.add(piece);
+            }
+            assert_eq!(
+                (h.r, &h.counts),
+                (whole.r, &whole.counts),
+                "pieces of {size}"
+            );
+            assert_eq!(h.exact_zeros, whole.exact_zeros);
+            let mut rev = Histogram::default();
+            for piece in v.chunks(size).rev() {
+                rev.add(piece);
+            }
+            assert_eq!(
+                (rev.r, &rev.counts),
+                (whole.r, &whole.counts),
+                "reversed {size}"
+            );
+        }
+        // r is the smallest power of two above max |x|.
+        let amax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(whole.r > amax && whole.r / 2.0 <= amax);
+        assert_eq!(whole.r.to_bits() & 0x007f_ffff, 0);
     }
 
     #[test]
@@ -465,7 +550,7 @@ mod tests {
         h.add(&[0.1, -0.1]);
         h.add(&[100.0, -3.0, 0.05]);
         assert_eq!(h.total(), 7);
-        assert!(h.r >= 100.0 && h.r < 200.0);
+        assert_eq!(h.r, 128.0);
         let abs = h.abs_histogram(2048, 100.0);
         assert!((abs.iter().sum::<f64>() - 7.0).abs() < 1e-9);
     }
