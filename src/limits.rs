@@ -246,12 +246,21 @@ mod tests {
 /// cannot be interrupted). Such work registers a [`Watched`] deadline; the binary runs a
 /// watchdog thread that ends the process with one error line past it ([`overdue`]). Library
 /// callers without a watchdog are unaffected.
+///
+/// The budget counts the CPU time of the thread that registered the work, not wall time: on
+/// a loaded machine (a CI runner, two cores shared by ten processes) a healthy analysis of
+/// EfficientNet-B0 took more than its 22 s in wall time and the run was ended, while the runaway
+/// analyses this guards against spend their whole wall time on the CPU.
 pub mod watch {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Mutex;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    static ACTIVE: Mutex<Vec<(u64, Instant, Duration, &'static str)>> = Mutex::new(Vec::new());
+    /// A registered piece of work: id, the registering thread's CPU clock, its reading at
+    /// registration, the budget and what the work is.
+    type Entry = (u64, Clock, Duration, Duration, &'static str);
+
+    static ACTIVE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
     static NEXT: AtomicU64 = AtomicU64::new(0);
 
     /// Floor of the analysis budget, whatever the model's size.
@@ -259,10 +268,42 @@ pub mod watch {
     /// Extra analysis time per MiB of model (tract packs weights while it builds a plan).
     pub const ANALYSIS_PER_MIB: Duration = Duration::from_millis(100);
 
-    /// The time tract may take to analyse and plan a model of `model_bytes`: 20 s plus 0.1 s
-    /// per MiB (ViT-B/16, 330 MiB: 53 s; it takes a few seconds on the reference machine).
+    /// The CPU time tract may take to analyse and plan a model of `model_bytes`: 20 s plus
+    /// 0.1 s per MiB (ViT-B/16, 330 MiB: 53 s; it takes a few seconds on the reference machine).
     pub fn analysis_budget(model_bytes: u64) -> Duration {
         ANALYSIS_BASE + ANALYSIS_PER_MIB * (model_bytes >> 20) as u32
+    }
+
+    /// The CPU-time clock of one thread, readable from any other thread of the process while
+    /// that thread lives (the entry is removed before it can end: [`Watched`] is dropped
+    /// first). Where no per-thread clock exists, the process's monotonic clock stands in.
+    #[derive(Clone, Copy)]
+    struct Clock(libc::clockid_t);
+
+    impl Clock {
+        fn of_this_thread() -> Clock {
+            let mut id: libc::clockid_t = libc::CLOCK_MONOTONIC;
+            // SAFETY: pthread_self is always valid for the calling thread; on failure `id`
+            // keeps the monotonic clock.
+            let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut id) };
+            Clock(if rc == 0 { id } else { libc::CLOCK_MONOTONIC })
+        }
+
+        /// The clock's reading, or None if it cannot be read (the thread has ended).
+        fn now(self) -> Option<Duration> {
+            let mut t = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `t` is a valid timespec to write into.
+            let rc = unsafe { libc::clock_gettime(self.0, &mut t) };
+            (rc == 0).then(|| {
+                Duration::new(
+                    t.tv_sec.max(0) as u64,
+                    t.tv_nsec.clamp(0, 999_999_999) as u32,
+                )
+            })
+        }
     }
 
     /// A registered deadline, removed when dropped.
@@ -277,23 +318,29 @@ pub mod watch {
         }
     }
 
-    /// Register `what` (e.g. "tract's analysis of the model") with `budget` from now.
+    /// Register `what` (e.g. "tract's analysis of the model") with `budget` of this thread's
+    /// CPU time from now.
     pub fn start(what: &'static str, budget: Duration) -> Watched {
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let clock = Clock::of_this_thread();
+        let started = clock.now().unwrap_or_default();
         if let Ok(mut active) = ACTIVE.lock() {
-            active.push((id, Instant::now() + budget, budget, what));
+            active.push((id, clock, started, budget, what));
         }
         Watched(id)
     }
 
-    /// The first registered work past its deadline: what it is and its budget.
+    /// The first registered work that has used up its budget: what it is and its budget.
     pub fn overdue() -> Option<(&'static str, Duration)> {
-        let now = Instant::now();
         let active = ACTIVE.lock().ok()?;
         active
             .iter()
-            .find(|(_, deadline, ..)| *deadline <= now)
-            .map(|&(_, _, budget, what)| (what, budget))
+            .find(|(_, clock, started, budget, _)| {
+                clock
+                    .now()
+                    .is_some_and(|now| now.saturating_sub(*started) >= *budget)
+            })
+            .map(|&(_, _, _, budget, what)| (what, budget))
     }
 
     #[cfg(test)]
@@ -311,6 +358,23 @@ pub mod watch {
                 analysis_budget(330 << 20),
                 Duration::from_secs(20) + Duration::from_millis(33_000)
             );
+            drop(_w);
+
+            // The budget is this thread's CPU time: waiting (a loaded machine) does not use
+            // it, working does.
+            let w = start("busy work", Duration::from_millis(30));
+            std::thread::sleep(Duration::from_millis(120));
+            assert!(overdue().is_none_or(|(what, _)| what != "busy work"));
+            let wall = std::time::Instant::now();
+            let mut x = 0u64;
+            while overdue().is_none_or(|(what, _)| what != "busy work") {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                assert!(
+                    wall.elapsed() < Duration::from_secs(300),
+                    "CPU budget never ran out"
+                );
+            }
+            drop(w);
         }
     }
 }

@@ -70,7 +70,7 @@ fn start_watchdog(input: Option<&std::path::Path>) {
         std::thread::sleep(std::time::Duration::from_millis(250));
         if let Some((what, budget)) = onnx_compress::limits::watch::overdue() {
             eprintln!(
-                "error: {input}: {what} did not finish within {} s (tract's shape expressions for this model grow without bound; check the model with onnx.checker, or fix its input dims with --input-shape)",
+                "error: {input}: {what} did not finish within {} s of CPU time (tract's shape expressions for this model grow without bound; check the model with onnx.checker, or fix its input dims with --input-shape)",
                 budget.as_secs()
             );
             std::process::exit(1);
