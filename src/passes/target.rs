@@ -185,6 +185,9 @@ pub struct Policy {
     /// margin of the placement without them ([`crate::passes::quantize::guard`]). `None` =
     /// every placement the rules make is kept (the other rows' behaviour).
     pub guard: Option<FidelityGuard>,
+    /// The activation range method (`--method` syntax, see
+    /// [`crate::calibrate::observe::Method::parse`]) the CLI uses when the user names none.
+    pub activation_method: &'static str,
 }
 
 /// Settings of the fidelity guard ([`crate::passes::quantize::guard`]).
@@ -217,6 +220,7 @@ const GENERIC: Policy = Policy {
     pass_through: &[],
     shape_reads_int8: false,
     guard: None,
+    activation_method: "percentile",
     // Conv/Gemm/MatMul weights the activation rules quantized are DequantizeLinear outputs by
     // the time `weight-only` runs, so only the ones they skipped (a constant A operand, an
     // excluded consumer's neighbour...) are still float constants here.
@@ -264,6 +268,7 @@ const ORT: Policy = Policy {
     shape_reads_int8: true,
     float_layers: None,
     guard: None,
+    activation_method: "percentile",
 };
 
 /// See [`Policy::boundary_cost`] and the module docs (measured on MobileNetV3-small).
@@ -288,6 +293,9 @@ const OPENVINO: Policy = Policy {
     shape_reads_int8: false,
     float_layers: Some(OPENVINO_FLOAT_LAYERS),
     guard: None,
+    // Ranges by quantization MSE, not the 99.999th percentile: see the module docs ("Range
+    // method of `openvino`").
+    activation_method: "mse",
 };
 
 /// See [`Policy::float_layers`] and the module docs (per-layer OpenVINO profiles of six CNNs:
@@ -312,6 +320,7 @@ const TRACT: Policy = Policy {
     pass_through: &[],
     shape_reads_int8: false,
     guard: None,
+    activation_method: "percentile",
     float_activations_because: "target tract: activations stay float (tract runs QuantizeLinear/DequantizeLinear graphs in float, measured ~2x slower than fp32); weights are stored int8 by weight-only",
     weight_only_ops: &[
         "LSTM",
