@@ -75,6 +75,17 @@
 //! RegNetX-400MF, DenseNet-121 and SqueezeNet 1.1 have no layer the rule touches at 1.5 M
 //! (byte-identical outputs; at a 2 M floor 2-16 of their layers went float, 1-2% slower).
 //!
+//! Range method of `openvino` ([`Policy::activation_method`], BENCHMARKS.md "openvino fidelity"):
+//! the CLI calibrates its activation ranges by quantization MSE, not by the 99.999th
+//! percentile, unless `--method`/`--percentile` is given. PP-OCRv4 rec under `openvino` lost 8
+//! dB to one range: `p2o.Conv.2`'s input (HardSwish + affine shift, a quarter of its values one
+//! constant per channel on the text lines' background) quantized alone cost 15.6 dB of output
+//! SQNR; weights alone (per-channel, 30-47 dB each) 18.0 dB on 16 lines. Its MSE range alone
+//! took the output from 12.2 to 17.9 dB; the whole MSE output measured 18.1 dB on 200 lines
+//! (percentile 10.3, `ort` 19.1) and character accuracy 99.89% (= fp32; percentile 99.43%).
+//! The other ten models checked moved by -0.4..+0.14 dB (EfficientNet-B0 -0.24,
+//! MobileNetV3-small -0.40, ConvNeXt-tiny +0.14); `ort`/`generic`/`tract` keep the percentile.
+//!
 //! Evidence behind `tract` (issue 20, measured with tract-onnx 0.23.9): tract runs Q/DQ graphs
 //! in float, about 2x slower than fp32, and QLinearConv about 50x slower; DequantizeLinear of a
 //! constant is folded at load when its float output stays within 4 MiB (see
@@ -389,5 +400,16 @@ mod tests {
             .float_layers
             .expect("openvino rule");
         assert!(f.depthwise && f.conv_min_macs > 0 && f.linear_min_weights > 0);
+    }
+
+    #[test]
+    fn every_default_range_method_parses_and_only_openvino_leaves_the_percentile() {
+        use crate::calibrate::observe::Method;
+        for t in [Target::Generic, Target::Tract, Target::Ort] {
+            let m = Method::parse(t.policy().activation_method).unwrap();
+            assert_eq!(m, Method::DEFAULT_FIXED, "{}", t.policy().name);
+        }
+        let ov = Method::parse(Target::Openvino.policy().activation_method).unwrap();
+        assert_eq!(ov, Method::Mse);
     }
 }
