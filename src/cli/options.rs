@@ -172,8 +172,7 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         .method
         .as_deref()
         .unwrap_or(target.policy().activation_method);
-    let mut method =
-        Method::parse(method_arg).with_context(|| format!("--method {method_arg}"))?;
+    let mut method = Method::parse(method_arg).with_context(|| format!("--method {method_arg}"))?;
     if let Some(p) = args.percentile {
         ensure!(
             args.method.is_none() || matches!(method, Method::Percentile(_) | Method::Auto),
