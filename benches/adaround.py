@@ -11,6 +11,7 @@ the default range method:
     rtn_w8a8_static  --activations static (what adaround is compared with on a transformer,
                where the default may choose dynamic activations)
     ada_w8a8   --rounding adaround
+    rtn_w8a8_generic / ada_w8a8_generic   the same with --target generic (every layer int8)
     rtn_w4a8   --w4a8                       (int4 weights except the first and last layer)
     ada_w4a8   --w4a8 --rounding adaround
 each timed (wall seconds of the tool process), then measured on eval.npy in ONNX Runtime with
@@ -34,6 +35,9 @@ CONFIGS = {
     # adaround needs static activations; on a transformer the default may pick dynamic ones
     "rtn_w8a8_static": ["--activations", "static"],
     "ada_w8a8": ["--rounding", "adaround"],
+    # every layer int8: the default `ort` target leaves small models (digits, PP-OCR cls) float
+    "rtn_w8a8_generic": ["--target", "generic"],
+    "ada_w8a8_generic": ["--target", "generic", "--rounding", "adaround"],
     "rtn_w4a8": ["--w4a8"],
     "ada_w4a8": ["--w4a8", "--rounding", "adaround"],
     # block-wise int4 scales (one per 16 input values) and the AIMET-style quantized-input fit

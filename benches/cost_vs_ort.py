@@ -61,6 +61,8 @@ def main():
         r["passes"] = {p["name"]: p.get("seconds") for p in report["passes"]}
         lat = report["validation"].get("latency") or {}
         r["fp32_ms"] = lat.get("original_ms")
+        v = report["validation"]
+        r["validated"] = f"{v.get('samples')} of {v.get('samples_given', v.get('samples'))}"
         if a.ref:
             ref_out = os.path.join(a.out, f"{name}.ref.onnx")
             r["ref"] = timed([a.ref, model, "-o", ref_out, "--calib", calib, "-q"])
@@ -77,8 +79,8 @@ def main():
     if a.ref:
         head += ["before wall / CPU s", "bytes same"]
     head += [f"ORT {m} wall / CPU s, MiB" for m in methods]
-    head += [f"ours / ORT {m} wall" for m in methods]
-    head += ["passes s", "validate s", "fp32 tract ms", "ours / (N x fp32)"]
+    head += [f"ours / ORT {m} wall; CPU" for m in methods]
+    head += ["passes s", "validate s", "rows validated", "fp32 tract ms", "ours / (N x fp32)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
@@ -88,9 +90,10 @@ def main():
             cells += [f"{r['ref'][0]:.2f} / {r['ref'][1]:.2f}", "yes" if r["identical"] else "NO"]
         cells += [f"{r[f'ort_{m}'][0]:.2f} / {r[f'ort_{m}'][1]:.2f}, {r[f'ort_{m}'][2]:.0f}"
                   for m in methods]
-        cells += [f"{w / r[f'ort_{m}'][0]:.2f}" for m in methods]
+        cells += [f"{w / r[f'ort_{m}'][0]:.2f}; {c / r[f'ort_{m}'][1]:.2f}" for m in methods]
         floor = r["samples"] * r["fp32_ms"] / 1000.0 if r["fp32_ms"] else float("nan")
         cells += [f"{r['phases'].get('passes', 0):.2f}", f"{r['phases'].get('validate', 0):.2f}",
+                  r["validated"],
                   f"{r['fp32_ms']:.1f}" if r["fp32_ms"] else "-", f"{w / floor:.1f}"]
         print("| " + " | ".join(cells) + " |")
     return 0

@@ -222,3 +222,66 @@ fn target_openvino_calibrates_ranges_by_mse_unless_the_user_names_a_method() {
     assert_eq!(method(&["--target", "generic"]), "percentile 99.999");
     assert_eq!(method(&["--target", "ort"]), "percentile 99.999");
 }
+
+/// A dynamic-batch CNN whose flatten target is recomputed from `Shape` at every run (torch's
+/// `x.view(x.size(0), -1)`), with convs heavy enough to stay int8 under `ort`.
+fn dynamic_batch_flatten(dir: &std::path::Path) -> std::path::PathBuf {
+    use common::builder::{conv, Builder};
+    let mut b = Builder::new(17);
+    b.input("x", &[-1, 32, 16, 16])
+        .output("y", &[-1, 64 * 16 * 16]);
+    conv(&mut b, "c1", "x", "c1", 32, 64, 3);
+    b.node("Relu", "r1", &["c1"], &["r1"], vec![]);
+    conv(&mut b, "c2", "r1", "c2", 64, 64, 3);
+    b.node("Relu", "r2", &["c2"], &["r2"], vec![]);
+    b.init_i64("ax", &[0]).init_i64("rest", &[-1]);
+    b.inits
+        .push(onnx_compress::onnx::tensor::from_i64("i0", &[], &[0]));
+    b.node("Shape", "shape", &["r2"], &["s"], vec![]);
+    b.node("Gather", "batch", &["s", "i0"], &["n"], vec![]);
+    b.node("Unsqueeze", "unsqueeze", &["n", "ax"], &["nu"], vec![]);
+    let axis0 = onnx_compress::ir::op::attr_int("axis", 0);
+    b.node("Concat", "target", &["nu", "rest"], &["t"], vec![axis0]);
+    b.node("Reshape", "flatten", &["r2", "t"], &["y"], vec![]);
+    write(dir, "flatten.onnx", &b.proto())
+}
+
+#[test]
+fn ort_target_makes_a_dynamic_batch_reshape_target_constant() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dynamic_batch_flatten(dir.path());
+    let out = |target: &str| {
+        let out = dir.path().join(format!("{target}.onnx"));
+        let (code, _, err) = run(&[
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--target",
+            target,
+            "--no-validate",
+        ]);
+        assert_eq!(code, 0, "{target}: {err}");
+        out
+    };
+    let ort = out("ort");
+    let ops = op_types(&ort);
+    assert!(ops.contains(&"QuantizeLinear".to_string()), "{ops:?}");
+    for gone in ["Shape", "Gather", "Unsqueeze", "Concat"] {
+        assert!(!ops.contains(&gone.to_string()), "{gone} left: {ops:?}");
+    }
+    let (m, _) = onnx_compress::onnx::load::read_model(&ort).unwrap();
+    let g = m.graph.unwrap();
+    let reshape = g.node.iter().find(|n| n.op_type() == "Reshape").unwrap();
+    let target = g
+        .initializer
+        .iter()
+        .find(|t| t.name() == reshape.input[1])
+        .expect("a constant reshape target");
+    // 0 copies the batch, whatever it is at run time.
+    assert_eq!(
+        onnx_compress::onnx::tensor::to_i64(target).unwrap(),
+        [0, -1]
+    );
+    // generic keeps today's bytes: the shape arithmetic stays.
+    assert!(op_types(&out("generic")).contains(&"Shape".to_string()));
+}

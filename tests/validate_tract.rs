@@ -12,7 +12,7 @@ use onnx_compress::onnx::proto::{
     TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use onnx_compress::runtime::{infer_value_shapes, run_model, simulation_graph, Runner};
-use onnx_compress::validate::{validate, Method, Status, ValidateOptions};
+use onnx_compress::validate::{validate, EarlyStop, Method, Status, ValidateOptions};
 
 // ---------------------------------------------------------------- builder
 
@@ -1040,4 +1040,67 @@ fn simulation_of_int4_blockwise_and_per_axis_int8_matches_onnxruntime() {
             got[0].1
         );
     }
+}
+
+#[test]
+fn in_sample_rows_stop_once_both_halves_agree_whatever_the_thread_count() {
+    // y = x @ W against a copy with W[0][0] and W[1][1] perturbed: a row [1, 0, 0, 0] has an
+    // error, a row [0, 0, 1, 0] none (SQNR +inf).
+    let mut w2 = W;
+    w2[0] += 0.5;
+    w2[4] -= 0.25;
+    let batch_of = |m: &mut ModelProto| {
+        let g = m.graph.as_mut().unwrap();
+        g.input[0] = vi("x", &[-1, 4]);
+        g.output[0] = vi("y", &[-1, 3]);
+    };
+    let (mut a, mut b) = (matmul_model(&W), matmul_model(&w2));
+    batch_of(&mut a);
+    batch_of(&mut b);
+    let rows = |pattern: &dyn Fn(usize) -> [f32; 4]| {
+        let v: Vec<f32> = (0..64).flat_map(pattern).collect();
+        vec![vec![("x".to_string(), arr(&[64, 4], v).into())]]
+    };
+    let opts = |inputs, early_stop| ValidateOptions {
+        inputs: Some(inputs),
+        in_sample: true,
+        row_axes: Some(vec![("x".to_string(), Some(0))]),
+        early_stop,
+        ..Default::default()
+    };
+    let (x0, x1) = ([1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]);
+    // Every row alike: rows 1-8 and 9-16 agree, 16 rows compared.
+    let same = rows(&|_| x0);
+    // Rows 9-16 differ from rows 1-8 (finite vs +inf SQNR), rows 17-32 repeat rows 1-16: 32.
+    let two_blocks = rows(&|r| if r % 16 < 8 { x0 } else { x1 });
+    // Only rows 1-8 have an error: rows 1-16 differ from rows 17-32 too, all 64.
+    let late = rows(&|r| if r < 8 { x0 } else { x1 });
+    let all = validate(&a, &b, &opts(same.clone(), None)).unwrap();
+    assert_eq!((all.samples, all.samples_given), (64, 64));
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        for (inputs, want) in [(&same, 16), (&two_blocks, 32), (&late, 64)] {
+            let r = pool
+                .install(|| validate(&a, &b, &opts(inputs.clone(), Some(EarlyStop::default()))))
+                .unwrap();
+            assert_eq!(r.status, Status::Checked, "{r:?}");
+            assert_eq!(
+                (r.samples, r.samples_given),
+                (want, 64),
+                "{threads} threads"
+            );
+            assert_eq!(r.outputs[0].elements, want * 3);
+            let noted = r
+                .notes
+                .iter()
+                .any(|n| n.contains(&format!("first {want} of 64")));
+            assert_eq!(noted, want < 64, "{:?}", r.notes);
+        }
+    }
+    // Stopped at 16 on identical rows: the same SQNR as all 64.
+    let r = validate(&a, &b, &opts(same, Some(EarlyStop::default()))).unwrap();
+    assert!((r.outputs[0].sqnr_db - all.outputs[0].sqnr_db).abs() < 1e-9);
 }

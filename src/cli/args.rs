@@ -137,6 +137,10 @@ pub struct CompressArgs {
     /// Number of synthetic validation batches (only without --eval and --calib data).
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub samples: usize,
+    /// With --calib and no --eval: compare exactly the first N calibration samples in-sample.
+    /// Default: from 16, doubled until the SQNR of both halves agrees within 1.5 dB, at most 64.
+    #[arg(long, value_name = "N")]
+    pub validate_samples: Option<usize>,
     /// Most memory one buffer sized from the model may take (synthetic inputs, calibration
     /// batches, activations), e.g. `8G`, `512M` or bytes. Default: half of physical memory.
     #[arg(long, value_name = "SIZE")]

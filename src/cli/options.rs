@@ -191,6 +191,10 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         args.auto_samples != Some(0),
         "--auto-samples must be at least 1"
     );
+    ensure!(
+        args.validate_samples != Some(0),
+        "--validate-samples must be at least 1"
+    );
     let quantize = QuantizeOptions {
         target,
         method,
@@ -472,6 +476,7 @@ pub fn compress_options(args: &CompressArgs) -> Result<CompressOptions> {
         validate: !args.no_validate,
         seed: args.seed,
         samples: args.samples,
+        validate_samples: args.validate_samples,
         gate,
         blame_layers: args.blame_layers,
         no_write_on_fail: args.no_write_on_fail,

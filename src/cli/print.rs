@@ -106,8 +106,12 @@ fn validation(v: &ValidationReport) {
     };
     let inputs = match v.input_source {
         InputSource::User => format!("{} batch(es) of given inputs", v.samples),
+        InputSource::Calibration if v.samples < v.samples_given => format!(
+            "{} of {} calibration sample(s) (in-sample: no --eval given; stopped once the SQNR was stable, --validate-samples N for more)",
+            v.samples, v.samples_given
+        ),
         InputSource::Calibration => format!(
-            "{} batch(es) of the calibration data (in-sample: no --eval given)",
+            "{} calibration sample(s) (in-sample: no --eval given)",
             v.samples
         ),
         InputSource::Synthetic => format!(

@@ -8,7 +8,7 @@
 //!
 //! | target | int8 activations (`quantize`) | weight-only int8 (`weight-only`) |
 //! |---|---|---|
-//! | `ort` | the `quantize` rules plus Slice as a pass-through op and Shape reading the int8 tensor, then per int8 region: kept only when its Conv/Gemm/MatMul MACs exceed the cost of its boundaries ([`ORT_BOUNDARY_COST`]); a transformer's Conv layers by the CNN rules, calibrated (static) | LSTM, GRU, RNN, Gather only (a DQ before a float Conv runs at every inference in ORT) |
+//! | `ort` | before placement, shape arithmetic under a dynamic batch folded to constants (`batch-shapes`) and scalar Conv affines folded into the Conv (`conv-affine`); the `quantize` rules plus Slice as a pass-through op and Shape reading the int8 tensor, then per int8 region: kept only when its Conv/Gemm/MatMul MACs exceed the cost of its boundaries ([`ORT_BOUNDARY_COST`]); a transformer's Conv layers by the CNN rules, calibrated (static) | LSTM, GRU, RNN, Gather only (a DQ before a float Conv runs at every inference in ORT) |
 //! | `openvino` | Q/DQ only on the activation inputs of Conv/ConvTranspose/Gemm/MatMul (NNCF's placement), static on transformers too; kept float one by one ([`OPENVINO_FLOAT_LAYERS`]): depthwise convs unless their output (through a Relu/Clip) only feeds heavy ops, convs below 1.5 M MACs, Gemm/MatMul with fewer than 16384 weight values | LSTM, GRU, RNN, Gather |
 //! | `generic` | today's maximal placement | the weight-heavy ops without integer kernels (LSTM, GRU, RNN, Gather tables) and any Conv/ConvTranspose/Gemm/MatMul weight the activation rules left float |
 //! | `tract` | none: activations stay float | every Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU/RNN/Gather weight, in chunks of at most 4 MiB of float (what tract folds at load) |
@@ -37,6 +37,21 @@
 //! 0.90-0.98x fp32 (its stem and depthwise QLinearConvs are slower than ORT's NCHWc float
 //! kernels, which fuse HardSwish), and PP-OCRv4 rec 2.1-2.3x but at 7-9 dB SQNR (19 dB float
 //! backbone); SiLU stays QLinearSigmoid + QLinearMul (EfficientNet-B0 1.05x; float SiLU 0.84x).
+//!
+//! Third round (branch effspeed, BENCHMARKS.md "issue 20, session 12, branch effspeed";
+//! CPU-time ratios, interleaved against main's outputs): two float rewrites before placement
+//! in the `ort` row. `batch-shapes` ([`crate::passes::quantize::batch_shapes`]): ShuffleNetV2
+//! (dynamic batch) recomputed its 32 reshape targets and 26 slice bounds from `Shape` at every
+//! run (80 Gather, 80 Unsqueeze, 29 Shape, 29 Div, 32 Concat on int64 scalars: ~20% of its
+//! ORT profile); folded, 1.62x -> 1.80x at the same SQNR. `conv-affine`: PP-OCRv4 rec's 28
+//! Conv -> Mul -> Add (learnable scalar affine) folded into the Conv, 1.26x -> 1.34x, SQNR
+//! 19.12 -> 19.01 dB. The other nine zoo models are byte-identical. EfficientNet-B0, profiled
+//! per op: every op already runs on an integer kernel (QLinearConv, QLinearSigmoid,
+//! QLinearMul, QLinearGlobalAveragePool); what keeps it near 1.4x is that SiLU as
+//! QLinearSigmoid + QLinearMul costs 1.6x ORT's fused float QuickGelu, and the depthwise and
+//! stem QLinearConvs are slower than the NCHWc float ones. Moving the depthwise convs (with
+//! their SiLU and squeeze-excitation) or the SiLUs to float measured slower (boundaries:
+//! Reorders, Transposes, Q, DQ), so its placement is unchanged.
 //!
 //! The fidelity guard ([`Policy::guard`], [`crate::passes::quantize::guard`]) measures in tract
 //! what each layer those rules add costs and keeps only what fits 0.5 dB of the conservative
@@ -178,7 +193,9 @@ pub struct Policy {
     pub dynamic_activations: bool,
     /// Rewrites run before placement so that ops without an integer kernel become ops with
     /// one ([`crate::passes::quantize::decompose::RULES`], by name): HardSwish and HardSigmoid
-    /// into Add/Clip/Mul.
+    /// into Add/Clip/Mul, a Conv's scalar affine into the Conv; and `batch-shapes`
+    /// ([`crate::passes::quantize::batch_shapes`]): shape arithmetic under a dynamic batch
+    /// into constants.
     pub decompose: &'static [&'static str],
     /// `Add`/`Mul` of an int8 value and a scalar constant join the int8 region: a positive
     /// gain is absorbed into the DequantizeLinear scale (no op), other constants are stored as
@@ -272,8 +289,12 @@ const ORT: Policy = Policy {
     // SQNR instead of 19 dB (BENCHMARKS.md "Runtime targets, third run"). With the fidelity
     // guard (`guard: Some(DEFAULT_GUARD)`) seven issue-20 models came out byte-identical and
     // PP-OCRv4 rec 1.35x / 18.85 dB (vs 1.25x / 19.12 dB) after 50 s of measuring, in one run
-    // (BENCHMARKS.md "Fidelity guard"): off until repeated.
-    decompose: &[],
+    // (BENCHMARKS.md "Fidelity guard"): off until repeated. What is on: two float rewrites
+    // (BENCHMARKS.md "issue 20, session 12, branch effspeed"): `conv-affine` (PP-OCRv4 rec's
+    // learnable scalar affines folded into its Convs: 1.26x -> 1.34x, 19.12 -> 19.01 dB) and
+    // `batch-shapes` (ShuffleNetV2's shape arithmetic under a dynamic batch made constant:
+    // 1.62x -> 1.80x, same SQNR); the other nine zoo models byte-identical.
+    decompose: &["conv-affine", "batch-shapes"],
     scalar_operands: false,
     pass_through: &["Slice"],
     shape_reads_int8: true,
@@ -387,6 +408,24 @@ mod tests {
         }
         assert!(Target::Generic.policy().int8_activations);
         assert!(!Target::Tract.policy().int8_activations);
+    }
+
+    #[test]
+    fn only_ort_rewrites_before_placement_and_every_name_is_known() {
+        // generic bytes must not change; ort folds scalar conv affines and batch shapes.
+        for t in [Target::Generic, Target::Tract, Target::Openvino] {
+            assert!(t.policy().decompose.is_empty(), "{}", t.policy().name);
+        }
+        let ort = Target::Ort.policy().decompose;
+        assert!(ort.contains(&"conv-affine") && ort.contains(&"batch-shapes"));
+        let rules = crate::passes::quantize::decompose::rules(ort);
+        for name in ort {
+            assert!(
+                *name == crate::passes::quantize::decompose::BATCH_SHAPES
+                    || rules.iter().any(|(n, _)| n == name),
+                "unknown decomposition {name}"
+            );
+        }
     }
 
     #[test]

@@ -273,66 +273,12 @@ pub fn xy(
     y_label: &str,
     log_y: bool,
 ) -> Result<String> {
-    let map = |&(x, y): &(f64, f64)| (x, to_axis(y, log_y));
-    let mut pts: Vec<(f64, f64)> = points
-        .iter()
-        .map(map)
-        .filter(|(x, y)| x.is_finite() && y.is_finite())
-        .collect();
-    pts.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
-    let hl = highlight
-        .map(|p| map(&p))
-        .filter(|(x, y)| x.is_finite() && y.is_finite());
-    let xs: Vec<f64> = pts.iter().chain(hl.iter()).map(|p| p.0).collect();
-    let ys: Vec<f64> = pts.iter().chain(hl.iter()).map(|p| p.1).collect();
-    let (x0, x1) = axis_range(&xs, false, false);
-    let (y0, y1) = axis_range(&ys, log_y, false);
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (WIDTH, 380)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .margin(12)
-            .margin_right(30)
-            .x_label_area_size(44)
-            .y_label_area_size(80)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_labels(8)
-            .y_labels(if log_y {
-                (y1 - y0).round() as usize + 1
-            } else {
-                8
-            })
-            .x_label_formatter(&|v| compact(*v))
-            .y_label_formatter(&|v| tick(*v, log_y))
-            .x_desc(x_label)
-            .y_desc(y_label)
-            .label_style(("sans-serif", 15))
-            .axis_desc_style(("sans-serif", 16))
-            .light_line_style(WHITE.mix(0.0))
-            .bold_line_style(LIGHT_GREY.mix(0.6))
-            .draw()
-            .map_err(err)?;
-        chart
-            .draw_series(std::iter::once(PathElement::new(
-                pts.clone(),
-                BLUE.stroke_width(2),
-            )))
-            .map_err(err)?;
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 3, BLUE.filled())))
-            .map_err(err)?;
-        if let Some(p) = hl {
-            chart
-                .draw_series(std::iter::once(Circle::new(p, 7, RED.filled())))
-                .map_err(err)?;
-        }
-        root.present().map_err(err)?;
-    }
-    Ok(svg)
+    let line = Series {
+        points: points.to_vec(),
+        color: BLUE,
+        dots_only: false,
+    };
+    xy_lines(&[line], highlight, x_label, y_label, log_y)
 }
 
 /// One line of an [`xy_lines`] chart: its points, colour, and whether it is dashed (drawn as

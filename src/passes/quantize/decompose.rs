@@ -36,6 +36,11 @@ use anyhow::Result;
 use ndarray::ArrayD;
 use petgraph::stable_graph::NodeIndex;
 
+/// The [`crate::passes::target::Policy::decompose`] entry that folds shape arithmetic under a
+/// dynamic batch ([`super::batch_shapes`]; it needs tract's shape analysis, so it is no
+/// [`Rule`] of [`RULES`]).
+pub const BATCH_SHAPES: &str = "batch-shapes";
+
 /// Every decomposition, by the name a [`crate::passes::target::Policy::decompose`] list uses.
 pub const RULES: &[(&str, Rule)] = &[
     ("hard-sigmoid", hard_sigmoid),

@@ -27,6 +27,7 @@
 
 pub mod adaround;
 pub mod auto;
+pub mod batch_shapes;
 pub mod bodies;
 pub mod choose;
 pub mod decompose;
@@ -473,26 +474,40 @@ pub fn quantize(
 /// copy of `model` (opset raised first: the rules write Clip bounds as inputs), with a note
 /// counting them; `None` when the target lists none or none matches.
 fn decompose(model: &Model, opts: &QuantizeOptions) -> Result<Option<(Model, String)>> {
-    let rules = decompose::rules(opts.policy().decompose);
-    if rules.is_empty() {
+    let names = opts.policy().decompose;
+    let rules = decompose::rules(names);
+    let batch_shapes = names.contains(&decompose::BATCH_SHAPES);
+    if rules.is_empty() && !batch_shapes {
         return Ok(None);
     }
     let mut m = model.clone();
-    opset::upgrade(&mut m, opset::PER_CHANNEL, &opts.input_shapes)?;
-    let counts = crate::passes::rewrite::rewrite(&mut m.graph, &rules, None)
-        .context("target decompositions")?;
-    let applied: Vec<String> = counts
-        .iter()
-        .filter(|(_, c)| *c > 0)
-        .map(|(n, c)| format!("{n} x{c}"))
-        .collect();
+    let mut applied: Vec<String> = Vec::new();
+    if batch_shapes {
+        // Best effort: each rewrite is applied atomically, so a failure leaves a valid graph
+        // with the folds made so far.
+        let n = batch_shapes::fold(&mut m).unwrap_or(0);
+        if n > 0 {
+            applied.push(format!("{} x{n}", decompose::BATCH_SHAPES));
+        }
+    }
+    if !rules.is_empty() {
+        opset::upgrade(&mut m, opset::PER_CHANNEL, &opts.input_shapes)?;
+        let counts = crate::passes::rewrite::rewrite(&mut m.graph, &rules, None)
+            .context("target decompositions")?;
+        applied.extend(
+            counts
+                .iter()
+                .filter(|(_, c)| *c > 0)
+                .map(|(n, c)| format!("{n} x{c}")),
+        );
+    }
     if applied.is_empty() {
         return Ok(None);
     }
     Ok(Some((
         m,
         format!(
-            "target {}: ops without an integer kernel rewritten into ops with one before placement ({})",
+            "target {}: graph rewritten before placement (ops without an integer kernel into ops with one, shape arithmetic under a dynamic batch into constants: {})",
             opts.target.policy().name,
             applied.join(", ")
         ),

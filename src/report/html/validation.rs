@@ -49,7 +49,11 @@ pub(super) fn validation(h: &mut String, r: &Value) {
     let inputs_desc = match str_at(v, &["input_source"]) {
         Some("user") => format!("{samples:.0} batch(es) of given inputs (--eval)"),
         Some("calibration") => format!(
-            "{samples:.0} batch(es) of the calibration data: in-sample (no --eval given), optimistic for held-out data"
+            "{samples:.0}{} calibration sample(s): in-sample (no --eval given), optimistic for held-out data",
+            match f64_at(v, &["samples_given"]) {
+                Some(given) if given > samples => format!(" of {given:.0}"),
+                _ => String::new(),
+            }
         ),
         Some("synthetic") => format!(
             "{samples:.0} synthetic batch(es), seed {}: random inputs, a smoke test, not a fidelity measure",
