@@ -169,14 +169,10 @@ pub struct CompressArgs {
     pub image: ImageArgs,
     /// Activation range method: percentile, percentile:P, minmax, mse, entropy, or auto (each
     /// tensor's range chosen among percentile, minmax and mse by the error it causes at the
-    /// outputs on calibration samples).
-    #[arg(
-        long,
-        default_value = "percentile",
-        value_name = "METHOD",
-        help_heading = "Quantization"
-    )]
-    pub method: String,
+    /// outputs on calibration samples). Default: the target's (percentile; mse for --target
+    /// openvino).
+    #[arg(long, value_name = "METHOD", help_heading = "Quantization")]
+    pub method: Option<String>,
     /// Percentile for --method percentile (alone, it selects that method).
     #[arg(long, value_name = "P", help_heading = "Quantization")]
     pub percentile: Option<f64>,

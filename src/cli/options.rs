@@ -162,11 +162,20 @@ fn gate_bounds(args: &CompressArgs) -> Result<gate::Bounds> {
 /// The options of every pass (calibration data is attached by the session once the model is
 /// loaded).
 fn pass_context(args: &CompressArgs) -> Result<PassContext> {
-    let mut method =
-        Method::parse(&args.method).with_context(|| format!("--method {}", args.method))?;
+    let target = match args.target {
+        TargetArg::Generic => Target::Generic,
+        TargetArg::Tract => Target::Tract,
+        TargetArg::Ort => Target::Ort,
+        TargetArg::Openvino => Target::Openvino,
+    };
+    let method_arg = args
+        .method
+        .as_deref()
+        .unwrap_or(target.policy().activation_method);
+    let mut method = Method::parse(method_arg).with_context(|| format!("--method {method_arg}"))?;
     if let Some(p) = args.percentile {
         ensure!(
-            matches!(method, Method::Percentile(_) | Method::Auto),
+            args.method.is_none() || matches!(method, Method::Percentile(_) | Method::Auto),
             "--percentile needs --method percentile"
         );
         method = Method::parse(&format!("percentile:{p}")).context("--percentile")?;
@@ -186,12 +195,6 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
         args.validate_samples != Some(0),
         "--validate-samples must be at least 1"
     );
-    let target = match args.target {
-        TargetArg::Generic => Target::Generic,
-        TargetArg::Tract => Target::Tract,
-        TargetArg::Ort => Target::Ort,
-        TargetArg::Openvino => Target::Openvino,
-    };
     let quantize = QuantizeOptions {
         target,
         method,

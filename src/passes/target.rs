@@ -90,6 +90,17 @@
 //! RegNetX-400MF, DenseNet-121 and SqueezeNet 1.1 have no layer the rule touches at 1.5 M
 //! (byte-identical outputs; at a 2 M floor 2-16 of their layers went float, 1-2% slower).
 //!
+//! Range method of `openvino` ([`Policy::activation_method`], BENCHMARKS.md "openvino fidelity"):
+//! the CLI calibrates its activation ranges by quantization MSE, not by the 99.999th
+//! percentile, unless `--method`/`--percentile` is given. PP-OCRv4 rec under `openvino` lost 8
+//! dB to one range: `p2o.Conv.2`'s input (HardSwish + affine shift, a quarter of its values one
+//! constant per channel on the text lines' background) quantized alone cost 15.6 dB of output
+//! SQNR; weights alone (per-channel, 30-47 dB each) 18.0 dB on 16 lines. Its MSE range alone
+//! took the output from 12.2 to 17.9 dB; the whole MSE output measured 18.1 dB on 200 lines
+//! (percentile 10.3, `ort` 19.1) and character accuracy 99.89% (= fp32; percentile 99.43%).
+//! The other ten models checked moved by -0.4..+0.14 dB (EfficientNet-B0 -0.24,
+//! MobileNetV3-small -0.40, ConvNeXt-tiny +0.14); `ort`/`generic`/`tract` keep the percentile.
+//!
 //! Evidence behind `tract` (issue 20, measured with tract-onnx 0.23.9): tract runs Q/DQ graphs
 //! in float, about 2x slower than fp32, and QLinearConv about 50x slower; DequantizeLinear of a
 //! constant is folded at load when its float output stays within 4 MiB (see
@@ -202,6 +213,9 @@ pub struct Policy {
     /// margin of the placement without them ([`crate::passes::quantize::guard`]). `None` =
     /// every placement the rules make is kept (the other rows' behaviour).
     pub guard: Option<FidelityGuard>,
+    /// The activation range method (`--method` syntax, see
+    /// [`crate::calibrate::observe::Method::parse`]) the CLI uses when the user names none.
+    pub activation_method: &'static str,
 }
 
 /// Settings of the fidelity guard ([`crate::passes::quantize::guard`]).
@@ -234,6 +248,7 @@ const GENERIC: Policy = Policy {
     pass_through: &[],
     shape_reads_int8: false,
     guard: None,
+    activation_method: "percentile",
     // Conv/Gemm/MatMul weights the activation rules quantized are DequantizeLinear outputs by
     // the time `weight-only` runs, so only the ones they skipped (a constant A operand, an
     // excluded consumer's neighbour...) are still float constants here.
@@ -285,6 +300,7 @@ const ORT: Policy = Policy {
     shape_reads_int8: true,
     float_layers: None,
     guard: None,
+    activation_method: "percentile",
 };
 
 /// See [`Policy::boundary_cost`] and the module docs (measured on MobileNetV3-small).
@@ -309,6 +325,9 @@ const OPENVINO: Policy = Policy {
     shape_reads_int8: false,
     float_layers: Some(OPENVINO_FLOAT_LAYERS),
     guard: None,
+    // Ranges by quantization MSE, not the 99.999th percentile: see the module docs ("Range
+    // method of `openvino`").
+    activation_method: "mse",
 };
 
 /// See [`Policy::float_layers`] and the module docs (per-layer OpenVINO profiles of six CNNs:
@@ -333,6 +352,7 @@ const TRACT: Policy = Policy {
     pass_through: &[],
     shape_reads_int8: false,
     guard: None,
+    activation_method: "percentile",
     float_activations_because: "target tract: activations stay float (tract runs QuantizeLinear/DequantizeLinear graphs in float, measured ~2x slower than fp32); weights are stored int8 by weight-only",
     weight_only_ops: &[
         "LSTM",
@@ -419,5 +439,16 @@ mod tests {
             .float_layers
             .expect("openvino rule");
         assert!(f.depthwise && f.conv_min_macs > 0 && f.linear_min_weights > 0);
+    }
+
+    #[test]
+    fn every_default_range_method_parses_and_only_openvino_leaves_the_percentile() {
+        use crate::calibrate::observe::Method;
+        for t in [Target::Generic, Target::Tract, Target::Ort] {
+            let m = Method::parse(t.policy().activation_method).unwrap();
+            assert_eq!(m, Method::DEFAULT_FIXED, "{}", t.policy().name);
+        }
+        let ov = Method::parse(Target::Openvino.policy().activation_method).unwrap();
+        assert_eq!(ov, Method::Mse);
     }
 }
