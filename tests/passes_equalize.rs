@@ -622,3 +622,47 @@ fn high_bias_absorption_from_bn_stats_moves_the_shift() {
         assert!((b2a[o] - b2c[o] - want).abs() < 1e-5, "channel {o}");
     }
 }
+
+/// A MatMul reading a 3-D `[batch, tokens, channels]` activation (PP-OCRv4 rec's neck): the
+/// correction needs the mean of each of its 3 input channels (the last axis), not of its 5
+/// tokens (axis 1, a Conv's channel axis), and equals `-(Wq - W)^T E[x]`.
+#[test]
+fn bias_correction_of_a_matmul_on_tokens_reads_the_last_axis() {
+    let text = r#"
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,5,3] x) => (float[1,5,2] y)
+<
+   float[3,2] w = {0.5, -1.0, 0.25, 2.0, -0.75, 0.125}
+>
+{
+   y = MatMul (x, w)
+}
+"#;
+    let model = Model::from_proto(parse_model(text).unwrap()).unwrap();
+    let x = ArrayD::from_shape_fn(IxDyn(&[1, 5, 3]), |i| (i[1] as f32) * 0.1 + i[2] as f32);
+    let batches = vec![vec![("x".to_string(), x.clone())]];
+    let w = ndarray::arr2(&[[0.5f32, -1.0], [0.25, 2.0], [-0.75, 0.125]]);
+    let wq = w.mapv(|v| v + 0.01 * v.signum());
+    let node = model
+        .graph
+        .node(model.graph.topo_order().unwrap()[0])
+        .name()
+        .to_string();
+    let deltas =
+        empirical_bias_correction(&model, &[(node, wq.clone().into_dyn())], &feeds(&batches))
+            .unwrap();
+    let mean: Vec<f64> = (0..3)
+        .map(|k| f64::from(x.index_axis(Axis(2), k).mean().unwrap()))
+        .collect();
+    let expected: Vec<f64> = (0..2)
+        .map(|o| {
+            -(0..3)
+                .map(|k| f64::from(wq[[k, o]] - w[[k, o]]) * mean[k])
+                .sum::<f64>()
+        })
+        .collect();
+    assert_eq!(deltas[0].1.len(), 2);
+    for (d, e) in deltas[0].1.iter().zip(&expected) {
+        assert!((d - e).abs() < 1e-6, "{:?} vs {expected:?}", deltas[0].1);
+    }
+}

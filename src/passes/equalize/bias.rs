@@ -114,22 +114,42 @@ fn erf(x: f64) -> f64 {
     }
 }
 
-/// Per-channel statistic of every requested value over calibration batches, channel axis 1
-/// (rank >= 2). `reduce` is `mean` or `min`.
+/// Per-channel statistic of every requested value over calibration batches (rank >= 2).
+/// `reduce` is `mean` or `min`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reduce {
     Mean,
     Min,
 }
 
+/// Where a value's channels are: axis 1 for what a Conv reads or writes (`[N, C, ...]`), the
+/// last axis for what a MatMul reads (`[..., T, K]`: a 3-D MatMul input's axis 1 is its
+/// sequence, not its channels). A Gemm's 2-D operands have both at axis 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelAxis {
+    Second,
+    Last,
+}
+
+impl ChannelAxis {
+    /// The channel axis of the data input of a layer of `kind`.
+    pub fn of_input(kind: crate::ir::layer::LayerKind) -> ChannelAxis {
+        match kind {
+            crate::ir::layer::LayerKind::MatMul => ChannelAxis::Last,
+            _ => ChannelAxis::Second,
+        }
+    }
+}
+
 /// Runs `model` on each calibration batch (inputs by name) with `values` as extra outputs and
-/// reduces each value per channel (axis 1) over everything else.
+/// reduces each value per channel (on its [`ChannelAxis`]) over everything else.
 pub fn channel_stats(
     model: &ModelProto,
-    values: &[String],
+    values: &[(String, ChannelAxis)],
     calibration: &[crate::calibrate::NamedBatch],
     reduce: Reduce,
 ) -> Result<Vec<Vec<f64>>> {
+    let names: Vec<String> = values.iter().map(|(n, _)| n.clone()).collect();
     ensure!(!calibration.is_empty(), "no calibration batches");
     let mut acc: Vec<Vec<f64>> = Vec::new();
     let mut counts = vec![0usize; values.len()];
@@ -141,7 +161,7 @@ pub fn channel_stats(
             .collect();
         let key: Vec<Vec<usize>> = shapes.iter().map(|s| s.1.clone()).collect();
         if runner.as_ref().is_none_or(|(k, _)| *k != key) {
-            let r = Runner::new(model, &shapes, values)
+            let r = Runner::new(model, &shapes, &names)
                 .context("running the model on calibration data")?;
             runner = Some((key, r));
         }
@@ -159,16 +179,20 @@ pub fn channel_stats(
             .collect::<Result<Vec<_>>>()?;
         let out = r.run(&ordered)?;
         let n_graph = out.len() - values.len();
-        for (k, (name, a)) in values.iter().zip(&out[n_graph..]).enumerate() {
+        for (k, ((name, axis), a)) in values.iter().zip(&out[n_graph..]).enumerate() {
             ensure!(
                 a.ndim() >= 2,
                 "value '{name}' has rank {}, no channel axis",
                 a.ndim()
             );
-            let c = a.shape()[1];
+            let axis = match axis {
+                ChannelAxis::Second => 1,
+                ChannelAxis::Last => a.ndim() - 1,
+            };
+            let c = a.shape()[axis];
             let per: Vec<f64> = (0..c)
                 .map(|ch| {
-                    let lane = a.index_axis(Axis(1), ch);
+                    let lane = a.index_axis(Axis(axis), ch);
                     match reduce {
                         Reduce::Mean => lane.iter().map(|&v| f64::from(v)).sum::<f64>(),
                         Reduce::Min => lane.iter().fold(f64::INFINITY, |m, &v| m.min(f64::from(v))),
@@ -218,7 +242,9 @@ pub fn input_channel_means(
                 .node_indices()
                 .find(|&ix| g.node(ix).name() == name)
                 .with_context(|| format!("no node named '{name}'"))?;
-            Ok(g.node(ix).input[0].clone())
+            let axis =
+                Layer::of(g, ix).map_or(ChannelAxis::Second, |l| ChannelAxis::of_input(l.kind));
+            Ok((g.node(ix).input[0].clone(), axis))
         })
         .collect::<Result<Vec<_>>>()?;
     channel_stats(&model.to_proto()?, &values, calibration, Reduce::Mean)

@@ -92,7 +92,7 @@ pub mod math;
 
 pub use bias::{
     bias_correction_delta, channel_stats, empirical_bias_correction, input_channel_means,
-    relu_normal_mean, BiasCorrection, Reduce,
+    relu_normal_mean, BiasCorrection, ChannelAxis, Reduce,
 };
 pub use chain::{walk, Pair, Walk};
 pub use math::{equalizing_scales, fake_quant_int8, int8_sqnr_db, range_ratio, ChannelMap};
@@ -896,9 +896,15 @@ fn absorb(
     if !need_data.is_empty() {
         match &opts.calibration {
             Some(cal) => {
-                let values: Vec<String> = need_data
+                // L1 is a Conv/ConvTranspose/Gemm (checked above): channels on axis 1.
+                let values: Vec<(String, ChannelAxis)> = need_data
                     .iter()
-                    .map(|&k| graph.node(pairs[k].l1).output[0].clone())
+                    .map(|&k| {
+                        (
+                            graph.node(pairs[k].l1).output[0].clone(),
+                            ChannelAxis::Second,
+                        )
+                    })
                     .collect();
                 let mins = channel_stats(&model.to_proto()?, &values, cal, Reduce::Min)
                     .context("high-bias absorption: measuring pre-activation minima")?;
