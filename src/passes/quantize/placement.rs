@@ -460,19 +460,7 @@ pub fn plan_with_shapes(
     // `--w4a8` asks for int4 weights on every layer (size): the speed rule would keep the thin
     // layers float, with float weights.
     let cost = policy.boundary_cost.filter(|_| opts.w4a8.is_none());
-    plan_with_cost(g, opts, selection, shapes, cost, &policy)
-}
-
-/// [`plan_with_shapes`] with the boundary cost given (the policy's, or a test's).
-fn plan_with_cost(
-    g: &Graph,
-    opts: &QuantizeOptions,
-    selection: &NodeSelection,
-    shapes: Option<&std::collections::HashMap<String, Vec<usize>>>,
-    cost: Option<crate::passes::target::BoundaryCost>,
-    policy: &Policy,
-) -> Result<Plan> {
-    plan_seeded(g, opts, selection, shapes, cost, policy, &HashSet::new())
+    plan_seeded(g, opts, selection, shapes, cost, &policy, &HashSet::new())
 }
 
 /// [`plan_with_shapes`] under `policy` (the target's, or a variant of it the fidelity guard
@@ -1094,13 +1082,14 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
                 fixed_macs,
                 macs_per_value,
             };
-            plan_with_cost(
+            plan_seeded(
                 &g,
                 &opts,
                 &NodeSelection::All,
                 Some(&shapes),
                 Some(cost),
                 opts.target.policy(),
+                &HashSet::new(),
             )
             .unwrap()
         };
@@ -1130,13 +1119,14 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
             fixed_macs: u64::MAX,
             macs_per_value: 0,
         });
-        let unknown = plan_with_cost(
+        let unknown = plan_seeded(
             &g,
             &opts,
             &NodeSelection::All,
             None,
             cost,
             opts.target.policy(),
+            &HashSet::new(),
         )
         .unwrap();
         assert_eq!(unknown.nodes, free.nodes);
@@ -1177,8 +1167,16 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
             scalar_operands: true,
             ..*Target::Ort.policy()
         };
-        let p =
-            plan_with_cost(&g, &ort, &NodeSelection::All, None, None, &int8_everywhere).unwrap();
+        let p = plan_seeded(
+            &g,
+            &ort,
+            &NodeSelection::All,
+            None,
+            None,
+            &int8_everywhere,
+            &HashSet::new(),
+        )
+        .unwrap();
         assert_eq!(
             sorted(p.nodes.iter().map(|n| &n.0)),
             ["clip", "conv_a", "conv_b", "gain", "gated", "shift", "slice"]
@@ -1194,13 +1192,14 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
 
         // `generic` keeps today's placement: no scalar operands, the Slice float.
         let defaults = QuantizeOptions::default();
-        let generic = plan_with_cost(
+        let generic = plan_seeded(
             &g,
             &defaults,
             &NodeSelection::All,
             None,
             None,
             defaults.target.policy(),
+            &HashSet::new(),
         )
         .unwrap();
         assert_eq!(
