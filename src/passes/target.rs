@@ -9,7 +9,7 @@
 //! | target | int8 activations (`quantize`) | weight-only int8 (`weight-only`) |
 //! |---|---|---|
 //! | `ort` | before placement, shape arithmetic under a dynamic batch folded to constants (`batch-shapes`) and scalar Conv affines folded into the Conv (`conv-affine`); the `quantize` rules plus Slice as a pass-through op and Shape reading the int8 tensor, then per int8 region: kept only when its Conv/Gemm/MatMul MACs exceed the cost of its boundaries ([`ORT_BOUNDARY_COST`]); a transformer's Conv layers by the CNN rules, calibrated (static) | LSTM, GRU, RNN, Gather only (a DQ before a float Conv runs at every inference in ORT) |
-//! | `openvino` | Q/DQ only on the activation inputs of Conv/ConvTranspose/Gemm/MatMul (NNCF's placement), static on transformers too; kept float one by one ([`OPENVINO_FLOAT_LAYERS`]): depthwise convs unless their output (through a Relu/Clip) only feeds heavy ops, convs below 1.5 M MACs, Gemm/MatMul with fewer than 16384 weight values | LSTM, GRU, RNN, Gather |
+//! | `openvino` | Q/DQ only on the activation inputs of Conv/ConvTranspose/Gemm/MatMul (NNCF's placement), static on transformers too; kept float one by one ([`OPENVINO_FLOAT_LAYERS`]): depthwise convs unless their output (through a Relu/Clip) only feeds heavy ops, convs below 1.5 M MACs, an image stem (a Conv on a graph input of fewer than 4 channels) below 100 M MACs, Gemm/MatMul with fewer than 16384 weight values | LSTM, GRU, RNN, Gather |
 //! | `generic` | today's maximal placement | the weight-heavy ops without integer kernels (LSTM, GRU, RNN, Gather tables) and any Conv/ConvTranspose/Gemm/MatMul weight the activation rules left float |
 //! | `tract` | none: activations stay float | every Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU/RNN/Gather weight, in chunks of at most 4 MiB of float (what tract folds at load) |
 //!
@@ -85,10 +85,23 @@
 //! layout reorder at each end and bf16 instead of u8 expanded tensors (+300 us of Reorders
 //! in its profile), hence the chain exception. PP-OCR cls (largest conv 1.23 M MACs, all
 //! layers float): 0.79x -> 1.0x (an all-float file; int8 cannot pay on layers this thin).
-//! The stem conv (3 input channels, plus the input's FakeQuantize and reorder) measured no
-//! better float on four models and stays under the MAC rule only. Untuned checks: ResNet-50,
+//! The stem conv (3 input channels, plus the input's FakeQuantize and reorder): see the stem
+//! rule below. Untuned checks: ResNet-50,
 //! RegNetX-400MF, DenseNet-121 and SqueezeNet 1.1 have no layer the rule touches at 1.5 M
 //! (byte-identical outputs; at a 2 M floor 2-16 of their layers went float, 1-2% slower).
+//!
+//! Stem rule of `openvino` (BENCHMARKS.md "issue 20, session 13: the stem"): a Conv reading
+//! the image input (fewer than 4 channels: u8 dot products run over groups of 4 input
+//! channels, so 3 channels leave a quarter of each idle) gains little from u8, while
+//! quantizing the image costs output SQNR. Float stem vs u8 stem, `openvino` output, OpenVINO
+//! speedup and ORT SQNR on eval.npy (interleaved, 3 repeats): ConvNeXt-tiny (14 M MACs) 1.47x
+//! -> 1.46x, +0.32 dB; MobileNetV2 (11 M) 1.31x -> 1.28x, +0.28 dB; MobileNetV3-small (5 M)
+//! 1.04x -> 1.08x, +0.61 dB; ShuffleNetV2 (8 M) 1.11x -> 1.13x, +0.07; PP-OCRv4 rec 1.34x ->
+//! 1.34x, +0.08; EfficientNet-B0 (11 M) 1.13x -> 1.14x, -0.13 dB; untuned checks RegNetX-400MF
+//! (11 M) 1.52x -> 1.49x, +0.38 dB; SqueezeNet 1.1 (21 M) 1.47x -> 1.45x, -0.13 dB; PP-OCRv3 det
+//! 1.44x -> 1.45x, +0.00; ViT-S/16's patch embedding (58 M) 1.62x -> 1.59x, +0.42 dB.
+//! ResNet-18's 7x7 stem (118 M MACs) pays in u8: float 1.77x -> 1.66x (+0.46 dB), hence the
+//! 100 M bound (ResNet-50, DenseNet-121: 118 M, unchanged).
 //!
 //! Range method of `openvino` ([`Policy::activation_method`], BENCHMARKS.md "openvino fidelity"):
 //! the CLI calibrates its activation ranges by quantization MSE, not by the 99.999th
@@ -148,6 +161,10 @@ pub struct FloatLayers {
     /// A Gemm/MatMul with a constant weight of fewer values than this stays float (at batch 1
     /// a linear layer reads each weight once, so its int8 gain is the weight bytes it saves).
     pub linear_min_weights: u64,
+    /// The stem: a Conv reading a graph input of fewer than 4 channels (an image) with fewer MACs
+    /// than this stays float (0 = never): its integer kernel saves nothing (dot products run
+    /// over groups of 4 input channels) while the input's quantization costs output SQNR.
+    pub stem_max_macs: u64,
 }
 
 /// How one target places quantization.
@@ -337,6 +354,7 @@ pub const OPENVINO_FLOAT_LAYERS: FloatLayers = FloatLayers {
     depthwise: true,
     conv_min_macs: 1_500_000,
     linear_min_weights: 16_384,
+    stem_max_macs: 100_000_000,
 };
 
 const TRACT: Policy = Policy {

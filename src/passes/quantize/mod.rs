@@ -225,6 +225,7 @@ fn target_section(opts: &QuantizeOptions, plan: &placement::Plan) -> serde_json:
                     k.region_macs, k.boundary_macs, k.values, policy.name
                 ),
                 "depthwise" => format!("a depthwise convolution: its float kernel is faster than the integer one on target {}", policy.name),
+                "stem" => format!("the stem: {} MACs on an image input, below the {} MACs from which its integer kernel pays for the input's quantization on target {}", k.macs, policy.float_layers.map_or(0, |f| f.stem_max_macs), policy.name),
                 "few MACs" => format!("{} MACs, below the {} MACs from which an integer kernel is faster on target {}", k.macs, policy.float_layers.map_or(0, |f| f.conv_min_macs), policy.name),
                 _ => format!("its weight holds fewer than {} values: an integer kernel saves nothing on target {}", policy.float_layers.map_or(0, |f| f.linear_min_weights), policy.name),
             },

@@ -155,7 +155,7 @@ pub struct KeptFloat {
     pub boundary_macs: u64,
     /// Which rule kept it float: `"region"` (its region did not pay for its boundaries,
     /// [`crate::passes::target::Policy::boundary_cost`]), or one of the per-layer rules of
-    /// [`crate::passes::target::Policy::float_layers`]: `"depthwise"`, `"few MACs"`,
+    /// [`crate::passes::target::Policy::float_layers`]: `"depthwise"`, `"stem"`, `"few MACs"`,
     /// `"few weights"`.
     pub rule: &'static str,
 }
@@ -585,7 +585,7 @@ fn float_layers(
 
 /// Why node `n` stays float under the per-layer rule, if it does.
 fn float_layer(
-    _g: &Graph,
+    g: &Graph,
     n: &NodeProto,
     _ix: NodeIndex,
     rule: crate::passes::target::FloatLayers,
@@ -595,8 +595,16 @@ fn float_layer(
 ) -> Option<KeptFloat> {
     {
         let macs = shapes.and_then(|s| crate::ir::facts::node_macs(n, s));
+        // An image stem: a Conv straight from a graph input of fewer than 4 channels.
+        let stem = n.op_type() == "Conv"
+            && n.input.first().is_some_and(|x| g.is_graph_input(x))
+            && weight_shape(n).is_some_and(|w| {
+                let group = n.attr_int("group").ok().flatten().unwrap_or(1).max(1) as usize;
+                w.get(1).is_some_and(|c| c * group < 4)
+            });
         let why = match n.op_type() {
             "Conv" if rule.depthwise && depthwise => Some("depthwise"),
+            "Conv" if stem && macs.is_some_and(|m| m < rule.stem_max_macs) => Some("stem"),
             "Conv" | "ConvTranspose" if macs.is_some_and(|m| m < rule.conv_min_macs) => {
                 Some("few MACs")
             }
