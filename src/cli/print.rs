@@ -99,7 +99,7 @@ fn fmt_db(v: f64) -> String {
 
 /// What an in-sample figure cannot see. The ranges were fitted to the rows compared, so a
 /// held-out input that drives activations past them is clipped: on the zoo's EfficientNet-B0
-/// one held-out crop reaches 3-7x the calibrated ranges of the last stages and brings the
+/// one held-out crop reaches 2-7x the calibration maxima in the last stages and brings the
 /// held-out SQNR to 2.6 dB against 10.3 in-sample, and no range rule or calibration-only
 /// estimate (cross-fitted halves: 8.6 dB) sees it (BENCHMARKS.md, issue 20 session 13).
 const IN_SAMPLE_CAVEAT: &str =
