@@ -9,7 +9,8 @@
 //!    the candidate's per-tensor activation `QuantizeLinear`s then become float ops and a
 //!    `Cast` tract vectorizes ([`crate::runtime::fake_quant_as_float_ops`]: the same integers
 //!    as tract's scalar kernel for finite inputs; undone when tract refuses the result), and
-//!    the `DequantizeLinear`s stay tract's. Above
+//!    the `DequantizeLinear`s after them a float `Mul` where tract keeps that apart (the same
+//!    product), else tract's own. Above
 //!    [`ONE_MODEL_AT_A_TIME_ABOVE`], the 8- and 32-bit weight `DequantizeLinear`s tract can load
 //!    are left to tract, which folds them with the same formula: no float copy of the weights
 //!    on our side beside tract's.
@@ -293,8 +294,9 @@ impl ValidationReport {
 /// The rewrite note for `n` activation `QuantizeLinear`s run as float ops.
 fn fake_quant_note(n: usize) -> String {
     format!(
-        "ran {n} activation QuantizeLinear{} as float ops and a Cast (the same integers as \
-         tract's QuantizeLinear for finite inputs)",
+        "ran {n} activation QuantizeLinear{} as float ops (and a Cast, or their \
+         DequantizeLinears as a float Mul: the same numbers as tract's QuantizeLinear and \
+         DequantizeLinear for finite inputs)",
         if n == 1 { "" } else { "s" }
     )
 }
