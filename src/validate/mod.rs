@@ -486,6 +486,16 @@ pub fn validate(
             }
         }
     }
+    // The candidate as written, for latency, is built beside the comparison rows (tract's
+    // analysis runs on one core; the rows use all of them): the same plan, built sooner.
+    let latency_method = timed_as(method);
+    let as_written = (runner_o.is_some()
+        && !batches.is_empty()
+        && latency_method == Method::Simulation)
+        .then(|| {
+            let (candidate, shapes) = (candidate.clone(), shapes.clone());
+            std::thread::spawn(move || Runner::new(&candidate, &shapes, &[]).ok())
+        });
     let labels = opts.labels.as_deref().filter(|_| opts.inputs.is_some());
     let mut label_at = 0usize;
     let mut accs: Vec<Acc> = pairs.iter().map(|_| Acc::default()).collect();
@@ -603,8 +613,8 @@ pub fn validate(
         .collect();
     if let (Some(batch), Some(runner_o)) = (batches.first(), &runner_o) {
         // The candidate is timed as written when the float QuantizeLinears were used.
-        let method = timed_as(method);
-        report.latency = time_models(candidate, &shapes, runner_o, &runner_c, batch, method);
+        let as_written = as_written.and_then(|h| h.join().ok().flatten());
+        report.latency = time_models(as_written, runner_o, &runner_c, batch, latency_method);
     }
     if failures.is_empty() {
         report.status = Status::Checked;
@@ -672,20 +682,16 @@ fn rows_of(
         .collect()
 }
 
-/// Latency of both models on `batch` ([`latency`]): the candidate as written when tract loads
-/// it as it is, else its simulation graph (`runner_c`). Timing is best effort: `None` on error.
+/// Latency of both models on `batch` ([`latency`]): the candidate as written (`as_written`,
+/// built when `method` is `Simulation`) when tract loads it as it is, else its simulation graph
+/// (`runner_c`). Timing is best effort: `None` on error.
 fn time_models(
-    candidate: &ModelProto,
-    shapes: &[(String, Vec<usize>)],
+    as_written: Option<Runner>,
     runner_o: &Runner,
     runner_c: &Runner,
     batch: &[Feed],
     method: Method,
 ) -> Option<latency::Latency> {
-    let as_written = match method {
-        Method::Direct => None,
-        Method::Simulation => Runner::new(candidate, shapes, &[]).ok(),
-    };
     match &as_written {
         // The comparison rows ran `runner_o` and `runner_c` already.
         Some(direct) => {
