@@ -1,7 +1,10 @@
-//! Validation runs activation QuantizeLinears as float ops and a Cast
+//! Validation runs activation QuantizeLinears as float ops and a Cast, and where tract keeps the
+//! scale multiplication apart their DequantizeLinears as a float Mul
 //! (`runtime::fake_quant_as_float_ops`): on every testdata model, quantized by the default
 //! `quantize` pass, the rewritten simulation graph gives the same output bits as tract's own
-//! QuantizeLinear on the same inputs, so validation's outputs and metrics are unchanged.
+//! QuantizeLinear and DequantizeLinear on the same inputs, so validation's outputs and metrics
+//! are unchanged (external_data.onnx's BatchNormalization after a DequantizeLinear is the case
+//! where a float Mul would not be).
 
 use onnx_compress::calibrate::{CalibrationSet, DataOptions};
 use onnx_compress::ir::Model;

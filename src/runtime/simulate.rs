@@ -35,12 +35,27 @@
 //! tract computes `q = clamp(i32(round_half_even(x * r)) + zp, lo, hi)`. For `x * r` finite
 //! and below `2^31 - 256` in magnitude both give the same integer: rounding commutes with a
 //! clamp to integer bounds; `c + M` lies in `[2^23, 2^24)` where the f32 spacing is 1, so the sum
-//! rounds `c` half to even (`M` is even); `- (M - zp)` is exact. The `DequantizeLinear`s stay
-//! as they are (tract's own, exact), so their consumers see the same tensors: scalar scale
-//! multiplications tract would move into a following convolution are not introduced. Outside
-//! that domain they differ on purpose: NaN gives `lo` (f32 `max` drops NaN) where tract gives
-//! `zp`, and `|x * r| >= 2^31 - zp` saturates (as the ONNX spec says) where tract's `i32 + zp`
-//! wraps around.
+//! rounds `c` half to even (`M` is even); `- (M - zp)` is exact. Outside that domain they
+//! differ on purpose: NaN gives `lo` (f32 `max` drops NaN) where tract gives `zp`, and
+//! `|x * r| >= 2^31 - zp` saturates (as the ONNX spec says) where tract's `i32 + zp` wraps
+//! around.
+//!
+//! The `Cast` and tract's `DequantizeLinear` after it are scalar loops too (a fifth of
+//! efficientnet_b0's candidate run). Where `q` is read only by per-tensor `DequantizeLinear`s
+//! with the same zero point, the pair becomes one float `Mul`:
+//! ```text
+//! q = QuantizeLinear(x, s, zp)             v = Mul(x, r)
+//! y = DequantizeLinear(q, s2, zp)          c = Min(Max(v, lo - zp), hi - zp)
+//!                                          d = Sub(Add(c, M), M)
+//!                                          y = Mul(d, s2)
+//! ```
+//! `d` is the integer `q - zp` exactly, and tract's `DequantizeLinear` computes
+//! `f32(q - zp) * s2`: the same product, rounded once. That holds only while the `Mul` stays
+//! where it is; tract merges a scalar `Mul` into a following constant multiplication (a
+//! `BatchNormalization`, a `Mul` by a constant: `s2 * a` rounds differently, seen on
+//! testdata/external_data.onnx), so the pair is rewritten only when every reader of `y` is an op
+//! that keeps it apart (`Conv`, `MatMul`, `Add`, pooling, ...: checked bit for bit on the
+//! testdata models and seven zoo models); otherwise tract's `DequantizeLinear` stays.
 
 use std::collections::{HashMap, HashSet};
 
@@ -588,8 +603,12 @@ impl FakeQuantUndo {
 
 /// The opt-in rewrite of the module docs, in place: every per-tensor 8-bit `QuantizeLinear`
 /// with constant parameters becomes `Mul`, `Max`, `Min`, `Add`, `Sub` on floats and a `Cast`
-/// to its integer type, writing the same output name. Returns how many were replaced and how to
-/// undo it (`None`: the model is unchanged). New initializers are appended (scalars only).
+/// to its integer type, writing the same output name; where every reader of that output is a
+/// per-tensor `DequantizeLinear` with the same zero point whose own readers tract leaves apart
+/// ([`float_dequantize_readers`]), there is no `Cast`: the last `Sub` gives `q - zp` as a float
+/// and each `DequantizeLinear` becomes a `Mul` by its scale. Returns how many `QuantizeLinear`s
+/// were replaced and how to undo it (`None`: the model is unchanged). New initializers are
+/// appended (scalars only).
 pub fn fake_quant_as_float_ops(model: &mut ModelProto) -> Result<Option<(usize, FakeQuantUndo)>> {
     let Some(graph) = model.graph.as_mut() else {
         bail!("model has no graph");
@@ -604,6 +623,8 @@ pub fn fake_quant_as_float_ops(model: &mut ModelProto) -> Result<Option<(usize, 
     if plans.is_empty() {
         return Ok(None);
     }
+    let float_readers = float_dequantize_readers(graph, &plans, &consts);
+    drop(consts);
     let undo = FakeQuantUndo {
         nodes: graph.node.clone(),
         initializers: graph.initializer.len(),
@@ -613,8 +634,21 @@ pub fn fake_quant_as_float_ops(model: &mut ModelProto) -> Result<Option<(usize, 
     all_names(graph, &mut taken);
     let mut inits = Vec::new();
     let count = plans.len();
+    // Reader node index -> the float tensor of `q - zp` it multiplies instead.
+    let mut reads_integers: HashMap<usize, String> = HashMap::new();
     let mut nodes = Vec::with_capacity(graph.node.len() + 5 * count);
     for (i, node) in std::mem::take(&mut graph.node).into_iter().enumerate() {
+        if let Some(integers) = reads_integers.remove(&i) {
+            // `DequantizeLinear(q, s, zp)` -> `Mul(q - zp, s)`: tract's `(q - zp) as f32 * s`.
+            nodes.push(NodeProto {
+                name: node.name.clone(),
+                op_type: Some("Mul".into()),
+                input: vec![integers, node.input[1].clone()],
+                output: vec![node.output[0].clone()],
+                ..Default::default()
+            });
+            continue;
+        }
         let Some(plan) = plans.get(&i) else {
             nodes.push(node);
             continue;
@@ -624,7 +658,10 @@ pub fn fake_quant_as_float_ops(model: &mut ModelProto) -> Result<Option<(usize, 
         } else {
             node.name().to_string()
         };
+        let readers = float_readers.get(&i);
         let zp = plan.zero_point as f32;
+        // With float readers the zero point is not added back: the last `Sub` gives `q - zp`.
+        let added_zp = if readers.is_some() { 0.0 } else { zp };
         let mut operand =
             |what: &str, v: f32| scalar(&mut taken, &mut inits, format!("{base}/fq_{what}"), v);
         let steps = [
@@ -632,7 +669,7 @@ pub fn fake_quant_as_float_ops(model: &mut ModelProto) -> Result<Option<(usize, 
             ("Max", operand("lo", plan.lo as f32 - zp)?),
             ("Min", operand("hi", plan.hi as f32 - zp)?),
             ("Add", operand("magic", ROUNDING_MAGIC)?),
-            ("Sub", operand("magic_less_zp", ROUNDING_MAGIC - zp)?),
+            ("Sub", operand("magic_less_zp", ROUNDING_MAGIC - added_zp)?),
         ];
         let mut prev = node.input[0].clone();
         for (op, operand) in steps {
@@ -646,15 +683,22 @@ pub fn fake_quant_as_float_ops(model: &mut ModelProto) -> Result<Option<(usize, 
             });
             prev = out;
         }
+        if let Some(readers) = readers {
+            for &r in readers {
+                reads_integers.insert(r, prev.clone());
+            }
+            continue;
+        }
+        let (output, to) = (node.output[0].clone(), plan.dtype);
         nodes.push(NodeProto {
             name: node.name.clone(),
             op_type: Some("Cast".into()),
             input: vec![prev],
-            output: vec![node.output[0].clone()],
+            output: vec![output],
             attribute: vec![AttributeProto {
                 name: Some("to".into()),
                 r#type: Some(AttributeType::Int as i32),
-                i: Some(plan.dtype as i64),
+                i: Some(to as i64),
                 ..Default::default()
             }],
             ..Default::default()
@@ -663,6 +707,112 @@ pub fn fake_quant_as_float_ops(model: &mut ModelProto) -> Result<Option<(usize, 
     graph.node = nodes;
     graph.initializer.extend(inits);
     Ok(Some((count, undo)))
+}
+
+/// For each planned `QuantizeLinear` (by node index) whose output is read only by per-tensor
+/// `DequantizeLinear`s with a constant f32 scale and the same zero point, each of whose outputs
+/// is read only by ops that keep a scale multiplication apart
+/// ([`keeps_a_scale_multiplication_apart`]), and none of which is a graph output or read inside
+/// a subgraph: those `DequantizeLinear`s' node indices. Each comes after its `QuantizeLinear`
+/// (nodes are in topological order).
+fn float_dequantize_readers(
+    graph: &GraphProto,
+    plans: &HashMap<usize, FloatFakeQuant>,
+    consts: &HashMap<&str, &TensorProto>,
+) -> HashMap<usize, Vec<usize>> {
+    let mut out_of: HashMap<&str, usize> = HashMap::new();
+    for &i in plans.keys() {
+        out_of.insert(graph.node[i].output[0].as_str(), i);
+    }
+    let mut excluded: HashSet<String> = graph.output.iter().map(|o| o.name().to_string()).collect();
+    for n in &graph.node {
+        for a in &n.attribute {
+            for g in a.g.iter().chain(a.graphs.iter()) {
+                used_names(g, &mut excluded);
+            }
+        }
+    }
+    // Top-level readers of each value, to check what reads a DequantizeLinear's output.
+    let mut read_by: HashMap<&str, Vec<&NodeProto>> = HashMap::new();
+    for n in &graph.node {
+        for i in &n.input {
+            read_by.entry(i.as_str()).or_default().push(n);
+        }
+    }
+    let safe_output = |dq: &NodeProto| {
+        let out = dq.output[0].as_str();
+        !excluded.contains(out)
+            && read_by.get(out).is_none_or(|rs| {
+                rs.iter()
+                    .all(|r| keeps_a_scale_multiplication_apart(r, consts))
+            })
+    };
+    let mut readers: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut refused: HashSet<usize> = HashSet::new();
+    for (r, n) in graph.node.iter().enumerate() {
+        for (slot, name) in n.input.iter().enumerate() {
+            let Some(&q) = out_of.get(name.as_str()) else {
+                continue;
+            };
+            let zp_of = |t: &TensorProto| {
+                decode_ints(t)
+                    .ok()
+                    .map(|v| (v[0], data_type(t)))
+                    .filter(|_| matches!(data_type(t), DataType::Uint8 | DataType::Int8))
+            };
+            let plan = &plans[&q];
+            let same_zp = match n.input.get(2).filter(|z| !z.is_empty()) {
+                None => plan.zero_point == 0 && plan.dtype == DataType::Uint8,
+                Some(_) => one_value(n, 2, consts)
+                    .and_then(zp_of)
+                    .is_some_and(|(z, dt)| z == plan.zero_point && dt == plan.dtype),
+            };
+            let dequantizes = slot == 0
+                && r > q
+                && n.domain().is_empty()
+                && n.op_type() == "DequantizeLinear"
+                && (2..=3).contains(&n.input.len())
+                && n.output.len() == 1
+                && attr_int(n, "block_size").unwrap_or(0) == 0
+                && attr_int(n, "output_dtype").unwrap_or(0) == 0
+                && one_value(n, 1, consts).is_some_and(|t| data_type(t) == DataType::Float)
+                && same_zp;
+            if dequantizes && !excluded.contains(name) && safe_output(n) {
+                readers.entry(q).or_default().push(r);
+            } else {
+                refused.insert(q);
+            }
+        }
+    }
+    readers.retain(|q, _| !refused.contains(q));
+    readers
+}
+
+/// Whether tract 0.23.9 leaves a scalar `Mul` feeding `reader` where it is: no constant
+/// multiplication of its own for tract to merge the scale into (a `BatchNormalization`, a `Mul`
+/// by a constant, `HardSigmoid`, `Gemm` with `alpha`: the merged constant `s * a` rounds
+/// differently), checked bit for bit on the testdata and zoo models. Anything else keeps tract's
+/// own `DequantizeLinear`.
+fn keeps_a_scale_multiplication_apart(
+    reader: &NodeProto,
+    consts: &HashMap<&str, &TensorProto>,
+) -> bool {
+    if !reader.domain().is_empty() {
+        return false;
+    }
+    match reader.op_type() {
+        "Conv" | "MatMul" | "Add" | "Concat" | "MaxPool" | "AveragePool" | "GlobalAveragePool"
+        | "Sigmoid" | "Flatten" | "Reshape" => true,
+        "Gemm" => reader
+            .attribute
+            .iter()
+            .all(|a| a.name() != "alpha" || a.f() == 1.0),
+        "Mul" => reader
+            .input
+            .iter()
+            .all(|i| !consts.contains_key(i.as_str())),
+        _ => false,
+    }
 }
 
 /// `base`, or `base_k` with the first `k` that is not taken; marked taken.
@@ -845,28 +995,46 @@ g (float[1,2,4,4] x) => (float[1,3,4,4] y)
         xs.extend((0..1000).map(|i| (i as f32 - 500.0) * 0.137_25));
         xs.extend((0..1000).map(|i| ((i * 7919) % 2000) as f32 * 0.25 - 250.0));
         let n = xs.len();
-        for (zp, scale) in [
+        // The DequantizeLinear's output is the graph's (a Cast and tract's DequantizeLinear
+        // stay), or read by a Concat (the pair becomes a float Mul).
+        let readers = [
+            (n, "[d] y = DequantizeLinear (q, sd, zp)", "Cast"),
+            (
+                2 * n,
+                "[d] d = DequantizeLinear (q, sd, zp)\n  [c] y = Concat <axis: int = 0> (d, d)",
+                "Mul",
+            ),
+        ];
+        for ((zp, scale), (len, tail, ends_with)) in [
             ("uint8 zp = {0}", "0.5"),
             ("uint8 zp = {128}", "0.5"),
             ("uint8 zp = {3}", "0.0123"),
             ("int8 zp = {0}", "0.5"),
             ("int8 zp = {-7}", "0.75"),
             ("int8 zp = {100}", "0.031"),
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|p| readers.map(|r| (p, r)))
+        {
             let text = format!(
                 "<ir_version: 8, opset_import: [\"\" : 17]>\n\
-                 g (float[{n}] x) => (float[{n}] y) <float s = {{{scale}}}, float sd = {{{scale}}}, {zp}>\n\
-                 {{\n  [q] q = QuantizeLinear (x, s, zp)\n  [d] y = DequantizeLinear (q, sd, zp)\n}}"
+                 g (float[{n}] x) => (float[{len}] y) <float s = {{{scale}}}, float sd = {{{scale}}}, {zp}>\n\
+                 {{\n  [q] q = QuantizeLinear (x, s, zp)\n  {tail}\n}}"
             );
             let model = crate::onnx::text::parse_model(&text).unwrap();
             let mut fast = model.clone();
             let (count, _) = fake_quant_as_float_ops(&mut fast).unwrap().unwrap();
             assert_eq!(count, 1);
             let g = fast.graph.as_ref().unwrap();
-            assert!(!g
-                .node
-                .iter()
-                .any(|n| n.op_type().ends_with("QuantizeLinear")));
+            let ops: Vec<&str> = g.node.iter().map(|n| n.op_type()).collect();
+            assert!(!ops.contains(&"QuantizeLinear"), "{ops:?}");
+            assert_eq!(
+                ops.contains(&"DequantizeLinear"),
+                ends_with == "Cast",
+                "{ops:?}"
+            );
+            assert!(ops.contains(&ends_with), "{ops:?}");
+            assert_eq!(ops.contains(&"Cast"), ends_with == "Cast", "{ops:?}");
             let r = 1.0 / scale.parse::<f32>().unwrap();
             let outside = |v: f32| (v * r).abs() >= 2_147_483_648.0 - 256.0;
             let run = |m: &ModelProto, values: &[f32]| {
@@ -887,7 +1055,9 @@ g (float[1,2,4,4] x) => (float[1,3,4,4] y)
             let (a, b) = (run(&model, &inside), run(&fast, &inside));
             assert_eq!(a, b, "{zp}, scale {scale}: inside the exact domain");
             let (a, b) = (a, run(&fast, &xs));
+            assert_eq!(a.len(), len);
             for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+                let i = i % n;
                 if outside(xs[i]) {
                     // Outside the exact domain: tract's `i32 + zp` may wrap; ours saturates.
                     let s = scale.parse::<f32>().unwrap();
@@ -933,6 +1103,31 @@ g (float[1,2,4,4] x) => (float[1,3,4,4] y)
              {\n  [q] q = QuantizeLinear <axis: int = 0> (x, s, zp)\n  [d] y = DequantizeLinear <axis: int = 0> (q, s, zp)\n  [q2] q2 = QuantizeLinear (x, t, z)\n}";
         let mut model = crate::onnx::text::parse_model(text).unwrap();
         assert!(fake_quant_as_float_ops(&mut model).unwrap().is_none());
+    }
+
+    #[test]
+    fn dequantize_stays_where_tract_would_merge_the_scale() {
+        // `d` read by a Mul by a constant (tract would merge `s * k`), `e`'s DequantizeLinear by
+        // a Conv-free Add and the graph: only a reader set that keeps the Mul apart is rewritten.
+        let text = "<ir_version: 8, opset_import: [\"\" : 17]>\n\
+             g (float[4] x) => (float[4] y, float[4] z) <float s = {0.5}, uint8 zp = {3}, float k = {3.0}, float t = {0.25}>\n\
+             {\n  [q] q = QuantizeLinear (x, s, zp)\n  [d] d = DequantizeLinear (q, s, zp)\n  [m] y = Mul (d, k)\n\
+             [q2] q2 = QuantizeLinear (x, t, zp)\n  [d2] e = DequantizeLinear (q2, t, zp)\n  [a] z = Add (e, x)\n}";
+        let mut model = crate::onnx::text::parse_model(text).unwrap();
+        let (count, _) = fake_quant_as_float_ops(&mut model).unwrap().unwrap();
+        assert_eq!(count, 2);
+        let g = model.graph.as_ref().unwrap();
+        let dq: Vec<&str> = g
+            .node
+            .iter()
+            .filter(|n| n.op_type() == "DequantizeLinear")
+            .map(|n| n.output[0].as_str())
+            .collect();
+        assert_eq!(dq, ["d"]);
+        assert!(g
+            .node
+            .iter()
+            .any(|n| n.op_type() == "Mul" && n.output[0] == "e"));
     }
 
     #[test]

@@ -295,6 +295,12 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         save::save_proto(out_proto.clone(), output, &save_opts)?;
     }
     phases.mark("save");
+    // The output's shapes for the report's statistics (tract's analysis of it, one core) are
+    // worked out beside validation when there is a second core; the figures are the same.
+    let out_shapes = (rayon::current_num_threads() > 1).then(|| {
+        let (proto, shapes) = (out_proto.clone(), opts.input_shapes.clone());
+        std::thread::spawn(move || crate::runtime::infer_value_shapes(&proto, &shapes).ok())
+    });
     // Validation never judges a calibrated model on noise when real data was given: held-out
     // `--eval` data first, else (in-sample) the calibration data, else synthetic inputs as a
     // smoke test.
@@ -421,10 +427,16 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
                 0
             }
     };
-    let stats_after = model_stats(
-        &model,
-        &value_shapes(&model, &out_proto, &opts.input_shapes),
-    );
+    let out_shapes = match out_shapes {
+        Some(analysis) => value_shapes_given(
+            &model,
+            &out_proto,
+            &opts.input_shapes,
+            analysis.join().ok().flatten(),
+        ),
+        None => value_shapes(&model, &out_proto, &opts.input_shapes),
+    };
+    let stats_after = model_stats(&model, &out_shapes);
     phases.mark("report");
     let report = RunReport {
         tool: "onnx-compress".into(),

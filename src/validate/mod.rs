@@ -9,7 +9,8 @@
 //!    the candidate's per-tensor activation `QuantizeLinear`s then become float ops and a
 //!    `Cast` tract vectorizes ([`crate::runtime::fake_quant_as_float_ops`]: the same integers
 //!    as tract's scalar kernel for finite inputs; undone when tract refuses the result), and
-//!    the `DequantizeLinear`s stay tract's. Above
+//!    the `DequantizeLinear`s after them a float `Mul` where tract keeps that apart (the same
+//!    product), else tract's own. Above
 //!    [`ONE_MODEL_AT_A_TIME_ABOVE`], the 8- and 32-bit weight `DequantizeLinear`s tract can load
 //!    are left to tract, which folds them with the same formula: no float copy of the weights
 //!    on our side beside tract's.
@@ -293,8 +294,9 @@ impl ValidationReport {
 /// The rewrite note for `n` activation `QuantizeLinear`s run as float ops.
 fn fake_quant_note(n: usize) -> String {
     format!(
-        "ran {n} activation QuantizeLinear{} as float ops and a Cast (the same integers as \
-         tract's QuantizeLinear for finite inputs)",
+        "ran {n} activation QuantizeLinear{} as float ops (and a Cast, or their \
+         DequantizeLinears as a float Mul: the same numbers as tract's QuantizeLinear and \
+         DequantizeLinear for finite inputs)",
         if n == 1 { "" } else { "s" }
     )
 }
@@ -484,6 +486,16 @@ pub fn validate(
             }
         }
     }
+    // The candidate as written, for latency, is built beside the comparison rows (tract's
+    // analysis runs on one core; the rows use all of them): the same plan, built sooner.
+    let latency_method = timed_as(method);
+    let as_written = (runner_o.is_some()
+        && !batches.is_empty()
+        && latency_method == Method::Simulation)
+        .then(|| {
+            let (candidate, shapes) = (candidate.clone(), shapes.clone());
+            std::thread::spawn(move || Runner::new(&candidate, &shapes, &[]).ok())
+        });
     let labels = opts.labels.as_deref().filter(|_| opts.inputs.is_some());
     let mut label_at = 0usize;
     let mut accs: Vec<Acc> = pairs.iter().map(|_| Acc::default()).collect();
@@ -601,8 +613,8 @@ pub fn validate(
         .collect();
     if let (Some(batch), Some(runner_o)) = (batches.first(), &runner_o) {
         // The candidate is timed as written when the float QuantizeLinears were used.
-        let method = timed_as(method);
-        report.latency = time_models(candidate, &shapes, runner_o, &runner_c, batch, method);
+        let as_written = as_written.and_then(|h| h.join().ok().flatten());
+        report.latency = time_models(as_written, runner_o, &runner_c, batch, latency_method);
     }
     if failures.is_empty() {
         report.status = Status::Checked;
@@ -670,20 +682,16 @@ fn rows_of(
         .collect()
 }
 
-/// Latency of both models on `batch` ([`latency`]): the candidate as written when tract loads
-/// it as it is, else its simulation graph (`runner_c`). Timing is best effort: `None` on error.
+/// Latency of both models on `batch` ([`latency`]): the candidate as written (`as_written`,
+/// built when `method` is `Simulation`) when tract loads it as it is, else its simulation graph
+/// (`runner_c`). Timing is best effort: `None` on error.
 fn time_models(
-    candidate: &ModelProto,
-    shapes: &[(String, Vec<usize>)],
+    as_written: Option<Runner>,
     runner_o: &Runner,
     runner_c: &Runner,
     batch: &[Feed],
     method: Method,
 ) -> Option<latency::Latency> {
-    let as_written = match method {
-        Method::Direct => None,
-        Method::Simulation => Runner::new(candidate, shapes, &[]).ok(),
-    };
     match &as_written {
         // The comparison rows ran `runner_o` and `runner_c` already.
         Some(direct) => {
