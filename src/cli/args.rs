@@ -138,7 +138,7 @@ pub struct CompressArgs {
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub samples: usize,
     /// With --calib and no --eval: compare exactly the first N calibration samples in-sample.
-    /// Default: from 16, doubled until the SQNR of both halves agrees within 1.5 dB, at most 64.
+    /// Default: from 16, doubled until the SQNR of both halves agrees within 1 dB, at most 64.
     #[arg(long, value_name = "N")]
     pub validate_samples: Option<usize>,
     /// Most memory one buffer sized from the model may take (synthetic inputs, calibration

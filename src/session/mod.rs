@@ -38,7 +38,7 @@ use std::time::Instant;
 
 /// At most this many calibration samples validate a run without `--eval` (the first ones),
 /// fewer when the SQNR is stable sooner ([`validate::EarlyStop`]: from 16 rows, doubling until
-/// two halves agree within 1.5 dB); `--validate-samples N` compares exactly the first N.
+/// two halves agree within 1 dB); `--validate-samples N` compares exactly the first N.
 pub const VALIDATION_CALIBRATION_SAMPLES: usize = 64;
 
 /// Everything one run needs, already parsed and checked for consistency.
