@@ -40,6 +40,8 @@ CONFIGS = {
     "ada_w8a8_generic": ["--target", "generic", "--rounding", "adaround"],
     "rtn_w4a8": ["--w4a8"],
     "ada_w4a8": ["--w4a8", "--rounding", "adaround"],
+    "rtn_w4a8_generic": ["--target", "generic", "--w4a8"],
+    "ada_w4a8_generic": ["--target", "generic", "--w4a8", "--rounding", "adaround"],
     # block-wise int4 scales (one per 16 input values) and the AIMET-style quantized-input fit
     "rtn_w4a8_b16": ["--w4a8", "--block-size", "16"],
     "ada_w4a8_b16": ["--w4a8", "--block-size", "16", "--rounding", "adaround"],

@@ -1658,51 +1658,73 @@ mod tests {
         })
     }
 
-    /// The f32 optimization (`ΔW G` form, units of up to 64 rows) finds roundings as good as the
-    /// f64 reference's on a correlated layer of realistic width: exact output error within 2%
-    /// of it (both far below nearest), and most codes equal.
+    /// The f32 optimization (`ΔW G + offset` form, the path every layer takes) against the
+    /// f64 reference, on correlated layers, with float inputs (`G_fq = G_qq`) and with noisy
+    /// "quantized" inputs (`G_fq != G_qq`, the offset path). The optimization is chaotic (a
+    /// reassociated f64 sum alone moves the int4 error by -10..+7%), so int4 is compared on
+    /// the mean over 8 layers; int8 codes agree almost everywhere.
     #[test]
     fn f32_path_matches_the_f64_reference() {
-        let mut rng = ChaCha8Rng::seed_from_u64(11);
         let (o, k, n) = (40usize, 72usize, 2000usize);
-        let base = Array2::from_shape_fn((n, 6), |_| rng.random::<f64>() - 0.5);
-        let mix = Array2::from_shape_fn((6, k), |_| rng.random::<f64>() - 0.5);
-        let x = base.dot(&mix) + Array2::from_shape_fn((n, k), |_| 0.1 * rng.random::<f64>());
-        let w = Array2::from_shape_fn((o, k), |_| rng.random::<f64>() - 0.5);
-        let direct = |m: &Array2<f64>| -> f64 {
-            let d = x.dot(&(m - &w).t());
-            d.iter().map(|v| v * v).sum::<f64>() / n as f64
-        };
-        let g = x.t().dot(&x) / n as f64;
-        let b = w.dot(&g);
-        for qmax in [7.0, 127.0] {
-            let scale = Array2::from_shape_fn((o, k), |(i, _)| {
-                w.row(i).iter().fold(0f64, |m, v| m.max(v.abs())) / qmax
-            });
-            let near = Array2::from_shape_fn((o, k), |(i, j)| {
-                (w[[i, j]] / scale[[i, j]])
-                    .round_ties_even()
-                    .clamp(-qmax, qmax)
-                    * scale[[i, j]]
-            });
-            let opts = AdaRoundOptions::default();
-            let fast = learn_rows(&w, &scale, &g, &b, -qmax, qmax, 400, &opts);
-            let reference = learn_rows_f64(&w, &scale, &g, &b, -qmax, qmax, 400, &opts);
-            let (e_fast, e_ref) = (direct(&(&fast * &scale)), direct(&(&reference * &scale)));
+        for noisy in [false, true] {
+            let mut ratios = Vec::new();
+            for seed in 0..8u64 {
+                let mut rng = ChaCha8Rng::seed_from_u64(100 + seed);
+                let base = Array2::from_shape_fn((n, 6), |_| rng.random::<f64>() - 0.5);
+                let mix = Array2::from_shape_fn((6, k), |_| rng.random::<f64>() - 0.5);
+                let x =
+                    base.dot(&mix) + Array2::from_shape_fn((n, k), |_| 0.1 * rng.random::<f64>());
+                let xq = if noisy {
+                    &x + &Array2::from_shape_fn((n, k), |_| 0.02 * (rng.random::<f64>() - 0.5))
+                } else {
+                    x.clone()
+                };
+                let w = Array2::from_shape_fn((o, k), |_| rng.random::<f64>() - 0.5);
+                // E‖W~ x_q - W x_f‖² on the rows themselves.
+                let direct = |m: &Array2<f64>| -> f64 {
+                    let d = xq.dot(&m.t()) - x.dot(&w.t());
+                    d.iter().map(|v| v * v).sum::<f64>() / n as f64
+                };
+                let qq = xq.t().dot(&xq) / n as f64;
+                let b = w.dot(&(x.t().dot(&xq) / n as f64));
+                for qmax in [7.0, 127.0] {
+                    let scale = Array2::from_shape_fn((o, k), |(i, _)| {
+                        w.row(i).iter().fold(0f64, |m, v| m.max(v.abs())) / qmax
+                    });
+                    let near = Array2::from_shape_fn((o, k), |(i, j)| {
+                        (w[[i, j]] / scale[[i, j]])
+                            .round_ties_even()
+                            .clamp(-qmax, qmax)
+                            * scale[[i, j]]
+                    });
+                    let opts = AdaRoundOptions::default();
+                    let fast = learn_rows(&w, &scale, &qq, &b, -qmax, qmax, 400, &opts);
+                    let reference = learn_rows_f64(&w, &scale, &qq, &b, -qmax, qmax, 400, &opts);
+                    let (e_fast, e_ref) =
+                        (direct(&(&fast * &scale)), direct(&(&reference * &scale)));
+                    let e_near = direct(&near);
+                    // With noisy inputs part of the error is the input noise itself.
+                    let bound = if noisy { 0.99 } else { 0.7 } * e_near;
+                    assert!(
+                        e_fast < bound && e_ref < bound,
+                        "noisy {noisy}, qmax {qmax}: f32 {e_fast}, f64 {e_ref}, nearest {e_near}"
+                    );
+                    if qmax == 7.0 {
+                        ratios.push(e_fast / e_ref);
+                    } else {
+                        let same = fast.iter().zip(&reference).filter(|(a, b)| a == b).count();
+                        assert!(
+                            same * 100 >= 99 * o * k,
+                            "noisy {noisy}: {same} of {} int8 codes equal",
+                            o * k
+                        );
+                    }
+                }
+            }
+            let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
             assert!(
-                e_ref < 0.7 * direct(&near),
-                "reference {e_ref} vs nearest {}",
-                direct(&near)
-            );
-            assert!(
-                e_fast <= 1.02 * e_ref,
-                "qmax {qmax}: f32 {e_fast} vs f64 {e_ref}"
-            );
-            let same = fast.iter().zip(&reference).filter(|(a, b)| a == b).count();
-            assert!(
-                same * 100 >= 95 * o * k,
-                "qmax {qmax}: {same} of {} codes equal",
-                o * k
+                mean <= 1.08,
+                "noisy {noisy}: f32 / f64 int4 error {ratios:?}"
             );
         }
     }
