@@ -37,6 +37,18 @@
 //! `h = [V >= 0]`. A row keeps round-to-nearest when that gives a lower reconstruction error
 //! (so the learned layer is never worse than nearest on the calibration rows).
 //!
+//! **Cost.** One iteration costs `O·K²` multiply-adds per layer (the product `ΔW G_qq`) plus an
+//! element-wise update per weight. The Grams accumulate in f64 and the hardened rows are
+//! compared with nearest in f64, but the optimization runs in f32 on the gradient written around
+//! the float weight, `2 (ΔW G_qq + W (G_qq - G_fq))` with `ΔW = W~ - W` (the f32 product then
+//! carries the small difference, not two large near-equal terms; the second term is a
+//! constant, zero for float inputs). Work units are up to [`CHUNK_ROWS`] rows of one layer
+//! group, and the units of every layer of a stage run in one parallel pool, largest first:
+//! packing the `K x K` matrix for 8 rows at a time, in f64, one layer after the other, cost
+//! ResNet-18 W4A8 over an hour; this form does it in ~10 minutes on two loaded cores
+//! (BENCHMARKS.md, session 13). Layers with `K >` [`AdaRoundOptions::max_features`] keep
+//! nearest (ResNet-18's three `K = 4608` convs: each would cost more than all other layers).
+//!
 //! **W4A8**: Conv/Gemm/MatMul weights int4 (symmetric, `qmax = 7`, per channel), int8
 //! activations as usual; the first and the last quantized layer (topological order) and the
 //! depthwise convs keep int8 weights unless [`W4a8::all_layers`]. int4 weights are written as opset-21
@@ -78,10 +90,12 @@ use std::time::Instant;
 /// whatever the row count, so a unit needs tens of rows for the product to be a real GEMM.
 pub const CHUNK_ROWS: usize = 64;
 
-/// Assumed multiply-add rate (per second) of the optimization, used only to turn
-/// `--adaround-budget` into iteration counts deterministically (measured ~1-2 G/s on the
-/// 2-core bench machine, BENCHMARKS.md).
-pub const ASSUMED_MACS_PER_SECOND: f64 = 1.0e9;
+/// Assumed multiply-add rate (per second, all threads) of the optimization, used only to turn
+/// `--adaround-budget` into iteration counts deterministically. The cost of one iteration is
+/// `Σ O·K·(K + 64)` over the learned layers (the product `ΔW G_qq` plus the element-wise update
+/// counted as 64 multiply-adds per weight). Measured on the f32 path: ~29 G/s per busy core
+/// (ResNet-18 W4A8, 8.1 T multiply-adds in ~280 CPU seconds, BENCHMARKS.md), two cores shared.
+pub const ASSUMED_MACS_PER_SECOND: f64 = 2.0e10;
 
 /// Options of the learned rounding.
 #[derive(Debug, Clone, PartialEq)]
@@ -1044,7 +1058,7 @@ pub fn learn(
     // Iterations: the budget spread in proportion to nothing but cost (one count for all).
     let macs_per_iteration: f64 = tasks
         .iter()
-        .map(|t| (t.layer.out_channels() * t.features * t.features) as f64 * 2.0)
+        .map(|t| (t.layer.out_channels() * t.features * (t.features + 64)) as f64)
         .sum();
     let iterations = match ada.budget_seconds {
         Some(s) if macs_per_iteration > 0.0 => {
