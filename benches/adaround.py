@@ -95,7 +95,7 @@ def main():
             rep = os.path.join(a.out, f"{name}_{cfg}.json")
             cmd = [a.bin, model, "-o", dst, "-q", "--no-validate", "--force", "--calib", calib,
                    "--report", rep] + CONFIGS[cfg]
-            if "adaround" in cfg and a.extra:
+            if "adaround" in CONFIGS[cfg] and a.extra:
                 cmd += a.extra.split()
             if meta.get("input_shape"):
                 cmd += ["--input-shape", meta["input_shape"]]
