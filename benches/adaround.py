@@ -40,6 +40,8 @@ CONFIGS = {
     "ada_w8a8_generic": ["--target", "generic", "--rounding", "adaround"],
     "rtn_w4a8": ["--w4a8"],
     "ada_w4a8": ["--w4a8", "--rounding", "adaround"],
+    "rtn_w4a8_generic": ["--target", "generic", "--w4a8"],
+    "ada_w4a8_generic": ["--target", "generic", "--w4a8", "--rounding", "adaround"],
     # block-wise int4 scales (one per 16 input values) and the AIMET-style quantized-input fit
     "rtn_w4a8_b16": ["--w4a8", "--block-size", "16"],
     "ada_w4a8_b16": ["--w4a8", "--block-size", "16", "--rounding", "adaround"],
@@ -93,7 +95,7 @@ def main():
             rep = os.path.join(a.out, f"{name}_{cfg}.json")
             cmd = [a.bin, model, "-o", dst, "-q", "--no-validate", "--force", "--calib", calib,
                    "--report", rep] + CONFIGS[cfg]
-            if "adaround" in cfg and a.extra:
+            if "adaround" in CONFIGS[cfg] and a.extra:
                 cmd += a.extra.split()
             if meta.get("input_shape"):
                 cmd += ["--input-shape", meta["input_shape"]]

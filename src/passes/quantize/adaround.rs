@@ -37,6 +37,18 @@
 //! `h = [V >= 0]`. A row keeps round-to-nearest when that gives a lower reconstruction error
 //! (so the learned layer is never worse than nearest on the calibration rows).
 //!
+//! **Cost.** One iteration costs `O·K²` multiply-adds per layer (the product `ΔW G_qq`) plus an
+//! element-wise update per weight. The Grams accumulate in f64 and the hardened rows are
+//! compared with nearest in f64, but the optimization runs in f32 on the gradient written around
+//! the float weight, `2 (ΔW G_qq + W (G_qq - G_fq))` with `ΔW = W~ - W` (the f32 product then
+//! carries the small difference, not two large near-equal terms; the second term is a
+//! constant, zero for float inputs). Work units are up to [`CHUNK_ROWS`] rows of one layer
+//! group, and the units of every layer of a stage run in one parallel pool, largest first:
+//! packing the `K x K` matrix for 8 rows at a time, in f64, one layer after the other, cost
+//! ResNet-18 W4A8 over an hour; this form does it in ~10 minutes on two loaded cores
+//! (BENCHMARKS.md, session 13). Layers with `K >` [`AdaRoundOptions::max_features`] keep
+//! nearest (ResNet-18's three `K = 4608` convs: each would cost more than all other layers).
+//!
 //! **W4A8**: Conv/Gemm/MatMul weights int4 (symmetric, `qmax = 7`, per channel), int8
 //! activations as usual; the first and the last quantized layer (topological order) and the
 //! depthwise convs keep int8 weights unless [`W4a8::all_layers`]. int4 weights are written as opset-21
@@ -73,13 +85,17 @@ use ndarray::{s, Array1, Array2, ArrayD, Axis, IxDyn};
 use rayon::prelude::*;
 use std::time::Instant;
 
-/// Rows optimized together by one thread (fixed, so results do not depend on the thread count).
-pub const CHUNK_ROWS: usize = 8;
+/// Most rows of one layer group optimized together by one thread (fixed, so results do not
+/// depend on the thread count). The per-iteration product `ΔW G_qq` packs the `K x K` matrix
+/// whatever the row count, so a unit needs tens of rows for the product to be a real GEMM.
+pub const CHUNK_ROWS: usize = 64;
 
-/// Assumed multiply-add rate (per second) of the optimization, used only to turn
-/// `--adaround-budget` into iteration counts deterministically (measured ~1-2 G/s on the
-/// 2-core bench machine, BENCHMARKS.md).
-pub const ASSUMED_MACS_PER_SECOND: f64 = 1.0e9;
+/// Assumed multiply-add rate (per second, all threads) of the optimization, used only to turn
+/// `--adaround-budget` into iteration counts deterministically. The cost of one iteration is
+/// `Σ O·K·(K + 64)` over the learned layers (the product `ΔW G_qq` plus the element-wise update
+/// counted as 64 multiply-adds per weight). Measured on the f32 path: ~29 G/s per busy core
+/// (ResNet-18 W4A8, 8.1 T multiply-adds in ~280 CPU seconds, BENCHMARKS.md), two cores shared.
+pub const ASSUMED_MACS_PER_SECOND: f64 = 2.0e10;
 
 /// Options of the learned rounding.
 #[derive(Debug, Clone, PartialEq)]
@@ -331,6 +347,8 @@ pub struct LayerRounding {
     pub learned_sqnr_db: f64,
     /// Codes that differ from round-to-nearest.
     pub flipped: usize,
+    /// Seconds of this layer's preparation and optimization, summed over the threads that ran
+    /// its units (layers are optimized in parallel, so these add up to more than the wall time).
     pub seconds: f64,
 }
 
@@ -793,10 +811,12 @@ impl Task {
 const ZETA: f64 = 1.1;
 const GAMMA: f64 = -0.1;
 
+#[cfg(test)]
 fn sigmoid(v: f64) -> f64 {
     1.0 / (1.0 + (-v).exp())
 }
 
+#[cfg(test)]
 fn soft(v: f64) -> f64 {
     (sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 }
@@ -813,7 +833,9 @@ fn row_errors(wt: &Array2<f64>, qq: &Array2<f64>, b: &Array2<f64>, c: &Array1<f6
         .collect()
 }
 
-/// One chunk of rows: learn the rounding; returns the hardened integer codes.
+/// One chunk of rows (f64 inputs, `b = W G_fq`): learn the rounding; returns the hardened
+/// integer codes. A wrapper of [`learn_rows_f32`] for callers that hold the Gram form.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 fn learn_rows(
     w: &Array2<f64>,
@@ -825,70 +847,120 @@ fn learn_rows(
     iterations: usize,
     opts: &AdaRoundOptions,
 ) -> Array2<f64> {
+    let offset = (w.dot(qq) - b).mapv(|x| x as f32);
+    let offset = offset.iter().any(|&x| x != 0.0).then_some(offset);
+    learn_rows_f32(
+        w.view(),
+        scale.view(),
+        &qq.mapv(|x| x as f32),
+        offset.as_ref().map(|o| o.view()),
+        qmin,
+        qmax,
+        iterations,
+        opts,
+    )
+}
+
+/// Adam on the rounding variables `V` of one chunk of rows, in f32. The gradient of the
+/// reconstruction is written around the float weight, `2 (W~ G_qq - W G_fq) = 2 (ΔW G_qq +
+/// offset)` with `ΔW = W~ - W` and the constant `offset = W (G_qq - G_fq)` (none for float
+/// inputs), so the f32 product carries the small difference, not two large near-equal terms.
+/// Returns the hardened integer codes.
+#[allow(clippy::too_many_arguments)]
+fn learn_rows_f32(
+    w: ndarray::ArrayView2<f64>,
+    scale: ndarray::ArrayView2<f64>,
+    qq: &Array2<f32>,
+    offset: Option<ndarray::ArrayView2<f32>>,
+    qmin: f64,
+    qmax: f64,
+    iterations: usize,
+    opts: &AdaRoundOptions,
+) -> Array2<f64> {
     let (r, k) = w.dim();
-    let floor = Array2::from_shape_fn((r, k), |(i, j)| (w[[i, j]] / scale[[i, j]]).floor());
-    let mut v = Array2::from_shape_fn((r, k), |(i, j)| {
-        let rest = (w[[i, j]] / scale[[i, j]] - floor[[i, j]]).clamp(1e-6, 1.0 - 1e-6);
-        // h(V) = rest  <=>  σ(V) = (rest - γ) / (ζ - γ)
-        let p = (rest - GAMMA) / (ZETA - GAMMA);
-        (p / (1.0 - p)).ln()
-    });
-    let (mut m1, mut m2) = (Array2::<f64>::zeros((r, k)), Array2::<f64>::zeros((r, k)));
-    let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8);
+    let n = r * k;
+    // Row-major copies (ndarray's `iter` walks the logical order).
+    let w32: Vec<f32> = w.iter().map(|&x| x as f32).collect();
+    let s32: Vec<f32> = scale.iter().map(|&x| x as f32).collect();
+    let floor64: Vec<f64> = w
+        .iter()
+        .zip(scale.iter())
+        .map(|(a, s)| (a / s).floor())
+        .collect();
+    let mut v: Vec<f32> = w
+        .iter()
+        .zip(scale.iter())
+        .zip(&floor64)
+        .map(|((a, s), f)| {
+            let rest = (a / s - f).clamp(1e-6, 1.0 - 1e-6);
+            // h(V) = rest  <=>  σ(V) = (rest - γ) / (ζ - γ)
+            let p = (rest - GAMMA) / (ZETA - GAMMA);
+            (p / (1.0 - p)).ln() as f32
+        })
+        .collect();
+    let floor: Vec<f32> = floor64.iter().map(|&f| f as f32).collect();
+    let off: Option<Vec<f32>> = offset.map(|o| o.iter().copied().collect());
+    let (mut m1, mut m2) = (vec![0f32; n], vec![0f32; n]);
+    let (mut sg, mut h) = (vec![0f32; n], vec![0f32; n]);
+    let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8f32);
+    let (zg, g0) = ((ZETA - GAMMA) as f32, GAMMA as f32);
+    let (lo, hi) = (qmin as f32, qmax as f32);
+    let (lambda, lr) = (opts.lambda as f32, opts.learning_rate as f32);
     let warm = (iterations as f64 * 0.2) as usize;
-    let mut wt = Array2::<f64>::zeros((r, k));
+    let mut dw = Array2::<f32>::zeros((r, k));
+    let mut grad = Array2::<f32>::zeros((r, k));
     for it in 0..iterations {
-        let h = v.mapv(soft);
-        for i in 0..r {
-            for j in 0..k {
-                wt[[i, j]] = scale[[i, j]] * (floor[[i, j]] + h[[i, j]]).clamp(qmin, qmax);
+        {
+            let d = dw.as_slice_mut().expect("standard layout");
+            for i in 0..n {
+                let s = 1.0 / (1.0 + (-v[i]).exp());
+                sg[i] = s;
+                let hv = (s * zg + g0).clamp(0.0, 1.0);
+                h[i] = hv;
+                d[i] = s32[i] * (floor[i] + hv).clamp(lo, hi) - w32[i];
             }
         }
-        // d rec / d W~ = 2 (W~ G_qq - W G_fq)
-        let mut grad = wt.dot(qq);
-        grad -= b;
-        grad *= 2.0;
+        // d rec / d W~ = 2 (ΔW G_qq + offset)
+        ndarray::linalg::general_mat_mul(1.0, &dw, qq, 0.0, &mut grad);
         let beta = if it >= warm && iterations > warm {
             let t = (it - warm) as f64 / (iterations - warm) as f64;
             2.0 + 0.5 * (20.0 - 2.0) * (1.0 + (t * std::f64::consts::PI).cos())
         } else {
             0.0
-        };
+        } as f32;
         let t = (it + 1) as i32;
-        let (c1, c2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
-        for i in 0..r {
-            for j in 0..k {
-                let x = floor[[i, j]] + h[[i, j]];
-                let vij = v[[i, j]];
-                let sg = sigmoid(vij);
-                let hin = sg * (ZETA - GAMMA) + GAMMA;
-                let dh_dv = if hin > 0.0 && hin < 1.0 {
-                    (ZETA - GAMMA) * sg * (1.0 - sg)
-                } else {
-                    0.0
-                };
-                let mut dh = if x > qmin && x < qmax {
-                    grad[[i, j]] * scale[[i, j]]
-                } else {
-                    0.0
-                };
-                if beta > 0.0 {
-                    // d/dh λ(1 - |2h - 1|^β) = -2λβ |2h - 1|^(β-1) sign(2h - 1)
-                    let u = 2.0 * h[[i, j]] - 1.0;
-                    dh -= 2.0 * opts.lambda * beta * u.abs().powf(beta - 1.0) * u.signum();
-                }
-                let gv = dh * dh_dv;
-                let a = &mut m1[[i, j]];
-                *a = beta1 * *a + (1.0 - beta1) * gv;
-                let bb = &mut m2[[i, j]];
-                *bb = beta2 * *bb + (1.0 - beta2) * gv * gv;
-                v[[i, j]] -=
-                    opts.learning_rate * (m1[[i, j]] / c1) / ((m2[[i, j]] / c2).sqrt() + eps);
+        let (c1, c2) = ((1.0 - beta1.powi(t)) as f32, (1.0 - beta2.powi(t)) as f32);
+        let (b1, b2) = (beta1 as f32, beta2 as f32);
+        let gs = grad.as_slice().expect("standard layout");
+        for i in 0..n {
+            let x = floor[i] + h[i];
+            let s = sg[i];
+            let hin = s * zg + g0;
+            let dh_dv = if hin > 0.0 && hin < 1.0 {
+                zg * s * (1.0 - s)
+            } else {
+                0.0
+            };
+            let mut dh = if x > lo && x < hi {
+                let gi = gs[i] + off.as_ref().map_or(0.0, |o| o[i]);
+                2.0 * gi * s32[i]
+            } else {
+                0.0
+            };
+            if beta > 0.0 {
+                // d/dh λ(1 - |2h - 1|^β) = -2λβ |2h - 1|^(β-1) sign(2h - 1)
+                let u = 2.0 * h[i] - 1.0;
+                dh -= 2.0 * lambda * beta * u.abs().powf(beta - 1.0) * u.signum();
             }
+            let gv = dh * dh_dv;
+            m1[i] = b1 * m1[i] + (1.0 - b1) * gv;
+            m2[i] = b2 * m2[i] + (1.0 - b2) * gv * gv;
+            v[i] -= lr * (m1[i] / c1) / ((m2[i] / c2).sqrt() + eps);
         }
     }
     Array2::from_shape_fn((r, k), |(i, j)| {
-        (floor[[i, j]] + if v[[i, j]] >= 0.0 { 1.0 } else { 0.0 }).clamp(qmin, qmax)
+        let x = i * k + j;
+        (floor64[x] + if v[x] >= 0.0 { 1.0 } else { 0.0 }).clamp(qmin, qmax)
     })
 }
 
@@ -986,7 +1058,7 @@ pub fn learn(
     // Iterations: the budget spread in proportion to nothing but cost (one count for all).
     let macs_per_iteration: f64 = tasks
         .iter()
-        .map(|t| (t.layer.out_channels() * t.features * t.features) as f64 * 2.0)
+        .map(|t| (t.layer.out_channels() * t.features * (t.features + 64)) as f64)
         .sum();
     let iterations = match ada.budget_seconds {
         Some(s) if macs_per_iteration > 0.0 => {
@@ -1108,18 +1180,24 @@ pub fn learn(
         }
         drop(progress);
         data_seconds += t0.elapsed().as_secs_f64();
-        for (t, gr) in stage_tasks.iter().zip(grams) {
-            let t1 = Instant::now();
-            let bits = if int4.contains(&t.weight) { 4 } else { 8 };
-            let (row, learned) =
-                learn_layer(t, gr, work, &codes[&t.weight], bits, iterations, ada, opts)?;
-            let mut row = row;
+        let t1 = Instant::now();
+        let problems: Vec<LayerProblem> = stage_tasks
+            .par_iter()
+            .zip(grams.into_par_iter())
+            .map(|(t, gr)| {
+                let bits = if int4.contains(&t.weight) { 4 } else { 8 };
+                prepare_layer(t, gr, work, &codes[&t.weight], bits)
+            })
+            .collect::<Result<_>>()?;
+        let learned = optimize_layers(&problems, iterations, ada, opts);
+        for ((t, p), (q, seconds)) in stage_tasks.iter().zip(&problems).zip(learned) {
+            let (mut row, out) = finish_layer(t, p, &q, &codes[&t.weight], iterations);
             row.stage = stage;
-            row.seconds = t1.elapsed().as_secs_f64();
-            optimize_seconds += row.seconds;
-            codes.insert(t.weight.clone(), learned);
+            row.seconds = seconds;
+            codes.insert(t.weight.clone(), out);
             layers_report.push(row);
         }
+        optimize_seconds += t1.elapsed().as_secs_f64();
     }
     // Report rows in graph order of the plan's weights.
     let order: Vec<&String> = plan.weights.keys().collect();
@@ -1140,18 +1218,38 @@ pub fn learn(
     ))
 }
 
-/// Learn one layer from its Gram matrices; returns its report row and codes.
-#[allow(clippy::too_many_arguments)]
-fn learn_layer(
+/// One group of one layer, ready to optimize: the weight rows `[O/groups, K]`, their output
+/// channels, the per-element scales, the Gram form (`b = W G_fq`, `c` = per-row `w G_ff wᵀ`)
+/// and the f32 copies the optimization reads.
+struct GroupProblem {
+    w: Array2<f64>,
+    outs: Vec<usize>,
+    scales: Array2<f64>,
+    qq: Array2<f64>,
+    b: Array2<f64>,
+    c: Array1<f64>,
+    qq32: Array2<f32>,
+    /// `W (G_qq - G_fq)`; `None` when the two are equal (float inputs).
+    offset: Option<Array2<f32>>,
+}
+
+/// One layer's groups, its bit width and the row count of its Grams.
+struct LayerProblem {
+    groups: Vec<GroupProblem>,
+    bits: u32,
+    rows: u64,
+    seconds: f64,
+}
+
+/// Normalize one layer's Gram matrices and build its [`GroupProblem`]s.
+fn prepare_layer(
     t: &Task,
     mut gr: Grams,
     work: &Model,
     nearest: &Codes,
     bits: u32,
-    iterations: usize,
-    ada: &AdaRoundOptions,
-    opts: &QuantizeOptions,
-) -> Result<(LayerRounding, Codes)> {
+) -> Result<LayerProblem> {
+    let t0 = Instant::now();
     let rows = gr.rows.max(1) as f64;
     for m in gr
         .qq
@@ -1162,63 +1260,148 @@ fn learn_layer(
         *m /= rows;
     }
     let w = t.layer.weight_f32(&work.graph)?;
-    let qmax = qmax(bits, opts.reduce_range) as f64;
     // The scale of row `o`, feature `j` (per channel, per tensor or per block).
+    let scale_of = |o: usize, j: usize| -> f64 {
+        f64::from(nearest.scales[nearest.scale_index(t.flat_index(o, j))])
+    };
+    let mut groups = Vec::new();
+    let (qqs, fqs, ffs) = (gr.qq, gr.fq, gr.ff);
+    for (((wg, outs), qq), (fq, ff)) in t
+        .matrices(&w)
+        .into_iter()
+        .zip(qqs)
+        .zip(fqs.into_iter().zip(ffs))
+    {
+        let b = wg.dot(&fq);
+        let c: Array1<f64> = {
+            let wf = wg.dot(&ff);
+            (0..wg.nrows()).map(|r| wg.row(r).dot(&wf.row(r))).collect()
+        };
+        let offset = (fq != qq).then(|| (wg.dot(&qq) - &b).mapv(|x| x as f32));
+        let scales = Array2::from_shape_fn(wg.dim(), |(r, j)| scale_of(outs[r], j));
+        groups.push(GroupProblem {
+            qq32: qq.mapv(|x| x as f32),
+            w: wg,
+            outs,
+            scales,
+            qq,
+            b,
+            c,
+            offset,
+        });
+    }
+    Ok(LayerProblem {
+        groups,
+        bits,
+        rows: gr.rows,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Optimize every layer of `problems` at once: the work is cut into units of at most
+/// [`CHUNK_ROWS`] rows of one layer group (fixed, whatever the thread count), the units run in
+/// parallel across layers, largest first. Returns per layer and group the learned codes
+/// `[O/groups, K]`, and per layer the thread seconds its units took.
+fn optimize_layers(
+    problems: &[LayerProblem],
+    iterations: usize,
+    ada: &AdaRoundOptions,
+    opts: &QuantizeOptions,
+) -> Vec<(Vec<Array2<f64>>, f64)> {
+    // (layer, group, first row, end row)
+    let mut units: Vec<(usize, usize, usize, usize)> = Vec::new();
+    for (li, p) in problems.iter().enumerate() {
+        for (gi, gp) in p.groups.iter().enumerate() {
+            let rows = gp.w.nrows();
+            for r0 in (0..rows).step_by(CHUNK_ROWS) {
+                units.push((li, gi, r0, (r0 + CHUNK_ROWS).min(rows)));
+            }
+        }
+    }
+    let cost = |&(li, gi, r0, r1): &(usize, usize, usize, usize)| -> usize {
+        let k = problems[li].groups[gi].w.ncols();
+        // The product `ΔW G` plus the element-wise update (weighted as ~64 multiply-adds).
+        (r1 - r0) * k * (k + 64)
+    };
+    let mut order: Vec<usize> = (0..units.len()).collect();
+    order.sort_by_key(|&u| std::cmp::Reverse(cost(&units[u])));
+    let progress = crate::progress::Progress::bar("adaround", units.len() as u64);
+    let learned: Vec<(usize, Array2<f64>, f64)> = order
+        .par_iter()
+        .with_max_len(1)
+        .map(|&u| {
+            let t0 = Instant::now();
+            let (li, gi, r0, r1) = units[u];
+            let p = &problems[li];
+            let gp = &p.groups[gi];
+            let qmax = qmax(p.bits, opts.reduce_range) as f64;
+            let q = learn_rows_f32(
+                gp.w.slice(s![r0..r1, ..]),
+                gp.scales.slice(s![r0..r1, ..]),
+                &gp.qq32,
+                gp.offset.as_ref().map(|o| o.slice(s![r0..r1, ..])),
+                -qmax,
+                qmax,
+                iterations,
+                ada,
+            );
+            progress.inc(1);
+            (u, q, t0.elapsed().as_secs_f64())
+        })
+        .collect();
+    let mut by_unit: Vec<Option<(Array2<f64>, f64)>> = vec![None; units.len()];
+    for (u, q, sec) in learned {
+        by_unit[u] = Some((q, sec));
+    }
+    let mut out: Vec<(Vec<Array2<f64>>, f64)> = problems
+        .iter()
+        .map(|p| {
+            (
+                p.groups
+                    .iter()
+                    .map(|gp| Array2::zeros(gp.w.dim()))
+                    .collect(),
+                p.seconds,
+            )
+        })
+        .collect();
+    for (&(li, gi, r0, r1), unit) in units.iter().zip(by_unit) {
+        let (q, sec) = unit.expect("every unit ran");
+        out[li].0[gi].slice_mut(s![r0..r1, ..]).assign(&q);
+        out[li].1 += sec;
+    }
+    out
+}
+
+/// One layer's report row and codes from its learned codes: a row keeps round-to-nearest where
+/// that gives the lower reconstruction error (f64, exact Gram form).
+fn finish_layer(
+    t: &Task,
+    p: &LayerProblem,
+    learned: &[Array2<f64>],
+    nearest: &Codes,
+    iterations: usize,
+) -> (LayerRounding, Codes) {
     let scale_of = |o: usize, j: usize| -> f64 {
         f64::from(nearest.scales[nearest.scale_index(t.flat_index(o, j))])
     };
     let mut out = nearest.clone();
     let (mut err_near, mut err_learn, mut energy, mut flipped) = (0.0, 0.0, 0.0, 0usize);
-    let progress = crate::progress::Progress::bar(
-        &format!("adaround {}", t.node),
-        (t.layer.out_channels().div_ceil(CHUNK_ROWS)) as u64,
-    );
-    for (gi, (wg, outs)) in t.matrices(&w).into_iter().enumerate() {
-        let qq = &gr.qq[gi];
-        let b = wg.dot(&gr.fq[gi]);
-        let c: Array1<f64> = {
-            let wf = wg.dot(&gr.ff[gi]);
-            (0..wg.nrows()).map(|r| wg.row(r).dot(&wf.row(r))).collect()
-        };
+    for (gp, q) in p.groups.iter().zip(learned) {
+        let outs = &gp.outs;
         // Round-to-nearest as the quantize pass does it, in the same matrix view.
-        let near = Array2::from_shape_fn(wg.dim(), |(i, j)| {
+        let near = Array2::from_shape_fn(gp.w.dim(), |(i, j)| {
             nearest.values[t.flat_index(outs[i], j)] as f64 * scale_of(outs[i], j)
         });
-        let chunks: Vec<usize> = (0..wg.nrows()).step_by(CHUNK_ROWS).collect();
-        let learned: Vec<Array2<f64>> = chunks
-            .par_iter()
-            .map(|&r0| {
-                let r1 = (r0 + CHUNK_ROWS).min(wg.nrows());
-                let scales = Array2::from_shape_fn((r1 - r0, wg.ncols()), |(r, j)| {
-                    scale_of(outs[r0 + r], j)
-                });
-                let q = learn_rows(
-                    &wg.slice(s![r0..r1, ..]).to_owned(),
-                    &scales,
-                    qq,
-                    &b.slice(s![r0..r1, ..]).to_owned(),
-                    -qmax,
-                    qmax,
-                    iterations,
-                    ada,
-                );
-                progress.inc(1);
-                q
-            })
-            .collect();
-        let q = ndarray::concatenate(
-            Axis(0),
-            &learned.iter().map(|a| a.view()).collect::<Vec<_>>(),
-        )?;
-        let wt = Array2::from_shape_fn(q.dim(), |(i, j)| q[[i, j]] * scale_of(outs[i], j));
-        let e_near = row_errors(&near, qq, &b, &c);
-        let e_learn = row_errors(&wt, qq, &b, &c);
+        let wt = Array2::from_shape_fn(q.dim(), |(i, j)| q[[i, j]] * gp.scales[[i, j]]);
+        let e_near = row_errors(&near, &gp.qq, &gp.b, &gp.c);
+        let e_learn = row_errors(&wt, &gp.qq, &gp.b, &gp.c);
         for (i, &o) in outs.iter().enumerate() {
-            energy += c[i];
+            energy += gp.c[i];
             err_near += e_near[i];
             if e_learn[i] < e_near[i] {
                 err_learn += e_learn[i];
-                for j in 0..wg.ncols() {
+                for j in 0..gp.w.ncols() {
                     let idx = t.flat_index(o, j);
                     let v = q[[i, j]] as i8;
                     if out.values[idx] != v {
@@ -1232,15 +1415,15 @@ fn learn_layer(
         }
     }
     let db = |e: f64| 10.0 * (energy / e.max(1e-300)).log10();
-    Ok((
+    (
         LayerRounding {
             node: t.node.clone(),
             weight: t.weight.clone(),
-            bits,
+            bits: p.bits,
             stage: 0,
             status: "learned".into(),
             features: t.features,
-            rows: gr.rows,
+            rows: p.rows,
             iterations,
             nearest_error: err_near,
             learned_error: err_learn,
@@ -1250,7 +1433,7 @@ fn learn_layer(
             seconds: 0.0,
         },
         out,
-    ))
+    )
 }
 
 /// The codes [`decide`] settled on, with the report's notes and details.
@@ -1407,6 +1590,157 @@ mod tests {
             direct(&wt),
             direct(&near)
         );
+    }
+
+    /// The f64 optimization as it was before the f32 path (session 12): the reference the f32
+    /// path is checked against.
+    #[allow(clippy::too_many_arguments)]
+    fn learn_rows_f64(
+        w: &Array2<f64>,
+        scale: &Array2<f64>,
+        qq: &Array2<f64>,
+        b: &Array2<f64>,
+        qmin: f64,
+        qmax: f64,
+        iterations: usize,
+        opts: &AdaRoundOptions,
+    ) -> Array2<f64> {
+        let (r, k) = w.dim();
+        let floor = Array2::from_shape_fn((r, k), |(i, j)| (w[[i, j]] / scale[[i, j]]).floor());
+        let mut v = Array2::from_shape_fn((r, k), |(i, j)| {
+            let rest = (w[[i, j]] / scale[[i, j]] - floor[[i, j]]).clamp(1e-6, 1.0 - 1e-6);
+            // h(V) = rest  <=>  σ(V) = (rest - γ) / (ζ - γ)
+            let p = (rest - GAMMA) / (ZETA - GAMMA);
+            (p / (1.0 - p)).ln()
+        });
+        let (mut m1, mut m2) = (Array2::<f64>::zeros((r, k)), Array2::<f64>::zeros((r, k)));
+        let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8);
+        let warm = (iterations as f64 * 0.2) as usize;
+        let mut wt = Array2::<f64>::zeros((r, k));
+        for it in 0..iterations {
+            let h = v.mapv(soft);
+            for i in 0..r {
+                for j in 0..k {
+                    wt[[i, j]] = scale[[i, j]] * (floor[[i, j]] + h[[i, j]]).clamp(qmin, qmax);
+                }
+            }
+            // d rec / d W~ = 2 (W~ G_qq - W G_fq)
+            let mut grad = wt.dot(qq);
+            grad -= b;
+            grad *= 2.0;
+            let beta = if it >= warm && iterations > warm {
+                let t = (it - warm) as f64 / (iterations - warm) as f64;
+                2.0 + 0.5 * (20.0 - 2.0) * (1.0 + (t * std::f64::consts::PI).cos())
+            } else {
+                0.0
+            };
+            let t = (it + 1) as i32;
+            let (c1, c2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+            for i in 0..r {
+                for j in 0..k {
+                    let x = floor[[i, j]] + h[[i, j]];
+                    let vij = v[[i, j]];
+                    let sg = sigmoid(vij);
+                    let hin = sg * (ZETA - GAMMA) + GAMMA;
+                    let dh_dv = if hin > 0.0 && hin < 1.0 {
+                        (ZETA - GAMMA) * sg * (1.0 - sg)
+                    } else {
+                        0.0
+                    };
+                    let mut dh = if x > qmin && x < qmax {
+                        grad[[i, j]] * scale[[i, j]]
+                    } else {
+                        0.0
+                    };
+                    if beta > 0.0 {
+                        // d/dh λ(1 - |2h - 1|^β) = -2λβ |2h - 1|^(β-1) sign(2h - 1)
+                        let u = 2.0 * h[[i, j]] - 1.0;
+                        dh -= 2.0 * opts.lambda * beta * u.abs().powf(beta - 1.0) * u.signum();
+                    }
+                    let gv = dh * dh_dv;
+                    let a = &mut m1[[i, j]];
+                    *a = beta1 * *a + (1.0 - beta1) * gv;
+                    let bb = &mut m2[[i, j]];
+                    *bb = beta2 * *bb + (1.0 - beta2) * gv * gv;
+                    v[[i, j]] -=
+                        opts.learning_rate * (m1[[i, j]] / c1) / ((m2[[i, j]] / c2).sqrt() + eps);
+                }
+            }
+        }
+        Array2::from_shape_fn((r, k), |(i, j)| {
+            (floor[[i, j]] + if v[[i, j]] >= 0.0 { 1.0 } else { 0.0 }).clamp(qmin, qmax)
+        })
+    }
+
+    /// The f32 optimization (`ΔW G + offset` form, the path every layer takes) against the
+    /// f64 reference, on correlated layers, with float inputs (`G_fq = G_qq`) and with noisy
+    /// "quantized" inputs (`G_fq != G_qq`, the offset path). The optimization is chaotic (a
+    /// reassociated f64 sum alone moves the int4 error by -10..+7%), so int4 is compared on
+    /// the mean over 8 layers; int8 codes agree almost everywhere.
+    #[test]
+    fn f32_path_matches_the_f64_reference() {
+        let (o, k, n) = (40usize, 72usize, 2000usize);
+        for noisy in [false, true] {
+            let mut ratios = Vec::new();
+            for seed in 0..8u64 {
+                let mut rng = ChaCha8Rng::seed_from_u64(100 + seed);
+                let base = Array2::from_shape_fn((n, 6), |_| rng.random::<f64>() - 0.5);
+                let mix = Array2::from_shape_fn((6, k), |_| rng.random::<f64>() - 0.5);
+                let x =
+                    base.dot(&mix) + Array2::from_shape_fn((n, k), |_| 0.1 * rng.random::<f64>());
+                let xq = if noisy {
+                    &x + &Array2::from_shape_fn((n, k), |_| 0.02 * (rng.random::<f64>() - 0.5))
+                } else {
+                    x.clone()
+                };
+                let w = Array2::from_shape_fn((o, k), |_| rng.random::<f64>() - 0.5);
+                // E‖W~ x_q - W x_f‖² on the rows themselves.
+                let direct = |m: &Array2<f64>| -> f64 {
+                    let d = xq.dot(&m.t()) - x.dot(&w.t());
+                    d.iter().map(|v| v * v).sum::<f64>() / n as f64
+                };
+                let qq = xq.t().dot(&xq) / n as f64;
+                let b = w.dot(&(x.t().dot(&xq) / n as f64));
+                for qmax in [7.0, 127.0] {
+                    let scale = Array2::from_shape_fn((o, k), |(i, _)| {
+                        w.row(i).iter().fold(0f64, |m, v| m.max(v.abs())) / qmax
+                    });
+                    let near = Array2::from_shape_fn((o, k), |(i, j)| {
+                        (w[[i, j]] / scale[[i, j]])
+                            .round_ties_even()
+                            .clamp(-qmax, qmax)
+                            * scale[[i, j]]
+                    });
+                    let opts = AdaRoundOptions::default();
+                    let fast = learn_rows(&w, &scale, &qq, &b, -qmax, qmax, 400, &opts);
+                    let reference = learn_rows_f64(&w, &scale, &qq, &b, -qmax, qmax, 400, &opts);
+                    let (e_fast, e_ref) =
+                        (direct(&(&fast * &scale)), direct(&(&reference * &scale)));
+                    let e_near = direct(&near);
+                    // With noisy inputs part of the error is the input noise itself.
+                    let bound = if noisy { 0.99 } else { 0.7 } * e_near;
+                    assert!(
+                        e_fast < bound && e_ref < bound,
+                        "noisy {noisy}, qmax {qmax}: f32 {e_fast}, f64 {e_ref}, nearest {e_near}"
+                    );
+                    if qmax == 7.0 {
+                        ratios.push(e_fast / e_ref);
+                    } else {
+                        let same = fast.iter().zip(&reference).filter(|(a, b)| a == b).count();
+                        assert!(
+                            same * 100 >= 99 * o * k,
+                            "noisy {noisy}: {same} of {} int8 codes equal",
+                            o * k
+                        );
+                    }
+                }
+            }
+            let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+            assert!(
+                mean <= 1.08,
+                "noisy {noisy}: f32 / f64 int4 error {ratios:?}"
+            );
+        }
     }
 
     /// Block-wise codes: one scale per block of the input axis at every other position; a
