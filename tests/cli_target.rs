@@ -285,3 +285,48 @@ fn ort_target_makes_a_dynamic_batch_reshape_target_constant() {
     // generic keeps today's bytes: the shape arithmetic stays.
     assert!(op_types(&out("generic")).contains(&"Shape".to_string()));
 }
+
+/// What each target places on two testdata models, as one snapshot per model: the output's op
+/// counts and the layers the target kept float, with the rule that kept each. A change to a
+/// policy row (`passes/target.rs`) shows up here as a reviewed diff.
+fn placement_by_target(model: &str) -> String {
+    let mut text = String::new();
+    for target in ["generic", "ort", "openvino", "tract"] {
+        let (_dir, out, report, _) = compress(model, &["--target", target, "--no-validate"]);
+        let mut counts = std::collections::BTreeMap::new();
+        for op in op_types(&out) {
+            *counts.entry(op).or_insert(0usize) += 1;
+        }
+        text.push_str(&format!("{target}:\n  ops:"));
+        for (op, n) in &counts {
+            text.push_str(&format!(" {op} {n},"));
+        }
+        text.push('\n');
+        let kept = report["passes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "quantize")
+            .and_then(|p| p["details"]["target"]["kept_float"].as_array().cloned())
+            .unwrap_or_default();
+        for k in kept {
+            text.push_str(&format!(
+                "  kept float: {} ({}, {})\n",
+                k["node"], k["op"], k["rule"]
+            ));
+        }
+    }
+    text
+}
+
+#[test]
+fn placement_per_target_on_testdata_models() {
+    insta::assert_snapshot!(
+        "placement_per_target_mobilenet_like",
+        placement_by_target("mobilenet_like.onnx")
+    );
+    insta::assert_snapshot!(
+        "placement_per_target_digits_vgg",
+        placement_by_target("digits_vgg.onnx")
+    );
+}
