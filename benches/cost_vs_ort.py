@@ -8,7 +8,9 @@ Usage: python3 benches/cost_vs_ort.py --bin target/release/onnx-compress [--ref 
 For each model `ZOO/NAME/{model.onnx,calib.npy}` (all samples of calib.npy, for both tools):
 - ours: `BIN model.onnx -o OUT --calib calib.npy --report R.json -q`, the default run
   (percentile calibration, tract validation on the calibration samples); wall, user+sys CPU
-  and peak RSS from GNU time, and the report's phase timings and tract latency at batch 1;
+  and peak RSS from GNU time, and the report's phase timings; the fp32 tract latency at batch
+  1 from the report, or (the default run does not time int8-activation outputs) from a
+  separate `--passes none --latency --validate-samples 1` run;
 - `--ref`: the same command with another binary (byte comparison of the outputs with `cmp`);
 - ORT: `quant_pre_process` + `quantize_static` (QDQ, per-channel, u8/s8) with each method, a
   fresh Python process (benches/compare_ort.py --ort-child), as in compare_ort.py.
@@ -60,6 +62,14 @@ def main():
         r["phases"] = {t["name"]: t["seconds"] for t in report["timings"]}
         r["passes"] = {p["name"]: p.get("seconds") for p in report["passes"]}
         lat = report["validation"].get("latency") or {}
+        if not lat:
+            # The default run times nothing when the output quantizes activations (tract runs
+            # them in float): the floor's fp32 time comes from a float round trip, timed apart.
+            fp_rep = os.path.join(a.out, f"{name}.fp32.json")
+            subprocess.run([a.bin, model, "-o", os.path.join(a.out, f"{name}.fp32.onnx"),
+                            "--passes", "none", "--calib", calib, "--validate-samples", "1",
+                            "--latency", "--report", fp_rep, "-q"], check=True)
+            lat = json.load(open(fp_rep))["validation"].get("latency") or {}
         r["fp32_ms"] = lat.get("original_ms")
         v = report["validation"]
         r["validated"] = f"{v.get('samples')} of {v.get('samples_given', v.get('samples'))}"

@@ -661,6 +661,7 @@ fn validation_metrics_are_the_same_whatever_the_thread_count() {
                 t.join("digits_calib_x.npy").to_str().unwrap(),
                 "--report",
                 report.to_str().unwrap(),
+                "--latency",
                 "-q",
             ])
             .env("RAYON_NUM_THREADS", threads)

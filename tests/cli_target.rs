@@ -78,6 +78,33 @@ fn target_tract_stores_weights_int8_keeps_activations_float_and_loads_in_tract()
 }
 
 #[test]
+fn latency_is_timed_only_for_float_activations_unless_asked() {
+    // int8 activations: tract runs their Q/DQ in float, so no tract latency, and a note says why.
+    let calib = testdata().join("digits_calib_x.npy");
+    let calib = calib.to_str().unwrap();
+    let int8 = ["--target", "generic", "--calib", calib];
+    let (_d, out, report, stdout) = compress("digits_cnn.onnx", &int8);
+    assert!(op_types(&out).iter().any(|o| o == "QuantizeLinear"));
+    let v = &report["validation"];
+    assert_eq!(v["status"], "checked", "{v}");
+    assert!(v.get("latency").is_none(), "{v}");
+    let notes = v["notes"].to_string();
+    assert!(notes.contains("latency not timed"), "{notes}");
+    assert!(!stdout.contains("latency in tract"), "{stdout}");
+    // --latency times the same output anyway; the output bytes do not depend on it.
+    let asked = [&int8[..], &["--latency"]].concat();
+    let (_d2, out2, report2, stdout2) = compress("digits_cnn.onnx", &asked);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&out2).unwrap());
+    let v2 = &report2["validation"];
+    assert!(v2["latency"]["speedup"].as_f64().unwrap() > 0.0, "{v2}");
+    assert!(!v2["notes"].to_string().contains("latency not timed"));
+    assert!(stdout2.contains("latency in tract"), "{stdout2}");
+    // Float activations (weight-only int8 for tract) are timed by default.
+    let (_d3, _, report3, _) = compress("digits_cnn.onnx", &["--target", "tract"]);
+    assert!(report3["validation"]["latency"]["speedup"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
 fn default_pipeline_stores_recurrent_weights_int8_and_keeps_state_float() {
     let (_dir, out, report, _) = compress("recurrent.onnx", &[]);
     let details = &pass(&report, "weight-only")["details"];

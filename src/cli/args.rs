@@ -141,6 +141,11 @@ pub struct CompressArgs {
     /// Default: from 16, doubled until the SQNR of both halves agrees within 1 dB, at most 64.
     #[arg(long, value_name = "N")]
     pub validate_samples: Option<usize>,
+    /// Time both models in tract during validation even when the output quantizes activations
+    /// (by default timed only when its activations run float: tract runs Q/DQ in float, which
+    /// says nothing about ONNX Runtime's or OpenVINO's integer kernels).
+    #[arg(long)]
+    pub latency: bool,
     /// Most memory one buffer sized from the model may take (synthetic inputs, calibration
     /// batches, activations), e.g. `8G`, `512M` or bytes. Default: half of physical memory.
     #[arg(long, value_name = "SIZE")]

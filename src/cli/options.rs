@@ -17,6 +17,7 @@ use onnx_compress::passes::target::Target;
 use onnx_compress::passes::weight_only::{self, WeightOnlyOptions};
 use onnx_compress::passes::{self, PassContext};
 use onnx_compress::session::{gate, CompressOptions, DataSources};
+use onnx_compress::validate::latency::LatencyTiming;
 
 /// Parse `name:1x3x224x224`.
 pub fn parse_input_shape(spec: &str) -> Result<(String, Vec<usize>)> {
@@ -477,6 +478,11 @@ pub fn compress_options(args: &CompressArgs) -> Result<CompressOptions> {
         seed: args.seed,
         samples: args.samples,
         validate_samples: args.validate_samples,
+        latency: if args.latency {
+            LatencyTiming::Always
+        } else {
+            LatencyTiming::default()
+        },
         gate,
         blame_layers: args.blame_layers,
         no_write_on_fail: args.no_write_on_fail,

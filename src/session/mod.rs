@@ -69,6 +69,9 @@ pub struct CompressOptions {
     /// `--validate-samples`: compare exactly the first N calibration rows in-sample (without
     /// `--eval`); `None`: at most [`VALIDATION_CALIBRATION_SAMPLES`], stopping early when stable.
     pub validate_samples: Option<usize>,
+    /// `--latency`: time both models in tract whatever the output holds
+    /// ([`validate::latency::LatencyTiming`]).
+    pub latency: validate::latency::LatencyTiming,
     /// The fidelity gate's bounds (inactive when none is set).
     pub gate: gate::Bounds,
     /// Most quantized layers measured when blaming a failed gate.
@@ -332,6 +335,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
             _ => None,
         },
         early_stop,
+        latency: opts.latency,
     };
     let validation = opts.validate.then(|| {
         // The output is written: a validation that cannot run is reported, not a failure.

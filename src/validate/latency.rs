@@ -8,8 +8,18 @@
 //! timed as written when tract loads it as it is (the file a tract user ships; tract folds
 //! DequantizeLinear of constants at load), otherwise as the validator's simulation graph, and
 //! [`Latency::timed`] says which. A measurement, never a verdict: nothing fails on it.
+//!
+//! When ([`LatencyTiming`]): by default only when the output's activations run float in tract
+//! (no activation `QuantizeLinear` / `DynamicQuantizeLinear` anywhere in it: `--target tract`,
+//! weight-only, pruned or float outputs). tract runs activation Q/DQ in float, about 2x slower
+//! than fp32, so its time for an int8-activation output says nothing about the integer kernels
+//! of ONNX Runtime or OpenVINO the output is placed for, and timing it cost 1.1-1.6 s of a
+//! 3.6-10.5 s default run (its as-written plan and ten timed runs on one core; BENCHMARKS.md,
+//! issue 17 session 14). `--latency` times it anyway.
 
 use super::Runner;
+use crate::ir::graph::subgraphs;
+use crate::onnx::proto::{GraphProto, ModelProto};
 use crate::runtime::Feed;
 use anyhow::Result;
 use serde::Serialize;
@@ -23,6 +33,57 @@ pub const RUNS: usize = 5;
 const MIN_RUNS: usize = 3;
 /// Wall-clock budget for the timed runs of both models together.
 const BUDGET: Duration = Duration::from_secs(2);
+
+/// When validation times the two models (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LatencyTiming {
+    /// Only when the output quantizes no activation ([`quantizes_activations`] is false).
+    #[default]
+    WhenActivationsRunFloat,
+    /// Whatever the output holds (`--latency`).
+    Always,
+}
+
+impl LatencyTiming {
+    /// Whether `candidate` is timed; `Err` holds the note saying why not.
+    pub fn applies(self, candidate: &ModelProto) -> std::result::Result<(), String> {
+        match self {
+            LatencyTiming::Always => Ok(()),
+            LatencyTiming::WhenActivationsRunFloat => match quantizes_activations(candidate) {
+                None => Ok(()),
+                Some(op) => Err(format!(
+                    "latency not timed: the output quantizes activations ({op}), which tract runs \
+                     in float, not on the integer kernels of the runtime the output is placed \
+                     for (--latency times it in tract anyway)"
+                )),
+            },
+        }
+    }
+}
+
+/// The op type of the first `QuantizeLinear` / `DynamicQuantizeLinear` of `model` (subgraphs
+/// included) whose input is not an initializer of its graph: an activation quantized at run
+/// time. `None` when every quantized tensor is a constant weight.
+pub fn quantizes_activations(model: &ModelProto) -> Option<&'static str> {
+    fn walk(g: &GraphProto) -> Option<&'static str> {
+        for n in &g.node {
+            let op = match n.op_type() {
+                "QuantizeLinear" => "QuantizeLinear",
+                "DynamicQuantizeLinear" => "DynamicQuantizeLinear",
+                _ => "",
+            };
+            let constant = |x: &String| g.initializer.iter().any(|t| t.name() == x);
+            if !op.is_empty() && n.input.first().is_some_and(|x| !constant(x)) {
+                return Some(op);
+            }
+            if let Some(found) = subgraphs(n).find_map(walk) {
+                return Some(found);
+            }
+        }
+        None
+    }
+    model.graph.as_ref().and_then(walk)
+}
 
 /// What [`measure`] found.
 #[derive(Debug, Clone, Serialize)]
@@ -98,6 +159,53 @@ pub fn measure(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn quantized(body: &str) -> Option<&'static str> {
+        let text = format!(
+            r#"<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,4] x) => (float[1,2] y)
+<float[4,2] w = {{0.5, -1.0, 0.25, 2.0, -0.75, 0.1, 1.5, -0.3}}, float s = {{0.1}},
+ uint8 z = {{128}}, int8[4,2] wq = {{5, -10, 2, 20, -7, 1, 15, -3}}, int8 wz = {{0}}>
+{{
+{body}
+}}"#
+        );
+        quantizes_activations(&crate::onnx::text::parse_model(&text).unwrap())
+    }
+
+    #[test]
+    fn only_activations_quantized_at_run_time_count() {
+        assert_eq!(quantized("   y = MatMul (x, w)"), None);
+        // Weight-only: a DequantizeLinear of a constant, and a QuantizeLinear of an initializer.
+        assert_eq!(
+            quantized(
+                "   wf = DequantizeLinear (wq, s, wz)\n   q = QuantizeLinear (w, s, z)\n   y = MatMul (x, wf)"
+            ),
+            None
+        );
+        assert_eq!(
+            quantized(
+                "   q = QuantizeLinear (x, s, z)\n   d = DequantizeLinear (q, s, z)\n   y = MatMul (d, w)"
+            ),
+            Some("QuantizeLinear")
+        );
+        assert_eq!(
+            quantized("   q, qs, qz = DynamicQuantizeLinear (x)\n   y = MatMul (x, w)"),
+            Some("DynamicQuantizeLinear")
+        );
+        let asked = crate::onnx::text::parse_model(
+            r#"<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,4] x) => (float[1,4] y)
+<float s = {0.1}, uint8 z = {128}>
+{
+   q = QuantizeLinear (x, s, z)
+   y = DequantizeLinear (q, s, z)
+}"#,
+        )
+        .unwrap();
+        assert!(LatencyTiming::default().applies(&asked).is_err());
+        assert!(LatencyTiming::Always.applies(&asked).is_ok());
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

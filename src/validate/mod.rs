@@ -91,6 +91,8 @@ pub struct ValidateOptions {
     /// Stop comparing user rows early once the SQNR is stable ([`EarlyStop`]); `None`: every
     /// given row (and every synthetic batch) is compared.
     pub early_stop: Option<EarlyStop>,
+    /// When both models are timed ([`latency::LatencyTiming`]).
+    pub latency: latency::LatencyTiming,
 }
 
 /// When in-sample validation may stop before the last given row (module docs).
@@ -176,6 +178,7 @@ impl Default for ValidateOptions {
             in_sample: false,
             row_axes: None,
             early_stop: None,
+            latency: latency::LatencyTiming::default(),
         }
     }
 }
@@ -295,7 +298,8 @@ pub struct ValidationReport {
     pub seed: u64,
     pub outputs: Vec<OutputMetrics>,
     /// Both models timed in tract on the first batch ([`latency`]); `None` when the
-    /// comparison did not run or timing failed.
+    /// comparison did not run, timing failed, or [`latency::LatencyTiming`] left it out (a
+    /// note says why).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency: Option<latency::Latency>,
 }
@@ -519,7 +523,16 @@ pub fn validate(
     // The candidate as written, for latency, is built beside the comparison rows (tract's
     // analysis runs on one core; the rows use all of them): the same plan, built sooner.
     let latency_method = timed_as(method);
-    let as_written = (runner_o.is_some()
+    let timed = runner_o.is_some()
+        && match opts.latency.applies(candidate) {
+            Ok(()) => true,
+            Err(note) => {
+                report.notes.push(note);
+                false
+            }
+        };
+    let as_written = (timed
+        && runner_o.is_some()
         && !batches.is_empty()
         && latency_method == Method::Simulation)
         .then(|| {
@@ -650,7 +663,7 @@ pub fn validate(
             )
         })
         .collect();
-    if let (Some(batch), Some(runner_o)) = (batches.first(), &runner_o) {
+    if let (true, Some(batch), Some(runner_o)) = (timed, batches.first(), &runner_o) {
         // The candidate is timed as written when the float QuantizeLinears were used.
         let as_written = as_written.and_then(|h| h.join().ok().flatten());
         report.latency = time_models(as_written, runner_o, &runner_c, batch, latency_method);
