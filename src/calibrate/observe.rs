@@ -39,12 +39,13 @@ pub use super::histogram::{entropy_threshold, mse_range, Histogram, FINE_BINS};
 use crate::calibrate::data::CalibrationSet;
 use crate::calibrate::params::ActScheme;
 use crate::onnx::proto::ModelProto;
-use crate::runtime::Runner;
+use crate::runtime::{F32Value, Runner};
 use anyhow::{Context, Result};
 use indexmap::IndexMap;
 use ndarray::ArrayD;
 use rayon::prelude::*;
 use serde::Serialize;
+use std::borrow::Cow;
 
 /// How a range is chosen from the observed values.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
@@ -785,7 +786,7 @@ pub fn observers_by_fold(
         |b, batch, group, parts| {
             // Each tensor's values as consecutive pieces of the batch, in row order: the graph
             // inputs whole with the batch's first group of pieces, the extra outputs per piece.
-            let mut seen: Vec<(&str, Vec<&ArrayD<f32>>)> = Vec::with_capacity(tensors.len());
+            let mut seen: Vec<(&str, Vec<Cow<[f32]>>)> = Vec::with_capacity(tensors.len());
             if group.first {
                 for name in &inputs {
                     let k = calib
@@ -795,27 +796,38 @@ pub fn observers_by_fold(
                         .expect("filtered above");
                     // Integer and bool inputs pass through: only float values are observed.
                     if let Some(a) = batch[k].as_f32() {
-                        seen.push((name.as_str(), vec![a]));
+                        // A feed not in standard layout is copied first.
+                        let values = match a.as_slice() {
+                            Some(s) => Cow::Borrowed(s),
+                            None => Cow::Owned(a.iter().copied().collect()),
+                        };
+                        seen.push((name.as_str(), vec![values]));
                     }
                 }
             }
             for (t, name) in extra.iter().enumerate() {
-                seen.push((name.as_str(), parts.iter().map(|p| &p[t]).collect()));
+                seen.push((
+                    name.as_str(),
+                    parts
+                        .iter()
+                        .map(|p| Cow::Borrowed(p[t].as_slice()))
+                        .collect(),
+                ));
             }
             // Each observer sees its tensor's pieces in order whatever the thread count; only
             // different tensors' updates run side by side (the histogram work is most of a
             // calibration's CPU time on models with many large activations).
-            let values: std::collections::HashMap<&str, &Vec<&ArrayD<f32>>> =
+            let values: std::collections::HashMap<&str, &Vec<Cow<[f32]>>> =
                 seen.iter().map(|(n, v)| (*n, v)).collect();
             let fold = (folds > 0).then(|| &mut by_fold[b % folds]);
-            let mut work: Vec<(&mut Observer, Option<&Vec<&ArrayD<f32>>>)> = observers
+            let mut work: Vec<(&mut Observer, Option<&Vec<Cow<[f32]>>>)> = observers
                 .iter_mut()
                 .chain(fold.into_iter().flat_map(|f| f.iter_mut()))
                 .map(|(name, o)| (o, values.get(name.as_str()).copied()))
                 .collect();
             work.par_iter_mut().for_each(|(o, a)| {
-                if let Some(a) = a {
-                    add_pieces(o, a);
+                for piece in a.iter().flat_map(|a| a.iter()) {
+                    o.add_piece(piece);
                 }
                 if group.last {
                     o.end_batch(opts.moving_average);
@@ -839,7 +851,14 @@ pub fn stream(
     mut f: impl FnMut(usize, &[crate::runtime::Feed], &[ArrayD<f32>]) -> Result<()>,
 ) -> Result<()> {
     run_batches(model, extra, calib, label, true, |b, batch, _, parts| {
-        f(b, batch, parts.first().map(Vec::as_slice).unwrap_or(&[]))
+        let outs = match parts.first() {
+            Some(values) => values
+                .iter()
+                .map(F32Value::to_array)
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        f(b, batch, &outs)
     })
 }
 
@@ -882,7 +901,7 @@ pub fn stream_in_parts(
     extra: &[String],
     calib: &CalibrationSet,
     label: &str,
-    f: impl FnMut(usize, &[crate::runtime::Feed], Group, &[Vec<ArrayD<f32>>]) -> Result<()>,
+    f: impl FnMut(usize, &[crate::runtime::Feed], Group, &[Vec<F32Value>]) -> Result<()>,
 ) -> Result<()> {
     let whole = calib.fixed_batch || calib.sequence.is_some();
     run_batches(model, extra, calib, label, whole, f)
@@ -897,7 +916,7 @@ fn run_batches(
     calib: &CalibrationSet,
     label: &str,
     whole: bool,
-    mut f: impl FnMut(usize, &[crate::runtime::Feed], Group, &[Vec<ArrayD<f32>>]) -> Result<()>,
+    mut f: impl FnMut(usize, &[crate::runtime::Feed], Group, &[Vec<F32Value>]) -> Result<()>,
 ) -> Result<()> {
     type Shapes = Vec<Vec<usize>>;
     let mut runners: Vec<(Shapes, Runner)> = Vec::new();
@@ -990,7 +1009,7 @@ fn run_batches(
                         .expect("built above");
                     let feeds = feeds_of(r);
                     let mut outs = runner
-                        .run(&feeds)
+                        .run_values(&feeds)
                         .with_context(|| format!("calibration batch {b}"))?;
                     let skip = outs.len() - extra.len();
                     Ok(outs.split_off(skip))
@@ -1004,17 +1023,6 @@ fn run_batches(
         }
     }
     Ok(())
-}
-
-/// Feed consecutive pieces of a batch to an observer (a piece not in standard layout is copied
-/// first).
-fn add_pieces(o: &mut Observer, pieces: &[&ArrayD<f32>]) {
-    for a in pieces {
-        match a.as_slice() {
-            Some(s) => o.add_piece(s),
-            None => o.add_piece(&a.iter().copied().collect::<Vec<f32>>()),
-        }
-    }
 }
 
 #[cfg(test)]
