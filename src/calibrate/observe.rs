@@ -489,7 +489,7 @@ fn blocks_binned(
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt")
     {
-        assert!(scratch.len() >= WAYS * STRIDE && values.len() % 8 == 0);
+        assert!(scratch.len() >= WAYS * STRIDE && values.len().is_multiple_of(8));
         // SAFETY: the CPU has AVX2 and POPCNT (checked just above); the slice lengths the
         // kernel relies on are asserted.
         return unsafe { blocks_binned_avx2(values, lo, hi, squares, piece.inv_w, scratch) };
