@@ -28,7 +28,7 @@ pub const FINE_BINS: usize = 8192;
 
 /// Values from which one batch's counts are split over four sets of counters (below it,
 /// zeroing them costs more than it saves).
-const SPLIT_COUNTS_FROM: usize = 1 << 15;
+pub(super) const SPLIT_COUNTS_FROM: usize = 1 << 15;
 
 /// Smallest histogram range: a piece whose max |x| is below it (but not 0) gets this range, so
 /// that `w` stays a normal power of two and `x / w` exact.
@@ -109,6 +109,48 @@ fn scalar_bin(v: f32, inv_w: f32, discard: usize) -> usize {
     (floor + FINE_BINS as i32) as usize
 }
 
+/// Sets of counters ([`Histogram::add_parts_within`]'s large-piece path and [`BinnedPiece`]):
+/// consecutive values go to set `k % WAYS`, so values landing in one bin one after the other
+/// do not wait on each other's increment.
+pub(super) const WAYS: usize = 4;
+/// Counters per set: the bins and a discard slot for NaN.
+pub(super) const STRIDE: usize = 2 * FINE_BINS + 1;
+
+thread_local! {
+    /// One thread's [`WAYS`] sets of counters, all zero between uses ([`BinnedPiece`]): kept
+    /// instead of allocated and zeroed whole for every piece.
+    static SCRATCH: std::cell::RefCell<Vec<u32>> = std::cell::RefCell::new(vec![0; WAYS * STRIDE]);
+}
+
+/// A piece binned on the histogram's current grid before its max |x| was known (the observers'
+/// single pass, `observe::scan_binned`): the counts wait in this thread's scratch counters
+/// until [`Histogram::take_binned`] adds them (the grid was wide enough) or drops them (it was
+/// not; the piece is then binned again after the doubling).
+pub(super) struct BinnedPiece {
+    /// `1 / w` of the grid the values were binned on.
+    pub inv_w: f32,
+    /// Exact zeros among the values.
+    pub zeros: u64,
+}
+
+impl BinnedPiece {
+    /// The bin of `v` on this grid (NaN: the discard slot), as [`block_bins`].
+    pub fn bin(&self, v: f32) -> usize {
+        scalar_bin(v, self.inv_w, 2 * FINE_BINS)
+    }
+
+    /// The bins of a block of eight values and how many are exact zeros, as [`block_bins`].
+    #[inline]
+    pub fn block(&self, b: &[f32; 8]) -> ([u32; 8], u64) {
+        block_bins(b, self.inv_w, 2 * FINE_BINS)
+    }
+}
+
+/// Run `f` with this thread's scratch counters (see [`BinnedPiece`]); `f` leaves them zero.
+pub(super) fn with_scratch<T>(f: impl FnOnce(&mut [u32]) -> T) -> T {
+    SCRATCH.with(|s| f(&mut s.borrow_mut()))
+}
+
 /// Signed histogram over `[-r, r]` with adaptive doubling.
 #[derive(Debug, Clone)]
 pub struct Histogram {
@@ -186,9 +228,8 @@ impl Histogram {
             // (integer counts: exact in any order): values falling in one bin one after the
             // other (the zeros of a ReLU, a saturated tail) no longer wait on each other's
             // increment of the same counter.
-            const WAYS: usize = 4;
             const BLOCK: usize = 8;
-            let stride = 2 * FINE_BINS + 1;
+            let stride = STRIDE;
             let mut ways = vec![0u32; WAYS * stride];
             let flush = |ways: &mut Vec<u32>, counts: &mut Vec<u64>| {
                 for k in 0..WAYS {
@@ -224,6 +265,51 @@ impl Histogram {
         self.exact_zeros += zeros;
     }
 
+    /// The `1 / w` to bin a piece with before its max |x| is known: the current grid's, once
+    /// the histogram has a finite range.
+    pub(super) fn grid(&self) -> Option<f32> {
+        (self.r > 0.0 && self.r.is_finite()).then(|| FINE_BINS as f32 / self.r)
+    }
+
+    /// Take a piece binned into `scratch` ([`BinnedPiece`], values of non-NaN extremes `min`
+    /// and `max`, `min <= max` unless every value was NaN): when `max |x| < r` its counts are
+    /// exactly those [`Histogram::add_parts_within`] would add (same grid, no doubling), and
+    /// they are added; otherwise nothing is, and `false` says to bin the piece again. Either
+    /// way the scratch counters are left zero (only the bins between those of `min` and `max`
+    /// and the discard slots can be non-zero).
+    pub(super) fn take_binned(
+        &mut self,
+        scratch: &mut [u32],
+        piece: &BinnedPiece,
+        min: f32,
+        max: f32,
+    ) -> bool {
+        let discard = 2 * FINE_BINS;
+        for k in 0..WAYS {
+            scratch[k * STRIDE + discard] = 0;
+        }
+        if min > max {
+            // Only NaN: nothing was counted, nothing changes (as `add_parts_within` is not
+            // called for such a piece).
+            return true;
+        }
+        let (lo, hi) = (piece.bin(min), piece.bin(max));
+        let fits = 0f32.max(max).max(-min) < self.r && piece.inv_w == FINE_BINS as f32 / self.r;
+        for k in 0..WAYS {
+            let set = &mut scratch[k * STRIDE + lo..=k * STRIDE + hi];
+            if fits {
+                for (c, x) in self.counts[lo..=hi].iter_mut().zip(set.iter()) {
+                    *c += *x as u64;
+                }
+            }
+            set.iter_mut().for_each(|x| *x = 0);
+        }
+        if fits {
+            self.exact_zeros += piece.zeros;
+        }
+        fits
+    }
+
     /// Double the range, merging pairs of bins on each side of 0.
     fn double(&mut self) {
         let n = FINE_BINS;
@@ -235,6 +321,18 @@ impl Histogram {
         }
         self.counts = next;
         self.r *= 2.0;
+    }
+
+    /// The same range, counts and zeros as `other` (tests).
+    #[cfg(test)]
+    pub(super) fn same_counts(&self, other: &Histogram) -> bool {
+        (self.r, &self.counts, self.pending_zeros, self.exact_zeros)
+            == (
+                other.r,
+                &other.counts,
+                other.pending_zeros,
+                other.exact_zeros,
+            )
     }
 
     pub fn total(&self) -> u64 {

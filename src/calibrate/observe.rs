@@ -34,17 +34,18 @@
 //!   expected squared error of fake-quantizing the histogram's bin centres with the activation
 //!   scheme's actual grid (clipping error included); the best wins.
 
-use super::histogram::abs_quantile;
+use super::histogram::{abs_quantile, with_scratch, BinnedPiece, SPLIT_COUNTS_FROM, STRIDE, WAYS};
 pub use super::histogram::{entropy_threshold, mse_range, Histogram, FINE_BINS};
 use crate::calibrate::data::CalibrationSet;
 use crate::calibrate::params::ActScheme;
 use crate::onnx::proto::ModelProto;
-use crate::runtime::Runner;
+use crate::runtime::{F32Value, Runner};
 use anyhow::{Context, Result};
 use indexmap::IndexMap;
 use ndarray::ArrayD;
 use rayon::prelude::*;
 use serde::Serialize;
+use std::borrow::Cow;
 
 /// How a range is chosen from the observed values.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
@@ -205,8 +206,26 @@ impl Observer {
             squares: SquareSum::default(),
             len: 0,
         });
-        let (bmin, bmax, squares) = scan_from(&[data], open.squares, open.len as usize);
-        if bmin <= bmax {
+        // A large piece on an established grid: min, max, squares and the bins in one read of
+        // the values (binned on the current grid; binned again only if the piece widens it).
+        let grid = self
+            .hist
+            .as_ref()
+            .and_then(Histogram::grid)
+            .filter(|_| (SPLIT_COUNTS_FROM..1 << 30).contains(&data.len()));
+        let (bmin, bmax, squares, binned) = match (grid, &mut self.hist) {
+            (Some(inv_w), Some(h)) => with_scratch(|scratch| {
+                let (bmin, bmax, squares, piece) =
+                    scan_binned(data, open.squares, open.len as usize, inv_w, scratch);
+                let taken = h.take_binned(scratch, &piece, bmin, bmax);
+                (bmin, bmax, squares, taken)
+            }),
+            _ => {
+                let (bmin, bmax, squares) = scan_from(&[data], open.squares, open.len as usize);
+                (bmin, bmax, squares, false)
+            }
+        };
+        if bmin <= bmax && !binned {
             if let Some(h) = &mut self.hist {
                 // max |x| over the non-NaN values, which min and max already bound.
                 h.add_parts_within(&[data], 0f32.max(bmax).max(-bmin));
@@ -375,6 +394,223 @@ fn scan_from(parts: &[&[f32]], sum: SquareSum, seen: usize) -> (f32, f32, Square
     }
     (bmin, bmax, squares)
 }
+/// [`scan_from`] of one piece, binning its values on the grid `inv_w` into the `scratch`
+/// counters at the same time ([`super::histogram::BinnedPiece`]): one read of the values
+/// instead of two (three for an extreme of 0). Min, max and squares are [`scan_from`]'s, bit
+/// for bit (the same lanes; the signed-zero check reads flags gathered in the pass).
+fn scan_binned(
+    data: &[f32],
+    sum: SquareSum,
+    seen: usize,
+    inv_w: f32,
+    scratch: &mut [u32],
+) -> (f32, f32, SquareSum, BinnedPiece) {
+    const LANES: usize = 8;
+    /// Everything the pass keeps, for the values taken one at a time.
+    struct State<'a> {
+        lo: [f32; LANES],
+        hi: [f32; LANES],
+        sum: SquareSum,
+        pos_zero: bool,
+        neg_zero: bool,
+        piece: BinnedPiece,
+        scratch: &'a mut [u32],
+    }
+    impl State<'_> {
+        /// Values `seen..` of the batch, one at a time (as [`scan_from`]'s head and tail).
+        fn singles(&mut self, values: &[f32], seen: usize) {
+            for (n, &v) in values.iter().enumerate() {
+                self.lo[0] = self.lo[0].min(v);
+                self.hi[0] = self.hi[0].max(v);
+                self.sum.add((seen + n) % LANES, v);
+                self.pos_zero |= v.to_bits() == 0;
+                self.neg_zero |= v.to_bits() == 0x8000_0000;
+                self.piece.zeros += (v == 0.0) as u64;
+                self.scratch[self.piece.bin(v)] += 1;
+            }
+        }
+    }
+    let mut st = State {
+        lo: [f32::INFINITY; LANES],
+        hi: [f32::NEG_INFINITY; LANES],
+        sum,
+        pos_zero: false,
+        neg_zero: false,
+        piece: BinnedPiece { inv_w, zeros: 0 },
+        scratch,
+    };
+    // One at a time up to the next multiple of 8, so that whole blocks start on lane 0.
+    let head = ((LANES - seen % LANES) % LANES).min(data.len());
+    let (first, rest) = data.split_at(head);
+    let tail = &rest[rest.len() - rest.len() % LANES..];
+    let whole = &rest[..rest.len() - tail.len()];
+    st.singles(first, seen);
+    let (squares, finite, (pos, neg, zeros)) = blocks_binned(
+        whole,
+        &mut st.lo,
+        &mut st.hi,
+        st.sum.squares,
+        &st.piece,
+        st.scratch,
+    );
+    st.sum.squares = squares;
+    st.sum.finite += finite;
+    st.pos_zero |= pos;
+    st.neg_zero |= neg;
+    st.piece.zeros += zeros;
+    st.singles(tail, seen + head + whole.len());
+    let bmin = st.lo.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+    let bmax = st.hi.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    if st.pos_zero && st.neg_zero && (bmin == 0.0 || bmax == 0.0) {
+        let (a, b) = data
+            .iter()
+            .filter(|v| !v.is_nan())
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
+        return (a, b, st.sum, st.piece);
+    }
+    (bmin, bmax, st.sum, st.piece)
+}
+
+/// [`blocks`] over `values` (whole blocks of eight) with every value also binned
+/// ([`BinnedPiece::block`]) into `scratch`, value `k` of a block into set `k % WAYS`. Returns
+/// [`blocks`]'s lanes and finite count, and whether a +0 and a -0 occurred and how many exact
+/// zeros.
+#[allow(clippy::type_complexity)]
+fn blocks_binned(
+    values: &[f32],
+    lo: &mut [f32; 8],
+    hi: &mut [f32; 8],
+    squares: [f64; 8],
+    piece: &BinnedPiece,
+    scratch: &mut [u32],
+) -> ([f64; 8], usize, (bool, bool, u64)) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt")
+    {
+        assert!(scratch.len() >= WAYS * STRIDE && values.len().is_multiple_of(8));
+        // SAFETY: the CPU has AVX2 and POPCNT (checked just above); the slice lengths the
+        // kernel relies on are asserted.
+        return unsafe { blocks_binned_avx2(values, lo, hi, squares, piece.inv_w, scratch) };
+    }
+    blocks_binned_portable(values, lo, hi, squares, piece, scratch)
+}
+
+/// [`blocks_binned`] without AVX2: [`blocks`], then the bins of the same values.
+#[allow(clippy::type_complexity)]
+fn blocks_binned_portable(
+    values: &[f32],
+    lo: &mut [f32; 8],
+    hi: &mut [f32; 8],
+    squares: [f64; 8],
+    piece: &BinnedPiece,
+    scratch: &mut [u32],
+) -> ([f64; 8], usize, (bool, bool, u64)) {
+    let (mut out, mut finite) = (squares, 0usize);
+    let (mut pos_zero, mut neg_zero, mut zeros) = (0u32, 0u32, 0u64);
+    // Runs of 512 values: the min/max/squares kernel, then the bins of the same values
+    // (still in L1), so the values come from memory once.
+    for run in values.chunks(512) {
+        let (q, f) = blocks(run.chunks_exact(8), lo, hi, out);
+        out = q;
+        finite += f;
+        for b in run.chunks_exact(8) {
+            let b: &[f32; 8] = b.try_into().expect("a block");
+            let (at, z) = piece.block(b);
+            zeros += z;
+            for &v in b {
+                pos_zero |= (v.to_bits() == 0) as u32;
+                neg_zero |= (v.to_bits() == 0x8000_0000) as u32;
+            }
+            for (k, &i) in at.iter().enumerate() {
+                scratch[(k % WAYS) * STRIDE + i as usize] += 1;
+            }
+        }
+    }
+    (out, finite, (pos_zero != 0, neg_zero != 0, zeros))
+}
+
+/// [`blocks_binned`] in AVX2 registers, eight values at a time: the same operations as the SSE2
+/// kernels [`blocks`] and `histogram::block_bins` on twice the width (`vminps`/`vmaxps` skip NaN
+/// as `minps`/`maxps` do; f32 lanes 0-3 and 4-7 of a block widen into the f64 sums of lanes
+/// 0-3 and 4-7, multiplied then added, never fused), so every lane, count and bin is theirs.
+///
+/// # Safety
+/// The CPU must have AVX2 and POPCNT; `values.len()` must be a multiple of 8 and `scratch`
+/// hold at least `WAYS * STRIDE` counters.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,popcnt")]
+#[allow(clippy::type_complexity)]
+unsafe fn blocks_binned_avx2(
+    values: &[f32],
+    lo: &mut [f32; 8],
+    hi: &mut [f32; 8],
+    squares: [f64; 8],
+    inv_w: f32,
+    scratch: &mut [u32],
+) -> ([f64; 8], usize, (bool, bool, u64)) {
+    use super::histogram::FINE_BINS;
+    use std::arch::x86_64::*;
+    let mut out = squares;
+    let (mut finite, mut zeros) = (0u64, 0u64);
+    let (mut pos_zero, mut neg_zero) = (0i32, 0i32);
+    let mut at = [0u32; 8];
+    let counters = scratch.as_mut_ptr();
+    // SAFETY (whole block): loads and stores are unaligned ones of exactly 8 f32, 4 f64 or 8
+    // u32 inside the arrays, `values` (whole blocks) and `at`; every index stored in `at` is a
+    // bin in 0..=2 * FINE_BINS (clamped, or the discard slot), so `(k % WAYS) * STRIDE + at[k]`
+    // is inside the first `WAYS * STRIDE` counters.
+    unsafe {
+        let mut l = _mm256_loadu_ps(lo.as_ptr());
+        let mut h = _mm256_loadu_ps(hi.as_ptr());
+        let mut q0 = _mm256_loadu_pd(out.as_ptr());
+        let mut q1 = _mm256_loadu_pd(out.as_ptr().add(4));
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let inf = _mm256_set1_ps(f32::INFINITY);
+        let vi = _mm256_set1_ps(inv_w);
+        let low = _mm256_set1_ps(-(FINE_BINS as f32));
+        let top = _mm256_set1_ps((FINE_BINS - 1) as f32);
+        let offset = _mm256_set1_epi32(FINE_BINS as i32);
+        let nan_bin = _mm256_set1_epi32(2 * FINE_BINS as i32);
+        let zero = _mm256_setzero_ps();
+        for c in values.chunks_exact(8) {
+            let v = _mm256_loadu_ps(c.as_ptr());
+            l = _mm256_min_ps(v, l);
+            h = _mm256_max_ps(v, h);
+            let ok = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_and_ps(v, abs_mask), inf);
+            finite += _mm256_movemask_ps(ok).count_ones() as u64;
+            let f = _mm256_and_ps(v, ok);
+            let a = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+            let b = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(f));
+            q0 = _mm256_add_pd(q0, _mm256_mul_pd(a, a));
+            q1 = _mm256_add_pd(q1, _mm256_mul_pd(b, b));
+            // The bins, as `histogram::block_bins`.
+            let x = _mm256_mul_ps(v, vi);
+            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+            let x = _mm256_min_ps(_mm256_max_ps(x, low), top);
+            let t = _mm256_cvttps_epi32(x);
+            let up = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_cvtepi32_ps(t), x));
+            let i = _mm256_add_epi32(_mm256_add_epi32(t, up), offset);
+            let i = _mm256_or_si256(_mm256_and_si256(nan, nan_bin), _mm256_andnot_si256(nan, i));
+            _mm256_storeu_si256(at.as_mut_ptr() as *mut __m256i, i);
+            let z = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(v, zero));
+            let sign = _mm256_movemask_ps(v);
+            zeros += z.count_ones() as u64;
+            neg_zero |= z & sign;
+            pos_zero |= z & !sign;
+            for (k, &bin) in at.iter().enumerate() {
+                *counters.add((k % WAYS) * STRIDE + bin as usize) += 1;
+            }
+        }
+        _mm256_storeu_ps(lo.as_mut_ptr(), l);
+        _mm256_storeu_ps(hi.as_mut_ptr(), h);
+        _mm256_storeu_pd(out.as_mut_ptr(), q0);
+        _mm256_storeu_pd(out.as_mut_ptr().add(4), q1);
+    }
+    (out, finite as usize, (pos_zero != 0, neg_zero != 0, zeros))
+}
+
 /// [`scan`]'s blocks of eight: lane `k` of `lo`/`hi` folds value `k` of every block with
 /// `f32::min`/`max`, lane `k` of `squares` adds its square in f64 when it is finite. Returns the
 /// lanes and how many values were finite.
@@ -550,7 +786,7 @@ pub fn observers_by_fold(
         |b, batch, group, parts| {
             // Each tensor's values as consecutive pieces of the batch, in row order: the graph
             // inputs whole with the batch's first group of pieces, the extra outputs per piece.
-            let mut seen: Vec<(&str, Vec<&ArrayD<f32>>)> = Vec::with_capacity(tensors.len());
+            let mut seen: Vec<(&str, Vec<Cow<[f32]>>)> = Vec::with_capacity(tensors.len());
             if group.first {
                 for name in &inputs {
                     let k = calib
@@ -560,27 +796,38 @@ pub fn observers_by_fold(
                         .expect("filtered above");
                     // Integer and bool inputs pass through: only float values are observed.
                     if let Some(a) = batch[k].as_f32() {
-                        seen.push((name.as_str(), vec![a]));
+                        // A feed not in standard layout is copied first.
+                        let values = match a.as_slice() {
+                            Some(s) => Cow::Borrowed(s),
+                            None => Cow::Owned(a.iter().copied().collect()),
+                        };
+                        seen.push((name.as_str(), vec![values]));
                     }
                 }
             }
             for (t, name) in extra.iter().enumerate() {
-                seen.push((name.as_str(), parts.iter().map(|p| &p[t]).collect()));
+                seen.push((
+                    name.as_str(),
+                    parts
+                        .iter()
+                        .map(|p| Cow::Borrowed(p[t].as_slice()))
+                        .collect(),
+                ));
             }
             // Each observer sees its tensor's pieces in order whatever the thread count; only
             // different tensors' updates run side by side (the histogram work is most of a
             // calibration's CPU time on models with many large activations).
-            let values: std::collections::HashMap<&str, &Vec<&ArrayD<f32>>> =
+            let values: std::collections::HashMap<&str, &Vec<Cow<[f32]>>> =
                 seen.iter().map(|(n, v)| (*n, v)).collect();
             let fold = (folds > 0).then(|| &mut by_fold[b % folds]);
-            let mut work: Vec<(&mut Observer, Option<&Vec<&ArrayD<f32>>>)> = observers
+            let mut work: Vec<(&mut Observer, Option<&Vec<Cow<[f32]>>>)> = observers
                 .iter_mut()
                 .chain(fold.into_iter().flat_map(|f| f.iter_mut()))
                 .map(|(name, o)| (o, values.get(name.as_str()).copied()))
                 .collect();
             work.par_iter_mut().for_each(|(o, a)| {
-                if let Some(a) = a {
-                    add_pieces(o, a);
+                for piece in a.iter().flat_map(|a| a.iter()) {
+                    o.add_piece(piece);
                 }
                 if group.last {
                     o.end_batch(opts.moving_average);
@@ -604,7 +851,14 @@ pub fn stream(
     mut f: impl FnMut(usize, &[crate::runtime::Feed], &[ArrayD<f32>]) -> Result<()>,
 ) -> Result<()> {
     run_batches(model, extra, calib, label, true, |b, batch, _, parts| {
-        f(b, batch, parts.first().map(Vec::as_slice).unwrap_or(&[]))
+        let outs = match parts.first() {
+            Some(values) => values
+                .iter()
+                .map(F32Value::to_array)
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        f(b, batch, &outs)
     })
 }
 
@@ -647,7 +901,7 @@ pub fn stream_in_parts(
     extra: &[String],
     calib: &CalibrationSet,
     label: &str,
-    f: impl FnMut(usize, &[crate::runtime::Feed], Group, &[Vec<ArrayD<f32>>]) -> Result<()>,
+    f: impl FnMut(usize, &[crate::runtime::Feed], Group, &[Vec<F32Value>]) -> Result<()>,
 ) -> Result<()> {
     let whole = calib.fixed_batch || calib.sequence.is_some();
     run_batches(model, extra, calib, label, whole, f)
@@ -662,7 +916,7 @@ fn run_batches(
     calib: &CalibrationSet,
     label: &str,
     whole: bool,
-    mut f: impl FnMut(usize, &[crate::runtime::Feed], Group, &[Vec<ArrayD<f32>>]) -> Result<()>,
+    mut f: impl FnMut(usize, &[crate::runtime::Feed], Group, &[Vec<F32Value>]) -> Result<()>,
 ) -> Result<()> {
     type Shapes = Vec<Vec<usize>>;
     let mut runners: Vec<(Shapes, Runner)> = Vec::new();
@@ -755,7 +1009,7 @@ fn run_batches(
                         .expect("built above");
                     let feeds = feeds_of(r);
                     let mut outs = runner
-                        .run(&feeds)
+                        .run_values(&feeds)
                         .with_context(|| format!("calibration batch {b}"))?;
                     let skip = outs.len() - extra.len();
                     Ok(outs.split_off(skip))
@@ -769,17 +1023,6 @@ fn run_batches(
         }
     }
     Ok(())
-}
-
-/// Feed consecutive pieces of a batch to an observer (a piece not in standard layout is copied
-/// first).
-fn add_pieces(o: &mut Observer, pieces: &[&ArrayD<f32>]) {
-    for a in pieces {
-        match a.as_slice() {
-            Some(s) => o.add_piece(s),
-            None => o.add_piece(&a.iter().copied().collect::<Vec<f32>>()),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -854,6 +1097,167 @@ mod tests {
                 assert_eq!(a.quiet_mean_square.to_bits(), b.quiet_mean_square.to_bits());
                 assert_eq!(whole.count, pieces.count);
             }
+        }
+    }
+
+    /// The single pass (min, max, squares and bins at once, `scan_binned`) against the two
+    /// passes it replaces (`scan_from`, then `Histogram::add_parts_within`): the same bits for
+    /// min, max, every square lane and every count, on pieces that start mid-lane, carry NaN,
+    /// infinities and zeros of both signs, fit the grid or widen it.
+    #[test]
+    fn one_pass_observation_is_the_two_passes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let base: Vec<f32> = (0..(SPLIT_COUNTS_FROM + 1001))
+            .map(|_| normal(&mut rng) * 2.0)
+            .collect();
+        let relu: Vec<f32> = base.iter().map(|v| v.max(0.0)).collect();
+        let mut specials = base.clone();
+        specials[3] = f32::NAN;
+        specials[100] = -0.0;
+        specials[101] = 0.0;
+        specials[5000] = f32::INFINITY;
+        let mut neg_zeros = relu.clone();
+        neg_zeros[7] = -0.0;
+        let all_nan = vec![f32::NAN; SPLIT_COUNTS_FROM + 3];
+        let wider: Vec<f32> = base.iter().map(|v| v * 40.0).collect();
+        for (name, data) in [
+            ("normal", &base),
+            ("relu", &relu),
+            ("specials", &specials),
+            ("relu with a -0", &neg_zeros),
+            ("nan", &all_nan),
+            ("wider", &wider),
+        ] {
+            for seen in [0usize, 3, 8, 13] {
+                let mut reference = Observer::new(true);
+                // An established grid (r = 8) and a batch already `seen` values in.
+                reference.add_piece(&base[..SPLIT_COUNTS_FROM + seen]);
+                reference.end_batch(None);
+                reference.add_piece(&base[..seen]);
+                let mut fused = reference.clone();
+                let open = reference.open.unwrap_or(OpenBatch {
+                    min: f32::INFINITY,
+                    max: f32::NEG_INFINITY,
+                    squares: SquareSum::default(),
+                    len: 0,
+                });
+                let (a, b, sq) = scan_from(&[data], open.squares, open.len as usize);
+                let h = reference.hist.as_mut().unwrap();
+                if a <= b {
+                    h.add_parts_within(&[data], 0f32.max(b).max(-a));
+                }
+                fused.add_piece(data);
+                let (fo, fh) = (fused.open.unwrap(), fused.hist.as_ref().unwrap());
+                let h = reference.hist.as_ref().unwrap();
+                let want_min = open.min.min(a);
+                let want_max = open.max.max(b);
+                assert_eq!(
+                    (fo.min.to_bits(), fo.max.to_bits()),
+                    (want_min.to_bits(), want_max.to_bits()),
+                    "{name} {seen}"
+                );
+                assert_eq!(
+                    fo.squares.squares.map(f64::to_bits),
+                    sq.squares.map(f64::to_bits),
+                    "{name} {seen}"
+                );
+                assert_eq!(fo.squares.finite, sq.finite, "{name} {seen}");
+                assert_eq!(
+                    (fh.bin_width(), fh.exact_zeros, fh.total()),
+                    (h.bin_width(), h.exact_zeros, h.total()),
+                    "{name} {seen}"
+                );
+                assert!(fh.same_counts(h), "{name} {seen}");
+                let opts = ObserveOptions {
+                    method: Method::Percentile(99.9),
+                    ..Default::default()
+                };
+                fused.end_batch(None);
+                let mut r = reference.clone();
+                r.open = Some(OpenBatch {
+                    min: want_min,
+                    max: want_max,
+                    squares: sq,
+                    len: open.len + data.len() as u64,
+                });
+                r.end_batch(None);
+                assert_eq!(
+                    format!("{:?}", fused.finish(&opts)),
+                    format!("{:?}", r.finish(&opts)),
+                    "{name} {seen}"
+                );
+            }
+        }
+        // The scratch counters are left zero.
+        super::super::histogram::with_scratch(|s| assert!(s.iter().all(|&c| c == 0)));
+    }
+
+    /// The AVX2 kernel against the portable one (where the CPU has AVX2).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernel_is_the_portable_one() {
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("popcnt"))
+        {
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut v: Vec<f32> = (0..4096).map(|_| normal(&mut rng) * 3.0).collect();
+        for (i, x) in [
+            0.0,
+            -0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            8.0,
+            -8.0,
+            1e-30,
+            -1e-30,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            v[i * 37] = x;
+        }
+        let relu: Vec<f32> = v.iter().map(|x| x.max(0.0)).collect();
+        for data in [&v, &relu] {
+            let piece = BinnedPiece {
+                inv_w: FINE_BINS as f32 / 8.0,
+                zeros: 0,
+            };
+            let run = |avx: bool| {
+                let (mut lo, mut hi) = ([1.5f32; 8], [-1.5f32; 8]);
+                let mut scratch = vec![0u32; WAYS * STRIDE];
+                let squares = [0.25f64; 8];
+                let r = if avx {
+                    // SAFETY: AVX2 and POPCNT checked above; lengths as required.
+                    unsafe {
+                        blocks_binned_avx2(
+                            data,
+                            &mut lo,
+                            &mut hi,
+                            squares,
+                            piece.inv_w,
+                            &mut scratch,
+                        )
+                    }
+                } else {
+                    blocks_binned_portable(data, &mut lo, &mut hi, squares, &piece, &mut scratch)
+                };
+                // Counts per bin (which set took a value is not part of the result).
+                let counts: Vec<u32> = (0..STRIDE)
+                    .map(|i| (0..WAYS).map(|k| scratch[k * STRIDE + i]).sum())
+                    .collect();
+                (
+                    lo.map(f32::to_bits),
+                    hi.map(f32::to_bits),
+                    r.0.map(f64::to_bits),
+                    r.1,
+                    r.2,
+                    counts,
+                )
+            };
+            assert_eq!(run(true), run(false));
         }
     }
 

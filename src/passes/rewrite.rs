@@ -8,8 +8,22 @@ use petgraph::stable_graph::NodeIndex;
 pub type Rule = fn(&Graph, NodeIndex) -> Result<Option<Patch>>;
 
 /// Apply `rules` (name, rule) over the graph in topological order until none matches or
-/// `max_patches` patches were applied. Returns the count per rule name.
+/// `max_patches` patches were applied. Returns the count per rule name. On error the graph is
+/// as it was before the call (one copy per call, not one per patch).
 pub fn rewrite(
+    graph: &mut Graph,
+    rules: &[(&'static str, Rule)],
+    max_patches: Option<usize>,
+) -> Result<Vec<(&'static str, usize)>> {
+    let backup = graph.clone();
+    let result = rewrite_unbacked(graph, rules, max_patches);
+    if result.is_err() {
+        *graph = backup;
+    }
+    result
+}
+
+fn rewrite_unbacked(
     graph: &mut Graph,
     rules: &[(&'static str, Rule)],
     max_patches: Option<usize>,
@@ -32,7 +46,7 @@ pub fn rewrite(
                     .with_context(|| format!("rule {name} on node '{node_name}' ({op})"))?;
                 if let Some(patch) = patch {
                     graph
-                        .apply(patch)
+                        .apply_unbacked(patch)
                         .with_context(|| format!("rule {name} on node '{node_name}' ({op})"))?;
                     counts[k].1 += 1;
                     total += 1;

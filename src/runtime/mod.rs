@@ -25,7 +25,7 @@ pub mod weightless;
 
 pub use feed::{Feed, RunInput};
 pub use runner::{
-    infer_value_shapes, resolve_input_shapes, run_model, InputSpec, Runner, ValueShape,
+    infer_value_shapes, resolve_input_shapes, run_model, F32Value, InputSpec, Runner, ValueShape,
 };
 pub use shapes::{value_shapes, value_shapes_given};
 pub use simulate::{

@@ -10,7 +10,7 @@ use ndarray::ArrayD;
 use prost::Message;
 use tract_onnx::prelude::{
     DatumType, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, IntoTensor,
-    OutletId, TVec, TypedRunnableModel,
+    OutletId, TValue, TVec, TypedRunnableModel,
 };
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -350,6 +350,55 @@ impl Runner {
     }
 
     fn run_unguarded<I: RunInput>(&self, inputs: &[I]) -> Result<Vec<ArrayD<f32>>> {
+        let out = self.run_raw(inputs)?;
+        out.into_iter()
+            .zip(&self.output_names)
+            .map(|(v, name)| {
+                let t = v.into_tensor();
+                // Already f32 (nearly always): no cast, and no second copy from Cow::into_owned.
+                let t = if t.datum_type() == DatumType::F32 {
+                    t
+                } else {
+                    t.cast_to::<f32>()
+                        .map_err(|e| anyhow!("{e:#}"))
+                        .with_context(|| format!("output '{name}' cannot be read as f32"))?
+                        .into_owned()
+                };
+                t.into_plain_array::<f32>().map_err(|e| anyhow!("{e:#}"))
+            })
+            .collect()
+    }
+
+    /// [`Runner::run`], with each output left in tract's own f32 tensor instead of copied into
+    /// an ndarray (calibration reads every activation once: the copy was a second write and
+    /// read of each).
+    pub fn run_values<I: RunInput>(&self, inputs: &[I]) -> Result<Vec<F32Value>> {
+        guard_tract(|| {
+            let out = self.run_raw(inputs)?;
+            out.into_iter()
+                .zip(&self.output_names)
+                .map(|(v, name)| {
+                    let plain_f32 = v.datum_type() == DatumType::F32
+                        && v.to_plain_array_view::<f32>()
+                            .is_ok_and(|a| a.is_standard_layout());
+                    if plain_f32 {
+                        return Ok(F32Value(v));
+                    }
+                    let t = v
+                        .cast_to::<f32>()
+                        .map_err(|e| anyhow!("{e:#}"))
+                        .with_context(|| format!("output '{name}' cannot be read as f32"))?
+                        .into_owned();
+                    let a = t.into_plain_array::<f32>().map_err(|e| anyhow!("{e:#}"))?;
+                    Ok(F32Value(
+                        a.as_standard_layout().into_owned().into_tensor().into(),
+                    ))
+                })
+                .collect()
+        })
+    }
+
+    fn run_raw<I: RunInput>(&self, inputs: &[I]) -> Result<TVec<TValue>> {
         ensure!(
             inputs.len() == self.inputs.len(),
             "model takes {} inputs, got {}",
@@ -373,27 +422,10 @@ impl Runner {
                 .into_owned();
             tv.push(t.into());
         }
-        let out = self
-            .plan
+        self.plan
             .run(tv)
             .map_err(|e| anyhow!("{e:#}"))
-            .context("tract run failed")?;
-        out.into_iter()
-            .zip(&self.output_names)
-            .map(|(v, name)| {
-                let t = v.into_tensor();
-                // Already f32 (nearly always): no cast, and no second copy from Cow::into_owned.
-                let t = if t.datum_type() == DatumType::F32 {
-                    t
-                } else {
-                    t.cast_to::<f32>()
-                        .map_err(|e| anyhow!("{e:#}"))
-                        .with_context(|| format!("output '{name}' cannot be read as f32"))?
-                        .into_owned()
-                };
-                t.into_plain_array::<f32>().map_err(|e| anyhow!("{e:#}"))
-            })
-            .collect()
+            .context("tract run failed")
     }
 
     pub fn inputs(&self) -> &[InputSpec] {
@@ -407,6 +439,35 @@ impl Runner {
     /// What was assumed while building (symbolic dims set to 1, ...).
     pub fn notes(&self) -> &[String] {
         &self.notes
+    }
+}
+
+/// One output of [`Runner::run_values`]: an f32 tensor in standard layout, held as tract
+/// returned it.
+#[derive(Debug, Clone)]
+pub struct F32Value(TValue);
+
+impl F32Value {
+    /// The values in row-major order.
+    pub fn as_slice(&self) -> &[f32] {
+        // `run_values` only makes an `F32Value` of a plain f32 tensor in standard layout.
+        self.0
+            .to_plain_array_view::<f32>()
+            .ok()
+            .and_then(|a| a.to_slice())
+            .unwrap_or(&[])
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        self.0.shape()
+    }
+
+    /// A copy as an ndarray.
+    pub fn to_array(&self) -> Result<ArrayD<f32>> {
+        self.0
+            .to_plain_array_view::<f32>()
+            .map(|a| a.to_owned())
+            .map_err(|e| anyhow!("{e:#}"))
     }
 }
 

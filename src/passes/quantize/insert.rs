@@ -312,20 +312,34 @@ pub(crate) fn quantize_values(
     // Flat iteration in logical (row-major) order: the channel of element i is
     // (i / inner) % C. Indexing by IxDyn per element was most of the pass's own time.
     let inner: usize = axis.map_or(1, |ax| a.shape()[ax + 1..].iter().product());
-    let channel_of = |i: usize| axis.map_or(0, |_| (i / inner.max(1)) % qps.len());
-    let vals: Vec<i8> = a
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let p = &qps[channel_of(i)];
-            let x = v / p.scale;
-            let r = match rng.as_mut() {
-                Some(rng) => (x + rng.random::<f32>()).floor(),
-                None => x.round_ties_even(),
-            };
-            r.clamp(p.qmin as f32, p.qmax as f32) as i8
-        })
-        .collect();
+    let code = |v: f32, p: &QParams, rng: &mut Option<ChaCha8Rng>| {
+        let x = v / p.scale;
+        let r = match rng.as_mut() {
+            Some(rng) => (x + rng.random::<f32>()).floor(),
+            None => x.round_ties_even(),
+        };
+        r.clamp(p.qmin as f32, p.qmax as f32) as i8
+    };
+    let vals: Vec<i8> = match a.as_slice() {
+        // Runs of `inner` values share a channel: no division per value (same values, same
+        // order, so the same codes and random draws).
+        Some(flat) if inner > 0 => {
+            let mut vals = Vec::with_capacity(flat.len());
+            let run_len = axis.map_or(flat.len().max(1), |_| inner);
+            for (run, values) in flat.chunks(run_len).enumerate() {
+                let p = &qps[axis.map_or(0, |_| run % qps.len())];
+                vals.extend(values.iter().map(|&v| code(v, p, &mut rng)));
+            }
+            vals
+        }
+        _ => {
+            let channel_of = |i: usize| axis.map_or(0, |_| (i / inner.max(1)) % qps.len());
+            a.iter()
+                .enumerate()
+                .map(|(i, &v)| code(v, &qps[channel_of(i)], &mut rng))
+                .collect()
+        }
+    };
     let q = ArrayD::from_shape_vec(a.raw_dim(), vals).expect("same element count");
     (q, qps, zero_channels)
 }
@@ -342,7 +356,10 @@ pub(crate) fn quantize_reported(
 ) -> (ArrayD<i8>, Vec<f32>, WeightReport) {
     let (q, qps, zero_channels) = quantize_values(a, axis, w, reduce_range, rounding);
     let deq = dequantize_values(&q, &qps, axis);
-    let orig: Vec<f32> = a.iter().copied().collect();
+    let orig: std::borrow::Cow<[f32]> = match a.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+    };
     let scales: Vec<f32> = qps.iter().map(|p| p.scale).collect();
     let report = WeightReport {
         tensor: w.to_string(),
@@ -360,6 +377,16 @@ pub(crate) fn quantize_reported(
 /// The dequantized values of `q` in logical order.
 pub(crate) fn dequantize_values(q: &ArrayD<i8>, qps: &[QParams], axis: Option<usize>) -> Vec<f32> {
     let inner: usize = axis.map_or(1, |ax| q.shape()[ax + 1..].iter().product());
+    if let (Some(flat), true) = (q.as_slice(), inner > 0) {
+        // Runs of `inner` values share a channel (as in `quantize_values`).
+        let mut out = Vec::with_capacity(flat.len());
+        let run_len = axis.map_or(flat.len().max(1), |_| inner);
+        for (run, values) in flat.chunks(run_len).enumerate() {
+            let p = &qps[axis.map_or(0, |_| run % qps.len())];
+            out.extend(values.iter().map(|&v| p.dequantize(v as i32)));
+        }
+        return out;
+    }
     q.iter()
         .enumerate()
         .map(|(i, &v)| {
