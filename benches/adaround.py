@@ -18,7 +18,9 @@ each timed (wall seconds of the tool process), then measured on eval.npy in ONNX
 graph optimization disabled, exactly as benches/methods.py does (SQNR of the first output vs
 fp32, task metric: accuracy with labels, CTC character accuracy for text recognition). The
 adaround rows also give the tool's own cost split (data / optimization seconds, from the
-report). Prints a markdown table and writes results.json in --out.
+report). Every run also records the tool's CPU seconds (user + system), its peak RSS (children's
+ru_maxrss: exact for the first run of an invocation, an upper bound after) and the 1-minute load
+average before and after. Prints a markdown table and writes results.json in --out.
 """
 import argparse
 import json

@@ -69,6 +69,18 @@ fn adaround_lowers_every_layers_output_error_below_nearest() {
             );
             assert!(l["flipped"].as_u64().unwrap() > 0, "{l}");
         }
+        // W8A8: the model-level check ran and kept the learned codes, which bring the model's
+        // outputs on the calibration data closer to fp32 than nearest; W4A8: no check.
+        let check = &details["weight_codes"]["adaround"]["output_check"];
+        if w4a8.is_some() {
+            assert!(check.is_null(), "{check}");
+        } else {
+            assert_eq!(check["kept"], "learned", "{check}");
+            assert!(
+                check["learned_error"].as_f64().unwrap() < check["nearest_error"].as_f64().unwrap(),
+                "{check}"
+            );
+        }
         // Under W4A8 the first and the last layer keep int8.
         let bits: Vec<u64> = layers.iter().map(|l| l["bits"].as_u64().unwrap()).collect();
         if w4a8.is_some() {

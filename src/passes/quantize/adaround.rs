@@ -1379,15 +1379,23 @@ pub fn learn(
     let output_check = if ada.output_check && int4.is_empty() && !tasks.is_empty() {
         let t0 = Instant::now();
         let nearest = nearest_codes(g, plan, int4, block, opts.reduce_range)?;
-        let e = output_errors(work, plan, ranges, calib, opts, &[&codes, &nearest])?;
-        let keep_learned = e[0] < e[1];
-        if !keep_learned {
-            codes = nearest;
-        }
+        // A check that cannot run (tract refusing the simulation graph) keeps the learned
+        // codes, as before the check existed, and says why.
+        let (e, kept) = match output_errors(work, plan, ranges, calib, opts, &[&codes, &nearest]) {
+            Ok(e) if e[0] < e[1] => (e, "learned".to_string()),
+            Ok(e) => {
+                codes = nearest;
+                (e, "nearest".to_string())
+            }
+            Err(err) => (
+                vec![f64::NAN; 2],
+                format!("learned (the check could not run: {err:#})"),
+            ),
+        };
         Some(OutputCheck {
             learned_error: e[0],
             nearest_error: e[1],
-            kept: if keep_learned { "learned" } else { "nearest" }.into(),
+            kept,
             seconds: t0.elapsed().as_secs_f64(),
         })
     } else {
@@ -1789,10 +1797,11 @@ pub fn summary(r: &AdaRoundReport) -> String {
             "; at the model's outputs on the calibration data it lost to round-to-nearest ({:.3e} vs {:.3e} squared error): nearest kept",
             c.learned_error, c.nearest_error
         ),
-        Some(c) => format!(
+        Some(c) if c.kept == "learned" => format!(
             "; model outputs on the calibration data closer than with round-to-nearest ({:.3e} vs {:.3e} squared error)",
             c.learned_error, c.nearest_error
         ),
+        Some(c) => format!("; output check: {}", c.kept),
         None => String::new(),
     };
     format!(
