@@ -751,7 +751,7 @@ fn feature_blocks(
     block: usize,
 ) -> Vec<std::ops::Range<usize>> {
     if k <= exact {
-        return vec![0..k];
+        return std::iter::once(0..k).collect();
     }
     let taps = taps.max(1);
     let width = (block / taps).max(1) * taps;
@@ -1641,7 +1641,7 @@ fn learn_blocks(
             iterations,
             ada,
         );
-        let learned = &q * &scale.slice(s![.., b.clone()]) - &w.slice(s![.., b.clone()]);
+        let learned = &q * &scale.slice(s![.., b.clone()]) - w.slice(s![.., b.clone()]);
         dw.slice_mut(s![.., b.clone()]).assign(&learned);
         codes.slice_mut(s![.., b.clone()]).assign(&q);
     }
@@ -2030,7 +2030,10 @@ mod tests {
     /// optimization on the whole Gram; blocks are whole channels.
     #[test]
     fn blocked_rows_beat_nearest_and_approach_the_whole_gram() {
-        assert_eq!(feature_blocks(72, 9, 4096, 1152), vec![0..72]);
+        assert_eq!(
+            feature_blocks(72, 9, 4096, 1152),
+            std::iter::once(0..72).collect::<Vec<_>>()
+        );
         assert_eq!(
             feature_blocks(72, 9, 64, 20),
             vec![0..18, 18..36, 36..54, 54..72]
