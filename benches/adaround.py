@@ -18,17 +18,22 @@ each timed (wall seconds of the tool process), then measured on eval.npy in ONNX
 graph optimization disabled, exactly as benches/methods.py does (SQNR of the first output vs
 fp32, task metric: accuracy with labels, CTC character accuracy for text recognition). The
 adaround rows also give the tool's own cost split (data / optimization seconds, from the
-report). Prints a markdown table and writes results.json in --out.
+report). Every run also records the tool's CPU seconds (user + system), its peak RSS (children's
+ru_maxrss: exact for the first run of an invocation, an upper bound after) and the 1-minute load
+average before and after. Prints a markdown table and writes results.json in --out.
 """
 import argparse
 import json
 import os
+import resource
+import subprocess
 import sys
+import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from methods import Task, run_outputs, run_tool  # noqa: E402
+from methods import Task, run_outputs  # noqa: E402
 
 CONFIGS = {
     "rtn_w8a8": [],
@@ -48,6 +53,34 @@ CONFIGS = {
     "adaq_w4a8_b16": ["--w4a8", "--block-size", "16", "--rounding", "adaround",
                       "--adaround-inputs", "quantized"],
 }
+
+
+def run_tool(cmd, timeout):
+    """(wall s, CPU s (user + system), peak RSS MB, error or None) of the tool process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        return time.perf_counter() - t0, None, None, f"timed out after {timeout} s"
+    wall = time.perf_counter() - t0
+    # communicate() reaped the child; its rusage is the last one added to RUSAGE_CHILDREN
+    # since the previous call (one child at a time).
+    global _children
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (now.ru_utime + now.ru_stime) - (_children.ru_utime + _children.ru_stime)
+    _children = now
+    # ru_maxrss of the children is the largest of any child so far: exact for the first run,
+    # an upper bound after (run one heavy configuration per invocation to read it).
+    rss = now.ru_maxrss / 1024
+    if p.returncode != 0:
+        return wall, cpu, rss, f"exit {p.returncode}: {err.strip()[-400:]}"
+    return wall, cpu, rss, None
+
+
+_children = resource.getrusage(resource.RUSAGE_CHILDREN)
 
 
 def adaround_cost(report_path):
@@ -99,8 +132,10 @@ def main():
                 cmd += a.extra.split()
             if meta.get("input_shape"):
                 cmd += ["--input-shape", meta["input_shape"]]
-            wall, err = run_tool(cmd, a.timeout)
-            m = {"wall_s": wall, "cmd": " ".join(cmd), "load_avg_1min": os.getloadavg()[0]}
+            load0 = os.getloadavg()[0]
+            wall, cpu, rss, err = run_tool(cmd, a.timeout)
+            m = {"wall_s": wall, "cpu_s": cpu, "max_rss_mb_children": rss, "cmd": " ".join(cmd),
+                 "load_avg_1min": [load0, os.getloadavg()[0]]}
             if err is None:
                 m.update(task.metrics(run_outputs(dst, ev, seq_major), ref))
                 m["bytes"] = os.path.getsize(dst)

@@ -1,7 +1,8 @@
 //! `--rounding adaround` and `--w4a8` on trained testdata models: the learned rounding lowers
 //! every layer's output error below round-to-nearest's, W4A8 with adaround keeps the digits
-//! accuracy where round-to-nearest W4A8 loses it, the result does not depend on the thread
-//! count, and the default output is untouched.
+//! accuracy where round-to-nearest W4A8 loses it, layers learned in feature blocks (the path of
+//! layers wider than `exact_features`) also beat nearest, the result does not depend on the
+//! thread count, and the default output is untouched.
 
 mod common;
 
@@ -68,6 +69,18 @@ fn adaround_lowers_every_layers_output_error_below_nearest() {
             );
             assert!(l["flipped"].as_u64().unwrap() > 0, "{l}");
         }
+        // W8A8: the model-level check ran and kept the learned codes, which bring the model's
+        // outputs on the calibration data closer to fp32 than nearest; W4A8: no check.
+        let check = &details["weight_codes"]["adaround"]["output_check"];
+        if w4a8.is_some() {
+            assert!(check.is_null(), "{check}");
+        } else {
+            assert_eq!(check["kept"], "learned", "{check}");
+            assert!(
+                check["learned_error"].as_f64().unwrap() < check["nearest_error"].as_f64().unwrap(),
+                "{check}"
+            );
+        }
         // Under W4A8 the first and the last layer keep int8.
         let bits: Vec<u64> = layers.iter().map(|l| l["bits"].as_u64().unwrap()).collect();
         if w4a8.is_some() {
@@ -79,24 +92,68 @@ fn adaround_lowers_every_layers_output_error_below_nearest() {
     }
 }
 
+/// Options that send every layer wider than 8 input features through block coordinate descent
+/// (blocks of at most 8 features, whole channels), the path of ResNet-18's `K = 4608` convs.
+fn blocked(iterations: usize) -> AdaRoundOptions {
+    AdaRoundOptions {
+        exact_features: 8,
+        block_features: 8,
+        ..ada(iterations)
+    }
+}
+
+#[test]
+fn adaround_in_feature_blocks_lowers_every_layers_error_below_nearest() {
+    for w4a8 in [None, Some(W4a8::default())] {
+        let opts = QuantizeOptions {
+            adaround: Some(blocked(300)),
+            w4a8,
+            ..Default::default()
+        };
+        let (_, _, details) = quantized("digits_cnn.onnx", &opts);
+        let layers = details["weight_codes"]["adaround"]["layers"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert_eq!(layers.len(), 6, "{layers:?}");
+        let mut widest = 0;
+        for l in &layers {
+            assert_eq!(l["status"], "learned", "{l}");
+            let (near, learned) = (
+                l["nearest_error"].as_f64().unwrap(),
+                l["learned_error"].as_f64().unwrap(),
+            );
+            assert!(
+                learned < near,
+                "w4a8 {w4a8:?}, layer {}: learned error {learned} not below nearest {near}",
+                l["node"]
+            );
+            widest = widest.max(l["blocks"].as_u64().unwrap());
+        }
+        assert!(widest >= 2, "no layer was learned in blocks: {layers:?}");
+    }
+}
+
 #[test]
 fn adaround_does_not_depend_on_the_thread_count() {
-    let opts = QuantizeOptions {
-        adaround: Some(ada(60)),
-        w4a8: Some(W4a8::default()),
-        ..Default::default()
-    };
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let (_, q, _) = quantized("digits_deep.onnx", &opts);
-            q.to_proto().unwrap()
-        })
-    };
-    assert_eq!(run(1), run(3));
+    for ada in [ada(60), blocked(60)] {
+        let opts = QuantizeOptions {
+            adaround: Some(ada),
+            w4a8: Some(W4a8::default()),
+            ..Default::default()
+        };
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let (_, q, _) = quantized("digits_deep.onnx", &opts);
+                q.to_proto().unwrap()
+            })
+        };
+        assert_eq!(run(1), run(3));
+    }
 }
 
 /// (SQNR dB, accuracy %) of `q`'s logits on the held-out digits.
