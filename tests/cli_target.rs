@@ -101,7 +101,12 @@ fn latency_is_timed_only_for_float_activations_unless_asked() {
     assert!(stdout2.contains("latency in tract"), "{stdout2}");
     // Float activations (weight-only int8 for tract) are timed by default.
     let (_d3, _, report3, _) = compress("digits_cnn.onnx", &["--target", "tract"]);
-    assert!(report3["validation"]["latency"]["speedup"].as_f64().unwrap() > 0.0);
+    assert!(
+        report3["validation"]["latency"]["speedup"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
 }
 
 #[test]
