@@ -42,6 +42,31 @@ fn quantized(file: &str, opts: &QuantizeOptions) -> (Model, Model, serde_json::V
     (float, q, stats.details)
 }
 
+/// digits_cnn quantized with `opts`: the pass's details and its six AdaRound layer records,
+/// each asserted learned with an output error below round-to-nearest's.
+fn learned_digits_layers(opts: &QuantizeOptions) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let (_, _, details) = quantized("digits_cnn.onnx", opts);
+    let layers = details["weight_codes"]["adaround"]["layers"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(layers.len(), 6, "{layers:?}");
+    for l in &layers {
+        assert_eq!(l["status"], "learned", "{l}");
+        let (near, learned) = (
+            l["nearest_error"].as_f64().unwrap(),
+            l["learned_error"].as_f64().unwrap(),
+        );
+        assert!(
+            learned < near,
+            "w4a8 {:?}, layer {}: learned error {learned} not below nearest {near}",
+            opts.w4a8.is_some(),
+            l["node"]
+        );
+    }
+    (details, layers)
+}
+
 #[test]
 fn adaround_lowers_every_layers_output_error_below_nearest() {
     for w4a8 in [None, Some(W4a8::default())] {
@@ -50,23 +75,8 @@ fn adaround_lowers_every_layers_output_error_below_nearest() {
             w4a8,
             ..Default::default()
         };
-        let (_, _, details) = quantized("digits_cnn.onnx", &opts);
-        let layers = details["weight_codes"]["adaround"]["layers"]
-            .as_array()
-            .unwrap()
-            .clone();
-        assert_eq!(layers.len(), 6, "{layers:?}");
+        let (details, layers) = learned_digits_layers(&opts);
         for l in &layers {
-            assert_eq!(l["status"], "learned", "{l}");
-            let (near, learned) = (
-                l["nearest_error"].as_f64().unwrap(),
-                l["learned_error"].as_f64().unwrap(),
-            );
-            assert!(
-                learned < near,
-                "w4a8 {w4a8:?}, layer {}: learned error {learned} not below nearest {near}",
-                l["node"]
-            );
             assert!(l["flipped"].as_u64().unwrap() > 0, "{l}");
         }
         // W8A8: the model-level check ran and kept the learned codes, which bring the model's
@@ -110,26 +120,12 @@ fn adaround_in_feature_blocks_lowers_every_layers_error_below_nearest() {
             w4a8,
             ..Default::default()
         };
-        let (_, _, details) = quantized("digits_cnn.onnx", &opts);
-        let layers = details["weight_codes"]["adaround"]["layers"]
-            .as_array()
-            .unwrap()
-            .clone();
-        assert_eq!(layers.len(), 6, "{layers:?}");
-        let mut widest = 0;
-        for l in &layers {
-            assert_eq!(l["status"], "learned", "{l}");
-            let (near, learned) = (
-                l["nearest_error"].as_f64().unwrap(),
-                l["learned_error"].as_f64().unwrap(),
-            );
-            assert!(
-                learned < near,
-                "w4a8 {w4a8:?}, layer {}: learned error {learned} not below nearest {near}",
-                l["node"]
-            );
-            widest = widest.max(l["blocks"].as_u64().unwrap());
-        }
+        let (_, layers) = learned_digits_layers(&opts);
+        let widest = layers
+            .iter()
+            .map(|l| l["blocks"].as_u64().unwrap())
+            .max()
+            .unwrap();
         assert!(widest >= 2, "no layer was learned in blocks: {layers:?}");
     }
 }

@@ -1959,23 +1959,33 @@ mod tests {
     /// "quantized" inputs (`G_fq != G_qq`, the offset path). The optimization is chaotic (a
     /// reassociated f64 sum alone moves the int4 error by -10..+7%), so int4 is compared on
     /// the mean over 8 layers; int8 codes agree almost everywhere.
+    /// A layer's float inputs `x` (`n` rows of `k` correlated features: rank 6 plus noise), the
+    /// same with small input noise when `noisy` (`xq`, else `x`), and an `o x k` weight.
+    fn low_rank_layer(
+        seed: u64,
+        (o, k, n): (usize, usize, usize),
+        noisy: bool,
+    ) -> (Array2<f64>, Array2<f64>, Array2<f64>) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let base = Array2::from_shape_fn((n, 6), |_| rng.random::<f64>() - 0.5);
+        let mix = Array2::from_shape_fn((6, k), |_| rng.random::<f64>() - 0.5);
+        let x = base.dot(&mix) + Array2::from_shape_fn((n, k), |_| 0.1 * rng.random::<f64>());
+        let xq = if noisy {
+            &x + &Array2::from_shape_fn((n, k), |_| 0.02 * (rng.random::<f64>() - 0.5))
+        } else {
+            x.clone()
+        };
+        let w = Array2::from_shape_fn((o, k), |_| rng.random::<f64>() - 0.5);
+        (x, xq, w)
+    }
+
     #[test]
     fn f32_path_matches_the_f64_reference() {
         let (o, k, n) = (40usize, 72usize, 2000usize);
         for noisy in [false, true] {
             let mut ratios = Vec::new();
             for seed in 0..8u64 {
-                let mut rng = ChaCha8Rng::seed_from_u64(100 + seed);
-                let base = Array2::from_shape_fn((n, 6), |_| rng.random::<f64>() - 0.5);
-                let mix = Array2::from_shape_fn((6, k), |_| rng.random::<f64>() - 0.5);
-                let x =
-                    base.dot(&mix) + Array2::from_shape_fn((n, k), |_| 0.1 * rng.random::<f64>());
-                let xq = if noisy {
-                    &x + &Array2::from_shape_fn((n, k), |_| 0.02 * (rng.random::<f64>() - 0.5))
-                } else {
-                    x.clone()
-                };
-                let w = Array2::from_shape_fn((o, k), |_| rng.random::<f64>() - 0.5);
+                let (x, xq, w) = low_rank_layer(100 + seed, (o, k, n), noisy);
                 // E‖W~ x_q - W x_f‖² on the rows themselves.
                 let direct = |m: &Array2<f64>| -> f64 {
                     let d = xq.dot(&m.t()) - x.dot(&w.t());
@@ -2046,17 +2056,7 @@ mod tests {
         let mut ratios = Vec::new();
         for noisy in [false, true] {
             for seed in 0..4u64 {
-                let mut rng = ChaCha8Rng::seed_from_u64(300 + seed);
-                let base = Array2::from_shape_fn((n, 6), |_| rng.random::<f64>() - 0.5);
-                let mix = Array2::from_shape_fn((6, k), |_| rng.random::<f64>() - 0.5);
-                let x =
-                    base.dot(&mix) + Array2::from_shape_fn((n, k), |_| 0.1 * rng.random::<f64>());
-                let xq = if noisy {
-                    &x + &Array2::from_shape_fn((n, k), |_| 0.02 * (rng.random::<f64>() - 0.5))
-                } else {
-                    x.clone()
-                };
-                let w = Array2::from_shape_fn((o, k), |_| rng.random::<f64>() - 0.5);
+                let (x, xq, w) = low_rank_layer(300 + seed, (o, k, n), noisy);
                 let direct = |m: &Array2<f64>| -> f64 {
                     let d = xq.dot(&m.t()) - x.dot(&w.t());
                     d.iter().map(|v| v * v).sum::<f64>() / n as f64
