@@ -97,6 +97,16 @@ pub struct CalibrationSet {
 }
 
 impl CalibrationSet {
+    /// `shapes` (one per input, in input order) paired with the input names: what a tract plan
+    /// for one batch shape is built with.
+    pub fn named_shapes(&self, shapes: &[Vec<usize>]) -> Vec<(String, Vec<usize>)> {
+        self.input_names
+            .iter()
+            .cloned()
+            .zip(shapes.iter().cloned())
+            .collect()
+    }
+
     /// The batches with each feed paired with its input name (equalization and pruning).
     pub fn named_batches(&self) -> Vec<crate::calibrate::NamedBatch> {
         self.batches

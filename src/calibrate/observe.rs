@@ -984,12 +984,7 @@ fn run_batches(
         let built = missing
             .into_par_iter()
             .map(|shapes| {
-                let named: Vec<(String, Vec<usize>)> = calib
-                    .input_names
-                    .iter()
-                    .cloned()
-                    .zip(shapes.iter().cloned())
-                    .collect();
+                let named = calib.named_shapes(&shapes);
                 Runner::new(model, &named, extra)
                     .context("preparing the calibration run in tract")
                     .map(|r| (shapes, r))

@@ -435,12 +435,7 @@ fn output_errors(
     for (bi, batch) in calib.batches.iter().enumerate() {
         let shapes: Vec<Vec<usize>> = batch.iter().map(|a| a.shape().to_vec()).collect();
         if runners.as_ref().is_none_or(|(s, _, _)| *s != shapes) {
-            let named: Vec<(String, Vec<usize>)> = calib
-                .input_names
-                .iter()
-                .cloned()
-                .zip(shapes.iter().cloned())
-                .collect();
+            let named = calib.named_shapes(&shapes);
             let rf = Runner::new(&float_proto, &named, &[])
                 .context("adaround output check: preparing the float run in tract")?;
             let rq = protos
@@ -1302,12 +1297,7 @@ pub fn learn(
             progress.inc(1);
             let shapes: Vec<Vec<usize>> = batch.iter().map(|a| a.shape().to_vec()).collect();
             if runners.as_ref().is_none_or(|(s, _, _)| *s != shapes) {
-                let named: Vec<(String, Vec<usize>)> = calib
-                    .input_names
-                    .iter()
-                    .cloned()
-                    .zip(shapes.iter().cloned())
-                    .collect();
+                let named = calib.named_shapes(&shapes);
                 let rf = Runner::new(&float_proto, &named, &f_extra)
                     .context("adaround: preparing the float run in tract")?;
                 let rq = match &quantized {
