@@ -100,7 +100,7 @@ def image_batch(rng, photos, n, size=224):
 
 TV = ["resnet18", "resnet50", "regnet_x_400mf", "squeezenet1_1", "mobilenet_v2",
       "mobilenet_v3_small", "efficientnet_b0", "densenet121", "vit_small", "convnext_tiny",
-      "shufflenet_v2_x1_0"]
+      "shufflenet_v2_x1_0", "vit_b_16"]
 
 
 def build_tv(name):
@@ -110,7 +110,10 @@ def build_tv(name):
                                     hidden_dim=384, mlp_dim=1536)
         vit.heads.head.reset_parameters()  # torchvision zero-inits the head: output would be 0
         return vit
-    return getattr(tvm, name)(weights=None)
+    model = getattr(tvm, name)(weights=None)
+    if name == "vit_b_16":  # issue 17's table: the full-size ViT (86 M parameters)
+        model.heads.head.reset_parameters()
+    return model
 
 
 def recalibrate_bn(model, x, batch=32):

@@ -133,3 +133,113 @@ fn without_data_the_verdict_is_a_smoke_test() {
         "{stdout}"
     );
 }
+
+/// The original's outputs kept from the calibration run stand in for running the original on
+/// those rows: the same report figures to the bit, a note saying so, and never for another
+/// model or for rows they were not computed on.
+#[test]
+fn outputs_kept_from_calibration_give_the_same_report_and_only_for_their_model_and_rows() {
+    use onnx_compress::calibrate::reference::{ReferenceRequest, KEPT_OUTPUT_BYTES};
+    use onnx_compress::calibrate::{CalibrationSet, DataOptions};
+    use onnx_compress::passes::quantize::{quantize, QuantizeOptions};
+    use onnx_compress::passes::target::Target;
+    use onnx_compress::validate::{validate, ValidateOptions};
+    use std::sync::Arc;
+
+    let t = testdata();
+    let original = onnx_compress::onnx::load::read_model(&t.join("digits_cnn.onnx"))
+        .unwrap()
+        .0;
+    let original = Arc::new(original);
+    let mut model = onnx_compress::ir::Model::from_proto((*original).clone()).unwrap();
+    let mut calib = CalibrationSet::load(
+        &t.join("digits_calib_x.npy"),
+        &model,
+        &DataOptions::default(),
+    )
+    .unwrap();
+    let request = Arc::new(ReferenceRequest::new(
+        original.clone(),
+        40,
+        KEPT_OUTPUT_BYTES,
+    ));
+    calib.reference = Some(request.clone());
+    // The generic target quantizes this small net (ONNX Runtime's keeps it float).
+    let opts = QuantizeOptions {
+        target: Target::Generic,
+        ..Default::default()
+    };
+    let stats = quantize(&mut model, &opts, Some(&calib)).unwrap();
+    assert!(stats.changes > 0, "{:?}", stats.notes);
+    let candidate = model.to_proto().unwrap();
+    let kept = request.kept().expect("the calibration run kept outputs");
+    assert_eq!(kept.len(), 40, "at most the rows asked for");
+
+    let on_rows = |rows: usize, reference| ValidateOptions {
+        inputs: Some(calib.rebatched(rows).unwrap()),
+        in_sample: true,
+        row_axes: calib.row_axes(),
+        reference,
+        ..Default::default()
+    };
+    let note = "came from the calibration run";
+    let has_note =
+        |r: &onnx_compress::validate::ValidationReport| r.notes.iter().any(|n| n.contains(note));
+    // 64 rows: the first 40 from the kept outputs, the others run.
+    let plain = validate(&original, &candidate, &on_rows(64, None)).unwrap();
+    let reused = validate(&original, &candidate, &on_rows(64, Some(kept.clone()))).unwrap();
+    assert_eq!(plain.samples, 64);
+    assert!(!has_note(&plain));
+    assert!(
+        reused
+            .notes
+            .iter()
+            .any(|n| n.contains(note) && n.contains("for 40 of 64 rows")),
+        "{:?}",
+        reused.notes
+    );
+    assert_eq!(plain.samples, reused.samples);
+    assert_eq!(
+        plain.outputs, reused.outputs,
+        "the same figures, bit for bit"
+    );
+    assert!(plain.outputs[0].sqnr_db.is_finite() && plain.outputs[0].sqnr_db > 20.0);
+
+    // Another original (one weight value changed): the kept outputs are not its outputs.
+    let mut other = (*original).clone();
+    let w = other
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|i| i.dims.len() == 4)
+        .unwrap();
+    if let Some(v) = w.float_data.first_mut() {
+        *v += 1.0;
+    } else {
+        let mut bytes = w.raw_data.take().unwrap().to_vec();
+        bytes[0] ^= 0x40;
+        w.raw_data = Some(bytes.into());
+    }
+    let for_other = validate(&other, &candidate, &on_rows(64, Some(kept.clone()))).unwrap();
+    assert!(!has_note(&for_other), "{:?}", for_other.notes);
+    assert_ne!(for_other.outputs, plain.outputs);
+
+    // Held-out rows (the test images): no kept row matches their feeds.
+    let test = CalibrationSet::load(
+        &t.join("digits_test_x.npy"),
+        &model,
+        &DataOptions::default(),
+    )
+    .unwrap();
+    let held_out = ValidateOptions {
+        inputs: Some(test.rebatched(16).unwrap()),
+        row_axes: test.row_axes(),
+        reference: Some(kept),
+        ..Default::default()
+    };
+    let r = validate(&original, &candidate, &held_out).unwrap();
+    assert!(!has_note(&r), "{:?}", r.notes);
+    assert_eq!(r.samples, 16);
+}

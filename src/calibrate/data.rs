@@ -43,6 +43,7 @@ pub use super::files::DataOptions;
 use super::files::{read_dir, read_file, Sample};
 pub use super::inputs::{model_inputs, InputDim, InputSpec};
 use super::inputs::{model_inputs_with, with_shapes};
+use super::reference::ReferenceRequest;
 use super::NamedBatch;
 use crate::ir::Model;
 use crate::limits::{check_synthetic, element_count};
@@ -54,6 +55,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr_lite::standard_normal;
 use std::path::Path;
+use std::sync::Arc;
 
 /// What calibration did with a KV-cache decoder ([`super::sequence`]; for the report).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -94,6 +96,9 @@ pub struct CalibrationSet {
     /// Set when the batches are a KV-cache decoder's steps ([`super::sequence`]): step-major
     /// complete feeds, the prefills first.
     pub sequence: Option<SequenceFacts>,
+    /// Set when validation will compare on these rows: the observation run of the model it
+    /// compares against keeps that model's outputs ([`super::reference`]).
+    pub reference: Option<Arc<ReferenceRequest>>,
 }
 
 impl CalibrationSet {
@@ -460,6 +465,7 @@ impl CalibrationSet {
             fixed_batch,
             notes,
             sequence: None,
+            reference: None,
         };
         set.samples = (0..set.batches.len()).map(|b| set.rows(b)).sum();
         Ok(set)

@@ -38,6 +38,7 @@ use super::histogram::{abs_quantile, with_scratch, BinnedPiece, SPLIT_COUNTS_FRO
 pub use super::histogram::{entropy_threshold, mse_range, Histogram, FINE_BINS};
 use crate::calibrate::data::CalibrationSet;
 use crate::calibrate::params::ActScheme;
+use crate::calibrate::reference::OutputCapture;
 use crate::onnx::proto::ModelProto;
 use crate::runtime::{F32Value, Runner};
 use anyhow::{Context, Result};
@@ -732,7 +733,20 @@ pub fn observe_model(
     calib: &CalibrationSet,
     opts: &ObserveOptions,
 ) -> Result<IndexMap<String, Observed>> {
-    Ok(observers(model, tensors, calib, opts)?
+    observe_model_keeping(model, tensors, calib, opts, None)
+}
+
+/// [`observe_model`], also offering the graph's outputs of each row run to `capture` (the
+/// original's outputs for validation, [`super::reference`]).
+pub fn observe_model_keeping(
+    model: &ModelProto,
+    tensors: &[String],
+    calib: &CalibrationSet,
+    opts: &ObserveOptions,
+    capture: Option<&mut OutputCapture>,
+) -> Result<IndexMap<String, Observed>> {
+    Ok(observe_run(model, tensors, calib, opts, 0, capture)?
+        .0
         .into_iter()
         .map(|(k, o)| (k, o.finish(opts)))
         .collect())
@@ -761,6 +775,19 @@ pub fn observers_by_fold(
     opts: &ObserveOptions,
     folds: usize,
 ) -> Result<(IndexMap<String, Observer>, Vec<IndexMap<String, Observer>>)> {
+    observe_run(model, tensors, calib, opts, folds, None)
+}
+
+/// The one observation run behind [`observers_by_fold`] and [`observe_model_keeping`].
+#[allow(clippy::type_complexity)]
+fn observe_run(
+    model: &ModelProto,
+    tensors: &[String],
+    calib: &CalibrationSet,
+    opts: &ObserveOptions,
+    folds: usize,
+    capture: Option<&mut OutputCapture>,
+) -> Result<(IndexMap<String, Observer>, Vec<IndexMap<String, Observer>>)> {
     let fresh = || -> IndexMap<String, Observer> {
         tensors
             .iter()
@@ -778,11 +805,14 @@ pub fn observers_by_fold(
         .filter(|t| !calib.input_names.contains(t))
         .cloned()
         .collect();
-    stream_in_parts(
+    let whole = calib.fixed_batch || calib.sequence.is_some();
+    run_batches(
         model,
         &extra,
         calib,
         "calibrating",
+        whole,
+        capture,
         |b, batch, group, parts| {
             // Each tensor's values as consecutive pieces of the batch, in row order: the graph
             // inputs whole with the batch's first group of pieces, the extra outputs per piece.
@@ -850,16 +880,24 @@ pub fn stream(
     label: &str,
     mut f: impl FnMut(usize, &[crate::runtime::Feed], &[ArrayD<f32>]) -> Result<()>,
 ) -> Result<()> {
-    run_batches(model, extra, calib, label, true, |b, batch, _, parts| {
-        let outs = match parts.first() {
-            Some(values) => values
-                .iter()
-                .map(F32Value::to_array)
-                .collect::<Result<Vec<_>>>()?,
-            None => Vec::new(),
-        };
-        f(b, batch, &outs)
-    })
+    run_batches(
+        model,
+        extra,
+        calib,
+        label,
+        true,
+        None,
+        |b, batch, _, parts| {
+            let outs = match parts.first() {
+                Some(values) => values
+                    .iter()
+                    .map(F32Value::to_array)
+                    .collect::<Result<Vec<_>>>()?,
+                None => Vec::new(),
+            };
+            f(b, batch, &outs)
+        },
+    )
 }
 
 /// Rows of one calibration piece: a batch's rows are run through tract this many at a time, and
@@ -904,18 +942,21 @@ pub fn stream_in_parts(
     f: impl FnMut(usize, &[crate::runtime::Feed], Group, &[Vec<F32Value>]) -> Result<()>,
 ) -> Result<()> {
     let whole = calib.fixed_batch || calib.sequence.is_some();
-    run_batches(model, extra, calib, label, whole, f)
+    run_batches(model, extra, calib, label, whole, None, f)
 }
 
 /// [`stream_in_parts`], or every batch whole when `whole`. Plans are kept only for the shapes
 /// the current batch needs (usually all batches but a shorter last one share them), so a large
-/// model never holds tract copies for shapes it is done with.
+/// model never holds tract copies for shapes it is done with. Each piece's graph outputs are
+/// offered to `capture`, pieces in order, while it wants them.
+#[allow(clippy::too_many_arguments)]
 fn run_batches(
     model: &ModelProto,
     extra: &[String],
     calib: &CalibrationSet,
     label: &str,
     whole: bool,
+    mut capture: Option<&mut OutputCapture>,
     mut f: impl FnMut(usize, &[crate::runtime::Feed], Group, &[Vec<F32Value>]) -> Result<()>,
 ) -> Result<()> {
     type Shapes = Vec<Vec<usize>>;
@@ -994,9 +1035,11 @@ fn run_batches(
         let runners = &runners;
         let groups: Vec<&[std::ops::Range<usize>]> = ranges.chunks(side_by_side).collect();
         for (g, group) in groups.iter().enumerate() {
-            let outs = group
+            let keep = capture.as_ref().map_or(0, |c| c.wanted(group.len()));
+            let runs = group
                 .par_iter()
-                .map(|r| {
+                .enumerate()
+                .map(|(i, r)| {
                     let s = shapes_of(r);
                     let (_, runner) = runners
                         .iter()
@@ -1007,9 +1050,27 @@ fn run_batches(
                         .run_values(&feeds)
                         .with_context(|| format!("calibration batch {b}"))?;
                     let skip = outs.len() - extra.len();
-                    Ok(outs.split_off(skip))
+                    let extras = outs.split_off(skip);
+                    let kept = if i < keep {
+                        let named = calib.input_names.iter().map(String::as_str).zip(&feeds);
+                        let values = outs
+                            .iter()
+                            .map(F32Value::to_array)
+                            .collect::<Result<Vec<_>>>()?;
+                        Some((crate::runtime::fingerprint(named), values))
+                    } else {
+                        None
+                    };
+                    Ok((extras, kept))
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let mut outs = Vec::with_capacity(runs.len());
+            for (extras, kept) in runs {
+                if let (Some(c), Some((row, values))) = (capture.as_deref_mut(), kept) {
+                    c.offer(row, values);
+                }
+                outs.push(extras);
+            }
             let at = Group {
                 first: g == 0,
                 last: g + 1 == groups.len(),

@@ -758,6 +758,7 @@ impl Decoder {
                 batches_per_step: data.len(),
                 tokens: tokens_joined,
             }),
+            reference: None,
         };
         set.samples = (0..set.batches.len()).map(|b| set.rows(b)).sum();
         Ok(set)

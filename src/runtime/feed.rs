@@ -296,6 +296,26 @@ impl Feed {
     }
 }
 
+/// A 64-bit digest of named feeds (name, element type, shape and every value's bits, inputs in
+/// name order): two sets of feeds with the same digest are, but for a 2^-64 chance, the same
+/// inputs. Calibration tags the outputs it keeps with it, so that validation uses them only for
+/// the very rows they were computed on.
+pub fn fingerprint<'a>(feeds: impl IntoIterator<Item = (&'a str, &'a Feed)>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut named: Vec<(&str, &Feed)> = feeds.into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    // SipHash with fixed keys: the same digest in every run and process.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (name, feed) in named {
+        name.hash(&mut h);
+        (feed.data_type() as i32).hash(&mut h);
+        feed.shape().hash(&mut h);
+        // The tensor in standard layout, as tract is fed it.
+        h.write(feed.to_tensor().as_bytes());
+    }
+    h.finish()
+}
+
 /// What [`super::Runner::run`] accepts for one input: float activations (cast to the input's
 /// declared type, as always) or typed feeds.
 pub trait RunInput {

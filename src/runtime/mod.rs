@@ -23,7 +23,7 @@ mod support;
 mod tensor;
 pub mod weightless;
 
-pub use feed::{Feed, RunInput};
+pub use feed::{fingerprint, Feed, RunInput};
 pub use runner::{
     infer_value_shapes, resolve_input_shapes, run_model, F32Value, InputSpec, Runner, ValueShape,
 };

@@ -25,6 +25,7 @@ pub mod write;
 pub use data::{DataSources, EvalData};
 pub use report::{ModelSide, RunReport};
 
+use crate::calibrate::reference::{ReferenceRequest, KEPT_OUTPUT_BYTES};
 use crate::ir::facts::model_stats;
 use crate::ir::Model;
 use crate::limits::MemoryBudget;
@@ -34,6 +35,7 @@ use crate::runtime::{value_shapes, value_shapes_given};
 use crate::validate::{self, generate, ValidateOptions, ValidationReport};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// At most this many calibration samples validate a run without `--eval` (the first ones),
@@ -281,6 +283,32 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         opts.seed,
         opts.memory,
     )?;
+    // In-sample validation compares on the calibration rows: the calibration run of the model
+    // as given keeps its outputs there, so validation need not run the original on them again.
+    let original = Arc::new(original);
+    let reference = match (&eval_data, ctx.calibration.as_mut()) {
+        (None, Some(c))
+            if opts.validate
+                && !c.synthetic
+                && c.sequence.is_none()
+                && prost::Message::encoded_len(&*original) as u64
+                    <= validate::ONE_MODEL_AT_A_TIME_ABOVE =>
+        {
+            // Only a set nothing else holds yet is given the request (never copied for it).
+            Arc::get_mut(c).map(|set| {
+                let request = Arc::new(ReferenceRequest::new(
+                    original.clone(),
+                    opts.validate_samples
+                        .unwrap_or(VALIDATION_CALIBRATION_SAMPLES)
+                        .max(1),
+                    KEPT_OUTPUT_BYTES,
+                ));
+                set.reference = Some(request.clone());
+                request
+            })
+        }
+        _ => None,
+    };
     phases.mark("data");
     let records =
         crate::pipeline::Pipeline::from_parts(opts.passes.clone(), ctx.clone()).run(&mut model)?;
@@ -336,6 +364,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         },
         early_stop,
         latency: opts.latency,
+        reference: reference.as_ref().and_then(|r| r.kept()),
     };
     let validation = opts.validate.then(|| {
         // The output is written: a validation that cannot run is reported, not a failure.
@@ -378,7 +407,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     let gate = bounds
         .is_active()
         .then(|| -> Result<gate::GateReport> {
-            let input = Model::from_proto(original.clone())
+            let input = Model::from_proto((*original).clone())
                 .context("re-reading the input model for the gate")?;
             let layers = gate::quantized_layers(&records, &model);
             // The blame re-runs compare exactly the rows the validation compared.

@@ -21,6 +21,11 @@
 //! 3. Both are loaded with value_info ignored, inputs pinned, optimized once and run on
 //!    `samples` seeded standard-normal batches (or the user's inputs).
 //!
+//! In-sample rows whose outputs the calibration run of this very original kept
+//! ([`crate::calibrate::reference`]: matched by the digest of each row's feeds, and only when the
+//! original needs no simulation rewrite) are not run in the original again; with every row kept
+//! and no latency to time, the original's plan is not built at all. A note counts those rows.
+//!
 //! In-sample rows stop early with [`EarlyStop`] (the default run without `--eval`): rows run
 //! in order up to checkpoints `k = first, 2 first, 4 first, ...`; at each, the SQNR of every
 //! output on rows `[0, k/2)` and on `[k/2, k)` is compared, and when all agree within
@@ -58,6 +63,9 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Serialize, Serializer};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::calibrate::reference::ReferenceOutputs;
 
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::ModelProto;
@@ -94,6 +102,10 @@ pub struct ValidateOptions {
     pub early_stop: Option<EarlyStop>,
     /// When both models are timed ([`latency::LatencyTiming`]).
     pub latency: latency::LatencyTiming,
+    /// The original's outputs on calibration rows, kept from the calibration run
+    /// ([`crate::calibrate::reference`]): rows whose feeds they match are not run in the
+    /// original again. Used only when the original needs no simulation rewrite.
+    pub reference: Option<Arc<ReferenceOutputs>>,
 }
 
 /// When in-sample validation may stop before the last given row (module docs).
@@ -180,6 +192,7 @@ impl Default for ValidateOptions {
             row_axes: None,
             early_stop: None,
             latency: latency::LatencyTiming::default(),
+            reference: None,
         }
     }
 }
@@ -465,16 +478,34 @@ pub fn validate(
         .filter(|_| opts.inputs.is_some())
         .map_or(batches.len(), |s| s.first_rows.max(2))
         .min(batches.len());
+    // The original's outputs the calibration run kept, on the rows they were computed on.
+    let kept = match (&opts.reference, opts.inputs.is_some() && rw_o.is_empty()) {
+        (Some(reference), true) if !one_at_a_time && reference.are_of(original) => {
+            kept_outputs(&sim_o, reference, &specs, &batches)
+        }
+        _ => None,
+    };
+    let kept_rows = kept
+        .as_ref()
+        .map_or(0, |(_, rows)| rows.iter().flatten().count());
+    // With every row's outputs kept and no latency to time, the original is not built at all.
+    let timing_asked = opts.latency.applies(candidate);
+    let skip_original = kept_rows == batches.len() && !batches.is_empty() && timing_asked.is_err();
     let candidate_built = AtomicBool::new(false);
-    let (built_o, built_c, mut stored_o) = if one_at_a_time {
-        (Runner::new(&sim_o, &shapes, &[]), None, Vec::new())
+    let kept_ahead = kept
+        .as_ref()
+        .is_some_and(|(_, rows)| rows[..first_rows].iter().all(Option::is_some));
+    let (built_o, built_c, ahead) = if one_at_a_time {
+        (Some(Runner::new(&sim_o, &shapes, &[])), None, Vec::new())
+    } else if skip_original {
+        (None, Some(Runner::new(&sim_c, &shapes, &[])), Vec::new())
     } else {
         let ((o, ahead), c) = rayon::join(
             || {
                 let o = Runner::new(&sim_o, &shapes, &[]);
                 let ahead = match &o {
-                    Ok(r) => run_ahead(r, &batches[..first_rows], &candidate_built),
-                    Err(_) => Vec::new(),
+                    Ok(r) if !kept_ahead => run_ahead(r, &batches[..first_rows], &candidate_built),
+                    _ => Vec::new(),
                 };
                 (o, ahead)
             },
@@ -484,14 +515,35 @@ pub fn validate(
                 c
             },
         );
-        (o, Some(c), ahead)
+        (Some(o), Some(c), ahead)
     };
-    let runner_o = match built_o {
+    let runner_o = match built_o.transpose() {
         Ok(r) => r,
         Err(e) => return not_checked(report, Status::NotChecked, format!("original: {e:#}")),
     };
-    let names_o = runner_o.output_names().to_vec();
-    let mut runner_o = Some(runner_o);
+    let (names_o, mut stored_o) = match (&runner_o, kept) {
+        (_, Some((names, rows))) => {
+            // Kept rows first; a row the calibration run did not keep may have run ahead.
+            let mut ahead = ahead;
+            let rows = rows
+                .into_iter()
+                .enumerate()
+                .map(|(b, k)| k.or_else(|| ahead.get_mut(b).and_then(Option::take)))
+                .collect();
+            (names, rows)
+        }
+        (Some(r), None) => (r.output_names().to_vec(), ahead),
+        (None, None) => unreachable!("the original is built unless every row was kept"),
+    };
+    if kept_rows > 0 {
+        report.notes.push(format!(
+            "the original's outputs came from the calibration run for {kept_rows} of {} rows \
+             (the same model in tract on the same rows, with the observed tensors as extra \
+             outputs): not run again",
+            batches.len()
+        ));
+    }
+    let mut runner_o = runner_o;
     if one_at_a_time {
         let r = runner_o.take().expect("runner present");
         for batch in &batches {
@@ -543,14 +595,13 @@ pub fn validate(
     // The candidate as written, for latency, is built beside the comparison rows (tract's
     // analysis runs on one core; the rows use all of them): the same plan, built sooner.
     let latency_method = timed_as(method);
-    let timed = runner_o.is_some()
-        && match opts.latency.applies(candidate) {
-            Ok(()) => true,
-            Err(note) => {
-                report.notes.push(note);
-                false
-            }
-        };
+    let timed = match timing_asked {
+        Ok(()) => runner_o.is_some(),
+        Err(note) => {
+            report.notes.push(note);
+            false
+        }
+    };
     let as_written = (timed
         && runner_o.is_some()
         && !batches.is_empty()
@@ -720,6 +771,36 @@ fn run_ahead(
         kept.push(Some(out));
     }
     kept
+}
+
+/// The output names and, per batch, the outputs `reference` kept for that batch's feeds (in
+/// the order of `original`'s graph outputs), when `original` is the model they were kept for:
+/// the same graph outputs, in order. `None` when no batch was kept.
+#[allow(clippy::type_complexity)]
+fn kept_outputs(
+    original: &ModelProto,
+    reference: &ReferenceOutputs,
+    specs: &[InputSpec],
+    batches: &[Vec<Feed>],
+) -> Option<(Vec<String>, Vec<Option<Vec<ArrayD<f32>>>>)> {
+    let names: Vec<String> = original
+        .graph
+        .as_ref()?
+        .output
+        .iter()
+        .map(|o| o.name().to_string())
+        .collect();
+    if names != reference.output_names {
+        return None;
+    }
+    let rows: Vec<Option<Vec<ArrayD<f32>>>> = batches
+        .iter()
+        .map(|batch| {
+            let named = specs.iter().map(|s| s.name.as_str()).zip(batch);
+            reference.outputs_for(named).map(<[_]>::to_vec)
+        })
+        .collect();
+    rows.iter().any(Option::is_some).then_some((names, rows))
 }
 
 /// The original's and the candidate's outputs on one batch.

@@ -29,7 +29,7 @@ use super::insert::{self, BiasReport, Namer};
 use super::placement::Plan;
 use super::QuantizeOptions;
 use crate::calibrate::data::CalibrationSet;
-use crate::calibrate::observe::{observe_model, Method, ObserveOptions, Observed};
+use crate::calibrate::observe::{observe_model_keeping, Method, ObserveOptions, Observed};
 use crate::calibrate::params::{ActScheme, QParams};
 use crate::ir::{Graph, Model};
 use crate::onnx::proto::ModelProto;
@@ -82,8 +82,16 @@ pub fn calibrate(
         moving_average: opts.moving_average,
         scheme: opts.activation_scheme,
     };
-    let observed = observe_model(observe_on, &tensors, calib, &obs_opts)
+    // Validation's original, observed as it is: its outputs on these rows are kept for it.
+    let mut capture = calib
+        .reference
+        .as_ref()
+        .and_then(|r| r.capture_for(observe_on));
+    let observed = observe_model_keeping(observe_on, &tensors, calib, &obs_opts, capture.as_mut())
         .context("observing activation ranges")?;
+    if let (Some(request), Some(capture)) = (&calib.reference, capture) {
+        request.keep(capture);
+    }
     let params = plan.activation_params(&observed, opts.activation_scheme)?;
     Ok(ActivationRanges {
         observed,

@@ -153,6 +153,7 @@ pub fn for_observation(original: &ModelProto, calib: &CalibrationSet) -> Result<
         fixed_batch: true,
         notes: Vec::new(),
         sequence: None,
+        reference: None,
     };
     let fixed = s.fixed.clone();
     let shapes = input_shapes
