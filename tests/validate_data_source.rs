@@ -243,3 +243,70 @@ fn outputs_kept_from_calibration_give_the_same_report_and_only_for_their_model_a
     assert!(!has_note(&r), "{:?}", r.notes);
     assert_eq!(r.samples, 16);
 }
+
+/// A model validated one at a time (above the size bound; here a bound of 0 bytes) runs the
+/// original only up to the first early-stop checkpoint, builds it again only when the
+/// checkpoint is not stable, and not at all when calibration kept every row: the same figures
+/// every way.
+#[test]
+fn one_model_at_a_time_runs_the_original_only_on_rows_it_needs() {
+    use onnx_compress::calibrate::reference::{ReferenceRequest, KEPT_OUTPUT_BYTES};
+    use onnx_compress::calibrate::{CalibrationSet, DataOptions};
+    use onnx_compress::passes::quantize::{quantize, QuantizeOptions};
+    use onnx_compress::validate::{validate, EarlyStop, ValidateOptions};
+    use std::sync::Arc;
+
+    let t = testdata();
+    let original = Arc::new(
+        onnx_compress::onnx::load::read_model(&t.join("digits_cnn.onnx"))
+            .unwrap()
+            .0,
+    );
+    let mut model = onnx_compress::ir::Model::from_proto((*original).clone()).unwrap();
+    let mut calib = CalibrationSet::load(
+        &t.join("digits_calib_x.npy"),
+        &model,
+        &DataOptions::default(),
+    )
+    .unwrap();
+    let request = Arc::new(ReferenceRequest::new(
+        original.clone(),
+        64,
+        KEPT_OUTPUT_BYTES,
+    ));
+    calib.reference = Some(request.clone());
+    quantize(&mut model, &QuantizeOptions::default(), Some(&calib)).unwrap();
+    let candidate = model.to_proto().unwrap();
+    let opts = |above: u64, stop: Option<EarlyStop>, kept: bool| ValidateOptions {
+        inputs: Some(calib.rebatched(16).unwrap()),
+        in_sample: true,
+        row_axes: calib.row_axes(),
+        early_stop: stop,
+        reference: if kept { request.kept() } else { None },
+        one_at_a_time_above: above,
+        ..Default::default()
+    };
+    let has = |r: &onnx_compress::validate::ValidationReport, s: &str| {
+        r.notes.iter().any(|n| n.contains(s))
+    };
+    let both = validate(&original, &candidate, &opts(u64::MAX, None, false)).unwrap();
+    assert_eq!(both.samples, 16);
+    // Halves that must agree to 0 dB never do: every checkpoint goes on, to all 16 rows.
+    let never_stable = Some(EarlyStop {
+        first_rows: 4,
+        tolerance_db: 0.0,
+    });
+    let apart = validate(&original, &candidate, &opts(0, never_stable, false)).unwrap();
+    assert!(has(&apart, "one model at a time"), "{:?}", apart.notes);
+    assert!(has(&apart, "ran again from row 5"), "{:?}", apart.notes);
+    assert_eq!(apart.samples, 16);
+    assert_eq!(apart.outputs, both.outputs);
+    let kept = validate(&original, &candidate, &opts(0, never_stable, true)).unwrap();
+    assert!(
+        has(&kept, "came from the calibration run for 16 of 16 rows"),
+        "{:?}",
+        kept.notes
+    );
+    assert!(!has(&kept, "ran again"), "{:?}", kept.notes);
+    assert_eq!(kept.outputs, both.outputs);
+}

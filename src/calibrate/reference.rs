@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 
 use ndarray::ArrayD;
 
-use crate::onnx::proto::ModelProto;
+use crate::onnx::proto::{ModelProto, TensorProto};
 use crate::runtime::{fingerprint, Feed};
 
 /// What validation asks calibration to keep: the model it compares against and a bound.
@@ -56,11 +56,50 @@ pub struct ReferenceOutputs {
     rows: HashMap<u64, Vec<ArrayD<f32>>>,
 }
 
-/// Whether `a` and `b` are the same model to tract: the same graph, opsets and functions
-/// (the same object, or equal field by field).
+/// Whether `a` and `b` are the same model to tract: the same object, or the same nodes,
+/// initializers, inputs, outputs, opsets and functions (what tract reads: value_info is ignored
+/// at load, names and docs change no value).
 fn same_model(a: &ModelProto, b: &ModelProto) -> bool {
-    std::ptr::eq(a, b)
-        || (a.graph == b.graph && a.opset_import == b.opset_import && a.functions == b.functions)
+    if std::ptr::eq(a, b) {
+        return true;
+    }
+    let (Some(ga), Some(gb)) = (&a.graph, &b.graph) else {
+        return a.graph.is_none() && b.graph.is_none();
+    };
+    a.opset_import == b.opset_import
+        && a.functions == b.functions
+        && ga.node == gb.node
+        && ga.input == gb.input
+        && ga.output == gb.output
+        && ga.sparse_initializer == gb.sparse_initializer
+        && ga.initializer.len() == gb.initializer.len()
+        && ga
+            .initializer
+            .iter()
+            .zip(&gb.initializer)
+            .all(|(x, y)| same_tensor(x, y))
+}
+
+/// Equal initializers; payloads that are the same bytes in memory (the run's shared, possibly
+/// memory-mapped buffers) are equal without reading them, so no mapped page is touched.
+fn same_tensor(a: &TensorProto, b: &TensorProto) -> bool {
+    let same_payload = match (&a.raw_data, &b.raw_data) {
+        (Some(x), Some(y)) => x.len() == y.len() && (x.as_ptr() == y.as_ptr() || x == y),
+        (x, y) => x.is_none() && y.is_none(),
+    };
+    same_payload
+        && a.name == b.name
+        && a.dims == b.dims
+        && a.data_type == b.data_type
+        && a.segment == b.segment
+        && a.float_data == b.float_data
+        && a.int32_data == b.int32_data
+        && a.string_data == b.string_data
+        && a.int64_data == b.int64_data
+        && a.double_data == b.double_data
+        && a.uint64_data == b.uint64_data
+        && a.external_data == b.external_data
+        && a.data_location == b.data_location
 }
 
 impl ReferenceOutputs {

@@ -287,13 +287,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
     // as given keeps its outputs there, so validation need not run the original on them again.
     let original = Arc::new(original);
     let reference = match (&eval_data, ctx.calibration.as_mut()) {
-        (None, Some(c))
-            if opts.validate
-                && !c.synthetic
-                && c.sequence.is_none()
-                && prost::Message::encoded_len(&*original) as u64
-                    <= validate::ONE_MODEL_AT_A_TIME_ABOVE =>
-        {
+        (None, Some(c)) if opts.validate && !c.synthetic && c.sequence.is_none() => {
             // Only a set nothing else holds yet is given the request (never copied for it).
             Arc::get_mut(c).map(|set| {
                 let request = Arc::new(ReferenceRequest::new(
@@ -365,6 +359,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         early_stop,
         latency: opts.latency,
         reference: reference.as_ref().and_then(|r| r.kept()),
+        one_at_a_time_above: validate::ONE_MODEL_AT_A_TIME_ABOVE,
     };
     let validation = opts.validate.then(|| {
         // The output is written: a validation that cannot run is reported, not a failure.

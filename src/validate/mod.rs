@@ -106,6 +106,9 @@ pub struct ValidateOptions {
     /// ([`crate::calibrate::reference`]): rows whose feeds they match are not run in the
     /// original again. Used only when the original needs no simulation rewrite.
     pub reference: Option<Arc<ReferenceOutputs>>,
+    /// Models larger than this (encoded bytes) are validated one at a time
+    /// ([`ONE_MODEL_AT_A_TIME_ABOVE`] unless a test asks otherwise).
+    pub one_at_a_time_above: u64,
 }
 
 /// When in-sample validation may stop before the last given row (module docs).
@@ -193,6 +196,7 @@ impl Default for ValidateOptions {
             early_stop: None,
             latency: latency::LatencyTiming::default(),
             reference: None,
+            one_at_a_time_above: ONE_MODEL_AT_A_TIME_ABOVE,
         }
     }
 }
@@ -364,7 +368,7 @@ pub fn validate(
     // are dropped before the candidate's are loaded (tract holds a copy of each). Its int8
     // weights are dequantized by tract at load, not by us ahead of time: the same numbers
     // without a float copy of the model on our side next to tract's.
-    let one_at_a_time = prost::Message::encoded_len(original) as u64 > ONE_MODEL_AT_A_TIME_ABOVE;
+    let one_at_a_time = prost::Message::encoded_len(original) as u64 > opts.one_at_a_time_above;
     let folding = if one_at_a_time {
         WeightFolding::OnlyWhatTractCannotLoad
     } else {
@@ -480,7 +484,7 @@ pub fn validate(
         .min(batches.len());
     // The original's outputs the calibration run kept, on the rows they were computed on.
     let kept = match (&opts.reference, opts.inputs.is_some() && rw_o.is_empty()) {
-        (Some(reference), true) if !one_at_a_time && reference.are_of(original) => {
+        (Some(reference), true) if reference.are_of(original) => {
             kept_outputs(&sim_o, reference, &specs, &batches)
         }
         _ => None,
@@ -495,10 +499,11 @@ pub fn validate(
     let kept_ahead = kept
         .as_ref()
         .is_some_and(|(_, rows)| rows[..first_rows].iter().all(Option::is_some));
-    let (built_o, built_c, ahead) = if one_at_a_time {
+    let (built_o, built_c, ahead) = if skip_original {
+        let c = (!one_at_a_time).then(|| Runner::new(&sim_c, &shapes, &[]));
+        (None, c, Vec::new())
+    } else if one_at_a_time {
         (Some(Runner::new(&sim_o, &shapes, &[])), None, Vec::new())
-    } else if skip_original {
-        (None, Some(Runner::new(&sim_c, &shapes, &[])), Vec::new())
     } else {
         let ((o, ahead), c) = rayon::join(
             || {
@@ -532,8 +537,14 @@ pub fn validate(
                 .collect();
             (names, rows)
         }
-        (Some(r), None) => (r.output_names().to_vec(), ahead),
-        (None, None) => unreachable!("the original is built unless every row was kept"),
+        (Some(r), None) => {
+            let mut rows = ahead;
+            rows.resize(batches.len(), None);
+            (r.output_names().to_vec(), rows)
+        }
+        (None, None) => {
+            return not_checked(report, Status::NotChecked, "original: not built".into())
+        }
     };
     if kept_rows > 0 {
         report.notes.push(format!(
@@ -545,12 +556,19 @@ pub fn validate(
     }
     let mut runner_o = runner_o;
     if one_at_a_time {
-        let r = runner_o.take().expect("runner present");
-        for batch in &batches {
-            match r.run(batch) {
-                Ok(o) => stored_o.push(Some(o)),
-                Err(e) => {
-                    return not_checked(report, Status::NotChecked, format!("original: {e:#}"))
+        // The rows not kept, up to the first early-stop checkpoint, run now on all cores; the
+        // original's plan is dropped before the candidate's is built (rows past the checkpoint
+        // build it again, below, only when the checkpoint is not stable).
+        if let Some(r) = runner_o.take() {
+            let missing: Vec<usize> = (0..first_rows).filter(|&b| stored_o[b].is_none()).collect();
+            let outs: Vec<Result<Vec<ArrayD<f32>>>> =
+                missing.par_iter().map(|&b| r.run(&batches[b])).collect();
+            for (b, out) in missing.into_iter().zip(outs) {
+                match out {
+                    Ok(o) => stored_o[b] = Some(o),
+                    Err(e) => {
+                        return not_checked(report, Status::NotChecked, format!("original: {e:#}"))
+                    }
                 }
             }
         }
@@ -639,6 +657,19 @@ pub fn validate(
         let stored: Vec<Option<Vec<ArrayD<f32>>>> = (start..end)
             .map(|b| stored_o.get_mut(b).and_then(Option::take))
             .collect();
+        if runner_o.is_none() && stored.iter().any(Option::is_none) {
+            // Past the first checkpoint of a model validated one at a time: both plans held.
+            match Runner::new(&sim_o, &shapes, &[]) {
+                Ok(r) => runner_o = Some(r),
+                Err(e) => {
+                    return not_checked(report, Status::NotChecked, format!("original: {e:#}"))
+                }
+            }
+            report.notes.push(format!(
+                "the original ran again from row {}: its plan was built beside the candidate's",
+                start + 1
+            ));
+        }
         let outputs: Vec<std::result::Result<RunPair, String>> = (start..end)
             .into_par_iter()
             .zip(stored)
