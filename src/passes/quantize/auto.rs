@@ -64,7 +64,9 @@ use super::insert;
 use super::placement::Plan;
 use super::QuantizeOptions;
 use crate::calibrate::data::CalibrationSet;
-use crate::calibrate::observe::{observers_by_fold, Method, ObserveOptions, Observed, Observer};
+use crate::calibrate::observe::{
+    observers_by_fold, observers_merged_from_folds, Method, ObserveOptions, Observed, Observer,
+};
 use crate::calibrate::params::{ActScheme, QParams};
 use crate::ir::Model;
 use crate::onnx::proto::tensor_proto::DataType;
@@ -166,6 +168,9 @@ pub struct AutoReport {
     /// Marked activation elements per calibration sample (the scoring budget's unit).
     pub elements_per_sample: f64,
     pub evaluations: usize,
+    /// Evaluations that ran the scoring plan (the others had the parameters of one scored
+    /// before and took its score).
+    pub runs: usize,
     /// `kl` / `nmse` per output.
     pub losses: Vec<String>,
     /// Loss of each fixed method applied to every tensor.
@@ -179,7 +184,7 @@ pub struct AutoReport {
     pub tensors: Vec<(String, String)>,
     /// Per tensor: what won, by how much, and how far its range moved ([`TensorChoice`]).
     pub choices: Vec<TensorChoice>,
-    /// Wall time of the observation run, of building the scoring plan, and of the scoring.
+    /// Where the time went ([`AutoSeconds`]).
     pub seconds: AutoSeconds,
 }
 
@@ -204,12 +209,26 @@ pub struct TensorChoice {
     pub mattered: f64,
 }
 
-/// Where `auto`'s time goes.
+/// Where `auto`'s time goes (wall seconds). The observation and the building of the scoring
+/// plan run side by side, so `observe` and `build` overlap.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct AutoSeconds {
+    /// The calibration run observing every marked tensor (whole set and folds).
     pub observe: f64,
+    /// Optimizing the scoring graph into a tract plan (alongside `observe`).
     pub build: f64,
+    /// Deriving every candidate range from the observers (after both).
+    pub candidates: f64,
+    /// The reference outputs (identity quantizers).
+    pub reference: f64,
+    /// Scoring the uniform assignments.
+    pub uniform: f64,
+    /// Scoring the block refinement's trials.
+    pub blocks: f64,
+    /// `uniform + blocks`.
     pub scoring: f64,
+    /// The whole of [`choose`].
+    pub total: f64,
 }
 
 /// One block of the refinement.
@@ -243,9 +262,38 @@ pub fn choose(
     let clock = std::time::Instant::now();
     let calib = &two_folds(calib);
     let folds = if calib.batches.len() >= 2 { FOLDS } else { 0 };
-    let (seen, seen_by_fold) =
-        observers_by_fold(observe_on, &tensors, calib, &obs_opts(Method::Auto), folds)
-            .context("observing activation ranges")?;
+    // The scoring plan needs only the scored samples' input shapes, not the observation: it is
+    // built while the calibration runs (tract's plan optimization is one long task on one
+    // core, the calibration spreads over the rest; ResNet-18: 0.9 s).
+    let (seen, plan_built) = rayon::join(
+        || {
+            let seen = if folds == 0 {
+                observers_by_fold(observe_on, &tensors, calib, &obs_opts(Method::Auto), 0)
+            } else {
+                // The whole set's observers merged from the folds' (exact): two histogram sets
+                // instead of three.
+                observers_merged_from_folds(
+                    observe_on,
+                    &tensors,
+                    calib,
+                    &obs_opts(Method::Auto),
+                    folds,
+                )
+            };
+            (seen, clock.elapsed().as_secs_f64())
+        },
+        || {
+            let started = std::time::Instant::now();
+            let runner = Scorer::plan(plan, float, calib, opts, &tensors);
+            (runner, started.elapsed().as_secs_f64())
+        },
+    );
+    let ((seen, seen_by_fold), observed_at) = match seen {
+        (Ok(s), at) => (s, at),
+        (Err(e), _) => return Err(e.context("observing activation ranges")),
+    };
+    let (runner, build_seconds) = plan_built;
+    let runner = runner?;
     let candidates_of = |seen: &IndexMap<String, Observer>| -> Vec<IndexMap<String, Observed>> {
         CANDIDATES
             .iter()
@@ -256,13 +304,17 @@ pub fn choose(
             })
             .collect()
     };
-    let candidates = candidates_of(&seen);
-    let fold_candidates: Vec<Vec<IndexMap<String, Observed>>> =
-        seen_by_fold.iter().map(candidates_of).collect();
+    let mut all_seen: Vec<&IndexMap<String, Observer>> = vec![&seen];
+    all_seen.extend(seen_by_fold.iter());
+    // Every candidate range of every observer set, side by side (mse's search is per tensor).
+    let mut derived: Vec<Vec<IndexMap<String, Observed>>> =
+        all_seen.par_iter().map(|s| candidates_of(s)).collect();
+    let fold_candidates: Vec<Vec<IndexMap<String, Observed>>> = derived.split_off(1);
+    let candidates = derived.pop().expect("the whole set's candidates");
     let elements_per_sample =
         seen.values().map(|o| o.count as f64).sum::<f64>() / calib.samples.max(1) as f64;
-    let observed_at = clock.elapsed().as_secs_f64();
-    let scorer = Scorer::new(plan, float, calib, opts, &tensors, elements_per_sample)?;
+    let candidates_at = clock.elapsed().as_secs_f64();
+    let scorer = Scorer::new(runner, calib, opts, &tensors, elements_per_sample)?;
     let built_at = clock.elapsed().as_secs_f64();
     let assign_from = |candidates: &[IndexMap<String, Observed>],
                        choice: &[usize]|
@@ -276,6 +328,12 @@ pub fn choose(
     // Cross-fitting: a sample of fold f is scored with the ranges estimated on the other fold,
     // so a range that only fits the data it was estimated on (a tight percentile, an MSE
     // optimum of a few samples) pays for it; without folds, in-sample.
+    // An assignment whose parameters were all scored before (every tensor of a block with the
+    // same range under two candidates, e.g. a saturated ReLU6 under min-max and percentile)
+    // takes that score instead of running again: the runs are deterministic, so the score is
+    // the one running would give.
+    let scored: std::cell::RefCell<std::collections::HashMap<Vec<u32>, Score>> = Default::default();
+    let runs = std::cell::Cell::new(0usize);
     let score_all = |choices: &[Vec<usize>]| -> Result<Vec<Score>> {
         choices
             .iter()
@@ -291,7 +349,19 @@ pub fn choose(
                         })
                         .collect::<Result<Vec<_>>>()?
                 };
-                scorer.score(&params)
+                let flat = scorer.flat(&params)?;
+                let key: Vec<u32> = flat
+                    .iter()
+                    .flatten()
+                    .flat_map(|&(s, z)| [s.to_bits(), z.to_bits()])
+                    .collect();
+                if let Some(known) = scored.borrow().get(&key) {
+                    return Ok(known.clone());
+                }
+                let score = scorer.score(&flat)?;
+                runs.set(runs.get() + 1);
+                scored.borrow_mut().insert(key, score.clone());
+                Ok(score)
             })
             .collect()
     };
@@ -300,6 +370,7 @@ pub fn choose(
     let n = tensors.len();
     let uniform: Vec<Vec<usize>> = (0..CANDIDATES.len()).map(|c| vec![c; n]).collect();
     let uniform_scores = score_all(&uniform)?;
+    let uniform_at = clock.elapsed().as_secs_f64();
     let mut evaluations = uniform.len();
     let mut by_uniform_loss: Vec<usize> = (0..CANDIDATES.len()).collect();
     by_uniform_loss.sort_by(|&a, &b| {
@@ -431,10 +502,16 @@ pub fn choose(
         })
         .collect();
 
+    let done_at = clock.elapsed().as_secs_f64();
     let seconds = AutoSeconds {
         observe: observed_at,
-        build: built_at - observed_at,
-        scoring: clock.elapsed().as_secs_f64() - built_at,
+        build: build_seconds,
+        candidates: candidates_at - observed_at.max(build_seconds),
+        reference: built_at - candidates_at,
+        uniform: uniform_at - built_at,
+        blocks: done_at - uniform_at,
+        scoring: done_at - built_at,
+        total: done_at,
     };
     let report = AutoReport {
         seconds,
@@ -442,6 +519,7 @@ pub fn choose(
         cross_fitted: folds > 0,
         elements_per_sample,
         evaluations,
+        runs: runs.get(),
         losses: scorer.kinds.iter().map(|k| k.label().to_string()).collect(),
         uniform: CANDIDATES
             .iter()
@@ -621,9 +699,40 @@ struct Scorer {
 const IDENTITY_SCALE: f32 = 1.0 / (1u32 << 20) as f32;
 
 impl Scorer {
-    fn new(
+    /// The scoring graph's tract plan, for the input shapes of the scored samples (those of
+    /// the first, which every scored sample shares: [`scored_feeds`]).
+    fn plan(
         plan: &Plan,
         float: &Model,
+        calib: &CalibrationSet,
+        opts: &QuantizeOptions,
+        tensors: &[String],
+    ) -> Result<Runner> {
+        let (first, _, _) = scored_feeds(calib, 1);
+        let first = first
+            .first()
+            .context("auto: no calibration samples to score on")?;
+        let mut shapes: Vec<(String, Vec<usize>)> = calib
+            .input_names
+            .iter()
+            .cloned()
+            .zip(first.iter().map(|a| a.shape().to_vec()))
+            .collect();
+        for t in tensors {
+            shapes.push((scale_input(t), vec![]));
+            shapes.push((zero_point_input(t), vec![]));
+        }
+        shapes.push((QMIN_INPUT.into(), vec![]));
+        shapes.push((QMAX_INPUT.into(), vec![]));
+        let (scoring, _) =
+            crate::runtime::simulation_graph(&scoring_graph(plan, float, opts, tensors)?)?;
+        Runner::new(&scoring, &shapes, &[]).context("auto: the scoring graph in tract")
+    }
+
+    /// The scorer of `runner` ([`Scorer::plan`]) on as many samples as the options and
+    /// `elements_per_sample` give, with its reference outputs.
+    fn new(
+        runner: Runner,
         calib: &CalibrationSet,
         opts: &QuantizeOptions,
         tensors: &[String],
@@ -635,22 +744,6 @@ impl Scorer {
             !feeds.is_empty(),
             "auto: no calibration samples to score on"
         );
-        let mut shapes: Vec<(String, Vec<usize>)> = calib
-            .input_names
-            .iter()
-            .cloned()
-            .zip(feeds[0].iter().map(|a| a.shape().to_vec()))
-            .collect();
-        for t in tensors {
-            shapes.push((scale_input(t), vec![]));
-            shapes.push((zero_point_input(t), vec![]));
-        }
-        shapes.push((QMIN_INPUT.into(), vec![]));
-        shapes.push((QMAX_INPUT.into(), vec![]));
-        let (scoring, _) =
-            crate::runtime::simulation_graph(&scoring_graph(plan, float, opts, tensors)?)?;
-        let runner =
-            Runner::new(&scoring, &shapes, &[]).context("auto: the scoring graph in tract")?;
         let bounds = match opts.activation_scheme {
             ActScheme::U8Asymmetric => (0.0, 255.0),
             ActScheme::I8Symmetric => (-128.0, 127.0),
@@ -704,15 +797,12 @@ impl Scorer {
         extra
     }
 
-    /// The loss under `params`, per feed: `Σ_o num_o(feed) / den_o`, where `den_o` sums over
-    /// every feed (so the per-feed shares add up to the total normalized loss). A feed of fold
-    /// `f` runs with `params[f]` (with a single parameter set, every feed runs with it).
-    fn score(&self, params: &[IndexMap<String, QParams>]) -> Result<Score> {
-        let extras: Vec<Vec<Feed>> = params
+    /// Each parameter set as the (scale, zero point) of every scored tensor, in input order.
+    fn flat(&self, params: &[IndexMap<String, QParams>]) -> Result<Vec<Vec<(f32, f32)>>> {
+        params
             .iter()
             .map(|params| {
-                let flat: Vec<(f32, f32)> = self
-                    .tensors
+                self.tensors
                     .iter()
                     .map(|t| {
                         let p = params
@@ -720,10 +810,19 @@ impl Scorer {
                             .with_context(|| format!("auto: no parameters for '{t}'"))?;
                         Ok((p.scale, p.zero_point as f32))
                     })
-                    .collect::<Result<_>>()?;
-                Ok(self.extra_inputs(&flat, self.bounds))
+                    .collect()
             })
-            .collect::<Result<_>>()?;
+            .collect()
+    }
+
+    /// The loss under `params` (from [`Scorer::flat`]), per feed: `Σ_o num_o(feed) / den_o`, where `den_o` sums over
+    /// every feed (so the per-feed shares add up to the total normalized loss). A feed of fold
+    /// `f` runs with `params[f]` (with a single parameter set, every feed runs with it).
+    fn score(&self, params: &[Vec<(f32, f32)>]) -> Result<Score> {
+        let extras: Vec<Vec<Feed>> = params
+            .iter()
+            .map(|flat| self.extra_inputs(flat, self.bounds))
+            .collect();
         anyhow::ensure!(!extras.is_empty(), "auto: no parameters to score");
         // Per feed (num, den) per output, in parallel; summed in feed order afterwards so the
         // result does not depend on the thread count.
