@@ -105,3 +105,56 @@ fn whole_set_observers_merged_from_the_folds_are_a_third_observation() {
     let t = &tensors[1];
     assert_ne!(whole[t].count, folds[0][t].count);
 }
+
+/// An assignment whose parameters were scored before takes that score instead of a run (on
+/// the digits net deep, the last block's min-max ranges are its percentile ones), and the
+/// output, which scores every step's assignments in one parallel pass, is the same with 1 or 3
+/// threads.
+#[test]
+fn repeated_assignments_are_not_run_again_and_threads_do_not_matter() {
+    use onnx_compress::passes::quantize::{quantize, QuantizeOptions};
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let (float, calib) = digits_model_with("digits_deep.onnx", 200);
+            let mut q = float.clone();
+            let opts = QuantizeOptions {
+                method: Method::Auto,
+                ..Default::default()
+            };
+            let stats = quantize(&mut q, &opts, Some(&calib)).unwrap();
+            (q.to_proto().unwrap(), stats.details["auto"].clone())
+        })
+    };
+    let (one, report) = run(1);
+    let (runs, evaluations) = (
+        report["runs"].as_u64().unwrap(),
+        report["evaluations"].as_u64().unwrap(),
+    );
+    assert!(
+        runs < evaluations,
+        "{runs} runs for {evaluations} evaluations"
+    );
+    // A repeated assignment reports the loss of its first evaluation, bit for bit: here a
+    // block trial whose parameters are the block's current ones.
+    let repeated = report["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|block| {
+            let tried = block["tried"].as_array().unwrap();
+            let current = tried[0][1].as_f64().unwrap();
+            tried[1..]
+                .iter()
+                .any(|t| t[1].as_f64().unwrap().to_bits() == current.to_bits())
+        })
+        .count() as u64;
+    assert!(repeated >= evaluations - runs, "{repeated} repeated trials");
+    let (three, report3) = run(3);
+    assert_eq!(one, three);
+    assert_eq!(report["uniform"], report3["uniform"]);
+    assert_eq!(report["blocks"], report3["blocks"]);
+}

@@ -295,22 +295,24 @@ pub fn choose(
     let (runner, build_seconds) = plan_built;
     let runner = runner?;
     let candidates_of = |seen: &IndexMap<String, Observer>| -> Vec<IndexMap<String, Observed>> {
-        CANDIDATES
-            .iter()
-            .map(|&m| {
-                seen.iter()
-                    .map(|(t, o)| (t.clone(), o.finish(&obs_opts(m))))
-                    .collect()
-            })
-            .collect()
+        // Every (candidate, tensor) range side by side (mse's search is per tensor), collected
+        // in order.
+        let pairs: Vec<(usize, &String, &Observer)> = (0..CANDIDATES.len())
+            .flat_map(|c| seen.iter().map(move |(t, o)| (c, t, o)))
+            .collect();
+        let ranges: Vec<Observed> = pairs
+            .par_iter()
+            .map(|&(c, _, o)| o.finish(&obs_opts(CANDIDATES[c])))
+            .collect();
+        let mut out: Vec<IndexMap<String, Observed>> = vec![IndexMap::new(); CANDIDATES.len()];
+        for ((c, t, _), r) in pairs.into_iter().zip(ranges) {
+            out[c].insert(t.clone(), r);
+        }
+        out
     };
-    let mut all_seen: Vec<&IndexMap<String, Observer>> = vec![&seen];
-    all_seen.extend(seen_by_fold.iter());
-    // Every candidate range of every observer set, side by side (mse's search is per tensor).
-    let mut derived: Vec<Vec<IndexMap<String, Observed>>> =
-        all_seen.par_iter().map(|s| candidates_of(s)).collect();
-    let fold_candidates: Vec<Vec<IndexMap<String, Observed>>> = derived.split_off(1);
-    let candidates = derived.pop().expect("the whole set's candidates");
+    let candidates = candidates_of(&seen);
+    let fold_candidates: Vec<Vec<IndexMap<String, Observed>>> =
+        seen_by_fold.iter().map(candidates_of).collect();
     let elements_per_sample =
         seen.values().map(|o| o.count as f64).sum::<f64>() / calib.samples.max(1) as f64;
     let candidates_at = clock.elapsed().as_secs_f64();
@@ -334,36 +336,46 @@ pub fn choose(
     // the one running would give.
     let scored: std::cell::RefCell<std::collections::HashMap<Vec<u32>, Score>> = Default::default();
     let runs = std::cell::Cell::new(0usize);
+    // The assignments of one step (the uniform ones, or one block's trials) run in one
+    // parallel pass over (assignment, sample) pairs, so no core waits at the end of each
+    // assignment for the other's last sample.
     let score_all = |choices: &[Vec<usize>]| -> Result<Vec<Score>> {
-        choices
-            .iter()
-            .map(|c| {
-                let params = if folds == 0 {
-                    vec![plan
-                        .activation_params(&assign_from(&candidates, c), opts.activation_scheme)?]
-                } else {
-                    (0..folds)
-                        .map(|f| {
-                            let other = &fold_candidates[(f + 1) % folds];
-                            plan.activation_params(&assign_from(other, c), opts.activation_scheme)
-                        })
-                        .collect::<Result<Vec<_>>>()?
-                };
-                let flat = scorer.flat(&params)?;
-                let key: Vec<u32> = flat
-                    .iter()
-                    .flatten()
-                    .flat_map(|&(s, z)| [s.to_bits(), z.to_bits()])
-                    .collect();
-                if let Some(known) = scored.borrow().get(&key) {
-                    return Ok(known.clone());
-                }
-                let score = scorer.score(&flat)?;
-                runs.set(runs.get() + 1);
-                scored.borrow_mut().insert(key, score.clone());
-                Ok(score)
-            })
-            .collect()
+        let mut keyed = Vec::with_capacity(choices.len());
+        for c in choices {
+            let params = if folds == 0 {
+                vec![plan.activation_params(&assign_from(&candidates, c), opts.activation_scheme)?]
+            } else {
+                (0..folds)
+                    .map(|f| {
+                        let other = &fold_candidates[(f + 1) % folds];
+                        plan.activation_params(&assign_from(other, c), opts.activation_scheme)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            };
+            let flat = scorer.flat(&params)?;
+            let key: Vec<u32> = flat
+                .iter()
+                .flatten()
+                .flat_map(|&(s, z)| [s.to_bits(), z.to_bits()])
+                .collect();
+            keyed.push((key, flat));
+        }
+        let mut to_run: Vec<usize> = Vec::new();
+        for (i, (key, _)) in keyed.iter().enumerate() {
+            let known = scored.borrow().contains_key(key);
+            if !known && !to_run.iter().any(|&j| keyed[j].0 == *key) {
+                to_run.push(i);
+            }
+        }
+        let flats: Vec<&[Vec<(f32, f32)>]> =
+            to_run.iter().map(|&i| keyed[i].1.as_slice()).collect();
+        let fresh = scorer.score_many(&flats)?;
+        runs.set(runs.get() + fresh.len());
+        for (&i, score) in to_run.iter().zip(fresh) {
+            scored.borrow_mut().insert(keyed[i].0.clone(), score);
+        }
+        let scored = scored.borrow();
+        Ok(keyed.iter().map(|(key, _)| scored[key].clone()).collect())
     };
 
     // 1. Uniform assignments: the default method unless another is reliably better.
@@ -815,26 +827,33 @@ impl Scorer {
             .collect()
     }
 
-    /// The loss under `params` (from [`Scorer::flat`]), per feed: `Σ_o num_o(feed) / den_o`, where `den_o` sums over
-    /// every feed (so the per-feed shares add up to the total normalized loss). A feed of fold
-    /// `f` runs with `params[f]` (with a single parameter set, every feed runs with it).
-    fn score(&self, params: &[Vec<(f32, f32)>]) -> Result<Score> {
-        let extras: Vec<Vec<Feed>> = params
+    /// The loss of each assignment (its parameter sets from [`Scorer::flat`]), per feed:
+    /// `Σ_o num_o(feed) / den_o`, where `den_o` sums over every feed (so the per-feed shares
+    /// add up to the total normalized loss). A feed of fold `f` runs with the assignment's
+    /// `params[f]` (with a single parameter set, every feed runs with it).
+    fn score_many(&self, assignments: &[&[Vec<(f32, f32)>]]) -> Result<Vec<Score>> {
+        let extras: Vec<Vec<Vec<Feed>>> = assignments
             .iter()
-            .map(|flat| self.extra_inputs(flat, self.bounds))
-            .collect();
-        anyhow::ensure!(!extras.is_empty(), "auto: no parameters to score");
-        // Per feed (num, den) per output, in parallel; summed in feed order afterwards so the
-        // result does not depend on the thread count.
-        let parts: Vec<Vec<(f64, f64)>> = self
-            .feeds
-            .par_iter()
-            .zip(self.reference.par_iter())
-            .zip(self.batch_of.par_iter())
-            .map(|((feed, reference), &batch)| {
-                let mut inputs = feed.clone();
+            .map(|params| {
+                anyhow::ensure!(!params.is_empty(), "auto: no parameters to score");
+                Ok(params
+                    .iter()
+                    .map(|flat| self.extra_inputs(flat, self.bounds))
+                    .collect())
+            })
+            .collect::<Result<_>>()?;
+        // Per (assignment, feed) the (num, den) per output, in parallel; each assignment's
+        // feeds summed in feed order afterwards, so the result does not depend on the thread
+        // count nor on which assignments run together.
+        let feeds = self.feeds.len();
+        let parts: Vec<Vec<(f64, f64)>> = (0..assignments.len() * feeds)
+            .into_par_iter()
+            .map(|k| {
+                let (a, i) = (k / feeds, k % feeds);
+                let extras = &extras[a];
+                let mut inputs = self.feeds[i].clone();
                 inputs.extend(
-                    extras[(batch % FOLDS).min(extras.len() - 1)]
+                    extras[(self.batch_of[i] % FOLDS).min(extras.len() - 1)]
                         .iter()
                         .cloned(),
                 );
@@ -843,11 +862,14 @@ impl Scorer {
                     .kinds
                     .iter()
                     .enumerate()
-                    .map(|(o, kind)| kind.partial(&reference[o], &outs[o]))
+                    .map(|(o, kind)| kind.partial(&self.reference[i][o], &outs[o]))
                     .collect())
             })
             .collect::<Result<_>>()?;
-        Ok(Score::normalized(&parts, self.kinds.len()))
+        Ok(parts
+            .chunks(feeds.max(1))
+            .map(|p| Score::normalized(p, self.kinds.len()))
+            .collect())
     }
 }
 
