@@ -10,11 +10,12 @@
 //!
 //! The scoring graph is the float model with every marked weight replaced by its int8
 //! fake-quantized values and, after every marked activation `t`, a fake quantizer whose scale
-//! and zero point are graph inputs, so one tract plan scores any assignment:
+//! and bounds are graph inputs, so one tract plan scores any assignment:
 //! ```text
 //! before: a -> Conv(W) -> t -> Relu -> ...
-//! after:  a -> Conv(fq(W)) -> t -> Div(s_t) -> Round -> Max(qmin - z_t) -> Min(qmax - z_t)
-//!           -> Mul(s_t) -> t' -> Relu -> ...        (s_t, z_t, qmin, qmax: scalar graph inputs)
+//! after:  a -> Conv(fq(W)) -> t -> Div(s_t) -> Round -> Max(lo_t) -> Min(hi_t)
+//!           -> Mul(s_t) -> t' -> Relu -> ...   (s_t, lo_t = qmin - z_t, hi_t = qmax - z_t:
+//!                                               scalar graph inputs)
 //! ```
 //! That is `dq(q(t)) = s (clamp(round(t / s) + z, qmin, qmax) - z)` of ONNX's QuantizeLinear /
 //! DequantizeLinear in float (Round's tie rule may differ from QuantizeLinear's half-to-even:
@@ -732,10 +733,9 @@ impl Scorer {
             .collect();
         for t in tensors {
             shapes.push((scale_input(t), vec![]));
-            shapes.push((zero_point_input(t), vec![]));
+            shapes.push((bound_input(t, "lo"), vec![]));
+            shapes.push((bound_input(t, "hi"), vec![]));
         }
-        shapes.push((QMIN_INPUT.into(), vec![]));
-        shapes.push((QMAX_INPUT.into(), vec![]));
         let (scoring, _) =
             crate::runtime::simulation_graph(&scoring_graph(plan, float, opts, tensors)?)?;
         Runner::new(&scoring, &shapes, &[]).context("auto: the scoring graph in tract")
@@ -797,15 +797,16 @@ impl Scorer {
             .collect()
     }
 
+    /// Per tensor its scale and its bounds in the shifted domain, `qmin - z` and `qmax - z`
+    /// (the same f32 subtractions the graph did in `Sub` nodes before, so the same values).
     fn extra_inputs(&self, params: &[(f32, f32)], bounds: (f32, f32)) -> Vec<Feed> {
         let scalar = |v: f32| Feed::from(ArrayD::from_elem(vec![], v));
-        let mut extra = Vec::with_capacity(2 * params.len() + 2);
+        let mut extra = Vec::with_capacity(3 * params.len());
         for &(s, z) in params {
             extra.push(scalar(s));
-            extra.push(scalar(z));
+            extra.push(scalar(bounds.0 - z));
+            extra.push(scalar(bounds.1 - z));
         }
-        extra.push(scalar(bounds.0));
-        extra.push(scalar(bounds.1));
         extra
     }
 
@@ -984,15 +985,13 @@ pub(crate) fn scored_feeds(
     (out, batch_of, samples)
 }
 
-const QMIN_INPUT: &str = "::auto_qmin";
-const QMAX_INPUT: &str = "::auto_qmax";
-
 fn scale_input(t: &str) -> String {
     format!("{t}::auto_scale")
 }
 
-fn zero_point_input(t: &str) -> String {
-    format!("{t}::auto_zero_point")
+/// The input of `t`'s lower (`lo`) or upper (`hi`) bound of `round(t / s)`.
+fn bound_input(t: &str, which: &str) -> String {
+    format!("{t}::auto_{which}")
 }
 
 /// The float model with fake-quantized weights and a parametric fake quantizer after every
@@ -1020,24 +1019,22 @@ fn scoring_graph(
     })?;
     let mut model = work.to_proto()?;
     let graph = model.graph.as_mut().context("model has no graph")?;
-    let qmin_name = QMIN_INPUT.to_string();
-    let qmax_name = QMAX_INPUT.to_string();
     let mut chains: IndexMap<String, Vec<NodeProto>> = IndexMap::new();
     for t in tensors {
-        let (s, z) = (scale_input(t), zero_point_input(t));
+        let (s, lo, hi) = (scale_input(t), bound_input(t, "lo"), bound_input(t, "hi"));
         graph.input.push(scalar_input(&s));
-        graph.input.push(scalar_input(&z));
+        graph.input.push(scalar_input(&lo));
+        graph.input.push(scalar_input(&hi));
         let step = |k: &str| format!("{t}::auto_{k}");
         let out = step("out");
-        // Bounds in the shifted domain `round(x / s)`: [qmin - z, qmax - z] (scalar work), so
-        // the tensor itself passes through 5 elementwise ops.
-        let chain: [(&str, Vec<String>, String); 7] = [
-            ("Sub", vec![qmin_name.clone(), z.clone()], step("lo")),
-            ("Sub", vec![qmax_name.clone(), z.clone()], step("hi")),
+        // Bounds in the shifted domain `round(x / s)`: [qmin - z, qmax - z], computed on the
+        // host (graph inputs: five nodes per tensor instead of seven, a smaller plan to
+        // optimize), so the tensor itself passes through 5 elementwise ops.
+        let chain: [(&str, Vec<String>, String); 5] = [
             ("Div", vec![t.clone(), s.clone()], step("div")),
             ("Round", vec![step("div")], step("round")),
-            ("Max", vec![step("round"), step("lo")], step("max")),
-            ("Min", vec![step("max"), step("hi")], step("min")),
+            ("Max", vec![step("round"), lo.clone()], step("max")),
+            ("Min", vec![step("max"), hi.clone()], step("min")),
             ("Mul", vec![step("min"), s.clone()], out.clone()),
         ];
         let nodes = chains.entry(t.clone()).or_default();
@@ -1065,8 +1062,6 @@ fn scoring_graph(
             }
         }
     }
-    graph.input.push(scalar_input(&qmin_name));
-    graph.input.push(scalar_input(&qmax_name));
     // Each chain right after its tensor's producer (graph inputs' chains first), so the node
     // list stays topologically sorted.
     let original = std::mem::take(&mut graph.node);
@@ -1078,7 +1073,7 @@ fn scoring_graph(
             }
         }
     };
-    let mut sorted = Vec::with_capacity(original.len() + 7 * tensors.len());
+    let mut sorted = Vec::with_capacity(original.len() + 5 * tensors.len());
     let produced: std::collections::HashSet<String> = original
         .iter()
         .flat_map(|n| n.output.iter().cloned())
