@@ -3,6 +3,7 @@
 
 Usage: python3 benches/cost_vs_ort.py --bin target/release/onnx-compress [--ref OTHER_BIN]
            [--zoo /work/zoo] [--only resnet18,efficientnet_b0] [--ort-methods minmax,percentile]
+           [--ours-args "--method auto"] [--base-args "--method percentile"]
            [--out /tmp/cost_vs_ort]
 
 For each model `ZOO/NAME/{model.onnx,calib.npy}` (all samples of calib.npy, for both tools):
@@ -11,6 +12,11 @@ For each model `ZOO/NAME/{model.onnx,calib.npy}` (all samples of calib.npy, for 
   and peak RSS from GNU time, and the report's phase timings; the fp32 tract latency at batch
   1 from the report, or (the default run does not time int8-activation outputs) from a
   separate `--passes none --latency --validate-samples 1` run;
+- `--ours-args`: extra flags appended to our command (and to `--ref`'s), e.g. `--method auto`;
+  the phase table then also gives `auto`'s own seconds from the report (observe, candidates,
+  build, reference, scoring) when the quantize pass reports them;
+- `--base-args`: a second run of `--bin` with these flags instead of `--ours-args` (e.g.
+  `--method percentile`, the default), for the ours / base wall ratio;
 - `--ref`: the same command with another binary (byte comparison of the outputs with `cmp`);
 - ORT: `quant_pre_process` + `quantize_static` (QDQ, per-channel, u8/s8) with each method, a
   fresh Python process (benches/compare_ort.py --ort-child), as in compare_ort.py.
@@ -21,6 +27,7 @@ import argparse
 import filecmp
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -46,21 +53,37 @@ def main():
     ap.add_argument("--zoo", default="/work/zoo")
     ap.add_argument("--only", default="resnet18,mobilenet_v2,efficientnet_b0,squeezenet1_1,digits_cnn")
     ap.add_argument("--ort-methods", default="minmax,percentile")
+    ap.add_argument("--ours-args", default="",
+                    help="extra flags for our run (and --ref's), e.g. '--method auto'")
+    ap.add_argument("--base-args", default=None,
+                    help="also time --bin with these flags instead of --ours-args")
     ap.add_argument("--out", default="/tmp/cost_vs_ort")
     a = ap.parse_args()
+    extra = shlex.split(a.ours_args)
     os.makedirs(a.out, exist_ok=True)
     rows = []
     for name in a.only.split(","):
         model = os.path.join(a.zoo, name, "model.onnx")
         calib = os.path.join(a.zoo, name, "calib.npy")
         n = int(np.load(calib, mmap_mode="r").shape[0])
-        r = {"model": name, "samples": n}
+        r = {"model": name, "samples": n, "load": os.getloadavg()[0]}
         out = os.path.join(a.out, f"{name}.ours.onnx")
         rep = os.path.join(a.out, f"{name}.ours.json")
-        r["ours"] = timed([a.bin, model, "-o", out, "--calib", calib, "--report", rep, "-q"])
+        r["ours"] = timed([a.bin, model, "-o", out, "--calib", calib, "--report", rep, "-q"]
+                          + extra)
         report = json.load(open(rep))
         r["phases"] = {t["name"]: t["seconds"] for t in report["timings"]}
         r["passes"] = {p["name"]: p.get("seconds") for p in report["passes"]}
+        for p in report["passes"]:
+            auto = (p.get("details") or {}).get("auto") if isinstance(p.get("details"), dict) else None
+            if auto and auto.get("seconds"):
+                r["auto"] = auto["seconds"]
+                r["auto_evaluations"] = auto.get("evaluations")
+                r["auto_samples"] = auto.get("samples")
+        if a.base_args is not None:
+            base_out = os.path.join(a.out, f"{name}.base.onnx")
+            r["base"] = timed([a.bin, model, "-o", base_out, "--calib", calib, "-q"]
+                              + shlex.split(a.base_args))
         lat = report["validation"].get("latency") or {}
         if not lat:
             # The default run times nothing when the output quantizes activations (tract runs
@@ -75,7 +98,7 @@ def main():
         r["validated"] = f"{v.get('samples')} of {v.get('samples_given', v.get('samples'))}"
         if a.ref:
             ref_out = os.path.join(a.out, f"{name}.ref.onnx")
-            r["ref"] = timed([a.ref, model, "-o", ref_out, "--calib", calib, "-q"])
+            r["ref"] = timed([a.ref, model, "-o", ref_out, "--calib", calib, "-q"] + extra)
             r["identical"] = filecmp.cmp(out, ref_out, shallow=False)
         for m in a.ort_methods.split(","):
             dst = os.path.join(a.out, f"{name}.ort.{m}.onnx")
@@ -85,9 +108,11 @@ def main():
         print(json.dumps(r), file=sys.stderr)
     json.dump(rows, open(os.path.join(a.out, "results.json"), "w"), indent=1)
     methods = a.ort_methods.split(",")
-    head = ["model", "N", "ours wall / CPU s", "peak MiB"]
+    head = ["model", "N", "load", "ours wall / CPU s", "peak MiB"]
     if a.ref:
-        head += ["before wall / CPU s", "bytes same"]
+        head += ["before wall / CPU s", "bytes same", "before / ORT " + methods[0] + " wall"]
+    if a.base_args is not None:
+        head += ["base wall / CPU s", "ours / base wall"]
     head += [f"ORT {m} wall / CPU s, MiB" for m in methods]
     head += [f"ours / ORT {m} wall; CPU" for m in methods]
     head += ["passes s", "validate s", "rows validated", "fp32 tract ms", "ours / (N x fp32)"]
@@ -95,9 +120,13 @@ def main():
     print("|" + "---|" * len(head))
     for r in rows:
         w, c, mib = r["ours"]
-        cells = [r["model"], str(r["samples"]), f"{w:.2f} / {c:.2f}", f"{mib:.0f}"]
+        cells = [r["model"], str(r["samples"]), f"{r['load']:.1f}", f"{w:.2f} / {c:.2f}",
+                 f"{mib:.0f}"]
         if a.ref:
-            cells += [f"{r['ref'][0]:.2f} / {r['ref'][1]:.2f}", "yes" if r["identical"] else "NO"]
+            cells += [f"{r['ref'][0]:.2f} / {r['ref'][1]:.2f}", "yes" if r["identical"] else "NO",
+                      f"{r['ref'][0] / r[f'ort_{methods[0]}'][0]:.2f}"]
+        if a.base_args is not None:
+            cells += [f"{r['base'][0]:.2f} / {r['base'][1]:.2f}", f"{w / r['base'][0]:.2f}"]
         cells += [f"{r[f'ort_{m}'][0]:.2f} / {r[f'ort_{m}'][1]:.2f}, {r[f'ort_{m}'][2]:.0f}"
                   for m in methods]
         cells += [f"{w / r[f'ort_{m}'][0]:.2f}; {c / r[f'ort_{m}'][1]:.2f}" for m in methods]
@@ -106,6 +135,15 @@ def main():
                   r["validated"],
                   f"{r['fp32_ms']:.1f}" if r["fp32_ms"] else "-", f"{w / floor:.1f}"]
         print("| " + " | ".join(cells) + " |")
+    timed_auto = [r for r in rows if r.get("auto")]
+    if timed_auto:
+        keys = list(timed_auto[0]["auto"].keys())
+        print()
+        print("| model | auto samples x evaluations | " + " | ".join(f"auto {k} s" for k in keys) + " |")
+        print("|" + "---|" * (len(keys) + 2))
+        for r in timed_auto:
+            print(f"| {r['model']} | {r.get('auto_samples')} x {r.get('auto_evaluations')} | "
+                  + " | ".join(f"{r['auto'].get(k, 0):.2f}" for k in keys) + " |")
     return 0
 
 

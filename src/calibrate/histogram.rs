@@ -22,6 +22,7 @@
 //!   expected squared error of fake-quantizing the bin centres on the activation scheme's grid.
 
 use crate::calibrate::params::{activation_params, ActScheme};
+use std::borrow::Cow;
 
 /// Bins per sign in the fine histogram.
 pub const FINE_BINS: usize = 8192;
@@ -321,6 +322,51 @@ impl Histogram {
         }
         self.counts = next;
         self.r *= 2.0;
+    }
+
+    /// Whether the range is finite (no infinite value seen), so that [`Histogram::merge`] is
+    /// exact.
+    pub fn range_is_finite(&self) -> bool {
+        self.r.is_finite()
+    }
+
+    /// Add `other`'s counts, as if its values had been added to this histogram: the range
+    /// becomes the wider of the two and the narrower side's counts are doubled up to it. Exact
+    /// (the counts, range and zeros of one histogram fed both sets of values, in any order and
+    /// cut), since a histogram's range is the smallest power of two above every |x| it saw
+    /// and a doubled bin is the bin its values have on the wider grid (module docs). Not exact
+    /// when either range is infinite (an infinite value was seen: what was binned before it
+    /// collapses, what comes after goes to the middle bins, so the counts depend on the
+    /// order): then nothing is added and `false` is returned.
+    pub fn merge(&mut self, other: &Histogram) -> bool {
+        if !self.range_is_finite() || !other.range_is_finite() {
+            return false;
+        }
+        self.exact_zeros += other.exact_zeros;
+        if other.r == 0.0 {
+            // Only zeros so far on the other side: they wait with ours, or go to the bin of 0.
+            if self.r == 0.0 {
+                self.pending_zeros += other.pending_zeros;
+            } else {
+                self.counts[FINE_BINS] += other.pending_zeros;
+            }
+            return true;
+        }
+        if self.r == 0.0 {
+            self.r = other.r;
+            self.counts[FINE_BINS] += std::mem::take(&mut self.pending_zeros);
+        }
+        while self.r < other.r {
+            self.double();
+        }
+        let mut o = Cow::Borrowed(other);
+        while o.r < self.r {
+            o.to_mut().double();
+        }
+        for (c, &x) in self.counts.iter_mut().zip(&o.counts) {
+            *c += x;
+        }
+        true
     }
 
     /// The same range, counts and zeros as `other` (tests).
@@ -639,6 +685,63 @@ mod tests {
         let amax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
         assert!(whole.r > amax && whole.r / 2.0 <= amax);
         assert_eq!(whole.r.to_bits() & 0x007f_ffff, 0);
+    }
+
+    /// Histograms of interleaved pieces, merged, are the histogram of all the values: same
+    /// range, counts and zeros, whichever side is wider, holds only zeros or nothing.
+    #[test]
+    fn merged_histograms_are_the_histogram_of_both() {
+        let v: Vec<f32> = (0..120_000)
+            .map(|i| ((i as f32) * 0.377).sin() * (0.5 + (i / 20_000) as f32 * 7.0))
+            .map(|x| if (x * 100.0) as i32 % 5 == 0 { 0.0 } else { x })
+            .collect();
+        let zeros = vec![0.0f32, -0.0, 0.0];
+        let cases: Vec<(&str, Vec<&[f32]>)> = vec![
+            ("interleaved", v.chunks(7_000).collect()),
+            ("small pieces", v.chunks(333).collect()),
+            (
+                "zeros first",
+                std::iter::once(&zeros[..])
+                    .chain(v.chunks(50_000))
+                    .collect(),
+            ),
+            (
+                "only zeros on one side",
+                vec![&zeros[..], &v[..60_000], &zeros[..]],
+            ),
+            ("one side empty", vec![&v[..]]),
+        ];
+        for (name, pieces) in cases {
+            let mut whole = Histogram::default();
+            let mut folds = [Histogram::default(), Histogram::default()];
+            for (k, p) in pieces.iter().enumerate() {
+                whole.add(p);
+                folds[k % 2].add(p);
+            }
+            // Either way round.
+            for order in [[0, 1], [1, 0]] {
+                let mut merged = folds[order[0]].clone();
+                assert!(merged.merge(&folds[order[1]]), "{name}");
+                assert!(merged.same_counts(&whole), "{name} {order:?}");
+                assert_eq!(merged.total(), whole.total(), "{name}");
+            }
+        }
+        // Only zeros on both sides: they stay pending.
+        let (mut a, mut b) = (Histogram::default(), Histogram::default());
+        a.add(&zeros);
+        b.add(&zeros[..1]);
+        let mut whole = a.clone();
+        whole.add(&zeros[..1]);
+        assert!(a.merge(&b));
+        assert!(a.same_counts(&whole));
+        // An infinite range is refused, and nothing changes.
+        let mut inf = Histogram::default();
+        inf.add(&[1.0, f32::INFINITY]);
+        let mut h = Histogram::default();
+        h.add(&v[..1000]);
+        let before = h.clone();
+        assert!(!h.merge(&inf));
+        assert!(h.same_counts(&before));
     }
 
     #[test]
