@@ -66,8 +66,8 @@
 //! (64 channels): 1.4 G multiply-adds per iteration each instead of 10.9 G; W4A8 held-out SQNR
 //! 13.9 -> 16.2 dB (BENCHMARKS.md, session 14).
 //!
-//! **The activation inside the loss** ([`AdaRoundOptions::activation_loss`], off by default;
-//! the [`rows`] module): a Conv/Gemm whose output only a `Relu` or a constant `Clip(lo, hi)`
+//! **The activation inside the loss** ([`AdaRoundOptions::activation_loss`],
+//! `--adaround-activation-loss`, off by default; the [`rows`] module): a Conv/Gemm whose output only a `Relu` or a constant `Clip(lo, hi)`
 //! reads (ReLU6 after BN folding) can be fitted on `E_rows ‖f(W~ x_q + b) - f(W x_f + b)‖²`,
 //! `f = clamp(·, lo, hi)`, as AIMET does: errors the activation clips away cost nothing. The
 //! clip's mask has no Gram form, so such a layer keeps a seeded subsample of its input rows
@@ -75,9 +75,11 @@
 //! [`AdaRoundOptions::activation_floats`] stored values) and runs Adam on mini-batches of
 //! [`AdaRoundOptions::activation_batch`] rows (cost `O·K·(2B + 64)` per iteration), with the same
 //! schedule and regularizer; a hardened row keeps nearest where nearest has the lower
-//! activated error on the stored rows. Measured (BENCHMARKS.md, session 15): on MobileNetV2
-//! W4A8 it changes nothing held out (8.60 dB, 8.63 dB with full batches, vs 8.68 dB with the
-//! Gram form on every layer), so the Gram form stays the default for every layer.
+//! activated error on the stored rows. Measured held out (BENCHMARKS.md, session 15): W8A8
+//! +0.30 / +1.29 / +0.02 dB over the Gram form on ppocr_cls / digits_cnn / digits_deep, but
+//! W4A8 -0.08 dB on MobileNetV2 (8.60 vs 8.68 dB; 8.63 with full batches), -0.36 dB on
+//! ResNet-18 (15.87 vs 16.23 dB), +1.4 dB on mobilenet_v3_small with fewer top-1 matches: it
+//! helps only some models, so the Gram form stays the default for every layer.
 //!
 //! **W4A8**: Conv/Gemm/MatMul weights int4 (symmetric, `qmax = 7`, per channel), int8
 //! activations as usual; the first and the last quantized layer (topological order) and the
