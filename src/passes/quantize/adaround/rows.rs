@@ -51,7 +51,8 @@ impl Clip {
             return None;
         }
         let a = activation_info(g, layer.node)?;
-        if !matches!(a.kind, ActivationKind::Relu | ActivationKind::Clip) || !(a.min < a.max) {
+        let ordered = a.min.partial_cmp(&a.max) == Some(std::cmp::Ordering::Less);
+        if !matches!(a.kind, ActivationKind::Relu | ActivationKind::Clip) || !ordered {
             return None;
         }
         Some(Clip {
