@@ -14,6 +14,7 @@ the default range method:
     rtn_w8a8_generic / ada_w8a8_generic   the same with --target generic (every layer int8)
     rtn_w4a8   --w4a8                       (int4 weights except the first and last layer)
     ada_w4a8   --w4a8 --rounding adaround
+    adar_*     the same with --adaround-activation-loss (the following Relu / Clip in the loss)
 each timed (wall seconds of the tool process), then measured on eval.npy in ONNX Runtime with
 graph optimization disabled, exactly as benches/methods.py does (SQNR of the first output vs
 fp32, task metric: accuracy with labels, CTC character accuracy for text recognition). The
@@ -47,6 +48,11 @@ CONFIGS = {
     "ada_w4a8": ["--w4a8", "--rounding", "adaround"],
     "rtn_w4a8_generic": ["--target", "generic", "--w4a8"],
     "ada_w4a8_generic": ["--target", "generic", "--w4a8", "--rounding", "adaround"],
+    # the following Relu / Clip inside the loss (row form, session 15)
+    "adar_w8a8_generic": ["--target", "generic", "--rounding", "adaround",
+                          "--adaround-activation-loss"],
+    "adar_w4a8_generic": ["--target", "generic", "--w4a8", "--rounding", "adaround",
+                          "--adaround-activation-loss"],
     # block-wise int4 scales (one per 16 input values) and the AIMET-style quantized-input fit
     "rtn_w4a8_b16": ["--w4a8", "--block-size", "16"],
     "ada_w4a8_b16": ["--w4a8", "--block-size", "16", "--rounding", "adaround"],

@@ -130,9 +130,46 @@ fn adaround_in_feature_blocks_lowers_every_layers_error_below_nearest() {
     }
 }
 
+/// Options that fit the layers read by a Relu / Clip with the activation inside the loss (the
+/// row form on stored rows, in mini-batches).
+fn activated(iterations: usize) -> AdaRoundOptions {
+    AdaRoundOptions {
+        activation_loss: true,
+        activation_rows: 1024,
+        activation_batch: 64,
+        ..ada(iterations)
+    }
+}
+
+#[test]
+fn adaround_with_the_activation_in_the_loss_lowers_every_layers_error_below_nearest() {
+    for w4a8 in [None, Some(W4a8::default())] {
+        let opts = QuantizeOptions {
+            adaround: Some(activated(300)),
+            w4a8,
+            ..Default::default()
+        };
+        let (_, layers) = learned_digits_layers(&opts);
+        // digits_cnn after BN folding: five convs, four of them read by a Relu and one by a
+        // Clip(0, 6); the Gemm classifier takes the Gram form.
+        let names: Vec<String> = layers
+            .iter()
+            .map(|l| l["activation"].as_str().unwrap_or("gram").to_string())
+            .collect();
+        assert_eq!(
+            names.iter().filter(|n| *n != "gram").count(),
+            5,
+            "{names:?}"
+        );
+        for l in layers.iter().filter(|l| !l["activation"].is_null()) {
+            assert!(l["rows"].as_u64().unwrap() <= 1024, "{l}");
+        }
+    }
+}
+
 #[test]
 fn adaround_does_not_depend_on_the_thread_count() {
-    for ada in [ada(60), blocked(60)] {
+    for ada in [ada(60), blocked(60), activated(60)] {
         let opts = QuantizeOptions {
             adaround: Some(ada),
             w4a8: Some(W4a8::default()),

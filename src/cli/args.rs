@@ -282,6 +282,11 @@ pub struct CompressArgs {
         help_heading = "Quantization"
     )]
     pub adaround_inputs: AdaroundInputsArg,
+    /// --rounding adaround: fit the layers whose output only a Relu or Clip reads on the
+    /// activated outputs (the activation inside the loss, as AIMET; stored input rows in
+    /// mini-batches). Helped W8A8 on small CNNs, not W4A8 on MobileNetV2 or ResNet-18.
+    #[arg(long, help_heading = "Quantization")]
+    pub adaround_activation_loss: bool,
     /// W4A8: int4 Conv/Gemm/MatMul weights (per channel, or per block of --block-size N input
     /// values; opset-21 DequantizeLinear of INT4, for ONNX Runtime) with int8 activations on
     /// every layer the rules cover; the first and the last layer and depthwise convs keep int8

@@ -223,6 +223,7 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
                 AdaroundInputsArg::Float => AdaRoundInputs::Float,
                 AdaroundInputsArg::Quantized => AdaRoundInputs::Quantized,
             },
+            activation_loss: args.adaround_activation_loss,
             ..Default::default()
         }),
         w4a8: args.w4a8.then_some(W4a8 {

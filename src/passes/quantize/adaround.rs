@@ -66,6 +66,21 @@
 //! (64 channels): 1.4 G multiply-adds per iteration each instead of 10.9 G; W4A8 held-out SQNR
 //! 13.9 -> 16.2 dB (BENCHMARKS.md, session 14).
 //!
+//! **The activation inside the loss** ([`AdaRoundOptions::activation_loss`],
+//! `--adaround-activation-loss`, off by default; the [`rows`] module): a Conv/Gemm whose output only a `Relu` or a constant `Clip(lo, hi)`
+//! reads (ReLU6 after BN folding) can be fitted on `E_rows ‖f(W~ x_q + b) - f(W x_f + b)‖²`,
+//! `f = clamp(·, lo, hi)`, as AIMET does: errors the activation clips away cost nothing. The
+//! clip's mask has no Gram form, so such a layer keeps a seeded subsample of its input rows
+//! (at most [`AdaRoundOptions::activation_rows`] rows and
+//! [`AdaRoundOptions::activation_floats`] stored values) and runs Adam on mini-batches of
+//! [`AdaRoundOptions::activation_batch`] rows (cost `O·K·(2B + 64)` per iteration), with the same
+//! schedule and regularizer; a hardened row keeps nearest where nearest has the lower
+//! activated error on the stored rows. Measured held out (BENCHMARKS.md, session 15): W8A8
+//! +0.30 / +1.29 / +0.02 dB over the Gram form on ppocr_cls / digits_cnn / digits_deep, but
+//! W4A8 -0.08 dB on MobileNetV2 (8.60 vs 8.68 dB; 8.63 with full batches), -0.36 dB on
+//! ResNet-18 (15.87 vs 16.23 dB), +1.4 dB on mobilenet_v3_small with fewer top-1 matches: it
+//! helps only some models, so the Gram form stays the default for every layer.
+//!
 //! **W4A8**: Conv/Gemm/MatMul weights int4 (symmetric, `qmax = 7`, per channel), int8
 //! activations as usual; the first and the last quantized layer (topological order) and the
 //! depthwise convs keep int8 weights unless [`W4a8::all_layers`]. int4 weights are written as opset-21
@@ -84,6 +99,8 @@
 //! [`CHUNK_ROWS`], each by one thread; the time budget is turned into an iteration count by a
 //! fixed cost model, never by the clock).
 
+mod rows;
+
 use super::insert::{self, Namer, WeightReport};
 use super::materialize::{self, ActivationRanges};
 use super::placement::{Plan, WeightMark};
@@ -100,6 +117,7 @@ use anyhow::{Context, Result};
 use indexmap::{IndexMap, IndexSet};
 use ndarray::{s, Array1, Array2, ArrayD, Axis, IxDyn};
 use rayon::prelude::*;
+use rows::{Clip, GroupRows, RowStore};
 use std::time::Instant;
 
 /// Most rows of one layer group optimized together by one thread (fixed, so results do not
@@ -150,6 +168,18 @@ pub struct AdaRoundOptions {
     pub budget_seconds: Option<f64>,
     /// Which input the learned layer is fitted on (`--adaround-inputs`).
     pub inputs: AdaRoundInputs,
+    /// Layers whose output only a `Relu` / `Clip` reads are fitted with the activation inside
+    /// the loss (`‖f(W~ x + b) - f(W x + b)‖²` on stored rows, the row form of [`rows`]).
+    /// Off by default (every layer takes the Gram form): it did not move MobileNetV2 W4A8 held
+    /// out (BENCHMARKS.md, session 15).
+    pub activation_loss: bool,
+    /// Most input rows a row-form layer keeps (seeded subsample over the calibration batches).
+    pub activation_rows: usize,
+    /// Most stored values (`rows · K · groups`) per row-form layer: wide and depthwise layers
+    /// keep fewer rows.
+    pub activation_floats: usize,
+    /// Rows per Adam step of the row form (mini-batches of the shuffled stored rows).
+    pub activation_batch: usize,
 }
 
 /// The input `x_q` of the reconstruction `‖W~ x_q - W x_f‖²`.
@@ -183,6 +213,10 @@ impl Default for AdaRoundOptions {
             output_check: true,
             budget_seconds: None,
             inputs: AdaRoundInputs::Float,
+            activation_loss: false,
+            activation_rows: 4096,
+            activation_floats: 1 << 22,
+            activation_batch: 256,
         }
     }
 }
@@ -373,6 +407,9 @@ pub struct LayerRounding {
     pub features: usize,
     /// Feature blocks optimized one after the other (1: the whole Gram).
     pub blocks: usize,
+    /// The activation inside the loss (`relu`, `clip(0, 6)`) when the layer took the row form
+    /// (then `rows` counts the stored rows and the errors are of the activated outputs).
+    pub activation: Option<String>,
     pub rows: u64,
     pub iterations: usize,
     pub nearest_error: f64,
@@ -734,6 +771,10 @@ struct Task {
     /// [`AdaRoundOptions::exact_features`]).
     blocks: Vec<std::ops::Range<usize>>,
     stage: usize,
+    /// Position in topological order among the learned layers (seeds the row subsample).
+    index: usize,
+    /// The activation the row form puts inside the loss ([`rows`]); `None`: the Gram form.
+    clip: Option<Clip>,
 }
 
 /// The blocks of a layer's `k` input features: one up to `exact`, else runs of whole input
@@ -842,10 +883,14 @@ fn positions(x: &[usize], c: &Conv2d, max: usize) -> Vec<(usize, usize, usize)> 
 }
 
 impl Task {
-    /// Add one batch's rows (`xf` float input, `xq` quantized input).
+    /// Add one batch's rows (`xf` float input, `xq` quantized input) to the Grams, and the
+    /// picked ones to the row store of a row-form layer (`batch`: the batch's index).
+    #[allow(clippy::too_many_arguments)]
     fn add(
         &self,
         grams: &mut Grams,
+        mut store: Option<&mut RowStore>,
+        batch: usize,
         xf: &ArrayD<f32>,
         xq: &ArrayD<f32>,
         max: usize,
@@ -883,10 +928,14 @@ impl Task {
                 );
                 let cg = self.layer.weight_shape[1];
                 let pos = positions(xf.shape(), &c, max);
+                let picked = store.as_ref().map(|r| r.pick(batch, pos.len()));
                 for gi in 0..self.groups {
                     let f = patches(xf, &c, gi, cg, &pos);
                     let q = (!float).then(|| patches(xq, &c, gi, cg, &pos));
                     update(gi, &f, q.as_ref());
+                    if let (Some(r), Some(idx)) = (store.as_deref_mut(), &picked) {
+                        r.push(gi, &f, q.as_ref(), idx);
+                    }
                 }
                 grams.rows += pos.len() as u64;
             }
@@ -922,6 +971,10 @@ impl Task {
                     )
                 };
                 update(0, &f, q.as_ref());
+                if let Some(r) = store {
+                    let idx = r.pick(batch, f.nrows());
+                    r.push(0, &f, q.as_ref(), &idx);
+                }
                 grams.rows += take.len() as u64;
             }
         }
@@ -1040,6 +1093,29 @@ fn learn_rows_f32(
     iterations: usize,
     opts: &AdaRoundOptions,
 ) -> Array2<f64> {
+    adam_rounding(w, scale, qmin, qmax, iterations, opts, |_, dw, grad| {
+        // d rec / d W~ = 2 (ΔW G_qq + offset)
+        ndarray::linalg::general_mat_mul(1.0, dw, qq, 0.0, grad);
+        if let Some(o) = &offset {
+            *grad += o;
+        }
+    })
+}
+
+/// Adam on the rounding variables `V` of one chunk of rows (`w`, per-element `scale`, both
+/// `[rows, K]`), in f32: `gradient(iteration, ΔW, g)` writes `g`, half the reconstruction's
+/// gradient with respect to `W~` (`ΔW = W~ - W` at the current soft rounding); the rounding
+/// regularizer, its annealing and the update are the same for every loss. Returns the hardened
+/// integer codes.
+fn adam_rounding(
+    w: ndarray::ArrayView2<f64>,
+    scale: ndarray::ArrayView2<f64>,
+    qmin: f64,
+    qmax: f64,
+    iterations: usize,
+    opts: &AdaRoundOptions,
+    mut gradient: impl FnMut(usize, &Array2<f32>, &mut Array2<f32>),
+) -> Array2<f64> {
     let (r, k) = w.dim();
     let n = r * k;
     // Row-major copies (ndarray's `iter` walks the logical order).
@@ -1062,7 +1138,6 @@ fn learn_rows_f32(
         })
         .collect();
     let floor: Vec<f32> = floor64.iter().map(|&f| f as f32).collect();
-    let off: Option<Vec<f32>> = offset.map(|o| o.iter().copied().collect());
     let (mut m1, mut m2) = (vec![0f32; n], vec![0f32; n]);
     let (mut sg, mut h) = (vec![0f32; n], vec![0f32; n]);
     let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8f32);
@@ -1083,8 +1158,7 @@ fn learn_rows_f32(
                 d[i] = s32[i] * (floor[i] + hv).clamp(lo, hi) - w32[i];
             }
         }
-        // d rec / d W~ = 2 (ΔW G_qq + offset)
-        ndarray::linalg::general_mat_mul(1.0, &dw, qq, 0.0, &mut grad);
+        gradient(it, &dw, &mut grad);
         let beta = if it >= warm && iterations > warm {
             let t = (it - warm) as f64 / (iterations - warm) as f64;
             2.0 + 0.5 * (20.0 - 2.0) * (1.0 + (t * std::f64::consts::PI).cos())
@@ -1105,8 +1179,7 @@ fn learn_rows_f32(
                 0.0
             };
             let mut dh = if x > lo && x < hi {
-                let gi = gs[i] + off.as_ref().map_or(0.0, |o| o[i]);
-                2.0 * gi * s32[i]
+                2.0 * gs[i] * s32[i]
             } else {
                 0.0
             };
@@ -1165,6 +1238,7 @@ pub fn learn(
             status: format!("nearest: {why}"),
             features: 0,
             blocks: 0,
+            activation: None,
             rows: 0,
             iterations: 0,
             nearest_error: f64::NAN,
@@ -1204,6 +1278,11 @@ pub fn learn(
             _ => 1,
         };
         let blocks = feature_blocks(features, taps, ada.exact_features, ada.block_features);
+        let clip = if ada.activation_loss {
+            Clip::after(g, &layer)
+        } else {
+            None
+        };
         tasks.push(Task {
             weight: layer.weight.clone(),
             node,
@@ -1213,6 +1292,8 @@ pub fn learn(
             features,
             blocks,
             stage: 0,
+            index: tasks.len(),
+            clip,
         });
     }
     let quantized_inputs = ada.inputs == AdaRoundInputs::Quantized;
@@ -1228,9 +1309,19 @@ pub fn learn(
     // Iterations: the budget spread in proportion to nothing but cost (one count for all).
     let macs_per_iteration: f64 = tasks
         .iter()
-        .map(|t| {
-            let widest = t.blocks.iter().map(|b| b.len()).max().unwrap_or(0);
-            (t.layer.out_channels() * t.features * (widest + 64)) as f64
+        .map(|t| match t.clip {
+            Some(_) => {
+                let cap = RowStore::cap(ada, t.groups, t.features);
+                rows::macs(
+                    t.layer.out_channels(),
+                    t.features,
+                    ada.activation_batch.min(cap),
+                ) as f64
+            }
+            None => {
+                let widest = t.blocks.iter().map(|b| b.len()).max().unwrap_or(0);
+                (t.layer.out_channels() * t.features * (widest + 64)) as f64
+            }
         })
         .sum();
     let iterations = match ada.budget_seconds {
@@ -1250,10 +1341,21 @@ pub fn learn(
         let copies = Grams::copies(!quantized_inputs);
         let bytes: u64 = stage_tasks
             .iter()
-            .map(|t| copies * 8 * (t.groups * t.features * t.features) as u64)
+            .map(|t| {
+                let stored = match t.clip {
+                    Some(_) => RowStore::bytes(
+                        RowStore::cap(ada, t.groups, t.features),
+                        t.groups,
+                        t.features,
+                        !quantized_inputs,
+                    ),
+                    None => 0,
+                };
+                copies * 8 * (t.groups * t.features * t.features) as u64 + stored
+            })
             .sum();
         crate::limits::MemoryBudget::default().check(
-            "adaround's Gram matrices (K x K f64 per layer group, 3 with quantized inputs)",
+            "adaround's Gram matrices (K x K f64 per layer group, 3 with quantized inputs) and stored rows",
             bytes,
         )?;
         let t0 = Instant::now();
@@ -1287,6 +1389,21 @@ pub fn learn(
         let mut grams: Vec<Grams> = stage_tasks
             .iter()
             .map(|t| Grams::new(t.groups, t.features, !quantized_inputs))
+            .collect();
+        let mut stores: Vec<Option<RowStore>> = stage_tasks
+            .iter()
+            .map(|t| {
+                t.clip.map(|_| {
+                    RowStore::new(
+                        t.index,
+                        opts.seed,
+                        (t.groups, t.features),
+                        RowStore::cap(ada, t.groups, t.features),
+                        calib.batches.len(),
+                        !quantized_inputs,
+                    )
+                })
+            })
             .collect();
         let mut runners: Option<(Vec<Vec<usize>>, Runner, Option<Runner>)> = None;
         let progress = crate::progress::Progress::bar(
@@ -1338,10 +1455,19 @@ pub fn learn(
             let xq = xq.as_ref().unwrap_or(&xf);
             grams
                 .par_iter_mut()
+                .zip(stores.par_iter_mut())
                 .zip(stage_tasks.par_iter())
                 .enumerate()
-                .try_for_each(|(i, (gr, t))| {
-                    t.add(gr, &xf[i], &xq[i], max_batch_rows, ada.exact_features)
+                .try_for_each(|(i, ((gr, st), t))| {
+                    t.add(
+                        gr,
+                        st.as_mut(),
+                        bi,
+                        &xf[i],
+                        &xq[i],
+                        max_batch_rows,
+                        ada.exact_features,
+                    )
                 })?;
         }
         drop(progress);
@@ -1350,9 +1476,10 @@ pub fn learn(
         let problems: Vec<LayerProblem> = stage_tasks
             .par_iter()
             .zip(grams.into_par_iter())
-            .map(|(t, gr)| {
+            .zip(stores.into_par_iter())
+            .map(|((t, gr), st)| {
                 let bits = if int4.contains(&t.weight) { 4 } else { 8 };
-                prepare_layer(t, gr, work, &codes[&t.weight], bits)
+                prepare_layer(t, gr, st, work, &codes[&t.weight], bits)
             })
             .collect::<Result<_>>()?;
         let learned = optimize_layers(&problems, iterations, ada, opts);
@@ -1428,6 +1555,8 @@ struct GroupProblem {
     qq32: Vec<Array2<f32>>,
     /// `W (G_qq - G_fq)`; `None` when the two are equal (float inputs).
     offset: Option<Array2<f32>>,
+    /// The stored rows of a row-form layer (activation inside the loss); `None`: Gram form.
+    rows: Option<GroupRows>,
 }
 
 /// One layer's groups, its bit width and the row count of its Grams.
@@ -1444,6 +1573,7 @@ struct LayerProblem {
 fn prepare_layer(
     t: &Task,
     mut gr: Grams,
+    store: Option<RowStore>,
     work: &Model,
     nearest: &Codes,
     bits: u32,
@@ -1459,6 +1589,25 @@ fn prepare_layer(
         *m /= rows;
     }
     let w = t.layer.weight_f32(&work.graph)?;
+    let stored_rows = store.as_ref().map_or(0, |st| st.rows());
+    // Row-form layers with rows: per group the stored rows, the bias and the activation.
+    let mut row_groups = match (store, t.clip) {
+        (Some(st), Some(clip)) if st.rows() > 0 => {
+            let bias: Vec<f64> = match t.layer.bias_f32(&work.graph)? {
+                Some(b) => b.iter().map(|&v| f64::from(v)).collect(),
+                None => vec![0.0; t.layer.out_channels()],
+            };
+            anyhow::ensure!(
+                bias.len() == t.layer.out_channels(),
+                "node '{}': bias of {} values for {} output channels",
+                t.node,
+                bias.len(),
+                t.layer.out_channels()
+            );
+            Some((st.finish().into_iter(), bias, clip))
+        }
+        _ => None,
+    };
     // The scale of row `o`, feature `j` (per channel, per tensor or per block).
     let scale_of = |o: usize, j: usize| -> f64 {
         f64::from(nearest.scales[nearest.scale_index(t.flat_index(o, j))])
@@ -1487,6 +1636,15 @@ fn prepare_layer(
             .iter()
             .map(|r| qq.slice(s![r.clone(), r.clone()]).mapv(|x| x as f32))
             .collect();
+        let rows = row_groups.as_mut().and_then(|(it, bias, clip)| {
+            let (xq, xf) = it.next()?;
+            Some(GroupRows {
+                xq,
+                xf,
+                bias: outs.iter().map(|&o| bias[o]).collect(),
+                clip: *clip,
+            })
+        });
         groups.push(GroupProblem {
             qq32,
             w: wg,
@@ -1497,13 +1655,18 @@ fn prepare_layer(
             b,
             c,
             offset,
+            rows,
         });
     }
     Ok(LayerProblem {
         groups,
         blocks: t.blocks.clone(),
         bits,
-        rows: gr.rows,
+        rows: if row_groups.is_some() {
+            stored_rows as u64
+        } else {
+            gr.rows
+        },
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
@@ -1530,6 +1693,9 @@ fn optimize_layers(
     }
     let cost = |&(li, gi, r0, r1): &(usize, usize, usize, usize)| -> usize {
         let k = problems[li].groups[gi].w.ncols();
+        if let Some(gr) = &problems[li].groups[gi].rows {
+            return rows::macs(r1 - r0, k, ada.activation_batch.min(gr.xq.nrows()));
+        }
         let widest = problems[li]
             .blocks
             .iter()
@@ -1551,7 +1717,18 @@ fn optimize_layers(
             let p = &problems[li];
             let gp = &p.groups[gi];
             let qmax = qmax(p.bits, opts.reduce_range) as f64;
-            let q = if p.blocks.len() == 1 {
+            let q = if let Some(gr) = &gp.rows {
+                rows::learn_rows_clipped(
+                    gp.w.slice(s![r0..r1, ..]),
+                    gp.scales.slice(s![r0..r1, ..]),
+                    gr,
+                    r0..r1,
+                    qmax,
+                    iterations,
+                    ada.activation_batch,
+                    ada,
+                )
+            } else if p.blocks.len() == 1 {
                 learn_rows_f32(
                     gp.w.slice(s![r0..r1, ..]),
                     gp.scales.slice(s![r0..r1, ..]),
@@ -1649,14 +1826,28 @@ fn finish_layer(
 ) -> (LayerRounding, Codes) {
     let mut out = nearest.clone();
     let (mut err_near, mut err_learn, mut energy, mut flipped) = (0.0, 0.0, 0.0, 0usize);
+    let mut activation = None;
     for (gp, q) in p.groups.iter().zip(learned) {
         let outs = &gp.outs;
         let wt = Array2::from_shape_fn(q.dim(), |(i, j)| q[[i, j]] * gp.scales[[i, j]]);
-        // Round-to-nearest as the quantize pass does it, in the same matrix view.
-        let e_near = row_errors(&gp.near, &gp.qq, &gp.b, &gp.c);
-        let e_learn = row_errors(&wt, &gp.qq, &gp.b, &gp.c);
+        // Round-to-nearest as the quantize pass does it, in the same matrix view; row-form
+        // layers compare the activated outputs on their stored rows.
+        let (energies, e_near, e_learn) = match &gp.rows {
+            Some(gr) => {
+                activation = Some(gr.clip.name());
+                let (energies, mut e) = gr.errors(&gp.w, &[&gp.near, &wt]);
+                let e_learn = e.pop().expect("two candidates");
+                let e_near = e.pop().expect("two candidates");
+                (energies, e_near, e_learn)
+            }
+            None => (
+                gp.c.to_vec(),
+                row_errors(&gp.near, &gp.qq, &gp.b, &gp.c),
+                row_errors(&wt, &gp.qq, &gp.b, &gp.c),
+            ),
+        };
         for (i, &o) in outs.iter().enumerate() {
-            energy += gp.c[i];
+            energy += energies[i];
             err_near += e_near[i];
             if e_learn[i] < e_near[i] {
                 err_learn += e_learn[i];
@@ -1682,7 +1873,12 @@ fn finish_layer(
             stage: 0,
             status: "learned".into(),
             features: t.features,
-            blocks: p.blocks.len(),
+            blocks: if activation.is_some() {
+                1
+            } else {
+                p.blocks.len()
+            },
+            activation,
             rows: p.rows,
             iterations,
             nearest_error: err_near,
@@ -2078,6 +2274,7 @@ mod tests {
                     b: b.clone(),
                     c: Array1::zeros(o),
                     offset,
+                    rows: None,
                 };
                 let blocked = learn_blocks(&gp, &blocks, 0..o, qmax, 400, &opts);
                 let whole = learn_rows(&w, &scale, &qq, &b, -qmax, qmax, 400, &opts);
