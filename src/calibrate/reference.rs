@@ -23,7 +23,7 @@
 //! differ from the plain run's. Measured with the observed tensors as extra outputs: the
 //! graph's outputs bit-identical to the plain run on resnet18, mobilenet_v2, efficientnet_b0,
 //! vit_small and densenet121 (BENCHMARKS.md, issue 17 session 15), and
-//! `tests/validate_reference.rs` asserts equal reports with and without the kept outputs.
+//! `tests/validate_data_source.rs` asserts equal reports with and without the kept outputs.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
