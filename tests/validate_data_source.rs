@@ -139,39 +139,17 @@ fn without_data_the_verdict_is_a_smoke_test() {
 /// model or for rows they were not computed on.
 #[test]
 fn outputs_kept_from_calibration_give_the_same_report_and_only_for_their_model_and_rows() {
-    use onnx_compress::calibrate::reference::{ReferenceRequest, KEPT_OUTPUT_BYTES};
     use onnx_compress::calibrate::{CalibrationSet, DataOptions};
-    use onnx_compress::passes::quantize::{quantize, QuantizeOptions};
-    use onnx_compress::passes::target::Target;
     use onnx_compress::validate::{validate, ValidateOptions};
-    use std::sync::Arc;
 
     let t = testdata();
-    let original = onnx_compress::onnx::load::read_model(&t.join("digits_cnn.onnx"))
-        .unwrap()
-        .0;
-    let original = Arc::new(original);
-    let mut model = onnx_compress::ir::Model::from_proto((*original).clone()).unwrap();
-    let mut calib = CalibrationSet::load(
-        &t.join("digits_calib_x.npy"),
-        &model,
-        &DataOptions::default(),
-    )
-    .unwrap();
-    let request = Arc::new(ReferenceRequest::new(
-        original.clone(),
-        40,
-        KEPT_OUTPUT_BYTES,
-    ));
-    calib.reference = Some(request.clone());
-    // The generic target quantizes this small net (ONNX Runtime's keeps it float).
-    let opts = QuantizeOptions {
-        target: Target::Generic,
-        ..Default::default()
-    };
-    let stats = quantize(&mut model, &opts, Some(&calib)).unwrap();
-    assert!(stats.changes > 0, "{:?}", stats.notes);
-    let candidate = model.to_proto().unwrap();
+    let Kept {
+        original,
+        candidate,
+        calib,
+        request,
+        model,
+    } = quantized_digits_keeping(40);
     let kept = request.kept().expect("the calibration run kept outputs");
     assert_eq!(kept.len(), 40, "at most the rows asked for");
 
@@ -250,33 +228,15 @@ fn outputs_kept_from_calibration_give_the_same_report_and_only_for_their_model_a
 /// every way.
 #[test]
 fn one_model_at_a_time_runs_the_original_only_on_rows_it_needs() {
-    use onnx_compress::calibrate::reference::{ReferenceRequest, KEPT_OUTPUT_BYTES};
-    use onnx_compress::calibrate::{CalibrationSet, DataOptions};
-    use onnx_compress::passes::quantize::{quantize, QuantizeOptions};
     use onnx_compress::validate::{validate, EarlyStop, ValidateOptions};
-    use std::sync::Arc;
 
-    let t = testdata();
-    let original = Arc::new(
-        onnx_compress::onnx::load::read_model(&t.join("digits_cnn.onnx"))
-            .unwrap()
-            .0,
-    );
-    let mut model = onnx_compress::ir::Model::from_proto((*original).clone()).unwrap();
-    let mut calib = CalibrationSet::load(
-        &t.join("digits_calib_x.npy"),
-        &model,
-        &DataOptions::default(),
-    )
-    .unwrap();
-    let request = Arc::new(ReferenceRequest::new(
-        original.clone(),
-        64,
-        KEPT_OUTPUT_BYTES,
-    ));
-    calib.reference = Some(request.clone());
-    quantize(&mut model, &QuantizeOptions::default(), Some(&calib)).unwrap();
-    let candidate = model.to_proto().unwrap();
+    let Kept {
+        original,
+        candidate,
+        calib,
+        request,
+        ..
+    } = quantized_digits_keeping(64);
     let opts = |above: u64, stop: Option<EarlyStop>, kept: bool| ValidateOptions {
         inputs: Some(calib.rebatched(16).unwrap()),
         in_sample: true,
@@ -309,4 +269,57 @@ fn one_model_at_a_time_runs_the_original_only_on_rows_it_needs() {
     );
     assert!(!has(&kept, "ran again"), "{:?}", kept.notes);
     assert_eq!(kept.outputs, both.outputs);
+}
+
+/// The trained digits CNN, quantized for the generic target (ONNX Runtime's keeps this small
+/// net float) on its calibration data, with calibration asked to keep the original's outputs
+/// on at most `rows` rows.
+struct Kept {
+    original: std::sync::Arc<onnx_compress::onnx::proto::ModelProto>,
+    candidate: onnx_compress::onnx::proto::ModelProto,
+    calib: onnx_compress::calibrate::CalibrationSet,
+    request: std::sync::Arc<onnx_compress::calibrate::reference::ReferenceRequest>,
+    model: onnx_compress::ir::Model,
+}
+
+fn quantized_digits_keeping(rows: usize) -> Kept {
+    use onnx_compress::calibrate::reference::{ReferenceRequest, KEPT_OUTPUT_BYTES};
+    use onnx_compress::calibrate::{CalibrationSet, DataOptions};
+    use onnx_compress::passes::quantize::{quantize, QuantizeOptions};
+    use onnx_compress::passes::target::Target;
+    use std::sync::Arc;
+
+    let t = testdata();
+    let original = Arc::new(
+        onnx_compress::onnx::load::read_model(&t.join("digits_cnn.onnx"))
+            .unwrap()
+            .0,
+    );
+    let mut model = onnx_compress::ir::Model::from_proto((*original).clone()).unwrap();
+    let mut calib = CalibrationSet::load(
+        &t.join("digits_calib_x.npy"),
+        &model,
+        &DataOptions::default(),
+    )
+    .unwrap();
+    let request = Arc::new(ReferenceRequest::new(
+        original.clone(),
+        rows,
+        KEPT_OUTPUT_BYTES,
+    ));
+    calib.reference = Some(request.clone());
+    let opts = QuantizeOptions {
+        target: Target::Generic,
+        ..Default::default()
+    };
+    let stats = quantize(&mut model, &opts, Some(&calib)).unwrap();
+    assert!(stats.changes > 0, "{:?}", stats.notes);
+    let candidate = model.to_proto().unwrap();
+    Kept {
+        original,
+        candidate,
+        calib,
+        request,
+        model,
+    }
 }

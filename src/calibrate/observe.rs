@@ -849,36 +849,7 @@ fn observe_run(
         whole,
         capture,
         |b, batch, group, parts| {
-            // Each tensor's values as consecutive pieces of the batch, in row order: the graph
-            // inputs whole with the batch's first group of pieces, the extra outputs per piece.
-            let mut seen: Vec<(&str, Vec<Cow<[f32]>>)> = Vec::with_capacity(tensors.len());
-            if group.first {
-                for name in &inputs {
-                    let k = calib
-                        .input_names
-                        .iter()
-                        .position(|n| n == *name)
-                        .expect("filtered above");
-                    // Integer and bool inputs pass through: only float values are observed.
-                    if let Some(a) = batch[k].as_f32() {
-                        // A feed not in standard layout is copied first.
-                        let values = match a.as_slice() {
-                            Some(s) => Cow::Borrowed(s),
-                            None => Cow::Owned(a.iter().copied().collect()),
-                        };
-                        seen.push((name.as_str(), vec![values]));
-                    }
-                }
-            }
-            for (t, name) in extra.iter().enumerate() {
-                seen.push((
-                    name.as_str(),
-                    parts
-                        .iter()
-                        .map(|p| Cow::Borrowed(p[t].as_slice()))
-                        .collect(),
-                ));
-            }
+            let seen = pieces_of(&inputs, &extra, calib, batch, group.first, parts);
             // Each observer sees its tensor's pieces in order whatever the thread count; only
             // different tensors' updates run side by side (the histogram work is most of a
             // calibration's CPU time on models with many large activations).
@@ -902,6 +873,45 @@ fn observe_run(
         },
     )?;
     Ok((observers, by_fold))
+}
+
+/// Each observed tensor's values in one group of a batch's pieces, in row order: the graph
+/// `inputs` whole with the batch's first group (float ones only: integer and bool inputs pass
+/// through), the `extra` outputs per piece (`parts`, in `extra`'s order).
+fn pieces_of<'a>(
+    inputs: &[&'a String],
+    extra: &'a [String],
+    calib: &CalibrationSet,
+    batch: &'a [crate::runtime::Feed],
+    first: bool,
+    parts: &'a [Vec<F32Value>],
+) -> Vec<(&'a str, Vec<Cow<'a, [f32]>>)> {
+    let mut seen: Vec<(&str, Vec<Cow<[f32]>>)> = Vec::with_capacity(inputs.len() + extra.len());
+    if first {
+        for name in inputs {
+            let Some(k) = calib.input_names.iter().position(|n| n == *name) else {
+                continue;
+            };
+            if let Some(a) = batch[k].as_f32() {
+                // A feed not in standard layout is copied first.
+                let values = match a.as_slice() {
+                    Some(s) => Cow::Borrowed(s),
+                    None => Cow::Owned(a.iter().copied().collect()),
+                };
+                seen.push((name.as_str(), vec![values]));
+            }
+        }
+    }
+    for (t, name) in extra.iter().enumerate() {
+        seen.push((
+            name.as_str(),
+            parts
+                .iter()
+                .map(|p| Cow::Borrowed(p[t].as_slice()))
+                .collect(),
+        ));
+    }
+    seen
 }
 
 /// [`observers_by_fold`] (`folds >= 1`) with the whole-set observers rebuilt from the folds'
@@ -950,33 +960,7 @@ pub fn observers_merged_from_folds(
         calib,
         "calibrating",
         |b, batch, group, parts| {
-            // As in `observers_by_fold`: each tensor's values as consecutive pieces of the batch.
-            let mut seen: Vec<(&str, Vec<Cow<[f32]>>)> = Vec::with_capacity(tensors.len());
-            if group.first {
-                for name in &inputs {
-                    let k = calib
-                        .input_names
-                        .iter()
-                        .position(|n| n == *name)
-                        .expect("filtered above");
-                    if let Some(a) = batch[k].as_f32() {
-                        let values = match a.as_slice() {
-                            Some(s) => Cow::Borrowed(s),
-                            None => Cow::Owned(a.iter().copied().collect()),
-                        };
-                        seen.push((name.as_str(), vec![values]));
-                    }
-                }
-            }
-            for (t, name) in extra.iter().enumerate() {
-                seen.push((
-                    name.as_str(),
-                    parts
-                        .iter()
-                        .map(|p| Cow::Borrowed(p[t].as_slice()))
-                        .collect(),
-                ));
-            }
+            let seen = pieces_of(&inputs, &extra, calib, batch, group.first, parts);
             let values: std::collections::HashMap<&str, &Vec<Cow<[f32]>>> =
                 seen.iter().map(|(n, v)| (*n, v)).collect();
             let mut work: Vec<(
