@@ -13,6 +13,7 @@ use onnx_compress::calibrate::observe::{
 };
 use onnx_compress::calibrate::params::ActScheme;
 use onnx_compress::ir::Model;
+use onnx_compress::passes::quantize::auto::AutoOptions;
 use onnx_compress::passes::quantize::{quantize, QuantizeOptions};
 use std::path::PathBuf;
 
@@ -35,10 +36,20 @@ fn quantized_with(file: &str, method: Method) -> (Model, Model, serde_json::Valu
 }
 
 fn quantized_on(file: &str, method: Method, samples: usize) -> (Model, Model, serde_json::Value) {
+    quantized_by(file, method, samples, AutoOptions::default())
+}
+
+fn quantized_by(
+    file: &str,
+    method: Method,
+    samples: usize,
+    auto: AutoOptions,
+) -> (Model, Model, serde_json::Value) {
     let (float, calib) = digits_model_with(file, samples);
     let mut q = float.clone();
     let opts = QuantizeOptions {
         method,
+        auto,
         ..Default::default()
     };
     let stats = quantize(&mut q, &opts, Some(&calib)).unwrap();
@@ -83,51 +94,89 @@ fn auto_holds_the_best_fixed_method_on_held_out_digits() {
     }
 }
 
-#[test]
-fn auto_reports_every_tensor_and_never_scores_above_its_start() {
-    let (_, _, details) = quantized_with("digits_deep.onnx", Method::Auto);
+/// The checks every `auto` report passes, with or without blocks: a method per tensor, the
+/// final loss never above the uniform start's, every candidate's width per tensor, and each
+/// tensor's distance from the default method's range. Returns (start, uniform losses).
+fn check_auto_report(details: &serde_json::Value) -> (String, Vec<(String, f64)>) {
     assert_eq!(details["method"], "auto");
     let auto = &details["auto"];
     let tensors = auto["tensors"].as_array().unwrap();
     let activations = details["activations"].as_array().unwrap();
     assert_eq!(tensors.len(), activations.len());
-    let uniform = auto["uniform"].as_array().unwrap();
-    assert_eq!(uniform.len(), 3);
-    // The search starts from a uniform assignment and only accepts improvements.
-    let start = auto["start"].as_str().unwrap();
-    let start_loss = uniform
+    let uniform: Vec<(String, f64)> = auto["uniform"]
+        .as_array()
+        .unwrap()
         .iter()
-        .find(|u| u[0] == start)
-        .and_then(|u| u[1].as_f64())
-        .unwrap();
+        .map(|u| (u[0].as_str().unwrap().to_string(), u[1].as_f64().unwrap()))
+        .collect();
+    assert_eq!(uniform.len(), 3);
+    let default = &uniform[0].0;
+    // The search starts from a uniform assignment and only accepts improvements.
+    let start = auto["start"].as_str().unwrap().to_string();
+    let start_loss = uniform.iter().find(|u| u.0 == start).unwrap().1;
     let loss = auto["loss"].as_f64().unwrap();
     assert!(
         loss <= start_loss,
         "final loss {loss} above its start's {start_loss}"
     );
-    let blocks = auto["blocks"].as_array().unwrap();
-    assert_eq!(blocks.len(), 4);
-    assert_eq!(auto["evaluations"].as_u64().unwrap(), 3 + 4 * 2);
-    let covered: u64 = blocks.iter().map(|b| b["tensors"].as_u64().unwrap()).sum();
-    assert_eq!(covered as usize, tensors.len());
-    // Per tensor: what won (the same as `tensors`), by how much (its block's margin: positive
-    // where the block changed), and the range each candidate gives it.
     let choices = auto["choices"].as_array().unwrap();
     assert_eq!(choices.len(), tensors.len());
     for (c, t) in choices.iter().zip(tensors) {
         assert_eq!(c["tensor"], t[0]);
         assert_eq!(c["method"], t[1]);
+        assert_eq!(c["widths"].as_array().unwrap().len(), 3);
+        let moved = c["moved"].as_f64().unwrap();
+        assert!(
+            moved >= 0.0 && (c["method"] != default.as_str() || moved == 0.0),
+            "{c}"
+        );
+    }
+    (start, uniform)
+}
+
+#[test]
+fn auto_reports_every_tensor_and_never_scores_above_its_start() {
+    // Default: one method for every tensor, three evaluations, each tensor's margin the
+    // uniform choice's.
+    let (_, _, details) = quantized_with("digits_deep.onnx", Method::Auto);
+    let (start, uniform) = check_auto_report(&details);
+    let auto = &details["auto"];
+    assert_eq!(auto["evaluations"].as_u64().unwrap(), 3);
+    assert!(auto["blocks"].as_array().unwrap().is_empty());
+    let chosen = uniform.iter().find(|u| u.0 == start).unwrap().1;
+    let other = uniform
+        .iter()
+        .filter(|u| u.0 != start)
+        .map(|u| u.1)
+        .fold(f64::INFINITY, f64::min);
+    for c in auto["choices"].as_array().unwrap() {
+        assert_eq!(c["method"], start.as_str());
+        assert!(c["block"].is_null(), "{c}");
+        let margin = c["loss_margin"].as_f64().unwrap();
+        assert!((margin - (other - chosen) / chosen).abs() < 1e-12, "{c}");
+    }
+
+    // Blocks on request: two trials per block, every tensor in one block, a block's margin
+    // positive where it changed.
+    let blocks4 = AutoOptions {
+        blocks: 4,
+        ..AutoOptions::default()
+    };
+    let (_, _, details) = quantized_by("digits_deep.onnx", Method::Auto, 200, blocks4);
+    check_auto_report(&details);
+    let auto = &details["auto"];
+    let blocks = auto["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), 4);
+    assert_eq!(auto["evaluations"].as_u64().unwrap(), 3 + 4 * 2);
+    let tensors = auto["tensors"].as_array().unwrap();
+    let covered: u64 = blocks.iter().map(|b| b["tensors"].as_u64().unwrap()).sum();
+    assert_eq!(covered as usize, tensors.len());
+    for c in auto["choices"].as_array().unwrap() {
         let block = &blocks[c["block"].as_u64().unwrap() as usize];
         assert_eq!(block["chosen"], c["method"]);
         if block["gain"].as_f64().unwrap() > 0.0 {
             assert!(c["loss_margin"].as_f64().unwrap() > 0.0, "{c}");
         }
-        assert_eq!(c["widths"].as_array().unwrap().len(), 3);
-        let moved = c["moved"].as_f64().unwrap();
-        assert!(
-            moved >= 0.0 && (c["method"] != start || moved == 0.0),
-            "{c}"
-        );
     }
 }
 
@@ -276,6 +325,10 @@ fn repeated_assignments_are_not_run_again_and_threads_do_not_matter() {
             let mut q = float.clone();
             let opts = QuantizeOptions {
                 method: Method::Auto,
+                auto: AutoOptions {
+                    blocks: 4,
+                    ..AutoOptions::default()
+                },
                 ..Default::default()
             };
             let stats = quantize(&mut q, &opts, Some(&calib)).unwrap();

@@ -40,13 +40,19 @@
 //! ranges come from the whole calibration set with the chosen method per tensor.
 //!
 //! Search (deterministic: samples are scored in parallel, one per task, and summed in order):
-//! 1. every candidate applied to all tensors (one evaluation each); the start is the default
+//! 1. every candidate applied to all tensors (one evaluation each); the choice is the default
 //!    method ([`CANDIDATES`]`[0]`) unless another's cross-fitted loss is lower by more than
 //!    [`UNIFORM_MIN_GAIN`];
-//! 2. the marked tensors, in topological order, are cut into [`AutoOptions::blocks`] contiguous
-//!    blocks; for each block in order, the next-best uniform candidates
-//!    ([`AutoOptions::alternatives`]) are tried on that block alone with the rest at the current
-//!    choice, and kept when it is reliably better.
+//! 2. only when asked (`--auto-blocks N`, [`AutoOptions::blocks`]): the marked tensors, in
+//!    topological order, are cut into N contiguous blocks; for each block in order, the
+//!    next-best uniform candidates ([`AutoOptions::alternatives`]) are tried on that block
+//!    alone with the rest at the current choice, and kept when it is reliably better.
+//!
+//! Why the blocks are off by default: with the guard below, no block trial was kept on ten zoo
+//! models (ResNet-18/50, RegNetX, MobileNetV2, SqueezeNet, EfficientNet-B0, ViT-small,
+//! ConvNeXt-tiny, PP-OCRv4 rec, ddddocr), and on the eleventh (the digits net deep) the block
+//! it kept scored 0.1 dB lower on the held-out digits than the uniform choice; the eight block
+//! trials were 40-45% of `auto`'s CPU (BENCHMARKS.md, "`auto`'s cost vs ORT").
 //!
 //! "Reliably better" guards the block choices (more trials, more chances to fit noise): lower
 //! by more than [`MIN_GAIN`] (relative) and by more than [`RELIABLE_SIGMAS`] standard errors
@@ -105,12 +111,14 @@ pub const UNIFORM_MIN_GAIN: f64 = 0.15;
 pub const MIN_SAMPLES: usize = 16;
 pub const MAX_SAMPLES: usize = 256;
 
-/// Marked activation elements the whole search may fake-quantize (evaluations x scored samples
-/// x elements per sample): a cost proxy known before any scoring run and the same on every
-/// machine (a wall-time budget would make the output depend on the load). About 16 samples
-/// on ResNet-18 at 224x224 (4.5M elements per sample, 11 evaluations), every calibration
-/// sample on small OCR and digits models, where 16 samples overfit (PP-OCR cls: -3 dB).
-pub const SCORING_ELEMENT_BUDGET: f64 = 8e8;
+/// Marked activation elements one evaluation may fake-quantize (scored samples x elements per
+/// sample): a cost proxy known before any scoring run and the same on every machine (a
+/// wall-time budget would make the output depend on the load). About 16 samples on ResNet-18
+/// at 224x224 (4.5M elements per sample), every calibration sample on small OCR and digits
+/// models, where 16 samples overfit (PP-OCR cls: -3 dB). Set when the search made 11
+/// evaluations within 8e8 elements; per evaluation, so that dropping the blocks kept the
+/// scored samples, and asking for blocks costs their evaluations on the same samples.
+pub const SCORING_ELEMENT_BUDGET: f64 = 8e8 / 11.0;
 
 impl AutoOptions {
     /// Assignments scored: every candidate alone, then the alternatives per block.
@@ -123,8 +131,7 @@ impl AutoOptions {
     /// [`MIN_SAMPLES`]..=[`MAX_SAMPLES`] and the calibration set.
     pub fn scored_samples(&self, calibration_samples: usize, elements_per_sample: f64) -> usize {
         self.samples.unwrap_or_else(|| {
-            let affordable =
-                SCORING_ELEMENT_BUDGET / (self.evaluations() as f64 * elements_per_sample.max(1.0));
+            let affordable = SCORING_ELEMENT_BUDGET / elements_per_sample.max(1.0);
             (affordable as usize)
                 .clamp(MIN_SAMPLES, MAX_SAMPLES)
                 .min(calibration_samples.max(1))
@@ -139,7 +146,8 @@ pub struct AutoOptions {
     /// None: as many as [`SCORING_ELEMENT_BUDGET`] affords (see
     /// [`AutoOptions::scored_samples`]).
     pub samples: Option<usize>,
-    /// Contiguous blocks of tensors refined one after the other (0: uniform choice only).
+    /// Contiguous blocks of tensors refined one after the other (0, the default: one method
+    /// for every tensor).
     pub blocks: usize,
     /// Candidates tried on each block besides its current one: the best-scoring uniform
     /// assignments after the start (1..=2).
@@ -150,7 +158,8 @@ impl Default for AutoOptions {
     fn default() -> Self {
         AutoOptions {
             samples: None,
-            blocks: 4,
+            // Off: see the module doc ("Why the blocks are off by default").
+            blocks: 0,
             // Every other candidate: on PP-OCRv4 rec the block that mattered (-40% loss) took
             // mse, which was not the runner-up of the uniform assignments.
             alternatives: 2,
@@ -189,10 +198,11 @@ pub struct AutoReport {
     pub seconds: AutoSeconds,
 }
 
-/// One tensor's choice. Choices are scored per block of tensors, so the loss margin is its
-/// block's: the loss of the best other candidate tried on the block relative to the chosen
-/// one's (positive: the chosen one won by that much; negative: a lower loss was not reliably
-/// lower, or the tensor is outside every block and kept the start).
+/// One tensor's choice. Choices are scored per assignment, not per tensor: outside the blocks
+/// (all tensors by default) a tensor's margin is the uniform choice's, the loss of the best
+/// other uniform assignment relative to the chosen one's; inside a block it is the block's
+/// (positive: the chosen one won by that much; negative: a lower loss was not reliably lower,
+/// or not lower by [`UNIFORM_MIN_GAIN`], so the default method stayed).
 #[derive(Debug, Clone, Serialize)]
 pub struct TensorChoice {
     pub tensor: String,
@@ -202,11 +212,12 @@ pub struct TensorChoice {
     pub loss_margin: f64,
     /// Width `hi - lo` of the range each candidate gives this tensor (whole calibration set).
     pub widths: Vec<(String, f32)>,
-    /// `|ln(chosen width / start width)|`: how far the choice moved this tensor's range from
-    /// the uniform start's.
+    /// `|ln(chosen width / default width)|`: how far the choice moved this tensor's range from
+    /// the default method's ([`CANDIDATES`]`[0]`).
     pub moved: f64,
-    /// `moved` times its block's relative gain: ranks the tensors where the choice mattered
-    /// most (the terminal names the first few).
+    /// `moved` times the relative loss gain of the step that gave the tensor its method (its
+    /// block's, else the uniform choice's over the default method): ranks the tensors where
+    /// the choice mattered most (the terminal names the first few).
     pub mattered: f64,
 }
 
@@ -460,6 +471,22 @@ pub fn choose(
     }
     let loss = current_score.loss();
     let uniform_losses: Vec<f64> = uniform_scores.iter().map(Score::loss).collect();
+    let relative = |from: f64, to: f64| if from > 0.0 { (from - to) / from } else { 0.0 };
+    // Outside the blocks a tensor's method is the uniform choice: it won by the margin of the
+    // best other uniform assignment, and it brought the start's gain over the default method.
+    let uniform_margin = {
+        let chosen = uniform_losses[best];
+        let other = (0..CANDIDATES.len())
+            .filter(|&c| c != best)
+            .map(|c| uniform_losses[c])
+            .fold(f64::INFINITY, f64::min);
+        if chosen > 0.0 && other.is_finite() {
+            (other - chosen) / chosen
+        } else {
+            0.0
+        }
+    };
+    let start_gain = relative(uniform_losses[0], uniform_losses[best]);
     let choices: Vec<TensorChoice> = tensors
         .iter()
         .enumerate()
@@ -489,11 +516,11 @@ pub fn choose(
                     } else {
                         0.0
                     };
-                    (margin, b.gain)
+                    (margin, if b.gain > 0.0 { b.gain } else { start_gain })
                 }
-                None => (0.0, 0.0),
+                None => (uniform_margin, start_gain),
             };
-            let (w, w0) = (width(c) as f64, width(best) as f64);
+            let (w, w0) = (width(c) as f64, width(0) as f64);
             let moved = if w > 0.0 && w0 > 0.0 {
                 (w / w0).ln().abs()
             } else {
@@ -1137,18 +1164,14 @@ pub fn summary(r: &AutoReport) -> String {
             )
         })
         .collect();
+    let default_label = CANDIDATES[0].label();
     let mut ranked: Vec<&TensorChoice> = r.choices.iter().filter(|c| c.mattered > 0.0).collect();
     ranked.sort_by(|a, b| b.mattered.total_cmp(&a.mattered));
     let tensors: Vec<String> = ranked
         .iter()
         .take(3)
         .map(|c| {
-            let start = c
-                .widths
-                .iter()
-                .find(|(m, _)| *m == r.start)
-                .map(|x| x.1)
-                .unwrap_or(f32::NAN);
+            let default = c.widths.first().map(|x| x.1).unwrap_or(f32::NAN);
             let chosen = c
                 .widths
                 .iter()
@@ -1159,13 +1182,13 @@ pub fn summary(r: &AutoReport) -> String {
                 "'{}' {} (range x{:.2} of {})",
                 c.tensor,
                 c.method,
-                chosen / start,
-                r.start
+                chosen / default,
+                default_label
             )
         })
         .collect();
     format!(
-        "ranges chosen by output error (auto, {} on {} sample(s){}, {} assignments scored in {:.1}s + {:.1}s to build the scoring plan): {}; loss {:.3e}, best single method {:.3e} ({}), worst {:.3e}; started from {}{}{}",
+        "ranges chosen by output error (auto, {} on {} sample(s){}, {} assignments scored in {:.1}s + {:.1}s to build the scoring plan): {}; loss {:.3e}, best single method {:.3e} ({}), worst {:.3e}; {} {}{}{}",
         r.losses.join("+"),
         r.samples,
         if r.cross_fitted {
@@ -1181,6 +1204,7 @@ pub fn summary(r: &AutoReport) -> String {
         best_fixed,
         best_label,
         worst_fixed,
+        if r.blocks.is_empty() { "chose" } else { "started from" },
         r.start,
         if mattered.is_empty() {
             String::new()
@@ -1190,7 +1214,7 @@ pub fn summary(r: &AutoReport) -> String {
         if tensors.is_empty() {
             String::new()
         } else {
-            format!("; tensors whose range moved most there: {}", tensors.join(", "))
+            format!("; tensors whose range moved most: {}", tensors.join(", "))
         }
     )
 }
