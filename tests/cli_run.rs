@@ -690,8 +690,11 @@ fn calibrated_int8_is_the_same_whatever_the_thread_count() {
     let calib = t.join("digits_calib_x.npy");
     for method in ["percentile", "auto"] {
         let mut bytes = Vec::new();
+        // `--threads N` sets the count (and the report says it); RAYON_NUM_THREADS, which the
+        // flag overrides, asks for another.
         for threads in ["1", "2"] {
             let out = d.path().join(format!("{method}_{threads}.onnx"));
+            let report = d.path().join(format!("{method}_{threads}.json"));
             let o = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-compress"))
                 .args([
                     m.to_str().unwrap(),
@@ -702,9 +705,13 @@ fn calibrated_int8_is_the_same_whatever_the_thread_count() {
                     "--method",
                     method,
                     "--no-validate",
+                    "--threads",
+                    threads,
+                    "--report",
+                    report.to_str().unwrap(),
                     "-q",
                 ])
-                .env("RAYON_NUM_THREADS", threads)
+                .env("RAYON_NUM_THREADS", "3")
                 .output()
                 .unwrap();
             assert!(
@@ -712,6 +719,9 @@ fn calibrated_int8_is_the_same_whatever_the_thread_count() {
                 "{method} {threads}: {}",
                 String::from_utf8_lossy(&o.stderr)
             );
+            let r: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+            assert_eq!(r["threads"].to_string(), threads, "{method}");
             bytes.push(std::fs::read(&out).unwrap());
         }
         assert!(

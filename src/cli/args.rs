@@ -58,6 +58,9 @@ pub struct SensitivityArgs {
     /// Most Hutchinson probes per layer.
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub hessian_samples: usize,
+    /// Worker threads (default: one per core); the estimates are the same whatever the count.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
     /// Output comparison for the traces: auto (KL for classifier logits, MSE otherwise), kl, mse.
     #[arg(long, value_enum, default_value = "auto")]
     pub hessian_loss: HessianLossArg,
@@ -160,6 +163,10 @@ pub struct CompressArgs {
     /// Print nothing but errors.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Worker threads for calibration, validation and the passes' parallel work (default: one
+    /// per core). The output bytes and the report's figures are the same whatever the count.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
     // ---- calibration and quantization ----
     /// Calibration data: a directory of .npy files (one sample or a batch each; several graph
     /// inputs as `<input>_NNN.npy`), a .npy, an .npz (keys = input names), or png/jpg images
@@ -283,6 +290,16 @@ pub struct CompressArgs {
         help_heading = "Quantization"
     )]
     pub adaround_inputs: AdaroundInputsArg,
+    /// --adaround-inputs quantized: layers are learned in this many stages in graph order, each
+    /// reading its inputs from the model with every earlier stage's learned weights (0: one
+    /// layer per stage, as AIMET; two runs over --calib per stage).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 4,
+        help_heading = "Quantization"
+    )]
+    pub adaround_stages: usize,
     /// --rounding adaround: fit the layers whose output only a Relu or Clip reads on the
     /// activated outputs (the activation inside the loss, as AIMET; stored input rows in
     /// mini-batches). Helped W8A8 on small CNNs, not W4A8 on MobileNetV2 or ResNet-18.

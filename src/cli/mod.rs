@@ -50,6 +50,14 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let threads = match &cli.command {
+        Some(Command::Sensitivity(args)) => args.threads,
+        None => cli.compress.threads,
+        _ => None,
+    };
+    if let Some(n) = threads {
+        use_threads(n as usize)?;
+    }
     match cli.command {
         Some(Command::Inspect(args)) => inspect(&args),
         Some(Command::Sensitivity(args)) => sensitivity(&args),
@@ -58,6 +66,23 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         None => compress(&cli.compress),
+    }
+}
+
+/// Run every parallel part of the work (rayon's global pool: calibration, validation, the
+/// passes) on `n` threads. The pool can be set once per process; a second call asking for the
+/// size it already has is fine.
+fn use_threads(n: usize) -> Result<()> {
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+    {
+        Ok(()) => Ok(()),
+        Err(_) if rayon::current_num_threads() == n => Ok(()),
+        Err(e) => anyhow::bail!(
+            "--threads {n}: the thread pool already runs {} thread(s) in this process: {e}",
+            rayon::current_num_threads()
+        ),
     }
 }
 

@@ -224,6 +224,10 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
                 AdaroundInputsArg::Quantized => AdaRoundInputs::Quantized,
             },
             activation_loss: args.adaround_activation_loss,
+            stages: match args.adaround_stages {
+                0 => usize::MAX,
+                n => n,
+            },
             ..Default::default()
         }),
         w4a8: args.w4a8.then_some(W4a8 {

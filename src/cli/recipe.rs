@@ -14,7 +14,8 @@ use clap::{ArgAction, ArgMatches, Command};
 use std::ffi::OsString;
 use std::path::Path;
 
-/// Options that describe where a run reads and writes or how loud it is, not how it compresses.
+/// Options that describe where a run reads and writes, how loud it is or on how many threads
+/// it runs, not how it compresses.
 const NOT_IN_RECIPES: &[&str] = &[
     "model",
     "output",
@@ -23,6 +24,7 @@ const NOT_IN_RECIPES: &[&str] = &[
     "report",
     "html",
     "quiet",
+    "threads",
     "force",
     "help",
     "version",

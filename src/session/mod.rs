@@ -488,6 +488,7 @@ pub fn compress(opts: &CompressOptions) -> Result<Outcome> {
         kv_cache,
         gate,
         seconds_total: start.elapsed().as_secs_f64(),
+        threads: rayon::current_num_threads(),
         timings: phases.done,
     };
     Ok(Outcome { report, written })

@@ -47,6 +47,8 @@ pub struct RunReport {
     pub gate: Option<GateReport>,
     pub size_ratio: f64,
     pub seconds_total: f64,
+    /// Worker threads the run's parallel work used (`--threads`, default one per core).
+    pub threads: usize,
     /// Wall seconds and peak memory per phase of the run, in order.
     pub timings: Vec<super::timings::Phase>,
 }
