@@ -352,3 +352,42 @@ fn blocked_w4a8_writes_block_dequantize_and_beats_per_channel() {
         "nearest W4A8 held-out SQNR: blocked {blocked_db:.2} dB vs per-channel {pc_db:.2} dB"
     );
 }
+
+/// `--adaround-inputs quantized`, one layer per stage (the default stage count): every learned
+/// layer is fitted after the layers before it have their learned rounding, so it also corrects
+/// their error. At W4A8 on the digits CNN it must land closer to the float model on held-out
+/// digits than the float-input fit, which in turn beats round-to-nearest (measured at 1000
+/// iterations: 26.4 / 21.3 / 14.1 dB; four stages, the old default, 25.1 dB).
+#[test]
+fn quantized_inputs_one_layer_per_stage_beat_float_inputs_at_w4a8() {
+    use onnx_compress::passes::quantize::adaround::AdaRoundInputs;
+    let w4a8 = |adaround: Option<AdaRoundOptions>| QuantizeOptions {
+        adaround,
+        w4a8: Some(W4a8::default()),
+        ..Default::default()
+    };
+    let (float, nearest, _) = quantized("digits_cnn.onnx", &w4a8(None));
+    let (_, float_inputs, _) = quantized("digits_cnn.onnx", &w4a8(Some(ada(300))));
+    let sequential = AdaRoundOptions {
+        inputs: AdaRoundInputs::Quantized,
+        ..ada(300)
+    };
+    let (_, quantized_inputs, details) = quantized("digits_cnn.onnx", &w4a8(Some(sequential)));
+    let report = &details["weight_codes"]["adaround"];
+    let learned = report["layers"].as_array().unwrap().len();
+    assert_eq!(learned, 6, "{report}");
+    assert_eq!(report["stages"].as_u64().unwrap() as usize, learned, "{report}");
+    let (near_db, _) = held_out_fidelity(&float, &nearest);
+    let (float_db, _) = held_out_fidelity(&float, &float_inputs);
+    let (seq_db, seq_acc) = held_out_fidelity(&float, &quantized_inputs);
+    assert!(
+        float_db > near_db + 2.0,
+        "float inputs {float_db:.2} dB vs nearest {near_db:.2} dB"
+    );
+    assert!(
+        seq_db > float_db,
+        "quantized inputs {seq_db:.2} dB vs float inputs {float_db:.2} dB"
+    );
+    let (_, fp32_acc) = held_out_fidelity(&float, &float);
+    assert!(seq_acc >= fp32_acc - 0.5, "{seq_acc:.2}% vs fp32 {fp32_acc:.2}%");
+}

@@ -224,10 +224,7 @@ fn pass_context(args: &CompressArgs) -> Result<PassContext> {
                 AdaroundInputsArg::Quantized => AdaRoundInputs::Quantized,
             },
             activation_loss: args.adaround_activation_loss,
-            stages: match args.adaround_stages {
-                0 => usize::MAX,
-                n => n,
-            },
+            stages: args.adaround_stages,
             ..Default::default()
         }),
         w4a8: args.w4a8.then_some(W4a8 {

@@ -14,12 +14,17 @@
 //! its own float input, all layers from one run over the calibration data. With
 //! [`AdaRoundInputs::Quantized`] (`--adaround-inputs quantized`) it is the layer's input in the
 //! quantized model (int8 activations, upstream weights already rounded: layers are processed in
-//! [`AdaRoundOptions::stages`] stages in topological order and each stage reads its inputs from
-//! the model with every earlier stage's learned weights, as AIMET does), so the rounding also
-//! corrects upstream error. Measured (BENCHMARKS.md "Block-wise W4A8"): quantized inputs won on
-//! a 6-layer digits CNN (25.2 vs 21.3 dB at W4A8) but collapsed PP-OCRv4 rec (47 layers, 4
-//! stages: 0.8% characters vs 98.7% with float inputs) and lost on a 11-layer digits net, so
-//! float inputs are the default.
+//! [`AdaRoundOptions::stages`] stages in topological order, by default one layer per stage, and
+//! each stage reads its inputs from the model with every earlier stage's learned weights, as
+//! AIMET does), so the rounding also corrects upstream error. In 4 stages (the first version)
+//! it collapsed PP-OCRv4 rec at W4A8 (0.8% characters) and MobileNetV2 (4.9 dB): within a stage
+//! each layer corrected upstream layers that then learned their own rounding. One layer per
+//! stage (BENCHMARKS.md, session 16), W4A8 held out, against float inputs: higher output SQNR
+//! on all five models measured (digits CNN 26.4 vs 21.3 dB, digits deep 36.8 vs 34.4,
+//! MobileNetV2 10.5 vs 8.7, ResNet-18 17.7 vs 16.2, PP-OCRv4 rec blocks of 16 16.5 vs 12.4) but
+//! not a better task metric (ResNet-18 top-1 agreement 71.9 vs 87.5%, MobileNetV2 37.5 vs
+//! 46.9%, PP-OCRv4 rec 99.77 vs 99.83% characters, digits deep one digit lower) at 2-7x the
+//! time: float inputs stay the default.
 //!
 //! **Block-wise int4** (`--w4a8 --block-size N`): one scale per block of `N` values along the
 //! weight's input axis (ONNX opset-21 block-wise `DequantizeLinear`, `axis` = input axis,
@@ -141,9 +146,9 @@ pub struct AdaRoundOptions {
     pub lambda: f64,
     /// Adam step size on `V`.
     pub learning_rate: f64,
-    /// Layers are processed in this many stages (topological order); each stage reads its
-    /// inputs from the model quantized with every earlier stage's learned weights. Each stage
-    /// costs two runs over the calibration data.
+    /// With quantized inputs, layers are processed in this many stages (topological order; 0:
+    /// one layer per stage); each stage reads its inputs from the model quantized with every
+    /// earlier stage's learned weights. Each stage costs two runs over the calibration data.
     pub stages: usize,
     /// Most im2col rows (output positions) per layer in the Gram matrices; spread evenly over
     /// the calibration batches.
@@ -193,9 +198,10 @@ pub enum AdaRoundInputs {
     Float,
     /// `x_q` from the quantized upstream model (AdaRound's and AIMET's asymmetric
     /// reconstruction: the rounding also corrects upstream error), in
-    /// [`AdaRoundOptions::stages`] stages. Within a stage a layer is fitted to inputs computed
-    /// with the stage's upstream layers still rounded to nearest; on PP-OCRv4 rec at W4A8 the
-    /// corrections then no longer match and the model collapsed (3.4 dB, 0.8% characters).
+    /// [`AdaRoundOptions::stages`] stages, one layer each by default. Within a stage of several
+    /// layers a layer is fitted to inputs computed with the stage's upstream layers still
+    /// rounded to nearest; in 4 stages PP-OCRv4 rec at W4A8 collapsed (3.4 dB, 0.8% characters),
+    /// one layer per stage keeps 99.77%.
     Quantized,
 }
 
@@ -205,7 +211,7 @@ impl Default for AdaRoundOptions {
             iterations: 1000,
             lambda: 0.01,
             learning_rate: 0.01,
-            stages: 4,
+            stages: 0,
             max_rows: 16384,
             max_features: 8192,
             exact_features: 4096,
@@ -1298,7 +1304,10 @@ pub fn learn(
     }
     let quantized_inputs = ada.inputs == AdaRoundInputs::Quantized;
     let stages = if quantized_inputs {
-        ada.stages.clamp(1, tasks.len().max(1))
+        match ada.stages {
+            0 => tasks.len().max(1),
+            s => s.clamp(1, tasks.len().max(1)),
+        }
     } else {
         1
     };
