@@ -376,7 +376,11 @@ fn quantized_inputs_one_layer_per_stage_beat_float_inputs_at_w4a8() {
     let report = &details["weight_codes"]["adaround"];
     let learned = report["layers"].as_array().unwrap().len();
     assert_eq!(learned, 6, "{report}");
-    assert_eq!(report["stages"].as_u64().unwrap() as usize, learned, "{report}");
+    assert_eq!(
+        report["stages"].as_u64().unwrap() as usize,
+        learned,
+        "{report}"
+    );
     let (near_db, _) = held_out_fidelity(&float, &nearest);
     let (float_db, _) = held_out_fidelity(&float, &float_inputs);
     let (seq_db, seq_acc) = held_out_fidelity(&float, &quantized_inputs);
@@ -389,5 +393,8 @@ fn quantized_inputs_one_layer_per_stage_beat_float_inputs_at_w4a8() {
         "quantized inputs {seq_db:.2} dB vs float inputs {float_db:.2} dB"
     );
     let (_, fp32_acc) = held_out_fidelity(&float, &float);
-    assert!(seq_acc >= fp32_acc - 0.5, "{seq_acc:.2}% vs fp32 {fp32_acc:.2}%");
+    assert!(
+        seq_acc >= fp32_acc - 0.5,
+        "{seq_acc:.2}% vs fp32 {fp32_acc:.2}%"
+    );
 }

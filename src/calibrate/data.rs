@@ -114,16 +114,20 @@ impl CalibrationSet {
 
     /// The batches with each feed paired with its input name (equalization and pruning).
     pub fn named_batches(&self) -> Vec<crate::calibrate::NamedBatch> {
-        self.batches
-            .iter()
-            .map(|b| {
-                self.input_names
-                    .iter()
-                    .cloned()
-                    .zip(b.iter().cloned())
-                    .collect()
-            })
+        (0..self.batches.len())
+            .filter_map(|b| self.named_batch(b))
             .collect()
+    }
+
+    /// Batch `b` with each feed paired with its input name (a copy of that batch only).
+    pub fn named_batch(&self, b: usize) -> Option<crate::calibrate::NamedBatch> {
+        self.batches.get(b).map(|batch| {
+            self.input_names
+                .iter()
+                .cloned()
+                .zip(batch.iter().cloned())
+                .collect()
+        })
     }
 
     /// Each input's batch axis by name, when a batch may be cut into single rows (the model does

@@ -108,6 +108,10 @@ pub struct PassContext {
     pub quantize: quantize::QuantizeOptions,
     /// Calibration inputs for `quantize` (None = synthetic data with a warning).
     pub calibration: Option<Arc<crate::calibrate::CalibrationSet>>,
+    /// `equalize` and `prune` take [`Self::calibration`] (when not synthetic) where their own
+    /// options carry no calibration batches (the command line's `--calib`). Their batches are
+    /// then made only when the pass runs, not held beside the set for the whole run.
+    pub calibration_for_all_passes: bool,
     /// Options of `mixed-precision` (no budget: does nothing).
     pub mixed: mixed_precision::MixedPrecisionOptions,
     /// The passes selected for this run (set by [`run_passes`]).
@@ -119,6 +123,16 @@ pub struct PassContext {
     /// The runtime the output is placed for: its [`target::Policy`] decides which ops get int8
     /// activations (`quantize`) and which weights go weight-only.
     pub target: target::Target,
+}
+
+impl PassContext {
+    /// The run's calibration set where `equalize` and `prune` take it
+    /// ([`Self::calibration_for_all_passes`], real data only).
+    pub fn shared_calibration(&self) -> Option<&crate::calibrate::CalibrationSet> {
+        self.calibration
+            .as_deref()
+            .filter(|c| self.calibration_for_all_passes && !c.synthetic)
+    }
 }
 
 /// Why a selected pass does not run in this pipeline: the note and details it records.

@@ -219,9 +219,8 @@ pub fn attach_calibration(
         )),
         None => None,
     };
-    let named: Option<Vec<NamedBatch>> = calibration.as_ref().map(|c| c.named_batches());
-    ctx.equalize.calibration = named.clone().map(Arc::new);
-    ctx.prune.calibration = named.and_then(|b| b.into_iter().next());
+    // equalize and prune make their named batches from the set only if they run.
+    ctx.calibration_for_all_passes = calibration.is_some();
     ctx.quantize.input_shapes = input_shapes.to_vec();
     ctx.prune.input_shapes = input_shapes.to_vec();
     ctx.calibration = match calibration {

@@ -195,6 +195,11 @@ impl Pass for Equalize {
     /// High-bias absorption reads the BN statistics `fuse` folded in this run (when it ran).
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats> {
         let mut opts = ctx.equalize.clone();
+        if opts.calibration.is_none() {
+            opts.calibration = ctx
+                .shared_calibration()
+                .map(|c| Arc::new(c.named_batches()));
+        }
         if let Some(folded) = &ctx.facts.folded_bn {
             opts.bn_stats = folded.clone();
         }

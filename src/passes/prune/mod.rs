@@ -166,8 +166,21 @@ impl Pass for Prune {
         "structured channel pruning by dependency groups, with least-squares reconstruction"
     }
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats> {
-        if !ctx.prune.fit_size {
-            return prune(model, &ctx.prune);
+        let shared = ctx.shared_calibration();
+        let with_shared;
+        let has_target = ctx.prune.fit_size || ctx.prune.ratio > 0.0 || ctx.prune.flops > 0.0;
+        let opts = match (&ctx.prune.calibration, shared) {
+            (None, Some(c)) if has_target => {
+                with_shared = PruneOptions {
+                    calibration: c.named_batch(0),
+                    ..ctx.prune.clone()
+                };
+                &with_shared
+            }
+            _ => &ctx.prune,
+        };
+        if !opts.fit_size {
+            return prune(model, opts);
         }
         ensure!(
             ctx.mixed.budget.is_some() && ctx.selected.contains(&"mixed-precision"),
@@ -176,11 +189,11 @@ impl Pass for Prune {
         let calib = ctx
             .calibration
             .as_deref()
-            .filter(|c| !c.synthetic && ctx.prune.calibration.is_some())
+            .filter(|c| !c.synthetic && opts.calibration.is_some())
             .context("--prune auto needs calibration data (--calib): the plan is scored on it")?;
         prune_with(
             model,
-            &ctx.prune,
+            opts,
             Some(SizeRequest {
                 mixed: &ctx.mixed,
                 batches: &calib.batches,
