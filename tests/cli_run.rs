@@ -174,26 +174,35 @@ fn recipes_reject_unknown_keys_and_print_defaults() {
     assert_eq!(table["no-validate"].as_bool(), Some(false));
 }
 
-/// The README's main command: fp32 vs int8 accuracy on the held-out digits test set.
+/// The README's main command, read from README.md and run exactly as written (default target,
+/// from the repository root, `-o` moved into a temporary directory, `--report` added): int8
+/// Q/DQ inserted, fp32 vs int8 accuracy on the held-out digits test set.
 #[test]
-fn readme_main_command_keeps_digits_accuracy() {
+fn readme_main_command_quantizes_and_keeps_digits_accuracy() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("cargo run -- "))
+        .expect("README.md shows a `cargo run -- ...` command");
     let d = tempfile::tempdir().unwrap();
-    let t = testdata();
     let out = d.path().join("digits_int8.onnx");
     let report = d.path().join("r.json");
-    let (code, stdout, err) = run(&[
-        t.join("digits_cnn.onnx").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--calib",
-        t.join("digits_calib_x.npy").to_str().unwrap(),
-        "--eval",
-        t.join("digits_test_x.npy").to_str().unwrap(),
-        "--eval-labels",
-        t.join("digits_test_y.npy").to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ]);
+    let mut args: Vec<String> = Vec::new();
+    let mut words = line["cargo run -- ".len()..].split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "-o" {
+            words.next().expect("-o names a file");
+            args.extend(["-o".into(), out.to_str().unwrap().into()]);
+        } else if w.starts_with("testdata/") {
+            args.push(root.join(w).to_str().unwrap().into());
+        } else {
+            args.push(w.into());
+        }
+    }
+    args.extend(["--report".into(), report.to_str().unwrap().into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, stdout, err) = run_as_is(&args);
     assert_eq!(code, 0, "{err}");
     assert!(
         stdout.contains("accuracy"),
@@ -217,6 +226,12 @@ fn readme_main_command_keeps_digits_accuracy() {
     assert_eq!(r["validation"]["method"], "simulation");
     let ops = &r["output"]["stats"]["op_histogram"];
     assert!(ops["QuantizeLinear"].as_u64().unwrap() > 0 && ops.get("BatchNormalization").is_none());
+    // The output is int8 where the README says so: well under half the input's bytes.
+    assert!(
+        r["size_ratio"].as_f64().unwrap() < 0.5,
+        "{}",
+        r["size_ratio"]
+    );
 }
 
 /// Pruning composes with the default int8 pipeline in one run.
