@@ -1205,7 +1205,15 @@ pub fn summary(r: &AutoReport) -> String {
         best_label,
         worst_fixed,
         if r.blocks.is_empty() { "chose" } else { "started from" },
-        r.start,
+        if r.start == default_label && best_label != default_label {
+            format!(
+                "{} (the default: no method's loss {:.0}% lower)",
+                r.start,
+                100.0 * UNIFORM_MIN_GAIN
+            )
+        } else {
+            r.start.clone()
+        },
         if mattered.is_empty() {
             String::new()
         } else {
