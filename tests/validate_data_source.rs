@@ -271,6 +271,94 @@ fn one_model_at_a_time_runs_the_original_only_on_rows_it_needs() {
     assert_eq!(kept.outputs, both.outputs);
 }
 
+/// When the passes before quantization rewrote the graph, calibration's outputs are the
+/// rewrite's: validation takes them only after the original's own run of the first row gave
+/// the same bits (a weight renamed: tract computes the same values), and runs the original on
+/// every row when it did not (one weight changed by a few ulps). The figures are
+/// those of a validation that runs the original on every row, both ways.
+#[test]
+fn outputs_kept_from_a_rewrite_are_taken_only_after_the_first_row_matches_bit_for_bit() {
+    use onnx_compress::onnx::proto::ModelProto;
+    use onnx_compress::validate::{validate, ValidateOptions};
+
+    // A rename the outputs cannot see: the first conv weight under another name.
+    let renamed = |m: &mut ModelProto| {
+        let g = m.graph.as_mut().unwrap();
+        let w = g
+            .initializer
+            .iter_mut()
+            .find(|t| t.dims.len() == 4)
+            .expect("a conv weight");
+        let old = w.name().to_string();
+        let new = format!("{old}_renamed");
+        w.name = Some(new.clone());
+        for n in g.node.iter_mut() {
+            for i in n.input.iter_mut().filter(|i| **i == old) {
+                *i = new.clone();
+            }
+        }
+    };
+    let nudged = |m: &mut ModelProto| {
+        let g = m.graph.as_mut().unwrap();
+        let w = g
+            .initializer
+            .iter_mut()
+            .find(|t| t.dims.len() == 4)
+            .expect("a conv weight");
+        let raw = w.raw_data.as_mut().expect("raw weights");
+        let mut bytes = raw.to_vec();
+        let v = f32::from_le_bytes(bytes[..4].try_into().unwrap()) * (1.0 + 1e-5);
+        bytes[..4].copy_from_slice(&v.to_le_bytes());
+        *raw = bytes.into();
+    };
+    let has = |r: &onnx_compress::validate::ValidationReport, s: &str| {
+        r.notes.iter().any(|n| n.contains(s))
+    };
+    for (rewrite, bit_for_bit) in [
+        (&renamed as &dyn Fn(&mut ModelProto), true),
+        (&nudged, false),
+    ] {
+        let Kept {
+            original,
+            candidate,
+            calib,
+            request,
+            ..
+        } = quantized_digits_keeping_from(64, rewrite);
+        let kept = request
+            .kept()
+            .expect("calibration kept the rewrite's outputs");
+        assert!(!kept.are_of(&original) && kept.are_of_a_rewrite_of(&original));
+        let opts = |reference| ValidateOptions {
+            inputs: Some(calib.rebatched(16).unwrap()),
+            in_sample: true,
+            row_axes: calib.row_axes(),
+            reference,
+            ..Default::default()
+        };
+        let plain = validate(&original, &candidate, &opts(None)).unwrap();
+        let with = validate(&original, &candidate, &opts(Some(kept))).unwrap();
+        assert_eq!(with.outputs, plain.outputs, "bit for bit: {bit_for_bit}");
+        assert_eq!(with.samples, plain.samples);
+        if bit_for_bit {
+            assert!(
+                has(
+                    &with,
+                    "whose outputs on row 1 are the original's bit for bit"
+                ),
+                "{:?}",
+                with.notes
+            );
+        } else {
+            assert!(
+                has(&with, "differ from the original's in some bit"),
+                "{:?}",
+                with.notes
+            );
+        }
+    }
+}
+
 /// The trained digits CNN, quantized for the generic target (ONNX Runtime's keeps this small
 /// net float) on its calibration data, with calibration asked to keep the original's outputs
 /// on at most `rows` rows.
@@ -283,6 +371,15 @@ struct Kept {
 }
 
 fn quantized_digits_keeping(rows: usize) -> Kept {
+    quantized_digits_keeping_from(rows, |_| {})
+}
+
+/// [`quantized_digits_keeping`] where the model calibration observes (and quantize rewrites) is
+/// `rewrite` applied to the original, as the passes before quantization would.
+fn quantized_digits_keeping_from(
+    rows: usize,
+    rewrite: impl Fn(&mut onnx_compress::onnx::proto::ModelProto),
+) -> Kept {
     use onnx_compress::calibrate::reference::{ReferenceRequest, KEPT_OUTPUT_BYTES};
     use onnx_compress::calibrate::{CalibrationSet, DataOptions};
     use onnx_compress::passes::quantize::{quantize, QuantizeOptions};
@@ -295,7 +392,9 @@ fn quantized_digits_keeping(rows: usize) -> Kept {
             .unwrap()
             .0,
     );
-    let mut model = onnx_compress::ir::Model::from_proto((*original).clone()).unwrap();
+    let mut observed = (*original).clone();
+    rewrite(&mut observed);
+    let mut model = onnx_compress::ir::Model::from_proto(observed).unwrap();
     let mut calib = CalibrationSet::load(
         &t.join("digits_calib_x.npy"),
         &model,

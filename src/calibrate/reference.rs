@@ -16,6 +16,15 @@
 //! Each kept row is tagged with the [`fingerprint`] of its input feeds; validation uses a row
 //! only when its own feeds have the same digest, so rows never pair up by position alone.
 //!
+//! When passes before quantization rewrote the graph (cleanup turning Constant nodes into
+//! initializers, dropping Identity nodes, folding shape arithmetic; or fuse, prune, equalize,
+//! which change values), the outputs kept are the rewrite's ([`ReferenceOutputs::are_of_a_rewrite_of`]).
+//! Validation then runs the original on the first kept row and takes the rest only if its
+//! outputs are the kept ones bit for bit; otherwise the original runs on every row as before:
+//! ```text
+//! validate    1 row x original (== kept, every bit)  +  32 rows x candidate
+//! ```
+//!
 //! Conditions: only the fixed-method observation run keeps outputs (`auto`'s and the
 //! specialized-copy runs do not); at most `max_rows` rows and `max_bytes` of outputs are kept,
 //! the first rows in calibration order. The outputs are tract's float run of the same model on
@@ -49,8 +58,11 @@ pub const KEPT_OUTPUT_BYTES: usize = 64 << 20;
 /// Outputs of the original model kept from calibration, by the fingerprint of each row's feeds.
 #[derive(Debug)]
 pub struct ReferenceOutputs {
-    /// The model they are the outputs of.
+    /// The model validation compares against (the request's).
     model: Arc<ModelProto>,
+    /// Whether the observed model was that model; else it was a rewrite of it (the passes
+    /// before quantization changed the graph) and the outputs are the rewrite's.
+    exact: bool,
     /// The graph's outputs, in graph order (the order of every kept row's values).
     pub output_names: Vec<String>,
     rows: HashMap<u64, Vec<ArrayD<f32>>>,
@@ -105,7 +117,14 @@ fn same_tensor(a: &TensorProto, b: &TensorProto) -> bool {
 impl ReferenceOutputs {
     /// Whether these are outputs of `model`.
     pub fn are_of(&self, model: &ModelProto) -> bool {
-        same_model(model, &self.model)
+        self.exact && same_model(model, &self.model)
+    }
+
+    /// Whether these are outputs of a rewrite of `model` (the graph calibration observed after
+    /// the passes before quantization): usable for `model` only where a row's own run of it
+    /// gives the same bits.
+    pub fn are_of_a_rewrite_of(&self, model: &ModelProto) -> bool {
+        !self.exact && same_model(model, &self.model)
     }
 
     /// The kept outputs of the row whose named feeds are `feeds`, if that row was kept.
@@ -138,10 +157,10 @@ impl ReferenceRequest {
         }
     }
 
-    /// A capture for an observation run of `observed` when it is validation's original (same
-    /// graph, opsets and functions); `None` otherwise.
+    /// A capture for an observation run of `observed`: validation's original (same graph,
+    /// opsets and functions) or a rewrite of it.
     pub fn capture_for(&self, observed: &ModelProto) -> Option<OutputCapture> {
-        let same = same_model(observed, &self.model);
+        let exact = same_model(observed, &self.model);
         let names = observed
             .graph
             .as_ref()?
@@ -149,7 +168,8 @@ impl ReferenceRequest {
             .iter()
             .map(|o| o.name().to_string())
             .collect();
-        same.then(|| OutputCapture {
+        Some(OutputCapture {
+            exact,
             output_names: names,
             max_rows: self.max_rows,
             max_bytes: self.max_bytes,
@@ -163,6 +183,7 @@ impl ReferenceRequest {
     pub fn keep(&self, capture: OutputCapture) {
         let kept = ReferenceOutputs {
             model: self.model.clone(),
+            exact: capture.exact,
             output_names: capture.output_names,
             rows: capture.rows,
         };
@@ -180,6 +201,8 @@ impl ReferenceRequest {
 /// The outputs of one observation run being kept (see [`ReferenceRequest::capture_for`]).
 #[derive(Debug)]
 pub struct OutputCapture {
+    /// The observed model is validation's original (not a rewrite of it).
+    exact: bool,
     output_names: Vec<String>,
     max_rows: usize,
     max_bytes: usize,

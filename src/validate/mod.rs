@@ -489,6 +489,14 @@ pub fn validate(
         }
         _ => None,
     };
+    // Outputs of a rewrite of the original: taken below only once the original's own run of
+    // the first kept row gives the same bits.
+    let rewrite_kept = match (&opts.reference, opts.inputs.is_some() && rw_o.is_empty()) {
+        (Some(reference), true) if reference.are_of_a_rewrite_of(original) => {
+            kept_outputs(&sim_o, reference, &specs, &batches)
+        }
+        _ => None,
+    };
     let kept_rows = kept
         .as_ref()
         .map_or(0, |(_, rows)| rows.iter().flatten().count());
@@ -553,6 +561,12 @@ pub fn validate(
              outputs): not run again",
             batches.len()
         ));
+    }
+    if let (Some((names, rows)), Some(r)) = (rewrite_kept, &runner_o) {
+        match take_rewrite_outputs(r, &batches, &mut stored_o, &names_o, names, rows) {
+            Ok(note) => report.notes.push(note),
+            Err(e) => return not_checked(report, Status::NotChecked, format!("original: {e:#}")),
+        }
     }
     let mut runner_o = runner_o;
     if one_at_a_time {
@@ -802,6 +816,57 @@ fn run_ahead(
         kept.push(Some(out));
     }
     kept
+}
+
+/// Fill `stored` (the original's outputs per batch) from the outputs calibration kept for a
+/// rewrite of the original, when the original's own run of the first kept row gives exactly
+/// those bits (that row's outputs are stored either way). Returns the report's note.
+fn take_rewrite_outputs(
+    original: &Runner,
+    batches: &[Vec<Feed>],
+    stored: &mut [Option<Vec<ArrayD<f32>>>],
+    names_o: &[String],
+    names: Vec<String>,
+    rows: Vec<Option<Vec<ArrayD<f32>>>>,
+) -> Result<String> {
+    let Some(first) = rows.iter().position(Option::is_some) else {
+        return Ok("calibration kept no row of the rewritten model's outputs".into());
+    };
+    if names != names_o {
+        return Ok("the rewritten model calibration ran has other outputs: not used".into());
+    }
+    let own = match stored[first].take() {
+        Some(o) => o,
+        None => original.run(&batches[first])?,
+    };
+    let same_bits = rows[first].as_ref().is_some_and(|kept| {
+        kept.len() == own.len()
+            && kept.iter().zip(&own).all(|(k, o)| {
+                k.shape() == o.shape() && k.iter().zip(o).all(|(a, b)| a.to_bits() == b.to_bits())
+            })
+    });
+    stored[first] = Some(own);
+    if !same_bits {
+        return Ok(format!(
+            "calibration ran the model after the passes' rewrites, whose outputs on row {} differ \
+             from the original's in some bit: the original ran on every row",
+            first + 1
+        ));
+    }
+    let mut taken = 0;
+    for (slot, kept) in stored.iter_mut().zip(rows) {
+        if slot.is_none() && kept.is_some() {
+            *slot = kept;
+            taken += 1;
+        }
+    }
+    Ok(format!(
+        "the original's outputs came from the calibration run for {taken} of {} rows: it ran the \
+         model after the passes' rewrites, whose outputs on row {} are the original's bit for bit \
+         (run here)",
+        batches.len(),
+        first + 1
+    ))
 }
 
 /// The output names and, per batch, the outputs `reference` kept for that batch's feeds (in
