@@ -490,11 +490,9 @@ pub fn validate(
         _ => None,
     };
     // Outputs of a rewrite of the original: taken below only once the original's own run of
-    // the first kept row gives the same bits.
+    // the first kept row gives the same bits (nothing is copied before).
     let rewrite_kept = match (&opts.reference, opts.inputs.is_some() && rw_o.is_empty()) {
-        (Some(reference), true) if reference.are_of_a_rewrite_of(original) => {
-            kept_outputs(&sim_o, reference, &specs, &batches)
-        }
+        (Some(reference), true) if reference.are_of_a_rewrite_of(original) => Some(reference),
         _ => None,
     };
     let kept_rows = kept
@@ -562,8 +560,8 @@ pub fn validate(
             batches.len()
         ));
     }
-    if let (Some((names, rows)), Some(r)) = (rewrite_kept, &runner_o) {
-        match take_rewrite_outputs(r, &batches, &mut stored_o, &names_o, names, rows) {
+    if let (Some(reference), Some(r)) = (rewrite_kept, &runner_o) {
+        match take_rewrite_outputs(r, reference, &specs, &batches, &mut stored_o, &names_o) {
             Ok(note) => report.notes.push(note),
             Err(e) => return not_checked(report, Status::NotChecked, format!("original: {e:#}")),
         }
@@ -823,23 +821,25 @@ fn run_ahead(
 /// those bits (that row's outputs are stored either way). Returns the report's note.
 fn take_rewrite_outputs(
     original: &Runner,
+    reference: &ReferenceOutputs,
+    specs: &[InputSpec],
     batches: &[Vec<Feed>],
     stored: &mut [Option<Vec<ArrayD<f32>>>],
     names_o: &[String],
-    names: Vec<String>,
-    rows: Vec<Option<Vec<ArrayD<f32>>>>,
 ) -> Result<String> {
-    let Some(first) = rows.iter().position(Option::is_some) else {
-        return Ok("calibration kept no row of the rewritten model's outputs".into());
-    };
-    if names != names_o {
+    if reference.output_names != names_o {
         return Ok("the rewritten model calibration ran has other outputs: not used".into());
     }
+    let kept_for =
+        |batch: &Vec<Feed>| reference.outputs_for(specs.iter().map(|s| s.name.as_str()).zip(batch));
+    let Some(first) = batches.iter().position(|b| kept_for(b).is_some()) else {
+        return Ok("calibration kept no row of the rewritten model's outputs".into());
+    };
     let own = match stored[first].take() {
         Some(o) => o,
         None => original.run(&batches[first])?,
     };
-    let same_bits = rows[first].as_ref().is_some_and(|kept| {
+    let same_bits = kept_for(&batches[first]).is_some_and(|kept| {
         kept.len() == own.len()
             && kept.iter().zip(&own).all(|(k, o)| {
                 k.shape() == o.shape() && k.iter().zip(o).all(|(a, b)| a.to_bits() == b.to_bits())
@@ -854,10 +854,12 @@ fn take_rewrite_outputs(
         ));
     }
     let mut taken = 0;
-    for (slot, kept) in stored.iter_mut().zip(rows) {
-        if slot.is_none() && kept.is_some() {
-            *slot = kept;
-            taken += 1;
+    for (slot, batch) in stored.iter_mut().zip(batches) {
+        if slot.is_none() {
+            if let Some(kept) = kept_for(batch) {
+                *slot = Some(kept.to_vec());
+                taken += 1;
+            }
         }
     }
     Ok(format!(
