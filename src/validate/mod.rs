@@ -25,6 +25,9 @@
 //! ([`crate::calibrate::reference`]: matched by the digest of each row's feeds, and only when the
 //! original needs no simulation rewrite) are not run in the original again; with every row kept
 //! and no latency to time, the original's plan is not built at all. A note counts those rows.
+//! When calibration ran a rewrite of the original (the passes before quantization changed the
+//! graph), its kept outputs are taken only after the original's own run of the first kept row
+//! gave the same bits; else the original runs on every row (a note says which).
 //!
 //! In-sample rows stop early with [`EarlyStop`] (the default run without `--eval`): rows run
 //! in order up to checkpoints `k = first, 2 first, 4 first, ...`; at each, the SQNR of every
