@@ -281,14 +281,17 @@ fn outputs_kept_from_a_rewrite_are_taken_only_after_the_first_row_matches_bit_fo
     use onnx_compress::onnx::proto::ModelProto;
     use onnx_compress::validate::{validate, ValidateOptions};
 
+    let first_conv_weight = |g: &onnx_compress::onnx::proto::GraphProto| -> usize {
+        g.initializer
+            .iter()
+            .position(|t| t.dims.len() == 4)
+            .expect("a conv weight")
+    };
     // A rename the outputs cannot see: the first conv weight under another name.
     let renamed = |m: &mut ModelProto| {
         let g = m.graph.as_mut().unwrap();
-        let w = g
-            .initializer
-            .iter_mut()
-            .find(|t| t.dims.len() == 4)
-            .expect("a conv weight");
+        let k = first_conv_weight(g);
+        let w = &mut g.initializer[k];
         let old = w.name().to_string();
         let new = format!("{old}_renamed");
         w.name = Some(new.clone());
@@ -300,12 +303,8 @@ fn outputs_kept_from_a_rewrite_are_taken_only_after_the_first_row_matches_bit_fo
     };
     let nudged = |m: &mut ModelProto| {
         let g = m.graph.as_mut().unwrap();
-        let w = g
-            .initializer
-            .iter_mut()
-            .find(|t| t.dims.len() == 4)
-            .expect("a conv weight");
-        let raw = w.raw_data.as_mut().expect("raw weights");
+        let k = first_conv_weight(g);
+        let raw = g.initializer[k].raw_data.as_mut().expect("raw weights");
         let mut bytes = raw.to_vec();
         let v = f32::from_le_bytes(bytes[..4].try_into().unwrap()) * (1.0 + 1e-5);
         bytes[..4].copy_from_slice(&v.to_le_bytes());

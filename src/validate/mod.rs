@@ -833,8 +833,7 @@ fn take_rewrite_outputs(
     if reference.output_names != names_o {
         return Ok("the rewritten model calibration ran has other outputs: not used".into());
     }
-    let kept_for =
-        |batch: &Vec<Feed>| reference.outputs_for(specs.iter().map(|s| s.name.as_str()).zip(batch));
+    let kept_for = |batch: &Vec<Feed>| kept_row(reference, specs, batch);
     let Some(first) = batches.iter().position(|b| kept_for(b).is_some()) else {
         return Ok("calibration kept no row of the rewritten model's outputs".into());
     };
@@ -874,6 +873,15 @@ fn take_rewrite_outputs(
     ))
 }
 
+/// The outputs `reference` kept for the row whose feeds are `batch` (matched by digest).
+fn kept_row<'a>(
+    reference: &'a ReferenceOutputs,
+    specs: &[InputSpec],
+    batch: &[Feed],
+) -> Option<&'a [ArrayD<f32>]> {
+    reference.outputs_for(specs.iter().map(|s| s.name.as_str()).zip(batch))
+}
+
 /// The output names and, per batch, the outputs `reference` kept for that batch's feeds (in
 /// the order of `original`'s graph outputs), when `original` is the model they were kept for:
 /// the same graph outputs, in order. `None` when no batch was kept.
@@ -896,10 +904,7 @@ fn kept_outputs(
     }
     let rows: Vec<Option<Vec<ArrayD<f32>>>> = batches
         .iter()
-        .map(|batch| {
-            let named = specs.iter().map(|s| s.name.as_str()).zip(batch);
-            reference.outputs_for(named).map(<[_]>::to_vec)
-        })
+        .map(|batch| kept_row(reference, specs, batch).map(<[_]>::to_vec))
         .collect();
     rows.iter().any(Option::is_some).then_some((names, rows))
 }

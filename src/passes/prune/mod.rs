@@ -136,6 +136,13 @@ pub struct PruneOptions {
     pub fit_size: bool,
 }
 
+impl PruneOptions {
+    /// Whether anything asks for pruning: a channel ratio, a MAC fraction, or a size plan.
+    pub fn has_target(&self) -> bool {
+        self.fit_size || self.ratio > 0.0 || self.flops > 0.0
+    }
+}
+
 impl Default for PruneOptions {
     fn default() -> Self {
         PruneOptions {
@@ -168,9 +175,8 @@ impl Pass for Prune {
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<PassStats> {
         let shared = ctx.shared_calibration();
         let with_shared;
-        let has_target = ctx.prune.fit_size || ctx.prune.ratio > 0.0 || ctx.prune.flops > 0.0;
         let opts = match (&ctx.prune.calibration, shared) {
-            (None, Some(c)) if has_target => {
+            (None, Some(c)) if ctx.prune.has_target() => {
                 with_shared = PruneOptions {
                     calibration: c.named_batch(0),
                     ..ctx.prune.clone()
@@ -268,7 +274,7 @@ pub fn prune_with(
 ) -> Result<PassStats> {
     let mut st = PassStats::default();
     let mut clock = PhaseClock::start();
-    if size.is_none() && opts.ratio <= 0.0 && opts.flops <= 0.0 {
+    if size.is_none() && !opts.has_target() {
         st.notes
             .push("no pruning target (ratio 0, flops 0): nothing done".to_string());
         return Ok(st);

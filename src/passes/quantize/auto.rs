@@ -474,18 +474,12 @@ pub fn choose(
     let relative = |from: f64, to: f64| if from > 0.0 { (from - to) / from } else { 0.0 };
     // Outside the blocks a tensor's method is the uniform choice: it won by the margin of the
     // best other uniform assignment, and it brought the start's gain over the default method.
-    let uniform_margin = {
-        let chosen = uniform_losses[best];
-        let other = (0..CANDIDATES.len())
+    let uniform_margin = margin_over(
+        uniform_losses[best],
+        (0..CANDIDATES.len())
             .filter(|&c| c != best)
-            .map(|c| uniform_losses[c])
-            .fold(f64::INFINITY, f64::min);
-        if chosen > 0.0 && other.is_finite() {
-            (other - chosen) / chosen
-        } else {
-            0.0
-        }
-    };
+            .map(|c| uniform_losses[c]),
+    );
     let start_gain = relative(uniform_losses[0], uniform_losses[best]);
     let choices: Vec<TensorChoice> = tensors
         .iter()
@@ -505,17 +499,8 @@ pub fn choose(
                         .find(|(m, _)| *m == b.chosen)
                         .map(|x| x.1)
                         .unwrap_or(f64::NAN);
-                    let other = b
-                        .tried
-                        .iter()
-                        .filter(|(m, _)| *m != b.chosen)
-                        .map(|x| x.1)
-                        .fold(f64::INFINITY, f64::min);
-                    let margin = if chosen > 0.0 && other.is_finite() {
-                        (other - chosen) / chosen
-                    } else {
-                        0.0
-                    };
+                    let others = b.tried.iter().filter(|(m, _)| *m != b.chosen);
+                    let margin = margin_over(chosen, others.map(|x| x.1));
                     (margin, if b.gain > 0.0 { b.gain } else { start_gain })
                 }
                 None => (uniform_margin, start_gain),
@@ -577,6 +562,17 @@ pub fn choose(
         choices,
     };
     Ok((assign_from(&candidates, &choice), report))
+}
+
+/// How much lower the chosen loss is than the best other one, relative to the chosen (0 when
+/// there is no other or the chosen loss is not positive).
+fn margin_over(chosen: f64, others: impl Iterator<Item = f64>) -> f64 {
+    let other = others.fold(f64::INFINITY, f64::min);
+    if chosen > 0.0 && other.is_finite() {
+        (other - chosen) / chosen
+    } else {
+        0.0
+    }
 }
 
 /// One assignment's loss, split by scored feed (each feed's share of the normalized loss), so
