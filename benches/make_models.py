@@ -90,8 +90,14 @@ def random_crop(rng, photo, size=224):
     return np.asarray(im, np.float32) / 255.0
 
 
-def image_batch(rng, photos, n, size=224):
-    xs = [random_crop(rng, photos[rng.integers(len(photos))], size) for _ in range(n)]
+def image_batch(rng, photos, n, size=224, photo_ids=None):
+    """n crops; the photo each came from is appended to `photo_ids` when given."""
+    xs = []
+    for _ in range(n):
+        i = int(rng.integers(len(photos)))
+        if photo_ids is not None:
+            photo_ids.append(i)
+        xs.append(random_crop(rng, photos[i], size))
     x = (np.stack(xs) - MEAN) / STD
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(np.float32)
 
@@ -139,7 +145,11 @@ def make_torchvision(name, d, calib_photos, eval_photos, n_calib, n_eval, n_bn):
     bn_x = image_batch(np.random.default_rng(100), calib_photos, n_bn)
     nbn = recalibrate_bn(model, bn_x)
     calib = image_batch(np.random.default_rng(200), calib_photos, n_calib)
-    ev = image_batch(np.random.default_rng(300), eval_photos, n_eval)
+    ev_photos = []
+    ev = image_batch(np.random.default_rng(300), eval_photos, n_eval, photo_ids=ev_photos)
+    # which held-out photo each eval crop came from: methods.py --bootstrap resamples photos
+    with open(os.path.join(d, "eval_groups.json"), "w") as f:
+        json.dump(ev_photos, f)
     torch.onnx.export(model, torch.from_numpy(calib[:1]), os.path.join(d, "model.onnx"),
                       dynamo=False, opset_version=17, input_names=["input"],
                       output_names=["output"],
