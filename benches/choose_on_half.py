@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Could any rule meet issue 14's bar (a method within 0.3 dB of the best fixed method on held-out
+data) if it could see held-out data from the same photos? For every way to cut a model's
+held-out photos into two halves, the fixed method (or ORT) with the best SQNR on one half is
+measured on the other half against the best there.
+
+Usage: python3 benches/choose_on_half.py --run NAME=RESULTS_JSON:ZOO_DIR [--run ...]
+
+RESULTS_JSON: `benches/methods.py --out DIR` (DIR/results.json, with per-sample energies);
+ZOO_DIR/MODEL/eval_groups.json names each eval crop's photo (make_models.py). Without it the
+samples are dealt into six groups in turn (OCR lines and pages). Prints, per model, how often
+the choice made on one half meets the bar on the other, its mean and worst shortfall, and how
+often percentile and auto (chosen on calibration data only) meet it on the same halves.
+"""
+import argparse
+import itertools
+import json
+import os
+
+import numpy as np
+
+CANDIDATES = ["minmax", "percentile", "mse", "entropy", "ort"]
+
+
+def halves_table(name, results, zoo):
+    rows = []
+    for model, r in sorted(results.items()):
+        methods = [k for k in CANDIDATES if "sample_noise" in r.get(k, {})]
+        if len(methods) < 2 or not np.isfinite(r["percentile"].get("sqnr_db", np.inf)) \
+                or r["percentile"]["sqnr_db"] > 100:  # kept float: nothing to choose
+            continue
+        sig = np.array(r[methods[0]]["sample_signal"])
+        noise = {k: np.array(r[k]["sample_noise"]) for k in methods}
+        gpath = os.path.join(zoo, model, "eval_groups.json")
+        groups = np.array(json.load(open(gpath)) if os.path.isfile(gpath)
+                          else np.arange(len(sig)) % 6)
+        photos = sorted(set(groups.tolist()))
+        db = lambda k, m: 10 * np.log10(sig[m].sum() / noise[k][m].sum())  # noqa: E731
+        if "sample_noise" in r.get("auto", {}):
+            noise["auto"] = np.array(r["auto"]["sample_noise"])
+        short, fixed_rule = [], {k: [] for k in ("percentile", "auto") if k in noise}
+        for half in itertools.combinations(photos, len(photos) // 2):
+            a = np.isin(groups, half)
+            pick = max(methods, key=lambda k: db(k, a))
+            best = max(db(k, ~a) for k in methods)
+            short.append(db(pick, ~a) - best)
+            for k, v in fixed_rule.items():  # what calibration-only choices give on that half
+                v.append(db(k, ~a) - best)
+        short = np.array(short)
+        meets = lambda v: f"{100 * np.mean(np.array(v) >= -0.3):.0f}%" if v else "-"  # noqa
+        rows.append((model, len(photos), len(short), 100 * np.mean(short >= -0.3),
+                     short.mean(), short.min(), meets(fixed_rule.get("percentile")),
+                     meets(fixed_rule.get("auto"))))
+    print(f"\n{name}\n")
+    print("| model | groups | cuts | chosen on one half: meets bar on the other | mean shortfall dB "
+          "| worst dB | percentile meets bar | auto meets bar |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m, g, n, p, mean, worst, pct, auto in rows:
+        print(f"| {m} | {g} | {n} | {p:.0f}% | {mean:+.2f} | {worst:+.2f} | {pct} | {auto} |")
+    mean = lambda i: np.mean([float(r[i].rstrip("%")) for r in rows if r[i] != "-"])  # noqa
+    print(f"\nmean over models: chosen on a half {np.mean([r[3] for r in rows]):.0f}%, "
+          f"percentile {mean(6):.0f}%, auto {mean(7):.0f}%")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", action="append", required=True)
+    a = ap.parse_args()
+    for spec in a.run:
+        name, rest = spec.split("=", 1)
+        path, zoo = rest.split(":", 1)
+        with open(path) as f:
+            halves_table(name, {r["model"]: r for r in json.load(f)}, zoo)
+
+
+if __name__ == "__main__":
+    main()
