@@ -264,6 +264,86 @@ fn axis_out_of_range_where_the_rank_is_known() {
 }
 
 #[test]
+fn axis_out_of_range_where_only_inference_knows_the_rank() {
+    // x[1,4] -> Relu -> t (nothing declares t) -> Flatten: t's rank comes from the walk
+    // (fuzz_external seed 31, resnet18 case 38: Flatten axis 5 after GlobalAveragePool).
+    let flatten = |axis: i64| {
+        let mut f = node("Flatten", "f", &["t"], &["y"]);
+        f.attribute.push(op::attr_int("axis", axis));
+        model(
+            vec![node("Relu", "r", &["x"], &["t"]), f],
+            vec![value_info("x", &[1, 4])],
+            vec![value_info("y", &[4, 1])],
+            vec![],
+        )
+    };
+    assert_refused(
+        flatten(5),
+        &[
+            "node 'f' (Flatten)",
+            "attribute 'axis' is 5, out of range [-2, 2] for input 0 of rank 2",
+        ],
+    );
+    let mut valid = flatten(2);
+    valid.graph.as_mut().unwrap().output[0] = value_info("y", &[4, 1]);
+    Model::from_proto(valid).unwrap();
+}
+
+#[test]
+fn broadcasting_operands_must_agree_where_both_dims_are_known() {
+    // x[1,4] * c: ONNX shape inference rejects c[3] ("Incompatible dimensions"); fuzz_external
+    // seed 30 rewired a Mul's input to a tensor of other channels (mobilenet_v3_small case 7).
+    let mul = |dims: &[usize]| {
+        model(
+            vec![node("Mul", "m", &["x", "c"], &["y"])],
+            vec![value_info("x", &[1, 4])],
+            vec![value_info("y", &[1, 4])],
+            vec![f32_tensor("c", dims, 1)],
+        )
+    };
+    assert_refused(
+        mul(&[3]),
+        &[
+            "node 'm' (Mul)",
+            "its operands do not broadcast: 4 vs 3 on axis -1",
+            "[1, 4] and [3]",
+        ],
+    );
+    for ok in [&[4][..], &[1], &[2, 1, 1], &[]] {
+        let mut m = mul(ok);
+        if ok.len() == 3 {
+            m.graph.as_mut().unwrap().output[0] = value_info("y", &[2, 1, 4]);
+        }
+        Model::from_proto(m).unwrap_or_else(|e| panic!("c{ok:?} broadcasts: {e:#}"));
+    }
+}
+
+#[test]
+fn resize_needs_scales_or_sizes() {
+    // fuzz_external seed 31, mobilenet_v3_small case 32: a GlobalAveragePool turned Resize(x).
+    let resize = |inputs: &[&str], inits: Vec<onnx_compress::onnx::proto::TensorProto>| {
+        model(
+            vec![node("Resize", "rs", inputs, &["y"])],
+            vec![value_info("x", &[1, 4])],
+            vec![value_info("y", &[1, 4])],
+            inits,
+        )
+    };
+    assert_refused(
+        resize(&["x"], vec![]),
+        &[
+            "node 'rs' (Resize)",
+            "neither input 2 (scales) nor input 3 (sizes) is given",
+        ],
+    );
+    let scales = onnx_compress::onnx::tensor::from_f32(
+        "s",
+        &ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2]), vec![1.0f32, 1.0]).unwrap(),
+    );
+    Model::from_proto(resize(&["x", "", "s"], vec![scales])).unwrap();
+}
+
+#[test]
 fn transpose_perm_must_be_a_permutation_of_the_rank() {
     let mut m = single("Transpose");
     nodes(&mut m)[0]

@@ -175,6 +175,56 @@ fn broadcast(shapes: &[&Dims]) -> Option<Dims> {
     Some(out)
 }
 
+/// Ops whose inputs broadcast multidirectionally (numpy rules): ONNX shape inference rejects
+/// two known dims on one right-aligned axis that differ and are both other than 1.
+pub(super) const BROADCASTING_OPS: [&str; 23] = [
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Max",
+    "Min",
+    "Sum",
+    "Mean",
+    "Equal",
+    "Less",
+    "Greater",
+    "LessOrEqual",
+    "GreaterOrEqual",
+    "And",
+    "Or",
+    "Xor",
+    "Where",
+    "Mod",
+    "BitShift",
+    "BitwiseAnd",
+    "BitwiseOr",
+    "BitwiseXor",
+];
+
+/// The first right-aligned axis (counted from the right, 1 = the last) where two of `shapes` have
+/// known dims that differ and are both other than 1: (axis, dim, other dim, shape, other shape).
+fn broadcast_mismatch<'d>(shapes: &[&'d Dims]) -> Option<(usize, i64, i64, &'d Dims, &'d Dims)> {
+    let rank = shapes.iter().map(|s| s.len()).max()?;
+    for from_right in 1..=rank {
+        let mut first: Option<(i64, &Dims)> = None;
+        for s in shapes {
+            let Some(k) = s.len().checked_sub(from_right) else {
+                continue; // an implicit 1
+            };
+            match (s[k], first) {
+                (Some(v), None) if v != 1 => first = Some((v, s)),
+                (Some(v), Some((f, other))) if v != 1 && v != f => {
+                    return Some((from_right, f, v, other, s))
+                }
+                _ => {}
+            }
+        }
+    }
+    None
+}
+
 fn product(dims: &[Option<i64>]) -> Option<i64> {
     dims.iter()
         .try_fold(1i64, |acc, d| d.and_then(|d| acc.checked_mul(d)))
@@ -201,11 +251,7 @@ fn rules<'s>(
         {
             same()
         }
-        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" | "Sum" | "Mean" | "Equal"
-        | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or" | "Xor"
-        | "Where" | "Mod" | "BitShift" | "BitwiseAnd" | "BitwiseOr" | "BitwiseXor" => {
-            Rule::One(inputs.and_then(|s| broadcast(&s)))
-        }
+        op if BROADCASTING_OPS.contains(&op) => Rule::One(inputs.and_then(|s| broadcast(&s))),
         "Conv" => Rule::One(conv(node, input(0), input(1), attr_ints)),
         "MatMul" | "MatMulInteger" => Rule::One(matmul(input(0), input(1))),
         "Gemm" => Rule::One(match (input(0), input(1)) {
@@ -498,14 +544,25 @@ pub(super) fn operand_mismatch(node: &NodeProto, shapes: &HashMap<String, Dims>)
         let name = node.input.get(k).filter(|i| !i.is_empty())?;
         shapes.get(name.as_str())
     };
-    let (a, b) = (input(0)?, input(1)?);
-    let differ = |x: Option<i64>, y: Option<i64>| matches!((x, y), (Some(x), Some(y)) if x != y);
     let show = |d: &Dims| {
         d.iter()
             .map(|x| x.map_or("?".to_string(), |v| v.to_string()))
             .collect::<Vec<_>>()
             .join(", ")
     };
+    if BROADCASTING_OPS.contains(&node.op_type()) {
+        let known: Vec<&Dims> = (0..node.input.len()).filter_map(input).collect();
+        return broadcast_mismatch(&known).map(|(axis, x, y, a, b)| {
+            format!(
+                "its operands do not broadcast: {x} vs {y} on axis -{axis} (input shapes [{}] \
+                 and [{}])",
+                show(a),
+                show(b)
+            )
+        });
+    }
+    let (a, b) = (input(0)?, input(1)?);
+    let differ = |x: Option<i64>, y: Option<i64>| matches!((x, y), (Some(x), Some(y)) if x != y);
     let (what, x, y) = match node.op_type() {
         "MatMul" | "MatMulInteger" if !a.is_empty() && !b.is_empty() => {
             let k_a = a[a.len() - 1];
@@ -679,6 +736,61 @@ mod tests {
             vec![Some(8), Some(2), Some(3)],
         );
         assert!(operand_mismatch(&conv, &bad).is_some());
+    }
+
+    #[test]
+    fn broadcasting_operands_with_two_known_dims_other_than_one_are_named() {
+        let node = |op: &str, inputs: &[&str]| NodeProto {
+            op_type: Some(op.into()),
+            input: inputs.iter().map(|i| i.to_string()).collect(),
+            output: vec!["y".into()],
+            ..Default::default()
+        };
+        let shapes = |named: &[(&str, Dims)]| -> HashMap<String, Dims> {
+            named
+                .iter()
+                .map(|(n, d)| (n.to_string(), d.clone()))
+                .collect()
+        };
+        let mul = node("Mul", &["a", "b"]);
+        // mobilenet_v3_small with a rewired input (fuzz_external seed 30 case 7).
+        let wrong = shapes(&[
+            ("a", vec![None, Some(120), Some(6), Some(6)]),
+            ("b", vec![None, Some(144), Some(6), Some(6)]),
+        ]);
+        let msg = operand_mismatch(&mul, &wrong).expect("120 vs 144");
+        assert!(msg.contains("120 vs 144 on axis -3"), "{msg}");
+        // 1s, unknown dims and missing leading axes broadcast.
+        for ok in [
+            shapes(&[
+                ("a", vec![None, Some(120), Some(6), Some(6)]),
+                ("b", vec![Some(120), Some(1), Some(1)]),
+            ]),
+            shapes(&[
+                ("a", vec![Some(1), Some(120), None, Some(6)]),
+                ("b", vec![Some(7), Some(1), Some(5), None]),
+            ]),
+            shapes(&[("a", vec![Some(6)]), ("b", vec![])]),
+        ] {
+            assert_eq!(operand_mismatch(&mul, &ok), None, "{ok:?}");
+        }
+        // Every input of a variadic or three-input op counts; an unknown one is skipped.
+        let sum = node("Sum", &["a", "b", "c"]);
+        let three = shapes(&[("a", vec![Some(1), Some(4)]), ("c", vec![Some(3), Some(5)])]);
+        assert!(operand_mismatch(&sum, &three)
+            .unwrap()
+            .contains("4 vs 5 on axis -1"));
+        let cond = node("Where", &["a", "b", "c"]);
+        let fine = shapes(&[
+            ("a", vec![Some(3), Some(1)]),
+            ("b", vec![Some(4)]),
+            ("c", vec![Some(1), Some(4)]),
+        ]);
+        assert_eq!(operand_mismatch(&cond, &fine), None);
+        // Another domain's Add is not ONNX's.
+        let mut custom = node("Add", &["a", "b"]);
+        custom.domain = Some("com.example".into());
+        assert_eq!(operand_mismatch(&custom, &wrong), None);
     }
 
     #[test]

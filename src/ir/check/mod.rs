@@ -25,7 +25,10 @@
 //!   inputs/outputs not empty; attributes known, of the schema's type, appearing once, required
 //!   ones present; and the values the tool relies on in range (Conv/pool group, kernel,
 //!   strides, dilations, pads, auto_pad; axes and permutations against the rank of their input
-//!   when the graph declares it; Cast's target type; one value per Constant).
+//!   when the graph declares it or [`ranks`]' walk infers it; Cast's target type; one value per
+//!   Constant; Resize from opset 11 given `scales` or `sizes`).
+//! - Operands that must agree where both dims are known ([`dims`]): MatMul/Gemm reduction
+//!   dims, Conv input channels, and broadcasting ops' inputs (numpy rules).
 //!
 //! Custom domains and ops of model-local functions pass untouched. Errors name the node by
 //! [`op::node_label`] and its op: `node 'c1' (Conv): attribute 'group' is 0, must be >= 1`.
@@ -384,7 +387,17 @@ fn check_node(
     check_counts(node, schema)?;
     check_attributes(node, schema)?;
     check_input_types(node, schema, types)?;
-    check_values(node, ranks)?;
+    check_values(node, &|n| ranks.get(n).copied())?;
+    // Resize from opset 11 reads its output size from `scales` (input 2) or `sizes` (input 3);
+    // the schema lists both as optional, ONNX shape inference and runtimes need one.
+    if op == "Resize" && domain.is_empty() && opset >= 11 {
+        let given = |k: usize| node.input.get(k).is_some_and(|n| !n.is_empty());
+        ensure!(
+            given(2) || given(3),
+            "{}: neither input 2 (scales) nor input 3 (sizes) is given; Resize needs one of them",
+            who(node)
+        );
+    }
     Ok(Some(schema))
 }
 
@@ -557,13 +570,19 @@ const AXES_OPS: &[&str] = &[
     "ReduceSumSquare",
 ];
 
-fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> {
+/// The values the tool relies on, in range (see the module docs), where `rank_of` knows the
+/// ranks of the node's inputs: the declared ones ([`check_node`]) and, where nothing declares
+/// them, the inferred ones ([`ranks`]' walk).
+pub(super) fn check_values(
+    node: &NodeProto,
+    rank_of: &dyn Fn(&str) -> Option<usize>,
+) -> Result<()> {
     let op = node.op_type();
     let rank = node
         .input
         .first()
         .filter(|n| !n.is_empty())
-        .and_then(|n| ranks.get(n).copied());
+        .and_then(|n| rank_of(n));
     // `ensure!(cond, fail(..))` passes the built error through unchanged.
     let fail = |what: String| anyhow::anyhow!("{}: {what}", who(node));
     if op == "BatchNormalization" {
@@ -593,9 +612,9 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
             );
         }
         for (k, what) in [(1, "scale"), (2, "B"), (3, "mean"), (4, "var")] {
-            if let Some(r) = node.input.get(k).and_then(|n| ranks.get(n)) {
+            if let Some(r) = node.input.get(k).and_then(|n| rank_of(n)) {
                 ensure!(
-                    *r == 1,
+                    r == 1,
                     fail(format!(
                         "input {what} has rank {r}; it must be a vector (rank 1)"
                     ))
@@ -618,7 +637,7 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
         };
         let weight_rank = weight
             .and_then(|k| node.input.get(k))
-            .and_then(|w| ranks.get(w).copied());
+            .and_then(|w| rank_of(w));
         let kernel = node.attr_ints("kernel_shape")?.map(|k| k.len() + 2);
         let (spatial, source) = match (rank, weight_rank, kernel) {
             (Some(r), _, _) => (Some(r), "input 0"),
@@ -710,7 +729,7 @@ fn check_values(node: &NodeProto, ranks: &HashMap<String, usize>) -> Result<()> 
     }
     if matches!(op, "QuantizeLinear" | "DequantizeLinear") {
         // The axis matters only for per-axis scales (a 1-D scale); per-tensor ignores it.
-        let per_axis = node.input.get(1).and_then(|s| ranks.get(s)) == Some(&1);
+        let per_axis = node.input.get(1).and_then(|s| rank_of(s)) == Some(1);
         if let (Some(axis), Some(rank), true) = (node.attr_int("axis")?, rank, per_axis) {
             check_axis(axis, axis_range(rank), "axis", rank).map_err(fail)?;
         }

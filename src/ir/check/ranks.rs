@@ -39,7 +39,7 @@
 //! not refused.
 
 use super::declared::graph_constants;
-use super::dims::{node_dims, operand_mismatch, Dims, SAME_SHAPE_OPS};
+use super::dims::{node_dims, operand_mismatch, Dims, BROADCASTING_OPS, SAME_SHAPE_OPS};
 use super::who;
 use crate::ir::op::Attrs;
 use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
@@ -133,6 +133,10 @@ fn check_ranks<'a>(
             let ranks = node_ranks(node, &shapes, &constants, found)?;
             if let Some(wrong) = operand_mismatch(node, &shapes) {
                 bail!("{}: {wrong}", who(node));
+            }
+            // Axes and windows against the ranks inferred here, where nothing declares them.
+            if node.domain().is_empty() || node.domain() == "ai.onnx" {
+                super::check_values(node, &|n| shapes.get(n).map(Vec::len))?;
             }
             let dims = node_dims(node, &shapes, &constants);
             for (slot, out) in node.output.iter().enumerate() {
@@ -417,11 +421,7 @@ fn input_ranks_to_outputs<'a>(
         "Dropout" | "BatchNormalization" | "LayerNormalization" => one(rank(0)),
         "MaxPool" => same(rank(0)),
         "Split" | "TopK" => same(rank(0)),
-        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" | "Sum" | "Mean" | "Equal"
-        | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or" | "Xor"
-        | "Where" | "Mod" | "BitShift" | "BitwiseAnd" | "BitwiseOr" | "BitwiseXor" => {
-            one(inputs_known.and_then(|r| r.into_iter().max()))
-        }
+        op if BROADCASTING_OPS.contains(&op) => one(inputs_known.and_then(|r| r.into_iter().max())),
         "MatMul" | "MatMulInteger" => one(match (rank(0), rank(1)) {
             (Some(1), Some(1)) => Some(0),
             (Some(1), Some(b)) if b >= 2 => Some(b - 1),
