@@ -319,6 +319,65 @@ fn broadcasting_operands_must_agree_where_both_dims_are_known() {
 }
 
 #[test]
+fn gemm_takes_matrices_and_flags_of_0_or_1() {
+    // x[1,4] -> Gemm(x, W, transB) -> y[1,3]; fuzz_external seeds 34 and 37 (mobilenet_v3_small
+    // case 21: a weight reshaped to rank 3; resnet18 case 9: transB = 2^62, which
+    // onnx.checker reads as 0 and runtimes as "transposed").
+    let gemm = |w_dims: &[usize], trans_b: i64| {
+        let mut g = node("Gemm", "g", &["x", "w"], &["y"]);
+        g.attribute.push(op::attr_int("transB", trans_b));
+        model(
+            vec![g],
+            vec![value_info("x", &[1, 4])],
+            vec![value_info("y", &[1, 3])],
+            vec![f32_tensor("w", w_dims, 2)],
+        )
+    };
+    Model::from_proto(gemm(&[3, 4], 1)).unwrap();
+    assert_refused(
+        gemm(&[3, 4, 1], 1),
+        &[
+            "node 'g' (Gemm)",
+            "input B has rank 3; Gemm multiplies matrices (rank 2)",
+        ],
+    );
+    assert_refused(
+        gemm(&[3, 4], 1 << 62),
+        &[
+            "node 'g' (Gemm)",
+            "attribute 'transB' is 4611686018427387904, must be 0 or 1",
+        ],
+    );
+}
+
+#[test]
+fn recurrent_ops_take_a_rank_3_input() {
+    // fuzz_external seed 36, silero_vad case 29: a value_info inside a branch declared one
+    // more dim, and the declaration flowed into the LSTM's X.
+    let lstm = |x_dims: &[i64]| {
+        let mut l = node("LSTM", "l", &["x", "w", "r"], &["y"]);
+        l.attribute.push(op::attr_int("hidden_size", 2));
+        model(
+            vec![l],
+            vec![value_info("x", x_dims)],
+            vec![value_info("y", &[5, 1, 1, 2])],
+            vec![
+                f32_tensor("w", &[1, 8, 4], 3),
+                f32_tensor("r", &[1, 8, 2], 4),
+            ],
+        )
+    };
+    Model::from_proto(lstm(&[5, 1, 4])).unwrap();
+    assert_refused(
+        lstm(&[5, 1, 4, 1]),
+        &[
+            "node 'l' (LSTM)",
+            "input X has rank 4; LSTM takes [sequence, batch, features] (rank 3)",
+        ],
+    );
+}
+
+#[test]
 fn resize_needs_scales_or_sizes() {
     // fuzz_external seed 31, mobilenet_v3_small case 32: a GlobalAveragePool turned Resize(x).
     let resize = |inputs: &[&str], inits: Vec<onnx_compress::onnx::proto::TensorProto>| {

@@ -26,7 +26,8 @@
 //!   ones present; and the values the tool relies on in range (Conv/pool group, kernel,
 //!   strides, dilations, pads, auto_pad; axes and permutations against the rank of their input
 //!   when the graph declares it or [`ranks`]' walk infers it; Cast's target type; one value per
-//!   Constant; Resize from opset 11 given `scales` or `sizes`).
+//!   Constant; Resize from opset 11 given `scales` or `sizes`; Gemm's matrices and 0/1 flags;
+//!   a recurrent op's rank-3 input).
 //! - Operands that must agree where both dims are known ([`dims`]): MatMul/Gemm reduction
 //!   dims, Conv input channels, and broadcasting ops' inputs (numpy rules).
 //!
@@ -620,6 +621,38 @@ pub(super) fn check_values(
                     ))
                 );
             }
+        }
+    }
+    if op == "Gemm" {
+        // ONNX reads the flags through an `int` cast (2^62 is "not transposed"), runtimes as
+        // any nonzero value: only 0 and 1 mean the same everywhere.
+        for name in ["transA", "transB"] {
+            if let Some(v) = node.attr_int(name)? {
+                ensure!(
+                    v == 0 || v == 1,
+                    fail(format!("attribute '{name}' is {v}, must be 0 or 1"))
+                );
+            }
+        }
+        for (k, what) in [(0, "A"), (1, "B")] {
+            if let Some(r) = node.input.get(k).and_then(|n| rank_of(n)) {
+                ensure!(
+                    r == 2,
+                    fail(format!(
+                        "input {what} has rank {r}; Gemm multiplies matrices (rank 2)"
+                    ))
+                );
+            }
+        }
+    }
+    if matches!(op, "LSTM" | "GRU" | "RNN") {
+        if let Some(r) = rank {
+            ensure!(
+                r == 3,
+                fail(format!(
+                    "input X has rank {r}; {op} takes [sequence, batch, features] (rank 3)"
+                ))
+            );
         }
     }
     if WINDOW_OPS.contains(&op) {
