@@ -378,6 +378,55 @@ fn recurrent_ops_take_a_rank_3_input() {
 }
 
 #[test]
+fn concat_joins_one_rank_and_conv_needs_a_spatial_dim() {
+    // fuzz_external seed 42 (silero_vad_op18_ifless case 29: a Concat input rewired to a
+    // rank-2 value) and seeds 40 / 45 (a rank-1 bias or constant rewired into a Conv).
+    let concat = |b_dims: &[usize]| {
+        let mut c = node("Concat", "c", &["x", "b"], &["y"]);
+        c.attribute.push(op::attr_int("axis", 0));
+        model(
+            vec![c],
+            vec![value_info("x", &[1, 4])],
+            vec![value_info("y", &[2, 4])],
+            vec![f32_tensor("b", b_dims, 5)],
+        )
+    };
+    Model::from_proto(concat(&[1, 4])).unwrap();
+    assert_refused(
+        concat(&[4]),
+        &["node 'c' (Concat)", "its inputs have ranks 2 and 1"],
+    );
+    let mut m = conv_relu();
+    m.graph.as_mut().unwrap().input[0] = value_info("x", &[3]);
+    assert_refused(m, &["(Conv)", "input 0 has rank 1; Conv needs at least 3"]);
+}
+
+#[test]
+fn global_pools_keep_n_and_c_and_set_spatial_dims_to_1() {
+    // fuzz_external seed 39 (mobilenet_v3_small case 38): a GlobalAveragePool fed a weight
+    // [64, 240, 1, 1] feeds a Conv expecting 288 channels, seen once the pool's dims are known.
+    let pooled_conv = |channels: usize| {
+        model(
+            vec![
+                node("GlobalAveragePool", "p", &["x"], &["t"]),
+                node("Conv", "c", &["t", "w"], &["y"]),
+            ],
+            vec![value_info("x", &[1, 4, 5, 5])],
+            vec![value_info("y", &[1, 2, 1, 1])],
+            vec![f32_tensor("w", &[2, channels, 1, 1], 6)],
+        )
+    };
+    Model::from_proto(pooled_conv(4)).unwrap();
+    assert_refused(
+        pooled_conv(6),
+        &[
+            "node 'c' (Conv)",
+            "input channels (weight's times group): 4 vs 6",
+        ],
+    );
+}
+
+#[test]
 fn resize_needs_scales_or_sizes() {
     // fuzz_external seed 31, mobilenet_v3_small case 32: a GlobalAveragePool turned Resize(x).
     let resize = |inputs: &[&str], inits: Vec<onnx_compress::onnx::proto::TensorProto>| {

@@ -20,6 +20,7 @@
 //!   BatchNormalization / LayerNormalization too);
 //! - broadcasting ops (Add, Mul, Where, comparisons, ...): per axis, the one known dim other than
 //!   1, or 1 when every input has 1 there;
+//! - GlobalAveragePool / GlobalMaxPool / GlobalLpPool: `[N, C, 1, ...]`;
 //! - Conv: `[N, M, out...]` with `out = floor((in + pads - ((k - 1) * d + 1)) / s) + 1` (`SAME_*`:
 //!   `ceil(in / s)`), `N` from the input, `M` from the weight;
 //! - MatMul (batch dims broadcast), Gemm (`transA`/`transB` read as ONNX does: the low 32 bits);
@@ -253,6 +254,13 @@ fn rules<'s>(
         }
         op if BROADCASTING_OPS.contains(&op) => Rule::One(inputs.and_then(|s| broadcast(&s))),
         "Conv" => Rule::One(conv(node, input(0), input(1), attr_ints)),
+        "GlobalAveragePool" | "GlobalMaxPool" | "GlobalLpPool" => {
+            Rule::One(input(0).filter(|x| x.len() >= 2).map(|x| {
+                let mut d = x[..2].to_vec();
+                d.resize(x.len(), Some(1));
+                d
+            }))
+        }
         "MatMul" | "MatMulInteger" => Rule::One(matmul(input(0), input(1))),
         "Gemm" => Rule::One(match (input(0), input(1)) {
             (Some(a), Some(b)) if a.len() == 2 && b.len() == 2 => {

@@ -27,7 +27,8 @@
 //!   strides, dilations, pads, auto_pad; axes and permutations against the rank of their input
 //!   when the graph declares it or [`ranks`]' walk infers it; Cast's target type; one value per
 //!   Constant; Resize from opset 11 given `scales` or `sizes`; Gemm's matrices and 0/1 flags;
-//!   a recurrent op's rank-3 input).
+//!   a recurrent op's rank-3 input; Concat's inputs of one rank; Conv's and pools' input of
+//!   rank >= 3).
 //! - Operands that must agree where both dims are known ([`dims`]): MatMul/Gemm reduction
 //!   dims, Conv input channels, and broadcasting ops' inputs (numpy rules).
 //!
@@ -655,7 +656,26 @@ pub(super) fn check_values(
             );
         }
     }
+    if op == "Concat" {
+        let ranks: Vec<usize> = node.input.iter().filter_map(|n| rank_of(n)).collect();
+        if let Some(r) = ranks.iter().find(|&&r| r != ranks[0]) {
+            return Err(fail(format!(
+                "its inputs have ranks {} and {r}; Concat joins tensors of one rank",
+                ranks[0]
+            )));
+        }
+    }
     if WINDOW_OPS.contains(&op) {
+        // N, C and at least one spatial dim (ONNX: "Input tensor must have at least 3
+        // dimensions").
+        if let (Some(r), false) = (rank, matches!(op, "ConvTranspose" | "MaxUnpool")) {
+            ensure!(
+                r >= 3,
+                fail(format!(
+                    "input 0 has rank {r}; {op} needs at least 3 (N, C and a spatial dim)"
+                ))
+            );
+        }
         if let Some(group) = node.attr_int("group")? {
             ensure!(
                 group >= 1,
