@@ -427,6 +427,67 @@ fn global_pools_keep_n_and_c_and_set_spatial_dims_to_1() {
 }
 
 #[test]
+fn conv_weight_rank_and_kernel_shape_follow_the_input_and_the_weight() {
+    // fuzz_external seed 50 (mobilenet_v3_small case 14: a Conv's weight rewired to a bias)
+    // and seed 52 (case 32: kernel_shape [1, 99] on a 1x1 weight).
+    let mut m = conv_relu();
+    m.graph.as_mut().unwrap().initializer[0] = f32_tensor("w", &[4], 7);
+    let err = refusal(m);
+    assert!(
+        err.contains("the weight has rank 1, input 0 has rank 4"),
+        "{err}"
+    );
+    let mut m = conv_relu();
+    conv(&mut m)
+        .attribute
+        .retain(|a| a.name() != "kernel_shape");
+    conv(&mut m)
+        .attribute
+        .push(op::attr_ints("kernel_shape", &[1, 99]));
+    let err = refusal(m);
+    assert!(
+        err.contains("attribute 'kernel_shape' [1, 99] disagrees with the weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn squeeze_removes_only_dims_of_1_and_one_value_has_one_declared_type() {
+    // fuzz_external seed 50 (silero_vad_half case 27: a weight of 3 output channels feeding a
+    // Squeeze of that axis) and seed 49 (silero_vad_op18_ifless case 30: a graph output renamed
+    // to a bool value that value_info declares bool, the output float).
+    let squeeze = |dims: &[i64]| {
+        let mut q = node("Squeeze", "q", &["x", "axes"], &["y"]);
+        q.attribute.clear();
+        let axes = onnx_compress::onnx::tensor::from_i64("axes", &[1], &[1]);
+        model(
+            vec![q],
+            vec![value_info("x", dims)],
+            vec![value_info("y", &[2, 4])],
+            vec![axes],
+        )
+    };
+    Model::from_proto(squeeze(&[2, 1, 4])).unwrap();
+    assert_refused(
+        squeeze(&[2, 3, 4]),
+        &[
+            "node 'q' (Squeeze)",
+            "axis 1 to squeeze has dim 3, must be 1",
+        ],
+    );
+    let mut m = single("Relu");
+    m.graph
+        .as_mut()
+        .unwrap()
+        .value_info
+        .push(typed(value_info("y", &[1, 4]), 9));
+    assert_refused(
+        m,
+        &["'y' is declared float by its graph output and bool by its value_info"],
+    );
+}
+
+#[test]
 fn resize_needs_scales_or_sizes() {
     // fuzz_external seed 31, mobilenet_v3_small case 32: a GlobalAveragePool turned Resize(x).
     let resize = |inputs: &[&str], inits: Vec<onnx_compress::onnx::proto::TensorProto>| {
@@ -826,7 +887,11 @@ fn element_types_are_inferred_over_node_outputs() {
     cast.graph.as_mut().unwrap().output[0] = typed(value_info("y", &[1, 4]), 7);
     Model::from_proto(cast.clone()).unwrap();
     cast.graph.as_mut().unwrap().value_info = vec![typed(value_info("y", &[1, 4]), 6)];
-    assert_refused(cast, &["output 'y' is int64", "declares int32"]);
+    // Its value_info disagrees with its graph output before any node is looked at.
+    assert_refused(
+        cast,
+        &["'y' is declared int64 by its graph output and int32 by its value_info"],
+    );
 }
 
 #[test]

@@ -583,6 +583,18 @@ pub(super) fn operand_mismatch(node: &NodeProto, shapes: &HashMap<String, Dims>)
             let k_b = if tb { b[1] } else { b[0] };
             ("reduction dim", k_a, k_b)
         }
+        "Conv" if b.len() >= 3 && kernel_disagrees(node, b) => {
+            let kernel = node
+                .attr_ints("kernel_shape")
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            return Some(format!(
+                "attribute 'kernel_shape' {kernel:?} disagrees with the weight's spatial dims \
+                 (weight shape [{}])",
+                show(b)
+            ));
+        }
         "Conv" if a.len() >= 3 && b.len() == a.len() => {
             let group = node.attr_int("group").ok().flatten().unwrap_or(1);
             (
@@ -601,6 +613,44 @@ pub(super) fn operand_mismatch(node: &NodeProto, shapes: &HashMap<String, Dims>)
             show(a),
             show(b)
         )
+    })
+}
+
+/// A Conv's `kernel_shape` that names another window than its weight's known spatial dims
+/// (ONNX Runtime: "kernel_shape is not compatible with W shape").
+fn kernel_disagrees(node: &NodeProto, weight: &Dims) -> bool {
+    let Some(kernel) = node.attr_ints("kernel_shape").ok().flatten() else {
+        return false;
+    };
+    kernel.len() == weight.len() - 2
+        && kernel
+            .iter()
+            .zip(&weight[2..])
+            .any(|(k, w)| w.is_some_and(|w| w != *k))
+}
+
+/// A Squeeze that removes an axis whose known dim is not 1 (ONNX: "Dimension of input 1 must
+/// be 1"), with its axes from the attribute or a constant input.
+pub(super) fn squeezed_dim_not_one(
+    node: &NodeProto,
+    shapes: &HashMap<String, Dims>,
+    constants: &HashMap<&str, &TensorProto>,
+) -> Option<String> {
+    if node.op_type() != "Squeeze" || !(node.domain().is_empty() || node.domain() == "ai.onnx") {
+        return None;
+    }
+    let x = shapes.get(node.input.first()?.as_str())?;
+    let axes = match node.attr_ints("axes").ok().flatten() {
+        Some(a) => a,
+        None => {
+            let name = node.input.get(1).filter(|i| !i.is_empty())?;
+            crate::onnx::tensor::to_i64(constants.get(name.as_str())?).ok()?
+        }
+    };
+    axes.iter().find_map(|&a| {
+        let axis = normal_axis(a, x.len())?;
+        let d = x[axis]?;
+        (d != 1).then(|| format!("axis {a} to squeeze has dim {d}, must be 1"))
     })
 }
 

@@ -28,7 +28,7 @@
 //!   when the graph declares it or [`ranks`]' walk infers it; Cast's target type; one value per
 //!   Constant; Resize from opset 11 given `scales` or `sizes`; Gemm's matrices and 0/1 flags;
 //!   a recurrent op's rank-3 input; Concat's inputs of one rank; Conv's and pools' input of
-//!   rank >= 3).
+//!   rank >= 3, and a weight of the input's rank).
 //! - Operands that must agree where both dims are known ([`dims`]): MatMul/Gemm reduction
 //!   dims, Conv input channels, and broadcasting ops' inputs (numpy rules).
 //!
@@ -691,6 +691,14 @@ pub(super) fn check_values(
         let weight_rank = weight
             .and_then(|k| node.input.get(k))
             .and_then(|w| rank_of(w));
+        if let (Some(x), Some(w)) = (rank, weight_rank) {
+            ensure!(
+                x == w,
+                fail(format!(
+                    "the weight has rank {w}, input 0 has rank {x}; they must be equal (M, C/group, window...)"
+                ))
+            );
+        }
         let kernel = node.attr_ints("kernel_shape")?.map(|k| k.len() + 2);
         let (spatial, source) = match (rank, weight_rank, kernel) {
             (Some(r), _, _) => (Some(r), "input 0"),

@@ -39,7 +39,9 @@
 //! not refused.
 
 use super::declared::graph_constants;
-use super::dims::{node_dims, operand_mismatch, Dims, BROADCASTING_OPS, SAME_SHAPE_OPS};
+use super::dims::{
+    node_dims, operand_mismatch, squeezed_dim_not_one, Dims, BROADCASTING_OPS, SAME_SHAPE_OPS,
+};
 use super::who;
 use crate::ir::op::Attrs;
 use crate::onnx::proto::tensor_shape_proto::dimension::Value as Dim;
@@ -131,7 +133,9 @@ fn check_ranks<'a>(
             done[k] = true;
             progress = true;
             let ranks = node_ranks(node, &shapes, &constants, found)?;
-            if let Some(wrong) = operand_mismatch(node, &shapes) {
+            if let Some(wrong) = operand_mismatch(node, &shapes)
+                .or_else(|| squeezed_dim_not_one(node, &shapes, &constants))
+            {
                 bail!("{}: {wrong}", who(node));
             }
             // Axes and windows against the ranks inferred here, where nothing declares them.

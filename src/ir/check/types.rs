@@ -57,6 +57,9 @@ impl ValueTypes {
     pub(super) fn new(g: &GraphProto, outer: &HashMap<String, i32>) -> Result<ValueTypes> {
         let mut known = outer.clone();
         let mut declared = HashMap::new();
+        // Every declaration of one value, whatever its kind, names one element type (ONNX
+        // merges them and rejects a disagreement).
+        let mut first: HashMap<&str, (&str, i32)> = HashMap::new();
         for (kind, values) in [
             ("graph input", &g.input),
             ("graph output", &g.output),
@@ -71,6 +74,16 @@ impl ValueTypes {
                     "{kind} '{}' declares element type {e}, which ONNX does not define",
                     v.name()
                 );
+                if let Some(&(other, e0)) = first.get(v.name()) {
+                    ensure!(
+                        e0 == e,
+                        "'{}' is declared {} by its {other} and {} by its {kind}",
+                        v.name(),
+                        type_text(e0),
+                        type_text(e)
+                    );
+                }
+                first.entry(v.name()).or_insert((kind, e));
                 known.insert(v.name().to_string(), e);
                 if kind != "graph input" {
                     declared.insert(v.name().to_string(), (kind, e));
