@@ -15,9 +15,10 @@ often percentile and auto (chosen on calibration data only) meet it on the same 
 import argparse
 import itertools
 import json
-import os
 
 import numpy as np
+
+from methods import eval_groups
 
 CANDIDATES = ["minmax", "percentile", "mse", "entropy", "ort"]
 
@@ -31,9 +32,7 @@ def halves_table(name, results, zoo):
             continue
         sig = np.array(r[methods[0]]["sample_signal"])
         noise = {k: np.array(r[k]["sample_noise"]) for k in methods}
-        gpath = os.path.join(zoo, model, "eval_groups.json")
-        groups = np.array(json.load(open(gpath)) if os.path.isfile(gpath)
-                          else np.arange(len(sig)) % 6)
+        groups = eval_groups(zoo, model, len(sig), default=np.arange(len(sig)) % 6)
         photos = sorted(set(groups.tolist()))
         db = lambda k, m: 10 * np.log10(sig[m].sum() / noise[k][m].sum())  # noqa: E731
         if "sample_noise" in r.get("auto", {}):
@@ -47,18 +46,19 @@ def halves_table(name, results, zoo):
             for k, v in fixed_rule.items():  # what calibration-only choices give on that half
                 v.append(db(k, ~a) - best)
         short = np.array(short)
-        meets = lambda v: f"{100 * np.mean(np.array(v) >= -0.3):.0f}%" if v else "-"  # noqa
-        rows.append((model, len(photos), len(short), 100 * np.mean(short >= -0.3),
-                     short.mean(), short.min(), meets(fixed_rule.get("percentile")),
-                     meets(fixed_rule.get("auto"))))
+        meets = lambda v: None if v is None else 100 * np.mean(np.array(v) >= -0.3)  # noqa: E731
+        rows.append((model, len(photos), len(short), meets(short), short.mean(), short.min(),
+                     meets(fixed_rule.get("percentile")), meets(fixed_rule.get("auto"))))
     print(f"\n{name}\n")
     print("| model | groups | cuts | chosen on one half: meets bar on the other | mean shortfall dB "
           "| worst dB | percentile meets bar | auto meets bar |")
     print("|---|---|---|---|---|---|---|---|")
-    for m, g, n, p, mean, worst, pct, auto in rows:
-        print(f"| {m} | {g} | {n} | {p:.0f}% | {mean:+.2f} | {worst:+.2f} | {pct} | {auto} |")
-    mean = lambda i: np.mean([float(r[i].rstrip("%")) for r in rows if r[i] != "-"])  # noqa
-    print(f"\nmean over models: chosen on a half {np.mean([r[3] for r in rows]):.0f}%, "
+    pct = lambda v: "-" if v is None else f"{v:.0f}%"  # noqa: E731
+    for m, g, n, p, mean, worst, perc, auto in rows:
+        print(f"| {m} | {g} | {n} | {pct(p)} | {mean:+.2f} | {worst:+.2f} | {pct(perc)} | "
+              f"{pct(auto)} |")
+    mean = lambda i: np.mean([r[i] for r in rows if r[i] is not None])  # noqa: E731
+    print(f"\nmean over models: chosen on a half {mean(3):.0f}%, "
           f"percentile {mean(6):.0f}%, auto {mean(7):.0f}%")
 
 

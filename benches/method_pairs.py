@@ -12,20 +12,10 @@ photos are resampled where it exists, samples elsewhere (as methods.py --bootstr
 """
 import argparse
 import json
-import os
 
 import numpy as np
 
-
-def resampled_db_difference(r, a, b, groups, draws, rng):
-    sig = np.array(r[a]["sample_signal"])
-    na, nb = np.array(r[a]["sample_noise"]), np.array(r[b]["sample_noise"])
-    members = [np.flatnonzero(groups == g) for g in sorted(set(groups.tolist()))]
-    picks = rng.integers(0, len(members), size=(draws, len(members)))
-    counts = np.zeros((draws, len(sig)))
-    for j, m in enumerate(members):
-        counts[:, m] += np.sum(picks == j, 1)[:, None]
-    return 10 * np.log10((counts @ nb) / (counts @ na)), len(members)
+from methods import eval_groups, resample_counts
 
 
 def main():
@@ -50,11 +40,10 @@ def main():
             if not r or any("sample_noise" not in r.get(m, {}) for m in (m_a, m_b)):
                 cells.append("-")
                 continue
-            gpath = os.path.join(zoo, model, "eval_groups.json")
-            groups = np.array(json.load(open(gpath)) if os.path.isfile(gpath)
-                              else range(len(r[m_a]["sample_signal"])))
-            rng = np.random.default_rng(0)
-            d, n = resampled_db_difference(r, m_a, m_b, groups, a.draws, rng)
+            groups = eval_groups(zoo, model, len(r[m_a]["sample_signal"]))
+            counts, _ = resample_counts(groups, a.draws, np.random.default_rng(0))
+            noise = {m: np.array(r[m]["sample_noise"]) for m in (m_a, m_b)}
+            d = 10 * np.log10((counts @ noise[m_b]) / (counts @ noise[m_a]))
             full = r[m_a]["sqnr_db"] - r[m_b]["sqnr_db"]
             cells.append(f"{full:+.2f} ({np.quantile(d, 0.05):+.2f} .. "
                          f"{np.quantile(d, 0.95):+.2f}, > 0 in {100 * np.mean(d > 0):.0f}%)")

@@ -308,6 +308,28 @@ def flags(results):
     return out
 
 
+def eval_groups(zoo, model, n_samples, default=None):
+    """Which photo each eval sample came from (`eval_groups.json`, written by make_models.py),
+    else `default` (one group per sample when None)."""
+    path = os.path.join(zoo, model, "eval_groups.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return np.array(json.load(f))
+    return np.arange(n_samples) if default is None else np.array(default)
+
+
+def resample_counts(groups, draws, rng):
+    """(draws, samples) weights of `draws` bootstrap resamplings of whole groups: how often
+    each sample's group was drawn (groups hold different numbers of samples). Summed energies
+    of a resampled set are then `counts @ energy`. Returns the weights and the group count."""
+    members = [np.flatnonzero(groups == g) for g in sorted(set(groups.tolist()))]
+    picks = rng.integers(0, len(members), size=(draws, len(members)))
+    counts = np.zeros((draws, len(groups)))
+    for j, m in enumerate(members):
+        counts[:, m] += np.sum(picks == j, 1)[:, None]
+    return counts, len(members)
+
+
 def bootstrap_table(results, n, zoo, seed=0):
     """How much of the bar's 0.3 dB the held-out set itself can resolve: the held-out set is
     resampled with replacement n times (the same draws for every method of a model) and the
@@ -331,15 +353,8 @@ def bootstrap_table(results, n, zoo, seed=0):
             continue
         sig = np.array(have[fixed[0]]["sample_signal"])
         noise = {k: np.array(v["sample_noise"]) for k, v in have.items()}
-        gpath = os.path.join(zoo, r["model"], "eval_groups.json")
-        groups = json.load(open(gpath)) if os.path.isfile(gpath) else list(range(len(sig)))
-        members = [np.flatnonzero(np.array(groups) == g) for g in sorted(set(groups))]
-        picks = rng.integers(0, len(members), size=(n, len(members)))
-        # ragged draws (photos hold different numbers of crops): a 0/1-weighted count per sample
-        counts = np.zeros((n, len(sig)))
-        for j, m in enumerate(members):
-            counts[:, m] += np.sum(picks == j, 1)[:, None]
-        what = f"{len(members)} photos" if len(members) < len(sig) else f"{len(sig)} samples"
+        counts, n_groups = resample_counts(eval_groups(zoo, r["model"], len(sig)), n, rng)
+        what = f"{n_groups} photos" if n_groups < len(sig) else f"{len(sig)} samples"
         db = {k: 10 * np.log10((counts @ sig) / np.maximum(counts @ v, 1e-300))
               for k, v in noise.items()}
         full = {k: have[k]["sqnr_db"] for k in have}
